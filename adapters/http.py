@@ -1,0 +1,200 @@
+"""The machinery every HTTP dialect shares: one `httpx.AsyncClient` per provider, explicit timeouts and limits,
+credentials only on calls to the provider's own API, size-limited downloads without credentials.
+
+All of the project's upstream HTTP goes through this module, so a change of HTTP client is one change here.
+A dialect subclass says only what differs: its paths, its auth header and how the mode travels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+
+from adapters.base import (
+    ProviderUnusable,
+    Retryable,
+    SubmitOutcome,
+    SubmitRequest,
+    TaskView,
+    UpstreamUnavailable,
+)
+from adapters.replies import classify_submit, parse_fetch, parse_task_list
+
+__all__ = ["HttpOptions", "HttpUpstream"]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpOptions:
+    """Connection settings of one provider."""
+
+    base_url: str
+    secret: str = ""
+    connect_timeout_s: float = 5.0
+    timeout_s: float = 30.0
+    max_connections: int = 50
+    max_image_bytes: int = 50_000_000
+    batch_size: int = 50
+
+
+class HttpUpstream:
+    """Base of the HTTP dialects. Subclasses set `dialect`, `max_batch` and override the hooks below."""
+
+    dialect = "http"
+    max_batch = 1000
+    api_prefix = "/mj"
+
+    def __init__(self, name: str, options: HttpOptions, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.name = name
+        self.options = options
+        self._base = options.base_url.rstrip("/")
+        timeout = httpx.Timeout(options.timeout_s, connect=options.connect_timeout_s)
+        limits = httpx.Limits(
+            max_connections=options.max_connections, max_keepalive_connections=options.max_connections
+        )
+        self._client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport, follow_redirects=False)
+        self._downloads = httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=True, transport=transport)
+        self._list_supported = True
+        self._fetch_slots = asyncio.Semaphore(8)
+
+    # -- what a dialect says -------------------------------------------------------------------------------------
+
+    def auth_headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def submit_path(self, request: SubmitRequest) -> str:
+        return f"{self.api_prefix}/submit/{request.kind}"
+
+    def submit_body(self, request: SubmitRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {"prompt": request.prompt, "botType": request.bot, "base64Array": list(request.images)}
+        if request.state is not None:
+            body["state"] = request.state
+        if request.notify_hook is not None:
+            body["notifyHook"] = request.notify_hook
+        return body
+
+    def fetch_path(self, upstream_id: str) -> str:
+        return f"{self.api_prefix}/task/{upstream_id}/fetch"
+
+    def list_path(self) -> str:
+        return f"{self.api_prefix}/task/list-by-condition"
+
+    # -- the contract --------------------------------------------------------------------------------------------
+
+    async def submit(self, request: SubmitRequest) -> SubmitOutcome:
+        try:
+            response = await self._client.post(
+                self._base + self.submit_path(request),
+                content=json.dumps(self.submit_body(request)).encode(),
+                headers={**self.auth_headers(), "Content-Type": "application/json"},
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            return Retryable(f"cannot connect: {type(exc).__name__}", sent=False)
+        except httpx.TimeoutException as exc:
+            return Retryable(f"no answer in time: {type(exc).__name__}", sent=True)
+        except httpx.HTTPError as exc:
+            return Retryable(f"transport error: {type(exc).__name__}", sent=True)
+        if 300 <= response.status_code < 400:
+            return ProviderUnusable(f"unexpected redirect (HTTP {response.status_code})")
+        return classify_submit(response.status_code, response.content)
+
+    async def fetch(self, upstream_id: str) -> TaskView | None:
+        status, body = await self._call("GET", self.fetch_path(upstream_id))
+        try:
+            return parse_fetch(status, body)
+        except ValueError as exc:
+            raise UpstreamUnavailable(str(exc)) from None
+
+    async def fetch_many(self, upstream_ids: Sequence[str]) -> list[TaskView]:
+        ids = list(dict.fromkeys(upstream_ids))
+        size = max(1, min(self.options.batch_size, self.max_batch))
+        views: list[TaskView] = []
+        for start in range(0, len(ids), size):
+            chunk = ids[start : start + size]
+            if self._list_supported:
+                got = await self._list(chunk)
+                if got is not None:
+                    views.extend(got)
+                    continue
+            views.extend(await self._fetch_each(chunk))
+        return views
+
+    async def download(self, url: str) -> bytes:
+        target = urljoin(self._base + "/", url)
+        if not target.startswith(("http://", "https://")):
+            raise UpstreamUnavailable("the image URL is not http(s)")
+        try:
+            async with self._downloads.stream("GET", target) as response:
+                if response.status_code != 200:
+                    raise UpstreamUnavailable(f"image download answered HTTP {response.status_code}")
+                chunks: list[bytes] = []
+                total = 0
+                async for chunk in response.aiter_bytes():
+                    total += len(chunk)
+                    if total > self.options.max_image_bytes:
+                        raise UpstreamUnavailable("the image is larger than the download limit")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"image download failed: {type(exc).__name__}") from None
+
+    async def probe(self) -> bool:
+        try:
+            status, body = await self._call("POST", self.list_path(), {"ids": []})
+        except UpstreamUnavailable:
+            return False
+        if status == 200:
+            return True
+        if status in (404, 405):  # no list endpoint: any answer of the fetch route that is not an auth refusal
+            try:
+                status, body = await self._call("GET", self.fetch_path("0"))
+            except UpstreamUnavailable:
+                return False
+            return status not in (401, 403) and status < 500
+        return False
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+        await self._downloads.aclose()
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    async def _call(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> tuple[int, bytes]:
+        headers = self.auth_headers()
+        content = None
+        if payload is not None:
+            content = json.dumps(payload).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            response = await self._client.request(method, self._base + path, content=content, headers=headers)
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"{method} failed: {type(exc).__name__}") from None
+        if response.status_code >= 500 or response.status_code == 429:
+            raise UpstreamUnavailable(f"{method} answered HTTP {response.status_code}")
+        return response.status_code, response.content
+
+    async def _list(self, ids: list[str]) -> list[TaskView] | None:
+        """A batch through list-by-condition; None when this provider has no such endpoint."""
+        status, body = await self._call("POST", self.list_path(), {"ids": ids})
+        if status in (404, 405):
+            self._list_supported = False
+            return None
+        try:
+            views = parse_task_list(status, body)
+        except ValueError as exc:
+            raise UpstreamUnavailable(str(exc)) from None
+        wanted = set(ids)
+        return [view for view in views if view.upstream_id in wanted]
+
+    async def _fetch_each(self, ids: list[str]) -> list[TaskView]:
+        async def one(upstream_id: str) -> TaskView | None:
+            async with self._fetch_slots:
+                return await self.fetch(upstream_id)
+
+        results = await asyncio.gather(*(one(i) for i in ids))
+        return [view for view in results if view is not None]

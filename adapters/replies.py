@@ -1,0 +1,287 @@
+"""How upstream replies map onto the adapter contract: pure functions, no I/O.
+
+Covers the result codes and odd bodies of every dialect we speak (see `shared/reference/upstreams.md`):
+midjourney-proxy (novicezk and trueai), new-api's own error envelope, and the `/v1/mj` resellers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from adapters.base import (
+    Accepted,
+    Button,
+    ClientError,
+    NeedsModal,
+    ProviderUnusable,
+    Retryable,
+    SubmitOutcome,
+    TaskStatus,
+    TaskView,
+)
+
+# Descriptions that mean "busy, try elsewhere" even when the code says validation error (trueai code 4 / 9).
+_BUSY_WORDS = ("并发数已达上限", "队列数已达上限", "服务暂不可用", "队列已满", "queue is full", "concurrency limit")
+# new-api's own error descriptions.
+_NEWAPI_UNUSABLE = ("quota_not_enough", "channel_not_found", "invalid_token")
+_NEWAPI_CLIENT = ("task_not_found", "task_no_found", "task_status_not_success", "unknown_action", "invalid_request")
+# Failure reasons that mean the prompt was refused by Midjourney's moderation.
+_BANNED_WORDS = ("banned", "敏感词", "sensitive", "moderation", "content policy", "prohibited")
+
+
+def _decode(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("not JSON") from None
+
+
+def _as_id(result: Any) -> str | None:
+    """`result` as a string id: reseller ints become strings, trueai's lists are comma-joined."""
+    if result is None or isinstance(result, bool):
+        return None
+    if isinstance(result, list):
+        parts = [str(x) for x in result if x is not None]
+        return ",".join(parts) or None
+    text = str(result).strip()
+    return text or None
+
+
+def _code(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _busy(text: str) -> bool:
+    lowered = text.lower()
+    return any(word in lowered for word in _BUSY_WORDS)
+
+
+def looks_banned(reason: str | None) -> bool:
+    if not reason:
+        return False
+    lowered = reason.lower()
+    return any(word in lowered for word in _BANNED_WORDS)
+
+
+def classify_submit(status: int, body: bytes, *, follow_up: bool = False) -> SubmitOutcome:
+    """Map one submit reply (HTTP status and raw body) to an outcome.
+
+    `follow_up` marks a call that acts on an existing task (action, modal): there a missing task is the client's
+    mistake, while on a new task "not found" (code 3) means the provider has no account to run it.
+    """
+    if status in (401, 403):
+        return ProviderUnusable(f"upstream refused the credentials (HTTP {status})")
+    if not body.strip():
+        if status == 404 and follow_up:
+            return ClientError("the task was not found upstream")
+        if status == 404:
+            return ProviderUnusable("the submit endpoint was not found (HTTP 404)")
+        return Retryable(f"empty answer (HTTP {status})", sent=True)
+    try:
+        data = _decode(body)
+    except ValueError:
+        if status == 429 or status >= 500:
+            return Retryable(f"HTTP {status}", sent=status != 503)
+        if status == 404:
+            return ClientError("the task was not found upstream") if follow_up else ProviderUnusable("HTTP 404")
+        return ProviderUnusable(f"a non-JSON answer (HTTP {status})")
+    if not isinstance(data, Mapping):
+        return ProviderUnusable(f"an unexpected JSON answer (HTTP {status})")
+    return _classify_envelope(status, data, follow_up=follow_up)
+
+
+def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool) -> SubmitOutcome:
+    description = str(data.get("description") or data.get("message") or "").strip()
+    code = _code(data.get("code"))
+
+    # trueai's own envelope: {"success": false, "code": -1, "message": ...}, HTTP 200 for logic errors, 500 for faults.
+    if data.get("success") is False:
+        if status >= 500 or status == 429 or _busy(description):
+            return Retryable(description or f"HTTP {status}", sent=status >= 500)
+        return ClientError(description or "refused by the upstream")
+
+    # new-api's own envelope: {"description", "type": "upstream_error", "code"}, HTTP 400 (429 for code 30).
+    if data.get("type") == "upstream_error":
+        lowered = description.lower()
+        if any(word in lowered for word in _NEWAPI_UNUSABLE):
+            return ProviderUnusable(description)
+        if any(word in lowered for word in _NEWAPI_CLIENT):
+            return ClientError(description)
+        if code in (5, 30) or status == 429 or status >= 500:
+            return Retryable(description or f"code {code}", sent=code == 5)
+        if code == 24:
+            return ClientError(description or "banned prompt", banned=True)
+        return ClientError(description or f"code {code}")
+
+    if status == 429 or status >= 500:
+        return Retryable(description or f"HTTP {status}", sent=status != 503)
+
+    if code is None:
+        return ProviderUnusable(f"an answer without a result code (HTTP {status})")
+    upstream_id = _as_id(data.get("result"))
+    props = data.get("properties")
+    properties: Mapping[str, Any] = props if isinstance(props, Mapping) else {}
+
+    if code in (1, 22):
+        if upstream_id is None:
+            return ProviderUnusable(f"code {code} without a task id")
+        return Accepted(upstream_id, queued=code == 22)
+    if code == 21:
+        modal = (
+            bool(properties.get("remix"))
+            or "window confirm" in description.lower()
+            or str(properties.get("status", "")).upper() == "MODAL"
+        )
+        if modal and upstream_id:
+            return NeedsModal(upstream_id)
+        if upstream_id and ("status" in properties or "imageUrl" in properties):
+            return Accepted(upstream_id)
+        return ClientError(description or "the upstream refused the parameters (code 21)")
+    if code == 24:
+        word = properties.get("bannedWord")
+        text = description or "banned prompt"
+        return ClientError(f"{text}: {word}" if word else text, banned=True)
+    if code in (23, 9, 5, 30):
+        return Retryable(description or f"code {code}")
+    if code == 3:
+        if follow_up or status == 404:
+            return ClientError(description or "the task was not found upstream")
+        return Retryable(description or "no account available upstream")
+    if code == 4:
+        if _busy(description):
+            return Retryable(description)
+        return ClientError(description or "the upstream refused the request as invalid")
+    if code == 25:
+        return ProviderUnusable(description or "the upstream account has no balance")
+    return ProviderUnusable(f"unexpected result code {code}")
+
+
+def _progress(value: Any, status: TaskStatus) -> int:
+    if status is TaskStatus.SUCCESS:
+        return 100
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int | float):
+        return max(0, min(100, int(value)))
+    text = str(value or "").strip().rstrip("%").strip()
+    try:
+        return max(0, min(100, int(float(text))))
+    except ValueError:
+        return 0
+
+
+def _status(value: Any) -> TaskStatus:
+    text = str(value or "").strip().upper()
+    if not text:
+        return TaskStatus.SUBMITTED  # new-api reports "" until its first poll
+    try:
+        return TaskStatus(text)
+    except ValueError:
+        return TaskStatus.IN_PROGRESS if text in ("RUNNING", "PROCESSING") else TaskStatus.SUBMITTED
+
+
+def _millis(value: Any) -> int | None:
+    code = _code(value)
+    return code if code else None
+
+
+def _buttons(value: Any) -> tuple[Button, ...]:
+    if not isinstance(value, list):
+        return ()
+    out: list[Button] = []
+    for item in value:
+        if not isinstance(item, Mapping) or not item.get("customId"):
+            continue
+        out.append(
+            Button(
+                custom_id=str(item["customId"]),
+                label=str(item.get("label") or ""),
+                emoji=str(item.get("emoji") or ""),
+                type=_code(item.get("type")) or 2,
+                style=_code(item.get("style")) or 2,
+            )
+        )
+    return tuple(out)
+
+
+def parse_task(data: Any) -> TaskView | None:
+    """One task JSON in any dialect's shape, or None when it is not a task (no id)."""
+    if not isinstance(data, Mapping):
+        return None
+    upstream_id = _as_id(data.get("id"))
+    if upstream_id is None:
+        return None
+    status = _status(data.get("status"))
+    fail_reason = str(data.get("failReason") or "").strip() or None
+    if status is TaskStatus.FAILURE and fail_reason is None:
+        fail_reason = str(data.get("description") or "").strip() or "the upstream reported a failure"
+    image_url = str(data.get("imageUrl") or "").strip() or None
+    props = data.get("properties")
+    state = data.get("state")
+    return TaskView(
+        upstream_id=upstream_id,
+        status=status,
+        progress=_progress(data.get("progress"), status),
+        image_url=image_url,
+        fail_reason=fail_reason,
+        banned=status is TaskStatus.FAILURE and looks_banned(fail_reason),
+        state=str(state) if state not in (None, "") else None,
+        action=str(data.get("action") or "") or None,
+        buttons=_buttons(data.get("buttons")),
+        submit_time=_millis(data.get("submitTime")),
+        start_time=_millis(data.get("startTime")),
+        finish_time=_millis(data.get("finishTime")),
+        properties=dict(props) if isinstance(props, Mapping) else {},
+    )
+
+
+def parse_fetch(status: int, body: bytes) -> TaskView | None:
+    """One `task/{id}/fetch` reply. Unknown ids come back as 200 empty (novicezk), 204 (trueai), 404 or new-api's
+    400 `task_no_found`; all of those are None. Anything that is not an answer raises ValueError."""
+    if status in (204, 404) or (status == 200 and not body.strip()):
+        return None
+    if status in (401, 403):
+        raise ValueError(f"upstream refused the credentials (HTTP {status})")
+    try:
+        data = _decode(body)
+    except ValueError:
+        raise ValueError(f"a non-JSON fetch answer (HTTP {status})") from None
+    if data is None:
+        return None
+    if status == 400 and isinstance(data, Mapping):
+        description = str(data.get("description") or data.get("message") or "").lower()
+        if any(word in description for word in ("task_no_found", "task_not_found", "not found")):
+            return None
+    if status != 200:
+        raise ValueError(f"fetch answered HTTP {status}")
+    view = parse_task(data)
+    if view is None and isinstance(data, Mapping) and _code(data.get("code")) is not None:
+        return None  # an envelope such as {"code": 3, "description": "not found"}
+    if view is None:
+        raise ValueError("a fetch answer that is not a task")
+    return view
+
+
+def parse_task_list(status: int, body: bytes) -> list[TaskView]:
+    """One `task/list-by-condition` reply: a JSON array of tasks (unknown ids omitted)."""
+    if status in (401, 403):
+        raise ValueError(f"upstream refused the credentials (HTTP {status})")
+    if status != 200:
+        raise ValueError(f"list-by-condition answered HTTP {status}")
+    try:
+        data = _decode(body) if body.strip() else []
+    except ValueError:
+        raise ValueError("a non-JSON list-by-condition answer") from None
+    if isinstance(data, Mapping) and isinstance(data.get("result"), list):
+        data = data["result"]  # some resellers wrap the list in the submit envelope
+    if not isinstance(data, list):
+        raise ValueError("a list-by-condition answer that is not a list")
+    return [view for view in (parse_task(item) for item in data) if view is not None]

@@ -1,0 +1,51 @@
+"""A Midjourney-like 2x2 grid as a real PNG: four visibly distinct tiles whose aspect ratio follows `--ar`."""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import io
+import re
+
+from PIL import Image, ImageDraw
+
+_AR = re.compile(r"(?<!\S)--(?:ar|aspect)\s+(\d+)\s*:\s*(\d+)(?!\S)", re.IGNORECASE)
+
+
+def aspect_of(prompt: str) -> tuple[int, int]:
+    """The last `--ar W:H` of a prompt, or 1:1."""
+    found = _AR.findall(prompt)
+    if not found:
+        return (1, 1)
+    w, h = (int(x) for x in found[-1])
+    return (w, h) if w > 0 and h > 0 else (1, 1)
+
+
+def tile_size(aspect: tuple[int, int], long_side: int) -> tuple[int, int]:
+    w, h = aspect
+    if w >= h:
+        return long_side, max(8, round(long_side * h / w))
+    return max(8, round(long_side * w / h)), long_side
+
+
+def render_grid(seed: str, aspect: tuple[int, int], long_side: int = 256) -> bytes:
+    """PNG bytes of a 2x2 grid; the same seed and aspect always give the same image."""
+    tw, th = tile_size(aspect, long_side)
+    digest = hashlib.sha256(seed.encode()).digest()
+    image = Image.new("RGB", (tw * 2, th * 2))
+    draw = ImageDraw.Draw(image)
+    for index in range(4):
+        x0, y0 = (index % 2) * tw, (index // 2) * th
+        hue = ((digest[0] / 255) + index * 0.25) % 1.0
+        base = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.55, 0.85))
+        draw.rectangle((x0, y0, x0 + tw - 1, y0 + th - 1), fill=base)
+        # A few bands so each tile has structure, seeded by the task and the tile.
+        for band in range(4):
+            b = digest[1 + index * 4 + band]
+            shade = tuple(max(0, min(255, c + (b % 60) - 30)) for c in base)
+            top = y0 + (th * band) // 4
+            left = x0 + (b * tw) // 512
+            draw.rectangle((left, top, x0 + tw - 1, top + th // 8), fill=shade)
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
