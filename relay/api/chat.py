@@ -1,0 +1,183 @@
+"""POST /v1/chat/completions with an image model: the last user message is the prompt, its `image_url` parts are
+reference images, and the answer is one assistant message with the images in Markdown.
+
+Streamed answers follow OpenAI's chunk format: the role chunk first, progress as content (`Generating… 46%`) as it
+happens, an SSE comment (`: keep-alive`) whenever nothing else was sent for `api.keepalive_s`, the images, a chunk
+with `finish_reason: "stop"`, an optional usage chunk, and `data: [DONE]`. A failure mid-stream is shown as text,
+then sent as an `{"error": ...}` event (which the OpenAI SDKs raise), then `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from relay.api.common import base_url, json_body, relay_of, validate
+from relay.core.jobs import Generation, JobService
+from relay.errors import InvalidRequest, RelayError
+from relay.store.jobs import JobRow
+
+IMAGINE_PREFIX = "/imagine"
+ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool | None = None
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat fields we act on; sampling fields (temperature, ...) mean nothing here and are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt | None = Field(None, ge=1, le=1)
+    user: StrictStr | None = None
+
+
+def last_user_turn(messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """The prompt (text of the last user message, without a leading `/imagine`) and its image URLs."""
+    turn = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    if turn is None:
+        raise InvalidRequest("The messages hold no user message to use as a prompt.", param="messages")
+    content = turn.get("content")
+    texts: list[str] = []
+    images: list[str] = []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                raise InvalidRequest("Each content part must be an object.", param="messages")
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif part.get("type") == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image
+                if not isinstance(url, str) or not url:
+                    raise InvalidRequest("An image_url part has no url.", param="messages")
+                images.append(url)
+    elif content is not None:
+        raise InvalidRequest("A message's content must be a string or a list of parts.", param="messages")
+    text = " ".join(t.strip() for t in texts if t.strip())
+    if text.lower().startswith(IMAGINE_PREFIX):
+        text = text[len(IMAGINE_PREFIX) :].lstrip(" :")
+    if not text:
+        raise InvalidRequest("The last user message has no text to use as a prompt.", param="messages")
+    return text, images
+
+
+def markdown(request: Request, rows: list[JobRow]) -> str:
+    """The grid as one image, and a link to each tile at full size."""
+    relay = relay_of(request)
+    root, now = base_url(request), relay.clock.now()
+    tiles = JobService.tiles(rows, len(rows) * 4)  # raises the first failure when no job succeeded
+    blocks = []
+    for job_id in dict.fromkeys(tile.job_id for tile in tiles):
+        grid = relay.images.url(root, job_id, "grid.png", now)
+        links = " · ".join(
+            f"[Image {tile.name[0]}]({relay.images.url(root, job_id, tile.name, now)})"
+            for tile in tiles
+            if tile.job_id == job_id
+        )
+        blocks.append(f"![Midjourney grid]({grid})\n\n{links}")
+    return "\n\n".join(blocks)
+
+
+def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    body = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+    return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+
+async def chat_completions(request: Request) -> Response:
+    relay = relay_of(request)
+    key = await relay.auth(request)
+    body = validate(ChatRequest, await json_body(request))
+    text, image_urls = last_user_turn(body.messages)
+    spec = relay.jobs.plan(model=body.model, prompt=text, n=4)
+    if image_urls:
+        spec = replace(spec, references=await relay.references.load(image_urls))
+    generation = await relay.jobs.start(key, spec)
+    completion_id = f"chatcmpl-{generation.request_id}"
+    created = int(relay.clock.now())
+    if not body.stream:
+        try:
+            rows = await relay.jobs.wait(generation)
+        finally:
+            generation.close()
+        content = markdown(request, rows)
+        return JSONResponse(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": spec.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content, "refusal": None},
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": ZERO_USAGE,
+            }
+        )
+    usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(
+        _stream(request, generation, completion_id, created, usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _stream(
+    request: Request, generation: Generation, completion_id: str, created: int, usage: bool
+) -> AsyncIterator[bytes]:
+    relay = relay_of(request)
+    model = generation.spec.model
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _chunk(completion_id, created, model, delta, finish)
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        yield chunk({"content": "Generating… 0%\n\n"})
+        shown = 0
+        async for percent in relay.jobs.follow(generation, idle_s=relay.config.api.keepalive_s):
+            if percent is None:
+                yield b": keep-alive\n\n"
+            elif percent != shown:
+                shown = percent
+                yield chunk({"content": f"Generating… {percent}%\n\n"})
+        try:
+            content = markdown(request, await relay.jobs.results(generation))
+        except RelayError as error:
+            yield chunk({"content": f"**Error:** {error.message}"})
+            yield chunk({}, "stop")
+            yield b"data: " + error.to_bytes() + b"\n\n"
+        else:
+            yield chunk({"content": content})
+            yield chunk({}, "stop")
+            if usage:
+                tail = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+                yield b"data: " + json.dumps({**tail, "choices": [], "usage": ZERO_USAGE}).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    finally:
+        generation.close()

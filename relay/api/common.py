@@ -1,0 +1,85 @@
+"""What every route shares: the relay's services, the caller's key, the JSON body, typed validation."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from cachetools import TTLCache
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from relay.errors import AuthenticationFailed, InvalidRequest
+from relay.store.keys import KeyRecord, KeyStore, hash_key
+
+if TYPE_CHECKING:
+    from relay.app import Relay
+
+M = TypeVar("M", bound=BaseModel)
+
+# How long a looked-up key (or a miss) is remembered; a revocation takes effect within this time.
+KEY_CACHE_TTL_S = 5.0
+
+
+def relay_of(request: Request) -> Relay:
+    return request.app.state.relay  # type: ignore[no-any-return]
+
+
+def base_url(request: Request) -> str:
+    """Where clients reach the relay: `server.public_url`, else the address this request came in on."""
+    configured = relay_of(request).config.server.public_url
+    return configured or str(request.base_url).rstrip("/")
+
+
+class Authenticator:
+    def __init__(self, keys: KeyStore) -> None:
+        self.keys = keys
+        self._cache: TTLCache[str, KeyRecord | None] = TTLCache(maxsize=10_000, ttl=KEY_CACHE_TTL_S)
+
+    async def __call__(self, request: Request) -> KeyRecord:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if not header or scheme.lower() != "bearer" or not token:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key"
+            )
+        digest = hash_key(token)
+        if digest in self._cache:
+            record = self._cache[digest]
+        else:
+            record = await self.keys.by_secret(token)
+            self._cache[digest] = record
+        if record is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        if record.revoked:
+            raise AuthenticationFailed("This API key has been revoked.", code="key_revoked")
+        return record
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. Send valid JSON with 'Content-Type: application/json'."
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return data
+
+
+def validate(model: type[M], data: dict[str, Any]) -> M:
+    """Typed validation; the first problem becomes a 400 that names its parameter."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        if first["type"] == "missing":
+            raise InvalidRequest(f"Missing required parameter: {param!r}.", param=param) from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise InvalidRequest(f"Invalid value for {param!r}: {message}.", param=param) from None

@@ -1,0 +1,34 @@
+"""GET /files/{job}/{name}: the relay's own copies of finished images, behind signed, expiring links."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+
+from relay.api.common import relay_of
+from relay.core.images import NAMES
+from relay.errors import NotFound, RelayError
+
+
+class LinkRefused(RelayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "invalid_signature"
+    retry = False
+
+
+async def get_file(request: Request) -> Response:
+    relay = relay_of(request)
+    job_id, name = request.path_params["job_id"], request.path_params["name"]
+    if name not in NAMES:
+        raise NotFound("No such image.")
+    expires, signature = request.query_params.get("exp", ""), request.query_params.get("sig", "")
+    if not relay.images.verify(job_id, name, expires, signature, relay.clock.now()):
+        raise LinkRefused("This image link is invalid or has expired.")
+    try:
+        path = relay.images.path(job_id, name)
+    except ValueError:
+        raise NotFound("No such image.") from None
+    if not path.is_file():
+        raise NotFound("No such image.")
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

@@ -1,0 +1,58 @@
+"""POST /v1/images/generations: OpenAI's image endpoint, answered with Midjourney grids split into tiles."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from relay.api.common import base_url, json_body, relay_of, validate
+from relay.core.jobs import JobService
+
+
+class ImageGenerationRequest(BaseModel):
+    """The OpenAI fields we act on. Fields of other image models that have no Midjourney meaning (`moderation`,
+    `output_compression`, `partial_images`) and unknown fields are ignored; a few are refused when they ask for
+    something the relay cannot give."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: StrictStr
+    model: StrictStr | None = None
+    n: StrictInt | None = Field(1, ge=1)
+    size: StrictStr | None = None
+    quality: StrictStr | None = None
+    style: StrictStr | None = None
+    response_format: Literal["url", "b64_json"] | None = "url"
+    user: StrictStr | None = None
+    output_format: Literal["png"] | None = None
+    background: Literal["auto", "opaque"] | None = None
+    stream: Literal[False] | None = None
+
+
+async def create_image(request: Request) -> JSONResponse:
+    relay = relay_of(request)
+    key = await relay.auth(request)
+    body = validate(ImageGenerationRequest, await json_body(request))
+    n = body.n or 1
+    spec = relay.jobs.plan(
+        model=body.model, prompt=body.prompt, n=n, size=body.size, quality=body.quality, style=body.style
+    )
+    generation = await relay.jobs.start(key, spec)
+    try:
+        rows = await relay.jobs.wait(generation)
+    finally:
+        generation.close()
+    tiles = JobService.tiles(rows, n)
+    now = relay.clock.now()
+    if body.response_format == "b64_json":
+        blobs = await asyncio.to_thread(lambda: [relay.images.read(t.job_id, t.name) for t in tiles])
+        data = [{"b64_json": base64.b64encode(blob).decode(), "revised_prompt": spec.prompt} for blob in blobs]
+    else:
+        root = base_url(request)
+        data = [{"url": relay.images.url(root, t.job_id, t.name, now), "revised_prompt": spec.prompt} for t in tiles]
+    return JSONResponse({"created": int(now), "data": data})

@@ -1,0 +1,230 @@
+"""The `mj-relay` command: serve | simulate | check-config | keys create/list/revoke.
+
+`--config FILE` (or `MJ_RELAY_CONFIG`) may come before or after the verb; with none, the embedded defaults apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import click
+
+from relay.config import Config, ConfigError, load_config
+
+T = TypeVar("T")
+
+CONFIG_HELP = "YAML configuration file (default: $MJ_RELAY_CONFIG, else the embedded defaults)."
+
+
+def _config_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)(function)
+
+
+def _load(ctx: click.Context, config_path: str | None) -> Config:
+    path = config_path or (ctx.obj or {}).get("config_path") or os.environ.get("MJ_RELAY_CONFIG") or None
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(f"mj-relay: invalid configuration in {exc.source}:", err=True)
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@_config_option
+@click.version_option(package_name="mj-relay")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """mj-relay: an OpenAI-compatible relay for Midjourney-proxy providers."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+
+
+@main.command()
+@_config_option
+@click.option("--host", help="Address to listen on (overrides server.host).")
+@click.option("--port", type=int, help="Port to listen on (overrides server.port).")
+@click.pass_context
+def serve(ctx: click.Context, config_path: str | None, host: str | None, port: int | None) -> None:
+    """Run the relay."""
+    import uvicorn
+
+    from relay import logs
+    from relay.app import build_app
+
+    config = _load(ctx, config_path)
+    server = config.server.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    config = config.model_copy(update={"server": server})
+    logs.setup(server.log_level)
+    app = build_app(config)
+    click.echo(
+        f"mj-relay listening on http://{server.host}:{server.port} "
+        f"(database {_safe_url(config.database_url())}, images in {config.images_dir()}, "
+        f"providers: {', '.join(p.name for p in config.providers)})"
+    )
+    uvicorn.run(
+        app,
+        host=server.host,
+        port=server.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=round(server.graceful_shutdown_s),
+        proxy_headers=False,
+    )
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else url
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8090, show_default=True)
+@click.option(
+    "--dialect",
+    type=click.Choice(["midjourney-proxy", "new-api", "mj-v1"]),
+    default="midjourney-proxy",
+    show_default=True,
+)
+@click.option("--secret", default="", help="Credential clients must send (header or Bearer, by dialect).")
+@click.option("--fast-s", type=float, default=2.0, show_default=True, help="Duration of a fast job.")
+@click.option("--relax-s", type=float, default=6.0, show_default=True, help="Duration of a relax job.")
+@click.option("--turbo-s", type=float, default=1.0, show_default=True, help="Duration of a turbo job.")
+@click.option(
+    "--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Share of jobs that fail."
+)
+@click.option(
+    "--error-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Share of submits answered 500."
+)
+@click.option("--tile-px", type=click.IntRange(16, 2048), default=256, show_default=True, help="Long side of one tile.")
+@click.option("--capacity", type=click.IntRange(1), default=None, help="Unfinished tasks before code 23 (queue full).")
+@click.option("--seed", type=int, default=None, help="Seed for the failure draws.")
+def simulate(
+    host: str,
+    port: int,
+    dialect: str,
+    secret: str,
+    fast_s: float,
+    relax_s: float,
+    turbo_s: float,
+    fail_rate: float,
+    error_rate: float,
+    tile_px: int,
+    capacity: int | None,
+    seed: int | None,
+) -> None:
+    """Run a fake Midjourney-proxy upstream over HTTP."""
+    import uvicorn
+
+    from adapters.simulator import SimEngine, SimSettings, build_sim_app
+
+    settings = SimSettings(
+        fast_s=fast_s,
+        relax_s=relax_s,
+        turbo_s=turbo_s,
+        fail_rate=fail_rate,
+        error_rate=error_rate,
+        tile_px=tile_px,
+        capacity=capacity,
+        seed=seed,
+    )
+    app = build_sim_app(SimEngine(settings), dialect, secret)  # type: ignore[arg-type]
+    click.echo(f"simulator ({dialect}) listening on http://{host}:{port}")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+@main.command("check-config")
+@click.argument("file", type=click.Path(dir_okay=False))
+def check_config(file: str) -> None:
+    """Validate a configuration file and summarise it."""
+    try:
+        config = load_config(file)
+    except ConfigError as exc:
+        click.echo(f"{exc.source}: invalid", err=True)
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(2)
+    click.echo(f"{file}: ok")
+    click.echo(f"  models: {', '.join(config.models)}")
+    click.echo(f"  providers: {', '.join(f'{p.name} ({p.dialect})' for p in config.providers)}")
+    click.echo(f"  database: {_safe_url(config.database_url())}")
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys."""
+
+
+def _run_with_store(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
+    from relay.store.db import Database
+    from relay.store.keys import KeyStore
+
+    async def run() -> T:
+        db = Database(config.database_url(), pool_size=2)
+        try:
+            await db.migrate()
+            return await work(KeyStore(db.engine))
+        finally:
+            await db.dispose()
+
+    return asyncio.run(run())
+
+
+@keys.command("create")
+@_config_option
+@click.option("--name", required=True, help="Who or what the key is for.")
+@click.option("--quota", type=click.IntRange(0), required=True, help="Credits the key may spend.")
+@click.pass_context
+def keys_create(ctx: click.Context, config_path: str | None, name: str, quota: int) -> None:
+    """Create a key; it is printed once and never shown again."""
+    config = _load(ctx, config_path)
+    record, secret = _run_with_store(config, lambda store: store.create(name, quota, time.time()))
+    click.echo(f"Created key {record.id} ({record.name}) with {record.balance} credits:")
+    click.echo(secret)
+    click.echo("Keep it now: it is stored hashed and cannot be shown again.", err=True)
+
+
+@keys.command("list")
+@_config_option
+@click.pass_context
+def keys_list(ctx: click.Context, config_path: str | None) -> None:
+    """List keys (never their secrets)."""
+    config = _load(ctx, config_path)
+    records = _run_with_store(config, lambda store: store.list())
+    click.echo(f"{'ID':<17} {'NAME':<20} {'PREFIX':<12} {'BALANCE':>10} {'HELD':>8} {'STATUS':<8} CREATED")
+    for r in records:
+        created = datetime.fromtimestamp(r.created_at, UTC).strftime("%Y-%m-%d %H:%M")
+        status = "revoked" if r.revoked else "active"
+        click.echo(
+            f"{r.id:<17} {r.name[:20]:<20} {r.prefix + '…':<12} {r.balance:>10} {r.held:>8} {status:<8} {created}"
+        )
+
+
+@keys.command("revoke")
+@_config_option
+@click.argument("id_or_name")
+@click.pass_context
+def keys_revoke(ctx: click.Context, config_path: str | None, id_or_name: str) -> None:
+    """Revoke a key by id, or every active key with that name."""
+    config = _load(ctx, config_path)
+    count = _run_with_store(config, lambda store: store.revoke(id_or_name, time.time()))
+    if not count:
+        click.echo(f"No active key with id or name {id_or_name!r}.", err=True)
+        sys.exit(1)
+    click.echo(f"Revoked {count} key{'s' if count != 1 else ''}.")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,337 @@
+"""The relay's configuration: YAML, `${VAR}` / `${VAR:-default}` taken from the environment, validated by typed
+models that refuse unknown keys. Every error names its YAML path (`providers[1].base_url: ...`).
+
+With no file at all, `default_config()` gives the embedded defaults: a SQLite file and an image directory under
+`./data`, one in-process `simulator` provider, and the models `mj-fast`, `mj-relax` and `mj-turbo`.
+`config.example.yaml` documents every field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adapters import BOTS, DIALECTS, MODES, Bot, Dialect, Mode
+
+__all__ = ["Config", "ConfigError", "default_config", "load_config", "parse_config"]
+
+HTTP_DIALECTS = tuple(d for d in DIALECTS if d != "simulator")
+
+
+class ConfigError(Exception):
+    """One or more problems in a configuration, each `path: message`."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _http_url(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{what} must be an http(s) URL")
+    return value.rstrip("/")
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    public_url: str | None = None
+    max_body_bytes: int = Field(20_000_000, ge=1024)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    graceful_shutdown_s: int = Field(10, ge=0)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        return _http_url(value, "public_url")
+
+
+class DatabaseConfig(_Section):
+    url: str | None = None
+    pool_size: int = Field(10, ge=1, le=200)
+
+    @field_validator("url")
+    @classmethod
+    def _driver(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB")
+        return value
+
+
+class ImagesConfig(_Section):
+    dir: str | None = None
+    url_ttl_s: int = Field(86_400, ge=60)
+    signing_secret: str | list[str] = ""
+    max_download_bytes: int = Field(50_000_000, ge=1024)
+    download_attempts: int = Field(3, ge=1, le=10)
+
+    def secrets(self) -> list[str]:
+        """Signing secrets, newest first; empty when the relay should keep its own."""
+        raw = [self.signing_secret] if isinstance(self.signing_secret, str) else list(self.signing_secret)
+        return [s for s in raw if s]
+
+
+class ReferencesConfig(_Section):
+    max_bytes: int = Field(10_000_000, ge=1024)
+    max_count: int = Field(5, ge=0, le=10)
+    timeout_s: float = Field(10.0, gt=0)
+    allow_private: bool = False
+    allow_hosts: list[str] = Field(default_factory=list)
+
+
+class ApiConfig(_Section):
+    default_model: str = "mj-fast"
+    max_prompt_chars: int = Field(4000, ge=1, le=32_000)
+    max_n: int = Field(10, ge=1, le=40)
+    keepalive_s: float = Field(15.0, gt=0, le=60)
+    references: ReferencesConfig = ReferencesConfig()
+
+
+class ModelConfig(_Section):
+    mode: Mode
+    bot: Bot = "MID_JOURNEY"
+
+
+class SimulatorConfig(_Section):
+    fast_s: float = Field(2.0, ge=0)
+    relax_s: float = Field(6.0, ge=0)
+    turbo_s: float = Field(1.0, ge=0)
+    fail_rate: float = Field(0.0, ge=0, le=1)
+    error_rate: float = Field(0.0, ge=0, le=1)
+    banned_words: list[str] = Field(default_factory=lambda: ["forbidden"])
+    tile_px: int = Field(256, ge=16, le=2048)
+    capacity: int | None = Field(None, ge=1)
+    seed: int | None = None
+
+
+class ProviderConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    dialect: Dialect
+    base_url: str | None = None
+    secret: str = Field("", repr=False)
+    modes: list[Mode] = Field(default_factory=lambda: list(MODES), min_length=1)
+    bots: list[Bot] = Field(default_factory=lambda: list(BOTS), min_length=1)
+    priority: int = 0
+    weight: int = Field(1, ge=1, le=1000)
+    max_in_flight: int | None = Field(None, ge=1)
+    timeout_s: float = Field(30.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(50, ge=1, le=1000)
+    poll_interval_s: float | None = Field(None, gt=0)
+    batch_size: int = Field(50, ge=1, le=1000)
+    mode_prefix: bool = False
+    account_filter: bool = True
+    simulator: SimulatorConfig | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        return _http_url(value, "base_url")
+
+    @model_validator(mode="after")
+    def _dialect_fields(self) -> ProviderConfig:
+        if self.dialect in HTTP_DIALECTS and not self.base_url:
+            raise ValueError(f"base_url: required for the {self.dialect} dialect")
+        if self.dialect == "simulator" and self.base_url:
+            raise ValueError("base_url: the simulator dialect runs in process and takes no base_url")
+        if self.dialect != "midjourney-proxy":
+            for key in ("mode_prefix", "account_filter"):
+                if key in self.model_fields_set:
+                    raise ValueError(f"{key}: only the midjourney-proxy dialect takes it")
+        if self.dialect != "simulator" and self.simulator is not None:
+            raise ValueError("simulator: only the simulator dialect takes it")
+        return self
+
+
+class DeadlinesConfig(_Section):
+    fast: float = Field(600.0, gt=0)
+    relax: float = Field(1800.0, gt=0)
+    turbo: float = Field(300.0, gt=0)
+
+    def of(self, mode: Mode) -> float:
+        return float(getattr(self, mode))
+
+
+class JobsConfig(_Section):
+    poll_interval_s: float = Field(3.0, gt=0)
+    deadline_s: DeadlinesConfig = DeadlinesConfig()
+    lost_after_s: float = Field(120.0, gt=0)
+
+
+def _default_models() -> dict[str, ModelConfig]:
+    return {f"mj-{mode}": ModelConfig(mode=mode) for mode in MODES}
+
+
+def _default_prices() -> dict[str, dict[str, int]]:
+    return {"mj-fast": {"default": 2}, "mj-relax": {"default": 1}, "mj-turbo": {"default": 4}}
+
+
+def _default_providers() -> list[ProviderConfig]:
+    return [ProviderConfig(name="simulator", dialect="simulator", poll_interval_s=0.25)]
+
+
+class Config(_Section):
+    data_dir: str = "data"
+    server: ServerConfig = ServerConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    images: ImagesConfig = ImagesConfig()
+    api: ApiConfig = ApiConfig()
+    models: dict[str, ModelConfig] = Field(default_factory=_default_models, min_length=1)
+    prices: dict[str, dict[str, int]] = Field(default_factory=_default_prices)
+    providers: list[ProviderConfig] = Field(default_factory=_default_providers, min_length=1)
+    jobs: JobsConfig = JobsConfig()
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", name):
+                raise ValueError(f"{name}: a model name is letters, digits and _.:- (at most 64)")
+        return value
+
+    @field_validator("prices")
+    @classmethod
+    def _price_values(cls, value: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        for model, table in value.items():
+            for action, price in table.items():
+                if price < 0:
+                    raise ValueError(f"{model}.{action}: a price is a whole number of credits, 0 or more")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        names = [p.name for p in self.providers]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"providers: the name {name!r} is used twice")
+        if self.api.default_model not in self.models:
+            raise ValueError(f"api.default_model: {self.api.default_model!r} is not one of models")
+        for name, model in self.models.items():
+            if not any(model.mode in p.modes and model.bot in p.bots for p in self.providers):
+                raise ValueError(f"models.{name}: no provider serves mode {model.mode} with bot {model.bot}")
+            table = self.prices.get(name, {})
+            if "imagine" not in table and "default" not in table:
+                raise ValueError(f"prices.{name}: the model has no price (give imagine or default)")
+        for name in self.prices:
+            if name not in self.models:
+                raise ValueError(f"prices.{name}: not one of models")
+        return self
+
+    # -- derived -------------------------------------------------------------------------------------------------
+
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite+aiosqlite:///{Path(self.data_dir) / 'mj-relay.db'}"
+
+    def images_dir(self) -> Path:
+        return Path(self.images.dir) if self.images.dir else Path(self.data_dir) / "images"
+
+    def price(self, model: str, action: str) -> int:
+        table = self.prices[model]
+        return table.get(action, table.get("default", table.get("imagine", 0)))
+
+    def poll_interval(self, provider: ProviderConfig) -> float:
+        return provider.poll_interval_s or self.jobs.poll_interval_s
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _interpolate(node: Any, env: Mapping[str, str], loc: tuple[int | str, ...], problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {key: _interpolate(value, env, (*loc, str(key)), problems) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(value, env, (*loc, i), problems) for i, value in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env and (env[name] or default is None):
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{_path(loc) or '(root)'}: the environment variable {name} is not set")
+        return ""
+
+    return _VAR.sub(replace, node)
+
+
+_SUBPATH = re.compile(r"^([A-Za-z_][A-Za-z0-9_.:\-]*): (.+)$", re.DOTALL)
+
+
+def _pydantic_problems(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if isinstance(p, int | str))
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required"
+        where = _path(loc)
+        sub = _SUBPATH.match(message) if item["type"] == "value_error" else None
+        if sub:  # a model validator names the key it is about: fold it into the path
+            where = f"{where}.{sub.group(1)}" if where else sub.group(1)
+            message = sub.group(2)
+        problems.append(f"{where}: {message}" if where else message)
+    return problems
+
+
+def parse_config(text: str, source: str = "config", env: Mapping[str, str] | None = None) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError([f"{where}not valid YAML ({getattr(exc, 'problem', None) or exc})"], source) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["the top level must be a mapping of sections"], source)
+    problems: list[str] = []
+    data = _interpolate(raw, os.environ if env is None else env, (), problems)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_problems(exc), source) from None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    if path is None:
+        return default_config()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file ({exc.strerror})"], str(path)) from None
+    return parse_config(text, str(path))
+
+
+def default_config() -> Config:
+    return Config()

@@ -1,0 +1,332 @@
+"""The job service: plan -> hold quota -> route -> submit -> wait -> deliver.
+
+A request for `n` images plans ceil(n / 4) imagine jobs (each gives a 2x2 grid, split into four tiles), holds the
+price of all of them in one step, and submits each to the best provider that will take it. A provider that answers
+"retryable" (queue full, no account, 429/5xx before the request was taken) or "unusable" hands the job to the next
+one; a refusal of the request itself (validation, banned prompt) does not. A submit that may have reached the
+upstream without an answer is never sent elsewhere, so a job never runs twice.
+
+Waiting is on in-process events published by the tracker; a waiter that outlives a job's deadline ends it itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from adapters import Accepted, Bot, ClientError, Mode, NeedsModal, Retryable, SubmitOutcome, SubmitRequest
+from relay.clock import Clock
+from relay.config import Config
+from relay.core.events import JobEvents, Subscription
+from relay.core.finish import Finisher
+from relay.core.images import TILE_NAMES
+from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size, quality_flag, style_flag
+from relay.core.providers import ProviderPool
+from relay.core.router import rank
+from relay.core.tracker import Tracked, Tracker
+from relay.errors import (
+    AuthenticationFailed,
+    ContentPolicy,
+    DeadlineExceeded,
+    InsufficientQuota,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    RelayError,
+    ServiceUnavailable,
+    UpstreamFailed,
+)
+from relay.store.jobs import JobRow, JobState, JobStore, NewJob
+from relay.store.keys import KeyRecord, KeyStore
+
+TILES_PER_JOB = 4
+# How long past its deadline a waiter gives the tracker before ending a job itself.
+DEADLINE_GRACE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSpec:
+    """What a request asks for, already mapped to Midjourney terms."""
+
+    model: str
+    mode: Mode
+    bot: Bot
+    prompt: str
+    n: int
+    references: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Generation:
+    """The jobs of one request while it waits for them."""
+
+    request_id: str
+    spec: ImageSpec
+    job_ids: tuple[str, ...]
+    deadline_at: float
+    subscription: Subscription
+    progress: dict[str, int] = field(default_factory=dict)
+    ended: set[str] = field(default_factory=set)
+
+    @property
+    def done(self) -> bool:
+        return len(self.ended) == len(self.job_ids)
+
+    @property
+    def percent(self) -> int:
+        return sum(self.progress.get(job_id, 0) for job_id in self.job_ids) // len(self.job_ids)
+
+    def close(self) -> None:
+        self.subscription.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Tile:
+    job_id: str
+    name: str
+
+
+def error_for(row: JobRow) -> RelayError:
+    """What a client is told about a job that did not succeed."""
+    reason = row.fail_reason or "no reason given"
+    code = row.error_code
+    if code == "banned":
+        return ContentPolicy(f"Midjourney refused the prompt: {reason}", param="prompt")
+    if code == "rejected":
+        return InvalidRequest(f"The upstream refused the request: {reason}")
+    if code == "unavailable":
+        return ServiceUnavailable(
+            "No upstream provider could take the job right now; try again shortly.", headers={"Retry-After": "10"}
+        )
+    if code == "unconfirmed":
+        return UpstreamFailed(
+            "The upstream did not confirm the job; it was not sent elsewhere, so it cannot run twice.", retry=False
+        )
+    if code == "modal":
+        return UpstreamFailed("The upstream asked for a confirmation this request cannot give.")
+    if code == "timeout":
+        return DeadlineExceeded("The job did not finish before its deadline.")
+    if code == "lost":
+        return UpstreamFailed(f"The upstream lost the job: {reason}")
+    if code == "download":
+        return UpstreamFailed("The finished image could not be fetched from the upstream.")
+    if code == "interrupted":
+        return UpstreamFailed("The relay stopped before the job was submitted.")
+    if code == "internal":
+        return InternalError("The relay could not finish the job.")
+    return UpstreamFailed(f"The Midjourney job failed: {reason}")
+
+
+def _end_code(outcome: SubmitOutcome | None) -> tuple[str, str]:
+    """The job's error code and reason when no provider took it."""
+    if isinstance(outcome, ClientError):
+        return ("banned" if outcome.banned else "rejected"), outcome.description
+    if isinstance(outcome, NeedsModal):
+        return "modal", "the upstream asked for a modal confirmation"
+    if isinstance(outcome, Retryable) and outcome.sent:
+        return "unconfirmed", outcome.reason
+    if outcome is None:
+        return "unavailable", "every provider that serves this mode is at capacity"
+    return "unavailable", getattr(outcome, "reason", "no provider took the job")
+
+
+class JobService:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: JobStore,
+        keys: KeyStore,
+        pool: ProviderPool,
+        tracker: Tracker,
+        finisher: Finisher,
+        events: JobEvents,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.keys = keys
+        self.pool = pool
+        self.tracker = tracker
+        self.finisher = finisher
+        self.events = events
+        self.clock = clock
+        self.rng = rng or random.Random()
+
+    # -- planning (no I/O) ---------------------------------------------------------------------------------------
+
+    def plan(
+        self,
+        *,
+        model: str | None,
+        prompt: str,
+        n: int = 1,
+        size: str | None = None,
+        quality: str | None = None,
+        style: str | None = None,
+        references: tuple[str, ...] = (),
+    ) -> ImageSpec:
+        name = model or self.config.api.default_model
+        settings = self.config.models.get(name)
+        if settings is None:
+            raise NotFound(
+                f"The model {name!r} does not exist; GET /v1/models lists the available ones.",
+                param="model",
+                code="model_not_found",
+            )
+        text = prompt.strip()
+        if not text:
+            raise InvalidRequest("The prompt is empty.", param="prompt")
+        limit = self.config.api.max_prompt_chars
+        if len(text) > limit:
+            raise InvalidRequest(f"The prompt is {len(text)} characters long; the limit is {limit}.", param="prompt")
+        if not 1 <= n <= self.config.api.max_n:
+            raise InvalidRequest(f"n must be between 1 and {self.config.api.max_n}.", param="n")
+        try:
+            parts = PromptParts(
+                text=text,
+                mode=settings.mode,
+                aspect=parse_size(size),
+                quality=quality_flag(quality),
+                style=style_flag(style),
+            )
+        except PromptError as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
+        return ImageSpec(
+            model=name,
+            mode=settings.mode,
+            bot=settings.bot,
+            prompt=build_prompt(parts),
+            n=n,
+            references=references,
+        )
+
+    # -- running -------------------------------------------------------------------------------------------------
+
+    async def start(self, key: KeyRecord, spec: ImageSpec) -> Generation:
+        """Hold the quota and submit every job; raises when no job could be submitted at all."""
+        now = self.clock.now()
+        request_id = secrets.token_hex(12)
+        deadline = now + self.config.jobs.deadline_s.of(spec.mode)
+        price = self.config.price(spec.model, "imagine")
+        planned = [
+            NewJob(
+                id="job_" + secrets.token_hex(12),
+                request_id=request_id,
+                model=spec.model,
+                mode=spec.mode,
+                bot=spec.bot,
+                action="imagine",
+                prompt=spec.prompt,
+                price=price,
+                deadline_at=deadline,
+            )
+            for _ in range(math.ceil(spec.n / TILES_PER_JOB))
+        ]
+        subscription = self.events.subscribe(job.id for job in planned)
+        generation = Generation(request_id, spec, tuple(job.id for job in planned), deadline, subscription)
+        try:
+            if not await self.store.open(key.id, planned, now):
+                raise await self._refusal(key, price * len(planned))
+            errors = await asyncio.gather(*(self._submit(job, spec) for job in planned))
+            failed = [error for error in errors if error is not None]
+            for job, error in zip(planned, errors, strict=True):
+                if error is not None:
+                    generation.ended.add(job.id)
+            if len(failed) == len(planned):
+                raise failed[0]
+        except BaseException:
+            generation.close()
+            raise
+        return generation
+
+    async def _refusal(self, key: KeyRecord, needed: int) -> RelayError:
+        current = await self.keys.get(key.id)
+        if current is None or current.revoked:
+            return AuthenticationFailed("This API key has been revoked.", code="key_revoked")
+        return InsufficientQuota(
+            f"You exceeded your current quota: this request needs {needed} credits "
+            f"and the key has {max(0, current.available)} available."
+        )
+
+    async def _submit(self, job: NewJob, spec: ImageSpec) -> RelayError | None:
+        request = SubmitRequest(
+            kind="imagine",
+            prompt=spec.prompt,
+            mode=spec.mode,
+            bot=spec.bot,
+            images=spec.references,
+            state=job.id,
+        )
+        tried: list[str] = []
+        outcome: SubmitOutcome | None = None
+        while True:
+            names = rank(self.pool.candidates(), mode=spec.mode, bot=spec.bot, exclude=tried, rng=self.rng)
+            if not names:
+                break
+            name = names[0]
+            tried.append(name)
+            self.pool.acquire(name)
+            outcome = await self.pool.submit(name, request)
+            if isinstance(outcome, Accepted):
+                now = self.clock.now()
+                await self.store.mark_submitted(job.id, name, outcome.upstream_id, now)
+                self.tracker.track(
+                    Tracked(job.id, job.model, name, outcome.upstream_id, job.deadline_at, JobState.SUBMITTED)
+                )
+                return None
+            self.pool.release(name)
+            if isinstance(outcome, ClientError | NeedsModal) or (isinstance(outcome, Retryable) and outcome.sent):
+                break
+        code, reason = _end_code(outcome)
+        row = await self.finisher.end(job.id, succeeded=False, error_code=code, fail_reason=reason)
+        return error_for(row) if row is not None else InternalError("The job ended twice.")
+
+    async def follow(self, generation: Generation, idle_s: float) -> AsyncIterator[int | None]:
+        """Overall progress (0-100) each time it changes, None after `idle_s` without news, until every job ended.
+        A job still running past its deadline (plus a short grace for the tracker) is ended here."""
+        last = -1
+        while not generation.done:
+            now = self.clock.now()
+            overdue = now >= generation.deadline_at + DEADLINE_GRACE_S
+            if overdue:
+                for job_id in generation.job_ids:
+                    if job_id not in generation.ended:
+                        await self.tracker.expire(job_id)
+                        generation.ended.add(job_id)
+                break
+            wait = min(idle_s, generation.deadline_at + DEADLINE_GRACE_S - now)
+            update = await generation.subscription.next(max(0.01, wait))
+            if update is None:
+                yield None
+                continue
+            generation.progress[update.job_id] = update.progress
+            if update.state.terminal:
+                generation.ended.add(update.job_id)
+            if generation.percent != last and not generation.done:
+                last = generation.percent
+                yield last
+
+    async def wait(self, generation: Generation) -> list[JobRow]:
+        async for _ in self.follow(generation, idle_s=60.0):
+            pass
+        return await self.results(generation)
+
+    async def results(self, generation: Generation) -> list[JobRow]:
+        """The request's jobs in plan order, as stored."""
+        rows = {row.id: row for row in await self.store.by_request(generation.request_id)}
+        return [rows[job_id] for job_id in generation.job_ids if job_id in rows]
+
+    @staticmethod
+    def tiles(rows: list[JobRow], n: int) -> list[Tile]:
+        """The first `n` tiles of the jobs that succeeded; raises the first failure when none did."""
+        tiles = [Tile(row.id, name) for row in rows if row.state is JobState.SUCCEEDED for name in TILE_NAMES]
+        if not tiles:
+            failed = [row for row in rows if row.state is JobState.FAILED]
+            raise error_for(failed[0]) if failed else InternalError("The request ended without a result.")
+        return tiles[:n]

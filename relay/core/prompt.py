@@ -1,0 +1,103 @@
+"""From an OpenAI-style request to the Midjourney prompt actually sent: pure functions, no I/O.
+
+size     "WxH" -> `--ar W:H` reduced by their gcd ("1792x1024" -> `--ar 7:4`); "auto" or none adds nothing.
+         An explicit size replaces any `--ar`/`--aspect` already in the prompt.
+quality  auto, standard, medium: nothing; hd, high: `--q 2`; low: `--q .5` (replaces `--q`/`--quality`).
+style    vivid: `--stylize 750`; natural: `--style raw`.
+mode     the model's mode flag (`--fast`, `--relax`, `--turbo`) ends the prompt; a conflicting mode flag the
+         user wrote is removed, so the model decides the mode (and the price).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from adapters import Mode
+
+MAX_SIDE = 16_384
+QUALITY_FLAGS: dict[str, str | None] = {
+    "auto": None,
+    "standard": None,
+    "medium": None,
+    "hd": "--q 2",
+    "high": "--q 2",
+    "low": "--q .5",
+}
+STYLE_FLAGS: dict[str, str] = {"vivid": "--stylize 750", "natural": "--style raw"}
+
+_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
+_MODE_FLAG = re.compile(r"(?<!\S)--(?:fast|relax|turbo)(?!\S)", re.IGNORECASE)
+_ASPECT = re.compile(r"(?<!\S)--(?:ar|aspect)\s+\S+", re.IGNORECASE)
+_QUALITY = re.compile(r"(?<!\S)--(?:q|quality)\s+\S+", re.IGNORECASE)
+_STYLIZE = re.compile(r"(?<!\S)--(?:s|stylize)\s+\S+", re.IGNORECASE)
+_STYLE = re.compile(r"(?<!\S)--style\s+\S+", re.IGNORECASE)
+
+
+class PromptError(ValueError):
+    """A request field that cannot be mapped; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def parse_size(size: str | None) -> tuple[int, int] | None:
+    """The aspect ratio a size asks for, reduced by gcd; None for "auto" or no size."""
+    if size is None or size.strip().lower() in ("", "auto"):
+        return None
+    match = _SIZE.match(size)
+    if not match:
+        raise PromptError("size", f"Invalid size {size!r}: use WIDTHxHEIGHT (for example 1024x1024) or auto.")
+    width, height = int(match.group(1)), int(match.group(2))
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise PromptError("size", f"Invalid size {size!r}: each side must be between 1 and {MAX_SIDE}.")
+    divisor = math.gcd(width, height)
+    return width // divisor, height // divisor
+
+
+def quality_flag(quality: str | None) -> str | None:
+    if quality is None:
+        return None
+    if quality not in QUALITY_FLAGS:
+        raise PromptError("quality", f"Invalid quality {quality!r}: use one of {', '.join(QUALITY_FLAGS)}.")
+    return QUALITY_FLAGS[quality]
+
+
+def style_flag(style: str | None) -> str | None:
+    if style is None:
+        return None
+    if style not in STYLE_FLAGS:
+        raise PromptError("style", f"Invalid style {style!r}: use vivid or natural.")
+    return STYLE_FLAGS[style]
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True, slots=True)
+class PromptParts:
+    text: str
+    mode: Mode
+    aspect: tuple[int, int] | None = None
+    quality: str | None = None
+    style: str | None = None
+
+
+def build_prompt(parts: PromptParts) -> str:
+    """The prompt sent upstream, which is also the `revised_prompt` the client sees."""
+    text = _MODE_FLAG.sub(" ", parts.text)
+    flags: list[str] = []
+    if parts.aspect is not None:
+        text = _ASPECT.sub(" ", text)
+        flags.append(f"--ar {parts.aspect[0]}:{parts.aspect[1]}")
+    if parts.quality is not None:
+        text = _QUALITY.sub(" ", text)
+        flags.append(parts.quality)
+    if parts.style is not None:
+        text = (_STYLE if parts.style.startswith("--style") else _STYLIZE).sub(" ", text)
+        flags.append(parts.style)
+    flags.append(f"--{parts.mode}")
+    return _squash(" ".join([text, *flags]))

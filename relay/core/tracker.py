@@ -1,0 +1,292 @@
+"""Following every submitted job to its end.
+
+One loop per provider reads the status of all of that provider's running jobs in batches (`list-by-condition`,
+or per-id fetch where a provider has none) every poll interval. Each change is written as a guarded transition and
+published to whoever waits. A finished job's grid is downloaded once and split before the job counts as succeeded;
+a job the upstream no longer knows for `lost_after_s`, or one past its deadline, ends FAILED with its hold released.
+
+`observe()` is the pure decision: what one task view means for one job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from adapters import TaskStatus, TaskView, UpstreamUnavailable
+from relay.clock import Clock
+from relay.config import Config
+from relay.core.events import JobEvent, JobEvents
+from relay.core.finish import Finisher
+from relay.core.images import ImageError, ImageStore
+from relay.core.providers import ProviderPool
+from relay.logs import event
+from relay.store.jobs import JobRow, JobState, JobStore, ProgressChange
+
+log = logging.getLogger("relay.tracker")
+
+# A PENDING job older than this at start-up was never confirmed by an upstream (submits time out well before).
+PENDING_GRACE_S = 120.0
+
+
+@dataclass(slots=True)
+class Tracked:
+    job_id: str
+    model: str
+    provider: str
+    upstream_id: str
+    deadline_at: float
+    state: JobState = JobState.SUBMITTED
+    progress: int = 0
+    missing_since: float | None = None
+    delivering: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    kind: Literal["none", "progress", "success", "failure"]
+    state: JobState | None = None
+    progress: int = 0
+    error_code: str | None = None
+    reason: str | None = None
+
+
+def observe(state: JobState, progress: int, view: TaskView) -> Step:
+    """What an upstream task view means for a job that is in `state` at `progress`."""
+    if view.status is TaskStatus.SUCCESS:
+        if view.image_url:
+            return Step("success", JobState.IN_PROGRESS, 100)
+        return Step("failure", error_code="failed", reason="the upstream reported success without an image")
+    if view.status in (TaskStatus.FAILURE, TaskStatus.CANCEL):
+        reason = view.fail_reason or ("cancelled upstream" if view.status is TaskStatus.CANCEL else None)
+        return Step("failure", error_code="banned" if view.banned else "failed", reason=reason)
+    new_state = {
+        TaskStatus.IN_PROGRESS: JobState.IN_PROGRESS,
+        TaskStatus.MODAL: JobState.MODAL,
+    }.get(view.status, JobState.SUBMITTED)
+    if state is JobState.IN_PROGRESS and new_state is JobState.SUBMITTED:
+        new_state = state  # never step back
+    new_progress = max(progress, min(99, view.progress))
+    if new_state is state and new_progress == progress:
+        return Step("none")
+    return Step("progress", new_state, new_progress)
+
+
+class Tracker:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: JobStore,
+        pool: ProviderPool,
+        images: ImageStore,
+        finisher: Finisher,
+        events: JobEvents,
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.pool = pool
+        self.images = images
+        self.finisher = finisher
+        self.events = events
+        self.clock = clock
+        self._jobs: dict[str, dict[str, Tracked]] = {name: {} for name in pool.names}
+        self._by_job: dict[str, Tracked] = {}
+        self._wake = {name: asyncio.Event() for name in pool.names}
+        self._loops: list[asyncio.Task[None]] = []
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._download_slots = asyncio.Semaphore(16)
+        self._image_slots = asyncio.Semaphore(2)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.resume()
+        self._loops = [asyncio.create_task(self._loop(name), name=f"tracker:{name}") for name in self.pool.names]
+
+    async def stop(self) -> None:
+        tasks = [*self._loops, *self._deliveries]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._loops = []
+
+    @property
+    def running(self) -> bool:
+        return bool(self._loops) and not any(task.done() for task in self._loops)
+
+    async def resume(self) -> None:
+        """Pick up the jobs a previous run left unfinished."""
+        now = self.clock.now()
+        for row in await self.store.active():
+            if row.provider is None or row.upstream_id is None:
+                if now - row.created_at > PENDING_GRACE_S:
+                    await self.finisher.end(
+                        row.id, succeeded=False, error_code="interrupted", fail_reason="never confirmed upstream"
+                    )
+                continue
+            if row.provider not in self._jobs:
+                await self.finisher.end(
+                    row.id, succeeded=False, error_code="lost", fail_reason="its provider is no longer configured"
+                )
+                continue
+            self.pool.acquire(row.provider)
+            self.track(self.tracked_from(row))
+
+    @staticmethod
+    def tracked_from(row: JobRow) -> Tracked:
+        assert row.provider is not None and row.upstream_id is not None
+        return Tracked(
+            job_id=row.id,
+            model=row.model,
+            provider=row.provider,
+            upstream_id=row.upstream_id,
+            deadline_at=row.deadline_at,
+            state=row.state,
+            progress=row.progress,
+        )
+
+    def track(self, tracked: Tracked) -> None:
+        self._jobs[tracked.provider][tracked.upstream_id] = tracked
+        self._by_job[tracked.job_id] = tracked
+        self._wake[tracked.provider].set()
+
+    def tracking(self, job_id: str) -> bool:
+        return job_id in self._by_job
+
+    def count(self) -> int:
+        return len(self._by_job)
+
+    async def expire(self, job_id: str) -> None:
+        """End a job that passed its deadline now, without waiting for the next poll."""
+        tracked = self._by_job.get(job_id)
+        if tracked is not None and not tracked.delivering:
+            await self._end(tracked, succeeded=False, error_code="timeout", reason="the job passed its deadline")
+
+    # -- polling -------------------------------------------------------------------------------------------------
+
+    async def _loop(self, provider: str) -> None:
+        interval = self.pool.poll_interval(provider)
+        wake = self._wake[provider]
+        while True:
+            if not self._jobs[provider]:
+                wake.clear()
+                await wake.wait()
+            await self.clock.sleep(interval)
+            try:
+                await self.poll(provider)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("poll failed", extra={"fields": {"provider": provider}})
+
+    async def poll(self, provider: str) -> None:
+        """One round over a provider's running jobs."""
+        jobs = {uid: t for uid, t in self._jobs[provider].items() if not t.delivering}
+        if not jobs:
+            return
+        try:
+            views: list[TaskView] | None = await self.pool.fetch_many(provider, list(jobs))
+        except UpstreamUnavailable as exc:
+            event(log, "status read failed", provider=provider, reason=str(exc))
+            views = None
+        now = self.clock.now()
+        changes: list[tuple[Tracked, Step]] = []
+        successes: list[tuple[Tracked, TaskView]] = []
+        failures: dict[str, tuple[Tracked, str, str | None]] = {}
+        if views is not None:
+            seen: set[str] = set()
+            for view in views:
+                tracked = jobs.get(view.upstream_id)
+                if tracked is None:
+                    continue
+                seen.add(view.upstream_id)
+                tracked.missing_since = None
+                step = observe(tracked.state, tracked.progress, view)
+                if step.kind == "progress":
+                    changes.append((tracked, step))
+                elif step.kind == "success":
+                    successes.append((tracked, view))
+                elif step.kind == "failure":
+                    failures[tracked.job_id] = (tracked, step.error_code or "failed", step.reason)
+            for uid, tracked in jobs.items():
+                if uid in seen:
+                    continue
+                tracked.missing_since = tracked.missing_since or now
+                if now - tracked.missing_since >= self.config.jobs.lost_after_s:
+                    failures[tracked.job_id] = (tracked, "lost", "the upstream no longer knows the job")
+        for tracked in jobs.values():
+            if now >= tracked.deadline_at and tracked.job_id not in failures:
+                if not any(t is tracked for t, _ in successes):
+                    failures[tracked.job_id] = (tracked, "timeout", "the job passed its deadline")
+
+        if changes:
+            await self.store.record_progress(
+                [ProgressChange(t.job_id, step.state or t.state, step.progress) for t, step in changes], now
+            )
+            for tracked, step in changes:
+                tracked.state, tracked.progress = step.state or tracked.state, step.progress
+                self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
+        for tracked, view in successes:
+            tracked.delivering = True
+            task = asyncio.create_task(self._deliver(tracked, view), name=f"deliver:{tracked.job_id}")
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+        for tracked, code, reason in failures.values():
+            await self._end(tracked, succeeded=False, error_code=code, reason=reason)
+
+    # -- ends ----------------------------------------------------------------------------------------------------
+
+    async def _deliver(self, tracked: Tracked, view: TaskView) -> None:
+        """Download the finished grid once, keep it and its tiles, then end the job as succeeded."""
+        assert view.image_url is not None
+        try:
+            buttons = [
+                {"customId": b.custom_id, "label": b.label, "emoji": b.emoji, "type": b.type, "style": b.style}
+                for b in view.buttons
+            ]
+            await self.store.record_result(tracked.job_id, view.image_url, buttons, self.clock.now())
+            self.events.publish(JobEvent(tracked.job_id, JobState.IN_PROGRESS, 100))
+            reason = "no attempt"
+            for attempt in range(self.config.images.download_attempts):
+                if attempt:
+                    await self.clock.sleep(min(2.0**attempt, 10.0))
+                try:
+                    async with self._download_slots:
+                        data = await self.pool.download(tracked.provider, view.image_url)
+                    async with self._image_slots:
+                        grid = await asyncio.to_thread(self.images.save_grid, tracked.job_id, data)
+                except (UpstreamUnavailable, ImageError) as exc:
+                    reason = str(exc)
+                    continue
+                await self._end(tracked, succeeded=True, grid=grid)
+                return
+            await self._end(tracked, succeeded=False, error_code="download", reason=reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("delivery failed", extra={"fields": {"job": tracked.job_id}})
+            await self._end(tracked, succeeded=False, error_code="internal", reason="the relay failed to store it")
+
+    async def _end(
+        self,
+        tracked: Tracked,
+        *,
+        succeeded: bool,
+        error_code: str | None = None,
+        reason: str | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> None:
+        if self._by_job.pop(tracked.job_id, None) is None:
+            return
+        self._jobs[tracked.provider].pop(tracked.upstream_id, None)
+        self.pool.release(tracked.provider)
+        await self.finisher.end(
+            tracked.job_id, succeeded=succeeded, error_code=error_code, fail_reason=reason, grid=grid
+        )

@@ -1,0 +1,54 @@
+"""Structured logs: one JSON object a line on stderr. Known secrets are scrubbed from every line as a last line of
+defence; the code itself never logs keys, upstream secrets or prompts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+_secrets: list[str] = []
+
+
+def redact(secrets: Iterable[str]) -> None:
+    """Add values that must never appear in a log line (shorter than 6 characters would scrub too much)."""
+    for secret in secrets:
+        if secret and len(secret) >= 6 and secret not in _secrets:
+            _secrets.append(secret)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        line = json.dumps(entry, ensure_ascii=False, default=str)
+        for secret in _secrets:
+            line = line.replace(secret, "***")
+        return line
+
+
+def setup(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "aiosqlite", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def event(logger: logging.Logger, message: str, **fields: Any) -> None:
+    logger.info(message, extra={"fields": fields})

@@ -1,0 +1,56 @@
+"""Prometheus metrics, one registry per app. Labels are route templates, methods, status classes, models,
+provider names, operations and outcomes: never ids, prompts or keys."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_JOB_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "mj_relay_http_requests",
+            "HTTP requests answered, by route template, method and status class.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "mj_relay_http_request_seconds",
+            "Time to answer an HTTP request (for streams: until the stream ends).",
+            ["route"],
+            buckets=_LATENCY_BUCKETS + (60, 120, 300, 600),
+            registry=self.registry,
+        )
+        self.jobs = Counter(
+            "mj_relay_jobs",
+            "Jobs that reached an end, by model, provider and outcome.",
+            ["model", "provider", "outcome"],
+            registry=self.registry,
+        )
+        self.job_seconds = Histogram(
+            "mj_relay_job_seconds",
+            "Time from a job's creation to its end, by model and outcome.",
+            ["model", "outcome"],
+            buckets=_JOB_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "mj_relay_jobs_in_flight",
+            "Jobs submitted to a provider and not yet ended.",
+            ["provider"],
+            registry=self.registry,
+        )
+        self.upstream_seconds = Histogram(
+            "mj_relay_upstream_request_seconds",
+            "Latency of calls to upstream providers, by provider, operation and outcome.",
+            ["provider", "operation", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

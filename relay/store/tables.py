@@ -1,0 +1,56 @@
+"""The relay's tables (SQLAlchemy Core). The schema itself is created and changed only by the migrations in
+`relay/store/migrations/versions`; this module mirrors the newest one for queries."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text
+
+metadata = MetaData()
+
+keys = Table(
+    "keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("balance", BigInteger, nullable=False),
+    Column("held", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("request_id", String(40), nullable=False),
+    Column("key_id", String(32), ForeignKey("keys.id"), nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("mode", String(8), nullable=False),
+    Column("bot", String(16), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("prompt", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("progress", Integer, nullable=False),
+    Column("provider", String(64), nullable=True),
+    Column("upstream_id", String(128), nullable=True),
+    Column("upstream_image_url", Text, nullable=True),
+    Column("buttons", Text, nullable=True),
+    Column("error_code", String(32), nullable=True),
+    Column("fail_reason", Text, nullable=True),
+    Column("price", BigInteger, nullable=False),
+    Column("hold_state", String(12), nullable=False),
+    Column("parent_id", String(40), nullable=True),
+    Column("grid_width", Integer, nullable=True),
+    Column("grid_height", Integer, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("submitted_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("deadline_at", Float, nullable=False),
+    Index("ix_jobs_state", "state"),
+    Index("ix_jobs_request", "request_id"),
+    Index("ix_jobs_key_created", "key_id", "created_at"),
+    Index("ix_jobs_provider_upstream", "provider", "upstream_id"),
+)
