@@ -64,6 +64,11 @@ def _busy(text: str) -> bool:
     return any(word in lowered for word in _BUSY_WORDS)
 
 
+def _maybe_ran(status: int) -> bool:
+    """Whether a failed answer leaves open that the upstream took the task: 429 and 503 say it did not."""
+    return status >= 500 and status != 503
+
+
 def looks_banned(reason: str | None) -> bool:
     if not reason:
         return False
@@ -89,7 +94,7 @@ def classify_submit(status: int, body: bytes, *, follow_up: bool = False) -> Sub
         data = _decode(body)
     except ValueError:
         if status == 429 or status >= 500:
-            return Retryable(f"HTTP {status}", sent=status != 503)
+            return Retryable(f"HTTP {status}", sent=_maybe_ran(status))
         if status == 404:
             return ClientError("the task was not found upstream") if follow_up else ProviderUnusable("HTTP 404")
         return ProviderUnusable(f"a non-JSON answer (HTTP {status})")
@@ -105,7 +110,7 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
     # trueai's own envelope: {"success": false, "code": -1, "message": ...}, HTTP 200 for logic errors, 500 for faults.
     if data.get("success") is False:
         if status >= 500 or status == 429 or _busy(description):
-            return Retryable(description or f"HTTP {status}", sent=status >= 500)
+            return Retryable(description or f"HTTP {status}", sent=_maybe_ran(status))
         return ClientError(description or "refused by the upstream")
 
     # new-api's own envelope: {"description", "type": "upstream_error", "code"}, HTTP 400 (429 for code 30).
@@ -122,7 +127,7 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
         return ClientError(description or f"code {code}")
 
     if status == 429 or status >= 500:
-        return Retryable(description or f"HTTP {status}", sent=status != 503)
+        return Retryable(description or f"HTTP {status}", sent=_maybe_ran(status))
 
     if code is None:
         return ProviderUnusable(f"an answer without a result code (HTTP {status})")

@@ -41,7 +41,10 @@ class SimulatorUpstream:
         prefix = self._image_base + "/"
         if not url.startswith(prefix) or not url.endswith(".png"):
             raise UpstreamUnavailable("not an image URL of this simulator")
-        data = await asyncio.to_thread(self.engine.image, url[len(prefix) : -len(".png")])
+        task_id = url[len(prefix) : -len(".png")]
+        data = self.engine.cached_image(task_id)  # most grids are drawn already: no thread needed
+        if data is None:
+            data = await asyncio.to_thread(self.engine.image, task_id)
         if data is None:
             raise UpstreamUnavailable("no such image")
         return data

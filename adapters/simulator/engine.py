@@ -19,7 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from adapters.base import Mode
@@ -27,6 +27,9 @@ from adapters.simulator.grid import aspect_of, render_grid
 
 PROGRESS_STEPS = (0, 15, 31, 46, 62, 78, 93)
 QUEUED_SHARE = 0.1
+# Grids are drawn in this many variants per aspect ratio and reused, so a thousand finished tasks cost a few
+# renders; tasks submitted one after another always get different grids.
+GRID_VARIANTS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +61,7 @@ class _Task:
     fail: bool = False
     lose: bool = False
     never: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    variant: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +86,7 @@ class SimEngine:
         self.now = now
         self._rng = random.Random(self.settings.seed)
         self._tasks: OrderedDict[str, _Task] = OrderedDict()
-        self._grids: OrderedDict[str, bytes] = OrderedDict()
+        self._grids: OrderedDict[tuple[int, tuple[int, int]], bytes] = OrderedDict()
         self._lock = threading.Lock()
         self._counter = 0
         self.submits = 0
@@ -128,6 +131,7 @@ class SimEngine:
             fail="sim:fail" in lowered or self._rng.random() < self.settings.fail_rate,
             lose="sim:lose" in lowered,
             never="sim:never" in lowered,
+            variant=self._counter % GRID_VARIANTS,
         )
         with self._lock:
             self._tasks[task.id] = task
@@ -164,19 +168,32 @@ class SimEngine:
         views = (self.task(task_id, image_base) for task_id in task_ids)
         return [view for view in views if view is not None]
 
-    def image(self, task_id: str) -> bytes | None:
-        """The finished grid as PNG bytes; None for an unknown or unfinished task."""
+    def _finished_grid(self, task_id: str) -> tuple[tuple[int, tuple[int, int]], bytes | None] | None:
         with self._lock:
             task = self._tasks.get(task_id)
-            cached = self._grids.get(task_id)
         if task is None or self._status(task, self.now())[0] != "SUCCESS":
             return None
+        key = (task.variant, aspect_of(task.prompt))
+        with self._lock:
+            return key, self._grids.get(key)
+
+    def cached_image(self, task_id: str) -> bytes | None:
+        """The finished grid when it is already drawn (cheap); None otherwise."""
+        found = self._finished_grid(task_id)
+        return found[1] if found else None
+
+    def image(self, task_id: str) -> bytes | None:
+        """The finished grid as PNG bytes; None for an unknown or unfinished task."""
+        found = self._finished_grid(task_id)
+        if found is None:
+            return None
+        key, cached = found
         if cached is not None:
             return cached
-        data = render_grid(task.id, aspect_of(task.prompt), self.settings.tile_px)
+        data = render_grid(f"variant {key[0]}", key[1], self.settings.tile_px)
         with self._lock:
-            self._grids[task_id] = data
-            while len(self._grids) > 64:
+            self._grids[key] = data
+            while len(self._grids) > 4 * GRID_VARIANTS:
                 self._grids.popitem(last=False)
         return data
 
