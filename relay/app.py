@@ -85,6 +85,7 @@ class Relay:
 
     async def close(self) -> None:
         self.ready = False
+        await self.jobs.close()
         await self.tracker.stop()
         await self.pool.aclose()
         await self.references.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,6 +36,7 @@ class Authenticator:
     def __init__(self, keys: KeyStore) -> None:
         self.keys = keys
         self._cache: TTLCache[str, KeyRecord | None] = TTLCache(maxsize=10_000, ttl=KEY_CACHE_TTL_S)
+        self._lookups: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
     async def __call__(self, request: Request) -> KeyRecord:
         header = request.headers.get("authorization", "")
@@ -45,16 +47,26 @@ class Authenticator:
                 "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key"
             )
         digest = hash_key(token)
-        if digest in self._cache:
-            record = self._cache[digest]
-        else:
-            record = await self.keys.by_secret(token)
-            self._cache[digest] = record
+        record = self._cache[digest] if digest in self._cache else await self._lookup(digest, token)
         if record is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         if record.revoked:
             raise AuthenticationFailed("This API key has been revoked.", code="key_revoked")
         return record
+
+    async def _lookup(self, digest: str, token: str) -> KeyRecord | None:
+        """One database read per key at a time: concurrent requests with the same key share it."""
+        task = self._lookups.get(digest)
+        if task is None:
+            task = asyncio.ensure_future(self.keys.by_secret(token))
+            self._lookups[digest] = task
+            task.add_done_callback(lambda done: self._remember(digest, done))
+        return await asyncio.shield(task)
+
+    def _remember(self, digest: str, task: asyncio.Task[KeyRecord | None]) -> None:
+        self._lookups.pop(digest, None)
+        if not task.cancelled() and task.exception() is None:
+            self._cache[digest] = task.result()
 
 
 async def json_body(request: Request) -> dict[str, Any]:

@@ -7,15 +7,18 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from relay.store.jobs import JobState
+from relay.store.jobs import JobRow, JobState
 
 
 @dataclass(frozen=True, slots=True)
 class JobEvent:
+    """A change of one job; an ending carries the job as it was written."""
+
     job_id: str
     state: JobState
     progress: int
     error_code: str | None = None
+    row: JobRow | None = None
 
 
 class Subscription:

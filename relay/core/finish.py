@@ -1,15 +1,18 @@
-"""Ending a job: the guarded write that also settles its quota hold, then the event, the metric and the log line.
-Whoever ends a job (the tracker, or the job service when no provider took it) goes through here."""
+"""Ending jobs: the guarded write that also settles each quota hold, then the event, the metric and the log line.
+Whoever ends a job (the tracker, or the job service when no provider took it) goes through here. Endings are
+group-committed (`core.batch`): a thousand jobs that finish together are ended by a few statements.
+"""
 
 from __future__ import annotations
 
 import logging
 
 from relay.clock import Clock
+from relay.core.batch import Batcher
 from relay.core.events import JobEvent, JobEvents
 from relay.logs import event
 from relay.metrics import Metrics
-from relay.store.jobs import JobRow, JobStore
+from relay.store.jobs import Ending, JobRow, JobStore
 
 log = logging.getLogger("relay.jobs")
 
@@ -20,35 +23,37 @@ class Finisher:
         self.events = events
         self.metrics = metrics
         self.clock = clock
+        self._write: Batcher[Ending, JobRow | None] = Batcher(self._end_all, "finisher")
 
     async def end(
-        self,
-        job_id: str,
-        *,
-        succeeded: bool,
-        error_code: str | None = None,
-        fail_reason: str | None = None,
-        grid: tuple[int, int] | None = None,
+        self, job_id: str, *, succeeded: bool, error_code: str | None = None, fail_reason: str | None = None
     ) -> JobRow | None:
-        """None when the job had already ended (someone else's write won; nothing was settled twice)."""
-        now = self.clock.now()
-        row = await self.store.finish(
-            job_id, succeeded=succeeded, now=now, error_code=error_code, fail_reason=fail_reason, grid=grid
-        )
-        if row is None:
-            return None
-        outcome = "succeeded" if succeeded else (error_code or "failed")
+        """The ended job, or None when it had already ended (nothing was settled twice)."""
+        return await self._write(Ending(job_id, succeeded, error_code, fail_reason))
+
+    async def _end_all(self, endings: list[Ending]) -> list[JobRow | None]:
+        rows = await self.store.finish_many(endings, self.clock.now())
+        for ending, row in zip(endings, rows, strict=True):
+            if row is not None:
+                self._announce(ending, row)
+        return rows
+
+    def _announce(self, ending: Ending, row: JobRow) -> None:
+        outcome = "succeeded" if ending.succeeded else (ending.error_code or "failed")
+        seconds = max(0.0, (row.finished_at or row.updated_at) - row.created_at)
         self.metrics.jobs.labels(row.model, row.provider or "none", outcome).inc()
-        self.metrics.job_seconds.labels(row.model, outcome).observe(max(0.0, now - row.created_at))
-        self.events.publish(JobEvent(job_id, row.state, row.progress, error_code))
+        self.metrics.job_seconds.labels(row.model, outcome).observe(seconds)
+        self.events.publish(JobEvent(row.id, row.state, row.progress, ending.error_code, row))
         event(
             log,
             "job ended",
-            job=job_id,
+            job=row.id,
             state=row.state.value,
             outcome=outcome,
             provider=row.provider,
             hold=row.hold_state,
-            seconds=round(now - row.created_at, 3),
+            seconds=round(seconds, 3),
         )
-        return row
+
+    async def close(self) -> None:
+        await self._write.close()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from adapters import Accepted, Bot, ClientError, Mode, NeedsModal, Retryable, SubmitOutcome, SubmitRequest
 from relay.clock import Clock
 from relay.config import Config
+from relay.core.batch import Batcher
 from relay.core.events import JobEvents, Subscription
 from relay.core.finish import Finisher
 from relay.core.images import TILE_NAMES
@@ -40,7 +41,7 @@ from relay.errors import (
     ServiceUnavailable,
     UpstreamFailed,
 )
-from relay.store.jobs import JobRow, JobState, JobStore, NewJob
+from relay.store.jobs import Admission, JobRow, JobState, JobStore, NewJob, Submitted
 from relay.store.keys import KeyRecord, KeyStore
 
 TILES_PER_JOB = 4
@@ -71,6 +72,7 @@ class Generation:
     subscription: Subscription
     progress: dict[str, int] = field(default_factory=dict)
     ended: set[str] = field(default_factory=set)
+    rows: dict[str, JobRow] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -157,6 +159,10 @@ class JobService:
         self.events = events
         self.clock = clock
         self.rng = rng or random.Random()
+        self._admit: Batcher[Admission, bool] = Batcher(lambda batch: store.open_many(batch, clock.now()), "admit")
+        self._mark: Batcher[Submitted, None] = Batcher(
+            lambda batch: store.mark_submitted_many(batch, clock.now()), "mark-submitted"
+        )
 
     # -- planning (no I/O) ---------------------------------------------------------------------------------------
 
@@ -231,15 +237,14 @@ class JobService:
         subscription = self.events.subscribe(job.id for job in planned)
         generation = Generation(request_id, spec, tuple(job.id for job in planned), deadline, subscription)
         try:
-            if not await self.store.open(key.id, planned, now):
+            if not await self._admit(Admission(key.id, tuple(planned))):
                 raise await self._refusal(key, price * len(planned))
-            errors = await asyncio.gather(*(self._submit(job, spec) for job in planned))
-            failed = [error for error in errors if error is not None]
-            for job, error in zip(planned, errors, strict=True):
-                if error is not None:
-                    generation.ended.add(job.id)
-            if len(failed) == len(planned):
-                raise failed[0]
+            refused = [row for row in await asyncio.gather(*(self._submit(job, spec) for job in planned)) if row]
+            for row in refused:
+                generation.ended.add(row.id)
+                generation.rows[row.id] = row
+            if len(refused) == len(planned):
+                raise error_for(refused[0])
         except BaseException:
             generation.close()
             raise
@@ -254,7 +259,8 @@ class JobService:
             f"and the key has {max(0, current.available)} available."
         )
 
-    async def _submit(self, job: NewJob, spec: ImageSpec) -> RelayError | None:
+    async def _submit(self, job: NewJob, spec: ImageSpec) -> JobRow | None:
+        """Submit one job to the first provider that takes it; the ended job when none did."""
         request = SubmitRequest(
             kind="imagine",
             prompt=spec.prompt,
@@ -274,8 +280,7 @@ class JobService:
             self.pool.acquire(name)
             outcome = await self.pool.submit(name, request)
             if isinstance(outcome, Accepted):
-                now = self.clock.now()
-                await self.store.mark_submitted(job.id, name, outcome.upstream_id, now)
+                await self._mark(Submitted(job.id, name, outcome.upstream_id))
                 self.tracker.track(
                     Tracked(job.id, job.model, name, outcome.upstream_id, job.deadline_at, JobState.SUBMITTED)
                 )
@@ -285,7 +290,9 @@ class JobService:
                 break
         code, reason = _end_code(outcome)
         row = await self.finisher.end(job.id, succeeded=False, error_code=code, fail_reason=reason)
-        return error_for(row) if row is not None else InternalError("The job ended twice.")
+        if row is None:  # cannot happen: nobody else knows the job yet
+            raise InternalError("The job ended twice.")
+        return row
 
     async def follow(self, generation: Generation, idle_s: float) -> AsyncIterator[int | None]:
         """Overall progress (0-100) each time it changes, None after `idle_s` without news, until every job ended.
@@ -308,9 +315,15 @@ class JobService:
             generation.progress[update.job_id] = update.progress
             if update.state.terminal:
                 generation.ended.add(update.job_id)
+                if update.row is not None:
+                    generation.rows[update.job_id] = update.row
             if generation.percent != last and not generation.done:
                 last = generation.percent
                 yield last
+
+    async def close(self) -> None:
+        await self._admit.close()
+        await self._mark.close()
 
     async def wait(self, generation: Generation) -> list[JobRow]:
         async for _ in self.follow(generation, idle_s=60.0):
@@ -318,8 +331,11 @@ class JobService:
         return await self.results(generation)
 
     async def results(self, generation: Generation) -> list[JobRow]:
-        """The request's jobs in plan order, as stored."""
-        rows = {row.id: row for row in await self.store.by_request(generation.request_id)}
+        """The request's jobs in plan order, as they ended (read back from the store only when an ending was not
+        heard, e.g. one written by another process)."""
+        rows = generation.rows
+        if any(job_id not in rows for job_id in generation.job_ids):
+            rows = {row.id: row for row in await self.store.by_request(generation.request_id)}
         return [rows[job_id] for job_id in generation.job_ids if job_id in rows]
 
     @staticmethod

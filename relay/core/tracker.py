@@ -2,7 +2,7 @@
 
 One loop per provider reads the status of all of that provider's running jobs in batches (`list-by-condition`,
 or per-id fetch where a provider has none) every poll interval. Each change is written as a guarded transition and
-published to whoever waits. A finished job's grid is downloaded once and split before the job counts as succeeded;
+published to whoever waits. A finished job's grid is downloaded once and kept before the job counts as succeeded;
 a job the upstream no longer knows for `lost_after_s`, or one past its deadline, ends FAILED with its hold released.
 
 `observe()` is the pure decision: what one task view means for one job.
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from adapters import TaskStatus, TaskView, UpstreamUnavailable
 from relay.clock import Clock
@@ -30,6 +32,12 @@ log = logging.getLogger("relay.tracker")
 
 # A PENDING job older than this at start-up was never confirmed by an upstream (submits time out well before).
 PENDING_GRACE_S = 120.0
+# Finished grids are written by at most this many threads at once, in chunks of at most this many grids.
+SAVE_THREADS = 4
+SAVE_CHUNK = 50
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(slots=True)
@@ -75,6 +83,15 @@ def observe(state: JobState, progress: int, view: TaskView) -> Step:
     return Step("progress", new_state, new_progress)
 
 
+def _buttons_json(view: TaskView) -> str:
+    return json.dumps(
+        [
+            {"customId": b.custom_id, "label": b.label, "emoji": b.emoji, "type": b.type, "style": b.style}
+            for b in view.buttons
+        ]
+    )
+
+
 class Tracker:
     def __init__(
         self,
@@ -99,8 +116,8 @@ class Tracker:
         self._wake = {name: asyncio.Event() for name in pool.names}
         self._loops: list[asyncio.Task[None]] = []
         self._deliveries: set[asyncio.Task[None]] = set()
-        self._download_slots = asyncio.Semaphore(16)
-        self._image_slots = asyncio.Semaphore(2)
+        self._download_slots = asyncio.Semaphore(64)
+        self._image_slots = asyncio.Semaphore(SAVE_THREADS)
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -116,6 +133,7 @@ class Tracker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._loops = []
+        await self.finisher.close()
 
     @property
     def running(self) -> bool:
@@ -226,16 +244,20 @@ class Tracker:
                 if not any(t is tracked for t, _ in successes):
                     failures[tracked.job_id] = (tracked, "timeout", "the job passed its deadline")
 
-        if changes:
-            await self.store.record_progress(
-                [ProgressChange(t.job_id, step.state or t.state, step.progress) for t, step in changes], now
-            )
-            for tracked, step in changes:
-                tracked.state, tracked.progress = step.state or tracked.state, step.progress
-                self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
-        for tracked, view in successes:
-            tracked.delivering = True
-            task = asyncio.create_task(self._deliver(tracked, view), name=f"deliver:{tracked.job_id}")
+        records = [ProgressChange(t.job_id, step.state or t.state, step.progress) for t, step in changes]
+        records += [
+            ProgressChange(t.job_id, JobState.IN_PROGRESS, 100, view.image_url, _buttons_json(view))
+            for t, view in successes
+        ]
+        await self.store.record_progress(records, now)
+        for tracked, step in changes:
+            tracked.state, tracked.progress = step.state or tracked.state, step.progress
+            self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
+        for tracked, _ in successes:
+            tracked.state, tracked.progress, tracked.delivering = JobState.IN_PROGRESS, 100, True
+            self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
+        if successes:
+            task = asyncio.create_task(self._deliver(successes), name=f"deliver:{provider}")
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
         for tracked, code, reason in failures.values():
@@ -243,36 +265,66 @@ class Tracker:
 
     # -- ends ----------------------------------------------------------------------------------------------------
 
-    async def _deliver(self, tracked: Tracked, view: TaskView) -> None:
-        """Download the finished grid once, keep it and its tiles, then end the job as succeeded."""
-        assert view.image_url is not None
+    async def _deliver(self, finished: list[tuple[Tracked, TaskView]]) -> None:
+        """Download the grids of jobs the upstream finished (once each), keep them, then end the jobs as succeeded.
+        A round's jobs go together: downloads run concurrently, grids are written by a few threads, and the
+        endings are group-committed. What fails is tried again, up to `images.download_attempts` times."""
+        pending = finished
         try:
-            buttons = [
-                {"customId": b.custom_id, "label": b.label, "emoji": b.emoji, "type": b.type, "style": b.style}
-                for b in view.buttons
-            ]
-            await self.store.record_result(tracked.job_id, view.image_url, buttons, self.clock.now())
-            self.events.publish(JobEvent(tracked.job_id, JobState.IN_PROGRESS, 100))
-            reason = "no attempt"
             for attempt in range(self.config.images.download_attempts):
                 if attempt:
                     await self.clock.sleep(min(2.0**attempt, 10.0))
-                try:
-                    async with self._download_slots:
-                        data = await self.pool.download(tracked.provider, view.image_url)
-                    async with self._image_slots:
-                        grid = await asyncio.to_thread(self.images.save_grid, tracked.job_id, data)
-                except (UpstreamUnavailable, ImageError) as exc:
-                    reason = str(exc)
-                    continue
-                await self._end(tracked, succeeded=True, grid=grid)
-                return
-            await self._end(tracked, succeeded=False, error_code="download", reason=reason)
+                downloads = await asyncio.gather(*(self._download(t, v) for t, v in pending))
+                reasons = {t.job_id: d for (t, _), d in zip(pending, downloads, strict=True) if isinstance(d, str)}
+                got = [(t, d) for (t, _), d in zip(pending, downloads, strict=True) if isinstance(d, bytes)]
+                reasons.update(await self._save(got))
+                await asyncio.gather(*(self._end(t, succeeded=True) for t, _ in got if t.job_id not in reasons))
+                pending = [(t, v) for t, v in pending if t.job_id in reasons]
+                if not pending:
+                    return
+            await asyncio.gather(
+                *(self._end(t, succeeded=False, error_code="download", reason=reasons[t.job_id]) for t, _ in pending)
+            )
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("delivery failed", extra={"fields": {"job": tracked.job_id}})
-            await self._end(tracked, succeeded=False, error_code="internal", reason="the relay failed to store it")
+            log.exception("delivery failed")
+            reason = "the relay failed to store it"
+            await asyncio.gather(
+                *(self._end(t, succeeded=False, error_code="internal", reason=reason) for t, _ in pending)
+            )
+
+    async def _download(self, tracked: Tracked, view: TaskView) -> bytes | str:
+        """The grid's bytes, or why they could not be had."""
+        assert view.image_url is not None
+        async with self._download_slots:
+            try:
+                return await self.pool.download(tracked.provider, view.image_url)
+            except UpstreamUnavailable as exc:
+                return str(exc)
+
+    async def _save(self, grids: list[tuple[Tracked, bytes]]) -> dict[str, str]:
+        """Keep grids, a few threads at a time; returns why each one that could not be kept failed."""
+
+        def save_chunk(chunk: list[tuple[Tracked, bytes]]) -> dict[str, str]:
+            failed = {}
+            for tracked, data in chunk:
+                try:
+                    self.images.save_grid(tracked.job_id, data)
+                except ImageError as exc:
+                    failed[tracked.job_id] = str(exc)
+            return failed
+
+        size = max(1, min(SAVE_CHUNK, -(-len(grids) // SAVE_THREADS)))
+        chunks = [grids[i : i + size] for i in range(0, len(grids), size)]
+        reasons: dict[str, str] = {}
+        for found in await asyncio.gather(*(self._in_thread(save_chunk, chunk) for chunk in chunks)):
+            reasons.update(found)
+        return reasons
+
+    async def _in_thread(self, work: Callable[[T], R], arg: T) -> R:
+        async with self._image_slots:
+            return await asyncio.to_thread(work, arg)
 
     async def _end(
         self,
@@ -281,12 +333,9 @@ class Tracker:
         succeeded: bool,
         error_code: str | None = None,
         reason: str | None = None,
-        grid: tuple[int, int] | None = None,
     ) -> None:
         if self._by_job.pop(tracked.job_id, None) is None:
             return
         self._jobs[tracked.provider].pop(tracked.upstream_id, None)
         self.pool.release(tracked.provider)
-        await self.finisher.end(
-            tracked.job_id, succeeded=succeeded, error_code=error_code, fail_reason=reason, grid=grid
-        )
+        await self.finisher.end(tracked.job_id, succeeded=succeeded, error_code=error_code, fail_reason=reason)

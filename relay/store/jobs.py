@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.store.tables import jobs, keys
@@ -57,6 +57,25 @@ class NewJob:
 
 
 @dataclass(frozen=True, slots=True)
+class Admission:
+    """One request's jobs, to be held and inserted together."""
+
+    key_id: str
+    jobs: tuple[NewJob, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(job.price for job in self.jobs)
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    job_id: str
+    provider: str
+    upstream_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class JobRow:
     id: str
     request_id: str
@@ -77,8 +96,6 @@ class JobRow:
     price: int
     hold_state: str
     parent_id: str | None
-    grid_width: int | None
-    grid_height: int | None
     created_at: float
     updated_at: float
     submitted_at: float | None
@@ -88,9 +105,23 @@ class JobRow:
 
 @dataclass(frozen=True, slots=True)
 class ProgressChange:
+    """A running job's new state and progress; `image_url` and `buttons` once the upstream has finished it."""
+
     job_id: str
     state: JobState
     progress: int
+    image_url: str | None = None
+    buttons: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How one job ends: succeeded (its hold is captured) or failed (its hold is released)."""
+
+    job_id: str
+    succeeded: bool
+    error_code: str | None = None
+    fail_reason: str | None = None
 
 
 def _row(row: Any) -> JobRow:
@@ -105,85 +136,115 @@ class JobStore:
         self.engine = engine
 
     async def open(self, key_id: str, new_jobs: Sequence[NewJob], now: float) -> bool:
-        """Hold the price of every job and insert them, in one transaction; False (and nothing changed) when the
-        key's available balance is short or the key is revoked."""
-        total = sum(job.price for job in new_jobs)
-        async with self.engine.begin() as conn:
-            held = await conn.execute(
-                update(keys)
-                .where(keys.c.id == key_id, keys.c.revoked_at.is_(None), keys.c.balance - keys.c.held >= total)
-                .values(held=keys.c.held + total)
-            )
-            if held.rowcount != 1:
-                return False
-            await conn.execute(
-                jobs.insert(),
-                [
-                    {
-                        "id": job.id,
-                        "request_id": job.request_id,
-                        "key_id": key_id,
-                        "model": job.model,
-                        "mode": job.mode,
-                        "bot": job.bot,
-                        "action": job.action,
-                        "prompt": job.prompt,
-                        "state": JobState.PENDING.value,
-                        "progress": 0,
-                        "price": job.price,
-                        "hold_state": "held",
-                        "parent_id": job.parent_id,
-                        "created_at": now,
-                        "updated_at": now,
-                        "deadline_at": job.deadline_at,
-                    }
-                    for job in new_jobs
-                ],
-            )
-        return True
+        """Hold the price of every job and insert them; see `open_many`."""
+        return (await self.open_many([Admission(key_id, tuple(new_jobs))], now))[0]
 
-    async def mark_submitted(self, job_id: str, provider: str, upstream_id: str, now: float) -> bool:
+    async def open_many(self, admissions: Sequence[Admission], now: float) -> list[bool]:
+        """Admit requests in one transaction: for each, hold the price of all its jobs and insert them, or (False)
+        change nothing when the key's available balance is short or the key is revoked.
+
+        Every hold is one conditional UPDATE (`held = held + :p WHERE balance - held >= :p`), never read-then-write.
+        The requests of one key are first tried as one hold of their total; only when that does not fit is each
+        tried alone, in order."""
+        admitted = [False] * len(admissions)
+        by_key: dict[str, list[int]] = {}
+        for index, admission in enumerate(admissions):
+            by_key.setdefault(admission.key_id, []).append(index)
         async with self.engine.begin() as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING.value)
-                .values(
-                    state=JobState.SUBMITTED.value,
-                    provider=provider,
-                    upstream_id=upstream_id,
-                    submitted_at=now,
-                    updated_at=now,
+
+            async def hold(key_id: str, amount: int) -> bool:
+                result = await conn.execute(
+                    update(keys)
+                    .where(keys.c.id == key_id, keys.c.revoked_at.is_(None), keys.c.balance - keys.c.held >= amount)
+                    .values(held=keys.c.held + amount)
                 )
-            )
-        return bool(result.rowcount == 1)
+                return bool(result.rowcount == 1)
+
+            for key_id, indexes in by_key.items():
+                if len(indexes) > 1 and await hold(key_id, sum(admissions[i].total for i in indexes)):
+                    for index in indexes:
+                        admitted[index] = True
+                    continue
+                for index in indexes:
+                    admitted[index] = await hold(key_id, admissions[index].total)
+            rows = [
+                {
+                    "id": job.id,
+                    "request_id": job.request_id,
+                    "key_id": admission.key_id,
+                    "model": job.model,
+                    "mode": job.mode,
+                    "bot": job.bot,
+                    "action": job.action,
+                    "prompt": job.prompt,
+                    "state": JobState.PENDING.value,
+                    "progress": 0,
+                    "price": job.price,
+                    "hold_state": "held",
+                    "parent_id": job.parent_id,
+                    "created_at": now,
+                    "updated_at": now,
+                    "deadline_at": job.deadline_at,
+                }
+                for admission, ok in zip(admissions, admitted, strict=True)
+                if ok
+                for job in admission.jobs
+            ]
+            if rows:
+                await conn.execute(jobs.insert(), rows)
+        return admitted
+
+    async def mark_submitted(self, job_id: str, provider: str, upstream_id: str, now: float) -> None:
+        await self.mark_submitted_many([Submitted(job_id, provider, upstream_id)], now)
+
+    async def mark_submitted_many(self, items: Sequence[Submitted], now: float) -> list[None]:
+        """PENDING -> SUBMITTED with the provider and its task id, for many jobs in one statement; a job that
+        already ended is left alone."""
+        if items:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == bindparam("job_id"), jobs.c.state == JobState.PENDING.value)
+                    .values(
+                        state=JobState.SUBMITTED.value,
+                        provider=bindparam("new_provider"),
+                        upstream_id=bindparam("new_upstream_id"),
+                        submitted_at=now,
+                        updated_at=now,
+                    ),
+                    [{"job_id": i.job_id, "new_provider": i.provider, "new_upstream_id": i.upstream_id} for i in items],
+                )
+        return [None] * len(items)
 
     async def record_progress(self, changes: Sequence[ProgressChange], now: float) -> None:
-        """Many running jobs' progress in one transaction; jobs that already ended are left alone."""
+        """Many running jobs' progress in one transaction; jobs that already ended are left alone. A finished
+        upstream task's image URL (internal only) and buttons are kept here, before the image is downloaded."""
         if not changes:
             return
         statement = (
             update(jobs)
-            .where(jobs.c.id == bindparam("job_id"), jobs.c.state.in_([s.value for s in RUNNING]))
-            .values(state=bindparam("new_state"), progress=bindparam("new_progress"), updated_at=now)
+            # IN (...) expands its parameters, which executemany cannot do: spell the states out.
+            .where(jobs.c.id == bindparam("job_id"), or_(*(jobs.c.state == s.value for s in RUNNING)))
+            .values(
+                state=bindparam("new_state"),
+                progress=bindparam("new_progress"),
+                upstream_image_url=func.coalesce(bindparam("new_image_url"), jobs.c.upstream_image_url),
+                buttons=func.coalesce(bindparam("new_buttons"), jobs.c.buttons),
+                updated_at=now,
+            )
         )
-        params = [{"job_id": c.job_id, "new_state": c.state.value, "new_progress": c.progress} for c in changes]
+        params = [
+            {
+                "job_id": c.job_id,
+                "new_state": c.state.value,
+                "new_progress": c.progress,
+                "new_image_url": c.image_url,
+                "new_buttons": c.buttons,
+            }
+            for c in changes
+        ]
         async with self.engine.begin() as conn:
             await conn.execute(statement, params)
-
-    async def record_result(self, job_id: str, image_url: str, buttons: Sequence[dict[str, Any]], now: float) -> None:
-        """The upstream finished: remember where its image is (internal only) before it is downloaded."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state.in_([s.value for s in RUNNING]))
-                .values(
-                    state=JobState.IN_PROGRESS.value,
-                    progress=100,
-                    upstream_image_url=image_url,
-                    buttons=json.dumps(list(buttons)),
-                    updated_at=now,
-                )
-            )
 
     async def finish(
         self,
@@ -193,44 +254,61 @@ class JobStore:
         now: float,
         error_code: str | None = None,
         fail_reason: str | None = None,
-        grid: tuple[int, int] | None = None,
     ) -> JobRow | None:
-        """End a job and settle its hold (capture on success, release otherwise), exactly once: None when the job
-        had already ended."""
-        values: dict[str, Any] = {
-            "state": (JobState.SUCCEEDED if succeeded else JobState.FAILED).value,
-            "hold_state": "captured" if succeeded else "released",
-            "error_code": error_code,
-            "fail_reason": fail_reason,
-            "finished_at": now,
-            "updated_at": now,
-        }
-        if succeeded:
-            values["progress"] = 100
-        if grid is not None:
-            values["grid_width"], values["grid_height"] = grid
+        """End one job; see `finish_many`."""
+        return (await self.finish_many([Ending(job_id, succeeded, error_code, fail_reason)], now))[0]
+
+    async def finish_many(self, endings: Sequence[Ending], now: float) -> list[JobRow | None]:
+        """End jobs and settle their holds (capture on success, release otherwise), each exactly once, in one
+        transaction. For each ending: the ended job, or None when it had already ended (someone else's write
+        won and nothing was settled twice). Jobs that end alike are ended by one set-based statement, and each
+        key's holds are settled by one statement, so a thousand jobs finishing together cost a few statements."""
+        first: dict[str, int] = {}
+        for index, ending in enumerate(endings):
+            first.setdefault(ending.job_id, index)
+        groups: dict[tuple[bool, str | None, str | None], list[str]] = {}
+        for job_id, index in first.items():
+            ending = endings[index]
+            groups.setdefault((ending.succeeded, ending.error_code, ending.fail_reason), []).append(job_id)
+        ended: dict[str, Any] = {}
         async with self.engine.begin() as conn:
-            row = (
-                await conn.execute(
-                    update(jobs)
-                    .where(
-                        jobs.c.id == job_id,
-                        jobs.c.state.in_([s.value for s in ACTIVE]),
-                        jobs.c.hold_state == "held",
-                    )
-                    .values(**values)
-                    .returning(*jobs.c)
-                )
-            ).first()
-            if row is None:
-                return None
-            price = int(row.price)
-            if price:
-                settle = {"held": keys.c.held - price}
+            for (succeeded, error_code, fail_reason), ids in groups.items():
+                values: dict[str, Any] = {
+                    "state": (JobState.SUCCEEDED if succeeded else JobState.FAILED).value,
+                    "hold_state": "captured" if succeeded else "released",
+                    "error_code": error_code,
+                    "fail_reason": fail_reason,
+                    "finished_at": now,
+                    "updated_at": now,
+                }
                 if succeeded:
-                    settle["balance"] = keys.c.balance - price
-                await conn.execute(update(keys).where(keys.c.id == row.key_id).values(**settle))
-        return _row(row)
+                    values["progress"] = 100
+                for start in range(0, len(ids), 500):
+                    result = await conn.execute(
+                        update(jobs)
+                        .where(
+                            jobs.c.id.in_(ids[start : start + 500]),
+                            jobs.c.state.in_([s.value for s in ACTIVE]),
+                            jobs.c.hold_state == "held",
+                        )
+                        .values(**values)
+                        .returning(*jobs.c)
+                    )
+                    ended.update({row.id: row for row in result})
+            settle: dict[str, list[int]] = {}  # key -> [captured, released]
+            for row in ended.values():
+                settle.setdefault(row.key_id, [0, 0])[0 if row.hold_state == "captured" else 1] += int(row.price)
+            for key_id, (captured, released) in settle.items():
+                if captured or released:
+                    await conn.execute(
+                        update(keys)
+                        .where(keys.c.id == key_id)
+                        .values(held=keys.c.held - (captured + released), balance=keys.c.balance - captured)
+                    )
+        return [
+            _row(ended[ending.job_id]) if first[ending.job_id] == index and ending.job_id in ended else None
+            for index, ending in enumerate(endings)
+        ]
 
     async def get(self, job_id: str) -> JobRow | None:
         async with self.engine.connect() as conn:

@@ -49,8 +49,6 @@ def upgrade() -> None:
         sa.Column("price", sa.BigInteger, nullable=False),
         sa.Column("hold_state", sa.String(12), nullable=False),
         sa.Column("parent_id", sa.String(40), nullable=True),
-        sa.Column("grid_width", sa.Integer, nullable=True),
-        sa.Column("grid_height", sa.Integer, nullable=True),
         sa.Column("created_at", sa.Float, nullable=False),
         sa.Column("updated_at", sa.Float, nullable=False),
         sa.Column("submitted_at", sa.Float, nullable=True),
