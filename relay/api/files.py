@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
@@ -26,9 +28,7 @@ async def get_file(request: Request) -> Response:
     if not relay.images.verify(job_id, name, expires, signature, relay.clock.now()):
         raise LinkRefused("This image link is invalid or has expired.")
     try:
-        path = relay.images.path(job_id, name)
-    except ValueError:
+        path = await asyncio.to_thread(relay.images.ensure, job_id, name)
+    except (ValueError, FileNotFoundError):
         raise NotFound("No such image.") from None
-    if not path.is_file():
-        raise NotFound("No such image.")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

@@ -1,6 +1,11 @@
-"""The relay's image store: a finished grid is downloaded once, kept as `grid.png` and split into four tiles
-`1.png`..`4.png` (Pillow), and served at signed, expiring URLs of the relay (`/files/<job>/<name>?exp=&sig=`).
-Upstream links (Discord or a reseller's CDN) are never shown to clients.
+"""The relay's image store: a finished grid is downloaded once and kept as `grid.png`; its four tiles
+`1.png`..`4.png` are cut from it (Pillow) the first time one is needed, and kept too. Everything is served at
+signed, expiring URLs of the relay (`/files/<job>/<name>?exp=&sig=`); upstream links (Discord or a reseller's CDN)
+are never shown to clients.
+
+Cutting tiles on first use keeps the moment a job finishes cheap (a header check and one write), so hundreds of
+jobs that finish together are all answered at once; the decode and the four PNG encodes happen when a tile is
+fetched (or at once for `b64_json` answers), each grid once.
 
 Signatures are HMAC-SHA256 (itsdangerous) over the job, the file name and the expiry. Several secrets may be
 configured, newest first: the newest signs, all of them verify, so a secret can be rotated without breaking links.
@@ -20,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 NAMES = ("grid.png", "1.png", "2.png", "3.png", "4.png")
 TILE_NAMES = NAMES[1:]
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its CRC: the last chunk of every PNG
 _JOB_ID = re.compile(r"^[a-z0-9_]{8,40}$")
 
 
@@ -47,6 +53,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _plain(image: Image.Image) -> Image.Image:
+    """The image in a mode PNG keeps as it is."""
+    if image.mode in ("RGB", "RGBA", "L", "LA", "P"):
+        return image
+    return image.convert("RGBA" if "A" in image.getbands() else "RGB")
+
+
 def _png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", compress_level=3)
@@ -64,39 +77,60 @@ class ImageStore:
 
     # -- files ---------------------------------------------------------------------------------------------------
 
-    def directory(self, job_id: str) -> Path:
+    def path(self, job_id: str, name: str) -> Path:
+        """`<root>/<last two characters of the job id>/<job id>-<name>`: 256 folders, made once each."""
         if not _JOB_ID.match(job_id):
             raise ValueError("not a job id")
-        return self.root / job_id[-2:] / job_id
-
-    def path(self, job_id: str, name: str) -> Path:
         if name not in NAMES:
             raise ValueError("not an image name")
-        return self.directory(job_id) / name
+        return self.root / job_id[-2:] / f"{job_id}-{name}"
 
     def save_grid(self, job_id: str, data: bytes) -> tuple[int, int]:
-        """Keep the grid and its four tiles; returns the grid's size. Blocking: run it in a thread."""
+        """Keep a finished grid; returns its size. A PNG is checked by its header and its end marker (a truncated
+        download fails here, without decoding) and kept as it came; another format is decoded and kept as PNG.
+        Blocking: run it in a thread."""
         try:
             image: Image.Image = Image.open(io.BytesIO(data))
-            image.load()
+            width, height = image.size
+            if image.format != "PNG":
+                image.load()
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise ImageError(f"not a usable image: {type(exc).__name__}") from None
-        if image.mode not in ("RGB", "RGBA", "L", "LA", "P"):
-            image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
-        width, height = image.size
+        if image.format == "PNG" and _PNG_END not in data[-64:]:
+            raise ImageError("the PNG is truncated")
         if width < 2 or height < 2:
             raise ImageError("the image is too small to split")
-        folder = self.directory(job_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / "grid.png", data if image.format == "PNG" else _png(image))
-        tw, th = width // 2, height // 2
-        for index, name in enumerate(TILE_NAMES):
-            x, y = (index % 2) * tw, (index // 2) * th
-            _write_atomic(folder / name, _png(image.crop((x, y, x + tw, y + th))))
+        path = self.path(job_id, "grid.png")
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        # Written in place: the job only counts as succeeded once this returns, and a job that did not is
+        # delivered again (and its grid written again) after a restart.
+        path.write_bytes(data if image.format == "PNG" else _png(_plain(image)))
         return width, height
 
+    def ensure(self, job_id: str, name: str) -> Path:
+        """The file for a name, cutting the tiles from the grid when one is asked for the first time.
+        Blocking: run it in a thread. Raises FileNotFoundError when the job has no grid."""
+        path = self.path(job_id, name)
+        if path.exists():
+            return path
+        grid = self.path(job_id, "grid.png")
+        try:
+            with Image.open(grid) as opened:
+                image = _plain(opened)
+                image.load()
+        except (UnidentifiedImageError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise ImageError(f"the stored grid is unreadable: {type(exc).__name__}") from None
+        tw, th = image.width // 2, image.height // 2
+        for index, tile in enumerate(TILE_NAMES):
+            x, y = (index % 2) * tw, (index // 2) * th
+            _write_atomic(self.path(job_id, tile), _png(image.crop((x, y, x + tw, y + th))))
+        return path
+
     def read(self, job_id: str, name: str) -> bytes:
-        return self.path(job_id, name).read_bytes()
+        return self.ensure(job_id, name).read_bytes()
 
     # -- signed URLs ---------------------------------------------------------------------------------------------
 
