@@ -215,20 +215,23 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        problems = []
         names = [p.name for p in self.providers]
         for name in sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"providers: the name {name!r} is used twice")
+            problems.append(f"providers: the name {name!r} is used twice")
         if self.api.default_model not in self.models:
-            raise ValueError(f"api.default_model: {self.api.default_model!r} is not one of models")
+            problems.append(f"api.default_model: {self.api.default_model!r} is not one of models")
         for name, model in self.models.items():
             if not any(model.mode in p.modes and model.bot in p.bots for p in self.providers):
-                raise ValueError(f"models.{name}: no provider serves mode {model.mode} with bot {model.bot}")
+                problems.append(f"models.{name}: no provider serves mode {model.mode} with bot {model.bot}")
             table = self.prices.get(name, {})
             if "imagine" not in table and "default" not in table:
-                raise ValueError(f"prices.{name}: the model has no price (give imagine or default)")
+                problems.append(f"prices.{name}: the model has no price (give imagine or default)")
         for name in self.prices:
             if name not in self.models:
-                raise ValueError(f"prices.{name}: not one of models")
+                problems.append(f"prices.{name}: not one of models")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     # -- derived -------------------------------------------------------------------------------------------------
@@ -288,17 +291,18 @@ def _pydantic_problems(error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
         loc = tuple(p for p in item["loc"] if isinstance(p, int | str))
-        message = str(item["msg"]).removeprefix("Value error, ")
+        text = str(item["msg"]).removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
+            text = "unknown key"
         elif item["type"] == "missing":
-            message = "required"
-        where = _path(loc)
-        sub = _SUBPATH.match(message) if item["type"] == "value_error" else None
-        if sub:  # a model validator names the key it is about: fold it into the path
-            where = f"{where}.{sub.group(1)}" if where else sub.group(1)
-            message = sub.group(2)
-        problems.append(f"{where}: {message}" if where else message)
+            text = "required"
+        for message in text.split("\n"):
+            where = _path(loc)
+            sub = _SUBPATH.match(message) if item["type"] == "value_error" else None
+            if sub:  # a model validator names the key it is about: fold it into the path
+                where = f"{where}.{sub.group(1)}" if where else sub.group(1)
+                message = sub.group(2)
+            problems.append(f"{where}: {message}" if where else message)
     return problems
 
 
