@@ -1,0 +1,115 @@
+"""The streamed chat answer on the wire: headers at once, role first, keep-alive comments, progress, images,
+finish, [DONE]; a failure mid-stream ends the stream with a clear error."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.helpers import RunningRelay, relay_config, running_relay, sql, wait_for
+
+
+def stream_lines(relay: RunningRelay, content: object, **extra: object) -> tuple[httpx.Response, list[str]]:
+    with httpx.stream(
+        "POST",
+        relay.base + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {relay.key}", "Accept": "application/json"},
+        json={"model": "mj-fast", "stream": True, "messages": [{"role": "user", "content": content}], **extra},
+        timeout=30,
+    ) as response:
+        return response, [line for line in response.iter_lines() if line]
+
+
+def payloads(lines: list[str]) -> list[dict[str, object]]:
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+def test_the_stream_is_shaped_as_openai_chunks(relay: RunningRelay) -> None:
+    response, lines = stream_lines(relay, "a paper crane")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]"
+    assert not any(line.startswith(("id:", "retry:", "event:")) for line in lines)
+    chunks = payloads(lines)
+    assert chunks[0]["choices"] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+    ]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    texts = [c["choices"][0]["delta"].get("content", "") for c in chunks]  # type: ignore[index]
+    progress = [int(m) for t in texts for m in re.findall(r"Generating… (\d+)%", t)]
+    assert progress[0] == 0 and progress == sorted(progress) and len(progress) >= 2
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"  # type: ignore[index]
+
+
+def test_keep_alive_comments_fill_the_silence(tmp_path: Path) -> None:
+    config = relay_config(
+        tmp_path,
+        api={"keepalive_s": 0.1},
+        providers=[{"name": "sim", "dialect": "simulator", "poll_interval_s": 1.0, "simulator": {"fast_s": 0.5}}],
+    )
+    with running_relay(config) as relay:
+        _, lines = stream_lines(relay, "a slow boat")
+        assert ": keep-alive" in lines
+        assert lines[-1] == "data: [DONE]"
+
+
+def test_a_failure_mid_stream_is_shown_then_raised(relay: RunningRelay) -> None:
+    _, lines = stream_lines(relay, "a bridge sim:fail")
+    chunks = payloads(lines)
+    errors = [c for c in chunks if "error" in c]
+    assert len(errors) == 1 and errors[0]["error"]["code"] == "upstream_error"  # type: ignore[index]
+    assert any("**Error:**" in (c["choices"][0]["delta"].get("content") or "") for c in chunks if "choices" in c)  # type: ignore[index]
+    assert lines[-1] == "data: [DONE]"
+    client = relay.openai()
+    with pytest.raises(openai.APIError) as caught:
+        for _ in client.chat.completions.create(
+            model="mj-fast", messages=[{"role": "user", "content": "a bridge sim:fail"}], stream=True
+        ):
+            pass
+    assert "failed" in caught.value.message
+    assert relay.balance() == (1000, 0)
+
+
+def test_errors_before_the_stream_starts_keep_their_status(relay: RunningRelay) -> None:
+    response, lines = stream_lines(relay, "so forbidden")
+    assert response.status_code == 400 and json.loads(lines[0])["error"]["code"] == "content_policy_violation"
+
+
+def test_image_parts_become_reference_images_and_imagine_is_dropped(relay: RunningRelay) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
+    reference = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [
+        {"type": "text", "text": "/imagine a garden"},
+        {"type": "image_url", "image_url": {"url": reference, "detail": "auto"}},
+        {"type": "text", "text": "in spring"},
+    ]
+    response = httpx.post(
+        relay.base + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {relay.key}"},
+        json={"model": "mj-relax", "messages": [{"role": "user", "content": content}]},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert sql(relay.config, "SELECT prompt FROM jobs") == [("a garden in spring --relax",)]
+
+
+def test_a_stream_whose_client_leaves_still_ends_its_job(relay: RunningRelay) -> None:
+    with httpx.stream(
+        "POST",
+        relay.base + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {relay.key}"},
+        json={"model": "mj-fast", "stream": True, "messages": [{"role": "user", "content": "a kite"}]},
+    ) as response:
+        next(response.iter_lines())
+    wait_for(lambda: relay.jobs()[0][0] == "SUCCEEDED")
+    assert relay.jobs() == [("SUCCEEDED", None, "captured", "sim")]
+    assert relay.balance() == (998, 0)

@@ -1,0 +1,52 @@
+"""Image links are the relay's own, signed and expiring; metrics carry no ids, prompts or keys."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.helpers import RunningRelay, relay_config, running_relay
+
+
+def test_only_the_signed_link_serves_the_image(relay: RunningRelay) -> None:
+    url = relay.openai().images.generate(model="mj-fast", prompt="a lantern").data[0].url or ""
+    assert httpx.get(url).status_code == 200
+    tampered = re.sub(r"sig=([^&]+)", lambda m: "sig=" + "A" * len(m.group(1)), url)
+    later = re.sub(r"exp=(\d+)", lambda m: f"exp={int(m.group(1)) + 1}", url)
+    other_tile = url.replace("/1.png?", "/2.png?")
+    unsigned = url.split("?")[0]
+    for bad in (tampered, later, other_tile, unsigned):
+        response = httpx.get(bad)
+        assert response.status_code == 403 and response.json()["error"]["code"] == "invalid_signature"
+    assert httpx.get(url.replace("/1.png?", "/9.png?")).status_code == 404
+    assert httpx.get(relay.base + "/files/job_x/1.png?exp=1&sig=x").status_code == 403
+
+
+def test_links_expire(tmp_path: Path) -> None:
+    with running_relay(relay_config(tmp_path, images={"url_ttl_s": 60})) as relay:
+        url = relay.openai().images.generate(model="mj-fast", prompt="a lantern").data[0].url or ""
+        expires = int(re.search(r"exp=(\d+)", url).group(1))  # type: ignore[union-attr]
+        assert 55 <= expires - time.time() <= 61
+
+
+def test_a_public_url_is_used_for_links(tmp_path: Path) -> None:
+    config = relay_config(tmp_path, server={"public_url": "https://img.example.com/relay/"})
+    with running_relay(config) as relay:
+        url = relay.openai().images.generate(model="mj-fast", prompt="a lantern").data[0].url or ""
+        assert url.startswith("https://img.example.com/relay/files/")
+
+
+def test_metrics_count_requests_and_jobs_without_secrets(relay: RunningRelay) -> None:
+    relay.openai().images.generate(model="mj-fast", prompt="a very particular lantern")
+    httpx.get(relay.base + "/v1/nope")
+    text = httpx.get(relay.base + "/metrics").text
+    assert 'mj_relay_http_requests_total{method="POST",route="/v1/images/generations",status="2xx"} 1.0' in text
+    assert 'mj_relay_http_requests_total{method="GET",route="unmatched",status="4xx"} 1.0' in text
+    assert 'mj_relay_jobs_total{model="mj-fast",outcome="succeeded",provider="sim"} 1.0' in text
+    assert 'mj_relay_upstream_request_seconds_count{operation="submit",outcome="accepted",provider="sim"} 1.0' in text
+    assert 'mj_relay_jobs_in_flight{provider="sim"} 0.0' in text
+    assert "particular" not in text and relay.key not in text
+    assert not re.search(r"(job|req)_[0-9a-f]{12}", text)

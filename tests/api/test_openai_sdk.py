@@ -1,0 +1,158 @@
+"""The OpenAI image path as a user of the official SDK meets it: a relay on a loopback socket, the real `openai`
+client, the simulator behind."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import re
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.helpers import RunningRelay, pg_database_sync, relay_config, running_relay
+
+
+def png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    return image
+
+
+def test_models_lists_the_configured_models(relay: RunningRelay) -> None:
+    ids = [m.id for m in relay.openai().models.list().data]
+    assert ids == ["mj-fast", "mj-relax", "mj-turbo"]
+
+
+def test_generate_url_serves_a_png_of_the_requested_aspect_ratio(relay: RunningRelay) -> None:
+    result = relay.openai().images.generate(model="mj-fast", prompt="a lighthouse at dusk", size="1792x1024")
+    assert len(result.data) == 1
+    item = result.data[0]
+    assert item.revised_prompt == "a lighthouse at dusk --ar 7:4 --fast"
+    assert item.url is not None and item.url.startswith(relay.base + "/files/")
+    download = httpx.get(item.url)
+    assert download.status_code == 200
+    assert download.headers["content-type"] == "image/png"
+    image = png(download.content)
+    assert image.width / image.height == pytest.approx(7 / 4, abs=0.05)
+
+
+def test_generate_b64_json_gives_four_distinct_tiles_for_n4(relay: RunningRelay) -> None:
+    result = relay.openai().images.generate(model="mj-fast", prompt="a red fox", response_format="b64_json", n=4)
+    tiles = [base64.b64decode(item.b64_json or "") for item in result.data]
+    assert len(tiles) == 4
+    assert len({hashlib.sha256(t).hexdigest() for t in tiles}) == 4
+    for tile in tiles:
+        assert png(tile).size == (64, 64)
+
+
+def test_n_above_four_uses_several_jobs_and_bills_each(relay: RunningRelay) -> None:
+    before, _ = relay.balance()
+    result = relay.openai().images.generate(model="mj-fast", prompt="a harbour", n=6, response_format="b64_json")
+    assert len(result.data) == 6
+    assert len({item.b64_json for item in result.data}) == 6
+    assert [row[0] for row in relay.jobs()] == ["SUCCEEDED", "SUCCEEDED"]
+    assert relay.balance() == (before - 2 * 2, 0)  # two mj-fast jobs at 2 credits each, nothing left held
+
+
+def test_model_decides_the_mode_flag(relay: RunningRelay) -> None:
+    result = relay.openai().images.generate(model="mj-relax", prompt="a quiet lake --fast --ar 3:2")
+    assert result.data[0].revised_prompt == "a quiet lake --ar 3:2 --relax"
+
+
+def test_chat_completion_answers_with_markdown_images(relay: RunningRelay) -> None:
+    reply = relay.openai().chat.completions.create(
+        model="mj-fast", messages=[{"role": "user", "content": "a koi pond"}]
+    )
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].finish_reason == "stop"
+    content = reply.choices[0].message.content or ""
+    urls = re.findall(r"\((http[^)]+)\)", content)
+    assert len(urls) == 5  # the grid and four tiles
+    assert content.startswith("![")
+    for url in urls:
+        assert httpx.get(url).status_code == 200
+
+
+def test_chat_stream_opens_with_role_shows_progress_and_ends_with_stop(relay: RunningRelay) -> None:
+    chunks = list(
+        relay.openai().chat.completions.create(
+            model="mj-fast",
+            messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "a paper crane"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({chunk.id for chunk in chunks}) == 1
+    body = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert "Generating… 0%" in body
+    assert re.search(r"!\[[^\]]*\]\(http", body)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+
+
+def test_a_bad_key_is_an_authentication_error(relay: RunningRelay) -> None:
+    with pytest.raises(openai.AuthenticationError) as caught:
+        relay.openai("sk-not-a-key").images.generate(model="mj-fast", prompt="x")
+    assert caught.value.code == "invalid_api_key"
+
+
+def test_a_bad_size_is_a_bad_request_naming_size_and_holds_nothing(relay: RunningRelay) -> None:
+    before = relay.balance()
+    with pytest.raises(openai.BadRequestError) as caught:
+        relay.openai().images.generate(model="mj-fast", prompt="x", size="big")  # type: ignore[arg-type]
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "size"
+    assert relay.balance() == before
+    assert relay.jobs() == []
+
+
+def test_an_unknown_model_is_not_found(relay: RunningRelay) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        relay.openai().images.generate(model="dall-e-3", prompt="x")
+    assert caught.value.code == "model_not_found"
+
+
+def test_a_banned_prompt_is_a_content_policy_violation_and_is_not_charged(relay: RunningRelay) -> None:
+    before = relay.balance()
+    with pytest.raises(openai.BadRequestError) as caught:
+        relay.openai().images.generate(model="mj-fast", prompt="something forbidden")
+    assert caught.value.code == "content_policy_violation"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert relay.balance() == before
+    assert relay.jobs() == [("FAILED", "banned", "released", None)]
+
+
+def test_a_failed_job_is_a_502_and_its_hold_is_released(relay: RunningRelay) -> None:
+    before = relay.balance()
+    with pytest.raises(openai.InternalServerError) as caught:
+        relay.openai().images.generate(model="mj-fast", prompt="a bridge sim:fail")
+    assert caught.value.status_code == 502
+    assert "failed" in caught.value.message
+    assert relay.balance() == before
+    assert relay.jobs() == [("FAILED", "failed", "released", "sim")]
+
+
+def test_a_short_balance_is_insufficient_quota_and_holds_nothing(tmp_path: Path) -> None:
+    with running_relay(relay_config(tmp_path), quota=3) as relay:
+        relay.openai().images.generate(model="mj-fast", prompt="first")  # 2 of 3 credits
+        with pytest.raises(openai.RateLimitError) as caught:
+            relay.openai().images.generate(model="mj-fast", prompt="second")
+        assert caught.value.code == "insufficient_quota"
+        assert caught.value.response.headers["x-should-retry"] == "false"
+        assert relay.balance() == (1, 0)
+        assert len(relay.jobs()) == 1
+
+
+@pytest.mark.postgres
+def test_the_image_path_runs_on_postgresql(tmp_path: Path) -> None:
+    with pg_database_sync() as url, running_relay(relay_config(tmp_path, database={"url": url})) as relay:
+        result = relay.openai().images.generate(model="mj-fast", prompt="a red fox", n=6, response_format="b64_json")
+        assert len(result.data) == 6
+        assert relay.jobs() == [("SUCCEEDED", None, "captured", "sim")] * 2
+        assert relay.balance() == (996, 0)

@@ -1,0 +1,145 @@
+"""The `mj-relay` command as an operator runs it: real processes, a fresh working directory."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import bound_socket, relay_config, running_relay
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_ENV = {"ACCT_A_SECRET": "a-secret", "RESELLER_KEY": "r-key", "V1_KEY": "v-key"}
+
+
+def cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def free_port() -> int:
+    sock = bound_socket()
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+@contextmanager
+def process(cwd: Path, *args: str, ready_url: str) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(ready_url, timeout=0.5).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "not ready in time"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_help_lists_every_command(tmp_path: Path) -> None:
+    result = cli(tmp_path, "--help")
+    assert result.returncode == 0
+    for command in ("serve", "simulate", "check-config", "keys"):
+        assert command in result.stdout
+    assert (Path(sys.executable).parent / "mj-relay").exists()
+
+
+def test_keys_are_created_listed_and_revoked(tmp_path: Path) -> None:
+    created = cli(tmp_path, "keys", "create", "--name", "team-a", "--quota", "500")
+    assert created.returncode == 0, created.stderr
+    secret = re.search(r"\bsk-mjr-[A-Za-z0-9_-]{40,}", created.stdout)
+    assert secret is not None
+    listed = cli(tmp_path, "keys", "list")
+    assert "team-a" in listed.stdout and "500" in listed.stdout and secret.group(0) not in listed.stdout
+    assert cli(tmp_path, "keys", "revoke", "team-a").returncode == 0
+    assert "revoked" in cli(tmp_path, "keys", "list").stdout
+    missing = cli(tmp_path, "keys", "revoke", "team-a")
+    assert missing.returncode == 1 and "No active key" in missing.stderr
+    assert (tmp_path / "data" / "mj-relay.db").exists()
+
+
+def test_config_is_taken_before_or_after_the_verb_or_from_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(f"data_dir: {tmp_path / 'elsewhere'}\n")
+    assert cli(tmp_path, "--config", "c.yaml", "keys", "create", "--name", "a", "--quota", "1").returncode == 0
+    assert cli(tmp_path, "keys", "create", "--name", "b", "--quota", "1", "--config", "c.yaml").returncode == 0
+    listed = cli(tmp_path, "keys", "list", env={"MJ_RELAY_CONFIG": "c.yaml"})
+    assert " a " in listed.stdout and " b " in listed.stdout
+    assert not (tmp_path / "data").exists()
+
+
+def test_check_config_accepts_the_example_and_names_errors(tmp_path: Path) -> None:
+    good = cli(tmp_path, "check-config", str(ROOT / "config.example.yaml"), env=EXAMPLE_ENV)
+    assert good.returncode == 0 and "ok" in good.stdout and "acct-a (midjourney-proxy)" in good.stdout
+    assert "a-secret" not in good.stdout
+    (tmp_path / "bad.yaml").write_text("providers:\n  - {name: x, dialect: new-api, colour: red, weight: 0}\n")
+    bad = cli(tmp_path, "check-config", "bad.yaml")
+    assert bad.returncode == 2
+    assert "providers[0].colour: unknown key" in bad.stderr
+    assert "providers[0].weight: Input should be greater than or equal to 1" in bad.stderr
+    serve = cli(tmp_path, "serve", "--config", "bad.yaml")
+    assert serve.returncode == 2 and "providers[0].colour: unknown key" in serve.stderr
+
+
+def test_serve_with_no_config_runs_the_defaults_end_to_end(tmp_path: Path) -> None:
+    created = cli(tmp_path, "keys", "create", "--name", "n", "--quota", "10")
+    key = re.search(r"sk-mjr-\S+", created.stdout).group(0)  # type: ignore[union-attr]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with process(tmp_path, "serve", "--port", str(port), ready_url=base + "/readyz") as proc:
+        with openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=30) as client:
+            result = client.images.generate(model="mj-turbo", prompt="a comet", size="1024x1024")
+        assert result.data[0].url and result.data[0].url.startswith(base)
+        assert httpx.get(result.data[0].url).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        output = proc.stdout.read() if proc.stdout else ""
+    assert "Application shutdown complete" in output
+    assert f"mj-relay listening on http://127.0.0.1:{port}" in output
+    assert key not in output and "a comet" not in output
+    assert (tmp_path / "data" / "signing.key").exists()
+
+
+@pytest.mark.parametrize("dialect", ["midjourney-proxy", "new-api", "mj-v1"])
+def test_the_relay_works_against_mj_relay_simulate(tmp_path: Path, dialect: str) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    args = ("simulate", "--port", str(port), "--dialect", dialect, "--secret", "sim-secret", "--fast-s", "0.3")
+    with process(tmp_path, *args, ready_url=base + "/cdn/0.png"):
+        providers = [{"name": "up", "dialect": dialect, "base_url": base, "secret": "sim-secret"}]
+        with running_relay(relay_config(tmp_path, providers=providers)) as relay:
+            result = relay.openai().images.generate(model="mj-fast", prompt="a comet", response_format="b64_json")
+            assert result.data[0].b64_json
+            assert relay.jobs() == [("SUCCEEDED", None, "captured", "up")]

@@ -1,0 +1,198 @@
+"""Test helpers: real servers on loopback sockets, a hand-moved clock, and a relay ready to call."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import openai
+import pytest
+import uvicorn
+from starlette.types import ASGIApp
+
+from relay.app import build_app
+from relay.config import Config
+from relay.store.db import Database
+from relay.store.keys import KeyStore
+
+
+class FakeClock:
+    """A clock that moves only when told; `sleep` moves it instead of waiting."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.t = start
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.t += seconds
+        await asyncio.sleep(0)
+
+
+PG_URL = os.environ.get("MJ_RELAY_TEST_PG_URL", "")
+
+
+async def _pg_admin(statement: str) -> None:
+    admin = await asyncpg.connect(PG_URL.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await admin.execute(statement)
+    finally:
+        await admin.close()
+
+
+@asynccontextmanager
+async def pg_database() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards; skips when none is configured."""
+    if not PG_URL:
+        pytest.skip("set MJ_RELAY_TEST_PG_URL to run the PostgreSQL tests")
+    name = "mjr_test_" + secrets.token_hex(6)
+    await _pg_admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        await _pg_admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def pg_database_sync() -> Iterator[str]:
+    if not PG_URL:
+        pytest.skip("set MJ_RELAY_TEST_PG_URL to run the PostgreSQL tests")
+    name = "mjr_test_" + secrets.token_hex(6)
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        asyncio.run(_pg_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+def bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def serve(app: ASGIApp) -> Iterator[str]:
+    """Run an ASGI app with uvicorn on a loopback port in a thread; yields its base URL."""
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def relay_config(tmp_path: Path, **sections: Any) -> Config:
+    """A configuration for tests: everything under tmp_path, a quick simulator, fast polling."""
+    data: dict[str, Any] = {
+        "data_dir": str(tmp_path / "data"),
+        "providers": [
+            {
+                "name": "sim",
+                "dialect": "simulator",
+                "simulator": {"fast_s": 0.3, "relax_s": 0.6, "turbo_s": 0.2, "tile_px": 64},
+            }
+        ],
+        "jobs": {"poll_interval_s": 0.05},
+    }
+    data.update(sections)
+    return Config.model_validate(data)
+
+
+def create_key(config: Config, quota: int = 1000, name: str = "test") -> str:
+    async def run() -> str:
+        db = Database(config.database_url())
+        try:
+            await db.migrate()
+            _, secret = await KeyStore(db.engine).create(name, quota, time.time())
+            return secret
+        finally:
+            await db.dispose()
+
+    return asyncio.run(run())
+
+
+def sql(config: Config, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Read (or poke) the relay's database directly, as an operator would."""
+    url = config.database_url()
+    if url.startswith("postgresql"):
+
+        async def run() -> list[tuple[Any, ...]]:
+            conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+            try:
+                return [tuple(row) for row in await conn.fetch(query.replace("?", "$1"), *args)]
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+    with sqlite3.connect(url.split(":///", 1)[1]) as conn:
+        return list(conn.execute(query, args).fetchall())
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll a condition of a real, running system until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("the condition did not hold in time")
+        time.sleep(0.02)
+
+
+@dataclass
+class RunningRelay:
+    base: str
+    config: Config
+    key: str
+    clients: list[openai.OpenAI] = field(default_factory=list)
+
+    def openai(self, key: str | None = None) -> openai.OpenAI:
+        """The official SDK pointed at this relay (closed when the relay stops); no retries, so every call is one."""
+        client = openai.OpenAI(base_url=self.base + "/v1", api_key=key or self.key, max_retries=0, timeout=30)
+        self.clients.append(client)
+        return client
+
+    def balance(self) -> tuple[int, int]:
+        (row,) = sql(self.config, "SELECT balance, held FROM keys WHERE name = 'test'")
+        return int(row[0]), int(row[1])
+
+    def jobs(self) -> list[tuple[Any, ...]]:
+        return sql(self.config, "SELECT state, error_code, hold_state, provider FROM jobs ORDER BY created_at, id")
+
+
+@contextmanager
+def running_relay(config: Config, quota: int = 1000, **kwargs: Any) -> Iterator[RunningRelay]:
+    key = create_key(config, quota)
+    with serve(build_app(config, **kwargs)) as base:
+        relay = RunningRelay(base, config, key)
+        try:
+            yield relay
+        finally:
+            for client in relay.clients:
+                client.close()

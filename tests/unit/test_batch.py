@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.core.batch import Batcher
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_concurrent_calls_share_a_write_and_get_their_own_result() -> None:
+    batches: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        batches.append(items)
+        await asyncio.sleep(0.01)
+        return [item * 10 for item in items]
+
+    batcher: Batcher[int, int] = Batcher(flush, "test")
+    assert await asyncio.gather(*(batcher(i) for i in range(50))) == [i * 10 for i in range(50)]
+    assert batches == [list(range(50))]  # all queued before the write began: one write
+    await batcher.close()
+
+
+async def test_a_failed_write_fails_its_callers_and_the_next_batch_goes_on() -> None:
+    async def flush(items: list[int]) -> list[int]:
+        await asyncio.sleep(0)
+        if 0 in items:
+            raise RuntimeError("disk full")
+        return items
+
+    batcher: Batcher[int, int] = Batcher(flush, "test")
+    first = asyncio.ensure_future(batcher(0))
+    await asyncio.sleep(0)
+    rest = asyncio.gather(*(batcher(i) for i in range(1, 4)))
+    with pytest.raises(RuntimeError):
+        await first
+    assert await rest == [1, 2, 3]
+
+
+async def test_a_caller_that_leaves_does_not_stop_the_write() -> None:
+    written: list[int] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.02)
+        written.extend(items)
+        return items
+
+    batcher: Batcher[int, int] = Batcher(flush, "test")
+    leaving = asyncio.ensure_future(batcher(7))
+    await asyncio.sleep(0.005)
+    leaving.cancel()
+    await batcher.close()
+    assert written == [7]

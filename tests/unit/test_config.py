@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.config import ConfigError, default_config, load_config, parse_config
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
+
+
+def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "f.yaml", env or {})
+    return caught.value.problems
+
+
+def test_the_embedded_defaults_run_the_simulator_on_sqlite() -> None:
+    config = default_config()
+    assert config.database_url() == "sqlite+aiosqlite:///data/mj-relay.db"
+    assert [p.dialect for p in config.providers] == ["simulator"]
+    assert list(config.models) == ["mj-fast", "mj-relax", "mj-turbo"]
+    assert config.price("mj-fast", "imagine") == 2
+
+
+def test_an_empty_file_means_the_defaults() -> None:
+    assert parse_config("", env={}) == default_config()
+
+
+def test_the_example_file_is_valid() -> None:
+    env = {"ACCT_A_SECRET": "a", "RESELLER_KEY": "b", "V1_KEY": "c"}
+    config = parse_config(EXAMPLE.read_text(), str(EXAMPLE), env)
+    assert {p.dialect for p in config.providers} == {"midjourney-proxy", "new-api", "mj-v1", "simulator"}
+
+
+def test_environment_variables_are_interpolated() -> None:
+    text = """
+providers:
+  - {name: a, dialect: new-api, base_url: "${BASE:-http://fallback:1}", secret: "${KEY}"}
+images: {signing_secret: "$${literal}"}
+"""
+    config = parse_config(text, env={"KEY": "k-123"})
+    assert config.providers[0].base_url == "http://fallback:1"
+    assert config.providers[0].secret == "k-123"
+    assert config.images.signing_secret == "${literal}"
+    assert parse_config(text, env={"KEY": "k", "BASE": "http://set:2"}).providers[0].base_url == "http://set:2"
+
+
+def test_a_missing_variable_names_its_path() -> None:
+    assert problems("providers: [{name: b, dialect: mj-v1, base_url: 'http://x', secret: '${NOPE}'}]") == [
+        "providers[0].secret: the environment variable NOPE is not set"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("server: {port: 99999}", "server.port: Input should be less than or equal to 65535"),
+        ("server: {bogus: 1}", "server.bogus: unknown key"),
+        ("bogus: 1", "bogus: unknown key"),
+        ("providers: [{name: a, dialect: new-api}]", "providers[0].base_url: required for the new-api dialect"),
+        ("providers: [{name: a}]", "providers[0].dialect: required"),
+        ("providers: [{name: a, dialect: smoke}]", "providers[0].dialect: Input should be"),
+        (
+            "providers: [{name: a, dialect: simulator, mode_prefix: true}]",
+            "providers[0].mode_prefix: only the midjourney-proxy dialect takes it",
+        ),
+        ("providers: [{name: a, dialect: new-api, base_url: ftp://x}]", "providers[0].base_url: base_url must be"),
+        (
+            "providers: [{name: a, dialect: simulator}, {name: a, dialect: simulator}]",
+            "providers: the name 'a' is used twice",
+        ),
+        ("models: {x: {mode: fast}}\napi: {default_model: x}", "prices.x: the model has no price"),
+        ("prices: {mj-fast: {default: -1}}", "prices.mj-fast.default: a price is a whole number"),
+        ("prices: {ghost: {default: 1}}", "prices.ghost: not one of models"),
+        ("prices: {ghost: {default: 1}}", "prices.mj-fast: the model has no price"),
+        (
+            "providers: [{name: a, dialect: simulator, modes: [fast]}]",
+            "models.mj-relax: no provider serves mode relax",
+        ),
+        ("database: {url: 'mysql://x'}", "database.url: use sqlite+aiosqlite"),
+        ("a: [1", "line 1, column 6: not valid YAML"),
+        ("- 1", "the top level must be a mapping"),
+    ],
+)
+def test_errors_name_their_yaml_path(text: str, expected: str) -> None:
+    assert any(p.startswith(expected) for p in problems(text)), problems(text)
+
+
+def test_load_config_reads_files_and_reports_unreadable_ones(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("jobs: {poll_interval_s: 1.5}\n")
+    assert load_config(path).jobs.poll_interval_s == 1.5
+    assert load_config(None) == default_config()
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "missing.yaml")
+    assert "cannot read the file" in caught.value.problems[0]
+
+
+def test_per_provider_poll_interval_overrides_the_default() -> None:
+    config = parse_config(
+        "providers: [{name: a, dialect: simulator, poll_interval_s: 0.5}, {name: b, dialect: simulator}]", env={}
+    )
+    assert [config.poll_interval(p) for p in config.providers] == [0.5, 3.0]
+
+
+def test_signing_secrets_may_be_one_or_many() -> None:
+    assert parse_config("images: {signing_secret: abc}", env={}).images.secrets() == ["abc"]
+    assert parse_config("images: {signing_secret: [new, old]}", env={}).images.secrets() == ["new", "old"]
+    assert default_config().images.secrets() == []

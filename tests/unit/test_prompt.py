@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+
+from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size, quality_flag, style_flag
+
+
+@pytest.mark.parametrize(
+    ("size", "aspect"),
+    [
+        ("1792x1024", (7, 4)),
+        ("1024x1792", (4, 7)),
+        ("1024x1024", (1, 1)),
+        ("1536x1024", (3, 2)),
+        ("1920X1080", (16, 9)),
+        (" 640 x 480 ", (4, 3)),
+        ("1023x1024", (1023, 1024)),
+        ("auto", None),
+        ("AUTO", None),
+        (None, None),
+        ("", None),
+    ],
+)
+def test_size_becomes_an_aspect_ratio_reduced_by_gcd(size: str | None, aspect: tuple[int, int] | None) -> None:
+    assert parse_size(size) == aspect
+
+
+@pytest.mark.parametrize("size", ["big", "1024", "0x100", "100x0", "-1x5", "1024x1024x2", "20000x10", "1e3x5"])
+def test_an_unparseable_size_names_the_size_param(size: str) -> None:
+    with pytest.raises(PromptError) as caught:
+        parse_size(size)
+    assert caught.value.param == "size"
+
+
+def test_quality_and_style_map_or_refuse() -> None:
+    assert quality_flag(None) is None and quality_flag("standard") is None and quality_flag("auto") is None
+    assert quality_flag("hd") == quality_flag("high") == "--q 2"
+    assert quality_flag("low") == "--q .5"
+    assert style_flag("natural") == "--style raw" and style_flag("vivid") == "--stylize 750"
+    with pytest.raises(PromptError) as caught:
+        quality_flag("ultra")
+    assert caught.value.param == "quality"
+    with pytest.raises(PromptError) as caught:
+        style_flag("noir")
+    assert caught.value.param == "style"
+
+
+def test_the_model_mode_replaces_any_mode_flag() -> None:
+    parts = PromptParts(text="a cat --turbo in the rain --FAST", mode="relax")
+    assert build_prompt(parts) == "a cat in the rain --relax"
+
+
+def test_an_explicit_size_replaces_the_prompt_aspect() -> None:
+    parts = PromptParts(text="a cat --ar 1:2 --v 6", mode="fast", aspect=(16, 9))
+    assert build_prompt(parts) == "a cat --v 6 --ar 16:9 --fast"
+
+
+def test_without_a_size_the_prompt_aspect_stays() -> None:
+    assert build_prompt(PromptParts(text="a cat --aspect 2:3", mode="fast")) == "a cat --aspect 2:3 --fast"
+
+
+def test_quality_and_style_flags_replace_the_prompt_ones() -> None:
+    parts = PromptParts(text="a cat --q 4 --style raw --s 50", mode="fast", quality="--q 2", style="--stylize 750")
+    assert build_prompt(parts) == "a cat --style raw --q 2 --stylize 750 --fast"
+    parts = PromptParts(text="a cat --style cute", mode="turbo", style="--style raw")
+    assert build_prompt(parts) == "a cat --style raw --turbo"
+
+
+def test_words_that_only_look_like_flags_stay() -> None:
+    assert build_prompt(PromptParts(text="breakfast--fast food", mode="fast")) == "breakfast--fast food --fast"

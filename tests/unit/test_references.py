@@ -1,0 +1,101 @@
+"""Reference images from clients: data URLs and http(s) downloads, with limits and the private-address guard."""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from relay.config import ReferencesConfig
+from relay.core.references import ReferenceLoader
+from relay.errors import InvalidRequest
+from tests.helpers import serve
+
+pytestmark = pytest.mark.anyio
+
+
+def png(size: int = 8) -> bytes:
+    """A PNG of noise (so it does not compress away): size x size pixels."""
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (size, size), random.Random(size).randbytes(size * size * 3)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+async def images(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name == "hop":
+        return RedirectResponse("/img/ok")
+    if name == "loop":
+        return RedirectResponse("/img/loop")
+    if name == "big":
+        return Response(png(400))
+    if name == "text":
+        return Response(b"hello", media_type="text/plain")
+    if name == "missing":
+        return Response(status_code=404)
+    return Response(png(), media_type="image/png")
+
+
+@pytest.fixture(scope="module")
+def server() -> AsyncIterator[str]:
+    with serve(Starlette(routes=[Route("/img/{name}", images)])) as base:
+        yield base
+
+
+async def load(urls: list[str], **config: object) -> tuple[str, ...]:
+    loader = ReferenceLoader(ReferencesConfig(**config))  # type: ignore[arg-type]
+    try:
+        return await loader.load(urls)
+    finally:
+        await loader.aclose()
+
+
+async def refused(urls: list[str], **config: object) -> str:
+    with pytest.raises(InvalidRequest) as caught:
+        await load(urls, **config)
+    assert caught.value.param == "messages"
+    return caught.value.message
+
+
+async def test_a_data_url_comes_back_as_a_checked_data_url() -> None:
+    assert await load([data_url(png(), "image/jpeg")]) == (data_url(png()),)  # the real type wins
+
+
+async def test_bad_data_urls_are_refused() -> None:
+    assert "not a readable image" in await refused([data_url(b"hello")])
+    assert "base64-encoded image" in await refused(["data:text/plain;base64,aGVsbG8="])
+    assert "invalid base64" in await refused(["data:image/png;base64,@@@"])
+    assert "larger than" in await refused([data_url(png(400))], max_bytes=1024)
+    assert "At most 1" in await refused([data_url(png()), data_url(png())], max_count=1)
+    assert "http(s) URL or a data URL" in await refused(["ftp://x/y.png"])
+    gif = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(gif, format="BMP")
+    assert "PNG, JPEG, WebP or GIF" in await refused([data_url(gif.getvalue())])
+
+
+async def test_private_addresses_are_refused_by_default(server: str) -> None:
+    assert "private or local" in await refused([server + "/img/ok"])
+    assert "private or local" in await refused(["http://[::1]:9/x.png"])
+    assert "does not resolve" in await refused(["http://no-such-host.invalid/x.png"])
+
+
+async def test_allowed_hosts_are_fetched_with_limits(server: str) -> None:
+    assert await load([server + "/img/ok"], allow_hosts=["127.0.0.0/8"]) == (data_url(png()),)
+    assert await load([server + "/img/hop"], allow_private=True) == (data_url(png()),)
+    assert await load([server.replace("127.0.0.1", "localhost") + "/img/ok"], allow_hosts=["localhost"])
+    assert "redirects too often" in await refused([server + "/img/loop"], allow_private=True)
+    assert "larger than" in await refused([server + "/img/big"], allow_private=True, max_bytes=2048)
+    assert "not a readable image" in await refused([server + "/img/text"], allow_private=True)
+    assert "HTTP 404" in await refused([server + "/img/missing"], allow_private=True)

@@ -1,0 +1,124 @@
+"""The reply mapping as a table, without HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapters import Accepted, ClientError, NeedsModal, ProviderUnusable, Retryable, TaskStatus
+from adapters.replies import classify_submit, looks_banned, parse_fetch, parse_task, parse_task_list
+
+
+def body(data: object) -> bytes:
+    return json.dumps(data).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "reply", "expected"),
+    [
+        (200, body({"code": 1, "result": "1"}), Accepted("1")),
+        (200, body({"code": "1", "result": 12}), Accepted("12")),
+        (200, body({"code": 22, "result": "2"}), Accepted("2", queued=True)),
+        (200, body({"code": 1, "result": ["u1", "u2"]}), Accepted("u1,u2")),
+        (200, body({"code": 1, "result": None}), ProviderUnusable("code 1 without a task id")),
+        (200, body({"code": 21, "result": "3", "properties": {"status": "MODAL"}}), NeedsModal("3")),
+        (200, body({"code": 21, "description": "参数错误"}), ClientError("参数错误")),
+        (200, body({"code": 24, "description": "banned"}), ClientError("banned", banned=True)),
+        (200, body({"code": 23}), Retryable("code 23")),
+        (200, body({"code": 3}), Retryable("no account available upstream")),
+        (200, body({"code": 25}), ProviderUnusable("the upstream account has no balance")),
+        (200, body({"code": 77}), ProviderUnusable("unexpected result code 77")),
+        (200, body({"description": "no code"}), ProviderUnusable("an answer without a result code (HTTP 200)")),
+        (200, body([1]), ProviderUnusable("an unexpected JSON answer (HTTP 200)")),
+        (503, b"", Retryable("empty answer (HTTP 503)", sent=True)),
+        (503, b"down", Retryable("HTTP 503", sent=False)),
+        (429, body({"code": 1, "result": "x"}), Retryable("HTTP 429", sent=False)),
+        (404, b"", ProviderUnusable("the submit endpoint was not found (HTTP 404)")),
+        (404, b"nope", ProviderUnusable("HTTP 404")),
+        (400, b"nope", ProviderUnusable("a non-JSON answer (HTTP 400)")),
+        (
+            200,
+            body({"type": "upstream_error", "code": 24, "description": ""}),
+            ClientError("banned prompt", banned=True),
+        ),
+        (
+            400,
+            body({"type": "upstream_error", "code": 4, "description": "task_not_found"}),
+            ClientError("task_not_found"),
+        ),
+        (400, body({"type": "upstream_error", "code": 7, "description": "odd"}), ClientError("odd")),
+    ],
+)
+def test_submit_classification(status: int, reply: bytes, expected: object) -> None:
+    assert classify_submit(status, reply) == expected
+
+
+def test_follow_ups_treat_missing_tasks_as_the_clients_mistake() -> None:
+    assert isinstance(classify_submit(200, body({"code": 3}), follow_up=True), ClientError)
+    assert isinstance(classify_submit(404, b"", follow_up=True), ClientError)
+    assert isinstance(classify_submit(404, b"<html>", follow_up=True), ClientError)
+    assert isinstance(classify_submit(404, body({"code": 3}), follow_up=False), ClientError)
+
+
+def test_a_banned_word_is_named() -> None:
+    outcome = classify_submit(
+        200, body({"code": 24, "description": "可能包含敏感词", "properties": {"bannedWord": "w"}})
+    )
+    assert outcome == ClientError("可能包含敏感词: w", banned=True)
+
+
+def test_task_parsing_normalises_every_shape() -> None:
+    view = parse_task(
+        {
+            "id": 42,
+            "status": "failure",
+            "progress": "",
+            "failReason": "Banned prompt detected",
+            "submitTime": "1700000000000",
+            "buttons": [{"customId": "MJ::JOB::upsample::1::h", "label": "U1"}, {"label": "no id"}, "junk"],
+            "properties": {"finalPrompt": "p"},
+        }
+    )
+    assert view is not None
+    assert (view.upstream_id, view.status, view.progress, view.banned) == ("42", TaskStatus.FAILURE, 0, True)
+    assert view.submit_time == 1700000000000 and [b.custom_id for b in view.buttons] == ["MJ::JOB::upsample::1::h"]
+    assert parse_task({"status": "SUCCESS"}) is None and parse_task("x") is None
+
+
+@pytest.mark.parametrize(
+    ("status", "progress", "expected"),
+    [
+        ("SUCCESS", "", 100),
+        ("IN_PROGRESS", "46%", 46),
+        ("IN_PROGRESS", 62, 62),
+        ("IN_PROGRESS", "x", 0),
+        ("IN_PROGRESS", True, 0),
+        ("IN_PROGRESS", "250%", 100),
+        ("RUNNING", "10%", 10),
+    ],
+)
+def test_progress_parsing(status: str, progress: object, expected: int) -> None:
+    view = parse_task({"id": "1", "status": status, "progress": progress})
+    assert view is not None and view.progress == expected
+
+
+def test_unknown_statuses_and_failure_without_reason() -> None:
+    assert parse_task({"id": "1", "status": "WEIRD"}).status is TaskStatus.SUBMITTED  # type: ignore[union-attr]
+    view = parse_task({"id": "1", "status": "FAILURE", "description": "boom"})
+    assert view is not None and view.fail_reason == "boom"
+    assert TaskStatus.CANCEL.terminal and not TaskStatus.MODAL.terminal
+
+
+def test_fetch_and_list_parsing_edges() -> None:
+    assert parse_fetch(200, b"null") is None
+    with pytest.raises(ValueError):
+        parse_fetch(500, b"{}")
+    assert parse_task_list(200, b"") == []
+    with pytest.raises(ValueError):
+        parse_task_list(200, b"{bad")
+
+
+def test_banned_reasons() -> None:
+    assert looks_banned("可能包含敏感词") and looks_banned("Banned prompt detected")
+    assert not looks_banned(None) and not looks_banned("timeout")

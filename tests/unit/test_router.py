@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from relay.core.router import Candidate, rank, serves
+
+ALL = frozenset({"fast", "relax", "turbo"})
+MJ = frozenset({"MID_JOURNEY"})
+BOTH = frozenset({"MID_JOURNEY", "NIJI_JOURNEY"})
+
+
+def test_capability_filters_mode_and_bot() -> None:
+    providers = [
+        Candidate("fast-only", frozenset({"fast"}), BOTH),
+        Candidate("mj-only", ALL, MJ),
+        Candidate("all", ALL, BOTH),
+    ]
+    assert sorted(rank(providers, mode="relax", bot="NIJI_JOURNEY")) == ["all"]
+    assert sorted(rank(providers, mode="fast", bot="MID_JOURNEY")) == ["all", "fast-only", "mj-only"]
+    assert serves(providers, mode="turbo", bot="NIJI_JOURNEY")
+    assert not serves(providers[:2], mode="turbo", bot="NIJI_JOURNEY")
+
+
+def test_lower_priority_numbers_come_first() -> None:
+    providers = [Candidate("backup", ALL, MJ, priority=1, weight=100), Candidate("main", ALL, MJ, priority=0)]
+    for seed in range(20):
+        assert rank(providers, mode="fast", bot="MID_JOURNEY", rng=random.Random(seed)) == ["main", "backup"]
+
+
+def test_weights_share_the_first_place_within_a_tier() -> None:
+    providers = [Candidate("heavy", ALL, MJ, weight=3), Candidate("light", ALL, MJ, weight=1)]
+    rng = random.Random(7)
+    firsts = Counter(rank(providers, mode="fast", bot="MID_JOURNEY", rng=rng)[0] for _ in range(4000))
+    assert 0.70 < firsts["heavy"] / 4000 < 0.80
+
+
+def test_full_and_already_tried_providers_are_left_out() -> None:
+    providers = [
+        Candidate("full", ALL, MJ, in_flight=3, max_in_flight=3),
+        Candidate("tried", ALL, MJ),
+        Candidate("free", ALL, MJ, in_flight=2, max_in_flight=3),
+    ]
+    assert rank(providers, mode="fast", bot="MID_JOURNEY", exclude={"tried"}) == ["free"]
+    assert rank(providers[:1], mode="fast", bot="MID_JOURNEY") == []

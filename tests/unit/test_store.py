@@ -1,0 +1,145 @@
+"""Keys, jobs and the quota held for them, on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from relay.store.db import Database
+from relay.store.jobs import Ending, JobState, JobStore, NewJob, ProgressChange
+from relay.store.keys import KeyStore, hash_key
+from tests.helpers import pg_database
+
+pytestmark = pytest.mark.anyio
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """The same tests on both stores, through the one code path."""
+    async with AsyncExitStack() as stack:
+        if request.param == "postgres":
+            url = await stack.enter_async_context(pg_database())
+        else:
+            url = f"sqlite+aiosqlite:///{tmp_path / 'x' / 'relay.db'}"
+        database = Database(url, pool_size=5)
+        stack.push_async_callback(database.dispose)
+        await database.migrate()
+        await database.migrate()  # a second start finds the schema current
+        yield database
+
+
+def job(job_id: str, price: int = 2) -> NewJob:
+    return NewJob(job_id, "req", "mj-fast", "fast", "MID_JOURNEY", "imagine", "p --fast", price, NOW + 600)
+
+
+async def test_keys_are_stored_hashed_and_shown_once(db: Database) -> None:
+    keys = KeyStore(db.engine)
+    record, secret = await keys.create("team", 50, NOW)
+    assert secret.startswith("sk-mjr-") and len(secret) > 40
+    assert record.prefix == secret[:11] and record.available == 50
+    assert (await keys.by_secret(secret)) == record
+    assert await keys.by_secret(secret + "x") is None
+    async with db.engine.connect() as conn:
+        stored = (await conn.execute(text("SELECT key_hash FROM keys"))).scalar_one()
+    assert stored == hash_key(secret) and secret not in stored
+    assert [k.id for k in await keys.list()] == [record.id]
+    assert await keys.revoke("team", NOW) == 1 and await keys.revoke(record.id, NOW) == 0
+    revoked = await keys.get(record.id)
+    assert revoked is not None and revoked.revoked
+
+
+async def test_concurrent_holds_never_overdraw(db: Database) -> None:
+    record, _ = await KeyStore(db.engine).create("k", 10, NOW)
+    store = JobStore(db.engine)
+    results = await asyncio.gather(*(store.open(record.id, [job(f"job_{i:08d}")], NOW) for i in range(20)))
+    assert results.count(True) == 5
+    key = await KeyStore(db.engine).get(record.id)
+    assert key is not None and (key.balance, key.held) == (10, 10)
+    assert not await store.open(record.id, [job("job_extra000")], NOW)
+
+
+async def test_a_request_holds_all_its_jobs_or_none(db: Database) -> None:
+    record, _ = await KeyStore(db.engine).create("k", 5, NOW)
+    store = JobStore(db.engine)
+    assert not await store.open(record.id, [job("job_a0000000"), job("job_b0000000"), job("job_c0000000")], NOW)
+    assert await store.active() == []
+    assert await store.open(record.id, [job("job_a0000000"), job("job_b0000000")], NOW)
+    assert len(await store.by_request("req")) == 2
+
+
+async def test_a_revoked_key_holds_nothing(db: Database) -> None:
+    keys = KeyStore(db.engine)
+    record, _ = await keys.create("k", 100, NOW)
+    await keys.revoke(record.id, NOW)
+    assert not await JobStore(db.engine).open(record.id, [job("job_a0000000")], NOW)
+
+
+async def test_each_job_settles_exactly_once(db: Database) -> None:
+    keys = KeyStore(db.engine)
+    record, _ = await keys.create("k", 10, NOW)
+    store = JobStore(db.engine)
+    await store.open(record.id, [job("job_ok000000"), job("job_bad00000", price=3)], NOW)
+    await store.mark_submitted("job_ok000000", "sim", "u1", NOW)
+    await store.mark_submitted("job_ok000000", "sim", "u2", NOW)  # no longer PENDING: left alone
+
+    done = await asyncio.gather(*(store.finish("job_ok000000", succeeded=True, now=NOW) for _ in range(5)))
+    assert sum(row is not None for row in done) == 1
+    failed = await store.finish("job_bad00000", succeeded=False, now=NOW, error_code="failed", fail_reason="x")
+    assert failed is not None and failed.hold_state == "released" and failed.state is JobState.FAILED
+    assert await store.finish("job_bad00000", succeeded=True, now=NOW) is None
+
+    key = await keys.get(record.id)
+    assert key is not None and (key.balance, key.held) == (8, 0)
+    ok = await store.get("job_ok000000")
+    assert ok is not None and (ok.state, ok.hold_state, ok.upstream_id) == (JobState.SUCCEEDED, "captured", "u1")
+
+
+async def test_progress_never_touches_ended_jobs(db: Database) -> None:
+    record, _ = await KeyStore(db.engine).create("k", 10, NOW)
+    store = JobStore(db.engine)
+    await store.open(record.id, [job("job_run00000"), job("job_end00000")], NOW)
+    for job_id in ("job_run00000", "job_end00000"):
+        await store.mark_submitted(job_id, "sim", job_id, NOW)
+    await store.finish("job_end00000", succeeded=False, now=NOW, error_code="failed")
+    await store.record_progress(
+        [ProgressChange(j, JobState.IN_PROGRESS, 46) for j in ("job_run00000", "job_end00000")], NOW
+    )
+    await store.record_progress([], NOW)
+    running, ended = await store.get("job_run00000"), await store.get("job_end00000")
+    assert running is not None and (running.state, running.progress) == (JobState.IN_PROGRESS, 46)
+    assert ended is not None and (ended.state, ended.progress) == (JobState.FAILED, 0)
+    await store.record_progress(
+        [ProgressChange("job_run00000", JobState.IN_PROGRESS, 100, "http://up/1.png", '[{"customId": "x"}]')], NOW
+    )
+    await store.record_progress([ProgressChange("job_run00000", JobState.IN_PROGRESS, 100)], NOW)  # keeps the URL
+    running = await store.get("job_run00000")
+    assert running is not None and running.upstream_image_url == "http://up/1.png" and running.buttons
+    assert [row.id for row in await store.active()] == ["job_run00000"]
+    assert await db.ping()
+
+
+async def test_many_endings_settle_in_one_transaction_each_once(db: Database) -> None:
+    keys = KeyStore(db.engine)
+    first, _ = await keys.create("a", 1000, NOW)
+    second, _ = await keys.create("b", 100, NOW)
+    store = JobStore(db.engine)
+    ids = [f"job_{i:08d}" for i in range(650)]
+    assert await store.open(first.id, [job(i, price=1) for i in ids[:600]], NOW)
+    assert await store.open(second.id, [job(i, price=1) for i in ids[600:]], NOW)
+    endings = [Ending(i, succeeded=n % 3 != 0, error_code=None if n % 3 else "failed") for n, i in enumerate(ids)]
+    endings.append(Ending(ids[1], succeeded=False, error_code="lost"))  # a second ending of one job in the batch
+    endings.append(Ending("job_unknown0", succeeded=True))
+    rows = await store.finish_many(endings, NOW)
+    assert sum(row is not None for row in rows) == 650
+    assert rows[-2] is None and rows[-1] is None
+    assert rows[1] is not None and rows[1].hold_state == "captured"
+    assert await store.finish_many(endings[:10], NOW) == [None] * 10
+    a, b = await keys.get(first.id), await keys.get(second.id)
+    assert a is not None and (a.balance, a.held) == (1000 - sum(1 for n in range(600) if n % 3), 0)
+    assert b is not None and (b.balance, b.held) == (100 - sum(1 for n in range(600, 650) if n % 3), 0)

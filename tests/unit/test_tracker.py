@@ -1,0 +1,236 @@
+"""Tracking jobs to their end, with the clock moved by hand: a real SQLite store, the in-process simulator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from adapters import TaskStatus, TaskView, UpstreamUnavailable
+from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
+from relay.core.events import JobEvents
+from relay.core.finish import Finisher
+from relay.core.images import ImageStore
+from relay.core.providers import ProviderPool
+from relay.core.tracker import Step, Tracked, Tracker, observe
+from relay.metrics import Metrics
+from relay.store.db import Database
+from relay.store.jobs import JobState, JobStore, NewJob
+from relay.store.keys import KeyStore
+from tests.helpers import FakeClock, relay_config
+
+pytestmark = pytest.mark.anyio
+
+
+def view(status: TaskStatus, progress: int = 0, **extra: object) -> TaskView:
+    return TaskView("u1", status, progress, **extra)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("state", "progress", "seen", "step"),
+    [
+        (JobState.SUBMITTED, 0, view(TaskStatus.SUBMITTED), Step("none")),
+        (JobState.SUBMITTED, 0, view(TaskStatus.IN_PROGRESS, 15), Step("progress", JobState.IN_PROGRESS, 15)),
+        (JobState.IN_PROGRESS, 46, view(TaskStatus.IN_PROGRESS, 31), Step("none")),
+        (JobState.IN_PROGRESS, 46, view(TaskStatus.SUBMITTED, 0), Step("none")),
+        (JobState.SUBMITTED, 0, view(TaskStatus.MODAL), Step("progress", JobState.MODAL, 0)),
+        (JobState.SUBMITTED, 0, view(TaskStatus.NOT_START), Step("none")),
+        (
+            JobState.IN_PROGRESS,
+            93,
+            view(TaskStatus.SUCCESS, 100, image_url="u"),
+            Step("success", JobState.IN_PROGRESS, 100),
+        ),
+        (
+            JobState.IN_PROGRESS,
+            93,
+            view(TaskStatus.SUCCESS, 100),
+            Step("failure", error_code="failed", reason="the upstream reported success without an image"),
+        ),
+        (
+            JobState.IN_PROGRESS,
+            5,
+            view(TaskStatus.FAILURE, fail_reason="x"),
+            Step("failure", error_code="failed", reason="x"),
+        ),
+        (
+            JobState.IN_PROGRESS,
+            5,
+            view(TaskStatus.FAILURE, fail_reason="banned", banned=True),
+            Step("failure", error_code="banned", reason="banned"),
+        ),
+        (
+            JobState.IN_PROGRESS,
+            5,
+            view(TaskStatus.CANCEL),
+            Step("failure", error_code="failed", reason="cancelled upstream"),
+        ),
+        (JobState.IN_PROGRESS, 5, view(TaskStatus.IN_PROGRESS, 100), Step("progress", JobState.IN_PROGRESS, 99)),
+    ],
+)
+def test_observe(state: JobState, progress: int, seen: TaskView, step: Step) -> None:
+    assert observe(state, progress, seen) == step
+
+
+@dataclass
+class World:
+    clock: FakeClock
+    engine: SimEngine
+    store: JobStore
+    keys: KeyStore
+    tracker: Tracker
+    pool: ProviderPool
+    events: JobEvents
+    key_id: str
+
+    async def submit(self, prompt: str, price: int = 2, deadline_s: float = 600) -> str:
+        reply = self.engine.submit_imagine({"prompt": prompt}, "fast")
+        upstream_id = str(reply.body["result"])
+        job_id = f"job_{upstream_id}"
+        now = self.clock.now()
+        new = NewJob(job_id, "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", prompt, price, now + deadline_s)
+        assert await self.store.open(self.key_id, [new], now)
+        await self.store.mark_submitted(job_id, "sim", upstream_id, now)
+        self.pool.acquire("sim")
+        self.tracker.track(Tracked(job_id, "mj-fast", "sim", upstream_id, now + deadline_s))
+        return job_id
+
+    async def settle(self) -> None:
+        """Let delivery tasks (download, split) finish."""
+        for _ in range(200):
+            if not self.tracker._deliveries:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("deliveries did not finish")
+
+    async def state(self, job_id: str) -> tuple[str, str | None, str]:
+        row = await self.store.get(job_id)
+        assert row is not None
+        return row.state.value, row.error_code, row.hold_state
+
+    async def balance(self) -> tuple[int, int]:
+        key = await self.keys.get(self.key_id)
+        assert key is not None
+        return key.balance, key.held
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    clock = FakeClock()
+    config = relay_config(tmp_path, jobs={"poll_interval_s": 1, "lost_after_s": 30})
+    engine = SimEngine(SimSettings(fast_s=10, tile_px=16), now=clock.now)
+    db = Database(config.database_url())
+    await db.migrate()
+    store, keys, events, metrics = JobStore(db.engine), KeyStore(db.engine), JobEvents(), Metrics()
+    record, _ = await keys.create("k", 1000, clock.now())
+    pool = ProviderPool(config, metrics, clock, {"sim": SimulatorUpstream("sim", engine)})
+    images = ImageStore(tmp_path / "images", ["s"], 600)
+    finisher = Finisher(store, events, metrics, clock)
+    tracker = Tracker(
+        config=config, store=store, pool=pool, images=images, finisher=finisher, events=events, clock=clock
+    )
+    yield World(clock, engine, store, keys, tracker, pool, events, record.id)
+    await tracker.stop()
+    await db.dispose()
+
+
+async def test_many_jobs_are_followed_in_one_batch_to_success(world: World) -> None:
+    jobs = [await world.submit(f"cat {i}") for i in range(30)]
+    subscription = world.events.subscribe(jobs)
+    world.clock.advance(5)
+    await world.tracker.poll("sim")
+    rows = [await world.store.get(j) for j in jobs]
+    assert {(r.state, r.progress) for r in rows if r} == {(JobState.IN_PROGRESS, 31)}
+    world.clock.advance(5)
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert {await world.state(j) for j in jobs} == {("SUCCEEDED", None, "captured")}
+    assert await world.balance() == (1000 - 60, 0)
+    assert world.pool.in_flight["sim"] == 0 and world.tracker.count() == 0
+    events = []
+    while (event := await subscription.next(0.01)) is not None:
+        events.append(event)
+    assert {e.state for e in events} == {JobState.IN_PROGRESS, JobState.SUCCEEDED}
+
+
+async def test_failed_banned_lost_and_overdue_jobs_end_failed_and_release(world: World) -> None:
+    failing = await world.submit("bridge sim:fail")
+    lost = await world.submit("ghost sim:lose")
+    overdue = await world.submit("sloth sim:never", deadline_s=60)
+    world.clock.advance(6)
+    await world.tracker.poll("sim")
+    assert await world.state(failing) == ("FAILED", "failed", "released")
+    assert (await world.state(lost))[0] == "SUBMITTED"  # not yet lost: the upstream may come back
+    world.clock.advance(31)
+    await world.tracker.poll("sim")
+    assert await world.state(lost) == ("FAILED", "lost", "released")
+    world.clock.advance(30)
+    await world.tracker.poll("sim")
+    assert await world.state(overdue) == ("FAILED", "timeout", "released")
+    assert await world.balance() == (1000, 0)
+    assert world.pool.in_flight["sim"] == 0
+
+
+async def test_an_unreadable_upstream_changes_nothing_but_deadlines_still_hold(world: World) -> None:
+    job = await world.submit("cat", deadline_s=20)
+
+    async def broken(ids: Sequence[str]) -> list[TaskView]:
+        raise UpstreamUnavailable("down")
+
+    world.pool.upstreams["sim"].fetch_many = broken  # type: ignore[method-assign]
+    world.clock.advance(12)
+    await world.tracker.poll("sim")
+    assert (await world.state(job))[0] == "SUBMITTED"
+    world.clock.advance(10)
+    await world.tracker.poll("sim")
+    assert await world.state(job) == ("FAILED", "timeout", "released")
+
+
+async def test_a_grid_that_cannot_be_downloaded_fails_the_job(world: World) -> None:
+    job = await world.submit("cat")
+
+    async def no_image(url: str) -> bytes:
+        raise UpstreamUnavailable("gone")
+
+    world.pool.upstreams["sim"].download = no_image  # type: ignore[method-assign]
+    world.clock.advance(11)
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert await world.state(job) == ("FAILED", "download", "released")
+    row = await world.store.get(job)
+    assert row is not None and row.upstream_image_url
+
+
+async def test_unfinished_jobs_are_picked_up_after_a_restart(world: World) -> None:
+    running = await world.submit("cat")
+    now = world.clock.now()
+    never_sent = NewJob("job_pending0", "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "p", 2, now + 600)
+    await world.store.open(world.key_id, [never_sent], now)
+    world.tracker._by_job.clear()
+    world.tracker._jobs["sim"].clear()
+    world.pool.release("sim")
+
+    await world.tracker.resume()  # a young PENDING job may still be submitting elsewhere: left alone
+    assert world.tracker.tracking(running) and await world.state("job_pending0") == ("PENDING", None, "held")
+    world.clock.advance(200)
+    await world.tracker.resume()
+    assert await world.state("job_pending0") == ("FAILED", "interrupted", "released")
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert await world.state(running) == ("SUCCEEDED", None, "captured")
+
+
+async def test_the_loop_polls_on_its_interval_and_sleeps_when_idle(world: World) -> None:
+    job = await world.submit("cat")
+    await world.tracker.start()
+    assert world.tracker.running
+    for _ in range(100):
+        if (await world.state(job))[0] == "SUCCEEDED":
+            break
+        await asyncio.sleep(0.01)
+    assert await world.state(job) == ("SUCCEEDED", None, "captured")
+    await world.tracker.stop()
+    assert not world.tracker.running
