@@ -1,0 +1,217 @@
+"""Many concurrent image requests through one relay process against the simulator; prints figures, asserts nothing.
+
+    .venv/bin/python bench/concurrency.py                      # 1000 requests, 2 s jobs, in-process simulator
+    .venv/bin/python bench/concurrency.py --upstream http      # the simulator as its own process, over HTTP
+
+Lateness is a request's response time minus the job's duration: what the relay adds (taking the request in,
+submitting, waiting for the next poll, downloading and keeping the grid, answering). The relay's peak RSS is its
+VmHWM from /proc. The client (bare HTTP/1.1 on asyncio, one connection per request) runs in this process, the relay
+and the HTTP simulator in their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+RELAY = [sys.executable, "-m", "relay"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{url} not ready")
+
+
+def peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
+
+
+async def post(port: int, path: str, key: str, body: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.1 POST on its own connection: a bare client, so the figures are the relay's, not a client pool's."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**20)
+    try:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        await writer.drain()
+        status_line = await reader.readline()
+        length = None
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        payload = await (reader.readexactly(length) if length is not None else reader.read())
+        return int(status_line.split()[1]), payload
+    finally:
+        writer.close()
+
+
+async def fire(port: int, key: str, count: int, response_format: str, ramp_s: float) -> list[tuple[int, float]]:
+    async def one(i: int) -> tuple[int, float]:
+        await asyncio.sleep(ramp_s * i / count)
+        body = json.dumps(
+            {"model": "mj-fast", "prompt": f"bench {i}", "size": "1024x1024", "response_format": response_format}
+        ).encode()
+        started = time.perf_counter()
+        try:
+            status, _ = await post(port, "/v1/images/generations", key, body)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            status = 0
+        return status, time.perf_counter() - started
+
+    return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--job-seconds", type=float, default=2.0)
+    parser.add_argument("--poll-seconds", type=float, default=1.0)
+    parser.add_argument("--tile-px", type=int, default=256)
+    parser.add_argument("--upstream", choices=["inproc", "http"], default="inproc")
+    parser.add_argument("--response-format", choices=["url", "b64_json"], default="url")
+    parser.add_argument(
+        "--ramp-seconds", type=float, default=0.0, help="send the requests evenly over this long (default: all at once)"
+    )
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mj-relay-bench-"))
+    port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if args.upstream == "http":
+            sim_port = free_port()
+            sim = subprocess.Popen(
+                [
+                    *RELAY,
+                    "simulate",
+                    "--port",
+                    str(sim_port),
+                    "--fast-s",
+                    str(args.job_seconds),
+                    "--tile-px",
+                    str(args.tile_px),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            procs.append(sim)
+            wait_ready(f"http://127.0.0.1:{sim_port}/cdn/0.png", sim)
+            provider = (
+                f"{{name: sim, dialect: midjourney-proxy, base_url: 'http://127.0.0.1:{sim_port}', "
+                f"batch_size: 200, max_connections: 100}}"
+            )
+        else:
+            provider = (
+                f"{{name: sim, dialect: simulator, simulator: {{fast_s: {args.job_seconds}, tile_px: {args.tile_px}}}}}"
+            )
+        config = work / "config.yaml"
+        config.write_text(
+            f"data_dir: {work / 'data'}\n"
+            f"server: {{log_level: warning}}\n"
+            f"providers: [{provider}]\n"
+            f"jobs: {{poll_interval_s: {args.poll_seconds}}}\n"
+        )
+        created = subprocess.run(
+            [*RELAY, "keys", "create", "--name", "bench", "--quota", "100000000", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        key = re.search(r"sk-mjr-\S+", created.stdout).group(0)  # type: ignore[union-attr]
+        relay = subprocess.Popen(
+            [*RELAY, "serve", "--config", str(config), "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(relay)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base + "/readyz", relay)
+        baseline = peak_rss_mb(relay.pid)
+
+        started_at, started = time.time(), time.perf_counter()
+        results = asyncio.run(fire(port, key, args.requests, args.response_format, args.ramp_seconds))
+        wall = time.perf_counter() - started
+        peak = peak_rss_mb(relay.pid)
+
+        ok = [seconds for status, seconds in results if status == 200]
+        late_ms = [(seconds - args.job_seconds) * 1000 for seconds in ok]
+        failures: dict[int, int] = {}
+        for status, _ in results:
+            if status != 200:
+                failures[status] = failures.get(status, 0) + 1
+        print(
+            f"requests      {args.requests} concurrent, {args.job_seconds:g} s jobs, poll every "
+            f"{args.poll_seconds:g} s, upstream {args.upstream}, response_format {args.response_format}, "
+            f"sent over {args.ramp_seconds:g} s"
+        )
+        print(f"succeeded     {len(ok)} / {args.requests}" + (f"   failures by status: {failures}" if failures else ""))
+        if late_ms:
+            print(
+                f"lateness ms   p50 {statistics.median(late_ms):.0f}   p99 {percentile(late_ms, 0.99):.0f}   "
+                f"max {max(late_ms):.0f}   (target p99 < poll interval + 100 = {args.poll_seconds * 1000 + 100:.0f})"
+            )
+        with sqlite3.connect(work / "data" / "mj-relay.db") as db:
+            rows = db.execute("SELECT submitted_at, finished_at FROM jobs WHERE state = 'SUCCEEDED'").fetchall()
+        if rows:
+            intake = max(r[0] for r in rows) - started_at
+            after = [(r[1] - r[0] - args.job_seconds) * 1000 for r in rows]
+            print(
+                f"  of which   intake {intake * 1000:.0f} ms (first request sent to last job submitted); "
+                f"upstream done to job ended p50 {statistics.median(after):.0f} p99 {percentile(after, 0.99):.0f} ms "
+                f"(poll wait + download + store)"
+            )
+        print(f"relay RSS MB  peak {peak:.0f}   at start {baseline:.0f}   (target < 250)")
+        print(f"wall time     {wall:.1f} s")
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if not os.environ.get("BENCH_KEEP"):
+            subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+if __name__ == "__main__":
+    main()
