@@ -28,20 +28,27 @@ from relay.store.keys import KeyStore
 
 
 class FakeClock:
-    """A clock that moves only when told; `sleep` moves it instead of waiting."""
+    """A clock that moves only when the test moves it; `sleep` returns once the test has moved it far enough."""
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self.t = start
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
 
     def now(self) -> float:
         return self.t
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+        due = [(at, f) for at, f in self._sleepers if at <= self.t]
+        self._sleepers = [(at, f) for at, f in self._sleepers if at > self.t]
+        for _, future in due:
+            if not future.done():
+                future.set_result(None)
 
     async def sleep(self, seconds: float) -> None:
-        self.t += seconds
-        await asyncio.sleep(0)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.t + seconds, future))
+        await future
 
 
 PG_URL = os.environ.get("MJ_RELAY_TEST_PG_URL", "")

@@ -237,9 +237,11 @@ class JobService:
         subscription = self.events.subscribe(job.id for job in planned)
         generation = Generation(request_id, spec, tuple(job.id for job in planned), deadline, subscription)
         try:
-            if not await self._admit(Admission(key.id, tuple(planned))):
+            # Holding and submitting go on even if the caller goes away meanwhile: a held job is always submitted
+            # (and tracked to its end) or ended, never left holding credits.
+            admitted, refused = await asyncio.shield(asyncio.ensure_future(self._admit_and_submit(key, planned, spec)))
+            if not admitted:
                 raise await self._refusal(key, price * len(planned))
-            refused = [row for row in await asyncio.gather(*(self._submit(job, spec) for job in planned)) if row]
             for row in refused:
                 generation.ended.add(row.id)
                 generation.rows[row.id] = row
@@ -249,6 +251,14 @@ class JobService:
             generation.close()
             raise
         return generation
+
+    async def _admit_and_submit(
+        self, key: KeyRecord, planned: list[NewJob], spec: ImageSpec
+    ) -> tuple[bool, list[JobRow]]:
+        """Whether the jobs were admitted, and those no provider took (already ended)."""
+        if not await self._admit(Admission(key.id, tuple(planned))):
+            return False, []
+        return True, [row for row in await asyncio.gather(*(self._submit(job, spec) for job in planned)) if row]
 
     async def _refusal(self, key: KeyRecord, needed: int) -> RelayError:
         current = await self.keys.get(key.id)
@@ -344,5 +354,5 @@ class JobService:
         tiles = [Tile(row.id, name) for row in rows if row.state is JobState.SUCCEEDED for name in TILE_NAMES]
         if not tiles:
             failed = [row for row in rows if row.state is JobState.FAILED]
-            raise error_for(failed[0]) if failed else InternalError("The request ended without a result.")
+            raise error_for(failed[0]) if failed else DeadlineExceeded("The job did not finish before its deadline.")
         return tiles[:n]

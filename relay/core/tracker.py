@@ -30,8 +30,10 @@ from relay.store.jobs import JobRow, JobState, JobStore, ProgressChange
 
 log = logging.getLogger("relay.tracker")
 
-# A PENDING job older than this at start-up was never confirmed by an upstream (submits time out well before).
-PENDING_GRACE_S = 120.0
+# A job still PENDING this long after it was made was never confirmed by an upstream (a submit, even tried on
+# several providers, times out well before): the relay stopped while submitting it. It is ended, its hold released.
+PENDING_GRACE_S = 600.0
+SWEEP_EVERY_S = 60.0
 # Finished grids are written by at most this many threads at once, in chunks of at most this many grids.
 SAVE_THREADS = 4
 SAVE_CHUNK = 50
@@ -124,6 +126,7 @@ class Tracker:
     async def start(self) -> None:
         await self.resume()
         self._loops = [asyncio.create_task(self._loop(name), name=f"tracker:{name}") for name in self.pool.names]
+        self._loops.append(asyncio.create_task(self._sweep_loop(), name="tracker:sweep"))
 
     async def stop(self) -> None:
         tasks = [*self._loops, *self._deliveries]
@@ -140,15 +143,11 @@ class Tracker:
         return bool(self._loops) and not any(task.done() for task in self._loops)
 
     async def resume(self) -> None:
-        """Pick up the jobs a previous run left unfinished."""
-        now = self.clock.now()
+        """Pick up the jobs a previous run left unfinished; end those it never got to submit."""
+        await self.sweep_pending()
         for row in await self.store.active():
-            if row.provider is None or row.upstream_id is None:
-                if now - row.created_at > PENDING_GRACE_S:
-                    await self.finisher.end(
-                        row.id, succeeded=False, error_code="interrupted", fail_reason="never confirmed upstream"
-                    )
-                continue
+            if row.provider is None or row.upstream_id is None or self.tracking(row.id):
+                continue  # a young PENDING job may still be being submitted: the sweep ends it if it stays so
             if row.provider not in self._jobs:
                 await self.finisher.end(
                     row.id, succeeded=False, error_code="lost", fail_reason="its provider is no longer configured"
@@ -186,6 +185,24 @@ class Tracker:
         tracked = self._by_job.get(job_id)
         if tracked is not None and not tracked.delivering:
             await self._end(tracked, succeeded=False, error_code="timeout", reason="the job passed its deadline")
+
+    async def sweep_pending(self) -> None:
+        """End jobs stuck in PENDING past the grace (see PENDING_GRACE_S)."""
+        now = self.clock.now()
+        for row in await self.store.stale_pending(now - PENDING_GRACE_S):
+            await self.finisher.end(
+                row.id, succeeded=False, error_code="interrupted", fail_reason="never confirmed upstream"
+            )
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await self.clock.sleep(SWEEP_EVERY_S)
+            try:
+                await self.sweep_pending()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("pending sweep failed")
 
     # -- polling -------------------------------------------------------------------------------------------------
 

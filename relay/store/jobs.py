@@ -320,6 +320,15 @@ class JobStore:
             rows = (await conn.execute(select(jobs).where(jobs.c.request_id == request_id).order_by(jobs.c.id))).all()
         return [_row(row) for row in rows]
 
+    async def stale_pending(self, created_before: float) -> list[JobRow]:
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(jobs).where(jobs.c.state == JobState.PENDING.value, jobs.c.created_at < created_before)
+                )
+            ).all()
+        return [_row(row) for row in rows]
+
     async def active(self) -> list[JobRow]:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(select(jobs).where(jobs.c.state.in_([s.value for s in ACTIVE])))).all()

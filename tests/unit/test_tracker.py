@@ -99,11 +99,12 @@ class World:
         return job_id
 
     async def settle(self) -> None:
-        """Let delivery tasks (download, split) finish."""
+        """Let delivery tasks finish, moving the clock for their retry pauses."""
         for _ in range(200):
             if not self.tracker._deliveries:
                 return
             await asyncio.sleep(0.01)
+            self.clock.advance(1)
         raise AssertionError("deliveries did not finish")
 
     async def state(self, job_id: str) -> tuple[str, str | None, str]:
@@ -215,7 +216,7 @@ async def test_unfinished_jobs_are_picked_up_after_a_restart(world: World) -> No
 
     await world.tracker.resume()  # a young PENDING job may still be submitting elsewhere: left alone
     assert world.tracker.tracking(running) and await world.state("job_pending0") == ("PENDING", None, "held")
-    world.clock.advance(200)
+    world.clock.advance(601)
     await world.tracker.resume()
     assert await world.state("job_pending0") == ("FAILED", "interrupted", "released")
     await world.tracker.poll("sim")
@@ -223,14 +224,22 @@ async def test_unfinished_jobs_are_picked_up_after_a_restart(world: World) -> No
     assert await world.state(running) == ("SUCCEEDED", None, "captured")
 
 
-async def test_the_loop_polls_on_its_interval_and_sleeps_when_idle(world: World) -> None:
+async def test_the_loops_poll_on_their_interval_and_sweep_stale_pending_jobs(world: World) -> None:
     job = await world.submit("cat")
+    now = world.clock.now()
+    stuck = NewJob("job_stuck000", "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "p", 2, now + 6000)
+    await world.store.open(world.key_id, [stuck], now)
     await world.tracker.start()
     assert world.tracker.running
-    for _ in range(100):
-        if (await world.state(job))[0] == "SUCCEEDED":
-            break
+    for _ in range(12):  # twelve poll intervals: the job is done
         await asyncio.sleep(0.01)
+        world.clock.advance(1)
+    await world.settle()
     assert await world.state(job) == ("SUCCEEDED", None, "captured")
+    assert (await world.state("job_stuck000"))[0] == "PENDING"
+    for _ in range(12):  # ten minutes later the sweep has ended the job that never got submitted
+        world.clock.advance(60)
+        await asyncio.sleep(0.01)
+    assert await world.state("job_stuck000") == ("FAILED", "interrupted", "released")
     await world.tracker.stop()
     assert not world.tracker.running

@@ -1,0 +1,66 @@
+"""The job service wired as in the app, driven directly: what happens when a request goes away mid-submit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from adapters import SubmitOutcome, SubmitRequest
+from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
+from relay.app import Relay
+from relay.clock import SystemClock
+from relay.store.keys import KeyRecord
+from relay.store.tables import jobs
+from tests.helpers import relay_config
+
+pytestmark = pytest.mark.anyio
+
+
+class GatedUpstream(SimulatorUpstream):
+    """The simulator, but every submit waits at a gate the test opens."""
+
+    def __init__(self) -> None:
+        super().__init__("sim", SimEngine(SimSettings(fast_s=0.2, tile_px=16)))
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def submit(self, request: SubmitRequest) -> SubmitOutcome:
+        self.waiting.set()
+        await self.gate.wait()
+        return await super().submit(request)
+
+
+@pytest.fixture
+async def relay(tmp_path: Path) -> AsyncIterator[tuple[Relay, GatedUpstream, KeyRecord]]:
+    upstream = GatedUpstream()
+    relay = Relay(relay_config(tmp_path), SystemClock(), {"sim": upstream})
+    await relay.open()
+    key, _ = await relay.keys.create("k", 100, 0)
+    yield relay, upstream, key
+    await relay.close()
+
+
+async def test_a_request_that_goes_away_mid_submit_still_runs_its_job_to_the_end(
+    relay: tuple[Relay, GatedUpstream, KeyRecord],
+) -> None:
+    service, upstream, key = relay
+    spec = service.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    request = asyncio.ensure_future(service.jobs.start(key, spec))
+    await upstream.waiting.wait()
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    upstream.gate.set()
+    for _ in range(300):
+        if not await service.store.active():
+            break
+        await asyncio.sleep(0.02)
+    async with service.db.engine.connect() as conn:
+        rows = (await conn.execute(select(jobs.c.state, jobs.c.hold_state))).all()
+    assert [tuple(row) for row in rows] == [("SUCCEEDED", "captured")]
+    current = await service.keys.get(key.id)
+    assert current is not None and (current.balance, current.held) == (98, 0)
