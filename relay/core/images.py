@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 NAMES = ("grid.png", "1.png", "2.png", "3.png", "4.png")
 TILE_NAMES = NAMES[1:]
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its CRC: the last chunk of every PNG
 _JOB_ID = re.compile(r"^[a-z0-9_]{8,40}$")
 
@@ -51,6 +52,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's header (its first chunk, IHDR); None when the bytes are not a PNG."""
+    if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def _plain(image: Image.Image) -> Image.Image:
@@ -87,17 +95,22 @@ class ImageStore:
 
     def save_grid(self, job_id: str, data: bytes) -> tuple[int, int]:
         """Keep a finished grid; returns its size. A PNG is checked by its header and its end marker (a truncated
-        download fails here, without decoding) and kept as it came; another format is decoded and kept as PNG.
+        download fails here, without decoding: the first tile request decodes it) and kept as it came; another
+        format is decoded and kept as PNG.
         Blocking: run it in a thread."""
-        try:
-            image: Image.Image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if image.format != "PNG":
+        size = _png_size(data)
+        if size is not None:
+            if _PNG_END not in data[-64:]:
+                raise ImageError("the PNG is truncated")
+            kept = data
+        else:
+            try:
+                image: Image.Image = Image.open(io.BytesIO(data))
                 image.load()
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-            raise ImageError(f"not a usable image: {type(exc).__name__}") from None
-        if image.format == "PNG" and _PNG_END not in data[-64:]:
-            raise ImageError("the PNG is truncated")
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+                raise ImageError(f"not a usable image: {type(exc).__name__}") from None
+            size, kept = image.size, _png(_plain(image))
+        width, height = size
         if width < 2 or height < 2:
             raise ImageError("the image is too small to split")
         path = self.path(job_id, "grid.png")
@@ -105,7 +118,7 @@ class ImageStore:
             path.parent.mkdir(parents=True, exist_ok=True)
         # Written in place: the job only counts as succeeded once this returns, and a job that did not is
         # delivered again (and its grid written again) after a restart.
-        path.write_bytes(data if image.format == "PNG" else _png(_plain(image)))
+        path.write_bytes(kept)
         return width, height
 
     def ensure(self, job_id: str, name: str) -> Path:
