@@ -7,16 +7,51 @@ in order, which is faster than connections fighting over the file lock. Other pr
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+T = TypeVar("T")
+log = logging.getLogger("relay.store")
+
+# SQLSTATEs of a transaction that lost a race and may simply be run again: deadlock, serialization failure.
+_RETRY_STATES = {"40P01", "40001"}
+ATTEMPTS = 4
+
+
+def transient(exc: DBAPIError) -> bool:
+    """Whether a failed transaction changed nothing and may be run again (a lock, a deadlock, a lost connection)."""
+    if exc.connection_invalidated:
+        return True
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    if state in _RETRY_STATES:
+        return True
+    return isinstance(exc, OperationalError) and "locked" in str(exc.orig).lower()
+
+
+async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """Run `work` in one transaction, again (a few times, briefly apart) when it failed for a transient reason.
+    Every write of the relay is safe to repeat this way: the failed attempt was rolled back."""
+    for attempt in range(ATTEMPTS):
+        try:
+            async with engine.begin() as conn:
+                return await work(conn)
+        except DBAPIError as exc:
+            if attempt + 1 == ATTEMPTS or not transient(exc):
+                raise
+            log.warning("transaction retried", extra={"fields": {"attempt": attempt + 1, "error": type(exc).__name__}})
+            await asyncio.sleep(0.02 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -41,11 +76,18 @@ class Database:
             path = url.split(":///", 1)[1] if ":///" in url else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: AsyncEngine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=300)
+            self.engine: AsyncEngine = create_async_engine(
+                url, pool_size=1, max_overflow=0, pool_timeout=300, hide_parameters=True
+            )
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_async_engine(
-                url, pool_size=pool_size, max_overflow=pool_size, pool_timeout=60, pool_pre_ping=True
+                url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_timeout=60,
+                pool_pre_ping=True,
+                hide_parameters=True,  # error text never carries prompts or key hashes
             )
 
     async def migrate(self) -> None:

@@ -20,8 +20,9 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import bindparam, func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relay.store.db import transaction
 from relay.store.tables import jobs, keys
 
 
@@ -146,11 +147,12 @@ class JobStore:
         Every hold is one conditional UPDATE (`held = held + :p WHERE balance - held >= :p`), never read-then-write.
         The requests of one key are first tried as one hold of their total; only when that does not fit is each
         tried alone, in order."""
-        admitted = [False] * len(admissions)
         by_key: dict[str, list[int]] = {}
         for index, admission in enumerate(admissions):
             by_key.setdefault(admission.key_id, []).append(index)
-        async with self.engine.begin() as conn:
+
+        async def work(conn: AsyncConnection) -> list[bool]:
+            admitted = [False] * len(admissions)
 
             async def hold(key_id: str, amount: int) -> bool:
                 result = await conn.execute(
@@ -160,7 +162,7 @@ class JobStore:
                 )
                 return bool(result.rowcount == 1)
 
-            for key_id, indexes in by_key.items():
+            for key_id, indexes in sorted(by_key.items()):  # keys locked in one order everywhere: no deadlocks
                 if len(indexes) > 1 and await hold(key_id, sum(admissions[i].total for i in indexes)):
                     for index in indexes:
                         admitted[index] = True
@@ -192,7 +194,9 @@ class JobStore:
             ]
             if rows:
                 await conn.execute(jobs.insert(), rows)
-        return admitted
+            return admitted
+
+        return await transaction(self.engine, work)
 
     async def mark_submitted(self, job_id: str, provider: str, upstream_id: str, now: float) -> None:
         await self.mark_submitted_many([Submitted(job_id, provider, upstream_id)], now)
@@ -200,20 +204,20 @@ class JobStore:
     async def mark_submitted_many(self, items: Sequence[Submitted], now: float) -> list[None]:
         """PENDING -> SUBMITTED with the provider and its task id, for many jobs in one statement; a job that
         already ended is left alone."""
-        if items:
-            async with self.engine.begin() as conn:
-                await conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == bindparam("job_id"), jobs.c.state == JobState.PENDING.value)
-                    .values(
-                        state=JobState.SUBMITTED.value,
-                        provider=bindparam("new_provider"),
-                        upstream_id=bindparam("new_upstream_id"),
-                        submitted_at=now,
-                        updated_at=now,
-                    ),
-                    [{"job_id": i.job_id, "new_provider": i.provider, "new_upstream_id": i.upstream_id} for i in items],
-                )
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == bindparam("job_id"), jobs.c.state == JobState.PENDING.value)
+            .values(
+                state=JobState.SUBMITTED.value,
+                provider=bindparam("new_provider"),
+                upstream_id=bindparam("new_upstream_id"),
+                submitted_at=now,
+                updated_at=now,
+            )
+        )
+        params = [{"job_id": i.job_id, "new_provider": i.provider, "new_upstream_id": i.upstream_id} for i in items]
+        if params:
+            await self._execute(statement, params)
         return [None] * len(items)
 
     async def record_progress(self, changes: Sequence[ProgressChange], now: float) -> None:
@@ -243,8 +247,13 @@ class JobStore:
             }
             for c in changes
         ]
-        async with self.engine.begin() as conn:
+        await self._execute(statement, params)
+
+    async def _execute(self, statement: Any, params: list[dict[str, Any]]) -> None:
+        async def work(conn: AsyncConnection) -> None:
             await conn.execute(statement, params)
+
+        await transaction(self.engine, work)
 
     async def finish(
         self,
@@ -270,8 +279,9 @@ class JobStore:
         for job_id, index in first.items():
             ending = endings[index]
             groups.setdefault((ending.succeeded, ending.error_code, ending.fail_reason), []).append(job_id)
-        ended: dict[str, Any] = {}
-        async with self.engine.begin() as conn:
+
+        async def work(conn: AsyncConnection) -> dict[str, Any]:
+            ended: dict[str, Any] = {}
             for (succeeded, error_code, fail_reason), ids in groups.items():
                 values: dict[str, Any] = {
                     "state": (JobState.SUCCEEDED if succeeded else JobState.FAILED).value,
@@ -298,13 +308,16 @@ class JobStore:
             settle: dict[str, list[int]] = {}  # key -> [captured, released]
             for row in ended.values():
                 settle.setdefault(row.key_id, [0, 0])[0 if row.hold_state == "captured" else 1] += int(row.price)
-            for key_id, (captured, released) in settle.items():
+            for key_id, (captured, released) in sorted(settle.items()):  # the same key order as admissions
                 if captured or released:
                     await conn.execute(
                         update(keys)
                         .where(keys.c.id == key_id)
                         .values(held=keys.c.held - (captured + released), balance=keys.c.balance - captured)
                     )
+            return ended
+
+        ended = await transaction(self.engine, work)
         return [
             _row(ended[ending.job_id]) if first[ending.job_id] == index and ending.job_id in ended else None
             for index, ending in enumerate(endings)

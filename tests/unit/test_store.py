@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from relay.store.db import Database
-from relay.store.jobs import Ending, JobState, JobStore, NewJob, ProgressChange
+from relay.store.db import Database, transaction
+from relay.store.jobs import Admission, Ending, JobState, JobStore, NewJob, ProgressChange
 from relay.store.keys import KeyStore, hash_key
 from tests.helpers import pg_database
 
@@ -143,3 +146,39 @@ async def test_many_endings_settle_in_one_transaction_each_once(db: Database) ->
     a, b = await keys.get(first.id), await keys.get(second.id)
     assert a is not None and (a.balance, a.held) == (1000 - sum(1 for n in range(600) if n % 3), 0)
     assert b is not None and (b.balance, b.held) == (100 - sum(1 for n in range(600, 650) if n % 3), 0)
+
+
+async def test_a_transient_failure_is_run_again_and_others_are_not(db: Database) -> None:
+    calls = []
+
+    async def flaky(conn: AsyncConnection) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("UPDATE keys ...", None, Exception("database is locked"))
+        return "done"
+
+    assert await transaction(db.engine, flaky) == "done" and len(calls) == 2
+
+    async def broken(conn: AsyncConnection) -> None:
+        raise IntegrityError("INSERT ...", None, Exception("duplicate key"))
+
+    with pytest.raises(IntegrityError):
+        await transaction(db.engine, broken)
+
+
+async def test_concurrent_holds_and_settlements_over_many_keys_never_deadlock(db: Database) -> None:
+    store, keys = JobStore(db.engine), KeyStore(db.engine)
+    key_ids = [(await keys.create(f"k{i}", 10_000, NOW))[0].id for i in range(8)]
+    rng = random.Random(5)
+    for round_ in range(30):
+        previous = [Admission(k, (job(f"job_p{round_:03d}{n:05d}", price=1),)) for n, k in enumerate(key_ids)]
+        assert all(await store.open_many(previous, NOW))
+        fresh = [Admission(k, (job(f"job_f{round_:03d}{n:05d}", price=1),)) for n, k in enumerate(key_ids)]
+        rng.shuffle(fresh)
+        endings = [Ending(a.jobs[0].id, succeeded=True) for a in previous]
+        rng.shuffle(endings)
+        admitted, ended = await asyncio.gather(store.open_many(fresh, NOW), store.finish_many(endings, NOW))
+        assert all(admitted) and all(row is not None for row in ended)
+    for key_id in key_ids:
+        key = await keys.get(key_id)
+        assert key is not None and (key.balance, key.held) == (10_000 - 30, 30)
