@@ -170,7 +170,7 @@ class Tracker:
         )
 
     def track(self, tracked: Tracked) -> None:
-        self._jobs[tracked.provider][tracked.upstream_id] = tracked
+        self._jobs[tracked.provider][tracked.job_id] = tracked
         self._by_job[tracked.job_id] = tracked
         self._wake[tracked.provider].set()
 
@@ -180,16 +180,23 @@ class Tracker:
     def count(self) -> int:
         return len(self._by_job)
 
-    async def expire(self, job_id: str) -> None:
-        """End a job that passed its deadline now, without waiting for the next poll."""
+    async def expire(self, job_id: str) -> bool:
+        """End a job that passed its deadline now, without waiting for the next poll. False while the upstream has
+        finished it and its grid is being delivered: it ends on its own shortly, as succeeded."""
         tracked = self._by_job.get(job_id)
-        if tracked is not None and not tracked.delivering:
-            await self._end(tracked, succeeded=False, error_code="timeout", reason="the job passed its deadline")
+        if tracked is None:
+            return True
+        if tracked.delivering:
+            return False
+        await self._end(tracked, succeeded=False, error_code="timeout", reason="the job passed its deadline")
+        return True
 
     async def sweep_pending(self) -> None:
         """End jobs stuck in PENDING past the grace (see PENDING_GRACE_S)."""
         now = self.clock.now()
         for row in await self.store.stale_pending(now - PENDING_GRACE_S):
+            if self.tracking(row.id):
+                continue  # submitted, though the write saying so failed: it ends when the upstream says so
             await self.finisher.end(
                 row.id, succeeded=False, error_code="interrupted", fail_reason="never confirmed upstream"
             )
@@ -223,11 +230,14 @@ class Tracker:
 
     async def poll(self, provider: str) -> None:
         """One round over a provider's running jobs."""
-        jobs = {uid: t for uid, t in self._jobs[provider].items() if not t.delivering}
+        jobs = [t for t in self._jobs[provider].values() if not t.delivering]
         if not jobs:
             return
+        by_upstream: dict[str, list[Tracked]] = {}
+        for tracked in jobs:
+            by_upstream.setdefault(tracked.upstream_id, []).append(tracked)
         try:
-            views: list[TaskView] | None = await self.pool.fetch_many(provider, list(jobs))
+            views: list[TaskView] | None = await self.pool.fetch_many(provider, list(by_upstream))
         except UpstreamUnavailable as exc:
             event(log, "status read failed", provider=provider, reason=str(exc))
             views = None
@@ -238,28 +248,26 @@ class Tracker:
         if views is not None:
             seen: set[str] = set()
             for view in views:
-                tracked = jobs.get(view.upstream_id)
-                if tracked is None:
-                    continue
                 seen.add(view.upstream_id)
-                tracked.missing_since = None
-                step = observe(tracked.state, tracked.progress, view)
-                if step.kind == "progress":
-                    changes.append((tracked, step))
-                elif step.kind == "success":
-                    successes.append((tracked, view))
-                elif step.kind == "failure":
-                    failures[tracked.job_id] = (tracked, step.error_code or "failed", step.reason)
-            for uid, tracked in jobs.items():
-                if uid in seen:
+                for tracked in by_upstream.get(view.upstream_id, ()):
+                    tracked.missing_since = None
+                    step = observe(tracked.state, tracked.progress, view)
+                    if step.kind == "progress":
+                        changes.append((tracked, step))
+                    elif step.kind == "success":
+                        successes.append((tracked, view))
+                    elif step.kind == "failure":
+                        failures[tracked.job_id] = (tracked, step.error_code or "failed", step.reason)
+            for tracked in jobs:
+                if tracked.upstream_id in seen:
                     continue
                 tracked.missing_since = tracked.missing_since or now
                 if now - tracked.missing_since >= self.config.jobs.lost_after_s:
                     failures[tracked.job_id] = (tracked, "lost", "the upstream no longer knows the job")
-        for tracked in jobs.values():
-            if now >= tracked.deadline_at and tracked.job_id not in failures:
-                if not any(t is tracked for t, _ in successes):
-                    failures[tracked.job_id] = (tracked, "timeout", "the job passed its deadline")
+        finished = {tracked.job_id for tracked, _ in successes}
+        for tracked in jobs:
+            if now >= tracked.deadline_at and tracked.job_id not in failures and tracked.job_id not in finished:
+                failures[tracked.job_id] = (tracked, "timeout", "the job passed its deadline")
 
         records = [ProgressChange(t.job_id, step.state or t.state, step.progress) for t, step in changes]
         records += [
@@ -277,8 +285,9 @@ class Tracker:
             task = asyncio.create_task(self._deliver(successes), name=f"deliver:{provider}")
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
-        for tracked, code, reason in failures.values():
-            await self._end(tracked, succeeded=False, error_code=code, reason=reason)
+        await asyncio.gather(
+            *(self._end(t, succeeded=False, error_code=code, reason=reason) for t, code, reason in failures.values())
+        )
 
     # -- ends ----------------------------------------------------------------------------------------------------
 
@@ -353,6 +362,14 @@ class Tracker:
     ) -> None:
         if self._by_job.pop(tracked.job_id, None) is None:
             return
-        self._jobs[tracked.provider].pop(tracked.upstream_id, None)
+        self._jobs[tracked.provider].pop(tracked.job_id, None)
+        try:
+            await self.finisher.end(tracked.job_id, succeeded=succeeded, error_code=error_code, fail_reason=reason)
+        except Exception:
+            # Nothing was written: keep following the job, and the next round ends it (endings are guarded, so
+            # trying again can never settle twice).
+            log.exception("ending a job failed; it is tried again", extra={"fields": {"job": tracked.job_id}})
+            tracked.delivering = False
+            self.track(tracked)
+            return
         self.pool.release(tracked.provider)
-        await self.finisher.end(tracked.job_id, succeeded=succeeded, error_code=error_code, fail_reason=reason)

@@ -243,3 +243,59 @@ async def test_the_loops_poll_on_their_interval_and_sweep_stale_pending_jobs(wor
     assert await world.state("job_stuck000") == ("FAILED", "interrupted", "released")
     await world.tracker.stop()
     assert not world.tracker.running
+
+
+async def test_an_ending_that_fails_to_write_is_tried_again(world: World) -> None:
+    job = await world.submit("bridge sim:fail")
+    real_end = world.tracker.finisher.end
+    calls = []
+
+    async def flaky_end(job_id: str, **kwargs: object) -> object:
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise RuntimeError("database unavailable")
+        return await real_end(job_id, **kwargs)  # type: ignore[arg-type]
+
+    world.tracker.finisher.end = flaky_end  # type: ignore[method-assign]
+    world.clock.advance(6)
+    await world.tracker.poll("sim")
+    assert world.tracker.tracking(job) and (await world.state(job))[0] == "SUBMITTED"
+    assert world.pool.in_flight["sim"] == 1  # the slot is still taken
+    await world.tracker.poll("sim")
+    assert await world.state(job) == ("FAILED", "failed", "released")
+    assert world.pool.in_flight["sim"] == 0 and await world.balance() == (1000, 0)
+
+
+async def test_two_jobs_on_one_upstream_task_are_both_followed(world: World) -> None:
+    first = await world.submit("cat")
+    now = world.clock.now()
+    twin = NewJob("job_twin0000", "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "cat", 2, now + 600)
+    await world.store.open(world.key_id, [twin], now)
+    upstream_id = first.removeprefix("job_")
+    await world.store.mark_submitted("job_twin0000", "sim", upstream_id, now)
+    world.pool.acquire("sim")
+    world.tracker.track(Tracked("job_twin0000", "mj-fast", "sim", upstream_id, now + 600))
+    world.clock.advance(11)
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert await world.state(first) == await world.state("job_twin0000") == ("SUCCEEDED", None, "captured")
+    assert world.pool.in_flight["sim"] == 0
+
+
+async def test_a_job_being_delivered_is_not_expired(world: World) -> None:
+    job = await world.submit("cat")
+    gate = asyncio.Event()
+    real_download = world.pool.upstreams["sim"].download
+
+    async def slow_download(url: str) -> bytes:
+        await gate.wait()
+        return await real_download(url)
+
+    world.pool.upstreams["sim"].download = slow_download  # type: ignore[method-assign]
+    world.clock.advance(11)
+    await world.tracker.poll("sim")
+    assert await world.tracker.expire(job) is False  # the upstream finished it: it is being delivered
+    gate.set()
+    await world.settle()
+    assert await world.state(job) == ("SUCCEEDED", None, "captured")
+    assert await world.tracker.expire(job) is True
