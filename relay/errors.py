@@ -13,7 +13,8 @@
       DeadlineExceeded            504 timeout (the job passed its deadline)
       InternalError               500 internal_error (a bug; details stay in the log)
 
-Answers where a retry cannot help carry `x-should-retry: false`, which the OpenAI SDKs obey.
+Answers where a retry cannot help (or could start a job twice) carry `x-should-retry: false`, which the OpenAI
+SDKs obey.
 """
 
 from __future__ import annotations
@@ -128,3 +129,4 @@ class InternalError(RelayError):
     status = 500
     type = "server_error"
     code = "internal_error"
+    retry = False  # a job may already be running: a retry could start it again

@@ -17,8 +17,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from relay.api.common import base_url, json_body, relay_of, validate
+from relay.api.common import attempt_of, base_url, json_body, relay_of, validate
 from relay.core.jobs import Generation, JobService
 from relay.errors import InvalidRequest, RelayError
 from relay.store.jobs import JobRow
@@ -113,7 +114,7 @@ async def chat_completions(request: Request) -> Response:
     spec = relay.jobs.plan(model=body.model, prompt=text, n=4)
     if image_urls:
         spec = replace(spec, references=await relay.references.load(image_urls))
-    generation = await relay.jobs.start(key, spec)
+    generation = await relay.jobs.start(key, spec, await attempt_of(request, key))
     completion_id = f"chatcmpl-{generation.request_id}"
     created = int(relay.clock.now())
     if not body.stream:
@@ -140,11 +141,26 @@ async def chat_completions(request: Request) -> Response:
             }
         )
     usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(
+    return _GenerationStream(
+        generation,
         _stream(request, generation, completion_id, created, usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+class _GenerationStream(StreamingResponse):
+    """A stream that lets go of its jobs' events however it ends, even when the client left before it began."""
+
+    def __init__(self, generation: Generation, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
 
 
 async def _stream(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -10,6 +11,7 @@ from cachetools import TTLCache
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from relay.core.jobs import Attempt
 from relay.errors import AuthenticationFailed, InvalidRequest
 from relay.store.keys import KeyRecord, KeyStore, hash_key
 
@@ -67,6 +69,18 @@ class Authenticator:
         self._lookups.pop(digest, None)
         if not task.cancelled() and task.exception() is None:
             self._cache[digest] = task.result()
+
+
+async def attempt_of(request: Request, key: KeyRecord) -> Attempt:
+    """How a client's retry of this request is recognised: the same key, route and body, with the OpenAI SDKs'
+    `x-stainless-retry-count` above 0; or the same `Idempotency-Key` header."""
+    idempotency = request.headers.get("idempotency-key", "").strip()
+    if idempotency:
+        material = f"{key.id}\n{request.url.path}\nidempotency-key\n{idempotency}".encode()
+        return Attempt(hashlib.sha256(material).hexdigest(), retry=True)
+    material = f"{key.id}\n{request.url.path}\n".encode() + await request.body()
+    retries = request.headers.get("x-stainless-retry-count", "0").strip()
+    return Attempt(hashlib.sha256(material).hexdigest(), retry=retries not in ("", "0"))
 
 
 async def json_body(request: Request) -> dict[str, Any]:

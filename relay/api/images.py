@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from relay.api.common import base_url, json_body, relay_of, validate
+from relay.api.common import attempt_of, base_url, json_body, relay_of, validate
 from relay.core.jobs import JobService
 
 
@@ -42,17 +42,18 @@ async def create_image(request: Request) -> JSONResponse:
     spec = relay.jobs.plan(
         model=body.model, prompt=body.prompt, n=n, size=body.size, quality=body.quality, style=body.style
     )
-    generation = await relay.jobs.start(key, spec)
+    generation = await relay.jobs.start(key, spec, await attempt_of(request, key))
     try:
         rows = await relay.jobs.wait(generation)
     finally:
         generation.close()
     tiles = JobService.tiles(rows, n)
+    revised = generation.spec.prompt
     now = relay.clock.now()
     if body.response_format == "b64_json":
         blobs = await asyncio.to_thread(lambda: [relay.images.read(t.job_id, t.name) for t in tiles])
-        data = [{"b64_json": base64.b64encode(blob).decode(), "revised_prompt": spec.prompt} for blob in blobs]
+        data = [{"b64_json": base64.b64encode(blob).decode(), "revised_prompt": revised} for blob in blobs]
     else:
         root = base_url(request)
-        data = [{"url": relay.images.url(root, t.job_id, t.name, now), "revised_prompt": spec.prompt} for t in tiles]
+        data = [{"url": relay.images.url(root, t.job_id, t.name, now), "revised_prompt": revised} for t in tiles]
     return JSONResponse({"created": int(now), "data": data})

@@ -12,11 +12,14 @@ Waiting is on in-process events published by the tracker; a waiter that outlives
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+from cachetools import TTLCache
 
 from adapters import Accepted, Bot, ClientError, Mode, NeedsModal, Retryable, SubmitOutcome, SubmitRequest
 from relay.clock import Clock
@@ -44,7 +47,11 @@ from relay.errors import (
 from relay.store.jobs import Admission, JobRow, JobState, JobStore, NewJob, Submitted
 from relay.store.keys import KeyRecord, KeyStore
 
+log = logging.getLogger("relay.jobs")
+
 TILES_PER_JOB = 4
+# How long a request's jobs can be found again by a retry of it: longer than any deadline plus the SDKs' retries.
+RETRY_WINDOW_S = 3600.0
 # How long past its deadline a waiter gives the tracker before ending a job itself.
 DEADLINE_GRACE_S = 5.0
 
@@ -84,6 +91,23 @@ class Generation:
 
     def close(self) -> None:
         self.subscription.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What recognises a client's retry of a request: a fingerprint of the key, the route and the body (or of
+    the `Idempotency-Key` it named), and whether this attempt says it is a retry."""
+
+    fingerprint: str
+    retry: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    request_id: str
+    spec: ImageSpec
+    job_ids: tuple[str, ...]
+    deadline_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +187,7 @@ class JobService:
         self._mark: Batcher[Submitted, None] = Batcher(
             lambda batch: store.mark_submitted_many(batch, clock.now()), "mark-submitted"
         )
+        self._started: TTLCache[str, _Started] = TTLCache(maxsize=100_000, ttl=RETRY_WINDOW_S, timer=clock.now)
 
     # -- planning (no I/O) ---------------------------------------------------------------------------------------
 
@@ -214,8 +239,39 @@ class JobService:
 
     # -- running -------------------------------------------------------------------------------------------------
 
-    async def start(self, key: KeyRecord, spec: ImageSpec) -> Generation:
-        """Hold the quota and submit every job; raises when no job could be submitted at all."""
+    async def start(self, key: KeyRecord, spec: ImageSpec, attempt: Attempt | None = None) -> Generation:
+        """Hold the quota and submit every job; raises when no job could be submitted at all.
+
+        A client's retry of a request (the OpenAI SDKs retry timeouts and 5xx twice, without an idempotency key)
+        follows the jobs the first attempt started instead of starting and charging new ones, unless those all
+        ended without success."""
+        if attempt is not None and attempt.retry:
+            started = self._started.get(attempt.fingerprint)
+            if started is not None:
+                attached = await self._attach(started)
+                if attached is not None:
+                    return attached
+        generation = await self._start(key, spec)
+        if attempt is not None:
+            self._started[attempt.fingerprint] = _Started(
+                generation.request_id, spec, generation.job_ids, generation.deadline_at
+            )
+        return generation
+
+    async def _attach(self, started: _Started) -> Generation | None:
+        subscription = self.events.subscribe(started.job_ids)
+        generation = Generation(started.request_id, started.spec, started.job_ids, started.deadline_at, subscription)
+        rows = await self.store.by_request(started.request_id)
+        for row in rows:
+            if row.state.terminal:
+                generation.ended.add(row.id)
+                generation.rows[row.id] = row
+        if generation.done and not any(row.state is JobState.SUCCEEDED for row in rows):
+            generation.close()
+            return None
+        return generation
+
+    async def _start(self, key: KeyRecord, spec: ImageSpec) -> Generation:
         now = self.clock.now()
         request_id = secrets.token_hex(12)
         deadline = now + self.config.jobs.deadline_s.of(spec.mode)
@@ -290,10 +346,13 @@ class JobService:
             self.pool.acquire(name)
             outcome = await self.pool.submit(name, request)
             if isinstance(outcome, Accepted):
-                await self._mark(Submitted(job.id, name, outcome.upstream_id))
-                self.tracker.track(
-                    Tracked(job.id, job.model, name, outcome.upstream_id, job.deadline_at, JobState.SUBMITTED)
-                )
+                tracked = Tracked(job.id, job.model, name, outcome.upstream_id, job.deadline_at, JobState.SUBMITTED)
+                try:
+                    await self._mark(Submitted(job.id, name, outcome.upstream_id))
+                except Exception:
+                    # The upstream has the task: follow it anyway, so it is ended (and settled) like any other.
+                    log.exception("recording a submitted job failed", extra={"fields": {"job": job.id}})
+                self.tracker.track(tracked)
                 return None
             self.pool.release(name)
             if isinstance(outcome, ClientError | NeedsModal) or (isinstance(outcome, Retryable) and outcome.sent):
@@ -306,18 +365,20 @@ class JobService:
 
     async def follow(self, generation: Generation, idle_s: float) -> AsyncIterator[int | None]:
         """Overall progress (0-100) each time it changes, None after `idle_s` without news, until every job ended.
-        A job still running past its deadline (plus a short grace for the tracker) is ended here."""
+        A job still running past its deadline (plus a short grace for the tracker) is ended here, unless the
+        upstream has finished it and its grid is being delivered: then it is waited for."""
         last = -1
         while not generation.done:
             now = self.clock.now()
-            overdue = now >= generation.deadline_at + DEADLINE_GRACE_S
-            if overdue:
+            limit = generation.deadline_at + DEADLINE_GRACE_S
+            wait = min(idle_s, limit - now)
+            if now >= limit:
                 for job_id in generation.job_ids:
-                    if job_id not in generation.ended:
-                        await self.tracker.expire(job_id)
+                    if job_id not in generation.ended and await self.tracker.expire(job_id):
                         generation.ended.add(job_id)
-                break
-            wait = min(idle_s, generation.deadline_at + DEADLINE_GRACE_S - now)
+                if generation.done:
+                    break
+                wait = idle_s  # what is left is being delivered: it ends on its own
             update = await generation.subscription.next(max(0.01, wait))
             if update is None:
                 yield None

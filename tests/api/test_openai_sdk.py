@@ -156,3 +156,37 @@ def test_the_image_path_runs_on_postgresql(tmp_path: Path) -> None:
         assert len(result.data) == 6
         assert relay.jobs() == [("SUCCEEDED", None, "captured", "sim")] * 2
         assert relay.balance() == (996, 0)
+
+
+def test_the_sdks_retries_after_a_timeout_follow_the_running_job_and_charge_once(tmp_path: Path) -> None:
+    config = relay_config(
+        tmp_path, providers=[{"name": "sim", "dialect": "simulator", "simulator": {"relax_s": 1.5, "tile_px": 32}}]
+    )
+    with running_relay(config) as relay:
+        with openai.OpenAI(base_url=relay.base + "/v1", api_key=relay.key, timeout=0.8, max_retries=2) as client:
+            result = client.images.generate(model="mj-relax", prompt="a slow river")
+        assert len(result.data) == 1 and result.data[0].url
+        assert relay.jobs() == [("SUCCEEDED", None, "captured", "sim")]
+        assert relay.balance() == (999, 0)
+
+
+def test_identical_requests_that_are_not_retries_each_run(relay: RunningRelay) -> None:
+    body = {"model": "mj-fast", "prompt": "twins"}
+    headers = {"Authorization": f"Bearer {relay.key}"}
+    for _ in range(2):
+        assert httpx.post(relay.base + "/v1/images/generations", json=body, headers=headers).status_code == 200
+    assert len(relay.jobs()) == 2
+    headers["Idempotency-Key"] = "order-17"
+    first = httpx.post(relay.base + "/v1/images/generations", json=body, headers=headers, timeout=30).json()
+    again = httpx.post(relay.base + "/v1/images/generations", json=body, headers=headers, timeout=30).json()
+    assert len(relay.jobs()) == 3
+    assert first["data"][0]["url"].split("?")[0] == again["data"][0]["url"].split("?")[0]
+
+
+def test_a_retry_of_a_failed_request_starts_afresh(relay: RunningRelay) -> None:
+    body = {"model": "mj-fast", "prompt": "a bridge sim:fail"}
+    headers = {"Authorization": f"Bearer {relay.key}", "x-stainless-retry-count": "0"}
+    assert httpx.post(relay.base + "/v1/images/generations", json=body, headers=headers).status_code == 502
+    headers["x-stainless-retry-count"] = "1"
+    assert httpx.post(relay.base + "/v1/images/generations", json=body, headers=headers).status_code == 502
+    assert [row[:2] for row in relay.jobs()] == [("FAILED", "failed")] * 2
