@@ -98,7 +98,7 @@ class ApiConfig(_Section):
     default_model: str = "mj-fast"
     max_prompt_chars: int = Field(4000, ge=1, le=32_000)
     max_n: int = Field(10, ge=1, le=40)
-    keepalive_s: float = Field(15.0, gt=0, le=60)
+    keepalive_s: float = Field(10.0, gt=0, le=60)
     references: ReferencesConfig = ReferencesConfig()
 
 

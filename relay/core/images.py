@@ -35,16 +35,21 @@ class ImageError(Exception):
 
 
 def load_or_create_secret(path: Path) -> str:
-    """The relay's own signing secret, made once and kept next to its data so links survive a restart."""
+    """The relay's own signing secret, made once and kept next to its data so links survive a restart. A file
+    left empty (a crash while it was written) is never used as a key: a new secret replaces it."""
     try:
-        return path.read_text(encoding="utf-8").strip()
+        kept = path.read_text(encoding="utf-8").strip()
+        if len(kept) >= 32:
+            return kept
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(secret)
+    os.replace(tmp, path)
     return secret
 
 

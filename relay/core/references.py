@@ -3,8 +3,9 @@ takes in `base64Array`.
 
 Data URLs are decoded with a size limit and must be an image. http(s) URLs are fetched with a size and time limit,
 following at most three redirects, and by default never from private, loopback, link-local or otherwise
-non-public addresses: every address the host resolves to is checked, on every hop. `allow_private` or
-`allow_hosts` (host names or CIDR blocks) open that up for tests and private networks.
+non-public addresses: every address the host resolves to is checked, on every hop, and the connection is made to
+the address that was checked. `allow_private` or `allow_hosts` (host names or CIDR blocks) open that up for tests
+and private networks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import binascii
 import io
 import ipaddress
 import socket
-from urllib.parse import urljoin, urlsplit
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -23,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from relay.config import ReferencesConfig
 from relay.errors import InvalidRequest
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 MAX_REDIRECTS = 3
 
@@ -45,13 +49,20 @@ def image_data_url(data: bytes) -> str:
 
 
 class ReferenceLoader:
-    def __init__(self, config: ReferencesConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        config: ReferencesConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        resolver: Callable[[str, int], Awaitable[list[IPAddress]]] | None = None,
+    ) -> None:
         self.config = config
+        self._resolve = resolver or resolve
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout_s), follow_redirects=False, transport=transport
         )
-        self._networks = []
-        self._hosts = set()
+        self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self._hosts: set[str] = set()
         for entry in config.allow_hosts:
             try:
                 self._networks.append(ipaddress.ip_network(entry, strict=False))
@@ -92,9 +103,9 @@ class ReferenceLoader:
 
     async def _download(self, url: str) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
-            await self._check_host(url)
+            target, headers, extensions = await self._pinned(url)
             try:
-                async with self._client.stream("GET", url) as response:
+                async with self._client.stream("GET", target, headers=headers, extensions=extensions) as response:
                     if response.is_redirect and "location" in response.headers:
                         url = urljoin(url, response.headers["location"])
                         continue
@@ -111,20 +122,33 @@ class ReferenceLoader:
                 raise _bad("A reference image could not be downloaded.") from None
         raise _bad("A reference image URL redirects too often.")
 
-    async def _check_host(self, url: str) -> None:
+    async def _pinned(self, url: str) -> tuple[str, dict[str, str], dict[str, Any]]:
+        """Where to connect for a URL, checked: every address its host resolves to must be public (or allowed),
+        and the connection goes to the address that was checked, so a name cannot resolve to one address for
+        the check and another for the download. The Host header and the TLS server name stay the URL's."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise _bad("A reference image must be an http(s) URL or a data URL.")
         host = parts.hostname.lower()
         if self.config.allow_private or host in self._hosts:
-            return
+            return url, {}, {}
+        port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+            addresses = await self._resolve(host, port)
         except OSError:
             raise _bad("The host of a reference image URL does not resolve.") from None
-        for info in infos:
-            address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-            if any(address in network for network in self._networks):
-                continue
-            if not address.is_global:
+        if not addresses:
+            raise _bad("The host of a reference image URL does not resolve.")
+        for address in addresses:
+            if not address.is_global and not any(address in network for network in self._networks):
                 raise _bad("Reference image URLs may not point at private or local addresses.")
+        literal = f"[{addresses[0]}]" if addresses[0].version == 6 else str(addresses[0])
+        target = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))
+        extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
+        return target, {"Host": parts.netloc.rsplit("@", 1)[-1]}, extensions
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address a host name resolves to (an IP literal resolves to itself)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]

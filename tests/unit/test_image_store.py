@@ -91,3 +91,6 @@ def test_the_relay_keeps_its_own_secret(tmp_path: Path) -> None:
     first = load_or_create_secret(path)
     assert len(first) >= 32 and load_or_create_secret(path) == first
     assert os.stat(path).st_mode & 0o777 == 0o600
+    path.write_text("")  # left empty by a crash: never used as a key
+    replaced = load_or_create_secret(path)
+    assert len(replaced) >= 32 and replaced != first and path.read_text() == replaced

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import random
 from collections.abc import AsyncIterator
 
@@ -15,7 +16,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from relay.config import ReferencesConfig
-from relay.core.references import ReferenceLoader
+from relay.core.references import IPAddress, ReferenceLoader
 from relay.errors import InvalidRequest
 from tests.helpers import serve
 
@@ -45,6 +46,8 @@ async def images(request: Request) -> Response:
         return Response(b"hello", media_type="text/plain")
     if name == "missing":
         return Response(status_code=404)
+    if name == "hosted" and not request.headers["host"].startswith("images.example:"):
+        return Response(status_code=421)
     return Response(png(), media_type="image/png")
 
 
@@ -99,3 +102,32 @@ async def test_allowed_hosts_are_fetched_with_limits(server: str) -> None:
     assert "larger than" in await refused([server + "/img/big"], allow_private=True, max_bytes=2048)
     assert "not a readable image" in await refused([server + "/img/text"], allow_private=True)
     assert "HTTP 404" in await refused([server + "/img/missing"], allow_private=True)
+
+
+async def test_the_download_goes_to_the_address_that_was_checked(server: str) -> None:
+    port = int(server.rsplit(":", 1)[1])
+    asked = []
+
+    async def resolver(host: str, port: int) -> list[IPAddress]:
+        asked.append(host)
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    loader = ReferenceLoader(ReferencesConfig(allow_hosts=["127.0.0.0/8"]), resolver=resolver)
+    try:
+        # images.example does not exist: the request can only have reached the checked address, with its name
+        assert await loader.load([f"http://images.example:{port}/img/hosted"]) == (data_url(png()),)
+    finally:
+        await loader.aclose()
+    assert asked == ["images.example"]
+
+
+async def test_one_private_address_among_public_ones_is_refused() -> None:
+    async def resolver(host: str, port: int) -> list[IPAddress]:
+        return [ipaddress.ip_address("93.184.215.14"), ipaddress.ip_address("169.254.169.254")]
+
+    loader = ReferenceLoader(ReferencesConfig(), resolver=resolver)
+    try:
+        with pytest.raises(InvalidRequest, match="private or local"):
+            await loader.load(["https://rebind.example/x.png"])
+    finally:
+        await loader.aclose()
