@@ -37,7 +37,7 @@ class HttpOptions:
     secret: str = ""
     connect_timeout_s: float = 5.0
     timeout_s: float = 30.0
-    max_connections: int = 50
+    max_connections: int = 16
     max_image_bytes: int = 50_000_000
     batch_size: int = 50
 
@@ -61,6 +61,8 @@ class HttpUpstream:
         self._downloads = httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=True, transport=transport)
         self._list_supported = True
         self._fetch_slots = asyncio.Semaphore(8)
+        # Callers wait here rather than in the connection pool, whose queue costs time per waiter per connection.
+        self._slots = asyncio.Semaphore(options.max_connections)
 
     # -- what a dialect says -------------------------------------------------------------------------------------
 
@@ -88,11 +90,12 @@ class HttpUpstream:
 
     async def submit(self, request: SubmitRequest) -> SubmitOutcome:
         try:
-            response = await self._client.post(
-                self._base + self.submit_path(request),
-                content=json.dumps(self.submit_body(request)).encode(),
-                headers={**self.auth_headers(), "Content-Type": "application/json"},
-            )
+            async with self._slots:
+                response = await self._client.post(
+                    self._base + self.submit_path(request),
+                    content=json.dumps(self.submit_body(request)).encode(),
+                    headers={**self.auth_headers(), "Content-Type": "application/json"},
+                )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             return Retryable(f"cannot connect: {type(exc).__name__}", sent=False)
         except httpx.TimeoutException as exc:
@@ -129,7 +132,7 @@ class HttpUpstream:
         if not target.startswith(("http://", "https://")):
             raise UpstreamUnavailable("the image URL is not http(s)")
         try:
-            async with self._downloads.stream("GET", target) as response:
+            async with self._slots, self._downloads.stream("GET", target) as response:
                 if response.status_code != 200:
                     raise UpstreamUnavailable(f"image download answered HTTP {response.status_code}")
                 chunks: list[bytes] = []
@@ -171,7 +174,8 @@ class HttpUpstream:
             content = json.dumps(payload).encode()
             headers["Content-Type"] = "application/json"
         try:
-            response = await self._client.request(method, self._base + path, content=content, headers=headers)
+            async with self._slots:
+                response = await self._client.request(method, self._base + path, content=content, headers=headers)
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"{method} failed: {type(exc).__name__}") from None
         if response.status_code >= 500 or response.status_code == 429:

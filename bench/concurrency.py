@@ -136,8 +136,7 @@ def main() -> None:
             procs.append(sim)
             wait_ready(f"http://127.0.0.1:{sim_port}/cdn/0.png", sim)
             provider = (
-                f"{{name: sim, dialect: midjourney-proxy, base_url: 'http://127.0.0.1:{sim_port}', "
-                f"batch_size: 200, max_connections: 100}}"
+                f"{{name: sim, dialect: midjourney-proxy, base_url: 'http://127.0.0.1:{sim_port}', batch_size: 200}}"
             )
         else:
             provider = (

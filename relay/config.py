@@ -131,7 +131,7 @@ class ProviderConfig(_Section):
     max_in_flight: int | None = Field(None, ge=1)
     timeout_s: float = Field(30.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
-    max_connections: int = Field(50, ge=1, le=1000)
+    max_connections: int = Field(16, ge=1, le=1000)
     poll_interval_s: float | None = Field(None, gt=0)
     batch_size: int = Field(50, ge=1, le=1000)
     mode_prefix: bool = False
