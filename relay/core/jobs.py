@@ -17,7 +17,7 @@ import math
 import random
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cachetools import TTLCache
 
@@ -54,6 +54,8 @@ TILES_PER_JOB = 4
 RETRY_WINDOW_S = 3600.0
 # How long past its deadline a waiter gives the tracker before ending a job itself.
 DEADLINE_GRACE_S = 5.0
+# How long past that a waiter still waits for a job whose grid is being delivered (downloads are time-limited).
+DELIVERY_WAIT_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,11 @@ def error_for(row: JobRow) -> RelayError:
     return UpstreamFailed(f"The Midjourney job failed: {reason}")
 
 
+def _took_any(outcome: tuple[bool, list[JobRow]], planned: int) -> bool:
+    admitted, refused = outcome
+    return admitted and len(refused) < planned
+
+
 def _end_code(outcome: SubmitOutcome | None) -> tuple[str, str]:
     """The job's error code and reason when no provider took it."""
     if isinstance(outcome, ClientError):
@@ -187,7 +194,9 @@ class JobService:
         self._mark: Batcher[Submitted, None] = Batcher(
             lambda batch: store.mark_submitted_many(batch, clock.now()), "mark-submitted"
         )
-        self._started: TTLCache[str, _Started] = TTLCache(maxsize=100_000, ttl=RETRY_WINDOW_S, timer=clock.now)
+        self._started: TTLCache[str, asyncio.Future[_Started | None]] = TTLCache(
+            maxsize=100_000, ttl=RETRY_WINDOW_S, timer=clock.now
+        )
 
     # -- planning (no I/O) ---------------------------------------------------------------------------------------
 
@@ -243,25 +252,31 @@ class JobService:
         """Hold the quota and submit every job; raises when no job could be submitted at all.
 
         A client's retry of a request (the OpenAI SDKs retry timeouts and 5xx twice, without an idempotency key)
-        follows the jobs the first attempt started instead of starting and charging new ones, unless those all
-        ended without success."""
+        follows the jobs its first attempt started — waiting for that attempt's submission if it is still under
+        way — instead of starting and charging new ones, unless the first attempt started nothing or its jobs all
+        ended without success. An attempt that is not a retry always starts afresh and becomes the one later
+        retries of that body follow."""
         if attempt is not None and attempt.retry:
-            started = self._started.get(attempt.fingerprint)
-            if started is not None:
-                attached = await self._attach(started)
+            earlier = self._started.get(attempt.fingerprint)
+            if earlier is not None:
+                started = await asyncio.shield(earlier)
+                attached = await self._attach(started) if started is not None else None
                 if attached is not None:
                     return attached
-        generation = await self._start(key, spec)
+        recorded: asyncio.Future[_Started | None] | None = None
         if attempt is not None:
-            self._started[attempt.fingerprint] = _Started(
-                generation.request_id, spec, generation.job_ids, generation.deadline_at
-            )
-        return generation
+            recorded = asyncio.get_running_loop().create_future()
+            self._started[attempt.fingerprint] = recorded
+        return await self._start(key, spec, recorded)
 
     async def _attach(self, started: _Started) -> Generation | None:
         subscription = self.events.subscribe(started.job_ids)
         generation = Generation(started.request_id, started.spec, started.job_ids, started.deadline_at, subscription)
-        rows = await self.store.by_request(started.request_id)
+        try:
+            rows = await self.store.by_request(started.request_id)
+        except BaseException:
+            generation.close()
+            raise
         for row in rows:
             if row.state.terminal:
                 generation.ended.add(row.id)
@@ -271,7 +286,9 @@ class JobService:
             return None
         return generation
 
-    async def _start(self, key: KeyRecord, spec: ImageSpec) -> Generation:
+    async def _start(
+        self, key: KeyRecord, spec: ImageSpec, recorded: asyncio.Future[_Started | None] | None
+    ) -> Generation:
         now = self.clock.now()
         request_id = secrets.token_hex(12)
         deadline = now + self.config.jobs.deadline_s.of(spec.mode)
@@ -290,12 +307,25 @@ class JobService:
             )
             for _ in range(math.ceil(spec.n / TILES_PER_JOB))
         ]
-        subscription = self.events.subscribe(job.id for job in planned)
-        generation = Generation(request_id, spec, tuple(job.id for job in planned), deadline, subscription)
+        job_ids = tuple(job.id for job in planned)
+        # Holding and submitting go on even if the caller goes away meanwhile: a held job is always submitted
+        # (and tracked to its end) or ended, never left holding credits. Retries learn how it went from `recorded`,
+        # which is settled when that work is done, however the caller fares.
+        work = asyncio.ensure_future(self._admit_and_submit(key, planned, spec))
+        subscription = self.events.subscribe(job_ids)
+        generation = Generation(request_id, spec, job_ids, deadline, subscription)
+        if recorded is not None:
+            # What a retry needs to follow this attempt; reference images are not kept for it.
+            following = _Started(request_id, replace(spec, references=()), job_ids, deadline)
+
+            def record(done: asyncio.Future[tuple[bool, list[JobRow]]]) -> None:
+                took = not done.cancelled() and done.exception() is None and _took_any(done.result(), len(planned))
+                if not recorded.done():
+                    recorded.set_result(following if took else None)
+
+            work.add_done_callback(record)
         try:
-            # Holding and submitting go on even if the caller goes away meanwhile: a held job is always submitted
-            # (and tracked to its end) or ended, never left holding credits.
-            admitted, refused = await asyncio.shield(asyncio.ensure_future(self._admit_and_submit(key, planned, spec)))
+            admitted, refused = await asyncio.shield(work)
             if not admitted:
                 raise await self._refusal(key, price * len(planned))
             for row in refused:
@@ -337,7 +367,7 @@ class JobService:
         )
         tried: list[str] = []
         outcome: SubmitOutcome | None = None
-        while True:
+        while self.clock.now() < job.deadline_at:
             names = rank(self.pool.candidates(), mode=spec.mode, bot=spec.bot, exclude=tried, rng=self.rng)
             if not names:
                 break
@@ -358,9 +388,12 @@ class JobService:
             if isinstance(outcome, ClientError | NeedsModal) or (isinstance(outcome, Retryable) and outcome.sent):
                 break
         code, reason = _end_code(outcome)
+        if self.clock.now() >= job.deadline_at:
+            code, reason = "timeout", "the job passed its deadline before a provider took it"
         row = await self.finisher.end(job.id, succeeded=False, error_code=code, fail_reason=reason)
-        if row is None:  # cannot happen: nobody else knows the job yet
-            raise InternalError("The job ended twice.")
+        row = row or await self.store.get(job.id)  # already ended (a sweep, a repeated write): report it as it is
+        if row is None:
+            raise InternalError("The job vanished.")
         return row
 
     async def follow(self, generation: Generation, idle_s: float) -> AsyncIterator[int | None]:
@@ -376,7 +409,7 @@ class JobService:
                 for job_id in generation.job_ids:
                     if job_id not in generation.ended and await self.tracker.expire(job_id):
                         generation.ended.add(job_id)
-                if generation.done:
+                if generation.done or now >= limit + DELIVERY_WAIT_S:
                     break
                 wait = idle_s  # what is left is being delivered: it ends on its own
             update = await generation.subscription.next(max(0.01, wait))

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from adapters import SubmitOutcome, SubmitRequest
+from adapters import Retryable, SubmitOutcome, SubmitRequest
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.app import Relay
 from relay.clock import SystemClock
+from relay.core.jobs import Attempt
+from relay.errors import ServiceUnavailable
 from relay.store.keys import KeyRecord
 from relay.store.tables import jobs
 from tests.helpers import relay_config
@@ -64,3 +66,66 @@ async def test_a_request_that_goes_away_mid_submit_still_runs_its_job_to_the_end
     assert [tuple(row) for row in rows] == [("SUCCEEDED", "captured")]
     current = await service.keys.get(key.id)
     assert current is not None and (current.balance, current.held) == (98, 0)
+
+
+class SwitchableUpstream(SimulatorUpstream):
+    """The simulator, with submits that can be made to wait at a gate or to answer "queue full"."""
+
+    def __init__(self) -> None:
+        super().__init__("sim", SimEngine(SimSettings(fast_s=0.2, tile_px=16)))
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.full = False
+
+    async def submit(self, request: SubmitRequest) -> SubmitOutcome:
+        await self.gate.wait()
+        if self.full:
+            return Retryable("queue full")
+        return await super().submit(request)
+
+
+@pytest.fixture
+async def switchable(tmp_path: Path) -> AsyncIterator[tuple[Relay, SwitchableUpstream, KeyRecord]]:
+    upstream = SwitchableUpstream()
+    relay = Relay(relay_config(tmp_path), SystemClock(), {"sim": upstream})
+    await relay.open()
+    key, _ = await relay.keys.create("k", 100, 0)
+    yield relay, upstream, key
+    await relay.close()
+
+
+async def test_a_retry_follows_only_the_latest_attempt_that_was_not_a_retry(
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    service, upstream, key = switchable
+    spec = service.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    first = await service.jobs.start(key, spec, Attempt("same-body", retry=False))
+    first.close()
+    upstream.full = True  # the same body, sent again later as a new request, finds no provider
+    with pytest.raises(ServiceUnavailable):
+        await service.jobs.start(key, spec, Attempt("same-body", retry=False))
+    upstream.full = False
+    retried = await service.jobs.start(key, spec, Attempt("same-body", retry=True))
+    retried.close()
+    assert retried.request_id != first.request_id  # a fresh start, not the older request's images
+
+
+async def test_a_retry_during_the_first_attempts_submission_waits_for_it_and_follows_it(
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    service, upstream, key = switchable
+    upstream.gate.clear()
+    spec = service.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    first = asyncio.ensure_future(service.jobs.start(key, spec, Attempt("body", retry=False)))
+    await asyncio.sleep(0.05)
+    retry = asyncio.ensure_future(service.jobs.start(key, spec, Attempt("body", retry=True)))
+    await asyncio.sleep(0.05)
+    first.cancel()  # the client gave up on the first attempt
+    upstream.gate.set()
+    followed = await retry
+    rows = await service.jobs.wait(followed)
+    followed.close()
+    assert [row.state.value for row in rows] == ["SUCCEEDED"]
+    current = await service.keys.get(key.id)
+    assert current is not None and (current.balance, current.held) == (98, 0)  # one job, charged once
+    assert followed.spec.references == ()
