@@ -8,8 +8,9 @@ A dialect subclass says only what differs: its paths, its auth header and how th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin
@@ -27,6 +28,14 @@ from adapters.base import (
 from adapters.replies import classify_submit, parse_fetch, parse_task_list
 
 __all__ = ["HttpOptions", "HttpUpstream"]
+
+READ_LANES = 4
+# A whole image download may take this many times the per-call timeout (a slow, large grid), never longer.
+DOWNLOAD_TIMEOUTS = 4
+
+
+class _Busy(Exception):
+    """No lane to the provider came free in time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,15 +63,28 @@ class HttpUpstream:
         self.options = options
         self._base = options.base_url.rstrip("/")
         timeout = httpx.Timeout(options.timeout_s, connect=options.connect_timeout_s)
-        limits = httpx.Limits(
-            max_connections=options.max_connections, max_keepalive_connections=options.max_connections
-        )
+        size = options.max_connections + READ_LANES
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
         self._client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport, follow_redirects=False)
         self._downloads = httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=True, transport=transport)
         self._list_supported = True
-        self._fetch_slots = asyncio.Semaphore(8)
-        # Callers wait here rather than in the connection pool, whose queue costs time per waiter per connection.
+        # Callers wait for a lane here rather than in the connection pool, whose queue costs time per waiter per
+        # connection. Status reads have lanes of their own, so polling never queues behind a burst of submits.
         self._slots = asyncio.Semaphore(options.max_connections)
+        self._read_slots = asyncio.Semaphore(READ_LANES)
+
+    @contextlib.asynccontextmanager
+    async def _lane(self, lanes: asyncio.Semaphore) -> AsyncIterator[None]:
+        """A lane to the provider, waited for at most `timeout_s` (then `_Busy`)."""
+        try:
+            async with asyncio.timeout(self.options.timeout_s):
+                await lanes.acquire()
+        except TimeoutError:
+            raise _Busy from None
+        try:
+            yield
+        finally:
+            lanes.release()
 
     # -- what a dialect says -------------------------------------------------------------------------------------
 
@@ -90,12 +112,14 @@ class HttpUpstream:
 
     async def submit(self, request: SubmitRequest) -> SubmitOutcome:
         try:
-            async with self._slots:
+            async with self._lane(self._slots):
                 response = await self._client.post(
                     self._base + self.submit_path(request),
                     content=json.dumps(self.submit_body(request)).encode(),
                     headers={**self.auth_headers(), "Content-Type": "application/json"},
                 )
+        except _Busy:
+            return Retryable("every connection to the provider stayed busy", sent=False)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             return Retryable(f"cannot connect: {type(exc).__name__}", sent=False)
         except httpx.TimeoutException as exc:
@@ -132,17 +156,20 @@ class HttpUpstream:
         if not target.startswith(("http://", "https://")):
             raise UpstreamUnavailable("the image URL is not http(s)")
         try:
-            async with self._slots, self._downloads.stream("GET", target) as response:
-                if response.status_code != 200:
-                    raise UpstreamUnavailable(f"image download answered HTTP {response.status_code}")
-                chunks: list[bytes] = []
-                total = 0
-                async for chunk in response.aiter_bytes():
-                    total += len(chunk)
-                    if total > self.options.max_image_bytes:
-                        raise UpstreamUnavailable("the image is larger than the download limit")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+            async with self._lane(self._slots), asyncio.timeout(self.options.timeout_s * DOWNLOAD_TIMEOUTS):
+                async with self._downloads.stream("GET", target) as response:
+                    if response.status_code != 200:
+                        raise UpstreamUnavailable(f"image download answered HTTP {response.status_code}")
+                    chunks: list[bytes] = []
+                    total = 0
+                    async for chunk in response.aiter_bytes():
+                        total += len(chunk)
+                        if total > self.options.max_image_bytes:
+                            raise UpstreamUnavailable("the image is larger than the download limit")
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+        except (_Busy, TimeoutError):
+            raise UpstreamUnavailable("the image download did not finish in time") from None
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"image download failed: {type(exc).__name__}") from None
 
@@ -174,8 +201,10 @@ class HttpUpstream:
             content = json.dumps(payload).encode()
             headers["Content-Type"] = "application/json"
         try:
-            async with self._slots:
+            async with self._lane(self._read_slots):
                 response = await self._client.request(method, self._base + path, content=content, headers=headers)
+        except _Busy:
+            raise UpstreamUnavailable("every read lane to the provider stayed busy") from None
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"{method} failed: {type(exc).__name__}") from None
         if response.status_code >= 500 or response.status_code == 429:
@@ -197,8 +226,7 @@ class HttpUpstream:
 
     async def _fetch_each(self, ids: list[str]) -> list[TaskView]:
         async def one(upstream_id: str) -> TaskView | None:
-            async with self._fetch_slots:
-                return await self.fetch(upstream_id)
+            return await self.fetch(upstream_id)
 
         results = await asyncio.gather(*(one(i) for i in ids))
         return [view for view in results if view is not None]

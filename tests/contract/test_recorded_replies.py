@@ -3,6 +3,7 @@ and how each odd answer maps onto the contract (see shared/reference/upstreams.m
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -255,3 +256,24 @@ async def test_probe_falls_back_to_fetch_without_a_list_endpoint(mock: respx.Moc
     mock.post("/mj/task/list-by-condition").respond(404)
     mock.get("/mj/task/0/fetch").respond(200, text="")
     assert await upstream("midjourney-proxy").probe() is True
+
+
+async def test_a_provider_whose_lanes_stay_busy_hands_the_job_on_before_sending() -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from tests.helpers import serve
+
+    async def slow(request: object) -> JSONResponse:
+        await asyncio.sleep(1.0)
+        return JSONResponse({"code": 1, "result": "1"})
+
+    with serve(Starlette(routes=[Route("/mj/submit/imagine", slow, methods=["POST"])])) as base:
+        adapter = create_http_upstream(
+            "midjourney-proxy", "p", HttpOptions(base_url=base, max_connections=1, timeout_s=0.3)
+        )
+        first, second = await asyncio.gather(adapter.submit(REQUEST), adapter.submit(REQUEST))
+        await adapter.aclose()
+    assert isinstance(first, Retryable) and first.sent  # sent, then no answer in time
+    assert isinstance(second, Retryable) and not second.sent  # never got a lane: nothing was sent
