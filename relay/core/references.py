@@ -58,8 +58,14 @@ class ReferenceLoader:
     ) -> None:
         self.config = config
         self._resolve = resolver or resolve
+        # A fresh connection for every download: a pooled one, made for another host name on the same address,
+        # would skip that host's TLS name check. No proxies from the environment: they would connect by name.
         self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.timeout_s), follow_redirects=False, transport=transport
+            timeout=httpx.Timeout(config.timeout_s),
+            limits=httpx.Limits(max_keepalive_connections=0),
+            follow_redirects=False,
+            trust_env=False,
+            transport=transport,
         )
         self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self._hosts: set[str] = set()
@@ -127,12 +133,15 @@ class ReferenceLoader:
         and the connection goes to the address that was checked, so a name cannot resolve to one address for
         the check and another for the download. The Host header and the TLS server name stay the URL's."""
         parts = urlsplit(url)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise _bad("A reference image URL has an invalid port.") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise _bad("A reference image must be an http(s) URL or a data URL.")
         host = parts.hostname.lower()
         if self.config.allow_private or host in self._hosts:
             return url, {}, {}
-        port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             addresses = await self._resolve(host, port)
         except OSError:
@@ -140,12 +149,28 @@ class ReferenceLoader:
         if not addresses:
             raise _bad("The host of a reference image URL does not resolve.")
         for address in addresses:
-            if not address.is_global and not any(address in network for network in self._networks):
+            if not any(address in network for network in self._networks) and not public(address):
                 raise _bad("Reference image URLs may not point at private or local addresses.")
         literal = f"[{addresses[0]}]" if addresses[0].version == 6 else str(addresses[0])
         target = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))
         extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
         return target, {"Host": parts.netloc.rsplit("@", 1)[-1]}, extensions
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def public(address: IPAddress) -> bool:
+    """Whether an address is on the public internet, including the IPv4 address an IPv6 one carries (mapped,
+    6to4, Teredo, NAT64), since a host reached that way is the IPv4 one."""
+    if not address.is_global:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        carried = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
+        if address in _NAT64:
+            carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        return all(inner is None or inner.is_global for inner in carried)
+    return True
 
 
 async def resolve(host: str, port: int) -> list[IPAddress]:

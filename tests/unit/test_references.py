@@ -16,7 +16,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from relay.config import ReferencesConfig
-from relay.core.references import IPAddress, ReferenceLoader
+from relay.core.references import IPAddress, ReferenceLoader, public
 from relay.errors import InvalidRequest
 from tests.helpers import serve
 
@@ -131,3 +131,24 @@ async def test_one_private_address_among_public_ones_is_refused() -> None:
             await loader.load(["https://rebind.example/x.png"])
     finally:
         await loader.aclose()
+
+
+@pytest.mark.parametrize(
+    ("address", "ok"),
+    [
+        ("93.184.215.14", True),
+        ("10.0.0.1", False),
+        ("2606:4700::1111", True),
+        ("::ffff:127.0.0.1", False),  # IPv4-mapped
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 to 169.254.169.254
+        ("64:ff9b::808:808", True),
+        ("2002:7f00:1::", False),  # 6to4 from 127.0.0.1
+        ("fe80::1", False),
+    ],
+)
+def test_public_addresses_include_what_an_ipv6_address_carries(address: str, ok: bool) -> None:
+    assert public(ipaddress.ip_address(address)) is ok
+
+
+async def test_a_bad_port_is_a_clear_refusal() -> None:
+    assert "invalid port" in await refused(["http://example.com:99999/x.png"])
