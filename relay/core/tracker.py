@@ -188,8 +188,7 @@ class Tracker:
             return True
         if tracked.delivering:
             return False
-        await self._end(tracked, succeeded=False, error_code="timeout", reason="the job passed its deadline")
-        return True
+        return await self._end(tracked, succeeded=False, error_code="timeout", reason="the job passed its deadline")
 
     async def sweep_pending(self) -> None:
         """End jobs stuck in PENDING past the grace (see PENDING_GRACE_S)."""
@@ -359,9 +358,10 @@ class Tracker:
         succeeded: bool,
         error_code: str | None = None,
         reason: str | None = None,
-    ) -> None:
+    ) -> bool:
+        """Whether the job has ended (False: the write failed and the job is followed again)."""
         if self._by_job.pop(tracked.job_id, None) is None:
-            return
+            return True
         self._jobs[tracked.provider].pop(tracked.job_id, None)
         try:
             await self.finisher.end(tracked.job_id, succeeded=succeeded, error_code=error_code, fail_reason=reason)
@@ -371,5 +371,6 @@ class Tracker:
             log.exception("ending a job failed; it is tried again", extra={"fields": {"job": tracked.job_id}})
             tracked.delivering = False
             self.track(tracked)
-            return
+            return False
         self.pool.release(tracked.provider)
+        return True

@@ -30,9 +30,8 @@ ATTEMPTS = 4
 
 
 def transient(exc: DBAPIError) -> bool:
-    """Whether a failed transaction changed nothing and may be run again (a lock, a deadlock, a lost connection)."""
-    if exc.connection_invalidated:
-        return True
+    """Whether a transaction failed in a way that certainly changed nothing and may be run again: a deadlock, a
+    serialization failure, a locked SQLite file. A lost connection is not retried: its commit may have landed."""
     state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
     if state in _RETRY_STATES:
         return True

@@ -260,6 +260,9 @@ async def test_an_ending_that_fails_to_write_is_tried_again(world: World) -> Non
     world.clock.advance(6)
     await world.tracker.poll("sim")
     assert world.tracker.tracking(job) and (await world.state(job))[0] == "SUBMITTED"
+    calls.clear()
+    assert await world.tracker.expire(job) is False  # the write failed again: not ended, still followed
+    assert world.tracker.tracking(job)
     assert world.pool.in_flight["sim"] == 1  # the slot is still taken
     await world.tracker.poll("sim")
     assert await world.state(job) == ("FAILED", "failed", "released")
