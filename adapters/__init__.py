@@ -26,7 +26,6 @@ from adapters.http import HttpOptions
 from adapters.midjourney_proxy import MidjourneyProxyUpstream
 from adapters.mj_v1 import MjV1Upstream
 from adapters.new_api import NewApiUpstream
-from adapters.simulator import SimEngine, SimulatorUpstream
 
 Dialect = Literal["midjourney-proxy", "new-api", "mj-v1", "simulator"]
 DIALECTS: tuple[Dialect, ...] = ("midjourney-proxy", "new-api", "mj-v1", "simulator")
@@ -68,7 +67,3 @@ def create_http_upstream(
     if dialect == "new-api":
         return NewApiUpstream(name, options)
     return MjV1Upstream(name, options)
-
-
-def create_simulator_upstream(name: str, engine: SimEngine) -> Upstream:
-    return SimulatorUpstream(name, engine)

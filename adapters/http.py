@@ -225,8 +225,5 @@ class HttpUpstream:
         return [view for view in views if view.upstream_id in wanted]
 
     async def _fetch_each(self, ids: list[str]) -> list[TaskView]:
-        async def one(upstream_id: str) -> TaskView | None:
-            return await self.fetch(upstream_id)
-
-        results = await asyncio.gather(*(one(i) for i in ids))
+        results = await asyncio.gather(*(self.fetch(i) for i in ids))
         return [view for view in results if view is not None]

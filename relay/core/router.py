@@ -41,8 +41,3 @@ def rank(
     # Efraimidis-Spirakis: sorting by u ** (1 / w) gives a weighted random order without replacement.
     keyed = [(c.priority, -(draw.random() ** (1.0 / c.weight)), c.name) for c in able]
     return [name for _, _, name in sorted(keyed)]
-
-
-def serves(candidates: Sequence[Candidate], *, mode: str, bot: str) -> bool:
-    """Whether any provider could ever serve this mode and bot (ignoring load)."""
-    return any(mode in c.modes and bot in c.bots for c in candidates)

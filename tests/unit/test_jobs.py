@@ -22,23 +22,28 @@ from tests.helpers import relay_config
 pytestmark = pytest.mark.anyio
 
 
-class GatedUpstream(SimulatorUpstream):
-    """The simulator, but every submit waits at a gate the test opens."""
+class SwitchableUpstream(SimulatorUpstream):
+    """The simulator, with submits that can be made to wait at a gate (`waiting` tells one arrived) or to answer
+    "queue full"."""
 
     def __init__(self) -> None:
         super().__init__("sim", SimEngine(SimSettings(fast_s=0.2, tile_px=16)))
         self.gate = asyncio.Event()
+        self.gate.set()
         self.waiting = asyncio.Event()
+        self.full = False
 
     async def submit(self, request: SubmitRequest) -> SubmitOutcome:
         self.waiting.set()
         await self.gate.wait()
+        if self.full:
+            return Retryable("queue full")
         return await super().submit(request)
 
 
 @pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[tuple[Relay, GatedUpstream, KeyRecord]]:
-    upstream = GatedUpstream()
+async def switchable(tmp_path: Path) -> AsyncIterator[tuple[Relay, SwitchableUpstream, KeyRecord]]:
+    upstream = SwitchableUpstream()
     relay = Relay(relay_config(tmp_path), SystemClock(), {"sim": upstream})
     await relay.open()
     key, _ = await relay.keys.create("k", 100, 0)
@@ -47,9 +52,10 @@ async def relay(tmp_path: Path) -> AsyncIterator[tuple[Relay, GatedUpstream, Key
 
 
 async def test_a_request_that_goes_away_mid_submit_still_runs_its_job_to_the_end(
-    relay: tuple[Relay, GatedUpstream, KeyRecord],
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
 ) -> None:
-    service, upstream, key = relay
+    service, upstream, key = switchable
+    upstream.gate.clear()
     spec = service.jobs.plan(model="mj-fast", prompt="a kite", n=1)
     request = asyncio.ensure_future(service.jobs.start(key, spec))
     await upstream.waiting.wait()
@@ -66,32 +72,6 @@ async def test_a_request_that_goes_away_mid_submit_still_runs_its_job_to_the_end
     assert [tuple(row) for row in rows] == [("SUCCEEDED", "captured")]
     current = await service.keys.get(key.id)
     assert current is not None and (current.balance, current.held) == (98, 0)
-
-
-class SwitchableUpstream(SimulatorUpstream):
-    """The simulator, with submits that can be made to wait at a gate or to answer "queue full"."""
-
-    def __init__(self) -> None:
-        super().__init__("sim", SimEngine(SimSettings(fast_s=0.2, tile_px=16)))
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.full = False
-
-    async def submit(self, request: SubmitRequest) -> SubmitOutcome:
-        await self.gate.wait()
-        if self.full:
-            return Retryable("queue full")
-        return await super().submit(request)
-
-
-@pytest.fixture
-async def switchable(tmp_path: Path) -> AsyncIterator[tuple[Relay, SwitchableUpstream, KeyRecord]]:
-    upstream = SwitchableUpstream()
-    relay = Relay(relay_config(tmp_path), SystemClock(), {"sim": upstream})
-    await relay.open()
-    key, _ = await relay.keys.create("k", 100, 0)
-    yield relay, upstream, key
-    await relay.close()
 
 
 async def test_a_retry_follows_only_the_latest_attempt_that_was_not_a_retry(

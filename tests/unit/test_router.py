@@ -3,7 +3,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from relay.core.router import Candidate, rank, serves
+from relay.core.router import Candidate, rank
 
 ALL = frozenset({"fast", "relax", "turbo"})
 MJ = frozenset({"MID_JOURNEY"})
@@ -18,8 +18,6 @@ def test_capability_filters_mode_and_bot() -> None:
     ]
     assert sorted(rank(providers, mode="relax", bot="NIJI_JOURNEY")) == ["all"]
     assert sorted(rank(providers, mode="fast", bot="MID_JOURNEY")) == ["all", "fast-only", "mj-only"]
-    assert serves(providers, mode="turbo", bot="NIJI_JOURNEY")
-    assert not serves(providers[:2], mode="turbo", bot="NIJI_JOURNEY")
 
 
 def test_lower_priority_numbers_come_first() -> None:
