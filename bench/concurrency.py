@@ -57,6 +57,10 @@ def peak_rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
+def _shares(values: list[float]) -> tuple[float, float]:
+    return percentile(values, 0.5), percentile(values, 0.99)
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
@@ -84,8 +88,8 @@ async def post(port: int, path: str, key: str, body: bytes) -> tuple[int, bytes]
         writer.close()
 
 
-async def fire(port: int, key: str, count: int, response_format: str, ramp_s: float) -> list[tuple[int, float]]:
-    async def one(i: int) -> tuple[int, float]:
+async def fire(port: int, key: str, count: int, response_format: str, ramp_s: float) -> list[tuple[int, float, float]]:
+    async def one(i: int) -> tuple[int, float, float]:
         await asyncio.sleep(ramp_s * i / count)
         body = json.dumps(
             {"model": "mj-fast", "prompt": f"bench {i}", "size": "1024x1024", "response_format": response_format}
@@ -95,7 +99,7 @@ async def fire(port: int, key: str, count: int, response_format: str, ramp_s: fl
             status, _ = await post(port, "/v1/images/generations", key, body)
         except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
             status = 0
-        return status, time.perf_counter() - started
+        return status, time.perf_counter() - started, time.time()
 
     return await asyncio.gather(*(one(i) for i in range(count)))
 
@@ -171,10 +175,10 @@ def main() -> None:
         wall = time.perf_counter() - started
         peak = peak_rss_mb(relay.pid)
 
-        ok = [seconds for status, seconds in results if status == 200]
+        ok = [seconds for status, seconds, _ in results if status == 200]
         late_ms = [(seconds - args.job_seconds) * 1000 for seconds in ok]
         failures: dict[int, int] = {}
-        for status, _ in results:
+        for status, _, _ in results:
             if status != 200:
                 failures[status] = failures.get(status, 0) + 1
         print(
@@ -189,15 +193,20 @@ def main() -> None:
                 f"max {max(late_ms):.0f}   (target p99 < poll interval + 100 = {args.poll_seconds * 1000 + 100:.0f})"
             )
         with sqlite3.connect(work / "data" / "mj-relay.db") as db:
-            rows = db.execute("SELECT submitted_at, finished_at FROM jobs WHERE state = 'SUCCEEDED'").fetchall()
+            rows = db.execute(
+                "SELECT created_at, submitted_at, submitted_at + ?, finished_at FROM jobs WHERE state = 'SUCCEEDED'",
+                (args.job_seconds,),
+            ).fetchall()
         if rows:
-            intake = max(r[0] for r in rows) - started_at
-            after = [(r[1] - r[0] - args.job_seconds) * 1000 for r in rows]
-            print(
-                f"  of which   intake {intake * 1000:.0f} ms (first request sent to last job submitted); "
-                f"upstream done to job ended p50 {statistics.median(after):.0f} p99 {percentile(after, 0.99):.0f} ms "
-                f"(poll wait + download + store)"
-            )
+            print("timeline      ms after the first request was sent: first / p50 / p99 / last")
+            # Each phase is stamped by the relay when its group-committed write happened; "upstream done" is the
+            # submit stamp plus the job's duration (the simulator starts a job just before that stamp).
+            phases = ["held", "submitted", "upstream done", "job ended"]
+            columns = [*zip(*rows, strict=True), [answered for status, _, answered in results if status == 200]]
+            for name, column in zip([*phases, "answered"], columns, strict=True):
+                offsets = [(at - started_at) * 1000 for at in column]
+                figures = " / ".join(f"{v:.0f}" for v in (min(offsets), *_shares(offsets), max(offsets)))
+                print(f"  {name:<13} {figures}")
         print(f"relay RSS MB  peak {peak:.0f}   at start {baseline:.0f}   (target < 250)")
         print(f"wall time     {wall:.1f} s")
     finally:

@@ -1,9 +1,10 @@
 """Following every submitted job to its end.
 
 One loop per provider reads the status of all of that provider's running jobs in batches (`list-by-condition`,
-or per-id fetch where a provider has none) every poll interval. Each change is written as a guarded transition and
-published to whoever waits. A finished job's grid is downloaded once and kept before the job counts as succeeded;
-a job the upstream no longer knows for `lost_after_s`, or one past its deadline, ends FAILED with its hold released.
+or per-id fetch where a provider has none), one round every poll interval. Each change is written as a guarded
+transition and published to whoever waits. A finished job's grid is downloaded once and kept before the job counts
+as succeeded; a job the upstream no longer knows for `lost_after_s`, or one past its deadline, ends FAILED with its
+hold released.
 
 `observe()` is the pure decision: what one task view means for one job.
 """
@@ -213,13 +214,23 @@ class Tracker:
     # -- polling -------------------------------------------------------------------------------------------------
 
     async def _loop(self, provider: str) -> None:
+        """Poll rounds at a fixed rate: a round starts one interval after the previous one started, so the time a
+        round takes (a thousand jobs over HTTP take a while) does not stretch the interval. A loop more than one
+        interval behind starts its cadence again rather than polling back to back."""
         interval = self.pool.poll_interval(provider)
         wake = self._wake[provider]
+        next_at: float | None = None
         while True:
             if not self._jobs[provider]:
                 wake.clear()
                 await wake.wait()
-            await self.clock.sleep(interval)
+                next_at = None
+            now = self.clock.now()
+            if next_at is None or next_at < now - interval:
+                next_at = now + interval
+            if next_at > now:
+                await self.clock.sleep(next_at - now)
+            next_at += interval
             try:
                 await self.poll(provider)
             except asyncio.CancelledError:

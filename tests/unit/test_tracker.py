@@ -302,3 +302,23 @@ async def test_a_job_being_delivered_is_not_expired(world: World) -> None:
     await world.settle()
     assert await world.state(job) == ("SUCCEEDED", None, "captured")
     assert await world.tracker.expire(job) is True
+
+
+async def test_rounds_start_one_interval_apart_however_long_a_round_takes(world: World) -> None:
+    await world.submit("sloth sim:never")
+    starts: list[float] = []
+    real_fetch = world.pool.upstreams["sim"].fetch_many
+
+    async def slow_fetch(ids: Sequence[str]) -> list[TaskView]:
+        starts.append(world.clock.now())
+        world.clock.advance(0.375)  # a round takes 0.375 s of the 1 s interval
+        return await real_fetch(ids)
+
+    world.pool.upstreams["sim"].fetch_many = slow_fetch  # type: ignore[method-assign]
+    first = world.clock.now()
+    await world.tracker.start()
+    for _ in range(40):  # steps of 1/8 s keep the clock's sums exact
+        await asyncio.sleep(0.005)
+        world.clock.advance(0.125)
+    await world.tracker.stop()
+    assert [start - first for start in starts][:5] == [1.0, 2.0, 3.0, 4.0, 5.0]
