@@ -6,7 +6,7 @@
 Lateness is a request's response time minus the job's duration: what the relay adds (taking the request in,
 submitting, waiting for the next poll, downloading and keeping the grid, answering). The relay's peak RSS is its
 VmHWM from /proc. The client (bare HTTP/1.1 on asyncio, one connection per request) runs in this process, the relay
-and the HTTP simulator in their own.
+and the HTTP simulator in their own. A few warm-up requests run to their end before the measured burst.
 """
 
 from __future__ import annotations
@@ -111,6 +111,13 @@ def main() -> None:
     parser.add_argument("--poll-seconds", type=float, default=1.0)
     parser.add_argument("--tile-px", type=int, default=256)
     parser.add_argument("--upstream", choices=["inproc", "http"], default="inproc")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=64,
+        help="requests run to their end before the measured burst, as a relay that has been running has done "
+        "(the simulator draws its grid variants, the relay's code paths run once); 0 to measure a cold start",
+    )
     parser.add_argument("--response-format", choices=["url", "b64_json"], default="url")
     parser.add_argument(
         "--ramp-seconds", type=float, default=0.0, help="send the requests evenly over this long (default: all at once)"
@@ -170,6 +177,10 @@ def main() -> None:
         wait_ready(base + "/readyz", relay)
         baseline = peak_rss_mb(relay.pid)
 
+        if args.warmup:
+            warm = asyncio.run(fire(port, key, args.warmup, args.response_format, 0.0))
+            if any(status != 200 for status, _, _ in warm):
+                raise SystemExit("the warm-up requests failed")
         started_at, started = time.time(), time.perf_counter()
         results = asyncio.run(fire(port, key, args.requests, args.response_format, args.ramp_seconds))
         wall = time.perf_counter() - started
@@ -184,7 +195,7 @@ def main() -> None:
         print(
             f"requests      {args.requests} concurrent, {args.job_seconds:g} s jobs, poll every "
             f"{args.poll_seconds:g} s, upstream {args.upstream}, response_format {args.response_format}, "
-            f"sent over {args.ramp_seconds:g} s"
+            f"sent over {args.ramp_seconds:g} s, after {args.warmup} warm-up requests"
         )
         print(f"succeeded     {len(ok)} / {args.requests}" + (f"   failures by status: {failures}" if failures else ""))
         if late_ms:
@@ -194,8 +205,9 @@ def main() -> None:
             )
         with sqlite3.connect(work / "data" / "mj-relay.db") as db:
             rows = db.execute(
-                "SELECT created_at, submitted_at, submitted_at + ?, finished_at FROM jobs WHERE state = 'SUCCEEDED'",
-                (args.job_seconds,),
+                "SELECT created_at, submitted_at, submitted_at + ?, finished_at FROM jobs "
+                "WHERE state = 'SUCCEEDED' AND created_at >= ?",
+                (args.job_seconds, started_at),
             ).fetchall()
         if rows:
             print("timeline      ms after the first request was sent: first / p50 / p99 / last")
