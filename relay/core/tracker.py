@@ -1,10 +1,13 @@
 """Following every submitted job to its end.
 
-One loop per provider reads the status of all of that provider's running jobs in batches (`list-by-condition`,
-or per-id fetch where a provider has none), one round every poll interval. Each change is written as a guarded
-transition and published to whoever waits. A finished job's grid is downloaded once and kept before the job counts
-as succeeded; a job the upstream no longer knows for `lost_after_s`, or one past its deadline, ends FAILED with its
-hold released.
+One loop per provider reads the status of that provider's running jobs in batches (`list-by-condition`, or per-id
+fetch where a provider has none). Each job is read one poll interval after it was submitted and every interval after
+that, on its own cadence: a burst's jobs are read in the order they were submitted, so the time a burst took to
+come in does not add a whole interval to its later jobs. A round reads every job that is due, and rounds are at least
+ROUND_GAP_S (a quarter interval for shorter intervals) apart, so jobs due close together share one upstream call.
+Each change is written as a guarded transition and published to whoever waits. A finished job's grid is downloaded
+once and kept before the job counts as succeeded; a job the upstream no longer knows for `lost_after_s`, or one
+past its deadline, ends FAILED with its hold released.
 
 `observe()` is the pure decision: what one task view means for one job.
 """
@@ -38,6 +41,10 @@ SWEEP_EVERY_S = 60.0
 # Finished grids are written by at most this many threads at once, in chunks of at most this many grids.
 SAVE_THREADS = 4
 SAVE_CHUNK = 50
+# Rounds of one provider start at least min(ROUND_GAP_S, interval / 4) apart: a job is read at most that late.
+ROUND_GAP_S = 0.25
+# A timer may fire a little before the wall clock reaches its time: a job due this soon counts as due.
+DUE_SLACK_S = 0.01
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -54,6 +61,7 @@ class Tracked:
     progress: int = 0
     missing_since: float | None = None
     delivering: bool = False
+    due_at: float = 0.0  # when the job is next read; 0 until it is first tracked
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +163,9 @@ class Tracker:
                 )
                 continue
             self.pool.acquire(row.provider)
-            self.track(self.tracked_from(row))
+            tracked = self.tracked_from(row)
+            tracked.due_at = self.clock.now()  # it may have ended while the relay was down: read it at once
+            self.track(tracked)
 
     @staticmethod
     def tracked_from(row: JobRow) -> Tracked:
@@ -171,6 +181,8 @@ class Tracker:
         )
 
     def track(self, tracked: Tracked) -> None:
+        if not tracked.due_at:
+            tracked.due_at = self.clock.now() + self.pool.poll_interval(tracked.provider)
         self._jobs[tracked.provider][tracked.job_id] = tracked
         self._by_job[tracked.job_id] = tracked
         self._wake[tracked.provider].set()
@@ -214,35 +226,42 @@ class Tracker:
     # -- polling -------------------------------------------------------------------------------------------------
 
     async def _loop(self, provider: str) -> None:
-        """Poll rounds at a fixed rate: a round starts one interval after the previous one started, so the time a
-        round takes (a thousand jobs over HTTP take a while) does not stretch the interval. A loop more than one
-        interval behind starts its cadence again rather than polling back to back."""
         interval = self.pool.poll_interval(provider)
         wake = self._wake[provider]
-        next_at: float | None = None
+        gap = min(ROUND_GAP_S, interval / 4)
+        last_round = -float("inf")
         while True:
-            if not self._jobs[provider]:
+            due = self._next_due(provider)
+            if due is None:
                 wake.clear()
                 await wake.wait()
-                next_at = None
-            now = self.clock.now()
-            if next_at is None or next_at < now - interval:
-                next_at = now + interval
-            if next_at > now:
-                await self.clock.sleep(next_at - now)
-            next_at += interval
+                continue
+            start = max(due, last_round + gap)
+            if start > self.clock.now():
+                await self.clock.sleep(start - self.clock.now())
+            round_start = self.clock.now()
             try:
-                await self.poll(provider)
+                if await self.poll(provider):
+                    last_round = round_start
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("poll failed", extra={"fields": {"provider": provider}})
 
-    async def poll(self, provider: str) -> None:
-        """One round over a provider's running jobs."""
-        jobs = [t for t in self._jobs[provider].values() if not t.delivering]
+    def _next_due(self, provider: str) -> float | None:
+        """When the next of a provider's jobs is due to be read; None when none is waiting to be read."""
+        return min((t.due_at for t in self._jobs[provider].values() if not t.delivering), default=None)
+
+    async def poll(self, provider: str) -> int:
+        """One round over a provider's running jobs that are due to be read; returns how many were read."""
+        started = self.clock.now()
+        jobs = [t for t in self._jobs[provider].values() if not t.delivering and t.due_at <= started + DUE_SLACK_S]
         if not jobs:
-            return
+            return 0
+        interval = self.pool.poll_interval(provider)
+        for tracked in jobs:  # next read: one interval on; one interval from now for a job read over an interval late
+            following = tracked.due_at + interval
+            tracked.due_at = following if following > started else started + interval
         by_upstream: dict[str, list[Tracked]] = {}
         for tracked in jobs:
             by_upstream.setdefault(tracked.upstream_id, []).append(tracked)
@@ -298,6 +317,7 @@ class Tracker:
         await asyncio.gather(
             *(self._end(t, succeeded=False, error_code=code, reason=reason) for t, code, reason in failures.values())
         )
+        return len(jobs)
 
     # -- ends ----------------------------------------------------------------------------------------------------
 
@@ -381,6 +401,7 @@ class Tracker:
             # trying again can never settle twice).
             log.exception("ending a job failed; it is tried again", extra={"fields": {"job": tracked.job_id}})
             tracked.delivering = False
+            tracked.due_at = self.clock.now()
             self.track(tracked)
             return False
         self.pool.release(tracked.provider)

@@ -322,3 +322,37 @@ async def test_rounds_start_one_interval_apart_however_long_a_round_takes(world:
         world.clock.advance(0.125)
     await world.tracker.stop()
     assert [start - first for start in starts][:5] == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+async def test_each_job_is_read_on_its_own_cadence_and_close_ones_share_a_round(world: World) -> None:
+    rounds: list[tuple[float, set[str]]] = []
+    real_fetch = world.pool.upstreams["sim"].fetch_many
+
+    async def recording_fetch(ids: Sequence[str]) -> list[TaskView]:
+        rounds.append((world.clock.now(), set(ids)))
+        return await real_fetch(ids)
+
+    world.pool.upstreams["sim"].fetch_many = recording_fetch  # type: ignore[method-assign]
+    first = world.clock.now()
+    await world.tracker.start()
+    submitted_at = {0.0: "a", 0.5: "b", 0.625: "c"}  # c is due 1/8 s after b: within the quarter-interval gap
+    ids = {}
+    for _ in range(24):  # steps of 1/8 s keep the clock's sums exact
+        at = world.clock.now() - first
+        if at in submitted_at:
+            job = await world.submit(f"sloth sim:never {submitted_at[at]}")
+            ids[job.removeprefix("job_")] = submitted_at[at]
+        await asyncio.sleep(0.005)
+        world.clock.advance(0.125)
+    await world.tracker.stop()
+    seen = [(at - first, {ids[i] for i in read}) for at, read in rounds]
+    assert seen[:6] == [(1.0, {"a"}), (1.5, {"b"}), (1.75, {"c"}), (2.0, {"a"}), (2.5, {"b"}), (2.75, {"c"})]
+
+
+async def test_a_round_reads_only_due_jobs_and_a_timer_firing_a_little_early_still_reads_them(world: World) -> None:
+    await world.submit("sloth sim:never")
+    world.clock.advance(0.5)
+    assert await world.tracker.poll("sim") == 0  # submitted half an interval ago: not due yet
+    world.clock.advance(0.4995)  # a timer set for the due time fired half a millisecond early
+    assert await world.tracker.poll("sim") == 1
+    assert await world.tracker.poll("sim") == 0  # next due one interval later
