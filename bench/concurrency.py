@@ -57,10 +57,6 @@ def peak_rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
-def _shares(values: list[float]) -> tuple[float, float]:
-    return percentile(values, 0.5), percentile(values, 0.99)
-
-
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
@@ -217,7 +213,8 @@ def main() -> None:
             columns = [*zip(*rows, strict=True), [answered for status, _, answered in results if status == 200]]
             for name, column in zip([*phases, "answered"], columns, strict=True):
                 offsets = [(at - started_at) * 1000 for at in column]
-                figures = " / ".join(f"{v:.0f}" for v in (min(offsets), *_shares(offsets), max(offsets)))
+                marks = (min(offsets), percentile(offsets, 0.5), percentile(offsets, 0.99), max(offsets))
+                figures = " / ".join(f"{v:.0f}" for v in marks)
                 print(f"  {name:<13} {figures}")
         print(f"relay RSS MB  peak {peak:.0f}   at start {baseline:.0f}   (target < 250)")
         print(f"wall time     {wall:.1f} s")

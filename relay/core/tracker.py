@@ -236,9 +236,9 @@ class Tracker:
                 wake.clear()
                 await wake.wait()
                 continue
-            start = max(due, last_round + gap)
-            if start > self.clock.now():
-                await self.clock.sleep(start - self.clock.now())
+            delay = max(due, last_round + gap) - self.clock.now()
+            if delay > 0:
+                await self.clock.sleep(delay)
             round_start = self.clock.now()
             try:
                 if await self.poll(provider):
