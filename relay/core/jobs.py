@@ -376,7 +376,12 @@ class JobService:
             self.pool.acquire(name)
             outcome = await self.pool.submit(name, request)
             if isinstance(outcome, Accepted):
-                tracked = Tracked(job.id, job.model, name, outcome.upstream_id, job.deadline_at, JobState.SUBMITTED)
+                # Read one poll interval after the upstream took it (not after that was written down): the job's
+                # time runs from here.
+                due_at = self.clock.now() + self.pool.poll_interval(name)
+                tracked = Tracked(
+                    job.id, job.model, name, outcome.upstream_id, job.deadline_at, JobState.SUBMITTED, due_at=due_at
+                )
                 try:
                     await self._mark(Submitted(job.id, name, outcome.upstream_id))
                 except Exception:

@@ -3,8 +3,9 @@
 One loop per provider reads the status of that provider's running jobs in batches (`list-by-condition`, or per-id
 fetch where a provider has none). Each job is read one poll interval after it was submitted and every interval after
 that, on its own cadence: a burst's jobs are read in the order they were submitted, so the time a burst took to
-come in does not add a whole interval to its later jobs. A round reads every job that is due, and rounds are at least
-ROUND_GAP_S (a quarter interval for shorter intervals) apart, so jobs due close together share one upstream call.
+come in does not add a whole interval to its later jobs. Jobs due close together share one upstream call: a round
+waits for the jobs due within ROUND_GAP_S (a quarter interval for shorter intervals) of the first one due, and rounds
+are at least that far apart. So no job is read before its time, nor more than that gap after it.
 Each change is written as a guarded transition and published to whoever waits. A finished job's grid is downloaded
 once and kept before the job counts as succeeded; a job the upstream no longer knows for `lost_after_s`, or one
 past its deadline, ends FAILED with its hold released.
@@ -231,7 +232,7 @@ class Tracker:
         gap = min(ROUND_GAP_S, interval / 4)
         last_round = -float("inf")
         while True:
-            due = self._next_due(provider)
+            due = self._round_time(provider, gap)
             if due is None:
                 wake.clear()
                 await wake.wait()
@@ -248,9 +249,14 @@ class Tracker:
             except Exception:
                 log.exception("poll failed", extra={"fields": {"provider": provider}})
 
-    def _next_due(self, provider: str) -> float | None:
-        """When the next of a provider's jobs is due to be read; None when none is waiting to be read."""
-        return min((t.due_at for t in self._jobs[provider].values() if not t.delivering), default=None)
+    def _round_time(self, provider: str, gap: float) -> float | None:
+        """When the next round should read: when the last of the jobs due within `gap` of the first one due is due
+        (so a group due just after a few others is read with them, on time); None when no job waits to be read."""
+        dues = [t.due_at for t in self._jobs[provider].values() if not t.delivering]
+        if not dues:
+            return None
+        horizon = min(dues) + gap
+        return max(due for due in dues if due <= horizon)
 
     async def poll(self, provider: str) -> int:
         """One round over a provider's running jobs that are due to be read; returns how many were read."""

@@ -17,7 +17,7 @@ from relay.core.jobs import Attempt
 from relay.errors import ServiceUnavailable
 from relay.store.keys import KeyRecord
 from relay.store.tables import jobs
-from tests.helpers import relay_config
+from tests.helpers import FakeClock, relay_config
 
 pytestmark = pytest.mark.anyio
 
@@ -109,3 +109,24 @@ async def test_a_retry_during_the_first_attempts_submission_waits_for_it_and_fol
     current = await service.keys.get(key.id)
     assert current is not None and (current.balance, current.held) == (98, 0)  # one job, charged once
     assert followed.spec.references == ()
+
+
+async def test_a_job_is_first_read_one_interval_after_the_upstream_took_it(tmp_path: Path) -> None:
+    clock = FakeClock()
+    relay = Relay(relay_config(tmp_path, jobs={"poll_interval_s": 1}), clock, {"sim": SwitchableUpstream()})
+    await relay.open()
+    try:
+        key, _ = await relay.keys.create("k", 100, clock.now())
+        write = relay.store.mark_submitted_many
+
+        async def slow_write(*args: object) -> list[None]:
+            clock.advance(0.25)  # writing down the submit takes a while
+            return await write(*args)  # type: ignore[arg-type]
+
+        relay.store.mark_submitted_many = slow_write  # type: ignore[method-assign]
+        accepted_at = clock.now()
+        generation = await relay.jobs.start(key, relay.jobs.plan(model="mj-fast", prompt="a kite", n=1))
+        generation.close()
+        assert relay.tracker._by_job[generation.job_ids[0]].due_at == accepted_at + 1
+    finally:
+        await relay.close()

@@ -335,9 +335,11 @@ async def test_each_job_is_read_on_its_own_cadence_and_close_ones_share_a_round(
     world.pool.upstreams["sim"].fetch_many = recording_fetch  # type: ignore[method-assign]
     first = world.clock.now()
     await world.tracker.start()
-    submitted_at = {0.0: "a", 0.5: "b", 0.625: "c"}  # c is due 1/8 s after b: within the quarter-interval gap
+    # c is due 1/8 s after b, within the quarter-interval gap: b's round waits for it. d is due 3/8 s after b: it
+    # starts a round of its own, which waits the 1/8 s until a is due again.
+    submitted_at = {0.0: "a", 0.5: "b", 0.625: "c", 0.875: "d"}
     ids = {}
-    for _ in range(24):  # steps of 1/8 s keep the clock's sums exact
+    for _ in range(26):  # steps of 1/8 s keep the clock's sums exact
         at = world.clock.now() - first
         if at in submitted_at:
             job = await world.submit(f"sloth sim:never {submitted_at[at]}")
@@ -346,7 +348,7 @@ async def test_each_job_is_read_on_its_own_cadence_and_close_ones_share_a_round(
         world.clock.advance(0.125)
     await world.tracker.stop()
     seen = [(at - first, {ids[i] for i in read}) for at, read in rounds]
-    assert seen[:6] == [(1.0, {"a"}), (1.5, {"b"}), (1.75, {"c"}), (2.0, {"a"}), (2.5, {"b"}), (2.75, {"c"})]
+    assert seen[:5] == [(1.0, {"a"}), (1.625, {"b", "c"}), (2.0, {"a", "d"}), (2.625, {"b", "c"}), (3.0, {"a", "d"})]
 
 
 async def test_a_round_reads_only_due_jobs_and_a_timer_firing_a_little_early_still_reads_them(world: World) -> None:
