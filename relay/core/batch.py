@@ -35,7 +35,9 @@ class Batcher(Generic[I, R]):
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                results = await self._flush([item for item, _ in batch])
+                results = list(await self._flush([item for item, _ in batch]))
+                if len(results) != len(batch):  # a broken flush must not leave its callers waiting forever
+                    raise RuntimeError(f"{self._name}: {len(results)} results for {len(batch)} items")
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():

@@ -53,3 +53,12 @@ async def test_a_caller_that_leaves_does_not_stop_the_write() -> None:
     leaving.cancel()
     await batcher.close()
     assert written == [7]
+
+
+async def test_a_flush_that_answers_wrongly_fails_its_callers_instead_of_leaving_them_waiting() -> None:
+    async def flush(items: list[int]) -> list[int]:
+        return items[:-1]  # one result short
+
+    batcher: Batcher[int, int] = Batcher(flush, "test")
+    with pytest.raises(RuntimeError, match="1 results for 2 items"):
+        await asyncio.wait_for(asyncio.gather(batcher(1), batcher(2)), 5)
