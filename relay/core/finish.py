@@ -26,10 +26,18 @@ class Finisher:
         self._write: Batcher[Ending, JobRow | None] = Batcher(self._end_all, "finisher")
 
     async def end(
-        self, job_id: str, *, succeeded: bool, error_code: str | None = None, fail_reason: str | None = None
+        self,
+        job_id: str,
+        *,
+        succeeded: bool,
+        error_code: str | None = None,
+        fail_reason: str | None = None,
+        image_url: str | None = None,
+        buttons: str | None = None,
     ) -> JobRow | None:
-        """The ended job, or None when it had already ended (nothing was settled twice)."""
-        return await self._write(Ending(job_id, succeeded, error_code, fail_reason))
+        """The ended job, or None when it had already ended (nothing was settled twice). `image_url` and `buttons`
+        are what the upstream gave for a job it finished."""
+        return await self._write(Ending(job_id, succeeded, error_code, fail_reason, image_url, buttons))
 
     async def _end_all(self, endings: list[Ending]) -> list[JobRow | None]:
         rows = await self.store.finish_many(endings, self.clock.now())

@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 from adapters import TaskStatus, TaskView, UpstreamUnavailable
 from relay.clock import Clock
@@ -39,16 +39,15 @@ log = logging.getLogger("relay.tracker")
 # several providers, times out well before): the relay stopped while submitting it. It is ended, its hold released.
 PENDING_GRACE_S = 600.0
 SWEEP_EVERY_S = 60.0
-# Finished grids are written by at most this many threads at once, in chunks of at most this many grids.
+# A round's finished jobs are delivered in chunks of this many; each chunk's grids are written by one of SAVE_THREADS
+# threads of the tracker's own, which take the next chunk without waiting for the event loop.
+DELIVERY_CHUNK = 25
 SAVE_THREADS = 4
-SAVE_CHUNK = 50
-# Rounds of one provider start at least min(ROUND_GAP_S, interval / 4) apart: a job is read at most that late.
+# A round waits up to min(ROUND_GAP_S, interval / 4) after the first job due for others due meanwhile, and rounds of
+# one provider start at least that far apart: a job is read at most that late.
 ROUND_GAP_S = 0.25
 # A timer may fire a little before the wall clock reaches its time: a job due this soon counts as due.
 DUE_SLACK_S = 0.01
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass(slots=True)
@@ -129,7 +128,7 @@ class Tracker:
         self._loops: list[asyncio.Task[None]] = []
         self._deliveries: set[asyncio.Task[None]] = set()
         self._download_slots = asyncio.Semaphore(64)
-        self._image_slots = asyncio.Semaphore(SAVE_THREADS)
+        self._writers: ThreadPoolExecutor | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -146,6 +145,9 @@ class Tracker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._loops = []
+        if self._writers is not None:
+            self._writers.shutdown(wait=True, cancel_futures=True)
+            self._writers = None
         await self.finisher.close()
 
     @property
@@ -305,21 +307,17 @@ class Tracker:
                 failures[tracked.job_id] = (tracked, "timeout", "the job passed its deadline")
 
         records = [ProgressChange(t.job_id, step.state or t.state, step.progress) for t, step in changes]
-        records += [
-            ProgressChange(t.job_id, JobState.IN_PROGRESS, 100, view.image_url, _buttons_json(view))
-            for t, view in successes
-        ]
+        for tracked, _ in successes:
+            tracked.state, tracked.progress, tracked.delivering = JobState.IN_PROGRESS, 100, True
+            self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
+        if successes:  # the upstream's image URL and buttons are written with the job's end
+            task = asyncio.create_task(self._deliver(successes), name=f"deliver:{provider}")
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
         await self.store.record_progress(records, now)
         for tracked, step in changes:
             tracked.state, tracked.progress = step.state or tracked.state, step.progress
             self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
-        for tracked, _ in successes:
-            tracked.state, tracked.progress, tracked.delivering = JobState.IN_PROGRESS, 100, True
-            self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
-        if successes:
-            task = asyncio.create_task(self._deliver(successes), name=f"deliver:{provider}")
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
         await asyncio.gather(
             *(self._end(t, succeeded=False, error_code=code, reason=reason) for t, code, reason in failures.values())
         )
@@ -329,9 +327,16 @@ class Tracker:
 
     async def _deliver(self, finished: list[tuple[Tracked, TaskView]]) -> None:
         """Download the grids of jobs the upstream finished (once each), keep them, then end the jobs as succeeded.
-        A round's jobs go together: downloads run concurrently, grids are written by a few threads, and the
-        endings are group-committed. What fails is tried again, up to `images.download_attempts` times."""
+        A round's jobs go in chunks, all at once: the first chunks end (and are answered) while later ones are still
+        being written to disk."""
+        chunks = [finished[i : i + DELIVERY_CHUNK] for i in range(0, len(finished), DELIVERY_CHUNK)]
+        await asyncio.gather(*(self._deliver_chunk(chunk) for chunk in chunks))
+
+    async def _deliver_chunk(self, finished: list[tuple[Tracked, TaskView]]) -> None:
+        """Downloads run concurrently, the grids are written by one thread, and the endings are group-committed.
+        What fails is tried again, up to `images.download_attempts` times."""
         pending = finished
+        views = {tracked.job_id: view for tracked, view in finished}
         try:
             for attempt in range(self.config.images.download_attempts):
                 if attempt:
@@ -339,13 +344,18 @@ class Tracker:
                 downloads = await asyncio.gather(*(self._download(t, v) for t, v in pending))
                 reasons = {t.job_id: d for (t, _), d in zip(pending, downloads, strict=True) if isinstance(d, str)}
                 got = [(t, d) for (t, _), d in zip(pending, downloads, strict=True) if isinstance(d, bytes)]
-                reasons.update(await self._save(got))
-                await asyncio.gather(*(self._end(t, succeeded=True) for t, _ in got if t.job_id not in reasons))
+                reasons.update(await asyncio.get_running_loop().run_in_executor(self._writer_pool(), self._save, got))
+                await asyncio.gather(
+                    *(self._end(t, succeeded=True, view=views[t.job_id]) for t, _ in got if t.job_id not in reasons)
+                )
                 pending = [(t, v) for t, v in pending if t.job_id in reasons]
                 if not pending:
                     return
             await asyncio.gather(
-                *(self._end(t, succeeded=False, error_code="download", reason=reasons[t.job_id]) for t, _ in pending)
+                *(
+                    self._end(t, succeeded=False, error_code="download", reason=reasons[t.job_id], view=v)
+                    for t, v in pending
+                )
             )
         except asyncio.CancelledError:
             raise
@@ -365,28 +375,20 @@ class Tracker:
             except UpstreamUnavailable as exc:
                 return str(exc)
 
-    async def _save(self, grids: list[tuple[Tracked, bytes]]) -> dict[str, str]:
-        """Keep grids, a few threads at a time; returns why each one that could not be kept failed."""
+    def _save(self, grids: list[tuple[Tracked, bytes]]) -> dict[str, str]:
+        """Keep grids; returns why each one that could not be kept failed. Blocking: run it in a thread."""
+        failed = {}
+        for tracked, data in grids:
+            try:
+                self.images.save_grid(tracked.job_id, data)
+            except ImageError as exc:
+                failed[tracked.job_id] = str(exc)
+        return failed
 
-        def save_chunk(chunk: list[tuple[Tracked, bytes]]) -> dict[str, str]:
-            failed = {}
-            for tracked, data in chunk:
-                try:
-                    self.images.save_grid(tracked.job_id, data)
-                except ImageError as exc:
-                    failed[tracked.job_id] = str(exc)
-            return failed
-
-        size = max(1, min(SAVE_CHUNK, -(-len(grids) // SAVE_THREADS)))
-        chunks = [grids[i : i + size] for i in range(0, len(grids), size)]
-        reasons: dict[str, str] = {}
-        for found in await asyncio.gather(*(self._in_thread(save_chunk, chunk) for chunk in chunks)):
-            reasons.update(found)
-        return reasons
-
-    async def _in_thread(self, work: Callable[[T], R], arg: T) -> R:
-        async with self._image_slots:
-            return await asyncio.to_thread(work, arg)
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        if self._writers is None:
+            self._writers = ThreadPoolExecutor(max_workers=SAVE_THREADS, thread_name_prefix="grid-writer")
+        return self._writers
 
     async def _end(
         self,
@@ -395,13 +397,22 @@ class Tracker:
         succeeded: bool,
         error_code: str | None = None,
         reason: str | None = None,
+        view: TaskView | None = None,
     ) -> bool:
-        """Whether the job has ended (False: the write failed and the job is followed again)."""
+        """Whether the job has ended (False: the write failed and the job is followed again). `view` is the
+        upstream's view of a job it finished: its image URL and buttons are kept with the job."""
         if self._by_job.pop(tracked.job_id, None) is None:
             return True
         self._jobs[tracked.provider].pop(tracked.job_id, None)
         try:
-            await self.finisher.end(tracked.job_id, succeeded=succeeded, error_code=error_code, fail_reason=reason)
+            await self.finisher.end(
+                tracked.job_id,
+                succeeded=succeeded,
+                error_code=error_code,
+                fail_reason=reason,
+                image_url=view.image_url if view else None,
+                buttons=_buttons_json(view) if view else None,
+            )
         except Exception:
             # Nothing was written: keep following the job, and the next round ends it (endings are guarded, so
             # trying again can never settle twice).

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.store.db import transaction
@@ -91,7 +91,7 @@ class JobRow:
     provider: str | None
     upstream_id: str | None
     upstream_image_url: str | None
-    buttons: list[dict[str, Any]]
+    buttons_json: str | None
     error_code: str | None
     fail_reason: str | None
     price: int
@@ -103,32 +103,38 @@ class JobRow:
     finished_at: float | None
     deadline_at: float
 
+    @property
+    def buttons(self) -> list[dict[str, Any]]:
+        """The upstream's buttons of a finished job (read when asked: most readers never need them)."""
+        return json.loads(self.buttons_json) if self.buttons_json else []
+
 
 @dataclass(frozen=True, slots=True)
 class ProgressChange:
-    """A running job's new state and progress; `image_url` and `buttons` once the upstream has finished it."""
+    """A running job's new state and progress."""
 
     job_id: str
     state: JobState
     progress: int
-    image_url: str | None = None
-    buttons: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Ending:
-    """How one job ends: succeeded (its hold is captured) or failed (its hold is released)."""
+    """How one job ends: succeeded (its hold is captured) or failed (its hold is released). A job the upstream
+    finished also keeps the upstream's image URL (internal only) and buttons (JSON)."""
 
     job_id: str
     succeeded: bool
     error_code: str | None = None
     fail_reason: str | None = None
+    image_url: str | None = None
+    buttons: str | None = None
 
 
 def _row(row: Any) -> JobRow:
     data = dict(row._mapping)
     data["state"] = JobState(data["state"])
-    data["buttons"] = json.loads(data["buttons"]) if data.get("buttons") else []
+    data["buttons_json"] = data.pop("buttons")
     return JobRow(**data)
 
 
@@ -221,32 +227,16 @@ class JobStore:
         return [None] * len(items)
 
     async def record_progress(self, changes: Sequence[ProgressChange], now: float) -> None:
-        """Many running jobs' progress in one transaction; jobs that already ended are left alone. A finished
-        upstream task's image URL (internal only) and buttons are kept here, before the image is downloaded."""
+        """Many running jobs' progress in one transaction; jobs that already ended are left alone."""
         if not changes:
             return
         statement = (
             update(jobs)
             # IN (...) expands its parameters, which executemany cannot do: spell the states out.
             .where(jobs.c.id == bindparam("job_id"), or_(*(jobs.c.state == s.value for s in RUNNING)))
-            .values(
-                state=bindparam("new_state"),
-                progress=bindparam("new_progress"),
-                upstream_image_url=func.coalesce(bindparam("new_image_url"), jobs.c.upstream_image_url),
-                buttons=func.coalesce(bindparam("new_buttons"), jobs.c.buttons),
-                updated_at=now,
-            )
+            .values(state=bindparam("new_state"), progress=bindparam("new_progress"), updated_at=now)
         )
-        params = [
-            {
-                "job_id": c.job_id,
-                "new_state": c.state.value,
-                "new_progress": c.progress,
-                "new_image_url": c.image_url,
-                "new_buttons": c.buttons,
-            }
-            for c in changes
-        ]
+        params = [{"job_id": c.job_id, "new_state": c.state.value, "new_progress": c.progress} for c in changes]
         await self._execute(statement, params)
 
     async def _execute(self, statement: Any, params: list[dict[str, Any]]) -> None:
@@ -276,12 +266,26 @@ class JobStore:
         for index, ending in enumerate(endings):
             first.setdefault(ending.job_id, index)
         groups: dict[tuple[bool, str | None, str | None], list[str]] = {}
+        results: list[dict[str, Any]] = []
         for job_id, index in first.items():
             ending = endings[index]
             groups.setdefault((ending.succeeded, ending.error_code, ending.fail_reason), []).append(job_id)
+            if ending.image_url is not None or ending.buttons is not None:
+                results.append({"job_id": job_id, "new_image_url": ending.image_url, "new_buttons": ending.buttons})
 
         async def work(conn: AsyncConnection) -> dict[str, Any]:
             ended: dict[str, Any] = {}
+            if results:  # what the upstream gave, on the jobs about to end (the guard below repeats the check)
+                await conn.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.id == bindparam("job_id"),
+                        or_(*(jobs.c.state == s.value for s in ACTIVE)),
+                        jobs.c.hold_state == "held",
+                    )
+                    .values(upstream_image_url=bindparam("new_image_url"), buttons=bindparam("new_buttons")),
+                    results,
+                )
             for (succeeded, error_code, fail_reason), ids in groups.items():
                 values: dict[str, Any] = {
                     "state": (JobState.SUCCEEDED if succeeded else JobState.FAILED).value,

@@ -117,13 +117,14 @@ async def test_progress_never_touches_ended_jobs(db: Database) -> None:
     running, ended = await store.get("job_run00000"), await store.get("job_end00000")
     assert running is not None and (running.state, running.progress) == (JobState.IN_PROGRESS, 46)
     assert ended is not None and (ended.state, ended.progress) == (JobState.FAILED, 0)
-    await store.record_progress(
-        [ProgressChange("job_run00000", JobState.IN_PROGRESS, 100, "http://up/1.png", '[{"customId": "x"}]')], NOW
-    )
-    await store.record_progress([ProgressChange("job_run00000", JobState.IN_PROGRESS, 100)], NOW)  # keeps the URL
-    running = await store.get("job_run00000")
-    assert running is not None and running.upstream_image_url == "http://up/1.png" and running.buttons
     assert [row.id for row in await store.active()] == ["job_run00000"]
+    done = Ending("job_run00000", succeeded=True, image_url="http://up/1.png", buttons='[{"customId": "x"}]')
+    row = await store.finish_many([done], NOW)
+    assert row[0] is not None and row[0].upstream_image_url == "http://up/1.png" and row[0].buttons
+    late = Ending("job_run00000", succeeded=True, image_url="http://up/2.png")
+    assert await store.finish_many([late], NOW) == [None]  # an ended job keeps what it ended with
+    kept = await store.get("job_run00000")
+    assert kept is not None and kept.upstream_image_url == "http://up/1.png"
     assert await db.ping()
 
 
