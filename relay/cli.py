@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import time
@@ -69,6 +70,7 @@ def serve(ctx: click.Context, config_path: str | None, host: str | None, port: i
         f"(database {_safe_url(config.database_url())}, images in {config.images_dir()}, "
         f"providers: {', '.join(p.name for p in config.providers)})"
     )
+    _tune_gc()
     uvicorn.run(
         app,
         host=server.host,
@@ -78,6 +80,19 @@ def serve(ctx: click.Context, config_path: str | None, host: str | None, port: i
         timeout_graceful_shutdown=round(server.graceful_shutdown_s),
         proxy_headers=False,
     )
+
+
+# The relay starts with about a hundred thousand long-lived objects (modules, SQLAlchemy, pydantic and Starlette
+# structures), and a burst of requests makes many short-lived ones. Left as they are, the collector's full passes
+# rescan all of them, 60-90 ms each, three times within one burst of a thousand requests. Frozen after start, the
+# former are never scanned again, and a larger youngest generation collects the latter less often.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def _tune_gc() -> None:
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _safe_url(url: str) -> str:
