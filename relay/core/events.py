@@ -4,6 +4,7 @@ submitted, and every change the relay writes is published here right after it is
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -22,20 +23,42 @@ class JobEvent:
 
 
 class Subscription:
+    """Events for one waiter, in order. Waiting is on one future with a timer: a thousand waiters woken together
+    resume at once, with no task made per wait."""
+
     def __init__(self, hub: JobEvents, job_ids: tuple[str, ...]) -> None:
         self.hub = hub
         self.job_ids = job_ids
-        self.queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._events: deque[JobEvent] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, event: JobEvent) -> None:
+        self._events.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next(self, timeout: float) -> JobEvent | None:
         """The next event, or None when `timeout` seconds pass without one."""
-        try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
-        except TimeoutError:
-            return None
+        if not self._events:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._events:
+                return None
+        return self._events.popleft()
 
     def close(self) -> None:
         self.hub.unsubscribe(self)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class JobEvents:
@@ -58,7 +81,7 @@ class JobEvents:
 
     def publish(self, event: JobEvent) -> None:
         for subscription in self._subscribers.get(event.job_id, ()):
-            subscription.queue.put_nowait(event)
+            subscription.put(event)
 
     def __len__(self) -> int:
         return len(self._subscribers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -25,6 +26,23 @@ async def test_events_reach_only_subscribers_until_they_leave() -> None:
     first.close()
     second.close()
     assert len(hub) == 0
+
+
+async def test_a_waiting_subscriber_wakes_on_an_event_and_a_cancelled_wait_leaves_nothing_behind() -> None:
+    hub = JobEvents()
+    waiter = hub.subscribe(["a"])
+    waiting = asyncio.ensure_future(waiter.next(5))
+    await asyncio.sleep(0)
+    hub.publish(JobEvent("a", JobState.IN_PROGRESS, 31))
+    assert await asyncio.wait_for(waiting, 1) == JobEvent("a", JobState.IN_PROGRESS, 31)
+    cancelled = asyncio.ensure_future(waiter.next(5))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    hub.publish(JobEvent("a", JobState.SUCCEEDED, 100))  # kept for the next wait
+    assert await waiter.next(0.01) == JobEvent("a", JobState.SUCCEEDED, 100)
+    waiter.close()
 
 
 def test_log_lines_are_json_and_never_carry_known_secrets() -> None:
