@@ -55,7 +55,7 @@ def load_or_create_secret(path: Path) -> str:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_bytes(data)
+    _write(tmp, data)
     os.replace(tmp, path)
 
 

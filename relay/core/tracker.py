@@ -336,17 +336,16 @@ class Tracker:
         """Downloads run concurrently, the grids are written by one thread, and the endings are group-committed.
         What fails is tried again, up to `images.download_attempts` times."""
         pending = finished
-        views = {tracked.job_id: view for tracked, view in finished}
         try:
             for attempt in range(self.config.images.download_attempts):
                 if attempt:
                     await self.clock.sleep(min(2.0**attempt, 10.0))
                 downloads = await asyncio.gather(*(self._download(t, v) for t, v in pending))
                 reasons = {t.job_id: d for (t, _), d in zip(pending, downloads, strict=True) if isinstance(d, str)}
-                got = [(t, d) for (t, _), d in zip(pending, downloads, strict=True) if isinstance(d, bytes)]
+                got = [(t, v, d) for (t, v), d in zip(pending, downloads, strict=True) if isinstance(d, bytes)]
                 reasons.update(await asyncio.get_running_loop().run_in_executor(self._writer_pool(), self._save, got))
                 await asyncio.gather(
-                    *(self._end(t, succeeded=True, view=views[t.job_id]) for t, _ in got if t.job_id not in reasons)
+                    *(self._end(t, succeeded=True, view=v) for t, v, _ in got if t.job_id not in reasons)
                 )
                 pending = [(t, v) for t, v in pending if t.job_id in reasons]
                 if not pending:
@@ -375,10 +374,10 @@ class Tracker:
             except UpstreamUnavailable as exc:
                 return str(exc)
 
-    def _save(self, grids: list[tuple[Tracked, bytes]]) -> dict[str, str]:
-        """Keep grids; returns why each one that could not be kept failed. Blocking: run it in a thread."""
+    def _save(self, grids: list[tuple[Tracked, TaskView, bytes]]) -> dict[str, str]:
+        """Keep downloaded grids; returns why each one that could not be kept failed. Blocking: run it in a thread."""
         failed = {}
-        for tracked, data in grids:
+        for tracked, _, data in grids:
             try:
                 self.images.save_grid(tracked.job_id, data)
             except ImageError as exc:
