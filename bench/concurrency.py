@@ -9,6 +9,12 @@ VmHWM from /proc. The client (bare HTTP/1.1 on asyncio, on uvloop where it is in
 loop is; one new connection per request) runs in this process, the relay and the HTTP simulator in their own. A
 request's time runs from just before its connection is opened until its whole answer has been read. A few warm-up
 requests run to their end before the measured burst.
+
+The relay writes one file per finished grid, so the burst also measures the data folder's file system: the `disk`
+line is the time to create 1000 empty files there, taken just before the burst. On ext4 that figure is about 25 ms,
+but for a minute or so after many files were deleted (as the end of every run deletes its folder) creating a file
+can cost 0.5-0.8 ms of CPU, and a run started right after another one measures that. Leave a minute between runs,
+or point `--data-dir` elsewhere.
 """
 
 from __future__ import annotations
@@ -65,6 +71,16 @@ def peak_rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     match = re.search(r"VmHWM:\s+(\d+) kB", status)
     return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def file_creation_ms(folder: Path, count: int = 1000) -> float:
+    """How long creating `count` empty files in `folder` takes (they are left for the run's cleanup: deleting
+    them now would slow the burst's own file creation)."""
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    for i in range(count):
+        os.close(os.open(folder / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return (time.perf_counter() - started) * 1000
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -128,9 +144,15 @@ def main() -> None:
     parser.add_argument(
         "--ramp-seconds", type=float, default=0.0, help="send the requests evenly over this long (default: all at once)"
     )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where the run's folder (the relay's database and images) is made (default: the system temp folder)",
+    )
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="mj-relay-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="mj-relay-bench-", dir=args.data_dir))
     port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -187,6 +209,7 @@ def main() -> None:
             warm = run(fire(port, key, args.warmup, args.response_format, 0.0))
             if any(status != 200 for status, _, _ in warm):
                 raise SystemExit("the warm-up requests failed")
+        disk_ms = file_creation_ms(work / "disk-check")
         started_at, started = time.time(), time.perf_counter()
         results = run(fire(port, key, args.requests, args.response_format, args.ramp_seconds))
         wall = time.perf_counter() - started
@@ -227,6 +250,8 @@ def main() -> None:
                 figures = " / ".join(f"{v:.0f}" for v in marks)
                 print(f"  {name:<13} {figures}")
         print(f"relay RSS MB  peak {peak:.0f}   at start {baseline:.0f}   (target < 250)")
+        slow = "   (slow: many files were deleted there lately; see --help)" if disk_ms > 200 else ""
+        print(f"disk          creating 1000 files in the data folder took {disk_ms:.0f} ms just before{slow}")
         print(f"wall time     {wall:.1f} s")
     finally:
         for proc in reversed(procs):
