@@ -46,8 +46,6 @@ SAVE_THREADS = 4
 # A round waits up to min(ROUND_GAP_S, interval / 4) after the first job due for others due meanwhile, and rounds of
 # one provider start at least that far apart: a job is read at most that late.
 ROUND_GAP_S = 0.25
-# A timer may fire a little before the wall clock reaches its time: a job due this soon counts as due.
-DUE_SLACK_S = 0.01
 
 
 @dataclass(slots=True)
@@ -241,7 +239,11 @@ class Tracker:
                 continue
             delay = max(due, last_round + gap) - self.clock.now()
             if delay > 0:
+                # Then look again: jobs may have come meanwhile, and a timer may fire a little before the wall
+                # clock reaches its time. A job read even a moment early finds its task unfinished and waits a
+                # whole interval more.
                 await self.clock.sleep(delay)
+                continue
             round_start = self.clock.now()
             try:
                 if await self.poll(provider):
@@ -263,7 +265,7 @@ class Tracker:
     async def poll(self, provider: str) -> int:
         """One round over a provider's running jobs that are due to be read; returns how many were read."""
         started = self.clock.now()
-        jobs = [t for t in self._jobs[provider].values() if not t.delivering and t.due_at <= started + DUE_SLACK_S]
+        jobs = [t for t in self._jobs[provider].values() if not t.delivering and t.due_at <= started]
         if not jobs:
             return 0
         interval = self.pool.poll_interval(provider)

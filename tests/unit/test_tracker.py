@@ -351,10 +351,39 @@ async def test_each_job_is_read_on_its_own_cadence_and_close_ones_share_a_round(
     assert seen[:5] == [(1.0, {"a"}), (1.625, {"b", "c"}), (2.0, {"a", "d"}), (2.625, {"b", "c"}), (3.0, {"a", "d"})]
 
 
-async def test_a_round_reads_only_due_jobs_and_a_timer_firing_a_little_early_still_reads_them(world: World) -> None:
+async def test_a_round_reads_only_due_jobs(world: World) -> None:
     await world.submit("sloth sim:never")
     world.clock.advance(0.5)
     assert await world.tracker.poll("sim") == 0  # submitted half an interval ago: not due yet
-    world.clock.advance(0.4995)  # a timer set for the due time fired half a millisecond early
+    world.clock.advance(0.499)
+    assert await world.tracker.poll("sim") == 0  # a millisecond early is still early
+    world.clock.advance(0.001)
     assert await world.tracker.poll("sim") == 1
     assert await world.tracker.poll("sim") == 0  # next due one interval later
+
+
+async def test_a_timer_firing_a_little_early_never_makes_a_round_read_early(world: World) -> None:
+    """A task read even a moment before it is due may not have finished yet, and would wait a whole interval more."""
+    clock = world.clock
+    real_sleep = clock.sleep
+
+    async def early_sleep(seconds: float) -> None:  # every timer fires 1/256 s before its time
+        await real_sleep(max(0.0, seconds - 1 / 256))
+
+    clock.sleep = early_sleep  # type: ignore[method-assign]
+    reads: list[float] = []
+    real_fetch = world.pool.upstreams["sim"].fetch_many
+
+    async def recording_fetch(ids: Sequence[str]) -> list[TaskView]:
+        reads.append(clock.now())
+        return await real_fetch(ids)
+
+    world.pool.upstreams["sim"].fetch_many = recording_fetch  # type: ignore[method-assign]
+    first = clock.now()
+    await world.submit("sloth sim:never")
+    await world.tracker.start()
+    for _ in range(3 * 1024 + 512):  # steps of 1/1024 s keep the clock's sums exact
+        await asyncio.sleep(0)
+        clock.advance(1 / 1024)
+    await world.tracker.stop()
+    assert [at - first for at in reads][:3] == [1.0, 2.0, 3.0]
