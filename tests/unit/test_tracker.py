@@ -382,8 +382,10 @@ async def test_a_timer_firing_a_little_early_never_makes_a_round_read_early(worl
     first = clock.now()
     await world.submit("sloth sim:never")
     await world.tracker.start()
-    for _ in range(3 * 1024 + 512):  # steps of 1/1024 s keep the clock's sums exact
-        await asyncio.sleep(0)
+    for _ in range(1024 + 64):  # steps of 1/1024 s keep the clock's sums exact
+        for _ in range(5):
+            await asyncio.sleep(0)
         clock.advance(1 / 1024)
     await world.tracker.stop()
-    assert [at - first for at in reads][:3] == [1.0, 2.0, 3.0]
+    assert reads, "the job was never read"
+    assert 1.0 <= reads[0] - first < 1.0 + 8 / 1024  # when it is due, not before (nor a round gap later)
