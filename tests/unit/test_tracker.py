@@ -324,7 +324,8 @@ async def test_rounds_start_one_interval_apart_however_long_a_round_takes(world:
     assert [start - first for start in starts][:5] == [1.0, 2.0, 3.0, 4.0, 5.0]
 
 
-async def test_each_job_is_read_on_its_own_cadence_and_close_ones_share_a_round(world: World) -> None:
+def record_rounds(world: World) -> list[tuple[float, set[str]]]:
+    """Each status read of the simulator from now on: when it happened and which task ids it asked for."""
     rounds: list[tuple[float, set[str]]] = []
     real_fetch = world.pool.upstreams["sim"].fetch_many
 
@@ -333,6 +334,11 @@ async def test_each_job_is_read_on_its_own_cadence_and_close_ones_share_a_round(
         return await real_fetch(ids)
 
     world.pool.upstreams["sim"].fetch_many = recording_fetch  # type: ignore[method-assign]
+    return rounds
+
+
+async def test_each_job_is_read_on_its_own_cadence_and_close_ones_share_a_round(world: World) -> None:
+    rounds = record_rounds(world)
     first = world.clock.now()
     await world.tracker.start()
     # c is due 1/8 s after b, within the quarter-interval gap: b's round waits for it. d is due 3/8 s after b: it
@@ -371,14 +377,7 @@ async def test_a_timer_firing_a_little_early_never_makes_a_round_read_early(worl
         await real_sleep(max(0.0, seconds - 1 / 256))
 
     clock.sleep = early_sleep  # type: ignore[method-assign]
-    reads: list[float] = []
-    real_fetch = world.pool.upstreams["sim"].fetch_many
-
-    async def recording_fetch(ids: Sequence[str]) -> list[TaskView]:
-        reads.append(clock.now())
-        return await real_fetch(ids)
-
-    world.pool.upstreams["sim"].fetch_many = recording_fetch  # type: ignore[method-assign]
+    rounds = record_rounds(world)
     first = clock.now()
     await world.submit("sloth sim:never")
     await world.tracker.start()
@@ -387,5 +386,5 @@ async def test_a_timer_firing_a_little_early_never_makes_a_round_read_early(worl
             await asyncio.sleep(0)
         clock.advance(1 / 1024)
     await world.tracker.stop()
-    assert reads, "the job was never read"
-    assert 1.0 <= reads[0] - first < 1.0 + 8 / 1024  # when it is due, not before (nor a round gap later)
+    assert rounds, "the job was never read"
+    assert 1.0 <= rounds[0][0] - first < 1.0 + 8 / 1024  # when it is due, not before (nor a round gap later)
