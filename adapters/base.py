@@ -5,21 +5,37 @@ mode is chosen, result codes, odd bodies, how an unknown task id is answered) li
 normalised into the types below, so nothing above `adapters/` knows which dialect it talks to.
 
     Upstream (Protocol)
-      submit(request: SubmitRequest) -> SubmitOutcome   one new task; never raises for an upstream answer
+      submit(request: SubmitRequest) -> SubmitOutcome   one call that makes or moves a task (see SubmitKind); never
+                                                         raises for an upstream answer
+      upload(images, mode, bot) -> UploadOutcome         `submit/upload-discord-images`: image links, no task
+      seed(upstream_id) -> str | None                    `task/{id}/image-seed`; None when the task has no seed
       fetch(upstream_id) -> TaskView | None              one task; None when the upstream does not know the id
       fetch_many(upstream_ids) -> list[TaskView]         a batch; ids the upstream does not know are left out
       download(url) -> bytes                             a finished image, size-limited, never with credentials
       probe() -> bool                                    a cheap call that proves the provider answers and accepts us
       aclose()                                           release connections
 
+    SubmitKind: the upstream endpoint a SubmitRequest goes to, and which of its fields it uses
+      imagine     submit/imagine        prompt, images (base64Array)
+      blend       submit/blend          images (2-5, base64Array), dimensions
+      describe    submit/describe       images[0] (base64)
+      shorten     submit/shorten        prompt
+      action      submit/action         task_id (upstream id of the parent), custom_id (one of its buttons)
+      modal       submit/modal          task_id (the upstream id of the task waiting in MODAL), prompt, mask
+      swap_face   insight-face/swap     images[0] (sourceBase64), images[1] (targetBase64)
+    Every kind but modal also carries bot, state and notify_hook, and the mode through the dialect's mechanism.
+
     SubmitOutcome = one of
       Accepted(upstream_id)      the upstream took the task (codes 1 and 22, and 21 that reports a finished task)
       NeedsModal(upstream_id)    the task waits for `submit/modal` on the same provider (code 21 with remix)
       Retryable(reason, sent)    another provider may take it; `sent` = the request may have reached this upstream
-      ClientError(description)   the request itself is refused (validation, banned prompt); retrying cannot help
+      ClientError(description)   the request itself is refused (validation, banned prompt, unknown task or button);
+                                 retrying cannot help
       ProviderUnusable(reason)   this provider cannot serve anything now (auth, balance, broken answers)
 
-    UpstreamUnavailable          raised by fetch/fetch_many/download/probe when the provider cannot answer
+    UploadOutcome = Uploaded(links) | Retryable | ClientError | ProviderUnusable
+
+    UpstreamUnavailable          raised by fetch/fetch_many/seed/download/probe when the provider cannot answer
 """
 
 from __future__ import annotations
@@ -32,10 +48,12 @@ from typing import Any, Literal, Protocol, runtime_checkable
 __all__ = [
     "BOTS",
     "MODES",
+    "SUBMIT_KINDS",
     "Accepted",
     "Bot",
     "Button",
     "ClientError",
+    "Dimensions",
     "Mode",
     "NeedsModal",
     "ProviderUnusable",
@@ -45,6 +63,8 @@ __all__ = [
     "SubmitRequest",
     "TaskStatus",
     "TaskView",
+    "UploadOutcome",
+    "Uploaded",
     "Upstream",
     "UpstreamUnavailable",
 ]
@@ -53,7 +73,9 @@ Mode = Literal["fast", "relax", "turbo"]
 MODES: tuple[Mode, ...] = ("fast", "relax", "turbo")
 Bot = Literal["MID_JOURNEY", "NIJI_JOURNEY"]
 BOTS: tuple[Bot, ...] = ("MID_JOURNEY", "NIJI_JOURNEY")
-SubmitKind = Literal["imagine"]
+SubmitKind = Literal["imagine", "blend", "describe", "shorten", "action", "modal", "swap_face"]
+SUBMIT_KINDS: tuple[SubmitKind, ...] = ("imagine", "blend", "describe", "shorten", "action", "modal", "swap_face")
+Dimensions = Literal["PORTRAIT", "SQUARE", "LANDSCAPE"]
 
 
 class TaskStatus(StrEnum):
@@ -96,22 +118,31 @@ class TaskView:
     start_time: int | None = None
     finish_time: int | None = None
     properties: Mapping[str, Any] = field(default_factory=dict)
+    # The prompt as the upstream ran it, and the text result of a task that gives text (describe's four prompts,
+    # shorten's analysis): `properties.finalPrompt`, else `promptEn`.
+    final_prompt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SubmitRequest:
-    """A new upstream task in the relay's terms; each adapter renders it in its dialect.
+    """One submit call in the relay's terms; each adapter renders it in its dialect (see SubmitKind for the fields
+    each kind uses).
 
-    `prompt` is sent as it is (it already carries the mode flag); `mode` also goes through the dialect's own
-    mechanism (path prefix, `accountFilter.modes` or body `model`). `images` are data URLs (`base64Array`).
-    `state` is echoed back by the upstream in every task view.
+    `prompt` is sent as it is (an imagine's already carries the mode flag); `mode` also goes through the dialect's
+    own mechanism (path prefix, `accountFilter.modes` or body `model`). `images` are data URLs. `task_id` is the
+    upstream's id of the task an action or a modal acts on. `state` is echoed back by the upstream in every task
+    view.
     """
 
     kind: SubmitKind
-    prompt: str
+    prompt: str = ""
     mode: Mode = "fast"
     bot: Bot = "MID_JOURNEY"
     images: tuple[str, ...] = ()
+    dimensions: Dimensions | None = None
+    task_id: str | None = None
+    custom_id: str | None = None
+    mask: str | None = None
     state: str | None = None
     notify_hook: str | None = None
 
@@ -147,6 +178,16 @@ class ProviderUnusable:
 SubmitOutcome = Accepted | NeedsModal | Retryable | ClientError | ProviderUnusable
 
 
+@dataclass(frozen=True, slots=True)
+class Uploaded:
+    """The links an upload gave (in the upstream's own terms: Discord attachments or the reseller's CDN)."""
+
+    links: tuple[str, ...]
+
+
+UploadOutcome = Uploaded | Retryable | ClientError | ProviderUnusable
+
+
 class UpstreamUnavailable(Exception):
     """The provider could not answer a read (transport error, 5xx, refused credentials, a broken body)."""
 
@@ -156,6 +197,10 @@ class Upstream(Protocol):
     name: str
 
     async def submit(self, request: SubmitRequest) -> SubmitOutcome: ...
+
+    async def upload(self, images: Sequence[str], mode: Mode, bot: Bot) -> UploadOutcome: ...
+
+    async def seed(self, upstream_id: str) -> str | None: ...
 
     async def fetch(self, upstream_id: str) -> TaskView | None: ...
 

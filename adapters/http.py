@@ -2,7 +2,8 @@
 credentials only on calls to the provider's own API, size-limited downloads without credentials.
 
 All of the project's upstream HTTP goes through this module, so a change of HTTP client is one change here.
-A dialect subclass says only what differs: its paths, its auth header and how the mode travels.
+A dialect subclass says only what differs: its paths, its auth header and how the mode travels (`mode_prefix`,
+`mode_fields`). Bodies are the shared midjourney-proxy shape of `adapters.wire`.
 """
 
 from __future__ import annotations
@@ -13,19 +14,24 @@ import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 import httpx
 
 from adapters.base import (
+    Bot,
+    ClientError,
+    Mode,
     ProviderUnusable,
     Retryable,
     SubmitOutcome,
     SubmitRequest,
     TaskView,
+    UploadOutcome,
     UpstreamUnavailable,
 )
-from adapters.replies import classify_submit, parse_fetch, parse_task_list
+from adapters.replies import classify_submit, classify_upload, parse_fetch, parse_seed, parse_task_list
+from adapters.wire import ENDPOINTS, FOLLOW_UPS, missing_fields, render_body
 
 __all__ = ["HttpOptions", "HttpUpstream"]
 
@@ -91,19 +97,31 @@ class HttpUpstream:
     def auth_headers(self) -> dict[str, str]:
         raise NotImplementedError
 
+    def mode_prefix(self, mode: Mode) -> str:
+        """A path prefix in front of `api_prefix` that carries the mode on submit-like calls (`/mj-relax`)."""
+        return ""
+
+    def mode_fields(self, mode: Mode) -> dict[str, Any]:
+        """Body fields that carry the mode (`accountFilter`, `model`); on every submit-like call but a modal."""
+        return {}
+
     def submit_path(self, request: SubmitRequest) -> str:
-        return f"{self.api_prefix}/submit/{request.kind}"
+        return f"{self.mode_prefix(request.mode)}{self.api_prefix}/{ENDPOINTS[request.kind]}"
 
     def submit_body(self, request: SubmitRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {"prompt": request.prompt, "botType": request.bot, "base64Array": list(request.images)}
-        if request.state is not None:
-            body["state"] = request.state
-        if request.notify_hook is not None:
-            body["notifyHook"] = request.notify_hook
-        return body
+        return render_body(request) | ({} if request.kind == "modal" else self.mode_fields(request.mode))
+
+    def upload_path(self, mode: Mode) -> str:
+        return f"{self.mode_prefix(mode)}{self.api_prefix}/submit/upload-discord-images"
+
+    def upload_body(self, images: Sequence[str], mode: Mode) -> dict[str, Any]:
+        return {"base64Array": list(images)} | self.mode_fields(mode)
 
     def fetch_path(self, upstream_id: str) -> str:
-        return f"{self.api_prefix}/task/{upstream_id}/fetch"
+        return f"{self.api_prefix}/task/{quote(upstream_id, safe='')}/fetch"
+
+    def seed_path(self, upstream_id: str) -> str:
+        return f"{self.api_prefix}/task/{quote(upstream_id, safe='')}/image-seed"
 
     def list_path(self) -> str:
         return f"{self.api_prefix}/task/list-by-condition"
@@ -111,24 +129,28 @@ class HttpUpstream:
     # -- the contract --------------------------------------------------------------------------------------------
 
     async def submit(self, request: SubmitRequest) -> SubmitOutcome:
+        missing = missing_fields(request)
+        if missing:
+            return ClientError(missing)
+        sent = await self._post(self.submit_path(request), self.submit_body(request))
+        if not isinstance(sent, tuple):
+            return sent
+        return classify_submit(*sent, follow_up=request.kind in FOLLOW_UPS)
+
+    async def upload(self, images: Sequence[str], mode: Mode, bot: Bot) -> UploadOutcome:
+        if not images:
+            return ClientError("an upload needs at least one image")
+        sent = await self._post(self.upload_path(mode), self.upload_body(images, mode))
+        if not isinstance(sent, tuple):
+            return sent
+        return classify_upload(*sent)
+
+    async def seed(self, upstream_id: str) -> str | None:
+        status, body = await self._call("GET", self.seed_path(upstream_id))
         try:
-            async with self._lane(self._slots):
-                response = await self._client.post(
-                    self._base + self.submit_path(request),
-                    content=json.dumps(self.submit_body(request)).encode(),
-                    headers={**self.auth_headers(), "Content-Type": "application/json"},
-                )
-        except _Busy:
-            return Retryable("every connection to the provider stayed busy", sent=False)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return Retryable(f"cannot connect: {type(exc).__name__}", sent=False)
-        except httpx.TimeoutException as exc:
-            return Retryable(f"no answer in time: {type(exc).__name__}", sent=True)
-        except httpx.HTTPError as exc:
-            return Retryable(f"transport error: {type(exc).__name__}", sent=True)
-        if 300 <= response.status_code < 400:
-            return ProviderUnusable(f"unexpected redirect (HTTP {response.status_code})")
-        return classify_submit(response.status_code, response.content)
+            return parse_seed(status, body)
+        except ValueError as exc:
+            raise UpstreamUnavailable(str(exc)) from None
 
     async def fetch(self, upstream_id: str) -> TaskView | None:
         status, body = await self._call("GET", self.fetch_path(upstream_id))
@@ -193,6 +215,28 @@ class HttpUpstream:
         await self._downloads.aclose()
 
     # -- helpers -------------------------------------------------------------------------------------------------
+
+    async def _post(self, path: str, payload: Mapping[str, Any]) -> tuple[int, bytes] | Retryable | ProviderUnusable:
+        """One call that makes or moves something upstream, on a submit lane: its HTTP status and body, or why
+        there is none (and whether the request may have reached the upstream)."""
+        try:
+            async with self._lane(self._slots):
+                response = await self._client.post(
+                    self._base + path,
+                    content=json.dumps(payload).encode(),
+                    headers={**self.auth_headers(), "Content-Type": "application/json"},
+                )
+        except _Busy:
+            return Retryable("every connection to the provider stayed busy", sent=False)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            return Retryable(f"cannot connect: {type(exc).__name__}", sent=False)
+        except httpx.TimeoutException as exc:
+            return Retryable(f"no answer in time: {type(exc).__name__}", sent=True)
+        except httpx.HTTPError as exc:
+            return Retryable(f"transport error: {type(exc).__name__}", sent=True)
+        if 300 <= response.status_code < 400:
+            return ProviderUnusable(f"unexpected redirect (HTTP {response.status_code})")
+        return response.status_code, response.content
 
     async def _call(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> tuple[int, bytes]:
         headers = self.auth_headers()

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from adapters.base import SubmitRequest
+from adapters.base import Mode
 from adapters.http import HttpOptions, HttpUpstream
 
 
@@ -28,18 +28,14 @@ class MidjourneyProxyUpstream(HttpUpstream):
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(name, options, transport=transport)
-        self.mode_prefix = mode_prefix
+        self.use_mode_prefix = mode_prefix
         self.account_filter = account_filter
 
     def auth_headers(self) -> dict[str, str]:
         return {"mj-api-secret": self.options.secret} if self.options.secret else {}
 
-    def submit_path(self, request: SubmitRequest) -> str:
-        prefix = f"/mj-{request.mode}" if self.mode_prefix else ""
-        return f"{prefix}/mj/submit/{request.kind}"
+    def mode_prefix(self, mode: Mode) -> str:
+        return f"/mj-{mode}" if self.use_mode_prefix else ""
 
-    def submit_body(self, request: SubmitRequest) -> dict[str, Any]:
-        body = super().submit_body(request)
-        if self.account_filter:
-            body["accountFilter"] = {"modes": [request.mode.upper()]}
-        return body
+    def mode_fields(self, mode: Mode) -> dict[str, Any]:
+        return {"accountFilter": {"modes": [mode.upper()]}} if self.account_filter else {}

@@ -1,11 +1,11 @@
 """The "/v1/mj" reseller dialect: Bearer auth, `/v1/mj/...` paths, the mode as body `model` (`mj-fast`,
-`mj-relax`, `mj-turbo`), task ids sometimes typed as integers, list-by-condition capped at 100 ids."""
+`mj-relax`, `mj-turbo`), task ids and seeds sometimes typed as integers, list-by-condition capped at 100 ids."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from adapters.base import SubmitRequest
+from adapters.base import Mode
 from adapters.http import HttpUpstream
 
 
@@ -17,7 +17,5 @@ class MjV1Upstream(HttpUpstream):
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.options.secret}"} if self.options.secret else {}
 
-    def submit_body(self, request: SubmitRequest) -> dict[str, Any]:
-        body = super().submit_body(request)
-        body["model"] = f"mj-{request.mode}"
-        return body
+    def mode_fields(self, mode: Mode) -> dict[str, Any]:
+        return {"model": f"mj-{mode}"}

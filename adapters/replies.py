@@ -2,6 +2,11 @@
 
 Covers the result codes and odd bodies of every dialect we speak (see `shared/reference/upstreams.md`):
 midjourney-proxy (novicezk and trueai), new-api's own error envelope, and the `/v1/mj` resellers.
+
+    classify_submit(status, body, follow_up)   a submit reply -> SubmitOutcome
+    classify_upload(status, body)              an upload-discord-images reply -> UploadOutcome
+    parse_seed(status, body)                   an image-seed reply -> the seed, or None (no such task, no seed yet)
+    parse_task / parse_fetch / parse_task_list task JSON -> TaskView
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from adapters.base import (
     SubmitOutcome,
     TaskStatus,
     TaskView,
+    Uploaded,
+    UploadOutcome,
 )
 
 # Descriptions that mean "busy, try elsewhere" even when the code says validation error (trueai code 4 / 9).
@@ -169,6 +176,52 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
     return ProviderUnusable(f"unexpected result code {code}")
 
 
+def classify_upload(status: int, body: bytes) -> UploadOutcome:
+    """Map one `submit/upload-discord-images` reply: code 1 with `result` a list of links (trueai) or one
+    comma-joined string gives `Uploaded`; every other answer is classed as a submit of a new task would be."""
+    try:
+        data = _decode(body) if status == 200 and body.strip() else None
+    except ValueError:
+        data = None
+    if isinstance(data, Mapping) and _code(data.get("code")) == 1 and "success" not in data:
+        result = data.get("result")
+        parts = result if isinstance(result, list) else str(result or "").split(",")
+        links = tuple(text for text in (str(part).strip() for part in parts if part is not None) if text)
+        if not links:
+            return ProviderUnusable("an upload answer without links")
+        return Uploaded(links)
+    outcome = classify_submit(status, body)
+    if isinstance(outcome, Accepted | NeedsModal):
+        return ProviderUnusable(f"an unexpected upload answer (HTTP {status})")
+    return outcome
+
+
+def parse_seed(status: int, body: bytes) -> str | None:
+    """One `task/{id}/image-seed` reply: the seed; None when the upstream does not know the task (404, 204, code 3,
+    new-api's task_not_found) or has no seed for it yet (code 4). Anything that is not an answer raises ValueError."""
+    if status in (401, 403):
+        raise ValueError(f"upstream refused the credentials (HTTP {status})")
+    if status in (204, 404) or (status == 200 and not body.strip()):
+        return None
+    try:
+        data = _decode(body)
+    except ValueError:
+        raise ValueError(f"a non-JSON image-seed answer (HTTP {status})") from None
+    if not isinstance(data, Mapping) or data.get("success") is False:
+        raise ValueError(f"an unexpected image-seed answer (HTTP {status})")
+    code = _code(data.get("code"))
+    description = str(data.get("description") or "").lower()
+    if data.get("type") == "upstream_error":  # new-api's own envelope: only "no such task" is an answer
+        if any(word in description for word in ("task_not_found", "task_no_found")):
+            return None
+        raise ValueError(f"the upstream could not answer: {description.strip() or code}")
+    if code in (3, 4):
+        return None
+    if code != 1 or status != 200:
+        raise ValueError(f"an unexpected image-seed answer (HTTP {status}, code {code})")
+    return _as_id(data.get("result"))
+
+
 def _progress(value: Any, status: TaskStatus) -> int:
     if status is TaskStatus.SUCCESS:
         return 100
@@ -230,7 +283,9 @@ def parse_task(data: Any) -> TaskView | None:
         fail_reason = str(data.get("description") or "").strip() or "the upstream reported a failure"
     image_url = str(data.get("imageUrl") or "").strip() or None
     props = data.get("properties")
+    properties: dict[str, Any] = dict(props) if isinstance(props, Mapping) else {}
     state = data.get("state")
+    final_prompt = str(properties.get("finalPrompt") or data.get("promptEn") or "").strip() or None
     return TaskView(
         upstream_id=upstream_id,
         status=status,
@@ -244,7 +299,8 @@ def parse_task(data: Any) -> TaskView | None:
         submit_time=_millis(data.get("submitTime")),
         start_time=_millis(data.get("startTime")),
         finish_time=_millis(data.get("finishTime")),
-        properties=dict(props) if isinstance(props, Mapping) else {},
+        properties=properties,
+        final_prompt=final_prompt,
     )
 
 

@@ -1,7 +1,8 @@
 """The `simulator` dialect: the relay talks to a `SimEngine` in its own process, with no HTTP in between.
 
-Replies still go through the same reply mapping as the HTTP dialects, so the relay sees exactly what it would see
-from a midjourney-proxy server. Image URLs are `sim://<provider>/<task id>.png` and only this adapter reads them.
+Requests are rendered in the same wire shape as the HTTP dialects (`adapters.wire`) and replies go through the same
+reply mapping, so the relay sees exactly what it would see from a trueai-style midjourney-proxy server. Image links
+are `sim://<provider>/<key>.<ext>` (results, described images, uploads) and only this adapter reads them.
 """
 
 from __future__ import annotations
@@ -10,9 +11,24 @@ import asyncio
 import json
 from collections.abc import Sequence
 
-from adapters.base import SubmitOutcome, SubmitRequest, TaskView, UpstreamUnavailable
-from adapters.replies import classify_submit, parse_task
+from adapters.base import (
+    Bot,
+    ClientError,
+    Mode,
+    SubmitOutcome,
+    SubmitRequest,
+    TaskView,
+    UploadOutcome,
+    UpstreamUnavailable,
+)
+from adapters.replies import classify_submit, classify_upload, parse_seed, parse_task
+from adapters.simulator.answers import SubmitReply
 from adapters.simulator.engine import SimEngine
+from adapters.wire import FOLLOW_UPS, missing_fields, render_body
+
+
+def _wire(reply: SubmitReply) -> tuple[int, bytes]:
+    return reply.http_status, json.dumps(reply.body).encode()
 
 
 class SimulatorUpstream:
@@ -24,11 +40,23 @@ class SimulatorUpstream:
         self._image_base = f"sim://{name}"
 
     async def submit(self, request: SubmitRequest) -> SubmitOutcome:
-        body = {"prompt": request.prompt, "botType": request.bot, "base64Array": list(request.images)}
-        if request.state is not None:
-            body["state"] = request.state
-        reply = self.engine.submit_imagine(body, request.mode)
-        return classify_submit(reply.http_status, json.dumps(reply.body).encode())
+        missing = missing_fields(request)
+        if missing:
+            return ClientError(missing)
+        mode = None if request.kind == "modal" else request.mode
+        reply = self.engine.submit(request.kind, render_body(request), mode)
+        return classify_submit(*_wire(reply), follow_up=request.kind in FOLLOW_UPS)
+
+    async def upload(self, images: Sequence[str], mode: Mode, bot: Bot) -> UploadOutcome:
+        if not images:
+            return ClientError("an upload needs at least one image")
+        return classify_upload(*_wire(self.engine.upload({"base64Array": list(images)}, self._image_base)))
+
+    async def seed(self, upstream_id: str) -> str | None:
+        try:
+            return parse_seed(*_wire(self.engine.seed(upstream_id)))
+        except ValueError as exc:
+            raise UpstreamUnavailable(str(exc)) from None
 
     async def fetch(self, upstream_id: str) -> TaskView | None:
         return parse_task(self.engine.task(upstream_id, self._image_base))
@@ -39,12 +67,12 @@ class SimulatorUpstream:
 
     async def download(self, url: str) -> bytes:
         prefix = self._image_base + "/"
-        if not url.startswith(prefix) or not url.endswith(".png"):
+        key, dot, _ = url.removeprefix(prefix).rpartition(".")
+        if not url.startswith(prefix) or not dot or "/" in key:
             raise UpstreamUnavailable("not an image URL of this simulator")
-        task_id = url[len(prefix) : -len(".png")]
-        data = self.engine.cached_image(task_id)  # most grids are drawn already: no thread needed
+        data = self.engine.cached_image(key)  # most images are drawn already: no thread needed
         if data is None:
-            data = await asyncio.to_thread(self.engine.image, task_id)
+            data = await asyncio.to_thread(self.engine.image, key)
         if data is None:
             raise UpstreamUnavailable("no such image")
         return data

@@ -1,4 +1,5 @@
-"""A Midjourney-like 2x2 grid as a real PNG: four visibly distinct tiles whose aspect ratio follows `--ar`."""
+"""Midjourney-like results as real PNGs: a 2x2 grid of four visibly distinct tiles, or one tile-sized image (an
+upscale, a face swap); the aspect ratio follows `--ar` (or a blend's dimensions)."""
 
 from __future__ import annotations
 
@@ -35,17 +36,33 @@ def render_grid(seed: str, aspect: tuple[int, int], long_side: int = 256) -> byt
     image = Image.new("RGB", (tw * 2, th * 2))
     draw = ImageDraw.Draw(image)
     for index in range(4):
-        x0, y0 = (index % 2) * tw, (index // 2) * th
-        hue = ((digest[0] / 255) + index * 0.25) % 1.0
-        base = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.55, 0.85))
-        draw.rectangle((x0, y0, x0 + tw - 1, y0 + th - 1), fill=base)
-        # A few bands so each tile has structure, seeded by the task and the tile.
-        for band in range(4):
-            b = digest[1 + index * 4 + band]
-            shade = tuple(max(0, min(255, c + (b % 60) - 30)) for c in base)
-            top = y0 + (th * band) // 4
-            left = x0 + (b * tw) // 512
-            draw.rectangle((left, top, x0 + tw - 1, top + th // 8), fill=shade)
+        _paint_tile(draw, digest, index, (index % 2) * tw, (index // 2) * th, tw, th)
+    return _png(image)
+
+
+def render_image(seed: str, aspect: tuple[int, int], long_side: int = 256) -> bytes:
+    """PNG bytes of one tile-sized image (an upscale); the same seed and aspect always give the same image."""
+    tw, th = tile_size(aspect, long_side)
+    digest = hashlib.sha256(seed.encode()).digest()
+    image = Image.new("RGB", (tw, th))
+    _paint_tile(ImageDraw.Draw(image), digest, 0, 0, 0, tw, th)
+    return _png(image)
+
+
+def _paint_tile(draw: ImageDraw.ImageDraw, digest: bytes, index: int, x0: int, y0: int, tw: int, th: int) -> None:
+    hue = ((digest[0] / 255) + index * 0.25) % 1.0
+    base = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.55, 0.85))
+    draw.rectangle((x0, y0, x0 + tw - 1, y0 + th - 1), fill=base)
+    # A few bands so each tile has structure, seeded by the task and the tile.
+    for band in range(4):
+        b = digest[1 + index * 4 + band]
+        shade = tuple(max(0, min(255, c + (b % 60) - 30)) for c in base)
+        top = y0 + (th * band) // 4
+        left = x0 + (b * tw) // 512
+        draw.rectangle((left, top, x0 + tw - 1, top + th // 8), fill=shade)
+
+
+def _png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", compress_level=1)
     return out.getvalue()

@@ -1,19 +1,29 @@
 """The simulator as a standalone HTTP server speaking one upstream dialect, so the real HTTP adapters can be
 exercised over loopback (`mj-relay simulate --port P --dialect D`).
 
-    midjourney-proxy  `mj-api-secret` header (401 with an empty body when wrong); `/mj/...` and `/mj-{mode}/mj/...`;
-                      mode from the path, then `accountFilter.modes`, then the prompt flag; unknown fetch = 200 empty
+Every dialect serves `submit/{imagine,blend,describe,shorten,action,modal,upload-discord-images}`,
+`insight-face/swap`, `task/{id}/fetch`, `task/{id}/image-seed` and `task/list-by-condition`, with its quirks:
+
+    midjourney-proxy  (trueai-like) `mj-api-secret` header (401 with an empty body when wrong); `/mj/...` and
+                      `/mj-{mode}/mj/...`; mode from the path, then `accountFilter.modes`, then the prompt flag;
+                      unknown fetch = 200 empty; action, modal or image-seed on an unknown task = HTTP 404 code 3;
+                      a fault = HTTP 500 `{"success": false, "code": -1, "message"}`
     new-api           Bearer; `/mj/...` and `/mj-{mode}/mj/...` with the prefix ignored (mode from the prompt flag);
-                      codes 21/22 become 1; faults as HTTP 400 `upstream_error`; unknown fetch = 400 `task_no_found`
-    mj-v1             Bearer; `/v1/mj/...`; mode from body `model`; `result` as an integer; list-by-condition takes at
-                      most 100 ids; unknown fetch = 404
-Images are served without credentials at `/cdn/<id>.png`, as a CDN would.
+                      codes 22 and 21 become 1, except a 21 for INPAINT or CUSTOM_ZOOM (so a remix variation looks
+                      accepted, then sits in MODAL); its own faults as HTTP 400 `upstream_error`; an unknown task on
+                      action, modal or image-seed = 400 `task_not_found`; unknown fetch = 400 `task_no_found`
+    mj-v1             Bearer; `/v1/mj/...` only; mode from body `model`; a numeric `result` as an integer (ids,
+                      seeds); an action or modal on an unknown task = 200 code 3; unknown fetch or image-seed = 404;
+                      list-by-condition takes at most 100 ids
+A follow-up without a mode of its own runs in its parent's. Images are served without credentials at `/cdn/<file>`,
+as a CDN would.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from starlette.applications import Starlette
@@ -22,11 +32,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from adapters.base import MODES, Mode
-from adapters.simulator.engine import SimEngine, SubmitReply, mode_from_prompt
+from adapters.base import MODES, Mode, SubmitKind
+from adapters.simulator.answers import SubmitReply
+from adapters.simulator.engine import SimEngine
+from adapters.simulator.pictures import media_type
+from adapters.wire import ENDPOINTS
 
 Dialect = Literal["midjourney-proxy", "new-api", "mj-v1"]
 DIALECTS: tuple[Dialect, ...] = ("midjourney-proxy", "new-api", "mj-v1")
+Handler = Callable[[Request], Awaitable[Response]]
+# new-api passes a code 21 through only for the actions that always need a modal.
+_NEWAPI_MODAL_ACTIONS = ("INPAINT", "CUSTOM_ZOOM")
+
+
+def _new_api_error(description: str, code: int) -> Response:
+    return JSONResponse({"description": description, "type": "upstream_error", "code": code}, status_code=400)
+
+
+def _as_mode(value: object) -> Mode | None:
+    text = str(value or "").lower()
+    return text if text in MODES else None
 
 
 def build_sim_app(engine: SimEngine, dialect: Dialect = "midjourney-proxy", secret: str = "") -> Starlette:
@@ -44,6 +69,12 @@ def build_sim_app(engine: SimEngine, dialect: Dialect = "midjourney-proxy", secr
             return Response(status_code=401)
         return JSONResponse({"error": {"message": "invalid token", "type": "new_api_error"}}, status_code=401)
 
+    def guarded(handler: Handler) -> Handler:
+        async def run(request: Request) -> Response:
+            return await handler(request) if authorised(request) else refused()
+
+        return run
+
     def image_base(request: Request) -> str:
         return str(request.base_url).rstrip("/") + "/cdn"
 
@@ -54,58 +85,65 @@ def build_sim_app(engine: SimEngine, dialect: Dialect = "midjourney-proxy", secr
             return None
         return data if isinstance(data, dict) else None
 
-    def choose_mode(request: Request, body: dict[str, Any]) -> Mode:
-        prompt = str(body.get("prompt") or "")
-        path_mode = request.path_params.get("mode")
+    def choose_mode(request: Request, body: dict[str, Any]) -> Mode | None:
+        """The mode the dialect's own mechanism names; None leaves it to the prompt flag (or the parent's)."""
         if dialect == "midjourney-proxy":
-            if path_mode in MODES:
-                return path_mode  # type: ignore[no-any-return]
-            modes = (body.get("accountFilter") or {}).get("modes") or []
-            for m in modes:
-                if str(m).lower() in MODES:
-                    return str(m).lower()  # type: ignore[return-value]
+            account_filter = body.get("accountFilter")
+            modes = account_filter.get("modes") if isinstance(account_filter, dict) else None
+            named = [request.path_params.get("mode"), *(modes if isinstance(modes, list) else [])]
+            return next((mode for mode in map(_as_mode, named) if mode), None)
         if dialect == "mj-v1":
-            model = str(body.get("model") or "")
-            if model.removeprefix("mj-") in MODES:
-                return model.removeprefix("mj-")  # type: ignore[return-value]
-        return mode_from_prompt(prompt) or "fast"
+            return _as_mode(str(body.get("model") or "").removeprefix("mj-"))
+        return None
 
-    def render(reply: SubmitReply) -> Response:
+    def render(reply: SubmitReply, *, seed: bool = False) -> Response:
         body = dict(reply.body)
         if dialect == "new-api":
+            if reply.unknown_task:
+                return _new_api_error("task_not_found", 4)
             if reply.http_status >= 500:
-                return JSONResponse(
-                    {"description": "do_request_failed ", "type": "upstream_error", "code": 5}, status_code=400
-                )
-            if body.get("code") in (21, 22):
+                return _new_api_error("do_request_failed ", 5)
+            if body.get("code") == 22 or (body.get("code") == 21 and reply.action not in _NEWAPI_MODAL_ACTIONS):
                 body["code"] = 1
-        if dialect == "mj-v1" and isinstance(body.get("result"), str) and body["result"].isdigit():
-            body["result"] = int(body["result"])
+        if dialect == "mj-v1":
+            if reply.unknown_task and not seed:
+                return JSONResponse(
+                    {"code": 3, "description": "关联任务不存在或已失效", "properties": {}, "result": None}
+                )
+            if isinstance(body.get("result"), str) and body["result"].isdigit():
+                body["result"] = int(body["result"])
         return JSONResponse(body, status_code=reply.http_status)
 
-    async def imagine(request: Request) -> Response:
-        if not authorised(request):
-            return refused()
+    def submitter(kind: SubmitKind) -> Handler:
+        async def submit(request: Request) -> Response:
+            body = await body_of(request)
+            if body is None:
+                return JSONResponse({"code": 4, "description": "invalid JSON", "result": None}, status_code=400)
+            mode = None if kind == "modal" else choose_mode(request, body)
+            return render(engine.submit(kind, body, mode))
+
+        return submit
+
+    async def upload(request: Request) -> Response:
         body = await body_of(request)
         if body is None:
             return JSONResponse({"code": 4, "description": "invalid JSON", "result": None}, status_code=400)
-        return render(engine.submit_imagine(body, choose_mode(request, body)))
+        return render(engine.upload(body, image_base(request)))
+
+    async def image_seed(request: Request) -> Response:
+        return render(engine.seed(request.path_params["task_id"]), seed=True)
 
     async def fetch(request: Request) -> Response:
-        if not authorised(request):
-            return refused()
         task = engine.task(request.path_params["task_id"], image_base(request))
         if task is not None:
             return JSONResponse(task)
         if dialect == "new-api":
-            return JSONResponse({"description": "task_no_found ", "type": "upstream_error", "code": 4}, 400)
+            return _new_api_error("task_no_found ", 4)
         if dialect == "mj-v1":
             return JSONResponse({"code": 3, "description": "task not found", "result": None}, status_code=404)
         return Response(status_code=200)
 
     async def list_by_condition(request: Request) -> Response:
-        if not authorised(request):
-            return refused()
         body = await body_of(request)
         ids = (body or {}).get("ids")
         if not isinstance(ids, list):
@@ -115,22 +153,24 @@ def build_sim_app(engine: SimEngine, dialect: Dialect = "midjourney-proxy", secr
         return JSONResponse(engine.tasks([str(i) for i in ids], image_base(request)))
 
     async def image(request: Request) -> Response:
-        data = await run_in_threadpool(engine.image, request.path_params["task_id"])
+        key = str(request.path_params["file"]).rpartition(".")[0]
+        data = await run_in_threadpool(engine.image, key)
         if data is None:
             return Response(status_code=404)
-        return Response(data, media_type="image/png")
+        return Response(data, media_type=media_type(data))
 
-    prefix = "/v1/mj" if dialect == "mj-v1" else "/mj"
-    routes = [
-        Route(f"{prefix}/submit/imagine", imagine, methods=["POST"]),
-        Route(f"{prefix}/task/{{task_id}}/fetch", fetch, methods=["GET"]),
-        Route(f"{prefix}/task/list-by-condition", list_by_condition, methods=["POST"]),
-        Route("/cdn/{task_id}.png", image, methods=["GET"]),
+    api: list[tuple[str, Handler, str]] = [(ENDPOINTS[kind], submitter(kind), "POST") for kind in ENDPOINTS]
+    api += [
+        ("submit/upload-discord-images", upload, "POST"),
+        ("task/{task_id}/fetch", fetch, "GET"),
+        ("task/{task_id}/image-seed", image_seed, "GET"),
+        ("task/list-by-condition", list_by_condition, "POST"),
     ]
-    if dialect != "mj-v1":
-        routes += [
-            Route("/mj-{mode}/mj/submit/imagine", imagine, methods=["POST"]),
-            Route("/mj-{mode}/mj/task/{task_id}/fetch", fetch, methods=["GET"]),
-            Route("/mj-{mode}/mj/task/list-by-condition", list_by_condition, methods=["POST"]),
-        ]
+    prefixes = ["/v1/mj"] if dialect == "mj-v1" else ["/mj", "/mj-{mode}/mj"]
+    routes = [
+        Route(f"{prefix}/{path}", guarded(handler), methods=[method])
+        for prefix in prefixes
+        for path, handler, method in api
+    ]
+    routes.append(Route("/cdn/{file}", image, methods=["GET"]))
     return Starlette(routes=routes)

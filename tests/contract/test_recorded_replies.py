@@ -4,6 +4,7 @@ and how each odd answer maps onto the contract (see shared/reference/upstreams.m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 
@@ -20,6 +21,7 @@ from adapters import (
     Retryable,
     SubmitRequest,
     TaskStatus,
+    Uploaded,
     Upstream,
     UpstreamUnavailable,
     create_http_upstream,
@@ -277,3 +279,257 @@ async def test_a_provider_whose_lanes_stay_busy_hands_the_job_on_before_sending(
         await adapter.aclose()
     assert isinstance(first, Retryable) and first.sent  # sent, then no answer in time
     assert isinstance(second, Retryable) and not second.sent  # never got a lane: nothing was sent
+
+
+# -- every kind on the wire -------------------------------------------------------------------------------------------
+
+IMAGE, MASK = "data:image/png;base64,AAAA", "data:image/png;base64,BBBB"
+KINDS = [
+    (
+        SubmitRequest(kind="imagine", prompt="a cat", images=(IMAGE,), state="j", notify_hook="http://h/"),
+        "submit/imagine",
+        {"prompt": "a cat", "botType": "MID_JOURNEY", "base64Array": [IMAGE], "state": "j", "notifyHook": "http://h/"},
+    ),
+    (
+        SubmitRequest(kind="blend", images=(IMAGE, MASK), dimensions="PORTRAIT", bot="NIJI_JOURNEY"),
+        "submit/blend",
+        {"botType": "NIJI_JOURNEY", "base64Array": [IMAGE, MASK], "dimensions": "PORTRAIT"},
+    ),
+    (SubmitRequest(kind="blend", images=(IMAGE, MASK)), "submit/blend", {"dimensions": "SQUARE"}),
+    (SubmitRequest(kind="describe", images=(IMAGE,), state="j"), "submit/describe", {"base64": IMAGE, "state": "j"}),
+    (SubmitRequest(kind="shorten", prompt="a long cat"), "submit/shorten", {"prompt": "a long cat"}),
+    (
+        SubmitRequest(kind="action", task_id="17", custom_id="MJ::JOB::upsample::1::h", state="j"),
+        "submit/action",
+        {"taskId": "17", "customId": "MJ::JOB::upsample::1::h", "state": "j"},
+    ),
+    (
+        SubmitRequest(kind="swap_face", images=(IMAGE, MASK)),
+        "insight-face/swap",
+        {"sourceBase64": IMAGE, "targetBase64": MASK},
+    ),
+]
+# Where each dialect puts a relax-mode submit, and the mode fields it adds to the body.
+MODE_TRAVEL = [
+    ("midjourney-proxy", {}, "/mj/", {"accountFilter": {"modes": ["RELAX"]}}),
+    ("midjourney-proxy", {"mode_prefix": True, "account_filter": False}, "/mj-relax/mj/", {}),
+    ("new-api", {}, "/mj-relax/mj/", {}),
+    ("mj-v1", {}, "/v1/mj/", {"model": "mj-relax"}),
+]
+
+
+@pytest.mark.parametrize(("dialect", "options", "prefix", "mode_fields"), MODE_TRAVEL)
+@pytest.mark.parametrize(("request_", "endpoint", "expected"), KINDS)
+async def test_every_kind_goes_to_its_endpoint_with_its_body_and_the_mode(
+    mock: respx.MockRouter,
+    dialect: str,
+    options: dict[str, bool],
+    prefix: str,
+    mode_fields: dict[str, object],
+    request_: SubmitRequest,
+    endpoint: str,
+    expected: dict[str, object],
+) -> None:
+    route = mock.post(prefix + endpoint).respond(json={"code": 1, "result": "21"})
+    relaxed = dataclasses.replace(request_, mode="relax")
+    assert await upstream(dialect, **options).submit(relaxed) == Accepted("21")
+    body = json.loads(route.calls.last.request.content)
+    assert body == {**body, **expected, **mode_fields}
+    assert set(body) <= {*expected, *mode_fields, "botType", "base64Array", "prompt", "state", "notifyHook"}
+    if not mode_fields:
+        assert "accountFilter" not in body and "model" not in body
+
+
+@pytest.mark.parametrize(("dialect", "options", "prefix", "mode_fields"), MODE_TRAVEL)
+async def test_a_modal_carries_the_mask_only_when_given_and_no_mode_fields(
+    mock: respx.MockRouter, dialect: str, options: dict[str, bool], prefix: str, mode_fields: dict[str, object]
+) -> None:
+    route = mock.post(prefix + "submit/modal").respond(json={"code": 1, "result": "8"})
+    adapter = upstream(dialect, **options)
+    request = SubmitRequest(kind="modal", task_id="8", prompt="a boat", mask=MASK, mode="relax", state="ignored")
+    assert await adapter.submit(request) == Accepted("8")
+    assert json.loads(route.calls.last.request.content) == {"taskId": "8", "prompt": "a boat", "maskBase64": MASK}
+    assert await adapter.submit(dataclasses.replace(request, mask=None)) == Accepted("8")
+    assert json.loads(route.calls.last.request.content) == {"taskId": "8", "prompt": "a boat"}
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        SubmitRequest(kind="action", task_id="1"),
+        SubmitRequest(kind="action", custom_id="MJ::JOB::upsample::1::h"),
+        SubmitRequest(kind="modal", prompt="x"),
+        SubmitRequest(kind="describe"),
+        SubmitRequest(kind="swap_face", images=(IMAGE,)),
+    ],
+)
+async def test_a_request_missing_what_its_kind_needs_is_refused_before_sending(
+    mock: respx.MockRouter, request_: SubmitRequest
+) -> None:
+    route = mock.post(url__regex=r".*").respond(json={"code": 1, "result": "1"})
+    assert isinstance(await upstream("midjourney-proxy").submit(request_), ClientError)
+    assert route.call_count == 0
+
+
+# -- follow-up replies ------------------------------------------------------------------------------------------------
+
+ACTION = SubmitRequest(kind="action", task_id="17", custom_id="MJ::Inpaint::1::h::SOLO")
+MODAL_21 = {
+    "code": 21,
+    "description": "Waiting for window confirm",
+    "result": "18",
+    "properties": {"finalPrompt": "a cat", "remix": True},
+}
+NOT_FOUND = {"code": 3, "description": "任务不存在", "result": None}
+ACTION_REPLIES = [
+    ("midjourney-proxy", httpx.Response(200, json=MODAL_21), NeedsModal("18")),
+    ("midjourney-proxy", httpx.Response(200, json={"code": 22, "description": "排队中", "result": "19"}), Accepted),
+    ("midjourney-proxy", httpx.Response(404, json=NOT_FOUND), ClientError),  # trueai: unknown task
+    ("midjourney-proxy", httpx.Response(200, json=NOT_FOUND), ClientError),  # novicezk plus: "关联任务不存在"
+    ("midjourney-proxy", httpx.Response(404, text=""), ClientError),
+    ("midjourney-proxy", httpx.Response(200, json={"success": False, "code": -1, "message": "bad"}), ClientError),
+    ("midjourney-proxy", httpx.Response(500, json={"success": False, "code": -1, "message": "boom"}), Retryable),
+    (
+        "new-api",
+        httpx.Response(400, json={"description": "task_not_found", "type": "upstream_error", "code": 4}),
+        ClientError,
+    ),
+    ("new-api", httpx.Response(200, json={**MODAL_21, "code": 1}), Accepted),  # new-api turned 21 into 1
+    ("mj-v1", httpx.Response(200, json={**MODAL_21, "result": 18}), NeedsModal("18")),
+]
+
+
+@pytest.mark.parametrize(("dialect", "reply", "expected"), ACTION_REPLIES)
+async def test_follow_up_replies_map_to_outcomes(
+    mock: respx.MockRouter, dialect: str, reply: httpx.Response, expected: object
+) -> None:
+    mock.post(url__regex=r".*/submit/(action|modal)$").mock(return_value=reply)
+    for request in (ACTION, SubmitRequest(kind="modal", task_id="17", prompt="p")):
+        outcome = await upstream(dialect).submit(request)
+        if isinstance(expected, type):
+            assert isinstance(outcome, expected), outcome
+        else:
+            assert outcome == expected
+
+
+async def test_a_queued_follow_up_is_accepted_as_queued(mock: respx.MockRouter) -> None:
+    mock.post("/mj/submit/action").respond(json={"code": 22, "description": "排队中", "result": "19"})
+    assert await upstream("midjourney-proxy").submit(ACTION) == Accepted("19", queued=True)
+
+
+async def test_code_3_on_a_new_task_still_means_no_account(mock: respx.MockRouter) -> None:
+    mock.post("/mj/submit/blend").respond(json=NOT_FOUND)
+    outcome = await upstream("midjourney-proxy").submit(SubmitRequest(kind="blend", images=(IMAGE, MASK)))
+    assert isinstance(outcome, Retryable), outcome
+
+
+# -- uploads ----------------------------------------------------------------------------------------------------------
+
+UPLOAD_PATHS = [
+    ("midjourney-proxy", {}, "/mj/submit/upload-discord-images", {"accountFilter": {"modes": ["RELAX"]}}),
+    ("midjourney-proxy", {"mode_prefix": True}, "/mj-relax/mj/submit/upload-discord-images", {}),
+    ("new-api", {}, "/mj-relax/mj/submit/upload-discord-images", {}),
+    ("mj-v1", {}, "/v1/mj/submit/upload-discord-images", {"model": "mj-relax"}),
+]
+
+
+@pytest.mark.parametrize(("dialect", "options", "path", "mode_fields"), UPLOAD_PATHS)
+async def test_an_upload_goes_to_the_dialects_path(
+    mock: respx.MockRouter, dialect: str, options: dict[str, bool], path: str, mode_fields: dict[str, object]
+) -> None:
+    route = mock.post(path).respond(json={"code": 1, "description": "ok", "result": ["https://cdn.example/a.png"]})
+    outcome = await upstream(dialect, **options).upload([IMAGE], "relax", "MID_JOURNEY")
+    assert outcome == Uploaded(("https://cdn.example/a.png",))
+    body = json.loads(route.calls.last.request.content)
+    assert body == {"base64Array": [IMAGE], **mode_fields, **body} and body["base64Array"] == [IMAGE]
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (httpx.Response(200, json={"code": 1, "result": ["https://a/1.png", "https://a/2.png"]}), Uploaded),
+        (httpx.Response(200, json={"code": 1, "result": "https://a/1.png, https://a/2.png"}), Uploaded),
+        (httpx.Response(200, json={"code": 1, "result": []}), ProviderUnusable),
+        (httpx.Response(200, json={"code": 4, "description": "base64格式错误"}), ClientError),
+        (httpx.Response(200, json={"success": False, "code": -1, "message": "bad"}), ClientError),
+        (httpx.Response(500, json={"success": False, "code": -1, "message": "boom"}), Retryable),
+        (httpx.Response(200, json={"code": 22, "result": "7"}), ProviderUnusable),  # not an upload answer
+        (httpx.Response(401), ProviderUnusable),
+        (httpx.Response(200, text="<html>"), ProviderUnusable),
+    ],
+)
+async def test_upload_replies_map_to_outcomes(mock: respx.MockRouter, reply: httpx.Response, expected: type) -> None:
+    mock.post("/mj/submit/upload-discord-images").mock(return_value=reply)
+    outcome = await upstream("midjourney-proxy").upload([IMAGE, MASK], "fast", "MID_JOURNEY")
+    assert isinstance(outcome, expected), outcome
+    if isinstance(outcome, Uploaded):
+        assert outcome.links == ("https://a/1.png", "https://a/2.png")
+
+
+async def test_an_upload_without_images_is_refused_before_sending(mock: respx.MockRouter) -> None:
+    route = mock.post(url__regex=r".*").respond(json={"code": 1, "result": ["x"]})
+    assert isinstance(await upstream("new-api").upload([], "fast", "MID_JOURNEY"), ClientError)
+    assert route.call_count == 0
+
+
+# -- seeds ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dialect", "path"),
+    [
+        ("midjourney-proxy", "/mj/task/5/image-seed"),
+        ("new-api", "/mj/task/5/image-seed"),
+        ("mj-v1", "/v1/mj/task/5/image-seed"),
+    ],
+)
+async def test_a_seed_is_read_from_the_dialects_path(mock: respx.MockRouter, dialect: str, path: str) -> None:
+    route = mock.get(path).respond(json={"code": 1, "description": "成功", "result": 3160581935})
+    assert await upstream(dialect).seed("5") == "3160581935"  # an integer seed is read as a string
+    assert route.call_count == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (httpx.Response(200, json={"code": 1, "description": "成功", "result": "3160581935"}), "3160581935"),
+        (httpx.Response(404, json={"code": 3, "description": "任务不存在"}), None),
+        (httpx.Response(404), None),
+        (httpx.Response(204), None),
+        (httpx.Response(200, text=""), None),
+        (httpx.Response(200, json={"code": 3, "description": "not found"}), None),
+        (httpx.Response(400, json={"code": 4, "description": "hash不存在"}), None),
+        (httpx.Response(400, json={"description": "task_not_found", "type": "upstream_error", "code": 4}), None),
+    ],
+)
+async def test_seed_replies(mock: respx.MockRouter, reply: httpx.Response, expected: str | None) -> None:
+    mock.get("/mj/task/5/image-seed").mock(return_value=reply)
+    assert await upstream("midjourney-proxy").seed("5") == expected
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        httpx.Response(401),
+        httpx.Response(403, text="未登录"),
+        httpx.Response(500, json={"success": False, "code": -1, "message": "boom"}),
+        httpx.Response(502, text="Bad Gateway"),
+        httpx.Response(200, text="<html>login</html>"),
+        httpx.Response(200, json={"success": False, "code": -1, "message": "bad"}),
+        httpx.Response(400, json={"description": "do_request_failed", "type": "upstream_error", "code": 5}),
+    ],
+)
+async def test_seed_replies_that_are_no_answer_raise_unavailable(mock: respx.MockRouter, reply: httpx.Response) -> None:
+    mock.get("/mj/task/5/image-seed").mock(return_value=reply)
+    with pytest.raises(UpstreamUnavailable):
+        await upstream("midjourney-proxy").seed("5")
+
+
+async def test_a_task_reads_back_its_final_prompt(mock: respx.MockRouter) -> None:
+    described = {**TASK, "status": "SUCCESS", "promptEn": "1️⃣ a cat", "properties": {"finalPrompt": "1️⃣ a dog"}}
+    mock.get("/mj/task/5/fetch").respond(json=described)
+    view = await upstream("midjourney-proxy").fetch("5")
+    assert view is not None and view.final_prompt == "1️⃣ a dog"
+    mock.get("/mj/task/6/fetch").respond(json={**described, "id": "6", "properties": {}})
+    view = await upstream("midjourney-proxy").fetch("6")
+    assert view is not None and view.final_prompt == "1️⃣ a cat"

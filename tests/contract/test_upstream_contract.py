@@ -4,8 +4,6 @@ over loopback in their dialect. Time is the simulator's injected clock, moved by
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 from PIL import Image
@@ -13,57 +11,17 @@ from PIL import Image
 from adapters import (
     Accepted,
     ClientError,
-    HttpOptions,
     ProviderUnusable,
     Retryable,
-    SubmitRequest,
     TaskStatus,
-    Upstream,
     UpstreamUnavailable,
-    create_http_upstream,
 )
-from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream, build_sim_app
+from adapters.simulator import SimEngine, SimSettings, build_sim_app
 from adapters.simulator.engine import PROGRESS_STEPS
+from tests.contract.worlds import HTTP_DIALECTS, SECRET, Env, http_upstream, imagine
 from tests.helpers import FakeClock, bound_socket, serve
 
 pytestmark = pytest.mark.anyio
-
-DIALECTS = ["simulator", "midjourney-proxy", "new-api", "mj-v1"]
-HTTP_DIALECTS = DIALECTS[1:]
-SECRET = "upstream-secret-value"
-
-
-@dataclass
-class Env:
-    dialect: str
-    upstream: Upstream
-    engine: SimEngine
-    clock: FakeClock
-    base: str = ""
-
-
-def http_upstream(dialect: str, base: str, secret: str = SECRET, batch_size: int = 50) -> Upstream:
-    options = HttpOptions(base_url=base, secret=secret, timeout_s=5, batch_size=batch_size)
-    return create_http_upstream(dialect, f"p-{dialect}", options)  # type: ignore[arg-type]
-
-
-@pytest.fixture(params=DIALECTS)
-async def env(request: pytest.FixtureRequest) -> AsyncIterator[Env]:
-    clock = FakeClock()
-    engine = SimEngine(SimSettings(fast_s=10, relax_s=30, turbo_s=5, tile_px=32, seed=1), now=clock.now)
-    if request.param == "simulator":
-        yield Env("simulator", SimulatorUpstream("sim", engine), engine, clock)
-        return
-    with serve(build_sim_app(engine, request.param, SECRET)) as base:
-        upstream = http_upstream(request.param, base)
-        try:
-            yield Env(request.param, upstream, engine, clock, base)
-        finally:
-            await upstream.aclose()
-
-
-def imagine(prompt: str, mode: str = "fast", state: str | None = "job_contract") -> SubmitRequest:
-    return SubmitRequest(kind="imagine", prompt=prompt, mode=mode, state=state)  # type: ignore[arg-type]
 
 
 async def accepted(env: Env, prompt: str, mode: str = "fast") -> str:

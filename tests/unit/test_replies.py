@@ -6,8 +6,16 @@ import json
 
 import pytest
 
-from adapters import Accepted, ClientError, NeedsModal, ProviderUnusable, Retryable, TaskStatus
-from adapters.replies import classify_submit, looks_banned, parse_fetch, parse_task, parse_task_list
+from adapters import Accepted, ClientError, NeedsModal, ProviderUnusable, Retryable, TaskStatus, Uploaded
+from adapters.replies import (
+    classify_submit,
+    classify_upload,
+    looks_banned,
+    parse_fetch,
+    parse_seed,
+    parse_task,
+    parse_task_list,
+)
 
 
 def body(data: object) -> bytes:
@@ -122,3 +130,49 @@ def test_fetch_and_list_parsing_edges() -> None:
 def test_banned_reasons() -> None:
     assert looks_banned("可能包含敏感词") and looks_banned("Banned prompt detected")
     assert not looks_banned(None) and not looks_banned("timeout")
+
+
+@pytest.mark.parametrize(
+    ("status", "reply", "expected"),
+    [
+        (200, body({"code": 1, "result": ["a", None, " b "]}), Uploaded(("a", "b"))),
+        (200, body({"code": "1", "result": "a,b,,"}), Uploaded(("a", "b"))),
+        (200, body({"code": 1, "result": None}), ProviderUnusable("an upload answer without links")),
+        (200, body({"code": 1, "success": False}), ClientError("refused by the upstream")),
+        (200, body({"code": 21, "result": "3", "properties": {"remix": True}}), ProviderUnusable),
+        (503, b"", Retryable("empty answer (HTTP 503)", sent=True)),
+        (200, body({"code": 24, "description": "banned"}), ClientError("banned", banned=True)),
+    ],
+)
+def test_upload_classification(status: int, reply: bytes, expected: object) -> None:
+    outcome = classify_upload(status, reply)
+    assert isinstance(outcome, expected) if isinstance(expected, type) else outcome == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "reply", "expected"),
+    [
+        (200, body({"code": 1, "result": "123"}), "123"),
+        (200, body({"code": 1, "result": 123}), "123"),
+        (200, body({"code": 1, "result": None}), None),
+        (200, b"null", ValueError),
+        (200, body({"code": 9, "description": "odd"}), ValueError),
+        (400, body({"code": 1, "result": "1"}), ValueError),
+        (400, body({"type": "upstream_error", "code": 4, "description": "quota_not_enough"}), ValueError),
+        (400, body({"type": "upstream_error", "code": 4, "description": "task_no_found "}), None),
+    ],
+)
+def test_seed_parsing(status: int, reply: bytes, expected: object) -> None:
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            parse_seed(status, reply)
+    else:
+        assert parse_seed(status, reply) == expected
+
+
+def test_the_final_prompt_is_the_finalprompt_property_else_prompt_en() -> None:
+    both = parse_task({"id": "1", "promptEn": "en", "properties": {"finalPrompt": "final"}})
+    only_en = parse_task({"id": "1", "prompt": "zh", "promptEn": "en"})
+    neither = parse_task({"id": "1", "prompt": "zh", "promptEn": "", "properties": {"finalPrompt": ""}})
+    assert both is not None and only_en is not None and neither is not None
+    assert (both.final_prompt, only_en.final_prompt, neither.final_prompt) == ("final", "en", None)
