@@ -12,10 +12,15 @@ RUN pip install . && rm -rf /src \
 
 USER mjrelay
 WORKDIR /data
+# `serve` reads these (its --data-dir, --host and --port options), over what a config file says: data (SQLite, the
+# signing key, images) in /data itself, on every interface. Arguments after the image name go to `mj-relay serve`.
+ENV MJ_RELAY_DATA_DIR=/data MJ_RELAY_HOST=0.0.0.0 MJ_RELAY_PORT=8080
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=3s \
-    CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/readyz').status != 200)"
+    CMD python -c "import os,sys,urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('MJ_RELAY_PORT', '8080')).status != 200)"
 
-# Configuration: mount a file and set MJ_RELAY_CONFIG, or pass --config. Data (SQLite, images) lives in /data.
+# Configuration: mount a file and set MJ_RELAY_CONFIG, or pass --config:
+#   docker run -p 8080:8080 -v mj-data:/data -v ./config.yaml:/config/config.yaml:ro \
+#       -e MJ_RELAY_CONFIG=/config/config.yaml mj-relay
+#   docker run -p 8080:8080 -v mj-data:/data -v ./config.yaml:/config/config.yaml:ro mj-relay --config /config/config.yaml
 ENTRYPOINT ["mj-relay", "serve"]
-CMD ["--host", "0.0.0.0", "--port", "8080"]

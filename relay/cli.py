@@ -50,36 +50,57 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 @main.command()
 @_config_option
-@click.option("--host", help="Address to listen on (overrides server.host).")
-@click.option("--port", type=int, help="Port to listen on (overrides server.port).")
+@click.option("--host", envvar="MJ_RELAY_HOST", show_envvar=True, help="Address to listen on (overrides server.host).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    envvar="MJ_RELAY_PORT",
+    show_envvar=True,
+    help="Port to listen on, 0 for any free one (overrides server.port).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    envvar="MJ_RELAY_DATA_DIR",
+    show_envvar=True,
+    help="Folder of the SQLite database, images and signing key (overrides data_dir).",
+)
 @click.pass_context
-def serve(ctx: click.Context, config_path: str | None, host: str | None, port: int | None) -> None:
+def serve(
+    ctx: click.Context, config_path: str | None, host: str | None, port: int | None, data_dir: str | None
+) -> None:
     """Run the relay."""
-    import uvicorn
-
     from relay import logs
     from relay.app import build_app
+    from relay.server import RelayServer, ServeConfig, bind
 
     config = _load(ctx, config_path)
     server = config.server.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
-    config = config.model_copy(update={"server": server})
+    config = config.model_copy(update={"server": server, **({"data_dir": data_dir} if data_dir else {})})
     logs.setup(server.log_level)
+    address = f"[{server.host}]:{server.port}" if ":" in server.host else f"{server.host}:{server.port}"
+    try:
+        sockets = bind(server.host, server.port)
+    except OSError as exc:
+        click.echo(f"mj-relay: cannot listen on {address}: {exc.strerror or exc}", err=True)
+        sys.exit(STARTUP_FAILURE)
+    bound = sockets[0].getsockname()[1]
+    url = f"http://{address.rsplit(':', 1)[0]}:{bound}"
     app = build_app(config)
-    click.echo(
-        f"mj-relay listening on http://{server.host}:{server.port} "
-        f"(database {_safe_url(config.database_url())}, images in {config.images_dir()}, "
-        f"providers: {', '.join(p.name for p in config.providers)})"
-    )
+
+    def ready() -> None:
+        click.echo(
+            f"mj-relay listening on {url} "
+            f"(database {_safe_url(config.database_url())}, images in {config.images_dir()}, "
+            f"providers: {', '.join(p.name for p in config.providers)})"
+        )
+
     _tune_gc()
-    uvicorn.run(
-        app,
-        host=server.host,
-        port=server.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=round(server.graceful_shutdown_s),
-        proxy_headers=False,
-    )
+    RelayServer(ServeConfig(app, server), on_ready=ready).run(sockets=sockets)
+
+
+# What `serve` exits with when it cannot start (uvicorn's code for the same).
+STARTUP_FAILURE = 3
 
 
 # The relay starts with about a hundred thousand long-lived objects (modules, SQLAlchemy, pydantic and Starlette
@@ -163,11 +184,13 @@ def simulate(
 @main.command("check-config")
 @click.argument("file", type=click.Path(dir_okay=False))
 def check_config(file: str) -> None:
-    """Validate a configuration file and summarise it."""
+    """Validate a configuration file and summarise it; when it is invalid, list every problem (unset environment
+    variables and validation errors alike) and exit 2."""
     try:
         config = load_config(file)
     except ConfigError as exc:
-        click.echo(f"{exc.source}: invalid", err=True)
+        count = len(exc.problems)
+        click.echo(f"{exc.source}: invalid, {count} problem{'s' if count != 1 else ''}:", err=True)
         for problem in exc.problems:
             click.echo(f"  {problem}", err=True)
         sys.exit(2)

@@ -54,6 +54,13 @@ class ServerConfig(_Section):
     max_body_bytes: int = Field(20_000_000, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     graceful_shutdown_s: int = Field(10, ge=0)
+    # HTTP-layer limits (relay/server.py): request line and headers, the time to send them, the time the body may
+    # stall while the app waits for it, idle keep-alive, and open connections.
+    max_header_bytes: int = Field(32_768, ge=1024, le=1_048_576)
+    header_timeout_s: float = Field(10.0, gt=0, le=300)
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    keepalive_timeout_s: float = Field(5.0, gt=0, le=300)
+    max_connections: int = Field(4096, ge=1, le=1_000_000)
 
     @field_validator("public_url")
     @classmethod
@@ -262,11 +269,13 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _interpolate(node: Any, env: Mapping[str, str], loc: tuple[int | str, ...], problems: list[str]) -> Any:
+def _interpolate(node: Any, env: Mapping[str, str], loc: tuple[int | str, ...], unset: dict[str, list[str]]) -> Any:
+    """`node` with `${VAR}` replaced; an unset variable becomes the empty string, and is recorded in `unset` (the
+    YAML path of the value -> the variables it misses)."""
     if isinstance(node, dict):
-        return {key: _interpolate(value, env, (*loc, str(key)), problems) for key, value in node.items()}
+        return {key: _interpolate(value, env, (*loc, str(key)), unset) for key, value in node.items()}
     if isinstance(node, list):
-        return [_interpolate(value, env, (*loc, i), problems) for i, value in enumerate(node)]
+        return [_interpolate(value, env, (*loc, i), unset) for i, value in enumerate(node)]
     if not isinstance(node, str):
         return node
 
@@ -278,7 +287,7 @@ def _interpolate(node: Any, env: Mapping[str, str], loc: tuple[int | str, ...], 
             return env[name]
         if default is not None:
             return default
-        problems.append(f"{_path(loc) or '(root)'}: the environment variable {name} is not set")
+        unset.setdefault(_path(loc) or "(root)", []).append(name)
         return ""
 
     return _VAR.sub(replace, node)
@@ -287,7 +296,8 @@ def _interpolate(node: Any, env: Mapping[str, str], loc: tuple[int | str, ...], 
 _SUBPATH = re.compile(r"^([A-Za-z_][A-Za-z0-9_.:\-]*): (.+)$", re.DOTALL)
 
 
-def _pydantic_problems(error: ValidationError) -> list[str]:
+def _pydantic_problems(error: ValidationError) -> list[tuple[str, str]]:
+    """Each problem as (YAML path, message)."""
     problems = []
     for item in error.errors():
         loc = tuple(p for p in item["loc"] if isinstance(p, int | str))
@@ -302,11 +312,18 @@ def _pydantic_problems(error: ValidationError) -> list[str]:
             if sub:  # a model validator names the key it is about: fold it into the path
                 where = f"{where}.{sub.group(1)}" if where else sub.group(1)
                 message = sub.group(2)
-            problems.append(f"{where}: {message}" if where else message)
+            problems.append((where, message))
     return problems
 
 
+def _within(where: str, paths: Mapping[str, object]) -> bool:
+    """Whether a YAML path is one of `paths` or inside one of them."""
+    return any(where == path or where.startswith((f"{path}.", f"{path}[")) for path in paths)
+
+
 def parse_config(text: str, source: str = "config", env: Mapping[str, str] | None = None) -> Config:
+    """Parse and validate a configuration. Every problem is reported at once: the unset variables first, then what
+    validation finds, leaving out what it says about a value whose variable is unset (it saw an empty string)."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -317,14 +334,21 @@ def parse_config(text: str, source: str = "config", env: Mapping[str, str] | Non
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(["the top level must be a mapping of sections"], source)
-    problems: list[str] = []
-    data = _interpolate(raw, os.environ if env is None else env, (), problems)
+    unset: dict[str, list[str]] = {}
+    data = _interpolate(raw, os.environ if env is None else env, (), unset)
+    problems = [
+        f"{where}: the environment variable {name} is not set" for where, names in unset.items() for name in names
+    ]
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for where, message in _pydantic_problems(exc):
+            if not _within(where, unset):
+                problems.append(f"{where}: {message}" if where else message)
+        raise ConfigError(problems, source) from None
     if problems:
         raise ConfigError(problems, source)
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_pydantic_problems(exc), source) from None
+    return config
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

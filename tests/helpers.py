@@ -18,11 +18,11 @@ from typing import Any
 import asyncpg
 import openai
 import pytest
-import uvicorn
 from starlette.types import ASGIApp
 
 from relay.app import build_app
 from relay.config import Config
+from relay.server import RelayServer, ServeConfig
 from relay.store.db import Database
 from relay.store.keys import KeyStore
 
@@ -95,19 +95,21 @@ def bound_socket() -> socket.socket:
 
 
 @contextmanager
-def serve(app: ASGIApp) -> Iterator[str]:
-    """Run an ASGI app with uvicorn on a loopback port in a thread; yields its base URL."""
+def serve(app: ASGIApp, config: Config | None = None) -> Iterator[str]:
+    """Run an ASGI app on a loopback port in a thread, as `mj-relay serve` runs the relay (uvicorn with the relay's
+    protocol and the HTTP limits of `config.server`, the defaults without one); yields its base URL."""
     sock = bound_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    ready = threading.Event()
+    server = RelayServer(
+        ServeConfig(app, config.server if config else None, timeout_graceful_shutdown=2), on_ready=ready.set
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
-    while not server.started:
+    while not ready.wait(0.05):
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the server did not start")
-        time.sleep(0.01)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

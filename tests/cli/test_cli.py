@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 import openai
@@ -67,6 +71,46 @@ def process(cwd: Path, *args: str, ready_url: str) -> Iterator[subprocess.Popen[
                 proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+@contextmanager
+def serving(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[tuple[list[str], str]]:
+    """`mj-relay serve` in its own process; once its "listening" line is out, yields what it printed before that
+    line (stdout and stderr) and the URL the line names. The process is stopped after."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read(stream: IO[str]) -> None:
+        for text in stream:
+            lines.put(text)
+        lines.put("")  # the end
+
+    reader = threading.Thread(target=read, args=(proc.stdout,), daemon=True)
+    reader.start()
+    try:
+        before: list[str] = []
+        while not (line := lines.get(timeout=30)).startswith("mj-relay listening on "):
+            assert line, "serve ended without listening:\n" + "".join(before)
+            before.append(line)
+        yield before, line.split()[3]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        reader.join(15)
+        proc.stdout.close()
 
 
 def test_help_lists_every_command(tmp_path: Path) -> None:
@@ -143,3 +187,53 @@ def test_the_relay_works_against_mj_relay_simulate(tmp_path: Path, dialect: str)
             result = relay.openai().images.generate(model="mj-fast", prompt="a comet", response_format="b64_json")
             assert result.data[0].b64_json
             assert relay.jobs() == [("SUCCEEDED", None, "captured", "up")]
+
+
+def test_serve_says_it_listens_only_once_it_answers(tmp_path: Path) -> None:
+    with serving(tmp_path, "--port", "0") as (before, url):
+        assert re.fullmatch(r"http://127\.0\.0\.1:[1-9][0-9]*", url)  # the port it took, not the 0 it was given
+        assert httpx.get(url + "/readyz", timeout=5).status_code == 200  # at once, no retry
+    assert any("Application startup complete" in line for line in before)
+
+
+def test_a_taken_port_is_one_clear_error_and_no_listening_line(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = cli(tmp_path, "serve", "--port", str(port))
+    assert result.returncode != 0
+    assert "listening" not in result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"mj-relay: cannot listen on 127.0.0.1:{port}: ") and "in use" in line
+    assert not (tmp_path / "data").exists()  # nothing was started
+
+
+def test_serve_takes_host_port_and_data_dir_from_the_environment_over_the_file(tmp_path: Path) -> None:
+    # As the Docker image runs it: the file says where to listen and keep data, the environment wins.
+    (tmp_path / "c.yaml").write_text("data_dir: elsewhere\nserver: {host: 192.0.2.1, port: 9}\n")
+    env = {"MJ_RELAY_HOST": "127.0.0.1", "MJ_RELAY_PORT": "0", "MJ_RELAY_DATA_DIR": str(tmp_path / "volume")}
+    with serving(tmp_path, "--config", "c.yaml", env=env) as (_, url):
+        assert url.startswith("http://127.0.0.1:")
+        assert httpx.get(url + "/readyz", timeout=5).status_code == 200
+    assert (tmp_path / "volume" / "mj-relay.db").exists() and (tmp_path / "volume" / "signing.key").exists()
+    assert not (tmp_path / "elsewhere").exists()
+    with serving(tmp_path, "--config", "c.yaml", "--data-dir", "flag", env=env):  # a flag beats the environment
+        pass
+    assert (tmp_path / "flag" / "mj-relay.db").exists()
+
+
+def test_check_config_lists_unset_variables_and_every_other_problem_at_once(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(
+        "server: {port: '${MJR_TEST_PORT}', colour: red}\n"
+        "providers:\n  - {name: a, dialect: new-api, base_url: '${MJR_TEST_BASE}', weight: 0}\n"
+    )
+    result = cli(tmp_path, "check-config", "c.yaml")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "c.yaml: invalid, 4 problems:",
+        "  server.port: the environment variable MJR_TEST_PORT is not set",
+        "  providers[0].base_url: the environment variable MJR_TEST_BASE is not set",
+        "  server.colour: unknown key",
+        "  providers[0].weight: Input should be greater than or equal to 1",
+    ]

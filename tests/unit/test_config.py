@@ -46,6 +46,35 @@ images: {signing_secret: "$${literal}"}
     assert parse_config(text, env={"KEY": "k", "BASE": "http://set:2"}).providers[0].base_url == "http://set:2"
 
 
+def test_unset_variables_and_validation_problems_are_reported_together() -> None:
+    text = """
+server: {port: "${PORT}", max_header_bytes: 10}
+api: {default_model: "${MODEL}"}
+providers:
+  - {name: a, dialect: new-api, base_url: "http://${HOST}:1/x", secret: "${KEY:-}", colour: red}
+"""
+    assert problems(text) == [
+        "server.port: the environment variable PORT is not set",
+        "api.default_model: the environment variable MODEL is not set",
+        "providers[0].base_url: the environment variable HOST is not set",
+        "server.max_header_bytes: Input should be greater than or equal to 1024",
+        "providers[0].colour: unknown key",
+    ]  # and nothing about the empty port, model or host the unset variables left
+
+
+def test_the_http_limits_have_defaults_and_bounds() -> None:
+    server = default_config().server
+    assert (server.max_header_bytes, server.header_timeout_s, server.body_timeout_s) == (32_768, 10, 30)
+    assert (server.keepalive_timeout_s, server.max_connections) == (5, 4096)
+    text = "server: {header_timeout_s: 0, body_timeout_s: -1, keepalive_timeout_s: 0, max_connections: 0}"
+    assert [p.split(":")[0] for p in problems(text)] == [
+        "server.header_timeout_s",
+        "server.body_timeout_s",
+        "server.keepalive_timeout_s",
+        "server.max_connections",
+    ]
+
+
 def test_a_missing_variable_names_its_path() -> None:
     assert problems("providers: [{name: b, dialect: mj-v1, base_url: 'http://x', secret: '${NOPE}'}]") == [
         "providers[0].secret: the environment variable NOPE is not set"

@@ -1,0 +1,360 @@
+"""How the relay is served: uvicorn on httptools (and uvloop where installed), with the HTTP-layer limits a public
+server needs and every refusal in OpenAI's error envelope.
+
+    Limits          the five `server.*` settings below, as the protocol reads them
+    ServeConfig     uvicorn's `Config` carrying the limits to each connection's protocol
+    RelayProtocol   uvicorn's httptools protocol with the limits enforced
+    RelayServer     uvicorn's `Server`, calling back once it is listening and the app has started
+    bind()          the listening sockets for a host and port, made before anything else starts
+
+What each limit does to a connection:
+
+    max_header_bytes     request line and headers over this many bytes: 431, closed, as soon as the limit is
+                         passed (httptools would otherwise buffer a header line of any size). Exact, except for a
+                         pipelined request that begins inside a read, which may pass it by what is left of that read
+    header_timeout_s     request headers not complete this long after the connection opened (or after the first
+                         byte of the next request): 408 and closed; a connection that sends nothing gets the same.
+                         The clock stops while an answer is due. The rest of a body that was answered without
+                         being read gets as long, then the connection is closed without a word
+    body_timeout_s       the app waiting in `receive()` this long for body bytes that do not come: 408 if no
+                         answer has started, the connection closed, and the pending `receive()` gets
+                         `http.disconnect`
+    keepalive_timeout_s  an idle keep-alive connection is closed (uvicorn's `timeout_keep_alive`)
+    max_connections      one connection more than this gets 503 with `Retry-After: 1` (at its first bytes, or at
+                         the header deadline) and is closed
+
+Malformed HTTP gets 400 in the envelope (uvicorn answers it in plain text); 400 and 431 carry
+`x-should-retry: false`. A refusal never interleaves with an answer under way: behind pipelined requests still being
+answered, it is written once they are done.
+
+What `RelayProtocol` relies on in `uvicorn.protocols.http.httptools_impl.HttpToolsProtocol` (checked against
+uvicorn 0.40 to 0.55; `pyproject.toml` pins that range):
+
+- the constructor `(config, server_state, app_state, _loop)` and the attributes it sets: `app` (the ASGI app a
+  request's task runs, read when its headers are complete), `loop`, `transport`, `flow` (`FlowControl`),
+  `connections` (the server's set of open connections), `cycle` (the newest request's `RequestResponseCycle`),
+  `pipeline`, `url`, `headers`, `server_state.default_headers`;
+- the parser callbacks `on_message_begin`, `on_headers_complete` (which may raise, making a parse error),
+  `on_message_complete`; the hooks `connection_made`, `connection_lost`, `data_received` (which feeds the parser
+  what it is given, cancels the keep-alive timer, and calls `send_400_response` on a parse error),
+  `on_response_complete` (which starts the next pipelined request or arms the keep-alive timer), and
+  `_unset_keepalive_if_required`;
+- on a `RequestResponseCycle`: `response_started`, `response_complete`, `disconnected` and `message_event` (what
+  `connection_lost` uses to wake a pending `receive()`);
+- `uvicorn.Server.startup(sockets)` setting `started` once it serves; `Config(http=<protocol class>)`.
+
+Keep-alive, pipelining and flow control stay uvicorn's: the subclass adds state and timers around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from relay.config import ServerConfig
+from relay.logs import event
+
+__all__ = ["Limits", "RelayProtocol", "RelayServer", "ServeConfig", "bind"]
+
+log = logging.getLogger("relay.http")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The HTTP limits of `server.*` in the configuration, as each connection reads them."""
+
+    max_header_bytes: int = 32_768
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 5.0
+    max_connections: int = 4096
+
+    @classmethod
+    def of(cls, server: ServerConfig) -> Limits:
+        return cls(
+            max_header_bytes=server.max_header_bytes,
+            header_timeout_s=server.header_timeout_s,
+            body_timeout_s=server.body_timeout_s,
+            keepalive_timeout_s=server.keepalive_timeout_s,
+            max_connections=server.max_connections,
+        )
+
+
+class ServeConfig(uvicorn.Config):
+    """uvicorn's `Config` for the relay: `RelayProtocol` with the limits of `server`, no WebSockets, no proxy
+    headers, the lifespan on, logging left to the relay. Keyword arguments go to uvicorn's `Config`."""
+
+    def __init__(self, app: ASGIApp, server: ServerConfig | None = None, **kwargs: Any) -> None:
+        server = server or ServerConfig()
+        self.limits = Limits.of(server)
+        options: dict[str, Any] = {
+            "host": server.host,
+            "port": server.port,
+            "lifespan": "on",
+            "log_config": None,
+            "access_log": False,
+            "proxy_headers": False,
+            "timeout_graceful_shutdown": round(server.graceful_shutdown_s),
+            # uvicorn annotates it int, and hands it to `loop.call_later`, which takes any number of seconds
+            "timeout_keep_alive": server.keepalive_timeout_s,
+            **kwargs,
+        }
+        super().__init__(app, http=RelayProtocol, ws="none", **options)
+
+
+class RelayServer(uvicorn.Server):
+    """uvicorn's `Server`; `on_ready` is called once the sockets accept connections and the app has started."""
+
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None] | None = None) -> None:
+        super().__init__(config)
+        self.on_ready = on_ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.on_ready is not None:
+            self.on_ready()
+
+
+def bind(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to (as asyncio's `create_server` makes them); raises
+    OSError, naming nothing, when the name does not resolve or an address cannot be taken."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _envelope(code: str, message: str, kind: str = "invalid_request_error") -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+
+
+def _answer(status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A whole HTTP/1.1 answer with a JSON body, closing the connection."""
+    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
+    head += [name + b": " + value + b"\r\n" for name, value in headers]
+    head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+    return b"".join(head) + body
+
+
+class RelayProtocol(HttpToolsProtocol):
+    """One connection. Between two requests it is `awaiting` request headers: from the connection's start, and
+    from the end of each request's body (the next request's bytes may already be there, pipelined)."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = config.limits if isinstance(config, ServeConfig) else Limits()
+        self._inner_app = self.app
+        self.app = self._app  # read by uvicorn when a request's headers are complete
+        self._awaiting = True
+        self._header_bytes = 0  # bytes fed to the parser since the current header section began
+        self._boundary = False  # a request ended within the bytes being fed
+        self._begun = False  # a request began after the last one ended
+        self._deadline: asyncio.TimerHandle | None = None  # for the client: headers, or an unwanted body
+        self._over_limit = False
+        self._refused = False  # nothing more is parsed
+        self._pending: bytes | None = None  # a refusal that waits for the answers before it
+
+    # -- connection --------------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._over_limit = len(self.connections) > self.limits.max_connections
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._over_limit:
+            self._refuse(503, "service_unavailable", "The relay has too many open connections; retry shortly.")
+            return
+        if self._refused:
+            return
+        if self._deadline is None and (self._awaiting or (self.cycle is not None and self.cycle.response_complete)):
+            self._arm()  # the next request's headers, or the rest of a body already answered
+        limit = self.limits.max_header_bytes
+        while data and not self._refused and not self.transport.is_closing():
+            if not self._awaiting:
+                super().data_received(data)
+                return
+            # While headers are awaited, the parser is fed no more than the bytes left under the limit, so no
+            # header line of any size is buffered.
+            piece, data = data[: limit - self._header_bytes], data[limit - self._header_bytes :]
+            self._boundary = False
+            super().data_received(piece)
+            if not self._awaiting or self.transport.is_closing():
+                continue
+            if self._boundary:
+                # A pipelined request began inside `piece`, at an offset the parser does not tell: count what it
+                # has shown of it (this undercounts by at most the header line in progress, never overcounts).
+                seen = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) if self._begun else 0
+                self._header_bytes = seen
+            else:
+                self._header_bytes += len(piece)
+            if self._header_bytes >= limit:
+                self._refuse(
+                    431,
+                    "request_header_too_large",
+                    f"The request headers are larger than the limit of {limit} bytes.",
+                )
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400, "invalid_request", "The request is not valid HTTP.")
+
+    # -- parser callbacks --------------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._begun = True
+        if self._deadline is None:
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()  # may raise (a path that is not ASCII): then the headers are still awaited
+        self._awaiting = False
+        self._header_bytes = 0
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._awaiting = True
+        self._header_bytes = 0
+        self._boundary = True
+        self._begun = False
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._pending is not None and not self._busy() and not self.transport.is_closing():
+            self._unset_keepalive_if_required()
+            self.transport.write(self._pending)
+            self.transport.close()
+
+    # -- deadlines and refusals --------------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(self.limits.header_timeout_s, self._on_deadline)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _busy(self) -> bool:
+        """Whether a request on this connection is still being answered."""
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _on_deadline(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self._over_limit:
+            self._refuse(503, "service_unavailable", "The relay has too many open connections; retry shortly.")
+        elif self._busy():
+            return  # the client waits for an answer; its next bytes arm a new deadline
+        elif self._awaiting and (self._begun or self.cycle is None):  # a request begun, or none yet
+            self._refuse(408, "request_timeout", "The request headers were not received in time.")
+        else:
+            self.transport.close()  # idle after an answer, or the rest of a body answered already: no answer due
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        headers = list(self.server_state.default_headers)
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
+        elif status != 408:  # sent again, the same bytes get the same answer
+            headers.append((b"x-should-retry", b"false"))
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        answer = _answer(status, _envelope(code, message, kind), headers)
+        event(log, "http refused", status=status, code=code)
+        self._refused = True
+        self._disarm()
+        cycle = self.cycle
+        if cycle is not None and not self._awaiting:
+            # The bytes refused are this request's body: it can never be complete.
+            if not cycle.response_started and not self.pipeline:
+                self.transport.write(answer)
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+            self.transport.close()
+        elif self._busy():
+            self._pending = answer  # after the answers under way, never in the middle of one
+            self.flow.pause_reading()
+        else:
+            self.transport.write(answer)
+            self.transport.close()
+
+    # -- the app, with the body deadline -----------------------------------------------------------------------
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._inner_app(scope, receive, send)
+            return
+        body_done = started = stalled = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done, stalled
+            if stalled:
+                return {"type": "http.disconnect"}
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout(self.limits.body_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                stalled = True
+                await self._body_stalled(send, answer=not started)
+                return {"type": "http.disconnect"}
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            if stalled:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self._inner_app(scope, timed_receive, watched_send)
+
+    async def _body_stalled(self, send: Send, answer: bool) -> None:
+        event(log, "http refused", status=408, code="request_timeout")
+        if not answer:
+            self.transport.close()
+            return
+        body = _envelope("request_timeout", "The request body was not received in time.")
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        # `connection: close` makes uvicorn close the connection once the answer is written
+        await send({"type": "http.response.start", "status": 408, "headers": [*headers, (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,366 @@
+"""HTTP-layer limits and refusals (relay/server.py), over raw sockets against a real server: malformed requests,
+oversized headers, slow or silent clients, stalled bodies, idle keep-alive, too many connections. Every refusal is
+OpenAI's envelope in JSON, and the connection closes after it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+from starlette.types import Message, Receive, Scope, Send
+
+from relay.config import Config
+from tests.helpers import RunningRelay, serve
+
+# Small enough that the whole file runs in a few seconds; the defaults are 32768, 10, 30, 5 and 4096.
+LIMITS = {
+    "max_header_bytes": 4096,
+    "header_timeout_s": 0.25,
+    "body_timeout_s": 0.25,
+    "keepalive_timeout_s": 0.25,
+    "max_connections": 50,
+}
+PATIENCE = 0.5  # longer than every timeout above: how long the patient route takes before and after the body
+WAIT = 3.0  # how long a test waits on a socket for what it expects
+
+
+class Recorder:
+    """An ASGI app that records what `receive()` gave each request (test thread reads `received`).
+
+    /echo     reads the body, answers its size
+    /stream   starts its answer, then reads the body, then ends the answer
+    /early    answers without reading the body
+    /patient  takes PATIENCE before reading the body, and waits PATIENCE for `receive()` after it
+    """
+
+    def __init__(self) -> None:
+        self.received: queue.Queue[tuple[str, list[str]]] = queue.Queue()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        seen: list[str] = []
+        try:
+            await self.route(scope["path"], receive, send, seen)
+        finally:
+            self.received.put((scope["path"], seen))
+
+    async def route(self, path: str, receive: Receive, send: Send, seen: list[str]) -> None:
+        if path == "/stream":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"started", "more_body": True})
+            if await self.body(receive, seen) is not None:
+                await send({"type": "http.response.body", "body": b"done"})
+            return
+        if path == "/patient":
+            await self.idle(asyncio.Event().wait())
+        body = b"" if path == "/early" else await self.body(receive, seen)
+        if body is None:
+            return
+        if path == "/patient":
+            early = await self.idle(receive())
+            answer = {"bytes": len(body), "receive": early["type"] if early else None}
+        else:
+            answer = {"bytes": len(body)}
+        data = json.dumps(answer).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+    @staticmethod
+    async def body(receive: Receive, seen: list[str]) -> bytes | None:
+        chunks = []
+        while True:
+            message = await receive()
+            seen.append(message["type"])
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    async def idle(awaitable: Awaitable[Any]) -> Message | None:
+        """What an awaitable gives within PATIENCE, or None."""
+        try:
+            result: Message | None = await asyncio.wait_for(awaitable, PATIENCE)
+            return result
+        except TimeoutError:
+            return None
+
+
+Start = Callable[..., tuple[str, Recorder]]
+
+
+@pytest.fixture
+def start() -> Iterator[Start]:
+    """Start a server for the Recorder app with LIMITS, overridden by keyword; gives (base URL, app)."""
+    with ExitStack() as stack:
+
+        def run(**server: Any) -> tuple[str, Recorder]:
+            app = Recorder()
+            config = Config.model_validate({"server": {**LIMITS, **server}})
+            return stack.enter_context(serve(app, config)), app
+
+        yield run
+
+
+def connect(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=WAIT)
+
+
+def read_to_close(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (fails after WAIT seconds without)."""
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + WAIT
+    while chunks[-1:] != [b""]:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunks.append(sock.recv(65536))
+    sock.close()
+    return b"".join(chunks)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One answer with a content-length, leaving the connection open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, headers = parse_head(head)
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk, "closed in the middle of a body"
+        body += chunk
+    return status, headers, body
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    line, *fields = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for field in fields:
+        name, _, value = field.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(line.split(" ")[1]), headers
+
+
+def refusal(raw: bytes, status: int, code: str) -> dict[str, str]:
+    """Check that `raw` is exactly one answer, a refusal in OpenAI's envelope that closes the connection."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    got, headers = parse_head(head)
+    assert got == status, raw
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
+    error = json.loads(body)["error"]
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    assert error == {"message": error["message"], "type": kind, "param": None, "code": code}
+    assert error["message"]
+    return headers
+
+
+def get(path: str = "/echo", *extra: str) -> bytes:
+    return "\r\n".join([f"GET {path} HTTP/1.1", "Host: relay", *extra, "", ""]).encode()
+
+
+def post(path: str, length: int, body: bytes) -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: relay\r\nContent-Length: {length}\r\n\r\n".encode() + body
+
+
+# -- malformed requests --------------------------------------------------------------------------------------------
+
+
+def test_malformed_http_gets_400_in_the_envelope_and_the_connection_closes(start: Start) -> None:
+    base, _ = start()
+    for garbage in (b"NOT HTTP AT ALL\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"):
+        with connect(base) as sock:
+            sock.sendall(garbage)
+            headers = refusal(read_to_close(sock), 400, "invalid_request")
+        assert headers["x-should-retry"] == "false"
+
+
+def test_every_server_the_tests_start_speaks_the_envelope(relay: RunningRelay) -> None:
+    with connect(relay.base) as sock:
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a TLS hello on the plain port
+        refusal(read_to_close(sock), 400, "invalid_request")
+
+
+def test_a_malformed_body_is_refused_and_the_app_sees_a_disconnect(start: Start) -> None:
+    base, app = start()
+    with connect(base) as sock:
+        head = b"POST /echo HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+        sock.sendall(head + b"5\r\nhello\r\nnot-a-chunk-size\r\n")
+        refusal(read_to_close(sock), 400, "invalid_request")
+    path, seen = app.received.get(timeout=WAIT)
+    assert path == "/echo" and seen[-1] == "http.disconnect"
+
+
+def test_a_bad_request_behind_one_in_progress_is_refused_after_its_answer(start: Start) -> None:
+    base, _ = start()
+    with connect(base) as sock:
+        sock.sendall(post("/echo", 5, b"hello") + b"BOGUS\r\n\r\n")
+        raw = read_to_close(sock)
+    first, _, rest = raw.partition(b"\r\n\r\n")
+    assert parse_head(first)[0] == 200 and rest.startswith(b'{"bytes": 5}')
+    refusal(rest.removeprefix(b'{"bytes": 5}'), 400, "invalid_request")
+
+
+# -- header size -----------------------------------------------------------------------------------------------------
+
+
+def padded(total: int) -> bytes:
+    """A GET whose request line and headers are exactly `total` bytes."""
+    bare = get("/echo", "X-Pad: ")
+    return get("/echo", "X-Pad: " + "p" * (total - len(bare)))
+
+
+def test_headers_up_to_the_limit_are_served_and_one_byte_more_gets_431(start: Start) -> None:
+    base, _ = start()
+    with connect(base) as sock:
+        sock.sendall(padded(4096))
+        assert read_response(sock)[0] == 200
+    with connect(base) as sock:
+        sock.sendall(padded(4097))
+        headers = refusal(read_to_close(sock), 431, "request_header_too_large")
+    assert headers["x-should-retry"] == "false"
+
+
+def test_431_comes_as_the_limit_is_passed_not_when_the_headers_end(start: Start) -> None:
+    base, _ = start(header_timeout_s=30)
+    with connect(base) as sock:
+        sock.sendall(b"GET /echo HTTP/1.1\r\nX-Big: " + b"a" * 4096)  # never ends: only the size can refuse it
+        refusal(read_to_close(sock), 431, "request_header_too_large")
+
+
+def test_pipelined_requests_and_large_bodies_are_not_taken_for_large_headers(start: Start) -> None:
+    base, _ = start()
+    requests = [padded(300)] * 40  # 12000 bytes of headers in one write, none over the limit
+    with connect(base) as sock:
+        sock.sendall(b"".join(requests) + get("/echo", "Connection: close"))
+        raw = read_to_close(sock)
+    assert raw.count(b"HTTP/1.1 200 OK") == 41
+    body = b"z" * 200_000
+    with connect(base) as sock:
+        sock.sendall(post("/echo", len(body), body))
+        assert read_response(sock)[2] == b'{"bytes": 200000}'
+
+
+# -- slow and silent clients -----------------------------------------------------------------------------------------
+
+
+def test_a_connection_that_sends_nothing_gets_408_and_is_closed(start: Start) -> None:
+    base, _ = start()
+    with connect(base) as sock:
+        refusal(read_to_close(sock), 408, "request_timeout")
+
+
+def test_headers_sent_a_byte_at_a_time_time_out_from_the_connection_start(start: Start) -> None:
+    base, _ = start()
+    trickle = b"GET /echo HTTP/1.1\r\nHost: relay\r\nX-Slow: " + b"s" * 1000
+    with connect(base) as sock:
+        answer = b""
+        for byte in trickle:  # one byte, then a short wait for an answer: far slower than the timeout allows
+            sock.sendall(bytes([byte]))
+            sock.settimeout(0.02)
+            try:
+                answer = sock.recv(65536)
+                break
+            except TimeoutError:
+                continue
+        assert answer, "the headers never timed out"
+        sock.settimeout(WAIT)
+        refusal(answer + read_to_close(sock), 408, "request_timeout")
+
+
+def test_the_header_deadline_waits_while_an_answer_is_due(start: Start) -> None:
+    base, _ = start()
+    with connect(base) as sock:
+        # the start of a next request behind a slow one: its headers are not late while the first is answered
+        sock.sendall(post("/patient", 5, b"hello") + b"GET /echo HTTP/1.1\r\nHost: re")
+        raw = read_to_close(sock)  # then idle keep-alive closes it, without a word
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert parse_head(head)[0] == 200 and json.loads(body) == {"bytes": 5, "receive": None}
+
+
+def test_a_stalled_body_gets_408_and_the_app_sees_a_disconnect(start: Start) -> None:
+    base, app = start()
+    with connect(base) as sock:
+        sock.sendall(post("/echo", 100, b"0123456789"))
+        refusal(read_to_close(sock), 408, "request_timeout")
+    assert app.received.get(timeout=WAIT) == ("/echo", ["http.request", "http.disconnect"])
+
+
+def test_a_body_stalled_after_the_answer_started_closes_the_connection(start: Start) -> None:
+    base, app = start()
+    with connect(base) as sock:
+        sock.sendall(post("/stream", 100, b"0123456789"))
+        raw = read_to_close(sock)
+    assert raw.startswith(b"HTTP/1.1 200 OK") and b"started" in raw and b"done" not in raw and b" 408 " not in raw
+    assert app.received.get(timeout=WAIT) == ("/stream", ["http.request", "http.disconnect"])
+
+
+def test_the_body_deadline_runs_only_while_the_app_waits_for_the_body(start: Start) -> None:
+    base, app = start()
+    with connect(base) as sock:
+        sock.sendall(post("/patient", 5, b"hello"))
+        status, _, body = read_response(sock)
+    # the app took PATIENCE before reading, then listened for a disconnect for as long: neither was cut short
+    assert (status, json.loads(body)) == (200, {"bytes": 5, "receive": None})
+    assert app.received.get(timeout=WAIT) == ("/patient", ["http.request"])
+
+
+def test_the_rest_of_a_body_answered_early_is_not_awaited_for_ever(start: Start) -> None:
+    base, _ = start()
+    with connect(base) as sock:
+        sock.sendall(post("/early", 1000, b"0123456789"))
+        assert read_response(sock)[0] == 200
+        sock.sendall(b"a")  # more of a body nobody reads: the keep-alive clock no longer runs
+        assert read_to_close(sock) == b""
+
+
+def test_idle_keep_alive_connections_are_closed(start: Start) -> None:
+    base, _ = start()
+    with connect(base) as sock:
+        for _ in range(3):
+            sock.sendall(get())
+            assert read_response(sock)[0] == 200
+        assert read_to_close(sock) == b""  # closed without a word
+
+
+# -- connections -----------------------------------------------------------------------------------------------------
+
+
+def test_one_connection_over_the_limit_gets_503_and_is_closed(start: Start) -> None:
+    base, _ = start(max_connections=2, keepalive_timeout_s=30, header_timeout_s=30)
+    held = [connect(base), connect(base)]
+    try:
+        for sock in held:
+            sock.sendall(get())
+            assert read_response(sock)[0] == 200
+        with connect(base) as sock:
+            sock.sendall(get())
+            headers = refusal(read_to_close(sock), 503, "service_unavailable")
+        assert headers["retry-after"] == "1"
+        held.pop().close()
+        deadline = time.monotonic() + WAIT
+        while True:  # the server learns of the close a moment later
+            with connect(base) as sock:
+                sock.sendall(get())
+                if read_response(sock)[0] == 200:
+                    break
+            assert time.monotonic() < deadline, "a freed connection slot was not reused"
+    finally:
+        for sock in held:
+            sock.close()
