@@ -147,6 +147,7 @@ def _safe_url(url: str) -> str:
 @click.option("--tile-px", type=click.IntRange(16, 2048), default=256, show_default=True, help="Long side of one tile.")
 @click.option("--capacity", type=click.IntRange(1), default=None, help="Unfinished tasks before code 23 (queue full).")
 @click.option("--seed", type=int, default=None, help="Seed for the failure draws.")
+@click.option("--remix", is_flag=True, help="Variations, rerolls and pans wait in MODAL for submit/modal.")
 def simulate(
     host: str,
     port: int,
@@ -160,6 +161,7 @@ def simulate(
     tile_px: int,
     capacity: int | None,
     seed: int | None,
+    remix: bool,
 ) -> None:
     """Run a fake Midjourney-proxy upstream over HTTP."""
     import uvicorn
@@ -175,6 +177,7 @@ def simulate(
         tile_px=tile_px,
         capacity=capacity,
         seed=seed,
+        remix=remix,
     )
     app = build_sim_app(SimEngine(settings), dialect, secret)  # type: ignore[arg-type]
     click.echo(f"simulator ({dialect}) listening on http://{host}:{port}")
@@ -232,6 +235,7 @@ def keys_create(ctx: click.Context, config_path: str | None, name: str, quota: i
     click.echo(f"Created key {record.id} ({record.name}) with {record.balance} credits:")
     click.echo(secret)
     click.echo("Keep it now: it is stored hashed and cannot be shown again.", err=True)
+    click.echo(f"Its hook secret (signs deliveries to the key's notifyHook URLs): {record.hook_secret}", err=True)
 
 
 @keys.command("list")
@@ -248,6 +252,20 @@ def keys_list(ctx: click.Context, config_path: str | None) -> None:
         click.echo(
             f"{r.id:<17} {r.name[:20]:<20} {r.prefix + '…':<12} {r.balance:>10} {r.held:>8} {status:<8} {created}"
         )
+
+
+@keys.command("hook-secret")
+@_config_option
+@click.argument("key_id")
+@click.pass_context
+def keys_hook_secret(ctx: click.Context, config_path: str | None, key_id: str) -> None:
+    """Print the secret that signs a key's client hook deliveries (X-MJ-Relay-Signature)."""
+    config = _load(ctx, config_path)
+    record = _run_with_store(config, lambda store: store.get(key_id))
+    if record is None:
+        click.echo(f"No key with id {key_id!r}.", err=True)
+        sys.exit(1)
+    click.echo(record.hook_secret)
 
 
 @keys.command("revoke")

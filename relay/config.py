@@ -19,10 +19,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adapters import BOTS, DIALECTS, MODES, Bot, Dialect, Mode
+from relay.domain import TaskKind
 
 __all__ = ["Config", "ConfigError", "default_config", "load_config", "parse_config"]
 
 HTTP_DIALECTS = tuple(d for d in DIALECTS if d != "simulator")
+# The price keys: one per kind of task.
+PRICE_KEYS = tuple(kind.value for kind in TaskKind)
 
 
 class ConfigError(Exception):
@@ -124,6 +127,7 @@ class SimulatorConfig(_Section):
     tile_px: int = Field(256, ge=16, le=2048)
     capacity: int | None = Field(None, ge=1)
     seed: int | None = None
+    remix: bool = False
 
 
 class ProviderConfig(_Section):
@@ -178,14 +182,31 @@ class JobsConfig(_Section):
     poll_interval_s: float = Field(3.0, gt=0)
     deadline_s: DeadlinesConfig = DeadlinesConfig()
     lost_after_s: float = Field(120.0, gt=0)
+    modal_timeout_s: float = Field(900.0, gt=0)
+
+
+class HooksConfig(_Section):
+    """Client hooks (a task's `notifyHook`). Their URLs obey `api.references.allow_private` / `allow_hosts`."""
+
+    attempts: int = Field(3, ge=1, le=10)
+    backoff_s: float = Field(1.0, ge=0, le=300)
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    max_concurrent: int = Field(64, ge=1, le=1000)
 
 
 def _default_models() -> dict[str, ModelConfig]:
     return {f"mj-{mode}": ModelConfig(mode=mode) for mode in MODES}
 
 
+# Credits per job when no `prices` are configured: a grid (imagine, variation, reroll, zoom, pan, vary region,
+# blend) and a face swap cost `default`; an upscale, a describe and a shorten cost half of it on fast and turbo.
 def _default_prices() -> dict[str, dict[str, int]]:
-    return {"mj-fast": {"default": 2}, "mj-relax": {"default": 1}, "mj-turbo": {"default": 4}}
+    light = {"upscale": 1, "describe": 1, "shorten": 1}
+    return {
+        "mj-fast": {"default": 2, **light},
+        "mj-relax": {"default": 1},
+        "mj-turbo": {"default": 4, **{kind: 2 for kind in light}},
+    }
 
 
 def _default_providers() -> list[ProviderConfig]:
@@ -202,6 +223,7 @@ class Config(_Section):
     prices: dict[str, dict[str, int]] = Field(default_factory=_default_prices)
     providers: list[ProviderConfig] = Field(default_factory=_default_providers, min_length=1)
     jobs: JobsConfig = JobsConfig()
+    hooks: HooksConfig = HooksConfig()
 
     @field_validator("models")
     @classmethod
@@ -216,6 +238,10 @@ class Config(_Section):
     def _price_values(cls, value: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
         for model, table in value.items():
             for action, price in table.items():
+                if action != "default" and action not in PRICE_KEYS:
+                    raise ValueError(
+                        f"{model}.{action}: not a kind of task (use default or one of {', '.join(PRICE_KEYS)})"
+                    )
                 if price < 0:
                     raise ValueError(f"{model}.{action}: a price is a whole number of credits, 0 or more")
         return value

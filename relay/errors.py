@@ -1,132 +1,114 @@
-"""Every error the relay answers with, rendered as OpenAI's envelope `{"error": {message, type, param, code}}`.
+"""Domain errors: what went wrong, in the relay's own terms. Core raises them; each surface renders them once, in
+its own envelope: OpenAI's on `/v1` and the other OpenAI-style routes (`relay.api.openai.errors`), the
+Midjourney-proxy envelope on the native routes (`relay.api.mj.errors`).
 
-    RelayError                    base: status, type, code, param, message, extra headers
-      InvalidRequest              400 invalid_request_error (names the `param`)
-        ContentPolicy             400 content_policy_violation (a banned prompt)
-      AuthenticationFailed        401 invalid_api_key
-      NotFound                    404 not_found (also an unknown model: model_not_found)
-      MethodNotAllowed            405 method_not_allowed
-      PayloadTooLarge             413 request_too_large
-      InsufficientQuota           429 insufficient_quota
-      UpstreamFailed              502 upstream_error (the job failed upstream or the provider broke)
-      ServiceUnavailable          503 service_unavailable (no provider can take the job now)
-      DeadlineExceeded            504 timeout (the job passed its deadline)
-      InternalError               500 internal_error (a bug; details stay in the log)
-
-Answers where a retry cannot help (or could start a job twice) carry `x-should-retry: false`, which the OpenAI
-SDKs obey.
+    RelayError                  base: a message, and the request field it is about (`param`) when there is one
+      InvalidRequest            a bad body, field or value
+        InvalidImage            an image in the request is unusable (not an image, too large, a private address)
+      AuthenticationFailed      no key, a wrong key or a revoked one (`reason`)
+      LinkRefused               an image link that is wrong, tampered with or expired
+      NotFound                  no such route, model, task or image (`what`)
+      MethodNotAllowed          a wrong method on a known route (`allow`)
+      PayloadTooLarge           a body over the limit
+      InsufficientQuota         the key's available credits are short
+      ServiceUnavailable        no provider can take the work now (`retry_after` seconds)
+      UpstreamFailed            a provider failed a call that is not a job (an upload, a seed)
+      JobFailed                 a job ended without success (`code`: a FailureCode, `reason`)
+      InternalError             a bug; the details stay in the log
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Literal
+
+from relay.domain import FailureCode
+
+__all__ = [
+    "AuthenticationFailed",
+    "InsufficientQuota",
+    "InternalError",
+    "InvalidImage",
+    "InvalidRequest",
+    "JobFailed",
+    "LinkRefused",
+    "MethodNotAllowed",
+    "NotFound",
+    "PayloadTooLarge",
+    "RelayError",
+    "ServiceUnavailable",
+    "UpstreamFailed",
+]
 
 
 class RelayError(Exception):
-    status = 500
-    type = "server_error"
-    code: str | None = "internal_error"
-    retry = True
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
 
+
+class InvalidRequest(RelayError):
+    pass
+
+
+class InvalidImage(InvalidRequest):
+    pass
+
+
+class AuthenticationFailed(RelayError):
+    def __init__(self, message: str, *, reason: Literal["missing", "invalid", "revoked"] = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class LinkRefused(RelayError):
+    pass
+
+
+class NotFound(RelayError):
     def __init__(
         self,
         message: str,
         *,
+        what: Literal["route", "model", "task", "image"] = "route",
         param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-        retry: bool | None = None,
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        if code is not None:
-            self.code = code
-        if retry is not None:
-            self.retry = retry
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response_headers(self) -> dict[str, str]:
-        headers = dict(self.headers)
-        if not self.retry:
-            headers.setdefault("x-should-retry", "false")
-        return headers
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(self.body()).encode()
-
-
-class InvalidRequest(RelayError):
-    status = 400
-    type = "invalid_request_error"
-    code = "invalid_request"
-    retry = False
-
-
-class ContentPolicy(InvalidRequest):
-    code = "content_policy_violation"
-
-
-class AuthenticationFailed(RelayError):
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
-    retry = False
-
-
-class NotFound(RelayError):
-    status = 404
-    type = "invalid_request_error"
-    code = "not_found"
-    retry = False
+        super().__init__(message, param=param)
+        self.what = what
 
 
 class MethodNotAllowed(RelayError):
-    status = 405
-    type = "invalid_request_error"
-    code = "method_not_allowed"
-    retry = False
+    def __init__(self, message: str, *, allow: str = "") -> None:
+        super().__init__(message)
+        self.allow = allow
 
 
 class PayloadTooLarge(RelayError):
-    status = 413
-    type = "invalid_request_error"
-    code = "request_too_large"
-    retry = False
+    pass
 
 
 class InsufficientQuota(RelayError):
-    status = 429
-    type = "insufficient_quota"
-    code = "insufficient_quota"
-    retry = False
-
-
-class UpstreamFailed(RelayError):
-    status = 502
-    type = "upstream_error"
-    code = "upstream_error"
+    pass
 
 
 class ServiceUnavailable(RelayError):
-    status = 503
-    type = "server_error"
-    code = "service_unavailable"
+    def __init__(self, message: str, *, retry_after: int = 10) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
-class DeadlineExceeded(RelayError):
-    status = 504
-    type = "server_error"
-    code = "timeout"
-    retry = False
+class UpstreamFailed(RelayError):
+    pass
+
+
+class JobFailed(RelayError):
+    """A job that ended without success. `reason` is what the upstream or the relay said, in its words."""
+
+    def __init__(self, code: FailureCode, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message, param="prompt" if code is FailureCode.BANNED else None)
+        self.code = code
+        self.reason = reason
 
 
 class InternalError(RelayError):
-    status = 500
-    type = "server_error"
-    code = "internal_error"
-    retry = False  # a job may already be running: a retry could start it again
+    pass

@@ -27,8 +27,8 @@ class Metrics:
         )
         self.jobs = Counter(
             "mj_relay_jobs",
-            "Jobs that reached an end, by model, provider and outcome.",
-            ["model", "provider", "outcome"],
+            "Jobs that reached an end, by model, kind of task, provider and outcome.",
+            ["model", "kind", "provider", "outcome"],
             registry=self.registry,
         )
         self.job_seconds = Histogram(
@@ -49,6 +49,13 @@ class Metrics:
             "Latency of calls to upstream providers, by provider, operation and outcome.",
             ["provider", "operation", "outcome"],
             buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+        self.client_hooks = Counter(
+            "mj_relay_client_hooks",
+            "Client hook deliveries: delivered, retried (a try failed, another follows), failed (given up).",
+            ["outcome"],
             registry=self.registry,
         )
 

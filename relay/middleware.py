@@ -1,28 +1,37 @@
-"""Pure ASGI middleware: the body size limit (checked before anything reads the body) and request observation
-(one log line, the metrics, an `x-request-id` on every answer)."""
+"""Pure ASGI middleware, outermost first:
+
+Observe     one log line and the metrics per request, an `x-request-id` on every answer
+Guard       every error becomes an answer in the request's surface envelope, and is never re-raised: an
+            exception that escaped would make the server close the keep-alive connection, losing the client's
+            next request on it. A client that hangs up mid-request is neither an error nor a 5xx (499).
+BodyLimit   a body over the limit is refused (413) before the route reads it
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relay.errors import PayloadTooLarge
+from relay.api.errors import render
+from relay.errors import InternalError, PayloadTooLarge, RelayError
 from relay.logs import event
 from relay.metrics import Metrics
 
 log = logging.getLogger("relay.http")
 
-
-class _TooLarge(Exception):
-    pass
+# The status recorded for a request whose client went away before an answer (nginx's convention).
+CLIENT_CLOSED = 499
+_DISCONNECTED = "mj_relay.disconnected"
 
 
 class BodyLimit:
-    """413 in OpenAI's envelope for a body over `limit` bytes: at once from Content-Length, or while it streams."""
+    """A body over `limit` bytes is refused: at once from Content-Length, or while it streams."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -33,11 +42,9 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
-            return
+        if declared.isascii() and declared.isdigit() and len(declared) < 20 and int(declared) > self.limit:
+            raise self._error()
         seen = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal seen
@@ -45,29 +52,54 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    raise self._error()
             return message
 
+        await self.app(scope, limited_receive, send)
+
+    def _error(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"The request body is larger than the limit of {self.limit} bytes.")
+
+
+class Guard:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = ended = False
+
         async def watched_send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, ended
             if message["type"] == "http.response.start":
                 started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = True
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, watched_send)
-        except _TooLarge:
-            if started:
-                raise
-            await self._refuse(send)
-
-    async def _refuse(self, send: Send) -> None:
-        error = PayloadTooLarge(f"The request body is larger than the limit of {self.limit} bytes.")
-        body = error.to_bytes()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        headers += [(k.lower().encode(), v.encode()) for k, v in error.response_headers().items()]
-        await send({"type": "http.response.start", "status": error.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+            await self.app(scope, receive, watched_send)
+        except ClientDisconnect:
+            scope[_DISCONNECTED] = True
+        except Exception as exc:
+            if isinstance(exc, RelayError):
+                error = exc
+            else:
+                log.error("unhandled error", exc_info=exc, extra={"fields": {"path": scope.get("path")}})
+                error = InternalError("The relay hit an internal error; it has been logged.")
+            if started:  # the answer is under way: all that can be done is to end it
+                if not ended:
+                    with contextlib.suppress(Exception):
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            rendered = render(scope.get("path", ""), error)
+            body = rendered.to_bytes()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            headers += [(k.lower().encode(), v.encode()) for k, v in rendered.headers.items()]
+            await send({"type": "http.response.start", "status": rendered.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
 
 
 class Observe:
@@ -93,6 +125,8 @@ class Observe:
         try:
             await self.app(scope, receive, observed_send)
         finally:
+            if scope.get(_DISCONNECTED):
+                status = CLIENT_CLOSED
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             seconds = time.perf_counter() - started

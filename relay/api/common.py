@@ -1,24 +1,34 @@
-"""What every route shares: the relay's services, the caller's key, the JSON body, typed validation."""
+"""What every route shares: the relay's services, the caller's key, the JSON body, typed validation.
+
+Client text is hostile until checked: the body is parsed with a nesting limit before anything else looks at it,
+and every string field a route stores is a `Text`, which refuses what a database cannot store (see core.text).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from cachetools import TTLCache
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, StrictStr, ValidationError
 from starlette.requests import Request
 
 from relay.core.jobs import Attempt
+from relay.core.text import check_storable
 from relay.errors import AuthenticationFailed, InvalidRequest
 from relay.store.keys import KeyRecord, KeyStore, hash_key
 
 if TYPE_CHECKING:
-    from relay.app import Relay
+    from relay.services import Relay
 
 M = TypeVar("M", bound=BaseModel)
+
+# A string a route may store: strict (no coercion from numbers) and storable.
+Text = Annotated[StrictStr, AfterValidator(check_storable)]
+# How deeply a JSON body may nest; real requests need a handful of levels.
+MAX_JSON_DEPTH = 32
 
 # How long a looked-up key (or a miss) is remembered; a revocation takes effect within this time.
 KEY_CACHE_TTL_S = 5.0
@@ -40,20 +50,19 @@ class Authenticator:
         self._cache: TTLCache[str, KeyRecord | None] = TTLCache(maxsize=10_000, ttl=KEY_CACHE_TTL_S)
         self._lookups: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
-    async def __call__(self, request: Request) -> KeyRecord:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if not header or scheme.lower() != "bearer" or not token:
-            raise AuthenticationFailed(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key"
-            )
+    async def __call__(self, request: Request, *, native: bool = False) -> KeyRecord:
+        """The caller's key: `Authorization: Bearer KEY`; on the native surface also `mj-api-secret: KEY` or a bare
+        `Authorization: KEY`, as midjourney-proxy clients send it."""
+        token = _token(request, native)
+        if not token:
+            hint = "'Authorization: Bearer YOUR_KEY'" + (" or 'mj-api-secret: YOUR_KEY'" if native else "")
+            raise AuthenticationFailed(f"You didn't provide an API key. Send it as {hint}.", reason="missing")
         digest = hash_key(token)
         record = self._cache[digest] if digest in self._cache else await self._lookup(digest, token)
         if record is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         if record.revoked:
-            raise AuthenticationFailed("This API key has been revoked.", code="key_revoked")
+            raise AuthenticationFailed("This API key has been revoked.", reason="revoked")
         return record
 
     async def _lookup(self, digest: str, token: str) -> KeyRecord | None:
@@ -69,6 +78,16 @@ class Authenticator:
         self._lookups.pop(digest, None)
         if not task.cancelled() and task.exception() is None:
             self._cache[digest] = task.result()
+
+
+def _token(request: Request, native: bool) -> str:
+    header = request.headers.get("authorization", "").strip()
+    scheme, _, rest = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return rest.strip()
+    if native:
+        return request.headers.get("mj-api-secret", "").strip() or (header if " " not in header else "")
+    return ""
 
 
 async def attempt_of(request: Request, key: KeyRecord) -> Attempt:
@@ -93,9 +112,36 @@ async def json_body(request: Request) -> dict[str, Any]:
         raise InvalidRequest(
             "We could not parse the JSON body of your request. Send valid JSON with 'Content-Type: application/json'."
         ) from None
+    except RecursionError:
+        raise _too_deep() from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise _too_deep()
     return data
+
+
+def _too_deep() -> InvalidRequest:
+    return InvalidRequest(f"The JSON body nests more than {MAX_JSON_DEPTH} levels deep.")
+
+
+def _depth(value: Any) -> int:
+    """How deeply a parsed JSON value nests (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level + 1)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def validate(model: type[M], data: dict[str, Any]) -> M:

@@ -3,6 +3,10 @@
 Each caller queues its item and waits. One drain task hands everything queued so far to `flush`, which writes it
 in one transaction and returns one result per item, and wakes the callers; items queued meanwhile form the next
 batch. Under no load a batch is one item and costs nothing extra; under load a thousand writes become a few.
+
+One caller's bad item must not fail its neighbours: when a batch of several fails, its transaction was rolled back,
+and each item is written again on its own, so only the item that cannot be written fails (every flush of the relay
+is safe to repeat: its writes are guarded by the rows' own states).
 """
 
 from __future__ import annotations
@@ -35,18 +39,31 @@ class Batcher(Generic[I, R]):
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                results = list(await self._flush([item for item, _ in batch]))
-                if len(results) != len(batch):  # a broken flush must not leave its callers waiting forever
-                    raise RuntimeError(f"{self._name}: {len(results)} results for {len(batch)} items")
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                        future.exception()  # retrieved here too, so a caller that went away leaves no warning
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
+                await self._write(batch)
+            except Exception:
+                if len(batch) == 1:
+                    continue
+                for single in batch:  # find the item that cannot be written; the others go through
+                    with contextlib.suppress(Exception):
+                        await self._write([single])
+
+    async def _write(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
+        """Flush one batch and settle its callers; a failure settles them with the error only when the batch is one
+        item (a larger one is split by the caller) and is raised either way."""
+        try:
+            results = list(await self._flush([item for item, _ in batch]))
+            if len(results) != len(batch):  # a broken flush must not leave its callers waiting forever
+                raise RuntimeError(f"{self._name}: {len(results)} results for {len(batch)} items")
+        except Exception as exc:
+            if len(batch) == 1:
+                _, future = batch[0]
                 if not future.done():
-                    future.set_result(result)
+                    future.set_exception(exc)
+                    future.exception()  # retrieved here too, so a caller that went away leaves no warning
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
     async def close(self) -> None:
         """Wait until what is queued has been written."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from relay.store.jobs import JobRow, JobState
@@ -64,6 +64,11 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 class JobEvents:
     def __init__(self) -> None:
         self._subscribers: dict[str, set[Subscription]] = {}
+        self._listeners: list[Callable[[JobEvent], None]] = []
+
+    def listen(self, callback: Callable[[JobEvent], None]) -> None:
+        """Call `callback` with every event of every job (it must not block: it runs inside `publish`)."""
+        self._listeners.append(callback)
 
     def subscribe(self, job_ids: Iterable[str]) -> Subscription:
         subscription = Subscription(self, tuple(job_ids))
@@ -82,6 +87,8 @@ class JobEvents:
     def publish(self, event: JobEvent) -> None:
         for subscription in self._subscribers.get(event.job_id, ()):
             subscription.put(event)
+        for listener in self._listeners:
+            listener(event)
 
     def __len__(self) -> int:
         return len(self._subscribers)

@@ -10,6 +10,7 @@ import logging
 from relay.clock import Clock
 from relay.core.batch import Batcher
 from relay.core.events import JobEvent, JobEvents
+from relay.domain import FailureCode
 from relay.logs import event
 from relay.metrics import Metrics
 from relay.store.jobs import Ending, JobRow, JobStore
@@ -30,14 +31,16 @@ class Finisher:
         job_id: str,
         *,
         succeeded: bool,
-        error_code: str | None = None,
+        error_code: FailureCode | None = None,
         fail_reason: str | None = None,
         image_url: str | None = None,
         buttons: str | None = None,
+        text: str | None = None,
     ) -> JobRow | None:
-        """The ended job, or None when it had already ended (nothing was settled twice). `image_url` and `buttons`
-        are what the upstream gave for a job it finished."""
-        return await self._write(Ending(job_id, succeeded, error_code, fail_reason, image_url, buttons))
+        """The ended job, or None when it had already ended (nothing was settled twice). `image_url`, `buttons` and
+        `text` are what the upstream gave for a job it finished."""
+        code = error_code.value if error_code is not None else None
+        return await self._write(Ending(job_id, succeeded, code, fail_reason, image_url, buttons, text))
 
     async def _end_all(self, endings: list[Ending]) -> list[JobRow | None]:
         rows = await self.store.finish_many(endings, self.clock.now())
@@ -49,13 +52,14 @@ class Finisher:
     def _announce(self, ending: Ending, row: JobRow) -> None:
         outcome = "succeeded" if ending.succeeded else (ending.error_code or "failed")
         seconds = max(0.0, (row.finished_at or row.updated_at) - row.created_at)
-        self.metrics.jobs.labels(row.model, row.provider or "none", outcome).inc()
+        self.metrics.jobs.labels(row.model, row.action, row.provider or "none", outcome).inc()
         self.metrics.job_seconds.labels(row.model, outcome).observe(seconds)
         self.events.publish(JobEvent(row.id, row.state, row.progress, ending.error_code, row))
         event(
             log,
             "job ended",
             job=row.id,
+            kind=row.action,
             state=row.state.value,
             outcome=outcome,
             provider=row.provider,

@@ -1,5 +1,6 @@
 """The relay's image store: a finished grid is downloaded once and kept as `grid.png`; its four tiles
-`1.png`..`4.png` are cut from it (Pillow) the first time one is needed, and kept too. Everything is served at
+`1.png`..`4.png` are cut from it (Pillow) the first time one is needed, and kept too. A job whose result is one
+image (an upscale, a face swap) keeps it as `image.png`. Everything is served at
 signed, expiring URLs of the relay (`/files/<job>/<name>?exp=&sig=`); upstream links (Discord or a reseller's CDN)
 are never shown to clients.
 
@@ -23,8 +24,10 @@ from pathlib import Path
 from itsdangerous import Signer
 from PIL import Image, UnidentifiedImageError
 
-NAMES = ("grid.png", "1.png", "2.png", "3.png", "4.png")
-TILE_NAMES = NAMES[1:]
+GRID = "grid.png"
+IMAGE = "image.png"
+TILE_NAMES = ("1.png", "2.png", "3.png", "4.png")
+NAMES = (GRID, IMAGE, *TILE_NAMES)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its CRC: the last chunk of every PNG
 _JOB_ID = re.compile(r"^[a-z0-9_]{8,40}$")
@@ -111,9 +114,13 @@ class ImageStore:
         return self.root / job_id[-2:] / f"{job_id}-{name}"
 
     def save_grid(self, job_id: str, data: bytes) -> tuple[int, int]:
-        """Keep a finished grid; returns its size. A PNG is checked by its header and its end marker (a truncated
-        download fails here, without decoding: the first tile request decodes it) and kept as it came; another
-        format is decoded and kept as PNG.
+        """Keep a finished grid; see `save`."""
+        return self.save(job_id, GRID, data)
+
+    def save(self, job_id: str, name: str, data: bytes) -> tuple[int, int]:
+        """Keep a finished image (`grid.png` or `image.png`); returns its size. A PNG is checked by its header and
+        its end marker (a truncated download fails here, without decoding: the first tile request decodes it) and
+        kept as it came; another format is decoded and kept as PNG.
         Blocking: run it in a thread."""
         size = _png_size(data)
         if size is not None:
@@ -130,7 +137,7 @@ class ImageStore:
         width, height = size
         if width < 2 or height < 2:
             raise ImageError("the image is too small to split")
-        path = self.path(job_id, "grid.png")
+        path = self.path(job_id, name)
         # Written in place: the job only counts as succeeded once this returns, and a job that did not is
         # delivered again (and its grid written again) after a restart. Its folder is made the first time.
         try:
@@ -142,11 +149,13 @@ class ImageStore:
 
     def ensure(self, job_id: str, name: str) -> Path:
         """The file for a name, cutting the tiles from the grid when one is asked for the first time.
-        Blocking: run it in a thread. Raises FileNotFoundError when the job has no grid."""
+        Blocking: run it in a thread. Raises FileNotFoundError when the job has no such image."""
         path = self.path(job_id, name)
         if path.exists():
             return path
-        grid = self.path(job_id, "grid.png")
+        if name not in TILE_NAMES:
+            raise FileNotFoundError(name)
+        grid = self.path(job_id, GRID)
         try:
             with Image.open(grid) as opened:
                 image = _plain(opened)
@@ -175,7 +184,8 @@ class ImageStore:
         return f"{base_url.rstrip('/')}/files/{job_id}/{name}?exp={expires}&sig={signature}"
 
     def verify(self, job_id: str, name: str, expires: str, signature: str, now: float) -> bool:
-        if not expires.isdigit() or not signature:
+        # ASCII digits only ("²" is a digit to str.isdigit but not to int()), and no more than a timestamp needs.
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 12) or not signature:
             return False
         if int(expires) < now:
             return False

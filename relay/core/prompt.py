@@ -73,6 +73,16 @@ def style_flag(style: str | None) -> str | None:
     return STYLE_FLAGS[style]
 
 
+_PARAMETER = re.compile(r"(?<!\S)--[A-Za-z]")
+
+
+def prompt_text(prompt: str) -> str:
+    """What a prompt asks to draw: its text before the first parameter (`--ar`, `--fast`, ...), which is where
+    Midjourney's parameters begin."""
+    found = _PARAMETER.search(prompt)
+    return (prompt[: found.start()] if found else prompt).strip()
+
+
 def _squash(text: str) -> str:
     return " ".join(text.split())
 

@@ -1,11 +1,9 @@
-"""Reference images a client sends with a prompt (chat `image_url` parts), turned into the data URLs the upstream
-takes in `base64Array`.
+"""Images a client sends: chat `image_url` parts and the native API's inline images, turned into the checked data
+URLs the upstream takes (`base64Array`, `base64`, ...).
 
-Data URLs are decoded with a size limit and must be an image. http(s) URLs are fetched with a size and time limit,
-following at most three redirects, and by default never from private, loopback, link-local or otherwise
-non-public addresses: every address the host resolves to is checked, on every hop, and the connection is made to
-the address that was checked. `allow_private` or `allow_hosts` (host names or CIDR blocks) open that up for tests
-and private networks.
+Data URLs (and bare base64) are decoded with a size limit and must be a PNG, JPEG, WebP or GIF image. http(s) URLs
+are fetched with a size and time limit, following at most three redirects, each hop checked and pinned by
+`core.egress` (no private or local addresses unless `allow_private` or `allow_hosts` open them).
 """
 
 from __future__ import annotations
@@ -15,36 +13,34 @@ import base64
 import binascii
 import io
 import ipaddress
-import socket
-from collections.abc import Awaitable, Callable
-from typing import Any
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 from PIL import Image, UnidentifiedImageError
 
 from relay.config import ReferencesConfig
-from relay.errors import InvalidRequest
+from relay.core.egress import Egress, EgressRefused, Pinned, Resolver
+from relay.errors import InvalidImage
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 MAX_REDIRECTS = 3
 
 
-def _bad(message: str) -> InvalidRequest:
-    return InvalidRequest(message, param="messages", code="invalid_image")
+def _bad(message: str, param: str = "messages") -> InvalidImage:
+    return InvalidImage(message, param=param)
 
 
-def image_data_url(data: bytes) -> str:
-    """A data URL for image bytes; raises InvalidRequest when they are not a PNG, JPEG, WebP or GIF image."""
+def image_data_url(data: bytes, param: str = "messages") -> str:
+    """A data URL for image bytes; raises InvalidImage when they are not a PNG, JPEG, WebP or GIF image."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             kind = image.format or ""
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        raise _bad("A reference image is not a readable image.") from None
+        raise _bad("An image is not a readable image.", param) from None
     if kind not in _MIME:
-        raise _bad(f"A reference image must be PNG, JPEG, WebP or GIF, not {kind or 'unknown'}.")
+        raise _bad(f"An image must be PNG, JPEG, WebP or GIF, not {kind or 'unknown'}.", param)
     return f"data:{_MIME[kind]};base64,{base64.b64encode(data).decode()}"
 
 
@@ -54,10 +50,10 @@ class ReferenceLoader:
         config: ReferencesConfig,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-        resolver: Callable[[str, int], Awaitable[list[IPAddress]]] | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.config = config
-        self._resolve = resolver or resolve
+        self._egress = Egress(config.allow_private, config.allow_hosts, resolver)
         # A fresh connection for every download: a pooled one, made for another host name on the same address,
         # would skip that host's TLS name check. No proxies from the environment: they would connect by name.
         self._client = httpx.AsyncClient(
@@ -67,13 +63,6 @@ class ReferenceLoader:
             trust_env=False,
             transport=transport,
         )
-        self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        self._hosts: set[str] = set()
-        for entry in config.allow_hosts:
-            try:
-                self._networks.append(ipaddress.ip_network(entry, strict=False))
-            except ValueError:
-                self._hosts.add(entry.lower())
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -95,23 +84,35 @@ class ReferenceLoader:
             return image_data_url(data)
         raise _bad("A reference image must be an http(s) URL or a data URL.")
 
-    def _from_data_url(self, url: str) -> str:
+    def _from_data_url(self, url: str, param: str = "messages") -> str:
         header, _, payload = url.partition(",")
         if ";base64" not in header or not header[5:].startswith("image/"):
-            raise _bad("A data URL must be a base64-encoded image (data:image/...;base64,...).")
+            raise _bad("A data URL must be a base64-encoded image (data:image/...;base64,...).", param)
+        return self._from_base64(payload, param)
+
+    def _from_base64(self, payload: str, param: str) -> str:
         if len(payload) * 3 // 4 > self.config.max_bytes:
-            raise _bad(f"A reference image is larger than {self.config.max_bytes} bytes.")
+            raise _bad(f"An image is larger than {self.config.max_bytes} bytes.", param)
         try:
-            data = base64.b64decode(payload, validate=True)
+            data = base64.b64decode(payload.strip(), validate=True)
         except (binascii.Error, ValueError):
-            raise _bad("A data URL holds invalid base64.") from None
-        return image_data_url(data)
+            raise _bad("An image holds invalid base64.", param) from None
+        return image_data_url(data, param)
+
+    def decode(self, value: str, param: str) -> str:
+        """An image given inline, as Midjourney-proxy clients send them (a data URL, or bare base64), as a checked
+        data URL; raises InvalidImage naming `param`."""
+        if value.startswith("data:"):
+            return self._from_data_url(value, param)
+        return self._from_base64(value, param)
 
     async def _download(self, url: str) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
-            target, headers, extensions = await self._pinned(url)
+            pinned = await self._pinned(url)
             try:
-                async with self._client.stream("GET", target, headers=headers, extensions=extensions) as response:
+                async with self._client.stream(
+                    "GET", pinned.target, headers=pinned.headers, extensions=pinned.extensions
+                ) as response:
                     if response.is_redirect and "location" in response.headers:
                         url = urljoin(url, response.headers["location"])
                         continue
@@ -128,52 +129,8 @@ class ReferenceLoader:
                 raise _bad("A reference image could not be downloaded.") from None
         raise _bad("A reference image URL redirects too often.")
 
-    async def _pinned(self, url: str) -> tuple[str, dict[str, str], dict[str, Any]]:
-        """Where to connect for a URL, checked: every address its host resolves to must be public (or allowed),
-        and the connection goes to the address that was checked, so a name cannot resolve to one address for
-        the check and another for the download. The Host header and the TLS server name stay the URL's."""
-        parts = urlsplit(url)
+    async def _pinned(self, url: str) -> Pinned:
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise _bad("A reference image URL has an invalid port.") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise _bad("A reference image must be an http(s) URL or a data URL.")
-        host = parts.hostname.lower()
-        if self.config.allow_private or host in self._hosts:
-            return url, {}, {}
-        try:
-            addresses = await self._resolve(host, port)
-        except OSError:
-            raise _bad("The host of a reference image URL does not resolve.") from None
-        if not addresses:
-            raise _bad("The host of a reference image URL does not resolve.")
-        for address in addresses:
-            if not any(address in network for network in self._networks) and not public(address):
-                raise _bad("Reference image URLs may not point at private or local addresses.")
-        literal = f"[{addresses[0]}]" if addresses[0].version == 6 else str(addresses[0])
-        target = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))
-        extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
-        return target, {"Host": parts.netloc.rsplit("@", 1)[-1]}, extensions
-
-
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-def public(address: IPAddress) -> bool:
-    """Whether an address is on the public internet, including the IPv4 address an IPv6 one carries (mapped,
-    6to4, Teredo, NAT64), since a host reached that way is the IPv4 one."""
-    if not address.is_global:
-        return False
-    if isinstance(address, ipaddress.IPv6Address):
-        carried = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
-        if address in _NAT64:
-            carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        return all(inner is None or inner.is_global for inner in carried)
-    return True
-
-
-async def resolve(host: str, port: int) -> list[IPAddress]:
-    """Every address a host name resolves to (an IP literal resolves to itself)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+            return await self._egress.pin(url)
+        except EgressRefused as exc:
+            raise _bad(f"A reference image URL is refused: {exc}.") from None

@@ -1,6 +1,7 @@
 """Jobs, and the quota held for them.
 
-A job moves `PENDING -> SUBMITTED -> IN_PROGRESS -> SUCCEEDED | FAILED`. Every move is one guarded UPDATE
+A job moves `PENDING -> SUBMITTED -> IN_PROGRESS -> SUCCEEDED | FAILED`; a follow-up the upstream parks for a
+confirmation goes `PENDING -> MODAL -> SUBMITTED -> ...`. Every move is one guarded UPDATE
 (`... WHERE id = :id AND state IN (:allowed)`); when no row changes, someone else already moved the job and the
 caller does nothing.
 
@@ -16,31 +17,29 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import String, bindparam, case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relay.domain import ACTIVE_STATES as ACTIVE
+from relay.domain import RUNNING_STATES as RUNNING
+from relay.domain import TASKS, JobState, TaskKind, TaskSpec
 from relay.store.db import transaction
 from relay.store.tables import jobs, keys
 
-
-class JobState(StrEnum):
-    PENDING = "PENDING"
-    SUBMITTED = "SUBMITTED"
-    IN_PROGRESS = "IN_PROGRESS"
-    MODAL = "MODAL"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED)
-
-
-ACTIVE = (JobState.PENDING, JobState.SUBMITTED, JobState.IN_PROGRESS, JobState.MODAL)
-RUNNING = (JobState.SUBMITTED, JobState.IN_PROGRESS, JobState.MODAL)
+__all__ = [
+    "ACTIVE",
+    "RUNNING",
+    "Admission",
+    "Ending",
+    "JobRow",
+    "JobState",
+    "JobStore",
+    "NewJob",
+    "ProgressChange",
+    "Submitted",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +54,9 @@ class NewJob:
     price: int
     deadline_at: float
     parent_id: str | None = None
+    custom_id: str | None = None
+    client_state: str | None = None
+    notify_hook: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,19 @@ class JobRow:
     submitted_at: float | None
     finished_at: float | None
     deadline_at: float
+    custom_id: str | None = None
+    client_state: str | None = None
+    notify_hook: str | None = None
+    result_text: str | None = None
+    started_at: float | None = None
+
+    @property
+    def kind(self) -> TaskKind:
+        return TaskKind(self.action)
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TASKS[self.kind]
 
     @property
     def buttons(self) -> list[dict[str, Any]]:
@@ -121,7 +136,8 @@ class ProgressChange:
 @dataclass(frozen=True, slots=True)
 class Ending:
     """How one job ends: succeeded (its hold is captured) or failed (its hold is released). A job the upstream
-    finished also keeps the upstream's image URL (internal only) and buttons (JSON)."""
+    finished also keeps the upstream's image URL (internal only), buttons (JSON) and text (its final prompt, or a
+    text result)."""
 
     job_id: str
     succeeded: bool
@@ -129,6 +145,7 @@ class Ending:
     fail_reason: str | None = None
     image_url: str | None = None
     buttons: str | None = None
+    text: str | None = None
 
 
 def _row(row: Any) -> JobRow:
@@ -190,6 +207,9 @@ class JobStore:
                     "price": job.price,
                     "hold_state": "held",
                     "parent_id": job.parent_id,
+                    "custom_id": job.custom_id,
+                    "client_state": job.client_state,
+                    "notify_hook": job.notify_hook,
                     "created_at": now,
                     "updated_at": now,
                     "deadline_at": job.deadline_at,
@@ -226,6 +246,46 @@ class JobStore:
             await self._execute(statement, params)
         return [None] * len(items)
 
+    async def park_modal(self, job_id: str, provider: str, upstream_id: str, deadline_at: float, now: float) -> bool:
+        """PENDING -> MODAL: the upstream took the follow-up but waits for `submit/modal`; the job's deadline is
+        now the time a confirmation may take."""
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING.value)
+            .values(
+                state=JobState.MODAL.value,
+                provider=provider,
+                upstream_id=upstream_id,
+                submitted_at=now,
+                updated_at=now,
+                deadline_at=deadline_at,
+            )
+        )
+        return await self._changed(statement)
+
+    async def confirm_modal(
+        self, job_id: str, upstream_id: str, deadline_at: float, now: float, prompt: str | None = None
+    ) -> bool:
+        """MODAL -> SUBMITTED once the upstream took the confirmation (and its prompt, when it had one); the job
+        runs to a new deadline."""
+        values: dict[str, Any] = {
+            "state": JobState.SUBMITTED.value,
+            "upstream_id": upstream_id,
+            "progress": 0,
+            "updated_at": now,
+            "deadline_at": deadline_at,
+        }
+        if prompt:
+            values["prompt"] = prompt
+        statement = update(jobs).where(jobs.c.id == job_id, jobs.c.state == JobState.MODAL.value).values(**values)
+        return await self._changed(statement)
+
+    async def _changed(self, statement: Any) -> bool:
+        async def work(conn: AsyncConnection) -> bool:
+            return bool((await conn.execute(statement)).rowcount == 1)
+
+        return await transaction(self.engine, work)
+
     async def record_progress(self, changes: Sequence[ProgressChange], now: float) -> None:
         """Many running jobs' progress in one transaction; jobs that already ended are left alone."""
         if not changes:
@@ -234,7 +294,19 @@ class JobStore:
             update(jobs)
             # IN (...) expands its parameters, which executemany cannot do: spell the states out.
             .where(jobs.c.id == bindparam("job_id"), or_(*(jobs.c.state == s.value for s in RUNNING)))
-            .values(state=bindparam("new_state"), progress=bindparam("new_progress"), updated_at=now)
+            .values(
+                state=bindparam("new_state"),
+                progress=bindparam("new_progress"),
+                updated_at=now,
+                started_at=case(
+                    (
+                        jobs.c.started_at.is_(None)
+                        & (bindparam("new_state", type_=String) == JobState.IN_PROGRESS.value),
+                        now,
+                    ),
+                    else_=jobs.c.started_at,
+                ),
+            )
         )
         params = [{"job_id": c.job_id, "new_state": c.state.value, "new_progress": c.progress} for c in changes]
         await self._execute(statement, params)
@@ -270,8 +342,15 @@ class JobStore:
         for job_id, index in first.items():
             ending = endings[index]
             groups.setdefault((ending.succeeded, ending.error_code, ending.fail_reason), []).append(job_id)
-            if ending.image_url is not None or ending.buttons is not None:
-                results.append({"job_id": job_id, "new_image_url": ending.image_url, "new_buttons": ending.buttons})
+            if ending.image_url is not None or ending.buttons is not None or ending.text is not None:
+                results.append(
+                    {
+                        "job_id": job_id,
+                        "new_image_url": ending.image_url,
+                        "new_buttons": ending.buttons,
+                        "new_text": ending.text,
+                    }
+                )
 
         async def work(conn: AsyncConnection) -> dict[str, Any]:
             ended: dict[str, Any] = {}
@@ -283,7 +362,11 @@ class JobStore:
                         or_(*(jobs.c.state == s.value for s in ACTIVE)),
                         jobs.c.hold_state == "held",
                     )
-                    .values(upstream_image_url=bindparam("new_image_url"), buttons=bindparam("new_buttons")),
+                    .values(
+                        upstream_image_url=bindparam("new_image_url"),
+                        buttons=bindparam("new_buttons"),
+                        result_text=bindparam("new_text"),
+                    ),
                     results,
                 )
             for (succeeded, error_code, fail_reason), ids in groups.items():
@@ -331,6 +414,33 @@ class JobStore:
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
         return _row(row) if row is not None else None
+
+    async def owned(self, job_ids: Sequence[str], key_id: str) -> list[JobRow]:
+        """The jobs among `job_ids` that belong to the key, newest first: another key's job is not there at all."""
+        if not job_ids:
+            return []
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(jobs)
+                    .where(jobs.c.id.in_(list(dict.fromkeys(job_ids))), jobs.c.key_id == key_id)
+                    .order_by(jobs.c.created_at.desc(), jobs.c.id)
+                )
+            ).all()
+        return [_row(row) for row in rows]
+
+    async def recent(self, key_id: str, limit: int) -> list[JobRow]:
+        """The key's newest jobs."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(jobs)
+                    .where(jobs.c.key_id == key_id)
+                    .order_by(jobs.c.created_at.desc(), jobs.c.id)
+                    .limit(limit)
+                )
+            ).all()
+        return [_row(row) for row in rows]
 
     async def by_request(self, request_id: str) -> list[JobRow]:
         async with self.engine.connect() as conn:

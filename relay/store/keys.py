@@ -1,11 +1,16 @@
 """API keys. A key is shown once, when it is made; the store keeps only its SHA-256 (keys are 256-bit random, so
-a fast hash is enough) and a short prefix to recognise it by in listings."""
+a fast hash is enough) and a short prefix to recognise it by in listings.
+
+Each key also has a hook secret (`whsec_...`), which signs the task updates the relay sends to the key's client
+hooks. The relay must know it to sign, so it is stored as it is; it grants nothing but the ability to check that a
+delivery came from the relay."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -14,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from relay.store.tables import keys
 
 KEY_PREFIX = "sk-mjr-"
+HOOK_SECRET_PREFIX = "whsec_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +31,7 @@ class KeyRecord:
     held: int
     created_at: float
     revoked_at: float | None
+    hook_secret: str = ""
 
     @property
     def available(self) -> int:
@@ -48,6 +55,7 @@ def _record(row: Any) -> KeyRecord:
         held=int(row.held),
         created_at=float(row.created_at),
         revoked_at=row.revoked_at,
+        hook_secret=row.hook_secret,
     )
 
 
@@ -68,11 +76,11 @@ class KeyStore:
             "held": 0,
             "created_at": now,
             "revoked_at": None,
+            "hook_secret": HOOK_SECRET_PREFIX + secrets.token_urlsafe(32),
         }
         async with self.engine.begin() as conn:
             await conn.execute(keys.insert().values(**values))
-        record = KeyRecord(key_id, name, str(values["prefix"]), quota, 0, now, None)
-        return record, secret
+        return _record(SimpleNamespace(**values)), secret
 
     async def by_secret(self, secret: str) -> KeyRecord | None:
         async with self.engine.connect() as conn:

@@ -18,6 +18,7 @@ keys = Table(
     Column("held", BigInteger, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float, nullable=True),
+    Column("hook_secret", String(64), nullable=False),
 )
 
 jobs = Table(
@@ -47,8 +48,14 @@ jobs = Table(
     Column("submitted_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
     Column("deadline_at", Float, nullable=False),
+    Column("custom_id", Text, nullable=True),
+    Column("client_state", Text, nullable=True),
+    Column("notify_hook", Text, nullable=True),
+    Column("result_text", Text, nullable=True),
+    Column("started_at", Float, nullable=True),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_request", "request_id"),
     Index("ix_jobs_key_created", "key_id", "created_at"),
     Index("ix_jobs_provider_upstream", "provider", "upstream_id"),
+    Index("ix_jobs_parent", "parent_id"),
 )

@@ -45,7 +45,7 @@ def test_metrics_count_requests_and_jobs_without_secrets(relay: RunningRelay) ->
     text = httpx.get(relay.base + "/metrics").text
     assert 'mj_relay_http_requests_total{method="POST",route="/v1/images/generations",status="2xx"} 1.0' in text
     assert 'mj_relay_http_requests_total{method="GET",route="unmatched",status="4xx"} 1.0' in text
-    assert 'mj_relay_jobs_total{model="mj-fast",outcome="succeeded",provider="sim"} 1.0' in text
+    assert 'mj_relay_jobs_total{kind="imagine",model="mj-fast",outcome="succeeded",provider="sim"} 1.0' in text
     assert 'mj_relay_upstream_request_seconds_count{operation="submit",outcome="accepted",provider="sim"} 1.0' in text
     assert 'mj_relay_jobs_in_flight{provider="sim"} 0.0' in text
     assert "particular" not in text and relay.key not in text

@@ -60,5 +60,22 @@ async def test_a_flush_that_answers_wrongly_fails_its_callers_instead_of_leaving
         return items[:-1]  # one result short
 
     batcher: Batcher[int, int] = Batcher(flush, "test")
-    with pytest.raises(RuntimeError, match="1 results for 2 items"):
+    with pytest.raises(RuntimeError, match="0 results for 1 items"):
         await asyncio.wait_for(asyncio.gather(batcher(1), batcher(2)), 5)
+
+
+async def test_one_item_that_cannot_be_written_fails_alone_and_its_neighbours_are_written() -> None:
+    batches: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        batches.append(items)
+        await asyncio.sleep(0)
+        if 13 in items:  # one bad row fails the whole transaction it is part of
+            raise ValueError("cannot store 13")
+        return [item * 10 for item in items]
+
+    batcher: Batcher[int, int] = Batcher(flush, "test")
+    results = await asyncio.gather(*(batcher(i) for i in (11, 12, 13, 14)), return_exceptions=True)
+    assert results[:2] == [110, 120] and results[3] == 140
+    assert isinstance(results[2], ValueError)
+    assert batches[0] == [11, 12, 13, 14] and sorted(map(tuple, batches[1:])) == [(11,), (12,), (13,), (14,)]

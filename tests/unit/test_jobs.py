@@ -11,10 +11,11 @@ from sqlalchemy import select
 
 from adapters import Retryable, SubmitOutcome, SubmitRequest
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
-from relay.app import Relay
 from relay.clock import SystemClock
 from relay.core.jobs import Attempt
-from relay.errors import ServiceUnavailable
+from relay.domain import FailureCode
+from relay.errors import JobFailed
+from relay.services import Relay
 from relay.store.keys import KeyRecord
 from relay.store.tables import jobs
 from tests.helpers import FakeClock, relay_config
@@ -82,8 +83,9 @@ async def test_a_retry_follows_only_the_latest_attempt_that_was_not_a_retry(
     first = await service.jobs.start(key, spec, Attempt("same-body", retry=False))
     first.close()
     upstream.full = True  # the same body, sent again later as a new request, finds no provider
-    with pytest.raises(ServiceUnavailable):
+    with pytest.raises(JobFailed) as refused:
         await service.jobs.start(key, spec, Attempt("same-body", retry=False))
+    assert refused.value.code is FailureCode.UNAVAILABLE
     upstream.full = False
     retried = await service.jobs.start(key, spec, Attempt("same-body", retry=True))
     retried.close()
@@ -127,6 +129,6 @@ async def test_a_job_is_first_read_one_interval_after_the_upstream_took_it(tmp_p
         accepted_at = clock.now()
         generation = await relay.jobs.start(key, relay.jobs.plan(model="mj-fast", prompt="a kite", n=1))
         generation.close()
-        assert relay.tracker._by_job[generation.job_ids[0]].due_at == accepted_at + 1
+        assert relay.lifecycle._by_job[generation.job_ids[0]].due_at == accepted_at + 1
     finally:
         await relay.close()

@@ -16,7 +16,8 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from relay.config import ReferencesConfig
-from relay.core.references import IPAddress, ReferenceLoader, public
+from relay.core.egress import IPAddress, public
+from relay.core.references import ReferenceLoader
 from relay.errors import InvalidRequest
 from tests.helpers import serve
 
@@ -144,10 +145,45 @@ async def test_one_private_address_among_public_ones_is_refused() -> None:
         ("64:ff9b::808:808", True),
         ("2002:7f00:1::", False),  # 6to4 from 127.0.0.1
         ("fe80::1", False),
+        # IPv4 inside IPv6: only NAT64 and 6to4 count, and only with a public IPv4 address
+        ("::127.0.0.1", False),  # IPv4-compatible (::/96, deprecated)
+        ("::8.8.8.8", False),
+        ("::ffff:8.8.8.8", False),  # IPv4-mapped
+        ("::ffff:0:808:808", False),  # IPv4-translated
+        ("64:ff9b::e000:1", False),  # NAT64 to 224.0.0.1
+        ("64:ff9b:1::808:808", False),  # local-use NAT64
+        ("2002:808:808::1", True),  # 6to4 from 8.8.8.8
+        ("2002:e000:1::", False),  # 6to4 from 224.0.0.1
+        ("2001::1", False),  # Teredo
+        # multicast, reserved, unspecified, loopback, link-local, site-local, special-purpose
+        ("224.0.0.1", False),
+        ("239.255.255.250", False),
+        ("ff02::1", False),
+        ("ff0e::1", False),
+        ("240.0.0.1", False),
+        ("255.255.255.255", False),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("::1", False),
+        ("127.0.0.1", False),
+        ("169.254.169.254", False),
+        ("fec0::1", False),
+        ("fc00::1", False),
+        ("100::1", False),
+        ("2001:db8::1", False),
+        ("100.64.0.1", False),
+        ("192.0.0.8", False),
+        ("198.18.0.1", False),
+        ("8.8.8.8", True),
     ],
 )
 def test_public_addresses_include_what_an_ipv6_address_carries(address: str, ok: bool) -> None:
     assert public(ipaddress.ip_address(address)) is ok
+
+
+async def test_an_ipv4_compatible_or_multicast_literal_is_refused_before_any_connection() -> None:
+    for host in ("[::127.0.0.1]", "[::ffff:127.0.0.1]", "224.0.0.1", "[ff02::1]"):
+        assert "private or local" in await refused([f"http://{host}:9/x.png"])
 
 
 async def test_a_bad_port_is_a_clear_refusal() -> None:

@@ -9,8 +9,18 @@ import logging
 import pytest
 
 from relay import logs
+from relay.api.mj.errors import render as render_mj
+from relay.api.openai.errors import render
 from relay.core.events import JobEvent, JobEvents
-from relay.errors import ContentPolicy, DeadlineExceeded, InsufficientQuota, UpstreamFailed
+from relay.domain import FailureCode
+from relay.errors import (
+    AuthenticationFailed,
+    InsufficientQuota,
+    InvalidRequest,
+    JobFailed,
+    NotFound,
+    ServiceUnavailable,
+)
 from relay.store.jobs import JobState
 
 pytestmark = pytest.mark.anyio
@@ -55,8 +65,8 @@ def test_log_lines_are_json_and_never_carry_known_secrets() -> None:
 
 
 def test_error_envelopes_say_whether_a_retry_helps() -> None:
-    banned = ContentPolicy("no", param="prompt")
-    assert banned.body() == {
+    banned = render(JobFailed(FailureCode.BANNED, "no"))
+    assert banned.body == {
         "error": {
             "message": "no",
             "type": "invalid_request_error",
@@ -64,11 +74,31 @@ def test_error_envelopes_say_whether_a_retry_helps() -> None:
             "code": "content_policy_violation",
         }
     }
-    assert banned.status == 400 and banned.response_headers() == {"x-should-retry": "false"}
-    assert InsufficientQuota("x").response_headers() == {"x-should-retry": "false"}
-    assert DeadlineExceeded("x").response_headers() == {"x-should-retry": "false"}
-    assert UpstreamFailed("x").response_headers() == {}
-    assert UpstreamFailed("x", retry=False, headers={"Retry-After": "1"}).response_headers() == {
-        "Retry-After": "1",
-        "x-should-retry": "false",
-    }
+    assert banned.status == 400 and banned.headers == {"x-should-retry": "false"}
+    assert render(InsufficientQuota("x")).headers == {"x-should-retry": "false"}
+    assert render(JobFailed(FailureCode.TIMEOUT, "x")).headers == {"x-should-retry": "false"}
+    assert render(JobFailed(FailureCode.FAILED, "x")).headers == {}
+    assert render(JobFailed(FailureCode.UNCONFIRMED, "x")).headers == {"x-should-retry": "false"}
+    assert render(JobFailed(FailureCode.UNAVAILABLE, "x")).headers == {"retry-after": "10"}
+    assert render(ServiceUnavailable("x", retry_after=3)).headers == {"retry-after": "3"}
+
+
+def test_the_native_envelope_carries_midjourney_proxy_codes_with_the_same_status() -> None:
+    cases = [
+        (InsufficientQuota("short"), 429, 25),
+        (JobFailed(FailureCode.BANNED, "no"), 400, 24),
+        (JobFailed(FailureCode.UNAVAILABLE, "busy"), 503, 23),
+        (InvalidRequest("bad", param="prompt"), 400, 4),
+        (NotFound("gone", what="task"), 404, 3),
+        (JobFailed(FailureCode.FAILED, "failed"), 502, 9),
+        (AuthenticationFailed("who"), 401, 4),
+    ]
+    for error, status, code in cases:
+        rendered = render_mj(error)
+        assert (rendered.status, rendered.body["code"]) == (status, code), error
+        assert rendered.body == {"code": code, "description": error.message, "properties": {}, "result": None}
+
+
+def test_an_error_quoting_text_that_cannot_be_encoded_still_renders() -> None:
+    rendered = render(InvalidRequest("Invalid value for 'a\ud800'", param="a\ud800"))
+    assert json.loads(rendered.to_bytes())["error"]["param"] == "a\ud800"

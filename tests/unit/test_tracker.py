@@ -14,8 +14,9 @@ from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.core.events import JobEvents
 from relay.core.finish import Finisher
 from relay.core.images import ImageStore
+from relay.core.lifecycle import Lifecycle, Step, Tracked, observe
 from relay.core.providers import ProviderPool
-from relay.core.tracker import Step, Tracked, Tracker, observe
+from relay.core.tracker import Tracker
 from relay.metrics import Metrics
 from relay.store.db import Database
 from relay.store.jobs import JobState, JobStore, NewJob
@@ -101,7 +102,7 @@ class World:
     async def settle(self) -> None:
         """Let delivery tasks finish, moving the clock for their retry pauses."""
         for _ in range(200):
-            if not self.tracker._deliveries:
+            if not self.tracker.lifecycle._deliveries:
                 return
             await asyncio.sleep(0.01)
             self.clock.advance(1)
@@ -130,9 +131,10 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     pool = ProviderPool(config, metrics, clock, {"sim": SimulatorUpstream("sim", engine)})
     images = ImageStore(tmp_path / "images", ["s"], 600)
     finisher = Finisher(store, events, metrics, clock)
-    tracker = Tracker(
+    lifecycle = Lifecycle(
         config=config, store=store, pool=pool, images=images, finisher=finisher, events=events, clock=clock
     )
+    tracker = Tracker(config=config, store=store, pool=pool, lifecycle=lifecycle, finisher=finisher, clock=clock)
     yield World(clock, engine, store, keys, tracker, pool, events, record.id)
     await tracker.stop()
     await db.dispose()
@@ -210,8 +212,8 @@ async def test_unfinished_jobs_are_picked_up_after_a_restart(world: World) -> No
     now = world.clock.now()
     never_sent = NewJob("job_pending0", "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "p", 2, now + 600)
     await world.store.open(world.key_id, [never_sent], now)
-    world.tracker._by_job.clear()
-    world.tracker._jobs["sim"].clear()
+    world.tracker.lifecycle._by_job.clear()
+    world.tracker.lifecycle._jobs["sim"].clear()
     world.pool.release("sim")
 
     await world.tracker.resume()  # a young PENDING job may still be submitting elsewhere: left alone

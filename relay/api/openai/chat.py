@@ -19,7 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from relay.api.common import attempt_of, base_url, json_body, relay_of, validate
+from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, validate
+from relay.api.openai.errors import render
 from relay.core.jobs import Generation, JobService
 from relay.errors import InvalidRequest, RelayError
 from relay.store.jobs import JobRow
@@ -38,7 +39,7 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr
+    model: Text
     messages: list[dict[str, Any]] = Field(min_length=1)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
@@ -111,7 +112,7 @@ async def chat_completions(request: Request) -> Response:
     key = await relay.auth(request)
     body = validate(ChatRequest, await json_body(request))
     text, image_urls = last_user_turn(body.messages)
-    spec = relay.jobs.plan(model=body.model, prompt=text, n=4)
+    spec = relay.jobs.plan(model=body.model, prompt=text, n=4, prompt_param="messages")
     if image_urls:
         spec = replace(spec, references=await relay.references.load(image_urls))
     generation = await relay.jobs.start(key, spec, await attempt_of(request, key))
@@ -187,7 +188,7 @@ async def _stream(
         except RelayError as error:
             yield chunk({"content": f"**Error:** {error.message}"})
             yield chunk({}, "stop")
-            yield b"data: " + error.to_bytes() + b"\n\n"
+            yield b"data: " + render(error).to_bytes() + b"\n\n"
         else:
             yield chunk({"content": content})
             yield chunk({}, "stop")

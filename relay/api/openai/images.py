@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from relay.api.common import attempt_of, base_url, json_body, relay_of, validate
+from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, validate
 from relay.core.jobs import JobService
 
 
@@ -21,12 +21,12 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: StrictStr
-    model: StrictStr | None = None
+    prompt: Text
+    model: Text | None = None
     n: StrictInt | None = Field(1, ge=1)
-    size: StrictStr | None = None
-    quality: StrictStr | None = None
-    style: StrictStr | None = None
+    size: Text | None = None
+    quality: Text | None = None
+    style: Text | None = None
     response_format: Literal["url", "b64_json"] | None = "url"
     user: StrictStr | None = None
     output_format: Literal["png"] | None = None

@@ -1,0 +1,1 @@
+"""The native Midjourney-proxy surface (`/mj/...`, `/mj-{mode}/mj/...`, `/v1/mj/...`)."""

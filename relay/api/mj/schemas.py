@@ -1,0 +1,108 @@
+"""The native request bodies, as Midjourney-proxy clients send them (seed documents). Fields the relay has no use
+for (`accountFilter.channelId`, `chooseSameChannel`, `filter`, ...) are accepted and ignored; every string the relay
+keeps is a storable `Text` of bounded length, and task ids may come as numbers (some resellers type them so)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from relay.api.common import Text
+from relay.core.text import check_storable
+
+MAX_IMAGES = 5
+MAX_LIST_IDS = 500
+MAX_STATE = 4096
+MAX_ID = 64
+
+
+def _bot(value: object) -> object:
+    """midjourney-proxy takes `mj`/`niji` as well as the enum names."""
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("mj", "mid_journey", "midjourney"):
+            return "MID_JOURNEY"
+        if lowered in ("niji", "niji_journey"):
+            return "NIJI_JOURNEY"
+    return value
+
+
+def task_id(value: str | int) -> str:
+    """A task id as the relay keeps it; raises ValueError for one that cannot be a task id."""
+    text = check_storable(str(value).strip())
+    if not text or len(text) > MAX_ID:
+        raise ValueError(f"a task id is 1 to {MAX_ID} characters")
+    return text
+
+
+def _id_text(value: object) -> object:
+    """Task ids come as strings, or as integers from resellers that type them so (never as booleans)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError("a task id is a string or an integer")
+    return value
+
+
+BotType = Annotated[Literal["MID_JOURNEY", "NIJI_JOURNEY"], BeforeValidator(_bot)]
+TaskId = Annotated[str, BeforeValidator(_id_text), AfterValidator(task_id)]
+Image = Annotated[Text, Field(min_length=1)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class AccountFilter(_Body):
+    modes: list[Annotated[Text, Field(max_length=16)]] = Field(default_factory=list, max_length=8)
+
+
+class _Submit(_Body):
+    botType: BotType | None = None
+    state: Annotated[Text, Field(max_length=MAX_STATE)] | None = None
+    notifyHook: Text | None = None
+    accountFilter: AccountFilter | None = None
+    model: Annotated[Text, Field(max_length=64)] | None = None
+
+
+class ImagineBody(_Submit):
+    prompt: Text
+    base64Array: list[Image] = Field(default_factory=list, max_length=MAX_IMAGES)
+
+
+class BlendBody(_Submit):
+    base64Array: list[Image] = Field(min_length=2, max_length=5)
+    dimensions: Literal["PORTRAIT", "SQUARE", "LANDSCAPE"] = "SQUARE"
+
+
+class DescribeBody(_Submit):
+    base64: Image
+
+
+class ShortenBody(_Submit):
+    prompt: Text
+
+
+class SwapFaceBody(_Submit):
+    sourceBase64: Image
+    targetBase64: Image
+
+
+class ActionBody(_Submit):
+    taskId: TaskId
+    customId: Annotated[Text, Field(min_length=1, max_length=200)]
+
+
+class ModalBody(_Body):
+    taskId: TaskId
+    prompt: Text | None = None
+    maskBase64: Image | None = None
+
+
+class UploadBody(_Submit):
+    base64Array: list[Image] = Field(min_length=1, max_length=MAX_IMAGES)
+
+
+class ListBody(_Body):
+    ids: list[TaskId] | None = Field(None, max_length=MAX_LIST_IDS)

@@ -1,0 +1,1 @@
+"""The OpenAI surface: images, chat completions, models."""

@@ -1,0 +1,210 @@
+"""`GET /openapi.json`: every route the relay serves, OpenAI-style and native, built from the same request models
+the routes validate with, so the document cannot drift from what is accepted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from relay.api.common import relay_of
+from relay.api.mj import schemas as mj
+from relay.api.mj.routes import PREFIXES
+from relay.api.openai.chat import ChatRequest
+from relay.api.openai.images import ImageGenerationRequest
+
+_REF = "#/components/schemas/{model}"
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+_NATIVE_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"mjApiSecret": []}]
+
+_OPENAI_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_MJ_ENVELOPE = {
+    "type": "object",
+    "required": ["code", "description", "result"],
+    "properties": {
+        "code": {
+            "type": "integer",
+            "description": "1 submitted, 21 waits for submit/modal, 22 queued; errors: 3 not "
+            "found, 4 invalid, 9 failure, 23 no capacity now, 24 banned prompt, 25 quota short",
+        },
+        "description": {"type": "string"},
+        "properties": {"type": "object"},
+        "result": {"description": "a task id, a list of links, a seed, or null on an error"},
+    },
+}
+_MJ_TASK = {
+    "type": "object",
+    "properties": {
+        name: {"type": kind}
+        for name, kind in (
+            ("id", "string"),
+            ("action", "string"),
+            ("status", "string"),
+            ("progress", "string"),
+            ("prompt", "string"),
+            ("promptEn", "string"),
+            ("description", "string"),
+            ("state", ["string", "null"]),
+            ("submitTime", ["integer", "null"]),
+            ("startTime", ["integer", "null"]),
+            ("finishTime", ["integer", "null"]),
+            ("imageUrl", ["string", "null"]),
+            ("failReason", ["string", "null"]),
+            ("properties", "object"),
+            ("buttons", "array"),
+        )
+    },
+}
+
+# Native routes: path, method, summary, body model (None for a GET).
+_NATIVE: list[tuple[str, str, str, type[BaseModel] | None]] = [
+    ("/submit/imagine", "post", "Imagine: a prompt, with optional reference images", mj.ImagineBody),
+    ("/submit/blend", "post", "Blend 2 to 5 images", mj.BlendBody),
+    ("/submit/describe", "post", "Describe an image: four prompts", mj.DescribeBody),
+    ("/submit/shorten", "post", "Shorten a prompt", mj.ShortenBody),
+    ("/submit/action", "post", "Press a button of a finished task (upscale, vary, zoom, pan, ...)", mj.ActionBody),
+    ("/submit/modal", "post", "Confirm a task waiting in MODAL (prompt, mask)", mj.ModalBody),
+    ("/submit/upload-discord-images", "post", "Upload images; answers their links", mj.UploadBody),
+    ("/insight-face/swap", "post", "Swap a face onto an image", mj.SwapFaceBody),
+    ("/task/{task_id}/fetch", "get", "One of the caller's tasks", None),
+    ("/task/{task_id}/image-seed", "get", "The seed of one of the caller's finished tasks", None),
+    ("/task/list-by-condition", "post", "The caller's tasks among `ids` (its latest 100 without `ids`)", mj.ListBody),
+]
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(model=name)}
+
+
+def _operation(
+    summary: str,
+    security: list[dict[str, list[str]]] | None,
+    body: str | None,
+    ok: dict[str, Any],
+    error: str,
+    params: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {"description": "OK", "content": _json(ok)},
+            "default": {"description": "An error", "content": _json(_ref(error))},
+        },
+    }
+    if security is not None:
+        operation["security"] = security
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": _json(_ref(body))}
+    if params:
+        operation["parameters"] = params
+    return operation
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def build_spec(version: str) -> dict[str, Any]:
+    bodies: list[type[BaseModel]] = [ImageGenerationRequest, ChatRequest, *(m for *_, m in _NATIVE if m is not None)]
+    _, top = models_json_schema([(model, "validation") for model in bodies], ref_template=_REF)
+    schemas: dict[str, Any] = dict(top.get("$defs", {}))
+    schemas.update({"OpenAIError": _OPENAI_ERROR, "MjEnvelope": _MJ_ENVELOPE, "MjTask": _MJ_TASK})
+    any_json: dict[str, Any] = {"type": "object"}
+    paths: dict[str, Any] = {
+        "/v1/images/generations": {
+            "post": _operation(
+                "Generate images (Midjourney grids, split into tiles)",
+                _BEARER,
+                "ImageGenerationRequest",
+                any_json,
+                "OpenAIError",
+            )
+        },
+        "/v1/chat/completions": {
+            "post": _operation(
+                "A chat completion whose answer is the images (or a stream)",
+                _BEARER,
+                "ChatRequest",
+                any_json,
+                "OpenAIError",
+            )
+        },
+        "/v1/models": {"get": _operation("The image models", _BEARER, None, any_json, "OpenAIError")},
+        "/files/{job_id}/{name}": {
+            "get": _operation(
+                "A finished image behind a signed, expiring link (no key: the link is the credential)",
+                None,
+                None,
+                {"type": "string", "format": "binary"},
+                "OpenAIError",
+                [
+                    _path_param("job_id"),
+                    _path_param("name"),
+                    {"name": "exp", "in": "query", "required": True, "schema": {"type": "string"}},
+                    {"name": "sig", "in": "query", "required": True, "schema": {"type": "string"}},
+                ],
+            )
+        },
+        "/healthz": {"get": _operation("Liveness", None, None, any_json, "OpenAIError")},
+        "/readyz": {"get": _operation("Readiness", None, None, any_json, "OpenAIError")},
+        "/metrics": {"get": _operation("Prometheus metrics", None, None, {"type": "string"}, "OpenAIError")},
+        "/openapi.json": {"get": _operation("This document", None, None, any_json, "OpenAIError")},
+    }
+    for prefix in PREFIXES:
+        for path, method, summary, model in _NATIVE:
+            ok = (
+                _ref("MjTask")
+                if path.endswith("/fetch")
+                else (
+                    {"type": "array", "items": _ref("MjTask")}
+                    if path.endswith("list-by-condition")
+                    else _ref("MjEnvelope")
+                )
+            )
+            params = [_path_param("task_id")] if "{task_id}" in path else None
+            body = model.__name__ if model is not None else None
+            paths[prefix + path] = {method: _operation(summary, _NATIVE_AUTH, body, ok, "MjEnvelope", params)}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mj-relay",
+            "version": version,
+            "description": "OpenAI-compatible and native Midjourney-proxy API in front of Midjourney providers.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "mjApiSecret": {"type": "apiKey", "in": "header", "name": "mj-api-secret"},
+            },
+        },
+    }
+
+
+async def openapi(request: Request) -> JSONResponse:
+    relay = relay_of(request)
+    if relay.openapi is None:
+        relay.openapi = build_spec(relay.version)
+    return JSONResponse(relay.openapi)

@@ -1,0 +1,139 @@
+"""Where the relay may connect on a client's word: reference images it downloads and client hooks it calls.
+
+A client-given URL must be http(s), and every address its host resolves to must be public (not private, loopback,
+link-local, multicast, reserved, nor such an address carried inside an IPv6 form), unless `allow_private` is set
+or the host (by name or CIDR block) is in `allow_hosts`. The connection then goes to the address that was checked,
+with the URL's Host header and TLS server name, so a name cannot resolve to one address for the check and another
+for the connection. Each hop of a redirect is checked again by its caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
+
+
+class EgressRefused(Exception):
+    """The URL may not be reached; the message says why, in words for the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pinned:
+    """Where to connect for a checked URL."""
+
+    target: str
+    headers: dict[str, str] = field(default_factory=dict)
+    extensions: dict[str, Any] = field(default_factory=dict)
+
+
+class Egress:
+    def __init__(self, allow_private: bool, allow_hosts: Sequence[str], resolver: Resolver | None = None) -> None:
+        self.allow_private = allow_private
+        self._resolve = resolver or resolve
+        self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self._hosts: set[str] = set()
+        for entry in allow_hosts:
+            try:
+                self._networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self._hosts.add(entry.lower())
+
+    async def pin(self, url: str) -> Pinned:
+        """The checked place to connect for `url`; raises EgressRefused when it may not be reached."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EgressRefused("it must be an http(s) URL")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise EgressRefused("it has an invalid port") from None
+        host = parts.hostname.lower()
+        if self.allow_private or host in self._hosts:
+            return Pinned(url)
+        try:
+            addresses = await self._resolve(host, port)
+        except (OSError, UnicodeError):
+            raise EgressRefused("its host does not resolve") from None
+        if not addresses:
+            raise EgressRefused("its host does not resolve")
+        for address in addresses:
+            if not any(address in network for network in self._networks) and not public(address):
+                raise EgressRefused("it may not point at private or local addresses")
+        literal = f"[{addresses[0]}]" if addresses[0].version == 6 else str(addresses[0])
+        target = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))
+        extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
+        return Pinned(target, {"Host": parts.netloc.rsplit("@", 1)[-1]}, extensions)
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
+# Blocks the IANA special-purpose registries mark not globally reachable, beyond what `ipaddress` flags (which
+# varies with the Python version): listed so the answer does not.
+_SPECIAL_V4 = tuple(
+    ipaddress.IPv4Network(block)
+    for block in (
+        "0.0.0.0/8",  # this network
+        "10.0.0.0/8",
+        "100.64.0.0/10",  # shared address space (carrier-grade NAT)
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.0.2.0/24",
+        "192.88.99.0/24",  # 6to4 relay anycast (deprecated)
+        "192.168.0.0/16",
+        "198.18.0.0/15",  # benchmarking
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and the broadcast address
+    )
+)
+_SPECIAL_V6 = tuple(
+    ipaddress.IPv6Network(block)
+    for block in (
+        "2001::/23",  # IETF protocol assignments, Teredo among them
+        "2001:db8::/32",  # documentation
+        "3fff::/20",  # documentation
+        "5f00::/16",  # segment routing
+    )
+)
+
+
+def _public_v4(address: ipaddress.IPv4Address) -> bool:
+    if any(address in block for block in _SPECIAL_V4):
+        return False
+    flags = (address.is_private, address.is_reserved, address.is_multicast, address.is_loopback)
+    return address.is_global and not any(flags) and not (address.is_link_local or address.is_unspecified)
+
+
+def public(address: IPAddress) -> bool:
+    """Whether an address is on the public internet. An IPv6 address is public only as a global unicast one
+    (2000::/3, less its special blocks), or as a NAT64 one (64:ff9b::/96) whose IPv4 address is public: every
+    other form that carries an IPv4 address (IPv4-mapped ::ffff:0:0/96, IPv4-compatible ::/96, IPv4-translated)
+    lies outside 2000::/3 and is refused, and a 6to4 one (2002::/16) is public only if its IPv4 address is.
+    Multicast, reserved, unspecified, loopback, link-local, site-local and private addresses never are."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return _public_v4(address)
+    if address in _NAT64:
+        return _public_v4(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if address not in _GLOBAL_UNICAST or any(address in block for block in _SPECIAL_V6):
+        return False
+    if address.sixtofour is not None and not _public_v4(address.sixtofour):
+        return False
+    flags = (address.is_private, address.is_reserved, address.is_multicast, address.is_loopback)
+    return address.is_global and not any(flags) and not (address.is_link_local or address.is_site_local)
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address a host name resolves to (an IP literal resolves to itself)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]

@@ -1,0 +1,363 @@
+"""The one owner of a running job's life: what an upstream view means for it, and the write that follows.
+
+Whoever learns something about a job (a poll round, and next an upstream hook or a recovery) hands the view to
+`apply`; nothing else decides a job's state. `observe()` is the pure decision. A change of state or progress is
+one guarded write (group-committed across jobs) and an event to whoever waits. A task the upstream finished is
+delivered before the job counts as succeeded: a grid or an image is downloaded once and kept (its result shape
+decides which), a text result is kept as it came. A job the upstream no longer knows for `lost_after_s`, or one
+past its deadline (for a job parked in MODAL: the time a confirmation may take), ends FAILED with its hold
+released. Ending a job also frees its provider slot.
+
+The jobs being followed are registered here (`follow`); the tracker decides when each is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+from adapters import TaskStatus, TaskView, UpstreamUnavailable
+from relay.clock import Clock
+from relay.config import Config
+from relay.core.events import JobEvent, JobEvents
+from relay.core.finish import Finisher
+from relay.core.images import GRID, IMAGE, ImageError, ImageStore
+from relay.core.providers import ProviderPool
+from relay.domain import FailureCode, JobState, ResultShape
+from relay.store.jobs import JobRow, JobStore, ProgressChange
+
+log = logging.getLogger("relay.lifecycle")
+
+# A round's finished jobs are delivered in chunks of this many; each chunk's images are written by one of
+# SAVE_THREADS threads of the lifecycle's own, which take the next chunk without waiting for the event loop.
+DELIVERY_CHUNK = 25
+SAVE_THREADS = 4
+_FILE_OF = {ResultShape.GRID: GRID, ResultShape.IMAGE: IMAGE}
+
+
+@dataclass(slots=True)
+class Tracked:
+    job_id: str
+    model: str
+    provider: str
+    upstream_id: str
+    deadline_at: float
+    state: JobState = JobState.SUBMITTED
+    progress: int = 0
+    shape: ResultShape = ResultShape.GRID
+    missing_since: float | None = None
+    delivering: bool = False
+    confirmed: bool = False  # a MODAL job the client confirmed: it never goes back to MODAL
+    due_at: float = 0.0  # when the job is next read; 0 until it is first followed
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    kind: Literal["none", "progress", "success", "failure"]
+    state: JobState | None = None
+    progress: int = 0
+    error_code: FailureCode | None = None
+    reason: str | None = None
+
+
+def observe(
+    state: JobState, progress: int, view: TaskView, shape: ResultShape = ResultShape.GRID, confirmed: bool = False
+) -> Step:
+    """What an upstream task view means for a job that is in `state` at `progress`."""
+    if view.status is TaskStatus.SUCCESS:
+        if view.image_url or shape is ResultShape.TEXT:
+            return Step("success", JobState.IN_PROGRESS, 100)
+        return Step("failure", error_code=FailureCode.FAILED, reason="the upstream reported success without an image")
+    if view.status in (TaskStatus.FAILURE, TaskStatus.CANCEL):
+        reason = view.fail_reason or ("cancelled upstream" if view.status is TaskStatus.CANCEL else None)
+        return Step("failure", error_code=FailureCode.BANNED if view.banned else FailureCode.FAILED, reason=reason)
+    new_state = {
+        TaskStatus.IN_PROGRESS: JobState.IN_PROGRESS,
+        TaskStatus.MODAL: JobState.MODAL,
+    }.get(view.status, JobState.SUBMITTED)
+    if state is JobState.IN_PROGRESS and new_state is not JobState.IN_PROGRESS:
+        new_state = state  # never step back
+    if new_state is JobState.MODAL and confirmed:
+        new_state = state  # a view read before the confirmation
+    new_progress = max(progress, min(99, view.progress))
+    if new_state is state and new_progress == progress:
+        return Step("none")
+    return Step("progress", new_state, new_progress)
+
+
+def buttons_json(view: TaskView) -> str:
+    return json.dumps(
+        [
+            {"customId": b.custom_id, "label": b.label, "emoji": b.emoji, "type": b.type, "style": b.style}
+            for b in view.buttons
+        ]
+    )
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: JobStore,
+        pool: ProviderPool,
+        images: ImageStore,
+        finisher: Finisher,
+        events: JobEvents,
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.pool = pool
+        self.images = images
+        self.finisher = finisher
+        self.events = events
+        self.clock = clock
+        self._jobs: dict[str, dict[str, Tracked]] = {name: {} for name in pool.names}
+        self._by_job: dict[str, Tracked] = {}
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._download_slots = asyncio.Semaphore(64)
+        self._writers: ThreadPoolExecutor | None = None
+        self.on_follow: Callable[[str], None] = lambda provider: None  # the tracker's wake-up
+
+    # -- the jobs being followed ---------------------------------------------------------------------------------
+
+    def follow(self, tracked: Tracked) -> None:
+        """Follow a submitted job to its end; it is first read one poll interval on (unless `due_at` says)."""
+        if not tracked.due_at:
+            tracked.due_at = self.clock.now() + self.pool.poll_interval(tracked.provider)
+        self._jobs[tracked.provider][tracked.job_id] = tracked
+        self._by_job[tracked.job_id] = tracked
+        self.on_follow(tracked.provider)
+
+    def started(self, tracked: Tracked) -> None:
+        """A job the upstream just took (or parked in MODAL): follow it, and tell whoever waits."""
+        self.follow(tracked)
+        self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
+
+    def following(self, job_id: str) -> bool:
+        return job_id in self._by_job
+
+    def jobs_of(self, provider: str) -> dict[str, Tracked]:
+        return self._jobs[provider]
+
+    def count(self) -> int:
+        return len(self._by_job)
+
+    @staticmethod
+    def tracked_from(row: JobRow) -> Tracked:
+        assert row.provider is not None and row.upstream_id is not None
+        return Tracked(
+            job_id=row.id,
+            model=row.model,
+            provider=row.provider,
+            upstream_id=row.upstream_id,
+            deadline_at=row.deadline_at,
+            state=row.state,
+            progress=row.progress,
+            shape=row.spec.shape,
+        )
+
+    def confirmed(self, job_id: str, upstream_id: str, deadline_at: float) -> None:
+        """A MODAL job the client confirmed (written as SUBMITTED): it runs to a new deadline, read one interval on."""
+        tracked = self._by_job.get(job_id)
+        if tracked is None:
+            return
+        tracked.state, tracked.progress, tracked.confirmed = JobState.SUBMITTED, 0, True
+        tracked.deadline_at = deadline_at
+        if tracked.upstream_id != upstream_id:
+            tracked.upstream_id = upstream_id
+        tracked.due_at = self.clock.now() + self.pool.poll_interval(tracked.provider)
+        self.events.publish(JobEvent(job_id, JobState.SUBMITTED, 0))
+        self.on_follow(tracked.provider)
+
+    # -- applying what the upstream says -------------------------------------------------------------------------
+
+    async def apply(self, provider: str, jobs: list[Tracked], views: list[TaskView] | None) -> None:
+        """Apply one read of `jobs` (all of `provider`): the views the upstream gave, or None when it could not
+        answer. A job missing from the views counts towards being lost; every job is checked against its deadline."""
+        by_upstream: dict[str, list[Tracked]] = {}
+        for tracked in jobs:
+            by_upstream.setdefault(tracked.upstream_id, []).append(tracked)
+        now = self.clock.now()
+        changes: list[tuple[Tracked, Step]] = []
+        successes: list[tuple[Tracked, TaskView]] = []
+        failures: dict[str, tuple[Tracked, FailureCode, str | None]] = {}
+        if views is not None:
+            seen: set[str] = set()
+            for view in views:
+                seen.add(view.upstream_id)
+                for tracked in by_upstream.get(view.upstream_id, ()):
+                    tracked.missing_since = None
+                    step = observe(tracked.state, tracked.progress, view, tracked.shape, tracked.confirmed)
+                    if step.kind == "progress":
+                        changes.append((tracked, step))
+                    elif step.kind == "success":
+                        successes.append((tracked, view))
+                    elif step.kind == "failure":
+                        failures[tracked.job_id] = (tracked, step.error_code or FailureCode.FAILED, step.reason)
+            for tracked in jobs:
+                if tracked.upstream_id in seen:
+                    continue
+                tracked.missing_since = tracked.missing_since or now
+                if now - tracked.missing_since >= self.config.jobs.lost_after_s:
+                    failures[tracked.job_id] = (tracked, FailureCode.LOST, "the upstream no longer knows the job")
+        finished = {tracked.job_id for tracked, _ in successes}
+        for tracked in jobs:
+            if now >= tracked.deadline_at and tracked.job_id not in failures and tracked.job_id not in finished:
+                failures[tracked.job_id] = (tracked, FailureCode.TIMEOUT, _deadline_reason(tracked))
+
+        records = [ProgressChange(t.job_id, step.state or t.state, step.progress) for t, step in changes]
+        for tracked, _ in successes:
+            tracked.state, tracked.progress, tracked.delivering = JobState.IN_PROGRESS, 100, True
+            self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
+        if successes:  # the upstream's image URL, buttons and text are written with the job's end
+            task = asyncio.create_task(self._deliver(successes), name=f"deliver:{provider}")
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+        await self.store.record_progress(records, now)
+        for tracked, step in changes:
+            tracked.state, tracked.progress = step.state or tracked.state, step.progress
+            self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
+        await asyncio.gather(
+            *(self.end(t, succeeded=False, error_code=code, reason=reason) for t, code, reason in failures.values())
+        )
+
+    async def expire(self, job_id: str) -> bool:
+        """End a job that passed its deadline now, without waiting for the next read. False while the upstream has
+        finished it and its result is being delivered: it ends on its own shortly, as succeeded."""
+        tracked = self._by_job.get(job_id)
+        if tracked is None:
+            return True
+        if tracked.delivering:
+            return False
+        return await self.end(
+            tracked, succeeded=False, error_code=FailureCode.TIMEOUT, reason=_deadline_reason(tracked)
+        )
+
+    # -- ends ----------------------------------------------------------------------------------------------------
+
+    async def _deliver(self, finished: list[tuple[Tracked, TaskView]]) -> None:
+        """Keep the results of jobs the upstream finished (each downloaded once), then end the jobs as succeeded.
+        A round's jobs go in chunks, all at once: the first chunks end (and are answered) while later ones are still
+        being written to disk."""
+        chunks = [finished[i : i + DELIVERY_CHUNK] for i in range(0, len(finished), DELIVERY_CHUNK)]
+        await asyncio.gather(*(self._deliver_chunk(chunk) for chunk in chunks))
+
+    async def _deliver_chunk(self, finished: list[tuple[Tracked, TaskView]]) -> None:
+        """Downloads run concurrently, the files are written by one thread, and the endings are group-committed.
+        A text result needs no download. What fails is tried again, up to `images.download_attempts` times."""
+        pending = finished
+        try:
+            for attempt in range(self.config.images.download_attempts):
+                if attempt:
+                    await self.clock.sleep(min(2.0**attempt, 10.0))
+                downloads = await asyncio.gather(*(self._download(t, v) for t, v in pending))
+                reasons = {t.job_id: d for (t, _), d in zip(pending, downloads, strict=True) if isinstance(d, str)}
+                got = [(t, v, d) for (t, v), d in zip(pending, downloads, strict=True) if isinstance(d, bytes)]
+                reasons.update(await asyncio.get_running_loop().run_in_executor(self._writer_pool(), self._save, got))
+                await asyncio.gather(
+                    *(self.end(t, succeeded=True, view=v) for t, v in pending if t.job_id not in reasons)
+                )
+                pending = [(t, v) for t, v in pending if t.job_id in reasons]
+                if not pending:
+                    return
+            await asyncio.gather(
+                *(
+                    self.end(t, succeeded=False, error_code=FailureCode.DOWNLOAD, reason=reasons[t.job_id], view=v)
+                    for t, v in pending
+                )
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("delivery failed")
+            reason = "the relay failed to store it"
+            await asyncio.gather(
+                *(self.end(t, succeeded=False, error_code=FailureCode.INTERNAL, reason=reason) for t, _ in pending)
+            )
+
+    async def _download(self, tracked: Tracked, view: TaskView) -> bytes | str | None:
+        """The result's bytes, why they could not be had, or None for a result that is text."""
+        if tracked.shape is ResultShape.TEXT:
+            return None
+        assert view.image_url is not None
+        async with self._download_slots:
+            try:
+                return await self.pool.download(tracked.provider, view.image_url)
+            except UpstreamUnavailable as exc:
+                return str(exc)
+
+    def _save(self, results: list[tuple[Tracked, TaskView, bytes]]) -> dict[str, str]:
+        """Keep downloaded results; returns why each one that could not be kept failed. Blocking: run it in a
+        thread."""
+        failed = {}
+        for tracked, _, data in results:
+            try:
+                self.images.save(tracked.job_id, _FILE_OF[tracked.shape], data)
+            except ImageError as exc:
+                failed[tracked.job_id] = str(exc)
+        return failed
+
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        if self._writers is None:
+            self._writers = ThreadPoolExecutor(max_workers=SAVE_THREADS, thread_name_prefix="image-writer")
+        return self._writers
+
+    async def end(
+        self,
+        tracked: Tracked,
+        *,
+        succeeded: bool,
+        error_code: FailureCode | None = None,
+        reason: str | None = None,
+        view: TaskView | None = None,
+    ) -> bool:
+        """Whether the job has ended (False: the write failed and the job is followed again). `view` is the
+        upstream's view of a job it finished: its image URL, buttons and text are kept with the job."""
+        if self._by_job.pop(tracked.job_id, None) is None:
+            return True
+        self._jobs[tracked.provider].pop(tracked.job_id, None)
+        try:
+            await self.finisher.end(
+                tracked.job_id,
+                succeeded=succeeded,
+                error_code=error_code,
+                fail_reason=reason,
+                image_url=view.image_url if view else None,
+                buttons=buttons_json(view) if view else None,
+                text=view.final_prompt if view else None,
+            )
+        except Exception:
+            # Nothing was written: keep following the job, and the next round ends it (endings are guarded, so
+            # trying again can never settle twice).
+            log.exception("ending a job failed; it is tried again", extra={"fields": {"job": tracked.job_id}})
+            tracked.delivering = False
+            tracked.due_at = self.clock.now()
+            self.follow(tracked)
+            return False
+        self.pool.release(tracked.provider)
+        return True
+
+    async def close(self) -> None:
+        tasks = list(self._deliveries)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._writers is not None:
+            self._writers.shutdown(wait=True, cancel_futures=True)
+            self._writers = None
+
+
+def _deadline_reason(tracked: Tracked) -> str:
+    if tracked.state is JobState.MODAL:
+        return "nobody confirmed the task (submit/modal) in time"
+    return "the job passed its deadline"

@@ -1,0 +1,181 @@
+"""Client hooks: a task's `notifyHook` gets the task, in the relay's shape, each time it changes.
+
+Each delivery is a POST of the task JSON, signed with the key's hook secret: the header `X-MJ-Relay-Signature`
+is `sha256=` and the hex HMAC-SHA256 of the exact body bytes. A delivery that fails (no answer in
+`hooks.timeout_s`, or a status outside 2xx) is tried again after `hooks.backoff_s`, doubling, up to
+`hooks.attempts` tries in all; then that update is given up and the next one goes on. Deliveries of one task go
+one at a time and in order; what is sent is the task as it is at that moment, so a receiver slower than the job
+gets its newest state rather than a backlog, and the same state is never sent twice. Hooks run beside the job and
+never hold it up. Hook URLs obey the same rules as reference images (`core.egress`): no private or local
+addresses unless allowed, checked when the task is submitted and again at each delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from relay.clock import Clock
+from relay.config import HooksConfig
+from relay.core.egress import Egress, EgressRefused
+from relay.core.events import JobEvent, JobEvents
+from relay.core.text import unstorable
+from relay.errors import InvalidRequest
+from relay.logs import event
+from relay.metrics import Metrics
+from relay.store.jobs import JobRow, JobStore
+
+log = logging.getLogger("relay.hooks")
+
+SIGNATURE_HEADER = "X-MJ-Relay-Signature"
+MAX_URL = 2048
+# Renders a job as the task a client sees: (row, base URL for image links, now) -> JSON-able dict.
+Render = Callable[[JobRow, str, float], dict[str, Any]]
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+@dataclass(slots=True)
+class _Watch:
+    url: str
+    secret: str
+    base_url: str
+    pending: asyncio.Event = field(default_factory=asyncio.Event)
+    sent: tuple[str, int] | None = None  # the last (state, progress) delivered
+    worker: asyncio.Task[None] | None = None
+
+
+class Notifier:
+    def __init__(
+        self,
+        *,
+        config: HooksConfig,
+        egress: Egress,
+        events: JobEvents,
+        store: JobStore,
+        metrics: Metrics,
+        clock: Clock,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.egress = egress
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.render: Render | None = None  # set by the app: the native surface's task shape
+        self._watches: dict[str, _Watch] = {}
+        self._slots = asyncio.Semaphore(config.max_concurrent)
+        # A fresh connection for every delivery (each goes to the address checked for it), no proxies.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(config.timeout_s),
+            limits=httpx.Limits(max_keepalive_connections=0),
+            follow_redirects=False,
+            trust_env=False,
+            transport=transport,
+        )
+        events.listen(self._changed)
+
+    async def check(self, url: str | None) -> str | None:
+        """A hook URL fit to call, or None when none was given; raises InvalidRequest naming `notifyHook`."""
+        if url is None or not url.strip():
+            return None
+        url = url.strip()
+        if len(url) > MAX_URL or unstorable(url):
+            raise InvalidRequest(f"notifyHook must be a URL of at most {MAX_URL} characters.", param="notifyHook")
+        try:
+            await self.egress.pin(url)
+        except EgressRefused as exc:
+            raise InvalidRequest(f"notifyHook is refused: {exc}.", param="notifyHook") from None
+        return url
+
+    def watch(self, job_id: str, url: str, secret: str, base_url: str) -> None:
+        """Deliver the job's changes to `url` from now until it ends."""
+        if job_id not in self._watches:
+            self._watches[job_id] = _Watch(url, secret, base_url)
+
+    def watching(self) -> int:
+        return len(self._watches)
+
+    def _changed(self, change: JobEvent) -> None:
+        watch = self._watches.get(change.job_id)
+        if watch is None:
+            return
+        watch.pending.set()
+        if watch.worker is None or watch.worker.done():
+            watch.worker = asyncio.create_task(self._deliver_all(change.job_id, watch), name="client-hook")
+
+    async def _deliver_all(self, job_id: str, watch: _Watch) -> None:
+        """Deliver the job's current state while there is news, in order; stop once its end was delivered."""
+        try:
+            while watch.pending.is_set():
+                watch.pending.clear()
+                row = await self.store.get(job_id)
+                if row is None:
+                    break
+                if (row.state.value, row.progress) != watch.sent:
+                    await self._deliver(row, watch)
+                    watch.sent = (row.state.value, row.progress)
+                if row.state.terminal:
+                    break
+            else:
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("client hook failed", extra={"fields": {"job": job_id}})
+        self._watches.pop(job_id, None)
+
+    async def _deliver(self, row: JobRow, watch: _Watch) -> None:
+        assert self.render is not None, "the app sets how tasks are rendered"
+        body = json.dumps(self.render(row, watch.base_url, self.clock.now())).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "mj-relay",
+            SIGNATURE_HEADER: sign(watch.secret, body),
+        }
+        for attempt in range(1, self.config.attempts + 1):
+            if attempt > 1:
+                await self.clock.sleep(self.config.backoff_s * 2 ** (attempt - 2))
+            async with self._slots:
+                problem = await self._post(watch.url, body, headers)
+            if problem is None:
+                self.metrics.client_hooks.labels("delivered").inc()
+                return
+            self.metrics.client_hooks.labels("retried" if attempt < self.config.attempts else "failed").inc()
+            event(log, "client hook not delivered", job=row.id, attempt=attempt, problem=problem)
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> str | None:
+        """None when the receiver took the delivery; else what went wrong."""
+        try:
+            pinned = await self.egress.pin(url)
+        except EgressRefused as exc:
+            return f"refused: {exc}"
+        try:
+            response = await self._client.post(
+                pinned.target, content=body, headers={**headers, **pinned.headers}, extensions=pinned.extensions
+            )
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        if 200 <= response.status_code < 300:
+            return None
+        return f"HTTP {response.status_code}"
+
+    async def close(self) -> None:
+        workers = [w.worker for w in self._watches.values() if w.worker is not None]
+        for worker in workers:
+            worker.cancel()
+        for worker in workers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await worker
+        await self._client.aclose()

@@ -1,0 +1,189 @@
+"""Holding and submitting jobs: the path every job takes to an upstream, whichever surface asked for it.
+
+`admit` holds the price of a request's jobs and inserts them in one step (group-committed). `submit` sends one
+job to the first provider that takes it: a new task to the best provider that serves its mode and bot, moving on
+when one answers "retryable" (queue full, no account, 429/5xx before the request was taken) or "unusable"; a
+follow-up only to the provider that ran its parent. A refusal of the request itself (validation, a banned prompt,
+an unknown button) is never retried, and a submit that may have reached an upstream without an answer is never
+sent elsewhere, so a job never runs twice. A follow-up the upstream parks for a confirmation waits in MODAL.
+
+Every answer that is not an acceptance is logged with the provider that gave it (never the request's text).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, replace
+
+from adapters import Accepted, ClientError, NeedsModal, ProviderUnusable, Retryable, SubmitOutcome, SubmitRequest
+from relay.clock import Clock
+from relay.config import Config
+from relay.core.batch import Batcher
+from relay.core.finish import Finisher
+from relay.core.lifecycle import Lifecycle, Tracked
+from relay.core.providers import ProviderPool
+from relay.core.router import rank
+from relay.domain import FailureCode, JobState, ResultShape
+from relay.errors import AuthenticationFailed, InsufficientQuota, InternalError, RelayError
+from relay.logs import event
+from relay.store.jobs import Admission, JobRow, JobStore, NewJob, Submitted
+from relay.store.keys import KeyRecord, KeyStore
+
+log = logging.getLogger("relay.jobs")
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One job to run: the row to insert, and the upstream call that makes it (`state` is set to the job's id)."""
+
+    job: NewJob
+    request: SubmitRequest
+    shape: ResultShape
+    provider: str | None = None  # a follow-up: the provider that ran its parent, and no other
+    modal_ok: bool = False  # a follow-up the upstream may park in MODAL until the client confirms it
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How submitting one job went: SUBMITTED (maybe queued upstream), MODAL, or FAILED with the ended row."""
+
+    state: JobState
+    queued: bool = False
+    row: JobRow | None = None
+
+
+def _ending(outcome: SubmitOutcome | None) -> tuple[FailureCode, str]:
+    """The job's failure code and reason when no provider took it."""
+    if isinstance(outcome, ClientError):
+        return (FailureCode.BANNED if outcome.banned else FailureCode.REJECTED), outcome.description
+    if isinstance(outcome, NeedsModal):
+        return FailureCode.MODAL, "the upstream asked for a modal confirmation"
+    if isinstance(outcome, Retryable) and outcome.sent:
+        return FailureCode.UNCONFIRMED, outcome.reason
+    if outcome is None:
+        return FailureCode.UNAVAILABLE, "every provider that serves this mode is at capacity"
+    return FailureCode.UNAVAILABLE, outcome.reason if isinstance(outcome, Retryable | ProviderUnusable) else ""
+
+
+class Submitter:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: JobStore,
+        keys: KeyStore,
+        pool: ProviderPool,
+        lifecycle: Lifecycle,
+        finisher: Finisher,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.keys = keys
+        self.pool = pool
+        self.lifecycle = lifecycle
+        self.finisher = finisher
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._admit: Batcher[Admission, bool] = Batcher(lambda batch: store.open_many(batch, clock.now()), "admit")
+        self._mark: Batcher[Submitted, None] = Batcher(
+            lambda batch: store.mark_submitted_many(batch, clock.now()), "mark-submitted"
+        )
+
+    async def admit(self, key: KeyRecord, jobs: list[NewJob]) -> None:
+        """Hold the price of every job and insert them, or raise (quota short, key revoked) having changed nothing."""
+        if not await self._admit(Admission(key.id, tuple(jobs))):
+            raise await self.refusal(key, sum(job.price for job in jobs))
+
+    async def refusal(self, key: KeyRecord, needed: int) -> RelayError:
+        current = await self.keys.get(key.id)
+        if current is None or current.revoked:
+            return AuthenticationFailed("This API key has been revoked.", reason="revoked")
+        return InsufficientQuota(
+            f"You exceeded your current quota: this request needs {needed} credits "
+            f"and the key has {max(0, current.available)} available."
+        )
+
+    async def submit(self, planned: Planned) -> Outcome:
+        """Submit one admitted job; it is then followed to its end, parked in MODAL, or ended when none took it."""
+        job = planned.job
+        request = replace(planned.request, state=job.id)
+        tried: list[str] = []
+        outcome: SubmitOutcome | None = None
+        while self.clock.now() < job.deadline_at:
+            if planned.provider is not None:
+                names = [planned.provider] if not tried and planned.provider in self.pool.settings else []
+            else:
+                names = rank(self.pool.candidates(), mode=job.mode, bot=job.bot, exclude=tried, rng=self.rng)
+            if not names:
+                break
+            name = names[0]
+            tried.append(name)
+            self.pool.acquire(name)
+            try:
+                outcome = await self.pool.submit(name, request)
+            except Exception:
+                # A bug, not an answer: the request may have gone out, so it is not sent elsewhere.
+                log.exception("submitting failed", extra={"fields": {"job": job.id, "provider": name}})
+                outcome = Retryable("the relay failed while submitting", sent=True)
+            if isinstance(outcome, Accepted):
+                await self._accepted(planned, name, outcome)
+                return Outcome(JobState.SUBMITTED, queued=outcome.queued)
+            if isinstance(outcome, NeedsModal) and planned.modal_ok:
+                if await self._parked(planned, name, outcome):
+                    return Outcome(JobState.MODAL)
+                break
+            self.pool.release(name)
+            event(
+                log,
+                "submit not accepted",
+                job=job.id,
+                provider=name,
+                outcome=type(outcome).__name__,
+                # The adapter's own words (an HTTP status, an upstream code and description), never the request.
+                reason=getattr(outcome, "reason", None),
+            )
+            if isinstance(outcome, ClientError | NeedsModal) or (isinstance(outcome, Retryable) and outcome.sent):
+                break
+        code, reason = _ending(outcome)
+        if self.clock.now() >= job.deadline_at:
+            code, reason = FailureCode.TIMEOUT, "the job passed its deadline before a provider took it"
+        row = await self.finisher.end(job.id, succeeded=False, error_code=code, fail_reason=reason)
+        row = row or await self.store.get(job.id)  # already ended (a sweep, a repeated write): report it as it is
+        if row is None:
+            raise InternalError("The job vanished.")
+        return Outcome(row.state, row=row)
+
+    async def _accepted(self, planned: Planned, provider: str, outcome: Accepted) -> None:
+        job = planned.job
+        # Read one poll interval after the upstream took it (not after that was written down): the job's time runs
+        # from here.
+        due_at = self.clock.now() + self.pool.poll_interval(provider)
+        tracked = Tracked(
+            job.id, job.model, provider, outcome.upstream_id, job.deadline_at, shape=planned.shape, due_at=due_at
+        )
+        try:
+            await self._mark(Submitted(job.id, provider, outcome.upstream_id))
+        except Exception:
+            # The upstream has the task: follow it anyway, so it is ended (and settled) like any other.
+            log.exception("recording a submitted job failed", extra={"fields": {"job": job.id}})
+        self.lifecycle.started(tracked)
+
+    async def _parked(self, planned: Planned, provider: str, outcome: NeedsModal) -> bool:
+        """Park a follow-up in MODAL: it waits for the client's `submit/modal` until `jobs.modal_timeout_s`."""
+        job = planned.job
+        deadline = self.clock.now() + self.config.jobs.modal_timeout_s
+        if not await self.store.park_modal(job.id, provider, outcome.upstream_id, deadline, self.clock.now()):
+            self.pool.release(provider)
+            return False
+        tracked = Tracked(
+            job.id, job.model, provider, outcome.upstream_id, deadline, state=JobState.MODAL, shape=planned.shape
+        )
+        self.lifecycle.started(tracked)
+        return True
+
+    async def close(self) -> None:
+        await self._admit.close()
+        await self._mark.close()

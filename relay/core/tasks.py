@@ -1,0 +1,297 @@
+"""Native Midjourney tasks: every kind a Midjourney-proxy client asks for, each one job, answered as soon as the
+upstream took it (the client then reads the task, or gets it at its `notifyHook`).
+
+    submit   a kind with a direct call (imagine, blend, describe, shorten, swap_face)
+    act      a parent's button (`submit/action`): a follow-up, on the parent's provider, priced by its own kind
+    confirm  `submit/modal` for a follow-up waiting in MODAL: the same job runs on, nothing more is held
+    get / find / recent / seed   the caller's own tasks only: another key's task is "not found", like a made-up one
+    upload   `submit/upload-discord-images`: links from a provider, no job and no charge
+
+Every job is held at its kind's price before any upstream call (`core.submit`), and captured or released exactly
+once when it ends, as on the OpenAI surface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import cast
+
+from adapters import (
+    Accepted,
+    Bot,
+    ClientError,
+    Dimensions,
+    NeedsModal,
+    SubmitRequest,
+    Uploaded,
+    UpstreamUnavailable,
+)
+from relay.clock import Clock
+from relay.config import Config
+from relay.core.buttons import kind_of
+from relay.core.failures import job_failed
+from relay.core.jobs import check_prompt, new_job_id
+from relay.core.lifecycle import Lifecycle
+from relay.core.modes import ModeHints, UnknownModel, choose_mode, price_model
+from relay.core.notify import Notifier
+from relay.core.prompt import PromptParts, build_prompt
+from relay.core.providers import ProviderPool
+from relay.core.router import rank
+from relay.core.submit import Outcome, Planned, Submitter
+from relay.domain import TASKS, JobState, Mode, TaskKind
+from relay.errors import InvalidRequest, NotFound, ServiceUnavailable, UpstreamFailed
+from relay.logs import event
+from relay.store.jobs import JobRow, JobStore, NewJob
+from relay.store.keys import KeyRecord
+
+log = logging.getLogger("relay.tasks")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOrder:
+    """A new task as a route parsed it: its kind (one with a direct call), what decides its mode, its inputs."""
+
+    kind: TaskKind
+    hints: ModeHints
+    bot: Bot | None = None
+    prompt: str = ""
+    images: tuple[str, ...] = ()  # data URLs, already checked to be images
+    dimensions: Dimensions | None = None
+    client_state: str | None = None
+    notify_hook: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ActionOrder:
+    """A button pressed on one of the caller's tasks."""
+
+    task_id: str
+    custom_id: str
+    hints: ModeHints
+    client_state: str | None = None
+    notify_hook: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A task the upstream took: SUBMITTED (`queued` when it said so) or waiting in MODAL."""
+
+    job_id: str
+    state: JobState
+    queued: bool = False
+
+
+def _task_not_found(param: str = "taskId") -> NotFound:
+    return NotFound("No such task.", what="task", param=param)
+
+
+class TaskService:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: JobStore,
+        pool: ProviderPool,
+        submitter: Submitter,
+        lifecycle: Lifecycle,
+        notifier: Notifier,
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.pool = pool
+        self.submitter = submitter
+        self.lifecycle = lifecycle
+        self.notifier = notifier
+        self.clock = clock
+        self._confirming: set[str] = set()
+
+    # -- new tasks -----------------------------------------------------------------------------------------------
+
+    def _mode_and_model(
+        self, hints: ModeHints, bot: Bot | None, inherited: Mode | None = None
+    ) -> tuple[Mode, Bot, str]:
+        models = self.config.models
+        try:
+            mode = choose_mode(hints, models, inherited)
+        except UnknownModel:
+            raise InvalidRequest(
+                f"The model {hints.model!r} is unknown: use one of {', '.join(models)} or mj-fast, mj-relax, mj-turbo.",
+                param="model",
+            ) from None
+        named = hints.model if hints.model in models else None
+        chosen_bot: Bot = bot or (models[named].bot if named else "MID_JOURNEY")
+        model = price_model(models, mode, chosen_bot, named)
+        if model is None:
+            raise InvalidRequest(f"No model of this relay runs in {mode} mode.", param="model")
+        return mode, chosen_bot, model
+
+    async def submit(self, key: KeyRecord, order: TaskOrder, base_url: str) -> Submission:
+        spec = TASKS[order.kind]
+        assert spec.direct is not None, f"{order.kind} is made from a button only"
+        mode, bot, model = self._mode_and_model(order.hints, order.bot)
+        prompt = ""
+        if order.kind in (TaskKind.IMAGINE, TaskKind.SHORTEN):
+            text = check_prompt(order.prompt, self.config.api.max_prompt_chars)
+            prompt = build_prompt(PromptParts(text=text, mode=mode)) if order.kind is TaskKind.IMAGINE else text
+        hook = await self.notifier.check(order.notify_hook)
+        job = self._new_job(order.kind, model, mode, bot, prompt, order.client_state, hook)
+        request = SubmitRequest(
+            kind=spec.direct, prompt=prompt, mode=mode, bot=bot, images=order.images, dimensions=order.dimensions
+        )
+        return await self._run(key, Planned(job, request, spec.shape), base_url)
+
+    async def act(self, key: KeyRecord, order: ActionOrder, base_url: str) -> Submission:
+        """A follow-up on one of the caller's tasks; refused without a hold when the task is not theirs."""
+        parent = await self._owned(key, order.task_id)
+        kind = kind_of(order.custom_id)
+        if kind is None:
+            raise InvalidRequest("This button is not one the relay runs.", param="customId")
+        if parent.state is not JobState.SUCCEEDED or parent.provider is None or parent.upstream_id is None:
+            raise InvalidRequest("The task has not succeeded; its buttons cannot be used yet.", param="taskId")
+        if order.custom_id not in {button.get("customId") for button in parent.buttons}:
+            raise InvalidRequest("The task has no such button.", param="customId")
+        mode, bot, model = self._mode_and_model(order.hints, cast(Bot, parent.bot), inherited=cast(Mode, parent.mode))
+        hook = await self.notifier.check(order.notify_hook)
+        job = self._new_job(kind, model, mode, bot, "", order.client_state, hook, parent, order.custom_id)
+        request = SubmitRequest(
+            kind="action", mode=mode, bot=bot, task_id=parent.upstream_id, custom_id=order.custom_id
+        )
+        planned = Planned(job, request, TASKS[kind].shape, provider=parent.provider, modal_ok=True)
+        return await self._run(key, planned, base_url)
+
+    def _new_job(
+        self,
+        kind: TaskKind,
+        model: str,
+        mode: Mode,
+        bot: Bot,
+        prompt: str,
+        client_state: str | None,
+        hook: str | None,
+        parent: JobRow | None = None,
+        custom_id: str | None = None,
+    ) -> NewJob:
+        job_id = new_job_id()
+        return NewJob(
+            id=job_id,
+            request_id=job_id,
+            model=model,
+            mode=mode,
+            bot=bot,
+            action=kind.value,
+            prompt=prompt,
+            price=self.config.price(model, TASKS[kind].price_key),
+            deadline_at=self.clock.now() + self.config.jobs.deadline_s.of(mode),
+            parent_id=parent.id if parent else None,
+            custom_id=custom_id,
+            client_state=client_state,
+            notify_hook=hook,
+        )
+
+    async def _run(self, key: KeyRecord, planned: Planned, base_url: str) -> Submission:
+        # Held, then submitted even if the client goes away meanwhile: a held job is always submitted or ended.
+        work = asyncio.ensure_future(self._admit_and_submit(key, planned, base_url))
+        outcome = await asyncio.shield(work)
+        if outcome.row is not None:
+            raise job_failed(outcome.row)
+        return Submission(planned.job.id, outcome.state, outcome.queued)
+
+    async def _admit_and_submit(self, key: KeyRecord, planned: Planned, base_url: str) -> Outcome:
+        await self.submitter.admit(key, [planned.job])
+        if planned.job.notify_hook:
+            self.notifier.watch(planned.job.id, planned.job.notify_hook, key.hook_secret, base_url)
+        return await self.submitter.submit(planned)
+
+    # -- modal ---------------------------------------------------------------------------------------------------
+
+    async def confirm(self, key: KeyRecord, task_id: str, prompt: str, mask: str | None) -> Submission:
+        """Confirm a follow-up waiting in MODAL (`submit/modal`), on the provider that parked it. A refusal leaves
+        it waiting, so the client can try again with a better prompt or mask until `jobs.modal_timeout_s`."""
+        row = await self._owned(key, task_id)
+        if row.state is not JobState.MODAL or row.provider is None or row.upstream_id is None:
+            raise InvalidRequest("The task is not waiting for a confirmation (submit/modal).", param="taskId")
+        if prompt:
+            check_prompt(prompt, self.config.api.max_prompt_chars)
+        if row.id in self._confirming:
+            raise InvalidRequest("A confirmation of this task is already under way.", param="taskId")
+        self._confirming.add(row.id)
+        try:
+            request = SubmitRequest(
+                kind="modal",
+                prompt=prompt,
+                mode=cast(Mode, row.mode),
+                bot=cast(Bot, row.bot),
+                task_id=row.upstream_id,
+                mask=mask,
+                state=row.id,
+            )
+            outcome = await self.pool.submit(row.provider, request)
+            if isinstance(outcome, NeedsModal):
+                return Submission(row.id, JobState.MODAL)
+            if not isinstance(outcome, Accepted):
+                event(log, "modal not accepted", job=row.id, provider=row.provider, outcome=type(outcome).__name__)
+                if isinstance(outcome, ClientError):
+                    raise InvalidRequest(f"The upstream refused the confirmation: {outcome.description}")
+                raise ServiceUnavailable("The provider could not take the confirmation now; try again shortly.")
+            now = self.clock.now()
+            deadline = now + self.config.jobs.deadline_s.of(cast(Mode, row.mode))
+            if await self.store.confirm_modal(row.id, outcome.upstream_id, deadline, now, prompt or None):
+                self.lifecycle.confirmed(row.id, outcome.upstream_id, deadline)
+            return Submission(row.id, JobState.SUBMITTED, outcome.queued)
+        finally:
+            self._confirming.discard(row.id)
+
+    # -- reads ---------------------------------------------------------------------------------------------------
+
+    async def _owned(self, key: KeyRecord, task_id: str) -> JobRow:
+        found = await self.store.owned([task_id], key.id)
+        if not found:
+            raise _task_not_found()
+        return found[0]
+
+    async def get(self, key: KeyRecord, task_id: str) -> JobRow:
+        return await self._owned(key, task_id)
+
+    async def find(self, key: KeyRecord, task_ids: Sequence[str]) -> list[JobRow]:
+        return await self.store.owned(task_ids, key.id)
+
+    async def recent(self, key: KeyRecord, limit: int) -> list[JobRow]:
+        return await self.store.recent(key.id, limit)
+
+    async def seed(self, key: KeyRecord, task_id: str) -> str:
+        row = await self._owned(key, task_id)
+        if row.state is not JobState.SUCCEEDED or row.provider is None or row.upstream_id is None:
+            raise InvalidRequest("The task has no seed until it succeeds.", param="taskId")
+        if row.provider not in self.pool.settings:
+            raise UpstreamFailed("The provider that ran the task is no longer configured.")
+        try:
+            seed = await self.pool.seed(row.provider, row.upstream_id)
+        except UpstreamUnavailable:
+            raise UpstreamFailed("The provider could not answer for the seed; try again shortly.") from None
+        if seed is None:
+            raise InvalidRequest("The upstream has no seed for this task.", param="taskId")
+        return seed
+
+    # -- uploads -------------------------------------------------------------------------------------------------
+
+    async def upload(self, images: tuple[str, ...], hints: ModeHints, bot: Bot | None) -> tuple[str, ...]:
+        """Images uploaded through a provider that serves the mode; the links it gave. No job, no charge."""
+        mode, chosen_bot, _ = self._mode_and_model(hints, bot)
+        tried: list[str] = []
+        while True:
+            # An upload is no job: a provider's running-job limit does not apply to it.
+            candidates = [replace(c, max_in_flight=None) for c in self.pool.candidates()]
+            names = rank(candidates, mode=mode, bot=chosen_bot, exclude=tried)
+            if not names:
+                raise ServiceUnavailable("No provider could take the upload right now; try again shortly.")
+            tried.append(names[0])
+            outcome = await self.pool.upload(names[0], images, mode, chosen_bot)
+            if isinstance(outcome, Uploaded):
+                return outcome.links
+            event(log, "upload not accepted", provider=names[0], outcome=type(outcome).__name__)
+            if isinstance(outcome, ClientError):
+                raise InvalidRequest(f"The upstream refused the upload: {outcome.description}", param="base64Array")

@@ -1,0 +1,144 @@
+"""`Relay`: every service of one running relay, wired together. The routes reach it through the app's state
+(`relay.api.common.relay_of`); it lives in its own module so that `api` never imports `app`."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from adapters import Upstream
+from relay import logs
+from relay.api.common import Authenticator
+from relay.clock import Clock
+from relay.config import Config
+from relay.core.egress import Egress
+from relay.core.events import JobEvents
+from relay.core.finish import Finisher
+from relay.core.images import ImageStore, load_or_create_secret
+from relay.core.jobs import JobService
+from relay.core.lifecycle import Lifecycle
+from relay.core.notify import Notifier
+from relay.core.providers import ProviderPool
+from relay.core.references import ReferenceLoader
+from relay.core.submit import Submitter
+from relay.core.tasks import TaskService
+from relay.core.tracker import Tracker
+from relay.metrics import Metrics
+from relay.store.db import Database
+from relay.store.jobs import JobStore
+from relay.store.keys import KeyStore
+
+
+class Relay:
+    """Every service of one running relay, wired together."""
+
+    def __init__(self, config: Config, clock: Clock, upstreams: dict[str, Upstream] | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = Metrics()
+        self.db = Database(config.database_url(), pool_size=config.database.pool_size)
+        self.keys = KeyStore(self.db.engine)
+        self.store = JobStore(self.db.engine)
+        self.events = JobEvents()
+        self.pool = ProviderPool(config, self.metrics, clock, upstreams)
+        secrets = config.images.secrets() or [load_or_create_secret(Path(config.data_dir) / "signing.key")]
+        logs.redact([*secrets, *(p.secret for p in config.providers)])
+        self.images = ImageStore(config.images_dir(), secrets, config.images.url_ttl_s)
+        self.finisher = Finisher(self.store, self.events, self.metrics, clock)
+        self.lifecycle = Lifecycle(
+            config=config,
+            store=self.store,
+            pool=self.pool,
+            images=self.images,
+            finisher=self.finisher,
+            events=self.events,
+            clock=clock,
+        )
+        self.tracker = Tracker(
+            config=config,
+            store=self.store,
+            pool=self.pool,
+            lifecycle=self.lifecycle,
+            finisher=self.finisher,
+            clock=clock,
+        )
+        self.submitter = Submitter(
+            config=config,
+            store=self.store,
+            keys=self.keys,
+            pool=self.pool,
+            lifecycle=self.lifecycle,
+            finisher=self.finisher,
+            clock=clock,
+        )
+        self.jobs = JobService(
+            config=config,
+            store=self.store,
+            submitter=self.submitter,
+            lifecycle=self.lifecycle,
+            events=self.events,
+            clock=clock,
+        )
+        references = config.api.references
+        self.egress = Egress(references.allow_private, references.allow_hosts)
+        self.notifier = Notifier(
+            config=config.hooks,
+            egress=self.egress,
+            events=self.events,
+            store=self.store,
+            metrics=self.metrics,
+            clock=clock,
+        )
+        self.tasks = TaskService(
+            config=config,
+            store=self.store,
+            pool=self.pool,
+            submitter=self.submitter,
+            lifecycle=self.lifecycle,
+            notifier=self.notifier,
+            clock=clock,
+        )
+        self.auth = Authenticator(self.keys)
+        self.references = ReferenceLoader(references)
+        self.ready = False
+        self.started_at = int(clock.now())
+        self.version = _version()
+        self.openapi: dict[str, Any] | None = None  # built on first request
+
+    async def open(self) -> None:
+        await self.db.migrate()
+        self.images.root.mkdir(parents=True, exist_ok=True)
+        await self.tracker.start()
+        await self._resume_hooks()
+        self.ready = True
+
+    async def _resume_hooks(self) -> None:
+        """Client hooks of jobs a previous run left running go on. Their image links use `server.public_url` (the
+        address the task was submitted on is not kept), else the listening address."""
+        server = self.config.server
+        base = server.public_url or f"http://{server.host}:{server.port}"
+        secrets: dict[str, str] = {}
+        for row in await self.store.active():
+            if not row.notify_hook:
+                continue
+            if row.key_id not in secrets:
+                key = await self.keys.get(row.key_id)
+                secrets[row.key_id] = key.hook_secret if key else ""
+            self.notifier.watch(row.id, row.notify_hook, secrets[row.key_id], base)
+
+    async def close(self) -> None:
+        self.ready = False
+        await self.submitter.close()
+        await self.tracker.stop()
+        await self.notifier.close()
+        await self.pool.aclose()
+        await self.references.aclose()
+        await self.db.dispose()
+
+
+def _version() -> str:
+    try:
+        return version("mj-relay")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree that was never installed
+        return "0+unknown"

@@ -1,0 +1,213 @@
+"""Every byte a client controls is hostile: text a database cannot store, absurd numbers, deep nesting, a client
+that hangs up, odd paths. Each gets a clear answer in its surface's envelope, changes nothing, and leaves the
+connection and every other request unharmed."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from adapters.simulator import SimEngine, SimSettings, build_sim_app
+from tests.helpers import RunningRelay, create_key, pg_database_sync, relay_config, running_relay, serve, wait_for
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_db_relay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningRelay]:
+    if request.param == "sqlite":
+        with running_relay(relay_config(tmp_path)) as relay:
+            yield relay
+        return
+    with pg_database_sync() as url, running_relay(relay_config(tmp_path, database={"url": url})) as relay:
+        yield relay
+
+
+def test_text_that_cannot_be_stored_is_refused_alone_while_30_others_succeed(any_db_relay: RunningRelay) -> None:
+    relay = any_db_relay
+    keys = [create_key(relay.config, 100, name=f"k{i}") for i in range(30)]
+    bad_bodies = [b'{"prompt": "a \\ud800 b"}', b'{"prompt": "a \\u0000 b"}', b'{"prompt": "ok", "size": "\\udfff"}']
+
+    def good(key: str) -> int:
+        reply = httpx.post(
+            relay.base + "/v1/images/generations",
+            json={"prompt": "a calm sea", "model": "mj-fast"},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+        return reply.status_code
+
+    def bad(body: bytes) -> httpx.Response:
+        return httpx.post(
+            relay.base + "/v1/images/generations",
+            content=body,
+            headers={"Authorization": f"Bearer {relay.key}", "Content-Type": "application/json"},
+            timeout=60,
+        )
+
+    with ThreadPoolExecutor(40) as pool:
+        goods = [pool.submit(good, key) for key in keys]
+        bads = [pool.submit(bad, body) for body in bad_bodies]
+        assert [f.result() for f in goods] == [200] * 30
+        refused = [f.result() for f in bads]
+    for reply in refused:
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["param"] in ("prompt", "size")
+    assert relay.balance() == (1000, 0)  # the sender of the bad text paid nothing and holds nothing
+
+
+@pytest.mark.parametrize("expires", ["%C2%B2", "9" * 4301, "-1", "1e9", "%F0%9F%98%80"])
+def test_a_malformed_link_expiry_is_a_403_not_a_500(relay: RunningRelay, expires: str) -> None:
+    reply = httpx.get(f"{relay.base}/files/job_abcdefgh/grid.png?exp={expires}&sig=x")
+    assert reply.status_code == 403 and reply.json()["error"]["code"] == "invalid_signature"
+
+
+def _raw(base: str, payload: bytes, reads: int = 1) -> list[bytes]:
+    """Send raw bytes on one connection; the answers read back, one per `reads`."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(payload)
+        answers, buffer = [], b""
+        while len(answers) < reads:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\r\n\r\n" in buffer:
+                head, rest = buffer.split(b"\r\n\r\n", 1)
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ),
+                    0,
+                )
+                if len(rest) < length:
+                    break
+                answers.append(head + b"\r\n\r\n" + rest[:length])
+                buffer = rest[length:]
+        return answers
+
+
+def test_deeply_nested_json_is_a_400_and_the_connection_serves_the_next_request(relay: RunningRelay) -> None:
+    deep = b'{"prompt": "x", "n": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    host = relay.base.removeprefix("http://")
+    first = (
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: "
+        + host.encode()
+        + b"\r\nAuthorization: Bearer "
+        + relay.key.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(deep)).encode()
+        + b"\r\n\r\n"
+        + deep
+    )
+    second = b"GET /healthz HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n"
+    answers = _raw(relay.base, first + second, reads=2)
+    assert len(answers) == 2, answers
+    assert answers[0].startswith(b"HTTP/1.1 400") and b"nests more than" in answers[0]
+    assert answers[1].startswith(b"HTTP/1.1 200")
+    shallow = httpx.post(
+        relay.base + "/v1/images/generations",
+        json={"prompt": "x", "extra": [[[[["ok"]]]]]},
+        headers={"Authorization": f"Bearer {relay.key}"},
+        timeout=30,
+    )
+    assert shallow.status_code == 200  # ordinary nesting is fine
+
+
+def test_an_unhandled_error_is_a_500_in_the_envelope_and_keeps_the_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from relay.api.openai import models
+
+    async def broken(request: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(models, "list_models", broken)  # before the app is built: its route takes this one
+    with running_relay(relay_config(tmp_path)) as relay:
+        host = relay.base.removeprefix("http://")
+        boom = b"GET /v1/models HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n"
+        fine = b"GET /healthz HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n"
+        answers = _raw(relay.base, boom + fine, reads=2)
+    assert len(answers) == 2, answers
+    assert answers[0].startswith(b"HTTP/1.1 500") and b'"code": "internal_error"' in answers[0]
+    assert b"a bug" not in answers[0]
+    assert answers[1].startswith(b"HTTP/1.1 200")
+    assert [r for r in caplog.records if r.getMessage() == "unhandled error"]
+
+
+def test_a_client_that_hangs_up_mid_body_is_not_an_error(relay: RunningRelay, caplog: pytest.LogCaptureFixture) -> None:
+    host = relay.base.removeprefix("http://")
+    with caplog.at_level(logging.INFO):
+        hostname, port = host.split(":")
+        with socket.create_connection((hostname, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/images/generations HTTP/1.1\r\nHost: "
+                + host.encode()
+                + b"\r\nAuthorization: Bearer "
+                + relay.key.encode()
+                + b'\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{"prompt": '
+            )
+        wait_for(
+            lambda: any(r.getMessage() == "request" and r.__dict__["fields"]["status"] == 499 for r in caplog.records)
+        )
+    assert not [r for r in caplog.records if r.getMessage() == "unhandled error"]
+    metrics = httpx.get(relay.base + "/metrics").text
+    assert 'route="/v1/images/generations",status="4xx"' in metrics
+    assert 'route="/v1/images/generations",status="5xx"' not in metrics
+
+
+@pytest.mark.parametrize("path", ["/v1/models/", "/v1/images/generations/", "/mj/task/list-by-condition/"])
+def test_a_trailing_slash_is_a_404_in_the_envelope_not_a_redirect(relay: RunningRelay, path: str) -> None:
+    reply = httpx.request(
+        "GET" if "models" in path else "POST", relay.base + path, headers={"Authorization": f"Bearer {relay.key}"}
+    )
+    assert reply.status_code == 404 and reply.headers["content-type"] == "application/json"
+    body = reply.json()
+    assert ("error" in body and "without the trailing slash" in body["error"]["message"]) or body.get("code") == 3
+
+
+def test_a_prompt_of_only_flags_and_an_empty_model_are_refused_uncharged(relay: RunningRelay) -> None:
+    client = relay.openai()
+    for prompt in ("--fast", "  --ar 16:9 --relax ", "--v 6 --q 2"):
+        with pytest.raises(openai.BadRequestError, match="only parameters"):
+            client.images.generate(model="mj-fast", prompt=prompt)
+    for model in ("", " "):
+        reply = httpx.post(
+            relay.base + "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "a koi"}]},
+            headers={"Authorization": f"Bearer {relay.key}"},
+        )
+        assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found", reply.text
+    assert relay.balance() == (1000, 0) and relay.jobs() == []
+
+
+def test_a_provider_that_refuses_the_credentials_is_named_in_the_log_without_its_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = SimEngine(SimSettings(fast_s=0.2, tile_px=16))
+    with serve(build_sim_app(engine, "midjourney-proxy", "the-right-secret")) as upstream:
+        provider = {
+            "name": "acct-x",
+            "dialect": "midjourney-proxy",
+            "base_url": upstream,
+            "secret": "a-wrong-secret-value",
+        }
+        with caplog.at_level(logging.INFO), running_relay(relay_config(tmp_path, providers=[provider])) as relay:
+            reply = httpx.post(
+                relay.base + "/v1/images/generations",
+                json={"prompt": "a heron"},
+                headers={"Authorization": f"Bearer {relay.key}"},
+                timeout=30,
+            )
+            assert reply.status_code == 503
+    refusals = [r.__dict__["fields"] for r in caplog.records if r.getMessage() == "submit not accepted"]
+    assert refusals and refusals[0]["provider"] == "acct-x" and "401" in refusals[0]["reason"]
+    assert "a-wrong-secret-value" not in caplog.text

@@ -1,0 +1,164 @@
+"""The native Midjourney-proxy API behind relay keys, against the simulator in every dialect (over HTTP, and in
+process): every endpoint, follow-ups on their parent's provider, modal confirmations, and each step's price."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.native_helpers import DIALECTS, Native, native, png
+from tests.helpers import pg_database_sync
+
+PRICES = {
+    "mj-fast": {
+        "imagine": 5,
+        "upscale": 2,
+        "zoom": 3,
+        "vary_region": 4,
+        "blend": 6,
+        "describe": 1,
+        "shorten": 1,
+        "swap_face": 7,
+        "variation": 5,
+        "default": 5,
+    },
+    "mj-relax": {"default": 1},
+    "mj-turbo": {"default": 9},
+}
+
+
+@pytest.fixture(params=DIALECTS)
+def world(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    with native(tmp_path, request.param, providers=2, prices=PRICES) as running:
+        yield running
+
+
+def spent(world: Native) -> int:
+    balance, held = world.relay.balance()
+    assert held == 0
+    return 1000 - balance
+
+
+def test_imagine_then_u2_then_zoom_out_each_billed_at_its_price_on_the_parents_provider(world: Native) -> None:
+    grid_id = world.submit("/submit/imagine", {"prompt": "a lighthouse", "state": "mine"})
+    grid = world.finished(grid_id)
+    assert grid["action"] == "IMAGINE" and grid["state"] == "mine" and grid["progress"] == "100%"
+    assert "/files/" + grid_id + "/grid.png" in grid["imageUrl"]
+    assert httpx.get(grid["imageUrl"]).headers["content-type"] == "image/png"
+    assert spent(world) == 5
+
+    upscale_id = world.submit("/submit/action", {"taskId": grid_id, "customId": world.button(grid, "upsample::2")})
+    upscale = world.finished(upscale_id)
+    assert upscale["action"] == "UPSCALE" and upscale["parentId"] == grid_id
+    assert "/files/" + upscale_id + "/image.png" in upscale["imageUrl"]  # one image, not a grid
+    assert spent(world) == 5 + 2
+
+    zoom_id = world.submit("/submit/action", {"taskId": upscale_id, "customId": world.button(upscale, "Outpaint::50")})
+    zoom = world.finished(zoom_id)
+    assert zoom["action"] == "ZOOM" and zoom["imageUrl"].split("?")[0].endswith("/grid.png")
+    assert spent(world) == 5 + 2 + 3
+
+    jobs = [world.job(task) for task in (grid_id, upscale_id, zoom_id)]
+    assert len({job["provider"] for job in jobs}) == 1  # every follow-up on its parent's provider
+    assert [job["hold_state"] for job in jobs] == ["captured"] * 3
+    if world.engines:  # the other provider never saw the follow-ups
+        others = [e for e, name in zip(world.engines, world.providers, strict=True) if name != jobs[0]["provider"]]
+        assert all(engine.submits == 0 for engine in others)
+
+
+def test_vary_region_waits_in_modal_then_runs_with_a_mask(world: Native) -> None:
+    grid = world.finished(world.submit("/submit/imagine", {"prompt": "a harbour"}))
+    upscale = world.finished(
+        world.submit("/submit/action", {"taskId": grid["id"], "customId": world.button(grid, "upsample::1")})
+    )
+    reply = world.post("/submit/action", {"taskId": upscale["id"], "customId": world.button(upscale, "Inpaint")})
+    assert reply.status_code == 200 and reply.json()["code"] == 21, reply.text
+    region_id = str(reply.json()["result"])
+    waiting = world.reached(region_id, "MODAL")
+    assert waiting["action"] == "INPAINT"
+    held = world.relay.balance()[1]
+    assert held == 4  # held at vary region's price while it waits
+
+    confirmed = world.post("/submit/modal", {"taskId": region_id, "prompt": "a red boat", "maskBase64": png()})
+    assert confirmed.json() == {"code": 1, "description": "Submit success", "properties": {}, "result": region_id}
+    done = world.finished(region_id)
+    assert done["imageUrl"].split("?")[0].endswith("/grid.png") and done["prompt"] == "a red boat"
+    assert spent(world) == 5 + 2 + 4
+    assert world.job(region_id)["provider"] == world.job(grid["id"])["provider"]
+
+
+def test_blend_describe_shorten_and_swap_face(world: Native) -> None:
+    blend = world.finished(
+        world.submit("/submit/blend", {"base64Array": [png(), png((0, 90, 200))], "dimensions": "LANDSCAPE"})
+    )
+    assert blend["action"] == "BLEND" and blend["imageUrl"]
+
+    described = world.finished(world.submit("/submit/describe", {"base64": png()}))
+    assert described["action"] == "DESCRIBE" and described["imageUrl"] is None
+    assert described["properties"]["finalPrompt"].count("\n\n") >= 3  # four prompts
+    picked = world.finished(
+        world.submit("/submit/action", {"taskId": described["id"], "customId": world.button(described, "PicReader::2")})
+    )
+    assert picked["action"] == "IMAGINE" and picked["parentId"] == described["id"]
+
+    shortened = world.finished(
+        world.submit("/submit/shorten", {"prompt": "a very long prompt about a quiet lake at dawn"})
+    )
+    assert shortened["action"] == "SHORTEN" and shortened["properties"]["finalPrompt"]
+
+    swapped = world.finished(
+        world.submit("/insight-face/swap", {"sourceBase64": png(), "targetBase64": png((9, 9, 9))})
+    )
+    assert swapped["action"] == "SWAP_FACE" and swapped["imageUrl"].split("?")[0].endswith("/image.png")
+    assert spent(world) == 6 + 1 + 5 + 1 + 7
+
+
+def test_upload_returns_links_and_image_seed_answers_for_a_finished_task(world: Native) -> None:
+    uploaded = world.post("/submit/upload-discord-images", {"base64Array": [png(), png((1, 2, 3))]})
+    assert uploaded.status_code == 200 and uploaded.json()["code"] == 1
+    assert len(uploaded.json()["result"]) == 2
+    task = world.finished(world.submit("/submit/imagine", {"prompt": "a seedling"}))
+    seed = world.client.get(f"/mj/task/{task['id']}/image-seed").json()
+    assert seed["code"] == 1 and str(seed["result"]).isdigit()
+    assert spent(world) == 5  # an upload is no job and costs nothing
+
+
+def test_list_by_condition_and_fetch_on_every_prefix(world: Native) -> None:
+    first = world.submit("/submit/imagine", {"prompt": "one"})
+    second = world.submit("/submit/imagine", {"prompt": "two"}, prefix="/v1/mj")
+    for prefix in ("/mj", "/mj-fast/mj", "/mj-relax/mj", "/mj-turbo/mj", "/v1/mj"):
+        listed = world.client.post(prefix + "/task/list-by-condition", json={"ids": [first, second, "12345"]}).json()
+        assert {task["id"] for task in listed} == {first, second}
+        assert world.client.get(f"{prefix}/task/{first}/fetch").json()["id"] == first
+    recent = world.client.post("/mj/task/list-by-condition", json={}).json()
+    assert {task["id"] for task in recent} == {first, second}
+
+
+def test_keys_are_accepted_as_bearer_and_as_mj_api_secret(tmp_path: Path) -> None:
+    with native(tmp_path) as world:
+        key = world.relay.key
+        for headers in ({"Authorization": f"Bearer {key}"}, {"mj-api-secret": key}, {"Authorization": key}):
+            reply = httpx.post(world.relay.base + "/mj/submit/imagine", json={"prompt": "a key"}, headers=headers)
+            assert reply.status_code == 200 and reply.json()["code"] == 1, reply.text
+        for headers in ({}, {"mj-api-secret": "sk-mjr-wrong"}, {"Authorization": "Bearer nope"}):
+            reply = httpx.post(world.relay.base + "/mj/submit/imagine", json={"prompt": "a key"}, headers=headers)
+            assert reply.status_code == 401 and reply.json()["code"] == 4 and reply.json()["result"] is None
+
+
+@pytest.mark.postgres
+def test_the_native_flow_holds_on_postgresql(tmp_path: Path) -> None:
+    with pg_database_sync() as url, native(tmp_path, database={"url": url}, prices=PRICES) as world:
+        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a quay", "state": "pg"}))
+        upscale = world.finished(
+            world.submit("/submit/action", {"taskId": grid["id"], "customId": world.button(grid, "upsample::4")})
+        )
+        region = world.submit("/submit/action", {"taskId": upscale["id"], "customId": world.button(upscale, "Inpaint")})
+        assert world.reached(region, "MODAL")["startTime"] is None
+        world.post("/submit/modal", {"taskId": region, "maskBase64": png()})
+        done = world.finished(region)
+        assert done["startTime"] is not None and done["finishTime"] >= done["startTime"]
+        assert spent(world) == 5 + 2 + 4
+        listed = world.client.post("/mj/task/list-by-condition", json={"ids": [grid["id"], region, 42]}).json()
+        assert [task["id"] for task in listed] == [region, grid["id"]]  # newest first

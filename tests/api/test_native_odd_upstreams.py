@@ -1,0 +1,161 @@
+"""Recorded odd upstream replies, replayed over loopback by a canned midjourney-proxy, through the whole relay:
+what a native client sees when the upstream queues (22), asks for a modal (21), answers trueai's
+`{"success": false}`, or forgets a task (an empty fetch body)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tests.api.native_helpers import png
+from tests.helpers import relay_config, running_relay, serve, wait_for
+
+
+class Canned:
+    """Answers each route with the next reply queued for it (the last one repeats)."""
+
+    def __init__(self) -> None:
+        self.replies: dict[str, list[tuple[int, Any]]] = {}
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+
+    def on(self, route: str, *replies: tuple[int, Any]) -> None:
+        self.replies[route] = list(replies)
+
+    def _next(self, route: str) -> tuple[int, Any]:
+        with self.lock:
+            queue = self.replies.get(route) or [(404, None)]
+            return queue.pop(0) if len(queue) > 1 else queue[0]
+
+    def app(self) -> Starlette:
+        async def handle(request: Request) -> Response:
+            route = request.url.path.removeprefix("/mj/")
+            if request.method == "POST":
+                with self.lock:
+                    self.calls.append((route, await request.json()))
+            if route.startswith("task/") and route.endswith("/fetch"):
+                route = "fetch"
+            status, body = self._next(route)
+            if body is None:
+                return Response(status_code=status)
+            if body == "":
+                return Response(b"", status_code=status, media_type="application/json")
+            return JSONResponse(body, status_code=status)
+
+        return Starlette(routes=[Route("/mj/{rest:path}", handle, methods=["GET", "POST"])])
+
+
+def task(upstream_id: str, status: str, progress: str = "0%", **extra: Any) -> dict[str, Any]:
+    return {"id": upstream_id, "status": status, "progress": progress, "action": "IMAGINE", **extra}
+
+
+@contextmanager
+def relay_before(canned: Canned, tmp_path: Path, **jobs: Any) -> Iterator[httpx.Client]:
+    with serve(canned.app()) as upstream:
+        provider = {"name": "odd", "dialect": "midjourney-proxy", "base_url": upstream, "secret": "s"}
+        config = relay_config(tmp_path, providers=[provider], jobs={"poll_interval_s": 0.05, **jobs})
+        with running_relay(config) as relay:
+            with httpx.Client(base_url=relay.base, headers={"mj-api-secret": relay.key}, timeout=30) as client:
+                yield client
+
+
+def test_a_queued_submit_is_answered_22_and_followed(tmp_path: Path) -> None:
+    canned = Canned()
+    canned.on("submit/imagine", (200, {"code": 22, "description": "排队中", "result": "u-1", "properties": {}}))
+    canned.on("task/list-by-condition", (200, [task("u-1", "NOT_START")]), (200, [task("u-1", "IN_PROGRESS", "46%")]))
+    with relay_before(canned, tmp_path) as client:
+        reply = client.post("/mj/submit/imagine", json={"prompt": "a queue"})
+        assert reply.json()["code"] == 22 and reply.json()["description"] == "In queue"
+        task_id = reply.json()["result"]
+        assert task_id != "u-1"  # the relay's id, never the upstream's
+        wait_for(lambda: client.get(f"/mj/task/{task_id}/fetch").json()["progress"] == "46%")
+
+
+def test_a_modal_answer_to_an_action_parks_the_task_and_the_modal_runs_it(tmp_path: Path) -> None:
+    canned = Canned()
+    buttons = [{"customId": "MJ::Inpaint::1::h::SOLO", "label": "Vary (Region)"}]
+    canned.on("submit/imagine", (200, {"code": 1, "result": "u-parent"}))
+    canned.on(
+        "task/list-by-condition",
+        (200, [task("u-parent", "SUCCESS", "100%", imageUrl="/cdn/p.png", buttons=buttons)]),
+    )
+    canned.on(
+        "submit/action",
+        (
+            200,
+            {
+                "code": 21,
+                "description": "Waiting for window confirm",
+                "result": "u-modal",
+                "properties": {"remix": True, "finalPrompt": "x"},
+            },
+        ),
+    )
+    canned.on("submit/modal", (200, {"code": 1, "description": "ok", "result": "u-modal"}))
+    with serve(_png_cdn()) as cdn:
+        canned.on(
+            "task/list-by-condition",
+            (200, [task("u-parent", "SUCCESS", "100%", imageUrl=cdn + "/p.png", buttons=buttons)]),
+        )
+        with relay_before(canned, tmp_path) as client:
+            parent = client.post("/mj/submit/imagine", json={"prompt": "a parent"}).json()["result"]
+            wait_for(lambda: client.get(f"/mj/task/{parent}/fetch").json()["status"] == "SUCCESS")
+            canned.on("task/list-by-condition", (200, [task("u-modal", "MODAL")]))
+            reply = client.post("/mj/submit/action", json={"taskId": parent, "customId": "MJ::Inpaint::1::h::SOLO"})
+            assert reply.json()["code"] == 21
+            child = reply.json()["result"]
+            assert client.get(f"/mj/task/{child}/fetch").json()["status"] == "MODAL"
+            confirmed = client.post("/mj/submit/modal", json={"taskId": child, "maskBase64": png(), "prompt": "a boat"})
+            assert confirmed.json()["code"] == 1
+            sent = [body for route, body in canned.calls if route == "submit/modal"][-1]
+            assert sent["taskId"] == "u-modal" and sent["maskBase64"].startswith("data:image/png;base64,")
+            assert sent["prompt"] == "a boat"
+            action = [body for route, body in canned.calls if route == "submit/action"][-1]
+            assert action == {**action, "taskId": "u-parent", "customId": "MJ::Inpaint::1::h::SOLO"}
+
+
+def test_trueai_refusals_are_client_errors_and_faults_are_retryable(tmp_path: Path) -> None:
+    canned = Canned()
+    canned.on(
+        "submit/imagine",
+        (200, {"success": False, "code": -1, "message": "prompt contains a parameter that is not allowed"}),
+        (500, {"success": False, "code": -1, "message": "internal"}),
+    )
+    with relay_before(canned, tmp_path) as client:
+        refused = client.post("/mj/submit/imagine", json={"prompt": "a cat --badparam"})
+        assert refused.status_code == 400 and refused.json()["code"] == 4
+        assert "not allowed" in refused.json()["description"]
+        faulted = client.post("/mj/submit/imagine", json={"prompt": "a cat"})
+        # A 500 after the request was sent may have run: never sent elsewhere, told as a failure (not "busy").
+        assert faulted.status_code == 502 and faulted.json()["code"] == 9
+
+
+def test_a_task_the_upstream_forgets_ends_lost(tmp_path: Path) -> None:
+    canned = Canned()
+    canned.on("submit/imagine", (200, {"code": 1, "result": "u-ghost"}))
+    canned.on("task/list-by-condition", (404, None))
+    canned.on("fetch", (200, ""))  # novicezk answers an unknown id with an empty 200
+    with relay_before(canned, tmp_path, lost_after_s=0.3) as client:
+        task_id = client.post("/mj/submit/imagine", json={"prompt": "a ghost"}).json()["result"]
+        wait_for(lambda: client.get(f"/mj/task/{task_id}/fetch").json()["status"] == "FAILURE")
+        assert "lost" in client.get(f"/mj/task/{task_id}/fetch").json()["failReason"]
+
+
+def _png_cdn() -> Starlette:
+    import base64
+
+    data = base64.b64decode(png(size=16).split(",", 1)[1])
+
+    async def image(request: Request) -> Response:
+        return Response(data, media_type="image/png")
+
+    return Starlette(routes=[Route("/{name}", image)])

@@ -1,0 +1,184 @@
+"""The native API's rules: the mode rule and its price, tenant isolation, refusals that hold nothing, MODAL
+expiry, and client hooks (signed, in order, never holding a job up)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tests.api.native_helpers import native, png
+from tests.helpers import create_key, serve, sql, wait_for
+
+PRICES = {"mj-fast": {"default": 2}, "mj-relax": {"default": 1}, "mj-turbo": {"default": 4}}
+
+
+def test_the_mode_rule_decides_mode_and_price(tmp_path: Path) -> None:
+    cases = [
+        ("/mj-relax/mj", {"prompt": "a fox --turbo", "model": "mj-fast"}, "relax"),  # the path wins
+        ("/mj", {"prompt": "a fox --turbo", "model": "mj-relax", "accountFilter": {"modes": ["FAST"]}}, "relax"),
+        ("/mj", {"prompt": "a fox --relax", "accountFilter": {"modes": ["TURBO"]}}, "turbo"),
+        ("/v1/mj", {"prompt": "a fox --relax"}, "relax"),
+        ("/mj", {"prompt": "a fox"}, "fast"),
+    ]
+    with native(tmp_path, prices=PRICES) as world:
+        for prefix, body, mode in cases:
+            task_id = world.submit("/submit/imagine", body, prefix=prefix)
+            job = world.job(task_id)
+            assert (job["mode"], job["price"]) == (mode, PRICES[f"mj-{mode}"]["default"]), (prefix, body)
+            task = world.fetch(task_id)
+            assert task["mode"] == mode.upper() and task["prompt"].endswith(f"--{mode}"), task["prompt"]
+            assert task["prompt"].count("--") == 1  # the flags the client wrote were replaced by the mode sent
+        relaxed = world.finished(world.submit("/submit/imagine", {"prompt": "a fox"}, prefix="/mj-relax/mj"))
+        follow = world.submit(
+            "/submit/action", {"taskId": relaxed["id"], "customId": world.button(relaxed, "upsample::1")}
+        )
+        assert world.job(follow)["mode"] == "relax"  # a follow-up runs in its parent's mode unless told otherwise
+        turbo = world.submit(
+            "/submit/action",
+            {"taskId": relaxed["id"], "customId": world.button(relaxed, "upsample::2")},
+            prefix="/mj-turbo/mj",
+        )
+        assert world.job(turbo)["mode"] == "turbo"
+        bad = world.post("/submit/imagine", {"prompt": "a fox", "model": "dall-e-3"})
+        assert bad.status_code == 400 and bad.json()["code"] == 4 and "model" in bad.json()["description"]
+
+
+def test_another_keys_tasks_and_made_up_ids_are_not_found_and_hold_nothing(tmp_path: Path) -> None:
+    with native(tmp_path, sim={"fast_s": 0.05}) as world:
+        other = create_key(world.relay.config, 1000, name="other")
+        theirs = httpx.Client(base_url=world.relay.base, headers={"Authorization": f"Bearer {other}"}, timeout=30)
+        with theirs:
+            their_ids = []
+            for index in range(100):
+                reply = theirs.post("/mj/submit/imagine", json={"prompt": f"their picture {index}"})
+                assert reply.status_code == 200, reply.text
+                their_ids.append(str(reply.json()["result"]))
+            wait_for(
+                lambda: all(
+                    t["status"] == "SUCCESS"
+                    for t in theirs.post("/mj/task/list-by-condition", json={"ids": their_ids}).json()
+                ),
+                30,
+            )
+        made_up = [str(10**17 + secrets.randbelow(9 * 10**17)) for _ in range(100)]
+        button = "MJ::JOB::upsample::1::00000000-0000-0000-0000-000000000000"
+        for task_id in their_ids + made_up:
+            for reply in (
+                world.client.get(f"/mj/task/{task_id}/fetch"),
+                world.client.get(f"/mj/task/{task_id}/image-seed"),
+                world.post("/submit/action", {"taskId": task_id, "customId": button}),
+                world.post("/submit/modal", {"taskId": task_id, "prompt": "x"}),
+            ):
+                assert reply.status_code == 404 and reply.json()["code"] == 3, (task_id, reply.text)
+        assert world.client.post("/mj/task/list-by-condition", json={"ids": their_ids + made_up}).json() == []
+        assert world.client.post("/mj/task/list-by-condition", json={}).json() == []
+        assert world.relay.balance() == (1000, 0)
+        assert sql(
+            world.relay.config, "SELECT count(*) FROM jobs WHERE key_id = (SELECT id FROM keys WHERE name = 'test')"
+        ) == [(0,)]
+
+
+def test_refused_requests_hold_nothing(tmp_path: Path) -> None:
+    with native(tmp_path) as world:
+        task = world.finished(world.submit("/submit/imagine", {"prompt": "a parent"}))
+        before = world.relay.balance()
+        refusals = [
+            ("/submit/imagine", {"prompt": "--fast --ar 2:3"}, 400, 4),
+            ("/submit/imagine", {"prompt": "a cat", "base64Array": ["not an image"]}, 400, 4),
+            ("/submit/imagine", {"prompt": "a cat", "notifyHook": "http://127.0.0.1:9/hook"}, 400, 4),
+            ("/submit/imagine", {"prompt": "a cat", "notifyHook": "ftp://example.com/x"}, 400, 4),
+            ("/submit/imagine", {"prompt": "a forbidden cat"}, 400, 24),
+            ("/submit/blend", {"base64Array": [png()]}, 400, 4),
+            ("/submit/describe", {"base64": "aGVsbG8="}, 400, 4),
+            ("/submit/action", {"taskId": task["id"], "customId": "MJ::JOB::animate_high::1::x::SOLO"}, 400, 4),
+            ("/submit/action", {"taskId": task["id"], "customId": "MJ::JOB::upsample::9::nothere"}, 400, 4),
+            ("/submit/modal", {"taskId": task["id"], "prompt": "x"}, 400, 4),
+            ("/submit/action", {"taskId": True, "customId": "x"}, 400, 4),
+        ]
+        for path, body, status, code in refusals:
+            reply = world.post(path, body)
+            assert (reply.status_code, reply.json()["code"]) == (status, code), (path, body, reply.text)
+        assert world.relay.balance() == before
+        assert world.relay.jobs()[-1][1] == "banned"  # the banned prompt was tried upstream and released
+
+
+def test_a_modal_nobody_confirms_ends_at_its_timeout_and_releases(tmp_path: Path) -> None:
+    with native(tmp_path, jobs={"poll_interval_s": 0.05, "modal_timeout_s": 0.5}) as world:
+        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a parent"}))
+        upscale = world.finished(
+            world.submit("/submit/action", {"taskId": grid["id"], "customId": world.button(grid, "upsample::3")})
+        )
+        region = world.submit("/submit/action", {"taskId": upscale["id"], "customId": world.button(upscale, "Inpaint")})
+        ended = world.finished(region, "FAILURE")
+        assert "confirm" in ended["failReason"]
+        assert world.job(region)["hold_state"] == "released"
+        assert world.relay.balance()[1] == 0
+
+
+class Receiver:
+    """A client's hook endpoint: `/ok` records each delivery, `/fail` answers 500 and counts."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[dict[str, str], bytes]] = []
+        self.failed: list[bytes] = []
+        self.lock = threading.Lock()
+
+    def app(self) -> Starlette:
+        async def ok(request: Request) -> Response:
+            body = await request.body()
+            with self.lock:
+                self.deliveries.append((dict(request.headers), body))
+            return Response(status_code=204)
+
+        async def fail(request: Request) -> Response:
+            body = await request.body()
+            with self.lock:
+                self.failed.append(body)
+            return Response(status_code=500)
+
+        return Starlette(routes=[Route("/ok", ok, methods=["POST"]), Route("/fail", fail, methods=["POST"])])
+
+    def tasks(self, task_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [json.loads(body) for _, body in self.deliveries if json.loads(body)["id"] == task_id]
+
+
+def test_client_hooks_arrive_signed_in_order_and_a_failing_receiver_stalls_nothing(tmp_path: Path) -> None:
+    receiver = Receiver()
+    sections = {"api": {"references": {"allow_private": True}}, "hooks": {"attempts": 3, "backoff_s": 0.05}}
+    with serve(receiver.app()) as hooks, native(tmp_path, sim={"fast_s": 1.0}, **sections) as world:
+        good = world.submit("/submit/imagine", {"prompt": "a hooked fox", "notifyHook": hooks + "/ok", "state": "s1"})
+        bad = world.submit("/submit/imagine", {"prompt": "a hooked owl", "notifyHook": hooks + "/fail"})
+        world.finished(good)
+        world.finished(bad)  # not held up by its failing receiver
+        wait_for(lambda: any(t["status"] == "SUCCESS" for t in receiver.tasks(good)))
+        wait_for(lambda: any(json.loads(b)["status"] == "SUCCESS" for b in receiver.failed[-3:]))
+        (secret,) = sql(world.relay.config, "SELECT hook_secret FROM keys WHERE name = 'test'")[0]
+        with receiver.lock:
+            deliveries = list(receiver.deliveries)
+        for headers, body in deliveries:
+            expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+            assert hmac.compare_digest(headers["x-mj-relay-signature"], expected)
+        seen = receiver.tasks(good)
+        order = {"NOT_START": 0, "SUBMITTED": 1, "IN_PROGRESS": 2, "SUCCESS": 3}
+        steps = [(order[t["status"]], int(t["progress"].rstrip("%") or 0)) for t in seen]
+        assert steps == sorted(steps) and len(set(steps)) == len(steps)  # in order, each change once
+        assert seen[-1]["status"] == "SUCCESS" and seen[-1]["state"] == "s1" and "/files/" in seen[-1]["imageUrl"]
+        assert len(seen) >= 3  # submitted, progress, success
+        wait_for(lambda: len(receiver.failed) % 3 == 0)
+        with receiver.lock:
+            tries: dict[bytes, int] = {}
+            for body in receiver.failed:
+                tries[body] = tries.get(body, 0) + 1
+        assert set(tries.values()) == {3}  # each update tried three times, then given up, and the next one sent
