@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -183,3 +183,45 @@ async def test_concurrent_holds_and_settlements_over_many_keys_never_deadlock(db
     for key_id in key_ids:
         key = await keys.get(key_id)
         assert key is not None and (key.balance, key.held) == (10_000 - 30, 30)
+
+
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_keys_made_before_hook_secrets_get_one_each_when_migrated(store: str, tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+    from sqlalchemy.engine import Connection
+
+    from relay.store.db import MIGRATIONS
+
+    def upgrade_to(revision: str) -> Callable[[Connection], None]:
+        def run(connection: Connection) -> None:
+            config = AlembicConfig()
+            config.set_main_option("script_location", str(MIGRATIONS))
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+
+        return run
+
+    async with AsyncExitStack() as stack:
+        url = (
+            await stack.enter_async_context(pg_database())
+            if store == "postgres"
+            else f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+        )
+        database = Database(url, pool_size=2)
+        stack.push_async_callback(database.dispose)
+        async with database.engine.begin() as conn:
+            await conn.run_sync(upgrade_to("0001"))
+            for key_id in ("key_a", "key_b"):
+                await conn.execute(
+                    text(
+                        "INSERT INTO keys (id, name, key_hash, prefix, balance, held, created_at) "
+                        "VALUES (:id, 'old', :hash, 'sk-mjr-x', 10, 0, 0)"
+                    ),
+                    {"id": key_id, "hash": hash_key(key_id)},
+                )
+        await database.migrate()
+        keys = KeyStore(database.engine)
+        secrets = [(await keys.get(key_id)).hook_secret for key_id in ("key_a", "key_b")]  # type: ignore[union-attr]
+        assert all(secret.startswith("whsec_") and len(secret) > 40 for secret in secrets)
+        assert secrets[0] != secrets[1]
