@@ -12,6 +12,7 @@ midjourney-proxy (novicezk and trueai), new-api's own error envelope, and the `/
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,10 +40,37 @@ _BANNED_WORDS = ("banned", "敏感词", "sensitive", "moderation", "content poli
 
 
 def _decode(body: bytes) -> Any:
+    """An upstream's JSON, with every string made safe to keep: JSON escapes can carry NUL and unpaired surrogates,
+    which no database of the relay's takes (NUL is dropped, a surrogate becomes U+FFFD)."""
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        return _clean(json.loads(body, object_pairs_hook=_clean_pairs, parse_constant=_no_constant))
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValueError("not JSON") from None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        if "\x00" in value:
+            value = value.replace("\x00", "")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = _SURROGATE.sub("\ufffd", value)
+        return value
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
+    return value
+
+
+def _clean_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {_clean(key): _clean(value) for key, value in pairs}
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _as_id(result: Any) -> str | None:
@@ -104,10 +132,18 @@ def classify_submit(status: int, body: bytes, *, follow_up: bool = False) -> Sub
             return Retryable(f"HTTP {status}", sent=_maybe_ran(status))
         if status == 404:
             return ClientError("the task was not found upstream") if follow_up else ProviderUnusable("HTTP 404")
-        return ProviderUnusable(f"a non-JSON answer (HTTP {status})")
+        return _unreadable(status, "a non-JSON answer")
     if not isinstance(data, Mapping):
-        return ProviderUnusable(f"an unexpected JSON answer (HTTP {status})")
+        return _unreadable(status, "an unexpected JSON answer")
     return _classify_envelope(status, data, follow_up=follow_up)
+
+
+def _unreadable(status: int, what: str) -> SubmitOutcome:
+    """An answer the relay cannot read. A success status may mean the upstream took the task: it is not sent
+    elsewhere (it could run twice); any other status says the provider cannot serve now."""
+    if 200 <= status < 300:
+        return Retryable(f"{what} (HTTP {status}); the task may have been taken", sent=True)
+    return ProviderUnusable(f"{what} (HTTP {status})")
 
 
 def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool) -> SubmitOutcome:
@@ -137,14 +173,14 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
         return Retryable(description or f"HTTP {status}", sent=_maybe_ran(status))
 
     if code is None:
-        return ProviderUnusable(f"an answer without a result code (HTTP {status})")
+        return _unreadable(status, "an answer without a result code")
     upstream_id = _as_id(data.get("result"))
     props = data.get("properties")
     properties: Mapping[str, Any] = props if isinstance(props, Mapping) else {}
 
     if code in (1, 22):
-        if upstream_id is None:
-            return ProviderUnusable(f"code {code} without a task id")
+        if upstream_id is None:  # taken, but the relay cannot follow it
+            return Retryable(f"code {code} without a task id", sent=True)
         return Accepted(upstream_id, queued=code == 22)
     if code == 21:
         modal = (
@@ -173,7 +209,7 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
         return ClientError(description or "the upstream refused the request as invalid")
     if code == 25:
         return ProviderUnusable(description or "the upstream account has no balance")
-    return ProviderUnusable(f"unexpected result code {code}")
+    return _unreadable(status, f"unexpected result code {code}")
 
 
 def classify_upload(status: int, body: bytes) -> UploadOutcome:

@@ -10,6 +10,7 @@ import logging
 from relay.clock import Clock
 from relay.core.batch import Batcher
 from relay.core.events import JobEvent, JobEvents
+from relay.core.text import storable
 from relay.domain import FailureCode
 from relay.logs import event
 from relay.metrics import Metrics
@@ -40,7 +41,10 @@ class Finisher:
         """The ended job, or None when it had already ended (nothing was settled twice). `image_url`, `buttons` and
         `text` are what the upstream gave for a job it finished."""
         code = error_code.value if error_code is not None else None
-        return await self._write(Ending(job_id, succeeded, code, fail_reason, image_url, buttons, text))
+        # What an upstream said is kept only in a form every database takes: one bad string must not leave a job
+        # that can never be ended (and its hold never settled).
+        ending = Ending(job_id, succeeded, code, storable(fail_reason), storable(image_url), buttons, storable(text))
+        return await self._write(ending)
 
     async def _end_all(self, endings: list[Ending]) -> list[JobRow | None]:
         rows = await self.store.finish_many(endings, self.clock.now())

@@ -139,8 +139,11 @@ SUBMIT_REPLIES = [
     ("midjourney-proxy", httpx.Response(200, json={"code": 9, "description": "当前队列已满"}), Retryable),
     # a plain validation error
     ("midjourney-proxy", httpx.Response(200, json={"code": 4, "description": "prompt不能为空"}), ClientError),
-    # a reverse proxy's HTML page with HTTP 200
-    ("midjourney-proxy", httpx.Response(200, text="<html>login</html>"), ProviderUnusable),
+    # a reverse proxy's HTML page with HTTP 200: unreadable, and a success status may mean the task was taken
+    ("midjourney-proxy", httpx.Response(200, text="<html>login</html>"), Retryable),
+    # the same page with an error status: this provider cannot serve now
+    ("midjourney-proxy", httpx.Response(502, text="<html>bad gateway</html>"), Retryable),
+    ("midjourney-proxy", httpx.Response(400, text="<html>login</html>"), ProviderUnusable),
     # an empty 200
     ("midjourney-proxy", httpx.Response(200, text=""), Retryable),
     # new-api's own errors
@@ -455,7 +458,7 @@ async def test_an_upload_goes_to_the_dialects_path(
         (httpx.Response(500, json={"success": False, "code": -1, "message": "boom"}), Retryable),
         (httpx.Response(200, json={"code": 22, "result": "7"}), ProviderUnusable),  # not an upload answer
         (httpx.Response(401), ProviderUnusable),
-        (httpx.Response(200, text="<html>"), ProviderUnusable),
+        (httpx.Response(200, text="<html>"), Retryable),
     ],
 )
 async def test_upload_replies_map_to_outcomes(mock: respx.MockRouter, reply: httpx.Response, expected: type) -> None:
