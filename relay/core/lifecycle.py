@@ -54,6 +54,7 @@ class Tracked:
     missing_since: float | None = None
     delivering: bool = False
     confirmed: bool = False  # a MODAL job the client confirmed: it never goes back to MODAL
+    slot: bool = True  # holds one of its provider's running-job slots (a job waiting in MODAL does not)
     due_at: float = 0.0  # when the job is next read; 0 until it is first followed
 
 
@@ -85,6 +86,8 @@ def observe(
         new_state = state  # never step back
     if new_state is JobState.MODAL and confirmed:
         new_state = state  # a view read before the confirmation
+    if state is JobState.MODAL and new_state is JobState.SUBMITTED and not confirmed:
+        new_state = state  # only a confirmation (or the task running) takes a job out of MODAL
     new_progress = max(progress, min(99, view.progress))
     if new_state is state and new_progress == progress:
         return Step("none")
@@ -162,20 +165,49 @@ class Lifecycle:
             state=row.state,
             progress=row.progress,
             shape=row.spec.shape,
+            slot=row.state is not JobState.MODAL,
         )
 
-    def confirmed(self, job_id: str, upstream_id: str, deadline_at: float) -> None:
-        """A MODAL job the client confirmed (written as SUBMITTED): it runs to a new deadline, read one interval on."""
+    # -- confirming a job that waits in MODAL --------------------------------------------------------------------
+    #
+    # The upstream may start the task the moment it takes the confirmation, before the relay has written it down:
+    # so the job is marked confirmed (no read takes it back to MODAL, and the deadline it runs to applies) before
+    # the confirmation is sent, and unmarked if the upstream refuses it.
+
+    def confirming(self, job_id: str, deadline_at: float) -> float | None:
+        """Mark a MODAL job as being confirmed: it takes a provider slot and runs to `deadline_at`. Returns the
+        deadline it had (for `unconfirmed`), or None when the job is not followed here."""
+        tracked = self._by_job.get(job_id)
+        if tracked is None:
+            return None
+        waited_until = tracked.deadline_at
+        tracked.confirmed, tracked.deadline_at = True, deadline_at
+        if not tracked.slot:
+            self.pool.acquire(tracked.provider)
+            tracked.slot = True
+        return waited_until
+
+    def unconfirmed(self, job_id: str, waited_until: float) -> None:
+        """The upstream refused the confirmation: the job waits in MODAL again, to its old deadline."""
         tracked = self._by_job.get(job_id)
         if tracked is None:
             return
-        tracked.state, tracked.progress, tracked.confirmed = JobState.SUBMITTED, 0, True
-        tracked.deadline_at = deadline_at
-        if tracked.upstream_id != upstream_id:
-            tracked.upstream_id = upstream_id
-        tracked.due_at = self.clock.now() + self.pool.poll_interval(tracked.provider)
-        self.events.publish(JobEvent(job_id, JobState.SUBMITTED, 0))
-        self.on_follow(tracked.provider)
+        tracked.confirmed, tracked.deadline_at = False, waited_until
+        if tracked.slot and tracked.state is JobState.MODAL:
+            self.pool.release(tracked.provider)
+            tracked.slot = False
+
+    def confirmed(self, job_id: str, upstream_id: str) -> None:
+        """The confirmation is written: the job runs (read one interval on), under the upstream id it now has."""
+        tracked = self._by_job.get(job_id)
+        if tracked is None:
+            return
+        tracked.upstream_id = upstream_id
+        if tracked.state is JobState.MODAL:
+            tracked.state, tracked.progress = JobState.SUBMITTED, 0
+            tracked.due_at = self.clock.now() + self.pool.poll_interval(tracked.provider)
+            self.events.publish(JobEvent(job_id, JobState.SUBMITTED, 0))
+            self.on_follow(tracked.provider)
 
     # -- applying what the upstream says -------------------------------------------------------------------------
 
@@ -224,6 +256,9 @@ class Lifecycle:
         await self.store.record_progress(records, now)
         for tracked, step in changes:
             tracked.state, tracked.progress = step.state or tracked.state, step.progress
+            if tracked.state is JobState.MODAL and tracked.slot:  # parked by the upstream: it runs nothing now
+                self.pool.release(tracked.provider)
+                tracked.slot = False
             self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
         await asyncio.gather(
             *(self.end(t, succeeded=False, error_code=code, reason=reason) for t, code, reason in failures.values())
@@ -342,7 +377,8 @@ class Lifecycle:
             tracked.due_at = self.clock.now()
             self.follow(tracked)
             return False
-        self.pool.release(tracked.provider)
+        if tracked.slot:
+            self.pool.release(tracked.provider)
         return True
 
     async def close(self) -> None:

@@ -172,14 +172,27 @@ class Submitter:
         self.lifecycle.started(tracked)
 
     async def _parked(self, planned: Planned, provider: str, outcome: NeedsModal) -> bool:
-        """Park a follow-up in MODAL: it waits for the client's `submit/modal` until `jobs.modal_timeout_s`."""
+        """Park a follow-up in MODAL: it waits for the client's `submit/modal` until `jobs.modal_timeout_s`, and
+        holds no provider slot meanwhile (it runs nothing until confirmed)."""
         job = planned.job
         deadline = self.clock.now() + self.config.jobs.modal_timeout_s
-        if not await self.store.park_modal(job.id, provider, outcome.upstream_id, deadline, self.clock.now()):
-            self.pool.release(provider)
+        self.pool.release(provider)
+        try:
+            parked = await self.store.park_modal(job.id, provider, outcome.upstream_id, deadline, self.clock.now())
+        except Exception:
+            log.exception("recording a parked job failed", extra={"fields": {"job": job.id}})
+            parked = False
+        if not parked:
             return False
         tracked = Tracked(
-            job.id, job.model, provider, outcome.upstream_id, deadline, state=JobState.MODAL, shape=planned.shape
+            job.id,
+            job.model,
+            provider,
+            outcome.upstream_id,
+            deadline,
+            state=JobState.MODAL,
+            shape=planned.shape,
+            slot=False,
         )
         self.lifecycle.started(tracked)
         return True

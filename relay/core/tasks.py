@@ -219,6 +219,9 @@ class TaskService:
         if row.id in self._confirming:
             raise InvalidRequest("A confirmation of this task is already under way.", param="taskId")
         self._confirming.add(row.id)
+        deadline = self.clock.now() + self.config.jobs.deadline_s.of(cast(Mode, row.mode))
+        waited_until = self.lifecycle.confirming(row.id, deadline)
+        accepted = False
         try:
             request = SubmitRequest(
                 kind="modal",
@@ -229,7 +232,11 @@ class TaskService:
                 mask=mask,
                 state=row.id,
             )
-            outcome = await self.pool.submit(row.provider, request)
+            try:
+                outcome = await self.pool.submit(row.provider, request)
+            except Exception:
+                log.exception("confirming failed", extra={"fields": {"job": row.id, "provider": row.provider}})
+                raise ServiceUnavailable("The provider could not take the confirmation now; try again.") from None
             if isinstance(outcome, NeedsModal):
                 return Submission(row.id, JobState.MODAL)
             if not isinstance(outcome, Accepted):
@@ -237,13 +244,14 @@ class TaskService:
                 if isinstance(outcome, ClientError):
                     raise InvalidRequest(f"The upstream refused the confirmation: {outcome.description}")
                 raise ServiceUnavailable("The provider could not take the confirmation now; try again shortly.")
-            now = self.clock.now()
-            deadline = now + self.config.jobs.deadline_s.of(cast(Mode, row.mode))
-            if await self.store.confirm_modal(row.id, outcome.upstream_id, deadline, now, prompt or None):
-                self.lifecycle.confirmed(row.id, outcome.upstream_id, deadline)
+            accepted = True
+            if await self.store.confirm_modal(row.id, outcome.upstream_id, deadline, self.clock.now(), prompt or None):
+                self.lifecycle.confirmed(row.id, outcome.upstream_id)
             return Submission(row.id, JobState.SUBMITTED, outcome.queued)
         finally:
             self._confirming.discard(row.id)
+            if not accepted and waited_until is not None:
+                self.lifecycle.unconfirmed(row.id, waited_until)
 
     # -- reads ---------------------------------------------------------------------------------------------------
 

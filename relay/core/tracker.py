@@ -110,8 +110,9 @@ class Tracker:
                     fail_reason="its provider is no longer configured",
                 )
                 continue
-            self.pool.acquire(row.provider)
             tracked = self.lifecycle.tracked_from(row)
+            if tracked.slot:
+                self.pool.acquire(row.provider)
             tracked.due_at = self.clock.now()  # it may have ended while the relay was down: read it at once
             self.track(tracked)
 

@@ -266,18 +266,20 @@ class JobStore:
     async def confirm_modal(
         self, job_id: str, upstream_id: str, deadline_at: float, now: float, prompt: str | None = None
     ) -> bool:
-        """MODAL -> SUBMITTED once the upstream took the confirmation (and its prompt, when it had one); the job
-        runs to a new deadline."""
+        """A confirmation the upstream took: MODAL -> SUBMITTED (or as a read already moved it, when the task started
+        before this was written), with the upstream id it now has, the deadline it runs to, and its prompt."""
+        was_modal = jobs.c.state == JobState.MODAL.value
         values: dict[str, Any] = {
-            "state": JobState.SUBMITTED.value,
+            "state": case((was_modal, JobState.SUBMITTED.value), else_=jobs.c.state),
+            "progress": case((was_modal, 0), else_=jobs.c.progress),
             "upstream_id": upstream_id,
-            "progress": 0,
             "updated_at": now,
             "deadline_at": deadline_at,
         }
         if prompt:
             values["prompt"] = prompt
-        statement = update(jobs).where(jobs.c.id == job_id, jobs.c.state == JobState.MODAL.value).values(**values)
+        running = [s.value for s in (JobState.MODAL, JobState.SUBMITTED, JobState.IN_PROGRESS)]
+        statement = update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_(running)).values(**values)
         return await self._changed(statement)
 
     async def _changed(self, statement: Any) -> bool:

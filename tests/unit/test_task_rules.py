@@ -113,6 +113,12 @@ def test_a_confirmed_modal_never_returns_to_modal_and_a_text_result_needs_no_ima
     modal = TaskView("u", TaskStatus.MODAL)
     assert observe(JobState.SUBMITTED, 0, modal) == Step("progress", JobState.MODAL, 0)
     assert observe(JobState.SUBMITTED, 0, modal, confirmed=True) == Step("none")
+    # A parked job leaves MODAL only when confirmed or when the task runs: new-api's "" and novicezk's
+    # statuses (no MODAL among them) must not take it out.
+    for status in (TaskStatus.SUBMITTED, TaskStatus.NOT_START):
+        assert observe(JobState.MODAL, 0, TaskView("u", status)) == Step("none")
+    running = TaskView("u", TaskStatus.IN_PROGRESS, 15)
+    assert observe(JobState.MODAL, 0, running) == Step("progress", JobState.IN_PROGRESS, 15)
     done = TaskView("u", TaskStatus.SUCCESS, 100, final_prompt="1️⃣ a\n\n2️⃣ b")
     assert observe(JobState.IN_PROGRESS, 50, done, ResultShape.TEXT).kind == "success"
     assert observe(JobState.IN_PROGRESS, 50, done, ResultShape.IMAGE).kind == "failure"
