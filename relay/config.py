@@ -192,6 +192,8 @@ class HooksConfig(_Section):
     backoff_s: float = Field(1.0, ge=0, le=300)
     timeout_s: float = Field(5.0, gt=0, le=60)
     max_concurrent: int = Field(64, ge=1, le=1000)
+    max_concurrent_per_key: int = Field(8, ge=1, le=1000)
+    max_watched_per_key: int = Field(1000, ge=1, le=1_000_000)
 
 
 def _default_models() -> dict[str, ModelConfig]:

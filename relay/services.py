@@ -24,6 +24,7 @@ from relay.core.references import ReferenceLoader
 from relay.core.submit import Submitter
 from relay.core.tasks import TaskService
 from relay.core.tracker import Tracker
+from relay.core.uploads import Uploads
 from relay.metrics import Metrics
 from relay.store.db import Database
 from relay.store.jobs import JobStore
@@ -90,6 +91,7 @@ class Relay:
             metrics=self.metrics,
             clock=clock,
         )
+        self.uploads = Uploads(self.images, clock)
         self.tasks = TaskService(
             config=config,
             store=self.store,
@@ -97,6 +99,7 @@ class Relay:
             submitter=self.submitter,
             lifecycle=self.lifecycle,
             notifier=self.notifier,
+            uploads=self.uploads,
             clock=clock,
         )
         self.auth = Authenticator(self.keys)
@@ -117,15 +120,18 @@ class Relay:
         """Client hooks of jobs a previous run left running go on. Their image links use `server.public_url` (the
         address the task was submitted on is not kept), else the listening address."""
         server = self.config.server
-        base = server.public_url or f"http://{server.host}:{server.port}"
-        secrets: dict[str, str] = {}
+        host = "127.0.0.1" if server.host in ("", "0.0.0.0", "::") else server.host
+        base = server.public_url or f"http://{host}:{server.port}"
+        secrets: dict[str, str | None] = {}
         for row in await self.store.active():
             if not row.notify_hook:
                 continue
             if row.key_id not in secrets:
                 key = await self.keys.get(row.key_id)
-                secrets[row.key_id] = key.hook_secret if key else ""
-            self.notifier.watch(row.id, row.notify_hook, secrets[row.key_id], base)
+                secrets[row.key_id] = key.hook_secret if key else None
+            secret = secrets[row.key_id]
+            if secret:
+                self.notifier.watch(row.id, row.notify_hook, secret, base, row.key_id)
 
     async def close(self) -> None:
         self.ready = False

@@ -48,14 +48,18 @@ class Egress:
 
     async def pin(self, url: str) -> Pinned:
         """The checked place to connect for `url`; raises EgressRefused when it may not be reached."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            hostname = parts.hostname
+        except ValueError:  # an unclosed IPv6 bracket, and the like
+            raise EgressRefused("it is not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not hostname:
             raise EgressRefused("it must be an http(s) URL")
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise EgressRefused("it has an invalid port") from None
-        host = parts.hostname.lower()
+        host = hostname.lower()
         if self.allow_private or host in self._hosts:
             return Pinned(url)
         try:

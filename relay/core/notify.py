@@ -1,9 +1,12 @@
 """Client hooks: a task's `notifyHook` gets the task, in the relay's shape, each time it changes.
 
 Each delivery is a POST of the task JSON, signed with the key's hook secret: the header `X-MJ-Relay-Signature`
-is `sha256=` and the hex HMAC-SHA256 of the exact body bytes. A delivery that fails (no answer in
-`hooks.timeout_s`, or a status outside 2xx) is tried again after `hooks.backoff_s`, doubling, up to
-`hooks.attempts` tries in all; then that update is given up and the next one goes on. Deliveries of one task go
+is `sha256=` and the hex HMAC-SHA256 of the exact body bytes. A try that does not get a 2xx status within
+`hooks.timeout_s` (all of it: the address check, connecting, sending, the status line; the answer's body is never
+read) has failed; it is tried again after `hooks.backoff_s`, doubling, up to `hooks.attempts` tries in all; then
+that update is given up and the next one goes on. One key's receivers use at most `hooks.max_concurrent_per_key`
+of the `hooks.max_concurrent` deliveries under way, so a slow receiver cannot hold up another key's, and a key has
+at most `hooks.max_watched_per_key` tasks with a hook under way at once. Deliveries of one task go
 one at a time and in order; what is sent is the task as it is at that moment, so a receiver slower than the job
 gets its newest state rather than a backlog, and the same state is never sent twice. Hooks run beside the job and
 never hold it up. Hook URLs obey the same rules as reference images (`core.egress`): no private or local
@@ -51,6 +54,7 @@ class _Watch:
     url: str
     secret: str
     base_url: str
+    key_id: str
     pending: asyncio.Event = field(default_factory=asyncio.Event)
     sent: tuple[str, int] | None = None  # the last (state, progress) delivered
     worker: asyncio.Task[None] | None = None
@@ -75,7 +79,9 @@ class Notifier:
         self.clock = clock
         self.render: Render | None = None  # set by the app: the native surface's task shape
         self._watches: dict[str, _Watch] = {}
+        self._watched: dict[str, int] = {}  # key id -> tasks with a hook under way
         self._slots = asyncio.Semaphore(config.max_concurrent)
+        self._key_slots: dict[str, asyncio.Semaphore] = {}
         # A fresh connection for every delivery (each goes to the address checked for it), no proxies.
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout_s),
@@ -86,10 +92,15 @@ class Notifier:
         )
         events.listen(self._changed)
 
-    async def check(self, url: str | None) -> str | None:
+    async def check(self, url: str | None, key_id: str) -> str | None:
         """A hook URL fit to call, or None when none was given; raises InvalidRequest naming `notifyHook`."""
         if url is None or not url.strip():
             return None
+        if self._watched.get(key_id, 0) >= self.config.max_watched_per_key:
+            raise InvalidRequest(
+                f"This key already has {self.config.max_watched_per_key} tasks with a notifyHook under way.",
+                param="notifyHook",
+            )
         url = url.strip()
         if len(url) > MAX_URL or unstorable(url):
             raise InvalidRequest(f"notifyHook must be a URL of at most {MAX_URL} characters.", param="notifyHook")
@@ -99,10 +110,21 @@ class Notifier:
             raise InvalidRequest(f"notifyHook is refused: {exc}.", param="notifyHook") from None
         return url
 
-    def watch(self, job_id: str, url: str, secret: str, base_url: str) -> None:
+    def watch(self, job_id: str, url: str, secret: str, base_url: str, key_id: str) -> None:
         """Deliver the job's changes to `url` from now until it ends."""
         if job_id not in self._watches:
-            self._watches[job_id] = _Watch(url, secret, base_url)
+            self._watches[job_id] = _Watch(url, secret, base_url, key_id)
+            self._watched[key_id] = self._watched.get(key_id, 0) + 1
+
+    def _unwatch(self, job_id: str) -> None:
+        watch = self._watches.pop(job_id, None)
+        if watch is not None:
+            left = self._watched.get(watch.key_id, 1) - 1
+            if left > 0:
+                self._watched[watch.key_id] = left
+            else:
+                self._watched.pop(watch.key_id, None)
+                self._key_slots.pop(watch.key_id, None)
 
     def watching(self) -> int:
         return len(self._watches)
@@ -134,7 +156,7 @@ class Notifier:
             raise
         except Exception:
             log.exception("client hook failed", extra={"fields": {"job": job_id}})
-        self._watches.pop(job_id, None)
+        self._unwatch(job_id)
 
     async def _deliver(self, row: JobRow, watch: _Watch) -> None:
         assert self.render is not None, "the app sets how tasks are rendered"
@@ -147,8 +169,13 @@ class Notifier:
         for attempt in range(1, self.config.attempts + 1):
             if attempt > 1:
                 await self.clock.sleep(self.config.backoff_s * 2 ** (attempt - 2))
-            async with self._slots:
-                problem = await self._post(watch.url, body, headers)
+            key_slots = self._key_slots.setdefault(watch.key_id, asyncio.Semaphore(self.config.max_concurrent_per_key))
+            async with key_slots, self._slots:
+                try:
+                    async with asyncio.timeout(self.config.timeout_s):
+                        problem = await self._post(watch.url, body, headers)
+                except TimeoutError:
+                    problem = "no answer in time"
             if problem is None:
                 self.metrics.client_hooks.labels("delivered").inc()
                 return
@@ -162,14 +189,13 @@ class Notifier:
         except EgressRefused as exc:
             return f"refused: {exc}"
         try:
-            response = await self._client.post(
-                pinned.target, content=body, headers={**headers, **pinned.headers}, extensions=pinned.extensions
-            )
+            async with self._client.stream(
+                "POST", pinned.target, content=body, headers={**headers, **pinned.headers}, extensions=pinned.extensions
+            ) as response:  # the status is the answer: the body is never read
+                status = response.status_code
         except httpx.HTTPError as exc:
             return type(exc).__name__
-        if 200 <= response.status_code < 300:
-            return None
-        return f"HTTP {response.status_code}"
+        return None if 200 <= status < 300 else f"HTTP {status}"
 
     async def close(self) -> None:
         workers = [w.worker for w in self._watches.values() if w.worker is not None]

@@ -7,13 +7,10 @@ from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 from adapters import (
-    Bot,
     HttpOptions,
-    Mode,
     SubmitOutcome,
     SubmitRequest,
     TaskView,
-    UploadOutcome,
     Upstream,
     UpstreamUnavailable,
     create_http_upstream,
@@ -100,12 +97,6 @@ class ProviderPool:
         started = time.perf_counter()
         outcome = await self.upstreams[name].submit(request)
         self._observe(name, "submit", type(outcome).__name__.lower(), started)
-        return outcome
-
-    async def upload(self, name: str, images: Sequence[str], mode: Mode, bot: Bot) -> UploadOutcome:
-        started = time.perf_counter()
-        outcome = await self.upstreams[name].upload(images, mode, bot)
-        self._observe(name, "upload", type(outcome).__name__.lower(), started)
         return outcome
 
     async def seed(self, name: str, upstream_id: str) -> str | None:

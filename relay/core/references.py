@@ -13,7 +13,7 @@ import base64
 import binascii
 import io
 import ipaddress
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -75,7 +75,7 @@ class ReferenceLoader:
     async def _one(self, url: str) -> str:
         if url.startswith("data:"):
             return self._from_data_url(url)
-        if urlsplit(url).scheme in ("http", "https"):
+        if url.lower().startswith(("http://", "https://")):
             try:
                 async with asyncio.timeout(self.config.timeout_s):
                     data = await self._download(url)
@@ -114,7 +114,10 @@ class ReferenceLoader:
                     "GET", pinned.target, headers=pinned.headers, extensions=pinned.extensions
                 ) as response:
                     if response.is_redirect and "location" in response.headers:
-                        url = urljoin(url, response.headers["location"])
+                        try:
+                            url = urljoin(url, response.headers["location"])
+                        except ValueError:
+                            raise _bad("A reference image URL redirects to an invalid URL.") from None
                         continue
                     if response.status_code != 200:
                         raise _bad(f"A reference image URL answered HTTP {response.status_code}.")

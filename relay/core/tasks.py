@@ -5,7 +5,7 @@ upstream took it (the client then reads the task, or gets it at its `notifyHook`
     act      a parent's button (`submit/action`): a follow-up, on the parent's provider, priced by its own kind
     confirm  `submit/modal` for a follow-up waiting in MODAL: the same job runs on, nothing more is held
     get / find / recent / seed   the caller's own tasks only: another key's task is "not found", like a made-up one
-    upload   `submit/upload-discord-images`: links from a provider, no job and no charge
+    (uploads are kept by the relay itself: `core.uploads`)
 
 Every job is held at its kind's price before any upstream call (`core.submit`), and captured or released exactly
 once when it ends, as on the OpenAI surface.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import cast
 
 from adapters import (
@@ -26,7 +26,6 @@ from adapters import (
     Dimensions,
     NeedsModal,
     SubmitRequest,
-    Uploaded,
     UpstreamUnavailable,
 )
 from relay.clock import Clock
@@ -39,8 +38,8 @@ from relay.core.modes import ModeHints, UnknownModel, choose_mode, price_model
 from relay.core.notify import Notifier
 from relay.core.prompt import PromptParts, build_prompt
 from relay.core.providers import ProviderPool
-from relay.core.router import rank
 from relay.core.submit import Outcome, Planned, Submitter
+from relay.core.uploads import Uploads
 from relay.domain import TASKS, JobState, Mode, TaskKind
 from relay.errors import InvalidRequest, NotFound, ServiceUnavailable, UpstreamFailed
 from relay.logs import event
@@ -98,6 +97,7 @@ class TaskService:
         submitter: Submitter,
         lifecycle: Lifecycle,
         notifier: Notifier,
+        uploads: Uploads,
         clock: Clock,
     ) -> None:
         self.config = config
@@ -106,6 +106,7 @@ class TaskService:
         self.submitter = submitter
         self.lifecycle = lifecycle
         self.notifier = notifier
+        self.uploads = uploads
         self.clock = clock
         self._confirming: set[str] = set()
 
@@ -133,14 +134,19 @@ class TaskService:
         spec = TASKS[order.kind]
         assert spec.direct is not None, f"{order.kind} is made from a button only"
         mode, bot, model = self._mode_and_model(order.hints, order.bot)
-        prompt = ""
+        prompt, images = "", order.images
+        if order.kind is TaskKind.IMAGINE:
+            limit = self.config.api.references.max_count
+            order_prompt, images = await self.uploads.inline(order.prompt, order.images, limit)
+        else:
+            order_prompt = order.prompt
         if order.kind in (TaskKind.IMAGINE, TaskKind.SHORTEN):
-            text = check_prompt(order.prompt, self.config.api.max_prompt_chars)
+            text = check_prompt(order_prompt, self.config.api.max_prompt_chars)
             prompt = build_prompt(PromptParts(text=text, mode=mode)) if order.kind is TaskKind.IMAGINE else text
-        hook = await self.notifier.check(order.notify_hook)
+        hook = await self.notifier.check(order.notify_hook, key.id)
         job = self._new_job(order.kind, model, mode, bot, prompt, order.client_state, hook)
         request = SubmitRequest(
-            kind=spec.direct, prompt=prompt, mode=mode, bot=bot, images=order.images, dimensions=order.dimensions
+            kind=spec.direct, prompt=prompt, mode=mode, bot=bot, images=images, dimensions=order.dimensions
         )
         return await self._run(key, Planned(job, request, spec.shape), base_url)
 
@@ -155,7 +161,7 @@ class TaskService:
         if order.custom_id not in {button.get("customId") for button in parent.buttons}:
             raise InvalidRequest("The task has no such button.", param="customId")
         mode, bot, model = self._mode_and_model(order.hints, cast(Bot, parent.bot), inherited=cast(Mode, parent.mode))
-        hook = await self.notifier.check(order.notify_hook)
+        hook = await self.notifier.check(order.notify_hook, key.id)
         job = self._new_job(kind, model, mode, bot, "", order.client_state, hook, parent, order.custom_id)
         request = SubmitRequest(
             kind="action", mode=mode, bot=bot, task_id=parent.upstream_id, custom_id=order.custom_id
@@ -203,7 +209,7 @@ class TaskService:
     async def _admit_and_submit(self, key: KeyRecord, planned: Planned, base_url: str) -> Outcome:
         await self.submitter.admit(key, [planned.job])
         if planned.job.notify_hook:
-            self.notifier.watch(planned.job.id, planned.job.notify_hook, key.hook_secret, base_url)
+            self.notifier.watch(planned.job.id, planned.job.notify_hook, key.hook_secret, base_url, key.id)
         return await self.submitter.submit(planned)
 
     # -- modal ---------------------------------------------------------------------------------------------------
@@ -283,23 +289,3 @@ class TaskService:
         if seed is None:
             raise InvalidRequest("The upstream has no seed for this task.", param="taskId")
         return seed
-
-    # -- uploads -------------------------------------------------------------------------------------------------
-
-    async def upload(self, images: tuple[str, ...], hints: ModeHints, bot: Bot | None) -> tuple[str, ...]:
-        """Images uploaded through a provider that serves the mode; the links it gave. No job, no charge."""
-        mode, chosen_bot, _ = self._mode_and_model(hints, bot)
-        tried: list[str] = []
-        while True:
-            # An upload is no job: a provider's running-job limit does not apply to it.
-            candidates = [replace(c, max_in_flight=None) for c in self.pool.candidates()]
-            names = rank(candidates, mode=mode, bot=chosen_bot, exclude=tried)
-            if not names:
-                raise ServiceUnavailable("No provider could take the upload right now; try again shortly.")
-            tried.append(names[0])
-            outcome = await self.pool.upload(names[0], images, mode, chosen_bot)
-            if isinstance(outcome, Uploaded):
-                return outcome.links
-            event(log, "upload not accepted", provider=names[0], outcome=type(outcome).__name__)
-            if isinstance(outcome, ClientError):
-                raise InvalidRequest(f"The upstream refused the upload: {outcome.description}", param="base64Array")

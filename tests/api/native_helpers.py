@@ -87,9 +87,11 @@ def native(
     providers: int = 1,
     quota: int = 1000,
     sim: dict[str, Any] | None = None,
+    provider_settings: dict[str, Any] | None = None,
     **sections: Any,
 ) -> Iterator[Native]:
-    """A relay with `providers` providers of one dialect (each its own simulator) and a native client."""
+    """A relay with `providers` providers of one dialect (each its own simulator, with `provider_settings`) and a
+    native client."""
     settings = sim_settings(**(sim or {}))
     with ExitStack() as stack:
         engines: list[SimEngine] = []
@@ -97,12 +99,16 @@ def native(
         for index in range(providers):
             name = f"p{index}"
             if dialect == "simulator":
-                configured.append({"name": name, "dialect": "simulator", "simulator": settings})
+                configured.append(
+                    {"name": name, "dialect": "simulator", "simulator": settings, **(provider_settings or {})}
+                )
                 continue
             engine = SimEngine(SimSettings(**settings))
             engines.append(engine)
             base = stack.enter_context(serve(build_sim_app(engine, dialect, SECRET)))  # type: ignore[arg-type]
-            configured.append({"name": name, "dialect": dialect, "base_url": base, "secret": SECRET})
+            configured.append(
+                {"name": name, "dialect": dialect, "base_url": base, "secret": SECRET, **(provider_settings or {})}
+            )
         config = relay_config(tmp_path, providers=configured, **sections)
         relay = stack.enter_context(running_relay(config, quota=quota))
         client = stack.enter_context(

@@ -5,8 +5,8 @@ what a native client sees when the upstream queues (22), asks for a modal (21), 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +17,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.api.native_helpers import png
-from tests.helpers import relay_config, running_relay, serve, wait_for
+from tests.helpers import RunningRelay, relay_config, running_relay, serve, wait_for
 
 
 class Canned:
-    """Answers each route with the next reply queued for it (the last one repeats)."""
+    """Answers each route with the next reply queued for it (the last one repeats). `before[route]`, when set, is
+    awaited before that route answers (an upstream that is slow to answer)."""
 
     def __init__(self) -> None:
         self.replies: dict[str, list[tuple[int, Any]]] = {}
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.before: dict[str, Callable[[], Awaitable[None]]] = {}
         self.lock = threading.Lock()
 
     def on(self, route: str, *replies: tuple[int, Any]) -> None:
@@ -44,9 +46,13 @@ class Canned:
                     self.calls.append((route, await request.json()))
             if route.startswith("task/") and route.endswith("/fetch"):
                 route = "fetch"
+            if route in self.before:
+                await self.before[route]()
             status, body = self._next(route)
             if body is None:
                 return Response(status_code=status)
+            if isinstance(body, RawJson):
+                return Response(str(body).encode(), status_code=status, media_type="application/json")
             if body == "":
                 return Response(b"", status_code=status, media_type="application/json")
             return JSONResponse(body, status_code=status)
@@ -54,25 +60,41 @@ class Canned:
         return Starlette(routes=[Route("/mj/{rest:path}", handle, methods=["GET", "POST"])])
 
 
+class RawJson(str):
+    """A reply body sent exactly as written (JSON escapes a Python string could not carry)."""
+
+
 def task(upstream_id: str, status: str, progress: str = "0%", **extra: Any) -> dict[str, Any]:
     return {"id": upstream_id, "status": status, "progress": progress, "action": "IMAGINE", **extra}
 
 
 @contextmanager
-def relay_before(canned: Canned, tmp_path: Path, **jobs: Any) -> Iterator[httpx.Client]:
-    with serve(canned.app()) as upstream:
-        provider = {"name": "odd", "dialect": "midjourney-proxy", "base_url": upstream, "secret": "s"}
-        config = relay_config(tmp_path, providers=[provider], jobs={"poll_interval_s": 0.05, **jobs})
-        with running_relay(config) as relay:
-            with httpx.Client(base_url=relay.base, headers={"mj-api-secret": relay.key}, timeout=30) as client:
-                yield client
+def relay_before(
+    canned: Canned, tmp_path: Path, *more: Canned, sections: dict[str, Any] | None = None, **jobs: Any
+) -> Iterator[tuple[httpx.Client, RunningRelay]]:
+    """A relay whose providers are canned upstreams (`odd`, then `odd1`, `odd2`, ... in priority order), and a
+    native client of it."""
+    with ExitStack() as stack:
+        providers = []
+        for index, upstream in enumerate((canned, *more)):
+            base = stack.enter_context(serve(upstream.app()))
+            name = "odd" if index == 0 else f"odd{index}"
+            providers.append(
+                {"name": name, "dialect": "midjourney-proxy", "base_url": base, "secret": "s", "priority": index}
+            )
+        config = relay_config(tmp_path, providers=providers, jobs={"poll_interval_s": 0.05, **jobs}, **(sections or {}))
+        relay = stack.enter_context(running_relay(config))
+        client = stack.enter_context(
+            httpx.Client(base_url=relay.base, headers={"mj-api-secret": relay.key}, timeout=30)
+        )
+        yield client, relay
 
 
 def test_a_queued_submit_is_answered_22_and_followed(tmp_path: Path) -> None:
     canned = Canned()
     canned.on("submit/imagine", (200, {"code": 22, "description": "排队中", "result": "u-1", "properties": {}}))
     canned.on("task/list-by-condition", (200, [task("u-1", "NOT_START")]), (200, [task("u-1", "IN_PROGRESS", "46%")]))
-    with relay_before(canned, tmp_path) as client:
+    with relay_before(canned, tmp_path) as (client, _):
         reply = client.post("/mj/submit/imagine", json={"prompt": "a queue"})
         assert reply.json()["code"] == 22 and reply.json()["description"] == "In queue"
         task_id = reply.json()["result"]
@@ -106,7 +128,7 @@ def test_a_modal_answer_to_an_action_parks_the_task_and_the_modal_runs_it(tmp_pa
             "task/list-by-condition",
             (200, [task("u-parent", "SUCCESS", "100%", imageUrl=cdn + "/p.png", buttons=buttons)]),
         )
-        with relay_before(canned, tmp_path) as client:
+        with relay_before(canned, tmp_path) as (client, _):
             parent = client.post("/mj/submit/imagine", json={"prompt": "a parent"}).json()["result"]
             wait_for(lambda: client.get(f"/mj/task/{parent}/fetch").json()["status"] == "SUCCESS")
             canned.on("task/list-by-condition", (200, [task("u-modal", "MODAL")]))
@@ -130,7 +152,7 @@ def test_trueai_refusals_are_client_errors_and_faults_are_retryable(tmp_path: Pa
         (200, {"success": False, "code": -1, "message": "prompt contains a parameter that is not allowed"}),
         (500, {"success": False, "code": -1, "message": "internal"}),
     )
-    with relay_before(canned, tmp_path) as client:
+    with relay_before(canned, tmp_path) as (client, _):
         refused = client.post("/mj/submit/imagine", json={"prompt": "a cat --badparam"})
         assert refused.status_code == 400 and refused.json()["code"] == 4
         assert "not allowed" in refused.json()["description"]
@@ -144,7 +166,7 @@ def test_a_task_the_upstream_forgets_ends_lost(tmp_path: Path) -> None:
     canned.on("submit/imagine", (200, {"code": 1, "result": "u-ghost"}))
     canned.on("task/list-by-condition", (404, None))
     canned.on("fetch", (200, ""))  # novicezk answers an unknown id with an empty 200
-    with relay_before(canned, tmp_path, lost_after_s=0.3) as client:
+    with relay_before(canned, tmp_path, lost_after_s=0.3) as (client, _):
         task_id = client.post("/mj/submit/imagine", json={"prompt": "a ghost"}).json()["result"]
         wait_for(lambda: client.get(f"/mj/task/{task_id}/fetch").json()["status"] == "FAILURE")
         assert "lost" in client.get(f"/mj/task/{task_id}/fetch").json()["failReason"]

@@ -3,11 +3,13 @@ expiry, and client hooks (signed, in order, never holding a job up)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +184,68 @@ def test_client_hooks_arrive_signed_in_order_and_a_failing_receiver_stalls_nothi
             for body in receiver.failed:
                 tries[body] = tries.get(body, 0) + 1
         assert set(tries.values()) == {3}  # each update tried three times, then given up, and the next one sent
+
+
+def test_a_receiver_that_never_answers_holds_up_no_other_keys_hooks(tmp_path: Path) -> None:
+    arrivals: list[float] = []
+
+    async def hang(request: Request) -> Response:
+        await asyncio.sleep(30)  # a receiver that takes the connection and never answers
+        return Response(status_code=204)
+
+    async def ok(request: Request) -> Response:
+        arrivals.append(time.monotonic())
+        return Response(status_code=204)
+
+    app = Starlette(routes=[Route("/hang", hang, methods=["POST"]), Route("/ok", ok, methods=["POST"])])
+    hooks = {"timeout_s": 3, "attempts": 1, "max_concurrent": 2, "max_concurrent_per_key": 1}
+    sections = {"api": {"references": {"allow_private": True}}, "hooks": hooks}
+    with serve(app) as receiver, native(tmp_path, sim={"fast_s": 0.5}, **sections) as world:
+        for index in range(3):
+            world.submit("/submit/imagine", {"prompt": f"slow hook {index}", "notifyHook": receiver + "/hang"})
+        other = create_key(world.relay.config, 100, name="other")
+        sent_at = time.monotonic()
+        reply = httpx.post(
+            world.relay.base + "/mj/submit/imagine",
+            json={"prompt": "a quick hook", "notifyHook": receiver + "/ok"},
+            headers={"mj-api-secret": other},
+        )
+        assert reply.json()["code"] == 1
+        wait_for(lambda: bool(arrivals), timeout=10)
+        # Its first update came long before the hanging receiver's first try could time out (3 s).
+        assert arrivals[0] - sent_at < 1.5
+
+
+def test_a_key_has_a_bounded_number_of_hooked_tasks_under_way(tmp_path: Path) -> None:
+    sections = {"api": {"references": {"allow_private": True}}, "hooks": {"max_watched_per_key": 2}}
+    with native(tmp_path, sim={"fast_s": 5}, **sections) as world:
+        for index in range(2):
+            world.submit("/submit/imagine", {"prompt": f"hooked {index}", "notifyHook": "http://127.0.0.1:9/h"})
+        third = world.post("/submit/imagine", {"prompt": "one too many", "notifyHook": "http://127.0.0.1:9/h"})
+        assert third.status_code == 400 and "notifyHook" in third.json()["description"]
+        assert world.post("/submit/imagine", {"prompt": "no hook"}).json()["code"] == 1
+
+
+def test_a_malformed_url_is_a_400_not_a_500(tmp_path: Path) -> None:
+    with native(tmp_path) as world:
+        for url in ("http://[::1", "http://[::1]:99999/x", "http://exa mple.com/x", "https://"):
+            reply = world.post("/submit/imagine", {"prompt": "a cat", "notifyHook": url})
+            assert reply.status_code == 400 and reply.json()["code"] == 4, (url, reply.text)
+            chat = httpx.post(
+                world.relay.base + "/v1/chat/completions",
+                json={
+                    "model": "mj-fast",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "text", "text": "a cat"},
+                                {"type": "image_url", "image_url": {"url": url}},
+                            ],
+                        }
+                    ],
+                },
+                headers={"Authorization": f"Bearer {world.relay.key}"},
+            )
+            assert chat.status_code == 400 and chat.json()["error"]["code"] == "invalid_image", (url, chat.text)
+        assert world.relay.balance() == (1000, 0)

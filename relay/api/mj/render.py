@@ -14,6 +14,7 @@ takes back.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from relay.core.failures import code_of, job_failed
@@ -39,6 +40,17 @@ MODAL = 21
 QUEUED = 22
 
 
+_LINK = re.compile(r"<?https?://[^\s<>]+>?")
+
+
+def _own_links_only(text: str, prompt: str) -> str:
+    """`text` without the links the client did not write: an upstream puts the Discord links of the reference
+    images it uploaded in front of the prompt it ran."""
+    own = {link.strip("<>") for link in _LINK.findall(prompt)}
+    kept = _LINK.sub(lambda found: found.group(0) if found.group(0).strip("<>") in own else "", text)
+    return re.sub(r" {2,}", " ", kept).strip() if kept != text else text
+
+
 def _ms(seconds: float | None) -> int | None:
     return int(seconds * 1000) if seconds is not None else None
 
@@ -58,7 +70,7 @@ def task(row: JobRow, images: ImageStore, base_url: str, now: float) -> dict[str
     image_url = None
     if succeeded and spec.shape is not ResultShape.TEXT:
         image_url = images.url(base_url, row.id, GRID if spec.shape is ResultShape.GRID else IMAGE, now)
-    final = row.result_text or row.prompt
+    final = _own_links_only(row.result_text, row.prompt) if row.result_text else row.prompt
     prompt = row.prompt or (row.result_text or "" if spec.shape is ResultShape.TEXT else "")
     return {
         "id": row.id,

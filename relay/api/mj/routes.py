@@ -58,18 +58,20 @@ async def _images(relay: Relay, values: list[str], param: str) -> tuple[str, ...
     return tuple(await asyncio.to_thread(lambda: [relay.references.decode(v, param) for v in values]))
 
 
-def _submitted(submission: Submission) -> JSONResponse:
+def _submitted(request: Request, submission: Submission) -> JSONResponse:
+    # `/v1/mj` resellers type the task id as an integer (seed 002); the relay's ids are numbers, so it can.
+    result: str | int = int(submission.job_id) if request.url.path.startswith("/v1/mj/") else submission.job_id
     if submission.state is JobState.MODAL:
-        body = render.envelope(render.MODAL, "Waiting for window confirm", submission.job_id, {"remix": True})
+        body = render.envelope(render.MODAL, "Waiting for window confirm", result, {"remix": True})
     elif submission.queued:
-        body = render.envelope(render.QUEUED, "In queue", submission.job_id)
+        body = render.envelope(render.QUEUED, "In queue", result)
     else:
-        body = render.envelope(render.SUBMITTED, "Submit success", submission.job_id)
+        body = render.envelope(render.SUBMITTED, "Submit success", result)
     return JSONResponse(body)
 
 
 async def _order(request: Request, relay: Relay, key: KeyRecord, order: TaskOrder) -> JSONResponse:
-    return _submitted(await relay.tasks.submit(key, order, base_url(request)))
+    return _submitted(request, await relay.tasks.submit(key, order, base_url(request)))
 
 
 def _common(body: schemas._Submit) -> dict[str, Any]:
@@ -116,19 +118,19 @@ async def swap_face(request: Request) -> Response:
 async def action(request: Request) -> Response:
     relay, key, body = await _caller(request, schemas.ActionBody)
     order = ActionOrder(body.taskId, body.customId, _hints(request, body), body.state, body.notifyHook)
-    return _submitted(await relay.tasks.act(key, order, base_url(request)))
+    return _submitted(request, await relay.tasks.act(key, order, base_url(request)))
 
 
 async def modal(request: Request) -> Response:
     relay, key, body = await _caller(request, schemas.ModalBody)
     mask = (await _images(relay, [body.maskBase64], "maskBase64"))[0] if body.maskBase64 else None
-    return _submitted(await relay.tasks.confirm(key, body.taskId, body.prompt or "", mask))
+    return _submitted(request, await relay.tasks.confirm(key, body.taskId, body.prompt or "", mask))
 
 
 async def upload(request: Request) -> Response:
     relay, _, body = await _caller(request, schemas.UploadBody)
     images = await _images(relay, body.base64Array, "base64Array")
-    links = await relay.tasks.upload(images, _hints(request, body), body.botType)
+    links = await relay.uploads.keep(images, base_url(request))
     return JSONResponse(render.envelope(render.SUBMITTED, "Upload success", list(links)))
 
 

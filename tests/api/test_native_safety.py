@@ -1,0 +1,150 @@
+"""What must hold when upstreams are slow, odd or hostile: a confirmation the upstream starts at once is never lost,
+an answer that may mean "taken" is never sent elsewhere, upstream text a database cannot store never leaves a job
+unending, and no upstream link reaches a client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.api.native_helpers import native, png
+from tests.api.test_native_odd_upstreams import Canned, RawJson, _png_cdn, relay_before, task
+from tests.helpers import pg_database_sync, serve, sql, wait_for
+
+BUTTONS = [{"customId": "MJ::Inpaint::1::h::SOLO", "label": "Vary (Region)"}]
+
+
+def test_a_confirmation_the_upstream_starts_before_it_answers_runs_to_its_end_and_is_charged(tmp_path: Path) -> None:
+    """The upstream takes `submit/modal`, starts the task, and answers only after the relay has read it running and
+    after the modal's own deadline: the job still runs on to its end, with the prompt it was confirmed with."""
+    canned = Canned()
+    canned.on("submit/imagine", (200, {"code": 1, "result": "u-parent"}))
+    canned.on("submit/action", (200, {"code": 21, "result": "u-modal", "properties": {"remix": True}}))
+    canned.on("submit/modal", (200, {"code": 1, "result": "u-modal"}))
+    polls_during_modal: list[float] = []
+
+    async def slow_modal() -> None:
+        started = time.monotonic()
+        canned.on("task/list-by-condition", (200, [task("u-modal", "IN_PROGRESS", "46%")]))
+        while len(polls_during_modal) < 3 or time.monotonic() - started < 0.8:  # past the modal's deadline
+            await asyncio.sleep(0.02)
+
+    async def count_polls() -> None:
+        polls_during_modal.append(time.monotonic())
+
+    with serve(_png_cdn()) as cdn, relay_before(canned, tmp_path, modal_timeout_s=0.5) as (client, relay):
+        canned.on(
+            "task/list-by-condition",
+            (200, [task("u-parent", "SUCCESS", "100%", imageUrl=cdn + "/p.png", buttons=BUTTONS)]),
+        )
+        parent = client.post("/mj/submit/imagine", json={"prompt": "a parent"}).json()["result"]
+        wait_for(lambda: client.get(f"/mj/task/{parent}/fetch").json()["status"] == "SUCCESS")
+        canned.on("task/list-by-condition", (200, [task("u-modal", "MODAL")]))
+        child = client.post("/mj/submit/action", json={"taskId": parent, "customId": BUTTONS[0]["customId"]}).json()[
+            "result"
+        ]
+        assert client.get(f"/mj/task/{child}/fetch").json()["status"] == "MODAL"
+        canned.before["submit/modal"] = slow_modal
+        canned.before["task/list-by-condition"] = count_polls
+        confirmed = client.post("/mj/submit/modal", json={"taskId": child, "prompt": "a boat", "maskBase64": png()})
+        assert confirmed.json()["code"] == 1
+        assert len(polls_during_modal) >= 3  # the relay read the task while the confirmation was under way
+        during = client.get(f"/mj/task/{child}/fetch").json()
+        assert during["status"] == "IN_PROGRESS" and during["prompt"] == "a boat"
+        canned.on("task/list-by-condition", (200, [task("u-modal", "SUCCESS", "100%", imageUrl=cdn + "/m.png")]))
+        wait_for(lambda: client.get(f"/mj/task/{child}/fetch").json()["status"] in ("SUCCESS", "FAILURE"))
+        assert client.get(f"/mj/task/{child}/fetch").json()["status"] == "SUCCESS"
+        assert sql(relay.config, "SELECT hold_state FROM jobs WHERE id = ?", child) == [("captured",)]
+
+
+def test_a_job_waiting_in_modal_holds_no_provider_slot(tmp_path: Path) -> None:
+    with native(tmp_path, provider_settings={"max_in_flight": 1}) as world:
+        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a parent"}))
+        button = world.button(grid, "upsample::1")
+        upscale = world.finished(world.submit("/submit/action", {"taskId": grid["id"], "customId": button}))
+        region = world.button(upscale, "Inpaint")
+        parked = [world.submit("/submit/action", {"taskId": upscale["id"], "customId": region}) for _ in range(3)]
+        assert {world.fetch(task_id)["status"] for task_id in parked} == {"MODAL"}
+        # three parked tasks, on a provider that runs one job at a time: a new job still gets through
+        other = world.post("/submit/imagine", {"prompt": "someone else's picture"})
+        assert other.status_code == 200 and other.json()["code"] == 1, other.text
+        world.finished(str(other.json()["result"]))
+        world.post("/submit/modal", {"taskId": parked[0], "maskBase64": png()})
+        world.finished(parked[0])  # a confirmed one runs, taking the slot again
+
+
+def test_an_answer_that_may_mean_taken_is_never_sent_to_another_provider(tmp_path: Path) -> None:
+    first, second = Canned(), Canned()
+    first.on("submit/imagine", (200, {"code": 1, "description": "ok", "result": None}))  # taken, but no id
+    second.on("submit/imagine", (200, {"code": 1, "result": "u-2"}))
+    with relay_before(first, tmp_path, second) as (client, relay):
+        reply = client.post("/mj/submit/imagine", json={"prompt": "once only"})
+        assert reply.status_code == 502 and reply.json()["code"] == 9, reply.text
+        assert [route for route, _ in second.calls] == []
+        assert relay.balance() == (1000, 0)
+
+
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_upstream_text_a_database_cannot_store_still_ends_the_job(store: str, tmp_path: Path) -> None:
+    canned = Canned()
+    canned.on("submit/imagine", (200, {"code": 1, "result": "u-bad"}))
+    raw = '[{"id": "u-bad", "status": "FAILURE", "progress": "", "failReason": "bad \\u0000 words \\ud800 here"}]'
+    canned.on("task/list-by-condition", (200, RawJson(raw)))
+    sections: dict[str, Any] = {}
+    with pg_database_sync() if store == "postgres" else _nothing() as url:
+        if url:
+            sections["database"] = {"url": url}
+        with relay_before(canned, tmp_path, sections=sections) as (client, relay):
+            task_id = client.post("/mj/submit/imagine", json={"prompt": "a cat"}).json()["result"]
+            wait_for(lambda: client.get(f"/mj/task/{task_id}/fetch").json()["status"] == "FAILURE")
+            reason = client.get(f"/mj/task/{task_id}/fetch").json()["failReason"]
+            assert reason == "bad  words \ufffd here"
+            assert relay.balance() == (1000, 0)
+
+
+def test_uploads_are_the_relays_links_and_come_back_as_reference_images(tmp_path: Path) -> None:
+    canned = Canned()
+    canned.on("submit/imagine", (200, {"code": 1, "result": "u-ref"}))
+    with relay_before(canned, tmp_path) as (client, relay):
+        uploaded = client.post("/mj/submit/upload-discord-images", json={"base64Array": [png(), png((1, 2, 3))]})
+        links = uploaded.json()["result"]
+        assert uploaded.json()["code"] == 1 and all(link.startswith(relay.base + "/files/up") for link in links)
+        assert client.get(links[0]).headers["content-type"] == "image/png"
+        assert [route for route, _ in canned.calls] == []  # no upstream saw the upload
+        prompt = f"{links[0]} a cat with <{links[1]}> --ar 2:3 https://example.com/theirs.png"
+        client.post("/mj/submit/imagine", json={"prompt": prompt})
+        (sent,) = [body for route, body in canned.calls if route == "submit/imagine"]
+        assert sent["prompt"] == "a cat with --ar 2:3 https://example.com/theirs.png --fast"
+        assert len(sent["base64Array"]) == 2
+        assert base64.b64decode(sent["base64Array"][0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+        tampered = links[0].replace("sig=", "sig=x")
+        client.post("/mj/submit/imagine", json={"prompt": f"{tampered} a dog"})
+        assert [body for route, body in canned.calls if route == "submit/imagine"][-1]["base64Array"] == []
+
+
+def test_a_final_prompt_never_shows_links_the_client_did_not_write(tmp_path: Path) -> None:
+    canned = Canned()
+    canned.on("submit/imagine", (200, {"code": 1, "result": "u-fp"}))
+    with serve(_png_cdn()) as cdn:
+        final = "<https://s.mj.run/AbC> <https://cdn.discordapp.com/attachments/1/2/x.png> a cat --v 6 --fast"
+        done = task("u-fp", "SUCCESS", "100%", imageUrl=cdn + "/f.png", properties={"finalPrompt": final})
+        canned.on("task/list-by-condition", (200, [done]))
+        with relay_before(canned, tmp_path) as (client, _):
+            task_id = client.post("/mj/submit/imagine", json={"prompt": "a cat --v 6"}).json()["result"]
+            wait_for(lambda: client.get(f"/mj/task/{task_id}/fetch").json()["status"] == "SUCCESS")
+            shown = client.get(f"/mj/task/{task_id}/fetch").json()
+            assert shown["promptEn"] == shown["properties"]["finalPrompt"] == "a cat --v 6 --fast"
+            assert "discord" not in str(shown) and "mj.run" not in str(shown)
+
+
+class _nothing:
+    def __enter__(self) -> str:
+        return ""
+
+    def __exit__(self, *args: object) -> None:
+        return None
