@@ -29,7 +29,7 @@ import httpx
 
 from relay.clock import Clock
 from relay.config import HooksConfig
-from relay.core.egress import Egress, EgressRefused
+from relay.core.egress import Egress, EgressRefused, pinned_client
 from relay.core.events import JobEvent, JobEvents
 from relay.core.text import unstorable
 from relay.errors import InvalidRequest
@@ -82,14 +82,7 @@ class Notifier:
         self._watched: dict[str, int] = {}  # key id -> tasks with a hook under way
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._key_slots: dict[str, asyncio.Semaphore] = {}
-        # A fresh connection for every delivery (each goes to the address checked for it), no proxies.
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.timeout_s),
-            limits=httpx.Limits(max_keepalive_connections=0),
-            follow_redirects=False,
-            trust_env=False,
-            transport=transport,
-        )
+        self._client = pinned_client(config.timeout_s, transport)
         events.listen(self._changed)
 
     async def check(self, url: str | None, key_id: str) -> str | None:

@@ -19,7 +19,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from relay.config import ReferencesConfig
-from relay.core.egress import Egress, EgressRefused, Pinned, Resolver
+from relay.core.egress import Egress, EgressRefused, Pinned, Resolver, pinned_client
 from relay.errors import InvalidImage
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -54,15 +54,7 @@ class ReferenceLoader:
     ) -> None:
         self.config = config
         self._egress = Egress(config.allow_private, config.allow_hosts, resolver)
-        # A fresh connection for every download: a pooled one, made for another host name on the same address,
-        # would skip that host's TLS name check. No proxies from the environment: they would connect by name.
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.timeout_s),
-            limits=httpx.Limits(max_keepalive_connections=0),
-            follow_redirects=False,
-            trust_env=False,
-            transport=transport,
-        )
+        self._client = pinned_client(config.timeout_s, transport)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -37,6 +37,17 @@ def cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.
     )
 
 
+def stop(proc: subprocess.Popen[str]) -> None:
+    """End a process as an operator would: SIGTERM, then SIGKILL if it will not go."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> int:
     sock = bound_socket()
     port = int(sock.getsockname()[1])
@@ -62,13 +73,7 @@ def process(cwd: Path, *args: str, ready_url: str) -> Iterator[subprocess.Popen[
             time.sleep(0.05)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         if proc.stdout:
             proc.stdout.close()
 
@@ -102,13 +107,7 @@ def serving(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Iterato
             before.append(line)
         yield before, line.split()[3]
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         reader.join(15)
         proc.stdout.close()
 
