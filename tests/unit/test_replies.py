@@ -187,3 +187,16 @@ def test_the_final_prompt_is_the_finalprompt_property_else_prompt_en() -> None:
     neither = parse_task({"id": "1", "prompt": "zh", "promptEn": "", "properties": {"finalPrompt": ""}})
     assert both is not None and only_en is not None and neither is not None
     assert (both.final_prompt, only_en.final_prompt, neither.final_prompt) == ("final", "en", None)
+
+
+def test_upstream_text_is_made_storable_and_everything_else_left_as_it_came() -> None:
+    dirty = (
+        b'[{"id": "1", "status": "FAILURE", "failReason": "a\\u0000b\\ud800c", "buttons": [{"customId": "\\udfffx"}]}]'
+    )
+    (view,) = parse_task_list(200, dirty)
+    assert view.fail_reason == "ab\ufffdc" and view.buttons[0].custom_id == "\ufffdx"
+    (raw,) = parse_task_list(200, b'[{"id": "2", "status": "FAILURE", "failReason": "\xed\xa0\x80 raw"}]')
+    assert raw.fail_reason == "\ufffd raw"
+    clean = b'[{"id": "3", "status": "FAILURE", "failReason": "\\ud83d\\ude00 \\u00e9 fine"}]'
+    (kept,) = parse_task_list(200, clean)
+    assert kept.fail_reason == "\U0001f600 \u00e9 fine"
