@@ -9,6 +9,8 @@ normalised into the types below, so nothing above `adapters/` knows which dialec
                                                          raises for an upstream answer
       upload(images, mode, bot) -> UploadOutcome         `submit/upload-discord-images`: image links, no task
       seed(upstream_id) -> str | None                    `task/{id}/image-seed`; None when the task has no seed
+      parse_hook(body) -> TaskView | None                a `notifyHook` call the provider made, in its dialect;
+                                                         None when it is not a task
       fetch(upstream_id) -> TaskView | None              one task; None when the upstream does not know the id
       fetch_many(upstream_ids) -> list[TaskView]         a batch; ids the upstream does not know are left out
       download(url) -> bytes                             a finished image, size-limited, never with credentials
@@ -201,6 +203,8 @@ class Upstream(Protocol):
     async def upload(self, images: Sequence[str], mode: Mode, bot: Bot) -> UploadOutcome: ...
 
     async def seed(self, upstream_id: str) -> str | None: ...
+
+    def parse_hook(self, body: bytes) -> TaskView | None: ...
 
     async def fetch(self, upstream_id: str) -> TaskView | None: ...
 

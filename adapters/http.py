@@ -30,12 +30,15 @@ from adapters.base import (
     UploadOutcome,
     UpstreamUnavailable,
 )
-from adapters.replies import classify_submit, classify_upload, parse_fetch, parse_seed, parse_task_list
+from adapters.replies import classify_submit, classify_upload, parse_fetch, parse_hook, parse_seed, parse_task_list
 from adapters.wire import ENDPOINTS, FOLLOW_UPS, missing_fields, render_body
 
 __all__ = ["HttpOptions", "HttpUpstream"]
 
 READ_LANES = 4
+# Image downloads go over a client of their own (to a CDN, without credentials), in lanes of their own: a finished
+# job's grid never waits behind a burst of submits.
+DOWNLOAD_LANES = 8
 # A whole image download may take this many times the per-call timeout (a slow, large grid), never longer.
 DOWNLOAD_TIMEOUTS = 4
 
@@ -72,12 +75,15 @@ class HttpUpstream:
         size = options.max_connections + READ_LANES
         limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
         self._client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport, follow_redirects=False)
-        self._downloads = httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=True, transport=transport)
+        fetches = httpx.Limits(max_connections=DOWNLOAD_LANES, max_keepalive_connections=DOWNLOAD_LANES)
+        self._downloads = httpx.AsyncClient(timeout=timeout, limits=fetches, follow_redirects=True, transport=transport)
         self._list_supported = True
         # Callers wait for a lane here rather than in the connection pool, whose queue costs time per waiter per
-        # connection. Status reads have lanes of their own, so polling never queues behind a burst of submits.
+        # connection. Status reads and downloads have lanes of their own, so neither queues behind a burst of
+        # submits.
         self._slots = asyncio.Semaphore(options.max_connections)
         self._read_slots = asyncio.Semaphore(READ_LANES)
+        self._download_slots = asyncio.Semaphore(DOWNLOAD_LANES)
 
     @contextlib.asynccontextmanager
     async def _lane(self, lanes: asyncio.Semaphore) -> AsyncIterator[None]:
@@ -178,7 +184,7 @@ class HttpUpstream:
         if not target.startswith(("http://", "https://")):
             raise UpstreamUnavailable("the image URL is not http(s)")
         try:
-            async with self._lane(self._slots), asyncio.timeout(self.options.timeout_s * DOWNLOAD_TIMEOUTS):
+            async with self._lane(self._download_slots), asyncio.timeout(self.options.timeout_s * DOWNLOAD_TIMEOUTS):
                 async with self._downloads.stream("GET", target) as response:
                     if response.status_code != 200:
                         raise UpstreamUnavailable(f"image download answered HTTP {response.status_code}")
@@ -194,6 +200,9 @@ class HttpUpstream:
             raise UpstreamUnavailable("the image download did not finish in time") from None
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"image download failed: {type(exc).__name__}") from None
+
+    def parse_hook(self, body: bytes) -> TaskView | None:
+        return parse_hook(body)
 
     async def probe(self) -> bool:
         try:

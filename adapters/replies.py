@@ -156,9 +156,12 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
     code = _code(data.get("code"))
 
     # trueai's own envelope: {"success": false, "code": -1, "message": ...}, HTTP 200 for logic errors, 500 for faults.
+    # A 5xx that carries the server's own error envelope was handled and refused by the server (trueai answers its
+    # exceptions so): the task was not taken, and another provider may run it. Only an unreadable 5xx (a gateway's
+    # page, an answer cut short) leaves open that the task was taken.
     if data.get("success") is False:
         if status >= 500 or status == 429 or _busy(description):
-            return Retryable(description or f"HTTP {status}", sent=_maybe_ran(status))
+            return Retryable(description or f"HTTP {status}", sent=False)
         return ClientError(description or "refused by the upstream")
 
     # new-api's own envelope: {"description", "type": "upstream_error", "code"}, HTTP 400 (429 for code 30).
@@ -175,7 +178,7 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
         return ClientError(description or f"code {code}")
 
     if status == 429 or status >= 500:
-        return Retryable(description or f"HTTP {status}", sent=_maybe_ran(status))
+        return Retryable(description or f"HTTP {status}", sent=code is None and _maybe_ran(status))
 
     if code is None:
         return _unreadable(status, "an answer without a result code")
@@ -343,6 +346,14 @@ def parse_task(data: Any) -> TaskView | None:
         properties=properties,
         final_prompt=final_prompt,
     )
+
+
+def parse_hook(body: bytes) -> TaskView | None:
+    """A `notifyHook` call's body: the task JSON, as `fetch` answers it; None when it is not a task."""
+    try:
+        return parse_task(_decode(body))
+    except ValueError:
+        return None
 
 
 def parse_fetch(status: int, body: bytes) -> TaskView | None:

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from adapters import Upstream
-from relay.api import files, openapi, ops
+from relay.api import files, hooks, openapi, ops
 from relay.api.errors import error_response
 from relay.api.mj import render as mj_render
 from relay.api.mj import routes as mj_routes
@@ -61,6 +61,7 @@ def routes() -> list[Route]:
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
         Route("/openapi.json", openapi.openapi, methods=["GET"]),
+        Route("/hooks/{provider}/{token}", hooks.upstream_hook, methods=["POST"]),
         *mj_routes.routes(),
     ]
 

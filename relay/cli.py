@@ -1,4 +1,4 @@
-"""The `mj-relay` command: serve | simulate | check-config | keys create/list/revoke.
+"""The `mj-relay` command: serve | simulate | check-config | providers | keys create/list/hook-secret/revoke.
 
 `--config FILE` (or `MJ_RELAY_CONFIG`) may come before or after the verb; with none, the embedded defaults apply.
 """
@@ -148,6 +148,16 @@ def _safe_url(url: str) -> str:
 @click.option("--capacity", type=click.IntRange(1), default=None, help="Unfinished tasks before code 23 (queue full).")
 @click.option("--seed", type=int, default=None, help="Seed for the failure draws.")
 @click.option("--remix", is_flag=True, help="Variations, rerolls and pans wait in MODAL for submit/modal.")
+@click.option("--hooks/--no-hooks", default=True, show_default=True, help="Call each submit's notifyHook.")
+@click.option("--hook-progress/--no-hook-progress", default=True, show_default=True, help="Hook progress steps too.")
+@click.option(
+    "--hook-drop", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Share of hook calls lost."
+)
+@click.option("--hook-duplicate", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Share made twice.")
+@click.option(
+    "--hook-reorder", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Share held back 0.5 s."
+)
+@click.option("--hook-delay-s", type=click.FloatRange(0), default=0.0, show_default=True, help="Added to each call.")
 def simulate(
     host: str,
     port: int,
@@ -162,11 +172,18 @@ def simulate(
     capacity: int | None,
     seed: int | None,
     remix: bool,
+    hooks: bool,
+    hook_progress: bool,
+    hook_drop: float,
+    hook_duplicate: float,
+    hook_reorder: float,
+    hook_delay_s: float,
 ) -> None:
     """Run a fake Midjourney-proxy upstream over HTTP."""
     import uvicorn
 
     from adapters.simulator import SimEngine, SimSettings, build_sim_app
+    from adapters.simulator.hooks import HookSettings
 
     settings = SimSettings(
         fast_s=fast_s,
@@ -179,7 +196,10 @@ def simulate(
         seed=seed,
         remix=remix,
     )
-    app = build_sim_app(SimEngine(settings), dialect, secret)  # type: ignore[arg-type]
+    calls = HookSettings(
+        drop=hook_drop, duplicate=hook_duplicate, reorder=hook_reorder, delay_s=hook_delay_s, progress=hook_progress
+    )
+    app = build_sim_app(SimEngine(settings), dialect, secret, calls if hooks else None)  # type: ignore[arg-type]
     click.echo(f"simulator ({dialect}) listening on http://{host}:{port}")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
@@ -280,6 +300,56 @@ def keys_revoke(ctx: click.Context, config_path: str | None, id_or_name: str) ->
         click.echo(f"No active key with id or name {id_or_name!r}.", err=True)
         sys.exit(1)
     click.echo(f"Revoked {count} key{'s' if count != 1 else ''}.")
+
+
+@main.command("providers")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line instead of a table.")
+@click.pass_context
+def providers(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
+    """Each configured provider: dialect, modes, health state, since when and why, as the relay processes on this
+    database last recorded it. A provider with no recorded change is healthy."""
+    import json
+
+    from relay.store.db import Database
+    from relay.store.health import HealthRecord, HealthStore
+
+    config = _load(ctx, config_path)
+
+    async def read() -> dict[str, HealthRecord]:
+        db = Database(config.database_url(), pool_size=2)
+        try:
+            await db.migrate()
+            return await HealthStore(db.engine).all()
+        finally:
+            await db.dispose()
+
+    records = asyncio.run(read())
+
+    def when(at: float | None) -> str:
+        return "-" if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    shown = [(p, records.get(p.name)) for p in config.providers]
+    if as_json:
+        for p, record in shown:
+            recorded: dict[str, object] = {}
+            if record is not None:
+                recorded = {"state": record.state, "since": record.since, "until": record.cooling_until}
+                recorded |= {"reason": record.reason, "process": record.process}
+            described = {"name": p.name, "dialect": p.dialect, "modes": list(p.modes), "state": "healthy"}
+            click.echo(json.dumps(described | recorded))
+        return
+    table = [["NAME", "DIALECT", "MODES", "STATE", "SINCE (UTC)", "UNTIL (UTC)", "REASON"]]
+    for p, record in shown:
+        line = [p.name, p.dialect, ",".join(p.modes)]
+        if record is None:
+            line += ["healthy", "-", "-", "-"]
+        else:
+            line += [record.state, when(record.since), when(record.cooling_until), record.reason or "-"]
+        table.append(line)
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
+    for line in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)) + "  " + line[-1])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -83,8 +83,69 @@ class DatabaseConfig(_Section):
         return value
 
 
+class S3Config(_Section):
+    """`images.s3`: an S3-compatible bucket that keeps the images instead of `images.dir`, so every relay process
+    that shares it (and `images.signing_secret`) serves every image link."""
+
+    endpoint_url: str | None = None  # None: AWS S3 itself
+    bucket: str
+    region: str = "us-east-1"
+    # Both or neither; neither: botocore's usual sources (AWS_* variables, a profile, an instance role).
+    access_key_id: str | None = Field(None, repr=False)
+    secret_access_key: str | None = Field(None, repr=False)
+    prefix: str = Field("", max_length=512)
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    timeout_s: float = Field(30.0, gt=0, le=600)
+    connect_timeout_s: float = Field(5.0, gt=0, le=120)
+    max_connections: int = Field(32, ge=1, le=1000)
+    max_attempts: int = Field(3, ge=1, le=10)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return _http_url(value or None, "endpoint_url")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
+            raise ValueError("a bucket name is 3 to 63 lowercase letters, digits, dots and hyphens")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", value):
+            raise ValueError("a region is lowercase letters, digits and hyphens (for example us-east-1, auto)")
+        return value
+
+    @field_validator("access_key_id", "secret_access_key")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.lstrip("/")
+        if value and not value.endswith("/"):
+            value += "/"
+        parts = value.split("/")[:-1]
+        if not re.fullmatch(r"[A-Za-z0-9._/-]*", value) or any(p in ("", ".", "..") for p in parts):
+            raise ValueError("a key prefix is folders of letters, digits and ._- (for example mj-relay/)")
+        return value
+
+    @model_validator(mode="after")
+    def _both_keys(self) -> S3Config:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            missing = "secret_access_key" if self.secret_access_key is None else "access_key_id"
+            raise ValueError(f"{missing}: give access_key_id and secret_access_key together, or neither")
+        return self
+
+
 class ImagesConfig(_Section):
     dir: str | None = None
+    s3: S3Config | None = None  # set: images live in this bucket, and `dir` is not used
     url_ttl_s: int = Field(86_400, ge=60)
     signing_secret: str | list[str] = ""
     max_download_bytes: int = Field(50_000_000, ge=1024)
@@ -130,6 +191,23 @@ class SimulatorConfig(_Section):
     remix: bool = False
 
 
+class HealthConfig(_Section):
+    """Provider health (`relay.core.health`): when a provider is set aside, for how long, and how it is probed.
+    The top-level `health` section sets it for every provider; `providers[].health` overrides fields of it."""
+
+    errors_to_cool: int = Field(5, ge=1, le=1000)  # errors in a row that cool a healthy provider
+    error_rate: float = Field(0.5, gt=0, le=1)  # or this share of its calls failing over the window ...
+    rate_window_s: float = Field(60.0, gt=0, le=86_400)  # ... of this long
+    rate_min_calls: int = Field(10, ge=1)  # ... once the window holds this many calls
+    cooldown_s: float = Field(30.0, gt=0)  # the first cool-down
+    backoff: float = Field(2.0, ge=1, le=100)  # each failed trial multiplies the cool-down by this ...
+    max_cooldown_s: float = Field(600.0, gt=0)  # ... up to this
+    backoff_reset_s: float = Field(600.0, ge=0)  # healthy this long after a recovery: the backoff starts over
+    probe_interval_s: float = Field(15.0, gt=0)  # probes of a provider that is not healthy
+    heartbeat_s: float | None = Field(None, gt=0)  # probes of a healthy provider (null: none)
+    probes_to_down: int = Field(3, ge=1, le=1000)  # failed probes in a row that take a provider down
+
+
 class ProviderConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     dialect: Dialect
@@ -147,6 +225,8 @@ class ProviderConfig(_Section):
     batch_size: int = Field(50, ge=1, le=1000)
     mode_prefix: bool = False
     account_filter: bool = True
+    hooks: bool = True
+    health: HealthConfig | None = None  # overrides of the top-level `health`
     simulator: SimulatorConfig | None = None
 
     @field_validator("base_url")
@@ -226,6 +306,24 @@ class Config(_Section):
     providers: list[ProviderConfig] = Field(default_factory=_default_providers, min_length=1)
     jobs: JobsConfig = JobsConfig()
     hooks: HooksConfig = HooksConfig()
+    health: HealthConfig = HealthConfig()
+
+    @model_validator(mode="after")
+    def _health_caps(self) -> Config:
+        problems = []
+        for where, policy in [("health", self.health)] + [
+            (f"providers[{i}].health", self.health_of(p))
+            for i, p in enumerate(self.providers)
+            if p.health and {"cooldown_s", "max_cooldown_s"} & p.health.model_fields_set
+        ]:
+            if policy.max_cooldown_s < policy.cooldown_s:
+                problems.append(
+                    f"{where}.max_cooldown_s: {policy.max_cooldown_s:g} is shorter than cooldown_s "
+                    f"({policy.cooldown_s:g})"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @field_validator("models")
     @classmethod
@@ -283,6 +381,12 @@ class Config(_Section):
 
     def poll_interval(self, provider: ProviderConfig) -> float:
         return provider.poll_interval_s or self.jobs.poll_interval_s
+
+    def health_of(self, provider: ProviderConfig) -> HealthConfig:
+        """The health settings of one provider: the top-level section with the provider's overrides."""
+        if provider.health is None:
+            return self.health
+        return self.health.model_copy(update={k: getattr(provider.health, k) for k in provider.health.model_fields_set})
 
 
 # -- loading -------------------------------------------------------------------------------------------------------

@@ -51,7 +51,25 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.provider_health = Gauge(
+            "mj_relay_provider_health",
+            "1 for the health state each provider is in (healthy, cooling, half-open, down), 0 for the others.",
+            ["provider", "state"],
+            registry=self.registry,
+        )
+        self.provider_transitions = Counter(
+            "mj_relay_provider_health_transitions",
+            "Changes of a provider's health, by provider and the state entered.",
+            ["provider", "state"],
+            registry=self.registry,
+        )
 
+        self.upstream_hooks = Counter(
+            "mj_relay_upstream_hooks",
+            "Upstream hook calls taken, by provider and outcome (applied, adopted, unknown, unreadable).",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
         self.client_hooks = Counter(
             "mj_relay_client_hooks",
             "Client hook deliveries: delivered, retried (a try failed, another follows), failed (given up).",

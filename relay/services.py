@@ -15,18 +15,21 @@ from relay.config import Config
 from relay.core.egress import Egress
 from relay.core.events import JobEvents
 from relay.core.finish import Finisher
-from relay.core.images import ImageStore, load_or_create_secret
 from relay.core.jobs import JobService
 from relay.core.lifecycle import Lifecycle
 from relay.core.notify import Notifier
+from relay.core.prober import Prober
 from relay.core.providers import ProviderPool
 from relay.core.references import ReferenceLoader
 from relay.core.submit import Submitter
 from relay.core.tasks import TaskService
 from relay.core.tracker import Tracker
 from relay.core.uploads import Uploads
+from relay.core.upstream_hooks import UpstreamHooks
+from relay.images import image_store, load_or_create_secret
 from relay.metrics import Metrics
 from relay.store.db import Database
+from relay.store.health import HealthStore
 from relay.store.jobs import JobStore
 from relay.store.keys import KeyStore
 
@@ -43,9 +46,11 @@ class Relay:
         self.store = JobStore(self.db.engine)
         self.events = JobEvents()
         self.pool = ProviderPool(config, self.metrics, clock, upstreams)
+        self.prober = Prober(pool=self.pool, store=HealthStore(self.db.engine), clock=clock)
         secrets = config.images.secrets() or [load_or_create_secret(Path(config.data_dir) / "signing.key")]
-        logs.redact([*secrets, *(p.secret for p in config.providers)])
-        self.images = ImageStore(config.images_dir(), secrets, config.images.url_ttl_s)
+        s3_secret = config.images.s3.secret_access_key if config.images.s3 else None
+        logs.redact([*secrets, *(p.secret for p in config.providers), s3_secret or ""])
+        self.images = image_store(config, secrets)
         self.finisher = Finisher(self.store, self.events, self.metrics, clock)
         self.lifecycle = Lifecycle(
             config=config,
@@ -81,6 +86,16 @@ class Relay:
             events=self.events,
             clock=clock,
         )
+        self.upstream_hooks = UpstreamHooks(
+            config=config,
+            secrets=secrets,
+            pool=self.pool,
+            lifecycle=self.lifecycle,
+            store=self.store,
+            clock=clock,
+            submitting=self.submitter.submitting,
+        )
+        self.submitter.hook_url = self.upstream_hooks.url
         references = config.api.references
         self.egress = Egress(references.allow_private, references.allow_hosts)
         self.notifier = Notifier(
@@ -110,8 +125,9 @@ class Relay:
         self.openapi: dict[str, Any] | None = None  # built on first request
 
     async def open(self) -> None:
+        await self.images.open()  # first: a bucket that cannot be used stops the start before anything is open
         await self.db.migrate()
-        self.images.root.mkdir(parents=True, exist_ok=True)
+        await self.prober.start()
         await self.tracker.start()
         await self._resume_hooks()
         self.ready = True
@@ -137,9 +153,11 @@ class Relay:
         self.ready = False
         await self.submitter.close()
         await self.tracker.stop()
+        await self.prober.stop()
         await self.notifier.close()
         await self.pool.aclose()
         await self.references.aclose()
+        await self.images.close()
         await self.db.dispose()
 
 

@@ -95,10 +95,11 @@ def bound_socket() -> socket.socket:
 
 
 @contextmanager
-def serve(app: ASGIApp, config: Config | None = None) -> Iterator[str]:
+def serve(app: ASGIApp, config: Config | None = None, sock: socket.socket | None = None) -> Iterator[str]:
     """Run an ASGI app on a loopback port in a thread, as `mj-relay serve` runs the relay (uvicorn with the relay's
-    protocol and the HTTP limits of `config.server`, the defaults without one); yields its base URL."""
-    sock = bound_socket()
+    protocol and the HTTP limits of `config.server`, the defaults without one); yields its base URL. `sock`, bound
+    beforehand (`bound_socket`), lets a test know the address before the app is built."""
+    sock = sock or bound_socket()
     port = sock.getsockname()[1]
     ready = threading.Event()
     server = RelayServer(
@@ -196,9 +197,11 @@ class RunningRelay:
 
 
 @contextmanager
-def running_relay(config: Config, quota: int = 1000, **kwargs: Any) -> Iterator[RunningRelay]:
+def running_relay(
+    config: Config, quota: int = 1000, sock: socket.socket | None = None, **kwargs: Any
+) -> Iterator[RunningRelay]:
     key = create_key(config, quota)
-    with serve(build_app(config, **kwargs)) as base:
+    with serve(build_app(config, **kwargs), sock=sock) as base:
         relay = RunningRelay(base, config, key)
         try:
             yield relay

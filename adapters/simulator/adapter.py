@@ -21,14 +21,14 @@ from adapters.base import (
     UploadOutcome,
     UpstreamUnavailable,
 )
-from adapters.replies import classify_submit, classify_upload, parse_seed, parse_task
+from adapters.replies import classify_submit, classify_upload, parse_hook, parse_seed, parse_task
 from adapters.simulator.answers import SubmitReply
 from adapters.simulator.engine import SimEngine
 from adapters.wire import FOLLOW_UPS, missing_fields, render_body
 
 
 def _wire(reply: SubmitReply) -> tuple[int, bytes]:
-    return reply.http_status, json.dumps(reply.body).encode()
+    return reply.http_status, reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
 
 
 class SimulatorUpstream:
@@ -51,6 +51,9 @@ class SimulatorUpstream:
         if not images:
             return ClientError("an upload needs at least one image")
         return classify_upload(*_wire(self.engine.upload({"base64Array": list(images)}, self._image_base)))
+
+    def parse_hook(self, body: bytes) -> TaskView | None:
+        return parse_hook(body)
 
     async def seed(self, upstream_id: str) -> str | None:
         try:

@@ -4,7 +4,8 @@
     code 1   accepted                     code 21  waits in MODAL ("Waiting for window confirm", remix)
     code 3   no account (HTTP 200); an unknown task (HTTP 404, `unknown_task`)
     code 4   invalid input                code 23  queue full          code 24  banned prompt
-    HTTP 500 `{"success": false, "code": -1, "message"}`: a fault
+    HTTP 500 `{"success": false, "code": -1, "message"}`: a fault (the task not taken)
+    HTTP 502 with an HTML page: a gateway that lost the answer (the task taken all the same: `sim:crash`)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class SubmitReply:
     body: dict[str, Any]
     unknown_task: bool = False
     action: str = ""
+    raw: bytes | None = None  # sent instead of the JSON body (an answer that is not the server's own)
 
 
 def reply(code: int, description: str, result: Any = None, status: int = 200, **extra: Any) -> SubmitReply:
@@ -39,6 +41,10 @@ def unknown_task() -> SubmitReply:
 
 def fault() -> SubmitReply:
     return SubmitReply(500, {"success": False, "code": -1, "message": "simulated upstream fault"})
+
+
+def lost_answer() -> SubmitReply:
+    return SubmitReply(502, {}, raw=b"<html><body><h1>502 Bad Gateway</h1></body></html>")
 
 
 def needs_modal(task_id: str, prompt: str, action: str) -> SubmitReply:

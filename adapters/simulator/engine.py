@@ -21,7 +21,9 @@ Words in a prompt steer one task, for tests and demos:
   sim:fail            the task fails halfway            sim:lose            the upstream forgets the task once queued
   sim:never           the task never finishes           sim:slow            the task takes five times as long
   sim:queue-full      submit answers code 23            sim:no-account      submit answers code 3
-  sim:error           submit answers HTTP 500           a banned word       submit answers code 24 (BANNED_PROMPT)
+  sim:error           submit answers HTTP 500 (its own error envelope: the task is not taken)
+  sim:crash           the task is taken, but the answer is a gateway's HTTP 502 page (it may have run, for the caller)
+  a banned word       submit answers code 24 (BANNED_PROMPT)
   sim:fail-followups  every follow-up of the task (an action on it, on its follow-ups, ...) fails halfway
   sim:never-followups every follow-up of the task never finishes
 They are read from the prompt of an imagine or a shorten, and `sim:fail`, `sim:never`, `sim:slow` also from the
@@ -48,6 +50,7 @@ from adapters.simulator.answers import (
     banned,
     fault,
     invalid,
+    lost_answer,
     needs_modal,
     reply,
     unknown_task,
@@ -106,6 +109,9 @@ class SimEngine:
         self._lock = threading.Lock()
         self._counter = 0
         self.submits = 0
+        self.reads = 0  # status reads answered (each fetch, each list-by-condition)
+        # Told of every task whose timeline starts (made, or confirmed out of MODAL): the hook sender.
+        self.watchers: list[Callable[[SimTask], None]] = []
 
     # -- submits -------------------------------------------------------------------------------------------------
 
@@ -227,6 +233,7 @@ class SimEngine:
             task.never = task.never or "sim:never" in steer
             task.duration *= 5 if "sim:slow" in steer else 1
             task.started = self.now()
+        self._started(task)
         return reply(1, "Submit success", task.id)
 
     # -- making a task -------------------------------------------------------------------------------------------
@@ -275,6 +282,7 @@ class SimEngine:
             never_followups="sim:never-followups" in steer or (parent is not None and parent.never_followups),
             texts=prompts,
             source=source,
+            notify_hook=str(body["notifyHook"]) if body.get("notifyHook") else None,
         )
         task.fail = task.fail or self._rng.random() < self.settings.fail_rate
         with self._lock:
@@ -283,7 +291,14 @@ class SimEngine:
                 self._tasks.popitem(last=False)
         if modal:
             return needs_modal(task.id, prompt, modal)
+        self._started(task)
+        if "sim:crash" in steer:
+            return lost_answer()  # taken, but the answer never reaches the caller
         return reply(1, "提交成功", task.id, action=action)
+
+    def _started(self, task: SimTask) -> None:
+        for watcher in self.watchers:
+            watcher(task)
 
     def _admit(self, steer: frozenset[str]) -> SubmitReply | None:
         """Whether the upstream takes a new task at all: faults, no account, a full queue."""

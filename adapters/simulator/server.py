@@ -17,13 +17,18 @@ Every dialect serves `submit/{imagine,blend,describe,shorten,action,modal,upload
                       list-by-condition takes at most 100 ids
 A follow-up without a mode of its own runs in its parent's. Images are served without credentials at `/cdn/<file>`,
 as a CDN would.
+
+With `hooks` given, a submit's `notifyHook` is called on each change of its task (`adapters.simulator.hooks`),
+except on new-api, which drops a client's `notifyHook` (its operators seldom enable it). `GET /sim/stats` counts
+the submits, status reads and hook calls made, for benchmarks.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from starlette.applications import Starlette
@@ -35,6 +40,7 @@ from starlette.routing import Route
 from adapters.base import MODES, Mode, SubmitKind
 from adapters.simulator.answers import SubmitReply
 from adapters.simulator.engine import SimEngine
+from adapters.simulator.hooks import HookSender, HookSettings
 from adapters.simulator.pictures import media_type
 from adapters.wire import ENDPOINTS
 
@@ -54,7 +60,11 @@ def _as_mode(value: object) -> Mode | None:
     return text if text in MODES else None
 
 
-def build_sim_app(engine: SimEngine, dialect: Dialect = "midjourney-proxy", secret: str = "") -> Starlette:
+def build_sim_app(
+    engine: SimEngine, dialect: Dialect = "midjourney-proxy", secret: str = "", hooks: HookSettings | None = None
+) -> Starlette:
+    sender = HookSender(engine, hooks, "") if hooks is not None and dialect != "new-api" else None
+
     def authorised(request: Request) -> bool:
         if not secret:
             return True
@@ -97,6 +107,8 @@ def build_sim_app(engine: SimEngine, dialect: Dialect = "midjourney-proxy", secr
         return None
 
     def render(reply: SubmitReply, *, seed: bool = False) -> Response:
+        if reply.raw is not None:
+            return Response(reply.raw, status_code=reply.http_status, media_type="text/html")
         body = dict(reply.body)
         if dialect == "new-api":
             if reply.unknown_task:
@@ -119,6 +131,10 @@ def build_sim_app(engine: SimEngine, dialect: Dialect = "midjourney-proxy", secr
             body = await body_of(request)
             if body is None:
                 return JSONResponse({"code": 4, "description": "invalid JSON", "result": None}, status_code=400)
+            if sender is None:
+                body.pop("notifyHook", None)
+            else:
+                sender.image_base = image_base(request)
             mode = None if kind == "modal" else choose_mode(request, body)
             return render(engine.submit(kind, body, mode))
 
@@ -134,6 +150,7 @@ def build_sim_app(engine: SimEngine, dialect: Dialect = "midjourney-proxy", secr
         return render(engine.seed(request.path_params["task_id"]), seed=True)
 
     async def fetch(request: Request) -> Response:
+        engine.reads += 1
         task = engine.task(request.path_params["task_id"], image_base(request))
         if task is not None:
             return JSONResponse(task)
@@ -150,7 +167,12 @@ def build_sim_app(engine: SimEngine, dialect: Dialect = "midjourney-proxy", secr
             return JSONResponse({"code": 4, "description": "ids must be a list", "result": None}, status_code=400)
         if dialect == "mj-v1" and len(ids) > 100:
             return JSONResponse({"code": 4, "description": "at most 100 ids", "result": None}, status_code=400)
+        engine.reads += 1
         return JSONResponse(engine.tasks([str(i) for i in ids], image_base(request)))
+
+    async def stats(request: Request) -> Response:
+        sent = sender.sent if sender is not None else 0
+        return JSONResponse({"submits": engine.submits, "reads": engine.reads, "hooks": sent})
 
     async def image(request: Request) -> Response:
         key = str(request.path_params["file"]).rpartition(".")[0]
@@ -173,4 +195,14 @@ def build_sim_app(engine: SimEngine, dialect: Dialect = "midjourney-proxy", secr
         for path, handler, method in api
     ]
     routes.append(Route("/cdn/{file}", image, methods=["GET"]))
-    return Starlette(routes=routes)
+    routes.append(Route("/sim/stats", stats, methods=["GET"]))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if sender is not None:
+                await sender.aclose()
+
+    return Starlette(routes=routes, lifespan=lifespan)

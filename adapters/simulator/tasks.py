@@ -45,6 +45,7 @@ class SimTask:
     never_followups: bool = False
     texts: tuple[str, ...] = ()  # describe's four prompts, shorten's five
     source: Picture | None = None  # the image a describe was given
+    notify_hook: str | None = None  # where its changes are POSTed (see adapters.simulator.hooks)
 
     def status(self, now: float) -> tuple[str, int]:
         if self.started is None:
@@ -59,6 +60,21 @@ class SimTask:
             return "SUCCESS", 100
         share = min(0.999, (elapsed - queued) / max(1e-9, self.duration - queued))
         return "IN_PROGRESS", max(step for step in PROGRESS_STEPS if step <= share * 100)
+
+    def changes(self, progress: bool = True) -> list[float]:
+        """The moments its view changes, from the start of its timeline on: running, (each progress step,) the end.
+        Empty while it waits in MODAL; a task that never ends has no end."""
+        if self.started is None:
+            return []
+        queued = self.duration * QUEUED_SHARE
+        span = max(1e-9, self.duration - queued)
+        steps = PROGRESS_STEPS if progress else PROGRESS_STEPS[:1]
+        # A hair after each moment, so the view read then shows the change.
+        moments = [self.started + queued + span * step / 100 + 1e-3 for step in steps]
+        if self.fail:
+            end = self.started + self.duration / 2 + 1e-3
+            return [m for m in moments if m < end] + [end]
+        return moments if self.never else [*moments, self.started + self.duration + 1e-3]
 
     def open(self, now: float) -> bool:
         """Whether it takes a place in the upstream's queue (queued or running)."""

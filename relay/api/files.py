@@ -1,15 +1,18 @@
-"""GET /files/{job}/{name}: the relay's own copies of finished images, behind signed, expiring links."""
+"""GET /files/{job}/{name}: the relay's own copies of finished images, behind signed, expiring links.
+
+The bytes come from the image store, whichever backend keeps them (a directory, or a bucket any relay process
+shares), and are answered here: a client is never sent to where they are kept."""
 
 from __future__ import annotations
 
-import asyncio
-
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response
 
 from relay.api.common import relay_of
-from relay.core.images import NAMES
-from relay.errors import LinkRefused, NotFound
+from relay.errors import InternalError, LinkRefused, NotFound, ServiceUnavailable
+from relay.images import NAMES, ImageError, ImageMissing, StorageError
+
+HEADERS = {"Cache-Control": "private, max-age=3600"}
 
 
 async def get_file(request: Request) -> Response:
@@ -21,7 +24,11 @@ async def get_file(request: Request) -> Response:
     if not relay.images.verify(job_id, name, expires, signature, relay.clock.now()):
         raise LinkRefused("This image link is invalid or has expired.")
     try:
-        path = await asyncio.to_thread(relay.images.ensure, job_id, name)
-    except (ValueError, FileNotFoundError):
+        data = await relay.images.read(job_id, name)
+    except (ValueError, ImageMissing):
         raise NotFound("No such image.", what="image") from None
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    except StorageError:
+        raise ServiceUnavailable("The image cannot be read right now; try again shortly.", retry_after=5) from None
+    except ImageError:
+        raise InternalError("The stored image is damaged.") from None
+    return Response(data, media_type="image/png", headers=HEADERS)

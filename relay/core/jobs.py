@@ -21,13 +21,13 @@ from relay.clock import Clock
 from relay.config import Config
 from relay.core.events import JobEvents, Subscription
 from relay.core.failures import job_failed
-from relay.core.images import TILE_NAMES
 from relay.core.lifecycle import Lifecycle
 from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size, prompt_text, quality_flag, style_flag
 from relay.core.submit import Planned, Submitter
 from relay.core.text import unstorable
 from relay.domain import FailureCode, JobState, ResultShape, TaskKind
 from relay.errors import InvalidRequest, JobFailed, NotFound
+from relay.images import TILE_NAMES
 from relay.store.jobs import JobRow, JobStore, NewJob
 from relay.store.keys import KeyRecord
 

@@ -18,26 +18,25 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 from adapters import TaskStatus, TaskView, UpstreamUnavailable
 from relay.clock import Clock
 from relay.config import Config
+from relay.core.batch import Batcher
 from relay.core.events import JobEvent, JobEvents
 from relay.core.finish import Finisher
-from relay.core.images import GRID, IMAGE, ImageError, ImageStore
 from relay.core.providers import ProviderPool
 from relay.domain import FailureCode, JobState, ResultShape
+from relay.images import GRID, IMAGE, ImageError, ImageStore, StorageError
 from relay.store.jobs import JobRow, JobStore, ProgressChange
 
 log = logging.getLogger("relay.lifecycle")
 
-# A round's finished jobs are delivered in chunks of this many; each chunk's images are written by one of
-# SAVE_THREADS threads of the lifecycle's own, which take the next chunk without waiting for the event loop.
+# A round's finished jobs are delivered in chunks of this many; each chunk's images are kept in one batch (a local
+# directory writes a batch on one of its own threads, a bucket takes its objects at once).
 DELIVERY_CHUNK = 25
-SAVE_THREADS = 4
 _FILE_OF = {ResultShape.GRID: GRID, ResultShape.IMAGE: IMAGE}
 
 
@@ -124,9 +123,11 @@ class Lifecycle:
         self.clock = clock
         self._jobs: dict[str, dict[str, Tracked]] = {name: {} for name in pool.names}
         self._by_job: dict[str, Tracked] = {}
+        self._by_upstream: dict[tuple[str, str], Tracked] = {}
+        # Progress of many jobs written together: a round's changes, and the upstream hooks arriving meanwhile.
+        self._progress: Batcher[ProgressChange, None] = Batcher(self._write_progress, "progress")
         self._deliveries: set[asyncio.Task[None]] = set()
         self._download_slots = asyncio.Semaphore(64)
-        self._writers: ThreadPoolExecutor | None = None
         self.on_follow: Callable[[str], None] = lambda provider: None  # the tracker's wake-up
 
     # -- the jobs being followed ---------------------------------------------------------------------------------
@@ -137,12 +138,17 @@ class Lifecycle:
             tracked.due_at = self.clock.now() + self.pool.poll_interval(tracked.provider)
         self._jobs[tracked.provider][tracked.job_id] = tracked
         self._by_job[tracked.job_id] = tracked
+        self._by_upstream[(tracked.provider, tracked.upstream_id)] = tracked
         self.on_follow(tracked.provider)
 
     def started(self, tracked: Tracked) -> None:
         """A job the upstream just took (or parked in MODAL): follow it, and tell whoever waits."""
         self.follow(tracked)
         self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
+
+    def find(self, provider: str, upstream_id: str) -> Tracked | None:
+        """The followed job that is this provider's task `upstream_id`."""
+        return self._by_upstream.get((provider, upstream_id))
 
     def following(self, job_id: str) -> bool:
         return job_id in self._by_job
@@ -202,7 +208,10 @@ class Lifecycle:
         tracked = self._by_job.get(job_id)
         if tracked is None:
             return
-        tracked.upstream_id = upstream_id
+        if tracked.upstream_id != upstream_id:
+            self._by_upstream.pop((tracked.provider, tracked.upstream_id), None)
+            tracked.upstream_id = upstream_id
+            self._by_upstream[(tracked.provider, upstream_id)] = tracked
         if tracked.state is JobState.MODAL:
             tracked.state, tracked.progress = JobState.SUBMITTED, 0
             tracked.due_at = self.clock.now() + self.pool.poll_interval(tracked.provider)
@@ -214,6 +223,7 @@ class Lifecycle:
     async def apply(self, provider: str, jobs: list[Tracked], views: list[TaskView] | None) -> None:
         """Apply one read of `jobs` (all of `provider`): the views the upstream gave, or None when it could not
         answer. A job missing from the views counts towards being lost; every job is checked against its deadline."""
+        jobs = [tracked for tracked in jobs if not tracked.delivering]  # already finished: being delivered
         by_upstream: dict[str, list[Tracked]] = {}
         for tracked in jobs:
             by_upstream.setdefault(tracked.upstream_id, []).append(tracked)
@@ -253,7 +263,8 @@ class Lifecycle:
             task = asyncio.create_task(self._deliver(successes), name=f"deliver:{provider}")
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
-        await self.store.record_progress(records, now)
+        if records:
+            await asyncio.gather(*(self._progress(record) for record in records))
         for tracked, step in changes:
             tracked.state, tracked.progress = step.state or tracked.state, step.progress
             if tracked.state is JobState.MODAL and tracked.slot:  # parked by the upstream: it runs nothing now
@@ -263,6 +274,17 @@ class Lifecycle:
         await asyncio.gather(
             *(self.end(t, succeeded=False, error_code=code, reason=reason) for t, code, reason in failures.values())
         )
+
+    async def hook(self, tracked: Tracked, view: TaskView) -> None:
+        """Apply what an upstream hook said of a job, as a read would; a job hooks keep current is read by polling
+        only when they have been silent for a whole interval."""
+        await self.apply(tracked.provider, [tracked], [view])
+        quiet_until = self.clock.now() + self.pool.poll_interval(tracked.provider)
+        tracked.due_at = max(tracked.due_at, quiet_until)
+
+    async def _write_progress(self, changes: list[ProgressChange]) -> list[None]:
+        await self.store.record_progress(changes, self.clock.now())
+        return [None] * len(changes)
 
     async def expire(self, job_id: str) -> bool:
         """End a job that passed its deadline now, without waiting for the next read. False while the upstream has
@@ -286,8 +308,10 @@ class Lifecycle:
         await asyncio.gather(*(self._deliver_chunk(chunk) for chunk in chunks))
 
     async def _deliver_chunk(self, finished: list[tuple[Tracked, TaskView]]) -> None:
-        """Downloads run concurrently, the files are written by one thread, and the endings are group-committed.
-        A text result needs no download. What fails is tried again, up to `images.download_attempts` times."""
+        """Downloads run concurrently, the images are kept in one batch, and the endings are group-committed.
+        A text result needs no download. What fails is tried again, up to `images.download_attempts` times; a job
+        whose image the store would not keep ends as an internal failure, one that could not be had or was not an
+        image as a download failure."""
         pending = finished
         try:
             for attempt in range(self.config.images.download_attempts):
@@ -296,16 +320,24 @@ class Lifecycle:
                 downloads = await asyncio.gather(*(self._download(t, v) for t, v in pending))
                 reasons = {t.job_id: d for (t, _), d in zip(pending, downloads, strict=True) if isinstance(d, str)}
                 got = [(t, v, d) for (t, v), d in zip(pending, downloads, strict=True) if isinstance(d, bytes)]
-                reasons.update(await asyncio.get_running_loop().run_in_executor(self._writer_pool(), self._save, got))
+                unkept = await self._save(got)
+                reasons.update({job_id: str(exc) for job_id, exc in unkept.items()})
                 await asyncio.gather(
                     *(self.end(t, succeeded=True, view=v) for t, v in pending if t.job_id not in reasons)
                 )
                 pending = [(t, v) for t, v in pending if t.job_id in reasons]
                 if not pending:
                     return
+            codes = {job_id: FailureCode.INTERNAL for job_id, exc in unkept.items() if isinstance(exc, StorageError)}
             await asyncio.gather(
                 *(
-                    self.end(t, succeeded=False, error_code=FailureCode.DOWNLOAD, reason=reasons[t.job_id], view=v)
+                    self.end(
+                        t,
+                        succeeded=False,
+                        error_code=codes.get(t.job_id, FailureCode.DOWNLOAD),
+                        reason=reasons[t.job_id],
+                        view=v,
+                    )
                     for t, v in pending
                 )
             )
@@ -329,21 +361,10 @@ class Lifecycle:
             except UpstreamUnavailable as exc:
                 return str(exc)
 
-    def _save(self, results: list[tuple[Tracked, TaskView, bytes]]) -> dict[str, str]:
-        """Keep downloaded results; returns why each one that could not be kept failed. Blocking: run it in a
-        thread."""
-        failed = {}
-        for tracked, _, data in results:
-            try:
-                self.images.save(tracked.job_id, _FILE_OF[tracked.shape], data)
-            except ImageError as exc:
-                failed[tracked.job_id] = str(exc)
-        return failed
-
-    def _writer_pool(self) -> ThreadPoolExecutor:
-        if self._writers is None:
-            self._writers = ThreadPoolExecutor(max_workers=SAVE_THREADS, thread_name_prefix="image-writer")
-        return self._writers
+    async def _save(self, results: list[tuple[Tracked, TaskView, bytes]]) -> dict[str, ImageError | StorageError]:
+        """Keep downloaded results in the image store; returns why each one that was not kept failed, by job: the
+        image was unusable (ImageError) or the store did not keep it (StorageError)."""
+        return await self.images.save_many([(t.job_id, _FILE_OF[t.shape], data) for t, _, data in results])
 
     async def end(
         self,
@@ -359,6 +380,8 @@ class Lifecycle:
         if self._by_job.pop(tracked.job_id, None) is None:
             return True
         self._jobs[tracked.provider].pop(tracked.job_id, None)
+        if self._by_upstream.get((tracked.provider, tracked.upstream_id)) is tracked:
+            del self._by_upstream[(tracked.provider, tracked.upstream_id)]
         try:
             await self.finisher.end(
                 tracked.job_id,
@@ -382,15 +405,13 @@ class Lifecycle:
         return True
 
     async def close(self) -> None:
+        await self._progress.close()
         tasks = list(self._deliveries)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._writers is not None:
-            self._writers.shutdown(wait=True, cancel_futures=True)
-            self._writers = None
 
 
 def _deadline_reason(tracked: Tracked) -> str:

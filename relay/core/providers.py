@@ -1,13 +1,23 @@
-"""The configured providers: one adapter each, how many jobs each is running, and timing of every upstream call."""
+"""The configured providers: one adapter each, how many jobs each is running, their health, and timing of every
+upstream call.
+
+Every upstream call goes through the pool, so the pool feeds each provider's health (`core.health`) with what the
+answers say: a submit's outcome, a status read, seed or download that failed or worked, a probe. A change of health
+is counted in the metrics, logged, and handed to `on_transition` (the prober writes it down). A provider that is
+`down` is not sent submits at all: a follow-up pinned to it gets `Retryable` without a call. One that is cooling
+still gets the follow-ups of jobs it ran (no other provider can run them); new jobs are routed around both.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from adapters import (
     HttpOptions,
+    Retryable,
     SubmitOutcome,
     SubmitRequest,
     TaskView,
@@ -18,10 +28,16 @@ from adapters import (
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import Clock
 from relay.config import Config, ProviderConfig
+from relay.core.health import STATES, Health, Signal, State, Transition, submit_signal
 from relay.core.router import Candidate
+from relay.logs import event
 from relay.metrics import Metrics
 
 T = TypeVar("T")
+log = logging.getLogger("relay.health")
+
+# What a follow-up pinned to a provider that is down is answered with (no call is made); clients may see it.
+DOWN_REASON = "the provider that ran the parent task is down"
 
 
 def build_upstream(provider: ProviderConfig, config: Config, clock: Clock) -> Upstream:
@@ -60,12 +76,21 @@ class ProviderPool:
         self.in_flight = dict.fromkeys(self.settings, 0)
         for name in self.settings:
             metrics.in_flight.labels(name).set(0)
+        self.clock = clock
+        self.health = {p.name: Health(config.health_of(p), clock.now()) for p in config.providers}
+        for name in self.settings:
+            self._show(name)
+        # Called with each change of a provider's health (the prober records it).
+        self.on_transition: Callable[[str, Transition], None] = lambda provider, transition: None
 
     @property
     def names(self) -> list[str]:
         return list(self.settings)
 
     def candidates(self) -> list[Candidate]:
+        now = self.clock.now()
+        for name in self.settings:
+            self.advance(name, now)
         return [
             Candidate(
                 name=p.name,
@@ -75,6 +100,7 @@ class ProviderPool:
                 weight=p.weight,
                 in_flight=self.in_flight[p.name],
                 max_in_flight=p.max_in_flight,
+                available=self.health[p.name].routable(),
             )
             for p in self.settings.values()
         ]
@@ -94,10 +120,35 @@ class ProviderPool:
     # -- timed upstream calls ------------------------------------------------------------------------------------
 
     async def submit(self, name: str, request: SubmitRequest) -> SubmitOutcome:
+        health = self.health[name]
+        self.advance(name, self.clock.now())
+        if health.state is State.DOWN:
+            return Retryable(DOWN_REASON, sent=False)
+        health.begin_submit()
         started = time.perf_counter()
-        outcome = await self.upstreams[name].submit(request)
+        try:
+            outcome = await self.upstreams[name].submit(request)
+        except BaseException:
+            health.abandon_submit()
+            raise
         self._observe(name, "submit", type(outcome).__name__.lower(), started)
+        signal, reason = submit_signal(outcome)
+        self._apply(name, health.observe(signal, self.clock.now(), reason, submit=True))
         return outcome
+
+    async def probe(self, name: str) -> bool:
+        """One active probe of a provider (`Upstream.probe`); its result moves the provider's health."""
+        started = time.perf_counter()
+        try:
+            ok = await self.upstreams[name].probe()
+        except UpstreamUnavailable:
+            ok = False
+        except Exception:  # a bug in an adapter: the probe proved nothing
+            log.exception("probe failed", extra={"fields": {"provider": name}})
+            ok = False
+        self._observe(name, "probe", "ok" if ok else "failed", started)
+        self._apply(name, self.health[name].probed(ok, self.clock.now()))
+        return ok
 
     async def seed(self, name: str, upstream_id: str) -> str | None:
         return await self._read(name, "seed", self.upstreams[name].seed(upstream_id))
@@ -112,14 +163,48 @@ class ProviderPool:
         started = time.perf_counter()
         try:
             result = await call
-        except UpstreamUnavailable:
+        except UpstreamUnavailable as exc:
             self._observe(name, operation, "unavailable", started)
+            self._apply(name, self.health[name].observe(Signal.ERROR, self.clock.now(), f"{operation}: {exc}"))
             raise
         self._observe(name, operation, "ok", started)
+        self._apply(name, self.health[name].observe(Signal.OK, self.clock.now()))
         return result
 
     def _observe(self, name: str, operation: str, outcome: str, started: float) -> None:
         self.metrics.upstream_seconds.labels(name, operation, outcome).observe(time.perf_counter() - started)
+
+    # -- health --------------------------------------------------------------------------------------------------
+
+    def advance(self, name: str, now: float) -> None:
+        """Let time move a provider's health (a cool-down that is over)."""
+        self._apply(name, self.health[name].advance(now))
+
+    def restore(self, name: str, state: State, since: float, reason: str, until: float | None) -> None:
+        """Take up the health another run recorded for a provider (see `Health.restore`)."""
+        self.health[name].restore(state, since, reason, until)
+        self._show(name)
+
+    def _apply(self, name: str, transitions: list[Transition]) -> None:
+        for transition in transitions:
+            self.metrics.provider_transitions.labels(name, transition.new.value).inc()
+            event(
+                log,
+                "provider health changed",
+                provider=name,
+                state=transition.new.value,
+                previous=transition.old.value,
+                until=transition.until,
+                reason=transition.reason,
+            )
+            self.on_transition(name, transition)
+        if transitions:
+            self._show(name)
+
+    def _show(self, name: str) -> None:
+        current = self.health[name].state
+        for state in STATES:
+            self.metrics.provider_health.labels(name, state.value).set(1 if state is current else 0)
 
     async def aclose(self) -> None:
         for upstream in self.upstreams.values():

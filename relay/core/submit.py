@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from adapters import Accepted, ClientError, NeedsModal, ProviderUnusable, Retryable, SubmitOutcome, SubmitRequest
@@ -62,7 +63,7 @@ def _ending(outcome: SubmitOutcome | None) -> tuple[FailureCode, str]:
     if isinstance(outcome, Retryable) and outcome.sent:
         return FailureCode.UNCONFIRMED, outcome.reason
     if outcome is None:
-        return FailureCode.UNAVAILABLE, "every provider that serves this mode is at capacity"
+        return FailureCode.UNAVAILABLE, "every provider that serves this mode is at capacity or set aside by its health"
     return FailureCode.UNAVAILABLE, outcome.reason if isinstance(outcome, Retryable | ProviderUnusable) else ""
 
 
@@ -91,6 +92,13 @@ class Submitter:
         self._mark: Batcher[Submitted, None] = Batcher(
             lambda batch: store.mark_submitted_many(batch, clock.now()), "mark-submitted"
         )
+        self._submitting: set[str] = set()
+        # The upstream hook URL a submit to a provider names (set by the relay: core.upstream_hooks).
+        self.hook_url: Callable[[str], str | None] = lambda provider: None
+
+    def submitting(self, job_id: str) -> bool:
+        """Whether this process is submitting the job right now."""
+        return job_id in self._submitting
 
     async def admit(self, key: KeyRecord, jobs: list[NewJob]) -> None:
         """Hold the price of every job and insert them, or raise (quota short, key revoked) having changed nothing."""
@@ -108,6 +116,13 @@ class Submitter:
 
     async def submit(self, planned: Planned) -> Outcome:
         """Submit one admitted job; it is then followed to its end, parked in MODAL, or ended when none took it."""
+        self._submitting.add(planned.job.id)
+        try:
+            return await self._submit(planned)
+        finally:
+            self._submitting.discard(planned.job.id)
+
+    async def _submit(self, planned: Planned) -> Outcome:
         job = planned.job
         request = replace(planned.request, state=job.id)
         tried: list[str] = []
@@ -123,7 +138,7 @@ class Submitter:
             tried.append(name)
             self.pool.acquire(name)
             try:
-                outcome = await self.pool.submit(name, request)
+                outcome = await self.pool.submit(name, replace(request, notify_hook=self.hook_url(name)))
             except Exception:
                 # A bug, not an answer: the request may have gone out, so it is not sent elsewhere.
                 log.exception("submitting failed", extra={"fields": {"job": job.id, "provider": name}})

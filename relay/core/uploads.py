@@ -16,8 +16,8 @@ import re
 import secrets
 
 from relay.clock import Clock
-from relay.core.images import IMAGE, ImageError, ImageStore
-from relay.errors import InvalidImage, InvalidRequest
+from relay.errors import InvalidImage, InvalidRequest, ServiceUnavailable
+from relay.images import IMAGE, ImageError, ImageMissing, ImageStore, StorageError
 
 _OWN_LINK = re.compile(
     r"<?https?://[^\s<>]+/files/([a-z0-9_]{8,40})/(grid\.png|image\.png|[1-4]\.png)\?exp=(\d{1,12})&sig=([\w\-]+)>?"
@@ -36,15 +36,15 @@ class Uploads:
     async def keep(self, data_urls: tuple[str, ...], base_url: str) -> tuple[str, ...]:
         """Keep checked images (data URLs); their links on the relay, in order."""
         ids = [upload_id() for _ in data_urls]
-
-        def save() -> None:
-            for image_id, data_url in zip(ids, data_urls, strict=True):
-                self.images.save(image_id, IMAGE, base64.b64decode(data_url.split(",", 1)[1]))
-
-        try:
-            await asyncio.to_thread(save)
-        except ImageError as exc:
-            raise InvalidImage(f"An image cannot be kept: {exc}.", param="base64Array") from None
+        blobs = await asyncio.to_thread(lambda: [base64.b64decode(url.split(",", 1)[1]) for url in data_urls])
+        failed = await self.images.save_many(
+            [(image_id, IMAGE, blob) for image_id, blob in zip(ids, blobs, strict=True)]
+        )
+        for why in failed.values():
+            if isinstance(why, StorageError):
+                raise ServiceUnavailable("The image store cannot keep images right now; try again shortly.")
+        if failed:
+            raise InvalidImage(f"An image cannot be kept: {next(iter(failed.values()))}.", param="base64Array")
         now = self.clock.now()
         return tuple(self.images.url(base_url, image_id, IMAGE, now) for image_id in ids)
 
@@ -61,11 +61,13 @@ class Uploads:
         if len(images) + len(found) > limit:
             raise InvalidRequest(f"At most {limit} reference images are accepted, links included.", param="prompt")
         try:
-            blobs = await asyncio.to_thread(lambda: [self.images.read(m.group(1), m.group(2)) for m in found])
-        except (FileNotFoundError, ValueError, ImageError):
+            blobs = await asyncio.gather(*(self.images.read(m.group(1), m.group(2)) for m in found))
+        except (ImageMissing, ValueError, ImageError):
             raise InvalidRequest(
                 "A relay image link in the prompt names an image that is gone.", param="prompt"
             ) from None
+        except StorageError:
+            raise ServiceUnavailable("The image store cannot be read right now; try again shortly.") from None
         for match in reversed(found):
             prompt = prompt[: match.start()] + prompt[match.end() :]
         inlined = tuple("data:image/png;base64," + base64.b64encode(blob).decode() for blob in blobs)

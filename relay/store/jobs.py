@@ -246,6 +246,21 @@ class JobStore:
             await self._execute(statement, params)
         return [None] * len(items)
 
+    async def adopt(self, job_id: str, provider: str, upstream_id: str, now: float) -> bool:
+        """PENDING -> SUBMITTED for a job whose task a provider reports although its submit was never written down."""
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING.value)
+            .values(
+                state=JobState.SUBMITTED.value,
+                provider=provider,
+                upstream_id=upstream_id,
+                submitted_at=now,
+                updated_at=now,
+            )
+        )
+        return await self._changed(statement)
+
     async def park_modal(self, job_id: str, provider: str, upstream_id: str, deadline_at: float, now: float) -> bool:
         """PENDING -> MODAL: the upstream took the follow-up but waits for `submit/modal`; the job's deadline is
         now the time a confirmation may take."""

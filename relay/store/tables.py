@@ -59,3 +59,16 @@ jobs = Table(
     Index("ix_jobs_provider_upstream", "provider", "upstream_id"),
     Index("ix_jobs_parent", "parent_id"),
 )
+
+# The last change of each provider's health, as whichever relay process made it last recorded it (`store.health`).
+provider_health = Table(
+    "provider_health",
+    metadata,
+    Column("provider", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("since", Float, nullable=False),
+    Column("cooling_until", Float, nullable=True),
+    Column("reason", Text, nullable=False),
+    Column("process", String(200), nullable=False),
+    Column("updated_at", Float, nullable=False),
+)

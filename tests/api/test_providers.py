@@ -1,18 +1,22 @@
 """The relay over real HTTP upstreams: every dialect served by the simulator on loopback, failover between
-providers, capacity, and jobs that fail, get lost or run past their deadline."""
+providers, capacity, provider health, and jobs that fail, get lost or run past their deadline."""
 
 from __future__ import annotations
 
+import re
+import socket
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
-from tests.helpers import bound_socket, relay_config, running_relay, serve
+from tests.helpers import RunningRelay, bound_socket, relay_config, running_relay, serve, sql, wait_for
 
 SECRET = "sim-secret-0001"
 
@@ -90,7 +94,7 @@ def test_a_submit_that_may_have_run_is_never_sent_elsewhere(
     )
     with running_relay(config) as relay:
         with pytest.raises(openai.InternalServerError) as caught:
-            relay.openai().images.generate(model="mj-fast", prompt="a heron sim:error")
+            relay.openai().images.generate(model="mj-fast", prompt="a heron sim:crash")
         assert caught.value.status_code == 502
         assert caught.value.response.headers["x-should-retry"] == "false"
         assert upstreams["mj-v1"][1].submits == 0
@@ -149,3 +153,111 @@ def test_partial_results_when_one_of_several_jobs_fails(tmp_path: Path) -> None:
         assert states == ["FAILED", "SUCCEEDED"]
         assert len(result.data) == 4
         assert relay.balance() == (998, 0)
+
+
+# -- provider health ---------------------------------------------------------------------------------------------
+
+
+def counting(app: ASGIApp, paths: list[str]) -> ASGIApp:
+    """The app, noting the path of every HTTP request it gets."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            paths.append(scope["path"])
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+def health_states(relay: RunningRelay) -> dict[str, str]:
+    """Each provider's health state as `/metrics` shows it."""
+    text = httpx.get(relay.base + "/metrics").text
+    found = re.findall(r'^mj_relay_provider_health\{provider="([^"]+)",state="([^"]+)"\} 1\.0$', text, re.M)
+    return dict(found)
+
+
+def transitions(relay: RunningRelay, name: str) -> dict[str, float]:
+    text = httpx.get(relay.base + "/metrics").text
+    pattern = rf'^mj_relay_provider_health_transitions_total\{{provider="{name}",state="([^"]+)"\}} (\S+)$'
+    return {state: float(count) for state, count in re.findall(pattern, text, re.M)}
+
+
+def rebind(port: int) -> socket.socket:
+    """A listening socket on a port a stopped server had."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+def test_a_provider_refusing_credentials_is_cooled_after_one_job_and_tried_once_after_its_cooldown(
+    tmp_path: Path, upstreams: dict[str, tuple[str, SimEngine]]
+) -> None:
+    paths: list[str] = []
+    engine = SimEngine(SimSettings(fast_s=0.3, tile_px=48))
+    with serve(counting(build_sim_app(engine, "midjourney-proxy", SECRET), paths)) as refusing_base:
+        config = relay_config(
+            tmp_path,
+            providers=[
+                provider("refusing", "midjourney-proxy", refusing_base, secret="a-wrong-secret", priority=0),
+                provider("good", "new-api", upstreams["new-api"][0], priority=1),
+            ],
+            health={"cooldown_s": 4, "probe_interval_s": 600},
+        )
+
+        def submits() -> int:
+            return sum(1 for path in paths if "/submit/" in path)
+
+        with running_relay(config) as relay:
+            client = relay.openai()
+            client.images.generate(model="mj-fast", prompt="a heron")
+            assert submits() == 1
+            assert health_states(relay) == {"refusing": "cooling", "good": "healthy"}
+            # Three jobs at once, all within the cool-down: none of them touches the refusing provider.
+            assert len(client.images.generate(model="mj-fast", prompt="a heron", n=10).data) == 10
+            assert submits() == 1 and health_states(relay)["refusing"] == "cooling"
+            wait_for(lambda: health_states(relay)["refusing"] == "half-open", timeout=15)
+            client.images.generate(model="mj-fast", prompt="a heron")  # the trial, then the good provider
+            assert submits() == 2 and health_states(relay)["refusing"] == "cooling"
+            assert [row[3] for row in relay.jobs()] == ["good"] * 5
+            assert engine.submits == 0
+            assert transitions(relay, "refusing") == {"cooling": 2.0, "half-open": 1.0}
+            wait_for(lambda: sql(config, "SELECT state FROM provider_health") == [("cooling",)])
+            ((since, until, reason),) = sql(config, "SELECT since, cooling_until, reason FROM provider_health")
+            assert until - since == pytest.approx(8)  # the failed trial doubled the cool-down
+            assert reason == "the trial failed: upstream refused the credentials (HTTP 401)"
+            assert "a-wrong-secret" not in reason
+
+
+def test_a_provider_whose_server_stops_goes_down_by_probes_and_comes_back_when_it_restarts(tmp_path: Path) -> None:
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    engine = SimEngine(SimSettings(fast_s=0.3, tile_px=48))
+    app = build_sim_app(engine, "midjourney-proxy", SECRET)
+    config = relay_config(
+        tmp_path,
+        providers=[provider("only", "midjourney-proxy", f"http://127.0.0.1:{port}")],
+        health={"heartbeat_s": 0.1, "probe_interval_s": 0.1, "probes_to_down": 2, "errors_to_cool": 50},
+    )
+    with running_relay(config) as relay:
+        native = httpx.Client(base_url=relay.base, headers={"mj-api-secret": relay.key}, timeout=30)
+        with serve(app, sock=sock):
+            relay.openai().images.generate(model="mj-fast", prompt="a heron")
+            assert health_states(relay) == {"only": "healthy"}
+            (parent,) = sql(config, "SELECT id FROM jobs")
+            buttons = native.get(f"/mj/task/{parent[0]}/fetch").json()["buttons"]
+            upscale = next(b["customId"] for b in buttons if "upsample::1" in b["customId"])
+        wait_for(lambda: health_states(relay) == {"only": "down"})
+        with pytest.raises(openai.InternalServerError) as caught:
+            relay.openai().images.generate(model="mj-fast", prompt="a heron")
+        assert caught.value.status_code == 503 and caught.value.code == "service_unavailable"
+        # A follow-up pinned to a provider that is down is refused without a call to it.
+        reply = native.post("/mj/submit/action", json={"taskId": parent[0], "customId": upscale})
+        assert reply.status_code == 503, reply.text
+        assert engine.submits == 1
+        with serve(app, sock=rebind(port)):
+            wait_for(lambda: health_states(relay) == {"only": "half-open"})
+            relay.openai().images.generate(model="mj-fast", prompt="a heron")
+            assert health_states(relay) == {"only": "healthy"} and engine.submits == 2
+            assert transitions(relay, "only") == {"down": 1.0, "half-open": 1.0, "healthy": 1.0}
+        native.close()

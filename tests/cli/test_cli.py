@@ -115,7 +115,7 @@ def serving(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Iterato
 def test_help_lists_every_command(tmp_path: Path) -> None:
     result = cli(tmp_path, "--help")
     assert result.returncode == 0
-    for command in ("serve", "simulate", "check-config", "keys"):
+    for command in ("serve", "simulate", "check-config", "providers", "keys"):
         assert command in result.stdout
     assert (Path(sys.executable).parent / "mj-relay").exists()
 

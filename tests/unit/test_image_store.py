@@ -1,7 +1,11 @@
+"""The image store over the local directory: keeping, checking and cutting images, and signed links."""
+
 from __future__ import annotations
 
+import asyncio
 import io
 import os
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -9,14 +13,48 @@ import pytest
 from PIL import Image
 
 from adapters.simulator.grid import render_grid
-from relay.core.images import ImageError, ImageStore, load_or_create_secret
+from relay.config import default_config, parse_config
+from relay.images import (
+    ImageError,
+    ImageMissing,
+    ImageStore,
+    LocalBackend,
+    StorageError,
+    formats,
+    image_store,
+    load_or_create_secret,
+)
+from relay.images.names import key
+
+pytestmark = pytest.mark.anyio
 
 JOB = "job_0123456789abcdef01234567"
+OTHER = "job_76543210fedcba9876543210"
 NOW = 1_800_000_000.0
+TILES = ("1.png", "2.png", "3.png", "4.png")
 
 
 def store(tmp_path: Path, secrets: list[str] | None = None) -> ImageStore:
     return ImageStore(tmp_path / "images", secrets or ["s1"], ttl_s=600)
+
+
+@pytest.fixture
+async def images(tmp_path: Path) -> AsyncIterator[ImageStore]:
+    opened = store(tmp_path)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def local(images: ImageStore) -> LocalBackend:
+    assert isinstance(images.backend, LocalBackend)
+    return images.backend
+
+
+def jpeg(size: tuple[int, int] = (40, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("CMYK", size, (0, 50, 100, 0)).save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
 def signed(url: str) -> tuple[str, str, str, str]:
@@ -26,39 +64,161 @@ def signed(url: str) -> tuple[str, str, str, str]:
     return job_id, name, query["exp"][0], query["sig"][0]
 
 
-def test_a_grid_is_kept_and_split_into_four_tiles(tmp_path: Path) -> None:
-    images = store(tmp_path)
+async def test_a_grid_is_kept_and_split_into_four_tiles(images: ImageStore) -> None:
     grid = render_grid("x", (3, 2), 60)
-    assert images.save_grid(JOB, grid) == (120, 80)
-    assert images.read(JOB, "grid.png") == grid
-    tiles = [Image.open(io.BytesIO(images.read(JOB, f"{i}.png"))) for i in range(1, 5)]
+    assert await images.save(JOB, "grid.png", grid) == (120, 80)
+    assert await images.read(JOB, "grid.png") == grid
+    folder = local(images).path(key(JOB, "grid.png")).parent
+    assert [p.name for p in folder.iterdir()] == [f"{JOB}-grid.png"]  # tiles are cut when first asked for
+    tiles = [Image.open(io.BytesIO(await images.read(JOB, name))) for name in TILES]
     assert all(t.size == (60, 40) and t.format == "PNG" for t in tiles)
     assert len({t.tobytes() for t in tiles}) == 4
-    assert sorted(p.name for p in images.path(JOB, "grid.png").parent.iterdir()) == [
-        f"{JOB}-{name}" for name in ("1.png", "2.png", "3.png", "4.png", "grid.png")
-    ]
+    assert sorted(p.name for p in folder.iterdir()) == [f"{JOB}-{name}" for name in (*TILES, "grid.png")]
 
 
-def test_other_formats_are_kept_as_png(tmp_path: Path) -> None:
-    buffer = io.BytesIO()
-    Image.new("CMYK", (40, 40), (0, 50, 100, 0)).save(buffer, format="JPEG")
-    images = store(tmp_path)
-    assert images.save_grid(JOB, buffer.getvalue()) == (40, 40)
-    with Image.open(images.path(JOB, "grid.png")) as kept:
+async def test_tiles_asked_for_together_are_cut_once(images: ImageStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    await images.save(JOB, "grid.png", render_grid("x", (1, 1), 32))
+    cuts: list[bytes] = []
+    cut = formats.cut
+    monkeypatch.setattr(formats, "cut", lambda grid: cuts.append(grid) or cut(grid))
+    first = await asyncio.gather(*(images.read(JOB, name) for name in TILES * 3))
+    again = await asyncio.gather(*(images.read(JOB, name) for name in TILES))
+    assert len(cuts) == 1 and first[:4] == first[4:8] == again
+
+
+class SlowFirstLook(LocalBackend):
+    """A directory whose first look for a tile finds nothing, and answers only when the test says: the look of a
+    request that raced a cut which ended meanwhile."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.looking = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def get(self, key: str) -> bytes | None:
+        if key.endswith("-1.png") and not self.looking.is_set():
+            self.looking.set()
+            await self.answer.wait()
+            return None
+        return await super().get(key)
+
+
+async def test_a_request_that_raced_a_finished_cut_reads_its_tiles_and_cuts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = SlowFirstLook(tmp_path / "images")
+    images = ImageStore(backend, ["s"], 600)
+    await images.save(JOB, "grid.png", render_grid("x", (1, 1), 32))
+    cuts: list[bytes] = []
+    cut = formats.cut
+    monkeypatch.setattr(formats, "cut", lambda grid: cuts.append(grid) or cut(grid))
+    late = asyncio.ensure_future(images.read(JOB, "1.png"))
+    await backend.looking.wait()
+    second = await images.read(JOB, "2.png")  # cuts the grid and stores the tiles, all before `late` hears back
+    backend.answer.set()
+    first = await late
+    assert len(cuts) == 1 and first == backend.path(key(JOB, "1.png")).read_bytes() != second
+    await images.close()
+
+
+class RefusingTiles(LocalBackend):
+    async def put(self, objects: Mapping[str, bytes], *, atomic: bool = False) -> dict[str, str]:
+        if any(k.endswith("-1.png") for k in objects):
+            return {k: "refused" for k in objects}
+        return await super().put(objects, atomic=atomic)
+
+
+async def test_tiles_the_store_refuses_are_answered_all_the_same_and_cut_again_next_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = ImageStore(RefusingTiles(tmp_path / "images"), ["s"], 600)
+    await images.save(JOB, "grid.png", render_grid("x", (1, 1), 32))
+    cuts: list[bytes] = []
+    cut = formats.cut
+    monkeypatch.setattr(formats, "cut", lambda grid: cuts.append(grid) or cut(grid))
+    first = await images.read(JOB, "1.png")
+    assert await images.read(JOB, "1.png") == first and len(cuts) == 2
+    await images.close()
+
+
+async def test_other_formats_are_kept_as_png(images: ImageStore) -> None:
+    assert await images.save(JOB, "grid.png", jpeg()) == (40, 40)
+    with Image.open(local(images).path(key(JOB, "grid.png"))) as kept:
         assert kept.format == "PNG"
 
 
-@pytest.mark.parametrize("data", [b"not an image", b"", render_grid("x", (1, 1), 16)[:40]])
-def test_broken_images_are_refused(tmp_path: Path, data: bytes) -> None:
+@pytest.mark.parametrize(
+    "data", [b"not an image", b"", render_grid("x", (1, 1), 16)[:40], render_grid("x", (1, 1), 16)[:-12]]
+)
+async def test_broken_images_are_refused(images: ImageStore, data: bytes) -> None:
     with pytest.raises(ImageError):
-        store(tmp_path).save_grid(JOB, data)
+        await images.save(JOB, "grid.png", data)
+    assert not local(images).path(key(JOB, "grid.png")).exists()
 
 
-def test_names_and_ids_cannot_escape_the_store(tmp_path: Path) -> None:
+async def test_images_too_small_to_split_are_refused(images: ImageStore) -> None:
+    one_pixel = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(one_pixel, format="PNG")
+    for data in (one_pixel.getvalue(), jpeg((1, 8))):
+        with pytest.raises(ImageError, match="too small"):
+            await images.save(JOB, "grid.png", data)
+
+
+async def test_a_batch_keeps_the_good_images_and_says_why_each_other_one_was_refused(images: ImageStore) -> None:
+    grid = render_grid("x", (1, 1), 16)
+    third = "job_aaaaaaaaaaaaaaaaaaaaaaaa"
+    failed = await images.save_many(
+        [(JOB, "grid.png", grid), (OTHER, "image.png", grid[:-12]), (third, "grid.png", jpeg())]
+    )
+    assert set(failed) == {OTHER} and isinstance(failed[OTHER], ImageError)
+    assert await images.read(JOB, "grid.png") == grid
+    assert (await images.read(third, "grid.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_a_directory_that_refuses_a_write_fails_that_image_only(tmp_path: Path) -> None:
     images = store(tmp_path)
-    for job_id, name in ((JOB, "../x.png"), ("../../etc", "grid.png"), (JOB, "5.png")):
+    await images.open()
+    try:
+        grid = render_grid("x", (1, 1), 16)
+        (tmp_path / "images" / JOB[-2:]).write_text("a file where the folder should be")
+        failed = await images.save_many([(JOB, "grid.png", grid), (OTHER, "grid.png", grid)])
+        assert set(failed) == {JOB} and isinstance(failed[JOB], StorageError)
+        assert await images.read(OTHER, "grid.png") == grid
+        with pytest.raises(StorageError):
+            await images.save(JOB, "image.png", grid)
+    finally:
+        await images.close()
+
+
+async def test_what_was_never_kept_is_missing(images: ImageStore) -> None:
+    for name in ("grid.png", "image.png", "1.png"):
+        with pytest.raises(ImageMissing):
+            await images.read(JOB, name)
+    await images.save(OTHER, "image.png", render_grid("x", (1, 1), 16))
+    with pytest.raises(ImageMissing):  # one image, no grid: it has no tiles
+        await images.read(OTHER, "1.png")
+
+
+async def test_a_grid_that_cannot_be_decoded_is_an_image_error_when_cut(images: ImageStore) -> None:
+    grid = bytearray(render_grid("x", (1, 1), 16))
+    grid[40:60] = b"\x00" * 20  # damaged inside; the header and the end marker are intact
+    await images.save(JOB, "grid.png", bytes(grid))
+    with pytest.raises(ImageError, match="unreadable"):
+        await images.read(JOB, "1.png")
+
+
+def test_names_and_ids_cannot_escape_the_store() -> None:
+    for job_id, name in ((JOB, "../x.png"), ("../../etc", "grid.png"), (JOB, "5.png"), (JOB + "\n", "grid.png")):
         with pytest.raises(ValueError):
-            images.path(job_id, name)
+            key(job_id, name)
+    assert key(JOB, "1.png") == f"67/{JOB}-1.png"
+
+
+def test_the_configuration_picks_the_directory_unless_a_bucket_is_set(tmp_path: Path) -> None:
+    config = parse_config(f"data_dir: {tmp_path}", env={})
+    backend = image_store(config, ["s"]).backend
+    assert isinstance(backend, LocalBackend) and backend.root == tmp_path / "images"
+    assert isinstance(image_store(default_config(), ["s"]).backend, LocalBackend)
 
 
 def test_signed_urls_verify_until_they_expire(tmp_path: Path) -> None:

@@ -200,3 +200,24 @@ def test_upstream_text_is_made_storable_and_everything_else_left_as_it_came() ->
     clean = b'[{"id": "3", "status": "FAILURE", "failReason": "\\ud83d\\ude00 \\u00e9 fine"}]'
     (kept,) = parse_task_list(200, clean)
     assert kept.fail_reason == "\U0001f600 \u00e9 fine"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "sent"),
+    [
+        # the server's own error envelope: it handled the request and refused it, so another provider may run it
+        (500, b'{"success": false, "code": -1, "message": "boom"}', False),
+        (500, b'{"code": 9, "description": "system error"}', False),
+        # nothing readable from the server: the task may have been taken
+        (500, b'{"description": "no code"}', True),
+        (500, b"<html>internal error</html>", True),
+        (502, b"", True),
+        (504, b"gateway timeout", True),
+        # 503 and 429 say it was not taken, whatever the body
+        (503, b"down", False),
+        (429, b"slow down", False),
+    ],
+)
+def test_a_5xx_is_sent_elsewhere_only_when_the_server_said_it_refused(status: int, body: bytes, sent: bool) -> None:
+    outcome = classify_submit(status, body)
+    assert isinstance(outcome, Retryable) and outcome.sent is sent

@@ -41,3 +41,13 @@ def test_full_and_already_tried_providers_are_left_out() -> None:
     ]
     assert rank(providers, mode="fast", bot="MID_JOURNEY", exclude={"tried"}) == ["free"]
     assert rank(providers[:1], mode="fast", bot="MID_JOURNEY") == []
+
+
+def test_providers_their_health_sets_aside_are_left_out() -> None:
+    providers = [
+        Candidate("cooling", ALL, MJ, priority=0, available=False),
+        Candidate("healthy", ALL, MJ, priority=1),
+    ]
+    for seed in range(20):
+        assert rank(providers, mode="fast", bot="MID_JOURNEY", rng=random.Random(seed)) == ["healthy"]
+    assert rank(providers[:1], mode="fast", bot="MID_JOURNEY") == []

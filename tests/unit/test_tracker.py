@@ -13,10 +13,10 @@ from adapters import TaskStatus, TaskView, UpstreamUnavailable
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.core.events import JobEvents
 from relay.core.finish import Finisher
-from relay.core.images import ImageStore
 from relay.core.lifecycle import Lifecycle, Step, Tracked, observe
 from relay.core.providers import ProviderPool
 from relay.core.tracker import Tracker
+from relay.images import ImageStore
 from relay.metrics import Metrics
 from relay.store.db import Database
 from relay.store.jobs import JobState, JobStore, NewJob

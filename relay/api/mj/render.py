@@ -18,8 +18,8 @@ import re
 from typing import Any
 
 from relay.core.failures import code_of, job_failed
-from relay.core.images import GRID, IMAGE, ImageStore
 from relay.domain import FailureCode, JobState, ResultShape
+from relay.images import GRID, IMAGE, ImageStore
 from relay.store.jobs import JobRow
 
 STATUS = {

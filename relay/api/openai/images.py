@@ -12,6 +12,8 @@ from starlette.responses import JSONResponse
 
 from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, validate
 from relay.core.jobs import JobService
+from relay.errors import ServiceUnavailable
+from relay.images import StorageError
 
 
 class ImageGenerationRequest(BaseModel):
@@ -51,7 +53,10 @@ async def create_image(request: Request) -> JSONResponse:
     revised = generation.spec.prompt
     now = relay.clock.now()
     if body.response_format == "b64_json":
-        blobs = await asyncio.to_thread(lambda: [relay.images.read(t.job_id, t.name) for t in tiles])
+        try:
+            blobs = await asyncio.gather(*(relay.images.read(t.job_id, t.name) for t in tiles))
+        except StorageError:
+            raise ServiceUnavailable("The images cannot be read right now; try again shortly.", retry_after=5) from None
         data = [{"b64_json": base64.b64encode(blob).decode(), "revised_prompt": revised} for blob in blobs]
     else:
         root = base_url(request)

@@ -1,0 +1,132 @@
+"""The simulator's `notifyHook` calls, as midjourney-proxy makes them: a POST of the whole task JSON to the URL a
+submit named, each time the task changes (it starts running, each progress step, its end), once, unsigned, never
+retried, the answer ignored.
+
+Faults can be injected, to test a receiver that must be idempotent and order-tolerant and a relay that must fall
+back on polling:
+
+    drop        the share of calls never made
+    duplicate   the share of calls made twice
+    reorder     the share of calls held back by `reorder_s`, so they arrive after later ones
+    delay_s     added to every call
+    progress    whether progress steps are sent, or only the start and the end
+
+Time is injected (`now`, `sleep`), as in the engine: tests move it by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from adapters.simulator.engine import SimEngine
+from adapters.simulator.tasks import SimTask
+
+Post = Callable[[str, bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class HookSettings:
+    drop: float = 0.0
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    reorder_s: float = 0.5
+    delay_s: float = 0.0
+    progress: bool = True
+    timeout_s: float = 5.0
+    lanes: int = 32  # calls under way at once
+    seed: int | None = None
+
+
+class HookSender:
+    def __init__(
+        self,
+        engine: SimEngine,
+        settings: HookSettings,
+        image_base: str,
+        *,
+        post: Post | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.image_base = image_base
+        self._sleep = sleep
+        self._rng = random.Random(settings.seed)
+        self._post = post or self._http_post
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lanes = asyncio.Semaphore(settings.lanes)
+        self.sent = 0  # calls made (duplicates counted twice, drops not)
+        engine.watchers.append(self.watch)
+
+    def watch(self, task: SimTask) -> None:
+        """Follow a task whose timeline just started; its changes are called to its hook. Called by the engine
+        from within a running event loop (a submit or a confirmation being answered)."""
+        if not task.notify_hook:
+            return
+        self._spawn(self._follow(task.id, task.notify_hook, task.changes(self.settings.progress)))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        job = asyncio.ensure_future(work)
+        self._tasks.add(job)
+        job.add_done_callback(self._tasks.discard)
+
+    async def _follow(self, task_id: str, url: str, moments: list[float]) -> None:
+        for moment in moments:
+            wait = moment - self.engine.now()
+            if wait > 0:
+                await self._sleep(wait)
+            view = self.engine.task(task_id, self.image_base)
+            if view is None:  # forgotten (sim:lose)
+                return
+            self._send(url, json.dumps(view).encode())
+
+    def _send(self, url: str, body: bytes) -> None:
+        draw = self._rng.random
+        if draw() < self.settings.drop:
+            return
+        copies = 2 if draw() < self.settings.duplicate else 1
+        held = self.settings.reorder_s if draw() < self.settings.reorder else 0.0
+        for _ in range(copies):
+            self._spawn(self._call(url, body, self.settings.delay_s + held))
+
+    async def _call(self, url: str, body: bytes, after: float) -> None:
+        if after > 0:
+            await self._sleep(after)
+        self.sent += 1
+        async with self._lanes:
+            with contextlib.suppress(Exception):  # once, no retry, whatever the receiver says
+                await self._post(url, body)
+
+    async def _http_post(self, url: str, body: bytes) -> None:
+        """One bare HTTP/1.1 POST on its own connection, the status line read and the rest ignored: a call made
+        once and forgotten needs no more (and an HTTP client's pool bookkeeping per call cost the simulator more
+        than its answers to the relay)."""
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            return  # the simulator calls plain-HTTP receivers only
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        head = (
+            f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        async with asyncio.timeout(self.settings.timeout_s):
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+            try:
+                writer.write(head.encode() + body)
+                await writer.drain()
+                await reader.readline()
+            finally:
+                writer.close()
+
+    async def aclose(self) -> None:
+        for job in list(self._tasks):
+            job.cancel()
+        for job in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await job

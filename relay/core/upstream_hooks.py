@@ -1,0 +1,108 @@
+"""Upstream hooks: the `notifyHook` calls providers make when a task changes, taken in at
+`/hooks/{provider}/{token}`.
+
+Every submit to a provider with `hooks: true` names the relay's hook URL for it, when the relay knows an address
+upstreams can reach (`server.public_url`). The token is an HMAC of the provider's name with the relay's signing
+secret: unguessable, the same in every process that shares the secret, and rotated with it. A call is taken only
+with a valid token, parsed by the provider's adapter, and applied through the lifecycle exactly as a status read
+would be (`Lifecycle.hook`), so a view that does not move the job forward (a duplicate, one that arrived late)
+changes nothing. midjourney-proxy makes each call once, unsigned, without retry: polling stays as the safety net,
+and reads a job hooks keep current only when they have been silent for a whole interval.
+
+A task is found by its upstream id among the jobs followed here, else by `state` (the relay's job id, which every
+submit sends): a job still PENDING there — the relay stopped between the upstream taking a task and writing it
+down — is adopted (written SUBMITTED with the task's id, and followed), instead of ending "interrupted" at the
+pending sweep while the upstream ran it. No dialect can be asked for a task by `state` (midjourney-proxy,
+trueai, new-api and the `/v1/mj` resellers look tasks up by their own ids only), so hooks are the one way such a
+task is found again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from relay.clock import Clock
+from relay.config import Config
+from relay.core.lifecycle import Lifecycle, Tracked
+from relay.core.providers import ProviderPool
+from relay.domain import JobState
+from relay.logs import event
+from relay.store.jobs import JobStore
+
+log = logging.getLogger("relay.hooks")
+
+Outcome = Literal["applied", "adopted", "unknown", "unreadable"]
+
+
+def hook_token(secret: str, provider: str) -> str:
+    return hmac.new(secret.encode(), b"mj-relay upstream hook " + provider.encode(), hashlib.sha256).hexdigest()[:40]
+
+
+class UpstreamHooks:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        secrets: Sequence[str],
+        pool: ProviderPool,
+        lifecycle: Lifecycle,
+        store: JobStore,
+        clock: Clock,
+        submitting: Callable[[str], bool],
+    ) -> None:
+        self.config = config
+        self.secrets = list(secrets)
+        self.pool = pool
+        self.lifecycle = lifecycle
+        self.store = store
+        self.clock = clock
+        self._submitting = submitting  # whether this process is submitting a job right now
+
+    def url(self, provider: str) -> str | None:
+        """The hook URL a submit to `provider` names; None when it gets none."""
+        public = self.config.server.public_url
+        settings = self.pool.settings.get(provider)
+        if not public or settings is None or not settings.hooks or settings.dialect == "simulator":
+            return None
+        return f"{public}/hooks/{provider}/{hook_token(self.secrets[0], provider)}"
+
+    def accepts(self, provider: str, token: str) -> bool:
+        if provider not in self.pool.settings:
+            return False
+        return any(hmac.compare_digest(token.encode(), hook_token(s, provider).encode()) for s in self.secrets)
+
+    async def receive(self, provider: str, body: bytes) -> Outcome:
+        """Apply one hook call from `provider` (its token already checked)."""
+        view = self.pool.upstreams[provider].parse_hook(body)
+        if view is None:
+            return "unreadable"
+        tracked = self.lifecycle.find(provider, view.upstream_id)
+        outcome: Outcome = "applied"
+        if tracked is None and view.state:
+            tracked = await self._adopt(provider, view.upstream_id, view.state)
+            outcome = "adopted"
+        if tracked is None:
+            return "unknown"
+        await self.lifecycle.hook(tracked, view)
+        return outcome
+
+    async def _adopt(self, provider: str, upstream_id: str, job_id: str) -> Tracked | None:
+        """A job that never got past PENDING although `provider` has its task: written SUBMITTED and followed."""
+        if self._submitting(job_id) or self.lifecycle.following(job_id):
+            return None  # its submit here is still under way: it will follow the job itself
+        row = await self.store.get(job_id)
+        if row is None or row.state is not JobState.PENDING:
+            return None
+        if not await self.store.adopt(job_id, provider, upstream_id, self.clock.now()):
+            return None
+        self.pool.acquire(provider)
+        tracked = Tracked(
+            job_id, row.model, provider, upstream_id, row.deadline_at, JobState.SUBMITTED, shape=row.spec.shape
+        )
+        self.lifecycle.started(tracked)
+        event(log, "job adopted", job=job_id, provider=provider)
+        return tracked

@@ -1,0 +1,75 @@
+"""What the relay keeps of an image: a PNG, checked without decoding when it already is one; and the four tiles
+cut from a grid. Pillow's work (`to_png`, `cut`) is blocking: run it in a thread."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, UnidentifiedImageError
+
+from relay.images.names import TILE_NAMES
+
+__all__ = ["ImageError", "cut", "png_size", "to_png"]
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its CRC: the last chunk of every PNG
+
+
+class ImageError(Exception):
+    """The bytes are not an image the relay can keep or split."""
+
+
+def _usable(size: tuple[int, int]) -> tuple[int, int]:
+    if size[0] < 2 or size[1] < 2:
+        raise ImageError("the image is too small to split")
+    return size
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height of a whole PNG, from its header (its first chunk, IHDR) and its end marker, without decoding
+    it (the first tile request does); None when the bytes are not a PNG. Raises ImageError for a truncated PNG or
+    one too small to split. Cheap enough for the event loop."""
+    if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    if _PNG_END not in data[-64:]:
+        raise ImageError("the PNG is truncated")
+    return _usable((int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")))
+
+
+def to_png(data: bytes) -> tuple[tuple[int, int], bytes]:
+    """An image of another format (JPEG, WebP, ...) decoded and encoded as PNG, with its size. Blocking."""
+    try:
+        image: Image.Image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"not a usable image: {type(exc).__name__}") from None
+    return _usable(image.size), _png(_plain(image))
+
+
+def cut(grid: bytes) -> dict[str, bytes]:
+    """The four tiles of a grid, as PNGs, by name. Blocking."""
+    try:
+        with Image.open(io.BytesIO(grid)) as opened:
+            image = _plain(opened)
+            image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"the stored grid is unreadable: {type(exc).__name__}") from None
+    tw, th = image.width // 2, image.height // 2
+    tiles = {}
+    for index, name in enumerate(TILE_NAMES):
+        x, y = (index % 2) * tw, (index // 2) * th
+        tiles[name] = _png(image.crop((x, y, x + tw, y + th)))
+    return tiles
+
+
+def _plain(image: Image.Image) -> Image.Image:
+    """The image in a mode PNG keeps as it is."""
+    if image.mode in ("RGB", "RGBA", "L", "LA", "P"):
+        return image
+    return image.convert("RGBA" if "A" in image.getbands() else "RGB")
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=3)
+    return out.getvalue()

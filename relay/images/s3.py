@@ -1,0 +1,141 @@
+"""The images in an S3-compatible bucket (AWS S3, MinIO, Cloudflare R2, Ceph, ...), under `<prefix><key>`, through
+aiobotocore: botocore's own signing, retries and error parsing, on asyncio.
+
+Every relay process that uses the bucket serves every image. The relay reads an object and answers it itself: the
+bucket is never named to a client (no redirect, no presigned URL), so it stays private. At most `max_connections`
+requests are under way at once; the others wait their turn here rather than in the connection pool, where waiting
+would count against the connect timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from relay.config import S3Config
+from relay.images.backend import StorageError
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+__all__ = ["S3Backend"]
+
+log = logging.getLogger("relay.images")
+
+# What a request to the bucket may fail with: botocore's errors (an answer, a timeout, no connection) and what the
+# HTTP layer under it may let through.
+_FAILURES = (BotoCoreError, ClientError, aiohttp.ClientError, OSError, TimeoutError)
+_MISSING = ("NoSuchKey", "404", "NotFound")
+
+
+class S3Backend:
+    def __init__(self, config: S3Config) -> None:
+        self.config = config
+        self._client: S3Client | None = None
+        self._stack: AsyncExitStack | None = None
+        self._connecting = asyncio.Lock()
+        self._slots = asyncio.Semaphore(config.max_connections)
+
+    def _object(self, key: str) -> str:
+        return self.config.prefix + key
+
+    async def _connect(self) -> S3Client:
+        if self._client is not None:
+            return self._client
+        async with self._connecting:
+            if self._client is None:
+                c = self.config
+                options = AioConfig(
+                    signature_version="s3v4",
+                    connect_timeout=c.connect_timeout_s,
+                    read_timeout=c.timeout_s,
+                    max_pool_connections=c.max_connections,
+                    retries={"max_attempts": c.max_attempts, "mode": "standard"},
+                    s3={"addressing_style": c.addressing_style},
+                    # Checksums only where S3 requires them: several S3-compatible servers refuse the newer ones.
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                )
+                stack = AsyncExitStack()
+                client = get_session().create_client(
+                    "s3",
+                    region_name=c.region,
+                    endpoint_url=c.endpoint_url,
+                    aws_access_key_id=c.access_key_id,
+                    aws_secret_access_key=c.secret_access_key,
+                    config=options,
+                )
+                self._client = await stack.enter_async_context(client)
+                self._stack = stack
+            return self._client
+
+    async def open(self) -> None:
+        client = await self._connect()
+        try:
+            async with self._slots:
+                await client.head_bucket(Bucket=self.config.bucket)
+        except _FAILURES as exc:
+            await self.close()
+            raise StorageError(f"images.s3: the bucket {self.config.bucket!r} cannot be used ({_why(exc)})") from None
+
+    async def close(self) -> None:
+        async with self._connecting:
+            stack, self._stack, self._client = self._stack, None, None
+            if stack is not None:
+                await stack.aclose()
+
+    async def put(self, objects: Mapping[str, bytes], *, atomic: bool = False) -> dict[str, str]:
+        """Each object in one PUT, all at once (an S3 PUT is atomic: `atomic` changes nothing)."""
+        if not objects:
+            return {}
+        client = await self._connect()
+
+        async def one(key: str, data: bytes) -> str | None:
+            try:
+                async with self._slots:
+                    await client.put_object(
+                        Bucket=self.config.bucket, Key=self._object(key), Body=data, ContentType="image/png"
+                    )
+            except _FAILURES as exc:
+                log.warning("an image could not be stored", extra={"fields": {"object": key, "why": _why(exc)}})
+                return f"the image store refused it ({_why(exc)})"
+            return None
+
+        results = await asyncio.gather(*(one(key, data) for key, data in objects.items()))
+        return {key: why for key, why in zip(objects, results, strict=True) if why is not None}
+
+    async def get(self, key: str) -> bytes | None:
+        client = await self._connect()
+        try:
+            async with self._slots:
+                answer = await client.get_object(Bucket=self.config.bucket, Key=self._object(key))
+                async with answer["Body"] as body:
+                    return await body.read()
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            log.warning("an image could not be read", extra={"fields": {"object": key, "why": _why(exc)}})
+            raise StorageError(f"the image store failed ({_why(exc)})") from None
+        except _FAILURES as exc:
+            log.warning("an image could not be read", extra={"fields": {"object": key, "why": _why(exc)}})
+            raise StorageError(f"the image store failed ({_why(exc)})") from None
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason that names no endpoint, bucket or key: the S3 error code, else the kind of failure."""
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return f"{_code(exc) or 'error'}, HTTP {status}" if status else _code(exc) or "error"
+    return type(exc).__name__

@@ -1,0 +1,158 @@
+"""Upstream hooks through the whole relay: the simulator, over HTTP, calls the relay's hook URL on each change of a
+task, once, unsigned, without retry, as midjourney-proxy does; the relay applies what it says at once, falls back
+on polling when calls are lost, stays correct when they come twice or out of order, and adopts a job whose submit it
+never wrote down."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from adapters.simulator import SimEngine, SimSettings, build_sim_app
+from adapters.simulator.hooks import HookSettings
+from relay.core.upstream_hooks import hook_token
+from tests.helpers import RunningRelay, bound_socket, relay_config, running_relay, serve, sql, wait_for
+
+SECRET = "a-hooked-upstream-secret"
+SIGNING = "a-signing-secret-shared-by-the-test-and-the-relay"
+
+
+@dataclass
+class World:
+    relay: RunningRelay
+    engine: SimEngine
+    upstream: str
+    client: httpx.Client
+
+    def imagine(self, prompt: str, **extra: Any) -> str:
+        reply = self.client.post("/mj/submit/imagine", json={"prompt": prompt, **extra})
+        assert reply.json()["code"] == 1, reply.text
+        return str(reply.json()["result"])
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        return self.client.get(f"/mj/task/{task_id}/fetch").json()  # type: ignore[no-any-return]
+
+
+@contextmanager
+def hooked(
+    tmp_path: Path, hooks: HookSettings | None, *, poll_s: float = 30, dialect: str = "midjourney-proxy", **sim: Any
+) -> Iterator[World]:
+    """A relay in front of one simulator over HTTP that calls hooks; polls every `poll_s` (long: hooks must do it)."""
+    engine = SimEngine(SimSettings(**{"fast_s": 0.6, "tile_px": 16, **sim}))
+    sock = bound_socket()
+    public = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with serve(build_sim_app(engine, dialect, SECRET, hooks)) as upstream:  # type: ignore[arg-type]
+        provider = {"name": "up", "dialect": dialect, "base_url": upstream, "secret": SECRET}
+        config = relay_config(
+            tmp_path,
+            server={"public_url": public},
+            images={"signing_secret": SIGNING},
+            providers=[provider],
+            jobs={"poll_interval_s": poll_s},
+        )
+        with running_relay(config, sock=sock) as relay:
+            with httpx.Client(base_url=relay.base, headers={"mj-api-secret": relay.key}, timeout=30) as client:
+                yield World(relay, engine, upstream, client)
+
+
+def test_a_job_ends_the_moment_its_upstream_says_so_with_no_status_read(tmp_path: Path) -> None:
+    with hooked(tmp_path, HookSettings()) as world:
+        started = time.monotonic()
+        task_id = world.imagine("a hooked heron")
+        wait_for(lambda: world.task(task_id)["status"] == "SUCCESS", timeout=10)
+        assert time.monotonic() - started < 10  # the poll interval is 30 s: only the hooks can have done it
+        assert world.engine.reads == 0
+        image = world.relay.openai().images.generate(model="mj-fast", prompt="an OpenAI client's heron")
+        assert image.data and image.data[0].url
+        assert world.engine.reads == 0
+        metrics = httpx.get(world.relay.base + "/metrics").text
+        assert 'mj_relay_upstream_hooks_total{outcome="applied",provider="up"}' in metrics
+
+
+def test_lost_hooks_fall_back_on_polling(tmp_path: Path) -> None:
+    with hooked(tmp_path, HookSettings(drop=1.0), poll_s=0.2) as world:
+        task_id = world.imagine("a heron whose hooks are lost")
+        wait_for(lambda: world.task(task_id)["status"] == "SUCCESS", timeout=10)
+        assert world.engine.reads > 0
+
+
+def test_duplicated_and_reordered_hooks_never_move_a_job_back_or_settle_it_twice(tmp_path: Path) -> None:
+    settings = HookSettings(duplicate=1.0, reorder=0.5, reorder_s=0.3, seed=7)
+    order = {"SUBMITTED": 0, "IN_PROGRESS": 1, "SUCCESS": 2}
+    with hooked(tmp_path, settings) as world:
+        task_ids = [world.imagine(f"a shuffled heron {i}") for i in range(4)]
+        seen: dict[str, list[tuple[int, int]]] = {task_id: [] for task_id in task_ids}
+
+        def done() -> bool:
+            for task_id in task_ids:
+                task = world.task(task_id)
+                seen[task_id].append((order[task["status"]], int(task["progress"].rstrip("%") or 0)))
+            return all(steps[-1][0] == order["SUCCESS"] for steps in seen.values())
+
+        wait_for(done, timeout=15)
+        for task_id, steps in seen.items():
+            assert steps == sorted(steps), steps  # what was read of a task never went back
+            rows = sql(world.relay.config, "SELECT state, hold_state FROM jobs WHERE id = ?", task_id)
+            assert rows == [("SUCCEEDED", "captured")]
+        # every change (7 progress steps, the end) sent twice, the late copies included
+        wait_for(lambda: world.engine.reads == 0 and _hooks_sent(world) >= 4 * 2 * 8, timeout=10)
+        assert world.relay.balance() == (1000 - 2 * 4, 0)
+        assert all(world.task(task_id)["status"] == "SUCCESS" for task_id in task_ids)
+
+
+def _hooks_sent(world: World) -> int:
+    return int(httpx.get(world.upstream + "/sim/stats").json()["hooks"])
+
+
+def test_a_job_whose_submit_was_never_written_down_is_adopted_by_its_hook(tmp_path: Path) -> None:
+    with hooked(tmp_path, HookSettings()) as world:
+        config = world.relay.config
+        key_id = sql(config, "SELECT id FROM keys WHERE name = 'test'")[0][0]
+        job_id = "583920174650118322"
+        now = time.time()
+        sql(
+            config,
+            "INSERT INTO jobs (id, request_id, key_id, model, mode, bot, action, prompt, state, progress, price, "
+            "hold_state, created_at, updated_at, deadline_at) VALUES (?, ?, ?, 'mj-fast', 'fast', 'MID_JOURNEY', "
+            "'imagine', 'a heron --fast', 'PENDING', 0, 2, 'held', ?, ?, ?)",
+            job_id,
+            job_id,
+            key_id,
+            now,
+            now,
+            now + 600,
+        )
+        sql(config, "UPDATE keys SET held = held + 2 WHERE id = ?", key_id)
+        # The relay "stopped" between the upstream taking the task and writing it down: the upstream has it.
+        hook = f"{config.server.public_url}/hooks/up/{hook_token(SIGNING, 'up')}"
+        taken = httpx.post(
+            world.upstream + "/mj/submit/imagine",
+            json={"prompt": "a heron --fast", "state": job_id, "notifyHook": hook},
+            headers={"mj-api-secret": SECRET},
+        )
+        assert taken.json()["code"] == 1
+        wait_for(lambda: world.task(job_id)["status"] == "SUCCESS", timeout=10)
+        assert sql(config, "SELECT hold_state, provider FROM jobs WHERE id = ?", job_id) == [("captured", "up")]
+        assert world.relay.balance() == (998, 0)
+
+
+@pytest.mark.parametrize("token", ["", "x" * 40, hook_token("another-secret", "up")])
+def test_a_hook_with_a_wrong_token_or_provider_is_a_404(tmp_path: Path, token: str) -> None:
+    with hooked(tmp_path, HookSettings()) as world:
+        for path in (f"/hooks/up/{token}", f"/hooks/nobody/{hook_token(SIGNING, 'nobody')}"):
+            reply = httpx.post(world.relay.base + path, content=b"{}")
+            assert reply.status_code in (404, 405) and reply.headers["content-type"] == "application/json"
+
+
+def test_new_api_drops_the_hook_and_polling_does_the_work(tmp_path: Path) -> None:
+    with hooked(tmp_path, HookSettings(), poll_s=0.2, dialect="new-api") as world:
+        task_id = world.imagine("a new-api heron")
+        wait_for(lambda: world.task(task_id)["status"] == "SUCCESS", timeout=10)
+        assert world.engine.reads > 0

@@ -1,0 +1,300 @@
+"""Provider health, the pure state machine: every transition, with time moved by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapters import Accepted, ClientError, NeedsModal, ProviderUnusable, Retryable
+from relay.config import ConfigError, parse_config
+from relay.core.health import Health, HealthConfig, Signal, State, Transition, submit_signal
+from tests.helpers import FakeClock
+
+POLICY = HealthConfig(
+    errors_to_cool=3,
+    error_rate=0.5,
+    rate_window_s=60,
+    rate_min_calls=10,
+    cooldown_s=30,
+    backoff=2,
+    max_cooldown_s=200,
+    backoff_reset_s=600,
+    probe_interval_s=15,
+    probes_to_down=3,
+)
+
+
+def machine(**changes: object) -> tuple[Health, FakeClock]:
+    clock = FakeClock()
+    return Health(POLICY.model_copy(update=changes), clock.now()), clock
+
+
+def moves(transitions: list[Transition]) -> list[tuple[str, str]]:
+    return [(t.old.value, t.new.value) for t in transitions]
+
+
+def cool_now(health: Health, clock: FakeClock) -> None:
+    health.observe(Signal.UNUSABLE, clock.now(), "HTTP 401", submit=True)
+    assert health.state is State.COOLING
+
+
+def to_half_open(health: Health, clock: FakeClock) -> None:
+    assert health.until is not None
+    clock.advance(health.until - clock.now())
+    assert moves(health.advance(clock.now())) == [("cooling", "half-open")]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "signal", "reason"),
+    [
+        (Accepted("1"), Signal.OK, ""),
+        (NeedsModal("1"), Signal.OK, ""),
+        (ClientError("banned", banned=True), Signal.OK, ""),
+        (Retryable("cannot connect: ConnectError"), Signal.ERROR, "cannot connect: ConnectError"),
+        (Retryable("no answer in time: ReadTimeout", sent=True), Signal.ERROR, "no answer in time: ReadTimeout"),
+        (ProviderUnusable("upstream refused the credentials (HTTP 401)"), Signal.UNUSABLE, "HTTP 401"),
+    ],
+)
+def test_what_each_submit_outcome_says(outcome: object, signal: Signal, reason: str) -> None:
+    got, why = submit_signal(outcome)  # type: ignore[arg-type]
+    assert got is signal and reason in why
+
+
+def test_a_new_provider_is_healthy_and_routable() -> None:
+    health, _ = machine()
+    assert health.state is State.HEALTHY and health.routable()
+
+
+def test_one_unusable_answer_cools_at_once_for_the_cooldown() -> None:
+    health, clock = machine()
+    (moved,) = health.observe(Signal.UNUSABLE, clock.now(), "upstream refused the credentials (HTTP 401)", submit=True)
+    assert (moved.old, moved.new, moved.at) == (State.HEALTHY, State.COOLING, clock.now())
+    assert moved.until == clock.now() + 30 and moved.reason == "upstream refused the credentials (HTTP 401)"
+    assert not health.routable() and health.reason == moved.reason and health.since == clock.now()
+
+
+def test_errors_in_a_row_cool_and_a_success_between_them_resets_the_count() -> None:
+    health, clock = machine()
+    for signal in (Signal.ERROR, Signal.ERROR, Signal.OK, Signal.ERROR, Signal.ERROR):
+        assert health.observe(signal, clock.now(), "HTTP 502") == []
+    (moved,) = health.observe(Signal.ERROR, clock.now(), "cannot connect: ConnectError", submit=True)
+    assert moved.new is State.COOLING and moved.reason == "3 errors in a row, the last: cannot connect: ConnectError"
+
+
+def test_an_error_rate_over_the_window_cools_once_the_window_holds_enough_calls() -> None:
+    health, clock = machine(errors_to_cool=100)
+    for _ in range(4):  # 8 calls, half of them failed: too few to judge
+        assert health.observe(Signal.ERROR, clock.now(), "HTTP 500") == []
+        assert health.observe(Signal.OK, clock.now()) == []
+        clock.advance(1)
+    assert health.observe(Signal.OK, clock.now()) == []  # 9 calls, 4 errors
+    (moved,) = health.observe(Signal.ERROR, clock.now(), "HTTP 500")  # 10 calls, 5 errors
+    assert moved.new is State.COOLING and moved.reason.startswith("5 of 10 calls failed")
+
+
+def test_errors_older_than_the_window_no_longer_count() -> None:
+    health, clock = machine(errors_to_cool=100)
+    for _ in range(4):
+        health.observe(Signal.ERROR, clock.now(), "HTTP 500")
+        health.observe(Signal.OK, clock.now())
+    clock.advance(61)
+    # Counted with the 8 calls before, these would make 6 errors in 10 calls.
+    assert health.observe(Signal.ERROR, clock.now(), "HTTP 500") == []
+    assert health.observe(Signal.ERROR, clock.now(), "HTTP 500") == []
+    assert health.state is State.HEALTHY
+
+
+def test_cooling_is_not_routable_and_reads_or_errors_neither_end_nor_extend_it() -> None:
+    health, clock = machine()
+    cool_now(health, clock)
+    until = health.until
+    clock.advance(10)
+    for signal in (Signal.OK, Signal.ERROR, Signal.UNUSABLE):
+        assert health.observe(signal, clock.now(), "x") == []
+        assert health.observe(signal, clock.now(), "x", submit=True) == []  # a follow-up pinned here
+    assert health.probed(True, clock.now()) == []  # answering a probe is not taking jobs
+    assert health.state is State.COOLING and health.until == until and not health.routable()
+    clock.advance(19.9)
+    assert health.advance(clock.now()) == [] and not health.routable()
+
+
+def test_after_the_cooldown_one_trial_is_let_through_and_its_success_makes_it_healthy() -> None:
+    health, clock = machine()
+    cool_now(health, clock)
+    to_half_open(health, clock)
+    assert health.state is State.HALF_OPEN and health.routable()
+    health.begin_submit()
+    assert not health.routable()  # one trial at a time
+    assert health.observe(Signal.OK, clock.now()) == []  # a status read decides nothing
+    assert not health.routable()
+    assert moves(health.observe(Signal.OK, clock.now(), submit=True)) == [("half-open", "healthy")]
+    assert health.routable() and health.reason == "a trial submit was taken"
+
+
+def test_an_abandoned_trial_lets_the_next_one_through() -> None:
+    health, clock = machine()
+    cool_now(health, clock)
+    to_half_open(health, clock)
+    health.begin_submit()
+    health.abandon_submit()
+    assert health.state is State.HALF_OPEN and health.routable()
+
+
+def test_a_failed_trial_cools_again_for_longer_up_to_the_cap() -> None:
+    health, clock = machine()
+    cool_now(health, clock)
+    cooldowns = []
+    for _ in range(5):
+        to_half_open(health, clock)
+        health.begin_submit()
+        (moved,) = health.observe(Signal.UNUSABLE, clock.now(), "no balance", submit=True)
+        assert (moved.old, moved.new) == (State.HALF_OPEN, State.COOLING)
+        assert moved.reason == "the trial failed: no balance"
+        assert moved.until is not None
+        cooldowns.append(moved.until - clock.now())
+    assert cooldowns == [60, 120, 200, 200, 200]
+
+
+def test_a_cooldown_that_passed_counts_when_the_next_signal_comes() -> None:
+    health, clock = machine()
+    cool_now(health, clock)
+    clock.advance(30)
+    # No one asked in between: the signal itself finds the cool-down over, then the trial's answer decides.
+    assert moves(health.observe(Signal.OK, clock.now(), submit=True)) == [
+        ("cooling", "half-open"),
+        ("half-open", "healthy"),
+    ]
+
+
+def test_no_flapping_a_provider_that_fails_soon_after_each_recovery_is_set_aside_longer() -> None:
+    health, clock = machine()
+    spans = []
+    for _ in range(4):
+        (moved,) = health.observe(Signal.UNUSABLE, clock.now(), "quota_not_enough", submit=True)
+        assert moved.until is not None
+        spans.append(moved.until - clock.now())
+        to_half_open(health, clock)
+        health.observe(Signal.OK, clock.now(), submit=True)  # one job works, then it fails again
+        clock.advance(5)
+    assert spans == [30, 60, 120, 200]
+    clock.advance(600)  # stable long enough: the backoff starts over
+    (moved,) = health.observe(Signal.UNUSABLE, clock.now(), "quota_not_enough", submit=True)
+    assert moved.until == clock.now() + 30
+
+
+def test_failed_probes_in_a_row_take_a_provider_down_and_a_success_between_resets_them() -> None:
+    health, clock = machine(cooldown_s=1000, max_cooldown_s=1000)
+    cool_now(health, clock)
+    assert health.probe_at() == clock.now() + 15
+    for ok in (False, False, True, False, False):
+        clock.advance(15)
+        assert health.probed(ok, clock.now()) == []
+    clock.advance(15)
+    (moved,) = health.probed(False, clock.now())
+    assert (moved.old, moved.new, moved.reason) == (State.COOLING, State.DOWN, "3 probes in a row failed")
+    assert not health.routable() and health.until is None
+
+
+def test_down_ignores_passive_signals_and_time_and_a_probe_brings_it_to_half_open() -> None:
+    health, clock = machine()
+    for _ in range(3):
+        health.probed(False, clock.now())
+    assert health.state is State.DOWN
+    clock.advance(10_000)
+    assert health.advance(clock.now()) == []
+    for signal in (Signal.OK, Signal.ERROR):
+        assert health.observe(signal, clock.now(), submit=True) == []
+    assert health.probed(False, clock.now()) == [] and health.state is State.DOWN
+    assert health.probe_at() == clock.now() + 15
+    assert moves(health.probed(True, clock.now())) == [("down", "half-open")]
+    assert health.routable()
+    health.begin_submit()
+    assert moves(health.observe(Signal.OK, clock.now(), submit=True)) == [("half-open", "healthy")]
+
+
+def test_a_healthy_provider_is_probed_only_with_a_heartbeat() -> None:
+    health, clock = machine()
+    assert health.probe_at() is None and health.wake_at() is None
+    health, clock = machine(heartbeat_s=60.0, errors_to_cool=5)
+    assert health.probe_at() == clock.now() + 60
+    clock.advance(60)
+    assert health.probed(True, clock.now()) == [] and health.probe_at() == clock.now() + 60
+    for _ in range(2):
+        clock.advance(60)
+        assert health.probed(False, clock.now()) == []
+    clock.advance(60)
+    assert moves(health.probed(False, clock.now())) == [("healthy", "down")]
+
+
+def test_failed_heartbeats_count_as_errors_too() -> None:
+    health, clock = machine(heartbeat_s=60.0, errors_to_cool=2)
+    health.probed(False, clock.now())
+    assert moves(health.probed(False, clock.now())) == [("healthy", "cooling")]
+    assert health.reason.endswith("a probe failed")
+
+
+def test_the_loop_wakes_for_a_probe_or_the_end_of_a_cooldown() -> None:
+    health, clock = machine(probe_interval_s=100.0)
+    cool_now(health, clock)
+    assert health.wake_at() == clock.now() + 30  # the cool-down ends before the first probe
+    to_half_open(health, clock)
+    assert health.wake_at() == clock.now() + 100  # probes of a half-open provider: from when it became so
+
+
+def test_a_recorded_state_is_taken_up() -> None:
+    health, clock = machine()
+    health.restore(State.DOWN, clock.now() - 500, "3 probes in a row failed", None)
+    assert health.state is State.DOWN and health.probe_at() == clock.now() - 500  # probed at once
+    health, clock = machine()
+    health.restore(State.COOLING, clock.now() - 50, "HTTP 401", clock.now() - 20)
+    assert moves(health.advance(clock.now())) == [("cooling", "half-open")]
+    health, clock = machine()
+    health.restore(State.HEALTHY, clock.now() - 50, "", None)
+    assert health.state is State.HEALTHY and health.since == clock.now()
+
+
+def test_long_reasons_are_cut() -> None:
+    health, clock = machine()
+    (moved,) = health.observe(Signal.UNUSABLE, clock.now(), "x" * 1000, submit=True)
+    assert len(moved.reason) == 300 and moved.reason.endswith("…")
+
+
+def test_the_health_section_has_per_provider_overrides_and_errors_name_their_path() -> None:
+    config = parse_config(
+        """
+health: {cooldown_s: 10, probe_interval_s: 5}
+providers:
+  - {name: a, dialect: simulator, health: {cooldown_s: 40, heartbeat_s: 60}}
+  - {name: b, dialect: simulator}
+""",
+        env={},
+    )
+    a, b = (config.health_of(p) for p in config.providers)
+    assert (a.cooldown_s, a.heartbeat_s, a.probe_interval_s, a.errors_to_cool) == (40, 60, 5, 5)
+    assert (b.cooldown_s, b.heartbeat_s) == (10, None)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            """
+health: {cooldown_s: 100, max_cooldown_s: 50, probes_to_down: 0}
+providers:
+  - {name: a, dialect: simulator, health: {cooldown: 3}}
+""",
+            env={},
+        )
+    assert sorted(caught.value.problems) == [
+        "health.probes_to_down: Input should be greater than or equal to 1",
+        "providers[0].health.cooldown: unknown key",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            """
+health: {cooldown_s: 100, max_cooldown_s: 50}
+providers:
+  - {name: a, dialect: simulator, health: {cooldown_s: 700}}
+  - {name: b, dialect: simulator, health: {heartbeat_s: 9}}
+""",
+            env={},
+        )
+    assert caught.value.problems == [
+        "health.max_cooldown_s: 50 is shorter than cooldown_s (100)",
+        "providers[0].health.max_cooldown_s: 50 is shorter than cooldown_s (700)",
+    ]

@@ -1,0 +1,120 @@
+"""The simulator's hook calls, on a hand-moved clock: when they are made, what they carry, and the faults that can be
+injected (drops, duplicates, reordering, delay)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from adapters.simulator import SimEngine, SimSettings
+from adapters.simulator.hooks import HookSender, HookSettings
+from tests.api.native_helpers import png
+from tests.helpers import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.calls: list[tuple[float, str, dict[str, object]]] = []
+
+    async def __call__(self, url: str, body: bytes) -> None:
+        self.calls.append((self.clock.now(), url, json.loads(body)))
+
+    def steps(self) -> list[tuple[str, str]]:
+        return [(str(view["status"]), str(view["progress"])) for _, _, view in self.calls]
+
+
+async def run(clock: FakeClock, seconds: float, step: float = 0.05) -> None:
+    """Move the clock in small steps, letting woken coroutines run at each."""
+    for _ in range(round(seconds / step)):
+        clock.advance(step)
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+
+def world(settings: HookSettings, **sim: object) -> tuple[FakeClock, SimEngine, Recorder, HookSender]:
+    clock = FakeClock()
+    engine = SimEngine(SimSettings(**{"fast_s": 1.0, "tile_px": 16, **sim}), now=clock.now)  # type: ignore[arg-type]
+    recorder = Recorder(clock)
+    sender = HookSender(engine, settings, "http://sim/cdn", post=recorder, sleep=clock.sleep)
+    return clock, engine, recorder, sender
+
+
+async def test_each_change_is_called_once_in_order_with_the_whole_task() -> None:
+    clock, engine, recorder, _ = world(HookSettings())
+    reply = engine.submit("imagine", {"prompt": "a cat", "state": "job-1", "notifyHook": "http://relay/h"})
+    await run(clock, 1.5)
+    assert recorder.steps() == [("IN_PROGRESS", f"{step}%") for step in (0, 15, 31, 46, 62, 78, 93)] + [
+        ("SUCCESS", "100%")
+    ]
+    *_, (at, url, last) = recorder.calls
+    assert url == "http://relay/h" and last["id"] == reply.body["result"] and last["state"] == "job-1"
+    assert str(last["imageUrl"]).startswith("http://sim/cdn/") and at >= engine.now() - 0.5
+    stamps = [at for at, _, _ in recorder.calls]
+    assert stamps == sorted(stamps)
+
+
+async def test_without_progress_only_the_start_and_the_end_are_called_and_no_hook_means_no_call() -> None:
+    clock, engine, recorder, _ = world(HookSettings(progress=False))
+    engine.submit("imagine", {"prompt": "a cat", "notifyHook": "http://relay/h"})
+    engine.submit("imagine", {"prompt": "a dog"})
+    await run(clock, 1.5)
+    assert recorder.steps() == [("IN_PROGRESS", "0%"), ("SUCCESS", "100%")]
+
+
+async def test_a_failing_task_ends_at_its_failure() -> None:
+    clock, engine, recorder, _ = world(HookSettings(progress=False))
+    engine.submit("imagine", {"prompt": "a cat sim:fail", "notifyHook": "http://relay/h"})
+    await run(clock, 1.5)
+    assert recorder.steps() == [("IN_PROGRESS", "0%"), ("FAILURE", "")]
+
+
+async def test_drops_duplicates_reordering_and_delay_can_be_injected() -> None:
+    clock, engine, recorder, sender = world(HookSettings(drop=1.0))
+    engine.submit("imagine", {"prompt": "a cat", "notifyHook": "http://relay/h"})
+    await run(clock, 1.5)
+    assert recorder.calls == [] and sender.sent == 0
+
+    clock, engine, recorder, sender = world(HookSettings(duplicate=1.0, progress=False))
+    engine.submit("imagine", {"prompt": "a cat", "notifyHook": "http://relay/h"})
+    await run(clock, 1.5)
+    assert recorder.steps() == [("IN_PROGRESS", "0%")] * 2 + [("SUCCESS", "100%")] * 2 and sender.sent == 4
+
+    clock, engine, recorder, _ = world(HookSettings(delay_s=0.25, progress=False))
+    start = clock.now()
+    engine.submit("imagine", {"prompt": "a cat", "notifyHook": "http://relay/h"})
+    await run(clock, 1.5)
+    arrived = [at - start for at, _, _ in recorder.calls]
+    # each change (0.1 s: running; 1.0 s: done) + 0.25 s, to the 0.05 s steps the clock moves in
+    assert len(arrived) == 2 and all(abs(at - due) <= 0.1 for at, due in zip(arrived, (0.35, 1.25), strict=True))
+
+    clock, engine, recorder, _ = world(HookSettings(reorder=0.5, reorder_s=0.5, seed=3))
+    engine.submit("imagine", {"prompt": "a cat", "notifyHook": "http://relay/h"})
+    await run(clock, 2.5)
+    progress = [int(str(view["progress"]).rstrip("%")) for _, _, view in recorder.calls]
+    assert sorted(progress) == [0, 15, 31, 46, 62, 78, 93, 100]  # every change arrives...
+    assert progress != sorted(progress)  # ...and some after later ones
+
+
+async def test_a_task_waiting_in_modal_is_called_once_confirmed() -> None:
+    clock, engine, recorder, _ = world(HookSettings(progress=False))
+    parent = str(engine.submit("imagine", {"prompt": "a cat"}).body["result"])
+    await run(clock, 1.5)
+    grid = engine.task(parent, "http://sim/cdn")
+    assert grid is not None
+    upscale_button = next(b["customId"] for b in grid["buttons"] if "upsample::1" in b["customId"])  # type: ignore[index]
+    upscale = str(engine.submit("action", {"taskId": parent, "customId": upscale_button}).body["result"])
+    await run(clock, 1.5)
+    done = engine.task(upscale, "http://sim/cdn")
+    assert done is not None
+    region = next(b["customId"] for b in done["buttons"] if "Inpaint" in b["customId"])  # type: ignore[index]
+    waiting = engine.submit("action", {"taskId": upscale, "customId": region, "notifyHook": "http://relay/h"})
+    await run(clock, 1.5)
+    assert recorder.calls == []  # waiting in MODAL: nothing changes, nothing is called
+    engine.submit("modal", {"taskId": waiting.body["result"], "maskBase64": png()})
+    await run(clock, 1.5)
+    assert recorder.steps() == [("IN_PROGRESS", "0%"), ("SUCCESS", "100%")]
