@@ -38,7 +38,7 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +110,7 @@ class SimEngine:
         self._counter = 0
         self.submits = 0
         self.reads = 0  # status reads answered (each fetch, each list-by-condition)
+        self.downloads: Counter[str] = Counter()  # images served, by image
         # Told of every task whose timeline starts (made, or confirmed out of MODAL): the hook sender.
         self.watchers: list[Callable[[SimTask], None]] = []
 
@@ -352,6 +353,11 @@ class SimEngine:
         return reply(1, "成功", str(int(hashlib.sha256(task.hash.encode()).hexdigest()[:8], 16)))
 
     # -- reads ---------------------------------------------------------------------------------------------------
+
+    def all_tasks(self) -> list[SimTask]:
+        """Every task kept, oldest first (for tests: which jobs ran, and when each finished)."""
+        with self._lock:
+            return list(self._tasks.values())
 
     def _get(self, task_id: str) -> SimTask | None:
         with self._lock:

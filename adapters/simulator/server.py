@@ -20,7 +20,8 @@ as a CDN would.
 
 With `hooks` given, a submit's `notifyHook` is called on each change of its task (`adapters.simulator.hooks`),
 except on new-api, which drops a client's `notifyHook` (its operators seldom enable it). `GET /sim/stats` counts
-the submits, status reads and hook calls made, for benchmarks.
+the submits, status reads, hook calls and image downloads made (and how many images were downloaded more than
+once), for benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -172,13 +173,23 @@ def build_sim_app(
 
     async def stats(request: Request) -> Response:
         sent = sender.sent if sender is not None else 0
-        return JSONResponse({"submits": engine.submits, "reads": engine.reads, "hooks": sent})
+        downloads = engine.downloads
+        return JSONResponse(
+            {
+                "submits": engine.submits,
+                "reads": engine.reads,
+                "hooks": sent,
+                "downloads": sum(downloads.values()),
+                "downloaded_twice": sum(1 for count in downloads.values() if count > 1),
+            }
+        )
 
     async def image(request: Request) -> Response:
         key = str(request.path_params["file"]).rpartition(".")[0]
         data = await run_in_threadpool(engine.image, key)
         if data is None:
             return Response(status_code=404)
+        engine.downloads[key] += 1
         return Response(data, media_type=media_type(data))
 
     api: list[tuple[str, Handler, str]] = [(ENDPOINTS[kind], submitter(kind), "POST") for kind in ENDPOINTS]
