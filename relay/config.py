@@ -263,6 +263,7 @@ class JobsConfig(_Section):
     deadline_s: DeadlinesConfig = DeadlinesConfig()
     lost_after_s: float = Field(120.0, gt=0)
     modal_timeout_s: float = Field(900.0, gt=0)
+    lease_s: float = Field(30.0, ge=1, le=3600)
 
 
 class HooksConfig(_Section):

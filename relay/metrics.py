@@ -44,6 +44,12 @@ class Metrics:
             ["provider"],
             registry=self.registry,
         )
+        self.in_flight_elsewhere = Gauge(
+            "mj_relay_jobs_in_flight_elsewhere",
+            "Jobs other relay processes on the same database run on a provider (counted by max_in_flight).",
+            ["provider"],
+            registry=self.registry,
+        )
         self.upstream_seconds = Histogram(
             "mj_relay_upstream_request_seconds",
             "Latency of calls to upstream providers, by provider, operation and outcome.",

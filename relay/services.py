@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets as secrets_module
+import socket
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,8 @@ from relay import logs
 from relay.api.common import Authenticator
 from relay.clock import Clock
 from relay.config import Config
+from relay.core.broadcast import Broadcast
+from relay.core.coordination import Coordinator
 from relay.core.egress import Egress
 from relay.core.events import JobEvents
 from relay.core.finish import Finisher
@@ -28,10 +33,12 @@ from relay.core.uploads import Uploads
 from relay.core.upstream_hooks import UpstreamHooks
 from relay.images import image_store, load_or_create_secret
 from relay.metrics import Metrics
+from relay.store.attempts import AttemptStore
 from relay.store.db import Database
 from relay.store.health import HealthStore
-from relay.store.jobs import JobStore
+from relay.store.jobs import JobRow, JobStore
 from relay.store.keys import KeyStore
+from relay.store.leases import Leases
 
 
 class Relay:
@@ -43,7 +50,11 @@ class Relay:
         self.metrics = Metrics()
         self.db = Database(config.database_url(), pool_size=config.database.pool_size)
         self.keys = KeyStore(self.db.engine)
-        self.store = JobStore(self.db.engine)
+        # This process, as the owner of the jobs it follows (`store.leases`).
+        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{secrets_module.token_hex(3)}"
+        self.store = JobStore(self.db.engine, owner=self.process_id, lease_s=config.jobs.lease_s)
+        self.leases = Leases(self.db.engine, self.process_id, config.jobs.lease_s)
+        self.attempts = AttemptStore(self.db.engine)
         self.events = JobEvents()
         self.pool = ProviderPool(config, self.metrics, clock, upstreams)
         self.prober = Prober(pool=self.pool, store=HealthStore(self.db.engine), clock=clock)
@@ -61,6 +72,7 @@ class Relay:
             events=self.events,
             clock=clock,
         )
+        self.lifecycle.leases = self.leases
         self.tracker = Tracker(
             config=config,
             store=self.store,
@@ -84,7 +96,17 @@ class Relay:
             submitter=self.submitter,
             lifecycle=self.lifecycle,
             events=self.events,
+            attempts=self.attempts,
             clock=clock,
+        )
+        self.coordinator = Coordinator(
+            leases=self.leases,
+            attempts=self.attempts,
+            tracker=self.tracker,
+            lifecycle=self.lifecycle,
+            clock=clock,
+            alone=self.db.is_sqlite,
+            on_adopted=self._watch_hooks,
         )
         self.upstream_hooks = UpstreamHooks(
             config=config,
@@ -94,7 +116,16 @@ class Relay:
             store=self.store,
             clock=clock,
             submitting=self.submitter.submitting,
+            leases=self.leases,
+            follow=self.tracker.adopt,
         )
+        # Processes sharing a PostgreSQL database wake each other's waiters and forward upstream hooks.
+        self.broadcast: Broadcast | None = None
+        if not self.db.is_sqlite:
+            self.broadcast = Broadcast(
+                config.database_url(), self.process_id, self.events, self.upstream_hooks.forwarded
+            )
+            self.upstream_hooks.forward = self.broadcast.forward_hook
         self.submitter.hook_url = self.upstream_hooks.url
         references = config.api.references
         self.egress = Egress(references.allow_private, references.allow_hosts)
@@ -128,18 +159,21 @@ class Relay:
         await self.images.open()  # first: a bucket that cannot be used stops the start before anything is open
         await self.db.migrate()
         await self.prober.start()
+        if self.broadcast is not None:
+            await self.broadcast.start()
         await self.tracker.start()
-        await self._resume_hooks()
+        await self.coordinator.start()
         self.ready = True
 
-    async def _resume_hooks(self) -> None:
-        """Client hooks of jobs a previous run left running go on. Their image links use `server.public_url` (the
-        address the task was submitted on is not kept), else the listening address."""
+    async def _watch_hooks(self, rows: list[JobRow]) -> None:
+        """Client hooks of jobs this process adopted (a previous run's, or a dead process's) go on here. Their image
+        links use `server.public_url` (the address the task was submitted on is not kept), else the listening
+        address."""
         server = self.config.server
         host = "127.0.0.1" if server.host in ("", "0.0.0.0", "::") else server.host
         base = server.public_url or f"http://{host}:{server.port}"
         secrets: dict[str, str | None] = {}
-        for row in await self.store.active():
+        for row in rows:
             if not row.notify_hook:
                 continue
             if row.key_id not in secrets:
@@ -152,7 +186,11 @@ class Relay:
     async def close(self) -> None:
         self.ready = False
         await self.submitter.close()
+        await self.jobs.close()
         await self.tracker.stop()
+        await self.coordinator.stop()  # after the last job write: hands this process's leases over
+        if self.broadcast is not None:
+            await self.broadcast.stop()
         await self.prober.stop()
         await self.notifier.close()
         await self.pool.aclose()

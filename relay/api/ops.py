@@ -15,7 +15,12 @@ async def healthz(request: Request) -> JSONResponse:
 
 async def readyz(request: Request) -> JSONResponse:
     relay = relay_of(request)
-    checks = {"started": relay.ready, "database": await relay.db.ping(), "tracker": relay.tracker.running}
+    checks = {
+        "started": relay.ready,
+        "database": await relay.db.ping(),
+        "tracker": relay.tracker.running,
+        "coordination": relay.coordinator.running,
+    }
     ready = all(checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503

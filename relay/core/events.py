@@ -20,6 +20,7 @@ class JobEvent:
     progress: int
     error_code: str | None = None
     row: JobRow | None = None
+    remote: bool = False  # heard from another relay process (`core.broadcast`), not written here
 
 
 class Subscription:

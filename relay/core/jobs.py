@@ -9,16 +9,19 @@ its first attempt started instead of starting new ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 from cachetools import TTLCache
 
 from adapters import Bot, Mode, SubmitRequest
 from relay.clock import Clock
 from relay.config import Config
+from relay.core.batch import Batcher
 from relay.core.events import JobEvents, Subscription
 from relay.core.failures import job_failed
 from relay.core.lifecycle import Lifecycle
@@ -28,12 +31,16 @@ from relay.core.text import unstorable
 from relay.domain import FailureCode, JobState, ResultShape, TaskKind
 from relay.errors import InvalidRequest, JobFailed, NotFound
 from relay.images import TILE_NAMES
+from relay.store.attempts import AttemptStore
 from relay.store.jobs import JobRow, JobStore, NewJob
 from relay.store.keys import KeyRecord
 
 TILES_PER_JOB = 4
 # How long a request's jobs can be found again by a retry of it: longer than any deadline plus the SDKs' retries.
 RETRY_WINDOW_S = 3600.0
+# How long a retry waits for its first attempt's submission, under way in another process, and how often it looks.
+ATTEMPT_WAIT_S = 10.0
+ATTEMPT_POLL_S = 0.1
 # How long past its deadline a waiter gives the tracker before ending a job itself.
 DEADLINE_GRACE_S = 5.0
 # How long past that a waiter still waits for a job whose grid is being delivered (downloads are time-limited).
@@ -94,6 +101,14 @@ class _Started:
     deadline_at: float
 
 
+class _Begun(NamedTuple):
+    fingerprint: str
+    request_id: str
+    job_ids: tuple[str, ...]
+    spec: dict[str, Any]
+    deadline_at: float
+
+
 @dataclass(frozen=True, slots=True)
 class Tile:
     job_id: str
@@ -118,6 +133,7 @@ class JobService:
         submitter: Submitter,
         lifecycle: Lifecycle,
         events: JobEvents,
+        attempts: AttemptStore,
         clock: Clock,
     ) -> None:
         self.config = config
@@ -126,8 +142,18 @@ class JobService:
         self.lifecycle = lifecycle
         self.events = events
         self.clock = clock
-        self._started: TTLCache[str, asyncio.Future[_Started | None]] = TTLCache(
+        self.attempts = attempts
+        # Attempts started by this process, while they are under way and a while after: a retry here waits on them
+        # without asking the database.
+        self._local: TTLCache[str, asyncio.Future[_Started | None]] = TTLCache(
             maxsize=100_000, ttl=RETRY_WINDOW_S, timer=clock.now
+        )
+        now = clock.now
+        self._begin: Batcher[_Begun, None] = Batcher(
+            lambda items: attempts.begin_many([(*item, now()) for item in items]), "attempts"
+        )
+        self._settle: Batcher[tuple[str, str, bool], None] = Batcher(
+            lambda items: attempts.settle_many(items, now()), "attempt-settle"
         )
 
     # -- planning (no I/O) ---------------------------------------------------------------------------------------
@@ -184,19 +210,34 @@ class JobService:
         follows the jobs its first attempt started — waiting for that attempt's submission if it is still under
         way — instead of starting and charging new ones, unless the first attempt started nothing or its jobs all
         ended without success. An attempt that is not a retry always starts afresh and becomes the one later
-        retries of that body follow."""
+        retries of that body follow. Attempts are kept in the database, so a retry finds its first attempt after a
+        restart and on another relay process."""
         if attempt is not None and attempt.retry:
-            earlier = self._started.get(attempt.fingerprint)
-            if earlier is not None:
-                started = await asyncio.shield(earlier)
-                attached = await self._attach(started) if started is not None else None
-                if attached is not None:
-                    return attached
-        recorded: asyncio.Future[_Started | None] | None = None
-        if attempt is not None:
-            recorded = asyncio.get_running_loop().create_future()
-            self._started[attempt.fingerprint] = recorded
-        return await self._start(key, spec, recorded)
+            attached = await self._follow_earlier(attempt.fingerprint)
+            if attached is not None:
+                return attached
+        return await self._start(key, spec, attempt)
+
+    async def _follow_earlier(self, fingerprint: str) -> Generation | None:
+        local = self._local.get(fingerprint)
+        if local is not None:  # started by this process: its future says how it went (waited for when under way)
+            started = await asyncio.shield(local)
+            return await self._attach(started) if started is not None else None
+        since = self.clock.now() - RETRY_WINDOW_S
+        row = await self.attempts.get(fingerprint, since)
+        waited = 0.0
+        # Under way in another process (or one that stopped): followed once its jobs are held, which is at once
+        # unless that process stopped before; then, after a while, a retry starts afresh.
+        while row is not None and row.state == "starting" and waited < ATTEMPT_WAIT_S:
+            if await self.store.by_request(row.request_id):
+                break
+            await self.clock.sleep(ATTEMPT_POLL_S)
+            waited += ATTEMPT_POLL_S
+            row = await self.attempts.get(fingerprint, since)
+        if row is None or row.state == "nothing":
+            return None
+        spec = ImageSpec(**row.spec)
+        return await self._attach(_Started(row.request_id, spec, row.job_ids, row.deadline_at))
 
     async def _attach(self, started: _Started) -> Generation | None:
         subscription = self.events.subscribe(started.job_ids)
@@ -206,6 +247,9 @@ class JobService:
         except BaseException:
             generation.close()
             raise
+        if len(rows) < len(started.job_ids):  # never admitted (its process stopped first): nothing to follow
+            generation.close()
+            return None
         for row in rows:
             if row.state.terminal:
                 generation.ended.add(row.id)
@@ -215,9 +259,7 @@ class JobService:
             return None
         return generation
 
-    async def _start(
-        self, key: KeyRecord, spec: ImageSpec, recorded: asyncio.Future[_Started | None] | None
-    ) -> Generation:
+    async def _start(self, key: KeyRecord, spec: ImageSpec, attempt: Attempt | None) -> Generation:
         now = self.clock.now()
         request_id = secrets.token_hex(12)
         deadline = now + self.config.jobs.deadline_s.of(spec.mode)
@@ -244,22 +286,18 @@ class JobService:
             for _ in range(math.ceil(spec.n / TILES_PER_JOB))
         ]
         job_ids = tuple(p.job.id for p in planned)
+        # What a retry needs to follow this attempt; reference images are not kept for it.
+        following = _Started(request_id, replace(spec, references=()), job_ids, deadline)
+        recorded: asyncio.Future[_Started | None] | None = None
+        if attempt is not None:
+            recorded = asyncio.get_running_loop().create_future()
+            self._local[attempt.fingerprint] = recorded
         # Holding and submitting go on even if the caller goes away meanwhile: a held job is always submitted
-        # (and tracked to its end) or ended, never left holding credits. Retries learn how it went from `recorded`,
-        # which is settled when that work is done, however the caller fares.
-        work = asyncio.ensure_future(self._admit_and_submit(key, planned))
+        # (and tracked to its end) or ended, never left holding credits. Retries learn how it went from the
+        # attempt, which is settled when that work is done, however the caller fares.
+        work = asyncio.ensure_future(self._attempt(key, planned, attempt, following, recorded))
         subscription = self.events.subscribe(job_ids)
         generation = Generation(request_id, spec, job_ids, deadline, subscription)
-        if recorded is not None:
-            # What a retry needs to follow this attempt; reference images are not kept for it.
-            following = _Started(request_id, replace(spec, references=()), job_ids, deadline)
-
-            def record(done: asyncio.Future[list[JobRow]]) -> None:
-                took = not done.cancelled() and done.exception() is None and _took_any(done.result(), len(planned))
-                if not recorded.done():
-                    recorded.set_result(following if took else None)
-
-            work.add_done_callback(record)
         try:
             refused = await asyncio.shield(work)
             for row in refused:
@@ -271,6 +309,33 @@ class JobService:
             generation.close()
             raise
         return generation
+
+    async def _attempt(
+        self,
+        key: KeyRecord,
+        planned: list[Planned],
+        attempt: Attempt | None,
+        following: _Started,
+        recorded: asyncio.Future[_Started | None] | None,
+    ) -> list[JobRow]:
+        """Record the attempt, hold and submit its jobs, and settle the attempt with how that went."""
+        took = False
+        try:
+            if attempt is not None:
+                spec = following.spec
+                record = {"model": spec.model, "mode": spec.mode, "bot": spec.bot, "prompt": spec.prompt, "n": spec.n}
+                await self._begin(
+                    _Begun(attempt.fingerprint, following.request_id, following.job_ids, record, following.deadline_at)
+                )
+            refused = await self._admit_and_submit(key, planned)
+            took = _took_any(refused, len(planned))
+            return refused
+        finally:
+            if recorded is not None and not recorded.done():
+                recorded.set_result(following if took else None)
+            if attempt is not None:
+                with contextlib.suppress(Exception):  # at worst a retry starts afresh
+                    await self._settle((attempt.fingerprint, following.request_id, took))
 
     async def _admit_and_submit(self, key: KeyRecord, planned: list[Planned]) -> list[JobRow]:
         """Hold and submit the jobs (raising when they cannot be held); returns those no provider took (ended)."""
@@ -306,6 +371,10 @@ class JobService:
             if generation.percent != last and not generation.done:
                 last = generation.percent
                 yield last
+
+    async def close(self) -> None:
+        await self._begin.close()
+        await self._settle.close()
 
     async def wait(self, generation: Generation) -> list[JobRow]:
         async for _ in self.follow(generation, idle_s=60.0):

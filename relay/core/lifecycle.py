@@ -31,6 +31,7 @@ from relay.core.providers import ProviderPool
 from relay.domain import FailureCode, JobState, ResultShape
 from relay.images import GRID, IMAGE, ImageError, ImageStore, StorageError
 from relay.store.jobs import JobRow, JobStore, ProgressChange
+from relay.store.leases import Leases
 
 log = logging.getLogger("relay.lifecycle")
 
@@ -129,6 +130,7 @@ class Lifecycle:
         self._deliveries: set[asyncio.Task[None]] = set()
         self._download_slots = asyncio.Semaphore(64)
         self.on_follow: Callable[[str], None] = lambda provider: None  # the tracker's wake-up
+        self.leases: Leases | None = None  # with them, a finished job is delivered only while its lease is held
 
     # -- the jobs being followed ---------------------------------------------------------------------------------
 
@@ -145,6 +147,20 @@ class Lifecycle:
         """A job the upstream just took (or parked in MODAL): follow it, and tell whoever waits."""
         self.follow(tracked)
         self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
+
+    def followed(self) -> list[str]:
+        return list(self._by_job)
+
+    def forget(self, job_id: str) -> None:
+        """Stop following a job without ending it: another process follows it now."""
+        tracked = self._by_job.pop(job_id, None)
+        if tracked is None:
+            return
+        self._jobs[tracked.provider].pop(job_id, None)
+        if self._by_upstream.get((tracked.provider, tracked.upstream_id)) is tracked:
+            del self._by_upstream[(tracked.provider, tracked.upstream_id)]
+        if tracked.slot:
+            self.pool.release(tracked.provider)
 
     def find(self, provider: str, upstream_id: str) -> Tracked | None:
         """The followed job that is this provider's task `upstream_id`."""
@@ -288,10 +304,12 @@ class Lifecycle:
 
     async def expire(self, job_id: str) -> bool:
         """End a job that passed its deadline now, without waiting for the next read. False while the upstream has
-        finished it and its result is being delivered: it ends on its own shortly, as succeeded."""
+        finished it and its result is being delivered: it ends on its own shortly, as succeeded. A job this process
+        does not follow is left to the one that does (or adopts it): True only when it has ended."""
         tracked = self._by_job.get(job_id)
         if tracked is None:
-            return True
+            row = await self.store.get(job_id)
+            return row is None or row.state.terminal
         if tracked.delivering:
             return False
         return await self.end(
@@ -312,7 +330,7 @@ class Lifecycle:
         A text result needs no download. What fails is tried again, up to `images.download_attempts` times; a job
         whose image the store would not keep ends as an internal failure, one that could not be had or was not an
         image as a download failure."""
-        pending = finished
+        pending = await self._still_mine(finished)
         try:
             for attempt in range(self.config.images.download_attempts):
                 if attempt:
@@ -349,6 +367,17 @@ class Lifecycle:
             await asyncio.gather(
                 *(self.end(t, succeeded=False, error_code=FailureCode.INTERNAL, reason=reason) for t, _ in pending)
             )
+
+    async def _still_mine(self, finished: list[tuple[Tracked, TaskView]]) -> list[tuple[Tracked, TaskView]]:
+        """The finished jobs this process still holds (renewed now), so that no grid is downloaded twice: one whose
+        lease another process took while this one stalled is left to it."""
+        if self.leases is None:
+            return finished
+        held = await self.leases.hold([t.job_id for t, _ in finished], self.clock.now())
+        for tracked, _ in finished:
+            if tracked.job_id not in held:
+                self.forget(tracked.job_id)
+        return [(t, v) for t, v in finished if t.job_id in held]
 
     async def _download(self, tracked: Tracked, view: TaskView) -> bytes | str | None:
         """The result's bytes, why they could not be had, or None for a result that is text."""

@@ -74,6 +74,9 @@ class ProviderPool:
         given = upstreams or {}
         self.upstreams = {p.name: given.get(p.name) or build_upstream(p, config, clock) for p in config.providers}
         self.in_flight = dict.fromkeys(self.settings, 0)
+        # Jobs other relay processes on the same database run on each provider (refreshed by core.coordination):
+        # `max_in_flight` counts them too.
+        self.elsewhere = dict.fromkeys(self.settings, 0)
         for name in self.settings:
             metrics.in_flight.labels(name).set(0)
         self.clock = clock
@@ -98,7 +101,7 @@ class ProviderPool:
                 bots=frozenset(p.bots),
                 priority=p.priority,
                 weight=p.weight,
-                in_flight=self.in_flight[p.name],
+                in_flight=self.in_flight[p.name] + self.elsewhere[p.name],
                 max_in_flight=p.max_in_flight,
                 available=self.health[p.name].routable(),
             )

@@ -26,7 +26,7 @@ from relay.core.lifecycle import Lifecycle, Tracked
 from relay.core.providers import ProviderPool
 from relay.domain import FailureCode
 from relay.logs import event
-from relay.store.jobs import JobStore
+from relay.store.jobs import JobRow, JobStore
 
 log = logging.getLogger("relay.tracker")
 
@@ -97,11 +97,15 @@ class Tracker:
         return await self.lifecycle.expire(job_id)
 
     async def resume(self) -> None:
-        """Pick up the jobs a previous run left unfinished; end those it never got to submit."""
+        """End the jobs a stopped process never got to submit (the running ones are claimed by `core.coordination`)."""
         await self.sweep_pending()
-        for row in await self.store.active():
+
+    async def adopt(self, rows: list[JobRow]) -> None:
+        """Follow jobs this process just claimed (a previous run's, or a dead process's): read at once, as they may
+        have ended meanwhile."""
+        for row in rows:
             if row.provider is None or row.upstream_id is None or self.tracking(row.id):
-                continue  # a young PENDING job may still be being submitted: the sweep ends it if it stays so
+                continue
             if row.provider not in self._wake:
                 await self.finisher.end(
                     row.id,
@@ -113,13 +117,13 @@ class Tracker:
             tracked = self.lifecycle.tracked_from(row)
             if tracked.slot:
                 self.pool.acquire(row.provider)
-            tracked.due_at = self.clock.now()  # it may have ended while the relay was down: read it at once
+            tracked.due_at = self.clock.now()
             self.track(tracked)
 
     async def sweep_pending(self) -> None:
         """End jobs stuck in PENDING past the grace (see PENDING_GRACE_S)."""
         now = self.clock.now()
-        for row in await self.store.stale_pending(now - PENDING_GRACE_S):
+        for row in await self.store.stale_pending(now - PENDING_GRACE_S, now):
             if self.tracking(row.id):
                 continue  # submitted, though the write saying so failed: it ends when the upstream says so
             await self.finisher.end(

@@ -15,6 +15,11 @@ down — is adopted (written SUBMITTED with the task's id, and followed), instea
 pending sweep while the upstream ran it. No dialect can be asked for a task by `state` (midjourney-proxy,
 trueai, new-api and the `/v1/mj` resellers look tasks up by their own ids only), so hooks are the one way such a
 task is found again.
+
+With several relay processes on one database, a call may reach a process that does not follow its job. That
+process looks the job up by `state`: one followed by another live process is forwarded to it (`core.broadcast`);
+one whose process is gone (its lease ran out) is claimed and followed here at once, ahead of the next adoption
+round.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
 from relay.clock import Clock
@@ -31,11 +36,14 @@ from relay.core.lifecycle import Lifecycle, Tracked
 from relay.core.providers import ProviderPool
 from relay.domain import JobState
 from relay.logs import event
-from relay.store.jobs import JobStore
+from relay.store.jobs import JobRow, JobStore
+from relay.store.leases import Leases
 
 log = logging.getLogger("relay.hooks")
 
-Outcome = Literal["applied", "adopted", "unknown", "unreadable"]
+Outcome = Literal["applied", "adopted", "forwarded", "unknown", "unreadable"]
+# (the process that follows the job, provider, upstream id, the call's body)
+Forward = Callable[[str, str, str, bytes], Awaitable[None]]
 
 
 def hook_token(secret: str, provider: str) -> str:
@@ -53,6 +61,8 @@ class UpstreamHooks:
         store: JobStore,
         clock: Clock,
         submitting: Callable[[str], bool],
+        leases: Leases | None = None,
+        follow: Callable[[list[JobRow]], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.secrets = list(secrets)
@@ -61,6 +71,9 @@ class UpstreamHooks:
         self.store = store
         self.clock = clock
         self._submitting = submitting  # whether this process is submitting a job right now
+        self.leases = leases
+        self._follow = follow  # follow jobs just claimed (the tracker's adoption)
+        self.forward: Forward | None = None  # hand a call to the process that follows its job
 
     def url(self, provider: str) -> str | None:
         """The hook URL a submit to `provider` names; None when it gets none."""
@@ -81,22 +94,58 @@ class UpstreamHooks:
         if view is None:
             return "unreadable"
         tracked = self.lifecycle.find(provider, view.upstream_id)
-        outcome: Outcome = "applied"
-        if tracked is None and view.state:
-            tracked = await self._adopt(provider, view.upstream_id, view.state)
-            outcome = "adopted"
+        if tracked is not None:
+            await self.lifecycle.hook(tracked, view)
+            return "applied"
+        if not view.state or self._submitting(view.state) or self.lifecycle.following(view.state):
+            return "unknown"  # a submit here is under way: it follows the job itself, polling reads it
+        row = await self.store.get(view.state)
+        if row is None or row.state.terminal:
+            return "unknown"
+        if row.state is not JobState.PENDING and (row.provider != provider or row.upstream_id != view.upstream_id):
+            return "unknown"
+        now = self.clock.now()
+        if row.owner not in (None, self.store.owner) and (row.lease_until or 0.0) >= now:
+            if self.forward is None or row.owner is None:
+                return "unknown"
+            await self.forward(row.owner, provider, view.upstream_id, body)  # a live process follows it
+            return "forwarded"
+        if row.state is JobState.PENDING:
+            tracked = await self._adopt(provider, view.upstream_id, row)
+            if tracked is None:
+                return "unknown"
+            await self.lifecycle.hook(tracked, view)
+            return "adopted"
+        if self.leases is None or self._follow is None:
+            return "unknown"
+        claimed = await self.leases.claim([row.id], now)
+        if not claimed:
+            return "unknown"
+        await self._follow(claimed)
+        tracked = self.lifecycle.find(provider, view.upstream_id)
         if tracked is None:
             return "unknown"
         await self.lifecycle.hook(tracked, view)
-        return outcome
+        event(log, "job adopted", job=row.id, provider=provider)
+        return "adopted"
 
-    async def _adopt(self, provider: str, upstream_id: str, job_id: str) -> Tracked | None:
+    async def forwarded(self, provider: str, body: bytes | None, upstream_id: str) -> None:
+        """A call another process received for a job this one follows: applied, or (too large to forward) the task
+        is read at the next tracker round."""
+        tracked = self.lifecycle.find(provider, upstream_id)
+        upstream = self.pool.upstreams.get(provider)
+        if tracked is None or upstream is None:
+            return
+        view = upstream.parse_hook(body) if body is not None else None
+        if view is None or view.upstream_id != upstream_id:
+            tracked.due_at = self.clock.now()
+            self.lifecycle.on_follow(provider)
+            return
+        await self.lifecycle.hook(tracked, view)
+
+    async def _adopt(self, provider: str, upstream_id: str, row: JobRow) -> Tracked | None:
         """A job that never got past PENDING although `provider` has its task: written SUBMITTED and followed."""
-        if self._submitting(job_id) or self.lifecycle.following(job_id):
-            return None  # its submit here is still under way: it will follow the job itself
-        row = await self.store.get(job_id)
-        if row is None or row.state is not JobState.PENDING:
-            return None
+        job_id = row.id
         if not await self.store.adopt(job_id, provider, upstream_id, self.clock.now()):
             return None
         self.pool.acquire(provider)

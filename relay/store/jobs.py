@@ -109,6 +109,8 @@ class JobRow:
     notify_hook: str | None = None
     result_text: str | None = None
     started_at: float | None = None
+    owner: str | None = None
+    lease_until: float | None = None
 
     @property
     def kind(self) -> TaskKind:
@@ -148,7 +150,7 @@ class Ending:
     text: str | None = None
 
 
-def _row(row: Any) -> JobRow:
+def row_of(row: Any) -> JobRow:
     data = dict(row._mapping)
     data["state"] = JobState(data["state"])
     data["buttons_json"] = data.pop("buttons")
@@ -156,8 +158,13 @@ def _row(row: Any) -> JobRow:
 
 
 class JobStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    """Jobs and their holds. `owner` is this relay process: a job it admits, submits, parks or adopts is written
+    as followed by it for `lease_s` (renewed by `store.leases`)."""
+
+    def __init__(self, engine: AsyncEngine, owner: str = "", lease_s: float = 30.0) -> None:
         self.engine = engine
+        self.owner = owner
+        self.lease_s = lease_s
 
     async def open(self, key_id: str, new_jobs: Sequence[NewJob], now: float) -> bool:
         """Hold the price of every job and insert them; see `open_many`."""
@@ -213,6 +220,8 @@ class JobStore:
                     "created_at": now,
                     "updated_at": now,
                     "deadline_at": job.deadline_at,
+                    "owner": self.owner,
+                    "lease_until": now + self.lease_s,
                 }
                 for admission, ok in zip(admissions, admitted, strict=True)
                 if ok
@@ -238,6 +247,8 @@ class JobStore:
                 provider=bindparam("new_provider"),
                 upstream_id=bindparam("new_upstream_id"),
                 submitted_at=now,
+                owner=self.owner,
+                lease_until=now + self.lease_s,
                 updated_at=now,
             )
         )
@@ -256,6 +267,8 @@ class JobStore:
                 provider=provider,
                 upstream_id=upstream_id,
                 submitted_at=now,
+                owner=self.owner,
+                lease_until=now + self.lease_s,
                 updated_at=now,
             )
         )
@@ -272,6 +285,8 @@ class JobStore:
                 provider=provider,
                 upstream_id=upstream_id,
                 submitted_at=now,
+                owner=self.owner,
+                lease_until=now + self.lease_s,
                 updated_at=now,
                 deadline_at=deadline_at,
             )
@@ -423,14 +438,14 @@ class JobStore:
 
         ended = await transaction(self.engine, work)
         return [
-            _row(ended[ending.job_id]) if first[ending.job_id] == index and ending.job_id in ended else None
+            row_of(ended[ending.job_id]) if first[ending.job_id] == index and ending.job_id in ended else None
             for index, ending in enumerate(endings)
         ]
 
     async def get(self, job_id: str) -> JobRow | None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
-        return _row(row) if row is not None else None
+        return row_of(row) if row is not None else None
 
     async def owned(self, job_ids: Sequence[str], key_id: str) -> list[JobRow]:
         """The jobs among `job_ids` that belong to the key, newest first: another key's job is not there at all."""
@@ -444,7 +459,7 @@ class JobStore:
                     .order_by(jobs.c.created_at.desc(), jobs.c.id)
                 )
             ).all()
-        return [_row(row) for row in rows]
+        return [row_of(row) for row in rows]
 
     async def recent(self, key_id: str, limit: int) -> list[JobRow]:
         """The key's newest jobs."""
@@ -457,23 +472,28 @@ class JobStore:
                     .limit(limit)
                 )
             ).all()
-        return [_row(row) for row in rows]
+        return [row_of(row) for row in rows]
 
     async def by_request(self, request_id: str) -> list[JobRow]:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(select(jobs).where(jobs.c.request_id == request_id).order_by(jobs.c.id))).all()
-        return [_row(row) for row in rows]
+        return [row_of(row) for row in rows]
 
-    async def stale_pending(self, created_before: float) -> list[JobRow]:
+    async def stale_pending(self, created_before: float, now: float) -> list[JobRow]:
+        """PENDING jobs made before `created_before` that this process admitted, or whose process is gone (their
+        lease ran out)."""
+        lapsed = or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now, jobs.c.owner == self.owner)
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
-                    select(jobs).where(jobs.c.state == JobState.PENDING.value, jobs.c.created_at < created_before)
+                    select(jobs).where(
+                        jobs.c.state == JobState.PENDING.value, jobs.c.created_at < created_before, lapsed
+                    )
                 )
             ).all()
-        return [_row(row) for row in rows]
+        return [row_of(row) for row in rows]
 
     async def active(self) -> list[JobRow]:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(select(jobs).where(jobs.c.state.in_([s.value for s in ACTIVE])))).all()
-        return [_row(row) for row in rows]
+        return [row_of(row) for row in rows]

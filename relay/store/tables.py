@@ -53,11 +53,29 @@ jobs = Table(
     Column("notify_hook", Text, nullable=True),
     Column("result_text", Text, nullable=True),
     Column("started_at", Float, nullable=True),
+    Column("owner", String(200), nullable=True),  # the relay process that follows the job (`store.leases`)
+    Column("lease_until", Float, nullable=True),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_request", "request_id"),
     Index("ix_jobs_key_created", "key_id", "created_at"),
     Index("ix_jobs_provider_upstream", "provider", "upstream_id"),
     Index("ix_jobs_parent", "parent_id"),
+    Index("ix_jobs_owner", "owner"),
+)
+
+# A client's attempt at a request, found again by its retries (`store.attempts`).
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("fingerprint", String(64), primary_key=True),
+    Column("request_id", String(40), nullable=False),
+    Column("state", String(12), nullable=False),
+    Column("job_ids", Text, nullable=False),
+    Column("spec", Text, nullable=False),
+    Column("deadline_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_attempts_created", "created_at"),
 )
 
 # The last change of each provider's health, as whichever relay process made it last recorded it (`store.health`).

@@ -11,6 +11,7 @@ import pytest
 
 from adapters import TaskStatus, TaskView, UpstreamUnavailable
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
+from relay.core.coordination import Coordinator
 from relay.core.events import JobEvents
 from relay.core.finish import Finisher
 from relay.core.lifecycle import Lifecycle, Step, Tracked, observe
@@ -18,9 +19,11 @@ from relay.core.providers import ProviderPool
 from relay.core.tracker import Tracker
 from relay.images import ImageStore
 from relay.metrics import Metrics
+from relay.store.attempts import AttemptStore
 from relay.store.db import Database
 from relay.store.jobs import JobState, JobStore, NewJob
 from relay.store.keys import KeyStore
+from relay.store.leases import Leases
 from tests.helpers import FakeClock, relay_config
 
 pytestmark = pytest.mark.anyio
@@ -216,7 +219,17 @@ async def test_unfinished_jobs_are_picked_up_after_a_restart(world: World) -> No
     world.tracker.lifecycle._jobs["sim"].clear()
     world.pool.release("sim")
 
+    leases = Leases(world.store.engine, "restarted-process", 30)
+    coordinator = Coordinator(
+        leases=leases,
+        attempts=AttemptStore(world.store.engine),
+        tracker=world.tracker,
+        lifecycle=world.tracker.lifecycle,
+        clock=world.clock,
+        alone=True,
+    )
     await world.tracker.resume()  # a young PENDING job may still be submitting elsewhere: left alone
+    assert await coordinator.adopt(first=True) == 1  # alone on SQLite: every running job is this process's now
     assert world.tracker.tracking(running) and await world.state("job_pending0") == ("PENDING", None, "held")
     world.clock.advance(601)
     await world.tracker.resume()

@@ -1,0 +1,128 @@
+"""Coordination between relay processes that share one database: each running job is followed by exactly one live
+process, and nothing a process dies with is lost.
+
+    leases     a process holds a lease on every job it admits, submits, parks or adopts (`store.leases`), renews
+               them all every `jobs.lease_s / 3`, and stops following a job whose lease another process took
+    adoption   every second (at most `jobs.lease_s / 2`; and at start) a process claims the running jobs whose lease
+               ran out: a dead process's jobs are followed again within `lease_s` + 1 s; a process alone on SQLite
+               claims every running job at start (a restart)
+    capacity   with other processes about, every second each learns how many jobs the others run on each provider,
+               so that `max_in_flight` holds across processes (to within what they submit in that second)
+    hand-over  at shutdown (SIGTERM) a process releases its leases, so the others claim its jobs at once
+    retries    attempts older than the retry window are forgotten here
+
+Waking waiters and forwarding upstream hooks across processes is `core.broadcast` (PostgreSQL LISTEN/NOTIFY).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from relay.clock import Clock
+from relay.core.jobs import RETRY_WINDOW_S
+from relay.core.lifecycle import Lifecycle
+from relay.core.tracker import Tracker
+from relay.logs import event
+from relay.store.attempts import AttemptStore
+from relay.store.jobs import JobRow
+from relay.store.leases import Leases
+
+log = logging.getLogger("relay.coordination")
+
+ADOPT_EVERY_S = 1.0
+FORGET_EVERY_S = 60.0
+
+
+class Coordinator:
+    def __init__(
+        self,
+        *,
+        leases: Leases,
+        attempts: AttemptStore,
+        tracker: Tracker,
+        lifecycle: Lifecycle,
+        clock: Clock,
+        alone: bool,
+        on_adopted: Callable[[list[JobRow]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.leases = leases
+        self.attempts = attempts
+        self.tracker = tracker
+        self.lifecycle = lifecycle
+        self.clock = clock
+        self.alone = alone  # on SQLite: the only process there is, so every running job is its own at start
+        self._on_adopted = on_adopted  # e.g. the adopted jobs' client hooks go on here
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.adopt(first=True)
+        lease_s = self.leases.lease_s
+        self._loops = [
+            asyncio.create_task(self._every(lease_s / 3, self.renew), name="leases:renew"),
+            asyncio.create_task(self._every(min(ADOPT_EVERY_S, lease_s / 2), self.adopt), name="leases:adopt"),
+            asyncio.create_task(self._every(FORGET_EVERY_S, self._forget), name="attempts:forget"),
+        ]
+        if not self.alone and any(p.max_in_flight for p in self.tracker.pool.settings.values()):
+            await self.count_elsewhere()
+            self._loops.append(
+                asyncio.create_task(self._every(ADOPT_EVERY_S, self.count_elsewhere), name="leases:count")
+            )
+
+    async def stop(self) -> None:
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._loops = []
+        released = await self.leases.release()
+        if released:
+            event(log, "leases handed over", jobs=released)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._loops) and not any(task.done() for task in self._loops)
+
+    async def adopt(self, *, first: bool = False) -> int:
+        """Follow the running jobs whose lease ran out (at the first start alone: every running job)."""
+        providers = self.tracker.pool.names
+        rows = await self.leases.claim_expired(self.clock.now(), providers, any_lease=first and self.alone)
+        rows = [row for row in rows if not self.lifecycle.following(row.id)]
+        if rows:
+            await self.tracker.adopt(rows)
+            if self._on_adopted is not None:
+                await self._on_adopted(rows)
+            if not first:
+                event(log, "jobs adopted", jobs=len(rows))
+        return len(rows)
+
+    async def renew(self) -> None:
+        """Renew every lease; stop following the jobs another process took meanwhile (this one stalled)."""
+        followed = set(self.lifecycle.followed())
+        held = await self.leases.renew(self.clock.now())
+        for job_id in followed - held:
+            self.lifecycle.forget(job_id)
+
+    async def count_elsewhere(self) -> None:
+        """Learn how many jobs the other live processes run on each provider."""
+        pool = self.tracker.pool
+        counts = await self.leases.running_elsewhere(self.clock.now())
+        pool.elsewhere = {name: counts.get(name, 0) for name in pool.settings}
+        for name, running in pool.elsewhere.items():
+            pool.metrics.in_flight_elsewhere.labels(name).set(running)
+
+    async def _forget(self) -> None:
+        await self.attempts.forget_before(self.clock.now() - RETRY_WINDOW_S)
+
+    async def _every(self, seconds: float, work: Callable[[], Awaitable[object]]) -> None:
+        while True:
+            await self.clock.sleep(seconds)
+            try:
+                await work()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("coordination failed", extra={"fields": {"work": getattr(work, "__name__", "")}})

@@ -1,0 +1,106 @@
+"""Client attempts at a request, kept so that a retry of it finds the jobs its first attempt started: across
+restarts and across relay processes.
+
+An attempt is keyed by its fingerprint (the key, the route and the body, or the `Idempotency-Key` it named). The
+latest attempt that was not a retry owns the fingerprint; it is `starting` while its jobs are held and submitted,
+then `started` (some job was taken upstream) or `nothing` (none was). Attempts older than the retry window are
+forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from relay.store.tables import attempts
+
+AttemptState = Literal["starting", "started", "nothing"]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    fingerprint: str
+    request_id: str
+    state: AttemptState
+    job_ids: tuple[str, ...]
+    spec: dict[str, Any]  # what a retry needs to follow it (the request in Midjourney terms)
+    deadline_at: float
+    created_at: float
+
+
+class AttemptStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def begin_many(
+        self, begun: list[tuple[str, str, tuple[str, ...], dict[str, Any], float, float]]
+    ) -> list[None]:
+        """Each attempt (fingerprint, request id, job ids, spec, deadline, now) now owns its fingerprint: an earlier
+        one, retried or not, no longer does. Starts as `starting`."""
+        if not begun:
+            return []
+        latest = {item[0]: item for item in begun}  # one fingerprint twice in a batch: the later attempt wins
+        rows = [
+            {
+                "fingerprint": fingerprint,
+                "request_id": request_id,
+                "state": "starting",
+                "job_ids": json.dumps(list(job_ids)),
+                "spec": json.dumps(spec),
+                "deadline_at": deadline_at,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for fingerprint, request_id, job_ids, spec, deadline_at, now in latest.values()
+        ]
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(attempts)
+        changed = {k: statement.excluded[k] for k in rows[0] if k != "fingerprint"}
+        async with self.engine.begin() as conn:
+            await conn.execute(statement.on_conflict_do_update(index_elements=["fingerprint"], set_=changed), rows)
+        return [None] * len(begun)
+
+    async def settle_many(self, settled: list[tuple[str, str, bool]], now: float) -> list[None]:
+        """How each attempt's (fingerprint, request id, took) submission went, unless a later attempt owns the
+        fingerprint by now."""
+        for took in (True, False):
+            pairs = [(fingerprint, request_id) for fingerprint, request_id, t in settled if t is took]
+            if not pairs:
+                continue
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    update(attempts)
+                    .where(attempts.c.fingerprint == bindparam("fp"), attempts.c.request_id == bindparam("rid"))
+                    .values(state="started" if took else "nothing", updated_at=now),
+                    [{"fp": fp, "rid": rid} for fp, rid in pairs],
+                )
+        return [None] * len(settled)
+
+    async def get(self, fingerprint: str, since: float) -> AttemptRow | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(attempts).where(attempts.c.fingerprint == fingerprint, attempts.c.created_at >= since)
+                )
+            ).first()
+        if row is None:
+            return None
+        return AttemptRow(
+            fingerprint=row.fingerprint,
+            request_id=row.request_id,
+            state=row.state,
+            job_ids=tuple(json.loads(row.job_ids)),
+            spec=json.loads(row.spec),
+            deadline_at=row.deadline_at,
+            created_at=row.created_at,
+        )
+
+    async def forget_before(self, before: float) -> int:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(attempts).where(attempts.c.created_at < before))
+            return int(result.rowcount)

@@ -1,0 +1,121 @@
+"""Who follows each running job: a lease on the job's row (`owner`, `lease_until`).
+
+A relay process follows (reads, applies, delivers, ends) only the jobs it holds: those it admitted, submitted,
+parked or adopted, while it renews them. A job whose lease ran out (its process died, or handed it over at
+shutdown) is claimed by another process in one guarded UPDATE, so two processes never both claim it. Every
+statement here is set-based: a process renews all its leases in one statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from relay.domain import ACTIVE_STATES, RUNNING_STATES, JobState
+from relay.store.jobs import JobRow, row_of
+from relay.store.tables import jobs
+
+_ACTIVE = [s.value for s in ACTIVE_STATES]
+_RUNNING = [s.value for s in RUNNING_STATES]
+
+
+class Leases:
+    def __init__(self, engine: AsyncEngine, owner: str, lease_s: float) -> None:
+        self.engine = engine
+        self.owner = owner
+        self.lease_s = lease_s
+
+    async def renew(self, now: float) -> set[str]:
+        """Renew every lease this process holds; the ids of the jobs it still holds."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE))
+                .values(lease_until=now + self.lease_s)
+                .returning(jobs.c.id)
+            )
+            return {row.id for row in result}
+
+    async def hold(self, job_ids: Sequence[str], now: float) -> set[str]:
+        """Renew the leases of these jobs; those it still holds (a job another process took meanwhile is not)."""
+        if not job_ids:
+            return set()
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(list(job_ids)), jobs.c.owner == self.owner)
+                .values(lease_until=now + self.lease_s)
+                .returning(jobs.c.id)
+            )
+            return {row.id for row in result}
+
+    async def claim_expired(
+        self, now: float, providers: Collection[str], limit: int = 500, *, any_lease: bool = False
+    ) -> list[JobRow]:
+        """Claim running jobs of these providers whose lease ran out (or, with `any_lease`, every one not already
+        this process's: a process that knows it is alone, on SQLite); the jobs claimed."""
+        if not providers:
+            return []
+        free = or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now)
+        mine = or_(jobs.c.owner.is_(None), jobs.c.owner != self.owner)
+        claimable = mine if any_lease else free
+        async with self.engine.connect() as conn:
+            candidates = [
+                row.id
+                for row in await conn.execute(
+                    select(jobs.c.id)
+                    .where(jobs.c.state.in_(_RUNNING), jobs.c.provider.in_(list(providers)), claimable)
+                    .limit(limit)
+                )
+            ]
+        if not candidates:
+            return []
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(candidates), jobs.c.state.in_(_RUNNING), claimable)
+                .values(owner=self.owner, lease_until=now + self.lease_s)
+                .returning(*jobs.c)
+            )
+            return [row_of(row) for row in result]
+
+    async def claim(self, job_ids: Sequence[str], now: float) -> list[JobRow]:
+        """Claim these running jobs if their lease ran out (an upstream hook named one this process can follow now,
+        ahead of the next adoption round); the jobs claimed."""
+        if not job_ids:
+            return []
+        free = or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(list(job_ids)), jobs.c.state.in_(_RUNNING), free)
+                .values(owner=self.owner, lease_until=now + self.lease_s)
+                .returning(*jobs.c)
+            )
+            return [row_of(row) for row in result]
+
+    async def running_elsewhere(self, now: float) -> dict[str, int]:
+        """How many jobs hold a slot of each provider (submitted or in progress) in the other live processes."""
+        slot_states = [JobState.SUBMITTED.value, JobState.IN_PROGRESS.value]
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                select(jobs.c.provider, func.count())
+                .where(
+                    jobs.c.state.in_(slot_states),
+                    jobs.c.owner != self.owner,
+                    jobs.c.lease_until >= now,
+                    jobs.c.provider.is_not(None),
+                )
+                .group_by(jobs.c.provider)
+            )
+            return {str(row[0]): int(row[1]) for row in result}
+
+    async def release(self) -> int:
+        """Hand every lease of this process over (its jobs are claimed by another at once); how many."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(jobs).where(jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE)).values(lease_until=0.0)
+            )
+            return int(result.rowcount)

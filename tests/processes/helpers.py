@@ -1,0 +1,157 @@
+"""Relay processes as an operator runs them (`mj-relay serve`, one OS process each, killed with SIGKILL when a test
+says so) in front of simulators served over HTTP from the test process, so that a relay's death loses nothing the
+upstream holds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from adapters.simulator import SimEngine
+from tests.helpers import bound_socket
+
+SIM_SECRET = "a-secret-the-simulators-want"
+SIGNING = "one-signing-secret-for-every-relay-process"
+
+
+def free_port() -> int:
+    sock = bound_socket()
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+@dataclass
+class RelayProcess:
+    """One `mj-relay serve` process on a port of its own; it can be killed and started again on the same port."""
+
+    config_file: Path
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    runs: int = field(default=0)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.runs += 1
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MJ_RELAY_")}  # the file says it all
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", "--config", str(self.config_file), "--port", str(self.port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(self.base + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the relay was not ready in time:\n" + self.log.read_text()
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: nothing is handed over, nothing flushed."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@contextmanager
+def relay_processes(configs: list[tuple[Path, int]], log_dir: Path) -> Iterator[list[RelayProcess]]:
+    processes = [RelayProcess(file, port, log_dir / f"relay-{i}.log") for i, (file, port) in enumerate(configs)]
+    try:
+        for process in processes:
+            process.start()
+        yield processes
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def finish_times(engine: SimEngine) -> dict[str, float]:
+    """When each task the simulator holds finished (or will), by the relay job that submitted it (`state`)."""
+    return {
+        task.state: task.started + task.duration
+        for task in engine.all_tasks()
+        if task.state is not None and task.started is not None
+    }
+
+
+def runs_per_job(engines: list[SimEngine]) -> dict[str, int]:
+    """How many upstream tasks each relay job started, over every simulator."""
+    counts: dict[str, int] = {}
+    for engine in engines:
+        for task in engine.all_tasks():
+            if task.state is not None:
+                counts[task.state] = counts.get(task.state, 0) + 1
+    return counts
+
+
+@contextmanager
+def simulator_process(log: Path, *options: str) -> Iterator[str]:
+    """`mj-relay simulate` (midjourney-proxy dialect) in its own process, so that a burst of hook calls and image
+    downloads does not share a CPU-bound interpreter with the clients a test times; yields its URL."""
+    port = free_port()
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "simulate", "--port", str(port), "--secret", SIM_SECRET, *options],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                httpx.get(base + "/sim/stats", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the simulator did not start:\n" + log.read_text()
+                time.sleep(0.05)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def upstream_task(base: str, task_id: str) -> dict[str, Any]:
+    reply = httpx.get(f"{base}/mj/task/{task_id}/fetch", headers={"mj-api-secret": SIM_SECRET}, timeout=10)
+    task: dict[str, Any] = reply.json()
+    return task

@@ -1,0 +1,111 @@
+"""Leases and attempts on both stores: which process follows a job, and how a retry finds its first attempt."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.store.attempts import AttemptStore
+from relay.store.db import Database
+from relay.store.jobs import JobState, JobStore
+from relay.store.keys import KeyStore
+from relay.store.leases import Leases
+from tests.unit.test_store import NOW, db, job
+
+pytestmark = pytest.mark.anyio
+LEASE = 30.0
+__all__ = ["db"]  # the fixture, shared with the store tests
+
+
+async def running_job(database: Database, owner: str, job_id: str = "job_00000001") -> JobStore:
+    record, _ = await KeyStore(database.engine).create("k", 100, NOW)
+    store = JobStore(database.engine, owner=owner, lease_s=LEASE)
+    assert await store.open(record.id, [job(job_id)], NOW)
+    await store.mark_submitted(job_id, "up", "task-1", NOW)
+    return store
+
+
+async def test_a_live_lease_is_not_claimed_and_a_lapsed_one_is_claimed_once(db: Database) -> None:
+    await running_job(db, "a")
+    a, b, c = (Leases(db.engine, name, LEASE) for name in "abc")
+    assert await b.claim_expired(NOW + 1, ["up"]) == []
+    assert await a.renew(NOW + 20) == {"job_00000001"}  # held until NOW + 50
+    assert await b.claim_expired(NOW + 40, ["up"]) == []
+    assert await b.claim_expired(NOW + 60, ["other"]) == []  # a provider it does not have
+    # a dies: two others race for its job, one wins
+    claimed = await asyncio.gather(b.claim_expired(NOW + 60, ["up"]), c.claim(["job_00000001"], NOW + 60))
+    assert sorted(len(rows) for rows in claimed) == [0, 1]
+    winner = b if claimed[0] else c
+    (row,) = claimed[0] or claimed[1]
+    assert row.owner == winner.owner and row.lease_until == NOW + 60 + LEASE
+    # a comes back from a stall: it holds nothing any more, and delivers nothing
+    assert await a.renew(NOW + 61) == set()
+    assert await a.hold(["job_00000001"], NOW + 61) == set()
+    assert await winner.hold(["job_00000001"], NOW + 61) == {"job_00000001"}
+
+
+async def test_a_handed_over_lease_is_claimed_at_once(db: Database) -> None:
+    await running_job(db, "a")
+    a, b = Leases(db.engine, "a", LEASE), Leases(db.engine, "b", LEASE)
+    assert await a.release() == 1
+    (row,) = await b.claim_expired(NOW + 1, ["up"])
+    assert row.owner == "b"
+
+
+async def test_a_process_alone_claims_every_running_job_at_start(db: Database) -> None:
+    await running_job(db, "before-the-restart")
+    restarted = Leases(db.engine, "after", LEASE)
+    assert await restarted.claim_expired(NOW + 1, ["up"]) == []  # the lease has not run out
+    (row,) = await restarted.claim_expired(NOW + 1, ["up"], any_lease=True)
+    assert row.owner == "after"
+    assert await restarted.claim_expired(NOW + 1, ["up"], any_lease=True) == []  # its own already
+
+
+async def test_ended_jobs_hold_no_lease(db: Database) -> None:
+    store = await running_job(db, "a")
+    await store.finish("job_00000001", succeeded=False, now=NOW + 1, error_code="timeout")
+    b = Leases(db.engine, "b", LEASE)
+    assert await b.claim_expired(NOW + 999, ["up"]) == []
+    assert await b.claim(["job_00000001"], NOW + 999) == []
+    assert await Leases(db.engine, "a", LEASE).renew(NOW + 2) == set()
+
+
+async def test_the_pending_sweep_takes_a_process_s_own_jobs_and_dead_processes_jobs(db: Database) -> None:
+    record, _ = await KeyStore(db.engine).create("k", 100, NOW)
+    mine = JobStore(db.engine, owner="me", lease_s=LEASE)
+    other = JobStore(db.engine, owner="other", lease_s=LEASE)
+    assert await mine.open(record.id, [job("job_mine0001")], NOW)
+    assert await other.open(record.id, [job("job_other001")], NOW)
+    stale = await mine.stale_pending(NOW + 10, NOW + 10)
+    assert [row.id for row in stale] == ["job_mine0001"]  # the other process is alive: its submit may be under way
+    stale = await mine.stale_pending(NOW + 40, NOW + 40)
+    assert sorted(row.id for row in stale) == ["job_mine0001", "job_other001"]
+    assert all(row.state is JobState.PENDING for row in stale)
+
+
+async def test_attempts_are_found_by_fingerprint_until_forgotten(db: Database) -> None:
+    attempts = AttemptStore(db.engine)
+    spec = {"model": "mj-fast", "prompt": "a lighthouse"}
+    await attempts.begin_many([("fp", "req-1", ("job_1",), spec, NOW + 600, NOW)])
+    row = await attempts.get("fp", NOW - 1)
+    assert row is not None and (row.state, row.request_id, row.job_ids, row.spec) == (
+        "starting",
+        "req-1",
+        ("job_1",),
+        spec,
+    )
+    await attempts.settle_many([("fp", "req-1", True)], NOW + 1)
+    row = await attempts.get("fp", NOW - 1)
+    assert row is not None and row.state == "started"
+    # a later first attempt of the same body owns the fingerprint: the earlier one's settling changes nothing
+    await attempts.begin_many([("fp", "req-2", ("job_2",), spec, NOW + 700, NOW + 2)])
+    await attempts.settle_many([("fp", "req-1", False)], NOW + 3)
+    row = await attempts.get("fp", NOW - 1)
+    assert row is not None and (row.request_id, row.state) == ("req-2", "starting")
+    await attempts.settle_many([("fp", "req-2", False)], NOW + 3)
+    row = await attempts.get("fp", NOW - 1)
+    assert row is not None and row.state == "nothing"
+    assert await attempts.get("fp", NOW + 5) is None  # older than the window asked for
+    assert await attempts.forget_before(NOW + 5) == 1
+    assert await attempts.get("fp", NOW - 1) is None
