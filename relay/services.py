@@ -72,7 +72,8 @@ class Relay:
             events=self.events,
             clock=clock,
         )
-        self.lifecycle.leases = self.leases
+        if not self.db.is_sqlite:  # alone on SQLite, no other process can take a job this one follows
+            self.lifecycle.leases = self.leases
         self.tracker = Tracker(
             config=config,
             store=self.store,

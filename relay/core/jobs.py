@@ -320,21 +320,27 @@ class JobService:
     ) -> list[JobRow]:
         """Record the attempt, hold and submit its jobs, and settle the attempt with how that went."""
         took = False
-        try:
-            if attempt is not None:
-                spec = following.spec
-                record = {"model": spec.model, "mode": spec.mode, "bot": spec.bot, "prompt": spec.prompt, "n": spec.n}
-                await self._begin(
+        # Written while the jobs are held (not before: that would add a commit to every request's way in); a retry
+        # in this process finds the attempt in `_local` at once, one elsewhere finds it written by then.
+        begun: asyncio.Future[None] | None = None
+        if attempt is not None:
+            spec = following.spec
+            record = {"model": spec.model, "mode": spec.mode, "bot": spec.bot, "prompt": spec.prompt, "n": spec.n}
+            begun = asyncio.ensure_future(
+                self._begin(
                     _Begun(attempt.fingerprint, following.request_id, following.job_ids, record, following.deadline_at)
                 )
+            )
+        try:
             refused = await self._admit_and_submit(key, planned)
             took = _took_any(refused, len(planned))
             return refused
         finally:
             if recorded is not None and not recorded.done():
                 recorded.set_result(following if took else None)
-            if attempt is not None:
+            if attempt is not None and begun is not None:
                 with contextlib.suppress(Exception):  # at worst a retry starts afresh
+                    await begun
                     await self._settle((attempt.fingerprint, following.request_id, took))
 
     async def _admit_and_submit(self, key: KeyRecord, planned: list[Planned]) -> list[JobRow]:

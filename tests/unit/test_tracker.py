@@ -403,3 +403,35 @@ async def test_a_timer_firing_a_little_early_never_makes_a_round_read_early(worl
     await world.tracker.stop()
     assert rounds, "the job was never read"
     assert 1.0 <= rounds[0][0] - first < 1.0 + 8 / 1024  # when it is due, not before (nor a round gap later)
+
+
+async def test_a_process_whose_lease_was_taken_delivers_nothing(world: World) -> None:
+    """A process that stalled past its lease finds, when the job finishes, that another process took it: it leaves
+    the job (no download, no ending), so the grid is fetched and the hold settled once, by the other."""
+    lifecycle = world.tracker.lifecycle
+    lifecycle.leases = Leases(world.store.engine, world.store.owner, 30)
+    job = await world.submit("cat")
+    downloads: list[str] = []
+    upstream = world.pool.upstreams["sim"]
+    real_download = upstream.download
+
+    async def counted(url: str) -> bytes:
+        downloads.append(url)
+        return await real_download(url)
+
+    upstream.download = counted  # type: ignore[method-assign]
+    world.clock.advance(11)  # the job is done upstream; meanwhile this process stalled and its lease ran out
+    other = Leases(world.store.engine, "another-process", 30)
+    assert [row.id for row in await other.claim_expired(world.clock.now() + 31, ["sim"])] == [job]
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert downloads == [] and not lifecycle.following(job)
+    assert (await world.state(job))[1:] == (None, "held")  # not ended here
+    assert world.pool.in_flight["sim"] == 0
+    # while it holds the lease, the same finish is delivered
+    lifecycle.leases = None
+    second = await world.submit("dog")
+    world.clock.advance(11)
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert len(downloads) == 1 and await world.state(second) == ("SUCCEEDED", None, "captured")
