@@ -167,6 +167,7 @@ def test_failover_over_a_down_provider_and_one_that_fails_submits(tmp_path: Path
 
             asyncio.run(run())
             succeeded = outcomes.count(200)
+            print(f"failover: {succeeded} of {count} succeeded; submits: flaky {flaky.submits}, sound {sound.submits}")
             assert succeeded >= 999, sorted(set(outcomes))
             runs = runs_per_job([flaky, sound])
             assert max(runs.values()) == 1
@@ -235,7 +236,9 @@ def test_sigterm_hands_running_jobs_over_at_once(tmp_path: Path) -> None:
                 for i in range(5)
             ]
             stopped.stop()
-            assert sql(config, "SELECT COUNT(*) FROM jobs WHERE lease_until > 0 AND state IN ('SUBMITTED', 'IN_PROGRESS')") == [(0,)]
+            assert sql(
+                config, "SELECT COUNT(*) FROM jobs WHERE lease_until > 0 AND state IN ('SUBMITTED', 'IN_PROGRESS')"
+            ) == [(0,)]
 
             def ended() -> bool:
                 states = [httpx.get(f"{other.base}/mj/task/{t}/fetch", headers=headers).json()["status"] for t in tasks]
