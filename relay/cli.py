@@ -1,4 +1,5 @@
-"""The `mj-relay` command: serve | simulate | check-config | providers | keys create/list/hook-secret/revoke.
+"""The `mj-relay` command: serve | simulate | check-config | providers | keys create/list/topup/adjust/update/
+hook-secret/revoke | ledger check/export.
 
 `--config FILE` (or `MJ_RELAY_CONFIG`) may come before or after the verb; with none, the embedded defaults apply.
 """
@@ -228,30 +229,110 @@ def keys() -> None:
     """Manage API keys."""
 
 
-def _run_with_store(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
+def _run_with_db(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `work(database)` against the configuration's database (migrated first)."""
     from relay.store.db import Database
-    from relay.store.keys import KeyStore
 
     async def run() -> T:
         db = Database(config.database_url(), pool_size=2)
         try:
             await db.migrate()
-            return await work(KeyStore(db.engine))
+            return await work(db)
         finally:
             await db.dispose()
 
     return asyncio.run(run())
 
 
+def _run_with_store(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
+    from relay.store.keys import KeyStore
+
+    try:
+        return _run_keys(config, lambda db: work(KeyStore(db.engine)))
+    except ValueError as exc:
+        click.echo(f"mj-relay: {exc}.", err=True)
+        sys.exit(2)
+
+
+_NEVER = ("never", "none", "")
+_DURATION = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _parse_when(value: str, now: float, option: str) -> float | None:
+    """A time an operator writes: an ISO date or date-time (UTC unless it says otherwise), a duration from now
+    (`30d`, `12h`, `90m`, `2w`), or `never`."""
+    text = value.strip().lower()
+    if text in _NEVER:
+        return None
+    if text[:-1].isdigit() and text[-1:] in _DURATION:
+        return now + int(text[:-1]) * _DURATION[text[-1]]
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            "give a date (2026-12-31), a date-time (2026-12-31T18:00:00Z), a duration (30d, 12h) or 'never'",
+            param_hint=option,
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _parse_models(value: str, config: Config) -> tuple[str, ...] | None:
+    """`all` (or `*`) for every model, else model names separated by commas, each one the configuration has."""
+    if value.strip().lower() in ("all", "*"):
+        return None
+    names = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    if not names:
+        raise click.BadParameter("give model names separated by commas, or 'all'", param_hint="--models")
+    unknown = [name for name in names if name not in config.models]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown model{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (configured: "
+            f"{', '.join(config.models)})",
+            param_hint="--models",
+        )
+    return names
+
+
+def _parse_rpm(value: str) -> int | None:
+    if value.strip().lower() in _NEVER:
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise click.BadParameter("give a whole number of requests a minute (1 or more), or 'none'", param_hint="--rpm")
+    return int(value)
+
+
+def _when(at: float | None) -> str:
+    return "never" if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M")
+
+
 @keys.command("create")
 @_config_option
 @click.option("--name", required=True, help="Who or what the key is for.")
 @click.option("--quota", type=click.IntRange(0), required=True, help="Credits the key may spend.")
+@click.option("--models", default=None, help="Models the key may use, separated by commas (default: all).")
+@click.option("--rpm", default=None, help="Requests that start work the key may make a minute (default: no limit).")
+@click.option("--expires", default=None, help="When the key stops working: 2026-12-31, an ISO date-time, 30d, 12h.")
 @click.pass_context
-def keys_create(ctx: click.Context, config_path: str | None, name: str, quota: int) -> None:
+def keys_create(
+    ctx: click.Context,
+    config_path: str | None,
+    name: str,
+    quota: int,
+    models: str | None,
+    rpm: str | None,
+    expires: str | None,
+) -> None:
     """Create a key; it is printed once and never shown again."""
     config = _load(ctx, config_path)
-    record, secret = _run_with_store(config, lambda store: store.create(name, quota, time.time()))
+    now = time.time()
+    allowed = _parse_models(models, config) if models is not None else None
+    limit = _parse_rpm(rpm) if rpm is not None else None
+    expires_at = _parse_when(expires, now, "--expires") if expires is not None else None
+    record, secret = _run_with_store(
+        config, lambda store: store.create(name, quota, now, models=allowed, rpm=limit, expires_at=expires_at)
+    )
     click.echo(f"Created key {record.id} ({record.name}) with {record.balance} credits:")
     click.echo(secret)
     click.echo("Keep it now: it is stored hashed and cannot be shown again.", err=True)
@@ -265,12 +346,18 @@ def keys_list(ctx: click.Context, config_path: str | None) -> None:
     """List keys (never their secrets)."""
     config = _load(ctx, config_path)
     records = _run_with_store(config, lambda store: store.list())
-    click.echo(f"{'ID':<17} {'NAME':<20} {'PREFIX':<12} {'BALANCE':>10} {'HELD':>8} {'STATUS':<8} CREATED")
+    now = time.time()
+    click.echo(
+        f"{'ID':<17} {'NAME':<20} {'PREFIX':<12} {'BALANCE':>10} {'HELD':>8} {'STATUS':<8} {'CREATED':<16} "
+        f"{'EXPIRES':<16} {'RPM':>6} MODELS"
+    )
     for r in records:
         created = datetime.fromtimestamp(r.created_at, UTC).strftime("%Y-%m-%d %H:%M")
-        status = "revoked" if r.revoked else "active"
+        rpm = "-" if r.rpm is None else str(r.rpm)
+        allowed = "all" if r.models is None else (",".join(r.models) or "none")
         click.echo(
-            f"{r.id:<17} {r.name[:20]:<20} {r.prefix + '…':<12} {r.balance:>10} {r.held:>8} {status:<8} {created}"
+            f"{r.id:<17} {r.name[:20]:<20} {r.prefix + '…':<12} {r.balance:>10} {r.held:>8} {r.status(now):<8} "
+            f"{created:<16} {_when(r.expires_at):<16} {rpm:>6} {allowed}"
         )
 
 
@@ -288,6 +375,83 @@ def keys_hook_secret(ctx: click.Context, config_path: str | None, key_id: str) -
     click.echo(record.hook_secret)
 
 
+@keys.command("topup")
+@_config_option
+@click.argument("id_or_name")
+@click.argument("amount", type=click.IntRange(1))
+@click.option("--note", default="", help="Why (kept in the ledger).")
+@click.pass_context
+def keys_topup(ctx: click.Context, config_path: str | None, id_or_name: str, amount: int, note: str) -> None:
+    """Add AMOUNT credits to a key (its id, or the name of one active key)."""
+    config = _load(ctx, config_path)
+    record = _run_with_store(config, lambda store: store.topup(id_or_name, amount, time.time(), note))
+    click.echo(f"Added {amount} credits to {record.id} ({record.name}): balance {record.balance}, held {record.held}.")
+
+
+@keys.command("adjust", context_settings={"ignore_unknown_options": True})  # AMOUNT may be negative: `-3`
+@_config_option
+@click.argument("id_or_name")
+@click.argument("amount", type=int)
+@click.option("--note", required=True, help="Why (kept in the ledger).")
+@click.pass_context
+def keys_adjust(ctx: click.Context, config_path: str | None, id_or_name: str, amount: int, note: str) -> None:
+    """Correct a key's balance by AMOUNT credits (negative takes away; never below what the key holds)."""
+    config = _load(ctx, config_path)
+    record = _run_with_store(config, lambda store: store.adjust(id_or_name, amount, time.time(), note))
+    click.echo(f"Adjusted {record.id} ({record.name}) by {amount}: balance {record.balance}, held {record.held}.")
+
+
+@keys.command("update")
+@_config_option
+@click.argument("id_or_name")
+@click.option("--name", default=None, help="A new name.")
+@click.option("--models", default=None, help="Models the key may use, separated by commas, or 'all'.")
+@click.option("--rpm", default=None, help="Requests that start work a minute, or 'none'.")
+@click.option("--expires", default=None, help="When the key stops working (2026-12-31, 30d, ...), or 'never'.")
+@click.pass_context
+def keys_update(
+    ctx: click.Context,
+    config_path: str | None,
+    id_or_name: str,
+    name: str | None,
+    models: str | None,
+    rpm: str | None,
+    expires: str | None,
+) -> None:
+    """Change a key's name, models, rate limit or expiry; what is not given stays."""
+    from relay.store.keys import UNSET
+
+    config = _load(ctx, config_path)
+    now = time.time()
+    changes: dict[str, Any] = {}
+    if name is not None:
+        changes["name"] = name
+    if models is not None:
+        changes["models"] = _parse_models(models, config)
+    if rpm is not None:
+        changes["rpm"] = _parse_rpm(rpm)
+    if expires is not None:
+        changes["expires_at"] = _parse_when(expires, now, "--expires")
+    if not changes:
+        raise click.UsageError("nothing to change: give --name, --models, --rpm or --expires")
+    record = _run_with_store(
+        config,
+        lambda store: store.update(
+            id_or_name,
+            now,
+            name=changes.get("name", UNSET),
+            models=changes.get("models", UNSET),
+            rpm=changes.get("rpm", UNSET),
+            expires_at=changes.get("expires_at", UNSET),
+        ),
+    )
+    allowed = "all" if record.models is None else ",".join(record.models)
+    rate = "no limit" if record.rpm is None else f"{record.rpm}/min"
+    click.echo(
+        f"Updated {record.id} ({record.name}): models {allowed}, rate {rate}, expires {_when(record.expires_at)}."
+    )
+
+
 @keys.command("revoke")
 @_config_option
 @click.argument("id_or_name")
@@ -300,6 +464,68 @@ def keys_revoke(ctx: click.Context, config_path: str | None, id_or_name: str) ->
         click.echo(f"No active key with id or name {id_or_name!r}.", err=True)
         sys.exit(1)
     click.echo(f"Revoked {count} key{'s' if count != 1 else ''}.")
+
+
+@main.group()
+def ledger() -> None:
+    """Prove and export the ledger of credit movements."""
+
+
+# What `ledger check` exits with when it finds a break.
+LEDGER_BROKEN = 1
+
+
+@ledger.command("check")
+@_config_option
+@click.pass_context
+def ledger_check(ctx: click.Context, config_path: str | None) -> None:
+    """Prove, for every key, balance = top-ups - captures + adjustments and held = open holds, and that no job has
+    two outcomes; print a short report and exit 1 naming every break. Safe beside running relays."""
+    from relay.store import ledger as book
+
+    config = _load(ctx, config_path)
+    report = _run_with_db(config, lambda db: book.check(db.engine))
+    for line in book.describe(report):
+        click.echo(line)
+    if not report.ok:
+        sys.exit(LEDGER_BROKEN)
+
+
+@ledger.command("export")
+@_config_option
+@click.option("--key", "id_or_name", default=None, help="Only this key (its id, or the name of one active key).")
+@click.option("--since", default=None, help="Only rows from this time (2026-01-01, an ISO date-time, 30d, 12h).")
+@click.pass_context
+def ledger_export(ctx: click.Context, config_path: str | None, id_or_name: str | None, since: str | None) -> None:
+    """Write the ledger as CSV to standard output."""
+    from relay.store import ledger as book
+    from relay.store.keys import KeyStore
+
+    config = _load(ctx, config_path)
+    start = None
+    if since is not None:
+        text = since.strip().lower()
+        if text[:-1].isdigit() and text[-1:] in _DURATION:  # a duration (`30d`): the last 30 days
+            start = time.time() - int(text[:-1]) * _DURATION[text[-1]]
+        else:
+            start = _parse_when(since, time.time(), "--since")
+
+    async def rows(db: Any) -> list[book.LedgerRow]:
+        key_id = (await KeyStore(db.engine).find(id_or_name)).id if id_or_name else None
+        return await book.export_rows(db.engine, key_id=key_id, since=start)
+
+    click.echo(book.render_csv(_run_keys(config, rows)), nl=False)
+
+
+def _run_keys(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
+    """`_run_with_db`, answering an unknown or ambiguous key as the keys commands do."""
+    from relay.store.keys import AmbiguousKey, KeyNotFound
+
+    try:
+        return _run_with_db(config, work)
+    except (KeyNotFound, AmbiguousKey) as exc:
+        click.echo(f"mj-relay: {exc.args[0] if exc.args else exc}.", err=True)
+        sys.exit(1)
 
 
 @main.command("providers")

@@ -5,12 +5,14 @@ Midjourney-proxy envelope on the native routes (`relay.api.mj.errors`).
     RelayError                  base: a message, and the request field it is about (`param`) when there is one
       InvalidRequest            a bad body, field or value
         InvalidImage            an image in the request is unusable (not an image, too large, a private address)
-      AuthenticationFailed      no key, a wrong key or a revoked one (`reason`)
+      AuthenticationFailed      no key, a wrong key, a revoked or an expired one (`reason`)
+      ModelNotAllowed           the key may not use this model
       LinkRefused               an image link that is wrong, tampered with or expired
       NotFound                  no such route, model, task or image (`what`)
       MethodNotAllowed          a wrong method on a known route (`allow`)
       PayloadTooLarge           a body over the limit
       InsufficientQuota         the key's available credits are short
+      RateLimited               the key made its requests-per-minute already (`retry_after` seconds)
       ServiceUnavailable        no provider can take the work now (`retry_after` seconds)
       UpstreamFailed            a provider failed a call that is not a job (an upload, a seed)
       JobFailed                 a job ended without success (`code`: a FailureCode, `reason`)
@@ -32,8 +34,10 @@ __all__ = [
     "JobFailed",
     "LinkRefused",
     "MethodNotAllowed",
+    "ModelNotAllowed",
     "NotFound",
     "PayloadTooLarge",
+    "RateLimited",
     "RelayError",
     "ServiceUnavailable",
     "UpstreamFailed",
@@ -56,9 +60,16 @@ class InvalidImage(InvalidRequest):
 
 
 class AuthenticationFailed(RelayError):
-    def __init__(self, message: str, *, reason: Literal["missing", "invalid", "revoked"] = "invalid") -> None:
+    def __init__(
+        self, message: str, *, reason: Literal["missing", "invalid", "revoked", "expired"] = "invalid"
+    ) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ModelNotAllowed(RelayError):
+    def __init__(self, message: str, *, param: str | None = "model") -> None:
+        super().__init__(message, param=param)
 
 
 class LinkRefused(RelayError):
@@ -89,6 +100,12 @@ class PayloadTooLarge(RelayError):
 
 class InsufficientQuota(RelayError):
     pass
+
+
+class RateLimited(RelayError):
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ServiceUnavailable(RelayError):

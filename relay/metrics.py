@@ -83,5 +83,33 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Money, by model and kind of task only (never keys): what jobs paid, and what went back to their keys.
+        self.credits_captured = Counter(
+            "mj_relay_credits_captured",
+            "Credits captured (jobs that succeeded and paid their hold), by model and kind of task.",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        self.credits_released = Counter(
+            "mj_relay_credits_released",
+            "Credits released (holds of jobs that ended without success, given back), by model and kind of task.",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        self.holds_open = Gauge(
+            "mj_relay_holds_open",
+            "Jobs holding credits now (read from the database at each scrape: the same figure on every process).",
+            registry=self.registry,
+        )
+        self.credits_held = Gauge(
+            "mj_relay_credits_held",
+            "Credits held by running jobs now (read from the database at each scrape).",
+            registry=self.registry,
+        )
+
+    def settled(self, model: str, kind: str, captured: bool, amount: int) -> None:
+        """Count one job's capture or release."""
+        (self.credits_captured if captured else self.credits_released).labels(model, kind).inc(amount)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,12 +5,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RunningRelay, relay_config, running_relay
+from tests.helpers import RunningRelay, check_ledgers_after_test, relay_config, running_relay
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _ledger_balances() -> Iterator[None]:
+    """After every test, the ledger of each SQLite database a test configuration used must balance."""
+    yield
+    check_ledgers_after_test()
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp
 from relay.app import build_app
 from relay.config import Config
 from relay.server import RelayServer, ServeConfig
+from relay.store import ledger
 from relay.store.db import Database
 from relay.store.keys import KeyStore
 
@@ -62,15 +63,39 @@ async def _pg_admin(statement: str) -> None:
         await admin.close()
 
 
+async def ledger_breaks(url: str) -> list[str]:
+    """What `mj-relay ledger check` finds wrong in the database at `url` (nothing: []). A database the relay never
+    set up (no ledger yet) has nothing to check."""
+    db = Database(url, pool_size=1)
+    try:
+        async with db.engine.connect() as conn:
+            has_ledger = await conn.run_sync(lambda sync: sync.dialect.has_table(sync, "ledger"))
+        if not has_ledger:
+            return []
+        return (await ledger.check(db.engine)).breaks
+    finally:
+        await db.dispose()
+
+
+def assert_ledger_balances(url: str) -> None:
+    """Fail the test when the ledger of the database at `url` does not balance, naming every break."""
+    breaks = asyncio.run(ledger_breaks(url))
+    assert not breaks, "the ledger does not balance:\n  " + "\n  ".join(breaks)
+
+
 @asynccontextmanager
 async def pg_database() -> AsyncIterator[str]:
-    """A fresh, empty PostgreSQL database for one test, dropped afterwards; skips when none is configured."""
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards; skips when none is configured. A test
+    that ends well has its ledger checked before the database goes."""
     if not PG_URL:
         pytest.skip("set MJ_RELAY_TEST_PG_URL to run the PostgreSQL tests")
     name = "mjr_test_" + secrets.token_hex(6)
     await _pg_admin(f'CREATE DATABASE "{name}"')
+    url = PG_URL.rsplit("/", 1)[0] + "/" + name
     try:
-        yield PG_URL.rsplit("/", 1)[0] + "/" + name
+        yield url
+        breaks = await ledger_breaks(url)
+        assert not breaks, "the ledger does not balance:\n  " + "\n  ".join(breaks)
     finally:
         await _pg_admin(f'DROP DATABASE "{name}" WITH (FORCE)')
 
@@ -81,8 +106,10 @@ def pg_database_sync() -> Iterator[str]:
         pytest.skip("set MJ_RELAY_TEST_PG_URL to run the PostgreSQL tests")
     name = "mjr_test_" + secrets.token_hex(6)
     asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    url = PG_URL.rsplit("/", 1)[0] + "/" + name
     try:
-        yield PG_URL.rsplit("/", 1)[0] + "/" + name
+        yield url
+        assert_ledger_balances(url)
     finally:
         asyncio.run(_pg_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
@@ -119,8 +146,27 @@ def serve(app: ASGIApp, config: Config | None = None, sock: socket.socket | None
         sock.close()
 
 
+# The SQLite databases of the configurations made for the running test; their ledgers are checked after it
+# (`check_ledgers_after_test`, an autouse fixture in conftest). PostgreSQL ones are checked by `pg_database`.
+_CONFIGURED: list[Config] = []
+
+
+def check_ledgers_after_test() -> None:
+    """Check the ledger of every SQLite database the test's configurations used; forget them."""
+    configs, _CONFIGURED[:] = list(_CONFIGURED), []
+    seen: set[str] = set()
+    for config in configs:
+        url = config.database_url()
+        path = url.split(":///", 1)[1] if url.startswith("sqlite") and ":///" in url else ""
+        if url in seen or not path or not Path(path).exists():
+            continue
+        seen.add(url)
+        assert_ledger_balances(url)
+
+
 def relay_config(tmp_path: Path, **sections: Any) -> Config:
-    """A configuration for tests: everything under tmp_path, a quick simulator, fast polling."""
+    """A configuration for tests: everything under tmp_path, a quick simulator, fast polling. The ledger of its
+    database is checked after the test."""
     data: dict[str, Any] = {
         "data_dir": str(tmp_path / "data"),
         "providers": [
@@ -133,15 +179,19 @@ def relay_config(tmp_path: Path, **sections: Any) -> Config:
         "jobs": {"poll_interval_s": 0.05},
     }
     data.update(sections)
-    return Config.model_validate(data)
+    config = Config.model_validate(data)
+    _CONFIGURED.append(config)
+    return config
 
 
-def create_key(config: Config, quota: int = 1000, name: str = "test") -> str:
+def create_key(config: Config, quota: int = 1000, name: str = "test", **policies: Any) -> str:
+    """A key (with `models`, `rpm`, `expires_at` when given); returns its secret."""
+
     async def run() -> str:
         db = Database(config.database_url())
         try:
             await db.migrate()
-            _, secret = await KeyStore(db.engine).create(name, quota, time.time())
+            _, secret = await KeyStore(db.engine).create(name, quota, time.time(), **policies)
             return secret
         finally:
             await db.dispose()
@@ -200,6 +250,8 @@ class RunningRelay:
 def running_relay(
     config: Config, quota: int = 1000, sock: socket.socket | None = None, **kwargs: Any
 ) -> Iterator[RunningRelay]:
+    """A relay serving `config` on a loopback port, with a key of `quota` credits named `test`. When the block ends
+    well, the relay stops and its ledger must balance (`mj-relay ledger check`), or the test fails."""
     key = create_key(config, quota)
     with serve(build_app(config, **kwargs), sock=sock) as base:
         relay = RunningRelay(base, config, key)
@@ -208,3 +260,4 @@ def running_relay(
         finally:
             for client in relay.clients:
                 client.close()
+    assert_ledger_balances(config.database_url())

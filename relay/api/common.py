@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from cachetools import TTLCache
@@ -30,7 +32,8 @@ Text = Annotated[StrictStr, AfterValidator(check_storable)]
 # How deeply a JSON body may nest; real requests need a handful of levels.
 MAX_JSON_DEPTH = 32
 
-# How long a looked-up key (or a miss) is remembered; a revocation takes effect within this time.
+# How long a looked-up key (or a miss) is remembered; a revocation or a change of policy takes effect within this
+# time (a hold itself always checks revocation and expiry in the database).
 KEY_CACHE_TTL_S = 5.0
 
 
@@ -45,14 +48,16 @@ def base_url(request: Request) -> str:
 
 
 class Authenticator:
-    def __init__(self, keys: KeyStore) -> None:
+    def __init__(self, keys: KeyStore, now: Callable[[], float] = time.time) -> None:
         self.keys = keys
+        self.now = now
         self._cache: TTLCache[str, KeyRecord | None] = TTLCache(maxsize=10_000, ttl=KEY_CACHE_TTL_S)
         self._lookups: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
     async def __call__(self, request: Request, *, native: bool = False) -> KeyRecord:
         """The caller's key: `Authorization: Bearer KEY`; on the native surface also `mj-api-secret: KEY` or a bare
-        `Authorization: KEY`, as midjourney-proxy clients send it."""
+        `Authorization: KEY`, as midjourney-proxy clients send it. A revoked or expired key is refused (401); the
+        key's other policies (models, requests per minute) are enforced where work is admitted (`core.submit`)."""
         token = _token(request, native)
         if not token:
             hint = "'Authorization: Bearer YOUR_KEY'" + (" or 'mj-api-secret: YOUR_KEY'" if native else "")
@@ -63,6 +68,8 @@ class Authenticator:
             raise AuthenticationFailed("Incorrect API key provided.")
         if record.revoked:
             raise AuthenticationFailed("This API key has been revoked.", reason="revoked")
+        if record.expired(self.now()):
+            raise AuthenticationFailed("This API key has expired.", reason="expired")
         return record
 
     async def _lookup(self, digest: str, token: str) -> KeyRecord | None:

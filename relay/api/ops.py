@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from relay.api.common import relay_of
+from relay.store.ledger import open_holds
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -28,4 +31,9 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(relay_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    relay = relay_of(request)
+    with contextlib.suppress(Exception):  # a database that does not answer leaves the last figures
+        count, credits = await open_holds(relay.db.engine)
+        relay.metrics.holds_open.set(count)
+        relay.metrics.credits_held.set(credits)
+    return Response(relay.metrics.render(), media_type=CONTENT_TYPE_LATEST)

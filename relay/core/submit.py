@@ -26,7 +26,14 @@ from relay.core.lifecycle import Lifecycle, Tracked
 from relay.core.providers import ProviderPool
 from relay.core.router import rank
 from relay.domain import FailureCode, JobState, ResultShape
-from relay.errors import AuthenticationFailed, InsufficientQuota, InternalError, RelayError
+from relay.errors import (
+    AuthenticationFailed,
+    InsufficientQuota,
+    InternalError,
+    ModelNotAllowed,
+    RateLimited,
+    RelayError,
+)
 from relay.logs import event
 from relay.store.jobs import Admission, JobRow, JobStore, NewJob, Submitted
 from relay.store.keys import KeyRecord, KeyStore
@@ -101,7 +108,20 @@ class Submitter:
         return job_id in self._submitting
 
     async def admit(self, key: KeyRecord, jobs: list[NewJob]) -> None:
-        """Hold the price of every job and insert them, or raise (quota short, key revoked) having changed nothing."""
+        """Hold the price of every job and insert them, or raise having held nothing: a model the key may not use
+        (403), over the key's requests per minute (429 with Retry-After; counted in the database, so across relay
+        processes), quota short (429), key revoked or expired (401)."""
+        for job in jobs:
+            if not key.allows(job.model):
+                raise ModelNotAllowed(f"This API key may not use the model {job.model!r}.")
+        if key.rpm is not None:
+            wait = await self.keys.take_rate(key.id, self.clock.now())
+            if wait is not None:
+                raise RateLimited(
+                    f"Rate limit reached: this API key may make {key.rpm} requests a minute. "
+                    f"Try again in {int(wait)} s.",
+                    retry_after=int(wait),
+                )
         if not await self._admit(Admission(key.id, tuple(jobs))):
             raise await self.refusal(key, sum(job.price for job in jobs))
 
@@ -109,6 +129,8 @@ class Submitter:
         current = await self.keys.get(key.id)
         if current is None or current.revoked:
             return AuthenticationFailed("This API key has been revoked.", reason="revoked")
+        if current.expired(self.clock.now()):
+            return AuthenticationFailed("This API key has expired.", reason="expired")
         return InsufficientQuota(
             f"You exceeded your current quota: this request needs {needed} credits "
             f"and the key has {max(0, current.available)} available."

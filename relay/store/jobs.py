@@ -8,8 +8,9 @@ caller does nothing.
 Money rides on the same statements. `open` holds the price of every job of a request with one conditional UPDATE of
 the key (`held = held + :total WHERE balance - held >= :total`, never read-then-write) in the transaction that
 inserts the jobs. `finish` moves a job to its end and, in the same transaction, captures its hold (success) or
-releases it (any other end); the job's own guard makes each happen at most once. This is the seam where a ledger
-of every movement is appended.
+releases it (any other end); the job's own guard makes each happen at most once. Each movement is also a ledger row
+(`store.ledger`) written in the same transaction, set-based: one executemany of the holds a batch admitted, one of
+the captures and releases a batch of endings made (only for the jobs the guarded UPDATE actually ended).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from relay.domain import ACTIVE_STATES as ACTIVE
 from relay.domain import RUNNING_STATES as RUNNING
 from relay.domain import TASKS, JobState, TaskKind, TaskSpec
 from relay.store.db import transaction
-from relay.store.tables import jobs, keys
+from relay.store.ledger import entry
+from relay.store.tables import jobs, keys, ledger
 
 __all__ = [
     "ACTIVE",
@@ -172,7 +174,7 @@ class JobStore:
 
     async def open_many(self, admissions: Sequence[Admission], now: float) -> list[bool]:
         """Admit requests in one transaction: for each, hold the price of all its jobs and insert them, or (False)
-        change nothing when the key's available balance is short or the key is revoked.
+        change nothing when the key's available balance is short, or the key is revoked or expired.
 
         Every hold is one conditional UPDATE (`held = held + :p WHERE balance - held >= :p`), never read-then-write.
         The requests of one key are first tried as one hold of their total; only when that does not fit is each
@@ -187,7 +189,12 @@ class JobStore:
             async def hold(key_id: str, amount: int) -> bool:
                 result = await conn.execute(
                     update(keys)
-                    .where(keys.c.id == key_id, keys.c.revoked_at.is_(None), keys.c.balance - keys.c.held >= amount)
+                    .where(
+                        keys.c.id == key_id,
+                        keys.c.revoked_at.is_(None),
+                        or_(keys.c.expires_at.is_(None), keys.c.expires_at > now),
+                        keys.c.balance - keys.c.held >= amount,
+                    )
                     .values(held=keys.c.held + amount)
                 )
                 return bool(result.rowcount == 1)
@@ -229,6 +236,13 @@ class JobStore:
             ]
             if rows:
                 await conn.execute(jobs.insert(), rows)
+                holds = [
+                    entry("hold", admission.key_id, job.price, now, job_id=job.id, model=job.model, action=job.action)
+                    for admission, ok in zip(admissions, admitted, strict=True)
+                    if ok
+                    for job in admission.jobs
+                ]
+                await conn.execute(ledger.insert(), holds)
             return admitted
 
         return await transaction(self.engine, work)
@@ -427,6 +441,20 @@ class JobStore:
             settle: dict[str, list[int]] = {}  # key -> [captured, released]
             for row in ended.values():
                 settle.setdefault(row.key_id, [0, 0])[0 if row.hold_state == "captured" else 1] += int(row.price)
+            if ended:  # only the jobs this transaction ended: the guard above makes each outcome happen once
+                outcomes = [
+                    entry(
+                        "capture" if row.hold_state == "captured" else "release",
+                        row.key_id,
+                        int(row.price),
+                        now,
+                        job_id=row.id,
+                        model=row.model,
+                        action=row.action,
+                    )
+                    for row in ended.values()
+                ]
+                await conn.execute(ledger.insert(), outcomes)
             for key_id, (captured, released) in sorted(settle.items()):  # the same key order as admissions
                 if captured or released:
                     await conn.execute(

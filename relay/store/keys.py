@@ -3,23 +3,60 @@ a fast hash is enough) and a short prefix to recognise it by in listings.
 
 Each key also has a hook secret (`whsec_...`), which signs the task updates the relay sends to the key's client
 hooks. The relay must know it to sign, so it is stored as it is; it grants nothing but the ability to check that a
-delivery came from the relay."""
+delivery came from the relay.
+
+A key's policies: the models it may use (None: all), how many requests that start work it may make a minute (None:
+no limit; counted in the database, so the limit holds across relay processes), and when it expires (None: never).
+Credits move only with a ledger row written in the same transaction (`store.ledger`): a key's initial quota and
+every top-up is a `topup`, an operator's correction an `adjust`."""
 
 from __future__ import annotations
 
+import enum
 import hashlib
+import json
+import math
 import secrets
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import case, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from relay.store.tables import keys
+from relay.store.db import transaction
+from relay.store.ledger import entry
+from relay.store.tables import keys, ledger
 
 KEY_PREFIX = "sk-mjr-"
 HOOK_SECRET_PREFIX = "whsec_"
+
+# Bounds on what an operator (or the admin API, on an operator's word) may set.
+MAX_CREDITS = 10**12
+MAX_NAME = 200
+MAX_MODELS = 100
+MAX_MODEL_NAME = 64
+MAX_NOTE = 1000
+MAX_RPM = 1_000_000
+RATE_WINDOW_S = 60.0
+
+
+class KeyNotFound(LookupError):
+    """No key has this id (or, for a name, no live key has it)."""
+
+
+class AmbiguousKey(LookupError):
+    """Several live keys have this name: use the key's id."""
+
+
+class Unset(enum.Enum):
+    """A policy `update` leaves as it is (None is a value: all models, no limit, never expires)."""
+
+    UNSET = 0
+
+
+UNSET = Unset.UNSET
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +69,9 @@ class KeyRecord:
     created_at: float
     revoked_at: float | None
     hook_secret: str = ""
+    models: tuple[str, ...] | None = None
+    rpm: int | None = None
+    expires_at: float | None = None
 
     @property
     def available(self) -> int:
@@ -41,9 +81,30 @@ class KeyRecord:
     def revoked(self) -> bool:
         return self.revoked_at is not None
 
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def status(self, now: float) -> Literal["active", "revoked", "expired"]:
+        if self.revoked:
+            return "revoked"
+        return "expired" if self.expired(now) else "active"
+
 
 def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _models_of(stored: str | None) -> tuple[str, ...] | None:
+    if stored is None:
+        return None
+    try:
+        value = json.loads(stored)
+    except ValueError:
+        return ()  # unreadable: allows nothing rather than everything
+    return tuple(m for m in value if isinstance(m, str)) if isinstance(value, list) else ()
 
 
 def _record(row: Any) -> KeyRecord:
@@ -56,18 +117,93 @@ def _record(row: Any) -> KeyRecord:
         created_at=float(row.created_at),
         revoked_at=row.revoked_at,
         hook_secret=row.hook_secret,
+        models=_models_of(row.models),
+        rpm=None if row.rpm is None else int(row.rpm),
+        expires_at=None if row.expires_at is None else float(row.expires_at),
     )
+
+
+# -- checking what an operator gives -----------------------------------------------------------------------------
+
+
+def _text(value: object, what: str, limit: int, *, empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be text")
+    if not empty and not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    if len(value) > limit:
+        raise ValueError(f"{what} is longer than {limit} characters")
+    if "\x00" in value or any("\ud800" <= char <= "\udfff" for char in value):
+        raise ValueError(f"{what} contains characters a database cannot store")
+    return value
+
+
+def check_name(name: object) -> str:
+    return _text(name, "name", MAX_NAME).strip()
+
+
+def check_models(models: Iterable[object] | None) -> tuple[str, ...] | None:
+    """None (every model) or the distinct model names, in order."""
+    if models is None:
+        return None
+    if isinstance(models, str | bytes):
+        raise ValueError("models must be a list of model names")
+    names = tuple(dict.fromkeys(_text(m, "a model name", MAX_MODEL_NAME).strip() for m in models))
+    if len(names) > MAX_MODELS:
+        raise ValueError(f"at most {MAX_MODELS} models")
+    return names
+
+
+def check_rpm(rpm: object) -> int | None:
+    if rpm is None:
+        return None
+    if isinstance(rpm, bool) or not isinstance(rpm, int) or not 1 <= rpm <= MAX_RPM:
+        raise ValueError(f"rpm must be a whole number from 1 to {MAX_RPM}, or none")
+    return rpm
+
+
+def check_expiry(expires_at: object) -> float | None:
+    if expires_at is None:
+        return None
+    if isinstance(expires_at, bool) or not isinstance(expires_at, int | float) or not math.isfinite(expires_at):
+        raise ValueError("expires_at must be a time (unix seconds), or none")
+    if not 0 <= expires_at < 1e11:
+        raise ValueError("expires_at is out of range")
+    return float(expires_at)
+
+
+def check_credits(amount: object, what: str, *, lowest: int) -> int:
+    if isinstance(amount, bool) or not isinstance(amount, int) or not lowest <= amount <= MAX_CREDITS:
+        raise ValueError(f"{what} must be a whole number of credits from {lowest} to {MAX_CREDITS}")
+    return amount
+
+
+def _models_value(models: tuple[str, ...] | None) -> str | None:
+    return None if models is None else json.dumps(list(models))
 
 
 class KeyStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    async def create(self, name: str, quota: int, now: float) -> tuple[KeyRecord, str]:
-        """A new key with `quota` credits; returns the record and the secret, which is never stored."""
+    async def create(
+        self,
+        name: str,
+        quota: int,
+        now: float,
+        *,
+        models: Sequence[str] | None = None,
+        rpm: int | None = None,
+        expires_at: float | None = None,
+    ) -> tuple[KeyRecord, str]:
+        """A new key with `quota` credits (a `topup` in the ledger, in the same transaction); returns the record and
+        the secret, which is never stored. Raises ValueError for a value out of bounds."""
+        name = check_name(name)
+        quota = check_credits(quota, "quota", lowest=0)
+        allowed = check_models(models)
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(6)
-        values = {
+        values: dict[str, Any] = {
             "id": key_id,
             "name": name,
             "key_hash": hash_key(secret),
@@ -77,9 +213,16 @@ class KeyStore:
             "created_at": now,
             "revoked_at": None,
             "hook_secret": HOOK_SECRET_PREFIX + secrets.token_urlsafe(32),
+            "models": _models_value(allowed),
+            "rpm": check_rpm(rpm),
+            "expires_at": check_expiry(expires_at),
         }
-        async with self.engine.begin() as conn:
+
+        async def work(conn: AsyncConnection) -> None:
             await conn.execute(keys.insert().values(**values))
+            await conn.execute(ledger.insert(), [entry("topup", key_id, quota, now, note="initial quota")])
+
+        await transaction(self.engine, work)
         return _record(SimpleNamespace(**values)), secret
 
     async def by_secret(self, secret: str) -> KeyRecord | None:
@@ -92,9 +235,14 @@ class KeyStore:
             row = (await conn.execute(select(keys).where(keys.c.id == key_id))).first()
         return _record(row) if row is not None else None
 
+    async def find(self, id_or_name: str) -> KeyRecord:
+        """The key with this id, else the one live key with this name (KeyNotFound, AmbiguousKey)."""
+        async with self.engine.connect() as conn:
+            return _record(await _resolve(conn, id_or_name))
+
     async def list(self) -> list[KeyRecord]:
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(select(keys).order_by(keys.c.created_at))).all()
+            rows = (await conn.execute(select(keys).order_by(keys.c.created_at, keys.c.id))).all()
         return [_record(row) for row in rows]
 
     async def revoke(self, id_or_name: str, now: float) -> int:
@@ -106,3 +254,106 @@ class KeyStore:
                 .values(revoked_at=now)
             )
         return int(result.rowcount)
+
+    async def topup(self, id_or_name: str, amount: int, now: float, note: str = "") -> KeyRecord:
+        """Add credits to a key (its id, or the name of one live key), with a `topup` row in the same transaction."""
+        amount = check_credits(amount, "amount", lowest=1)
+        note = _text(note, "note", MAX_NOTE, empty=True)
+        return await self._move("topup", id_or_name, amount, now, note)
+
+    async def adjust(self, id_or_name: str, amount: int, now: float, note: str = "") -> KeyRecord:
+        """Correct a key's balance by `amount` (negative takes credits away, never below what it holds), with an
+        `adjust` row in the same transaction."""
+        if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < abs(amount) <= MAX_CREDITS:
+            raise ValueError(f"amount must be a whole number of credits, not 0, at most {MAX_CREDITS} either way")
+        note = _text(note, "note", MAX_NOTE, empty=True)
+        return await self._move("adjust", id_or_name, amount, now, note)
+
+    async def _move(
+        self, kind: Literal["topup", "adjust"], id_or_name: str, amount: int, now: float, note: str
+    ) -> KeyRecord:
+        async def work(conn: AsyncConnection) -> KeyRecord:
+            row = await _resolve(conn, id_or_name)
+            result = await conn.execute(
+                update(keys)
+                .where(keys.c.id == row.id, keys.c.balance + amount >= keys.c.held)
+                .values(balance=keys.c.balance + amount)
+                .returning(*keys.c)
+            )
+            changed = result.first()
+            if changed is None:
+                raise ValueError("the key's balance cannot go below what it holds")
+            await conn.execute(ledger.insert(), [entry(kind, row.id, amount, now, note=note or None)])
+            return _record(changed)
+
+        return await transaction(self.engine, work)
+
+    async def update(
+        self,
+        id_or_name: str,
+        now: float,
+        *,
+        name: str | Unset = UNSET,
+        models: Sequence[str] | None | Unset = UNSET,
+        rpm: int | None | Unset = UNSET,
+        expires_at: float | None | Unset = UNSET,
+    ) -> KeyRecord:
+        """Change a key's name or policies; what is not given stays. `now` is when the change was made."""
+        values: dict[str, Any] = {}
+        if not isinstance(name, Unset):
+            values["name"] = check_name(name)
+        if not isinstance(models, Unset):
+            values["models"] = _models_value(check_models(models))
+        if not isinstance(rpm, Unset):
+            values["rpm"] = check_rpm(rpm)
+        if not isinstance(expires_at, Unset):
+            values["expires_at"] = check_expiry(expires_at)
+
+        async def work(conn: AsyncConnection) -> KeyRecord:
+            row = await _resolve(conn, id_or_name)
+            if not values:
+                return _record(row)
+            changed = (
+                await conn.execute(update(keys).where(keys.c.id == row.id).values(**values).returning(*keys.c))
+            ).one()
+            return _record(changed)
+
+        return await transaction(self.engine, work)
+
+    async def take_rate(self, key_id: str, now: float) -> float | None:
+        """Count one request that starts work against the key's requests-per-minute limit, in one conditional
+        UPDATE (windows are whole minutes, shared by every relay process on the database). None when it fits (or
+        the key has no limit); else the seconds until the next window opens, having counted nothing."""
+        window = math.floor(now / RATE_WINDOW_S) * RATE_WINDOW_S
+        fresh = keys.c.rate_window < window
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(keys)
+                .where(
+                    keys.c.id == key_id,
+                    or_(keys.c.rpm.is_(None), fresh, keys.c.rate_count < keys.c.rpm),
+                )
+                .values(
+                    rate_count=case((fresh, 1), else_=keys.c.rate_count + 1),
+                    rate_window=case((fresh, window), else_=keys.c.rate_window),
+                )
+            )
+        if result.rowcount == 1:
+            return None
+        return max(1.0, math.ceil(window + RATE_WINDOW_S - now))
+
+
+async def _resolve(conn: AsyncConnection, id_or_name: str) -> Any:
+    if not isinstance(id_or_name, str) or not id_or_name:
+        raise KeyNotFound("no key given")
+    row = (await conn.execute(select(keys).where(keys.c.id == id_or_name))).first()
+    if row is not None:
+        return row
+    rows = (
+        await conn.execute(select(keys).where(keys.c.name == id_or_name, keys.c.revoked_at.is_(None)).limit(2))
+    ).all()
+    if not rows:
+        raise KeyNotFound(f"no key with id or name {id_or_name!r}")
+    if len(rows) > 1:
+        raise AmbiguousKey(f"several keys are named {id_or_name!r}: use the key's id")
+    return rows[0]

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text, text
 
 metadata = MetaData()
 
@@ -19,6 +19,14 @@ keys = Table(
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float, nullable=True),
     Column("hook_secret", String(64), nullable=False),
+    # Policies (`store.keys`): the models the key may use (a JSON list; null: all), requests that start work per
+    # minute (null: no limit), when it stops working (null: never).
+    Column("models", Text, nullable=True),
+    Column("rpm", Integer, nullable=True),
+    Column("expires_at", Float, nullable=True),
+    # The key's current rate window (its start, a whole minute) and the requests counted in it.
+    Column("rate_window", Float, nullable=False, server_default="0"),
+    Column("rate_count", Integer, nullable=False, server_default="0"),
 )
 
 jobs = Table(
@@ -89,4 +97,31 @@ provider_health = Table(
     Column("reason", Text, nullable=False),
     Column("process", String(200), nullable=False),
     Column("updated_at", Float, nullable=False),
+)
+
+# Every movement of credits, appended in the transaction that makes it and never changed (`store.ledger`).
+LEDGER_KINDS = ("topup", "hold", "capture", "release", "adjust")
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("kind", String(8), nullable=False),
+    Column("key_id", String(32), ForeignKey("keys.id"), nullable=False),
+    Column("job_id", String(40), nullable=True),
+    Column("amount", BigInteger, nullable=False),
+    Column("model", String(64), nullable=True),
+    Column("action", String(32), nullable=True),
+    Column("note", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Index("ix_ledger_key_created", "key_id", "created_at"),
+    Index("ix_ledger_job", "job_id"),
+    Index("ix_ledger_created", "created_at"),
+    # A job has at most one outcome: the database itself refuses a second capture or release.
+    Index(
+        "ux_ledger_outcome",
+        "job_id",
+        unique=True,
+        sqlite_where=text("kind IN ('capture', 'release')"),
+        postgresql_where=text("kind IN ('capture', 'release')"),
+    ),
 )

@@ -130,6 +130,14 @@ def test_a_job_whose_submit_was_never_written_down_is_adopted_by_its_hook(tmp_pa
             now + 600,
         )
         sql(config, "UPDATE keys SET held = held + 2 WHERE id = ?", key_id)
+        sql(  # the hold's ledger row, written with it
+            config,
+            "INSERT INTO ledger (kind, key_id, job_id, amount, model, action, created_at) "
+            "VALUES ('hold', ?, ?, 2, 'mj-fast', 'imagine', ?)",
+            key_id,
+            job_id,
+            now,
+        )
         # The relay "stopped" between the upstream taking the task and writing it down: the upstream has it.
         hook = f"{config.server.public_url}/hooks/up/{hook_token(SIGNING, 'up')}"
         taken = httpx.post(

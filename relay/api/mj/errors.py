@@ -17,8 +17,10 @@ from relay.errors import (
     InvalidRequest,
     JobFailed,
     MethodNotAllowed,
+    ModelNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     RelayError,
     ServiceUnavailable,
 )
@@ -42,11 +44,11 @@ def code_of(error: RelayError) -> int:
         return NOT_FOUND
     if isinstance(error, InsufficientQuota):
         return QUOTA
-    if isinstance(error, ServiceUnavailable):
+    if isinstance(error, ServiceUnavailable | RateLimited):
         return BUSY
     if isinstance(error, JobFailed):
         return _JOB_CODES.get(error.code, FAILURE)
-    if isinstance(error, InvalidRequest | AuthenticationFailed | MethodNotAllowed | PayloadTooLarge):
+    if isinstance(error, InvalidRequest | AuthenticationFailed | ModelNotAllowed | MethodNotAllowed | PayloadTooLarge):
         return VALIDATION
     return FAILURE
 

@@ -20,14 +20,21 @@ from relay.errors import (
     JobFailed,
     LinkRefused,
     MethodNotAllowed,
+    ModelNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     RelayError,
     ServiceUnavailable,
     UpstreamFailed,
 )
 
-_AUTH_CODES = {"missing": "missing_api_key", "invalid": "invalid_api_key", "revoked": "key_revoked"}
+_AUTH_CODES = {
+    "missing": "missing_api_key",
+    "invalid": "invalid_api_key",
+    "revoked": "key_revoked",
+    "expired": "key_expired",
+}
 
 # How each job failure is shown: status, type, code.
 _JOB: dict[FailureCode, tuple[int, str, str]] = {
@@ -58,6 +65,8 @@ def _classify(error: RelayError) -> tuple[int, str, str]:
         return 400, "invalid_request_error", "invalid_request"
     if isinstance(error, AuthenticationFailed):
         return 401, "invalid_request_error", _AUTH_CODES[error.reason]
+    if isinstance(error, ModelNotAllowed):
+        return 403, "invalid_request_error", "model_not_allowed"
     if isinstance(error, LinkRefused):
         return 403, "invalid_request_error", "invalid_signature"
     if isinstance(error, NotFound):
@@ -68,6 +77,8 @@ def _classify(error: RelayError) -> tuple[int, str, str]:
         return 413, "invalid_request_error", "request_too_large"
     if isinstance(error, InsufficientQuota):
         return 429, "insufficient_quota", "insufficient_quota"
+    if isinstance(error, RateLimited):
+        return 429, "requests", "rate_limit_exceeded"
     if isinstance(error, ServiceUnavailable):
         return 503, "server_error", "service_unavailable"
     if isinstance(error, UpstreamFailed):
@@ -82,12 +93,13 @@ def render(error: RelayError) -> Rendered:
     headers: dict[str, str] = {}
     if isinstance(error, MethodNotAllowed) and error.allow:
         headers["allow"] = error.allow
-    retry_after = error.retry_after if isinstance(error, ServiceUnavailable) else None
+    retry_after = error.retry_after if isinstance(error, ServiceUnavailable | RateLimited) else None
     if isinstance(error, JobFailed) and error.code is FailureCode.UNAVAILABLE:
         retry_after = 10
     if retry_after is not None:
         headers["retry-after"] = str(retry_after)
-    no_retry = status < 500 or status in (500, 504)
+    # A rate limit is the one 4xx a retry fixes (after `Retry-After`): the SDKs may retry it.
+    no_retry = (status < 500 and not isinstance(error, RateLimited)) or status in (500, 504)
     if no_retry or (isinstance(error, JobFailed) and error.code in _NO_RETRY_JOBS):
         headers["x-should-retry"] = "false"
     body = {"error": {"message": error.message, "type": type_, "param": error.param, "code": code}}

@@ -1,0 +1,68 @@
+"""`mj-relay keys ...` and `mj-relay ledger check|export` as an operator runs them, on a fresh working directory."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sqlite3
+from pathlib import Path
+
+from tests.cli.test_cli import cli
+
+
+def _config(tmp_path: Path) -> Path:
+    # Written by hand (not `relay_config`): this test breaks its ledger on purpose.
+    path = tmp_path / "relay.yaml"
+    path.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    return path
+
+
+def test_keys_commands_and_a_corrupted_ledger_fails_the_check(tmp_path: Path) -> None:
+    config = str(_config(tmp_path))
+    made = cli(
+        tmp_path,
+        "--config",
+        config,
+        "keys",
+        "create",
+        "--name",
+        "shop",
+        "--quota",
+        "50",
+        "--models",
+        "mj-fast,mj-relax",
+        "--rpm",
+        "30",
+        "--expires",
+        "2999-01-01",
+    )
+    assert made.returncode == 0, made.stderr
+    assert cli(tmp_path, "--config", config, "keys", "topup", "shop", "25", "--note", "invoice 7").returncode == 0
+    assert (
+        cli(tmp_path, "--config", config, "keys", "adjust", "shop", "-5", "--note", "goodwill undone").returncode == 0
+    )
+    updated = cli(tmp_path, "--config", config, "keys", "update", "shop", "--rpm", "none", "--models", "all")
+    assert "models all, rate no limit, expires 2999-01-01 00:00" in updated.stdout, updated.stderr
+    listed = cli(tmp_path, "--config", config, "keys", "list").stdout
+    assert " 70 " in listed and "active" in listed and "2999-01-01" in listed
+    refused = cli(tmp_path, "--config", config, "keys", "update", "shop", "--models", "gpt-4")
+    assert refused.returncode == 2 and "unknown model gpt-4" in refused.stderr
+    assert cli(tmp_path, "--config", config, "keys", "topup", "nobody", "5").returncode == 1
+
+    checked = cli(tmp_path, "--config", config, "ledger", "check")
+    assert checked.returncode == 0 and checked.stdout.startswith("ledger ok: 1 keys, 0 jobs, 3 ledger rows")
+    exported = cli(tmp_path, "--config", config, "ledger", "export", "--key", "shop")
+    rows = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert [(r["kind"], r["amount"], r["note"]) for r in rows] == [
+        ("topup", "50", "initial quota"),
+        ("topup", "25", "invoice 7"),
+        ("adjust", "-5", "goodwill undone"),
+    ]
+
+    with sqlite3.connect(tmp_path / "data" / "mj-relay.db") as db:
+        db.execute("UPDATE keys SET balance = balance + 1000, held = 3")  # credits no ledger row explains
+    broken = cli(tmp_path, "--config", config, "ledger", "check")
+    assert broken.returncode == 1
+    assert "2 breaks" in broken.stdout
+    assert "balance 1070 but top-ups 75 - captures 0 + adjustments -5 = 70" in broken.stdout
+    assert "held 3 but its open holds are 0" in broken.stdout

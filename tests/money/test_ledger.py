@@ -1,0 +1,272 @@
+"""The ledger and key store on both databases: every movement has its row, `check` finds each kind of break, an
+upgraded database balances, and hostile values are refused."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+
+from relay.store import ledger
+from relay.store.db import MIGRATIONS, Database
+from relay.store.jobs import Ending, JobStore, NewJob
+from relay.store.keys import UNSET, AmbiguousKey, KeyNotFound, KeyStore
+from tests.helpers import pg_database
+
+pytestmark = pytest.mark.anyio
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    async with AsyncExitStack() as stack:
+        if request.param == "postgres":
+            url = await stack.enter_async_context(pg_database())
+        else:
+            url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+        database = Database(url, pool_size=5)
+        stack.push_async_callback(database.dispose)
+        await database.migrate()
+        yield database
+
+
+def job(job_id: str, price: int = 2, model: str = "mj-fast") -> NewJob:
+    return NewJob(job_id, "req", model, "fast", "MID_JOURNEY", "imagine", "p", price, NOW + 600)
+
+
+async def breaks(db: Database) -> list[str]:
+    return (await ledger.check(db.engine)).breaks
+
+
+async def run_sql(db: Database, *statements: str) -> None:
+    async with db.engine.begin() as conn:
+        for statement in statements:
+            await conn.execute(text(statement))
+
+
+async def test_every_movement_has_its_row_and_the_ledger_balances(db: Database) -> None:
+    keys, store = KeyStore(db.engine), JobStore(db.engine)
+    record, _ = await keys.create("team", 20, NOW)
+    assert await store.open(record.id, [job("j1"), job("j2")], NOW)
+    assert await store.open(record.id, [job("j3", 3)], NOW)
+    ended = await store.finish_many([Ending("j1", True), Ending("j2", False), Ending("j1", False)], NOW + 1)
+    assert [row is not None for row in ended] == [True, True, False]  # the second ending of j1 settles nothing
+    await keys.topup("team", 10, NOW + 2, note="march")
+    await keys.adjust(record.id, -4, NOW + 3, note="refund reversed")
+    rows = await ledger.export_rows(db.engine)
+    assert [(r.kind, r.job_id, r.amount) for r in rows] == [
+        ("topup", None, 20),
+        ("hold", "j1", 2),
+        ("hold", "j2", 2),
+        ("hold", "j3", 3),
+        ("capture", "j1", 2),
+        ("release", "j2", 2),
+        ("topup", None, 10),
+        ("adjust", None, -4),
+    ]
+    key = await keys.get(record.id)
+    assert key is not None and (key.balance, key.held) == (20 - 2 + 10 - 4, 3)
+    report = await ledger.check(db.engine)
+    assert report.ok and (report.keys, report.jobs, report.rows) == (1, 3, 8)
+    assert await ledger.export_rows(db.engine, key_id="nobody") == []
+    assert len(await ledger.export_rows(db.engine, since=NOW + 2)) == 2
+    (use,) = await ledger.usage(db.engine)
+    assert (use.model, use.action, use.jobs, use.credits, use.released_jobs, use.released_credits) == (
+        "mj-fast",
+        "imagine",
+        1,
+        2,
+        1,
+        2,
+    )
+    assert await ledger.open_holds(db.engine) == (1, 3)
+
+
+async def test_concurrent_admissions_and_endings_keep_it_balanced(db: Database) -> None:
+    record, _ = await KeyStore(db.engine).create("k", 30, NOW)
+    store = JobStore(db.engine)
+    admitted = await asyncio.gather(*(store.open(record.id, [job(f"j{i}")], NOW) for i in range(40)))
+    assert admitted.count(True) == 15
+    ids = [f"j{i}" for i, ok in enumerate(admitted) if ok]
+    await asyncio.gather(*(store.finish(i, succeeded=n % 3 == 0, now=NOW) for n, i in enumerate(ids)))
+    await asyncio.gather(*(store.finish(i, succeeded=True, now=NOW) for i in ids))  # all too late
+    assert await breaks(db) == []
+
+
+async def test_the_check_names_every_kind_of_break(db: Database) -> None:
+    keys, store = KeyStore(db.engine), JobStore(db.engine)
+    record, _ = await keys.create("team", 20, NOW)
+    for name in ("a", "b", "c", "d"):
+        assert await store.open(record.id, [job(name)], NOW)
+    await store.finish_many([Ending("a", True), Ending("b", False)], NOW)
+    assert await breaks(db) == []
+    await run_sql(
+        db,
+        "UPDATE keys SET balance = balance + 5",  # credits from nowhere
+        "DELETE FROM ledger WHERE job_id = 'c'",  # a hold never written down
+        "UPDATE jobs SET hold_state = 'captured' WHERE id = 'd'",  # the job and the ledger disagree
+    )
+    found = await breaks(db)
+    assert any("balance 23 but top-ups 20 - captures 2 + adjustments 0 = 18" in b for b in found), found
+    assert any("held 4 but its open holds are 2" in b for b in found), found
+    assert any(b.startswith("job c ") and "no ledger rows" in b for b in found), found
+    assert any(b.startswith("job d ") and "says captured but the ledger's outcome is none" in b for b in found), found
+    assert len(found) == 4
+    await run_sql(  # put it right: the check passes again
+        db,
+        "UPDATE keys SET balance = balance - 5",
+        f"INSERT INTO ledger (kind, key_id, job_id, amount, created_at) VALUES ('hold', '{record.id}', 'c', 2, 0)",
+        "UPDATE jobs SET hold_state = 'held' WHERE id = 'd'",
+    )
+    assert await breaks(db) == []
+
+
+async def test_a_job_with_two_outcomes_is_refused_by_the_database_and_named_by_the_check(db: Database) -> None:
+    record, _ = await KeyStore(db.engine).create("team", 20, NOW)
+    store = JobStore(db.engine)
+    assert await store.open(record.id, [job("a")], NOW)
+    await store.finish("a", succeeded=True, now=NOW)
+    second = (
+        f"INSERT INTO ledger (kind, key_id, job_id, amount, created_at) VALUES ('release', '{record.id}', 'a', 2, 0)"
+    )
+    with pytest.raises(IntegrityError):
+        await run_sql(db, second)
+    await run_sql(db, "DROP INDEX ux_ledger_outcome", second)  # past the database's own guard
+    found = await breaks(db)
+    assert any(b.startswith("job a ") and "2 outcomes (1 captures, 1 releases)" in b for b in found), found
+    await run_sql(db, "DELETE FROM ledger WHERE kind = 'release'")
+    assert await breaks(db) == []
+
+
+async def test_an_upgraded_database_balances(tmp_path: Path) -> None:
+    """Keys and jobs made before the ledger existed get the rows that explain them."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    database = Database(url)
+
+    def upgrade_to(revision: str) -> object:
+        def run(connection: object) -> None:
+            config = AlembicConfig()
+            config.set_main_option("script_location", str(MIGRATIONS))
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+
+        return run
+
+    try:
+        async with database.engine.begin() as conn:
+            await conn.run_sync(upgrade_to("0004"))  # type: ignore[arg-type]
+            await conn.execute(
+                text(
+                    "INSERT INTO keys (id, name, key_hash, prefix, balance, held, created_at, hook_secret) "
+                    "VALUES ('key_old', 'old', 'h', 'sk-mjr-x', 96, 2, 1, 'whsec_x')"
+                )
+            )
+            for job_id, hold_state in (("a", "captured"), ("b", "captured"), ("c", "released"), ("d", "held")):
+                await conn.execute(
+                    text(
+                        "INSERT INTO jobs (id, request_id, key_id, model, mode, bot, action, prompt, state, progress, "
+                        "price, hold_state, created_at, updated_at, deadline_at) VALUES (:id, 'r', 'key_old', "
+                        "'mj-fast', 'fast', 'MID_JOURNEY', 'imagine', 'p', 'SUCCEEDED', 100, 2, :hold, 1, 2, 3)"
+                    ),
+                    {"id": job_id, "hold": hold_state},
+                )
+        await database.migrate()
+        report = await ledger.check(database.engine)
+        assert report.ok, report.breaks
+        (opening,) = [r for r in await ledger.export_rows(database.engine) if r.kind == "topup"]
+        assert opening.amount == 100  # 96 left + 4 charged
+    finally:
+        await database.dispose()
+
+
+async def test_keys_by_name_topups_and_updates(db: Database) -> None:
+    keys = KeyStore(db.engine)
+    one, _ = await keys.create("shared", 0, NOW, models=["mj-fast", "mj-fast", "mj-relax"], rpm=5, expires_at=NOW + 60)
+    assert one.models == ("mj-fast", "mj-relax") and one.rpm == 5 and one.expires_at == NOW + 60
+    assert one.allows("mj-relax") and not one.allows("mj-turbo")
+    assert one.status(NOW) == "active" and one.status(NOW + 60) == "expired"
+    assert [r.kind for r in await ledger.export_rows(db.engine)] == ["topup"]  # even a quota of 0
+    two, _ = await keys.create("shared", 5, NOW)
+    with pytest.raises(AmbiguousKey):
+        await keys.topup("shared", 5, NOW)
+    with pytest.raises(KeyNotFound):
+        await keys.topup("nobody", 5, NOW)
+    assert (await keys.topup(two.id, 5, NOW)).balance == 10
+    changed = await keys.update(one.id, NOW, models=None, rpm=None, expires_at=None, name="solo")
+    assert (changed.name, changed.models, changed.rpm, changed.expires_at) == ("solo", None, None, None)
+    kept = await keys.update("solo", NOW, name=UNSET, rpm=7)
+    assert (kept.name, kept.rpm, kept.models) == ("solo", 7, None)
+    assert (await keys.topup("shared", 1, NOW)).id == two.id  # now one key has the name
+    await keys.revoke(two.id, NOW)
+    with pytest.raises(KeyNotFound):
+        await keys.topup("shared", 1, NOW)  # by name: live keys only
+    assert await breaks(db) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"name": ""},
+        {"name": "x" * 201},
+        {"name": "nul\x00"},
+        {"name": 5},
+        {"models": "mj-fast"},
+        {"models": ["\ud800"]},
+        {"models": [""]},
+        {"models": [3]},
+        {"rpm": 0},
+        {"rpm": True},
+        {"rpm": 1.5},
+        {"rpm": 10**9},
+        {"expires_at": float("nan")},
+        {"expires_at": float("inf")},
+        {"expires_at": "tomorrow"},
+        {"expires_at": -1},
+    ],
+)
+async def test_hostile_key_values_are_refused(db: Database, change: dict[str, object]) -> None:
+    keys = KeyStore(db.engine)
+    record, _ = await keys.create("k", 1, NOW)
+    with pytest.raises(ValueError):
+        await keys.update(record.id, NOW, **change)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await keys.create(**{"name": "k", "quota": 1, "now": NOW, **change})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("amount", [0, -1, True, 1.5, 10**13, "5"])
+async def test_hostile_topups_are_refused_and_write_nothing(db: Database, amount: object) -> None:
+    keys = KeyStore(db.engine)
+    record, _ = await keys.create("k", 1, NOW)
+    with pytest.raises(ValueError):
+        await keys.topup(record.id, amount, NOW)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await keys.topup(record.id, 1, NOW, note="\x00")
+    with pytest.raises(ValueError):
+        await keys.adjust(record.id, -2, NOW)  # below what it has
+    assert len(await ledger.export_rows(db.engine)) == 1
+
+
+async def test_the_rate_window_counts_across_stores(db: Database) -> None:
+    record, _ = await KeyStore(db.engine).create("k", 1, NOW, rpm=2)
+    first, second = KeyStore(db.engine), KeyStore(db.engine)  # two processes' stores on one database
+    start = 1_800_000_000.0  # a whole minute
+    assert await first.take_rate(record.id, start + 1) is None
+    assert await second.take_rate(record.id, start + 2) is None
+    assert await first.take_rate(record.id, start + 50) == 10
+    assert await second.take_rate(record.id, start + 59.5) == 1
+    assert await first.take_rate(record.id, start + 60) is None  # the next minute
+
+
+def test_the_csv_never_starts_a_formula() -> None:
+    row = ledger.LedgerRow(1, "topup", "key_1", "=cmd()", None, 5, None, None, '+1, "quoted"\nline', NOW)
+    rendered = ledger.render_csv([row])
+    assert rendered.splitlines()[0] == ",".join(ledger.CSV_COLUMNS)
+    assert "'=cmd()" in rendered and '"\'+1, ""quoted""\nline"' in rendered
+    assert "2027-01-15T08:00:00.000Z" in rendered
