@@ -10,6 +10,8 @@ then sent as an `{"error": ...}` event (which the OpenAI SDKs raise), then `[DON
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -21,9 +23,13 @@ from starlette.types import Receive, Scope, Send
 
 from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, validate
 from relay.api.openai.errors import render
+from relay.core import housekeeping
 from relay.core.jobs import Generation, JobService
-from relay.errors import InvalidRequest, RelayError
+from relay.errors import InvalidRequest, NotFound, RelayError
+from relay.logs import event
 from relay.store.jobs import JobRow
+
+log = logging.getLogger("relay.housekeeping")
 
 IMAGINE_PREFIX = "/imagine"
 ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -111,6 +117,9 @@ async def chat_completions(request: Request) -> Response:
     relay = relay_of(request)
     key = await relay.auth(request)
     body = validate(ChatRequest, await json_body(request))
+    chore = _housekeeping(request, body)
+    if chore is not None:
+        return chore
     text, image_urls = last_user_turn(body.messages)
     spec = relay.jobs.plan(model=body.model, prompt=text, n=4, prompt_param="messages")
     if image_urls:
@@ -147,6 +156,52 @@ async def chat_completions(request: Request) -> Response:
         _stream(request, generation, completion_id, created, usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _housekeeping(request: Request, body: ChatRequest) -> Response | None:
+    """A front end's own housekeeping request (a title, tags, a summary: `relay.core.housekeeping`) is answered with
+    `api.housekeeping.answer`, in the shape asked for, without a job, a hold or a charge; None for any other."""
+    relay = relay_of(request)
+    settings = relay.config.api.housekeeping
+    if not settings.enabled:
+        return None
+    chore = housekeeping.matcher(tuple(settings.patterns)).match(body.messages)
+    if chore is None:
+        return None
+    if body.model not in relay.config.models:
+        raise NotFound(
+            f"The model {body.model[:64]!r} does not exist; GET /v1/models lists the available ones.",
+            what="model",
+            param="model",
+        )
+    event(log, "housekeeping answered", prompt=chore, model=body.model, stream=bool(body.stream))
+    completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(relay.clock.now())
+    if not body.stream:
+        message = {"role": "assistant", "content": settings.answer, "refusal": None}
+        return JSONResponse(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
+                "usage": ZERO_USAGE,
+            }
+        )
+    usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield _chunk(completion_id, created, body.model, {"role": "assistant", "content": ""})
+        yield _chunk(completion_id, created, body.model, {"content": settings.answer})
+        yield _chunk(completion_id, created, body.model, {}, "stop")
+        if usage:
+            tail = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+            yield b"data: " + json.dumps({**tail, "choices": [], "usage": ZERO_USAGE}).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(
+        chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
 
 
