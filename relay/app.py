@@ -15,11 +15,12 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from adapters import Upstream
-from relay.api import files, hooks, openapi, ops
+from relay.api import admin, files, hooks, openapi, ops
+from relay.api.cors import Cors
 from relay.api.errors import error_response
 from relay.api.mj import render as mj_render
 from relay.api.mj import routes as mj_routes
-from relay.api.openai import chat, images, models
+from relay.api.openai import billing, chat, images, models
 from relay.clock import Clock, SystemClock
 from relay.config import Config
 from relay.errors import MethodNotAllowed, NotFound, RelayError
@@ -56,6 +57,8 @@ def routes() -> list[Route]:
         Route("/v1/images/generations", images.create_image, methods=["POST"]),
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
+        Route("/v1/models/{model}", models.retrieve_model, methods=["GET"]),
+        *billing.routes(),
         Route("/files/{job_id}/{name}", files.get_file, methods=["GET"]),
         Route("/healthz", ops.healthz, methods=["GET"]),
         Route("/readyz", ops.readyz, methods=["GET"]),
@@ -63,6 +66,7 @@ def routes() -> list[Route]:
         Route("/openapi.json", openapi.openapi, methods=["GET"]),
         Route("/hooks/{provider}/{token}", hooks.upstream_hook, methods=["POST"]),
         *mj_routes.routes(),
+        *admin.routes(),
     ]
 
 
@@ -82,6 +86,11 @@ def build_app(config: Config, *, clock: Clock | None = None, upstreams: dict[str
         routes=routes(),
         middleware=[
             Middleware(Observe, metrics=relay.metrics),
+            *(
+                [Middleware(Cors, origins=config.cors.origins, max_age_s=config.cors.max_age_s)]
+                if config.cors.origins
+                else []
+            ),
             Middleware(Guard),
             Middleware(BodyLimit, limit=config.server.max_body_bytes),
         ],

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adapters import BOTS, DIALECTS, MODES, Bot, Dialect, Mode
+from relay.core import housekeeping
 from relay.domain import TaskKind
 
 __all__ = ["Config", "ConfigError", "default_config", "load_config", "parse_config"]
@@ -64,11 +65,23 @@ class ServerConfig(_Section):
     body_timeout_s: float = Field(30.0, gt=0, le=3600)
     keepalive_timeout_s: float = Field(5.0, gt=0, le=300)
     max_connections: int = Field(4096, ge=1, le=1_000_000)
+    # The admin API and web UI (`/admin/`) answer only to `Authorization: Bearer <admin_token>`; none (or empty)
+    # turns both off (404). Never logged.
+    admin_token: str | None = Field(None, repr=False)
 
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str | None) -> str | None:
         return _http_url(value, "public_url")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if len(value) < 16 or len(value) > 512 or not re.fullmatch(r"[\x21-\x7e]+", value):
+            raise ValueError("an admin token is 16 to 512 printable ASCII characters without spaces")
+        return value
 
 
 class DatabaseConfig(_Section):
@@ -165,12 +178,36 @@ class ReferencesConfig(_Section):
     allow_hosts: list[str] = Field(default_factory=list)
 
 
+class HousekeepingConfig(_Section):
+    """`api.housekeeping`: chat requests that are a front end's own housekeeping (titles, tags, summaries) get
+    `answer` without a job or a charge (`relay.core.housekeeping` lists the prompts it knows). `patterns` adds
+    regular expressions (case-insensitive, searched in the first 2000 characters of the messages read)."""
+
+    enabled: bool = True
+    answer: str = Field("Midjourney image", min_length=1, max_length=200)
+    patterns: list[str] = Field(default_factory=list, max_length=housekeeping.MAX_PATTERNS)
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        problems = []
+        for i, expression in enumerate(value):
+            try:
+                housekeeping.compile_pattern(expression)
+            except ValueError as exc:
+                problems.append(f"[{i}]: {exc}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+
 class ApiConfig(_Section):
     default_model: str = "mj-fast"
     max_prompt_chars: int = Field(4000, ge=1, le=32_000)
     max_n: int = Field(10, ge=1, le=40)
     keepalive_s: float = Field(10.0, gt=0, le=60)
     references: ReferencesConfig = ReferencesConfig()
+    housekeeping: HousekeepingConfig = HousekeepingConfig()
 
 
 class ModelConfig(_Section):
@@ -277,6 +314,45 @@ class HooksConfig(_Section):
     max_watched_per_key: int = Field(1000, ge=1, le=1_000_000)
 
 
+class BillingConfig(_Section):
+    """`billing`: how the billing endpoints chat front ends read (`/dashboard/billing/...`) show credits in dollars."""
+
+    usd_per_credit: float = Field(0.01, ge=0, le=1_000_000)
+
+
+class CorsConfig(_Section):
+    """`cors`: the browser origins allowed to call the relay (`https://chat.example.com`, or `*` for any); none by
+    default, which sends no CORS headers at all."""
+
+    origins: list[str] = Field(default_factory=list, max_length=100)
+    max_age_s: int = Field(600, ge=0, le=86_400)
+
+    @field_validator("origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        cleaned = []
+        for i, origin in enumerate(value):
+            if origin == "*":
+                cleaned.append(origin)
+                continue
+            parts = urlsplit(origin)
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or parts.path not in ("", "/")
+                or parts.query
+                or parts.fragment
+                or parts.username is not None
+                or not re.fullmatch(r"[A-Za-z0-9.:\[\]/-]+", origin)
+            ):
+                raise ValueError(f"[{i}]: an origin is scheme://host[:port], like https://chat.example.com, or *")
+            origin = origin.rstrip("/").lower()
+            if (parts.scheme, parts.port) in (("http", 80), ("https", 443)):  # browsers leave a default port out
+                origin = origin.rsplit(":", 1)[0]
+            cleaned.append(origin)
+        return cleaned
+
+
 def _default_models() -> dict[str, ModelConfig]:
     return {f"mj-{mode}": ModelConfig(mode=mode) for mode in MODES}
 
@@ -308,6 +384,8 @@ class Config(_Section):
     jobs: JobsConfig = JobsConfig()
     hooks: HooksConfig = HooksConfig()
     health: HealthConfig = HealthConfig()
+    billing: BillingConfig = BillingConfig()
+    cors: CorsConfig = CorsConfig()
 
     @model_validator(mode="after")
     def _health_caps(self) -> Config:

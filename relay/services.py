@@ -60,7 +60,8 @@ class Relay:
         self.prober = Prober(pool=self.pool, store=HealthStore(self.db.engine), clock=clock)
         secrets = config.images.secrets() or [load_or_create_secret(Path(config.data_dir) / "signing.key")]
         s3_secret = config.images.s3.secret_access_key if config.images.s3 else None
-        logs.redact([*secrets, *(p.secret for p in config.providers), s3_secret or ""])
+        admin_token = config.server.admin_token or ""
+        logs.redact([*secrets, *(p.secret for p in config.providers), s3_secret or "", admin_token])
         self.images = image_store(config, secrets)
         self.finisher = Finisher(self.store, self.events, self.metrics, clock)
         self.lifecycle = Lifecycle(

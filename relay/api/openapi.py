@@ -125,6 +125,11 @@ def _path_param(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+def _date_param(name: str, description: str) -> dict[str, Any]:
+    schema = {"type": "string", "format": "date"}
+    return {"name": name, "in": "query", "required": True, "description": description, "schema": schema}
+
+
 def build_spec(version: str) -> dict[str, Any]:
     bodies: list[type[BaseModel]] = [ImageGenerationRequest, ChatRequest, *(m for *_, m in _NATIVE if m is not None)]
     _, top = models_json_schema([(model, "validation") for model in bodies], ref_template=_REF)
@@ -151,6 +156,9 @@ def build_spec(version: str) -> dict[str, Any]:
             )
         },
         "/v1/models": {"get": _operation("The image models", _BEARER, None, any_json, "OpenAIError")},
+        "/v1/models/{model}": {
+            "get": _operation("One image model", _BEARER, None, any_json, "OpenAIError", [_path_param("model")])
+        },
         "/files/{job_id}/{name}": {
             "get": _operation(
                 "A finished image behind a signed, expiring link (no key: the link is the credential)",
@@ -171,6 +179,22 @@ def build_spec(version: str) -> dict[str, Any]:
         "/metrics": {"get": _operation("Prometheus metrics", None, None, {"type": "string"}, "OpenAIError")},
         "/openapi.json": {"get": _operation("This document", None, None, any_json, "OpenAIError")},
     }
+    for prefix in ("", "/v1"):
+        paths[f"{prefix}/dashboard/billing/subscription"] = {
+            "get": _operation(
+                "The calling key's quota in dollars (chat front ends)", _BEARER, None, any_json, "OpenAIError"
+            )
+        }
+        paths[f"{prefix}/dashboard/billing/usage"] = {
+            "get": _operation(
+                "What the calling key spent in a range of UTC days, in cents (chat front ends)",
+                _BEARER,
+                None,
+                any_json,
+                "OpenAIError",
+                [_date_param("start_date", "first day, included"), _date_param("end_date", "last day, excluded")],
+            )
+        }
     for prefix in PREFIXES:
         for path, method, summary, model in _NATIVE:
             ok = (
