@@ -202,6 +202,8 @@ BAD_CREATES: list[Any] = [
     {"name": "ok", "expires_at": "9999-12-31"},
     {"name": "ok", "expires_at": 1.9e9},
     {"name": "ok", "expires_at": "1" * 41},
+    {"name": "ok", "expires_at": 10**400},  # too large for a float: a 400, not an OverflowError
+    {"name": "ok", "expires_at": -(10**400)},
     ["name", "ok"],
     "ok",
 ]
@@ -242,6 +244,7 @@ def test_bad_topups_and_updates_are_400_and_change_nothing(admin: Admin) -> None
         {"rpm": -1},
         {"models": ["nope"]},
         {"expires_at": "2001-01-01"},
+        {"expires_at": 10**400},
         {"balance": 10**6},
         {"revoked_at": None},
     ]:

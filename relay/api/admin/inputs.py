@@ -112,7 +112,8 @@ def models(value: list[str] | None, known: list[str], param: str = "models") -> 
 def when(value: int | str, param: str) -> float:
     """A time the API was given, as unix seconds."""
     if isinstance(value, int):
-        seconds = float(value)
+        # Compared as an int first: a JSON integer may be too large for a float (an OverflowError, not a 400).
+        seconds = float(value) if MIN_TIME <= value <= MAX_TIME else -1.0
     else:
         text = value.strip()
         if text.isascii() and text.isdigit() and len(text) <= 12:
