@@ -8,7 +8,8 @@
 
 So for every key, at any moment: balance = top-ups - captures + adjustments, and held = the holds of its jobs that
 have neither a capture nor a release yet; a job has one hold and at most one outcome. `check` proves exactly this
-(and that each job's own `hold_state` says the same as the ledger), reading one consistent snapshot, so it may run
+(and that each job's own `hold_state` says the same as the ledger, and fits its state: a running job holds, a
+succeeded one was captured, a failed one released), reading one consistent snapshot, so it may run
 beside live relay processes. `export_rows` and `render_csv` give the rows to operators; `usage` sums them.
 """
 
@@ -25,7 +26,7 @@ from typing import Any, Literal
 from sqlalchemy import BigInteger, and_, case, cast, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from relay.domain import ACTIVE_STATES
+from relay.domain import ACTIVE_STATES, JobState
 from relay.store.tables import jobs, keys, ledger
 
 __all__ = [
@@ -359,11 +360,19 @@ async def _check(conn: AsyncConnection, report: LedgerReport) -> None:
         and_(jobs.c.hold_state == "captured", per_job.c.captures == 1, per_job.c.releases == 0),
         and_(jobs.c.hold_state == "released", per_job.c.releases == 1, per_job.c.captures == 0),
     )
+    # A job's state says which hold_state it must have: running, held; succeeded, captured; failed, released.
+    active = [state.value for state in ACTIVE_STATES]
+    state_fits = or_(
+        and_(jobs.c.state.in_(active), jobs.c.hold_state == "held"),
+        and_(jobs.c.state == JobState.SUCCEEDED.value, jobs.c.hold_state == "captured"),
+        and_(jobs.c.state == JobState.FAILED.value, jobs.c.hold_state == "released"),
+    )
     broken = (
         select(
             jobs.c.id,
             jobs.c.key_id,
             jobs.c.price,
+            jobs.c.state,
             jobs.c.hold_state,
             per_job.c.job_id.label("ledger_job"),
             per_job.c.holds,
@@ -386,6 +395,7 @@ async def _check(conn: AsyncConnection, report: LedgerReport) -> None:
                 per_job.c.first_key != jobs.c.key_id,
                 per_job.c.last_key != jobs.c.key_id,
                 ~hold_state_fits,
+                ~state_fits,
             )
         )
         .order_by(jobs.c.id)
@@ -401,10 +411,17 @@ async def _check(conn: AsyncConnection, report: LedgerReport) -> None:
         breaks.append(f"ledger rows name job {orphan.job_id}, which does not exist")
 
 
+_ACTIVE = frozenset(state.value for state in ACTIVE_STATES)
+_HOLD_OF_STATE = {JobState.SUCCEEDED.value: "captured", JobState.FAILED.value: "released"}
+
+
 def _job_break(row: Any) -> str:
-    if row.ledger_job is None:
-        return "no ledger rows at all (its hold was never written down)"
     problems: list[str] = []
+    expected = _HOLD_OF_STATE.get(row.state, "held" if row.state in _ACTIVE else None)
+    if row.hold_state != expected:
+        problems.append(f"the job is {row.state} but its hold is {row.hold_state}")
+    if row.ledger_job is None:
+        return "; ".join([*problems, "no ledger rows at all (its hold was never written down)"])
     captures, releases = int(row.captures), int(row.releases)
     if captures + releases > 1:
         problems.append(f"{captures + releases} outcomes ({captures} captures, {releases} releases)")

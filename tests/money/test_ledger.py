@@ -128,6 +128,38 @@ async def test_the_check_names_every_kind_of_break(db: Database) -> None:
     assert await breaks(db) == []
 
 
+async def test_the_check_names_a_job_whose_state_and_hold_disagree(db: Database) -> None:
+    """A job that ended but still holds its price (credits stuck for good), one that succeeded but was not charged,
+    one that failed but was charged, and one still running whose hold is already settled: each agrees with the
+    ledger, so only the job's own state can show the break."""
+    keys, store = KeyStore(db.engine), JobStore(db.engine)
+    record, _ = await keys.create("team", 20, NOW)
+    for name in ("a", "b", "c", "d"):
+        assert await store.open(record.id, [job(name)], NOW)
+    await store.finish_many([Ending("b", False), Ending("c", True), Ending("d", False)], NOW)
+    assert await breaks(db) == []
+    await run_sql(
+        db,
+        "UPDATE jobs SET state = 'FAILED' WHERE id = 'a'",  # ended, never settled
+        "UPDATE jobs SET state = 'SUCCEEDED' WHERE id = 'b'",  # succeeded, released
+        "UPDATE jobs SET state = 'FAILED' WHERE id = 'c'",  # failed, captured
+        "UPDATE jobs SET state = 'IN_PROGRESS' WHERE id = 'd'",  # running, settled
+    )
+    found = await breaks(db)
+    assert any(b.startswith("job a ") and "FAILED but its hold is held" in b for b in found), found
+    assert any(b.startswith("job b ") and "SUCCEEDED but its hold is released" in b for b in found), found
+    assert any(b.startswith("job c ") and "FAILED but its hold is captured" in b for b in found), found
+    assert any(b.startswith("job d ") and "IN_PROGRESS but its hold is released" in b for b in found), found
+    assert len(found) == 4
+    await run_sql(
+        db,
+        "UPDATE jobs SET state = 'IN_PROGRESS' WHERE id = 'a'",
+        "UPDATE jobs SET state = 'FAILED' WHERE id IN ('b', 'd')",
+        "UPDATE jobs SET state = 'SUCCEEDED' WHERE id = 'c'",
+    )
+    assert await breaks(db) == []
+
+
 async def test_a_job_with_two_outcomes_is_refused_by_the_database_and_named_by_the_check(db: Database) -> None:
     record, _ = await KeyStore(db.engine).create("team", 20, NOW)
     store = JobStore(db.engine)
@@ -168,14 +200,19 @@ async def test_an_upgraded_database_balances(tmp_path: Path) -> None:
                     "VALUES ('key_old', 'old', 'h', 'sk-mjr-x', 96, 2, 1, 'whsec_x')"
                 )
             )
-            for job_id, hold_state in (("a", "captured"), ("b", "captured"), ("c", "released"), ("d", "held")):
+            for job_id, state, hold_state in (
+                ("a", "SUCCEEDED", "captured"),
+                ("b", "SUCCEEDED", "captured"),
+                ("c", "FAILED", "released"),
+                ("d", "IN_PROGRESS", "held"),
+            ):
                 await conn.execute(
                     text(
                         "INSERT INTO jobs (id, request_id, key_id, model, mode, bot, action, prompt, state, progress, "
                         "price, hold_state, created_at, updated_at, deadline_at) VALUES (:id, 'r', 'key_old', "
-                        "'mj-fast', 'fast', 'MID_JOURNEY', 'imagine', 'p', 'SUCCEEDED', 100, 2, :hold, 1, 2, 3)"
+                        "'mj-fast', 'fast', 'MID_JOURNEY', 'imagine', 'p', :state, 100, 2, :hold, 1, 2, 3)"
                     ),
-                    {"id": job_id, "hold": hold_state},
+                    {"id": job_id, "state": state, "hold": hold_state},
                 )
         await database.migrate()
         report = await ledger.check(database.engine)
