@@ -22,6 +22,7 @@ up to `HEAD_CHARS` characters. This module does no I/O and imports nothing of th
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -51,8 +52,12 @@ MAX_PATTERNS = 50
 MAX_SYSTEM_MESSAGES = 8
 
 _ROLES_READ = ("system", "developer")
-# A quantified group that itself ends in a quantifier, `(a+)+` or `(?:x*)*`: the shape of catastrophic backtracking.
-_NESTED_QUANTIFIER = re.compile(r"[+*}]\)\s*[+*{]")
+# The regular expression parser, to read a configured pattern's structure (a private module: no stub).
+_PARSER: Any = importlib.import_module("re._parser")
+_CONSTANTS: Any = importlib.import_module("re._constants")
+_REPEATS = frozenset(
+    getattr(_CONSTANTS, name) for name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(_CONSTANTS, name)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,19 +103,60 @@ BUILTIN: tuple[Pattern, ...] = (
 )
 
 
+def _children(op: Any, av: Any) -> list[Any]:
+    """The sub-patterns of one parsed item (a group's body, each branch, a repeat's body, ...)."""
+    if op in _REPEATS:
+        return [av[2]]
+    found: list[Any] = []
+    for part in av if isinstance(av, tuple | list) else (av,):
+        if isinstance(part, _PARSER.SubPattern):
+            found.append(part)
+        elif isinstance(part, list):  # a branch's alternatives
+            found += [p for p in part if isinstance(p, _PARSER.SubPattern)]
+    return found
+
+
+def _can_repeat_or_branch(pattern: Any) -> bool:
+    """Whether a sub-pattern holds anything that can match in more than one way: a repeat of more than one, an
+    alternation, a back reference."""
+    for op, av in pattern:
+        if op in _REPEATS and av[1] > 1:
+            return True
+        if op in (_CONSTANTS.BRANCH, _CONSTANTS.GROUPREF, _CONSTANTS.GROUPREF_EXISTS):
+            return True
+        if any(_can_repeat_or_branch(child) for child in _children(op, av)):
+            return True
+    return False
+
+
+def _backtracks_for_ever(pattern: Any) -> bool:
+    """Whether a repeat (of more than one) repeats something that can itself match in several ways, `(a+)+`,
+    `(\\w+\\s?)+`, `(a|aa)+`, `(.*a){12}`: the shapes whose backtracking grows exponentially with the text."""
+    for op, av in pattern:
+        if op in _REPEATS and av[1] > 1 and _can_repeat_or_branch(av[2]):
+            return True
+        if any(_backtracks_for_ever(child) for child in _children(op, av)):
+            return True
+    return False
+
+
 def compile_pattern(expression: str) -> re.Pattern[str]:
-    """A configured pattern, compiled case-insensitively; ValueError when it is too long, does not compile, or has
-    the nested-quantifier shape that can backtrack for ever."""
+    """A configured pattern, compiled case-insensitively; ValueError when it is too long, does not compile, or
+    repeats something that can itself match in several ways (`(a+)+`, `(a|aa)+`), which can backtrack for ever."""
     if len(expression) > MAX_PATTERN_CHARS:
         raise ValueError(f"a pattern is at most {MAX_PATTERN_CHARS} characters")
     if not expression.strip():
         raise ValueError("a pattern must not be empty")
-    if _NESTED_QUANTIFIER.search(expression):
-        raise ValueError("a quantified group that ends in a quantifier, like (a+)+, can take for ever to match")
     try:
-        return re.compile(expression, re.IGNORECASE)
+        compiled = re.compile(expression, re.IGNORECASE)
+        parsed = _PARSER.parse(expression, re.IGNORECASE)
     except re.error as exc:
         raise ValueError(f"not a regular expression ({exc})") from None
+    if _backtracks_for_ever(parsed):
+        raise ValueError(
+            "a repeated group that can itself match in several ways, like (a+)+ or (a|aa)+, can take for ever to match"
+        )
+    return compiled
 
 
 def _text(content: Any) -> str:

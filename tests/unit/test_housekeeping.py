@@ -197,12 +197,35 @@ def test_configured_patterns_are_matched_case_insensitively() -> None:
         ("(a+)+$", "for ever"),
         ("(?:x*)*y", "for ever"),
         ("(a|b{2,})+", "for ever"),
+        # The same shapes with the inner quantifier hidden from a look at the text: an optional last item, an
+        # alternation, a repeat of a group that ends in a literal, a nested group, a lazy or counted repeat.
+        (r"^(\w+\s?)+$", "for ever"),
+        ("(a|aa)+$", "for ever"),
+        ("(.*a){12}$", "for ever"),
+        ("((ab)*c)+", "for ever"),
+        ("(?:a+?b)+?", "for ever"),
+        ("(?:a{1,5}b){2,}", "for ever"),
         ("[unclosed", "not a regular expression"),
     ],
 )
 def test_bad_configured_patterns_are_refused(expression: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         compile_pattern(expression)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "^generate a chat name",
+        r"\A\s*### Task:\s*(Generate|Write) a (short )?title",
+        r"^(?:please )?summari[sz]e\b.{0,80}conversation",
+        "(ab)+c",
+        "(?:[a-z] ){3}x",
+        "(?:ab|cd) (e+)?f",
+    ],
+)
+def test_ordinary_configured_patterns_are_accepted(expression: str) -> None:
+    compile_pattern(expression)
 
 
 def test_a_configuration_with_bad_patterns_is_refused_at_load() -> None:
