@@ -150,7 +150,7 @@ class Relay:
             uploads=self.uploads,
             clock=clock,
         )
-        self.auth = Authenticator(self.keys)
+        self.auth = Authenticator(self.keys, now=clock.now)  # expiry on the same clock as holds and the admin API
         self.references = ReferenceLoader(references)
         self.ready = False
         self.started_at = int(clock.now())

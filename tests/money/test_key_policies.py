@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from relay.clock import SystemClock
 from relay.config import Config
 from relay.store.db import Database
 from relay.store.keys import KeyStore
@@ -143,3 +144,25 @@ def test_reads_do_not_count_against_the_rpm(tmp_path: Path) -> None:
         for _ in range(5):
             assert httpx.get(relay.base + "/v1/models", headers=headers).status_code == 200
         relay.openai(key).images.generate(model="mj-fast", prompt="one")
+
+
+class _Later(SystemClock):
+    """The relay's clock, two hours ahead of the wall clock."""
+
+    def now(self) -> float:
+        return super().now() + 7200
+
+
+def test_expiry_is_read_on_the_relay_s_clock_on_every_route(tmp_path: Path) -> None:
+    """The key expires an hour from now by the wall clock, but the relay's clock is two hours ahead: every route
+    refuses it, not only the ones that hold credits."""
+    config = relay_config(tmp_path)
+    with running_relay(config, clock=_Later()) as relay:
+        key = create_key(config, 100, name="later", expires_at=time.time() + 3600)
+        headers = {"Authorization": f"Bearer {key}"}
+        for path in ("/v1/models", "/v1/models/mj-fast", "/dashboard/billing/subscription"):
+            answer = httpx.get(relay.base + path, headers=headers)
+            assert answer.status_code == 401 and answer.json()["error"]["code"] == "key_expired", (path, answer.text)
+        native = httpx.get(relay.base + "/mj/task/1/fetch", headers={"mj-api-secret": key})
+        assert native.status_code == 401
+        assert _money(config, "later") == (100, 0, 0)
