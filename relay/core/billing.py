@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, cast, func, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.errors import InvalidRequest
+from relay.store.ledger import whole_seconds
 from relay.store.tables import jobs
 
 DAY_S = 86_400
@@ -78,7 +79,7 @@ async def captured_total(engine: AsyncEngine, key_id: str) -> int:
 async def usage_by_day(engine: AsyncEngine, key_id: str, start: int, end: int) -> list[DayUsage]:
     """Credits captured by the key's jobs that finished in [start, end), by UTC day and model. A job's time is its
     `finished_at` in whole seconds, the same expression for the range and the day, so each job lands in one day."""
-    second = cast(jobs.c.finished_at, BigInteger)
+    second = whole_seconds(jobs.c.finished_at)
     day = (second // DAY_S).label("day")
     query = (
         select(day, jobs.c.model, func.sum(jobs.c.price).label("credits"))

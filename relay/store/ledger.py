@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import BigInteger, and_, case, cast, exists, func, or_, select
+from sqlalchemy import BigInteger, and_, case, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from relay.domain import ACTIVE_STATES, JobState
 from relay.store.tables import jobs, keys, ledger
@@ -40,6 +42,7 @@ __all__ = [
     "open_holds",
     "render_csv",
     "usage",
+    "whole_seconds",
 ]
 
 Kind = Literal["topup", "hold", "capture", "release", "adjust"]
@@ -147,6 +150,25 @@ def render_csv(rows: Iterable[LedgerRow]) -> str:
 # -- usage -------------------------------------------------------------------------------------------------------
 
 
+class whole_seconds(FunctionElement[int]):
+    """A time in unix seconds (a float column) cut to its whole second, the same on both databases: a plain cast
+    truncates on SQLite but rounds on PostgreSQL, which would put the last half second of a day in the next."""
+
+    type = BigInteger()
+    inherit_cache = True
+    name = "whole_seconds"
+
+
+@compiles(whole_seconds)
+def _whole_seconds(element: whole_seconds, compiler: Any, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.clauses, **kw)} AS BIGINT)"  # SQLite: truncates (times are positive)
+
+
+@compiles(whole_seconds, "postgresql")
+def _whole_seconds_pg(element: whole_seconds, compiler: Any, **kw: Any) -> str:
+    return f"CAST(FLOOR({compiler.process(element.clauses, **kw)}) AS BIGINT)"
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRow:
     """What one key spent on one model and kind of task in one UTC day."""
@@ -165,7 +187,7 @@ async def usage(
     engine: AsyncEngine, *, key_id: str | None = None, since: float | None = None, until: float | None = None
 ) -> list[UsageRow]:
     """Captures and releases summed by key, model, kind of task (`action`) and UTC day, within [since, until)."""
-    day = cast(ledger.c.created_at, BigInteger) // 86400
+    day = whole_seconds(ledger.c.created_at) // 86400
     captured = ledger.c.kind == "capture"
     query = (
         select(

@@ -307,3 +307,20 @@ def test_the_csv_never_starts_a_formula() -> None:
     assert rendered.splitlines()[0] == ",".join(ledger.CSV_COLUMNS)
     assert "'=cmd()" in rendered and '"\'+1, ""quoted""\nline"' in rendered
     assert "2027-01-15T08:00:00.000Z" in rendered
+
+
+async def test_usage_counts_a_capture_on_the_utc_day_it_was_made_on_both_databases(db: Database) -> None:
+    """A capture in the last half second of a day is that day's, not the next (PostgreSQL rounds a float cast to
+    an integer; SQLite truncates), in the admin usage and in the chat front ends' billing alike."""
+    from relay.core import billing
+
+    midnight = 1_800_057_600.0  # a UTC midnight
+    keys, store = KeyStore(db.engine), JobStore(db.engine)
+    record, _ = await keys.create("team", 20, midnight - 100)
+    assert await store.open(record.id, [job("late")], midnight - 100)
+    await store.finish("late", succeeded=True, now=midnight - 0.3)
+    (use,) = await ledger.usage(db.engine, since=midnight - 86_400, until=midnight)
+    assert (use.day, use.credits) == ("2027-01-15", 2)
+    (day,) = await billing.usage_by_day(db.engine, record.id, int(midnight) - 86_400, int(midnight))
+    assert (day.day, day.credits) == (int(midnight) - 86_400, 2)
+    assert await billing.usage_by_day(db.engine, record.id, int(midnight), int(midnight) + 86_400) == []
