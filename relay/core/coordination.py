@@ -17,11 +17,11 @@ Waking waiters and forwarding upstream hooks across processes is `core.broadcast
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from relay.clock import Clock
+from relay.core.background import cancel_all
 from relay.core.jobs import RETRY_WINDOW_S
 from relay.core.lifecycle import Lifecycle
 from relay.core.tracker import Tracker
@@ -72,11 +72,7 @@ class Coordinator:
             )
 
     async def stop(self) -> None:
-        for task in self._loops:
-            task.cancel()
-        for task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self._loops)
         self._loops = []
         released = await self.leases.release()
         if released:

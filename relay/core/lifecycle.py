@@ -14,7 +14,6 @@ The jobs being followed are registered here (`follow`); the tracker decides when
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Literal
 from adapters import TaskStatus, TaskView, UpstreamUnavailable
 from relay.clock import Clock
 from relay.config import Config
+from relay.core.background import cancel_all
 from relay.core.batch import Batcher
 from relay.core.events import JobEvent, JobEvents
 from relay.core.finish import Finisher
@@ -435,12 +435,7 @@ class Lifecycle:
 
     async def close(self) -> None:
         await self._progress.close()
-        tasks = list(self._deliveries)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(list(self._deliveries))
 
 
 def _deadline_reason(tracked: Tracked) -> str:

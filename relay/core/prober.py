@@ -18,6 +18,7 @@ import os
 import socket
 
 from relay.clock import Clock
+from relay.core.background import cancel_all
 from relay.core.health import State, Transition
 from relay.core.providers import ProviderPool
 from relay.core.text import storable
@@ -53,12 +54,7 @@ class Prober:
         self._writer_task = asyncio.create_task(self._writer(), name="health:writer")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._loop_task, *self._probes.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(t for t in (self._loop_task, *self._probes.values()) if t is not None)
         self._loop_task, self._probes = None, {}
         if self._writer_task is not None:
             self._closing = True

@@ -15,12 +15,12 @@ past PENDING (the relay stopped while submitting them).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from adapters import TaskView, UpstreamUnavailable
 from relay.clock import Clock
 from relay.config import Config
+from relay.core.background import cancel_all
 from relay.core.finish import Finisher
 from relay.core.lifecycle import Lifecycle, Tracked
 from relay.core.providers import ProviderPool
@@ -68,11 +68,7 @@ class Tracker:
         self._loops.append(asyncio.create_task(self._sweep_loop(), name="tracker:sweep"))
 
     async def stop(self) -> None:
-        for task in self._loops:
-            task.cancel()
-        for task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self._loops)
         self._loops = []
         await self.lifecycle.close()
         await self.finisher.close()
