@@ -4,8 +4,6 @@ upgraded database balances, and hostile values are refused."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -18,23 +16,9 @@ from relay.store import ledger
 from relay.store.db import MIGRATIONS, Database
 from relay.store.jobs import Ending, JobStore, NewJob
 from relay.store.keys import UNSET, AmbiguousKey, KeyNotFound, KeyStore
-from tests.helpers import pg_database
 
 pytestmark = pytest.mark.anyio
 NOW = 1_800_000_000.0
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    async with AsyncExitStack() as stack:
-        if request.param == "postgres":
-            url = await stack.enter_async_context(pg_database())
-        else:
-            url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
-        database = Database(url, pool_size=5)
-        stack.push_async_callback(database.dispose)
-        await database.migrate()
-        yield database
 
 
 def job(job_id: str, price: int = 2, model: str = "mj-fast") -> NewJob:

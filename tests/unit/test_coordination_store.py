@@ -11,11 +11,10 @@ from relay.store.db import Database
 from relay.store.jobs import JobState, JobStore
 from relay.store.keys import KeyStore
 from relay.store.leases import Leases
-from tests.unit.test_store import NOW, db, job
+from tests.unit.test_store import NOW, job
 
 pytestmark = pytest.mark.anyio
 LEASE = 30.0
-__all__ = ["db"]  # the fixture, shared with the store tests
 
 
 async def running_job(database: Database, owner: str, job_id: str = "job_00000001") -> JobStore:

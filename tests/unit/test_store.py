@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -20,21 +20,6 @@ from tests.helpers import pg_database
 
 pytestmark = pytest.mark.anyio
 NOW = 1_800_000_000.0
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    """The same tests on both stores, through the one code path."""
-    async with AsyncExitStack() as stack:
-        if request.param == "postgres":
-            url = await stack.enter_async_context(pg_database())
-        else:
-            url = f"sqlite+aiosqlite:///{tmp_path / 'x' / 'relay.db'}"
-        database = Database(url, pool_size=5)
-        stack.push_async_callback(database.dispose)
-        await database.migrate()
-        await database.migrate()  # a second start finds the schema current
-        yield database
 
 
 def job(job_id: str, price: int = 2) -> NewJob:
