@@ -6,8 +6,9 @@
   OpenAI SDKs' `OpenAI-*` and every `x-stainless-*` the browser asks for), and is cached `cors.max_age_s`.
 - An **ordinary request** from an allowed origin gets `Access-Control-Allow-Origin` and exposes `Retry-After`,
   `x-request-id` and `x-should-retry` to the page, errors included.
-- Any other origin gets no CORS header at all (its preflight goes on to the router, which answers 405), and so do
-  `/admin/...` (the admin UI is served by the relay itself; no other page may drive the admin API).
+- Any other origin (or none) gets no CORS header, only `Vary: Origin` for caches (its preflight goes on to the
+  router, which answers 405). `/admin/...` gets no CORS header at all (the admin UI is served by the relay
+  itself; no other page may drive the admin API).
 
 The `Origin` header is only ever compared with the configured origins, never echoed: the value sent back is the
 configured one (or `*`).
@@ -63,7 +64,17 @@ class Cors:
         origin = headers.get("origin")
         allow = self._allowed(origin) if origin is not None else None
         if allow is None:
-            await self.app(scope, receive, send)
+            if self.any:
+                await self.app(scope, receive, send)
+                return
+
+            async def vary_send(message: Message) -> None:
+                # The answer depends on the Origin (an allowed one gets CORS headers): say so to caches.
+                if message["type"] == "http.response.start":
+                    MutableHeaders(scope=message).add_vary_header("Origin")
+                await send(message)
+
+            await self.app(scope, receive, vary_send)
             return
         if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
             await self._preflight(allow, headers, send)

@@ -75,6 +75,7 @@ def test_other_origins_get_no_cors_headers(relay: RunningRelay, origin: str) -> 
     assert reply.status_code == 405 and cors_headers(reply) == {}
     reply = httpx.get(relay.base + "/v1/models", headers={"Origin": origin, "Authorization": f"Bearer {relay.key}"})
     assert reply.status_code == 200 and cors_headers(reply) == {}
+    assert "origin" in reply.headers["vary"].lower()  # a cache must not hand this answer to an allowed origin
 
 
 def test_answers_to_an_allowed_origin_can_be_read_by_the_page(relay: RunningRelay) -> None:
