@@ -1,0 +1,125 @@
+"""An upstream hook that reaches a process which does not follow its job: forwarded to the live process that
+holds the job's lease, or, once that process is gone, the job is claimed here and the hook applied at once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapters import TaskStatus
+from relay.core.upstream_hooks import UpstreamHooks
+from relay.store.jobs import JobState, JobStore, NewJob
+from relay.store.leases import Leases
+from tests.unit.test_tracker import World, world
+
+pytestmark = pytest.mark.anyio
+__all__ = ["world"]  # the fixture
+
+
+class Forwarded(list[tuple[str, str, str, bytes]]):
+    async def __call__(self, owner: str, provider: str, upstream_id: str, body: bytes) -> None:
+        self.append((owner, provider, upstream_id, body))
+
+
+def hooks_of(world: World, forwarded: Forwarded) -> UpstreamHooks:
+    lifecycle = world.tracker.lifecycle
+    hooks = UpstreamHooks(
+        config=world.pool.config,
+        secrets=["a-signing-secret"],
+        pool=world.pool,
+        lifecycle=lifecycle,
+        store=world.store,
+        clock=world.clock,
+        submitting=lambda job_id: False,
+        leases=Leases(world.store.engine, world.store.owner, 30),
+        follow=world.tracker.adopt,
+    )
+    hooks.forward = forwarded
+    return hooks
+
+
+async def elsewhere(world: World, job_id: str, *, submitted: bool = True) -> tuple[str, bytes]:
+    """A job another process admitted (and submitted): its task upstream, and the hook body that task makes."""
+    other = JobStore(world.store.engine, owner="another-process", lease_s=4)
+    reply = world.engine.submit_imagine({"prompt": "a cat", "state": job_id}, "fast")
+    upstream_id = str(reply.body["result"])
+    now = world.clock.now()
+    new = NewJob(job_id, "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "a cat", 2, now + 600)
+    assert await other.open(world.key_id, [new], now)
+    if submitted:
+        await other.mark_submitted(job_id, "sim", upstream_id, now)
+    return upstream_id, body_of(world, upstream_id)
+
+
+def body_of(world: World, upstream_id: str) -> bytes:
+    task = world.engine.task(upstream_id, "sim://sim")  # the in-process simulator's own image links
+    assert task is not None
+    return json.dumps(task).encode()
+
+
+async def test_a_live_process_s_job_is_forwarded_and_a_dead_one_s_claimed(world: World) -> None:
+    forwarded = Forwarded()
+    hooks = hooks_of(world, forwarded)
+    upstream_id, body = await elsewhere(world, "job_elsewhere1")
+    world.clock.advance(2)  # running upstream (10 s jobs); the other process's lease (4 s) is live
+    body = body_of(world, upstream_id)
+
+    assert await hooks.receive("sim", body) == "forwarded"
+    assert forwarded == [("another-process", "sim", upstream_id, body)]
+    assert not world.tracker.lifecycle.following("job_elsewhere1")
+
+    world.clock.advance(3)  # the other process died: its lease ran out
+    body = body_of(world, upstream_id)
+    assert await hooks.receive("sim", body) == "adopted"
+    assert len(forwarded) == 1 and world.tracker.lifecycle.following("job_elsewhere1")
+    assert world.tracker.lifecycle._by_job["job_elsewhere1"].state is JobState.IN_PROGRESS
+    row = await world.store.get("job_elsewhere1")
+    assert row is not None and row.owner == world.store.owner
+
+    # from now on it is followed here: the next call is simply applied
+    world.clock.advance(6)
+    finished = body_of(world, upstream_id)
+    view = world.pool.upstreams["sim"].parse_hook(finished)
+    assert view is not None and view.status is TaskStatus.SUCCESS
+    assert await hooks.receive("sim", finished) == "applied"
+    await world.settle()
+    assert await world.state("job_elsewhere1") == ("SUCCEEDED", None, "captured")
+    assert await hooks.receive("sim", finished) == "unknown"  # ended: a late duplicate changes nothing
+
+
+async def test_a_pending_job_of_a_live_process_is_left_to_it(world: World) -> None:
+    """The upstream took the task and called back before the submitting process wrote it down: that process is
+    alive and will; the call goes to it, and the job is not taken away from it."""
+    forwarded = Forwarded()
+    hooks = hooks_of(world, forwarded)
+    upstream_id, _ = await elsewhere(world, "job_pending01", submitted=False)
+    world.clock.advance(2)
+    assert await hooks.receive("sim", body_of(world, upstream_id)) == "forwarded"
+    assert await world.state("job_pending01") == ("PENDING", None, "held")
+    world.clock.advance(3)  # that process died in its submit window: the hook adopts the job here
+    assert await hooks.receive("sim", body_of(world, upstream_id)) == "adopted"
+    row = await world.store.get("job_pending01")
+    assert row is not None and row.state is not JobState.PENDING and row.owner == world.store.owner
+
+
+async def test_a_forwarded_call_is_applied_by_the_process_that_follows_the_job(world: World) -> None:
+    hooks = hooks_of(world, Forwarded())
+    job_id = await world.submit("a dog")
+    row = await world.store.get(job_id)
+    assert row is not None and row.upstream_id is not None
+    world.clock.advance(11)
+    await hooks.forwarded("sim", body_of(world, row.upstream_id), row.upstream_id)
+    await world.settle()
+    assert await world.state(job_id) == ("SUCCEEDED", None, "captured")
+
+
+async def test_a_forwarded_call_too_large_to_carry_makes_the_job_due_at_once(world: World) -> None:
+    hooks = hooks_of(world, Forwarded())
+    job_id = await world.submit("a bird")
+    tracked = world.tracker.lifecycle._by_job[job_id]
+    tracked.due_at = world.clock.now() + 100
+    row = await world.store.get(job_id)
+    assert row is not None and row.upstream_id is not None
+    await hooks.forwarded("sim", None, row.upstream_id)
+    assert tracked.due_at == world.clock.now()
