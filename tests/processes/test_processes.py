@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +248,36 @@ def test_sigterm_hands_running_jobs_over_at_once(tmp_path: Path) -> None:
             wait_for(ended, timeout=15)
             assert httpx.get(up + "/sim/stats").json()["submits"] == 5
             assert balance(config) == (100 - 5 * PRICE, 0)
+
+
+@pytest.mark.postgres
+def test_a_waiter_in_one_process_hears_at_once_of_an_ending_written_by_another(tmp_path: Path) -> None:
+    """A client's retry lands on the other relay while the first relay, alive, follows the job: the other relay's
+    waiter is woken by PostgreSQL NOTIFY the moment the first one writes the ending (no lease runs out, no poll)."""
+    with pg_database_sync() as database, simulator_process(tmp_path / "sim.log", "--fast-s", "2") as up:
+        settings = relay_settings(tmp_path / "data", database, up, "http://127.0.0.1:1", lease_s=60)
+        ports = [free_port(), free_port()]
+        files = [(write_config(tmp_path / f"relay-{i}.yaml", settings), port) for i, port in enumerate(ports)]
+        config = Config.model_validate(settings)
+        key = create_key(config, quota=100)
+        with relay_processes(files, tmp_path) as (first, second):
+            body = {"model": "mj-fast", "prompt": "a lighthouse", "n": 1}
+            headers = {"authorization": f"Bearer {key}", "idempotency-key": "one-request"}
+            answered: dict[str, float] = {}
+
+            def ask(relay: Any, name: str) -> None:
+                reply = httpx.post(relay.base + "/v1/images/generations", json=body, headers=headers, timeout=60)
+                assert reply.status_code == 200, reply.text
+                answered[name] = time.time()
+
+            callers = [threading.Thread(target=ask, args=(first, "first"))]
+            callers[0].start()
+            wait_for(lambda: sql(config, "SELECT state FROM attempts") == [("started",)])
+            callers.append(threading.Thread(target=ask, args=(second, "second")))
+            callers[1].start()
+            for caller in callers:
+                caller.join(60)
+            assert httpx.get(up + "/sim/stats").json()["submits"] == 1
+            assert sql(config, "SELECT owner IS NOT NULL, state FROM jobs") == [(True, "SUCCEEDED")]
+            assert abs(answered["second"] - answered["first"]) < 0.5, answered
+            assert balance(config) == (100 - PRICE, 0)
