@@ -24,6 +24,8 @@ async def readyz(request: Request) -> JSONResponse:
         "tracker": relay.tracker.running,
         "coordination": relay.coordinator.running,
     }
+    if relay.broadcast is not None:
+        checks["notifications"] = relay.broadcast.connected
     ready = all(checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503

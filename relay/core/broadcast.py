@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from relay.core.background import cancel_all
 from relay.core.events import JobEvent, JobEvents
 from relay.domain import JobState
 
@@ -27,6 +28,7 @@ log = logging.getLogger("relay.broadcast")
 JOBS = "mj_relay_jobs"
 HOOKS = "mj_relay_hooks"
 MAX_PAYLOAD = 7800  # PostgreSQL takes up to 8000 bytes
+RECONNECT_S = 2.0  # how often the listening connection is checked
 
 
 class Broadcast:
@@ -46,14 +48,40 @@ class Broadcast:
         self._flushing = False
         self._tasks: set[asyncio.Task[object]] = set()
         self._sending = asyncio.Lock()  # one statement at a time on the connection
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._conn = await asyncpg.connect(self.dsn)
-        await self._conn.add_listener(JOBS, self._heard_jobs)
-        await self._conn.add_listener(HOOKS, self._heard_hook)
+        await self._connect()
         self.events.listen(self._local)
+        self._watch = asyncio.create_task(self._watch_connection(), name="broadcast:watch")
+
+    async def _connect(self) -> None:
+        conn = await asyncpg.connect(self.dsn)
+        await conn.add_listener(JOBS, self._heard_jobs)
+        await conn.add_listener(HOOKS, self._heard_hook)
+        self._conn = conn
+
+    async def _watch_connection(self) -> None:
+        """A listening connection the server or the network dropped is made again; what was sent meanwhile is
+        lost, and waiters fall back on reading the store after a quiet spell (`core.jobs.QUIET_S`)."""
+        while True:
+            await asyncio.sleep(RECONNECT_S)
+            if self._conn is not None and not self._conn.is_closed():
+                continue
+            try:
+                await self._connect()
+                log.warning("the notification connection was made again")
+            except Exception:
+                log.exception("the notification connection could not be made again")
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            await cancel_all([self._watch])
+            self._watch = None
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -100,11 +128,12 @@ class Broadcast:
         await self._notify(HOOKS, payload)
 
     async def _notify(self, channel: str, payload: str) -> None:
-        if self._conn is None:
-            return
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            return  # lost until the connection is made again (see `_watch_connection`)
         try:
             async with self._sending:
-                await self._conn.execute("SELECT pg_notify($1, $2)", channel, payload)
+                await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
         except Exception:
             log.exception("a notification was not sent", extra={"fields": {"channel": channel}})
 

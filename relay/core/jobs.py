@@ -41,6 +41,8 @@ RETRY_WINDOW_S = 3600.0
 # How long a retry waits for its first attempt's submission, under way in another process, and how often it looks.
 ATTEMPT_WAIT_S = 10.0
 ATTEMPT_POLL_S = 0.1
+# How long a waiter waits without news before it reads the endings of jobs other processes follow.
+QUIET_S = 5.0
 # How long past its deadline a waiter gives the tracker before ending a job itself.
 DEADLINE_GRACE_S = 5.0
 # How long past that a waiter still waits for a job whose grid is being delivered (downloads are time-limited).
@@ -367,6 +369,9 @@ class JobService:
                 wait = idle_s  # what is left is being delivered: it ends on its own
             update = await generation.subscription.next(max(0.01, wait))
             if update is None:
+                await self._look_up_endings(generation)
+                if generation.done:
+                    break
                 yield None
                 continue
             generation.progress[update.job_id] = update.progress
@@ -378,12 +383,23 @@ class JobService:
                 last = generation.percent
                 yield last
 
+    async def _look_up_endings(self, generation: Generation) -> None:
+        """After a quiet spell, the endings of jobs another process follows are read from the store: a wake-up
+        that was lost (a dropped LISTEN connection) delays a waiter by one quiet spell, not to the deadline."""
+        elsewhere = [j for j in generation.job_ids if j not in generation.ended and not self.lifecycle.following(j)]
+        if not elsewhere:
+            return
+        for row in await self.store.by_request(generation.request_id):
+            if row.id in elsewhere and row.state.terminal:
+                generation.ended.add(row.id)
+                generation.rows[row.id] = row
+
     async def close(self) -> None:
         await self._begin.close()
         await self._settle.close()
 
     async def wait(self, generation: Generation) -> list[JobRow]:
-        async for _ in self.follow(generation, idle_s=60.0):
+        async for _ in self.follow(generation, idle_s=QUIET_S):
             pass
         return await self.results(generation)
 

@@ -18,6 +18,7 @@ import pytest
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
 from relay.config import Config
+from relay.core.jobs import QUIET_S
 from tests.helpers import create_key, pg_database_sync, serve, sql, wait_for
 from tests.processes.helpers import (
     SIGNING,
@@ -280,4 +281,63 @@ def test_a_waiter_in_one_process_hears_at_once_of_an_ending_written_by_another(t
             assert httpx.get(up + "/sim/stats").json()["submits"] == 1
             assert sql(config, "SELECT owner IS NOT NULL, state FROM jobs") == [(True, "SUCCEEDED")]
             assert abs(answered["second"] - answered["first"]) < 0.5, answered
+            assert balance(config) == (100 - PRICE, 0)
+
+
+@pytest.mark.postgres
+def test_a_waiter_whose_wake_up_was_lost_reads_the_ending_after_a_quiet_spell(tmp_path: Path) -> None:
+    """The relays' listening connections are cut (a database restart, a network blip) while a job runs: the
+    relays make them again, and a waiter whose wake-up was lost meanwhile reads the ending after a quiet spell
+    instead of waiting for the job's deadline."""
+    with pg_database_sync() as database, simulator_process(tmp_path / "sim.log", "--fast-s", "3") as up:
+        settings = relay_settings(tmp_path / "data", database, up, "http://127.0.0.1:1", lease_s=60)
+        ports = [free_port(), free_port()]
+        files = [(write_config(tmp_path / f"relay-{i}.yaml", settings), port) for i, port in enumerate(ports)]
+        config = Config.model_validate(settings)
+        key = create_key(config, quota=100)
+        name = database.rsplit("/", 1)[1]
+        with relay_processes(files, tmp_path) as (first, second):
+            body = {"model": "mj-fast", "prompt": "a lighthouse", "n": 1}
+            headers = {"authorization": f"Bearer {key}", "idempotency-key": "one-request"}
+            answered: dict[str, float] = {}
+
+            def ask(relay: Any, who: str) -> None:
+                reply = httpx.post(relay.base + "/v1/images/generations", json=body, headers=headers, timeout=60)
+                assert reply.status_code == 200, reply.text
+                answered[who] = time.time()
+
+            callers = [threading.Thread(target=ask, args=(first, "first"))]
+            callers[0].start()
+            wait_for(lambda: sql(config, "SELECT state FROM attempts") == [("started",)])
+            callers.append(threading.Thread(target=ask, args=(second, "second")))
+            callers[1].start()
+            cutting = threading.Event()
+            cuts: list[int] = []
+
+            def cut_listeners() -> None:  # until the job has ended: every connection made again is cut again
+                while not cutting.is_set():
+                    cuts.extend(
+                        1
+                        for _ in sql(
+                            config,
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ? "
+                            "AND pid <> pg_backend_pid() AND (query ILIKE 'listen%' OR query ILIKE '%pg_notify%')",
+                            name,
+                        )
+                    )
+                    cutting.wait(0.1)
+
+            cutter = threading.Thread(target=cut_listeners)
+            cutter.start()
+            callers[0].join(60)
+            cutting.set()
+            cutter.join(10)
+            callers[1].join(60)
+            assert len(cuts) >= 2  # each relay's listening connection was cut at least once
+            assert abs(answered["second"] - answered["first"]) < QUIET_S + 1.5, answered
+
+            def notified_again(relay: Any) -> bool:
+                return bool(httpx.get(relay.base + "/readyz").json()["checks"]["notifications"])
+
+            wait_for(lambda: notified_again(first) and notified_again(second), timeout=10)
             assert balance(config) == (100 - PRICE, 0)
