@@ -9,6 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from tests.helpers import create_key, pg_database_sync, serve, sql, wait_for
 from tests.processes.helpers import (
     SIGNING,
     SIM_SECRET,
+    RelayProcess,
     free_port,
     relay_processes,
     runs_per_job,
@@ -53,6 +57,53 @@ def relay_settings(data_dir: Path, database: str | None, upstream: str, public_u
 def balance(config: Config, key_name: str = "test") -> tuple[int, int]:
     (row,) = sql(config, f"SELECT balance, held FROM keys WHERE name = '{key_name}'")
     return int(row[0]), int(row[1])
+
+
+@dataclass
+class Pair:
+    """Two `mj-relay serve` processes on one PostgreSQL database, in front of one simulator process."""
+
+    config: Config
+    key: str
+    upstream: str
+    database: str
+    first: RelayProcess
+    second: RelayProcess
+
+
+@contextmanager
+def two_relays(
+    tmp_path: Path, *sim: str, quota: int = 100, provider: dict[str, Any] | None = None, **jobs: Any
+) -> Iterator[Pair]:
+    with pg_database_sync() as database, simulator_process(tmp_path / "sim.log", *sim) as up:
+        settings = relay_settings(tmp_path / "data", database, up, "http://127.0.0.1:1", **jobs)
+        settings["providers"][0].update(provider or {})
+        ports = [free_port(), free_port()]
+        files = [(write_config(tmp_path / f"relay-{i}.yaml", settings), port) for i, port in enumerate(ports)]
+        config = Config.model_validate(settings)
+        key = create_key(config, quota=quota)
+        with relay_processes(files, tmp_path) as (first, second):
+            yield Pair(config, key, up, database, first, second)
+
+
+def one_request_twice(pair: Pair) -> tuple[dict[str, float], list[threading.Thread]]:
+    """The same request (one Idempotency-Key) to the first relay, then, once its attempt started, to the second;
+    when each was answered, and the callers (joined by the test)."""
+    body = {"model": "mj-fast", "prompt": "a lighthouse", "n": 1}
+    headers = {"authorization": f"Bearer {pair.key}", "idempotency-key": "one-request"}
+    answered: dict[str, float] = {}
+
+    def ask(relay: RelayProcess, who: str) -> None:
+        reply = httpx.post(relay.base + "/v1/images/generations", json=body, headers=headers, timeout=60)
+        assert reply.status_code == 200, reply.text
+        answered[who] = time.time()
+
+    callers = [threading.Thread(target=ask, args=(pair.first, "first"))]
+    callers[0].start()
+    wait_for(lambda: sql(pair.config, "SELECT state FROM attempts") == [("started",)])
+    callers.append(threading.Thread(target=ask, args=(pair.second, "second")))
+    callers[1].start()
+    return answered, callers
 
 
 @pytest.mark.postgres
@@ -185,103 +236,66 @@ def test_failover_over_a_down_provider_and_one_that_fails_submits(tmp_path: Path
 def test_max_in_flight_holds_across_processes(tmp_path: Path) -> None:
     """A provider allowed 4 running jobs, two relays: once one runs 4 there, the other learns of them (within a
     second) and sends it nothing more."""
-    with pg_database_sync() as database, simulator_process(tmp_path / "sim.log", "--fast-s", "30") as up:
-        settings = relay_settings(tmp_path / "data", database, up, "http://127.0.0.1:1")
-        settings["providers"][0]["max_in_flight"] = 4
-        ports = [free_port(), free_port()]
-        files = [(write_config(tmp_path / f"relay-{i}.yaml", settings), port) for i, port in enumerate(ports)]
-        config = Config.model_validate(settings)
-        key = create_key(config, quota=100)
-        with relay_processes(files, tmp_path) as (first, second):
+    with two_relays(tmp_path, "--fast-s", "30", provider={"max_in_flight": 4}) as pair:
+        native = {"mj-api-secret": pair.key}
 
-            def imagine(relay: Any, prompt: str) -> dict[str, Any]:
-                reply = httpx.post(
-                    relay.base + "/mj/submit/imagine", json={"prompt": prompt}, headers={"mj-api-secret": key}
-                )
-                answer: dict[str, Any] = reply.json()
-                return answer
+        def imagine(relay: RelayProcess, prompt: str) -> dict[str, Any]:
+            answer: dict[str, Any] = httpx.post(
+                relay.base + "/mj/submit/imagine", json={"prompt": prompt}, headers=native
+            ).json()
+            return answer
 
-            assert all(imagine(first, f"a lighthouse {i}")["code"] == 1 for i in range(4))
+        assert all(imagine(pair.first, f"a lighthouse {i}")["code"] == 1 for i in range(4))
 
-            def counted_elsewhere() -> bool:
-                metrics = httpx.get(second.base + "/metrics").text
-                return 'mj_relay_jobs_in_flight_elsewhere{provider="up"} 4.0' in metrics
+        def counted_elsewhere() -> bool:
+            metrics = httpx.get(pair.second.base + "/metrics").text
+            return 'mj_relay_jobs_in_flight_elsewhere{provider="up"} 4.0' in metrics
 
-            wait_for(counted_elsewhere, timeout=5)
-            refused = imagine(second, "one more lighthouse")
-            assert (
-                refused["code"] != 1
-                or httpx.get(f"{second.base}/mj/task/{refused['result']}/fetch", headers={"mj-api-secret": key}).json()[
-                    "status"
-                ]
-                == "FAILURE"
-            )
-            assert httpx.get(up + "/sim/stats").json()["submits"] == 4
+        wait_for(counted_elsewhere, timeout=5)
+        refused = imagine(pair.second, "one more lighthouse")
+        if refused["code"] == 1:  # taken as a task, which then failed: no provider could run it
+            task = httpx.get(f"{pair.second.base}/mj/task/{refused['result']}/fetch", headers=native).json()
+            assert task["status"] == "FAILURE"
+        assert httpx.get(pair.upstream + "/sim/stats").json()["submits"] == 4
 
 
 @pytest.mark.postgres
 def test_sigterm_hands_running_jobs_over_at_once(tmp_path: Path) -> None:
     """A relay stopped with SIGTERM releases its leases: the other relay follows its running jobs to their end at
     once, not after the lease time (here far longer than the jobs)."""
-    with pg_database_sync() as database, simulator_process(tmp_path / "sim.log", "--fast-s", "3") as up:
-        settings = relay_settings(tmp_path / "data", database, up, "http://127.0.0.1:1", lease_s=120)
-        ports = [free_port(), free_port()]
-        files = [(write_config(tmp_path / f"relay-{i}.yaml", settings), port) for i, port in enumerate(ports)]
-        config = Config.model_validate(settings)
-        key = create_key(config, quota=100)
-        with relay_processes(files, tmp_path) as (stopped, other):
-            headers = {"mj-api-secret": key}
-            tasks = [
-                httpx.post(
-                    stopped.base + "/mj/submit/imagine", json={"prompt": f"a lighthouse {i}"}, headers=headers
-                ).json()["result"]
-                for i in range(5)
-            ]
-            stopped.stop()
-            assert sql(
-                config, "SELECT COUNT(*) FROM jobs WHERE lease_until > 0 AND state IN ('SUBMITTED', 'IN_PROGRESS')"
-            ) == [(0,)]
+    with two_relays(tmp_path, "--fast-s", "3", lease_s=120) as pair:
+        native = {"mj-api-secret": pair.key}
+        tasks = [
+            httpx.post(
+                pair.first.base + "/mj/submit/imagine", json={"prompt": f"a lighthouse {i}"}, headers=native
+            ).json()["result"]
+            for i in range(5)
+        ]
+        pair.first.stop()
+        leased = "SELECT COUNT(*) FROM jobs WHERE lease_until > 0 AND state IN ('SUBMITTED', 'IN_PROGRESS')"
+        assert sql(pair.config, leased) == [(0,)]
 
-            def ended() -> bool:
-                states = [httpx.get(f"{other.base}/mj/task/{t}/fetch", headers=headers).json()["status"] for t in tasks]
-                return states == ["SUCCESS"] * 5
+        def ended() -> bool:
+            fetch = pair.second.base + "/mj/task/{}/fetch"
+            return [httpx.get(fetch.format(t), headers=native).json()["status"] for t in tasks] == ["SUCCESS"] * 5
 
-            wait_for(ended, timeout=15)
-            assert httpx.get(up + "/sim/stats").json()["submits"] == 5
-            assert balance(config) == (100 - 5 * PRICE, 0)
+        wait_for(ended, timeout=15)
+        assert httpx.get(pair.upstream + "/sim/stats").json()["submits"] == 5
+        assert balance(pair.config) == (100 - 5 * PRICE, 0)
 
 
 @pytest.mark.postgres
 def test_a_waiter_in_one_process_hears_at_once_of_an_ending_written_by_another(tmp_path: Path) -> None:
     """A client's retry lands on the other relay while the first relay, alive, follows the job: the other relay's
     waiter is woken by PostgreSQL NOTIFY the moment the first one writes the ending (no lease runs out, no poll)."""
-    with pg_database_sync() as database, simulator_process(tmp_path / "sim.log", "--fast-s", "2") as up:
-        settings = relay_settings(tmp_path / "data", database, up, "http://127.0.0.1:1", lease_s=60)
-        ports = [free_port(), free_port()]
-        files = [(write_config(tmp_path / f"relay-{i}.yaml", settings), port) for i, port in enumerate(ports)]
-        config = Config.model_validate(settings)
-        key = create_key(config, quota=100)
-        with relay_processes(files, tmp_path) as (first, second):
-            body = {"model": "mj-fast", "prompt": "a lighthouse", "n": 1}
-            headers = {"authorization": f"Bearer {key}", "idempotency-key": "one-request"}
-            answered: dict[str, float] = {}
-
-            def ask(relay: Any, name: str) -> None:
-                reply = httpx.post(relay.base + "/v1/images/generations", json=body, headers=headers, timeout=60)
-                assert reply.status_code == 200, reply.text
-                answered[name] = time.time()
-
-            callers = [threading.Thread(target=ask, args=(first, "first"))]
-            callers[0].start()
-            wait_for(lambda: sql(config, "SELECT state FROM attempts") == [("started",)])
-            callers.append(threading.Thread(target=ask, args=(second, "second")))
-            callers[1].start()
-            for caller in callers:
-                caller.join(60)
-            assert httpx.get(up + "/sim/stats").json()["submits"] == 1
-            assert sql(config, "SELECT owner IS NOT NULL, state FROM jobs") == [(True, "SUCCEEDED")]
-            assert abs(answered["second"] - answered["first"]) < 0.5, answered
-            assert balance(config) == (100 - PRICE, 0)
+    with two_relays(tmp_path, "--fast-s", "2", lease_s=60) as pair:
+        answered, callers = one_request_twice(pair)
+        for caller in callers:
+            caller.join(60)
+        assert httpx.get(pair.upstream + "/sim/stats").json()["submits"] == 1
+        assert sql(pair.config, "SELECT owner IS NOT NULL, state FROM jobs") == [(True, "SUCCEEDED")]
+        assert abs(answered["second"] - answered["first"]) < 0.5, answered
+        assert balance(pair.config) == (100 - PRICE, 0)
 
 
 @pytest.mark.postgres
@@ -289,55 +303,31 @@ def test_a_waiter_whose_wake_up_was_lost_reads_the_ending_after_a_quiet_spell(tm
     """The relays' listening connections are cut (a database restart, a network blip) while a job runs: the
     relays make them again, and a waiter whose wake-up was lost meanwhile reads the ending after a quiet spell
     instead of waiting for the job's deadline."""
-    with pg_database_sync() as database, simulator_process(tmp_path / "sim.log", "--fast-s", "3") as up:
-        settings = relay_settings(tmp_path / "data", database, up, "http://127.0.0.1:1", lease_s=60)
-        ports = [free_port(), free_port()]
-        files = [(write_config(tmp_path / f"relay-{i}.yaml", settings), port) for i, port in enumerate(ports)]
-        config = Config.model_validate(settings)
-        key = create_key(config, quota=100)
-        name = database.rsplit("/", 1)[1]
-        with relay_processes(files, tmp_path) as (first, second):
-            body = {"model": "mj-fast", "prompt": "a lighthouse", "n": 1}
-            headers = {"authorization": f"Bearer {key}", "idempotency-key": "one-request"}
-            answered: dict[str, float] = {}
+    with two_relays(tmp_path, "--fast-s", "3", lease_s=60) as pair:
+        answered, (first, second) = one_request_twice(pair)
+        cutting = threading.Event()
+        cuts: list[int] = []
+        listeners = (
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ? AND pid <> pg_backend_pid() "
+            "AND (query ILIKE 'listen%' OR query ILIKE '%pg_notify%')"
+        )
 
-            def ask(relay: Any, who: str) -> None:
-                reply = httpx.post(relay.base + "/v1/images/generations", json=body, headers=headers, timeout=60)
-                assert reply.status_code == 200, reply.text
-                answered[who] = time.time()
+        def cut_listeners() -> None:  # until the job has ended: every connection made again is cut again
+            while not cutting.is_set():
+                cuts.extend(1 for _ in sql(pair.config, listeners, pair.database.rsplit("/", 1)[1]))
+                cutting.wait(0.1)
 
-            callers = [threading.Thread(target=ask, args=(first, "first"))]
-            callers[0].start()
-            wait_for(lambda: sql(config, "SELECT state FROM attempts") == [("started",)])
-            callers.append(threading.Thread(target=ask, args=(second, "second")))
-            callers[1].start()
-            cutting = threading.Event()
-            cuts: list[int] = []
+        cutter = threading.Thread(target=cut_listeners)
+        cutter.start()
+        first.join(60)
+        cutting.set()
+        cutter.join(10)
+        second.join(60)
+        assert len(cuts) >= 2  # each relay's listening connection was cut at least once
+        assert abs(answered["second"] - answered["first"]) < QUIET_S + 1.5, answered
 
-            def cut_listeners() -> None:  # until the job has ended: every connection made again is cut again
-                while not cutting.is_set():
-                    cuts.extend(
-                        1
-                        for _ in sql(
-                            config,
-                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ? "
-                            "AND pid <> pg_backend_pid() AND (query ILIKE 'listen%' OR query ILIKE '%pg_notify%')",
-                            name,
-                        )
-                    )
-                    cutting.wait(0.1)
+        def notified_again(relay: RelayProcess) -> bool:
+            return bool(httpx.get(relay.base + "/readyz").json()["checks"]["notifications"])
 
-            cutter = threading.Thread(target=cut_listeners)
-            cutter.start()
-            callers[0].join(60)
-            cutting.set()
-            cutter.join(10)
-            callers[1].join(60)
-            assert len(cuts) >= 2  # each relay's listening connection was cut at least once
-            assert abs(answered["second"] - answered["first"]) < QUIET_S + 1.5, answered
-
-            def notified_again(relay: Any) -> bool:
-                return bool(httpx.get(relay.base + "/readyz").json()["checks"]["notifications"])
-
-            wait_for(lambda: notified_again(first) and notified_again(second), timeout=10)
-            assert balance(config) == (100 - PRICE, 0)
+        wait_for(lambda: notified_again(pair.first) and notified_again(pair.second), timeout=10)
+        assert balance(pair.config) == (100 - PRICE, 0)
