@@ -121,6 +121,14 @@ def bound_socket() -> socket.socket:
     return sock
 
 
+def free_port() -> int:
+    """A loopback port free right now, for a process the test starts (which binds it itself)."""
+    sock = bound_socket()
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
 @contextmanager
 def serve(app: ASGIApp, config: Config | None = None, sock: socket.socket | None = None) -> Iterator[str]:
     """Run an ASGI app on a loopback port in a thread, as `mj-relay serve` runs the relay (uvicorn with the relay's

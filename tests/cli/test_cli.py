@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import bound_socket, relay_config, running_relay
+from tests.helpers import free_port, relay_config, running_relay
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_ENV = {"ACCT_A_SECRET": "a-secret", "RESELLER_KEY": "r-key", "V1_KEY": "v-key"}
@@ -46,13 +46,6 @@ def stop(proc: subprocess.Popen[str]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def free_port() -> int:
-    sock = bound_socket()
-    port = int(sock.getsockname()[1])
-    sock.close()
-    return port
 
 
 @contextmanager

@@ -19,17 +19,10 @@ import httpx
 import yaml
 
 from adapters.simulator import SimEngine
-from tests.helpers import bound_socket
+from tests.helpers import free_port
 
 SIM_SECRET = "a-secret-the-simulators-want"
 SIGNING = "one-signing-secret-for-every-relay-process"
-
-
-def free_port() -> int:
-    sock = bound_socket()
-    port = int(sock.getsockname()[1])
-    sock.close()
-    return port
 
 
 @dataclass

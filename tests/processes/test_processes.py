@@ -22,12 +22,11 @@ import pytest
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
 from relay.config import Config
 from relay.core.jobs import QUIET_S
-from tests.helpers import create_key, pg_database_sync, serve, sql, wait_for
+from tests.helpers import create_key, free_port, pg_database_sync, serve, sql, wait_for
 from tests.processes.helpers import (
     SIGNING,
     SIM_SECRET,
     RelayProcess,
-    free_port,
     relay_processes,
     runs_per_job,
     simulator_process,
