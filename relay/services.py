@@ -39,6 +39,7 @@ from relay.store.health import HealthStore
 from relay.store.jobs import JobRow, JobStore
 from relay.store.keys import KeyStore
 from relay.store.leases import Leases
+from relay.store.slots import Slots
 
 
 class Relay:
@@ -129,6 +130,8 @@ class Relay:
             )
             self.upstream_hooks.forward = self.broadcast.forward_hook
         self.submitter.hook_url = self.upstream_hooks.url
+        if not self.db.is_sqlite:
+            self.submitter.slots = Slots(self.db.engine, config.jobs.lease_s)
         references = config.api.references
         self.egress = Egress(references.allow_private, references.allow_hosts)
         self.notifier = Notifier(

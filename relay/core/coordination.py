@@ -7,7 +7,7 @@ process, and nothing a process dies with is lost.
                ran out: a dead process's jobs are followed again within `lease_s` + 1 s; a process alone on SQLite
                claims every running job at start (a restart)
     capacity   with other processes about, every second each learns how many jobs the others run on each provider,
-               so that `max_in_flight` holds across processes (to within what they submit in that second)
+               so that routing passes over a provider that is full (the limit itself is kept by `store.slots`)
     hand-over  at shutdown (SIGTERM) a process releases its leases, so the others claim its jobs at once
     retries    attempts older than the retry window are forgotten here
 

@@ -37,6 +37,7 @@ from relay.errors import (
 from relay.logs import event
 from relay.store.jobs import Admission, JobRow, JobStore, NewJob, Submitted
 from relay.store.keys import KeyRecord, KeyStore
+from relay.store.slots import Slots
 
 log = logging.getLogger("relay.jobs")
 
@@ -102,6 +103,8 @@ class Submitter:
         self._submitting: set[str] = set()
         # The upstream hook URL a submit to a provider names (set by the relay: core.upstream_hooks).
         self.hook_url: Callable[[str], str | None] = lambda provider: None
+        # With other relay processes on the database: `max_in_flight` counted across them (`store.slots`).
+        self.slots: Slots | None = None
 
     def submitting(self, job_id: str) -> bool:
         """Whether this process is submitting the job right now."""
@@ -158,6 +161,10 @@ class Submitter:
                 break
             name = names[0]
             tried.append(name)
+            limit = self.pool.settings[name].max_in_flight
+            reserved = self.slots is not None and planned.provider is None and limit is not None
+            if reserved and not await self._reserve(job.id, name, limit):
+                continue  # every slot is held, counting other processes' jobs: the next provider
             self.pool.acquire(name)
             try:
                 outcome = await self.pool.submit(name, replace(request, notify_hook=self.hook_url(name)))
@@ -173,6 +180,8 @@ class Submitter:
                     return Outcome(JobState.MODAL)
                 break
             self.pool.release(name)
+            if reserved and not (isinstance(outcome, Retryable) and outcome.sent):
+                await self._give_back(job.id)
             event(
                 log,
                 "submit not accepted",
@@ -192,6 +201,21 @@ class Submitter:
         if row is None:
             raise InternalError("The job vanished.")
         return Outcome(row.state, row=row)
+
+    async def _reserve(self, job_id: str, provider: str, limit: int | None) -> bool:
+        assert self.slots is not None and limit is not None
+        try:
+            return await self.slots.take(job_id, provider, limit, self.clock.now())
+        except Exception:
+            log.exception("reserving a provider slot failed", extra={"fields": {"job": job_id, "provider": provider}})
+            return False
+
+    async def _give_back(self, job_id: str) -> None:
+        assert self.slots is not None
+        try:
+            await self.slots.give_back(job_id)
+        except Exception:  # the reservation lapses with the job's end or its process's lease
+            log.exception("freeing a provider slot failed", extra={"fields": {"job": job_id}})
 
     async def _accepted(self, planned: Planned, provider: str, outcome: Accepted) -> None:
         job = planned.job

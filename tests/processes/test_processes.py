@@ -330,3 +330,33 @@ def test_a_waiter_whose_wake_up_was_lost_reads_the_ending_after_a_quiet_spell(tm
 
         wait_for(lambda: notified_again(pair.first) and notified_again(pair.second), timeout=10)
         assert balance(pair.config) == (100 - PRICE, 0)
+
+
+@pytest.mark.postgres
+def test_max_in_flight_holds_across_processes_under_a_burst(tmp_path: Path) -> None:
+    """Twenty jobs at once, ten at each relay, for a provider allowed 4: exactly 4 are sent to it (the others find
+    every slot held, counting the other relay's jobs, and end unavailable); the upstream never hears a fifth."""
+    with two_relays(tmp_path, "--fast-s", "30", "--capacity", "4", quota=100, provider={"max_in_flight": 4}) as pair:
+        native = {"mj-api-secret": pair.key}
+
+        async def burst() -> list[dict[str, Any]]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                replies = await asyncio.gather(
+                    *(
+                        client.post(
+                            relay.base + "/mj/submit/imagine", json={"prompt": f"a lighthouse {i}"}, headers=native
+                        )
+                        for i in range(10)
+                        for relay in (pair.first, pair.second)
+                    )
+                )
+            return [reply.json() for reply in replies]
+
+        answers = asyncio.run(burst())
+        taken = [a for a in answers if a["code"] == 1]
+        stats = httpx.get(pair.upstream + "/sim/stats").json()
+        assert stats["submits"] == 4  # not one more call reached the upstream
+        running = sql(pair.config, "SELECT COUNT(*) FROM jobs WHERE state IN ('SUBMITTED', 'IN_PROGRESS')")
+        assert running == [(4,)]
+        assert len(taken) >= 4
+        assert balance(pair.config) == (100, 4 * PRICE)  # only the 4 running hold credits

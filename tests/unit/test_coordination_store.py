@@ -11,6 +11,8 @@ from relay.store.db import Database
 from relay.store.jobs import JobState, JobStore
 from relay.store.keys import KeyStore
 from relay.store.leases import Leases
+from relay.store.slots import Slots
+from tests.helpers import pg_database
 from tests.unit.test_store import NOW, job
 
 pytestmark = pytest.mark.anyio
@@ -108,3 +110,39 @@ async def test_attempts_are_found_by_fingerprint_until_forgotten(db: Database) -
     assert await attempts.get("fp", NOW + 5) is None  # older than the window asked for
     assert await attempts.forget_before(NOW + 5) == 1
     assert await attempts.get("fp", NOW - 1) is None
+
+
+@pytest.mark.postgres
+async def test_provider_slots_are_exact_across_processes() -> None:
+    """Ten processes race for a provider's 3 slots: 3 win. A dead process's reservation lapses with its lease, a
+    reservation given back frees its slot, and a running job holds one whoever follows it."""
+    async with pg_database() as url:
+        database = Database(url, pool_size=12)
+        try:
+            await database.migrate()
+            record, _ = await KeyStore(database.engine).create("k", 1000, NOW)
+            stores = [JobStore(database.engine, owner=f"process-{i}", lease_s=LEASE) for i in range(10)]
+            for i, store in enumerate(stores):
+                assert await store.open(record.id, [job(f"job_{i:08d}")], NOW)
+            slots = Slots(database.engine, LEASE)
+            won = await asyncio.gather(*(slots.take(f"job_{i:08d}", "up", 3, NOW + 1) for i in range(10)))
+            assert won.count(True) == 3
+            winners = [f"job_{i:08d}" for i, took in enumerate(won) if took]
+            losers = [f"job_{i:08d}" for i, took in enumerate(won) if not took]
+            assert not await slots.take(losers[0], "up", 3, NOW + 1)
+            assert await slots.take(losers[0], "other", 3, NOW + 1)  # another provider's slots are its own
+            await slots.give_back(losers[0])
+            # one winner is taken upstream (it runs there whoever follows it); one gives its slot back
+            await stores[int(winners[0][4:])].mark_submitted(winners[0], "up", "task-1", NOW + 2)
+            await slots.give_back(winners[1])
+            assert await slots.take(losers[1], "up", 3, NOW + 2)
+            assert not await slots.take(losers[2], "up", 3, NOW + 2)
+            # time passes: the process of losers[1] lives on (renews its leases), winners[2]'s died (its lease ran
+            # out); the running job still counts
+            later = NOW + LEASE + 5
+            alive = stores[int(losers[1][4:])].owner
+            assert await Leases(database.engine, alive, LEASE).renew(later) == {losers[1]}
+            assert await slots.take(losers[2], "up", 3, later)
+            assert not await slots.take(losers[3], "up", 3, later)
+        finally:
+            await database.dispose()
