@@ -202,22 +202,15 @@ def test_failover_over_a_down_provider_and_one_that_fails_submits(tmp_path: Path
         ]
         config = relay_config(tmp_path, providers=providers, jobs={"poll_interval_s": 0.25})
         with running_relay(config, quota=count * PRICE) as relay:
-            outcomes: list[int] = []
-
-            async def one(i: int, client: httpx.AsyncClient) -> None:
-                reply = await client.post(
-                    "/v1/images/generations",
-                    json={"model": "mj-fast", "prompt": f"a harbour number {i}", "n": 1},
-                    headers={"authorization": f"Bearer {relay.key}"},
-                )
-                outcomes.append(reply.status_code)
-
-            async def run() -> None:
-                limits = httpx.Limits(max_connections=count)
-                async with httpx.AsyncClient(base_url=relay.base, timeout=120, limits=limits) as client:
-                    await asyncio.gather(*(one(i, client) for i in range(count)))
-
-            asyncio.run(run())
+            spec = {"count": count, "key": relay.key, "bases": [relay.base], "fallback": relay.base, "timeout": 120}
+            out = subprocess.run(
+                [sys.executable, "-m", "tests.processes.clients", json.dumps({**spec, "prompt": "a harbour"})],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=True,
+            ).stdout
+            outcomes = [answer["status"] for answer in json.loads(out)]
             succeeded = outcomes.count(200)
             print(f"failover: {succeeded} of {count} succeeded; submits: flaky {flaky.submits}, sound {sound.submits}")
             assert succeeded >= 999, sorted(set(outcomes))
