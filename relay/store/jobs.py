@@ -247,6 +247,18 @@ class JobStore:
 
         return await transaction(self.engine, work)
 
+    def _taken(self, provider: Any, upstream_id: Any, now: float) -> dict[str, Any]:
+        """What a PENDING job's row says once a provider took it: the provider, its task id, and that this process
+        follows it (a fresh lease)."""
+        return {
+            "provider": provider,
+            "upstream_id": upstream_id,
+            "submitted_at": now,
+            "owner": self.owner,
+            "lease_until": now + self.lease_s,
+            "updated_at": now,
+        }
+
     async def mark_submitted(self, job_id: str, provider: str, upstream_id: str, now: float) -> None:
         await self.mark_submitted_many([Submitted(job_id, provider, upstream_id)], now)
 
@@ -258,12 +270,7 @@ class JobStore:
             .where(jobs.c.id == bindparam("job_id"), jobs.c.state == JobState.PENDING.value)
             .values(
                 state=JobState.SUBMITTED.value,
-                provider=bindparam("new_provider"),
-                upstream_id=bindparam("new_upstream_id"),
-                submitted_at=now,
-                owner=self.owner,
-                lease_until=now + self.lease_s,
-                updated_at=now,
+                **self._taken(bindparam("new_provider"), bindparam("new_upstream_id"), now),
             )
         )
         params = [{"job_id": i.job_id, "new_provider": i.provider, "new_upstream_id": i.upstream_id} for i in items]
@@ -276,15 +283,7 @@ class JobStore:
         statement = (
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING.value)
-            .values(
-                state=JobState.SUBMITTED.value,
-                provider=provider,
-                upstream_id=upstream_id,
-                submitted_at=now,
-                owner=self.owner,
-                lease_until=now + self.lease_s,
-                updated_at=now,
-            )
+            .values(state=JobState.SUBMITTED.value, **self._taken(provider, upstream_id, now))
         )
         return await self._changed(statement)
 
@@ -294,16 +293,7 @@ class JobStore:
         statement = (
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING.value)
-            .values(
-                state=JobState.MODAL.value,
-                provider=provider,
-                upstream_id=upstream_id,
-                submitted_at=now,
-                owner=self.owner,
-                lease_until=now + self.lease_s,
-                updated_at=now,
-                deadline_at=deadline_at,
-            )
+            .values(state=JobState.MODAL.value, deadline_at=deadline_at, **self._taken(provider, upstream_id, now))
         )
         return await self._changed(statement)
 

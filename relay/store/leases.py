@@ -9,6 +9,7 @@ statement here is set-based: a process renews all its leases in one statement.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -19,6 +20,10 @@ from relay.store.tables import jobs
 
 _ACTIVE = [s.value for s in ACTIVE_STATES]
 _RUNNING = [s.value for s in RUNNING_STATES]
+
+
+def _lapsed(now: float) -> Any:
+    return or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now)
 
 
 class Leases:
@@ -58,39 +63,28 @@ class Leases:
         this process's: a process that knows it is alone, on SQLite); the jobs claimed."""
         if not providers:
             return []
-        free = or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now)
         mine = or_(jobs.c.owner.is_(None), jobs.c.owner != self.owner)
-        claimable = mine if any_lease else free
-        async with self.engine.connect() as conn:
-            candidates = [
-                row.id
-                for row in await conn.execute(
-                    select(jobs.c.id)
-                    .where(jobs.c.state.in_(_RUNNING), jobs.c.provider.in_(list(providers)), claimable)
-                    .limit(limit)
-                )
-            ]
-        if not candidates:
-            return []
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(jobs.c.id.in_(candidates), jobs.c.state.in_(_RUNNING), claimable)
-                .values(owner=self.owner, lease_until=now + self.lease_s)
-                .returning(*jobs.c)
-            )
-            return [row_of(row) for row in result]
+        claimable = mine if any_lease else _lapsed(now)
+        some = (
+            select(jobs.c.id)
+            .where(jobs.c.state.in_(_RUNNING), jobs.c.provider.in_(list(providers)), claimable)
+            .limit(limit)
+        )
+        return await self._claim(jobs.c.id.in_(some.scalar_subquery()), claimable, now)
 
     async def claim(self, job_ids: Sequence[str], now: float) -> list[JobRow]:
         """Claim these running jobs if their lease ran out (an upstream hook named one this process can follow now,
         ahead of the next adoption round); the jobs claimed."""
         if not job_ids:
             return []
-        free = or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now)
+        return await self._claim(jobs.c.id.in_(list(job_ids)), _lapsed(now), now)
+
+    async def _claim(self, which: Any, claimable: Any, now: float) -> list[JobRow]:
+        """One guarded UPDATE: of two processes claiming a job at once, one gets it."""
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(jobs)
-                .where(jobs.c.id.in_(list(job_ids)), jobs.c.state.in_(_RUNNING), free)
+                .where(which, jobs.c.state.in_(_RUNNING), claimable)
                 .values(owner=self.owner, lease_until=now + self.lease_s)
                 .returning(*jobs.c)
             )
