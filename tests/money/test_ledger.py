@@ -296,7 +296,7 @@ def test_the_csv_never_starts_a_formula() -> None:
 async def test_usage_counts_a_capture_on_the_utc_day_it_was_made_on_both_databases(db: Database) -> None:
     """A capture in the last half second of a day is that day's, not the next (PostgreSQL rounds a float cast to
     an integer; SQLite truncates), in the admin usage and in the chat front ends' billing alike."""
-    from relay.core import billing
+    from relay.store import reports
 
     midnight = 1_800_057_600.0  # a UTC midnight
     keys, store = KeyStore(db.engine), JobStore(db.engine)
@@ -305,6 +305,6 @@ async def test_usage_counts_a_capture_on_the_utc_day_it_was_made_on_both_databas
     await store.finish("late", succeeded=True, now=midnight - 0.3)
     (use,) = await ledger.usage(db.engine, since=midnight - 86_400, until=midnight)
     assert (use.day, use.credits) == ("2027-01-15", 2)
-    (day,) = await billing.usage_by_day(db.engine, record.id, int(midnight) - 86_400, int(midnight))
+    (day,) = await reports.usage_by_day(db.engine, record.id, int(midnight) - 86_400, int(midnight))
     assert (day.day, day.credits) == (int(midnight) - 86_400, 2)
-    assert await billing.usage_by_day(db.engine, record.id, int(midnight), int(midnight) + 86_400) == []
+    assert await reports.usage_by_day(db.engine, record.id, int(midnight), int(midnight) + 86_400) == []

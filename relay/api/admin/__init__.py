@@ -6,7 +6,6 @@ envelope, as on every route that is not native.
 
     auth      the admin token check
     inputs    typed, bounded request bodies and query values
-    reports   read models over the jobs table: usage and job search
     keys      key routes: list, create (the secret shown once), top up, update, revoke
     views     usage, jobs (with signed image links), providers, ledger export
     ui        the static page, its script and stylesheet, with a Content-Security-Policy

@@ -8,13 +8,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from relay.api.admin import inputs, reports
+from relay.api.admin import inputs
 from relay.api.admin.auth import admin
 from relay.api.common import base_url, relay_of
 from relay.domain import ResultShape
 from relay.errors import InvalidRequest
 from relay.images import GRID, IMAGE, TILE_NAMES, ImageStore
-from relay.store import ledger
+from relay.store import ledger, reports
 from relay.store.jobs import JobRow
 
 USAGE_DEFAULT_DAYS = 30

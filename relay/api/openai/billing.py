@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from relay.api.common import relay_of
 from relay.core import billing
+from relay.store import reports
 
 PREFIXES = ("", "/v1")
 
@@ -37,7 +38,7 @@ async def subscription(request: Request) -> JSONResponse:
     key = await relay.auth(request)
     fresh = await relay.keys.get(key.id) or key  # the authenticator's copy may be a few seconds old
     rate = relay.config.billing.usd_per_credit
-    quota = billing.dollars(fresh.balance + await billing.captured_total(relay.db.engine, key.id), rate)
+    quota = billing.dollars(fresh.balance + await reports.captured_total(relay.db.engine, key.id), rate)
     return JSONResponse(
         {
             "object": "billing_subscription",
@@ -68,7 +69,7 @@ async def usage(request: Request) -> JSONResponse:
     rate = relay.config.billing.usd_per_credit
     days: dict[int, list[dict[str, object]]] = {}
     total = 0
-    for row in await billing.usage_by_day(relay.db.engine, key.id, start, end):
+    for row in await reports.usage_by_day(relay.db.engine, key.id, start, end):
         days.setdefault(row.day, []).append({"name": row.model, "cost": billing.cents(row.credits, rate)})
         total += row.credits
     return JSONResponse(
