@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, StrictStr, ValidationError
 from starlette.requests import Request
 
 from relay.core.jobs import Attempt
+from relay.core.submit import key_refused
 from relay.core.text import check_storable
 from relay.errors import AuthenticationFailed, InvalidRequest
 from relay.store.keys import KeyRecord, KeyStore, hash_key
@@ -66,10 +67,9 @@ class Authenticator:
         record = self._cache[digest] if digest in self._cache else await self._lookup(digest, token)
         if record is None:
             raise AuthenticationFailed("Incorrect API key provided.")
-        if record.revoked:
-            raise AuthenticationFailed("This API key has been revoked.", reason="revoked")
-        if record.expired(self.now()):
-            raise AuthenticationFailed("This API key has expired.", reason="expired")
+        refused = key_refused(record, self.now())
+        if refused is not None:
+            raise refused
         return record
 
     async def _lookup(self, digest: str, token: str) -> KeyRecord | None:

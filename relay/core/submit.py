@@ -75,6 +75,15 @@ def _ending(outcome: SubmitOutcome | None) -> tuple[FailureCode, str]:
     return FailureCode.UNAVAILABLE, outcome.reason if isinstance(outcome, Retryable | ProviderUnusable) else ""
 
 
+def key_refused(key: KeyRecord, now: float) -> AuthenticationFailed | None:
+    """Why a key may not be used at all (revoked, expired), or None."""
+    if key.revoked:
+        return AuthenticationFailed("This API key has been revoked.", reason="revoked")
+    if key.expired(now):
+        return AuthenticationFailed("This API key has expired.", reason="expired")
+    return None
+
+
 class Submitter:
     def __init__(
         self,
@@ -130,10 +139,11 @@ class Submitter:
 
     async def refusal(self, key: KeyRecord, needed: int) -> RelayError:
         current = await self.keys.get(key.id)
-        if current is None or current.revoked:
+        if current is None:
             return AuthenticationFailed("This API key has been revoked.", reason="revoked")
-        if current.expired(self.clock.now()):
-            return AuthenticationFailed("This API key has expired.", reason="expired")
+        refused = key_refused(current, self.clock.now())
+        if refused is not None:
+            return refused
         return InsufficientQuota(
             f"You exceeded your current quota: this request needs {needed} credits "
             f"and the key has {max(0, current.available)} available."
