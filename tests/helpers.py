@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -119,6 +121,17 @@ def bound_socket() -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
+
+
+def stop_process(proc: subprocess.Popen[Any], wait_s: float = 15) -> None:
+    """End a process as an operator would: SIGTERM, then SIGKILL if it will not go."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_port() -> int:

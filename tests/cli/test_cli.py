@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import free_port, relay_config, running_relay
+from tests.helpers import free_port, relay_config, running_relay, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_ENV = {"ACCT_A_SECRET": "a-secret", "RESELLER_KEY": "r-key", "V1_KEY": "v-key"}
@@ -35,17 +35,6 @@ def cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.
         text=True,
         timeout=60,
     )
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    """End a process as an operator would: SIGTERM, then SIGKILL if it will not go."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextmanager
@@ -66,7 +55,7 @@ def process(cwd: Path, *args: str, ready_url: str) -> Iterator[subprocess.Popen[
             time.sleep(0.05)
         yield proc
     finally:
-        stop(proc)
+        stop_process(proc)
         if proc.stdout:
             proc.stdout.close()
 
@@ -100,7 +89,7 @@ def serving(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Iterato
             before.append(line)
         yield before, line.split()[3]
     finally:
-        stop(proc)
+        stop_process(proc)
         reader.join(15)
         proc.stdout.close()
 

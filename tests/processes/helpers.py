@@ -19,7 +19,7 @@ import httpx
 import yaml
 
 from adapters.simulator import SimEngine
-from tests.helpers import free_port
+from tests.helpers import free_port, stop_process
 
 SIM_SECRET = "a-secret-the-simulators-want"
 SIGNING = "one-signing-secret-for-every-relay-process"
@@ -49,16 +49,7 @@ class RelayProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(self.base + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the relay was not ready in time:\n" + self.log.read_text()
-            time.sleep(0.05)
+        wait_ready(self.proc, self.base + "/readyz", self.log)
 
     def kill(self) -> None:
         """SIGKILL: nothing is handed over, nothing flushed."""
@@ -67,13 +58,22 @@ class RelayProcess:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, wait_s=20)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 30) -> None:
+    """Until `url` answers 200; the process's output when it dies or takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer in time:\n" + log.read_text()
+        time.sleep(0.05)
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
@@ -125,23 +125,10 @@ def simulator_process(log: Path, *options: str) -> Iterator[str]:
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                httpx.get(base + "/sim/stats", timeout=1)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the simulator did not start:\n" + log.read_text()
-                time.sleep(0.05)
+        wait_ready(proc, base + "/sim/stats", log)
         yield base
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, wait_s=10)
 
 
 def upstream_task(base: str, task_id: str) -> dict[str, Any]:
