@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,12 @@ class RelayProcess:
     port: int
     log: Path
     proc: subprocess.Popen[bytes] | None = None
-    runs: int = field(default=0)
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.runs += 1
         env = {k: v for k, v in os.environ.items() if not k.startswith("MJ_RELAY_")}  # the file says it all
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
@@ -91,15 +89,6 @@ def relay_processes(configs: list[tuple[Path, int]], log_dir: Path) -> Iterator[
     finally:
         for process in processes:
             process.stop()
-
-
-def finish_times(engine: SimEngine) -> dict[str, float]:
-    """When each task the simulator holds finished (or will), by the relay job that submitted it (`state`)."""
-    return {
-        task.state: task.started + task.duration
-        for task in engine.all_tasks()
-        if task.state is not None and task.started is not None
-    }
 
 
 def runs_per_job(engines: list[SimEngine]) -> dict[str, int]:
