@@ -1,5 +1,5 @@
-"""The machinery every HTTP dialect shares: one `httpx.AsyncClient` per provider, explicit timeouts and limits,
-credentials only on calls to the provider's own API, size-limited downloads without credentials.
+"""The machinery every HTTP dialect shares: lanes of keep-alive connections per provider (`adapters.h1`), explicit
+timeouts and limits, credentials only on calls to the provider's own API, size-limited downloads without credentials.
 
 All of the project's upstream HTTP goes through this module, so a change of HTTP client is one change here.
 A dialect subclass says only what differs: its paths, its auth header and how the mode travels (`mode_prefix`,
@@ -31,17 +31,20 @@ from adapters.base import (
     UploadOutcome,
     UpstreamUnavailable,
 )
+from adapters.h1 import HttpFailure, Lane, Proxies, TooLarge
 from adapters.replies import classify_submit, classify_upload, parse_fetch, parse_hook, parse_seed, parse_task_list
 from adapters.wire import ENDPOINTS, FOLLOW_UPS, missing_fields, render_body
 
 __all__ = ["HttpOptions", "HttpUpstream"]
 
 READ_LANES = 4
-# Image downloads go over a client of their own (to a CDN, without credentials), in lanes of their own: a finished
-# job's grid never waits behind a burst of submits.
-DOWNLOAD_LANES = 8
+# Image downloads (to a CDN, without credentials) go in lanes of their own: a finished job's grid never waits behind
+# a burst of submits, and a thousand grids finishing together are fetched 32 at a time.
+DOWNLOAD_LANES = 32
 # A whole image download may take this many times the per-call timeout (a slow, large grid), never longer.
 DOWNLOAD_TIMEOUTS = 4
+# The most an API answer may hold (a list of a few hundred tasks is well under a megabyte).
+MAX_API_BYTES = 32_000_000
 
 
 class _Busy(Exception):
@@ -63,39 +66,27 @@ class HttpOptions:
 
 @functools.cache
 def _tls() -> ssl.SSLContext:
-    """One TLS context for every client (making one costs about 25 ms: a provider has a client per lane)."""
+    """One TLS context for every lane (making one costs about 25 ms), trusting what httpx trusts."""
     return httpx.create_ssl_context()
 
 
 class _Lanes:
-    """`count` lanes to one provider, each a client of one keep-alive connection. Callers wait for a free lane here
-    rather than in a connection pool: httpcore's pool does work per waiting request and per connection on every
-    request (0.4 ms more CPU per call with 16 connections than with 4, measured), while a one-connection client
-    does the least."""
+    """`count` lanes to one provider, each one keep-alive connection: callers wait here for a free one."""
 
-    def __init__(
-        self, count: int, timeout: httpx.Timeout, transport: httpx.AsyncBaseTransport | None, *, redirects: bool
-    ) -> None:
-        one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        self._clients = [
-            httpx.AsyncClient(
-                timeout=timeout, limits=one, transport=transport, follow_redirects=redirects, verify=_tls()
-            )
-            for _ in range(count)
-        ]
-        self._free: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
-        for client in self._clients:
-            self._free.put_nowait(client)
+    def __init__(self, count: int, connect_timeout_s: float, proxies: Proxies) -> None:
+        self._lanes = [Lane(connect_timeout_s=connect_timeout_s, tls=_tls(), proxies=proxies) for _ in range(count)]
+        self._free: asyncio.Queue[Lane] = asyncio.Queue()
+        for lane in self._lanes:
+            self._free.put_nowait(lane)
 
-    async def take(self) -> httpx.AsyncClient:
+    async def take(self) -> Lane:
         return await self._free.get()
 
-    def release(self, client: httpx.AsyncClient) -> None:
-        self._free.put_nowait(client)
+    def release(self, lane: Lane) -> None:
+        self._free.put_nowait(lane)
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            await client.aclose()
+        await asyncio.gather(*(lane.aclose() for lane in self._lanes))
 
 
 class HttpUpstream:
@@ -105,18 +96,18 @@ class HttpUpstream:
     max_batch = 1000
     api_prefix = "/mj"
 
-    def __init__(self, name: str, options: HttpOptions, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, name: str, options: HttpOptions) -> None:
         self.name = name
         self.options = options
         self._base = options.base_url.rstrip("/")
-        timeout = httpx.Timeout(options.timeout_s, connect=options.connect_timeout_s)
         # Status reads and downloads have lanes of their own, so neither queues behind a burst of submits.
-        self._submits = _Lanes(options.max_connections, timeout, transport, redirects=False)
-        self._reads = _Lanes(READ_LANES, timeout, transport, redirects=False)
-        self._downloads = _Lanes(DOWNLOAD_LANES, timeout, transport, redirects=True)
+        proxies = Proxies.from_environment()
+        self._submits = _Lanes(options.max_connections, options.connect_timeout_s, proxies)
+        self._reads = _Lanes(READ_LANES, options.connect_timeout_s, proxies)
+        self._downloads = _Lanes(DOWNLOAD_LANES, options.connect_timeout_s, proxies)
         self._list_supported = True
 
-    async def _lane(self, lanes: _Lanes) -> httpx.AsyncClient:
+    async def _lane(self, lanes: _Lanes) -> Lane:
         """A free lane, waited for at most `timeout_s` (then `_Busy`); give it back with `lanes.release`."""
         try:
             async with asyncio.timeout(self.options.timeout_s):
@@ -210,26 +201,28 @@ class HttpUpstream:
         if not target.startswith(("http://", "https://")):
             raise UpstreamUnavailable("the image URL is not http(s)")
         try:
-            client = await self._lane(self._downloads)
+            lane = await self._lane(self._downloads)
             try:
-                async with asyncio.timeout(self.options.timeout_s * DOWNLOAD_TIMEOUTS):
-                    async with client.stream("GET", target) as response:
-                        if response.status_code != 200:
-                            raise UpstreamUnavailable(f"image download answered HTTP {response.status_code}")
-                        chunks: list[bytes] = []
-                        total = 0
-                        async for chunk in response.aiter_bytes():
-                            total += len(chunk)
-                            if total > self.options.max_image_bytes:
-                                raise UpstreamUnavailable("the image is larger than the download limit")
-                            chunks.append(chunk)
-                        return b"".join(chunks)
+                reply = await lane.request(
+                    "GET",
+                    target,
+                    timeout_s=self.options.timeout_s * DOWNLOAD_TIMEOUTS,
+                    max_body=self.options.max_image_bytes,
+                    follow_redirects=True,
+                )
             finally:
-                self._downloads.release(client)
-        except (_Busy, TimeoutError):
+                self._downloads.release(lane)
+        except _Busy:
             raise UpstreamUnavailable("the image download did not finish in time") from None
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"image download failed: {type(exc).__name__}") from None
+        except TooLarge:
+            raise UpstreamUnavailable("the image is larger than the download limit") from None
+        except HttpFailure as exc:
+            if exc.timeout:
+                raise UpstreamUnavailable("the image download did not finish in time") from None
+            raise UpstreamUnavailable(f"image download failed: {exc}") from None
+        if reply.status != 200:
+            raise UpstreamUnavailable(f"image download answered HTTP {reply.status}")
+        return reply.body
 
     def parse_hook(self, body: bytes) -> TaskView | None:
         return parse_hook(body)
@@ -259,46 +252,56 @@ class HttpUpstream:
         """One call that makes or moves something upstream, on a submit lane: its HTTP status and body, or why
         there is none (and whether the request may have reached the upstream)."""
         try:
-            client = await self._lane(self._submits)
+            lane = await self._lane(self._submits)
             try:
-                response = await client.post(
+                reply = await lane.request(
+                    "POST",
                     self._base + path,
-                    content=json.dumps(payload).encode(),
                     headers={**self.auth_headers(), "Content-Type": "application/json"},
+                    body=json.dumps(payload).encode(),
+                    timeout_s=self.options.timeout_s,
+                    max_body=MAX_API_BYTES,
                 )
             finally:
-                self._submits.release(client)
+                self._submits.release(lane)
         except _Busy:
             return Retryable("every connection to the provider stayed busy", sent=False)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return Retryable(f"cannot connect: {type(exc).__name__}", sent=False)
-        except httpx.TimeoutException as exc:
-            return Retryable(f"no answer in time: {type(exc).__name__}", sent=True)
-        except httpx.HTTPError as exc:
-            return Retryable(f"transport error: {type(exc).__name__}", sent=True)
-        if 300 <= response.status_code < 400:
-            return ProviderUnusable(f"unexpected redirect (HTTP {response.status_code})")
-        return response.status_code, response.content
+        except HttpFailure as exc:
+            if not exc.sent:
+                return Retryable(f"cannot connect: {exc}", sent=False)
+            if exc.timeout:
+                return Retryable(f"no answer in time: {exc}", sent=True)
+            return Retryable(f"transport error: {exc}", sent=True)
+        if 300 <= reply.status < 400:
+            return ProviderUnusable(f"unexpected redirect (HTTP {reply.status})")
+        return reply.status, reply.body
 
     async def _call(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> tuple[int, bytes]:
         headers = self.auth_headers()
-        content = None
+        content = b""
         if payload is not None:
             content = json.dumps(payload).encode()
             headers["Content-Type"] = "application/json"
         try:
-            client = await self._lane(self._reads)
+            lane = await self._lane(self._reads)
             try:
-                response = await client.request(method, self._base + path, content=content, headers=headers)
+                reply = await lane.request(
+                    method,
+                    self._base + path,
+                    headers=headers,
+                    body=content,
+                    timeout_s=self.options.timeout_s,
+                    max_body=MAX_API_BYTES,
+                )
             finally:
-                self._reads.release(client)
+                self._reads.release(lane)
         except _Busy:
             raise UpstreamUnavailable("every read lane to the provider stayed busy") from None
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"{method} failed: {type(exc).__name__}") from None
-        if response.status_code >= 500 or response.status_code == 429:
-            raise UpstreamUnavailable(f"{method} answered HTTP {response.status_code}")
-        return response.status_code, response.content
+        except HttpFailure as exc:
+            raise UpstreamUnavailable(f"{method} failed: {exc}") from None
+        if reply.status >= 500 or reply.status == 429:
+            raise UpstreamUnavailable(f"{method} answered HTTP {reply.status}")
+        return reply.status, reply.body
 
     async def _list(self, ids: list[str]) -> list[TaskView] | None:
         """A batch through list-by-condition; None when this provider has no such endpoint."""

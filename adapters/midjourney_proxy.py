@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-
 from adapters.base import Mode
 from adapters.http import HttpOptions, HttpUpstream
 
@@ -25,9 +23,8 @@ class MidjourneyProxyUpstream(HttpUpstream):
         *,
         mode_prefix: bool = False,
         account_filter: bool = True,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(name, options, transport=transport)
+        super().__init__(name, options)
         self.use_mode_prefix = mode_prefix
         self.account_filter = account_filter
 

@@ -1,16 +1,16 @@
-"""Odd upstream replies, replayed with respx through the real HTTP adapters: what each dialect sends on the wire
-and how each odd answer maps onto the contract (see shared/reference/upstreams.md)."""
+"""Odd upstream replies, replayed over loopback HTTP to the real HTTP adapters (`tests.contract.replay`): what each
+dialect sends on the wire and how each odd answer maps onto the contract (see shared/reference/upstreams.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
-import respx
 
 from adapters import (
     Accepted,
@@ -26,18 +26,41 @@ from adapters import (
     UpstreamUnavailable,
     create_http_upstream,
 )
+from adapters.http import HttpUpstream
 from adapters.midjourney_proxy import MidjourneyProxyUpstream
+from tests.contract.replay import Replay, replaying
 
 pytestmark = pytest.mark.anyio
 
-BASE = "http://upstream.test"
+BASE = ""  # the replay server's address, set by the `mock` fixture
 REQUEST = SubmitRequest(kind="imagine", prompt="a cat --relax", mode="relax", state="job_1")
 
 
+@pytest.fixture(scope="module")
+def server() -> Iterator[Replay]:
+    with replaying() as replay:
+        yield replay
+
+
 @pytest.fixture
-async def mock() -> AsyncIterator[respx.MockRouter]:
-    with respx.mock(base_url=BASE, assert_all_called=False) as router:
-        yield router
+async def mock(server: Replay, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Replay]:
+    """The replay server; every HTTP adapter the test makes is closed after it (its connections are real)."""
+    global BASE
+    made: list[HttpUpstream] = []
+    init = HttpUpstream.__init__
+
+    def recorded(self: HttpUpstream, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(HttpUpstream, "__init__", recorded)
+    server.routes.clear()
+    BASE = server.base
+    try:
+        yield server
+    finally:
+        for adapter in made:
+            await adapter.aclose()
 
 
 def upstream(dialect: str, **options: object) -> Upstream:
@@ -47,7 +70,7 @@ def upstream(dialect: str, **options: object) -> Upstream:
 # -- what goes on the wire -------------------------------------------------------------------------------------------
 
 
-async def test_midjourney_proxy_sends_its_secret_header_and_account_filter(mock: respx.MockRouter) -> None:
+async def test_midjourney_proxy_sends_its_secret_header_and_account_filter(mock: Replay) -> None:
     route = mock.post("/mj/submit/imagine").respond(json={"code": 1, "description": "ok", "result": "17"})
     assert await upstream("midjourney-proxy").submit(REQUEST) == Accepted("17")
     sent = route.calls.last.request
@@ -57,7 +80,7 @@ async def test_midjourney_proxy_sends_its_secret_header_and_account_filter(mock:
     assert (body["prompt"], body["state"], body["botType"]) == ("a cat --relax", "job_1", "MID_JOURNEY")
 
 
-async def test_midjourney_proxy_can_put_the_mode_in_the_path(mock: respx.MockRouter) -> None:
+async def test_midjourney_proxy_can_put_the_mode_in_the_path(mock: Replay) -> None:
     route = mock.post("/mj-relax/mj/submit/imagine").respond(json={"code": 1, "result": "18"})
     adapter = MidjourneyProxyUpstream("p", HttpOptions(base_url=BASE), mode_prefix=True, account_filter=False)
     assert await adapter.submit(REQUEST) == Accepted("18")
@@ -65,30 +88,30 @@ async def test_midjourney_proxy_can_put_the_mode_in_the_path(mock: respx.MockRou
     assert "mj-api-secret" not in route.calls.last.request.headers  # no secret configured, none sent
 
 
-async def test_new_api_uses_bearer_and_the_mode_prefix(mock: respx.MockRouter) -> None:
+async def test_new_api_uses_bearer_and_the_mode_prefix(mock: Replay) -> None:
     route = mock.post("/mj-relax/mj/submit/imagine").respond(json={"code": 1, "result": "19"})
     assert await upstream("new-api").submit(REQUEST) == Accepted("19")
     assert route.calls.last.request.headers["authorization"] == "Bearer s3cret"
 
 
-async def test_mj_v1_sends_the_model_and_takes_an_integer_result(mock: respx.MockRouter) -> None:
+async def test_mj_v1_sends_the_model_and_takes_an_integer_result(mock: Replay) -> None:
     route = mock.post("/v1/mj/submit/imagine").respond(json={"code": 1, "result": 1320098173412546})
     assert await upstream("mj-v1").submit(REQUEST) == Accepted("1320098173412546")
     assert json.loads(route.calls.last.request.content)["model"] == "mj-relax"
 
 
-async def test_downloads_never_carry_credentials(mock: respx.MockRouter) -> None:
-    route = mock.get("https://cdn.example/img.png").respond(content=b"\x89PNG...")
-    assert await upstream("new-api").download("https://cdn.example/img.png") == b"\x89PNG..."
+async def test_downloads_never_carry_credentials(mock: Replay) -> None:
+    route = mock.get("/cdn/img.png").respond(content=b"\x89PNG...")
+    assert await upstream("new-api").download(f"{BASE}/cdn/img.png") == b"\x89PNG..."
     assert "authorization" not in route.calls.last.request.headers
 
 
-async def test_a_relative_image_url_is_read_from_the_provider(mock: respx.MockRouter) -> None:
+async def test_a_relative_image_url_is_read_from_the_provider(mock: Replay) -> None:
     mock.get("/mj/image/42").respond(content=b"png")
     assert await upstream("new-api").download("/mj/image/42") == b"png"
 
 
-async def test_a_download_over_the_limit_is_refused(mock: respx.MockRouter) -> None:
+async def test_a_download_over_the_limit_is_refused(mock: Replay) -> None:
     mock.get("/big.png").respond(content=b"x" * 5000)
     adapter = create_http_upstream("new-api", "p", HttpOptions(base_url=BASE, max_image_bytes=1000))
     with pytest.raises(UpstreamUnavailable):
@@ -171,20 +194,21 @@ SUBMIT_REPLIES = [
 
 @pytest.mark.parametrize(("dialect", "reply", "expected"), SUBMIT_REPLIES)
 async def test_submit_replies_map_to_outcomes(
-    mock: respx.MockRouter, dialect: str, reply: httpx.Response, expected: type
+    mock: Replay, dialect: str, reply: httpx.Response, expected: type
 ) -> None:
-    mock.post(url__regex=r".*/submit/imagine$").mock(return_value=reply)
+    mock.post(url__regex=r".*/submit/imagine$").mock(reply)
     outcome = await upstream(dialect).submit(REQUEST)
     assert isinstance(outcome, expected), outcome
 
 
-async def test_a_timeout_after_sending_is_marked_as_maybe_sent(mock: respx.MockRouter) -> None:
-    mock.post("/mj/submit/imagine").mock(side_effect=httpx.ReadTimeout("slow"))
-    outcome = await upstream("midjourney-proxy").submit(REQUEST)
+async def test_a_timeout_after_sending_is_marked_as_maybe_sent(mock: Replay) -> None:
+    mock.post("/mj/submit/imagine").hang()
+    adapter = create_http_upstream("midjourney-proxy", "p", HttpOptions(base_url=BASE, timeout_s=0.3))
+    outcome = await adapter.submit(REQUEST)
     assert isinstance(outcome, Retryable) and outcome.sent
 
 
-async def test_a_redirect_is_not_followed_for_api_calls(mock: respx.MockRouter) -> None:
+async def test_a_redirect_is_not_followed_for_api_calls(mock: Replay) -> None:
     mock.post("/mj/submit/imagine").respond(302, headers={"Location": "http://elsewhere/"})
     assert isinstance(await upstream("midjourney-proxy").submit(REQUEST), ProviderUnusable)
 
@@ -204,25 +228,25 @@ TASK = {"id": "5", "status": "IN_PROGRESS", "progress": "46%", "state": "job_1",
         ("mj-v1", httpx.Response(200, json={"code": 3, "description": "not found", "result": None})),
     ],
 )
-async def test_unknown_ids_read_as_none(mock: respx.MockRouter, dialect: str, reply: httpx.Response) -> None:
-    mock.get(url__regex=r".*/task/77/fetch$").mock(return_value=reply)
+async def test_unknown_ids_read_as_none(mock: Replay, dialect: str, reply: httpx.Response) -> None:
+    mock.get(url__regex=r".*/task/77/fetch$").mock(reply)
     assert await upstream(dialect).fetch("77") is None
 
 
-async def test_a_task_reads_back_normalised(mock: respx.MockRouter) -> None:
+async def test_a_task_reads_back_normalised(mock: Replay) -> None:
     mock.get("/mj/task/5/fetch").respond(json=TASK)
     view = await upstream("midjourney-proxy").fetch("5")
     assert view is not None
     assert (view.status, view.progress, view.state) == (TaskStatus.IN_PROGRESS, 46, "job_1")
 
 
-async def test_new_api_empty_status_reads_as_submitted(mock: respx.MockRouter) -> None:
+async def test_new_api_empty_status_reads_as_submitted(mock: Replay) -> None:
     mock.get("/mj/task/5/fetch").respond(json={**TASK, "status": "", "progress": ""})
     view = await upstream("new-api").fetch("5")
     assert view is not None and view.status is TaskStatus.SUBMITTED
 
 
-async def test_without_list_by_condition_reads_fall_back_to_fetch(mock: respx.MockRouter) -> None:
+async def test_without_list_by_condition_reads_fall_back_to_fetch(mock: Replay) -> None:
     listing = mock.post("/v1/mj/task/list-by-condition").respond(404)
     mock.get("/v1/mj/task/5/fetch").respond(json=TASK)
     mock.get("/v1/mj/task/6/fetch").respond(200, text="")
@@ -232,7 +256,7 @@ async def test_without_list_by_condition_reads_fall_back_to_fetch(mock: respx.Mo
     assert listing.call_count == 1  # remembered: not asked again
 
 
-async def test_a_wrapped_task_list_is_accepted(mock: respx.MockRouter) -> None:
+async def test_a_wrapped_task_list_is_accepted(mock: Replay) -> None:
     mock.post("/mj/task/list-by-condition").respond(json={"code": 1, "result": [TASK, {"no": "id"}]})
     views = await upstream("new-api").fetch_many(["5"])
     assert [v.upstream_id for v in views] == ["5"]
@@ -242,8 +266,8 @@ async def test_a_wrapped_task_list_is_accepted(mock: respx.MockRouter) -> None:
     "reply",
     [httpx.Response(500), httpx.Response(401), httpx.Response(200, text="<html>"), httpx.Response(200, json={"a": 1})],
 )
-async def test_broken_list_answers_raise_unavailable(mock: respx.MockRouter, reply: httpx.Response) -> None:
-    mock.post("/mj/task/list-by-condition").mock(return_value=reply)
+async def test_broken_list_answers_raise_unavailable(mock: Replay, reply: httpx.Response) -> None:
+    mock.post("/mj/task/list-by-condition").mock(reply)
     with pytest.raises(UpstreamUnavailable):
         await upstream("midjourney-proxy").fetch_many(["5"])
 
@@ -251,13 +275,13 @@ async def test_broken_list_answers_raise_unavailable(mock: respx.MockRouter, rep
 @pytest.mark.parametrize(
     "reply", [httpx.Response(403), httpx.Response(200, text="<html>"), httpx.Response(200, json=[1, 2])]
 )
-async def test_broken_fetch_answers_raise_unavailable(mock: respx.MockRouter, reply: httpx.Response) -> None:
-    mock.get("/mj/task/5/fetch").mock(return_value=reply)
+async def test_broken_fetch_answers_raise_unavailable(mock: Replay, reply: httpx.Response) -> None:
+    mock.get("/mj/task/5/fetch").mock(reply)
     with pytest.raises(UpstreamUnavailable):
         await upstream("midjourney-proxy").fetch("5")
 
 
-async def test_probe_falls_back_to_fetch_without_a_list_endpoint(mock: respx.MockRouter) -> None:
+async def test_probe_falls_back_to_fetch_without_a_list_endpoint(mock: Replay) -> None:
     mock.post("/mj/task/list-by-condition").respond(404)
     mock.get("/mj/task/0/fetch").respond(200, text="")
     assert await upstream("midjourney-proxy").probe() is True
@@ -324,7 +348,7 @@ MODE_TRAVEL = [
 @pytest.mark.parametrize(("dialect", "options", "prefix", "mode_fields"), MODE_TRAVEL)
 @pytest.mark.parametrize(("request_", "endpoint", "expected"), KINDS)
 async def test_every_kind_goes_to_its_endpoint_with_its_body_and_the_mode(
-    mock: respx.MockRouter,
+    mock: Replay,
     dialect: str,
     options: dict[str, bool],
     prefix: str,
@@ -345,7 +369,7 @@ async def test_every_kind_goes_to_its_endpoint_with_its_body_and_the_mode(
 
 @pytest.mark.parametrize(("dialect", "options", "prefix", "mode_fields"), MODE_TRAVEL)
 async def test_a_modal_carries_the_mask_only_when_given_and_no_mode_fields(
-    mock: respx.MockRouter, dialect: str, options: dict[str, bool], prefix: str, mode_fields: dict[str, object]
+    mock: Replay, dialect: str, options: dict[str, bool], prefix: str, mode_fields: dict[str, object]
 ) -> None:
     route = mock.post(prefix + "submit/modal").respond(json={"code": 1, "result": "8"})
     adapter = upstream(dialect, **options)
@@ -367,7 +391,7 @@ async def test_a_modal_carries_the_mask_only_when_given_and_no_mode_fields(
     ],
 )
 async def test_a_request_missing_what_its_kind_needs_is_refused_before_sending(
-    mock: respx.MockRouter, request_: SubmitRequest
+    mock: Replay, request_: SubmitRequest
 ) -> None:
     route = mock.post(url__regex=r".*").respond(json={"code": 1, "result": "1"})
     assert isinstance(await upstream("midjourney-proxy").submit(request_), ClientError)
@@ -404,9 +428,9 @@ ACTION_REPLIES = [
 
 @pytest.mark.parametrize(("dialect", "reply", "expected"), ACTION_REPLIES)
 async def test_follow_up_replies_map_to_outcomes(
-    mock: respx.MockRouter, dialect: str, reply: httpx.Response, expected: object
+    mock: Replay, dialect: str, reply: httpx.Response, expected: object
 ) -> None:
-    mock.post(url__regex=r".*/submit/(action|modal)$").mock(return_value=reply)
+    mock.post(url__regex=r".*/submit/(action|modal)$").mock(reply)
     for request in (ACTION, SubmitRequest(kind="modal", task_id="17", prompt="p")):
         outcome = await upstream(dialect).submit(request)
         if isinstance(expected, type):
@@ -415,12 +439,12 @@ async def test_follow_up_replies_map_to_outcomes(
             assert outcome == expected
 
 
-async def test_a_queued_follow_up_is_accepted_as_queued(mock: respx.MockRouter) -> None:
+async def test_a_queued_follow_up_is_accepted_as_queued(mock: Replay) -> None:
     mock.post("/mj/submit/action").respond(json={"code": 22, "description": "排队中", "result": "19"})
     assert await upstream("midjourney-proxy").submit(ACTION) == Accepted("19", queued=True)
 
 
-async def test_code_3_on_a_new_task_still_means_no_account(mock: respx.MockRouter) -> None:
+async def test_code_3_on_a_new_task_still_means_no_account(mock: Replay) -> None:
     mock.post("/mj/submit/blend").respond(json=NOT_FOUND)
     outcome = await upstream("midjourney-proxy").submit(SubmitRequest(kind="blend", images=(IMAGE, MASK)))
     assert isinstance(outcome, Retryable), outcome
@@ -438,7 +462,7 @@ UPLOAD_PATHS = [
 
 @pytest.mark.parametrize(("dialect", "options", "path", "mode_fields"), UPLOAD_PATHS)
 async def test_an_upload_goes_to_the_dialects_path(
-    mock: respx.MockRouter, dialect: str, options: dict[str, bool], path: str, mode_fields: dict[str, object]
+    mock: Replay, dialect: str, options: dict[str, bool], path: str, mode_fields: dict[str, object]
 ) -> None:
     route = mock.post(path).respond(json={"code": 1, "description": "ok", "result": ["https://cdn.example/a.png"]})
     outcome = await upstream(dialect, **options).upload([IMAGE], "relax", "MID_JOURNEY")
@@ -461,15 +485,15 @@ async def test_an_upload_goes_to_the_dialects_path(
         (httpx.Response(200, text="<html>"), Retryable),
     ],
 )
-async def test_upload_replies_map_to_outcomes(mock: respx.MockRouter, reply: httpx.Response, expected: type) -> None:
-    mock.post("/mj/submit/upload-discord-images").mock(return_value=reply)
+async def test_upload_replies_map_to_outcomes(mock: Replay, reply: httpx.Response, expected: type) -> None:
+    mock.post("/mj/submit/upload-discord-images").mock(reply)
     outcome = await upstream("midjourney-proxy").upload([IMAGE, MASK], "fast", "MID_JOURNEY")
     assert isinstance(outcome, expected), outcome
     if isinstance(outcome, Uploaded):
         assert outcome.links == ("https://a/1.png", "https://a/2.png")
 
 
-async def test_an_upload_without_images_is_refused_before_sending(mock: respx.MockRouter) -> None:
+async def test_an_upload_without_images_is_refused_before_sending(mock: Replay) -> None:
     route = mock.post(url__regex=r".*").respond(json={"code": 1, "result": ["x"]})
     assert isinstance(await upstream("new-api").upload([], "fast", "MID_JOURNEY"), ClientError)
     assert route.call_count == 0
@@ -486,7 +510,7 @@ async def test_an_upload_without_images_is_refused_before_sending(mock: respx.Mo
         ("mj-v1", "/v1/mj/task/5/image-seed"),
     ],
 )
-async def test_a_seed_is_read_from_the_dialects_path(mock: respx.MockRouter, dialect: str, path: str) -> None:
+async def test_a_seed_is_read_from_the_dialects_path(mock: Replay, dialect: str, path: str) -> None:
     route = mock.get(path).respond(json={"code": 1, "description": "成功", "result": 3160581935})
     assert await upstream(dialect).seed("5") == "3160581935"  # an integer seed is read as a string
     assert route.call_count == 1
@@ -505,8 +529,8 @@ async def test_a_seed_is_read_from_the_dialects_path(mock: respx.MockRouter, dia
         (httpx.Response(400, json={"description": "task_not_found", "type": "upstream_error", "code": 4}), None),
     ],
 )
-async def test_seed_replies(mock: respx.MockRouter, reply: httpx.Response, expected: str | None) -> None:
-    mock.get("/mj/task/5/image-seed").mock(return_value=reply)
+async def test_seed_replies(mock: Replay, reply: httpx.Response, expected: str | None) -> None:
+    mock.get("/mj/task/5/image-seed").mock(reply)
     assert await upstream("midjourney-proxy").seed("5") == expected
 
 
@@ -522,13 +546,13 @@ async def test_seed_replies(mock: respx.MockRouter, reply: httpx.Response, expec
         httpx.Response(400, json={"description": "do_request_failed", "type": "upstream_error", "code": 5}),
     ],
 )
-async def test_seed_replies_that_are_no_answer_raise_unavailable(mock: respx.MockRouter, reply: httpx.Response) -> None:
-    mock.get("/mj/task/5/image-seed").mock(return_value=reply)
+async def test_seed_replies_that_are_no_answer_raise_unavailable(mock: Replay, reply: httpx.Response) -> None:
+    mock.get("/mj/task/5/image-seed").mock(reply)
     with pytest.raises(UpstreamUnavailable):
         await upstream("midjourney-proxy").seed("5")
 
 
-async def test_a_task_reads_back_its_final_prompt(mock: respx.MockRouter) -> None:
+async def test_a_task_reads_back_its_final_prompt(mock: Replay) -> None:
     described = {**TASK, "status": "SUCCESS", "promptEn": "1️⃣ a cat", "properties": {"finalPrompt": "1️⃣ a dog"}}
     mock.get("/mj/task/5/fetch").respond(json=described)
     view = await upstream("midjourney-proxy").fetch("5")

@@ -1,0 +1,428 @@
+"""The relay's own HTTP/1.1 client (`adapters.h1`), against servers on loopback that say exactly what each test
+needs: keep-alive and its failures, bodies framed every way, limits, encodings, redirects, time limits, proxies and
+TLS (a certificate made with `openssl` for the test)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import shutil
+import ssl
+import subprocess
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from adapters import h1
+from adapters.h1 import HttpFailure, Lane, Proxies, TooLarge
+
+pytestmark = pytest.mark.anyio
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes] | None:
+    """One request's line, headers and body; None when the client closed the connection."""
+    line = await reader.readline()
+    if not line:
+        return None
+    headers: dict[str, str] = {}
+    while (header := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = header.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return line.decode().strip(), headers, body
+
+
+def answer(status: int = 200, body: bytes = b"", *extra: str) -> bytes:
+    head = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+@asynccontextmanager
+async def server(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIterator[int]:
+    """A server on a loopback port that runs `handler` for each connection; yields the port."""
+    tasks: set[asyncio.Task[None]] = set()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        writers.append(writer)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            tasks.discard(task)
+
+    listener = await asyncio.start_server(connected, "127.0.0.1", 0, ssl=tls)
+    try:
+        yield listener.sockets[0].getsockname()[1]
+    finally:
+        listener.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        await listener.wait_closed()
+
+
+def lane(**kwargs: object) -> Lane:
+    return Lane(connect_timeout_s=2, tls=ssl.create_default_context(), **kwargs)  # type: ignore[arg-type]
+
+
+class Counting:
+    """A keep-alive server that answers every request with its path, counting connections."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        while (request := await read_request(reader)) is not None:
+            self.requests.append(request)
+            writer.write(answer(200, request[0].split()[1].encode()))
+            await writer.drain()
+
+
+# -- keep-alive ------------------------------------------------------------------------------------------------------
+
+
+async def test_requests_share_one_kept_alive_connection() -> None:
+    counting = Counting()
+    async with server(counting) as port:
+        client = lane()
+        for path in ("/a", "/b", "/c"):
+            reply = await client.request("GET", f"http://127.0.0.1:{port}{path}", timeout_s=2)
+            assert (reply.status, reply.body) == (200, path.encode())
+        await client.aclose()
+    assert counting.connections == 1
+    line, headers, _ = counting.requests[0]
+    assert line == "GET /a HTTP/1.1" and headers["host"] == f"127.0.0.1:{port}"
+
+
+async def test_a_connection_idle_too_long_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h1, "IDLE_S", 0.0)
+    counting = Counting()
+    async with server(counting) as port:
+        client = lane()
+        for _ in range(2):
+            await client.request("GET", f"http://127.0.0.1:{port}/", timeout_s=2)
+        await client.aclose()
+    assert counting.connections == 2
+
+
+async def test_a_connection_the_server_closed_is_replaced() -> None:
+    connections = 0
+
+    async def one_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(answer(200, b"ok"))  # says nothing of closing, then closes
+        await writer.drain()
+
+    async with server(one_each) as port:
+        client = lane()
+        for _ in range(3):
+            reply = await client.request("GET", f"http://127.0.0.1:{port}/", timeout_s=2)
+            assert reply.body == b"ok"
+            await asyncio.sleep(0.05)  # the close reaches the client
+        await client.aclose()
+    assert connections == 3
+
+
+class DropsSecond:
+    """Answers the first request on each connection; takes the second and closes without a word (a server that
+    closed a kept-alive connection just as the client reused it)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.seen: list[str] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = await read_request(reader)
+        assert first is not None
+        self.seen.append(first[0])
+        writer.write(answer(200, b"first"))
+        await writer.drain()
+        second = await read_request(reader)
+        if second is not None:
+            self.seen.append(second[0])
+
+
+async def test_a_read_on_a_connection_closed_underneath_is_made_again() -> None:
+    drops = DropsSecond()
+    async with server(drops) as port:
+        client = lane()
+        url = f"http://127.0.0.1:{port}/task"
+        assert (await client.request("GET", url, timeout_s=2)).body == b"first"
+        assert (await client.request("GET", url, timeout_s=2)).body == b"first"  # on a new connection
+        await client.aclose()
+    assert drops.connections == 2
+
+
+async def test_a_write_on_a_connection_closed_underneath_may_have_been_sent() -> None:
+    drops = DropsSecond()
+    async with server(drops) as port:
+        client = lane()
+        url = f"http://127.0.0.1:{port}/mj/submit/imagine"
+        assert (await client.request("POST", url, body=b"{}", timeout_s=2)).body == b"first"
+        with pytest.raises(HttpFailure) as failure:
+            await client.request("POST", url, body=b"{}", timeout_s=2)
+        await client.aclose()
+    assert failure.value.sent and not failure.value.timeout  # it reached the server: not sent again
+    assert drops.seen == ["POST /mj/submit/imagine HTTP/1.1"] * 2 and drops.connections == 1
+
+
+# -- bodies ----------------------------------------------------------------------------------------------------------
+
+
+async def reply_with(raw: bytes, *, close: bool = False, max_body: int = 1000) -> h1.Reply:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(raw)
+        await writer.drain()
+        if close:
+            writer.close()
+        else:
+            await reader.read()
+
+    async with server(handler) as port:
+        client = lane()
+        try:
+            return await client.request("GET", f"http://127.0.0.1:{port}/", timeout_s=2, max_body=max_body)
+        finally:
+            await client.aclose()
+
+
+async def test_a_chunked_body_is_joined() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    assert (await reply_with(raw)).body == b"abcde"
+
+
+async def test_a_body_that_runs_to_the_connections_end_is_read_whole() -> None:
+    reply = await reply_with(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end", close=True)
+    assert reply.body == b"until the end"
+
+
+async def test_a_cut_body_is_a_failure() -> None:
+    with pytest.raises(HttpFailure) as failure:
+        await reply_with(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", close=True)
+    assert failure.value.sent
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        answer(200, b"x" * 1001),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e9\r\n" + b"x" * 1001 + b"\r\n0\r\n\r\n",
+    ],
+)
+async def test_a_body_over_the_limit_is_refused(raw: bytes) -> None:
+    with pytest.raises(TooLarge):
+        await reply_with(raw)
+
+
+async def test_gzip_and_deflate_bodies_are_decoded() -> None:
+    packed = gzip.compress(b'{"code": 1}')
+    assert (await reply_with(answer(200, packed, "Content-Encoding: gzip"))).body == b'{"code": 1}'
+    raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    deflated = raw_deflate.compress(b"deflated") + raw_deflate.flush()
+    assert (await reply_with(answer(200, deflated, "Content-Encoding: deflate"))).body == b"deflated"
+
+
+async def test_a_compressed_body_is_bounded_after_decoding() -> None:
+    bomb = gzip.compress(b"\0" * 100_000)
+    assert len(bomb) < 1000  # small on the wire
+    with pytest.raises(TooLarge):
+        await reply_with(answer(200, bomb, "Content-Encoding: gzip"), max_body=1000)
+
+
+async def test_an_unknown_encoding_or_a_broken_answer_is_a_failure() -> None:
+    with pytest.raises(HttpFailure, match="content-encoding"):
+        await reply_with(answer(200, b"?", "Content-Encoding: br"))
+    with pytest.raises(HttpFailure, match="malformed"):
+        await reply_with(b"NOT HTTP AT ALL\r\n\r\n")
+
+
+# -- redirects -------------------------------------------------------------------------------------------------------
+
+
+async def test_redirects_are_followed_only_when_asked() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await read_request(reader)) is not None:
+            method, path, _ = request[0].split()
+            if path == "/loop":
+                writer.write(answer(302, b"", "Location: /loop"))
+            elif path == "/start":
+                writer.write(answer(303 if method == "POST" else 302, b"", "Location: /image.png"))
+            else:
+                writer.write(answer(200, f"{method} {path}".encode()))
+            await writer.drain()
+
+    async with server(handler) as port:
+        client = lane()
+        base = f"http://127.0.0.1:{port}"
+        assert (await client.request("GET", base + "/start", timeout_s=2)).status == 302
+        followed = await client.request("GET", base + "/start", timeout_s=2, follow_redirects=True)
+        assert followed.body == b"GET /image.png"
+        posted = await client.request("POST", base + "/start", body=b"x", timeout_s=2, follow_redirects=True)
+        assert posted.body == b"GET /image.png"  # 303: see the other place, with a GET
+        with pytest.raises(HttpFailure, match="too many redirects"):
+            await client.request("GET", base + "/loop", timeout_s=2, follow_redirects=True)
+        await client.aclose()
+
+
+async def test_only_http_urls_are_called() -> None:
+    with pytest.raises(HttpFailure) as failure:
+        await lane().request("GET", "ftp://127.0.0.1/x", timeout_s=1)
+    assert not failure.value.sent
+
+
+# -- time and connections --------------------------------------------------------------------------------------------
+
+
+async def test_nobody_listening_is_a_failure_before_sending() -> None:
+    async with server(Counting()) as port:
+        pass  # closed again: nothing listens there now
+    with pytest.raises(HttpFailure) as failure:
+        await lane().request("POST", f"http://127.0.0.1:{port}/", body=b"{}", timeout_s=2)
+    assert not failure.value.sent and not failure.value.timeout
+
+
+async def test_a_server_that_never_answers_runs_out_of_time_after_sending() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(30)
+
+    async with server(silent) as port:
+        client = lane()
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(HttpFailure) as failure:
+            await client.request("POST", f"http://127.0.0.1:{port}/", body=b"{}", timeout_s=0.3)
+        assert asyncio.get_running_loop().time() - started < 2
+        await client.aclose()
+    assert failure.value.timeout and failure.value.sent
+
+
+# -- proxies ---------------------------------------------------------------------------------------------------------
+
+
+def test_no_proxy_names_hosts_domains_ports_and_everything() -> None:
+    origin = h1._origin(h1.urlsplit("https://api.example.com:8443/x"))
+    assert Proxies({}, ("example.com",)).bypassed(origin)
+    assert Proxies({}, (".example.com",)).bypassed(origin)
+    assert Proxies({}, ("api.example.com:8443",)).bypassed(origin)
+    assert Proxies({}, ("*",)).bypassed(origin)
+    assert not Proxies({}, ("api.example.com:443",)).bypassed(origin)
+    assert not Proxies({}, ("ample.com", "other.org")).bypassed(origin)
+
+
+def test_proxies_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,.corp")
+    proxies = Proxies.from_environment()
+    assert proxies.for_origin(h1._origin(h1.urlsplit("https://cdn.example/x"))) == h1._Origin(
+        "http", "proxy.internal", 3128
+    )
+    assert proxies.for_origin(h1._origin(h1.urlsplit("https://a.corp/x"))) is None
+    assert proxies.for_origin(h1._origin(h1.urlsplit("http://cdn.example/x"))) is None  # no HTTP_PROXY
+    monkeypatch.setenv("HTTP_PROXY", "socks5://proxy.internal:1080")
+    with pytest.raises(HttpFailure, match="HTTP proxies only"):
+        Proxies.from_environment().for_origin(h1._origin(h1.urlsplit("http://cdn.example/x")))
+
+
+async def test_a_plain_http_call_goes_through_the_proxy_with_the_whole_url() -> None:
+    counting = Counting()
+    async with server(counting) as proxy_port:
+        client = lane(proxies=Proxies({"http": f"http://127.0.0.1:{proxy_port}"}, ()))
+        reply = await client.request("GET", "http://upstream.example:8080/mj/task/1/fetch", timeout_s=2)
+        await client.aclose()
+    assert reply.body == b"http://upstream.example:8080/mj/task/1/fetch"
+    line, headers, _ = counting.requests[0]
+    assert line == "GET http://upstream.example:8080/mj/task/1/fetch HTTP/1.1"
+    assert headers["host"] == "upstream.example:8080"
+
+
+# -- TLS -------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test's certificate (Debian: apt-get install openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"),
+            *("-keyout", str(key), "-out", str(cert), "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def tls_server_and_client(certificate: tuple[Path, Path]) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    cert, key = certificate
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    return served, ssl.create_default_context(cafile=str(cert))
+
+
+async def test_https_checks_the_servers_certificate(certificate: tuple[Path, Path]) -> None:
+    served, trusting = tls_server_and_client(certificate)
+    async with server(Counting(), tls=served) as port:
+        trusted = Lane(connect_timeout_s=2, tls=trusting)
+        reply = await trusted.request("GET", f"https://localhost:{port}/secure", timeout_s=5)
+        assert reply.body == b"/secure"
+        await trusted.aclose()
+        stranger = Lane(connect_timeout_s=2, tls=ssl.create_default_context())  # does not know the certificate
+        with pytest.raises(HttpFailure) as failure:
+            await stranger.request("GET", f"https://localhost:{port}/secure", timeout_s=5)
+        assert not failure.value.sent
+        await stranger.aclose()
+
+
+async def test_https_goes_through_a_proxys_tunnel(certificate: tuple[Path, Path]) -> None:
+    served, trusting = tls_server_and_client(certificate)
+    asked: list[str] = []
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        assert request is not None
+        asked.append(request[0])
+        host, _, port = request[0].split()[1].rpartition(":")
+        target_reader, target_writer = await asyncio.open_connection("127.0.0.1", int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, target_writer), pipe(target_reader, writer), return_exceptions=True)
+
+    async with server(Counting(), tls=served) as port, server(tunnel) as proxy_port:
+        client = Lane(connect_timeout_s=2, tls=trusting, proxies=Proxies({"https": f"127.0.0.1:{proxy_port}"}, ()))
+        for path in ("/one", "/two"):
+            reply = await client.request("GET", f"https://localhost:{port}{path}", timeout_s=5)
+            assert reply.body == path.encode()
+        await client.aclose()
+    assert asked == [f"CONNECT localhost:{port} HTTP/1.1"]  # one tunnel, kept for both requests
