@@ -1,8 +1,10 @@
-"""The database: one async engine over SQLite (aiosqlite, WAL) or PostgreSQL (asyncpg), schema by migrations.
+"""The database: one async engine over SQLite (WAL) or PostgreSQL (asyncpg), schema by migrations.
 
 SQLite allows one writer at a time, so the relay keeps a single connection to it and every statement queues for it
-in order, which is faster than connections fighting over the file lock. Other processes (the CLI) wait through
-`busy_timeout`.
+in order, which is faster than connections fighting over the file lock. Its statements run on the event loop's
+own thread (`store.sqlite_inline`: the `sqlite+aiosqlite` dialect, without aiosqlite's thread). A statement that
+finds the file locked by another process (the CLI) waits `busy_ms` for it: briefly in the relay, whose loop waits
+with it, then the transaction is run again with the loop free; long in the CLI.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from relay.store import sqlite_inline
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 T = TypeVar("T")
@@ -53,11 +57,14 @@ async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awa
     raise AssertionError("unreachable")
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=10000", "foreign_keys=ON"):
-        cursor.execute(f"PRAGMA {pragma}")
-    cursor.close()
+def _sqlite_pragmas(busy_ms: int) -> Callable[[Any, Any], None]:
+    def apply(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={busy_ms}", "foreign_keys=ON"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    return apply
 
 
 def _upgrade(connection: Connection) -> None:
@@ -68,7 +75,7 @@ def _upgrade(connection: Connection) -> None:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, busy_ms: int = 10_000) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
@@ -76,9 +83,14 @@ class Database:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: AsyncEngine = create_async_engine(
-                url, pool_size=1, max_overflow=0, pool_timeout=300, hide_parameters=True
+                url,
+                async_creator=lambda: sqlite_inline.connect(path or ":memory:"),
+                pool_size=1,
+                max_overflow=0,
+                pool_timeout=300,
+                hide_parameters=True,
             )
-            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas(busy_ms))
         else:
             self.engine = create_async_engine(
                 url,
