@@ -33,6 +33,7 @@ from relay.core.uploads import Uploads
 from relay.core.upstream_hooks import UpstreamHooks
 from relay.images import image_store, load_or_create_secret
 from relay.metrics import Metrics
+from relay.store import sqlite_inline
 from relay.store.attempts import AttemptStore
 from relay.store.db import Database
 from relay.store.health import HealthStore
@@ -49,7 +50,7 @@ class Relay:
         self.config = config
         self.clock = clock
         self.metrics = Metrics()
-        self.db = Database(config.database_url(), pool_size=config.database.pool_size)
+        self.db = Database(config.database_url(), pool_size=config.database.pool_size, busy_ms=sqlite_inline.BUSY_MS)
         self.keys = KeyStore(self.db.engine)
         # This process, as the owner of the jobs it follows (`store.leases`).
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{secrets_module.token_hex(3)}"
@@ -118,6 +119,7 @@ class Relay:
             lifecycle=self.lifecycle,
             store=self.store,
             clock=clock,
+            metrics=self.metrics,
             submitting=self.submitter.submitting,
             leases=self.leases,
             follow=self.tracker.adopt,
@@ -190,6 +192,7 @@ class Relay:
 
     async def close(self) -> None:
         self.ready = False
+        await self.upstream_hooks.close()
         await self.submitter.close()
         await self.jobs.close()
         await self.tracker.stop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -38,6 +39,8 @@ log = logging.getLogger("relay.lifecycle")
 # A round's finished jobs are delivered in chunks of this many; each chunk's images are kept in one batch (a local
 # directory writes a batch on one of its own threads, a bucket takes its objects at once).
 DELIVERY_CHUNK = 25
+# How many ended jobs' upstream tasks are remembered (`Lifecycle.ended_here`).
+ENDED_REMEMBERED = 10_000
 _FILE_OF = {ResultShape.GRID: GRID, ResultShape.IMAGE: IMAGE}
 
 
@@ -125,8 +128,14 @@ class Lifecycle:
         self._jobs: dict[str, dict[str, Tracked]] = {name: {} for name in pool.names}
         self._by_job: dict[str, Tracked] = {}
         self._by_upstream: dict[tuple[str, str], Tracked] = {}
+        # The upstream tasks of the jobs that ended here lately (oldest first): a hook about one, arriving after a
+        # read saw the end, is known late without a database read.
+        self._ended: OrderedDict[tuple[str, str], None] = OrderedDict()
         # Progress of many jobs written together: a round's changes, and the upstream hooks arriving meanwhile.
         self._progress: Batcher[ProgressChange, None] = Batcher(self._write_progress, "progress")
+        # The lease checks of deliveries starting together, renewed together: each is a write, and a thousand
+        # grids finishing at once must not queue a thousand transactions ahead of their downloads.
+        self._holds: Batcher[str, bool] = Batcher(self._hold_leases, "leases")
         self._deliveries: set[asyncio.Task[None]] = set()
         self._download_slots = asyncio.Semaphore(64)
         self.on_follow: Callable[[str], None] = lambda provider: None  # the tracker's wake-up
@@ -165,6 +174,10 @@ class Lifecycle:
     def find(self, provider: str, upstream_id: str) -> Tracked | None:
         """The followed job that is this provider's task `upstream_id`."""
         return self._by_upstream.get((provider, upstream_id))
+
+    def ended_here(self, provider: str, upstream_id: str) -> bool:
+        """Whether this provider's task `upstream_id` belongs to a job that ended here lately."""
+        return (provider, upstream_id) in self._ended
 
     def following(self, job_id: str) -> bool:
         return job_id in self._by_job
@@ -373,11 +386,16 @@ class Lifecycle:
         lease another process took while this one stalled is left to it."""
         if self.leases is None:
             return finished
-        held = await self.leases.hold([t.job_id for t, _ in finished], self.clock.now())
-        for tracked, _ in finished:
-            if tracked.job_id not in held:
+        holds = await asyncio.gather(*(self._holds(t.job_id) for t, _ in finished))
+        for (tracked, _), held in zip(finished, holds, strict=True):
+            if not held:
                 self.forget(tracked.job_id)
-        return [(t, v) for t, v in finished if t.job_id in held]
+        return [pair for pair, held in zip(finished, holds, strict=True) if held]
+
+    async def _hold_leases(self, job_ids: list[str]) -> list[bool]:
+        assert self.leases is not None
+        held = await self.leases.hold(job_ids, self.clock.now())
+        return [job_id in held for job_id in job_ids]
 
     async def _download(self, tracked: Tracked, view: TaskView) -> bytes | str | None:
         """The result's bytes, why they could not be had, or None for a result that is text."""
@@ -409,8 +427,10 @@ class Lifecycle:
         if self._by_job.pop(tracked.job_id, None) is None:
             return True
         self._jobs[tracked.provider].pop(tracked.job_id, None)
-        if self._by_upstream.get((tracked.provider, tracked.upstream_id)) is tracked:
-            del self._by_upstream[(tracked.provider, tracked.upstream_id)]
+        # Until its ending is written, an upstream hook about the job still finds it here, being ended (nothing to
+        # apply), instead of looking for it in the database: the upstream's own call often comes after a read saw
+        # the end.
+        tracked.delivering = True
         try:
             await self.finisher.end(
                 tracked.job_id,
@@ -429,12 +449,19 @@ class Lifecycle:
             tracked.due_at = self.clock.now()
             self.follow(tracked)
             return False
+        key = (tracked.provider, tracked.upstream_id)
+        if self._by_upstream.get(key) is tracked:
+            del self._by_upstream[key]
+        self._ended[key] = None
+        if len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
         if tracked.slot:
             self.pool.release(tracked.provider)
         return True
 
     async def close(self) -> None:
         await self._progress.close()
+        await self._holds.close()
         await cancel_all(list(self._deliveries))
 
 

@@ -20,10 +20,18 @@ With several relay processes on one database, a call may reach a process that do
 process looks the job up by `state`: one followed by another live process is forwarded to it (`core.broadcast`);
 one whose process is gone (its lease ran out) is claimed and followed here at once, ahead of the next adoption
 round.
+
+A call is answered (204) as soon as its token is checked, and applied right after (`take`): midjourney-proxy makes
+its calls from a small pool of threads (ten by default), each waiting for the answer, so a relay that answered only
+after writing what a call said would hold back every later call behind its own group commits. Up to `MAX_APPLYING`
+calls are applied at once this way; beyond that a call is applied before it is answered, which slows a provider
+that calls faster than the relay can apply. Nothing is lost by answering first: the provider never retries a call,
+whatever the answer, and polling remains the safety net.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -36,12 +44,15 @@ from relay.core.lifecycle import Lifecycle, Tracked
 from relay.core.providers import ProviderPool
 from relay.domain import JobState
 from relay.logs import event
+from relay.metrics import Metrics
 from relay.store.jobs import JobRow, JobStore
 from relay.store.leases import Leases
 
 log = logging.getLogger("relay.hooks")
 
-Outcome = Literal["applied", "adopted", "forwarded", "unknown", "unreadable"]
+Outcome = Literal["applied", "adopted", "forwarded", "late", "unknown", "unreadable", "failed"]
+# Calls being applied after their answer, at most (each holds its body, a few kilobytes).
+MAX_APPLYING = 1000
 # (the process that follows the job, provider, upstream id, the call's body)
 Forward = Callable[[str, str, str, bytes], Awaitable[None]]
 
@@ -60,6 +71,7 @@ class UpstreamHooks:
         lifecycle: Lifecycle,
         store: JobStore,
         clock: Clock,
+        metrics: Metrics,
         submitting: Callable[[str], bool],
         leases: Leases | None = None,
         follow: Callable[[list[JobRow]], Awaitable[None]] | None = None,
@@ -70,10 +82,14 @@ class UpstreamHooks:
         self.lifecycle = lifecycle
         self.store = store
         self.clock = clock
+        self.metrics = metrics
         self._submitting = submitting  # whether this process is submitting a job right now
         self.leases = leases
         self._follow = follow  # follow jobs just claimed (the tracker's adoption)
         self.forward: Forward | None = None  # hand a call to the process that follows its job
+        # Each provider's valid tokens (one per signing secret), made once: checking a call costs no HMAC.
+        self._tokens = {name: [hook_token(s, name).encode() for s in self.secrets] for name in pool.settings}
+        self._applying: set[asyncio.Task[Outcome]] = set()
 
     def url(self, provider: str) -> str | None:
         """The hook URL a submit to `provider` names; None when it gets none."""
@@ -84,9 +100,39 @@ class UpstreamHooks:
         return f"{public}/hooks/{provider}/{hook_token(self.secrets[0], provider)}"
 
     def accepts(self, provider: str, token: str) -> bool:
-        if provider not in self.pool.settings:
+        tokens = self._tokens.get(provider)
+        if tokens is None:
             return False
-        return any(hmac.compare_digest(token.encode(), hook_token(s, provider).encode()) for s in self.secrets)
+        given = token.encode()
+        return any(hmac.compare_digest(given, valid) for valid in tokens)
+
+    def take(self, provider: str, body: bytes) -> bool:
+        """Apply a call (its token checked) after it is answered; False when `MAX_APPLYING` are being applied
+        already, and the caller must apply it (`apply`) before answering."""
+        if len(self._applying) >= MAX_APPLYING:
+            return False
+        task = asyncio.create_task(self.apply(provider, body), name=f"hook:{provider}")
+        self._applying.add(task)
+        task.add_done_callback(self._applying.discard)
+        return True
+
+    async def apply(self, provider: str, body: bytes) -> Outcome:
+        """Apply one call and count its outcome; a failure is logged and counted, never raised (the call was
+        answered already, or its answer says nothing)."""
+        try:
+            outcome = await self.receive(provider, body)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("applying an upstream hook failed", extra={"fields": {"provider": provider}})
+            outcome = "failed"
+        self.metrics.upstream_hooks.labels(provider, outcome).inc()
+        return outcome
+
+    async def close(self) -> None:
+        """Let the calls being applied finish (they end in the lifecycle's own writes)."""
+        while self._applying:
+            await asyncio.gather(*self._applying, return_exceptions=True)
 
     async def receive(self, provider: str, body: bytes) -> Outcome:
         """Apply one hook call from `provider` (its token already checked)."""
@@ -97,6 +143,8 @@ class UpstreamHooks:
         if tracked is not None:
             await self.lifecycle.hook(tracked, view)
             return "applied"
+        if self.lifecycle.ended_here(provider, view.upstream_id):
+            return "late"  # its job ended here already (a read saw the end first): nothing to apply
         if not view.state or self._submitting(view.state) or self.lifecycle.following(view.state):
             return "unknown"  # a submit here is under way: it follows the job itself, polling reads it
         row = await self.store.get(view.state)

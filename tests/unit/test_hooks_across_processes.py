@@ -3,11 +3,13 @@ holds the job's lease, or, once that process is gone, the job is claimed here an
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from adapters import TaskStatus
+from relay.core import upstream_hooks
 from relay.core.upstream_hooks import UpstreamHooks
 from relay.store.jobs import JobState, JobStore, NewJob
 from relay.store.leases import Leases
@@ -31,6 +33,7 @@ def hooks_of(world: World, forwarded: Forwarded) -> UpstreamHooks:
         lifecycle=lifecycle,
         store=world.store,
         clock=world.clock,
+        metrics=world.pool.metrics,
         submitting=lambda job_id: False,
         leases=Leases(world.store.engine, world.store.owner, 30),
         follow=world.tracker.adopt,
@@ -85,7 +88,7 @@ async def test_a_live_process_s_job_is_forwarded_and_a_dead_one_s_claimed(world:
     assert await hooks.receive("sim", finished) == "applied"
     await world.settle()
     assert await world.state("job_elsewhere1") == ("SUCCEEDED", None, "captured")
-    assert await hooks.receive("sim", finished) == "unknown"  # ended: a late duplicate changes nothing
+    assert await hooks.receive("sim", finished) == "late"  # ended here: a late duplicate changes nothing
 
 
 async def test_a_pending_job_of_a_live_process_is_left_to_it(world: World) -> None:
@@ -123,3 +126,37 @@ async def test_a_forwarded_call_too_large_to_carry_makes_the_job_due_at_once(wor
     assert row is not None and row.upstream_id is not None
     await hooks.forwarded("sim", None, row.upstream_id)
     assert tracked.due_at == world.clock.now()
+
+
+async def test_a_call_is_applied_after_it_is_answered_and_counted(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`take` returns before the call is applied (the provider's notify thread waits for nothing else); `close`
+    waits for what is being applied; with `MAX_APPLYING` calls under way, the caller must apply it itself."""
+    hooks = hooks_of(world, Forwarded())
+    job_id = await world.submit("a fox")
+    row = await world.store.get(job_id)
+    assert row is not None and row.upstream_id is not None
+    world.clock.advance(11)
+    body = body_of(world, row.upstream_id)
+    gate = asyncio.Event()
+    receive = hooks.receive
+
+    async def held_back(provider: str, call: bytes) -> upstream_hooks.Outcome:
+        await gate.wait()
+        return await receive(provider, call)
+
+    monkeypatch.setattr(hooks, "receive", held_back)
+    applied = world.pool.metrics.upstream_hooks.labels("sim", "applied")
+    assert hooks.take("sim", body)
+    await asyncio.sleep(0)
+    assert applied._value.get() == 0 and await world.state(job_id) != ("SUCCEEDED", None, "captured")
+    gate.set()
+    await hooks.close()
+    await world.settle()
+    assert applied._value.get() == 1
+    assert await world.state(job_id) == ("SUCCEEDED", None, "captured")
+
+    monkeypatch.setattr(upstream_hooks, "MAX_APPLYING", 0)
+    assert not hooks.take("sim", body)
+    assert await hooks.apply("sim", b"not json") == "unreadable"
