@@ -1,6 +1,9 @@
 """The simulator's `notifyHook` calls, as midjourney-proxy makes them: a POST of the whole task JSON to the URL a
 submit named, each time the task changes (it starts running, each progress step, its end), once, unsigned, never
-retried, the answer ignored.
+retried, the answer ignored. midjourney-proxy posts from a pool of threads (`notifyPoolSize`, 10) through Spring's
+`RestTemplate` over the JDK's `HttpURLConnection`, which keeps connections to a host open and reuses them, and
+sends a POST again once when a kept connection turns out closed before any answer; so does the simulator, with
+`lanes` calls under way at once.
 
 Faults can be injected, to test a receiver that must be idempotent and order-tolerant and a relay that must fall
 back on polling:
@@ -39,8 +42,12 @@ class HookSettings:
     delay_s: float = 0.0
     progress: bool = True
     timeout_s: float = 5.0
-    lanes: int = 32  # calls under way at once
+    lanes: int = 32  # calls under way at once (midjourney-proxy: `notifyPoolSize`, 10)
     seed: int | None = None
+
+
+class _NoAnswer(Exception):
+    """The connection was closed before any answer came."""
 
 
 class HookSender:
@@ -61,6 +68,7 @@ class HookSender:
         self._post = post or self._http_post
         self._tasks: set[asyncio.Task[None]] = set()
         self._lanes = asyncio.Semaphore(settings.lanes)
+        self._idle: dict[tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
         self.sent = 0  # calls made (duplicates counted twice, drops not)
         engine.watchers.append(self.watch)
 
@@ -104,24 +112,56 @@ class HookSender:
                 await self._post(url, body)
 
     async def _http_post(self, url: str, body: bytes) -> None:
-        """One bare HTTP/1.1 POST on its own connection, the status line read and the rest ignored: a call made
-        once and forgotten needs no more (and an HTTP client's pool bookkeeping per call cost the simulator more
-        than its answers to the relay)."""
+        """One HTTP/1.1 POST on a kept connection to the receiver (or a new one), its answer read and ignored."""
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             return  # the simulator calls plain-HTTP receivers only
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        head = (
+        request = (
             f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        where = (parts.hostname, parts.port or 80)
         async with asyncio.timeout(self.settings.timeout_s):
-            reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
-            try:
-                writer.write(head.encode() + body)
-                await writer.drain()
-                await reader.readline()
-            finally:
+            kept = self._idle.get(where)
+            if kept:
+                reader, writer = kept.pop()
+                try:
+                    await self._exchange(where, reader, writer, request)
+                    return
+                except _NoAnswer:  # closed by the receiver while kept: made again once, as the JDK does
+                    pass
+            reader, writer = await asyncio.open_connection(*where)
+            await self._exchange(where, reader, writer, request)
+
+    async def _exchange(
+        self, where: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+    ) -> None:
+        """Send the request and read the answer; the connection is kept for the next call when the answer allows."""
+        keep = False
+        try:
+            writer.write(request)
+            await writer.drain()
+            status = await reader.readline()
+            if not status:
+                raise _NoAnswer
+            length, keep = 0, not status.startswith(b"HTTP/1.0")
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+                elif name.strip().lower() == "connection" and "close" in value.lower():
+                    keep = False
+            await reader.readexactly(length)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            keep = False
+            if isinstance(exc, ConnectionError):
+                raise _NoAnswer from None
+            raise
+        finally:
+            if keep:
+                self._idle.setdefault(where, []).append((reader, writer))
+            else:
                 writer.close()
 
     async def aclose(self) -> None:
@@ -130,3 +170,7 @@ class HookSender:
         for job in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await job
+        for kept in self._idle.values():
+            for _, writer in kept:
+                writer.close()
+        self._idle.clear()

@@ -118,3 +118,43 @@ async def test_a_task_waiting_in_modal_is_called_once_confirmed() -> None:
     engine.submit("modal", {"taskId": waiting.body["result"], "maskBase64": png()})
     await run(clock, 1.5)
     assert recorder.steps() == [("IN_PROGRESS", "0%"), ("SUCCESS", "100%")]
+
+
+async def test_calls_over_http_reuse_a_kept_connection_and_survive_its_closing() -> None:
+    """As the JDK's HttpURLConnection under midjourney-proxy's RestTemplate: calls to one receiver share a kept
+    connection, and one the receiver closed while it was kept is replaced (the call made again, once)."""
+    received: list[bytes] = []
+    connections = 0
+    close_after_answer = False
+
+    async def receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while line := await reader.readline():
+                length = 0
+                while (header := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = header.decode().partition(":")
+                    length = int(value) if name.lower() == "content-length" else length
+                received.append(line + await reader.readexactly(length))
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                await writer.drain()
+                if close_after_answer:
+                    break
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(receiver, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks/up/token"
+    sender = HookSender(SimEngine(SimSettings(tile_px=16)), HookSettings(), "http://sim/cdn")
+    for n in range(3):
+        await sender._http_post(url, json.dumps({"n": n}).encode())
+    assert connections == 1 and len(received) == 3
+    close_after_answer = True
+    await sender._http_post(url, b"{}")  # answered, then the receiver closes the kept connection
+    await asyncio.sleep(0.05)
+    await sender._http_post(url, b'{"after": "close"}')  # on the dead connection first, then on a new one
+    assert received[-1].endswith(b'{"after": "close"}') and connections == 2
+    await sender.aclose()
+    server.close()
+    await server.wait_closed()
