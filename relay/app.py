@@ -64,7 +64,7 @@ def routes() -> list[Route]:
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
         Route("/openapi.json", openapi.openapi, methods=["GET"]),
-        Route("/hooks/{provider}/{token}", hooks.upstream_hook, methods=["POST"]),
+        Route(hooks.PATH, hooks.upstream_hook, methods=["POST"]),
         *mj_routes.routes(),
         *admin.routes(),
     ]
@@ -86,6 +86,7 @@ def build_app(config: Config, *, clock: Clock | None = None, upstreams: dict[str
         routes=routes(),
         middleware=[
             Middleware(Observe, metrics=relay.metrics),
+            Middleware(hooks.HookLane, hooks=relay.upstream_hooks, limit=config.server.max_body_bytes),
             *(
                 [Middleware(Cors, origins=config.cors.origins, max_age_s=config.cors.max_age_s)]
                 if config.cors.origins

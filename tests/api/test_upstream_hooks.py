@@ -5,6 +5,7 @@ never wrote down."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -164,3 +165,41 @@ def test_new_api_drops_the_hook_and_polling_does_the_work(tmp_path: Path) -> Non
         task_id = world.imagine("a new-api heron")
         wait_for(lambda: world.task(task_id)["status"] == "SUCCESS", timeout=10)
         assert world.engine.reads > 0
+
+
+def test_a_call_is_taken_in_its_own_lane_or_the_ordinary_way_and_counted_as_a_request(tmp_path: Path) -> None:
+    """A call with a length takes the hook lane (ahead of the middleware and the router); one sent in chunks, with
+    no stated length, or one over the body limit, goes the ordinary way; both are applied, both are requests in the
+    metrics and the log."""
+    with hooked(tmp_path, None) as world:  # the simulator calls nothing: the test makes the calls
+        hook = f"{world.relay.base}/hooks/up/{hook_token(SIGNING, 'up')}"
+        first, second = world.imagine("a heron in its lane"), world.imagine("a heron in chunks")
+        upstream_ids = {task_id: relay_task_upstream_id(world, task_id) for task_id in (first, second)}
+        wait_for(lambda: all(finished(world, u) for u in upstream_ids.values()), timeout=10)
+        cdn = world.upstream + "/cdn"  # where the simulator's images are, as its own calls name them
+        bodies = {t: json.dumps(world.engine.task(u, cdn)).encode() for t, u in upstream_ids.items()}
+        assert httpx.post(hook, content=bodies[first]).status_code == 204  # Content-Length: the lane
+
+        def chunks() -> Iterator[bytes]:
+            yield bodies[second][:10]
+            yield bodies[second][10:]
+
+        assert httpx.post(hook, content=chunks()).status_code == 204  # chunked: the route
+        wait_for(lambda: world.task(first)["status"] == "SUCCESS", timeout=10)
+        wait_for(lambda: world.task(second)["status"] == "SUCCESS", timeout=10)
+        assert world.engine.reads == 0  # the calls did it (the poll interval is 30 s)
+        huge = b'{"id": "' + b"x" * (world.relay.config.server.max_body_bytes + 1) + b'"}'
+        assert httpx.post(hook, content=huge).status_code == 413
+        metrics = httpx.get(world.relay.base + "/metrics").text
+        counted = 'mj_relay_http_requests_total{method="POST",route="/hooks/{provider}/{token}",status="2xx"} 2.0'
+        assert counted in metrics
+        assert 'mj_relay_upstream_hooks_total{outcome="applied",provider="up"} 2.0' in metrics
+
+
+def relay_task_upstream_id(world: World, task_id: str) -> str:
+    return str(sql(world.relay.config, "SELECT upstream_id FROM jobs WHERE id = ?", task_id)[0][0])
+
+
+def finished(world: World, upstream_id: str) -> bool:
+    task = world.engine.task(upstream_id, world.upstream)
+    return task is not None and task["status"] == "SUCCESS"
