@@ -292,7 +292,9 @@ class Lifecycle:
             task = asyncio.create_task(self._deliver(successes), name=f"deliver:{provider}")
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
-        if records:
+        if len(records) == 1:  # a hook's one change: no gather (a task per call) for it
+            await self._progress(records[0])
+        elif records:
             await asyncio.gather(*(self._progress(record) for record in records))
         for tracked, step in changes:
             tracked.state, tracked.progress = step.state or tracked.state, step.progress
@@ -300,9 +302,10 @@ class Lifecycle:
                 self.pool.release(tracked.provider)
                 tracked.slot = False
             self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
-        await asyncio.gather(
-            *(self.end(t, succeeded=False, error_code=code, reason=reason) for t, code, reason in failures.values())
-        )
+        if failures:
+            await asyncio.gather(
+                *(self.end(t, succeeded=False, error_code=code, reason=reason) for t, code, reason in failures.values())
+            )
 
     async def hook(self, tracked: Tracked, view: TaskView) -> None:
         """Apply what an upstream hook said of a job, as a read would; a job hooks keep current is read by polling
