@@ -86,8 +86,9 @@ class HookSender:
 
     async def _follow(self, task_id: str, url: str, moments: list[float]) -> None:
         for moment in moments:
-            wait = moment - self.engine.now()
-            if wait > 0:
+            # A timer may fire a little before the wall clock the engine reads reaches its time: the view taken
+            # then would not show the change yet (an "end" call still saying IN_PROGRESS, and no call after it).
+            while (wait := moment - self.engine.now()) > 0:
                 await self._sleep(wait)
             view = self.engine.task(task_id, self.image_base)
             if view is None:  # forgotten (sim:lose)

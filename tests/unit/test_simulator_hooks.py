@@ -66,6 +66,23 @@ async def test_without_progress_only_the_start_and_the_end_are_called_and_no_hoo
     assert recorder.steps() == [("IN_PROGRESS", "0%"), ("SUCCESS", "100%")]
 
 
+async def test_a_timer_that_fires_early_does_not_make_a_call_before_its_change() -> None:
+    """A loop's timer can fire a moment before the wall clock reaches its time: the end call must still say the
+    task ended (else nothing follows it and the receiver waits for a poll)."""
+    clock = FakeClock()
+    engine = SimEngine(SimSettings(fast_s=1.0, tile_px=16), now=clock.now)
+
+    async def early(seconds: float) -> None:  # a long wait ends 2 ms early; a short one ends a little late
+        clock.advance(seconds - 0.002 if seconds > 0.01 else seconds + 1e-6)
+
+    recorder = Recorder(clock)
+    HookSender(engine, HookSettings(progress=False), "http://sim/cdn", post=recorder, sleep=early)
+    engine.submit("imagine", {"prompt": "a cat", "notifyHook": "http://relay/h"})
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert recorder.steps() == [("IN_PROGRESS", "0%"), ("SUCCESS", "100%")]
+
+
 async def test_a_failing_task_ends_at_its_failure() -> None:
     clock, engine, recorder, _ = world(HookSettings(progress=False))
     engine.submit("imagine", {"prompt": "a cat sim:fail", "notifyHook": "http://relay/h"})
