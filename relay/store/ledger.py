@@ -15,6 +15,7 @@ beside live relay processes. `export_rows` and `render_csv` give the rows to ope
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import time
@@ -87,6 +88,10 @@ class LedgerRow:
     created_at: float
 
 
+# Ledger rows read at once by an export (about 40 ms of the event loop's time on SQLite).
+EXPORT_PAGE = 5_000
+
+
 async def export_rows(engine: AsyncEngine, key_id: str | None = None, since: float | None = None) -> list[LedgerRow]:
     """The ledger's rows in the order they were written, of one key and from a time when asked."""
     query = select(ledger, keys.c.name.label("key_name")).join(keys, keys.c.id == ledger.c.key_id)
@@ -94,8 +99,16 @@ async def export_rows(engine: AsyncEngine, key_id: str | None = None, since: flo
         query = query.where(ledger.c.key_id == key_id)
     if since is not None:
         query = query.where(ledger.c.created_at >= since)
-    async with engine.connect() as conn:
-        rows = (await conn.execute(query.order_by(ledger.c.id))).all()
+    rows: list[Any] = []
+    after = 0
+    while True:  # in pages, letting the loop run between them: on SQLite a read holds it while it runs
+        async with engine.connect() as conn:
+            page = (await conn.execute(query.where(ledger.c.id > after).order_by(ledger.c.id).limit(EXPORT_PAGE))).all()
+        rows.extend(page)
+        if len(page) < EXPORT_PAGE:
+            break
+        after = int(page[-1].id)
+        await asyncio.sleep(0)
     return [
         LedgerRow(
             id=int(row.id),

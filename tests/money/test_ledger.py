@@ -35,7 +35,9 @@ async def run_sql(db: Database, *statements: str) -> None:
             await conn.execute(text(statement))
 
 
-async def test_every_movement_has_its_row_and_the_ledger_balances(db: Database) -> None:
+async def test_every_movement_has_its_row_and_the_ledger_balances(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
     keys, store = KeyStore(db.engine), JobStore(db.engine)
     record, _ = await keys.create("team", 20, NOW)
     assert await store.open(record.id, [job("j1"), job("j2")], NOW)
@@ -61,6 +63,10 @@ async def test_every_movement_has_its_row_and_the_ledger_balances(db: Database) 
     assert report.ok and (report.keys, report.jobs, report.rows) == (1, 3, 8)
     assert await ledger.export_rows(db.engine, key_id="nobody") == []
     assert len(await ledger.export_rows(db.engine, since=NOW + 2)) == 2
+    monkeypatch.setattr(ledger, "EXPORT_PAGE", 3)  # read in pages of three: the same rows, in the same order
+    assert await ledger.export_rows(db.engine) == rows
+    since = await ledger.export_rows(db.engine, since=NOW + 1)
+    assert [r.kind for r in since] == ["capture", "release", "topup", "adjust"]
     (use,) = await ledger.usage(db.engine)
     assert (use.model, use.action, use.jobs, use.credits, use.released_jobs, use.released_credits) == (
         "mj-fast",
