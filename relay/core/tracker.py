@@ -153,8 +153,9 @@ class Tracker:
             if delay > 0:
                 # Then look again: jobs may have come meanwhile, and a timer may fire a little before the wall
                 # clock reaches its time. A job read even a moment early finds its task unfinished and waits a
-                # whole interval more.
-                await self.clock.sleep(delay)
+                # whole interval more. At least every quarter interval: an upstream hook may have made a job due
+                # sooner than it was (`read_after_hook`).
+                await self.clock.sleep(min(delay, interval / 4))
                 continue
             round_start = self.clock.now()
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.core.coordination import Coordinator
 from relay.core.events import JobEvents
 from relay.core.finish import Finisher
-from relay.core.lifecycle import Lifecycle, Step, Tracked, observe
+from relay.core.lifecycle import Lifecycle, Step, Tracked, observe, read_after_hook
 from relay.core.providers import ProviderPool
 from relay.core.tracker import Tracker
 from relay.images import ImageStore
@@ -435,3 +436,49 @@ async def test_a_process_whose_lease_was_taken_delivers_nothing(world: World) ->
     await world.tracker.poll("sim")
     await world.settle()
     assert len(downloads) == 1 and await world.state(second) == ("SUCCEEDED", None, "captured")
+
+
+@pytest.mark.parametrize(
+    ("running_since", "progress", "due"),
+    [
+        (None, 0, 110.0),  # not seen running: a whole interval of silence
+        (100.0, 0, 110.0),  # running, no progress yet: nothing to go by
+        (90.0, 50, 110.0),  # half done in 10 s: ends at 110, later than a whole interval of silence
+        (98.0, 80, 103.0),  # 80% in 2 s: ends at 100.5, read a quarter of an interval after
+        (99.0, 99, 102.5),  # about to end: a quarter of an interval from now, never sooner
+        (100.0, 50, 110.0),  # started just now (no time to go by)
+    ],
+)
+def test_a_job_hooks_speak_of_is_read_after_silence_or_soon_after_its_expected_end(
+    running_since: float | None, progress: int, due: float
+) -> None:
+    assert read_after_hook(100.0, 10.0, running_since, progress) == pytest.approx(due, abs=0.02)
+
+
+async def test_a_job_whose_end_call_is_lost_is_read_soon_after_its_progress_says_it_ends(world: World) -> None:
+    """Calls report the job running and its progress, then the end call is lost: the job is read a quarter of an
+    interval after the end its progress pointed at, not a whole interval after the last call."""
+    lifecycle = world.tracker.lifecycle
+    job_id = await world.submit("a hare")
+    tracked = lifecycle._by_job[job_id]
+    interval = world.pool.poll_interval("sim")
+    duration = world.engine.settings.duration("fast")
+    said = None
+    for _ in range(400):  # the upstream calls when its task changes, until it is about to end
+        world.clock.advance(duration / 400)
+        seen = world.engine.task(tracked.upstream_id, "sim://sim")
+        assert seen is not None
+        if seen["status"] == "SUCCESS":
+            break  # the end call is lost
+        if (seen["status"], seen["progress"]) == said:
+            continue
+        said = (seen["status"], seen["progress"])
+        view = world.pool.upstreams["sim"].parse_hook(json.dumps(seen).encode())
+        assert view is not None
+        await lifecycle.hook(tracked, view)
+        last_call = world.clock.now()
+    assert tracked.running_since is not None and tracked.progress >= 90
+    assert tracked.due_at < last_call + interval  # sooner than a whole interval of silence
+    end = tracked.running_since + (last_call - tracked.running_since) * 100 / tracked.progress
+    assert tracked.due_at == pytest.approx(end + interval / 4, abs=0.01)
+    assert end == pytest.approx(tracked.running_since + duration * 0.9, abs=duration / 100)  # the task's own end
