@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 import zlib
 from dataclasses import dataclass
 from typing import cast
-from urllib.parse import SplitResult, urljoin, urlsplit
+from urllib.parse import SplitResult, quote, urljoin, urlsplit
 from urllib.request import getproxies_environment
 
 import httptools
@@ -37,6 +38,12 @@ IDLE_S = 5.0
 MAX_REDIRECTS = 5
 REDIRECTS = {301, 302, 303, 307, 308}
 USER_AGENT = "mj-relay"
+# Characters left as they are in a request's path and query (RFC 3986's unreserved and reserved ones, and `%` of
+# what is encoded already); anything else is percent-encoded.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+_QUERY_SAFE = _PATH_SAFE + "?"
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HttpFailure(Exception):
@@ -271,11 +278,18 @@ class Lane:
         parts = urlsplit(url)
         origin = _origin(parts)
         proxy = self.proxies.for_origin(origin)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # What the URL holds beyond the characters a request line may carry (spaces, controls, other scripts) is
+        # percent-encoded, as a browser does: a URL from an upstream cannot add to the request.
+        target = quote(parts.path or "/", safe=_PATH_SAFE) + (
+            f"?{quote(parts.query, safe=_QUERY_SAFE)}" if parts.query else ""
+        )
         if proxy is not None and origin.scheme == "http":
             target = f"http://{origin.authority}{target}"  # a plain-HTTP proxy takes the whole URL
         lines = [f"{method} {target} HTTP/1.1", f"Host: {origin.authority}", f"User-Agent: {USER_AGENT}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
+        for name, value in headers.items():
+            if not _TOKEN.fullmatch(name) or _FORBIDDEN_IN_VALUE.search(value):
+                raise HttpFailure(f"a header the client will not send: {name!r}", sent=False)
+            lines.append(f"{name}: {value}")
         if body or method in ("POST", "PUT", "PATCH"):
             lines.append(f"Content-Length: {len(body)}")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

@@ -426,3 +426,19 @@ async def test_https_goes_through_a_proxys_tunnel(certificate: tuple[Path, Path]
             assert reply.body == path.encode()
         await client.aclose()
     assert asked == [f"CONNECT localhost:{port} HTTP/1.1"]  # one tunnel, kept for both requests
+
+
+async def test_an_untrusted_url_cannot_add_to_the_request_and_headers_are_checked() -> None:
+    counting = Counting()
+    async with server(counting) as port:
+        client = lane()
+        odd = f"http://127.0.0.1:{port}/cdn/a b\u00e9.png?x=1 2&y=%41"
+        reply = await client.request("GET", odd, timeout_s=2)
+        assert reply.status == 200
+        with pytest.raises(HttpFailure) as failure:
+            await client.request("GET", f"http://127.0.0.1:{port}/", headers={"X-A": "1\r\nX-B: 2"}, timeout_s=2)
+        assert not failure.value.sent
+        with pytest.raises(HttpFailure):
+            await client.request("GET", f"http://127.0.0.1:{port}/", headers={"Bad Name": "1"}, timeout_s=2)
+        await client.aclose()
+    assert [line for line, _, _ in counting.requests] == ["GET /cdn/a%20b%C3%A9.png?x=1%202&y=%41 HTTP/1.1"]
