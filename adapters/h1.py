@@ -20,13 +20,14 @@ what an adapter must know to decide whether a submit may be sent again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import re
 import ssl
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import cast
-from urllib.parse import SplitResult, quote, urljoin, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urljoin, urlsplit
 from urllib.request import getproxies_environment
 
 import httptools
@@ -76,6 +77,7 @@ class _Origin:
     scheme: str
     host: str
     port: int
+    auth: str | None = field(default=None, compare=False)  # a proxy's `Proxy-Authorization`, from its URL
 
     @property
     def authority(self) -> str:
@@ -85,13 +87,23 @@ class _Origin:
 
 
 def _origin(parts: SplitResult) -> _Origin:
+    """Where a URL points, its host in ASCII (a name in another script as IDNA); `HttpFailure` when it points
+    nowhere this client can go."""
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise HttpFailure(f"not an http(s) URL: {parts.scheme or 'no'} scheme", sent=False)
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise HttpFailure("the URL's port is not a number", sent=False) from None
-    return _Origin(parts.scheme, parts.hostname, port)
+        host = parts.hostname if parts.hostname.isascii() else parts.hostname.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError):
+        raise HttpFailure("the URL's host or port cannot be used", sent=False) from None
+    return _Origin(parts.scheme, host, port)
+
+
+def _split(url: str, *, sent: bool) -> SplitResult:
+    try:
+        return urlsplit(url)
+    except ValueError:  # an unclosed IPv6 bracket, and such
+        raise HttpFailure("not a URL the client can call", sent=sent) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +137,14 @@ class Proxies:
         url = self.by_scheme.get(origin.scheme) or self.by_scheme.get("all")
         if not url or self.bypassed(origin):
             return None
-        parts = urlsplit(url if "://" in url else f"http://{url}")
+        parts = _split(url if "://" in url else f"http://{url}", sent=False)
         if parts.scheme != "http":  # an https or socks proxy is not something this client speaks
             raise HttpFailure(f"unsupported proxy scheme {parts.scheme!r} (HTTP proxies only)", sent=False)
-        return _origin(parts)
+        proxy = _origin(parts)
+        if parts.username is None:
+            return proxy
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        return replace(proxy, auth="Basic " + base64.b64encode(credentials).decode("ascii"))
 
 
 class _Connection(asyncio.Protocol):
@@ -149,6 +165,8 @@ class _Connection(asyncio.Protocol):
         self._framed = False  # the answer says where its body ends (a length, or chunks)
         self._keep = False  # the server keeps the connection open after this answer
         self._head_only = False
+        self._reply: Reply | None = None  # the answer, taken the moment its message is complete
+        self._stray = False  # bytes of another message came after the answer: the connection is out of step
         self.received = False  # any byte of the current answer
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------------
@@ -167,6 +185,9 @@ class _Connection(asyncio.Protocol):
             self._fail(HttpFailure("the server switched protocols", sent=True))
         except httptools.HttpParserError as exc:
             self._fail(HttpFailure(f"malformed answer: {exc}", sent=True))
+            self.close()  # also when the answer was complete already: what follows it is not to be trusted
+        if self._stray:
+            self.close()
 
     def eof_received(self) -> bool:
         return False
@@ -175,12 +196,18 @@ class _Connection(asyncio.Protocol):
         self.lost = True
         if not self.closed.done():
             self.closed.set_result(None)
-        if self._status and not self._framed and exc is None:  # a body that runs to the connection's end: it did
-            self.on_message_complete()
+        if self._status >= 200 and not self._framed and exc is None and self._reply is None:
+            self._complete()  # a body that runs to the connection's end: it did
             return
         self._fail(HttpFailure("the connection closed before the answer was complete", sent=True))
 
     # -- httptools callbacks -----------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._reply is not None:
+            self._stray = True
+        self._status, self._headers, self._body, self._size = 0, {}, [], 0
+        self._framed = self._keep = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.decode("latin-1").lower()
@@ -193,7 +220,7 @@ class _Connection(asyncio.Protocol):
         self._status = self._parser.get_status_code()
         self._keep = self._parser.should_keep_alive()  # (the parser forgets it once the message is complete)
         if self._head_only:  # a proxy's answer to CONNECT: what follows is the tunnel
-            self.on_message_complete()
+            self._complete()
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -203,6 +230,14 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if 100 <= self._status < 200:  # an interim answer (100 Continue, 103 Early Hints): the answer follows
+            self._status = 0
+            return
+        self._complete()
+
+    def _complete(self) -> None:
+        if self._reply is None and self._status:
+            self._reply = Reply(self._status, self._headers, b"".join(self._body))
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -218,16 +253,23 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._waiter = asyncio.get_running_loop().create_future()
         self._status, self._headers, self._body, self._size, self._limit = 0, {}, [], 0, limit
-        self._framed = self.received = self._keep = False
+        self._framed = self.received = self._keep = self._stray = False
+        self._reply = None
         self._head_only = head_only
         self.transport.write(request)
         try:
             await self._waiter
+        except BaseException:  # failed, timed out or cancelled: a late answer must never meet the next request
+            self.close()
+            raise
         finally:
             self._waiter = None
-        reply = Reply(self._status, self._headers, b"".join(self._body))
+        reply, self._reply = self._reply, None
         self._parser, self._body = None, []
-        if not self._keep and not head_only:
+        if reply is None:  # (the waiter is only resolved with an answer taken)
+            self.close()
+            raise HttpFailure("no answer", sent=True)
+        if (not self._keep or self._stray) and not head_only:
             self.close()
         return reply
 
@@ -259,6 +301,8 @@ class Lane:
         follow_redirects: bool = False,
     ) -> Reply:
         """The server's answer; raises `HttpFailure`. `timeout_s` bounds the whole call, redirects included."""
+        if method == "HEAD":  # an answer to HEAD has no body whatever its headers say: not something to parse here
+            raise HttpFailure("HEAD is not supported", sent=False)
         try:
             async with asyncio.timeout(timeout_s):
                 for _ in range(MAX_REDIRECTS + 1):
@@ -266,7 +310,10 @@ class Lane:
                     location = reply.headers.get("location")
                     if not follow_redirects or reply.status not in REDIRECTS or not location:
                         return reply
-                    url = urljoin(url, location)
+                    try:
+                        url = urljoin(url, location)
+                    except ValueError:
+                        raise HttpFailure("the redirect's Location is not a URL", sent=True) from None
                     if reply.status == 303:
                         method, body = "GET", b""
                 raise HttpFailure("too many redirects", sent=True)
@@ -275,7 +322,7 @@ class Lane:
             raise HttpFailure("no answer in time", sent=True, timeout=True) from None
 
     async def _once(self, method: str, url: str, headers: dict[str, str], body: bytes, max_body: int) -> Reply:
-        parts = urlsplit(url)
+        parts = _split(url, sent=False)
         origin = _origin(parts)
         proxy = self.proxies.for_origin(origin)
         # What the URL holds beyond the characters a request line may carry (spaces, controls, other scripts) is
@@ -283,9 +330,12 @@ class Lane:
         target = quote(parts.path or "/", safe=_PATH_SAFE) + (
             f"?{quote(parts.query, safe=_QUERY_SAFE)}" if parts.query else ""
         )
+        lines: list[str] = []
         if proxy is not None and origin.scheme == "http":
             target = f"http://{origin.authority}{target}"  # a plain-HTTP proxy takes the whole URL
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {origin.authority}", f"User-Agent: {USER_AGENT}"]
+            if proxy.auth:
+                lines.append(f"Proxy-Authorization: {proxy.auth}")
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {origin.authority}", f"User-Agent: {USER_AGENT}", *lines]
         for name, value in headers.items():
             if not _TOKEN.fullmatch(name) or _FORBIDDEN_IN_VALUE.search(value):
                 raise HttpFailure(f"a header the client will not send: {name!r}", sent=False)
@@ -331,17 +381,22 @@ class Lane:
                     server_hostname=origin.host if proxy is None and origin.scheme == "https" else None,
                 )
                 if proxy is not None and origin.scheme == "https":
-                    connection = await self._tunnel(connection, origin)
+                    try:
+                        connection = await self._tunnel(connection, origin, proxy)
+                    except BaseException:
+                        connection.close()
+                        raise
         except TimeoutError:
             raise HttpFailure("connecting took too long", sent=False, timeout=True) from None
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, UnicodeError, ValueError) as exc:  # (a name no resolver takes: UnicodeError)
             raise HttpFailure(f"cannot connect: {type(exc).__name__}", sent=False) from None
         return connection
 
-    async def _tunnel(self, connection: _Connection, origin: _Origin) -> _Connection:
+    async def _tunnel(self, connection: _Connection, origin: _Origin, proxy: _Origin) -> _Connection:
         """Ask the proxy for a tunnel to `origin`, and speak TLS to the origin through it."""
         authority = f"{origin.host if ':' not in origin.host else f'[{origin.host}]'}:{origin.port}"
-        request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode("latin-1")
+        auth = f"Proxy-Authorization: {proxy.auth}\r\n" if proxy.auth else ""
+        request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n".encode("latin-1")
         try:
             reply = await connection.exchange(request, 65_536, head_only=True)
         except HttpFailure as exc:

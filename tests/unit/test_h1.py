@@ -5,6 +5,7 @@ TLS (a certificate made with `openssl` for the test)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import shutil
@@ -442,3 +443,93 @@ async def test_an_untrusted_url_cannot_add_to_the_request_and_headers_are_checke
             await client.request("GET", f"http://127.0.0.1:{port}/", headers={"Bad Name": "1"}, timeout_s=2)
         await client.aclose()
     assert [line for line, _, _ in counting.requests] == ["GET /cdn/a%20b%C3%A9.png?x=1%202&y=%41 HTTP/1.1"]
+
+
+async def test_interim_answers_are_skipped_and_bytes_after_the_answer_end_the_connection() -> None:
+    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + answer(200, b"0123456789")
+    reply = await reply_with(raw)
+    assert (reply.status, reply.body) == (200, b"0123456789") and "link" not in reply.headers
+
+    connections = 0
+
+    async def extra(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while await read_request(reader) is not None:
+            writer.write(answer(200, b"ok") + answer(500, b"evil"))  # one answer too many
+            await writer.drain()
+
+    async with server(extra) as port:
+        client = lane()
+        for _ in range(2):
+            reply = await client.request("GET", f"http://127.0.0.1:{port}/", timeout_s=2)
+            assert (reply.status, reply.body) == (200, b"ok")
+            await asyncio.sleep(0.05)
+        await client.aclose()
+    assert connections == 2  # the first connection, out of step, was not used again
+
+
+async def test_a_cancelled_call_leaves_no_connection_a_late_answer_could_reach() -> None:
+    release = asyncio.Event()
+
+    async def slow_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = 0
+        while (request := await read_request(reader)) is not None:
+            n += 1
+            if n == 2:
+                await release.wait()
+            writer.write(answer(200, request[0].split()[1].encode()))
+            await writer.drain()
+
+    async with server(slow_second) as port:
+        client = lane()
+        base = f"http://127.0.0.1:{port}"
+        assert (await client.request("GET", base + "/a", timeout_s=2)).body == b"/a"
+        call = asyncio.ensure_future(client.request("GET", base + "/b", timeout_s=5))
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        release.set()
+        assert (await client.request("GET", base + "/c", timeout_s=2)).body == b"/c"
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://[::1/x.png", "http://" + "a" * 70 + ".example/x.png", "http://127.0.0.1:99999/x", "http:///x"],
+)
+async def test_a_url_no_request_can_be_made_of_is_a_failure_before_sending(url: str) -> None:
+    with pytest.raises(HttpFailure) as failure:
+        await lane().request("GET", url, timeout_s=1)
+    assert not failure.value.sent
+
+
+async def test_a_host_in_another_script_is_sent_as_idna_and_head_is_refused() -> None:
+    assert h1._origin(h1.urlsplit("https://例子.测试/a.png")).host == "xn--fsqu00a.xn--0zwm56d"
+    with pytest.raises(HttpFailure, match="HEAD"):
+        await lane().request("HEAD", "http://127.0.0.1/", timeout_s=1)
+
+
+async def test_a_bad_redirect_location_is_a_failure() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(answer(302, b"", "Location: http://[oops/"))
+            await writer.drain()
+
+    async with server(handler) as port:
+        client = lane()
+        with pytest.raises(HttpFailure, match="Location"):
+            await client.request("GET", f"http://127.0.0.1:{port}/x", timeout_s=2, follow_redirects=True)
+        await client.aclose()
+
+
+async def test_a_proxys_credentials_are_sent_to_it() -> None:
+    counting = Counting()
+    async with server(counting) as proxy_port:
+        proxies = Proxies({"http": f"http://us%40er:p%3Ass@127.0.0.1:{proxy_port}"}, ())
+        client = lane(proxies=proxies)
+        await client.request("GET", "http://upstream.example/mj/task/1/fetch", timeout_s=2)
+        await client.aclose()
+    _, headers, _ = counting.requests[0]
+    assert headers["proxy-authorization"] == "Basic " + base64.b64encode(b"us@er:p:ss").decode()
