@@ -60,6 +60,7 @@ class Tracked:
     slot: bool = True  # holds one of its provider's running-job slots (a job waiting in MODAL does not)
     due_at: float = 0.0  # when the job is next read; 0 until it is first followed
     running_since: float | None = None  # when this process first saw it IN_PROGRESS
+    running_from: int = 0  # its progress then (more than 0 for a job adopted while it ran)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,16 +99,19 @@ def observe(
     return Step("progress", new_state, new_progress)
 
 
-def read_after_hook(now: float, interval: float, running_since: float | None, progress: int) -> float:
+def read_after_hook(
+    now: float, interval: float, running_since: float | None, progress: int, progress_then: int = 0
+) -> float:
     """When a job an upstream hook just spoke of is next read: once hooks have been silent for a whole poll
-    interval; or, when the progress it made since it started running says it ends sooner, a quarter of an interval
-    after that end, so that a lost end call costs about that rather than up to an interval and more (Midjourney
-    reports progress in about even steps of time: 0, 15, 31, ... 93%, each when it is reached). Never sooner than a
-    quarter of an interval from now."""
+    interval; or, when the progress it made since this process first saw it running (at `progress_then`) says it
+    ends sooner, a quarter of an interval after that end, so that a lost end call costs about that rather than up
+    to an interval and more (Midjourney reports progress in about even steps of time: 0, 15, 31, ... 93%, each
+    when it is reached). Never sooner than a quarter of an interval from now."""
     quiet = now + interval
-    if running_since is None or not 0 < progress < 100 or now <= running_since:
+    made = progress - progress_then
+    if running_since is None or not 0 < progress < 100 or made <= 0 or now <= running_since:
         return quiet
-    expected_end = now + (now - running_since) * (100 - progress) / progress
+    expected_end = now + (now - running_since) * (100 - progress) / made
     return min(quiet, expected_end + interval / 4)
 
 
@@ -311,9 +315,12 @@ class Lifecycle:
         elif records:
             await asyncio.gather(*(self._progress(record) for record in records))
         for tracked, step in changes:
-            tracked.state, tracked.progress = step.state or tracked.state, step.progress
+            new_state = step.state or tracked.state
+            if tracked.delivering or (new_state is tracked.state and step.progress < tracked.progress):
+                continue  # another view of the job, applied meanwhile, took it further: this one is stale
+            tracked.state, tracked.progress = new_state, step.progress
             if tracked.state is JobState.IN_PROGRESS and tracked.running_since is None:
-                tracked.running_since = now
+                tracked.running_since, tracked.running_from = now, tracked.progress
             if tracked.state is JobState.MODAL and tracked.slot:  # parked by the upstream: it runs nothing now
                 self.pool.release(tracked.provider)
                 tracked.slot = False
@@ -328,9 +335,8 @@ class Lifecycle:
         `read_after_hook` says (hooks keep it current: polling is the safety net for a lost call)."""
         await self.apply(tracked.provider, [tracked], [view])
         now = self.clock.now()
-        tracked.due_at = read_after_hook(
-            now, self.pool.poll_interval(tracked.provider), tracked.running_since, tracked.progress
-        )
+        interval = self.pool.poll_interval(tracked.provider)
+        tracked.due_at = read_after_hook(now, interval, tracked.running_since, tracked.progress, tracked.running_from)
 
     async def _write_progress(self, changes: list[ProgressChange]) -> list[None]:
         await self.store.record_progress(changes, self.clock.now())
@@ -428,6 +434,9 @@ class Lifecycle:
                 return await self.pool.download(tracked.provider, view.image_url)
             except UpstreamUnavailable as exc:
                 return str(exc)
+            except Exception:  # a bug on one job's path: that job's download failed, not its neighbours'
+                log.exception("download failed", extra={"fields": {"job": tracked.job_id}})
+                return "the image could not be fetched"
 
     async def _save(self, results: list[tuple[Tracked, TaskView, bytes]]) -> dict[str, ImageError | StorageError]:
         """Keep downloaded results in the image store; returns why each one that was not kept failed, by job: the

@@ -196,6 +196,27 @@ async def test_an_unreadable_upstream_changes_nothing_but_deadlines_still_hold(w
     assert await world.state(job) == ("FAILED", "timeout", "released")
 
 
+async def test_a_download_that_breaks_unexpectedly_fails_its_job_only(world: World) -> None:
+    """An error no adapter foresaw (a bug, an odd URL) on one job's download fails that job; the others delivered
+    in the same round succeed."""
+    broken, fine = await world.submit("cat"), await world.submit("dog")
+    broken_row = await world.store.get(broken)
+    assert broken_row is not None and broken_row.upstream_id is not None
+    real_download = world.pool.upstreams["sim"].download
+
+    async def odd(url: str) -> bytes:
+        if broken_row.upstream_id in url:
+            raise UnicodeError("label empty or too long")
+        return await real_download(url)
+
+    world.pool.upstreams["sim"].download = odd  # type: ignore[method-assign]
+    world.clock.advance(11)
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert await world.state(broken) == ("FAILED", "download", "released")
+    assert await world.state(fine) == ("SUCCEEDED", None, "captured")
+
+
 async def test_a_grid_that_cannot_be_downloaded_fails_the_job(world: World) -> None:
     job = await world.submit("cat")
 
@@ -453,6 +474,12 @@ def test_a_job_hooks_speak_of_is_read_after_silence_or_soon_after_its_expected_e
     running_since: float | None, progress: int, due: float
 ) -> None:
     assert read_after_hook(100.0, 10.0, running_since, progress) == pytest.approx(due, abs=0.02)
+
+
+def test_a_job_first_seen_part_done_is_judged_by_the_progress_made_since() -> None:
+    # adopted at 60%, at 90% 3 s later: 10 s per 100%, ends at 101; counted from 0% it would seem to end at once
+    assert read_after_hook(100.0, 10.0, 97.0, 90, progress_then=60) == pytest.approx(103.5)
+    assert read_after_hook(100.0, 10.0, 97.0, 60, progress_then=60) == 110.0  # no progress made yet
 
 
 async def test_a_job_whose_end_call_is_lost_is_read_soon_after_its_progress_says_it_ends(world: World) -> None:
