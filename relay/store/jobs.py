@@ -323,13 +323,19 @@ class JobStore:
         return await transaction(self.engine, work)
 
     async def record_progress(self, changes: Sequence[ProgressChange], now: float) -> None:
-        """Many running jobs' progress in one transaction; jobs that already ended are left alone."""
+        """Many running jobs' progress in one transaction; jobs that already ended are left alone, and so is a
+        job already further on in the same state."""
         if not changes:
             return
         statement = (
             update(jobs)
             # IN (...) expands its parameters, which executemany cannot do: spell the states out.
-            .where(jobs.c.id == bindparam("job_id"), or_(*(jobs.c.state == s.value for s in RUNNING)))
+            .where(
+                jobs.c.id == bindparam("job_id"),
+                or_(*(jobs.c.state == s.value for s in RUNNING)),
+                # two views applied at once may be written in either order: progress never goes back
+                or_(jobs.c.state != bindparam("new_state"), jobs.c.progress <= bindparam("new_progress")),
+            )
             .values(
                 state=bindparam("new_state"),
                 progress=bindparam("new_progress"),

@@ -99,6 +99,8 @@ async def test_progress_never_touches_ended_jobs(db: Database) -> None:
         [ProgressChange(j, JobState.IN_PROGRESS, 46) for j in ("job_run00000", "job_end00000")], NOW
     )
     await store.record_progress([], NOW)
+    # two views written out of order: the older one does not take the job back
+    await store.record_progress([ProgressChange("job_run00000", JobState.IN_PROGRESS, 31)], NOW)
     running, ended = await store.get("job_run00000"), await store.get("job_end00000")
     assert running is not None and (running.state, running.progress) == (JobState.IN_PROGRESS, 46)
     assert ended is not None and (ended.state, ended.progress) == (JobState.FAILED, 0)
