@@ -51,8 +51,10 @@ from relay.store.leases import Leases
 log = logging.getLogger("relay.hooks")
 
 Outcome = Literal["applied", "adopted", "forwarded", "late", "unknown", "unreadable", "failed"]
-# Calls being applied after their answer, at most (each holds its body, a few kilobytes).
+# Calls being applied after their answer, at most, and the most their bodies may hold together (a call is a few
+# kilobytes; one up to the body limit is applied before its answer once these are taken).
 MAX_APPLYING = 1000
+MAX_APPLYING_BYTES = 64_000_000
 # (the process that follows the job, provider, upstream id, the call's body)
 Forward = Callable[[str, str, str, bytes], Awaitable[None]]
 
@@ -90,6 +92,7 @@ class UpstreamHooks:
         # Each provider's valid tokens (one per signing secret), made once: checking a call costs no HMAC.
         self._tokens = {name: [hook_token(s, name).encode() for s in self.secrets] for name in pool.settings}
         self._applying: set[asyncio.Task[Outcome]] = set()
+        self._applying_bytes = 0
 
     def url(self, provider: str) -> str | None:
         """The hook URL a submit to `provider` names; None when it gets none."""
@@ -107,13 +110,20 @@ class UpstreamHooks:
         return any(hmac.compare_digest(given, valid) for valid in tokens)
 
     def take(self, provider: str, body: bytes) -> bool:
-        """Apply a call (its token checked) after it is answered; False when `MAX_APPLYING` are being applied
-        already, and the caller must apply it (`apply`) before answering."""
-        if len(self._applying) >= MAX_APPLYING:
+        """Apply a call (its token checked) after it is answered; False when `MAX_APPLYING` calls, or
+        `MAX_APPLYING_BYTES` of them, are being applied already: the caller must apply it (`apply`) before
+        answering."""
+        if len(self._applying) >= MAX_APPLYING or self._applying_bytes + len(body) > MAX_APPLYING_BYTES:
             return False
         task = asyncio.create_task(self.apply(provider, body), name=f"hook:{provider}")
         self._applying.add(task)
-        task.add_done_callback(self._applying.discard)
+        self._applying_bytes += len(body)
+
+        def done(finished: asyncio.Task[Outcome], size: int = len(body)) -> None:
+            self._applying.discard(finished)
+            self._applying_bytes -= size
+
+        task.add_done_callback(done)
         return True
 
     async def apply(self, provider: str, body: bytes) -> Outcome:

@@ -157,6 +157,15 @@ async def test_a_call_is_applied_after_it_is_answered_and_counted(
     assert applied._value.get() == 1
     assert await world.state(job_id) == ("SUCCEEDED", None, "captured")
 
+    monkeypatch.setattr(upstream_hooks, "MAX_APPLYING_BYTES", len(body) - 1)
+    assert not hooks.take("sim", body)  # too large to hold while it waits
+    monkeypatch.setattr(upstream_hooks, "MAX_APPLYING_BYTES", len(body))
+    gate.clear()
+    assert hooks.take("sim", body) and not hooks.take("sim", b"{}")  # the bytes are taken until it is applied
+    gate.set()
+    await hooks.close()
+    assert hooks.take("sim", b"{}")
+    await hooks.close()
     monkeypatch.setattr(upstream_hooks, "MAX_APPLYING", 0)
     assert not hooks.take("sim", body)
     assert await hooks.apply("sim", b"not json") == "unreadable"
