@@ -139,7 +139,7 @@ class HookSender:
         self, where: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
     ) -> None:
         """Send the request and read the answer; the connection is kept for the next call when the answer allows."""
-        keep = False
+        keep = done = False
         try:
             writer.write(request)
             await writer.drain()
@@ -153,14 +153,17 @@ class HookSender:
                     length = int(value)
                 elif name.strip().lower() == "connection" and "close" in value.lower():
                     keep = False
+                elif name.strip().lower() == "transfer-encoding":
+                    keep = False  # a body in chunks is not read here: the connection is not used again
             await reader.readexactly(length)
+            done = True
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             keep = False
             if isinstance(exc, ConnectionError):
                 raise _NoAnswer from None
             raise
-        finally:
-            if keep:
+        finally:  # kept only once its answer was read whole (not after a timeout or a cut)
+            if keep and done:
                 self._idle.setdefault(where, []).append((reader, writer))
             else:
                 writer.close()
