@@ -8,7 +8,8 @@ nothing extra; under load a thousand writes become a few dozen.
 
 One caller's bad item must not fail its neighbours: when a batch of several fails, its transaction was rolled back,
 and each item is written again on its own, so only the item that cannot be written fails (every flush of the relay
-is safe to repeat: its writes are guarded by the rows' own states).
+is safe to repeat: its writes are guarded by the rows' own states). A batch that failed because another process
+held SQLite's write lock fails whole: no item of it is at fault.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+from relay.store.db import locked
 
 I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
@@ -52,8 +55,14 @@ class Batcher(Generic[I, R]):
             last = len(batch)
             try:
                 await self._write(batch)
-            except Exception:
+            except Exception as exc:
                 if len(batch) == 1:
+                    continue
+                if locked(exc):  # not one item's fault: written one by one, each would wait for the lock again
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                            future.exception()
                     continue
                 for single in batch:  # find the item that cannot be written; the others go through
                     with contextlib.suppress(Exception):

@@ -33,13 +33,18 @@ _RETRY_STATES = {"40P01", "40001"}
 ATTEMPTS = 4
 
 
+def locked(exc: BaseException) -> bool:
+    """Whether a write failed because another process held SQLite's write lock (past the wait for it)."""
+    return isinstance(exc, OperationalError) and "locked" in str(exc.orig).lower()
+
+
 def transient(exc: DBAPIError) -> bool:
     """Whether a transaction failed in a way that certainly changed nothing and may be run again: a deadlock, a
     serialization failure, a locked SQLite file. A lost connection is not retried: its commit may have landed."""
     state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
     if state in _RETRY_STATES:
         return True
-    return isinstance(exc, OperationalError) and "locked" in str(exc.orig).lower()
+    return locked(exc)
 
 
 async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from relay.core.batch import Batcher
 
@@ -79,3 +81,16 @@ async def test_one_item_that_cannot_be_written_fails_alone_and_its_neighbours_ar
     assert results[:2] == [110, 120] and results[3] == 140
     assert isinstance(results[2], ValueError)
     assert batches[0] == [11, 12, 13, 14] and sorted(map(tuple, batches[1:])) == [(11,), (12,), (13,), (14,)]
+
+
+async def test_a_batch_refused_for_a_held_lock_fails_whole_without_trying_each_item() -> None:
+    batches: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        batches.append(items)
+        raise OperationalError("UPDATE", {}, sqlite3.OperationalError("database is locked"))
+
+    batcher: Batcher[int, int] = Batcher(flush, "test")
+    results = await asyncio.gather(*(batcher(i) for i in (1, 2, 3)), return_exceptions=True)
+    assert all(isinstance(r, OperationalError) for r in results)
+    assert batches == [[1, 2, 3]]  # not written again one by one, each waiting for the lock
