@@ -114,6 +114,7 @@ ledger = Table(
     Column("note", Text, nullable=True),
     Column("created_at", Float, nullable=False),
     Index("ix_ledger_key_created", "key_id", "created_at"),
+    Index("ix_ledger_key_id", "key_id", "id"),
     Index("ix_ledger_job", "job_id"),
     Index("ix_ledger_created", "created_at"),
     # A job has at most one outcome: the database itself refuses a second capture or release.
