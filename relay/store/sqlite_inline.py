@@ -8,8 +8,9 @@ statement itself takes microseconds. So the relay runs it where it is asked for,
 rows costs a few milliseconds of the loop's time instead.
 
 The one thing that could hold the loop is another process's write lock on the file: SQLite is the one-process
-store, and the CLI's writes are short. So the relay's own connection waits `BUSY_MS` at most, and a transaction
-that found the file locked is run again by `store.db.transaction`, with the loop free in between.
+store, and the CLI's writes are short. So the relay opens its database with a busy timeout of `BUSY_MS`
+(`store.db.Database`, whose connect hook sets it on every connection), and a transaction that found the file locked
+is run again by `store.db.transaction`, with the loop free in between.
 
 Only what the dialect calls is here: connect, cursors (execute, executemany, fetch), commit, rollback, close.
 """
@@ -145,6 +146,6 @@ class InlineConnection:
 
 async def connect(path: str) -> InlineConnection:
     """A connection to the database file at `path` (":memory:" for one in memory), for `create_async_engine`'s
-    `async_creator`."""
-    connection = sqlite3.connect(path, timeout=BUSY_MS / 1000, check_same_thread=False)
+    `async_creator`. Its busy timeout is the engine's to set (`store.db`)."""
+    connection = sqlite3.connect(path, check_same_thread=False)
     return InlineConnection(connection)
