@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import re
 import ssl
 import zlib
@@ -137,14 +138,21 @@ class Proxies:
         url = self.by_scheme.get(origin.scheme) or self.by_scheme.get("all")
         if not url or self.bypassed(origin):
             return None
-        parts = _split(url if "://" in url else f"http://{url}", sent=False)
-        if parts.scheme != "http":  # an https or socks proxy is not something this client speaks
-            raise HttpFailure(f"unsupported proxy scheme {parts.scheme!r} (HTTP proxies only)", sent=False)
-        proxy = _origin(parts)
-        if parts.username is None:
-            return proxy
-        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-        return replace(proxy, auth="Basic " + base64.b64encode(credentials).decode("ascii"))
+        return _proxy(url)
+
+
+@functools.cache
+def _proxy(url: str) -> _Origin:
+    """A proxy URL from the environment, parsed once: where it is, and its `Proxy-Authorization` if it holds
+    credentials."""
+    parts = _split(url if "://" in url else f"http://{url}", sent=False)
+    if parts.scheme != "http":  # an https or socks proxy is not something this client speaks
+        raise HttpFailure(f"unsupported proxy scheme {parts.scheme!r} (HTTP proxies only)", sent=False)
+    proxy = _origin(parts)
+    if parts.username is None:
+        return proxy
+    credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    return replace(proxy, auth="Basic " + base64.b64encode(credentials).decode("ascii"))
 
 
 class _Connection(asyncio.Protocol):
