@@ -59,7 +59,7 @@ class Authenticator:
         """The caller's key: `Authorization: Bearer KEY`; on the native surface also `mj-api-secret: KEY` or a bare
         `Authorization: KEY`, as midjourney-proxy clients send it. A revoked or expired key is refused (401); the
         key's other policies (models, requests per minute) are enforced where work is admitted (`core.submit`)."""
-        token = _token(request, native)
+        token = credential(request, native)
         if not token:
             hint = "'Authorization: Bearer YOUR_KEY'" + (" or 'mj-api-secret: YOUR_KEY'" if native else "")
             raise AuthenticationFailed(f"You didn't provide an API key. Send it as {hint}.", reason="missing")
@@ -87,7 +87,9 @@ class Authenticator:
             self._cache[digest] = task.result()
 
 
-def _token(request: Request, native: bool) -> str:
+def credential(request: Request, native: bool) -> str:
+    """The secret a request presents: a bearer token; on the native surface also `mj-api-secret` or a bare
+    Authorization value. Empty when there is none."""
     header = request.headers.get("authorization", "").strip()
     scheme, _, rest = header.partition(" ")
     if scheme.lower() == "bearer":

@@ -49,6 +49,13 @@ DEADLINE_GRACE_S = 5.0
 DELIVERY_WAIT_S = 300.0
 
 
+def unknown_model(name: str) -> NotFound:
+    """The error for a model the relay does not offer."""
+    return NotFound(
+        f"The model {name!r} does not exist; GET /v1/models lists the available ones.", what="model", param="model"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ImageSpec:
     """What a request asks for, already mapped to Midjourney terms."""
@@ -176,11 +183,7 @@ class JobService:
         name = self.config.api.default_model if model is None else model
         settings = self.config.models.get(name)
         if settings is None:
-            raise NotFound(
-                f"The model {name!r} does not exist; GET /v1/models lists the available ones.",
-                what="model",
-                param="model",
-            )
+            raise unknown_model(name)
         text = check_prompt(prompt, self.config.api.max_prompt_chars, prompt_param)
         if not 1 <= n <= self.config.api.max_n:
             raise InvalidRequest(f"n must be between 1 and {self.config.api.max_n}.", param="n")

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from sqlalchemy import case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relay.core.text import unstorable
 from relay.store.db import transaction
 from relay.store.ledger import entry
 from relay.store.tables import keys, ledger
@@ -133,7 +134,7 @@ def _text(value: object, what: str, limit: int, *, empty: bool = False) -> str:
         raise ValueError(f"{what} must not be empty")
     if len(value) > limit:
         raise ValueError(f"{what} is longer than {limit} characters")
-    if "\x00" in value or any("\ud800" <= char <= "\udfff" for char in value):
+    if unstorable(value):
         raise ValueError(f"{what} contains characters a database cannot store")
     return value
 

@@ -30,7 +30,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from relay.domain import ACTIVE_STATES, JobState
-from relay.store.tables import jobs, keys, ledger
+from relay.store.tables import LEDGER_KINDS, jobs, keys, ledger
 
 __all__ = [
     "LedgerReport",
@@ -303,7 +303,7 @@ async def _check(conn: AsyncConnection, report: LedgerReport) -> None:
             select(func.count())
             .select_from(ledger)
             .where(
-                ledger.c.kind.not_in(["topup", "hold", "capture", "release", "adjust"])
+                ledger.c.kind.not_in(LEDGER_KINDS)
                 | ((ledger.c.kind != "adjust") & (ledger.c.amount < 0))
                 | (ledger.c.kind.in_(["hold", *OUTCOMES]) & ledger.c.job_id.is_(None))
             )

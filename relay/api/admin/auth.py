@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay.api.common import relay_of
+from relay.api.common import credential, relay_of
 from relay.errors import AuthenticationFailed, NotFound
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -26,12 +26,11 @@ def check(request: Request) -> None:
     """The caller must present the admin token; raises 401 otherwise (and 404 when the admin API is off)."""
     enabled(request)
     expected = relay_of(request).config.server.admin_token or ""
-    header = request.headers.get("authorization", "").strip()
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
+    given = credential(request, native=False)
+    if not given:
         raise AuthenticationFailed("Send the admin token as 'Authorization: Bearer ADMIN_TOKEN'.", reason="missing")
     # Header values arrive as latin-1 text: back to their bytes, so any byte sequence compares without an error.
-    if not hmac.compare_digest(given.strip().encode("latin-1", "replace"), expected.encode()):
+    if not hmac.compare_digest(given.encode("latin-1", "replace"), expected.encode()):
         raise AuthenticationFailed("Incorrect admin token.")
 
 

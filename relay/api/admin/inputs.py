@@ -18,12 +18,10 @@ from relay.api.common import Text
 from relay.core.text import check_storable
 from relay.domain import JobState
 from relay.errors import InvalidRequest
+from relay.store.keys import MAX_CREDITS, MAX_RPM
 
-# A balance stays far inside a 64-bit column however many top-ups it takes.
-MAX_CREDITS = 1_000_000_000_000
 MAX_NAME = 100
 MAX_NOTE = 200
-MAX_RPM = 1_000_000
 # Times the API takes: from 2000-01-01 to 2200-01-01.
 MIN_TIME = 946_684_800
 MAX_TIME = 7_258_118_400

@@ -88,8 +88,8 @@ async def topup_key(request: Request) -> JSONResponse:
     if record.revoked:
         raise InvalidRequest("The key is revoked; a revoked key cannot be topped up.", param="key_id")
     with _refusals():
-        await relay.keys.topup(record.id, body.amount, relay.clock.now(), note=body.note)
-    return JSONResponse(key_json(await _existing(request)))
+        topped = await relay.keys.topup(record.id, body.amount, relay.clock.now(), note=body.note)
+    return JSONResponse(key_json(topped))
 
 
 @admin
@@ -116,8 +116,8 @@ async def update_key(request: Request) -> JSONResponse:
     if record.revoked:
         raise InvalidRequest("The key is revoked; a revoked key cannot be changed.", param="key_id")
     with _refusals():
-        await relay.keys.update(record.id, now, **changes)
-    return JSONResponse(key_json(await _existing(request)))
+        updated = await relay.keys.update(record.id, now, **changes)
+    return JSONResponse(key_json(updated))
 
 
 @admin

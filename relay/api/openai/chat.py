@@ -24,8 +24,8 @@ from starlette.types import Receive, Scope, Send
 from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, validate
 from relay.api.openai.errors import render
 from relay.core import housekeeping
-from relay.core.jobs import Generation, JobService
-from relay.errors import InvalidRequest, NotFound, RelayError
+from relay.core.jobs import Generation, JobService, unknown_model
+from relay.errors import InvalidRequest, RelayError
 from relay.logs import event
 from relay.store.jobs import JobRow
 
@@ -170,11 +170,7 @@ def _housekeeping(request: Request, body: ChatRequest) -> Response | None:
     if chore is None:
         return None
     if body.model not in relay.config.models:
-        raise NotFound(
-            f"The model {body.model[:64]!r} does not exist; GET /v1/models lists the available ones.",
-            what="model",
-            param="model",
-        )
+        raise unknown_model(body.model[:64])
     event(log, "housekeeping answered", prompt=chore, model=body.model, stream=bool(body.stream))
     completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(relay.clock.now())
     if not body.stream:

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from relay.api.common import relay_of
-from relay.errors import NotFound
+from relay.core.jobs import unknown_model
 
 if TYPE_CHECKING:
     from relay.services import Relay
@@ -29,9 +29,5 @@ async def retrieve_model(request: Request) -> JSONResponse:
     await relay.auth(request)
     name = request.path_params["model"]
     if name not in relay.config.models:
-        raise NotFound(
-            f"The model {name[:64]!r} does not exist; GET /v1/models lists the available ones.",
-            what="model",
-            param="model",
-        )
+        raise unknown_model(name[:64])
     return JSONResponse(_model(relay, name))
