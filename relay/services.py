@@ -122,7 +122,7 @@ class Relay:
             metrics=self.metrics,
             submitting=self.submitter.submitting,
             leases=self.leases,
-            follow=self.tracker.adopt,
+            follow=self.coordinator.follow_claimed,
         )
         # Processes sharing a PostgreSQL database wake each other's waiters and forward upstream hooks.
         self.broadcast: Broadcast | None = None

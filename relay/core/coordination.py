@@ -86,13 +86,19 @@ class Coordinator:
         """Follow the running jobs whose lease ran out (at the first start alone: every running job)."""
         providers = self.tracker.pool.names
         rows = await self.leases.claim_expired(self.clock.now(), providers, any_lease=first and self.alone)
+        followed = await self.follow_claimed(rows)
+        if followed and not first:
+            event(log, "jobs adopted", jobs=followed)
+        return followed
+
+    async def follow_claimed(self, rows: list[JobRow]) -> int:
+        """Follow jobs this process has just claimed (by adoption, or for an upstream hook that named one), and
+        carry on what goes with them (their client hooks); how many were not followed here already."""
         rows = [row for row in rows if not self.lifecycle.following(row.id)]
         if rows:
             await self.tracker.adopt(rows)
             if self._on_adopted is not None:
                 await self._on_adopted(rows)
-            if not first:
-                event(log, "jobs adopted", jobs=len(rows))
         return len(rows)
 
     async def renew(self) -> None:

@@ -76,7 +76,7 @@ class UpstreamHooks:
         metrics: Metrics,
         submitting: Callable[[str], bool],
         leases: Leases | None = None,
-        follow: Callable[[list[JobRow]], Awaitable[None]] | None = None,
+        follow: Callable[[list[JobRow]], Awaitable[object]] | None = None,
     ) -> None:
         self.config = config
         self.secrets = list(secrets)
@@ -87,7 +87,7 @@ class UpstreamHooks:
         self.metrics = metrics
         self._submitting = submitting  # whether this process is submitting a job right now
         self.leases = leases
-        self._follow = follow  # follow jobs just claimed (the tracker's adoption)
+        self._follow = follow  # follow jobs just claimed, as adoption does (`Coordinator.follow_claimed`)
         self.forward: Forward | None = None  # hand a call to the process that follows its job
         # Each provider's valid tokens (one per signing secret), made once: checking a call costs no HMAC.
         self._tokens = {name: [hook_token(s, name).encode() for s in self.secrets] for name in pool.settings}

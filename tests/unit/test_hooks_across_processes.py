@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from adapters import TaskStatus
 from relay.core import upstream_hooks
+from relay.core.coordination import Coordinator
 from relay.core.upstream_hooks import UpstreamHooks
-from relay.store.jobs import JobState, JobStore, NewJob
+from relay.store.attempts import AttemptStore
+from relay.store.jobs import JobRow, JobState, JobStore, NewJob
 from relay.store.leases import Leases
 from tests.unit.test_tracker import World, world
 
@@ -24,7 +27,9 @@ class Forwarded(list[tuple[str, str, str, bytes]]):
         self.append((owner, provider, upstream_id, body))
 
 
-def hooks_of(world: World, forwarded: Forwarded) -> UpstreamHooks:
+def hooks_of(
+    world: World, forwarded: Forwarded, follow: Callable[[list[JobRow]], Awaitable[object]] | None = None
+) -> UpstreamHooks:
     lifecycle = world.tracker.lifecycle
     hooks = UpstreamHooks(
         config=world.pool.config,
@@ -36,7 +41,7 @@ def hooks_of(world: World, forwarded: Forwarded) -> UpstreamHooks:
         metrics=world.pool.metrics,
         submitting=lambda job_id: False,
         leases=Leases(world.store.engine, world.store.owner, 30),
-        follow=world.tracker.adopt,
+        follow=follow or world.tracker.adopt,
     )
     hooks.forward = forwarded
     return hooks
@@ -169,3 +174,27 @@ async def test_a_call_is_applied_after_it_is_answered_and_counted(
     monkeypatch.setattr(upstream_hooks, "MAX_APPLYING", 0)
     assert not hooks.take("sim", body)
     assert await hooks.apply("sim", b"not json") == "unreadable"
+
+
+async def test_a_job_a_hook_claims_carries_on_as_an_adopted_one_its_client_hooks_included(world: World) -> None:
+    """Claimed for an upstream hook ahead of the adoption round (which then never sees it), the job goes through
+    what adoption does after a claim: its client hooks are watched here from now on."""
+    adopted: list[list[str]] = []
+
+    async def on_adopted(rows: list[JobRow]) -> None:
+        adopted.append([row.id for row in rows])
+
+    coordinator = Coordinator(
+        leases=Leases(world.store.engine, world.store.owner, 30),
+        attempts=AttemptStore(world.store.engine),
+        tracker=world.tracker,
+        lifecycle=world.tracker.lifecycle,
+        clock=world.clock,
+        alone=False,
+        on_adopted=on_adopted,
+    )
+    hooks = hooks_of(world, Forwarded(), follow=coordinator.follow_claimed)
+    upstream_id, _ = await elsewhere(world, "job_claimed01")
+    world.clock.advance(5)  # the other process died: its lease (4 s) ran out
+    assert await hooks.receive("sim", body_of(world, upstream_id)) == "adopted"
+    assert adopted == [["job_claimed01"]] and world.tracker.lifecycle.following("job_claimed01")
