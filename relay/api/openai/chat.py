@@ -33,6 +33,8 @@ log = logging.getLogger("relay.housekeeping")
 
 IMAGINE_PREFIX = "/imagine"
 ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+# Headers of an event stream: never cached, and not buffered by a proxy in front (nginx).
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class StreamOptions(BaseModel):
@@ -132,31 +134,33 @@ async def chat_completions(request: Request) -> Response:
             rows = await relay.jobs.wait(generation)
         finally:
             generation.close()
-        content = markdown(request, rows)
-        return JSONResponse(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": spec.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content, "refusal": None},
-                        "finish_reason": "stop",
-                        "logprobs": None,
-                    }
-                ],
-                "usage": ZERO_USAGE,
-            }
-        )
+        return JSONResponse(_completion(completion_id, created, spec.model, markdown(request, rows)))
     usage = bool(body.stream_options and body.stream_options.include_usage)
     return _GenerationStream(
         generation,
         _stream(request, generation, completion_id, created, usage),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers=SSE_HEADERS,
     )
+
+
+def _completion(completion_id: str, created: int, model: str, content: str) -> dict[str, Any]:
+    """A whole (not streamed) chat completion with one answer."""
+    message = {"role": "assistant", "content": content, "refusal": None}
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
+        "usage": ZERO_USAGE,
+    }
+
+
+def _usage_chunk(completion_id: str, created: int, model: str) -> bytes:
+    """The last chunk of a stream whose client asked for usage (`stream_options.include_usage`)."""
+    tail = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    return b"data: " + json.dumps({**tail, "choices": [], "usage": ZERO_USAGE}).encode() + b"\n\n"
 
 
 def _housekeeping(request: Request, body: ChatRequest) -> Response | None:
@@ -174,17 +178,7 @@ def _housekeeping(request: Request, body: ChatRequest) -> Response | None:
     event(log, "housekeeping answered", prompt=chore, model=body.model, stream=bool(body.stream))
     completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(relay.clock.now())
     if not body.stream:
-        message = {"role": "assistant", "content": settings.answer, "refusal": None}
-        return JSONResponse(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": body.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
-                "usage": ZERO_USAGE,
-            }
-        )
+        return JSONResponse(_completion(completion_id, created, body.model, settings.answer))
     usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -192,13 +186,10 @@ def _housekeeping(request: Request, body: ChatRequest) -> Response | None:
         yield _chunk(completion_id, created, body.model, {"content": settings.answer})
         yield _chunk(completion_id, created, body.model, {}, "stop")
         if usage:
-            tail = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
-            yield b"data: " + json.dumps({**tail, "choices": [], "usage": ZERO_USAGE}).encode() + b"\n\n"
+            yield _usage_chunk(completion_id, created, body.model)
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(
-        chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    return StreamingResponse(chunks(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 class _GenerationStream(StreamingResponse):
@@ -244,8 +235,7 @@ async def _stream(
             yield chunk({"content": content})
             yield chunk({}, "stop")
             if usage:
-                tail = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-                yield b"data: " + json.dumps({**tail, "choices": [], "usage": ZERO_USAGE}).encode() + b"\n\n"
+                yield _usage_chunk(completion_id, created, model)
         yield b"data: [DONE]\n\n"
     finally:
         generation.close()
