@@ -258,14 +258,14 @@ _NEVER = ("never", "none", "")
 _DURATION = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def _parse_when(value: str, now: float, option: str) -> float | None:
+def _parse_when(value: str, now: float, option: str, *, ago: bool = False) -> float | None:
     """A time an operator writes: an ISO date or date-time (UTC unless it says otherwise), a duration from now
-    (`30d`, `12h`, `90m`, `2w`), or `never`."""
+    (`30d`, `12h`, `90m`, `2w`; back from now with `ago`), or `never`."""
     text = value.strip().lower()
     if text in _NEVER:
         return None
     if text[:-1].isdigit() and text[-1:] in _DURATION:
-        return now + int(text[:-1]) * _DURATION[text[-1]]
+        return now + (-1 if ago else 1) * int(text[:-1]) * _DURATION[text[-1]]
     try:
         parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
@@ -502,13 +502,7 @@ def ledger_export(ctx: click.Context, config_path: str | None, id_or_name: str |
     from relay.store.keys import KeyStore
 
     config = _load(ctx, config_path)
-    start = None
-    if since is not None:
-        text = since.strip().lower()
-        if text[:-1].isdigit() and text[-1:] in _DURATION:  # a duration (`30d`): the last 30 days
-            start = time.time() - int(text[:-1]) * _DURATION[text[-1]]
-        else:
-            start = _parse_when(since, time.time(), "--since")
+    start = _parse_when(since, time.time(), "--since", ago=True) if since is not None else None  # 30d: back 30 days
 
     async def rows(db: Any) -> list[book.LedgerRow]:
         key_id = (await KeyStore(db.engine).find(id_or_name)).id if id_or_name else None
