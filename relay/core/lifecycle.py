@@ -457,10 +457,14 @@ class Lifecycle:
         if self._by_job.pop(tracked.job_id, None) is None:
             return True
         self._jobs[tracked.provider].pop(tracked.job_id, None)
-        # Until its ending is written, an upstream hook about the job still finds it here, being ended (nothing to
-        # apply), instead of looking for it in the database: the upstream's own call often comes after a read saw
-        # the end.
-        tracked.delivering = True
+        key = (tracked.provider, tracked.upstream_id)
+        if self._by_upstream.get(key) is tracked:
+            del self._by_upstream[key]
+        # From now on an upstream hook about the job is known to be late here, without a database read: the
+        # upstream's own call often comes after a read saw the end.
+        self._ended[key] = None
+        if len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
         try:
             await self.finisher.end(
                 tracked.job_id,
@@ -475,16 +479,11 @@ class Lifecycle:
             # Nothing was written: keep following the job, and the next round ends it (endings are guarded, so
             # trying again can never settle twice).
             log.exception("ending a job failed; it is tried again", extra={"fields": {"job": tracked.job_id}})
+            self._ended.pop(key, None)
             tracked.delivering = False
             tracked.due_at = self.clock.now()
             self.follow(tracked)
             return False
-        key = (tracked.provider, tracked.upstream_id)
-        if self._by_upstream.get(key) is tracked:
-            del self._by_upstream[key]
-        self._ended[key] = None
-        if len(self._ended) > ENDED_REMEMBERED:
-            self._ended.popitem(last=False)
         if tracked.slot:
             self.pool.release(tracked.provider)
         return True
