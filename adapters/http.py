@@ -39,8 +39,9 @@ __all__ = ["HttpOptions", "HttpUpstream"]
 
 READ_LANES = 4
 # Image downloads (to a CDN, without credentials) go in lanes of their own: a finished job's grid never waits behind
-# a burst of submits, and a thousand grids finishing together are fetched 32 at a time.
-DOWNLOAD_LANES = 32
+# a burst of submits. A lane's answer is taken at the event loop's next turn, which under a burst of endings lasts
+# about 10 ms, so a thousand grids finishing together need this many lanes not to queue behind each other.
+DOWNLOAD_LANES = 128
 # A whole image download may take this many times the per-call timeout (a slow, large grid), never longer.
 DOWNLOAD_TIMEOUTS = 4
 # The most an API answer may hold (a list of a few hundred tasks is well under a megabyte).
