@@ -86,7 +86,6 @@ def build_app(config: Config, *, clock: Clock | None = None, upstreams: dict[str
         routes=routes(),
         middleware=[
             Middleware(Observe, metrics=relay.metrics),
-            Middleware(hooks.HookLane, hooks=relay.upstream_hooks, limit=config.server.max_body_bytes),
             *(
                 [Middleware(Cors, origins=config.cors.origins, max_age_s=config.cors.max_age_s)]
                 if config.cors.origins
@@ -100,4 +99,5 @@ def build_app(config: Config, *, clock: Clock | None = None, upstreams: dict[str
     )
     app.router.redirect_slashes = False  # a trailing slash is a 404 in the envelope, not a redirect
     app.state.relay = relay
+    app.state.lane = hooks.HookLane(relay.upstream_hooks, relay.metrics)  # answered by the server's connections
     return app

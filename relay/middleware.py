@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
+import random
 import time
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -102,6 +102,19 @@ class Guard:
             await send({"type": "http.response.body", "body": body})
 
 
+def request_id() -> str:
+    """An id for one request, for its log line and its `x-request-id`: unique enough to find it by, and secret to
+    nobody (it is made for every request, so it is cheap: no system call)."""
+    return f"req_{random.getrandbits(64):016x}"
+
+
+def observed(metrics: Metrics, request: str, method: str, template: str, status: int, seconds: float) -> None:
+    """A request's log line and metrics, once it is answered."""
+    metrics.requests.labels(template, method, f"{status // 100}xx").inc()
+    metrics.request_seconds.labels(template).observe(seconds)
+    event(log, "request", request_id=request, method=method, route=template, status=status, ms=round(seconds * 1000, 1))
+
+
 class Observe:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -112,14 +125,14 @@ class Observe:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = "req_" + secrets.token_hex(8)
+        request = request_id()
         status = 500
 
         async def observed_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                MutableHeaders(scope=message).append("x-request-id", request_id)
+                MutableHeaders(scope=message).append("x-request-id", request)
             await send(message)
 
         try:
@@ -127,17 +140,5 @@ class Observe:
         finally:
             if scope.get(_DISCONNECTED):
                 status = CLIENT_CLOSED
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            seconds = time.perf_counter() - started
-            self.metrics.requests.labels(template, scope["method"], f"{status // 100}xx").inc()
-            self.metrics.request_seconds.labels(template).observe(seconds)
-            event(
-                log,
-                "request",
-                request_id=request_id,
-                method=scope["method"],
-                route=template,
-                status=status,
-                ms=round(seconds * 1000, 1),
-            )
+            template = getattr(scope.get("route"), "path", None) or "unmatched"
+            observed(self.metrics, request, scope["method"], template, status, time.perf_counter() - started)

@@ -38,12 +38,20 @@ class Batcher(Generic[I, R]):
         self._drain: asyncio.Task[None] | None = None
 
     async def __call__(self, item: I) -> R:
+        # The write goes on even if this caller is cancelled: others share it.
+        return await asyncio.shield(self._queued(item))
+
+    async def many(self, items: list[I]) -> list[R]:
+        """Several items of one caller, in the same batch: their results in order, or the first failure."""
+        futures = [self._queued(item) for item in items]
+        return list(await asyncio.shield(asyncio.gather(*futures)))
+
+    def _queued(self, item: I) -> asyncio.Future[R]:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if self._drain is None or self._drain.done():
             self._drain = asyncio.create_task(self._write_all(), name=self._name)
-        # The write goes on even if this caller is cancelled: others share it.
-        return await asyncio.shield(future)
+        return future
 
     async def _write_all(self) -> None:
         last = 1

@@ -39,6 +39,9 @@ log = logging.getLogger("relay.lifecycle")
 # A round's finished jobs are delivered in chunks of this many; each chunk's images are kept in one batch (a local
 # directory writes a batch on one of its own threads, a bucket takes its objects at once).
 DELIVERY_CHUNK = 25
+# How many results are downloaded at once, over all providers (each is held in memory until kept): a provider's
+# download lanes (`adapters.http.DOWNLOAD_LANES`).
+DOWNLOADS_AT_ONCE = 128
 # How many ended jobs' upstream tasks are remembered (`Lifecycle.ended_here`).
 ENDED_REMEMBERED = 10_000
 _FILE_OF = {ResultShape.GRID: GRID, ResultShape.IMAGE: IMAGE}
@@ -99,6 +102,21 @@ def observe(
     return Step("progress", new_state, new_progress)
 
 
+# How far on a task is, by its status (any other status: 0).
+_RANK = {TaskStatus.MODAL: 1, TaskStatus.IN_PROGRESS: 2} | dict.fromkeys(
+    (TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.CANCEL), 3
+)
+
+
+def ahead(view: TaskView, other: TaskView) -> bool:
+    """Whether `view` of a task is further on than `other`: by status (submitted, waiting in MODAL, running,
+    ended), then by progress; of two ends, the first one heard stands."""
+    if other.status.terminal:
+        return False
+    rank, other_rank = _RANK.get(view.status, 0), _RANK.get(other.status, 0)
+    return rank > other_rank or (rank == other_rank and view.progress > other.progress)
+
+
 def read_after_hook(
     now: float, interval: float, running_since: float | None, progress: int, progress_then: int = 0
 ) -> float:
@@ -155,7 +173,7 @@ class Lifecycle:
         # grids finishing at once must not queue a thousand transactions ahead of their downloads.
         self._holds: Batcher[str, bool] = Batcher(self._hold_leases, "leases")
         self._deliveries: set[asyncio.Task[None]] = set()
-        self._download_slots = asyncio.Semaphore(64)
+        self._download_slots = asyncio.Semaphore(DOWNLOADS_AT_ONCE)
         self.on_follow: Callable[[str], None] = lambda provider: None  # the tracker's wake-up
         self.leases: Leases | None = None  # with them, a finished job is delivered only while its lease is held
 
@@ -310,10 +328,8 @@ class Lifecycle:
             task = asyncio.create_task(self._deliver(successes), name=f"deliver:{provider}")
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
-        if len(records) == 1:  # a hook's one change: no gather (a task per call) for it
-            await self._progress(records[0])
-        elif records:
-            await asyncio.gather(*(self._progress(record) for record in records))
+        if records:
+            await self._progress.many(records)
         for tracked, step in changes:
             new_state = step.state or tracked.state
             if tracked.delivering or (new_state is tracked.state and step.progress < tracked.progress):
@@ -331,12 +347,25 @@ class Lifecycle:
             )
 
     async def hook(self, tracked: Tracked, view: TaskView) -> None:
-        """Apply what an upstream hook said of a job, as a read would; then the job is next read as
-        `read_after_hook` says (hooks keep it current: polling is the safety net for a lost call)."""
-        await self.apply(tracked.provider, [tracked], [view])
+        """Apply what an upstream hook said of a job (`hooks`)."""
+        await self.hooks(tracked.provider, [(tracked, view)])
+
+    async def hooks(self, provider: str, calls: list[tuple[Tracked, TaskView]]) -> None:
+        """Apply what upstream hooks said of jobs of `provider`, as one read of them would (of a job spoken of more
+        than once, its most advanced view); then each job is next read as `read_after_hook` says (hooks keep it
+        current: polling is the safety net for a lost call)."""
+        latest: dict[str, tuple[Tracked, TaskView]] = {}
+        for tracked, view in calls:
+            kept = latest.get(tracked.job_id)
+            if kept is None or ahead(view, kept[1]):
+                latest[tracked.job_id] = (tracked, view)
+        await self.apply(provider, [tracked for tracked, _ in latest.values()], [view for _, view in latest.values()])
         now = self.clock.now()
-        interval = self.pool.poll_interval(tracked.provider)
-        tracked.due_at = read_after_hook(now, interval, tracked.running_since, tracked.progress, tracked.running_from)
+        interval = self.pool.poll_interval(provider)
+        for tracked, _ in latest.values():
+            tracked.due_at = read_after_hook(
+                now, interval, tracked.running_since, tracked.progress, tracked.running_from
+            )
 
     async def _write_progress(self, changes: list[ProgressChange]) -> list[None]:
         await self.store.record_progress(changes, self.clock.now())

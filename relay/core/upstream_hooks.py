@@ -23,10 +23,12 @@ round.
 
 A call is answered (204) as soon as its token is checked, and applied right after (`take`): midjourney-proxy makes
 its calls from a small pool of threads (ten by default), each waiting for the answer, so a relay that answered only
-after writing what a call said would hold back every later call behind its own group commits. Up to `MAX_APPLYING`
-calls are applied at once this way; beyond that a call is applied before it is answered, which slows a provider
-that calls faster than the relay can apply. Nothing is lost by answering first: the provider never retries a call,
-whatever the answer, and polling remains the safety net.
+after writing what a call said would hold back every later call behind its own group commits. The calls taken in
+one turn of the loop are applied together, as one status read of their jobs is (a job spoken of twice: its most
+advanced view). Up to `MAX_APPLYING` calls are taken at once this way (the server's lane asks for room when a
+call's headers arrive, so calls whose bodies are still coming may pass it by a few); beyond that a call is applied
+before it is answered, which slows a provider that calls faster than the relay can apply. Nothing is lost by
+answering first: the provider never retries a call, whatever the answer, and polling remains the safety net.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
+from adapters import TaskView
 from relay.clock import Clock
 from relay.config import Config
 from relay.core.lifecycle import Lifecycle, Tracked
@@ -51,7 +54,7 @@ from relay.store.leases import Leases
 log = logging.getLogger("relay.hooks")
 
 Outcome = Literal["applied", "adopted", "forwarded", "late", "unknown", "unreadable", "failed"]
-# Calls being applied after their answer, at most, and the most their bodies may hold together (a call is a few
+# Calls taken to be applied after their answer, at most, and the most their bodies may hold together (a call is a few
 # kilobytes; one up to the body limit is applied before its answer once these are taken).
 MAX_APPLYING = 1000
 MAX_APPLYING_BYTES = 64_000_000
@@ -91,8 +94,10 @@ class UpstreamHooks:
         self.forward: Forward | None = None  # hand a call to the process that follows its job
         # Each provider's valid tokens (one per signing secret), made once: checking a call costs no HMAC.
         self._tokens = {name: [hook_token(s, name).encode() for s in self.secrets] for name in pool.settings}
-        self._applying: set[asyncio.Task[Outcome]] = set()
-        self._applying_bytes = 0
+        self._taken: list[tuple[str, bytes]] = []  # taken this turn of the loop, applied at its end
+        self._applying: set[asyncio.Task[list[Outcome]]] = set()
+        self._count = 0  # calls taken and not yet applied, and their bytes
+        self._bytes = 0
 
     def url(self, provider: str) -> str | None:
         """The hook URL a submit to `provider` names; None when it gets none."""
@@ -109,39 +114,86 @@ class UpstreamHooks:
         given = token.encode()
         return any(hmac.compare_digest(given, valid) for valid in tokens)
 
-    def take(self, provider: str, body: bytes) -> bool:
-        """Apply a call (its token checked) after it is answered; False when `MAX_APPLYING` calls, or
-        `MAX_APPLYING_BYTES` of them, are being applied already: the caller must apply it (`apply`) before
-        answering."""
-        if len(self._applying) >= MAX_APPLYING or self._applying_bytes + len(body) > MAX_APPLYING_BYTES:
-            return False
-        task = asyncio.create_task(self.apply(provider, body), name=f"hook:{provider}")
-        self._applying.add(task)
-        self._applying_bytes += len(body)
+    def room(self, size: int) -> bool:
+        """Whether a call of `size` bytes may be applied after it is answered (`take`); when not, it is applied
+        first (`apply`)."""
+        return self._count < MAX_APPLYING and self._bytes + size <= MAX_APPLYING_BYTES
 
-        def done(finished: asyncio.Task[Outcome], size: int = len(body)) -> None:
+    def take(self, provider: str, body: bytes) -> None:
+        """Apply a call (its token checked, `room` asked) after it is answered. The calls taken within one turn of
+        the loop are applied together, as one read of their jobs would be."""
+        self._taken.append((provider, body))
+        self._count += 1
+        self._bytes += len(body)
+        if len(self._taken) == 1:
+            asyncio.get_running_loop().call_soon(self._apply_taken)
+
+    def _apply_taken(self) -> None:
+        calls, self._taken = self._taken, []
+        task = asyncio.create_task(self.apply_many(calls), name="hooks")
+        self._applying.add(task)
+
+        def done(finished: asyncio.Task[list[Outcome]]) -> None:
             self._applying.discard(finished)
-            self._applying_bytes -= size
+            self._count -= len(calls)
+            self._bytes -= sum(len(body) for _, body in calls)
 
         task.add_done_callback(done)
-        return True
 
     async def apply(self, provider: str, body: bytes) -> Outcome:
         """Apply one call and count its outcome; a failure is logged and counted, never raised (the call was
         answered already, or its answer says nothing)."""
-        try:
-            outcome = await self.receive(provider, body)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("applying an upstream hook failed", extra={"fields": {"provider": provider}})
-            outcome = "failed"
-        self.metrics.upstream_hooks.labels(provider, outcome).inc()
-        return outcome
+        return (await self.apply_many([(provider, body)]))[0]
+
+    async def apply_many(self, calls: list[tuple[str, bytes]]) -> list[Outcome]:
+        """Apply calls (provider, body) and count their outcomes. Those about jobs followed here are applied
+        together, a provider's at once; the others (and all of a group that failed together) one by one. One
+        call's failure is its own: logged and counted, never raised."""
+        outcomes: list[Outcome] = ["failed"] * len(calls)
+        known: dict[str, list[tuple[int, Tracked, TaskView]]] = {}
+        alone: list[tuple[int, TaskView]] = []
+        for i, (provider, body) in enumerate(calls):
+            try:
+                view = self.pool.upstreams[provider].parse_hook(body)
+            except Exception:
+                log.exception("reading an upstream hook failed", extra={"fields": {"provider": provider}})
+                continue
+            if view is None:
+                outcomes[i] = "unreadable"
+                continue
+            tracked = self.lifecycle.find(provider, view.upstream_id)
+            if tracked is None:
+                alone.append((i, view))
+            else:
+                known.setdefault(provider, []).append((i, tracked, view))
+        for provider, found in known.items():
+            try:
+                await self.lifecycle.hooks(provider, [(tracked, view) for _, tracked, view in found])
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("applying upstream hooks failed", extra={"fields": {"provider": provider}})
+                alone += [(i, view) for i, _, view in found]  # each on its own: only the one at fault fails
+                continue
+            for i, _, _ in found:
+                outcomes[i] = "applied"
+        for i, view in sorted(alone, key=lambda pair: pair[0]):
+            provider, body = calls[i]
+            try:
+                outcomes[i] = await self._route(provider, view, body)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("applying an upstream hook failed", extra={"fields": {"provider": provider}})
+        for (provider, _), outcome in zip(calls, outcomes, strict=True):
+            self.metrics.upstream_hooks.labels(provider, outcome).inc()
+        return outcomes
 
     async def close(self) -> None:
-        """Let the calls being applied finish (they end in the lifecycle's own writes)."""
-        while self._applying:
+        """Let the calls taken be applied (they end in the lifecycle's own writes)."""
+        while self._applying or self._taken:
+            if self._taken:
+                self._apply_taken()
             await asyncio.gather(*self._applying, return_exceptions=True)
 
     async def receive(self, provider: str, body: bytes) -> Outcome:
@@ -149,6 +201,10 @@ class UpstreamHooks:
         view = self.pool.upstreams[provider].parse_hook(body)
         if view is None:
             return "unreadable"
+        return await self._route(provider, view, body)
+
+    async def _route(self, provider: str, view: TaskView, body: bytes) -> Outcome:
+        """Apply what a call said of a task: to the job followed here, or found by its `state`."""
         tracked = self.lifecycle.find(provider, view.upstream_id)
         if tracked is not None:
             await self.lifecycle.hook(tracked, view)

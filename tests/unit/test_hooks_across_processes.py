@@ -9,9 +9,10 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from adapters import TaskStatus
+from adapters import TaskStatus, TaskView
 from relay.core import upstream_hooks
 from relay.core.coordination import Coordinator
+from relay.core.lifecycle import Tracked
 from relay.core.upstream_hooks import UpstreamHooks
 from relay.store.attempts import AttemptStore
 from relay.store.jobs import JobRow, JobState, JobStore, NewJob
@@ -133,46 +134,117 @@ async def test_a_forwarded_call_too_large_to_carry_makes_the_job_due_at_once(wor
     assert tracked.due_at == world.clock.now()
 
 
-async def test_a_call_is_applied_after_it_is_answered_and_counted(
+async def test_calls_are_applied_after_they_are_answered_together_and_counted(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`take` returns before the call is applied (the provider's notify thread waits for nothing else); `close`
-    waits for what is being applied; with `MAX_APPLYING` calls under way, the caller must apply it itself."""
+    """`take` returns before the call is applied (the provider's notify thread waits for nothing else); the calls
+    taken in one turn of the loop are applied together, as one read of their jobs (a job spoken of twice: once);
+    `close` waits for what is being applied."""
     hooks = hooks_of(world, Forwarded())
-    job_id = await world.submit("a fox")
-    row = await world.store.get(job_id)
-    assert row is not None and row.upstream_id is not None
+    job_ids = [await world.submit("a fox"), await world.submit("a hare")]
+    bodies = []
+    for job_id in job_ids:
+        row = await world.store.get(job_id)
+        assert row is not None and row.upstream_id is not None
+        bodies.append(body_of(world, row.upstream_id))
     world.clock.advance(11)
-    body = body_of(world, row.upstream_id)
+    ended = [body_of(world, json.loads(body)["id"]) for body in bodies]
+    lifecycle = world.tracker.lifecycle
     gate = asyncio.Event()
-    receive = hooks.receive
+    together: list[list[str]] = []
+    hooks_of_lifecycle = lifecycle.hooks
 
-    async def held_back(provider: str, call: bytes) -> upstream_hooks.Outcome:
+    async def held_back(provider: str, calls: list[tuple[Tracked, TaskView]]) -> None:
+        together.append([tracked.job_id for tracked, _ in calls])
         await gate.wait()
-        return await receive(provider, call)
+        await hooks_of_lifecycle(provider, calls)
 
-    monkeypatch.setattr(hooks, "receive", held_back)
+    monkeypatch.setattr(lifecycle, "hooks", held_back)
+    read_as: list[list[str]] = []
+    apply = lifecycle.apply
+
+    async def one_read(provider: str, jobs: list[Tracked], views: list[TaskView] | None) -> None:
+        read_as.append([tracked.job_id for tracked in jobs])
+        await apply(provider, jobs, views)
+
+    monkeypatch.setattr(lifecycle, "apply", one_read)
     applied = world.pool.metrics.upstream_hooks.labels("sim", "applied")
-    assert hooks.take("sim", body)
+    for body in [bodies[0], *ended, ended[0]]:  # a progress view, both ends, and an end again
+        assert hooks.room(len(body))
+        hooks.take("sim", body)
     await asyncio.sleep(0)
-    assert applied._value.get() == 0 and await world.state(job_id) != ("SUCCEEDED", None, "captured")
+    await asyncio.sleep(0)
+    assert together == [[job_ids[0], *job_ids, job_ids[0]]]
+    assert applied._value.get() == 0 and await world.state(job_ids[0]) != ("SUCCEEDED", None, "captured")
     gate.set()
     await hooks.close()
     await world.settle()
-    assert applied._value.get() == 1
-    assert await world.state(job_id) == ("SUCCEEDED", None, "captured")
+    assert applied._value.get() == 4
+    for job_id in job_ids:
+        assert await world.state(job_id) == ("SUCCEEDED", None, "captured")
+    assert read_as == [job_ids]  # one read of both jobs, each with its most advanced view
 
-    monkeypatch.setattr(upstream_hooks, "MAX_APPLYING_BYTES", len(body) - 1)
-    assert not hooks.take("sim", body)  # too large to hold while it waits
-    monkeypatch.setattr(upstream_hooks, "MAX_APPLYING_BYTES", len(body))
-    gate.clear()
-    assert hooks.take("sim", body) and not hooks.take("sim", b"{}")  # the bytes are taken until it is applied
+
+async def test_taken_calls_are_bounded_in_number_and_bytes(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `MAX_APPLYING` calls or `MAX_APPLYING_BYTES` taken and not yet applied, there is no room: the caller
+    applies a call before answering it."""
+    hooks = hooks_of(world, Forwarded())
+    gate = asyncio.Event()
+
+    async def held_back(calls: list[tuple[str, bytes]]) -> list[upstream_hooks.Outcome]:
+        await gate.wait()
+        return ["unreadable"] * len(calls)
+
+    monkeypatch.setattr(hooks, "apply_many", held_back)
+    monkeypatch.setattr(upstream_hooks, "MAX_APPLYING_BYTES", 100)
+    assert hooks.room(100) and not hooks.room(101)
+    hooks.take("sim", b"x" * 60)
+    await asyncio.sleep(0)
+    assert hooks.room(40) and not hooks.room(41)  # the bytes are held until the call is applied
+    monkeypatch.setattr(upstream_hooks, "MAX_APPLYING", 2)
+    hooks.take("sim", b"{}")
+    assert not hooks.room(0)
     gate.set()
     await hooks.close()
-    assert hooks.take("sim", b"{}")
-    await hooks.close()
-    monkeypatch.setattr(upstream_hooks, "MAX_APPLYING", 0)
-    assert not hooks.take("sim", body)
+    assert hooks.room(100)
+
+
+async def test_one_call_that_fails_fails_alone(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call whose reading raises is counted failed; a group whose applying raises is applied again call by call,
+    so only the call at fault fails."""
+    hooks = hooks_of(world, Forwarded())
+    job_ids = [await world.submit("a fox"), await world.submit("a hare")]
+    world.clock.advance(11)
+    bodies = []
+    for job_id in job_ids:
+        row = await world.store.get(job_id)
+        assert row is not None and row.upstream_id is not None
+        bodies.append(body_of(world, row.upstream_id))
+    upstream = world.pool.upstreams["sim"]
+    parse = upstream.parse_hook
+
+    def fussy(body: bytes) -> TaskView | None:
+        if body == b"boom":
+            raise RuntimeError("a bug in reading one call")
+        return parse(body)
+
+    monkeypatch.setattr(upstream, "parse_hook", fussy)
+    lifecycle = world.tracker.lifecycle
+    hooks_of_lifecycle = lifecycle.hooks
+
+    async def not_in_company(provider: str, calls: list[tuple[Tracked, TaskView]]) -> None:
+        if len(calls) > 1 or calls[0][0].job_id == job_ids[1]:
+            raise RuntimeError("a bug in applying one job's call")
+        await hooks_of_lifecycle(provider, calls)
+
+    monkeypatch.setattr(lifecycle, "hooks", not_in_company)
+    assert await hooks.apply_many([("sim", bodies[0]), ("sim", b"boom"), ("sim", bodies[1])]) == [
+        "applied",
+        "failed",
+        "failed",
+    ]
+    await world.settle()
+    assert await world.state(job_ids[0]) == ("SUCCEEDED", None, "captured")
     assert await hooks.apply("sim", b"not json") == "unreadable"
 
 

@@ -15,7 +15,7 @@ from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.core.coordination import Coordinator
 from relay.core.events import JobEvents
 from relay.core.finish import Finisher
-from relay.core.lifecycle import Lifecycle, Step, Tracked, observe, read_after_hook
+from relay.core.lifecycle import Lifecycle, Step, Tracked, ahead, observe, read_after_hook
 from relay.core.providers import ProviderPool
 from relay.core.tracker import Tracker
 from relay.images import ImageStore
@@ -474,6 +474,27 @@ def test_a_job_hooks_speak_of_is_read_after_silence_or_soon_after_its_expected_e
     running_since: float | None, progress: int, due: float
 ) -> None:
     assert read_after_hook(100.0, 10.0, running_since, progress) == pytest.approx(due, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "further"),
+    [
+        (view(TaskStatus.SUBMITTED), view(TaskStatus.IN_PROGRESS, 0), True),
+        (view(TaskStatus.IN_PROGRESS, 31), view(TaskStatus.IN_PROGRESS, 46), True),
+        (view(TaskStatus.IN_PROGRESS, 46), view(TaskStatus.IN_PROGRESS, 31), False),  # reordered: the older one
+        (view(TaskStatus.IN_PROGRESS, 46), view(TaskStatus.IN_PROGRESS, 46), False),  # a duplicate
+        (view(TaskStatus.MODAL), view(TaskStatus.IN_PROGRESS, 0), True),  # confirmed, then running
+        (view(TaskStatus.IN_PROGRESS, 93), view(TaskStatus.SUCCESS, 100), True),
+        (view(TaskStatus.IN_PROGRESS, 93), view(TaskStatus.FAILURE), True),
+        (view(TaskStatus.SUCCESS, 100), view(TaskStatus.IN_PROGRESS, 93), False),
+        (view(TaskStatus.SUCCESS, 100), view(TaskStatus.FAILURE), False),  # of two ends, the first heard stands
+        (view(TaskStatus.NOT_START), view(TaskStatus.CANCEL), True),
+    ],
+)
+def test_of_several_calls_about_one_task_the_furthest_on_is_kept(
+    first: TaskView, then: TaskView, further: bool
+) -> None:
+    assert ahead(then, first) is further
 
 
 def test_a_job_first_seen_part_done_is_judged_by_the_progress_made_since() -> None:
