@@ -32,8 +32,11 @@ class Subscription:
         self.job_ids = job_ids
         self._events: deque[JobEvent] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self.endings_only = False  # a waiter that shows no progress is woken by endings alone
 
     def put(self, event: JobEvent) -> None:
+        if self.endings_only and not event.state.terminal:
+            return
         self._events.append(event)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)

@@ -402,6 +402,8 @@ class JobService:
         await self._settle.close()
 
     async def wait(self, generation: Generation) -> list[JobRow]:
+        """The request's jobs once all have ended (`results`); their progress meanwhile is not looked at."""
+        generation.subscription.endings_only = True
         async for _ in self.follow(generation, idle_s=QUIET_S):
             pass
         return await self.results(generation)

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from adapters import Retryable, SubmitOutcome, SubmitRequest
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import SystemClock
+from relay.core.events import JobEvent
 from relay.core.jobs import Attempt
 from relay.domain import FailureCode
 from relay.errors import JobFailed
@@ -132,3 +133,24 @@ async def test_a_job_is_first_read_one_interval_after_the_upstream_took_it(tmp_p
         assert relay.lifecycle._by_job[generation.job_ids[0]].due_at == accepted_at + 1
     finally:
         await relay.close()
+
+
+async def test_a_request_waiting_for_its_images_is_woken_by_endings_alone(
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    """`wait` (an answer given once every job has ended) is not woken by each step of progress: a job with progress
+    hooks takes eight or so, for nothing the waiter looks at."""
+    service, _, key = switchable
+    generation = await service.jobs.start(key, service.jobs.plan(model="mj-fast", prompt="a kite", n=1))
+    queued: list[str] = []
+    put = generation.subscription.put
+
+    def seen(event: JobEvent) -> None:
+        put(event)
+        queued.extend(f"{e.state.value}" for e in generation.subscription._events)
+
+    generation.subscription.put = seen  # type: ignore[method-assign]
+    rows = await service.jobs.wait(generation)
+    generation.close()
+    assert [row.state.value for row in rows] == ["SUCCEEDED"]
+    assert queued and set(queued) == {"SUCCEEDED"}  # progress events went by without a wake-up
