@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from sqlalchemy import String, bindparam, case, or_, select, update
@@ -152,11 +152,64 @@ class Ending:
     text: str | None = None
 
 
+_FIELDS = tuple(field.name for field in fields(JobRow))
+# For each shape of result (its column names), where each of JobRow's fields is in it.
+_POSITIONS: dict[tuple[str, ...], tuple[int, ...]] = {}
+
+
 def row_of(row: Any) -> JobRow:
-    data = dict(row._mapping)
-    data["state"] = JobState(data["state"])
-    data["buttons_json"] = data.pop("buttons")
-    return JobRow(**data)
+    """A job as read: a row of every column of `jobs`, in any order (made by position, several times faster than
+    by name: a thousand jobs ending together are read back at once)."""
+    names = row._fields
+    positions = _POSITIONS.get(names)
+    if positions is None:
+        where = {("buttons_json" if name == "buttons" else name): i for i, name in enumerate(names)}
+        positions = _POSITIONS[names] = tuple(where[name] for name in _FIELDS)
+    values = [row[i] for i in positions]
+    values[_STATE] = JobState(values[_STATE])
+    return JobRow(*values)
+
+
+# The statements of `finish_many`, made once: a thousand jobs ending together make a few dozen group commits, and
+# building a statement costs more than running it.
+_STILL_HELD = (jobs.c.state.in_([s.value for s in ACTIVE]), jobs.c.hold_state == "held")
+_KEEP_RESULT = (  # many rows at once: no IN list, which an executemany cannot take
+    update(jobs)
+    .where(
+        jobs.c.id == bindparam("job_id"), or_(*(jobs.c.state == s.value for s in ACTIVE)), jobs.c.hold_state == "held"
+    )
+    .values(
+        upstream_image_url=bindparam("new_image_url"),
+        buttons=bindparam("new_buttons"),
+        result_text=bindparam("new_text"),
+    )
+)
+
+
+def _ending(succeeded: bool) -> Any:
+    values: dict[str, Any] = {
+        "state": (JobState.SUCCEEDED if succeeded else JobState.FAILED).value,
+        "hold_state": "captured" if succeeded else "released",
+        "error_code": bindparam("new_error"),
+        "fail_reason": bindparam("new_reason"),
+        "finished_at": bindparam("now"),
+        "updated_at": bindparam("now"),
+    }
+    if succeeded:
+        values["progress"] = 100
+    where = (jobs.c.id.in_(bindparam("ids", expanding=True)), *_STILL_HELD)
+    return update(jobs).where(*where).values(**values).returning(*jobs.c)
+
+
+_SUCCEED, _FAIL = _ending(True), _ending(False)
+_SETTLE = (
+    update(keys)
+    .where(keys.c.id == bindparam("key"))
+    .values(held=keys.c.held - bindparam("settled"), balance=keys.c.balance - bindparam("captured"))
+)
+
+
+_STATE = _FIELDS.index("state")
 
 
 class JobStore:
@@ -397,41 +450,17 @@ class JobStore:
         async def work(conn: AsyncConnection) -> dict[str, Any]:
             ended: dict[str, Any] = {}
             if results:  # what the upstream gave, on the jobs about to end (the guard below repeats the check)
-                await conn.execute(
-                    update(jobs)
-                    .where(
-                        jobs.c.id == bindparam("job_id"),
-                        or_(*(jobs.c.state == s.value for s in ACTIVE)),
-                        jobs.c.hold_state == "held",
-                    )
-                    .values(
-                        upstream_image_url=bindparam("new_image_url"),
-                        buttons=bindparam("new_buttons"),
-                        result_text=bindparam("new_text"),
-                    ),
-                    results,
-                )
+                await conn.execute(_KEEP_RESULT, results)
             for (succeeded, error_code, fail_reason), ids in groups.items():
-                values: dict[str, Any] = {
-                    "state": (JobState.SUCCEEDED if succeeded else JobState.FAILED).value,
-                    "hold_state": "captured" if succeeded else "released",
-                    "error_code": error_code,
-                    "fail_reason": fail_reason,
-                    "finished_at": now,
-                    "updated_at": now,
-                }
-                if succeeded:
-                    values["progress"] = 100
                 for start in range(0, len(ids), 500):
                     result = await conn.execute(
-                        update(jobs)
-                        .where(
-                            jobs.c.id.in_(ids[start : start + 500]),
-                            jobs.c.state.in_([s.value for s in ACTIVE]),
-                            jobs.c.hold_state == "held",
-                        )
-                        .values(**values)
-                        .returning(*jobs.c)
+                        _SUCCEED if succeeded else _FAIL,
+                        {
+                            "ids": ids[start : start + 500],
+                            "new_error": error_code,
+                            "new_reason": fail_reason,
+                            "now": now,
+                        },
                     )
                     ended.update({row.id: row for row in result})
             settle: dict[str, list[int]] = {}  # key -> [captured, released]
@@ -453,11 +482,7 @@ class JobStore:
                 await conn.execute(ledger.insert(), outcomes)
             for key_id, (captured, released) in sorted(settle.items()):  # the same key order as admissions
                 if captured or released:
-                    await conn.execute(
-                        update(keys)
-                        .where(keys.c.id == key_id)
-                        .values(held=keys.c.held - (captured + released), balance=keys.c.balance - captured)
-                    )
+                    await conn.execute(_SETTLE, {"key": key_id, "settled": captured + released, "captured": captured})
             return ended
 
         ended = await transaction(self.engine, work)
