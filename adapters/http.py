@@ -83,6 +83,10 @@ class _Lanes:
     async def take(self) -> Lane:
         return await self._free.get()
 
+    def free(self) -> Lane | None:
+        """A lane free now, if any (taken)."""
+        return None if self._free.empty() else self._free.get_nowait()
+
     def release(self, lane: Lane) -> None:
         self._free.put_nowait(lane)
 
@@ -110,6 +114,9 @@ class HttpUpstream:
 
     async def _lane(self, lanes: _Lanes) -> Lane:
         """A free lane, waited for at most `timeout_s` (then `_Busy`); give it back with `lanes.release`."""
+        free = lanes.free()
+        if free is not None:
+            return free
         try:
             async with asyncio.timeout(self.options.timeout_s):
                 return await lanes.take()
@@ -198,7 +205,7 @@ class HttpUpstream:
         return views
 
     async def download(self, url: str) -> bytes:
-        target = urljoin(self._base + "/", url)
+        target = url if url.startswith(("http://", "https://")) else urljoin(self._base + "/", url)
         if not target.startswith(("http://", "https://")):
             raise UpstreamUnavailable("the image URL is not http(s)")
         try:

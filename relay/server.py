@@ -177,15 +177,30 @@ def _envelope(code: str, message: str, kind: str = "invalid_request_error") -> b
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
 
 
-def _empty_answer(status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
-    """A whole HTTP/1.1 answer without a body."""
-    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
-    head += [name + b": " + value + b"\r\n" for name, value in headers]
-    if status != 204:
-        head.append(b"content-length: 0\r\n")
-    if not keep_alive:
-        head.append(b"connection: close\r\n")
-    return b"".join(head) + b"\r\n"
+class _EmptyAnswers:
+    """The heads of answers without a body, made once per status while the server's default headers (its `date`,
+    renewed every second) stay the same."""
+
+    def __init__(self) -> None:
+        self._defaults: list[tuple[bytes, bytes]] | None = None
+        self._made: dict[tuple[int, bool], bytes] = {}
+
+    def __call__(self, status: int, defaults: list[tuple[bytes, bytes]], request_id: str, keep_alive: bool) -> bytes:
+        if defaults is not self._defaults:
+            self._defaults, self._made = defaults, {}
+        head = self._made.get((status, keep_alive))
+        if head is None:
+            lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
+            lines += [name + b": " + value + b"\r\n" for name, value in defaults]
+            if status != 204:
+                lines.append(b"content-length: 0\r\n")
+            if not keep_alive:
+                lines.append(b"connection: close\r\n")
+            head = self._made[(status, keep_alive)] = b"".join(lines) + b"x-request-id: "
+        return head + request_id.encode() + b"\r\n\r\n"
+
+
+_empty_answer = _EmptyAnswers()
 
 
 def _answer(status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -352,8 +367,7 @@ class RelayProtocol(HttpToolsProtocol):
         self._call, self._call_body = None, []
         self._disarm()
         status, request = call.answer(body)
-        headers = [*self.server_state.default_headers, (b"x-request-id", request.encode())]
-        self.transport.write(_empty_answer(status, headers, self._call_keep_alive))
+        self.transport.write(_empty_answer(status, self.server_state.default_headers, request, self._call_keep_alive))
         if not self._call_keep_alive:
             self.transport.close()
             return

@@ -75,6 +75,9 @@ class Step:
     reason: str | None = None
 
 
+_STATE_OF = {TaskStatus.IN_PROGRESS: JobState.IN_PROGRESS, TaskStatus.MODAL: JobState.MODAL}
+
+
 def observe(
     state: JobState, progress: int, view: TaskView, shape: ResultShape = ResultShape.GRID, confirmed: bool = False
 ) -> Step:
@@ -86,10 +89,7 @@ def observe(
     if view.status in (TaskStatus.FAILURE, TaskStatus.CANCEL):
         reason = view.fail_reason or ("cancelled upstream" if view.status is TaskStatus.CANCEL else None)
         return Step("failure", error_code=FailureCode.BANNED if view.banned else FailureCode.FAILED, reason=reason)
-    new_state = {
-        TaskStatus.IN_PROGRESS: JobState.IN_PROGRESS,
-        TaskStatus.MODAL: JobState.MODAL,
-    }.get(view.status, JobState.SUBMITTED)
+    new_state = _STATE_OF.get(view.status, JobState.SUBMITTED)
     if state is JobState.IN_PROGRESS and new_state is not JobState.IN_PROGRESS:
         new_state = state  # never step back
     if new_state is JobState.MODAL and confirmed:

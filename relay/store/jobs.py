@@ -210,6 +210,29 @@ _SETTLE = (
 
 
 _STATE = _FIELDS.index("state")
+# `record_progress`, made once: a job with progress hooks has eight or so written.
+_PROGRESS = (
+    update(jobs)
+    # IN (...) expands its parameters, which executemany cannot do: spell the states out.
+    .where(
+        jobs.c.id == bindparam("job_id"),
+        or_(*(jobs.c.state == s.value for s in RUNNING)),
+        # two views applied at once may be written in either order: progress never goes back
+        or_(jobs.c.state != bindparam("new_state"), jobs.c.progress <= bindparam("new_progress")),
+    )
+    .values(
+        state=bindparam("new_state"),
+        progress=bindparam("new_progress"),
+        updated_at=bindparam("now"),
+        started_at=case(
+            (
+                jobs.c.started_at.is_(None) & (bindparam("new_state", type_=String) == JobState.IN_PROGRESS.value),
+                bindparam("now"),
+            ),
+            else_=jobs.c.started_at,
+        ),
+    )
+)
 
 
 class JobStore:
@@ -380,31 +403,10 @@ class JobStore:
         job already further on in the same state."""
         if not changes:
             return
-        statement = (
-            update(jobs)
-            # IN (...) expands its parameters, which executemany cannot do: spell the states out.
-            .where(
-                jobs.c.id == bindparam("job_id"),
-                or_(*(jobs.c.state == s.value for s in RUNNING)),
-                # two views applied at once may be written in either order: progress never goes back
-                or_(jobs.c.state != bindparam("new_state"), jobs.c.progress <= bindparam("new_progress")),
-            )
-            .values(
-                state=bindparam("new_state"),
-                progress=bindparam("new_progress"),
-                updated_at=now,
-                started_at=case(
-                    (
-                        jobs.c.started_at.is_(None)
-                        & (bindparam("new_state", type_=String) == JobState.IN_PROGRESS.value),
-                        now,
-                    ),
-                    else_=jobs.c.started_at,
-                ),
-            )
-        )
-        params = [{"job_id": c.job_id, "new_state": c.state.value, "new_progress": c.progress} for c in changes]
-        await self._execute(statement, params)
+        params = [
+            {"job_id": c.job_id, "new_state": c.state.value, "new_progress": c.progress, "now": now} for c in changes
+        ]
+        await self._execute(_PROGRESS, params)
 
     async def _execute(self, statement: Any, params: list[dict[str, Any]]) -> None:
         async def work(conn: AsyncConnection) -> None:
