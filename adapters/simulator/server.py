@@ -186,7 +186,10 @@ def build_sim_app(
 
     async def image(request: Request) -> Response:
         key = str(request.path_params["file"]).rpartition(".")[0]
-        data = await run_in_threadpool(engine.image, key)
+        # Drawn already (a grid variant, a kept upload): served at once, as a CDN would; drawing is done on a thread.
+        data = engine.cached_image(key)
+        if data is None:
+            data = await run_in_threadpool(engine.image, key)
         if data is None:
             return Response(status_code=404)
         engine.downloads[key] += 1
