@@ -46,6 +46,16 @@ class Batcher(Generic[I, R]):
         futures = [self._queued(item) for item in items]
         return list(await asyncio.shield(asyncio.gather(*futures)))
 
+    async def each(self, items: list[I]) -> list[R | Exception]:
+        """Several items of one caller, in the same batch: each one's result or failure, in order."""
+        futures = [self._queued(item) for item in items]
+        settled: list[R | Exception] = []
+        for outcome in await asyncio.shield(asyncio.gather(*futures, return_exceptions=True)):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome
+            settled.append(outcome)
+        return settled
+
     def _queued(self, item: I) -> asyncio.Future[R]:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))

@@ -40,11 +40,29 @@ class Finisher:
     ) -> JobRow | None:
         """The ended job, or None when it had already ended (nothing was settled twice). `image_url`, `buttons` and
         `text` are what the upstream gave for a job it finished."""
+        return await self._write(
+            self.ending(job_id, succeeded, error_code, fail_reason, image_url=image_url, buttons=buttons, text=text)
+        )
+
+    async def end_many(self, endings: list[Ending]) -> list[JobRow | None | Exception]:
+        """End several jobs in one group commit (see `end`): each one's outcome, or why it could not be written."""
+        return await self._write.each(endings)
+
+    @staticmethod
+    def ending(
+        job_id: str,
+        succeeded: bool,
+        error_code: FailureCode | None = None,
+        fail_reason: str | None = None,
+        *,
+        image_url: str | None = None,
+        buttons: str | None = None,
+        text: str | None = None,
+    ) -> Ending:
+        """How a job ends, as every database takes it: what an upstream said is made storable, since one bad
+        string must not leave a job that can never be ended (and its hold never settled)."""
         code = error_code.value if error_code is not None else None
-        # What an upstream said is kept only in a form every database takes: one bad string must not leave a job
-        # that can never be ended (and its hold never settled).
-        ending = Ending(job_id, succeeded, code, storable(fail_reason), storable(image_url), buttons, storable(text))
-        return await self._write(ending)
+        return Ending(job_id, succeeded, code, storable(fail_reason), storable(image_url), buttons, storable(text))
 
     async def _end_all(self, endings: list[Ending]) -> list[JobRow | None]:
         rows = await self.store.finish_many(endings, self.clock.now())

@@ -31,7 +31,7 @@ from relay.core.finish import Finisher
 from relay.core.providers import ProviderPool
 from relay.domain import FailureCode, JobState, ResultShape
 from relay.images import GRID, IMAGE, ImageError, ImageStore, StorageError
-from relay.store.jobs import JobRow, JobStore, ProgressChange
+from relay.store.jobs import Ending, JobRow, JobStore, ProgressChange
 from relay.store.leases import Leases
 
 log = logging.getLogger("relay.lifecycle")
@@ -64,6 +64,29 @@ class Tracked:
     due_at: float = 0.0  # when the job is next read; 0 until it is first followed
     running_since: float | None = None  # when this process first saw it IN_PROGRESS
     running_from: int = 0  # its progress then (more than 0 for a job adopted while it ran)
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    """How a followed job ends (`Lifecycle.end`)."""
+
+    tracked: Tracked
+    succeeded: bool
+    error_code: FailureCode | None = None
+    reason: str | None = None
+    view: TaskView | None = None  # the upstream's view of a job it finished: its image URL, buttons and text
+
+    def ending(self) -> Ending:
+        view = self.view
+        return Finisher.ending(
+            self.tracked.job_id,
+            self.succeeded,
+            self.error_code,
+            self.reason,
+            image_url=view.image_url if view else None,
+            buttons=buttons_json(view) if view else None,
+            text=view.final_prompt if view else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,8 +347,12 @@ class Lifecycle:
         for tracked, _ in successes:
             tracked.state, tracked.progress, tracked.delivering = JobState.IN_PROGRESS, 100, True
             self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
-        if successes:  # the upstream's image URL, buttons and text are written with the job's end
-            task = asyncio.create_task(self._deliver(successes), name=f"deliver:{provider}")
+        # The upstream's image URL, buttons and text are written with the job's end. The jobs go in chunks, all at
+        # once: the first chunks end (and are answered) while later ones are still being written to disk.
+        for start in range(0, len(successes), DELIVERY_CHUNK):
+            task = asyncio.create_task(
+                self._deliver_chunk(successes[start : start + DELIVERY_CHUNK]), name=f"deliver:{provider}"
+            )
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
         if records:
@@ -342,9 +369,7 @@ class Lifecycle:
                 tracked.slot = False
             self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
         if failures:
-            await asyncio.gather(
-                *(self.end(t, succeeded=False, error_code=code, reason=reason) for t, code, reason in failures.values())
-            )
+            await self.end_all([_End(t, False, code, reason) for t, code, reason in failures.values()])
 
     async def hook(self, tracked: Tracked, view: TaskView) -> None:
         """Apply what an upstream hook said of a job (`hooks`)."""
@@ -387,13 +412,6 @@ class Lifecycle:
 
     # -- ends ----------------------------------------------------------------------------------------------------
 
-    async def _deliver(self, finished: list[tuple[Tracked, TaskView]]) -> None:
-        """Keep the results of jobs the upstream finished (each downloaded once), then end the jobs as succeeded.
-        A round's jobs go in chunks, all at once: the first chunks end (and are answered) while later ones are still
-        being written to disk."""
-        chunks = [finished[i : i + DELIVERY_CHUNK] for i in range(0, len(finished), DELIVERY_CHUNK)]
-        await asyncio.gather(*(self._deliver_chunk(chunk) for chunk in chunks))
-
     async def _deliver_chunk(self, finished: list[tuple[Tracked, TaskView]]) -> None:
         """Downloads run concurrently, the images are kept in one batch, and the endings are group-committed.
         A text result needs no download. What fails is tried again, up to `images.download_attempts` times; a job
@@ -409,33 +427,20 @@ class Lifecycle:
                 got = [(t, v, d) for (t, v), d in zip(pending, downloads, strict=True) if isinstance(d, bytes)]
                 unkept = await self._save(got)
                 reasons.update({job_id: str(exc) for job_id, exc in unkept.items()})
-                await asyncio.gather(
-                    *(self.end(t, succeeded=True, view=v) for t, v in pending if t.job_id not in reasons)
-                )
+                await self.end_all([_End(t, True, view=v) for t, v in pending if t.job_id not in reasons])
                 pending = [(t, v) for t, v in pending if t.job_id in reasons]
                 if not pending:
                     return
             codes = {job_id: FailureCode.INTERNAL for job_id, exc in unkept.items() if isinstance(exc, StorageError)}
-            await asyncio.gather(
-                *(
-                    self.end(
-                        t,
-                        succeeded=False,
-                        error_code=codes.get(t.job_id, FailureCode.DOWNLOAD),
-                        reason=reasons[t.job_id],
-                        view=v,
-                    )
-                    for t, v in pending
-                )
+            await self.end_all(
+                [_End(t, False, codes.get(t.job_id, FailureCode.DOWNLOAD), reasons[t.job_id], v) for t, v in pending]
             )
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("delivery failed")
             reason = "the relay failed to store it"
-            await asyncio.gather(
-                *(self.end(t, succeeded=False, error_code=FailureCode.INTERNAL, reason=reason) for t, _ in pending)
-            )
+            await self.end_all([_End(t, False, FailureCode.INTERNAL, reason) for t, _ in pending])
 
     async def _still_mine(self, finished: list[tuple[Tracked, TaskView]]) -> list[tuple[Tracked, TaskView]]:
         """The finished jobs this process still holds (renewed now), so that no grid is downloaded twice: one whose
@@ -483,39 +488,47 @@ class Lifecycle:
     ) -> bool:
         """Whether the job has ended (False: the write failed and the job is followed again). `view` is the
         upstream's view of a job it finished: its image URL, buttons and text are kept with the job."""
-        if self._by_job.pop(tracked.job_id, None) is None:
-            return True
-        self._jobs[tracked.provider].pop(tracked.job_id, None)
-        key = (tracked.provider, tracked.upstream_id)
-        if self._by_upstream.get(key) is tracked:
-            del self._by_upstream[key]
-        # From now on an upstream hook about the job is known to be late here, without a database read: the
-        # upstream's own call often comes after a read saw the end.
-        self._ended[key] = None
-        if len(self._ended) > ENDED_REMEMBERED:
-            self._ended.popitem(last=False)
-        try:
-            await self.finisher.end(
-                tracked.job_id,
-                succeeded=succeeded,
-                error_code=error_code,
-                fail_reason=reason,
-                image_url=view.image_url if view else None,
-                buttons=buttons_json(view) if view else None,
-                text=view.final_prompt if view else None,
-            )
-        except Exception:
-            # Nothing was written: keep following the job, and the next round ends it (endings are guarded, so
-            # trying again can never settle twice).
-            log.exception("ending a job failed; it is tried again", extra={"fields": {"job": tracked.job_id}})
-            self._ended.pop(key, None)
-            tracked.delivering = False
-            tracked.due_at = self.clock.now()
-            self.follow(tracked)
-            return False
-        if tracked.slot:
-            self.pool.release(tracked.provider)
-        return True
+        return (await self.end_all([_End(tracked, succeeded, error_code, reason, view)]))[0]
+
+    async def end_all(self, ends: list[_End]) -> list[bool]:
+        """End jobs in one group commit (see `end`); whether each has ended."""
+        ended = [True] * len(ends)
+        mine: list[int] = []
+        for index, end in enumerate(ends):
+            tracked = end.tracked
+            if self._by_job.pop(tracked.job_id, None) is None:
+                continue  # ended already
+            self._jobs[tracked.provider].pop(tracked.job_id, None)
+            key = (tracked.provider, tracked.upstream_id)
+            if self._by_upstream.get(key) is tracked:
+                del self._by_upstream[key]
+            # From now on an upstream hook about the job is known to be late here, without a database read: the
+            # upstream's own call often comes after a read saw the end.
+            self._ended[key] = None
+            if len(self._ended) > ENDED_REMEMBERED:
+                self._ended.popitem(last=False)
+            mine.append(index)
+        if not mine:
+            return ended
+        outcomes = await self.finisher.end_many([ends[index].ending() for index in mine])
+        for index, outcome in zip(mine, outcomes, strict=True):
+            tracked = ends[index].tracked
+            if isinstance(outcome, Exception):
+                # Nothing was written: keep following the job, and the next round ends it (endings are guarded, so
+                # trying again can never settle twice).
+                log.error(
+                    "ending a job failed; it is tried again",
+                    exc_info=outcome,
+                    extra={"fields": {"job": tracked.job_id}},
+                )
+                self._ended.pop((tracked.provider, tracked.upstream_id), None)
+                tracked.delivering = False
+                tracked.due_at = self.clock.now()
+                self.follow(tracked)
+                ended[index] = False
+            elif tracked.slot:
+                self.pool.release(tracked.provider)
+        return ended
 
     async def close(self) -> None:
         await self._progress.close()

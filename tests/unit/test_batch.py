@@ -94,3 +94,25 @@ async def test_a_batch_refused_for_a_held_lock_fails_whole_without_trying_each_i
     results = await asyncio.gather(*(batcher(i) for i in (1, 2, 3)), return_exceptions=True)
     assert all(isinstance(r, OperationalError) for r in results)
     assert batches == [[1, 2, 3]]  # not written again one by one, each waiting for the lock
+
+
+async def test_one_caller_s_items_go_in_one_batch_and_each_fails_alone() -> None:
+    """`many` and `each` queue several items at once: one write for all; a bad item fails alone (`each` gives its
+    failure in its place, `many` raises it)."""
+    batches: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        batches.append(items)
+        if 13 in items:
+            raise ValueError("thirteen")
+        return [item * 10 for item in items]
+
+    batcher: Batcher[int, int] = Batcher(flush, "test")
+    assert await batcher.many([1, 2, 3]) == [10, 20, 30]
+    assert batches == [[1, 2, 3]]
+    outcomes = await batcher.each([4, 13, 5])
+    assert outcomes[0] == 40 and outcomes[2] == 50 and isinstance(outcomes[1], ValueError)
+    assert batches[1:] == [[4, 13, 5], [4], [13], [5]]  # the batch failed: each item again, alone
+    with pytest.raises(ValueError):
+        await batcher.many([6, 13])
+    await batcher.close()

@@ -22,7 +22,7 @@ from relay.images import ImageStore
 from relay.metrics import Metrics
 from relay.store.attempts import AttemptStore
 from relay.store.db import Database
-from relay.store.jobs import JobState, JobStore, NewJob
+from relay.store.jobs import Ending, JobRow, JobState, JobStore, NewJob
 from relay.store.keys import KeyStore
 from relay.store.leases import Leases
 from tests.helpers import FakeClock, relay_config
@@ -284,16 +284,17 @@ async def test_the_loops_poll_on_their_interval_and_sweep_stale_pending_jobs(wor
 
 async def test_an_ending_that_fails_to_write_is_tried_again(world: World) -> None:
     job = await world.submit("bridge sim:fail")
-    real_end = world.tracker.finisher.end
+    store = world.tracker.finisher.store
+    real_finish = store.finish_many
     calls = []
 
-    async def flaky_end(job_id: str, **kwargs: object) -> object:
-        calls.append(job_id)
+    async def flaky_finish(endings: list[Ending], now: float) -> list[JobRow | None]:
+        calls.append([ending.job_id for ending in endings])
         if len(calls) == 1:
             raise RuntimeError("database unavailable")
-        return await real_end(job_id, **kwargs)  # type: ignore[arg-type]
+        return await real_finish(endings, now)
 
-    world.tracker.finisher.end = flaky_end  # type: ignore[method-assign]
+    store.finish_many = flaky_finish  # type: ignore[method-assign]
     world.clock.advance(6)
     await world.tracker.poll("sim")
     assert world.tracker.tracking(job) and (await world.state(job))[0] == "SUBMITTED"
