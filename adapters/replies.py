@@ -43,7 +43,7 @@ def _decode(body: bytes) -> Any:
     """An upstream's JSON, with every string made safe to keep: JSON escapes can carry NUL and unpaired surrogates,
     which no database of the relay's takes (NUL is dropped, a surrogate becomes U+FFFD)."""
     try:
-        if _UNSTORABLE_JSON.search(body) is None:  # the common case, at the C parser's speed
+        if not _unstorable(body):  # the common case, at the C parser's speed
             return json.loads(body, parse_constant=_no_constant)
         return _clean(json.loads(body, object_pairs_hook=_clean_pairs, parse_constant=_no_constant))
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -54,6 +54,19 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # How JSON bytes can carry NUL or a surrogate: as an escape, or as a surrogate's UTF-8-like bytes (which the json
 # module decodes with "surrogatepass").
 _UNSTORABLE_JSON = re.compile(rb"\\u0000|\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+# The same, read escape by escape: an escaped backslash (whatever follows it is text) and a surrogate pair (an emoji,
+# as encoders that escape everything not ASCII write it) are fine; anything else the pattern above finds is not.
+_ESCAPES = re.compile(
+    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u0000|\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]"
+)
+_PAIR = 12  # the length of an escaped surrogate pair
+
+
+def _unstorable(body: bytes) -> bool:
+    """Whether JSON bytes may decode to a string with NUL or a lone surrogate."""
+    if _UNSTORABLE_JSON.search(body) is None:
+        return False
+    return any(m.group() != b"\\\\" and len(m.group()) != _PAIR for m in _ESCAPES.finditer(body))
 
 
 def _clean(value: Any) -> Any:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapters import Accepted, ClientError, NeedsModal, ProviderUnusable, Retryable, TaskStatus, Uploaded
 from adapters.replies import (
+    _unstorable,
     classify_submit,
     classify_upload,
     looks_banned,
@@ -221,3 +224,33 @@ def test_upstream_text_is_made_storable_and_everything_else_left_as_it_came() ->
 def test_a_5xx_is_sent_elsewhere_only_when_the_server_said_it_refused(status: int, body: bytes, sent: bool) -> None:
     outcome = classify_submit(status, body)
     assert isinstance(outcome, Retryable) and outcome.sent is sent
+
+
+_PIECES = st.sampled_from(
+    ["a", " ", "\\\\", "\\u0000", "\\u0041", "\\ud83d", "\\ude00", "\\ud83d\\ude00", "\\\\ud800", "\\\\u0000", "é"]
+)
+
+
+def _unsafe(value: object) -> bool:
+    """Whether a decoded JSON value holds a string no database of the relay's takes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_unsafe(item) for item in value)
+    if isinstance(value, dict):
+        return any(_unsafe(key) or _unsafe(item) for key, item in value.items())
+    return False
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PIECES, max_size=12), st.lists(_PIECES, max_size=4))
+def test_only_json_that_decodes_to_unstorable_text_takes_the_slow_path(text: list[str], key: list[str]) -> None:
+    """The fast path (the C parser alone) is taken exactly when nothing decoded holds NUL or a lone surrogate:
+    escaped emoji and escaped backslashes (whatever text follows them) stay on it."""
+    body = ('{"' + "".join(key) + '": "' + "".join(text) + '"}').encode()
+    decoded = json.loads(body)
+    assert _unstorable(body) == _unsafe(decoded), body
