@@ -28,24 +28,14 @@ class Finisher:
         self._write: Batcher[Ending, JobRow | None] = Batcher(self._end_all, "finisher")
 
     async def end(
-        self,
-        job_id: str,
-        *,
-        succeeded: bool,
-        error_code: FailureCode | None = None,
-        fail_reason: str | None = None,
-        image_url: str | None = None,
-        buttons: str | None = None,
-        text: str | None = None,
+        self, job_id: str, *, succeeded: bool, error_code: FailureCode | None = None, fail_reason: str | None = None
     ) -> JobRow | None:
-        """The ended job, or None when it had already ended (nothing was settled twice). `image_url`, `buttons` and
-        `text` are what the upstream gave for a job it finished."""
-        return await self._write(
-            self.ending(job_id, succeeded, error_code, fail_reason, image_url=image_url, buttons=buttons, text=text)
-        )
+        """The ended job, or None when it had already ended (nothing was settled twice)."""
+        return await self._write(self.ending(job_id, succeeded, error_code, fail_reason))
 
     async def end_many(self, endings: list[Ending]) -> list[JobRow | None | Exception]:
-        """End several jobs in one group commit (see `end`): each one's outcome, or why it could not be written."""
+        """End several jobs in one group commit (see `end`; `ending` makes each, with what the upstream gave for
+        a job it finished): each one's outcome, or why it could not be written."""
         return await self._write.each(endings)
 
     @staticmethod

@@ -177,17 +177,25 @@ class UpstreamHooks:
                 continue
             for i, _, _ in found:
                 outcomes[i] = "applied"
-        for i, view in sorted(alone, key=lambda pair: pair[0]):
-            provider, body = calls[i]
-            try:
-                outcomes[i] = await self._route(provider, view, body)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("applying an upstream hook failed", extra={"fields": {"provider": provider}})
+        if len(alone) == 1:
+            i, view = alone[0]
+            outcomes[i] = await self._alone(*calls[i], view)
+        elif alone:  # each may read the store (a job followed elsewhere, or adopted): at once, not in turn
+            routed = await asyncio.gather(*(self._alone(*calls[i], view) for i, view in alone))
+            for (i, _), outcome in zip(alone, routed, strict=True):
+                outcomes[i] = outcome
         for (provider, _), outcome in zip(calls, outcomes, strict=True):
             self.metrics.upstream_hooks.labels(provider, outcome).inc()
         return outcomes
+
+    async def _alone(self, provider: str, body: bytes, view: TaskView) -> Outcome:
+        try:
+            return await self._route(provider, view, body)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("applying an upstream hook failed", extra={"fields": {"provider": provider}})
+            return "failed"
 
     async def close(self) -> None:
         """Let the calls taken be applied (they end in the lifecycle's own writes)."""

@@ -97,6 +97,30 @@ async def test_a_live_process_s_job_is_forwarded_and_a_dead_one_s_claimed(world:
     assert await hooks.receive("sim", finished) == "late"  # ended here: a late duplicate changes nothing
 
 
+async def test_calls_about_jobs_followed_elsewhere_are_looked_up_at_once(world: World) -> None:
+    """Calls taken together about jobs this process does not follow each read the store: not in turn, so one slow
+    read holds none of the others back."""
+    forwarded = Forwarded()
+    hooks = hooks_of(world, forwarded)
+    bodies = [(await elsewhere(world, f"job_elsewhere{i}"))[1] for i in range(3)]
+    world.clock.advance(2)  # their process's lease is live
+    reading = 0
+    all_reading = asyncio.Event()
+    get = world.store.get
+
+    async def slow_get(job_id: str) -> JobRow | None:
+        nonlocal reading
+        reading += 1
+        if reading == len(bodies):
+            all_reading.set()
+        await all_reading.wait()  # returns only once every call is reading
+        return await get(job_id)
+
+    world.store.get = slow_get  # type: ignore[method-assign]
+    outcomes = await asyncio.wait_for(hooks.apply_many([("sim", body) for body in bodies]), 5)
+    assert outcomes == ["forwarded"] * 3 and len(forwarded) == 3
+
+
 async def test_a_pending_job_of_a_live_process_is_left_to_it(world: World) -> None:
     """The upstream took the task and called back before the submitting process wrote it down: that process is
     alive and will; the call goes to it, and the job is not taken away from it."""
