@@ -43,7 +43,9 @@ def _decode(body: bytes) -> Any:
     """An upstream's JSON, with every string made safe to keep: JSON escapes can carry NUL and unpaired surrogates,
     which no database of the relay's takes (NUL is dropped, a surrogate becomes U+FFFD)."""
     try:
-        if not _unstorable(body):  # the common case, at the C parser's speed
+        # The common case, at the C parser's speed. The checks read UTF-8 bytes: JSON in UTF-16 or UTF-32 (which
+        # the json module decodes too) is always cleaned.
+        if json.detect_encoding(body) == "utf-8" and not _unstorable(body):
             return json.loads(body, parse_constant=_no_constant)
         return _clean(json.loads(body, object_pairs_hook=_clean_pairs, parse_constant=_no_constant))
     except (ValueError, UnicodeDecodeError, RecursionError):

@@ -28,8 +28,8 @@ A lane (upstream hook calls: a job makes eight or so, more than any other reques
 its headers are complete, gets its body as the parser hands it over, and gives the answer's status when the body is
 complete; the answer is written at once, within the same read, and nothing else runs for it. A lane takes only
 what needs nothing of the ASGI stack: a request with a stated length within the body limit, without `Expect`, on a
-connection with no answer under way (anything else goes the ordinary way). Its body gets `body_timeout_s`, as
-through the app.
+connection with no answer under way (anything else goes the ordinary way). Its body gets `body_timeout_s` for each
+wait for more of it, as through the app; a server stopping answers it before closing.
 
 Malformed HTTP gets 400 in the envelope (uvicorn answers it in plain text); 400 and 431 carry
 `x-should-retry: false`. A refusal never interleaves with an answer under way: behind pipelined requests still being
@@ -43,10 +43,11 @@ uvicorn 0.40 to 0.55; `pyproject.toml` pins that range):
   `connections` (the server's set of open connections), `cycle` (the newest request's `RequestResponseCycle`),
   `pipeline`, `url`, `headers`, `server_state.default_headers`;
 - the parser callbacks `on_message_begin`, `on_headers_complete` (which may raise, making a parse error),
-  `on_message_complete`; the hooks `connection_made`, `connection_lost`, `data_received` (which feeds the parser
-  what it is given, cancels the keep-alive timer, and calls `send_400_response` on a parse error),
-  `on_response_complete` (which starts the next pipelined request or arms the keep-alive timer), and
-  `_unset_keepalive_if_required`;
+  `on_body`, `on_message_complete`; the hooks `connection_made`, `connection_lost`, `data_received` (which feeds
+  the parser what it is given, cancels the keep-alive timer, and calls `send_400_response` on a parse error),
+  `on_response_complete` (which starts the next pipelined request or arms the keep-alive timer), `shutdown`, and
+  `_unset_keepalive_if_required`; the attributes `parser` (its `get_method`, `get_http_version`,
+  `should_keep_alive`, `should_upgrade`) and `expect_100_continue`, set by `on_header`;
 - on a `RequestResponseCycle`: `response_started`, `response_complete`, `disconnected` and `message_event` (what
   `connection_lost` uses to wake a pending `receive()`);
 - `uvicorn.Server.startup(sockets)` setting `started` once it serves; `Config(http=<protocol class>)`.
@@ -105,6 +106,9 @@ class LaneCall(Protocol):
 
     def answer(self, body: bytes) -> tuple[int, str]:
         """Take the whole body; the answer's status (sent with no body) and its `x-request-id`."""
+
+    def stalled(self) -> None:
+        """The body did not come in time: the connection answered 408 and closed."""
 
 
 class Lane(Protocol):
@@ -179,16 +183,18 @@ def _envelope(code: str, message: str, kind: str = "invalid_request_error") -> b
 
 class _EmptyAnswers:
     """The heads of answers without a body, made once per status while the server's default headers (its `date`,
-    renewed every second) stay the same."""
+    renewed every second) stay the same. The heads and the headers they were made with are swapped as one, so
+    servers on several threads never take each other's."""
 
     def __init__(self) -> None:
-        self._defaults: list[tuple[bytes, bytes]] | None = None
-        self._made: dict[tuple[int, bool], bytes] = {}
+        self._kept: tuple[list[tuple[bytes, bytes]] | None, dict[tuple[int, bool], bytes]] = (None, {})
 
     def __call__(self, status: int, defaults: list[tuple[bytes, bytes]], request_id: str, keep_alive: bool) -> bytes:
-        if defaults is not self._defaults:
-            self._defaults, self._made = defaults, {}
-        head = self._made.get((status, keep_alive))
+        made_with, made = self._kept
+        if made_with is not defaults:
+            made = {}
+            self._kept = (defaults, made)
+        head = made.get((status, keep_alive))
         if head is None:
             lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
             lines += [name + b": " + value + b"\r\n" for name, value in defaults]
@@ -196,7 +202,7 @@ class _EmptyAnswers:
                 lines.append(b"content-length: 0\r\n")
             if not keep_alive:
                 lines.append(b"connection: close\r\n")
-            head = self._made[(status, keep_alive)] = b"".join(lines) + b"x-request-id: "
+            head = made[(status, keep_alive)] = b"".join(lines) + b"x-request-id: "
         return head + request_id.encode() + b"\r\n\r\n"
 
 
@@ -252,6 +258,14 @@ class RelayProtocol(HttpToolsProtocol):
         self._call, self._call_body = None, []
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        """The server is stopping: a lane's request whose body is coming is answered, then the connection closed,
+        as one through the app is (uvicorn closes any connection it sees no answer under way on)."""
+        if self._call is not None:
+            self._call_keep_alive = False
+            return
+        super().shutdown()
+
     def data_received(self, data: bytes) -> None:
         if self._over_limit:
             self._refuse(503, "service_unavailable", "The relay has too many open connections; retry shortly.")
@@ -293,6 +307,9 @@ class RelayProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # A lane answers inside the parser's callbacks, where the idle timer it armed would stay armed over a
+        # request that follows in the same read: a request has begun, so the connection is not idle.
+        self._unset_keepalive_if_required()
         self._begun = True
         if self._deadline is None:
             self._arm()
@@ -312,6 +329,8 @@ class RelayProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         if self._call is not None:
             self._call_body.append(body)
+            self._disarm()  # the body's deadline is for each wait for more of it, as through the app
+            self._deadline = self.loop.call_later(self.limits.body_timeout_s, self._on_call_stalled)
         else:
             super().on_body(body)
 
@@ -378,7 +397,8 @@ class RelayProtocol(HttpToolsProtocol):
         self._deadline = None
         if self._call is None or self.transport.is_closing():
             return
-        self._call, self._call_body = None, []
+        call, self._call, self._call_body = self._call, None, []
+        call.stalled()
         event(log, "http refused", status=408, code="request_timeout")
         body = _envelope("request_timeout", "The request body was not received in time.")
         self._refused = True

@@ -67,6 +67,12 @@ class HookCall:
 
     def answer(self, body: bytes) -> tuple[int, str]:
         self.lane.hooks.take(self.provider, body)
+        return 204, self._observed(204)
+
+    def stalled(self) -> None:
+        self._observed(408)
+
+    def _observed(self, status: int) -> str:
         request = request_id()
-        observed(self.lane.metrics, request, "POST", PATH, 204, time.perf_counter() - self.started)
-        return 204, request
+        observed(self.lane.metrics, request, "POST", PATH, status, time.perf_counter() - self.started)
+        return request

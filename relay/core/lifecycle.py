@@ -229,6 +229,7 @@ class Lifecycle:
             del self._by_upstream[(tracked.provider, tracked.upstream_id)]
         if tracked.slot:
             self.pool.release(tracked.provider)
+            tracked.slot = False
 
     def find(self, provider: str, upstream_id: str) -> Tracked | None:
         """The followed job that is this provider's task `upstream_id`."""
@@ -381,6 +382,8 @@ class Lifecycle:
         current: polling is the safety net for a lost call)."""
         latest: dict[str, tuple[Tracked, TaskView]] = {}
         for tracked, view in calls:
+            if self._by_job.get(tracked.job_id) is not tracked:
+                continue  # ended (or handed over) since the call was read: nothing to apply
             kept = latest.get(tracked.job_id)
             if kept is None or ahead(view, kept[1]):
                 latest[tracked.job_id] = (tracked, view)
@@ -528,6 +531,7 @@ class Lifecycle:
                 ended[index] = False
             elif tracked.slot:
                 self.pool.release(tracked.provider)
+                tracked.slot = False
         return ended
 
     async def close(self) -> None:

@@ -4,6 +4,7 @@ it is given."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ import pytest
 
 from relay.api.hooks import HookLane
 from relay.config import Config
+from relay.server import RelayServer, ServeConfig, _empty_answer
 from tests.api.test_http_limits import (
     LIMITS,
     WAIT,
@@ -26,7 +28,7 @@ from tests.api.test_http_limits import (
     read_to_close,
     refusal,
 )
-from tests.helpers import serve
+from tests.helpers import bound_socket, serve
 
 LANE_PATH = "/lane"
 
@@ -39,6 +41,9 @@ class Call:
         self.lane.bodies.append(body)
         return 204, f"req_{len(self.lane.bodies)}"
 
+    def stalled(self) -> None:
+        self.lane.stalled += 1
+
 
 class Lane:
     """Claims POST /lane; records the bodies it is given, and the lengths it was asked about."""
@@ -46,6 +51,7 @@ class Lane:
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
         self.asked: list[tuple[str, int]] = []
+        self.stalled = 0
 
     def claim(self, path: str, length: int) -> Call | None:
         self.asked.append((path, length))
@@ -161,6 +167,8 @@ def test_anything_else_goes_to_the_app(lane_server: tuple[str, LaneApp], raw: by
     assert app.state.lane.bodies == [], why
     path, _ = app.received.get(timeout=WAIT)
     assert path in ("/echo", "/lane"), why
+    # the lane is asked only about a path it would read as the router does (no percent-escapes to decode)
+    assert all("%" not in asked for asked, _ in app.state.lane.asked), why
 
 
 def test_the_lane_is_asked_with_the_path_and_stated_length(lane_server: tuple[str, LaneApp]) -> None:
@@ -196,7 +204,7 @@ def test_a_stalled_body_gets_408_and_is_never_given_to_the_lane(lane_server: tup
     with connect(base) as sock:
         sock.sendall(request(LANE_PATH, b"{}")[:-1])
         refusal(read_to_close(sock), 408, "request_timeout")
-    assert app.state.lane.bodies == []
+    assert app.state.lane.bodies == [] and app.state.lane.stalled == 1  # counted as a request that got 408
 
 
 def test_a_caller_that_goes_away_mid_body_is_not_given_to_the_lane(lane_server: tuple[str, LaneApp]) -> None:
@@ -287,3 +295,103 @@ def test_the_lanes_of_many_connections_do_not_mix(lane_server: tuple[str, LaneAp
         thread.join()
     assert not errors
     assert sorted(app.state.lane.bodies) == sorted(f"{n}:{i}".encode() for n in range(8) for i in range(20))
+
+
+# -- keep-alive and shutdown ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def quick_idle_server() -> Iterator[tuple[str, LaneApp]]:
+    """Idle connections close after 0.25 s (shorter than /patient takes); bodies get 5 s."""
+    with ExitStack() as stack:
+        app = LaneApp()
+        server = {**LIMITS, "max_body_bytes": 1024, "keepalive_timeout_s": 0.25, "body_timeout_s": 5}
+        yield stack.enter_context(serve(app, Config.model_validate({"server": server}))), app
+
+
+def test_an_answered_lane_call_leaves_the_connection_idle_and_closed_in_time(
+    quick_idle_server: tuple[str, LaneApp],
+) -> None:
+    base, _ = quick_idle_server
+    with connect(base) as sock:
+        sock.sendall(request(LANE_PATH, b"1"))
+        raw = read_to_close(sock)  # within WAIT: the idle timer was armed after the answer
+    assert parse_head(raw.partition(b"\r\n\r\n")[0])[0] == 204
+
+
+def test_a_request_right_behind_a_lane_call_is_not_cut_by_the_idle_timer(
+    quick_idle_server: tuple[str, LaneApp],
+) -> None:
+    """In the same read as the lane's call: an app request that takes longer than the idle timeout, and a lane call
+    whose body comes later than it."""
+    base, app = quick_idle_server
+    with connect(base) as sock:
+        sock.sendall(request(LANE_PATH, b"1") + request("/patient", b"22"))
+        answers = Reader(sock)
+        assert answers.next()[0] == 204
+        assert answers.next()[::2] == (200, b'{"bytes": 2, "receive": null}')
+        second = request(LANE_PATH, b"333")
+        sock.sendall(request(LANE_PATH, b"4") + second[:-2])
+        assert answers.next()[0] == 204
+        assert app.received.get(timeout=WAIT)[0] == "/patient"
+        with pytest.raises(queue.Empty):  # longer than the idle timeout passes, and nothing else reaches the app
+            app.received.get(timeout=0.5)
+        sock.sendall(second[-2:])
+        assert answers.next()[0] == 204
+    assert app.state.lane.bodies == [b"1", b"4", b"333"]
+
+
+def test_a_lane_call_whose_body_is_coming_when_the_server_stops_is_answered(tmp_path: object) -> None:
+    app = LaneApp()
+    config = Config.model_validate({"server": {**LIMITS, "max_body_bytes": 1024, "body_timeout_s": 5}})
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    ready = threading.Event()
+    server = RelayServer(ServeConfig(app, config.server, timeout_graceful_shutdown=5), on_ready=ready.set)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    assert ready.wait(15)
+    try:
+        with connect(f"http://127.0.0.1:{port}") as client:
+            whole = request(LANE_PATH, b"late")
+            client.sendall(whole[:-2])
+            server.should_exit = True
+            while True:  # the server stops listening first: then it has told its connections
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+                except OSError:
+                    break
+            client.sendall(whole[-2:])
+            raw = read_to_close(client)
+        status, headers = parse_head(raw.partition(b"\r\n\r\n")[0])
+        assert (status, headers["connection"]) == (204, "close")
+        assert app.state.lane.bodies == [b"late"]
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def test_a_body_that_keeps_coming_is_waited_for_piece_by_piece(lane_server: tuple[str, LaneApp]) -> None:
+    """`body_timeout_s` (0.25 s here) bounds each wait for more of the body, not the whole body, as through the app."""
+    base, app = lane_server
+    whole = request(LANE_PATH, b"abc")
+    with connect(base) as sock:
+        sock.sendall(whole[:-3])
+        for byte in (b"a", b"b", b"c"):  # 0.45 s in all, no wait longer than 0.15 s
+            time.sleep(0.15)
+            sock.sendall(byte)
+        assert Reader(sock).next()[0] == 204
+    assert app.state.lane.bodies == [b"abc"]
+
+
+def test_a_lane_answer_carries_the_server_s_current_date() -> None:
+    """The answer heads are made once per status, and made again when the server's default headers change (its
+    `date`, every second)."""
+    first = [(b"date", b"Fri, 04 Dec 2026 20:00:00 GMT"), (b"server", b"uvicorn")]
+    later = [(b"date", b"Fri, 04 Dec 2026 20:00:01 GMT"), (b"server", b"uvicorn")]
+    assert b"20:00:00" in _empty_answer(204, first, "req_1", True)
+    assert b"20:00:00" in _empty_answer(204, first, "req_2", True)
+    answer = _empty_answer(204, later, "req_3", True)
+    assert b"20:00:01" in answer and b"20:00:00" not in answer and answer.endswith(b"x-request-id: req_3\r\n\r\n")
+    assert b"connection: close" in _empty_answer(204, later, "req_4", False)

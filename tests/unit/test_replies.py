@@ -15,6 +15,7 @@ from adapters.replies import (
     classify_upload,
     looks_banned,
     parse_fetch,
+    parse_hook,
     parse_seed,
     parse_task,
     parse_task_list,
@@ -254,3 +255,13 @@ def test_only_json_that_decodes_to_unstorable_text_takes_the_slow_path(text: lis
     body = ('{"' + "".join(key) + '": "' + "".join(text) + '"}').encode()
     decoded = json.loads(body)
     assert _unstorable(body) == _unsafe(decoded), body
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_json_in_another_unicode_encoding_is_made_storable_too(encoding: str) -> None:
+    """The json module reads UTF-16 and UTF-32 as well, where the byte checks see nothing: such a body is cleaned."""
+    body = '{"code": 1, "result": "abc\\ud800\\u0000"}'.encode(encoding)
+    assert classify_submit(200, body) == Accepted("abc\ufffd")
+    hook = '{"id": "1", "status": "SUCCESS", "state": "job\\udfff", "imageUrl": "http://x/a.png"}'.encode(encoding)
+    view = parse_hook(hook)
+    assert view is not None and view.state == "job\ufffd"

@@ -18,6 +18,7 @@ from relay.core.finish import Finisher
 from relay.core.lifecycle import Lifecycle, Step, Tracked, ahead, observe, read_after_hook
 from relay.core.providers import ProviderPool
 from relay.core.tracker import Tracker
+from relay.domain import FailureCode
 from relay.images import ImageStore
 from relay.metrics import Metrics
 from relay.store.attempts import AttemptStore
@@ -305,6 +306,28 @@ async def test_an_ending_that_fails_to_write_is_tried_again(world: World) -> Non
     await world.tracker.poll("sim")
     assert await world.state(job) == ("FAILED", "failed", "released")
     assert world.pool.in_flight["sim"] == 0 and await world.balance() == (1000, 0)
+
+
+async def test_a_hook_about_a_job_that_ended_meanwhile_changes_nothing(world: World) -> None:
+    """A call read while its job was followed, applied after the job ended (its deadline, a read): no delivery, no
+    second release of its provider slot."""
+    job = await world.submit("a late heron")
+    lifecycle = world.tracker.lifecycle
+    tracked = lifecycle._by_job[job]
+    downloads: list[str] = []
+
+    async def download(name: str, url: str) -> bytes:
+        downloads.append(url)
+        return b""
+
+    world.pool.download = download  # type: ignore[method-assign]
+    assert await lifecycle.end(tracked, succeeded=False, error_code=FailureCode.TIMEOUT, reason="late")
+    assert world.pool.in_flight["sim"] == 0 and not tracked.slot
+    await lifecycle.hooks("sim", [(tracked, view(TaskStatus.MODAL))])  # would release a slot again
+    await lifecycle.hooks("sim", [(tracked, TaskView(tracked.upstream_id, TaskStatus.SUCCESS, 100, image_url="u"))])
+    await world.settle()
+    assert world.pool.in_flight["sim"] == 0 and not lifecycle._deliveries and downloads == []
+    assert await world.state(job) == ("FAILED", "timeout", "released")
 
 
 async def test_two_jobs_on_one_upstream_task_are_both_followed(world: World) -> None:
