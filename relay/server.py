@@ -89,6 +89,7 @@ class Limits:
     body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 5.0
     max_connections: int = 4096
+    max_body_bytes: int = 20_000_000  # the most a lane's request may bring (the app checks everything else's)
 
     @classmethod
     def of(cls, server: ServerConfig) -> Limits:
@@ -98,6 +99,7 @@ class Limits:
             body_timeout_s=server.body_timeout_s,
             keepalive_timeout_s=server.keepalive_timeout_s,
             max_connections=server.max_connections,
+            max_body_bytes=server.max_body_bytes,
         )
 
 
@@ -125,7 +127,6 @@ class ServeConfig(uvicorn.Config):
     def __init__(self, app: ASGIApp, server: ServerConfig | None = None, **kwargs: Any) -> None:
         server = server or ServerConfig()
         self.limits = Limits.of(server)
-        self.body_limit = server.max_body_bytes
         state = getattr(app, "state", None)
         self.lane: Lane | None = getattr(state, "lane", None) if state is not None else None
         options: dict[str, Any] = {
@@ -181,6 +182,9 @@ def _envelope(code: str, message: str, kind: str = "invalid_request_error") -> b
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
 
 
+_BODY_STALLED = _envelope("request_timeout", "The request body was not received in time.")
+
+
 class _EmptyAnswers:
     """The heads of answers without a body, made once per status while the server's default headers (its `date`,
     renewed every second) stay the same. The heads and the headers they were made with are swapped as one, so
@@ -196,25 +200,29 @@ class _EmptyAnswers:
             self._kept = (defaults, made)
         head = made.get((status, keep_alive))
         if head is None:
-            lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
-            lines += [name + b": " + value + b"\r\n" for name, value in defaults]
+            head = _head(status, defaults)
             if status != 204:
-                lines.append(b"content-length: 0\r\n")
+                head += b"content-length: 0\r\n"
             if not keep_alive:
-                lines.append(b"connection: close\r\n")
-            head = made[(status, keep_alive)] = b"".join(lines) + b"x-request-id: "
+                head += b"connection: close\r\n"
+            head = made[(status, keep_alive)] = head + b"x-request-id: "
         return head + request_id.encode() + b"\r\n\r\n"
 
 
 _empty_answer = _EmptyAnswers()
 
 
+def _head(status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """An HTTP/1.1 answer's status line and these header lines (the blank line that ends the head not included)."""
+    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
+    lines += [name + b": " + value + b"\r\n" for name, value in headers]
+    return b"".join(lines)
+
+
 def _answer(status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
     """A whole HTTP/1.1 answer with a JSON body, closing the connection."""
-    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
-    head += [name + b": " + value + b"\r\n" for name, value in headers]
-    head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
-    return b"".join(head) + body
+    tail = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+    return _head(status, headers) + tail + body
 
 
 class RelayProtocol(HttpToolsProtocol):
@@ -231,7 +239,6 @@ class RelayProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.limits = config.limits if isinstance(config, ServeConfig) else Limits()
         self.lane = config.lane if isinstance(config, ServeConfig) else None
-        self.body_limit = config.body_limit if isinstance(config, ServeConfig) else 0
         self._inner_app = self.app
         self.app = self._app  # read by uvicorn when a request's headers are complete
         self._awaiting = True
@@ -358,7 +365,6 @@ class RelayProtocol(HttpToolsProtocol):
         if (
             self.lane is None
             or self._busy()
-            or self.pipeline
             or self.expect_100_continue
             or self.parser.get_method() != b"POST"
             or self.parser.should_upgrade()
@@ -370,7 +376,7 @@ class RelayProtocol(HttpToolsProtocol):
                 length = value
             elif name in (b"content-length", b"transfer-encoding"):
                 return None  # a second length, or chunks: the ordinary way, whatever the parser made of it
-        if not length.isdigit() or len(length) > 12 or int(length) > self.body_limit:
+        if not length.isdigit() or len(length) > 12 or int(length) > self.limits.max_body_bytes:
             return None
         try:
             path = httptools.parse_url(self.url).path.decode("ascii")
@@ -400,9 +406,8 @@ class RelayProtocol(HttpToolsProtocol):
         call, self._call, self._call_body = self._call, None, []
         call.stalled()
         event(log, "http refused", status=408, code="request_timeout")
-        body = _envelope("request_timeout", "The request body was not received in time.")
         self._refused = True
-        self.transport.write(_answer(408, body, list(self.server_state.default_headers)))
+        self.transport.write(_answer(408, _BODY_STALLED, list(self.server_state.default_headers)))
         self.transport.close()
 
     # -- deadlines and refusals --------------------------------------------------------------------------------
@@ -499,8 +504,7 @@ class RelayProtocol(HttpToolsProtocol):
         if not answer:
             self.transport.close()
             return
-        body = _envelope("request_timeout", "The request body was not received in time.")
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(_BODY_STALLED)).encode())]
         # `connection: close` makes uvicorn close the connection once the answer is written
         await send({"type": "http.response.start", "status": 408, "headers": [*headers, (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": _BODY_STALLED})

@@ -43,8 +43,12 @@ class Batcher(Generic[I, R]):
 
     async def many(self, items: list[I]) -> list[R]:
         """Several items of one caller, in the same batch: their results in order, or the first failure."""
-        futures = [self._queued(item) for item in items]
-        return list(await asyncio.shield(asyncio.gather(*futures)))
+        results: list[R] = []
+        for outcome in await self.each(items):
+            if isinstance(outcome, Exception):
+                raise outcome
+            results.append(outcome)
+        return results
 
     async def each(self, items: list[I]) -> list[R | Exception]:
         """Several items of one caller, in the same batch: each one's result or failure, in order."""

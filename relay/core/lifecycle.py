@@ -221,15 +221,20 @@ class Lifecycle:
 
     def forget(self, job_id: str) -> None:
         """Stop following a job without ending it: another process follows it now."""
+        tracked = self._unfollow(job_id)
+        if tracked is not None and tracked.slot:
+            self.pool.release(tracked.provider)
+            tracked.slot = False
+
+    def _unfollow(self, job_id: str) -> Tracked | None:
+        """The job no longer followed here (None if it was not): its slot is the caller's to release."""
         tracked = self._by_job.pop(job_id, None)
         if tracked is None:
-            return
+            return None
         self._jobs[tracked.provider].pop(job_id, None)
         if self._by_upstream.get((tracked.provider, tracked.upstream_id)) is tracked:
             del self._by_upstream[(tracked.provider, tracked.upstream_id)]
-        if tracked.slot:
-            self.pool.release(tracked.provider)
-            tracked.slot = False
+        return tracked
 
     def find(self, provider: str, upstream_id: str) -> Tracked | None:
         """The followed job that is this provider's task `upstream_id`."""
@@ -450,7 +455,7 @@ class Lifecycle:
         lease another process took while this one stalled is left to it."""
         if self.leases is None:
             return finished
-        holds = await asyncio.gather(*(self._holds(t.job_id) for t, _ in finished))
+        holds = await self._holds.many([t.job_id for t, _ in finished])
         for (tracked, _), held in zip(finished, holds, strict=True):
             if not held:
                 self.forget(tracked.job_id)
@@ -499,12 +504,9 @@ class Lifecycle:
         mine: list[int] = []
         for index, end in enumerate(ends):
             tracked = end.tracked
-            if self._by_job.pop(tracked.job_id, None) is None:
+            if self._unfollow(tracked.job_id) is None:
                 continue  # ended already
-            self._jobs[tracked.provider].pop(tracked.job_id, None)
             key = (tracked.provider, tracked.upstream_id)
-            if self._by_upstream.get(key) is tracked:
-                del self._by_upstream[key]
             # From now on an upstream hook about the job is known to be late here, without a database read: the
             # upstream's own call often comes after a read saw the end.
             self._ended[key] = None

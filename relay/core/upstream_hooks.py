@@ -106,7 +106,7 @@ class UpstreamHooks:
         settings = self.pool.settings.get(provider)
         if not public or settings is None or not settings.hooks or settings.dialect == "simulator":
             return None
-        return f"{public}/hooks/{provider}/{hook_token(self.secrets[0], provider)}"
+        return f"{public}/hooks/{provider}/{self._tokens[provider][0].decode()}"
 
     def accepts(self, provider: str, token: str) -> bool:
         tokens = self._tokens.get(provider)
@@ -204,13 +204,6 @@ class UpstreamHooks:
             if self._taken:
                 self._apply_taken()
             await asyncio.gather(*self._applying, return_exceptions=True)
-
-    async def receive(self, provider: str, body: bytes) -> Outcome:
-        """Apply one hook call from `provider` (its token already checked)."""
-        view = self.pool.upstreams[provider].parse_hook(body)
-        if view is None:
-            return "unreadable"
-        return await self._route(provider, view, body)
 
     async def _route(self, provider: str, view: TaskView, body: bytes) -> Outcome:
         """Apply what a call said of a task: to the job followed here, or found by its `state`."""

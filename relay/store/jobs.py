@@ -153,6 +153,7 @@ class Ending:
 
 
 _FIELDS = tuple(field.name for field in fields(JobRow))
+_STATE = _FIELDS.index("state")
 # For each shape of result (its column names), where each of JobRow's fields is in it.
 _POSITIONS: dict[tuple[str, ...], tuple[int, ...]] = {}
 
@@ -209,7 +210,6 @@ _SETTLE = (
 )
 
 
-_STATE = _FIELDS.index("state")
 # `record_progress`, made once: a job with progress hooks has eight or so written.
 _PROGRESS = (
     update(jobs)

@@ -74,13 +74,13 @@ async def test_a_live_process_s_job_is_forwarded_and_a_dead_one_s_claimed(world:
     world.clock.advance(2)  # running upstream (10 s jobs); the other process's lease (4 s) is live
     body = body_of(world, upstream_id)
 
-    assert await hooks.receive("sim", body) == "forwarded"
+    assert await hooks.apply("sim", body) == "forwarded"
     assert forwarded == [("another-process", "sim", upstream_id, body)]
     assert not world.tracker.lifecycle.following("job_elsewhere1")
 
     world.clock.advance(3)  # the other process died: its lease ran out
     body = body_of(world, upstream_id)
-    assert await hooks.receive("sim", body) == "adopted"
+    assert await hooks.apply("sim", body) == "adopted"
     assert len(forwarded) == 1 and world.tracker.lifecycle.following("job_elsewhere1")
     assert world.tracker.lifecycle._by_job["job_elsewhere1"].state is JobState.IN_PROGRESS
     row = await world.store.get("job_elsewhere1")
@@ -91,10 +91,10 @@ async def test_a_live_process_s_job_is_forwarded_and_a_dead_one_s_claimed(world:
     finished = body_of(world, upstream_id)
     view = world.pool.upstreams["sim"].parse_hook(finished)
     assert view is not None and view.status is TaskStatus.SUCCESS
-    assert await hooks.receive("sim", finished) == "applied"
+    assert await hooks.apply("sim", finished) == "applied"
     await world.settle()
     assert await world.state("job_elsewhere1") == ("SUCCEEDED", None, "captured")
-    assert await hooks.receive("sim", finished) == "late"  # ended here: a late duplicate changes nothing
+    assert await hooks.apply("sim", finished) == "late"  # ended here: a late duplicate changes nothing
 
 
 async def test_calls_about_jobs_followed_elsewhere_are_looked_up_at_once(world: World) -> None:
@@ -128,10 +128,10 @@ async def test_a_pending_job_of_a_live_process_is_left_to_it(world: World) -> No
     hooks = hooks_of(world, forwarded)
     upstream_id, _ = await elsewhere(world, "job_pending01", submitted=False)
     world.clock.advance(2)
-    assert await hooks.receive("sim", body_of(world, upstream_id)) == "forwarded"
+    assert await hooks.apply("sim", body_of(world, upstream_id)) == "forwarded"
     assert await world.state("job_pending01") == ("PENDING", None, "held")
     world.clock.advance(3)  # that process died in its submit window: the hook adopts the job here
-    assert await hooks.receive("sim", body_of(world, upstream_id)) == "adopted"
+    assert await hooks.apply("sim", body_of(world, upstream_id)) == "adopted"
     row = await world.store.get("job_pending01")
     assert row is not None and row.state is not JobState.PENDING and row.owner == world.store.owner
 
@@ -292,5 +292,5 @@ async def test_a_job_a_hook_claims_carries_on_as_an_adopted_one_its_client_hooks
     hooks = hooks_of(world, Forwarded(), follow=coordinator.follow_claimed)
     upstream_id, _ = await elsewhere(world, "job_claimed01")
     world.clock.advance(5)  # the other process died: its lease (4 s) ran out
-    assert await hooks.receive("sim", body_of(world, upstream_id)) == "adopted"
+    assert await hooks.apply("sim", body_of(world, upstream_id)) == "adopted"
     assert adopted == [["job_claimed01"]] and world.tracker.lifecycle.following("job_claimed01")
