@@ -82,9 +82,18 @@ class _Origin:
 
     @property
     def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """What a `Host` header names: the port only when it is not the scheme's own."""
         default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
+        return self._host if self.port == default else self.hostport
+
+    @property
+    def hostport(self) -> str:
+        """`host:port`, as `CONNECT` names a tunnel's end."""
+        return f"{self._host}:{self.port}"
+
+    @property
+    def _host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address in brackets
 
 
 def _origin(parts: SplitResult) -> _Origin:
@@ -196,9 +205,6 @@ class _Connection(asyncio.Protocol):
             self.close()  # also when the answer was complete already: what follows it is not to be trusted
         if self._stray:
             self.close()
-
-    def eof_received(self) -> bool:
-        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -402,9 +408,9 @@ class Lane:
 
     async def _tunnel(self, connection: _Connection, origin: _Origin, proxy: _Origin) -> _Connection:
         """Ask the proxy for a tunnel to `origin`, and speak TLS to the origin through it."""
-        authority = f"{origin.host if ':' not in origin.host else f'[{origin.host}]'}:{origin.port}"
         auth = f"Proxy-Authorization: {proxy.auth}\r\n" if proxy.auth else ""
-        request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n".encode("latin-1")
+        tunnel = origin.hostport
+        request = f"CONNECT {tunnel} HTTP/1.1\r\nHost: {tunnel}\r\n{auth}\r\n".encode("latin-1")
         try:
             reply = await connection.exchange(request, 65_536, head_only=True)
         except HttpFailure as exc:

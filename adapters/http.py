@@ -31,7 +31,7 @@ from adapters.base import (
     UploadOutcome,
     UpstreamUnavailable,
 )
-from adapters.h1 import HttpFailure, Lane, Proxies, TooLarge
+from adapters.h1 import HttpFailure, Lane, Proxies, Reply, TooLarge
 from adapters.replies import classify_submit, classify_upload, parse_fetch, parse_hook, parse_seed, parse_task_list
 from adapters.wire import ENDPOINTS, FOLLOW_UPS, missing_fields, render_body
 
@@ -112,16 +112,20 @@ class HttpUpstream:
         self._downloads = _Lanes(DOWNLOAD_LANES, options.connect_timeout_s, proxies)
         self._list_supported = True
 
-    async def _lane(self, lanes: _Lanes) -> Lane:
-        """A free lane, waited for at most `timeout_s` (then `_Busy`); give it back with `lanes.release`."""
-        free = lanes.free()
-        if free is not None:
-            return free
+    async def _request(self, lanes: _Lanes, method: str, url: str, **options: Any) -> Reply:
+        """One call on a lane of `lanes` (`Lane.request`'s options), the lane waited for at most `timeout_s` (then
+        `_Busy`) and given back after."""
+        lane = lanes.free()
+        if lane is None:
+            try:
+                async with asyncio.timeout(self.options.timeout_s):
+                    lane = await lanes.take()
+            except TimeoutError:
+                raise _Busy from None
         try:
-            async with asyncio.timeout(self.options.timeout_s):
-                return await lanes.take()
-        except TimeoutError:
-            raise _Busy from None
+            return await lane.request(method, url, **options)
+        finally:
+            lanes.release(lane)
 
     # -- what a dialect says -------------------------------------------------------------------------------------
 
@@ -209,17 +213,14 @@ class HttpUpstream:
         if not target.startswith(("http://", "https://")):
             raise UpstreamUnavailable("the image URL is not http(s)")
         try:
-            lane = await self._lane(self._downloads)
-            try:
-                reply = await lane.request(
-                    "GET",
-                    target,
-                    timeout_s=self.options.timeout_s * DOWNLOAD_TIMEOUTS,
-                    max_body=self.options.max_image_bytes,
-                    follow_redirects=True,
-                )
-            finally:
-                self._downloads.release(lane)
+            reply = await self._request(
+                self._downloads,
+                "GET",
+                target,
+                timeout_s=self.options.timeout_s * DOWNLOAD_TIMEOUTS,
+                max_body=self.options.max_image_bytes,
+                follow_redirects=True,
+            )
         except _Busy:
             raise UpstreamUnavailable("the image download did not finish in time") from None
         except TooLarge:
@@ -260,18 +261,15 @@ class HttpUpstream:
         """One call that makes or moves something upstream, on a submit lane: its HTTP status and body, or why
         there is none (and whether the request may have reached the upstream)."""
         try:
-            lane = await self._lane(self._submits)
-            try:
-                reply = await lane.request(
-                    "POST",
-                    self._base + path,
-                    headers={**self.auth_headers(), "Content-Type": "application/json"},
-                    body=json.dumps(payload).encode(),
-                    timeout_s=self.options.timeout_s,
-                    max_body=MAX_API_BYTES,
-                )
-            finally:
-                self._submits.release(lane)
+            reply = await self._request(
+                self._submits,
+                "POST",
+                self._base + path,
+                headers={**self.auth_headers(), "Content-Type": "application/json"},
+                body=json.dumps(payload).encode(),
+                timeout_s=self.options.timeout_s,
+                max_body=MAX_API_BYTES,
+            )
         except _Busy:
             return Retryable("every connection to the provider stayed busy", sent=False)
         except HttpFailure as exc:
@@ -291,18 +289,15 @@ class HttpUpstream:
             content = json.dumps(payload).encode()
             headers["Content-Type"] = "application/json"
         try:
-            lane = await self._lane(self._reads)
-            try:
-                reply = await lane.request(
-                    method,
-                    self._base + path,
-                    headers=headers,
-                    body=content,
-                    timeout_s=self.options.timeout_s,
-                    max_body=MAX_API_BYTES,
-                )
-            finally:
-                self._reads.release(lane)
+            reply = await self._request(
+                self._reads,
+                method,
+                self._base + path,
+                headers=headers,
+                body=content,
+                timeout_s=self.options.timeout_s,
+                max_body=MAX_API_BYTES,
+            )
         except _Busy:
             raise UpstreamUnavailable("every read lane to the provider stayed busy") from None
         except HttpFailure as exc:

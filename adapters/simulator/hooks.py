@@ -148,20 +148,18 @@ class HookSender:
                 raise _NoAnswer
             length, keep = 0, not status.startswith(b"HTTP/1.0")
             while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                if name.strip().lower() == "content-length":
+                field, _, value = line.decode("latin-1").partition(":")
+                name = field.strip().lower()
+                if name == "content-length":
                     length = int(value)
-                elif name.strip().lower() == "connection" and "close" in value.lower():
+                elif name == "connection" and "close" in value.lower():
                     keep = False
-                elif name.strip().lower() == "transfer-encoding":
+                elif name == "transfer-encoding":
                     keep = False  # a body in chunks is not read here: the connection is not used again
             await reader.readexactly(length)
             done = True
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            keep = False
-            if isinstance(exc, ConnectionError):
-                raise _NoAnswer from None
-            raise
+        except ConnectionError:
+            raise _NoAnswer from None
         finally:  # kept only once its answer was read whole (not after a timeout or a cut)
             if keep and done:
                 self._idle.setdefault(where, []).append((reader, writer))
