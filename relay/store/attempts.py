@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from relay.store.db import begun, connected
 from relay.store.tables import attempts
 
 AttemptState = Literal["starting", "started", "nothing"]
@@ -38,13 +39,13 @@ class AttemptStore:
         self.engine = engine
 
     async def begin_many(
-        self, begun: list[tuple[str, str, tuple[str, ...], dict[str, Any], float, float]]
+        self, attempts_made: list[tuple[str, str, tuple[str, ...], dict[str, Any], float, float]]
     ) -> list[None]:
         """Each attempt (fingerprint, request id, job ids, spec, deadline, now) now owns its fingerprint: an earlier
         one, retried or not, no longer does. Starts as `starting`."""
-        if not begun:
+        if not attempts_made:
             return []
-        latest = {item[0]: item for item in begun}  # one fingerprint twice in a batch: the later attempt wins
+        latest = {item[0]: item for item in attempts_made}  # one fingerprint twice in a batch: the later attempt wins
         rows = [
             {
                 "fingerprint": fingerprint,
@@ -61,9 +62,9 @@ class AttemptStore:
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(attempts)
         changed = {k: statement.excluded[k] for k in rows[0] if k != "fingerprint"}
-        async with self.engine.begin() as conn:
+        async with begun(self.engine) as conn:
             await conn.execute(statement.on_conflict_do_update(index_elements=["fingerprint"], set_=changed), rows)
-        return [None] * len(begun)
+        return [None] * len(attempts_made)
 
     async def settle_many(self, settled: list[tuple[str, str, bool]], now: float) -> list[None]:
         """How each attempt's (fingerprint, request id, took) submission went, unless a later attempt owns the
@@ -72,7 +73,7 @@ class AttemptStore:
             pairs = [(fingerprint, request_id) for fingerprint, request_id, t in settled if t is took]
             if not pairs:
                 continue
-            async with self.engine.begin() as conn:
+            async with begun(self.engine) as conn:
                 await conn.execute(
                     update(attempts)
                     .where(attempts.c.fingerprint == bindparam("fp"), attempts.c.request_id == bindparam("rid"))
@@ -82,7 +83,7 @@ class AttemptStore:
         return [None] * len(settled)
 
     async def get(self, fingerprint: str, since: float) -> AttemptRow | None:
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             row = (
                 await conn.execute(
                     select(attempts).where(attempts.c.fingerprint == fingerprint, attempts.c.created_at >= since)
@@ -101,6 +102,6 @@ class AttemptStore:
         )
 
     async def forget_before(self, before: float) -> int:
-        async with self.engine.begin() as conn:
+        async with begun(self.engine) as conn:
             result = await conn.execute(delete(attempts).where(attempts.c.created_at < before))
             return int(result.rowcount)

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from relay.store.db import transaction
+from relay.store.db import connected, transaction
 from relay.store.tables import provider_health
 
 __all__ = ["HealthRecord", "HealthStore"]
@@ -70,6 +70,6 @@ class HealthStore:
 
     async def all(self) -> dict[str, HealthRecord]:
         """Every recorded provider's last change, by provider name."""
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             rows = (await conn.execute(select(provider_health))).all()
         return {row.provider: _record(row) for row in rows}

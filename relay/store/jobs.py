@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from relay.domain import ACTIVE_STATES as ACTIVE
 from relay.domain import RUNNING_STATES as RUNNING
 from relay.domain import TASKS, JobState, TaskKind, TaskSpec
-from relay.store.db import transaction
+from relay.store.db import connected, transaction
 from relay.store.ledger import entry
 from relay.store.tables import jobs, keys, ledger
 
@@ -494,7 +494,7 @@ class JobStore:
         ]
 
     async def get(self, job_id: str) -> JobRow | None:
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
         return row_of(row) if row is not None else None
 
@@ -502,7 +502,7 @@ class JobStore:
         """The jobs among `job_ids` that belong to the key, newest first: another key's job is not there at all."""
         if not job_ids:
             return []
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             rows = (
                 await conn.execute(
                     select(jobs)
@@ -514,7 +514,7 @@ class JobStore:
 
     async def recent(self, key_id: str, limit: int) -> list[JobRow]:
         """The key's newest jobs."""
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             rows = (
                 await conn.execute(
                     select(jobs)
@@ -526,7 +526,7 @@ class JobStore:
         return [row_of(row) for row in rows]
 
     async def by_request(self, request_id: str) -> list[JobRow]:
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             rows = (await conn.execute(select(jobs).where(jobs.c.request_id == request_id).order_by(jobs.c.id))).all()
         return [row_of(row) for row in rows]
 
@@ -534,7 +534,7 @@ class JobStore:
         """PENDING jobs made before `created_before` that this process admitted, or whose process is gone (their
         lease ran out)."""
         lapsed = or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now, jobs.c.owner == self.owner)
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             rows = (
                 await conn.execute(
                     select(jobs).where(
@@ -545,6 +545,6 @@ class JobStore:
         return [row_of(row) for row in rows]
 
     async def active(self) -> list[JobRow]:
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             rows = (await conn.execute(select(jobs).where(jobs.c.state.in_([s.value for s in ACTIVE])))).all()
         return [row_of(row) for row in rows]

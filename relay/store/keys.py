@@ -26,7 +26,7 @@ from sqlalchemy import case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.core.text import unstorable
-from relay.store.db import transaction
+from relay.store.db import begun, connected, transaction
 from relay.store.ledger import entry
 from relay.store.tables import keys, ledger
 
@@ -227,28 +227,28 @@ class KeyStore:
         return _record(SimpleNamespace(**values)), secret
 
     async def by_secret(self, secret: str) -> KeyRecord | None:
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             row = (await conn.execute(select(keys).where(keys.c.key_hash == hash_key(secret)))).first()
         return _record(row) if row is not None else None
 
     async def get(self, key_id: str) -> KeyRecord | None:
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             row = (await conn.execute(select(keys).where(keys.c.id == key_id))).first()
         return _record(row) if row is not None else None
 
     async def find(self, id_or_name: str) -> KeyRecord:
         """The key with this id, else the one live key with this name (KeyNotFound, AmbiguousKey)."""
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             return _record(await _resolve(conn, id_or_name))
 
     async def list(self) -> list[KeyRecord]:
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             rows = (await conn.execute(select(keys).order_by(keys.c.created_at, keys.c.id))).all()
         return [_record(row) for row in rows]
 
     async def revoke(self, id_or_name: str, now: float) -> int:
         """Revoke the key with this id, or every live key with this name; returns how many were revoked."""
-        async with self.engine.begin() as conn:
+        async with begun(self.engine) as conn:
             result = await conn.execute(
                 update(keys)
                 .where(or_(keys.c.id == id_or_name, keys.c.name == id_or_name), keys.c.revoked_at.is_(None))
@@ -327,7 +327,7 @@ class KeyStore:
         the key has no limit); else the seconds until the next window opens, having counted nothing."""
         window = math.floor(now / RATE_WINDOW_S) * RATE_WINDOW_S
         fresh = keys.c.rate_window < window
-        async with self.engine.begin() as conn:
+        async with begun(self.engine) as conn:
             result = await conn.execute(
                 update(keys)
                 .where(

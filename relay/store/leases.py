@@ -15,6 +15,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.domain import ACTIVE_STATES, RUNNING_STATES, JobState
+from relay.store.db import begun, connected
 from relay.store.jobs import JobRow, row_of
 from relay.store.tables import jobs
 
@@ -34,7 +35,7 @@ class Leases:
 
     async def renew(self, now: float) -> set[str]:
         """Renew every lease this process holds; the ids of the jobs it still holds."""
-        async with self.engine.begin() as conn:
+        async with begun(self.engine) as conn:
             result = await conn.execute(
                 update(jobs)
                 .where(jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE))
@@ -47,7 +48,7 @@ class Leases:
         """Renew the leases of these jobs; those it still holds (a job another process took meanwhile is not)."""
         if not job_ids:
             return set()
-        async with self.engine.begin() as conn:
+        async with begun(self.engine) as conn:
             result = await conn.execute(
                 update(jobs)
                 .where(jobs.c.id.in_(list(job_ids)), jobs.c.owner == self.owner)
@@ -81,7 +82,7 @@ class Leases:
 
     async def _claim(self, which: Any, claimable: Any, now: float) -> list[JobRow]:
         """One guarded UPDATE: of two processes claiming a job at once, one gets it."""
-        async with self.engine.begin() as conn:
+        async with begun(self.engine) as conn:
             result = await conn.execute(
                 update(jobs)
                 .where(which, jobs.c.state.in_(_RUNNING), claimable)
@@ -93,7 +94,7 @@ class Leases:
     async def running_elsewhere(self, now: float) -> dict[str, int]:
         """How many jobs hold a slot of each provider (submitted or in progress) in the other live processes."""
         slot_states = [JobState.SUBMITTED.value, JobState.IN_PROGRESS.value]
-        async with self.engine.connect() as conn:
+        async with connected(self.engine) as conn:
             result = await conn.execute(
                 select(jobs.c.provider, func.count())
                 .where(
@@ -108,7 +109,7 @@ class Leases:
 
     async def release(self) -> int:
         """Hand every lease of this process over (its jobs are claimed by another at once); how many."""
-        async with self.engine.begin() as conn:
+        async with begun(self.engine) as conn:
             result = await conn.execute(
                 update(jobs).where(jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE)).values(lease_until=0.0)
             )

@@ -30,6 +30,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from relay.domain import ACTIVE_STATES, JobState
+from relay.store.db import connected
 from relay.store.tables import LEDGER_KINDS, jobs, keys, ledger
 
 __all__ = [
@@ -102,7 +103,7 @@ async def export_rows(engine: AsyncEngine, key_id: str | None = None, since: flo
     rows: list[Any] = []
     after = 0
     while True:  # in pages, letting the loop run between them: on SQLite a read holds it while it runs
-        async with engine.connect() as conn:
+        async with connected(engine) as conn:
             page = (await conn.execute(query.where(ledger.c.id > after).order_by(ledger.c.id).limit(EXPORT_PAGE))).all()
         rows.extend(page)
         if len(page) < EXPORT_PAGE:
@@ -223,7 +224,7 @@ async def usage(
         query = query.where(ledger.c.created_at >= since)
     if until is not None:
         query = query.where(ledger.c.created_at < until)
-    async with engine.connect() as conn:
+    async with connected(engine) as conn:
         rows = (await conn.execute(query)).all()
     return [
         UsageRow(
@@ -246,7 +247,7 @@ async def open_holds(engine: AsyncEngine) -> tuple[int, int]:
     query = select(func.count(), func.coalesce(func.sum(jobs.c.price), 0)).where(
         jobs.c.state.in_(active), jobs.c.hold_state == "held"
     )
-    async with engine.connect() as conn:
+    async with connected(engine) as conn:
         count, credits = (await conn.execute(query)).one()
     return int(count), int(credits)
 
@@ -284,7 +285,7 @@ async def _snapshot(conn: AsyncConnection) -> None:
 async def check(engine: AsyncEngine) -> LedgerReport:
     """Prove the ledger against the keys and jobs: see the module's docstring. Every break is named."""
     report = LedgerReport(checked_at=time.time())
-    async with engine.connect() as plain:
+    async with connected(engine) as plain:
         conn = plain
         if plain.dialect.name == "postgresql":
             conn = await plain.execution_options(isolation_level="REPEATABLE READ")

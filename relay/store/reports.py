@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from relay.store.db import connected
 from relay.store.jobs import JobRow, row_of
 from relay.store.ledger import whole_seconds
 from relay.store.tables import jobs
@@ -55,7 +56,7 @@ async def search_jobs(
             or_(jobs.c.created_at < created_at, and_(jobs.c.created_at == created_at, jobs.c.id < job_id))
         )
     statement = select(jobs).where(*conditions).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
-    async with engine.connect() as conn:
+    async with connected(engine) as conn:
         found = (await conn.execute(statement)).all()
     return [row_of(row) for row in found[:limit]], len(found) > limit
 
@@ -65,7 +66,7 @@ async def captured_total(engine: AsyncEngine, key_id: str) -> int:
     query = select(func.coalesce(func.sum(jobs.c.price), 0)).where(
         jobs.c.key_id == key_id, jobs.c.hold_state == "captured"
     )
-    async with engine.connect() as conn:
+    async with connected(engine) as conn:
         return int((await conn.execute(query)).scalar_one())
 
 
@@ -86,6 +87,6 @@ async def usage_by_day(engine: AsyncEngine, key_id: str, start: int, end: int) -
         .group_by(day, jobs.c.model)
         .order_by(day, jobs.c.model)
     )
-    async with engine.connect() as conn:
+    async with connected(engine) as conn:
         rows = (await conn.execute(query)).all()
     return [DayUsage(int(row.day) * DAY_S, str(row.model), int(row.credits)) for row in rows]

@@ -16,6 +16,7 @@ from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.domain import JobState
+from relay.store.db import begun
 from relay.store.tables import jobs
 
 _RUNNING = [JobState.SUBMITTED.value, JobState.IN_PROGRESS.value]
@@ -29,7 +30,7 @@ class Slots:
 
     async def take(self, job_id: str, provider: str, limit: int, now: float) -> bool:
         """Reserve one of `provider`'s `limit` slots for the PENDING job; False when they are all held."""
-        async with self.engine.begin() as conn:
+        async with begun(self.engine) as conn:
             await conn.execute(
                 text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"mj-relay slots {provider}"}
             )
@@ -58,5 +59,5 @@ class Slots:
 
     async def give_back(self, job_id: str) -> None:
         """The provider did not take the job: its reservation is freed for others."""
-        async with self.engine.begin() as conn:
+        async with begun(self.engine) as conn:
             await conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == _PENDING).values(provider=None))

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.store import sqlite_inline
-from relay.store.db import Database, transaction
+from relay.store.db import Database, begun, connected, transaction
 from relay.store.tables import keys
 
 pytestmark = pytest.mark.anyio
@@ -53,6 +53,66 @@ async def test_a_transaction_runs_on_the_loops_thread_without_giving_the_loop_aw
     await conn.close()
     await pending
     assert others == ["ran"] and threads == {threading.get_ident()}
+    await db.dispose()
+
+
+async def test_a_connection_is_taken_and_given_back_without_a_turn_of_the_loop(tmp_path: Path) -> None:
+    # SQLAlchemy's own `async with engine.begin()` gives the connection back in a task of its own: two turns of
+    # the loop, which under a burst kept every group commit's next batch waiting.
+    db = await database(tmp_path)
+    async with begun(db.engine) as conn:  # the pool's connection is made
+        await conn.execute(text("SELECT 1"))
+    turns: list[str] = []
+    asyncio.get_running_loop().call_soon(turns.append, "turned")
+    async with begun(db.engine) as conn:
+        await conn.execute(insert(keys).values(KEY))
+    async with connected(db.engine) as conn:
+        assert (await conn.execute(select(keys.c.id))).scalars().all() == ["k1"]
+    assert await transaction(db.engine, lambda c: c.scalar(select(keys.c.balance))) == 1
+    assert turns == []
+    await asyncio.sleep(0)
+    assert turns == ["turned"]
+    await db.dispose()
+
+
+async def test_a_transaction_that_fails_is_rolled_back_and_gives_the_connection_back(tmp_path: Path) -> None:
+    db = await database(tmp_path)
+    with pytest.raises(IntegrityError):
+        async with begun(db.engine) as conn:
+            await conn.execute(insert(keys).values(KEY))
+            await conn.execute(insert(keys).values(KEY))
+    async with connected(db.engine) as conn:  # the one connection is back in the pool, and nothing was kept
+        assert (await conn.execute(select(keys.c.id))).scalars().all() == []
+    await db.dispose()
+
+
+async def test_a_caller_cancelled_while_waiting_for_the_connection_leaves_the_pool_whole(tmp_path: Path) -> None:
+    db = await database(tmp_path)
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        async with begun(db.engine) as conn:
+            await conn.execute(insert(keys).values(KEY))
+            holding.set()
+            await release.wait()  # the one connection is held across turns of the loop
+
+    async def waiter() -> None:
+        async with connected(db.engine) as conn:
+            await conn.execute(text("SELECT 1"))
+
+    held = asyncio.create_task(holder())
+    await holding.wait()
+    waiting = asyncio.create_task(waiter())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done()  # it waits for the pool's one connection
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    release.set()
+    await held
+    async with asyncio.timeout(5), connected(db.engine) as conn:
+        assert (await conn.execute(select(keys.c.id))).scalars().all() == ["k1"]
     await db.dispose()
 
 
