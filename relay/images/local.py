@@ -1,8 +1,12 @@
 """The images in a directory: `<root>/<key>` (`<root>/ab/job_...ab-grid.png`).
 
-Writes run on a few threads of the backend's own, a whole batch per call, so a burst of finished jobs costs one
-hand-off per batch, and the threads take the next batch without waiting for the event loop. Reads run on asyncio's
-default threads, so a page of tiles never queues behind a burst of writes.
+A batch of files is written where it is asked for, on the event loop's thread, while the directory takes them
+fast: a file that goes to the page cache costs tens of microseconds, and a hand-off to a thread costs far more
+under a burst (two turns of the loop, and the interpreter lock for each system call, which a busy loop gives up
+only every switch interval: 25-35 ms a batch). A batch that took longer than `SLOW_BATCH_S` (a busy disk, a
+network mount, a file system slow to create files) sends the writes to a few threads of the backend's own for the
+next `THREADS_FOR_S`, so a slow directory holds the loop once in that long at most; so do batches of more than
+`INLINE_FILES`. Reads run on asyncio's default threads, so a page of tiles never queues behind a burst of writes.
 """
 
 from __future__ import annotations
@@ -10,20 +14,30 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = ["LocalBackend"]
 
 WRITE_THREADS = 4
+# Written on the loop's thread: batches of at most this many files, while no batch has taken longer than
+# `SLOW_BATCH_S` for `THREADS_FOR_S`.
+INLINE_FILES = 32
+SLOW_BATCH_S = 0.005
+THREADS_FOR_S = 60.0
 
 
 class LocalBackend:
-    def __init__(self, root: Path, *, threads: int = WRITE_THREADS) -> None:
+    def __init__(
+        self, root: Path, *, threads: int = WRITE_THREADS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.root = root
         self._threads = threads
         self._writers: ThreadPoolExecutor | None = None
+        self._clock = clock
+        self._threads_until = float("-inf")  # writes go to the threads until then (a batch was slow)
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -39,6 +53,12 @@ class LocalBackend:
     async def put(self, objects: Mapping[str, bytes], *, atomic: bool = False) -> dict[str, str]:
         if not objects:
             return {}
+        started = self._clock()
+        if len(objects) <= INLINE_FILES and started >= self._threads_until:
+            failed = self._write_all(objects, atomic)
+            if self._clock() - started > SLOW_BATCH_S:
+                self._threads_until = self._clock() + THREADS_FOR_S
+            return failed
         if self._writers is None:
             self._writers = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="image-writer")
         return await asyncio.get_running_loop().run_in_executor(self._writers, self._write_all, objects, atomic)
@@ -78,8 +98,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Write a whole file with the fewest system calls (open, write, close): grids are written by threads, and
-    each call gives up the interpreter lock, which a busy event loop is slow to hand back."""
+    """Write a whole file with the fewest system calls (open, write, close): on a thread, each call gives up the
+    interpreter lock, which a busy event loop is slow to hand back."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)

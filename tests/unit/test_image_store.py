@@ -24,6 +24,7 @@ from relay.images import (
     image_store,
     load_or_create_secret,
 )
+from relay.images import local as images_local
 from relay.images.names import key
 
 pytestmark = pytest.mark.anyio
@@ -188,6 +189,52 @@ async def test_a_directory_that_refuses_a_write_fails_that_image_only(tmp_path: 
             await images.save(JOB, "image.png", grid)
     finally:
         await images.close()
+
+
+class Clock:
+    """The backend's clock: each look at it moves it on by `step` (a write that takes that long)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.step = 0.0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+async def written_in_place(backend: LocalBackend, objects: dict[str, bytes]) -> bool:
+    """Put `objects`; whether that took no turn of the event loop (written on its thread, not handed to one)."""
+    turns: list[str] = []
+    asyncio.get_running_loop().call_soon(turns.append, "turned")
+    assert await backend.put(objects) == {}
+    in_place = not turns
+    await asyncio.sleep(0)
+    for name, data in objects.items():
+        assert backend.path(name).read_bytes() == data
+    return in_place
+
+
+async def test_a_directory_that_writes_fast_is_written_in_place_and_a_slow_one_from_threads_for_a_while(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    backend = LocalBackend(tmp_path, clock=clock)
+    await backend.open()
+    try:
+        assert await written_in_place(backend, {"ab/1.png": b"one", "ab/2.png": b"two"})
+        many = {f"cd/{i}.png": b"x" for i in range(images_local.INLINE_FILES + 1)}
+        assert not await written_in_place(backend, many)  # a batch too large to hold the loop for
+        clock.step = images_local.SLOW_BATCH_S * 2  # each look at the clock is that much later: the batch was slow
+        assert await written_in_place(backend, {"ef/1.png": b"slow"})
+        clock.step = 0.0
+        assert not await written_in_place(backend, {"ef/2.png": b"after"})
+        clock.now += images_local.THREADS_FOR_S - 1
+        assert not await written_in_place(backend, {"ef/3.png": b"still"})
+        clock.now += 1
+        assert await written_in_place(backend, {"ef/4.png": b"again"})
+    finally:
+        await backend.close()
 
 
 async def test_what_was_never_kept_is_missing(images: ImageStore) -> None:
