@@ -30,15 +30,12 @@ from relay.core.events import JobEvent, JobEvents
 from relay.core.finish import Finisher
 from relay.core.providers import ProviderPool
 from relay.domain import FailureCode, JobState, ResultShape
-from relay.images import GRID, IMAGE, ImageError, ImageStore, StorageError
+from relay.images import GRID, IMAGE, ImageStore, StorageError
 from relay.store.jobs import Ending, JobRow, JobStore, ProgressChange
 from relay.store.leases import Leases
 
 log = logging.getLogger("relay.lifecycle")
 
-# A round's finished jobs are delivered in chunks of this many; each chunk's images are kept in one batch (a local
-# directory writes a batch on one of its own threads, a bucket takes its objects at once).
-DELIVERY_CHUNK = 25
 # How many results are downloaded at once, over all providers (each is held in memory until kept): a provider's
 # download lanes (`adapters.http.DOWNLOAD_LANES`).
 DOWNLOADS_AT_ONCE = 128
@@ -353,12 +350,10 @@ class Lifecycle:
         for tracked, _ in successes:
             tracked.state, tracked.progress, tracked.delivering = JobState.IN_PROGRESS, 100, True
             self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
-        # The upstream's image URL, buttons and text are written with the job's end. The jobs go in chunks, all at
-        # once: the first chunks end (and are answered) while later ones are still being written to disk.
-        for start in range(0, len(successes), DELIVERY_CHUNK):
-            task = asyncio.create_task(
-                self._deliver_chunk(successes[start : start + DELIVERY_CHUNK]), name=f"deliver:{provider}"
-            )
+        # The upstream's image URL, buttons and text are written with the job's end. Each job is delivered by a
+        # task of its own, all at once: the first are ended (and answered) while others are still downloading.
+        for tracked, view in successes:
+            task = asyncio.create_task(self._deliver(tracked, view), name=f"deliver:{provider}")
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
         if records:
@@ -420,46 +415,49 @@ class Lifecycle:
 
     # -- ends ----------------------------------------------------------------------------------------------------
 
-    async def _deliver_chunk(self, finished: list[tuple[Tracked, TaskView]]) -> None:
-        """Downloads run concurrently, the images are kept in one batch, and the endings are group-committed.
-        A text result needs no download. What fails is tried again, up to `images.download_attempts` times; a job
-        whose image the store would not keep ends as an internal failure, one that could not be had or was not an
-        image as a download failure."""
-        pending = await self._still_mine(finished)
+    async def _deliver(self, tracked: Tracked, view: TaskView) -> None:
+        """Download a finished job's result, keep it, and end the job (group-committed with the others ending
+        meanwhile). Each job goes on its own, so none waits for a slower neighbour's download. A text result
+        needs no download. What fails is tried again, up to `images.download_attempts` times; a job whose image
+        the store would not keep ends as an internal failure, one that could not be had or was not an image as a
+        download failure."""
+        if not await self._still_mine(tracked):
+            return
         try:
+            code, reason = FailureCode.DOWNLOAD, "the image could not be fetched"
             for attempt in range(self.config.images.download_attempts):
                 if attempt:
                     await self.clock.sleep(min(2.0**attempt, 10.0))
-                downloads = await asyncio.gather(*(self._download(t, v) for t, v in pending))
-                reasons = {t.job_id: d for (t, _), d in zip(pending, downloads, strict=True) if isinstance(d, str)}
-                got = [(t, v, d) for (t, v), d in zip(pending, downloads, strict=True) if isinstance(d, bytes)]
-                unkept = await self._save(got)
-                reasons.update({job_id: str(exc) for job_id, exc in unkept.items()})
-                await self.end_all([_End(t, True, view=v) for t, v in pending if t.job_id not in reasons])
-                pending = [(t, v) for t, v in pending if t.job_id in reasons]
-                if not pending:
-                    return
-            codes = {job_id: FailureCode.INTERNAL for job_id, exc in unkept.items() if isinstance(exc, StorageError)}
-            await self.end_all(
-                [_End(t, False, codes.get(t.job_id, FailureCode.DOWNLOAD), reasons[t.job_id], v) for t, v in pending]
-            )
+                result = await self._download(tracked, view)
+                if isinstance(result, str):
+                    code, reason = FailureCode.DOWNLOAD, result
+                    continue
+                if result is not None:
+                    unkept = await self.images.save_many([(tracked.job_id, _FILE_OF[tracked.shape], result)])
+                    if unkept:
+                        exc = unkept[tracked.job_id]
+                        code = FailureCode.INTERNAL if isinstance(exc, StorageError) else FailureCode.DOWNLOAD
+                        reason = str(exc)
+                        continue
+                await self.end_all([_End(tracked, True, view=view)])
+                return
+            await self.end_all([_End(tracked, False, code, reason, view)])
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("delivery failed")
-            reason = "the relay failed to store it"
-            await self.end_all([_End(t, False, FailureCode.INTERNAL, reason) for t, _ in pending])
+            log.exception("delivery failed", extra={"fields": {"job": tracked.job_id}})
+            await self.end_all([_End(tracked, False, FailureCode.INTERNAL, "the relay failed to store it")])
 
-    async def _still_mine(self, finished: list[tuple[Tracked, TaskView]]) -> list[tuple[Tracked, TaskView]]:
-        """The finished jobs this process still holds (renewed now), so that no grid is downloaded twice: one whose
-        lease another process took while this one stalled is left to it."""
+    async def _still_mine(self, tracked: Tracked) -> bool:
+        """Whether this process still holds a finished job (renewed now, with the others checked meanwhile), so
+        that no grid is downloaded twice: one whose lease another process took while this one stalled is left
+        to it."""
         if self.leases is None:
-            return finished
-        holds = await self._holds.many([t.job_id for t, _ in finished])
-        for (tracked, _), held in zip(finished, holds, strict=True):
-            if not held:
-                self.forget(tracked.job_id)
-        return [pair for pair, held in zip(finished, holds, strict=True) if held]
+            return True
+        if await self._holds(tracked.job_id):
+            return True
+        self.forget(tracked.job_id)
+        return False
 
     async def _hold_leases(self, job_ids: list[str]) -> list[bool]:
         assert self.leases is not None
@@ -479,11 +477,6 @@ class Lifecycle:
             except Exception:  # a bug on one job's path: that job's download failed, not its neighbours'
                 log.exception("download failed", extra={"fields": {"job": tracked.job_id}})
                 return "the image could not be fetched"
-
-    async def _save(self, results: list[tuple[Tracked, TaskView, bytes]]) -> dict[str, ImageError | StorageError]:
-        """Keep downloaded results in the image store; returns why each one that was not kept failed, by job: the
-        image was unusable (ImageError) or the store did not keep it (StorageError)."""
-        return await self.images.save_many([(t.job_id, _FILE_OF[t.shape], data) for t, _, data in results])
 
     async def end(
         self,

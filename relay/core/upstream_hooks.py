@@ -95,8 +95,8 @@ class UpstreamHooks:
         self.forward: Forward | None = None  # hand a call to the process that follows its job
         # Each provider's valid tokens (one per signing secret), made once: checking a call costs no HMAC.
         self._tokens = {name: [hook_token(s, name).encode() for s in self.secrets] for name in pool.settings}
-        self._taken: list[tuple[str, bytes]] = []  # taken this turn of the loop, applied at its end
-        self._applying: set[asyncio.Task[list[Outcome]]] = set()
+        self._taken: list[tuple[str, bytes]] = []  # taken this turn of the loop: its task applies them next turn
+        self._applying: set[asyncio.Task[None]] = set()
         self._count = 0  # calls taken and not yet applied, and their bytes
         self._bytes = 0
 
@@ -126,20 +126,18 @@ class UpstreamHooks:
         self._taken.append((provider, body))
         self._count += 1
         self._bytes += len(body)
-        if len(self._taken) == 1:
-            asyncio.get_running_loop().call_soon(self._apply_taken)
+        if len(self._taken) == 1:  # the task starts at the next turn, with whatever this one took
+            task = asyncio.create_task(self._apply_taken(), name="hooks")
+            self._applying.add(task)
+            task.add_done_callback(self._applying.discard)
 
-    def _apply_taken(self) -> None:
+    async def _apply_taken(self) -> None:
         calls, self._taken = self._taken, []
-        task = asyncio.create_task(self.apply_many(calls), name="hooks")
-        self._applying.add(task)
-
-        def done(finished: asyncio.Task[list[Outcome]]) -> None:
-            self._applying.discard(finished)
+        try:
+            await self.apply_many(calls)
+        finally:
             self._count -= len(calls)
             self._bytes -= sum(len(body) for _, body in calls)
-
-        task.add_done_callback(done)
 
     async def apply(self, provider: str, body: bytes) -> Outcome:
         """Apply one call and count its outcome; a failure is logged and counted, never raised (the call was
@@ -200,9 +198,7 @@ class UpstreamHooks:
 
     async def close(self) -> None:
         """Let the calls taken be applied (they end in the lifecycle's own writes)."""
-        while self._applying or self._taken:
-            if self._taken:
-                self._apply_taken()
+        while self._applying:  # calls taken are in the hands of a task made when the first of them was
             await asyncio.gather(*self._applying, return_exceptions=True)
 
     async def _route(self, provider: str, view: TaskView, body: bytes) -> Outcome:

@@ -218,6 +218,36 @@ async def test_a_download_that_breaks_unexpectedly_fails_its_job_only(world: Wor
     assert await world.state(fine) == ("SUCCEEDED", None, "captured")
 
 
+async def test_a_slow_download_holds_up_no_other_jobs_ending(world: World) -> None:
+    """Jobs that finish in the same read are each delivered on their own: one whose grid is slow to come does not
+    keep the others from ending (and their clients from being answered)."""
+    slow, quick = await world.submit("cat"), await world.submit("dog")
+    slow_row = await world.store.get(slow)
+    assert slow_row is not None and slow_row.upstream_id is not None
+    real_download = world.pool.upstreams["sim"].download
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held_back(url: str) -> bytes:
+        if slow_row.upstream_id in url:
+            started.set()
+            await release.wait()
+        return await real_download(url)
+
+    world.pool.upstreams["sim"].download = held_back  # type: ignore[method-assign]
+    subscription = world.events.subscribe([quick])
+    world.clock.advance(11)
+    await world.tracker.poll("sim")
+    await started.wait()
+    async with asyncio.timeout(5):
+        while (event := await subscription.next(1)) is None or not event.state.terminal:
+            pass
+    assert await world.state(quick) == ("SUCCEEDED", None, "captured")
+    assert (await world.state(slow))[0] not in ("SUCCEEDED", "FAILED")  # still downloading
+    release.set()
+    await world.settle()
+    assert await world.state(slow) == ("SUCCEEDED", None, "captured")
+
+
 async def test_a_grid_that_cannot_be_downloaded_fails_the_job(world: World) -> None:
     job = await world.submit("cat")
 
