@@ -12,10 +12,10 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES, RUNNING_STATES, JobState
-from relay.store.db import begun, connected
+from relay.store.db import connected, transaction
 from relay.store.jobs import JobRow, row_of
 from relay.store.tables import jobs
 
@@ -35,27 +35,29 @@ class Leases:
 
     async def renew(self, now: float) -> set[str]:
         """Renew every lease this process holds; the ids of the jobs it still holds."""
-        async with begun(self.engine) as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE))
-                .values(lease_until=now + self.lease_s)
-                .returning(jobs.c.id)
-            )
-            return {row.id for row in result}
+        return await self._ids(
+            update(jobs)
+            .where(jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE))
+            .values(lease_until=now + self.lease_s)
+            .returning(jobs.c.id)
+        )
 
     async def hold(self, job_ids: Sequence[str], now: float) -> set[str]:
         """Renew the leases of these jobs; those it still holds (a job another process took meanwhile is not)."""
         if not job_ids:
             return set()
-        async with begun(self.engine) as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(jobs.c.id.in_(list(job_ids)), jobs.c.owner == self.owner)
-                .values(lease_until=now + self.lease_s)
-                .returning(jobs.c.id)
-            )
-            return {row.id for row in result}
+        return await self._ids(
+            update(jobs)
+            .where(jobs.c.id.in_(list(job_ids)), jobs.c.owner == self.owner)
+            .values(lease_until=now + self.lease_s)
+            .returning(jobs.c.id)
+        )
+
+    async def _ids(self, statement: Any) -> set[str]:
+        async def work(conn: AsyncConnection) -> set[str]:
+            return {row.id for row in await conn.execute(statement)}
+
+        return await transaction(self.engine, work)
 
     async def claim_expired(
         self, now: float, providers: Collection[str], limit: int = 500, *, any_lease: bool = False
@@ -82,14 +84,17 @@ class Leases:
 
     async def _claim(self, which: Any, claimable: Any, now: float) -> list[JobRow]:
         """One guarded UPDATE: of two processes claiming a job at once, one gets it."""
-        async with begun(self.engine) as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(which, jobs.c.state.in_(_RUNNING), claimable)
-                .values(owner=self.owner, lease_until=now + self.lease_s)
-                .returning(*jobs.c)
-            )
-            return [row_of(row) for row in result]
+        statement = (
+            update(jobs)
+            .where(which, jobs.c.state.in_(_RUNNING), claimable)
+            .values(owner=self.owner, lease_until=now + self.lease_s)
+            .returning(*jobs.c)
+        )
+
+        async def work(conn: AsyncConnection) -> list[JobRow]:
+            return [row_of(row) for row in await conn.execute(statement)]
+
+        return await transaction(self.engine, work)
 
     async def running_elsewhere(self, now: float) -> dict[str, int]:
         """How many jobs hold a slot of each provider (submitted or in progress) in the other live processes."""
@@ -109,8 +114,9 @@ class Leases:
 
     async def release(self) -> int:
         """Hand every lease of this process over (its jobs are claimed by another at once); how many."""
-        async with begun(self.engine) as conn:
-            result = await conn.execute(
-                update(jobs).where(jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE)).values(lease_until=0.0)
-            )
-            return int(result.rowcount)
+        statement = update(jobs).where(jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE)).values(lease_until=0.0)
+
+        async def work(conn: AsyncConnection) -> int:
+            return int((await conn.execute(statement)).rowcount)
+
+        return await transaction(self.engine, work)

@@ -13,10 +13,10 @@ On SQLite there is one process, and its own count (`core.providers.ProviderPool.
 from __future__ import annotations
 
 from sqlalchemy import and_, func, or_, select, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import JobState
-from relay.store.db import begun
+from relay.store.db import transaction
 from relay.store.tables import jobs
 
 _RUNNING = [JobState.SUBMITTED.value, JobState.IN_PROGRESS.value]
@@ -30,7 +30,8 @@ class Slots:
 
     async def take(self, job_id: str, provider: str, limit: int, now: float) -> bool:
         """Reserve one of `provider`'s `limit` slots for the PENDING job; False when they are all held."""
-        async with begun(self.engine) as conn:
+
+        async def work(conn: AsyncConnection) -> bool:
             await conn.execute(
                 text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"mj-relay slots {provider}"}
             )
@@ -57,7 +58,13 @@ class Slots:
             )
             return bool(result.rowcount)
 
+        return await transaction(self.engine, work)
+
     async def give_back(self, job_id: str) -> None:
         """The provider did not take the job: its reservation is freed for others."""
-        async with begun(self.engine) as conn:
-            await conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == _PENDING).values(provider=None))
+        statement = update(jobs).where(jobs.c.id == job_id, jobs.c.state == _PENDING).values(provider=None)
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(statement)
+
+        await transaction(self.engine, work)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +148,37 @@ async def test_provider_slots_are_exact_across_processes() -> None:
             assert not await slots.take(losers[3], "up", 3, later)
         finally:
             await database.dispose()
+
+
+async def test_coordination_writes_wait_out_another_process_holding_the_sqlite_lock(tmp_path: Path) -> None:
+    """Leases, attempts and the rate count are written as every other write: refused while another process (the
+    CLI) holds SQLite's write lock past the busy wait, then run again, rather than failing the job or request."""
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}", busy_ms=30)
+    await database.migrate()
+    try:
+        store = await running_job(database, "a")
+        leases = Leases(database.engine, "a", LEASE)
+        attempts = AttemptStore(database.engine)
+        keys = KeyStore(database.engine)
+        (key,) = await keys.list()
+        spec = {"prompt": "x"}
+        other = sqlite3.connect(tmp_path / "relay.db", isolation_level=None)
+        loop = asyncio.get_running_loop()
+        writes = [
+            lambda: leases.renew(NOW + 1),
+            lambda: leases.hold(["job_00000001"], NOW + 1),
+            lambda: attempts.begin_many([("fp", "req-1", ("job_00000001",), spec, NOW + 600, NOW)]),
+            lambda: attempts.settle_many([("fp", "req-1", True)], NOW + 1),
+            lambda: keys.take_rate(key.id, NOW + 1),
+            lambda: leases.release(),
+        ]
+        for write in writes:
+            other.execute("BEGIN IMMEDIATE")  # another process in the middle of a write, longer than the busy wait
+            loop.call_later(0.08, other.execute, "ROLLBACK")
+            await write()
+        assert (await attempts.get("fp", NOW - 1)) is not None
+        row = await store.get("job_00000001")
+        assert row is not None and row.lease_until == 0.0  # released, after the renewals went through
+        other.close()
+    finally:
+        await database.dispose()
