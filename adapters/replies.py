@@ -55,20 +55,34 @@ def _decode(body: bytes) -> Any:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # How JSON bytes can carry NUL or a surrogate: as an escape, or as a surrogate's UTF-8-like bytes (which the json
 # module decodes with "surrogatepass").
-_UNSTORABLE_JSON = re.compile(rb"\\u0000|\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
-# The same, read escape by escape: an escaped backslash (whatever follows it is text) and a surrogate pair (an emoji,
-# as encoders that escape everything not ASCII write it) are fine; anything else the pattern above finds is not.
-_ESCAPES = re.compile(
-    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u0000|\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]"
-)
-_PAIR = 12  # the length of an escaped surrogate pair
+_CANDIDATE = re.compile(rb"\\u0000|\\u[dD][89a-fA-F]")
+_RAW_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
+# An escaped surrogate pair (an emoji, as encoders that escape everything not ASCII write it) is fine.
+_PAIR = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+_BACKSLASH = 0x5C
 
 
 def _unstorable(body: bytes) -> bool:
-    """Whether JSON bytes may decode to a string with NUL or a lone surrogate."""
-    if _UNSTORABLE_JSON.search(body) is None:
+    """Whether JSON bytes may decode to a string with NUL or a lone surrogate. Each candidate escape is looked at
+    where the scan finds it (they are few: mostly the halves of escaped emoji): one that an odd number of
+    backslashes come before is text, an escaped surrogate pair is fine, anything else is not."""
+    if b"\xed" in body and _RAW_SURROGATE.search(body):
+        return True
+    if b"\\u" not in body:
         return False
-    return any(m.group() != b"\\\\" and len(m.group()) != _PAIR for m in _ESCAPES.finditer(body))
+    found = _CANDIDATE.search(body)
+    while found is not None:
+        at = found.start()
+        first = at
+        while first and body[first - 1] == _BACKSLASH:
+            first -= 1
+        after = at + 2
+        if (at - first) % 2 == 0:  # the backslash is not itself escaped: an escape starts here
+            if not _PAIR.match(body, at):
+                return True
+            after = at + 12
+        found = _CANDIDATE.search(body, after)
+    return False
 
 
 def _clean(value: Any) -> Any:

@@ -228,7 +228,11 @@ def test_a_5xx_is_sent_elsewhere_only_when_the_server_said_it_refused(status: in
 
 
 _PIECES = st.sampled_from(
-    ["a", " ", "\\\\", "\\u0000", "\\u0041", "\\ud83d", "\\ude00", "\\ud83d\\ude00", "\\\\ud800", "\\\\u0000", "é"]
+    [
+        *("a", " ", "é", "\\\\", "\\u0000", "\\u0041", "\\u4e2d"),
+        *("\\ud83d", "\\ude00", "\\ud83d\\ude00", "\\uD83D\\uDE00", "\\uDBFF", "\\uDC00", "\\uDBFF\\uDFFF"),
+        *("\\\\ud800", "\\\\u0000", "\\\\\\ud800", "\\\\\\\\u0000", "\\ud83d\\u0041", "\\ud83d\\\\ude00"),
+    ]
 )
 
 
@@ -247,7 +251,7 @@ def _unsafe(value: object) -> bool:
     return False
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.lists(_PIECES, max_size=12), st.lists(_PIECES, max_size=4))
 def test_only_json_that_decodes_to_unstorable_text_takes_the_slow_path(text: list[str], key: list[str]) -> None:
     """The fast path (the C parser alone) is taken exactly when nothing decoded holds NUL or a lone surrogate:
