@@ -1,12 +1,15 @@
 """The images in a directory: `<root>/<key>` (`<root>/ab/job_...ab-grid.png`).
 
-A batch of files is written where it is asked for, on the event loop's thread, while the directory takes them
-fast: a file that goes to the page cache costs tens of microseconds, and a hand-off to a thread costs far more
-under a burst (two turns of the loop, and the interpreter lock for each system call, which a busy loop gives up
-only every switch interval: 25-35 ms a batch). A batch that took longer than `SLOW_BATCH_S` (a busy disk, a
-network mount, a file system slow to create files) sends the writes to a few threads of the backend's own for the
-next `THREADS_FOR_S`, so a slow directory holds the loop once in that long at most; so do batches of more than
-`INLINE_FILES`. Reads run on asyncio's default threads, so a page of tiles never queues behind a burst of writes.
+A small batch of files is written where it is asked for, on the event loop's thread, while the directory takes
+them fast: a small file that goes to the page cache costs tens of microseconds, and a hand-off to a thread costs
+far more under a burst (two turns of the loop, and the interpreter lock for each system call, which a busy loop
+gives up only every switch interval: 25-35 ms a batch). Larger batches (more than `INLINE_FILES` files or
+`INLINE_BYTES` bytes: a real Midjourney grid is megabytes) go to a few threads of the backend's own, where the
+copy runs beside the loop. A batch that took longer than `SLOW_BATCH_S` (a busy disk, a network mount, a file
+system slow to create files) sends every write to the threads for the next `THREADS_FOR_S`, so a slow directory
+holds the loop once in that long at most, for as long as that one write took; a directory that stops answering
+altogether holds it as the database in the same data folder would. Reads run on asyncio's default threads, so a
+page of tiles never queues behind a burst of writes.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from pathlib import Path
 __all__ = ["LocalBackend"]
 
 WRITE_THREADS = 4
-# Written on the loop's thread: batches of at most this many files, while no batch has taken longer than
+# Written on the loop's thread: batches of at most this many files and bytes, while no batch has taken longer than
 # `SLOW_BATCH_S` for `THREADS_FOR_S`.
 INLINE_FILES = 32
+INLINE_BYTES = 256 * 1024
 SLOW_BATCH_S = 0.005
 THREADS_FOR_S = 60.0
 
@@ -54,7 +58,11 @@ class LocalBackend:
         if not objects:
             return {}
         started = self._clock()
-        if len(objects) <= INLINE_FILES and started >= self._threads_until:
+        if (
+            len(objects) <= INLINE_FILES
+            and sum(len(data) for data in objects.values()) <= INLINE_BYTES
+            and started >= self._threads_until
+        ):
             failed = self._write_all(objects, atomic)
             if self._clock() - started > SLOW_BATCH_S:
                 self._threads_until = self._clock() + THREADS_FOR_S

@@ -225,6 +225,8 @@ async def test_a_directory_that_writes_fast_is_written_in_place_and_a_slow_one_f
         assert await written_in_place(backend, {"ab/1.png": b"one", "ab/2.png": b"two"})
         many = {f"cd/{i}.png": b"x" for i in range(images_local.INLINE_FILES + 1)}
         assert not await written_in_place(backend, many)  # a batch too large to hold the loop for
+        big = {"gh/1.png": b"x" * (images_local.INLINE_BYTES + 1)}  # a real grid is megabytes
+        assert not await written_in_place(backend, big)
         clock.step = images_local.SLOW_BATCH_S * 2  # each look at the clock is that much later: the batch was slow
         assert await written_in_place(backend, {"ef/1.png": b"slow"})
         clock.step = 0.0
