@@ -127,17 +127,23 @@ class UpstreamHooks:
         self._count += 1
         self._bytes += len(body)
         if len(self._taken) == 1:  # the task starts at the next turn, with whatever this one took
-            task = asyncio.create_task(self._apply_taken(), name="hooks")
+            calls = self._taken
+            task = asyncio.create_task(self._apply_taken(calls), name="hooks")
             self._applying.add(task)
-            task.add_done_callback(self._applying.discard)
+            task.add_done_callback(lambda done: self._applied(done, calls))
 
-    async def _apply_taken(self) -> None:
-        calls, self._taken = self._taken, []
-        try:
-            await self.apply_many(calls)
-        finally:
-            self._count -= len(calls)
-            self._bytes -= sum(len(body) for _, body in calls)
+    async def _apply_taken(self, calls: list[tuple[str, bytes]]) -> None:
+        if self._taken is calls:
+            self._taken = []  # later calls go to a task of their own
+        await self.apply_many(calls)
+
+    def _applied(self, task: asyncio.Task[None], calls: list[tuple[str, bytes]]) -> None:
+        """The calls' task is done (or was cancelled, even before it started): they no longer count."""
+        self._applying.discard(task)
+        if self._taken is calls:
+            self._taken = []
+        self._count -= len(calls)
+        self._bytes -= sum(len(body) for _, body in calls)
 
     async def apply(self, provider: str, body: bytes) -> Outcome:
         """Apply one call and count its outcome; a failure is logged and counted, never raised (the call was

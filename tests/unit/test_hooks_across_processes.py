@@ -233,6 +233,33 @@ async def test_taken_calls_are_bounded_in_number_and_bytes(world: World, monkeyp
     assert hooks.room(100)
 
 
+async def test_calls_whose_task_is_cancelled_before_it_starts_free_their_room(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task that applies a turn's calls may be cancelled before it ever runs (a shutdown): the calls stop
+    counting against the room, and the next call taken gets a task of its own."""
+    hooks = hooks_of(world, Forwarded())
+    applied: list[list[tuple[str, bytes]]] = []
+
+    async def record(calls: list[tuple[str, bytes]]) -> list[upstream_hooks.Outcome]:
+        applied.append(list(calls))
+        return ["unreadable"] * len(calls)
+
+    monkeypatch.setattr(hooks, "apply_many", record)
+    monkeypatch.setattr(upstream_hooks, "MAX_APPLYING", 2)
+    hooks.take("sim", b"one")
+    hooks.take("sim", b"two")
+    assert not hooks.room(0)
+    (task,) = hooks._applying
+    task.cancel()  # before its first step
+    await asyncio.gather(task, return_exceptions=True)
+    assert hooks.room(0) and not hooks._applying
+    hooks.take("sim", b"three")
+    await hooks.close()
+    assert applied == [[("sim", b"three")]]
+    assert hooks.room(0)
+
+
 async def test_one_call_that_fails_fails_alone(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """A call whose reading raises is counted failed; a group whose applying raises is applied again call by call,
     so only the call at fault fails."""
