@@ -420,8 +420,19 @@ class Lifecycle:
         meanwhile). Each job goes on its own, so none waits for a slower neighbour's download. A text result
         needs no download. What fails is tried again, up to `images.download_attempts` times; a job whose image
         the store would not keep ends as an internal failure, one that could not be had or was not an image as a
-        download failure."""
-        if not await self._still_mine(tracked):
+        download failure. A lease check that could not be written leaves the job to be read again at once."""
+        try:
+            if not await self._still_mine(tracked):
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "checking a finished job's lease failed; it is read again", extra={"fields": {"job": tracked.job_id}}
+            )
+            tracked.delivering = False
+            tracked.due_at = self.clock.now()
+            self.on_follow(tracked.provider)
             return
         try:
             code, reason = FailureCode.DOWNLOAD, "the image could not be fetched"

@@ -481,6 +481,32 @@ async def test_a_timer_firing_a_little_early_never_makes_a_round_read_early(worl
     assert 1.0 <= rounds[0][0] - first < 1.0 + 8 / 1024  # when it is due, not before (nor a round gap later)
 
 
+async def test_a_finished_job_whose_lease_check_fails_is_read_again_and_delivered(world: World) -> None:
+    """The lease check before a download is a write; one that fails (the database briefly unreachable) leaves the
+    job followed and due at once, so the next round reads it and delivers it, rather than it waiting forever."""
+    lifecycle = world.tracker.lifecycle
+    leases = Leases(world.store.engine, world.store.owner, 30)
+    lifecycle.leases = leases
+    job = await world.submit("cat")
+    real_hold = leases.hold
+    failures = [OSError("the database went away")]
+
+    async def flaky_hold(job_ids: Sequence[str], now: float) -> set[str]:
+        if failures:
+            raise failures.pop()
+        return await real_hold(job_ids, now)
+
+    leases.hold = flaky_hold  # type: ignore[method-assign]
+    world.clock.advance(11)
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert (await world.state(job))[0] not in ("SUCCEEDED", "FAILED") and not failures
+    assert lifecycle.following(job)
+    await world.tracker.poll("sim")  # due at once: read again, and delivered
+    await world.settle()
+    assert await world.state(job) == ("SUCCEEDED", None, "captured")
+
+
 async def test_a_process_whose_lease_was_taken_delivers_nothing(world: World) -> None:
     """A process that stalled past its lease finds, when the job finishes, that another process took it: it leaves
     the job (no download, no ending), so the grid is fetched and the hold settled once, by the other."""
