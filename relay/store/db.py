@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +49,10 @@ def transient(exc: DBAPIError) -> bool:
     return locked(exc)
 
 
+# The engines whose statements run on the event loop's own thread (`sqlite_inline`): made by `Database`.
+_INLINE: weakref.WeakSet[AsyncEngine] = weakref.WeakSet()
+
+
 @contextlib.asynccontextmanager
 async def connected(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection of `engine`, given back on the way out (as `engine.connect()`).
@@ -55,8 +60,8 @@ async def connected(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     SQLAlchemy gives a connection back in a task of its own, so that a cancellation cannot cut the close short;
     that costs two turns of the event loop, which under a burst take longer than the statements, and a group
     commit's next batch waits them out. On SQLite run on the loop's thread (`sqlite_inline`) nothing in the close
-    waits, so no cancellation can reach it there: it is closed in place. Other databases keep SQLAlchemy's way."""
-    if engine.dialect.name != "sqlite":
+    waits, so no cancellation can reach it there: it is closed in place. Other engines keep SQLAlchemy's way."""
+    if engine not in _INLINE:
         async with engine.connect() as conn:
             yield conn
         return
@@ -123,6 +128,7 @@ class Database:
                 pool_timeout=300,
                 hide_parameters=True,
             )
+            _INLINE.add(self.engine)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas(busy_ms))
         else:
             self.engine = create_async_engine(

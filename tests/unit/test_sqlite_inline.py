@@ -116,6 +116,26 @@ async def test_a_caller_cancelled_while_waiting_for_the_connection_leaves_the_po
     await db.dispose()
 
 
+async def test_a_caller_cancelled_while_holding_the_connection_gives_it_back(tmp_path: Path) -> None:
+    db = await database(tmp_path)
+    inside, forever = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        async with begun(db.engine) as conn:
+            await conn.execute(insert(keys).values(KEY))
+            inside.set()
+            await forever.wait()
+
+    held = asyncio.create_task(holder())
+    await inside.wait()
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+    async with asyncio.timeout(5), connected(db.engine) as conn:  # back in the pool, its transaction rolled back
+        assert (await conn.execute(select(keys.c.id))).scalars().all() == []
+    await db.dispose()
+
+
 async def test_a_file_locked_by_another_process_is_waited_for_briefly_then_the_write_is_run_again(
     tmp_path: Path,
 ) -> None:
