@@ -261,6 +261,22 @@ def test_only_json_that_decodes_to_unstorable_text_takes_the_slow_path(text: lis
     assert _unstorable(body) == _unsafe(decoded), body
 
 
+@pytest.mark.parametrize(
+    ("text", "unstorable"),
+    [
+        ("\ud800", True),  # a surrogate written as its UTF-8-like bytes, which the json module decodes
+        ("ok \udfff", True),
+        ("\ud7ff", False),  # the code point just below the surrogates: same lead byte, fine
+        ("中文 \ue000", False),
+    ],
+)
+def test_surrogates_written_as_raw_bytes_take_the_slow_path(text: str, unstorable: bool) -> None:
+    body = ('{"id": "1", "prompt": "' + text + '"}').encode("utf-8", "surrogatepass")
+    assert _unstorable(body) is unstorable
+    view = parse_hook(body)
+    assert view is not None and view.upstream_id == "1"
+
+
 @pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"])
 def test_json_in_another_unicode_encoding_is_made_storable_too(encoding: str) -> None:
     """The json module reads UTF-16 and UTF-32 as well, where the byte checks see nothing: such a body is cleaned."""
