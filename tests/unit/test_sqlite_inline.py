@@ -86,22 +86,31 @@ async def test_a_transaction_that_fails_is_rolled_back_and_gives_the_connection_
     await db.dispose()
 
 
-async def test_a_caller_cancelled_while_waiting_for_the_connection_leaves_the_pool_whole(tmp_path: Path) -> None:
-    db = await database(tmp_path)
-    holding, release = asyncio.Event(), asyncio.Event()
+async def holding_the_connection(db: Database, release: asyncio.Event) -> asyncio.Task[None]:
+    """A task in a transaction that wrote a key, holding the pool's one connection across turns of the loop until
+    `release` is set."""
+    inside = asyncio.Event()
 
     async def holder() -> None:
         async with begun(db.engine) as conn:
             await conn.execute(insert(keys).values(KEY))
-            holding.set()
-            await release.wait()  # the one connection is held across turns of the loop
+            inside.set()
+            await release.wait()
+
+    held = asyncio.create_task(holder())
+    await inside.wait()
+    return held
+
+
+async def test_a_caller_cancelled_while_waiting_for_the_connection_leaves_the_pool_whole(tmp_path: Path) -> None:
+    db = await database(tmp_path)
+    release = asyncio.Event()
 
     async def waiter() -> None:
         async with connected(db.engine) as conn:
             await conn.execute(text("SELECT 1"))
 
-    held = asyncio.create_task(holder())
-    await holding.wait()
+    held = await holding_the_connection(db, release)
     waiting = asyncio.create_task(waiter())
     for _ in range(5):
         await asyncio.sleep(0)
@@ -118,16 +127,7 @@ async def test_a_caller_cancelled_while_waiting_for_the_connection_leaves_the_po
 
 async def test_a_caller_cancelled_while_holding_the_connection_gives_it_back(tmp_path: Path) -> None:
     db = await database(tmp_path)
-    inside, forever = asyncio.Event(), asyncio.Event()
-
-    async def holder() -> None:
-        async with begun(db.engine) as conn:
-            await conn.execute(insert(keys).values(KEY))
-            inside.set()
-            await forever.wait()
-
-    held = asyncio.create_task(holder())
-    await inside.wait()
+    held = await holding_the_connection(db, asyncio.Event())
     held.cancel()
     with pytest.raises(asyncio.CancelledError):
         await held
