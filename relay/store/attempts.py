@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from relay.store.db import connected, transaction
+from relay.store.db import changed, connected
 from relay.store.tables import attempts
 
 AttemptState = Literal["starting", "started", "nothing"]
@@ -61,8 +61,8 @@ class AttemptStore:
         ]
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(attempts)
-        changed = {k: statement.excluded[k] for k in rows[0] if k != "fingerprint"}
-        await self._write(statement.on_conflict_do_update(index_elements=["fingerprint"], set_=changed), rows)
+        excluded = {k: statement.excluded[k] for k in rows[0] if k != "fingerprint"}
+        await changed(self.engine, statement.on_conflict_do_update(index_elements=["fingerprint"], set_=excluded), rows)
         return [None] * len(attempts_made)
 
     async def settle_many(self, settled: list[tuple[str, str, bool]], now: float) -> list[None]:
@@ -72,7 +72,8 @@ class AttemptStore:
             pairs = [(fingerprint, request_id) for fingerprint, request_id, t in settled if t is took]
             if not pairs:
                 continue
-            await self._write(
+            await changed(
+                self.engine,
                 update(attempts)
                 .where(attempts.c.fingerprint == bindparam("fp"), attempts.c.request_id == bindparam("rid"))
                 .values(state="started" if took else "nothing", updated_at=now),
@@ -100,13 +101,4 @@ class AttemptStore:
         )
 
     async def forget_before(self, before: float) -> int:
-        return await self._write(delete(attempts).where(attempts.c.created_at < before))
-
-    async def _write(self, statement: Any, params: list[dict[str, Any]] | None = None) -> int:
-        """One statement in a transaction of its own, run again when another process held the lock; the rows it
-        changed."""
-
-        async def work(conn: AsyncConnection) -> int:
-            return int((await conn.execute(statement, params)).rowcount)
-
-        return await transaction(self.engine, work)
+        return await changed(self.engine, delete(attempts).where(attempts.c.created_at < before))

@@ -95,6 +95,16 @@ async def transaction(engine: AsyncEngine, work: Callable[[AsyncConnection], Awa
     raise AssertionError("unreachable")
 
 
+async def changed(engine: AsyncEngine, statement: Any, params: list[dict[str, Any]] | None = None) -> int:
+    """Run one statement (with many parameter sets when `params` is a list) in a `transaction` of its own; the
+    rows it changed."""
+
+    async def work(conn: AsyncConnection) -> int:
+        return int((await conn.execute(statement, params)).rowcount)
+
+    return await transaction(engine, work)
+
+
 def _sqlite_pragmas(busy_ms: int) -> Callable[[Any, Any], None]:
     def apply(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()

@@ -9,9 +9,9 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from relay.store.db import connected, transaction
+from relay.store.db import changed, connected
 from relay.store.tables import provider_health
 
 __all__ = ["HealthRecord", "HealthStore"]
@@ -62,11 +62,7 @@ class HealthStore:
             set_={key: statement.excluded[key] for key in values if key != "provider"},
             where=provider_health.c.since <= statement.excluded.since,
         )
-
-        async def work(conn: AsyncConnection) -> None:
-            await conn.execute(statement)
-
-        await transaction(self.engine, work)
+        await changed(self.engine, statement)
 
     async def all(self) -> dict[str, HealthRecord]:
         """Every recorded provider's last change, by provider name."""

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from relay.domain import ACTIVE_STATES as ACTIVE
 from relay.domain import RUNNING_STATES as RUNNING
 from relay.domain import TASKS, JobState, TaskKind, TaskSpec
-from relay.store.db import connected, transaction
+from relay.store.db import changed, connected, transaction
 from relay.store.ledger import entry
 from relay.store.tables import jobs, keys, ledger
 
@@ -351,7 +351,7 @@ class JobStore:
         )
         params = [{"job_id": i.job_id, "new_provider": i.provider, "new_upstream_id": i.upstream_id} for i in items]
         if params:
-            await self._execute(statement, params)
+            await changed(self.engine, statement, params)
         return [None] * len(items)
 
     async def adopt(self, job_id: str, provider: str, upstream_id: str, now: float) -> bool:
@@ -361,7 +361,7 @@ class JobStore:
             .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING.value)
             .values(state=JobState.SUBMITTED.value, **self._taken(provider, upstream_id, now))
         )
-        return await self._changed(statement)
+        return await changed(self.engine, statement) == 1
 
     async def park_modal(self, job_id: str, provider: str, upstream_id: str, deadline_at: float, now: float) -> bool:
         """PENDING -> MODAL: the upstream took the follow-up but waits for `submit/modal`; the job's deadline is
@@ -371,7 +371,7 @@ class JobStore:
             .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING.value)
             .values(state=JobState.MODAL.value, deadline_at=deadline_at, **self._taken(provider, upstream_id, now))
         )
-        return await self._changed(statement)
+        return await changed(self.engine, statement) == 1
 
     async def confirm_modal(
         self, job_id: str, upstream_id: str, deadline_at: float, now: float, prompt: str | None = None
@@ -390,13 +390,7 @@ class JobStore:
             values["prompt"] = prompt
         running = [s.value for s in (JobState.MODAL, JobState.SUBMITTED, JobState.IN_PROGRESS)]
         statement = update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_(running)).values(**values)
-        return await self._changed(statement)
-
-    async def _changed(self, statement: Any) -> bool:
-        async def work(conn: AsyncConnection) -> bool:
-            return bool((await conn.execute(statement)).rowcount == 1)
-
-        return await transaction(self.engine, work)
+        return await changed(self.engine, statement) == 1
 
     async def record_progress(self, changes: Sequence[ProgressChange], now: float) -> None:
         """Many running jobs' progress in one transaction; jobs that already ended are left alone, and so is a
@@ -406,13 +400,7 @@ class JobStore:
         params = [
             {"job_id": c.job_id, "new_state": c.state.value, "new_progress": c.progress, "now": now} for c in changes
         ]
-        await self._execute(_PROGRESS, params)
-
-    async def _execute(self, statement: Any, params: list[dict[str, Any]]) -> None:
-        async def work(conn: AsyncConnection) -> None:
-            await conn.execute(statement, params)
-
-        await transaction(self.engine, work)
+        await changed(self.engine, _PROGRESS, params)
 
     async def finish(
         self,

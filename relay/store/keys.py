@@ -26,7 +26,7 @@ from sqlalchemy import case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.core.text import unstorable
-from relay.store.db import connected, transaction
+from relay.store.db import changed, connected, transaction
 from relay.store.ledger import entry
 from relay.store.tables import keys, ledger
 
@@ -248,10 +248,11 @@ class KeyStore:
 
     async def revoke(self, id_or_name: str, now: float) -> int:
         """Revoke the key with this id, or every live key with this name; returns how many were revoked."""
-        return await self._changed(
+        return await changed(
+            self.engine,
             update(keys)
             .where(or_(keys.c.id == id_or_name, keys.c.name == id_or_name), keys.c.revoked_at.is_(None))
-            .values(revoked_at=now)
+            .values(revoked_at=now),
         )
 
     async def topup(self, id_or_name: str, amount: int, now: float, note: str = "") -> KeyRecord:
@@ -325,7 +326,8 @@ class KeyStore:
         the key has no limit); else the seconds until the next window opens, having counted nothing."""
         window = math.floor(now / RATE_WINDOW_S) * RATE_WINDOW_S
         fresh = keys.c.rate_window < window
-        counted = await self._changed(
+        counted = await changed(
+            self.engine,
             update(keys)
             .where(
                 keys.c.id == key_id,
@@ -334,20 +336,11 @@ class KeyStore:
             .values(
                 rate_count=case((fresh, 1), else_=keys.c.rate_count + 1),
                 rate_window=case((fresh, window), else_=keys.c.rate_window),
-            )
+            ),
         )
         if counted == 1:
             return None
         return max(1.0, math.ceil(window + RATE_WINDOW_S - now))
-
-    async def _changed(self, statement: Any) -> int:
-        """One statement in a transaction of its own, run again when another process held the lock; the rows it
-        changed."""
-
-        async def work(conn: AsyncConnection) -> int:
-            return int((await conn.execute(statement)).rowcount)
-
-        return await transaction(self.engine, work)
 
 
 async def _resolve(conn: AsyncConnection, id_or_name: str) -> Any:

@@ -15,7 +15,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES, RUNNING_STATES, JobState
-from relay.store.db import connected, transaction
+from relay.store.db import changed, connected, transaction
 from relay.store.jobs import JobRow, row_of
 from relay.store.tables import jobs
 
@@ -114,9 +114,7 @@ class Leases:
 
     async def release(self) -> int:
         """Hand every lease of this process over (its jobs are claimed by another at once); how many."""
-        statement = update(jobs).where(jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE)).values(lease_until=0.0)
-
-        async def work(conn: AsyncConnection) -> int:
-            return int((await conn.execute(statement)).rowcount)
-
-        return await transaction(self.engine, work)
+        return await changed(
+            self.engine,
+            update(jobs).where(jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE)).values(lease_until=0.0),
+        )

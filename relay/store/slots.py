@@ -16,7 +16,7 @@ from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import JobState
-from relay.store.db import transaction
+from relay.store.db import changed, transaction
 from relay.store.tables import jobs
 
 _RUNNING = [JobState.SUBMITTED.value, JobState.IN_PROGRESS.value]
@@ -62,9 +62,6 @@ class Slots:
 
     async def give_back(self, job_id: str) -> None:
         """The provider did not take the job: its reservation is freed for others."""
-        statement = update(jobs).where(jobs.c.id == job_id, jobs.c.state == _PENDING).values(provider=None)
-
-        async def work(conn: AsyncConnection) -> None:
-            await conn.execute(statement)
-
-        await transaction(self.engine, work)
+        await changed(
+            self.engine, update(jobs).where(jobs.c.id == job_id, jobs.c.state == _PENDING).values(provider=None)
+        )
