@@ -109,11 +109,11 @@ def _origin(parts: SplitResult) -> _Origin:
     return _Origin(parts.scheme, host, port)
 
 
-def _split(url: str, *, sent: bool) -> SplitResult:
+def _split(url: str) -> SplitResult:
     try:
         return urlsplit(url)
     except ValueError:  # an unclosed IPv6 bracket, and such
-        raise HttpFailure("not a URL the client can call", sent=sent) from None
+        raise HttpFailure("not a URL the client can call", sent=False) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +154,7 @@ class Proxies:
 def _proxy(url: str) -> _Origin:
     """A proxy URL from the environment, parsed once: where it is, and its `Proxy-Authorization` if it holds
     credentials."""
-    parts = _split(url if "://" in url else f"http://{url}", sent=False)
+    parts = _split(url if "://" in url else f"http://{url}")
     if parts.scheme != "http":  # an https or socks proxy is not something this client speaks
         raise HttpFailure(f"unsupported proxy scheme {parts.scheme!r} (HTTP proxies only)", sent=False)
     proxy = _origin(parts)
@@ -336,7 +336,7 @@ class Lane:
             raise HttpFailure("no answer in time", sent=True, timeout=True) from None
 
     async def _once(self, method: str, url: str, headers: dict[str, str], body: bytes, max_body: int) -> Reply:
-        parts = _split(url, sent=False)
+        parts = _split(url)
         origin = _origin(parts)
         proxy = self.proxies.for_origin(origin)
         # What the URL holds beyond the characters a request line may carry (spaces, controls, other scripts) is

@@ -327,9 +327,8 @@ class RelayProtocol(HttpToolsProtocol):
         if self._call is None:
             super().on_headers_complete()  # may raise (a path that is not ASCII): then the headers are still awaited
         else:
-            self._call_body = []
             self._call_keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-            self._deadline = self.loop.call_later(self.limits.body_timeout_s, self._on_call_stalled)
+            self._arm_body()
         self._awaiting = False
         self._header_bytes = 0
 
@@ -337,7 +336,7 @@ class RelayProtocol(HttpToolsProtocol):
         if self._call is not None:
             self._call_body.append(body)
             self._disarm()  # the body's deadline is for each wait for more of it, as through the app
-            self._deadline = self.loop.call_later(self.limits.body_timeout_s, self._on_call_stalled)
+            self._arm_body()
         else:
             super().on_body(body)
 
@@ -414,6 +413,9 @@ class RelayProtocol(HttpToolsProtocol):
 
     def _arm(self) -> None:
         self._deadline = self.loop.call_later(self.limits.header_timeout_s, self._on_deadline)
+
+    def _arm_body(self) -> None:
+        self._deadline = self.loop.call_later(self.limits.body_timeout_s, self._on_call_stalled)
 
     def _disarm(self) -> None:
         if self._deadline is not None:

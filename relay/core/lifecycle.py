@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from adapters import TaskStatus, TaskView, UpstreamUnavailable
+from adapters.http import DOWNLOAD_LANES
 from relay.clock import Clock
 from relay.config import Config
 from relay.core.background import cancel_all
@@ -30,15 +31,12 @@ from relay.core.events import JobEvent, JobEvents
 from relay.core.finish import Finisher
 from relay.core.providers import ProviderPool
 from relay.domain import FailureCode, JobState, ResultShape
-from relay.images import GRID, IMAGE, ImageStore, StorageError
+from relay.images import GRID, IMAGE, ImageError, ImageStore, StorageError
 from relay.store.jobs import Ending, JobRow, JobStore, ProgressChange
 from relay.store.leases import Leases
 
 log = logging.getLogger("relay.lifecycle")
 
-# How many results are downloaded at once, over all providers (each is held in memory until kept): a provider's
-# download lanes (`adapters.http.DOWNLOAD_LANES`).
-DOWNLOADS_AT_ONCE = 128
 # How many ended jobs' upstream tasks are remembered (`Lifecycle.ended_here`).
 ENDED_REMEMBERED = 10_000
 _FILE_OF = {ResultShape.GRID: GRID, ResultShape.IMAGE: IMAGE}
@@ -124,7 +122,7 @@ def observe(
 
 # How far on a task is, by its status (any other status: 0).
 _RANK = {TaskStatus.MODAL: 1, TaskStatus.IN_PROGRESS: 2} | dict.fromkeys(
-    (TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.CANCEL), 3
+    (status for status in TaskStatus if status.terminal), 3
 )
 
 
@@ -193,7 +191,8 @@ class Lifecycle:
         # grids finishing at once must not queue a thousand transactions ahead of their downloads.
         self._holds: Batcher[str, bool] = Batcher(self._hold_leases, "leases")
         self._deliveries: set[asyncio.Task[None]] = set()
-        self._download_slots = asyncio.Semaphore(DOWNLOADS_AT_ONCE)
+        # Results downloaded at once over all providers (each is held in memory until kept): a provider's lanes.
+        self._download_slots = asyncio.Semaphore(DOWNLOAD_LANES)
         self.on_follow: Callable[[str], None] = lambda provider: None  # the tracker's wake-up
         self.leases: Leases | None = None  # with them, a finished job is delivered only while its lease is held
 
@@ -219,7 +218,12 @@ class Lifecycle:
     def forget(self, job_id: str) -> None:
         """Stop following a job without ending it: another process follows it now."""
         tracked = self._unfollow(job_id)
-        if tracked is not None and tracked.slot:
+        if tracked is not None:
+            self._free_slot(tracked)
+
+    def _free_slot(self, tracked: Tracked) -> None:
+        """Give the job's provider slot back, if it holds one."""
+        if tracked.slot:
             self.pool.release(tracked.provider)
             tracked.slot = False
 
@@ -290,9 +294,8 @@ class Lifecycle:
         if tracked is None:
             return
         tracked.confirmed, tracked.deadline_at = False, waited_until
-        if tracked.slot and tracked.state is JobState.MODAL:
-            self.pool.release(tracked.provider)
-            tracked.slot = False
+        if tracked.state is JobState.MODAL:
+            self._free_slot(tracked)
 
     def confirmed(self, job_id: str, upstream_id: str) -> None:
         """The confirmation is written: the job runs (read one interval on), under the upstream id it now has."""
@@ -365,9 +368,8 @@ class Lifecycle:
             tracked.state, tracked.progress = new_state, step.progress
             if tracked.state is JobState.IN_PROGRESS and tracked.running_since is None:
                 tracked.running_since, tracked.running_from = now, tracked.progress
-            if tracked.state is JobState.MODAL and tracked.slot:  # parked by the upstream: it runs nothing now
-                self.pool.release(tracked.provider)
-                tracked.slot = False
+            if tracked.state is JobState.MODAL:  # parked by the upstream: it runs nothing now
+                self._free_slot(tracked)
             self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
         if failures:
             await self.end_all([_End(t, False, code, reason) for t, code, reason in failures.values()])
@@ -444,20 +446,22 @@ class Lifecycle:
                     code, reason = FailureCode.DOWNLOAD, result
                     continue
                 if result is not None:
-                    unkept = await self.images.save_many([(tracked.job_id, _FILE_OF[tracked.shape], result)])
-                    if unkept:
-                        exc = unkept[tracked.job_id]
+                    try:
+                        await self.images.save(tracked.job_id, _FILE_OF[tracked.shape], result)
+                    except (ImageError, StorageError) as exc:
                         code = FailureCode.INTERNAL if isinstance(exc, StorageError) else FailureCode.DOWNLOAD
                         reason = str(exc)
                         continue
-                await self.end_all([_End(tracked, True, view=view)])
+                await self.end(tracked, succeeded=True, view=view)
                 return
-            await self.end_all([_End(tracked, False, code, reason, view)])
+            await self.end(tracked, succeeded=False, error_code=code, reason=reason, view=view)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("delivery failed", extra={"fields": {"job": tracked.job_id}})
-            await self.end_all([_End(tracked, False, FailureCode.INTERNAL, "the relay failed to store it")])
+            await self.end(
+                tracked, succeeded=False, error_code=FailureCode.INTERNAL, reason="the relay failed to store it"
+            )
 
     async def _still_mine(self, tracked: Tracked) -> bool:
         """Whether this process still holds a finished job (renewed now, with the others checked meanwhile), so
@@ -535,9 +539,8 @@ class Lifecycle:
                 tracked.due_at = self.clock.now()
                 self.follow(tracked)
                 ended[index] = False
-            elif tracked.slot:
-                self.pool.release(tracked.provider)
-                tracked.slot = False
+            else:
+                self._free_slot(tracked)
         return ended
 
     async def close(self) -> None:

@@ -182,10 +182,7 @@ class UpstreamHooks:
                 continue
             for i, _, _ in found:
                 outcomes[i] = "applied"
-        if len(alone) == 1:
-            i, view = alone[0]
-            outcomes[i] = await self._alone(*calls[i], view)
-        elif alone:  # each may read the store (a job followed elsewhere, or adopted): at once, not in turn
+        if alone:  # each may read the store (a job followed elsewhere, or adopted): at once, not in turn
             routed = await asyncio.gather(*(self._alone(*calls[i], view) for i, view in alone))
             for (i, _), outcome in zip(alone, routed, strict=True):
                 outcomes[i] = outcome

@@ -64,8 +64,9 @@ class LocalBackend:
             and started >= self._threads_until
         ):
             failed = self._write_all(objects, atomic)
-            if self._clock() - started > SLOW_BATCH_S:
-                self._threads_until = self._clock() + THREADS_FOR_S
+            ended = self._clock()
+            if ended - started > SLOW_BATCH_S:
+                self._threads_until = ended + THREADS_FOR_S
             return failed
         if self._writers is None:
             self._writers = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="image-writer")
