@@ -127,7 +127,12 @@ class Prober:
                 at = health.wake_at()
                 if at is not None:
                     wake_at = at if wake_at is None else min(wake_at, at)
-            await self._sleep(None if wake_at is None else wake_at - now)
+            await self._sleep(wake_at)
+
+    async def _sleep_until(self, at: float) -> None:
+        # How long is measured when the wait begins, not when the loop looked: time that passed in between (a turn
+        # of the loop, or a test moving its clock) is not waited for again.
+        await self.clock.sleep(max(0.0, at - self.clock.now()))
 
     async def _probe(self, name: str) -> None:
         try:
@@ -136,11 +141,11 @@ class Prober:
             self._probes.pop(name, None)
             self._wake.set()
 
-    async def _sleep(self, delay: float | None) -> None:
-        """Until `delay` has passed on the clock (forever for None), or something asks the loop to look again."""
+    async def _sleep(self, until: float | None) -> None:
+        """Until the clock reads `until` (forever for None), or something asks the loop to look again."""
         waits: list[asyncio.Task[object]] = [asyncio.create_task(self._wake.wait())]
-        if delay is not None:
-            waits.append(asyncio.create_task(self.clock.sleep(max(0.0, delay))))
+        if until is not None:
+            waits.append(asyncio.create_task(self._sleep_until(until)))
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
