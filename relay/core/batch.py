@@ -6,6 +6,12 @@ batch. The drain lets one turn of the event loop pass before it takes a batch, a
 held more than one item) waits `LOADED_WAIT_S`, so that batches fill. Under no load a batch is one item and costs
 nothing extra; under load a thousand writes become a few dozen.
 
+A Batcher made with `every_s` starts a write at most that often instead: an item that comes after a quiet spell is
+written at the next turn of the loop, and what comes within `every_s` of a write's start waits for the next one.
+That is for writes whose callers can wait that long and that come steadily rather than together, such as the
+progress that upstream hooks report all through a job: spread over a burst's seconds, they never fill a batch
+within `LOADED_WAIT_S`, and each transaction costs far more than its rows.
+
 One caller's bad item must not fail its neighbours: when a batch of several fails, its transaction was rolled back,
 and each item is written again on its own, so only the item that cannot be written fails (every flush of the relay
 is safe to repeat: its writes are guarded by the rows' own states). A batch that failed because another process
@@ -31,9 +37,13 @@ LOADED_WAIT_S = 0.01
 
 
 class Batcher(Generic[I, R]):
-    def __init__(self, flush: Callable[[list[I]], Awaitable[list[R]]], name: str) -> None:
+    def __init__(
+        self, flush: Callable[[list[I]], Awaitable[list[R]]], name: str, *, every_s: float | None = None
+    ) -> None:
         self._flush = flush
         self._name = name
+        self._every_s = every_s
+        self._last_write = float("-inf")  # when the last write started, by the loop's clock (with `every_s`)
         self._queue: list[tuple[I, asyncio.Future[R]]] = []
         self._drain: asyncio.Task[None] | None = None
 
@@ -69,10 +79,15 @@ class Batcher(Generic[I, R]):
 
     async def _write_all(self) -> None:
         last = 1
+        loop = asyncio.get_running_loop()
         while self._queue:
             # Let the callers of this turn of the loop join the batch; under load (the last batch had company),
-            # those of the next few milliseconds too.
-            await asyncio.sleep(LOADED_WAIT_S if last > 1 else 0)
+            # those of the next few milliseconds too; with `every_s`, those until that long after the last write.
+            if self._every_s is not None:
+                await asyncio.sleep(max(0.0, self._last_write + self._every_s - loop.time()))
+                self._last_write = loop.time()
+            else:
+                await asyncio.sleep(LOADED_WAIT_S if last > 1 else 0)
             batch, self._queue = self._queue, []
             last = len(batch)
             try:

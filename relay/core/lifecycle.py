@@ -39,6 +39,10 @@ log = logging.getLogger("relay.lifecycle")
 
 # How many ended jobs' upstream tasks are remembered (`Lifecycle.ended_here`).
 ENDED_REMEMBERED = 10_000
+# At most one progress write starts this often. A job's hooks report its progress a few times a second, spread over
+# the job, so a thousand running jobs brought progress of a few jobs at each turn of the loop, each few a transaction
+# of its own; this makes them one transaction per window, at most this much later for the waiters it is shown to.
+PROGRESS_EVERY_S = 0.02
 _FILE_OF = {ResultShape.GRID: GRID, ResultShape.IMAGE: IMAGE}
 
 
@@ -185,12 +189,16 @@ class Lifecycle:
         # The upstream tasks of the jobs that ended here lately (oldest first): a hook about one, arriving after a
         # read saw the end, is known late without a database read.
         self._ended: OrderedDict[tuple[str, str], None] = OrderedDict()
-        # Progress of many jobs written together: a round's changes, and the upstream hooks arriving meanwhile.
-        self._progress: Batcher[ProgressChange, None] = Batcher(self._write_progress, "progress")
+        # Progress of many jobs written together: a round's changes, and the upstream hooks arriving meanwhile, at
+        # most one write every PROGRESS_EVERY_S (hooks report progress all through a job, not together).
+        self._progress: Batcher[ProgressChange, None] = Batcher(
+            self._write_progress, "progress", every_s=PROGRESS_EVERY_S
+        )
         # The lease checks of deliveries starting together, renewed together: each is a write, and a thousand
         # grids finishing at once must not queue a thousand transactions ahead of their downloads.
         self._holds: Batcher[str, bool] = Batcher(self._hold_leases, "leases")
         self._deliveries: set[asyncio.Task[None]] = set()
+        self._recording: set[asyncio.Task[None]] = set()  # progress being written (`_record`)
         # Results downloaded at once over all providers (each is held in memory until kept): a provider's lanes.
         self._download_slots = asyncio.Semaphore(DOWNLOAD_LANES)
         self.on_follow: Callable[[str], None] = lambda provider: None  # the tracker's wake-up
@@ -359,8 +367,7 @@ class Lifecycle:
             task = asyncio.create_task(self._deliver(tracked, view), name=f"deliver:{provider}")
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
-        if records:
-            await self._progress.many(records)
+        moved: list[JobEvent] = []
         for tracked, step in changes:
             new_state = step.state or tracked.state
             if tracked.delivering or (new_state is tracked.state and step.progress < tracked.progress):
@@ -370,7 +377,11 @@ class Lifecycle:
                 tracked.running_since, tracked.running_from = now, tracked.progress
             if tracked.state is JobState.MODAL:  # parked by the upstream: it runs nothing now
                 self._free_slot(tracked)
-            self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
+            moved.append(JobEvent(tracked.job_id, tracked.state, tracked.progress))
+        if records:
+            task = asyncio.create_task(self._record(records, moved), name=f"progress:{provider}")
+            self._recording.add(task)
+            task.add_done_callback(self._recording.discard)
         if failures:
             await self.end_all([_End(t, False, code, reason) for t, code, reason in failures.values()])
 
@@ -396,6 +407,28 @@ class Lifecycle:
             tracked.due_at = read_after_hook(
                 now, interval, tracked.running_since, tracked.progress, tracked.running_from
             )
+
+    async def _record(self, records: list[ProgressChange], moved: list[JobEvent]) -> None:
+        """Write progress (group-committed, at most one write every PROGRESS_EVERY_S), then tell whoever waits on
+        the jobs it moved. Nothing that applies what the upstream said waits for it: the job is followed by what
+        was seen, and the store and the waiters learn of it within the window. Progress that could not be written
+        is logged; the job's next change, or its end, is written over it."""
+        try:
+            await self._progress.many(records)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("writing progress failed", extra={"fields": {"jobs": len(records)}})
+            return
+        for event in moved:
+            tracked = self._by_job.get(event.job_id)
+            if tracked is not None and not tracked.delivering:  # not ended, nor finished, meanwhile
+                self.events.publish(event)
+
+    async def recorded(self) -> None:
+        """Wait until the progress applied so far is written and announced."""
+        while self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)
 
     async def _write_progress(self, changes: list[ProgressChange]) -> list[None]:
         await self.store.record_progress(changes, self.clock.now())
@@ -544,6 +577,7 @@ class Lifecycle:
         return ended
 
     async def close(self) -> None:
+        await self.recorded()
         await self._progress.close()
         await self._holds.close()
         await cancel_all(list(self._deliveries))

@@ -116,3 +116,21 @@ async def test_one_caller_s_items_go_in_one_batch_and_each_fails_alone() -> None
     with pytest.raises(ValueError):
         await batcher.many([6, 13])
     await batcher.close()
+
+
+async def test_with_an_interval_items_after_a_write_wait_for_the_next_window_together() -> None:
+    batches: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        batches.append(items)
+        return items
+
+    batcher: Batcher[int, int] = Batcher(flush, "test", every_s=0.05)
+    assert await batcher(1) == 1  # after a quiet spell: written at the next turn, alone
+    second = asyncio.ensure_future(batcher(2))
+    for _ in range(5):  # turns of the loop that, without the interval, would each have written what came
+        await asyncio.sleep(0)
+    third = asyncio.ensure_future(batcher(3))
+    assert await asyncio.gather(second, third) == [2, 3]
+    assert batches == [[1], [2, 3]]
+    await batcher.close()

@@ -23,7 +23,7 @@ from relay.images import ImageStore
 from relay.metrics import Metrics
 from relay.store.attempts import AttemptStore
 from relay.store.db import Database
-from relay.store.jobs import Ending, JobRow, JobState, JobStore, NewJob
+from relay.store.jobs import Ending, JobRow, JobState, JobStore, NewJob, ProgressChange
 from relay.store.keys import KeyStore
 from relay.store.leases import Leases
 from tests.helpers import FakeClock, relay_config
@@ -150,6 +150,7 @@ async def test_many_jobs_are_followed_in_one_batch_to_success(world: World) -> N
     subscription = world.events.subscribe(jobs)
     world.clock.advance(5)
     await world.tracker.poll("sim")
+    await world.tracker.lifecycle.recorded()  # progress is written in the background, within its window
     rows = [await world.store.get(j) for j in jobs]
     assert {(r.state, r.progress) for r in rows if r} == {(JobState.IN_PROGRESS, 31)}
     world.clock.advance(5)
@@ -610,3 +611,34 @@ async def test_a_job_whose_end_call_is_lost_is_read_soon_after_its_progress_says
     end = tracked.running_since + (last_call - tracked.running_since) * 100 / tracked.progress
     assert tracked.due_at == pytest.approx(end + interval / 4, abs=0.01)
     assert end == pytest.approx(tracked.running_since + duration * 0.9, abs=duration / 100)  # the task's own end
+
+
+async def test_progress_hooks_over_several_turns_share_one_write(world: World) -> None:
+    """Hooks report progress all through their jobs, a few jobs at each turn of the loop: after a write, what comes
+    within the progress window is written together, not a transaction for each turn's few."""
+    jobs = [await world.submit(f"cat {i}") for i in range(3)]
+    lifecycle = world.tracker.lifecycle
+    tracked: list[Tracked] = []
+    for job_id in jobs:
+        found = lifecycle.find("sim", job_id.removeprefix("job_"))
+        assert found is not None
+        tracked.append(found)
+    writes: list[int] = []
+    record = world.store.record_progress
+
+    async def counted(changes: Sequence[ProgressChange], now: float) -> None:
+        writes.append(len(changes))
+        await record(changes, now)
+
+    world.store.record_progress = counted  # type: ignore[method-assign]
+    first, second, third = ((t, TaskView(t.upstream_id, TaskStatus.IN_PROGRESS, 15)) for t in tracked)
+    await lifecycle.hook(*first)
+    await lifecycle.recorded()  # after a quiet spell: written at the next turn, alone
+    await lifecycle.hook(*second)
+    for _ in range(5):  # turns that, without the window, would each have written what they brought
+        await asyncio.sleep(0)
+    await lifecycle.hook(*third)
+    await lifecycle.recorded()
+    assert writes == [1, 2]
+    rows = [await world.store.get(job_id) for job_id in jobs]
+    assert {(row.state, row.progress) for row in rows if row} == {(JobState.IN_PROGRESS, 15)}
