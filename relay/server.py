@@ -5,6 +5,7 @@ server needs and every refusal in OpenAI's error envelope.
     ServeConfig     uvicorn's `Config` carrying the limits to each connection's protocol
     RelayProtocol   uvicorn's httptools protocol with the limits enforced
     RelayServer     uvicorn's `Server`, calling back once it is listening and the app has started
+    Listener        a listening socket that takes every connection waiting on it at once (libuv takes one a turn)
     Lane            requests a connection answers itself, with no ASGI task (`app.state.lane`)
     bind()          the listening sockets for a host and port, made before anything else starts
 
@@ -50,7 +51,9 @@ uvicorn 0.40 to 0.55; `pyproject.toml` pins that range):
   `should_keep_alive`, `should_upgrade`) and `expect_100_continue`, set by `on_header`;
 - on a `RequestResponseCycle`: `response_started`, `response_complete`, `disconnected` and `message_event` (what
   `connection_lost` uses to wake a pending `receive()`);
-- `uvicorn.Server.startup(sockets)` setting `started` once it serves; `Config(http=<protocol class>)`.
+- `uvicorn.Server.startup(sockets=[])` running the lifespan and setting `started` while listening on nothing of
+  its own; `servers` (each `close()`d, then `wait_closed()`, at shutdown), `server_state`, `lifespan.state`;
+  `Config(http=<protocol class>)`, its `http_protocol_class` and `backlog`.
 
 Keep-alive, pipelining and flow control stay uvicorn's: the subclass adds state and timers around them.
 """
@@ -64,7 +67,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httptools
 import uvicorn
@@ -145,16 +148,105 @@ class ServeConfig(uvicorn.Config):
 
 
 class RelayServer(uvicorn.Server):
-    """uvicorn's `Server`; `on_ready` is called once the sockets accept connections and the app has started."""
+    """uvicorn's `Server`; `on_ready` is called once the sockets accept connections and the app has started. The
+    sockets it is given are served by `Listener`s."""
 
     def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self.on_ready = on_ready
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
+        if sockets is None:
+            await super().startup()
+        else:
+            await super().startup(sockets=[])  # the lifespan, and the server's state: no listening of its own
+            if self.started:
+                loop = asyncio.get_running_loop()
+                listeners = [Listener(loop, sock, self._protocol, self.config.backlog) for sock in sockets]
+                self.servers = cast(list[asyncio.base_events.Server], listeners)  # what `shutdown` closes
         if self.started and self.on_ready is not None:
             self.on_ready()
+
+    def _protocol(self) -> asyncio.Protocol:
+        """A new connection's protocol, as uvicorn makes it."""
+        return self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state
+        )
+
+
+# The most connections a listener takes each time its socket is readable (asyncio takes up to its backlog).
+ACCEPT_AT_ONCE = 128
+# How long a listener stops taking connections when the process has no descriptor (or memory) left for one.
+ACCEPT_PAUSE_S = 1.0
+
+
+class Listener:
+    """A listening socket that takes every connection waiting on it each time it is readable, up to
+    `ACCEPT_AT_ONCE`. uvloop's own server (libuv's) takes one connection per turn of the event loop, so a burst
+    of a thousand connections took a thousand turns, each as long as the work the loop had then: behind the
+    answers, hooks and writes of the connections taken before, the last ones waited a second and more. A socket
+    the process cannot take (no descriptor or memory left) pauses taking for `ACCEPT_PAUSE_S`, as asyncio's own
+    server does; one the client gave up on before it was taken is skipped. Each connection is handed to the loop
+    (`connect_accepted_socket`) with its protocol, as its own server would."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol: Callable[[], asyncio.Protocol],
+        backlog: int,
+        pause_s: float = ACCEPT_PAUSE_S,
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.protocol = protocol
+        self.pause_s = pause_s
+        self._opening: set[asyncio.Task[Any]] = set()
+        self._serving = True
+        sock.setblocking(False)
+        sock.listen(backlog)
+        loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_AT_ONCE):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: the connections wait in the backlog
+                log.error("cannot take a connection; taking none for a while", extra={"fields": {"error": str(exc)}})
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(self.pause_s, self._resume)
+                return
+            conn.setblocking(False)
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self.loop.create_task(self._open(conn))
+            self._opening.add(task)
+            task.add_done_callback(self._opening.discard)
+
+    async def _open(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.protocol, conn)
+        except Exception:
+            log.exception("a connection could not be opened")
+            conn.close()
+
+    def _resume(self) -> None:
+        if self._serving:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Take no more connections (the socket is its owner's to close)."""
+        if self._serving:
+            self._serving = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    async def wait_closed(self) -> None:
+        if self._opening:
+            await asyncio.gather(*self._opening, return_exceptions=True)
 
 
 def bind(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:

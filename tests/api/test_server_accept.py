@@ -1,0 +1,135 @@
+"""How the relay takes connections (`relay.server.Listener`): every connection waiting on its socket at once, not
+one per turn of the event loop as uvloop's own server does; and a socket it cannot take pauses taking."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import socket
+import threading
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from relay.server import Listener, RelayServer, ServeConfig
+from tests.helpers import bound_socket
+
+WAITING = 100
+
+
+def test_connections_that_came_while_the_loop_was_busy_are_all_taken_at_its_next_turn() -> None:
+    servers: list[RelayServer] = []
+    busy, connected = threading.Event(), threading.Event()
+
+    async def hold(request: Request) -> JSONResponse:
+        busy.set()
+        connected.wait(15)  # the loop is held, as by a long stretch of work, while the clients connect
+        open_connections = []
+        for _ in range(6):  # the next turns of the loop
+            await asyncio.sleep(0)
+            open_connections.append(len(servers[0].server_state.connections))
+        return JSONResponse(open_connections)
+
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    ready = threading.Event()
+    server = RelayServer(
+        ServeConfig(Starlette(routes=[Route("/hold", hold)]), timeout_graceful_shutdown=2), on_ready=ready.set
+    )
+    servers.append(server)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    clients: list[socket.socket] = []
+    answer: list[httpx.Response] = []
+    try:
+        assert ready.wait(15)
+        asking = threading.Thread(target=lambda: answer.append(httpx.get(f"http://127.0.0.1:{port}/hold", timeout=30)))
+        asking.start()
+        assert busy.wait(15)
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(WAITING)]
+        connected.set()
+        asking.join(30)
+        # All the waiting connections are open within two turns (taken at the first, opened at the next); libuv
+        # would have taken one per turn.
+        assert json.loads(answer[0].content)[2:] == [1 + WAITING] * 4
+    finally:
+        connected.set()
+        for client in clients:
+            client.close()
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+class _Refusing(socket.socket):
+    """A listening socket that cannot take its next connection (the process is out of descriptors), once."""
+
+    refusals = 1
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.refusals:
+            self.refusals -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+class _Opened(asyncio.Protocol):
+    def __init__(self, opened: asyncio.Future[float], loop: asyncio.AbstractEventLoop) -> None:
+        self.opened, self.loop = opened, loop
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.opened.done():
+            self.opened.set_result(self.loop.time())
+        transport.close()
+
+
+@pytest.mark.anyio
+async def test_a_connection_the_process_cannot_take_pauses_taking_then_it_is_taken() -> None:
+    loop = asyncio.get_running_loop()
+    sock = _Refusing(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    opened: asyncio.Future[float] = loop.create_future()
+    listener = Listener(loop, sock, lambda: _Opened(opened, loop), backlog=16, pause_s=0.2)
+    client = socket.socket()
+    client.setblocking(False)
+    try:
+        started = loop.time()
+        await loop.sock_connect(client, sock.getsockname())
+        opened_at = await asyncio.wait_for(opened, 10)
+        assert sock.refusals == 0
+        assert opened_at - started >= 0.2  # taken once the pause was over, not before
+    finally:
+        listener.close()
+        await listener.wait_closed()
+        client.close()
+        sock.close()
+
+
+@pytest.mark.anyio
+async def test_a_closed_listener_no_longer_watches_its_socket_even_when_it_was_pausing() -> None:
+    loop = asyncio.get_running_loop()
+    for refusing in (False, True):
+        sock = _Refusing(socket.AF_INET, socket.SOCK_STREAM)
+        sock.refusals = int(refusing)
+        sock.bind(("127.0.0.1", 0))
+        opened: asyncio.Future[float] = loop.create_future()
+        listener = Listener(loop, sock, lambda opened=opened: _Opened(opened, loop), backlog=16, pause_s=0.05)
+        client = socket.socket()
+        client.setblocking(False)
+        try:
+            if refusing:  # pausing: its resumption is due
+                await loop.sock_connect(client, sock.getsockname())
+                while sock.refusals:
+                    await asyncio.sleep(0)
+            listener.close()
+            await asyncio.sleep(0.1)  # past the pause
+            assert not loop.remove_reader(sock.fileno())  # nothing watches the socket
+        finally:
+            client.close()
+            sock.close()
