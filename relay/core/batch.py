@@ -42,7 +42,7 @@ class Batcher(Generic[I, R]):
     ) -> None:
         self._flush = flush
         self._name = name
-        self._every_s = every_s
+        self.every_s = every_s  # None: a write as soon as a turn has passed (and LOADED_WAIT_S under load)
         self._last_write = float("-inf")  # when the last write started, by the loop's clock (with `every_s`)
         self._queue: list[tuple[I, asyncio.Future[R]]] = []
         self._drain: asyncio.Task[None] | None = None
@@ -83,8 +83,8 @@ class Batcher(Generic[I, R]):
         while self._queue:
             # Let the callers of this turn of the loop join the batch; under load (the last batch had company),
             # those of the next few milliseconds too; with `every_s`, those until that long after the last write.
-            if self._every_s is not None:
-                await asyncio.sleep(max(0.0, self._last_write + self._every_s - loop.time()))
+            if self.every_s is not None:
+                await asyncio.sleep(max(0.0, self._last_write + self.every_s - loop.time()))
                 self._last_write = loop.time()
             else:
                 await asyncio.sleep(LOADED_WAIT_S if last > 1 else 0)

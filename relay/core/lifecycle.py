@@ -41,7 +41,8 @@ log = logging.getLogger("relay.lifecycle")
 ENDED_REMEMBERED = 10_000
 # At most one progress write starts this often. A job's hooks report its progress a few times a second, spread over
 # the job, so a thousand running jobs brought progress of a few jobs at each turn of the loop, each few a transaction
-# of its own; this makes them one transaction per window, at most this much later for the waiters it is shown to.
+# of its own; this makes them one transaction per window. What applies a read or a hook waits for its write as
+# before (a hook call was answered already), at most this much longer.
 PROGRESS_EVERY_S = 0.02
 _FILE_OF = {ResultShape.GRID: GRID, ResultShape.IMAGE: IMAGE}
 
@@ -198,7 +199,6 @@ class Lifecycle:
         # grids finishing at once must not queue a thousand transactions ahead of their downloads.
         self._holds: Batcher[str, bool] = Batcher(self._hold_leases, "leases")
         self._deliveries: set[asyncio.Task[None]] = set()
-        self._recording: set[asyncio.Task[None]] = set()  # progress being written (`_record`)
         # Results downloaded at once over all providers (each is held in memory until kept): a provider's lanes.
         self._download_slots = asyncio.Semaphore(DOWNLOAD_LANES)
         self.on_follow: Callable[[str], None] = lambda provider: None  # the tracker's wake-up
@@ -367,7 +367,8 @@ class Lifecycle:
             task = asyncio.create_task(self._deliver(tracked, view), name=f"deliver:{provider}")
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
-        moved: list[JobEvent] = []
+        if records:
+            await self._progress.many(records)
         for tracked, step in changes:
             new_state = step.state or tracked.state
             if tracked.delivering or (new_state is tracked.state and step.progress < tracked.progress):
@@ -377,11 +378,7 @@ class Lifecycle:
                 tracked.running_since, tracked.running_from = now, tracked.progress
             if tracked.state is JobState.MODAL:  # parked by the upstream: it runs nothing now
                 self._free_slot(tracked)
-            moved.append(JobEvent(tracked.job_id, tracked.state, tracked.progress))
-        if records:
-            task = asyncio.create_task(self._record(records, moved), name=f"progress:{provider}")
-            self._recording.add(task)
-            task.add_done_callback(self._recording.discard)
+            self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
         if failures:
             await self.end_all([_End(t, False, code, reason) for t, code, reason in failures.values()])
 
@@ -407,28 +404,6 @@ class Lifecycle:
             tracked.due_at = read_after_hook(
                 now, interval, tracked.running_since, tracked.progress, tracked.running_from
             )
-
-    async def _record(self, records: list[ProgressChange], moved: list[JobEvent]) -> None:
-        """Write progress (group-committed, at most one write every PROGRESS_EVERY_S), then tell whoever waits on
-        the jobs it moved. Nothing that applies what the upstream said waits for it: the job is followed by what
-        was seen, and the store and the waiters learn of it within the window. Progress that could not be written
-        is logged; the job's next change, or its end, is written over it."""
-        try:
-            await self._progress.many(records)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("writing progress failed", extra={"fields": {"jobs": len(records)}})
-            return
-        for event in moved:
-            tracked = self._by_job.get(event.job_id)
-            if tracked is not None and not tracked.delivering:  # not ended, nor finished, meanwhile
-                self.events.publish(event)
-
-    async def recorded(self) -> None:
-        """Wait until the progress applied so far is written and announced."""
-        while self._recording:
-            await asyncio.gather(*self._recording, return_exceptions=True)
 
     async def _write_progress(self, changes: list[ProgressChange]) -> list[None]:
         await self.store.record_progress(changes, self.clock.now())
@@ -577,7 +552,6 @@ class Lifecycle:
         return ended
 
     async def close(self) -> None:
-        await self.recorded()
         await self._progress.close()
         await self._holds.close()
         await cancel_all(list(self._deliveries))

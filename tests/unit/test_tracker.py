@@ -15,7 +15,7 @@ from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.core.coordination import Coordinator
 from relay.core.events import JobEvents
 from relay.core.finish import Finisher
-from relay.core.lifecycle import Lifecycle, Step, Tracked, ahead, observe, read_after_hook
+from relay.core.lifecycle import PROGRESS_EVERY_S, Lifecycle, Step, Tracked, ahead, observe, read_after_hook
 from relay.core.providers import ProviderPool
 from relay.core.tracker import Tracker
 from relay.domain import FailureCode
@@ -150,7 +150,6 @@ async def test_many_jobs_are_followed_in_one_batch_to_success(world: World) -> N
     subscription = world.events.subscribe(jobs)
     world.clock.advance(5)
     await world.tracker.poll("sim")
-    await world.tracker.lifecycle.recorded()  # progress is written in the background, within its window
     rows = [await world.store.get(j) for j in jobs]
     assert {(r.state, r.progress) for r in rows if r} == {(JobState.IN_PROGRESS, 31)}
     world.clock.advance(5)
@@ -431,6 +430,9 @@ def record_rounds(world: World) -> list[tuple[float, set[str]]]:
 
 async def test_each_job_is_read_on_its_own_cadence_and_close_ones_share_a_round(world: World) -> None:
     rounds = record_rounds(world)
+    # The test clock moves 1/8 s every 5 ms of real time: a round waiting for the progress window (real time) would
+    # see it move on meanwhile. Each write is made as soon as it is asked for here, as it was without the window.
+    world.tracker.lifecycle._progress.every_s = None
     first = world.clock.now()
     await world.tracker.start()
     # c is due 1/8 s after b, within the quarter-interval gap: b's round waits for it. d is due 3/8 s after b: it
@@ -631,14 +633,15 @@ async def test_progress_hooks_over_several_turns_share_one_write(world: World) -
         await record(changes, now)
 
     world.store.record_progress = counted  # type: ignore[method-assign]
+    assert lifecycle._progress.every_s == PROGRESS_EVERY_S
+    lifecycle._progress.every_s = 0.3  # a window that no few turns below outlast, however loaded the machine
     first, second, third = ((t, TaskView(t.upstream_id, TaskStatus.IN_PROGRESS, 15)) for t in tracked)
-    await lifecycle.hook(*first)
-    await lifecycle.recorded()  # after a quiet spell: written at the next turn, alone
-    await lifecycle.hook(*second)
+    await lifecycle.hook(*first)  # after a quiet spell: written at the next turn, alone
+    later = [asyncio.ensure_future(lifecycle.hook(*second))]
     for _ in range(5):  # turns that, without the window, would each have written what they brought
         await asyncio.sleep(0)
-    await lifecycle.hook(*third)
-    await lifecycle.recorded()
+    later.append(asyncio.ensure_future(lifecycle.hook(*third)))
+    await asyncio.gather(*later)
     assert writes == [1, 2]
     rows = [await world.store.get(job_id) for job_id in jobs]
     assert {(row.state, row.progress) for row in rows if row} == {(JobState.IN_PROGRESS, 15)}
