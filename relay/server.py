@@ -61,6 +61,7 @@ Keep-alive, pipelining and flow control stay uvicorn's: the subclass adds state 
 from __future__ import annotations
 
 import asyncio
+import errno
 import http
 import json
 import logging
@@ -78,7 +79,7 @@ from uvicorn.server import ServerState
 from relay.config import ServerConfig
 from relay.logs import event
 
-__all__ = ["Lane", "LaneCall", "Limits", "RelayProtocol", "RelayServer", "ServeConfig", "bind"]
+__all__ = ["Lane", "LaneCall", "Limits", "Listener", "RelayProtocol", "RelayServer", "ServeConfig", "bind"]
 
 log = logging.getLogger("relay.http")
 
@@ -159,10 +160,18 @@ class RelayServer(uvicorn.Server):
         if sockets is None:
             await super().startup()
         else:
+            assert self.config.ssl is None, "the relay serves plain HTTP (TLS is its proxy's)"
             await super().startup(sockets=[])  # the lifespan, and the server's state: no listening of its own
             if self.started:
                 loop = asyncio.get_running_loop()
-                listeners = [Listener(loop, sock, self._protocol, self.config.backlog) for sock in sockets]
+                listeners: list[Listener] = []
+                try:
+                    for sock in sockets:
+                        listeners.append(Listener(loop, sock, self._protocol, self.config.backlog))
+                except BaseException:
+                    for listener in listeners:
+                        listener.close()
+                    raise
                 self.servers = cast(list[asyncio.base_events.Server], listeners)  # what `shutdown` closes
         if self.started and self.on_ready is not None:
             self.on_ready()
@@ -178,16 +187,20 @@ class RelayServer(uvicorn.Server):
 ACCEPT_AT_ONCE = 128
 # How long a listener stops taking connections when the process has no descriptor (or memory) left for one.
 ACCEPT_PAUSE_S = 1.0
+# What `accept` fails with when the process, not the connection, is at fault: taking more now would fail alike.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Listener:
     """A listening socket that takes every connection waiting on it each time it is readable, up to
     `ACCEPT_AT_ONCE`. uvloop's own server (libuv's) takes one connection per turn of the event loop, so a burst
     of a thousand connections took a thousand turns, each as long as the work the loop had then: behind the
-    answers, hooks and writes of the connections taken before, the last ones waited a second and more. A socket
-    the process cannot take (no descriptor or memory left) pauses taking for `ACCEPT_PAUSE_S`, as asyncio's own
-    server does; one the client gave up on before it was taken is skipped. Each connection is handed to the loop
-    (`connect_accepted_socket`) with its protocol, as its own server would."""
+    answers, hooks and writes of the connections taken before, the last ones waited a second and more. When the
+    process cannot take a connection (no descriptor or memory left) taking pauses for `ACCEPT_PAUSE_S`, as
+    asyncio's own server does; a connection that failed on its own (the client gave up, a network error) is
+    skipped, as accept(2) asks. Each connection is handed to the loop (`connect_accepted_socket`, which sets
+    TCP_NODELAY as its own server would) with its protocol; one opened after the listener closed is told the
+    server is shutting down, as those open then were."""
 
     def __init__(
         self,
@@ -213,26 +226,29 @@ class Listener:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: the connections wait in the backlog
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:  # that connection's own failure: the next may be fine
+                    continue
+                # the connections wait in the backlog meanwhile
                 log.error("cannot take a connection; taking none for a while", extra={"fields": {"error": str(exc)}})
                 self.loop.remove_reader(self.sock.fileno())
                 self.loop.call_later(self.pause_s, self._resume)
                 return
             conn.setblocking(False)
-            if conn.family in (socket.AF_INET, socket.AF_INET6):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = self.loop.create_task(self._open(conn))
             self._opening.add(task)
             task.add_done_callback(self._opening.discard)
 
     async def _open(self, conn: socket.socket) -> None:
         try:
-            await self.loop.connect_accepted_socket(self.protocol, conn)
+            _, protocol = await self.loop.connect_accepted_socket(self.protocol, conn)
         except Exception:
             log.exception("a connection could not be opened")
             conn.close()
+            return
+        shutdown = getattr(protocol, "shutdown", None)
+        if not self._serving and callable(shutdown):
+            shutdown()  # taken just before the server stopped, opened after it told the others to finish
 
     def _resume(self) -> None:
         if self._serving:
@@ -245,8 +261,9 @@ class Listener:
             self.loop.remove_reader(self.sock.fileno())
 
     async def wait_closed(self) -> None:
+        """Wait until the connections taken before `close` are open (each then closes as the server has it)."""
         if self._opening:
-            await asyncio.gather(*self._opening, return_exceptions=True)
+            await asyncio.wait(set(self._opening))
 
 
 def bind(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import socket
 import threading
 from typing import Any
@@ -21,6 +22,12 @@ from relay.server import Listener, RelayServer, ServeConfig
 from tests.helpers import bound_socket
 
 WAITING = 100
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """The listener's own tests, on uvloop (what `mj-relay serve` runs) and on asyncio's loop."""
+    return ("asyncio", {"use_uvloop": request.param == "uvloop"})
 
 
 def test_connections_that_came_while_the_loop_was_busy_are_all_taken_at_its_next_turn() -> None:
@@ -68,25 +75,31 @@ def test_connections_that_came_while_the_loop_was_busy_are_all_taken_at_its_next
 
 
 class _Refusing(socket.socket):
-    """A listening socket that cannot take its next connection (the process is out of descriptors), once."""
+    """A listening socket that cannot take its next connection, once: by default because the process is out of
+    descriptors."""
 
     refusals = 1
+    failure = errno.EMFILE
 
     def accept(self) -> tuple[socket.socket, Any]:
         if self.refusals:
             self.refusals -= 1
-            raise OSError(errno.EMFILE, "Too many open files")
+            raise OSError(self.failure, os.strerror(self.failure))
         return super().accept()
 
 
 class _Opened(asyncio.Protocol):
     def __init__(self, opened: asyncio.Future[float], loop: asyncio.AbstractEventLoop) -> None:
         self.opened, self.loop = opened, loop
+        self.told_to_shut_down = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self.opened.done():
             self.opened.set_result(self.loop.time())
         transport.close()
+
+    def shutdown(self) -> None:  # as uvicorn's protocols have it
+        self.told_to_shut_down = True
 
 
 @pytest.mark.anyio
@@ -133,3 +146,52 @@ async def test_a_closed_listener_no_longer_watches_its_socket_even_when_it_was_p
         finally:
             client.close()
             sock.close()
+
+
+@pytest.mark.anyio
+async def test_a_connection_that_failed_on_its_own_is_skipped_without_a_pause() -> None:
+    loop = asyncio.get_running_loop()
+    sock = _Refusing(socket.AF_INET, socket.SOCK_STREAM)
+    sock.failure = errno.EPROTO  # a network error of that one connection, which accept(2) says to take as EAGAIN
+    sock.bind(("127.0.0.1", 0))
+    opened: asyncio.Future[float] = loop.create_future()
+    listener = Listener(loop, sock, lambda: _Opened(opened, loop), backlog=16, pause_s=60)
+    client = socket.socket()
+    client.setblocking(False)
+    try:
+        await loop.sock_connect(client, sock.getsockname())
+        await asyncio.wait_for(opened, 10)  # taken at once: no minute's pause
+        assert sock.refusals == 0
+    finally:
+        listener.close()
+        await listener.wait_closed()
+        client.close()
+        sock.close()
+
+
+@pytest.mark.anyio
+async def test_a_connection_taken_just_before_the_listener_closed_is_told_to_shut_down() -> None:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    client = socket.socket()
+    client.setblocking(False)
+    opened: asyncio.Future[float] = loop.create_future()
+    protocols: list[_Opened] = []
+
+    def protocol() -> _Opened:
+        protocols.append(_Opened(opened, loop))
+        return protocols[-1]
+
+    try:
+        await loop.sock_connect(client, sock.getsockname())  # waiting in the backlog
+        listener = Listener(loop, sock, protocol, backlog=16)
+        listener._accept()  # taken, its opening to come at the next turn of the loop...
+        assert listener._opening and not protocols
+        listener.close()  # ...when the server stops
+        await listener.wait_closed()
+        assert [p.told_to_shut_down for p in protocols] == [True]
+    finally:
+        client.close()
+        sock.close()
