@@ -164,10 +164,14 @@ class RelayServer(uvicorn.Server):
             await super().startup(sockets=[])  # the lifespan, and the server's state: no listening of its own
             if self.started:
                 loop = asyncio.get_running_loop()
-                listeners: list[Listener] = []
+                listeners: list[Listener | asyncio.AbstractServer] = []
                 try:
                     for sock in sockets:
-                        listeners.append(Listener(loop, sock, self._protocol, self.config.backlog))
+                        try:
+                            listeners.append(Listener(loop, sock, self._protocol, self.config.backlog))
+                        except NotImplementedError:  # a loop that cannot watch a socket (Windows'): its own server
+                            server = await loop.create_server(self._protocol, sock=sock, backlog=self.config.backlog)
+                            listeners.append(server)
                 except BaseException:
                     for listener in listeners:
                         listener.close()

@@ -195,3 +195,28 @@ async def test_a_connection_taken_just_before_the_listener_closed_is_told_to_shu
     finally:
         client.close()
         sock.close()
+
+
+def test_on_a_loop_that_cannot_watch_a_socket_the_loops_own_server_serves_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def hello(request: Request) -> JSONResponse:
+        return JSONResponse({"served": True})
+
+    def cannot(*args: object) -> None:
+        raise NotImplementedError  # as Windows' proactor loop
+
+    # asyncio's own server watches its socket through the loop's private `_add_reader`
+    monkeypatch.setattr(asyncio.selector_events.BaseSelectorEventLoop, "add_reader", cannot)
+    sock = bound_socket()
+    ready = threading.Event()
+    app = Starlette(routes=[Route("/", hello)])
+    server = RelayServer(ServeConfig(app, timeout_graceful_shutdown=2, loop="asyncio"), on_ready=ready.set)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(15)
+        assert server.servers and not any(isinstance(listening, Listener) for listening in server.servers)
+        assert httpx.get(f"http://127.0.0.1:{sock.getsockname()[1]}/", timeout=10).json() == {"served": True}
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
