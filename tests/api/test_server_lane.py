@@ -52,10 +52,14 @@ class Lane:
         self.bodies: list[bytes] = []
         self.asked: list[tuple[str, int]] = []
         self.stalled = 0
+        self.claimed = threading.Event()
 
     def claim(self, path: str, length: int) -> Call | None:
         self.asked.append((path, length))
-        return Call(self) if path == LANE_PATH else None
+        if path != LANE_PATH:
+            return None
+        self.claimed.set()
+        return Call(self)
 
 
 class LaneApp(Recorder):
@@ -355,6 +359,7 @@ def test_a_lane_call_whose_body_is_coming_when_the_server_stops_is_answered(tmp_
         with connect(f"http://127.0.0.1:{port}") as client:
             whole = request(LANE_PATH, b"late")
             client.sendall(whole[:-2])
+            assert app.state.lane.claimed.wait(WAIT)  # its body is coming (before, the connection is idle: closed)
             server.should_exit = True
             while True:  # the server stops listening first: then it has told its connections
                 try:
