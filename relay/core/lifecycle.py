@@ -373,6 +373,8 @@ class Lifecycle:
             new_state = step.state or tracked.state
             if tracked.delivering or (new_state is tracked.state and step.progress < tracked.progress):
                 continue  # another view of the job, applied meanwhile, took it further: this one is stale
+            if new_state is JobState.MODAL and tracked.confirmed:
+                continue  # confirmed while this view was written: the job takes a slot and runs, it waits no more
             tracked.state, tracked.progress = new_state, step.progress
             if tracked.state is JobState.IN_PROGRESS and tracked.running_since is None:
                 tracked.running_since, tracked.running_from = now, tracked.progress

@@ -645,3 +645,21 @@ async def test_progress_hooks_over_several_turns_share_one_write(world: World) -
     assert writes == [1, 2]
     rows = [await world.store.get(job_id) for job_id in jobs]
     assert {(row.state, row.progress) for row in rows if row} == {(JobState.IN_PROGRESS, 15)}
+
+
+async def test_a_job_confirmed_while_its_modal_view_is_written_keeps_the_slot_it_took(world: World) -> None:
+    """A view saying MODAL waits in the progress window when the client confirms the job, which takes a provider
+    slot for it: once written, the view neither parks the job again nor gives that slot back."""
+    job = await world.submit("a parked heron")
+    lifecycle = world.tracker.lifecycle
+    tracked = lifecycle._by_job[job]
+    await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))  # parked: its slot is freed
+    assert tracked.state is JobState.MODAL and not tracked.slot and world.pool.in_flight["sim"] == 0
+    lifecycle._progress.every_s = 0.3  # the next write waits for the window
+    late = asyncio.ensure_future(lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 40)))
+    for _ in range(3):  # its write is queued, waiting
+        await asyncio.sleep(0)
+    assert not late.done()
+    assert lifecycle.confirming(job, world.clock.now() + 600) is not None  # the client confirms: a slot is taken
+    await late
+    assert tracked.slot and world.pool.in_flight["sim"] == 1
