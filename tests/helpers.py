@@ -147,12 +147,21 @@ def serve(app: ASGIApp, config: Config | None = None, sock: socket.socket | None
     """Run an ASGI app on a loopback port in a thread, as `mj-relay serve` runs the relay (uvicorn with the relay's
     protocol and the HTTP limits of `config.server`, the defaults without one); yields its base URL. `sock`, bound
     beforehand (`bound_socket`), lets a test know the address before the app is built."""
+    with running_server(app, config, sock) as (base, _):
+        yield base
+
+
+@contextmanager
+def running_server(
+    app: ASGIApp, config: Config | None = None, sock: socket.socket | None = None, **options: Any
+) -> Iterator[tuple[str, RelayServer]]:
+    """`serve`, yielding the server too (for a test that stops it, or looks at its state); `options` go to
+    `ServeConfig` (a graceful shutdown of 2 s unless said)."""
     sock = sock or bound_socket()
     port = sock.getsockname()[1]
     ready = threading.Event()
-    server = RelayServer(
-        ServeConfig(app, config.server if config else None, timeout_graceful_shutdown=2), on_ready=ready.set
-    )
+    options.setdefault("timeout_graceful_shutdown", 2)
+    server = RelayServer(ServeConfig(app, config.server if config else None, **options), on_ready=ready.set)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
@@ -160,7 +169,7 @@ def serve(app: ASGIApp, config: Config | None = None, sock: socket.socket | None
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the server did not start")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         thread.join(15)

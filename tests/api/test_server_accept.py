@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from relay.server import Listener, RelayServer, ServeConfig
-from tests.helpers import bound_socket
+from relay.server import Listener, RelayServer
+from tests.helpers import running_server
 
 WAITING = 100
 
@@ -43,35 +43,25 @@ def test_connections_that_came_while_the_loop_was_busy_are_all_taken_at_its_next
             open_connections.append(len(servers[0].server_state.connections))
         return JSONResponse(open_connections)
 
-    sock = bound_socket()
-    port = sock.getsockname()[1]
-    ready = threading.Event()
-    server = RelayServer(
-        ServeConfig(Starlette(routes=[Route("/hold", hold)]), timeout_graceful_shutdown=2), on_ready=ready.set
-    )
-    servers.append(server)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
     clients: list[socket.socket] = []
     answer: list[httpx.Response] = []
-    try:
-        assert ready.wait(15)
-        asking = threading.Thread(target=lambda: answer.append(httpx.get(f"http://127.0.0.1:{port}/hold", timeout=30)))
-        asking.start()
-        assert busy.wait(15)
-        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(WAITING)]
-        connected.set()
-        asking.join(30)
-        # All the waiting connections are open within two turns (taken at the first, opened at the next); libuv
-        # would have taken one per turn.
-        assert json.loads(answer[0].content)[2:] == [1 + WAITING] * 4
-    finally:
-        connected.set()
-        for client in clients:
-            client.close()
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    with running_server(Starlette(routes=[Route("/hold", hold)])) as (base, server):
+        servers.append(server)
+        try:
+            asking = threading.Thread(target=lambda: answer.append(httpx.get(f"{base}/hold", timeout=30)))
+            asking.start()
+            assert busy.wait(15)
+            port = int(base.rsplit(":", 1)[1])
+            clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(WAITING)]
+            connected.set()
+            asking.join(30)
+            # All the waiting connections are open within two turns (taken at the first, opened at the next); libuv
+            # would have taken one per turn.
+            assert json.loads(answer[0].content)[2:] == [1 + WAITING] * 4
+        finally:
+            connected.set()
+            for client in clients:
+                client.close()
 
 
 class _Refusing(socket.socket):
@@ -196,17 +186,6 @@ def test_on_a_loop_that_cannot_watch_a_socket_the_loops_own_server_serves_it(mon
 
     # asyncio's own server watches its socket through the loop's private `_add_reader`
     monkeypatch.setattr(asyncio.selector_events.BaseSelectorEventLoop, "add_reader", cannot)
-    sock = bound_socket()
-    ready = threading.Event()
-    app = Starlette(routes=[Route("/", hello)])
-    server = RelayServer(ServeConfig(app, timeout_graceful_shutdown=2, loop="asyncio"), on_ready=ready.set)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(15)
+    with running_server(Starlette(routes=[Route("/", hello)]), loop="asyncio") as (base, server):
         assert server.servers and not any(isinstance(listening, Listener) for listening in server.servers)
-        assert httpx.get(f"http://127.0.0.1:{sock.getsockname()[1]}/", timeout=10).json() == {"served": True}
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+        assert httpx.get(f"{base}/", timeout=10).json() == {"served": True}

@@ -17,7 +17,7 @@ import pytest
 
 from relay.api.hooks import HookLane
 from relay.config import Config
-from relay.server import RelayServer, ServeConfig, _empty_answer
+from relay.server import _empty_answer
 from tests.api.test_http_limits import (
     LIMITS,
     WAIT,
@@ -28,7 +28,7 @@ from tests.api.test_http_limits import (
     read_to_close,
     refusal,
 )
-from tests.helpers import bound_socket, serve
+from tests.helpers import bound_socket, running_server, serve
 
 LANE_PATH = "/lane"
 
@@ -350,13 +350,8 @@ def test_a_lane_call_whose_body_is_coming_when_the_server_stops_is_answered(tmp_
     config = Config.model_validate({"server": {**LIMITS, "max_body_bytes": 1024, "body_timeout_s": 5}})
     sock = bound_socket()
     port = sock.getsockname()[1]
-    ready = threading.Event()
-    server = RelayServer(ServeConfig(app, config.server, timeout_graceful_shutdown=5), on_ready=ready.set)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    assert ready.wait(15)
-    try:
-        with connect(f"http://127.0.0.1:{port}") as client:
+    with running_server(app, config, sock, timeout_graceful_shutdown=5) as (base, server):
+        with connect(base) as client:
             whole = request(LANE_PATH, b"late")
             client.sendall(whole[:-2])
             assert app.state.lane.claimed.wait(WAIT)  # its body is coming (before, the connection is idle: closed)
@@ -371,10 +366,6 @@ def test_a_lane_call_whose_body_is_coming_when_the_server_stops_is_answered(tmp_
         status, headers = parse_head(raw.partition(b"\r\n\r\n")[0])
         assert (status, headers["connection"]) == (204, "close")
         assert app.state.lane.bodies == [b"late"]
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 def test_a_body_that_keeps_coming_is_waited_for_piece_by_piece(lane_server: tuple[str, LaneApp]) -> None:
