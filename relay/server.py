@@ -167,11 +167,7 @@ class RelayServer(uvicorn.Server):
                 listeners: list[Listener | asyncio.AbstractServer] = []
                 try:
                     for sock in sockets:
-                        try:
-                            listeners.append(Listener(loop, sock, self._protocol, self.config.backlog))
-                        except NotImplementedError:  # a loop that cannot watch a socket (Windows'): its own server
-                            server = await loop.create_server(self._protocol, sock=sock, backlog=self.config.backlog)
-                            listeners.append(server)
+                        listeners.append(await self._listen(loop, sock))
                 except BaseException:
                     for listener in listeners:
                         listener.close()
@@ -179,6 +175,13 @@ class RelayServer(uvicorn.Server):
                 self.servers = cast(list[asyncio.base_events.Server], listeners)  # what `shutdown` closes
         if self.started and self.on_ready is not None:
             self.on_ready()
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Listener | asyncio.AbstractServer:
+        """A `Listener` on `sock`; on a loop that cannot watch a socket (Windows'), the loop's own server."""
+        try:
+            return Listener(loop, sock, self._protocol, self.config.backlog)
+        except NotImplementedError:
+            return await loop.create_server(self._protocol, sock=sock, backlog=self.config.backlog)
 
     def _protocol(self) -> asyncio.Protocol:
         """A new connection's protocol, as uvicorn makes it."""
