@@ -357,7 +357,7 @@ class Lifecycle:
             if now >= tracked.deadline_at and tracked.job_id not in failures and tracked.job_id not in finished:
                 failures[tracked.job_id] = (tracked, FailureCode.TIMEOUT, _deadline_reason(tracked))
 
-        records = [ProgressChange(t.job_id, step.state or t.state, step.progress) for t, step in changes]
+        records = [ProgressChange(t.job_id, step.state or t.state, step.progress, t.state) for t, step in changes]
         for tracked, _ in successes:
             tracked.state, tracked.progress, tracked.delivering = JobState.IN_PROGRESS, 100, True
             self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
@@ -512,16 +512,21 @@ class Lifecycle:
         reason: str | None = None,
         view: TaskView | None = None,
     ) -> bool:
-        """Whether the job has ended (False: the write failed and the job is followed again). `view` is the
-        upstream's view of a job it finished: its image URL, buttons and text are kept with the job."""
+        """Whether the job has ended (False: it was not ended here: the write failed and the job is followed
+        again, or another process holds it now). `view` is the upstream's view of a job it finished: its image
+        URL, buttons and text are kept with the job."""
         return (await self.end_all([_End(tracked, succeeded, error_code, reason, view)]))[0]
 
     async def end_all(self, ends: list[_End]) -> list[bool]:
         """End jobs in one group commit (see `end`); whether each has ended."""
         ended = [True] * len(ends)
+        elsewhere = await self._not_held([end.tracked for end in ends if not end.succeeded])
         mine: list[int] = []
         for index, end in enumerate(ends):
             tracked = end.tracked
+            if tracked.job_id in elsewhere:
+                ended[index] = False
+                continue
             if self._unfollow(tracked.job_id) is None:
                 continue  # ended already
             key = (tracked.provider, tracked.upstream_id)
@@ -552,6 +557,30 @@ class Lifecycle:
             else:
                 self._free_slot(tracked)
         return ended
+
+    async def _not_held(self, failing: list[Tracked]) -> set[str]:
+        """Of followed jobs about to fail here, those this process must not end now. A job another process took
+        over (it wrote a confirmation this one did not see, or adopted the job while this one stalled) runs to
+        that process's deadline, not to the one known here: it is forgotten here. A success needs no check (its
+        delivery checked before the download). When the check cannot be written, no job is ended: each is read
+        again at once."""
+        if self.leases is None:
+            return set()
+        followed = [tracked for tracked in failing if self._by_job.get(tracked.job_id) is tracked]
+        if not followed:
+            return set()
+        try:
+            held = await self._holds.many([tracked.job_id for tracked in followed])
+        except Exception:
+            log.exception("checking leases before ending jobs failed; they are read again")
+            for tracked in followed:
+                tracked.due_at = self.clock.now()
+                self.on_follow(tracked.provider)
+            return {tracked.job_id for tracked in followed}
+        lost = {tracked.job_id for tracked, mine in zip(followed, held, strict=True) if not mine}
+        for job_id in lost:
+            self.forget(job_id)
+        return lost
 
     async def close(self) -> None:
         await self._progress.close()

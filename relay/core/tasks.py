@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -99,6 +99,7 @@ class TaskService:
         notifier: Notifier,
         uploads: Uploads,
         clock: Clock,
+        follow: Callable[[list[JobRow]], Awaitable[int]],
     ) -> None:
         self.config = config
         self.store = store
@@ -108,6 +109,9 @@ class TaskService:
         self.notifier = notifier
         self.uploads = uploads
         self.clock = clock
+        # Follow jobs this process just took over (`Coordinator.follow_claimed`): a confirmation can reach any
+        # process, and the one that writes it follows the job on.
+        self._follow = follow
         self._confirming: set[str] = set()
 
     # -- new tasks -----------------------------------------------------------------------------------------------
@@ -251,8 +255,12 @@ class TaskService:
                     raise InvalidRequest(f"The upstream refused the confirmation: {outcome.description}")
                 raise ServiceUnavailable("The provider could not take the confirmation now; try again shortly.")
             accepted = True
-            if await self.store.confirm_modal(row.id, outcome.upstream_id, deadline, self.clock.now(), prompt or None):
+            now = self.clock.now()
+            confirmed = await self.store.confirm_modal(row.id, outcome.upstream_id, deadline, now, prompt or None)
+            if confirmed is not None and waited_until is not None:
                 self.lifecycle.confirmed(row.id, outcome.upstream_id)
+            elif confirmed is not None:  # another process followed the waiting job: this one has taken it over
+                await self._follow([confirmed])
             return Submission(row.id, JobState.SUBMITTED, outcome.queued)
         finally:
             self._confirming.discard(row.id)

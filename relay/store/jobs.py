@@ -130,11 +130,12 @@ class JobRow:
 
 @dataclass(frozen=True, slots=True)
 class ProgressChange:
-    """A running job's new state and progress."""
+    """A running job's new state and progress; `was`, the state its follower knew when it saw the change."""
 
     job_id: str
     state: JobState
     progress: int
+    was: JobState
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +220,9 @@ _PROGRESS = (
         or_(*(jobs.c.state == s.value for s in RUNNING)),
         # two views applied at once may be written in either order: progress never goes back
         or_(jobs.c.state != bindparam("new_state"), jobs.c.progress <= bindparam("new_progress")),
+        # a job is parked in MODAL only from the state its follower saw: a confirmation written meanwhile (by
+        # this process or another) took it out of MODAL for good
+        or_(bindparam("new_state", type_=String) != JobState.MODAL.value, jobs.c.state == bindparam("was")),
     )
     .values(
         state=bindparam("new_state"),
@@ -375,9 +379,11 @@ class JobStore:
 
     async def confirm_modal(
         self, job_id: str, upstream_id: str, deadline_at: float, now: float, prompt: str | None = None
-    ) -> bool:
+    ) -> JobRow | None:
         """A confirmation the upstream took: MODAL -> SUBMITTED (or as a read already moved it, when the task started
-        before this was written), with the upstream id it now has, the deadline it runs to, and its prompt."""
+        before this was written), with the upstream id it now has, the deadline it runs to, and its prompt. This
+        process follows the job from now on (a fresh lease): the confirmation may have reached it while another
+        followed the waiting job. The job as written, or None when it is no longer running."""
         was_modal = jobs.c.state == JobState.MODAL.value
         values: dict[str, Any] = {
             "state": case((was_modal, JobState.SUBMITTED.value), else_=jobs.c.state),
@@ -385,20 +391,30 @@ class JobStore:
             "upstream_id": upstream_id,
             "updated_at": now,
             "deadline_at": deadline_at,
+            "owner": self.owner,
+            "lease_until": now + self.lease_s,
         }
         if prompt:
             values["prompt"] = prompt
         running = [s.value for s in (JobState.MODAL, JobState.SUBMITTED, JobState.IN_PROGRESS)]
-        statement = update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_(running)).values(**values)
-        return await changed(self.engine, statement) == 1
+        statement = (
+            update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_(running)).values(**values).returning(*jobs.c)
+        )
+
+        async def work(conn: AsyncConnection) -> JobRow | None:
+            row = (await conn.execute(statement)).first()
+            return row_of(row) if row is not None else None
+
+        return await transaction(self.engine, work)
 
     async def record_progress(self, changes: Sequence[ProgressChange], now: float) -> None:
         """Many running jobs' progress in one transaction; jobs that already ended are left alone, and so is a
-        job already further on in the same state."""
+        job already further on in the same state, and one confirmed out of MODAL since its follower saw it there."""
         if not changes:
             return
         params = [
-            {"job_id": c.job_id, "new_state": c.state.value, "new_progress": c.progress, "now": now} for c in changes
+            {"job_id": c.job_id, "new_state": c.state.value, "new_progress": c.progress, "was": c.was.value, "now": now}
+            for c in changes
         ]
         await changed(self.engine, _PROGRESS, params)
 

@@ -353,3 +353,44 @@ def test_max_in_flight_holds_across_processes_under_a_burst(tmp_path: Path) -> N
         assert running == [(4,)]
         assert len(taken) >= 4
         assert balance(pair.config) == (100, 4 * PRICE)  # only the 4 running hold credits
+
+
+@pytest.mark.postgres
+def test_a_modal_confirmed_at_the_other_relay_runs_to_its_end(tmp_path: Path) -> None:
+    """A variation parked in MODAL by one relay is confirmed at the other (a load balancer sends the client's
+    submit/modal anywhere) near the end of its modal window. The confirming relay takes the job over and follows it
+    to its end, under the deadline of a running job; the relay that parked it, whose lease has not run out, neither
+    ends it when the modal window closes nor downloads its grid."""
+    with two_relays(tmp_path, "--fast-s", "3", "--remix", lease_s=30, modal_timeout_s=2) as pair:
+        native = {"mj-api-secret": pair.key}
+        first, second = pair.first.base + "/mj", pair.second.base + "/mj"
+
+        def post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+            reply = httpx.post(base + path, json=body, headers=native, timeout=30)
+            assert reply.status_code == 200, reply.text
+            answer: dict[str, Any] = reply.json()
+            return answer
+
+        def fetch(base: str, task: str) -> dict[str, Any]:
+            task_view: dict[str, Any] = httpx.get(f"{base}/task/{task}/fetch", headers=native, timeout=10).json()
+            return task_view
+
+        grid = str(post(first, "/submit/imagine", {"prompt": "a harbour"})["result"])
+        wait_for(lambda: fetch(first, grid)["status"] == "SUCCESS", timeout=20)
+        button = next(b["customId"] for b in fetch(first, grid)["buttons"] if "variation::1" in b["customId"])
+        parked = post(first, "/submit/action", {"taskId": grid, "customId": button})
+        assert parked["code"] == 21, parked
+        task = str(parked["result"])
+        ((parker,),) = sql(pair.config, "SELECT owner FROM jobs WHERE id = ?", task)
+
+        assert post(second, "/submit/modal", {"taskId": task, "prompt": "a red boat"})["code"] == 1
+        wait_for(lambda: fetch(second, task)["status"] in ("SUCCESS", "FAILURE"), timeout=20)
+        ended = fetch(second, task)
+        assert ended["status"] == "SUCCESS", ended  # not timed out by the relay that parked it
+        ((owner,),) = sql(pair.config, "SELECT owner FROM jobs WHERE id = ?", task)
+        assert owner != parker  # followed to its end by the relay that confirmed it
+        stats = httpx.get(pair.upstream + "/sim/stats").json()
+        assert stats["submits"] == 3  # the imagine, the variation and its confirmation: nothing ran twice
+        assert stats["downloaded_twice"] == 0
+        price = PRICE + pair.config.price("mj-fast", "variation")
+        assert balance(pair.config) == (100 - price, 0)

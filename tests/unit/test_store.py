@@ -88,6 +88,28 @@ async def test_each_job_settles_exactly_once(db: Database) -> None:
     assert ok is not None and (ok.state, ok.hold_state, ok.upstream_id) == (JobState.SUCCEEDED, "captured", "u1")
 
 
+async def test_a_modal_view_written_after_the_confirmation_does_not_park_the_job_again(db: Database) -> None:
+    """A follower saw the job waiting in MODAL with new progress; before that write lands, a confirmation is
+    written (by this process or another). The late write leaves the job confirmed, so a second submit/modal is
+    refused; a first parking, and progress once confirmed, are written as before."""
+    record, _ = await KeyStore(db.engine).create("k", 10, NOW)
+    store = JobStore(db.engine)
+    await store.open(record.id, [job("job_mod00000"), job("job_new00000")], NOW)
+    await store.park_modal("job_mod00000", "sim", "u1", NOW + 900, NOW)
+    await store.mark_submitted("job_new00000", "sim", "u2", NOW)
+    confirmed = await store.confirm_modal("job_mod00000", "u1", NOW + 600, NOW)
+    assert confirmed is not None and confirmed.state is JobState.SUBMITTED
+    late = ProgressChange("job_mod00000", JobState.MODAL, 10, JobState.MODAL)
+    parks = ProgressChange("job_new00000", JobState.MODAL, 0, JobState.SUBMITTED)
+    await store.record_progress([late, parks], NOW)
+    kept, parked = await store.get("job_mod00000"), await store.get("job_new00000")
+    assert kept is not None and (kept.state, kept.progress) == (JobState.SUBMITTED, 0)
+    assert parked is not None and parked.state is JobState.MODAL
+    await store.record_progress([ProgressChange("job_mod00000", JobState.IN_PROGRESS, 20, JobState.MODAL)], NOW)
+    running = await store.get("job_mod00000")
+    assert running is not None and (running.state, running.progress) == (JobState.IN_PROGRESS, 20)
+
+
 async def test_progress_never_touches_ended_jobs(db: Database) -> None:
     record, _ = await KeyStore(db.engine).create("k", 10, NOW)
     store = JobStore(db.engine)
@@ -96,11 +118,11 @@ async def test_progress_never_touches_ended_jobs(db: Database) -> None:
         await store.mark_submitted(job_id, "sim", job_id, NOW)
     await store.finish("job_end00000", succeeded=False, now=NOW, error_code="failed")
     await store.record_progress(
-        [ProgressChange(j, JobState.IN_PROGRESS, 46) for j in ("job_run00000", "job_end00000")], NOW
+        [ProgressChange(j, JobState.IN_PROGRESS, 46, JobState.SUBMITTED) for j in ("job_run00000", "job_end00000")], NOW
     )
     await store.record_progress([], NOW)
     # two views written out of order: the older one does not take the job back
-    await store.record_progress([ProgressChange("job_run00000", JobState.IN_PROGRESS, 31)], NOW)
+    await store.record_progress([ProgressChange("job_run00000", JobState.IN_PROGRESS, 31, JobState.SUBMITTED)], NOW)
     running, ended = await store.get("job_run00000"), await store.get("job_end00000")
     assert running is not None and (running.state, running.progress) == (JobState.IN_PROGRESS, 46)
     assert ended is not None and (ended.state, ended.progress) == (JobState.FAILED, 0)

@@ -542,6 +542,46 @@ async def test_a_process_whose_lease_was_taken_delivers_nothing(world: World) ->
     assert len(downloads) == 1 and await world.state(second) == ("SUCCEEDED", None, "captured")
 
 
+async def test_a_process_whose_lease_was_taken_does_not_end_the_job_at_the_deadline_it_knew(world: World) -> None:
+    """Another process took the job over (it wrote a confirmation with a later deadline, or adopted the job while
+    this one stalled): the deadline this process knew passes, and it leaves the job to the other, unended."""
+    lifecycle = world.tracker.lifecycle
+    lifecycle.leases = Leases(world.store.engine, world.store.owner, 30)
+    job = await world.submit("sloth sim:never", deadline_s=20)
+    other = Leases(world.store.engine, "another-process", 30)
+    world.clock.advance(21)
+    assert [row.id for row in await other.claim_expired(world.clock.now() + 31, ["sim"])] == [job]
+    await world.tracker.poll("sim")
+    assert (await world.state(job))[1:] == (None, "held")  # not ended
+    assert not lifecycle.following(job) and world.pool.in_flight["sim"] == 0
+    assert not await lifecycle.expire(job)  # a waiter here leaves it to the other process too
+
+
+async def test_a_job_whose_lease_check_fails_before_it_times_out_is_read_again_and_ended(world: World) -> None:
+    """The lease check before a failure is written fails (the database briefly unreachable): nothing is ended, the
+    job stays followed and is due at once, and the next round ends it."""
+    lifecycle = world.tracker.lifecycle
+    leases = Leases(world.store.engine, world.store.owner, 30)
+    lifecycle.leases = leases
+    job = await world.submit("sloth sim:never", deadline_s=20)
+    real_hold = leases.hold
+    failures = [OSError("the database went away")]
+
+    async def flaky_hold(job_ids: Sequence[str], now: float) -> set[str]:
+        if failures:
+            raise failures.pop()
+        return await real_hold(job_ids, now)
+
+    leases.hold = flaky_hold  # type: ignore[method-assign]
+    world.clock.advance(21)
+    await world.tracker.poll("sim")
+    assert (await world.state(job))[1:] == (None, "held") and not failures
+    assert lifecycle.following(job) and world.tracker.lifecycle.jobs_of("sim")[job].due_at <= world.clock.now()
+    await world.tracker.poll("sim")
+    assert await world.state(job) == ("FAILED", "timeout", "released")
+    assert await world.balance() == (1000, 0) and world.pool.in_flight["sim"] == 0
+
+
 @pytest.mark.parametrize(
     ("running_since", "progress", "due"),
     [
@@ -649,7 +689,8 @@ async def test_progress_hooks_over_several_turns_share_one_write(world: World) -
 
 async def test_a_job_confirmed_while_its_modal_view_is_written_keeps_the_slot_it_took(world: World) -> None:
     """A view saying MODAL waits in the progress window when the client confirms the job, which takes a provider
-    slot for it: once written, the view neither parks the job again nor gives that slot back."""
+    slot for it, and the confirmation is written: once written, the view neither parks the job again (in memory or
+    in the store) nor gives that slot back."""
     job = await world.submit("a parked heron")
     lifecycle = world.tracker.lifecycle
     tracked = lifecycle._by_job[job]
@@ -661,5 +702,9 @@ async def test_a_job_confirmed_while_its_modal_view_is_written_keeps_the_slot_it
         await asyncio.sleep(0)
     assert not late.done()
     assert lifecycle.confirming(job, world.clock.now() + 600) is not None  # the client confirms: a slot is taken
+    assert await world.store.confirm_modal(job, tracked.upstream_id, world.clock.now() + 600, world.clock.now())
+    lifecycle.confirmed(job, tracked.upstream_id)
     await late
     assert tracked.slot and world.pool.in_flight["sim"] == 1
+    row = await world.store.get(job)  # the row, written after the confirmation, does not wait in MODAL again
+    assert row is not None and (row.state, tracked.state) == (JobState.SUBMITTED, JobState.SUBMITTED)
