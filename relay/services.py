@@ -154,7 +154,6 @@ class Relay:
             notifier=self.notifier,
             uploads=self.uploads,
             clock=clock,
-            follow=self.coordinator.follow_claimed,
         )
         self.auth = Authenticator(self.keys, now=clock.now)  # expiry on the same clock as holds and the admin API
         self.references = ReferenceLoader(references)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -20,6 +21,10 @@ from typing import Any
 import asyncpg
 import openai
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from relay.app import build_app
@@ -291,3 +296,31 @@ def running_relay(
             for client in relay.clients:
                 client.close()
     assert_ledger_balances(config.database_url())
+
+
+class Receiver:
+    """A client's hook endpoint: `/ok` records each delivery, `/fail` answers 500 and counts."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[dict[str, str], bytes]] = []
+        self.failed: list[bytes] = []
+        self.lock = threading.Lock()
+
+    def app(self) -> Starlette:
+        async def ok(request: Request) -> Response:
+            body = await request.body()
+            with self.lock:
+                self.deliveries.append((dict(request.headers), body))
+            return Response(status_code=204)
+
+        async def fail(request: Request) -> Response:
+            body = await request.body()
+            with self.lock:
+                self.failed.append(body)
+            return Response(status_code=500)
+
+        return Starlette(routes=[Route("/ok", ok, methods=["POST"]), Route("/fail", fail, methods=["POST"])])
+
+    def tasks(self, task_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [json.loads(body) for _, body in self.deliveries if json.loads(body)["id"] == task_id]

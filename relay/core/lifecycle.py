@@ -305,20 +305,31 @@ class Lifecycle:
         if tracked.state is JobState.MODAL:
             self._free_slot(tracked)
 
-    def confirmed(self, job_id: str, upstream_id: str) -> None:
-        """The confirmation is written: the job runs (read one interval on), under the upstream id it now has."""
-        tracked = self._by_job.get(job_id)
+    def confirmed(self, row: JobRow) -> bool:
+        """The confirmation is written (`row`, as written, with this process holding its lease): the job runs under
+        the upstream id it now has, to the deadline it now has, holding a provider slot, and no view read before
+        the confirmation parks it again. A job not followed here (another process followed the waiting job, or
+        took it from this one meanwhile) is followed from now on, read at once: True then."""
+        assert row.upstream_id is not None
+        tracked = self._by_job.get(row.id)
         if tracked is None:
-            return
-        if tracked.upstream_id != upstream_id:
+            tracked = self.tracked_from(row)
+            tracked.confirmed, tracked.due_at = True, self.clock.now()
+            if tracked.slot:
+                self.pool.acquire(tracked.provider)
+            self.follow(tracked)
+            return True
+        self.confirming(row.id, row.deadline_at)  # already marked, unless this process adopted the job meanwhile
+        if tracked.upstream_id != row.upstream_id:
             self._by_upstream.pop((tracked.provider, tracked.upstream_id), None)
-            tracked.upstream_id = upstream_id
-            self._by_upstream[(tracked.provider, upstream_id)] = tracked
+            tracked.upstream_id = row.upstream_id
+            self._by_upstream[(tracked.provider, row.upstream_id)] = tracked
         if tracked.state is JobState.MODAL:
             tracked.state, tracked.progress = JobState.SUBMITTED, 0
             tracked.due_at = self.clock.now() + self.pool.poll_interval(tracked.provider)
-            self.events.publish(JobEvent(job_id, JobState.SUBMITTED, 0))
+            self.events.publish(JobEvent(row.id, JobState.SUBMITTED, 0))
             self.on_follow(tracked.provider)
+        return False
 
     # -- applying what the upstream says -------------------------------------------------------------------------
 
@@ -522,10 +533,13 @@ class Lifecycle:
         ended = [True] * len(ends)
         elsewhere = await self._not_held([end.tracked for end in ends if not end.succeeded])
         mine: list[int] = []
+        now = self.clock.now()
         for index, end in enumerate(ends):
             tracked = end.tracked
-            if tracked.job_id in elsewhere:
-                ended[index] = False
+            if tracked.job_id in elsewhere or (
+                end.error_code is FailureCode.TIMEOUT and tracked.confirmed and now < tracked.deadline_at
+            ):
+                ended[index] = False  # taken by another process, or confirmed (a later deadline) while it was checked
                 continue
             if self._unfollow(tracked.job_id) is None:
                 continue  # ended already
@@ -574,6 +588,7 @@ class Lifecycle:
         except Exception:
             log.exception("checking leases before ending jobs failed; they are read again")
             for tracked in followed:
+                tracked.delivering = False  # a delivery that failed: read again, and delivered or ended then
                 tracked.due_at = self.clock.now()
                 self.on_follow(tracked.provider)
             return {tracked.job_id for tracked in followed}

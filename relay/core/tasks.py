@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -99,7 +99,6 @@ class TaskService:
         notifier: Notifier,
         uploads: Uploads,
         clock: Clock,
-        follow: Callable[[list[JobRow]], Awaitable[int]],
     ) -> None:
         self.config = config
         self.store = store
@@ -109,9 +108,6 @@ class TaskService:
         self.notifier = notifier
         self.uploads = uploads
         self.clock = clock
-        # Follow jobs this process just took over (`Coordinator.follow_claimed`): a confirmation can reach any
-        # process, and the one that writes it follows the job on.
-        self._follow = follow
         self._confirming: set[str] = set()
 
     # -- new tasks -----------------------------------------------------------------------------------------------
@@ -218,9 +214,10 @@ class TaskService:
 
     # -- modal ---------------------------------------------------------------------------------------------------
 
-    async def confirm(self, key: KeyRecord, task_id: str, prompt: str, mask: str | None) -> Submission:
+    async def confirm(self, key: KeyRecord, task_id: str, prompt: str, mask: str | None, base_url: str) -> Submission:
         """Confirm a follow-up waiting in MODAL (`submit/modal`), on the provider that parked it. A refusal leaves
-        it waiting, so the client can try again with a better prompt or mask until `jobs.modal_timeout_s`."""
+        it waiting, so the client can try again with a better prompt or mask until `jobs.modal_timeout_s`. The
+        confirmation may reach any process: the one that writes it follows the job from then on."""
         row = await self._owned(key, task_id)
         if row.state is not JobState.MODAL or row.provider is None or row.upstream_id is None:
             raise InvalidRequest("The task is not waiting for a confirmation (submit/modal).", param="taskId")
@@ -257,10 +254,12 @@ class TaskService:
             accepted = True
             now = self.clock.now()
             confirmed = await self.store.confirm_modal(row.id, outcome.upstream_id, deadline, now, prompt or None)
-            if confirmed is not None and waited_until is not None:
-                self.lifecycle.confirmed(row.id, outcome.upstream_id)
-            elif confirmed is not None:  # another process followed the waiting job: this one has taken it over
-                await self._follow([confirmed])
+            if confirmed is not None and self.lifecycle.confirmed(confirmed) and confirmed.notify_hook:
+                # Taken over: the client's hook goes on here only if no live process had the job (that one's
+                # notifier hears every change of it, wherever it is written).
+                owner, until = row.owner, row.lease_until or 0.0
+                if owner in (None, self.store.owner) or until < now:
+                    self.notifier.watch(row.id, confirmed.notify_hook, key.hook_secret, base_url, key.id)
             return Submission(row.id, JobState.SUBMITTED, outcome.queued)
         finally:
             self._confirming.discard(row.id)

@@ -8,10 +8,8 @@ import hashlib
 import hmac
 import json
 import secrets
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -20,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.api.native_helpers import native, png
-from tests.helpers import create_key, serve, sql, wait_for
+from tests.helpers import Receiver, create_key, serve, sql, wait_for
 
 PRICES = {"mj-fast": {"default": 2}, "mj-relax": {"default": 1}, "mj-turbo": {"default": 4}}
 
@@ -126,34 +124,6 @@ def test_a_modal_nobody_confirms_ends_at_its_timeout_and_releases(tmp_path: Path
         assert "confirm" in ended["failReason"]
         assert world.job(region)["hold_state"] == "released"
         assert world.relay.balance()[1] == 0
-
-
-class Receiver:
-    """A client's hook endpoint: `/ok` records each delivery, `/fail` answers 500 and counts."""
-
-    def __init__(self) -> None:
-        self.deliveries: list[tuple[dict[str, str], bytes]] = []
-        self.failed: list[bytes] = []
-        self.lock = threading.Lock()
-
-    def app(self) -> Starlette:
-        async def ok(request: Request) -> Response:
-            body = await request.body()
-            with self.lock:
-                self.deliveries.append((dict(request.headers), body))
-            return Response(status_code=204)
-
-        async def fail(request: Request) -> Response:
-            body = await request.body()
-            with self.lock:
-                self.failed.append(body)
-            return Response(status_code=500)
-
-        return Starlette(routes=[Route("/ok", ok, methods=["POST"]), Route("/fail", fail, methods=["POST"])])
-
-    def tasks(self, task_id: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [json.loads(body) for _, body in self.deliveries if json.loads(body)["id"] == task_id]
 
 
 def test_client_hooks_arrive_signed_in_order_and_a_failing_receiver_stalls_nothing(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
 from relay.config import Config
 from relay.core.jobs import QUIET_S
-from tests.helpers import create_key, free_port, pg_database_sync, serve, sql, wait_for
+from tests.helpers import Receiver, create_key, free_port, pg_database_sync, serve, sql, wait_for
 from tests.processes.helpers import (
     SIGNING,
     SIM_SECRET,
@@ -72,11 +72,17 @@ class Pair:
 
 @contextmanager
 def two_relays(
-    tmp_path: Path, *sim: str, quota: int = 100, provider: dict[str, Any] | None = None, **jobs: Any
+    tmp_path: Path,
+    *sim: str,
+    quota: int = 100,
+    provider: dict[str, Any] | None = None,
+    sections: dict[str, Any] | None = None,
+    **jobs: Any,
 ) -> Iterator[Pair]:
     with pg_database_sync() as database, simulator_process(tmp_path / "sim.log", *sim) as up:
         settings = relay_settings(tmp_path / "data", database, up, "http://127.0.0.1:1", **jobs)
         settings["providers"][0].update(provider or {})
+        settings.update(sections or {})
         ports = [free_port(), free_port()]
         files = [(write_config(tmp_path / f"relay-{i}.yaml", settings), port) for i, port in enumerate(ports)]
         config = Config.model_validate(settings)
@@ -360,8 +366,14 @@ def test_a_modal_confirmed_at_the_other_relay_runs_to_its_end(tmp_path: Path) ->
     """A variation parked in MODAL by one relay is confirmed at the other (a load balancer sends the client's
     submit/modal anywhere) near the end of its modal window. The confirming relay takes the job over and follows it
     to its end, under the deadline of a running job; the relay that parked it, whose lease has not run out, neither
-    ends it when the modal window closes nor downloads its grid."""
-    with two_relays(tmp_path, "--fast-s", "3", "--remix", lease_s=30, modal_timeout_s=2) as pair:
+    ends it when the modal window closes nor downloads its grid. The client's hook keeps coming from the relay that
+    parked the job (it hears every change), never from both."""
+    receiver = Receiver()
+    private = {"api": {"references": {"allow_private": True}}}
+    with (
+        serve(receiver.app()) as hooks,
+        two_relays(tmp_path, "--fast-s", "3", "--remix", lease_s=30, modal_timeout_s=2, sections=private) as pair,
+    ):
         native = {"mj-api-secret": pair.key}
         first, second = pair.first.base + "/mj", pair.second.base + "/mj"
 
@@ -378,7 +390,7 @@ def test_a_modal_confirmed_at_the_other_relay_runs_to_its_end(tmp_path: Path) ->
         grid = str(post(first, "/submit/imagine", {"prompt": "a harbour"})["result"])
         wait_for(lambda: fetch(first, grid)["status"] == "SUCCESS", timeout=20)
         button = next(b["customId"] for b in fetch(first, grid)["buttons"] if "variation::1" in b["customId"])
-        parked = post(first, "/submit/action", {"taskId": grid, "customId": button})
+        parked = post(first, "/submit/action", {"taskId": grid, "customId": button, "notifyHook": hooks + "/ok"})
         assert parked["code"] == 21, parked
         task = str(parked["result"])
         ((parker,),) = sql(pair.config, "SELECT owner FROM jobs WHERE id = ?", task)
@@ -394,3 +406,17 @@ def test_a_modal_confirmed_at_the_other_relay_runs_to_its_end(tmp_path: Path) ->
         assert stats["downloaded_twice"] == 0
         price = PRICE + pair.config.price("mj-fast", "variation")
         assert balance(pair.config) == (100 - price, 0)
+
+        wait_for(lambda: any(t["status"] == "SUCCESS" for t in receiver.tasks(task)))
+        assert client_hooks_delivered(pair.second) == 0  # the relay that took the job over sends none
+        steps = [(t["status"], t["progress"]) for t in receiver.tasks(task)]
+        assert len(steps) == len(set(steps)), steps  # each change once
+
+
+def client_hooks_delivered(relay: RelayProcess) -> float:
+    metrics = httpx.get(relay.base + "/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("mj_relay_client_hooks_total") and 'outcome="delivered"' in line
+    )

@@ -702,9 +702,111 @@ async def test_a_job_confirmed_while_its_modal_view_is_written_keeps_the_slot_it
         await asyncio.sleep(0)
     assert not late.done()
     assert lifecycle.confirming(job, world.clock.now() + 600) is not None  # the client confirms: a slot is taken
-    assert await world.store.confirm_modal(job, tracked.upstream_id, world.clock.now() + 600, world.clock.now())
-    lifecycle.confirmed(job, tracked.upstream_id)
+    row = await world.store.confirm_modal(job, tracked.upstream_id, world.clock.now() + 600, world.clock.now())
+    assert row is not None and not lifecycle.confirmed(row)  # followed here already
     await late
     assert tracked.slot and world.pool.in_flight["sim"] == 1
     row = await world.store.get(job)  # the row, written after the confirmation, does not wait in MODAL again
     assert row is not None and (row.state, tracked.state) == (JobState.SUBMITTED, JobState.SUBMITTED)
+
+
+async def test_a_job_confirmed_here_while_another_process_followed_it_is_followed_here_as_confirmed(
+    world: World,
+) -> None:
+    """submit/modal reached this process while another followed the waiting job. Once the confirmation is written,
+    this process follows the job (holding a provider slot, to its new deadline, read at once), and a view of it in
+    MODAL read before the confirmation (an upstream hook forwarded late) parks it again neither in memory nor in the
+    store."""
+    lifecycle = world.tracker.lifecycle
+    job = await world.submit("a parked heron")
+    parked = lifecycle._by_job[job]
+    await lifecycle.hook(parked, TaskView(parked.upstream_id, TaskStatus.MODAL, 0))
+    lifecycle.forget(job)  # followed by another process
+    now = world.clock.now()
+    row = await world.store.confirm_modal(job, parked.upstream_id, now + 600, now)
+    assert row is not None and lifecycle.confirmed(row)  # taken over
+    taken = lifecycle._by_job[job]
+    assert taken.confirmed and taken.slot and world.pool.in_flight["sim"] == 1
+    assert (taken.state, taken.deadline_at, taken.due_at) == (JobState.SUBMITTED, now + 600, now)
+    await lifecycle.hook(taken, TaskView(taken.upstream_id, TaskStatus.MODAL, 0))
+    stored = await world.store.get(job)
+    assert stored is not None and (stored.state, taken.state) == (JobState.SUBMITTED, JobState.SUBMITTED)
+    assert taken.slot and world.pool.in_flight["sim"] == 1
+
+
+async def test_a_job_adopted_while_its_confirmation_was_under_way_runs_to_the_new_deadline(world: World) -> None:
+    """This process adopted the waiting job while a confirmation it sent was under way (so the job was not marked
+    as being confirmed): once the confirmation is written, the job runs to its new deadline with a slot, and is
+    never parked again."""
+    lifecycle = world.tracker.lifecycle
+    job = await world.submit("a parked heron")
+    tracked = lifecycle._by_job[job]
+    await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
+    assert not tracked.confirmed and world.pool.in_flight["sim"] == 0
+    now = world.clock.now()
+    row = await world.store.confirm_modal(job, tracked.upstream_id, now + 600, now)
+    assert row is not None and not lifecycle.confirmed(row)  # followed here: nothing taken over
+    assert tracked.confirmed and tracked.slot and world.pool.in_flight["sim"] == 1
+    assert (tracked.state, tracked.deadline_at) == (JobState.SUBMITTED, now + 600)
+    await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
+    assert tracked.state is JobState.SUBMITTED
+
+
+async def test_a_failed_delivery_whose_lease_check_fails_is_read_again_and_ended(world: World) -> None:
+    """A delivery fails (the image cannot be had) and the lease check before its failure is written fails too:
+    the job is not left as being delivered (which no round reads), but read again, and ended then."""
+    lifecycle = world.tracker.lifecycle
+    leases = Leases(world.store.engine, world.store.owner, 30)
+    lifecycle.leases = leases
+    job = await world.submit("cat")
+    calls: list[int] = []
+    real_hold = leases.hold
+
+    async def second_fails(job_ids: Sequence[str], now: float) -> set[str]:
+        calls.append(len(job_ids))
+        if len(calls) == 2:
+            raise OSError("the database went away")
+        return await real_hold(job_ids, now)
+
+    async def no_image(url: str) -> bytes:
+        raise UpstreamUnavailable("gone")
+
+    leases.hold = second_fails  # type: ignore[method-assign]
+    world.pool.upstreams["sim"].download = no_image  # type: ignore[method-assign]
+    world.clock.advance(11)
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert len(calls) == 2 and (await world.state(job))[1:] == (None, "held")
+    tracked = lifecycle._by_job[job]
+    assert not tracked.delivering and tracked.due_at <= world.clock.now()
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert await world.state(job) == ("FAILED", "download", "released")
+    assert world.pool.in_flight["sim"] == 0
+
+
+async def test_a_job_confirmed_while_its_lease_is_checked_for_a_timeout_is_not_ended(world: World) -> None:
+    """A job waiting in MODAL passes its deadline; while the lease check before its timeout is written is under
+    way, the client confirms it here (a later deadline): it is not ended."""
+    lifecycle = world.tracker.lifecycle
+    leases = Leases(world.store.engine, world.store.owner, 30)
+    lifecycle.leases = leases
+    job = await world.submit("sloth sim:never", deadline_s=20)
+    tracked = lifecycle._by_job[job]
+    checking, go_on = asyncio.Event(), asyncio.Event()
+    real_hold = leases.hold
+
+    async def held_up(job_ids: Sequence[str], now: float) -> set[str]:
+        checking.set()
+        await go_on.wait()
+        return await real_hold(job_ids, now)
+
+    leases.hold = held_up  # type: ignore[method-assign]
+    world.clock.advance(21)
+    poll = asyncio.ensure_future(world.tracker.poll("sim"))
+    await checking.wait()
+    assert lifecycle.confirming(job, world.clock.now() + 600) is not None
+    go_on.set()
+    await poll
+    assert (await world.state(job))[1:] == (None, "held") and lifecycle.following(job)
+    assert tracked.deadline_at == world.clock.now() + 600

@@ -124,7 +124,7 @@ async def action(request: Request) -> Response:
 async def modal(request: Request) -> Response:
     relay, key, body = await _caller(request, schemas.ModalBody)
     mask = (await _images(relay, [body.maskBase64], "maskBase64"))[0] if body.maskBase64 else None
-    return _submitted(request, await relay.tasks.confirm(key, body.taskId, body.prompt or "", mask))
+    return _submitted(request, await relay.tasks.confirm(key, body.taskId, body.prompt or "", mask, base_url(request)))
 
 
 async def upload(request: Request) -> Response:
