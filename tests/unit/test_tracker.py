@@ -104,6 +104,14 @@ class World:
         self.tracker.track(Tracked(job_id, "mj-fast", "sim", upstream_id, now + deadline_s))
         return job_id
 
+    def images_gone(self) -> None:
+        """Every image download fails from now on, as from an upstream that lost its images."""
+
+        async def no_image(url: str) -> bytes:
+            raise UpstreamUnavailable("gone")
+
+        self.pool.upstreams["sim"].download = no_image  # type: ignore[method-assign]
+
     async def settle(self) -> None:
         """Let delivery tasks finish, moving the clock for their retry pauses."""
         for _ in range(200):
@@ -250,11 +258,7 @@ async def test_a_slow_download_holds_up_no_other_jobs_ending(world: World) -> No
 
 async def test_a_grid_that_cannot_be_downloaded_fails_the_job(world: World) -> None:
     job = await world.submit("cat")
-
-    async def no_image(url: str) -> bytes:
-        raise UpstreamUnavailable("gone")
-
-    world.pool.upstreams["sim"].download = no_image  # type: ignore[method-assign]
+    world.images_gone()
     world.clock.advance(11)
     await world.tracker.poll("sim")
     await world.settle()
@@ -484,26 +488,39 @@ async def test_a_timer_firing_a_little_early_never_makes_a_round_read_early(worl
     assert 1.0 <= rounds[0][0] - first < 1.0 + 8 / 1024  # when it is due, not before (nor a round gap later)
 
 
+class CheckedLeases(Leases):
+    """The lifecycle's leases in a test: every lease check (`hold`) is counted and sets `checking`, waits for
+    `gate` when one is given, and the calls numbered in `failing` (from 1) raise, as when the database is briefly
+    unreachable."""
+
+    def __init__(self, world: World, failing: tuple[int, ...] = (), gate: asyncio.Event | None = None) -> None:
+        super().__init__(world.store.engine, world.store.owner, 30)
+        self.calls = 0
+        self.failing = failing
+        self.gate = gate
+        self.checking = asyncio.Event()
+        world.tracker.lifecycle.leases = self
+
+    async def hold(self, job_ids: Sequence[str], now: float) -> set[str]:
+        self.calls += 1
+        self.checking.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.calls in self.failing:
+            raise OSError("the database went away")
+        return await super().hold(job_ids, now)
+
+
 async def test_a_finished_job_whose_lease_check_fails_is_read_again_and_delivered(world: World) -> None:
     """The lease check before a download is a write; one that fails (the database briefly unreachable) leaves the
     job followed and due at once, so the next round reads it and delivers it, rather than it waiting forever."""
     lifecycle = world.tracker.lifecycle
-    leases = Leases(world.store.engine, world.store.owner, 30)
-    lifecycle.leases = leases
+    leases = CheckedLeases(world, failing=(1,))
     job = await world.submit("cat")
-    real_hold = leases.hold
-    failures = [OSError("the database went away")]
-
-    async def flaky_hold(job_ids: Sequence[str], now: float) -> set[str]:
-        if failures:
-            raise failures.pop()
-        return await real_hold(job_ids, now)
-
-    leases.hold = flaky_hold  # type: ignore[method-assign]
     world.clock.advance(11)
     await world.tracker.poll("sim")
     await world.settle()
-    assert (await world.state(job))[0] not in ("SUCCEEDED", "FAILED") and not failures
+    assert (await world.state(job))[0] not in ("SUCCEEDED", "FAILED") and leases.calls == 1
     assert lifecycle.following(job)
     await world.tracker.poll("sim")  # due at once: read again, and delivered
     await world.settle()
@@ -561,21 +578,11 @@ async def test_a_job_whose_lease_check_fails_before_it_times_out_is_read_again_a
     """The lease check before a failure is written fails (the database briefly unreachable): nothing is ended, the
     job stays followed and is due at once, and the next round ends it."""
     lifecycle = world.tracker.lifecycle
-    leases = Leases(world.store.engine, world.store.owner, 30)
-    lifecycle.leases = leases
+    leases = CheckedLeases(world, failing=(1,))
     job = await world.submit("sloth sim:never", deadline_s=20)
-    real_hold = leases.hold
-    failures = [OSError("the database went away")]
-
-    async def flaky_hold(job_ids: Sequence[str], now: float) -> set[str]:
-        if failures:
-            raise failures.pop()
-        return await real_hold(job_ids, now)
-
-    leases.hold = flaky_hold  # type: ignore[method-assign]
     world.clock.advance(21)
     await world.tracker.poll("sim")
-    assert (await world.state(job))[1:] == (None, "held") and not failures
+    assert (await world.state(job))[1:] == (None, "held") and leases.calls == 1
     assert lifecycle.following(job) and world.tracker.lifecycle.jobs_of("sim")[job].due_at <= world.clock.now()
     await world.tracker.poll("sim")
     assert await world.state(job) == ("FAILED", "timeout", "released")
@@ -756,27 +763,13 @@ async def test_a_failed_delivery_whose_lease_check_fails_is_read_again_and_ended
     """A delivery fails (the image cannot be had) and the lease check before its failure is written fails too:
     the job is not left as being delivered (which no round reads), but read again, and ended then."""
     lifecycle = world.tracker.lifecycle
-    leases = Leases(world.store.engine, world.store.owner, 30)
-    lifecycle.leases = leases
+    leases = CheckedLeases(world, failing=(2,))  # the first is the check before the download
     job = await world.submit("cat")
-    calls: list[int] = []
-    real_hold = leases.hold
-
-    async def second_fails(job_ids: Sequence[str], now: float) -> set[str]:
-        calls.append(len(job_ids))
-        if len(calls) == 2:
-            raise OSError("the database went away")
-        return await real_hold(job_ids, now)
-
-    async def no_image(url: str) -> bytes:
-        raise UpstreamUnavailable("gone")
-
-    leases.hold = second_fails  # type: ignore[method-assign]
-    world.pool.upstreams["sim"].download = no_image  # type: ignore[method-assign]
+    world.images_gone()
     world.clock.advance(11)
     await world.tracker.poll("sim")
     await world.settle()
-    assert len(calls) == 2 and (await world.state(job))[1:] == (None, "held")
+    assert leases.calls == 2 and (await world.state(job))[1:] == (None, "held")
     tracked = lifecycle._by_job[job]
     assert not tracked.delivering and tracked.due_at <= world.clock.now()
     await world.tracker.poll("sim")
@@ -789,22 +782,13 @@ async def test_a_job_confirmed_while_its_lease_is_checked_for_a_timeout_is_not_e
     """A job waiting in MODAL passes its deadline; while the lease check before its timeout is written is under
     way, the client confirms it here (a later deadline): it is not ended."""
     lifecycle = world.tracker.lifecycle
-    leases = Leases(world.store.engine, world.store.owner, 30)
-    lifecycle.leases = leases
+    go_on = asyncio.Event()
+    leases = CheckedLeases(world, gate=go_on)
     job = await world.submit("sloth sim:never", deadline_s=20)
     tracked = lifecycle._by_job[job]
-    checking, go_on = asyncio.Event(), asyncio.Event()
-    real_hold = leases.hold
-
-    async def held_up(job_ids: Sequence[str], now: float) -> set[str]:
-        checking.set()
-        await go_on.wait()
-        return await real_hold(job_ids, now)
-
-    leases.hold = held_up  # type: ignore[method-assign]
     world.clock.advance(21)
     poll = asyncio.ensure_future(world.tracker.poll("sim"))
-    await checking.wait()
+    await leases.checking.wait()
     assert lifecycle.confirming(job, world.clock.now() + 600) is not None
     go_on.set()
     await poll
