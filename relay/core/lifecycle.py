@@ -541,8 +541,9 @@ class Lifecycle:
             ):
                 ended[index] = False  # taken by another process, or confirmed (a later deadline) while it was checked
                 continue
-            if self._unfollow(tracked.job_id) is None:
-                continue  # ended already
+            if self._by_job.get(tracked.job_id) is not tracked:
+                continue  # ended already, or followed anew since this end was decided (taken over, adopted)
+            self._unfollow(tracked.job_id)
             key = (tracked.provider, tracked.upstream_id)
             # From now on an upstream hook about the job is known to be late here, without a database read: the
             # upstream's own call often comes after a read saw the end.
@@ -553,6 +554,12 @@ class Lifecycle:
         if not mine:
             return ended
         outcomes = await self.finisher.end_many([ends[index].ending() for index in mine])
+        overdue = [
+            ends[index].tracked.job_id
+            for index, outcome in zip(mine, outcomes, strict=True)
+            if outcome is None and ends[index].error_code is FailureCode.TIMEOUT
+        ]
+        later = await self._later_deadlines(overdue) if overdue else {}
         for index, outcome in zip(mine, outcomes, strict=True):
             tracked = ends[index].tracked
             if isinstance(outcome, Exception):
@@ -563,14 +570,42 @@ class Lifecycle:
                     exc_info=outcome,
                     extra={"fields": {"job": tracked.job_id}},
                 )
-                self._ended.pop((tracked.provider, tracked.upstream_id), None)
-                tracked.delivering = False
-                tracked.due_at = self.clock.now()
-                self.follow(tracked)
+                self._follow_again(tracked)
+                ended[index] = False
+            elif tracked.job_id in later:  # the store kept it running: a confirmation moved its deadline on
+                tracked.deadline_at = later[tracked.job_id]
+                self._follow_again(tracked)
                 ended[index] = False
             else:
                 self._free_slot(tracked)
         return ended
+
+    def _follow_again(self, tracked: Tracked) -> None:
+        """A job this process meant to end and did not: followed again, read at once; unless it is followed anew
+        meanwhile (a confirmation here took it over), when this copy gives its slot back."""
+        self._ended.pop((tracked.provider, tracked.upstream_id), None)
+        tracked.delivering = False
+        tracked.due_at = self.clock.now()
+        if self._by_job.get(tracked.job_id) is None:
+            self.follow(tracked)
+        else:
+            self._free_slot(tracked)
+
+    async def _later_deadlines(self, job_ids: list[str]) -> dict[str, float]:
+        """Of jobs whose timeout the store did not write, those still running and this process's to follow, with
+        the deadline the store has for them now (when it cannot be read: the one known here, to try again)."""
+        later: dict[str, float] = {}
+        for job_id in job_ids:
+            try:
+                row = await self.store.get(job_id)
+            except Exception:
+                log.exception("reading a job whose timeout was not written failed", extra={"fields": {"job": job_id}})
+                later[job_id] = self.clock.now()
+                continue
+            mine = self.leases is None or row is None or row.owner == self.store.owner
+            if row is not None and not row.state.terminal and mine:
+                later[job_id] = row.deadline_at
+        return later
 
     async def _not_held(self, failing: list[Tracked]) -> set[str]:
         """Of followed jobs about to fail here, those this process must not end now. A job another process took

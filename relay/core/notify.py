@@ -9,8 +9,11 @@ of the `hooks.max_concurrent` deliveries under way, so a slow receiver cannot ho
 at most `hooks.max_watched_per_key` tasks with a hook under way at once. Deliveries of one task go
 one at a time and in order; what is sent is the task as it is at that moment, so a receiver slower than the job
 gets its newest state rather than a backlog, and the same state is never sent twice. Hooks run beside the job and
-never hold it up. Hook URLs obey the same rules as reference images (`core.egress`): no private or local
-addresses unless allowed, checked when the task is submitted and again at each delivery.
+never hold it up. Hook URLs obey the same rules as reference images (`core.egress`): no private or local addresses
+unless allowed, checked when the task is submitted and again at each delivery.
+
+Hooks come from the process that holds the job: one whose watch outlived its hold (another process took the job
+over or adopted it, and watches it now) stops at the job's next change, sending nothing.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ class Notifier:
             while watch.pending.is_set():
                 watch.pending.clear()
                 row = await self.store.get(job_id)
-                if row is None:
+                if row is None or self._held_elsewhere(row):
                     break
                 if (row.state.value, row.progress) != watch.sent:
                     await self._deliver(row, watch)
@@ -150,6 +153,13 @@ class Notifier:
         except Exception:
             log.exception("client hook failed", extra={"fields": {"job": job_id}})
         self._unwatch(job_id)
+
+    def _held_elsewhere(self, row: JobRow) -> bool:
+        """Whether another process holds the job (its live lease, or it ended the job): that one sends its hooks
+        (it took the job over, or adopted it while this one stalled, and watches it), so this watch stops."""
+        if row.owner is None or row.owner == self.store.owner:
+            return False
+        return row.state.terminal or (row.lease_until or 0.0) >= self.clock.now()
 
     async def _deliver(self, row: JobRow, watch: _Watch) -> None:
         assert self.render is not None, "the app sets how tasks are rendered"

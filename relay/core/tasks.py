@@ -25,6 +25,7 @@ from adapters import (
     ClientError,
     Dimensions,
     NeedsModal,
+    Retryable,
     SubmitRequest,
     UpstreamUnavailable,
 )
@@ -226,10 +227,18 @@ class TaskService:
         if row.id in self._confirming:
             raise InvalidRequest("A confirmation of this task is already under way.", param="taskId")
         self._confirming.add(row.id)
-        deadline = self.clock.now() + self.config.jobs.deadline_s.of(cast(Mode, row.mode))
+        now = self.clock.now()
+        deadline = now + self.config.jobs.deadline_s.of(cast(Mode, row.mode))
         waited_until = self.lifecycle.confirming(row.id, deadline)
-        accepted = False
+        refused = extended = False
         try:
+            # The job's new deadline is written before the upstream hears of the confirmation, so that no timeout
+            # of its modal window is written meanwhile, by this process or another (a timeout's write holds only
+            # while the stored deadline has passed).
+            extended = await self.store.extend_modal(row.id, deadline, now)
+            if not extended:
+                refused = True
+                raise InvalidRequest("The task is not waiting for a confirmation (submit/modal).", param="taskId")
             request = SubmitRequest(
                 kind="modal",
                 prompt=prompt,
@@ -244,27 +253,31 @@ class TaskService:
             except Exception:
                 log.exception("confirming failed", extra={"fields": {"job": row.id, "provider": row.provider}})
                 raise ServiceUnavailable("The provider could not take the confirmation now; try again.") from None
-            if isinstance(outcome, NeedsModal):
-                return Submission(row.id, JobState.MODAL)
             if not isinstance(outcome, Accepted):
+                # Refused for sure, unless the call may have reached the upstream: then the job keeps the deadline
+                # of a running job, as it may run.
+                refused = not isinstance(outcome, Retryable) or not outcome.sent
+                if isinstance(outcome, NeedsModal):
+                    return Submission(row.id, JobState.MODAL)
                 event(log, "modal not accepted", job=row.id, provider=row.provider, outcome=type(outcome).__name__)
                 if isinstance(outcome, ClientError):
                     raise InvalidRequest(f"The upstream refused the confirmation: {outcome.description}")
                 raise ServiceUnavailable("The provider could not take the confirmation now; try again shortly.")
-            accepted = True
-            now = self.clock.now()
             confirmed = await self.store.confirm_modal(row.id, outcome.upstream_id, deadline, now, prompt or None)
-            if confirmed is not None and self.lifecycle.confirmed(confirmed) and confirmed.notify_hook:
-                # Taken over: the client's hook goes on here only if no live process had the job (that one's
-                # notifier hears every change of it, wherever it is written).
-                owner, until = row.owner, row.lease_until or 0.0
-                if owner in (None, self.store.owner) or until < now:
-                    self.notifier.watch(row.id, confirmed.notify_hook, key.hook_secret, base_url, key.id)
+            if confirmed is None:  # it ended meanwhile (the upstream failed it): the client reads that end
+                event(log, "confirmed job had ended", job=row.id, provider=row.provider)
+            elif self.lifecycle.confirmed(confirmed) and confirmed.notify_hook:
+                # Taken over: the client's hook goes on from here (a process that had it stops once it reads that
+                # this one holds the job).
+                self.notifier.watch(row.id, confirmed.notify_hook, key.hook_secret, base_url, key.id)
             return Submission(row.id, JobState.SUBMITTED, outcome.queued)
         finally:
             self._confirming.discard(row.id)
-            if not accepted and waited_until is not None:
-                self.lifecycle.unconfirmed(row.id, waited_until)
+            if refused:
+                if extended:
+                    await self.store.restore_modal(row.id, row.deadline_at)
+                if waited_until is not None:
+                    self.lifecycle.unconfirmed(row.id, waited_until)
 
     # -- reads ---------------------------------------------------------------------------------------------------
 

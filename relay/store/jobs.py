@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import String, bindparam, case, or_, select, update
+from sqlalchemy import String, and_, bindparam, case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES as ACTIVE
 from relay.domain import RUNNING_STATES as RUNNING
-from relay.domain import TASKS, JobState, TaskKind, TaskSpec
+from relay.domain import TASKS, FailureCode, JobState, TaskKind, TaskSpec
 from relay.store.db import changed, connected, transaction
 from relay.store.ledger import entry
 from relay.store.tables import jobs, keys, ledger
@@ -188,7 +188,9 @@ _KEEP_RESULT = (  # many rows at once: no IN list, which an executemany cannot t
 )
 
 
-def _ending(succeeded: bool) -> Any:
+def _ending(succeeded: bool, *, overdue: bool = False) -> Any:
+    """The set-based ending of jobs that succeeded or failed; `overdue`: failed for passing their deadline, which
+    holds only while the stored deadline has passed (a confirmation written meanwhile moved it on)."""
     values: dict[str, Any] = {
         "state": (JobState.SUCCEEDED if succeeded else JobState.FAILED).value,
         "hold_state": "captured" if succeeded else "released",
@@ -199,11 +201,13 @@ def _ending(succeeded: bool) -> Any:
     }
     if succeeded:
         values["progress"] = 100
-    where = (jobs.c.id.in_(bindparam("ids", expanding=True)), *_STILL_HELD)
+    where = [jobs.c.id.in_(bindparam("ids", expanding=True)), *_STILL_HELD]
+    if overdue:
+        where.append(jobs.c.deadline_at <= bindparam("now"))
     return update(jobs).where(*where).values(**values).returning(*jobs.c)
 
 
-_SUCCEED, _FAIL = _ending(True), _ending(False)
+_SUCCEED, _FAIL, _FAIL_OVERDUE = _ending(True), _ending(False), _ending(False, overdue=True)
 _SETTLE = (
     update(keys)
     .where(keys.c.id == bindparam("key"))
@@ -220,9 +224,12 @@ _PROGRESS = (
         or_(*(jobs.c.state == s.value for s in RUNNING)),
         # two views applied at once may be written in either order: progress never goes back
         or_(jobs.c.state != bindparam("new_state"), jobs.c.progress <= bindparam("new_progress")),
-        # a job is parked in MODAL only from the state its follower saw: a confirmation written meanwhile (by
-        # this process or another) took it out of MODAL for good
-        or_(bindparam("new_state", type_=String) != JobState.MODAL.value, jobs.c.state == bindparam("was")),
+        # a job is parked in MODAL only by the process that holds it, from the state it saw: a confirmation
+        # written meanwhile (by this process or another) took it out of MODAL for good
+        or_(
+            bindparam("new_state", type_=String) != JobState.MODAL.value,
+            and_(jobs.c.state == bindparam("was"), jobs.c.owner == bindparam("me")),
+        ),
     )
     .values(
         state=bindparam("new_state"),
@@ -407,13 +414,40 @@ class JobStore:
 
         return await transaction(self.engine, work)
 
+    async def extend_modal(self, job_id: str, deadline_at: float, now: float) -> bool:
+        """A confirmation of a job waiting in MODAL is under way: from now on it may run to `deadline_at`, so that
+        no timeout of the modal window is written meanwhile. False when the job no longer waits (or its window
+        closed): then it is not to be confirmed."""
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state == JobState.MODAL.value, jobs.c.deadline_at > now)
+            .values(deadline_at=deadline_at)
+        )
+        return await changed(self.engine, statement) == 1
+
+    async def restore_modal(self, job_id: str, deadline_at: float) -> None:
+        """The upstream refused a confirmation (`extend_modal`): a job still waiting waits to its old deadline."""
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state == JobState.MODAL.value)
+            .values(deadline_at=deadline_at)
+        )
+        await changed(self.engine, statement)
+
     async def record_progress(self, changes: Sequence[ProgressChange], now: float) -> None:
         """Many running jobs' progress in one transaction; jobs that already ended are left alone, and so is a
         job already further on in the same state, and one confirmed out of MODAL since its follower saw it there."""
         if not changes:
             return
         params = [
-            {"job_id": c.job_id, "new_state": c.state.value, "new_progress": c.progress, "was": c.was.value, "now": now}
+            {
+                "job_id": c.job_id,
+                "new_state": c.state.value,
+                "new_progress": c.progress,
+                "was": c.was.value,
+                "me": self.owner,
+                "now": now,
+            }
             for c in changes
         ]
         await changed(self.engine, _PROGRESS, params)
@@ -458,9 +492,12 @@ class JobStore:
             if results:  # what the upstream gave, on the jobs about to end (the guard below repeats the check)
                 await conn.execute(_KEEP_RESULT, results)
             for (succeeded, error_code, fail_reason), ids in groups.items():
+                statement = _SUCCEED if succeeded else _FAIL
+                if error_code == FailureCode.TIMEOUT.value:
+                    statement = _FAIL_OVERDUE
                 for start in range(0, len(ids), 500):
                     result = await conn.execute(
-                        _SUCCEED if succeeded else _FAIL,
+                        statement,
                         {
                             "ids": ids[start : start + 500],
                             "new_error": error_code,

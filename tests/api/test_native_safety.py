@@ -78,6 +78,24 @@ def test_a_job_waiting_in_modal_holds_no_provider_slot(tmp_path: Path) -> None:
         world.finished(parked[0])  # a confirmed one runs, taking the slot again
 
 
+def test_a_confirmation_the_upstream_refuses_leaves_the_job_waiting_to_its_own_deadline(tmp_path: Path) -> None:
+    """While a confirmation is under way the job may run to a running job's deadline (no timeout of its modal
+    window is written meanwhile); when the upstream refuses it (Vary Region without a mask), the job waits in
+    MODAL again, to the end of its modal window, and can still be confirmed."""
+    with native(tmp_path) as world:
+        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a parent"}))
+        button = world.button(grid, "upsample::1")
+        upscale = world.finished(world.submit("/submit/action", {"taskId": grid["id"], "customId": button}))
+        region = world.submit("/submit/action", {"taskId": upscale["id"], "customId": world.button(upscale, "Inpaint")})
+        query = "SELECT state, deadline_at FROM jobs WHERE id = ?"
+        ((state, window),) = sql(world.relay.config, query, region)
+        refused = world.post("/submit/modal", {"taskId": region, "prompt": "no mask"})
+        assert refused.status_code == 400 and "mask" in refused.json()["description"], refused.text
+        assert sql(world.relay.config, query, region) == [(state, window)] == [("MODAL", window)]
+        world.post("/submit/modal", {"taskId": region, "maskBase64": png()})
+        world.finished(region)
+
+
 def test_an_answer_that_may_mean_taken_is_never_sent_to_another_provider(tmp_path: Path) -> None:
     first, second = Canned(), Canned()
     first.on("submit/imagine", (200, {"code": 1, "description": "ok", "result": None}))  # taken, but no id

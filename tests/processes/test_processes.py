@@ -366,8 +366,8 @@ def test_a_modal_confirmed_at_the_other_relay_runs_to_its_end(tmp_path: Path) ->
     """A variation parked in MODAL by one relay is confirmed at the other (a load balancer sends the client's
     submit/modal anywhere) near the end of its modal window. The confirming relay takes the job over and follows it
     to its end, under the deadline of a running job; the relay that parked it, whose lease has not run out, neither
-    ends it when the modal window closes nor downloads its grid. The client's hook keeps coming from the relay that
-    parked the job (it hears every change), never from both."""
+    ends it when the modal window closes nor downloads its grid. The client's hook comes from the relay that holds
+    the job: the one that parked it until the takeover, the other one from then on, never both."""
     receiver = Receiver()
     private = {"api": {"references": {"allow_private": True}}}
     with (
@@ -408,9 +408,11 @@ def test_a_modal_confirmed_at_the_other_relay_runs_to_its_end(tmp_path: Path) ->
         assert balance(pair.config) == (100 - price, 0)
 
         wait_for(lambda: any(t["status"] == "SUCCESS" for t in receiver.tasks(task)))
-        assert client_hooks_delivered(pair.second) == 0  # the relay that took the job over sends none
+        received = len(receiver.tasks(task))
+        wait_for(lambda: client_hooks_delivered(pair.first) + client_hooks_delivered(pair.second) == received)
+        assert client_hooks_delivered(pair.second) >= 1  # the relay that took the job over sent its end
         steps = [(t["status"], t["progress"]) for t in receiver.tasks(task)]
-        assert len(steps) == len(set(steps)), steps  # each change once
+        assert len(steps) == len(set(steps)), steps  # each change once, from one relay at a time
 
 
 def client_hooks_delivered(relay: RelayProcess) -> float:

@@ -67,7 +67,7 @@ async def test_a_process_alone_claims_every_running_job_at_start(db: Database) -
 
 async def test_ended_jobs_hold_no_lease(db: Database) -> None:
     store = await running_job(db, "a")
-    await store.finish("job_00000001", succeeded=False, now=NOW + 1, error_code="timeout")
+    await store.finish("job_00000001", succeeded=False, now=NOW + 1, error_code="failed")
     b = Leases(db.engine, "b", LEASE)
     assert await b.claim_expired(NOW + 999, ["up"]) == []
     assert await b.claim(["job_00000001"], NOW + 999) == []

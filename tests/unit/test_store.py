@@ -97,8 +97,9 @@ async def test_a_modal_view_written_after_the_confirmation_does_not_park_the_job
     await store.open(record.id, [job("job_mod00000"), job("job_new00000")], NOW)
     await store.park_modal("job_mod00000", "sim", "u1", NOW + 900, NOW)
     await store.mark_submitted("job_new00000", "sim", "u2", NOW)
-    confirmed = await store.confirm_modal("job_mod00000", "u1", NOW + 600, NOW)
+    confirmed = await JobStore(db.engine, owner="confirmer").confirm_modal("job_mod00000", "u1", NOW + 600, NOW)
     assert confirmed is not None and confirmed.state is JobState.SUBMITTED
+    assert (confirmed.owner, confirmed.deadline_at) == ("confirmer", NOW + 600)  # it follows the job from now on
     late = ProgressChange("job_mod00000", JobState.MODAL, 10, JobState.MODAL)
     parks = ProgressChange("job_new00000", JobState.MODAL, 0, JobState.SUBMITTED)
     await store.record_progress([late, parks], NOW)
@@ -108,6 +109,31 @@ async def test_a_modal_view_written_after_the_confirmation_does_not_park_the_job
     await store.record_progress([ProgressChange("job_mod00000", JobState.IN_PROGRESS, 20, JobState.MODAL)], NOW)
     running = await store.get("job_mod00000")
     assert running is not None and (running.state, running.progress) == (JobState.IN_PROGRESS, 20)
+    # a process that no longer holds a job parks it nowhere, even from the state it saw
+    await store.record_progress([ProgressChange("job_new00000", JobState.SUBMITTED, 0, JobState.MODAL)], NOW)
+    await JobStore(db.engine, owner="stalled").record_progress(
+        [ProgressChange("job_new00000", JobState.MODAL, 5, JobState.SUBMITTED)], NOW
+    )
+    still = await store.get("job_new00000")
+    assert still is not None and (still.state, still.progress) == (JobState.SUBMITTED, 0)
+
+
+async def test_a_timeout_is_written_only_once_the_stored_deadline_has_passed(db: Database) -> None:
+    """A confirmation under way moves a waiting job's deadline on (`extend_modal`, while its window is open):
+    a timeout decided by the old one is not written; a refused confirmation puts the old one back, and the
+    timeout holds again."""
+    record, _ = await KeyStore(db.engine).create("k", 10, NOW)
+    store = JobStore(db.engine)
+    await store.open(record.id, [job("job_mod00000")], NOW)
+    await store.park_modal("job_mod00000", "sim", "u1", NOW + 900, NOW)
+    assert not await store.extend_modal("job_mod00000", NOW + 2000, NOW + 900)  # its window has closed
+    assert await store.extend_modal("job_mod00000", NOW + 1500, NOW + 899)
+    overdue = Ending("job_mod00000", succeeded=False, error_code="timeout", fail_reason="nobody confirmed it")
+    assert await store.finish_many([overdue], NOW + 901) == [None]
+    await store.restore_modal("job_mod00000", NOW + 900)
+    ended = (await store.finish_many([overdue], NOW + 901))[0]
+    assert ended is not None and (ended.state, ended.error_code) == (JobState.FAILED, "timeout")
+    assert not await store.extend_modal("job_mod00000", NOW + 1500, NOW)  # no longer waiting
 
 
 async def test_progress_never_touches_ended_jobs(db: Database) -> None:

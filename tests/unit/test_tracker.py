@@ -355,6 +355,7 @@ async def test_a_hook_about_a_job_that_ended_meanwhile_changes_nothing(world: Wo
         return b""
 
     world.pool.download = download  # type: ignore[method-assign]
+    world.clock.advance(601)  # past its deadline
     assert await lifecycle.end(tracked, succeeded=False, error_code=FailureCode.TIMEOUT, reason="late")
     assert world.pool.in_flight["sim"] == 0 and not tracked.slot
     await lifecycle.hooks("sim", [(tracked, view(TaskStatus.MODAL))])  # would release a slot again
@@ -794,3 +795,37 @@ async def test_a_job_confirmed_while_its_lease_is_checked_for_a_timeout_is_not_e
     await poll
     assert (await world.state(job))[1:] == (None, "held") and lifecycle.following(job)
     assert tracked.deadline_at == world.clock.now() + 600
+
+
+async def test_a_timeout_the_store_refused_follows_the_job_to_its_new_deadline(world: World) -> None:
+    """A job waiting in MODAL passes the deadline this process knows, but a confirmation under way (here or in
+    another process) moved the stored one on: the timeout is not written, and the job is followed on, to the
+    stored deadline, with nothing settled."""
+    lifecycle = world.tracker.lifecycle
+    job = await world.submit("a parked heron sim:never", deadline_s=20)
+    tracked = lifecycle._by_job[job]
+    await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
+    assert await world.store.extend_modal(job, world.clock.now() + 600, world.clock.now())
+    world.clock.advance(21)
+    await world.tracker.poll("sim")
+    assert (await world.state(job))[1:] == (None, "held")
+    assert lifecycle._by_job.get(job) is tracked and tracked.deadline_at == world.clock.now() - 21 + 600
+    assert not lifecycle.ended_here("sim", tracked.upstream_id)
+
+
+async def test_an_end_decided_for_a_copy_of_a_job_followed_anew_leaves_it_alone(world: World) -> None:
+    """A round decided to end a job from its copy of it; meanwhile the job was handed over and taken back (a
+    confirmation written here): the new copy is followed on, with its slot, and the job is not ended."""
+    lifecycle = world.tracker.lifecycle
+    job = await world.submit("a parked heron", deadline_s=20)
+    old = lifecycle._by_job[job]
+    await lifecycle.hook(old, TaskView(old.upstream_id, TaskStatus.MODAL, 0))
+    lifecycle.forget(job)
+    now = world.clock.now()
+    row = await world.store.confirm_modal(job, old.upstream_id, now + 600, now)
+    assert row is not None and lifecycle.confirmed(row)
+    new = lifecycle._by_job[job]
+    world.clock.advance(21)  # past the old copy's deadline
+    await lifecycle.end(old, succeeded=False, error_code=FailureCode.TIMEOUT, reason="late")
+    assert lifecycle._by_job.get(job) is new and world.pool.in_flight["sim"] == 1
+    assert (await world.state(job))[1:] == (None, "held")

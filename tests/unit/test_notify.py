@@ -1,0 +1,55 @@
+"""Client hooks as one process sends them: from the process that holds the job."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from relay.config import HooksConfig
+from relay.core.egress import Egress
+from relay.core.events import JobEvent
+from relay.core.notify import Notifier
+from relay.store.jobs import JobState
+from relay.store.leases import Leases
+from tests.helpers import Receiver, serve
+from tests.unit.test_tracker import World, world
+
+pytestmark = pytest.mark.anyio
+__all__ = ["world"]  # the fixture
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_watch_on_a_job_another_live_process_holds_stops_without_sending(world: World) -> None:
+    """This process watched two jobs' hooks; another process took one over (a confirmation written there, or an
+    adoption while this one stalled) and sends its hooks itself. At the job's next change this process stops
+    watching it and sends nothing; the job it still holds goes on."""
+    receiver = Receiver()
+    notifier = Notifier(
+        config=HooksConfig(),
+        egress=Egress(allow_private=True, allow_hosts=[]),
+        events=world.events,
+        store=world.store,
+        metrics=world.pool.metrics,
+        clock=world.clock,
+    )
+    notifier.render = lambda row, base, now: {"id": row.id, "status": row.state.value, "progress": row.progress}
+    with serve(receiver.app()) as hooks:
+        mine, theirs = await world.submit("kept here"), await world.submit("taken over")
+        for job_id in (mine, theirs):
+            notifier.watch(job_id, hooks + "/ok", "a-hook-secret", "http://relay", world.key_id)
+        world.clock.advance(31)  # this process stalled past its leases; the other one takes one job
+        other = Leases(world.store.engine, "another-process", 30)
+        assert [row.id for row in await other.claim([theirs], world.clock.now())] == [theirs]
+        await Leases(world.store.engine, world.store.owner, 30).renew(world.clock.now())
+        for job_id in (mine, theirs):
+            world.events.publish(JobEvent(job_id, JobState.SUBMITTED, 0))
+        await until(lambda: len(receiver.tasks(mine)) == 1 and notifier.watching() == 1)
+        assert receiver.tasks(theirs) == []
+        await notifier.close()
