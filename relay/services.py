@@ -123,6 +123,7 @@ class Relay:
             submitting=self.submitter.submitting,
             leases=self.leases,
             follow=self.coordinator.follow_claimed,
+            watch=self._watch_hooks,
         )
         # Processes sharing a PostgreSQL database wake each other's waiters and forward upstream hooks.
         self.broadcast: Broadcast | None = None

@@ -96,9 +96,9 @@ class Coordinator:
         carry on what goes with them (their client hooks); how many were not followed here already."""
         rows = [row for row in rows if not self.lifecycle.following(row.id)]
         if rows:
-            await self.tracker.adopt(rows)
-            if self._on_adopted is not None:
+            if self._on_adopted is not None:  # first: a job may end at once, and its end goes to its hook
                 await self._on_adopted(rows)
+            await self.tracker.adopt(rows)
         return len(rows)
 
     async def renew(self) -> None:

@@ -573,9 +573,14 @@ class Lifecycle:
                 self._follow_again(tracked)
                 ended[index] = False
             elif tracked.job_id in later:  # the store kept it running: a confirmation moved its deadline on
-                tracked.deadline_at = later[tracked.job_id]
-                self._follow_again(tracked)
+                deadline = later[tracked.job_id]
                 ended[index] = False
+                if deadline is None:  # and another process holds it now: that one ends it
+                    self._ended.pop((tracked.provider, tracked.upstream_id), None)
+                    self._free_slot(tracked)
+                    continue
+                tracked.deadline_at = deadline
+                self._follow_again(tracked)
             else:
                 self._free_slot(tracked)
         return ended
@@ -591,10 +596,12 @@ class Lifecycle:
         else:
             self._free_slot(tracked)
 
-    async def _later_deadlines(self, job_ids: list[str]) -> dict[str, float]:
-        """Of jobs whose timeout the store did not write, those still running and this process's to follow, with
-        the deadline the store has for them now (when it cannot be read: the one known here, to try again)."""
-        later: dict[str, float] = {}
+    async def _later_deadlines(self, job_ids: list[str]) -> dict[str, float | None]:
+        """Of jobs whose timeout the store did not write, those still running: with the deadline to follow each to
+        here, or None when another process holds it now. A job still waiting in MODAL (a confirmation of it is
+        under way, and may be refused) is looked at again within a poll interval; one whose row cannot be read
+        now, at the next round."""
+        later: dict[str, float | None] = {}
         for job_id in job_ids:
             try:
                 row = await self.store.get(job_id)
@@ -602,8 +609,13 @@ class Lifecycle:
                 log.exception("reading a job whose timeout was not written failed", extra={"fields": {"job": job_id}})
                 later[job_id] = self.clock.now()
                 continue
-            mine = self.leases is None or row is None or row.owner == self.store.owner
-            if row is not None and not row.state.terminal and mine:
+            if row is None or row.state.terminal:
+                continue
+            if self.leases is not None and row.owner != self.store.owner:
+                later[job_id] = None
+            elif row.state is JobState.MODAL and row.provider is not None:
+                later[job_id] = min(row.deadline_at, self.clock.now() + self.pool.poll_interval(row.provider))
+            else:
                 later[job_id] = row.deadline_at
         return later
 

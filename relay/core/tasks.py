@@ -230,15 +230,18 @@ class TaskService:
         now = self.clock.now()
         deadline = now + self.config.jobs.deadline_s.of(cast(Mode, row.mode))
         waited_until = self.lifecycle.confirming(row.id, deadline)
-        refused = extended = False
+        refused, extended = True, False  # refused until the upstream is called
         try:
             # The job's new deadline is written before the upstream hears of the confirmation, so that no timeout
             # of its modal window is written meanwhile, by this process or another (a timeout's write holds only
-            # while the stored deadline has passed).
-            extended = await self.store.extend_modal(row.id, deadline, now)
+            # while the stored deadline has passed). It is written only over the deadline read above: of two
+            # confirmations under way at once, in any processes, the second finds it moved and is refused.
+            extended = await self.store.extend_modal(row.id, row.deadline_at, deadline, now)
             if not extended:
-                refused = True
-                raise InvalidRequest("The task is not waiting for a confirmation (submit/modal).", param="taskId")
+                raise InvalidRequest(
+                    "The task is not waiting for a confirmation (submit/modal), or one is already under way.",
+                    param="taskId",
+                )
             request = SubmitRequest(
                 kind="modal",
                 prompt=prompt,
@@ -248,6 +251,7 @@ class TaskService:
                 mask=mask,
                 state=row.id,
             )
+            refused = False
             try:
                 outcome = await self.pool.submit(row.provider, request)
             except Exception:
@@ -266,18 +270,21 @@ class TaskService:
             confirmed = await self.store.confirm_modal(row.id, outcome.upstream_id, deadline, now, prompt or None)
             if confirmed is None:  # it ended meanwhile (the upstream failed it): the client reads that end
                 event(log, "confirmed job had ended", job=row.id, provider=row.provider)
-            elif self.lifecycle.confirmed(confirmed) and confirmed.notify_hook:
-                # Taken over: the client's hook goes on from here (a process that had it stops once it reads that
-                # this one holds the job).
-                self.notifier.watch(row.id, confirmed.notify_hook, key.hook_secret, base_url, key.id)
+            else:
+                self.lifecycle.confirmed(confirmed)
+                if confirmed.notify_hook:  # this process holds the job now: its client hook comes from here
+                    self.notifier.watch(row.id, confirmed.notify_hook, key.hook_secret, base_url, key.id)
             return Submission(row.id, JobState.SUBMITTED, outcome.queued)
         finally:
-            self._confirming.discard(row.id)
             if refused:
-                if extended:
-                    await self.store.restore_modal(row.id, row.deadline_at)
                 if waited_until is not None:
                     self.lifecycle.unconfirmed(row.id, waited_until)
+                if extended:
+                    try:
+                        await self.store.restore_modal(row.id, deadline, row.deadline_at)
+                    except Exception:  # it then waits to the longer deadline: held longer, never lost
+                        log.exception("restoring a modal deadline failed", extra={"fields": {"job": row.id}})
+            self._confirming.discard(row.id)
 
     # -- reads ---------------------------------------------------------------------------------------------------
 

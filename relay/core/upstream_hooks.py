@@ -81,6 +81,7 @@ class UpstreamHooks:
         submitting: Callable[[str], bool],
         leases: Leases | None = None,
         follow: Callable[[list[JobRow]], Awaitable[object]] | None = None,
+        watch: Callable[[list[JobRow]], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.secrets = list(secrets)
@@ -92,6 +93,7 @@ class UpstreamHooks:
         self._submitting = submitting  # whether this process is submitting a job right now
         self.leases = leases
         self._follow = follow  # follow jobs just claimed, as adoption does (`Coordinator.follow_claimed`)
+        self._watch = watch  # the client hooks of a job adopted here go on here (as adoption's do)
         self.forward: Forward | None = None  # hand a call to the process that follows its job
         # Each provider's valid tokens (one per signing secret), made once: checking a call costs no HMAC.
         self._tokens = {name: [hook_token(s, name).encode() for s in self.secrets] for name in pool.settings}
@@ -263,6 +265,8 @@ class UpstreamHooks:
         job_id = row.id
         if not await self.store.adopt(job_id, provider, upstream_id, self.clock.now()):
             return None
+        if self._watch is not None:  # this process holds the job now: its client hook comes from here
+            await self._watch([row])
         self.pool.acquire(provider)
         tracked = Tracked(
             job_id, row.model, provider, upstream_id, row.deadline_at, JobState.SUBMITTED, shape=row.spec.shape

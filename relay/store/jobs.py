@@ -414,22 +414,29 @@ class JobStore:
 
         return await transaction(self.engine, work)
 
-    async def extend_modal(self, job_id: str, deadline_at: float, now: float) -> bool:
+    async def extend_modal(self, job_id: str, was: float, deadline_at: float, now: float) -> bool:
         """A confirmation of a job waiting in MODAL is under way: from now on it may run to `deadline_at`, so that
-        no timeout of the modal window is written meanwhile. False when the job no longer waits (or its window
-        closed): then it is not to be confirmed."""
+        no timeout of its modal window is written meanwhile. Written only over the deadline `was` (the one read
+        before), while that has not passed: False when the job no longer waits, its window closed, or another
+        confirmation moved the deadline first (then it is not to be confirmed now)."""
         statement = (
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state == JobState.MODAL.value, jobs.c.deadline_at > now)
+            .where(
+                jobs.c.id == job_id,
+                jobs.c.state == JobState.MODAL.value,
+                jobs.c.deadline_at == was,
+                jobs.c.deadline_at > now,
+            )
             .values(deadline_at=deadline_at)
         )
         return await changed(self.engine, statement) == 1
 
-    async def restore_modal(self, job_id: str, deadline_at: float) -> None:
-        """The upstream refused a confirmation (`extend_modal`): a job still waiting waits to its old deadline."""
+    async def restore_modal(self, job_id: str, written: float, deadline_at: float) -> None:
+        """The upstream refused a confirmation (`extend_modal`, which wrote `written`): a job still waiting waits
+        to its old deadline again, unless another confirmation moved it since."""
         statement = (
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state == JobState.MODAL.value)
+            .where(jobs.c.id == job_id, jobs.c.state == JobState.MODAL.value, jobs.c.deadline_at == written)
             .values(deadline_at=deadline_at)
         )
         await changed(self.engine, statement)

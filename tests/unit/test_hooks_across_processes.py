@@ -29,7 +29,10 @@ class Forwarded(list[tuple[str, str, str, bytes]]):
 
 
 def hooks_of(
-    world: World, forwarded: Forwarded, follow: Callable[[list[JobRow]], Awaitable[object]] | None = None
+    world: World,
+    forwarded: Forwarded,
+    follow: Callable[[list[JobRow]], Awaitable[object]] | None = None,
+    watch: Callable[[list[JobRow]], Awaitable[None]] | None = None,
 ) -> UpstreamHooks:
     lifecycle = world.tracker.lifecycle
     hooks = UpstreamHooks(
@@ -43,6 +46,7 @@ def hooks_of(
         submitting=lambda job_id: False,
         leases=Leases(world.store.engine, world.store.owner, 30),
         follow=follow or world.tracker.adopt,
+        watch=watch,
     )
     hooks.forward = forwarded
     return hooks
@@ -125,7 +129,12 @@ async def test_a_pending_job_of_a_live_process_is_left_to_it(world: World) -> No
     """The upstream took the task and called back before the submitting process wrote it down: that process is
     alive and will; the call goes to it, and the job is not taken away from it."""
     forwarded = Forwarded()
-    hooks = hooks_of(world, forwarded)
+    watched: list[list[str]] = []
+
+    async def watch(rows: list[JobRow]) -> None:
+        watched.append([row.id for row in rows])
+
+    hooks = hooks_of(world, forwarded, watch=watch)
     upstream_id, _ = await elsewhere(world, "job_pending01", submitted=False)
     world.clock.advance(2)
     assert await hooks.apply("sim", body_of(world, upstream_id)) == "forwarded"
@@ -134,6 +143,7 @@ async def test_a_pending_job_of_a_live_process_is_left_to_it(world: World) -> No
     assert await hooks.apply("sim", body_of(world, upstream_id)) == "adopted"
     row = await world.store.get("job_pending01")
     assert row is not None and row.state is not JobState.PENDING and row.owner == world.store.owner
+    assert watched == [["job_pending01"]]  # its client hook goes on here, as an adopted job's does
 
 
 async def test_a_forwarded_call_is_applied_by_the_process_that_follows_the_job(world: World) -> None:
@@ -305,6 +315,8 @@ async def test_a_job_a_hook_claims_carries_on_as_an_adopted_one_its_client_hooks
     adopted: list[list[str]] = []
 
     async def on_adopted(rows: list[JobRow]) -> None:
+        # watched before it is followed: a job that ends at once (its provider gone) still has its end sent
+        assert not any(world.tracker.lifecycle.following(row.id) for row in rows)
         adopted.append([row.id for row in rows])
 
     coordinator = Coordinator(

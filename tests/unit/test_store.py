@@ -119,21 +119,26 @@ async def test_a_modal_view_written_after_the_confirmation_does_not_park_the_job
 
 
 async def test_a_timeout_is_written_only_once_the_stored_deadline_has_passed(db: Database) -> None:
-    """A confirmation under way moves a waiting job's deadline on (`extend_modal`, while its window is open):
-    a timeout decided by the old one is not written; a refused confirmation puts the old one back, and the
+    """A confirmation under way moves a waiting job's deadline on (`extend_modal`, over the deadline it read, while
+    the window is open): a second one at the same moment is refused, and a timeout decided by the old deadline
+    is not written. A refused confirmation puts the old deadline back (unless another moved it since), and the
     timeout holds again."""
     record, _ = await KeyStore(db.engine).create("k", 10, NOW)
     store = JobStore(db.engine)
     await store.open(record.id, [job("job_mod00000")], NOW)
     await store.park_modal("job_mod00000", "sim", "u1", NOW + 900, NOW)
-    assert not await store.extend_modal("job_mod00000", NOW + 2000, NOW + 900)  # its window has closed
-    assert await store.extend_modal("job_mod00000", NOW + 1500, NOW + 899)
+    assert not await store.extend_modal("job_mod00000", NOW + 900, NOW + 2000, NOW + 900)  # its window has closed
+    assert not await store.extend_modal("job_mod00000", NOW + 901, NOW + 1500, NOW)  # not the deadline it has
+    assert await store.extend_modal("job_mod00000", NOW + 900, NOW + 1500, NOW + 899)
+    assert not await store.extend_modal("job_mod00000", NOW + 900, NOW + 1600, NOW + 899)  # one is under way
     overdue = Ending("job_mod00000", succeeded=False, error_code="timeout", fail_reason="nobody confirmed it")
     assert await store.finish_many([overdue], NOW + 901) == [None]
-    await store.restore_modal("job_mod00000", NOW + 900)
+    await store.restore_modal("job_mod00000", NOW + 1600, NOW + 900)  # not the one written: nothing
+    assert await store.finish_many([overdue], NOW + 901) == [None]
+    await store.restore_modal("job_mod00000", NOW + 1500, NOW + 900)
     ended = (await store.finish_many([overdue], NOW + 901))[0]
     assert ended is not None and (ended.state, ended.error_code) == (JobState.FAILED, "timeout")
-    assert not await store.extend_modal("job_mod00000", NOW + 1500, NOW)  # no longer waiting
+    assert not await store.extend_modal("job_mod00000", NOW + 900, NOW + 1500, NOW)  # no longer waiting
 
 
 async def test_progress_never_touches_ended_jobs(db: Database) -> None:

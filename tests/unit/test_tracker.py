@@ -805,7 +805,7 @@ async def test_a_timeout_the_store_refused_follows_the_job_to_its_new_deadline(w
     job = await world.submit("a parked heron sim:never", deadline_s=20)
     tracked = lifecycle._by_job[job]
     await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
-    assert await world.store.extend_modal(job, world.clock.now() + 600, world.clock.now())
+    assert await world.store.extend_modal(job, tracked.deadline_at, world.clock.now() + 600, world.clock.now())
     world.clock.advance(21)
     await world.tracker.poll("sim")
     assert (await world.state(job))[1:] == (None, "held")
@@ -829,3 +829,52 @@ async def test_an_end_decided_for_a_copy_of_a_job_followed_anew_leaves_it_alone(
     await lifecycle.end(old, succeeded=False, error_code=FailureCode.TIMEOUT, reason="late")
     assert lifecycle._by_job.get(job) is new and world.pool.in_flight["sim"] == 1
     assert (await world.state(job))[1:] == (None, "held")
+
+
+async def test_a_job_whose_confirmation_was_refused_times_out_soon_after_the_store_says_so(world: World) -> None:
+    """A job waiting in MODAL passed its deadline while a confirmation (here or elsewhere) was under way, so its
+    timeout was not written; the confirmation is then refused and the old deadline put back. The job is not
+    followed on to the longer deadline: it is looked at again within a poll interval, and ended then."""
+    lifecycle = world.tracker.lifecycle
+    job = await world.submit("a parked heron", deadline_s=20)
+    tracked = lifecycle._by_job[job]
+    await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
+    window, longer = tracked.deadline_at, world.clock.now() + 600
+    assert await world.store.extend_modal(job, window, longer, world.clock.now())
+
+    async def unreadable(ids: Sequence[str]) -> list[TaskView]:
+        raise UpstreamUnavailable("down")
+
+    world.pool.upstreams["sim"].fetch_many = unreadable  # type: ignore[method-assign]
+    world.clock.advance(21)
+    await world.tracker.poll("sim")
+    assert lifecycle.following(job) and tracked.deadline_at <= world.clock.now() + 1
+    await world.store.restore_modal(job, longer, window)  # the upstream refused it
+    world.clock.advance(2)
+    await world.tracker.poll("sim")
+    assert await world.state(job) == ("FAILED", "timeout", "released")
+
+
+async def test_a_timeout_refused_for_a_job_another_process_took_meanwhile_is_left_to_it(world: World) -> None:
+    """The lease check before a timeout passed, then another process wrote its confirmation (taking the job and
+    moving its deadline on) before the timeout's write: nothing is ended here, the job is left to the other
+    process, and a later upstream hook about it is not taken for one about a job that ended here."""
+    lifecycle = world.tracker.lifecycle
+    CheckedLeases(world)
+    job = await world.submit("a parked heron sim:never", deadline_s=20)
+    tracked = lifecycle._by_job[job]
+    await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
+    other = JobStore(world.store.engine, owner="another-process", lease_s=30)
+    now = world.clock.now()
+    assert await other.extend_modal(job, tracked.deadline_at, now + 600, now)
+    write = lifecycle.finisher.end_many
+
+    async def confirmed_first(endings: list[Ending]) -> list[JobRow | None | Exception]:
+        assert await other.confirm_modal(job, tracked.upstream_id, now + 600, world.clock.now())
+        return await write(endings)
+
+    lifecycle.finisher.end_many = confirmed_first  # type: ignore[method-assign]
+    world.clock.advance(21)
+    await world.tracker.poll("sim")
+    assert (await world.state(job))[1:] == (None, "held") and not lifecycle.following(job)
+    assert not lifecycle.ended_here("sim", tracked.upstream_id) and world.pool.in_flight["sim"] == 0
