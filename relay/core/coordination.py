@@ -97,7 +97,10 @@ class Coordinator:
         rows = [row for row in rows if not self.lifecycle.following(row.id)]
         if rows:
             if self._on_adopted is not None:  # first: a job may end at once, and its end goes to its hook
-                await self._on_adopted(rows)
+                try:
+                    await self._on_adopted(rows)
+                except Exception:  # the jobs are this process's now: followed all the same
+                    log.exception("carrying on adopted jobs' hooks failed", extra={"fields": {"jobs": len(rows)}})
             await self.tracker.adopt(rows)
         return len(rows)
 

@@ -49,6 +49,9 @@ from relay.store.keys import KeyRecord
 
 log = logging.getLogger("relay.tasks")
 
+# Beyond the upstream call's own time limits, how long a confirmation counts as under way (`JobStore.extend_modal`).
+CONFIRM_MARGIN_S = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class TaskOrder:
@@ -234,9 +237,11 @@ class TaskService:
         try:
             # The job's new deadline is written before the upstream hears of the confirmation, so that no timeout
             # of its modal window is written meanwhile, by this process or another (a timeout's write holds only
-            # while the stored deadline has passed). It is written only over the deadline read above: of two
-            # confirmations under way at once, in any processes, the second finds it moved and is refused.
-            extended = await self.store.extend_modal(row.id, row.deadline_at, deadline, now)
+            # while the stored deadline has passed); with it, that a confirmation is under way, for as long as
+            # the upstream call may take: another one, in any process, is refused meanwhile.
+            settings = self.pool.settings[row.provider]
+            until = now + settings.connect_timeout_s + settings.timeout_s + CONFIRM_MARGIN_S
+            extended = await self.store.extend_modal(row.id, deadline, now, until)
             if not extended:
                 raise InvalidRequest(
                     "The task is not waiting for a confirmation (submit/modal), or one is already under way.",
@@ -276,15 +281,16 @@ class TaskService:
                     self.notifier.watch(row.id, confirmed.notify_hook, key.hook_secret, base_url, key.id)
             return Submission(row.id, JobState.SUBMITTED, outcome.queued)
         finally:
-            if refused:
-                if waited_until is not None:
-                    self.lifecycle.unconfirmed(row.id, waited_until)
-                if extended:
-                    try:
+            try:
+                if refused:
+                    # the job waits to the end of its window again, here (also if this process took it up meanwhile)
+                    self.lifecycle.unconfirmed(row.id, row.deadline_at if waited_until is None else waited_until)
+                    if extended:
                         await self.store.restore_modal(row.id, deadline, row.deadline_at)
-                    except Exception:  # it then waits to the longer deadline: held longer, never lost
-                        log.exception("restoring a modal deadline failed", extra={"fields": {"job": row.id}})
-            self._confirming.discard(row.id)
+            except Exception:  # it then waits to the longer deadline: held longer, never lost
+                log.exception("restoring a modal deadline failed", extra={"fields": {"job": row.id}})
+            finally:
+                self._confirming.discard(row.id)
 
     # -- reads ---------------------------------------------------------------------------------------------------
 

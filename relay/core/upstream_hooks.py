@@ -266,7 +266,10 @@ class UpstreamHooks:
         if not await self.store.adopt(job_id, provider, upstream_id, self.clock.now()):
             return None
         if self._watch is not None:  # this process holds the job now: its client hook comes from here
-            await self._watch([row])
+            try:
+                await self._watch([row])
+            except Exception:  # the job is this process's now: followed all the same
+                log.exception("carrying on an adopted job's client hook failed", extra={"fields": {"job": job_id}})
         self.pool.acquire(provider)
         tracked = Tracked(
             job_id, row.model, provider, upstream_id, row.deadline_at, JobState.SUBMITTED, shape=row.spec.shape

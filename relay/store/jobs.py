@@ -113,6 +113,7 @@ class JobRow:
     started_at: float | None = None
     owner: str | None = None
     lease_until: float | None = None
+    confirming_until: float | None = None
 
     @property
     def kind(self) -> TaskKind:
@@ -400,6 +401,7 @@ class JobStore:
             "deadline_at": deadline_at,
             "owner": self.owner,
             "lease_until": now + self.lease_s,
+            "confirming_until": None,
         }
         if prompt:
             values["prompt"] = prompt
@@ -414,30 +416,30 @@ class JobStore:
 
         return await transaction(self.engine, work)
 
-    async def extend_modal(self, job_id: str, was: float, deadline_at: float, now: float) -> bool:
-        """A confirmation of a job waiting in MODAL is under way: from now on it may run to `deadline_at`, so that
-        no timeout of its modal window is written meanwhile. Written only over the deadline `was` (the one read
-        before), while that has not passed: False when the job no longer waits, its window closed, or another
-        confirmation moved the deadline first (then it is not to be confirmed now)."""
+    async def extend_modal(self, job_id: str, deadline_at: float, now: float, until: float) -> bool:
+        """A confirmation of a job waiting in MODAL goes to the upstream, for at most `until`: from now on the job
+        may run to `deadline_at`, so that no timeout of its modal window is written meanwhile, and no other
+        confirmation starts before this one is answered (or `until` passed: it died with its process). False
+        when the job no longer waits, its window closed, or another confirmation is under way."""
         statement = (
             update(jobs)
             .where(
                 jobs.c.id == job_id,
                 jobs.c.state == JobState.MODAL.value,
-                jobs.c.deadline_at == was,
                 jobs.c.deadline_at > now,
+                or_(jobs.c.confirming_until.is_(None), jobs.c.confirming_until < now),
             )
-            .values(deadline_at=deadline_at)
+            .values(deadline_at=deadline_at, confirming_until=until)
         )
         return await changed(self.engine, statement) == 1
 
     async def restore_modal(self, job_id: str, written: float, deadline_at: float) -> None:
         """The upstream refused a confirmation (`extend_modal`, which wrote `written`): a job still waiting waits
-        to its old deadline again, unless another confirmation moved it since."""
+        to its old deadline again, and may be confirmed again; unless another confirmation moved it since."""
         statement = (
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.state == JobState.MODAL.value, jobs.c.deadline_at == written)
-            .values(deadline_at=deadline_at)
+            .values(deadline_at=deadline_at, confirming_until=None)
         )
         await changed(self.engine, statement)
 

@@ -63,6 +63,8 @@ jobs = Table(
     Column("started_at", Float, nullable=True),
     Column("owner", String(200), nullable=True),  # the relay process that follows the job (`store.leases`)
     Column("lease_until", Float, nullable=True),
+    # A confirmation (`submit/modal`) of the job is with the upstream until then: no other may start meanwhile.
+    Column("confirming_until", Float, nullable=True),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_request", "request_id"),
     Index("ix_jobs_key_created", "key_id", "created_at"),

@@ -333,3 +333,30 @@ async def test_a_job_a_hook_claims_carries_on_as_an_adopted_one_its_client_hooks
     world.clock.advance(5)  # the other process died: its lease (4 s) ran out
     assert await hooks.apply("sim", body_of(world, upstream_id)) == "adopted"
     assert adopted == [["job_claimed01"]] and world.tracker.lifecycle.following("job_claimed01")
+
+
+async def test_a_job_adopted_here_is_followed_even_when_its_client_hook_cannot_be_carried_on(world: World) -> None:
+    """Carrying on an adopted job's client hook reads its key, which may fail (the database briefly unreachable):
+    the job, written as this process's, is followed all the same, by an upstream hook's adoption or a claim."""
+
+    async def broken(rows: list[JobRow]) -> None:
+        raise OSError("the database went away")
+
+    hooks = hooks_of(world, Forwarded(), watch=broken)
+    upstream_id, _ = await elsewhere(world, "job_pending02", submitted=False)
+    world.clock.advance(5)  # its process died in its submit window
+    assert await hooks.apply("sim", body_of(world, upstream_id)) == "adopted"
+    assert world.tracker.lifecycle.following("job_pending02")
+
+    coordinator = Coordinator(
+        leases=Leases(world.store.engine, world.store.owner, 30),
+        attempts=AttemptStore(world.store.engine),
+        tracker=world.tracker,
+        lifecycle=world.tracker.lifecycle,
+        clock=world.clock,
+        alone=False,
+        on_adopted=broken,
+    )
+    await elsewhere(world, "job_claimed02")
+    world.clock.advance(5)  # that process died too
+    assert await coordinator.adopt() == 1 and world.tracker.lifecycle.following("job_claimed02")

@@ -119,26 +119,27 @@ async def test_a_modal_view_written_after_the_confirmation_does_not_park_the_job
 
 
 async def test_a_timeout_is_written_only_once_the_stored_deadline_has_passed(db: Database) -> None:
-    """A confirmation under way moves a waiting job's deadline on (`extend_modal`, over the deadline it read, while
-    the window is open): a second one at the same moment is refused, and a timeout decided by the old deadline
-    is not written. A refused confirmation puts the old deadline back (unless another moved it since), and the
-    timeout holds again."""
+    """A confirmation under way moves a waiting job's deadline on (`extend_modal`, while the window is open) and
+    says it is under way: another one is refused until it is answered or its time is up, and a timeout decided by
+    the old deadline is not written. A refused confirmation puts the old deadline back (unless another moved it
+    since), and the timeout holds again."""
     record, _ = await KeyStore(db.engine).create("k", 10, NOW)
     store = JobStore(db.engine)
     await store.open(record.id, [job("job_mod00000")], NOW)
     await store.park_modal("job_mod00000", "sim", "u1", NOW + 900, NOW)
-    assert not await store.extend_modal("job_mod00000", NOW + 900, NOW + 2000, NOW + 900)  # its window has closed
-    assert not await store.extend_modal("job_mod00000", NOW + 901, NOW + 1500, NOW)  # not the deadline it has
-    assert await store.extend_modal("job_mod00000", NOW + 900, NOW + 1500, NOW + 899)
-    assert not await store.extend_modal("job_mod00000", NOW + 900, NOW + 1600, NOW + 899)  # one is under way
+    assert not await store.extend_modal("job_mod00000", NOW + 2000, NOW + 900, NOW + 940)  # its window closed
+    assert await store.extend_modal("job_mod00000", NOW + 1500, NOW + 899, NOW + 939)
+    assert not await store.extend_modal("job_mod00000", NOW + 1600, NOW + 920, NOW + 960)  # one is under way
     overdue = Ending("job_mod00000", succeeded=False, error_code="timeout", fail_reason="nobody confirmed it")
     assert await store.finish_many([overdue], NOW + 901) == [None]
     await store.restore_modal("job_mod00000", NOW + 1600, NOW + 900)  # not the one written: nothing
     assert await store.finish_many([overdue], NOW + 901) == [None]
-    await store.restore_modal("job_mod00000", NOW + 1500, NOW + 900)
+    # the first one's process died with it under way: once its time is up, another may start
+    assert await store.extend_modal("job_mod00000", NOW + 1600, NOW + 940, NOW + 980)
+    await store.restore_modal("job_mod00000", NOW + 1600, NOW + 900)
     ended = (await store.finish_many([overdue], NOW + 901))[0]
     assert ended is not None and (ended.state, ended.error_code) == (JobState.FAILED, "timeout")
-    assert not await store.extend_modal("job_mod00000", NOW + 900, NOW + 1500, NOW)  # no longer waiting
+    assert not await store.extend_modal("job_mod00000", NOW + 1500, NOW, NOW + 40)  # no longer waiting
 
 
 async def test_progress_never_touches_ended_jobs(db: Database) -> None:

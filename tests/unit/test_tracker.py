@@ -805,7 +805,7 @@ async def test_a_timeout_the_store_refused_follows_the_job_to_its_new_deadline(w
     job = await world.submit("a parked heron sim:never", deadline_s=20)
     tracked = lifecycle._by_job[job]
     await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
-    assert await world.store.extend_modal(job, tracked.deadline_at, world.clock.now() + 600, world.clock.now())
+    assert await world.store.extend_modal(job, world.clock.now() + 600, world.clock.now(), world.clock.now() + 40)
     world.clock.advance(21)
     await world.tracker.poll("sim")
     assert (await world.state(job))[1:] == (None, "held")
@@ -840,7 +840,7 @@ async def test_a_job_whose_confirmation_was_refused_times_out_soon_after_the_sto
     tracked = lifecycle._by_job[job]
     await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
     window, longer = tracked.deadline_at, world.clock.now() + 600
-    assert await world.store.extend_modal(job, window, longer, world.clock.now())
+    assert await world.store.extend_modal(job, longer, world.clock.now(), world.clock.now() + 40)
 
     async def unreadable(ids: Sequence[str]) -> list[TaskView]:
         raise UpstreamUnavailable("down")
@@ -866,7 +866,7 @@ async def test_a_timeout_refused_for_a_job_another_process_took_meanwhile_is_lef
     await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
     other = JobStore(world.store.engine, owner="another-process", lease_s=30)
     now = world.clock.now()
-    assert await other.extend_modal(job, tracked.deadline_at, now + 600, now)
+    assert await other.extend_modal(job, now + 600, now, now + 40)
     write = lifecycle.finisher.end_many
 
     async def confirmed_first(endings: list[Ending]) -> list[JobRow | None | Exception]:
