@@ -52,6 +52,19 @@ def hooks_of(
     return hooks
 
 
+def coordinator_of(world: World, on_adopted: Callable[[list[JobRow]], Awaitable[None]]) -> Coordinator:
+    """This process's coordinator among others on one database, carrying adopted jobs' hooks on with `on_adopted`."""
+    return Coordinator(
+        leases=Leases(world.store.engine, world.store.owner, 30),
+        attempts=AttemptStore(world.store.engine),
+        tracker=world.tracker,
+        lifecycle=world.tracker.lifecycle,
+        clock=world.clock,
+        alone=False,
+        on_adopted=on_adopted,
+    )
+
+
 async def elsewhere(world: World, job_id: str, *, submitted: bool = True) -> tuple[str, bytes]:
     """A job another process admitted (and submitted): its task upstream, and the hook body that task makes."""
     other = JobStore(world.store.engine, owner="another-process", lease_s=4)
@@ -319,15 +332,7 @@ async def test_a_job_a_hook_claims_carries_on_as_an_adopted_one_its_client_hooks
         assert not any(world.tracker.lifecycle.following(row.id) for row in rows)
         adopted.append([row.id for row in rows])
 
-    coordinator = Coordinator(
-        leases=Leases(world.store.engine, world.store.owner, 30),
-        attempts=AttemptStore(world.store.engine),
-        tracker=world.tracker,
-        lifecycle=world.tracker.lifecycle,
-        clock=world.clock,
-        alone=False,
-        on_adopted=on_adopted,
-    )
+    coordinator = coordinator_of(world, on_adopted)
     hooks = hooks_of(world, Forwarded(), follow=coordinator.follow_claimed)
     upstream_id, _ = await elsewhere(world, "job_claimed01")
     world.clock.advance(5)  # the other process died: its lease (4 s) ran out
@@ -348,15 +353,7 @@ async def test_a_job_adopted_here_is_followed_even_when_its_client_hook_cannot_b
     assert await hooks.apply("sim", body_of(world, upstream_id)) == "adopted"
     assert world.tracker.lifecycle.following("job_pending02")
 
-    coordinator = Coordinator(
-        leases=Leases(world.store.engine, world.store.owner, 30),
-        attempts=AttemptStore(world.store.engine),
-        tracker=world.tracker,
-        lifecycle=world.tracker.lifecycle,
-        clock=world.clock,
-        alone=False,
-        on_adopted=broken,
-    )
+    coordinator = coordinator_of(world, broken)
     await elsewhere(world, "job_claimed02")
     world.clock.advance(5)  # that process died too
     assert await coordinator.adopt() == 1 and world.tracker.lifecycle.following("job_claimed02")
