@@ -274,6 +274,7 @@ class Lifecycle:
             state=row.state,
             progress=row.progress,
             shape=row.spec.shape,
+            confirmed=row.confirmed_at is not None,  # a view read before its confirmation never parks it again
             slot=row.state is not JobState.MODAL,
         )
 

@@ -114,6 +114,7 @@ class JobRow:
     owner: str | None = None
     lease_until: float | None = None
     confirming_until: float | None = None
+    confirmed_at: float | None = None
 
     @property
     def kind(self) -> TaskKind:
@@ -402,6 +403,7 @@ class JobStore:
             "owner": self.owner,
             "lease_until": now + self.lease_s,
             "confirming_until": None,
+            "confirmed_at": now,
         }
         if prompt:
             values["prompt"] = prompt

@@ -65,6 +65,8 @@ jobs = Table(
     Column("lease_until", Float, nullable=True),
     # A confirmation (`submit/modal`) of the job is with the upstream until then: no other may start meanwhile.
     Column("confirming_until", Float, nullable=True),
+    # When a confirmation of the job was written: whichever process follows it, it never waits in MODAL again.
+    Column("confirmed_at", Float, nullable=True),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_request", "request_id"),
     Index("ix_jobs_key_created", "key_id", "created_at"),

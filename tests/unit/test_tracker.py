@@ -878,3 +878,24 @@ async def test_a_timeout_refused_for_a_job_another_process_took_meanwhile_is_lef
     await world.tracker.poll("sim")
     assert (await world.state(job))[1:] == (None, "held") and not lifecycle.following(job)
     assert not lifecycle.ended_here("sim", tracked.upstream_id) and world.pool.in_flight["sim"] == 0
+
+
+async def test_a_confirmed_job_adopted_later_is_never_parked_again(world: World) -> None:
+    """Another process confirmed the job and then died; this one adopts it. A view of the job in MODAL read
+    before the confirmation (an upstream hook sent late) parks it again neither in memory nor in the store."""
+    lifecycle = world.tracker.lifecycle
+    job = await world.submit("a parked heron")
+    parked = lifecycle._by_job[job]
+    await lifecycle.hook(parked, TaskView(parked.upstream_id, TaskStatus.MODAL, 0))
+    lifecycle.forget(job)  # followed by another process, which confirms it
+    now = world.clock.now()
+    other = JobStore(world.store.engine, owner="another-process", lease_s=30)
+    assert await other.confirm_modal(job, parked.upstream_id, now + 600, now)
+    world.clock.advance(31)  # that process died: its lease ran out
+    await world.tracker.adopt(await Leases(world.store.engine, world.store.owner, 30).claim([job], world.clock.now()))
+    adopted = lifecycle._by_job[job]
+    assert adopted.confirmed and adopted.slot
+    await lifecycle.hook(adopted, TaskView(adopted.upstream_id, TaskStatus.MODAL, 0))
+    stored = await world.store.get(job)
+    assert stored is not None and (stored.state, adopted.state) == (JobState.SUBMITTED, JobState.SUBMITTED)
+    assert adopted.slot and world.pool.in_flight["sim"] == 1
