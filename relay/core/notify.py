@@ -13,7 +13,8 @@ never hold it up. Hook URLs obey the same rules as reference images (`core.egres
 unless allowed, checked when the task is submitted and again at each delivery.
 
 Hooks come from the process that holds the job: one whose watch outlived its hold (another process took the job
-over or adopted it, and watches it now) stops at the job's next change, sending nothing.
+over or adopted it, and watches it now) stops at the job's next change, or before trying a failed delivery
+again, sending nothing.
 """
 
 from __future__ import annotations
@@ -172,6 +173,9 @@ class Notifier:
         for attempt in range(1, self.config.attempts + 1):
             if attempt > 1:
                 await self.clock.sleep(self.config.backoff_s * 2 ** (attempt - 2))
+                now_row = await self.store.get(row.id)
+                if now_row is None or self._held_elsewhere(now_row):
+                    return  # another process holds the job now and sends its newer states: this one is stale
             key_slots = self._key_slots.setdefault(watch.key_id, asyncio.Semaphore(self.config.max_concurrent_per_key))
             async with key_slots, self._slots:
                 try:

@@ -53,3 +53,31 @@ async def test_a_watch_on_a_job_another_live_process_holds_stops_without_sending
         await until(lambda: len(receiver.tasks(mine)) == 1 and notifier.watching() == 1)
         assert receiver.tasks(theirs) == []
         await notifier.close()
+
+
+async def test_a_delivery_being_retried_stops_when_another_process_takes_the_job(world: World) -> None:
+    """A delivery failed and waits to be tried again; meanwhile another process takes the job over and sends its
+    newer states itself. The old state is not tried again, so the receiver never sees the job step back."""
+    receiver = Receiver()
+    notifier = Notifier(
+        config=HooksConfig(attempts=3, backoff_s=1),
+        egress=Egress(allow_private=True, allow_hosts=[]),
+        events=world.events,
+        store=world.store,
+        metrics=world.pool.metrics,
+        clock=world.clock,
+    )
+    notifier.render = lambda row, base, now: {"id": row.id, "status": row.state.value, "progress": row.progress}
+    with serve(receiver.app()) as hooks:
+        job = await world.submit("taken over while retried")
+        notifier.watch(job, hooks + "/fail", "a-hook-secret", "http://relay", world.key_id)
+        world.events.publish(JobEvent(job, JobState.SUBMITTED, 0))
+        await until(lambda: len(receiver.failed) == 1 and bool(world.clock._sleepers))  # waiting to try again
+        other = Leases(world.store.engine, "another-process", 30)
+        assert [row.id for row in await other.claim([job], world.clock.now() + 31)] == [job]
+        world.clock.advance(1)
+        worker = notifier._watches[job].worker
+        assert worker is not None
+        await until(worker.done)
+        assert len(receiver.failed) == 1
+        await notifier.close()
