@@ -26,13 +26,10 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
-async def test_a_watch_on_a_job_another_live_process_holds_stops_without_sending(world: World) -> None:
-    """This process watched two jobs' hooks; another process took one over (a confirmation written there, or an
-    adoption while this one stalled) and sends its hooks itself. At the job's next change this process stops
-    watching it and sends nothing; the job it still holds goes on."""
-    receiver = Receiver()
+def notifier_of(world: World, config: HooksConfig) -> Notifier:
+    """This process's client hooks, to loopback receivers, with a task rendered as its id, status and progress."""
     notifier = Notifier(
-        config=HooksConfig(),
+        config=config,
         egress=Egress(allow_private=True, allow_hosts=[]),
         events=world.events,
         store=world.store,
@@ -40,6 +37,15 @@ async def test_a_watch_on_a_job_another_live_process_holds_stops_without_sending
         clock=world.clock,
     )
     notifier.render = lambda row, base, now: {"id": row.id, "status": row.state.value, "progress": row.progress}
+    return notifier
+
+
+async def test_a_watch_on_a_job_another_live_process_holds_stops_without_sending(world: World) -> None:
+    """This process watched two jobs' hooks; another process took one over (a confirmation written there, or an
+    adoption while this one stalled) and sends its hooks itself. At the job's next change this process stops
+    watching it and sends nothing; the job it still holds goes on."""
+    receiver = Receiver()
+    notifier = notifier_of(world, HooksConfig())
     with serve(receiver.app()) as hooks:
         mine, theirs = await world.submit("kept here"), await world.submit("taken over")
         for job_id in (mine, theirs):
@@ -59,15 +65,7 @@ async def test_a_delivery_being_retried_stops_when_another_process_takes_the_job
     """A delivery failed and waits to be tried again; meanwhile another process takes the job over and sends its
     newer states itself. The old state is not tried again, so the receiver never sees the job step back."""
     receiver = Receiver()
-    notifier = Notifier(
-        config=HooksConfig(attempts=3, backoff_s=1),
-        egress=Egress(allow_private=True, allow_hosts=[]),
-        events=world.events,
-        store=world.store,
-        metrics=world.pool.metrics,
-        clock=world.clock,
-    )
-    notifier.render = lambda row, base, now: {"id": row.id, "status": row.state.value, "progress": row.progress}
+    notifier = notifier_of(world, HooksConfig(attempts=3, backoff_s=1))
     with serve(receiver.app()) as hooks:
         job = await world.submit("taken over while retried")
         notifier.watch(job, hooks + "/fail", "a-hook-secret", "http://relay", world.key_id)
