@@ -278,6 +278,16 @@ class Lifecycle:
             slot=row.state is not JobState.MODAL,
         )
 
+    def take_up(self, row: JobRow) -> Tracked:
+        """Follow a job this process just took from the store (claimed, or confirmed while another followed it):
+        holding a provider slot unless it waits in MODAL, read at once, as it may have moved on meanwhile."""
+        tracked = self.tracked_from(row)
+        if tracked.slot:
+            self.pool.acquire(tracked.provider)
+        tracked.due_at = self.clock.now()
+        self.follow(tracked)
+        return tracked
+
     # -- confirming a job that waits in MODAL --------------------------------------------------------------------
     #
     # The upstream may start the task the moment it takes the confirmation, before the relay has written it down:
@@ -314,11 +324,7 @@ class Lifecycle:
         assert row.upstream_id is not None
         tracked = self._by_job.get(row.id)
         if tracked is None:
-            tracked = self.tracked_from(row)
-            tracked.confirmed, tracked.due_at = True, self.clock.now()
-            if tracked.slot:
-                self.pool.acquire(tracked.provider)
-            self.follow(tracked)
+            self.take_up(row)  # confirmed, as the row says
             return True
         self.confirming(row.id, row.deadline_at)  # already marked, unless this process adopted the job meanwhile
         if tracked.upstream_id != row.upstream_id:

@@ -158,9 +158,9 @@ class Notifier:
     def _held_elsewhere(self, row: JobRow) -> bool:
         """Whether another process holds the job (its live lease, or it ended the job): that one sends its hooks
         (it took the job over, or adopted it while this one stalled, and watches it), so this watch stops."""
-        if row.owner is None or row.owner == self.store.owner:
-            return False
-        return row.state.terminal or (row.lease_until or 0.0) >= self.clock.now()
+        if row.state.terminal:
+            return row.owner not in (None, self.store.owner)
+        return row.held_elsewhere(self.store.owner, self.clock.now())
 
     async def _deliver(self, row: JobRow, watch: _Watch) -> None:
         assert self.render is not None, "the app sets how tasks are rendered"

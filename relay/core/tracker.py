@@ -110,11 +110,7 @@ class Tracker:
                     fail_reason="its provider is no longer configured",
                 )
                 continue
-            tracked = self.lifecycle.tracked_from(row)
-            if tracked.slot:
-                self.pool.acquire(row.provider)
-            tracked.due_at = self.clock.now()
-            self.track(tracked)
+            self.lifecycle.take_up(row)
 
     async def sweep_pending(self) -> None:
         """End jobs stuck in PENDING past the grace (see PENDING_GRACE_S)."""

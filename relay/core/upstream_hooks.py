@@ -222,7 +222,7 @@ class UpstreamHooks:
         if row.state is not JobState.PENDING and (row.provider != provider or row.upstream_id != view.upstream_id):
             return "unknown"
         now = self.clock.now()
-        if row.owner not in (None, self.store.owner) and (row.lease_until or 0.0) >= now:
+        if row.held_elsewhere(self.store.owner, now):
             if self.forward is None or row.owner is None:
                 return "unknown"
             await self.forward(row.owner, provider, view.upstream_id, body)  # a live process follows it

@@ -124,6 +124,10 @@ class JobRow:
     def spec(self) -> TaskSpec:
         return TASKS[self.kind]
 
+    def held_elsewhere(self, owner: str, now: float) -> bool:
+        """Whether a live process other than `owner` holds the job (its lease has not run out)."""
+        return self.owner not in (None, owner) and (self.lease_until or 0.0) >= now
+
     @property
     def buttons(self) -> list[dict[str, Any]]:
         """The upstream's buttons of a finished job (read when asked: most readers never need them)."""
