@@ -46,7 +46,8 @@ def _decode(body: bytes) -> Any:
         # The common case, at the C parser's speed. The checks read UTF-8 bytes: JSON in UTF-16 or UTF-32 (which
         # the json module decodes too) is always cleaned.
         if json.detect_encoding(body) == "utf-8" and not _unstorable(body):
-            return json.loads(body, parse_constant=_no_constant)
+            # as `json.loads` decodes UTF-8 bytes, with one decoder made once (the keywords make one per call)
+            return _DECODER.decode(body.decode("utf-8", "surrogatepass"))
         return _clean(json.loads(body, object_pairs_hook=_clean_pairs, parse_constant=_no_constant))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValueError("not JSON") from None
@@ -105,6 +106,9 @@ def _clean_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def _as_id(result: Any) -> str | None:
