@@ -26,8 +26,9 @@ Words in a prompt steer one task, for tests and demos:
   a banned word       submit answers code 24 (BANNED_PROMPT)
   sim:fail-followups  every follow-up of the task (an action on it, on its follow-ups, ...) fails halfway
   sim:never-followups every follow-up of the task never finishes
-They are read from the prompt of an imagine or a shorten, and `sim:fail`, `sim:never`, `sim:slow` also from the
-prompt a modal confirms with.
+  sim:late-answer     the HTTP server answers the submit `LATE_ANSWER_S` late (the task is taken at once)
+They are read from the prompt of an imagine or a shorten, and `sim:fail`, `sim:never`, `sim:slow` and
+`sim:late-answer` also from the prompt a modal confirms with.
 """
 
 from __future__ import annotations
@@ -61,7 +62,15 @@ from adapters.simulator.media import VARIANTS, Media, Render
 from adapters.simulator.pictures import Picture, picture, pictures
 from adapters.simulator.tasks import PROGRESS_STEPS, QUEUED_SHARE, SimTask
 
-__all__ = ["PROGRESS_STEPS", "QUEUED_SHARE", "SimEngine", "SimSettings", "SubmitReply", "mode_from_prompt"]
+__all__ = [
+    "PROGRESS_STEPS",
+    "QUEUED_SHARE",
+    "SimEngine",
+    "SimSettings",
+    "SubmitReply",
+    "mode_from_prompt",
+    "steering",
+]
 
 DIMENSIONS = {"PORTRAIT": (2, 3), "SQUARE": (1, 1), "LANDSCAPE": (3, 2)}
 _WORDS = re.compile(r"sim:[a-z-]+")
@@ -86,7 +95,7 @@ class SimSettings:
         return {"fast": self.fast_s, "relax": self.relax_s, "turbo": self.turbo_s}[mode]
 
 
-def _steer(text: str) -> frozenset[str]:
+def steering(text: str) -> frozenset[str]:
     """The steering words of a prompt (whole words: `sim:fail` is not `sim:fail-followups`)."""
     return frozenset(_WORDS.findall(text.lower()))
 
@@ -225,7 +234,7 @@ class SimEngine:
         refused = self._banned(prompt)
         if refused is not None:
             return refused
-        steer = _steer(prompt)
+        steer = steering(prompt)
         with self._lock:
             if prompt:
                 task.prompt = prompt
@@ -253,7 +262,7 @@ class SimEngine:
         source: Picture | None = None,
         modal: str | None = None,
     ) -> SubmitReply:
-        steer = _steer(prompt) if parent is None else frozenset()
+        steer = steering(prompt) if parent is None else frozenset()
         refused = self._admit(steer) or self._banned(prompt)
         if refused is not None:
             return refused

@@ -26,6 +26,7 @@ once), for benchmarks and tests.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,7 +41,7 @@ from starlette.routing import Route
 
 from adapters.base import MODES, Mode, SubmitKind
 from adapters.simulator.answers import SubmitReply
-from adapters.simulator.engine import SimEngine
+from adapters.simulator.engine import SimEngine, steering
 from adapters.simulator.hooks import HookSender, HookSettings
 from adapters.simulator.pictures import media_type
 from adapters.wire import ENDPOINTS
@@ -48,6 +49,8 @@ from adapters.wire import ENDPOINTS
 Dialect = Literal["midjourney-proxy", "new-api", "mj-v1"]
 DIALECTS: tuple[Dialect, ...] = ("midjourney-proxy", "new-api", "mj-v1")
 Handler = Callable[[Request], Awaitable[Response]]
+# How late the answer to a submit whose prompt says `sim:late-answer` comes (the task is taken at once).
+LATE_ANSWER_S = 3.0
 # new-api passes a code 21 through only for the actions that always need a modal.
 _NEWAPI_MODAL_ACTIONS = ("INPAINT", "CUSTOM_ZOOM")
 
@@ -62,7 +65,12 @@ def _as_mode(value: object) -> Mode | None:
 
 
 def build_sim_app(
-    engine: SimEngine, dialect: Dialect = "midjourney-proxy", secret: str = "", hooks: HookSettings | None = None
+    engine: SimEngine,
+    dialect: Dialect = "midjourney-proxy",
+    secret: str = "",
+    hooks: HookSettings | None = None,
+    *,
+    late_answer_s: float = LATE_ANSWER_S,
 ) -> Starlette:
     sender = HookSender(engine, hooks, "") if hooks is not None and dialect != "new-api" else None
 
@@ -137,7 +145,10 @@ def build_sim_app(
             else:
                 sender.image_base = image_base(request)
             mode = None if kind == "modal" else choose_mode(request, body)
-            return render(engine.submit(kind, body, mode))
+            answer = engine.submit(kind, body, mode)
+            if "sim:late-answer" in steering(str(body.get("prompt") or "")):
+                await asyncio.sleep(late_answer_s)  # the task is taken; its caller hears of it only now
+            return render(answer)
 
         return submit
 

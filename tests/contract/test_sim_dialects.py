@@ -3,6 +3,7 @@ loopback, no adapter in between, so each quirk the adapters must handle is pinne
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -117,6 +118,29 @@ def test_a_fault_is_answered_the_dialects_way(dialect: str, status: int, body: d
     with client(dialect) as (http, _):
         reply = http.post(f"{prefix(dialect)}/submit/shorten", json={"prompt": "a cat sim:error"})
         assert reply.status_code == status and reply.json() == {**reply.json(), **body}
+
+
+def test_a_late_answer_comes_after_its_task_was_taken() -> None:
+    """`sim:late-answer`, in a submit's prompt or in the prompt a modal confirms with: the task is taken at once and
+    its answer held back, as an upstream slow to answer does (a caller that gives up first cannot tell whether it
+    ran)."""
+    clock = FakeClock()
+    engine = SimEngine(SimSettings(fast_s=10, tile_px=16, remix=True), now=clock.now)
+    with serve(build_sim_app(engine, "midjourney-proxy", SECRET, late_answer_s=0.5)) as base:
+        http = httpx.Client(base_url=base, headers={"mj-api-secret": SECRET}, timeout=10)
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/mj/submit/imagine", json={"prompt": "a cat sim:late-answer"}, timeout=0.2)
+        assert [task.prompt for task in engine.all_tasks()] == ["a cat sim:late-answer"]  # taken, not answered
+        task = finished_grid(http, clock, "midjourney-proxy")
+        variation = next(b["customId"] for b in task["buttons"] if "variation::1" in b["customId"])
+        parked = http.post("/mj/submit/action", json={"taskId": task["id"], "customId": variation}).json()
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/mj/submit/modal", json={"taskId": parked["result"], "prompt": "sim:late-answer"}, timeout=0.2)
+        assert http.get(f"/mj/task/{parked['result']}/fetch").json()["status"] != "MODAL"  # confirmed meanwhile
+        started = time.monotonic()
+        answered = http.post("/mj/submit/imagine", json={"prompt": "a dog sim:late-answer"})
+        assert answered.json()["code"] == 1 and time.monotonic() - started >= 0.5  # answered, in the end
+        http.close()
 
 
 @pytest.mark.parametrize(("dialect", "code"), [("midjourney-proxy", 21), ("new-api", 1), ("mj-v1", 21)])

@@ -415,6 +415,50 @@ def test_a_modal_confirmed_at_the_other_relay_runs_to_its_end(tmp_path: Path) ->
         assert len(steps) == len(set(steps)), steps  # each change once, from one relay at a time
 
 
+@pytest.mark.postgres
+def test_a_modal_confirmation_answered_after_its_window_closed_runs_to_its_end(tmp_path: Path) -> None:
+    """A variation parked in MODAL by one relay is confirmed at the other, and the upstream takes the confirmation
+    at once but answers it only after the modal window has closed. Meanwhile the relay that parked the job, which
+    still holds it, reaches the window's deadline and sees the task run upstream: it must not end the job as
+    timed out (the confirmation under way moved the stored deadline on), and the confirming relay then takes the
+    job over and follows it to its end. Nothing runs, is downloaded or is charged twice."""
+    with two_relays(tmp_path, "--fast-s", "3", "--remix", lease_s=30, modal_timeout_s=2) as pair:
+        native = {"mj-api-secret": pair.key}
+        first, second = pair.first.base + "/mj", pair.second.base + "/mj"
+
+        def post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+            reply = httpx.post(base + path, json=body, headers=native, timeout=30)
+            assert reply.status_code == 200, reply.text
+            answer: dict[str, Any] = reply.json()
+            return answer
+
+        def fetch(base: str, task: str) -> dict[str, Any]:
+            task_view: dict[str, Any] = httpx.get(f"{base}/task/{task}/fetch", headers=native, timeout=10).json()
+            return task_view
+
+        grid = str(post(first, "/submit/imagine", {"prompt": "a harbour"})["result"])
+        wait_for(lambda: fetch(first, grid)["status"] == "SUCCESS", timeout=20)
+        button = next(b["customId"] for b in fetch(first, grid)["buttons"] if "variation::1" in b["customId"])
+        parked = post(first, "/submit/action", {"taskId": grid, "customId": button})
+        assert parked["code"] == 21, parked
+        task = str(parked["result"])
+        ((parker, window_closes),) = sql(pair.config, "SELECT owner, deadline_at FROM jobs WHERE id = ?", task)
+
+        confirmed = post(second, "/submit/modal", {"taskId": task, "prompt": "a red boat sim:late-answer"})
+        assert confirmed["code"] == 1, confirmed
+        assert time.time() > window_closes  # the answer came after the window closed, while the first held the job
+        wait_for(lambda: fetch(second, task)["status"] in ("SUCCESS", "FAILURE"), timeout=20)
+        ended = fetch(second, task)
+        assert ended["status"] == "SUCCESS", ended  # not timed out by the relay that parked it
+        ((owner,),) = sql(pair.config, "SELECT owner FROM jobs WHERE id = ?", task)
+        assert owner != parker  # followed to its end by the relay that confirmed it
+        stats = httpx.get(pair.upstream + "/sim/stats").json()
+        assert stats["submits"] == 3  # the imagine, the variation and its confirmation: nothing ran twice
+        assert stats["downloaded_twice"] == 0
+        price = PRICE + pair.config.price("mj-fast", "variation")
+        assert balance(pair.config) == (100 - price, 0)
+
+
 def client_hooks_delivered(relay: RelayProcess) -> float:
     metrics = httpx.get(relay.base + "/metrics", timeout=10).text
     return sum(
