@@ -16,8 +16,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from cachetools import TTLCache
-
 from adapters import Bot, Mode, SubmitRequest
 from relay.clock import Clock
 from relay.config import Config
@@ -29,7 +27,7 @@ from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size
 from relay.core.submit import Planned, Submitter
 from relay.core.text import unstorable
 from relay.domain import FailureCode, JobState, ResultShape, TaskKind
-from relay.errors import InvalidRequest, JobFailed, NotFound
+from relay.errors import InvalidRequest, JobFailed, NotFound, ServiceUnavailable
 from relay.images import TILE_NAMES
 from relay.store.attempts import AttemptStore
 from relay.store.jobs import JobRow, JobStore, NewJob
@@ -41,6 +39,8 @@ RETRY_WINDOW_S = 3600.0
 # How long a retry waits for its first attempt's submission, under way in another process, and how often it looks.
 ATTEMPT_WAIT_S = 10.0
 ATTEMPT_POLL_S = 0.1
+# How often a retry looks again for the attempt to follow when another one took its fingerprint as it started.
+CLAIM_TRIES = 3
 # How long a waiter waits without news before it reads the endings of jobs other processes follow.
 QUIET_S = 5.0
 # How long past its deadline a waiter gives the tracker before ending a job itself.
@@ -124,6 +124,11 @@ class Tile:
     name: str
 
 
+def _spec_record(spec: ImageSpec) -> dict[str, Any]:
+    """What the attempts table keeps of a request for a retry to follow it (reference images are not kept)."""
+    return {"model": spec.model, "mode": spec.mode, "bot": spec.bot, "prompt": spec.prompt, "n": spec.n}
+
+
 def _took_any(outcome: list[JobRow] | None, planned: int) -> bool:
     return outcome is not None and len(outcome) < planned
 
@@ -152,11 +157,10 @@ class JobService:
         self.events = events
         self.clock = clock
         self.attempts = attempts
-        # Attempts started by this process, while they are under way and a while after: a retry here waits on them
-        # without asking the database.
-        self._local: TTLCache[str, asyncio.Future[_Started | None]] = TTLCache(
-            maxsize=100_000, ttl=RETRY_WINDOW_S, timer=clock.now
-        )
+        # Attempts this process is starting, while under way: a retry here waits on one without asking the database
+        # (its row may not be written yet). Once one is done, the attempts table says which attempt owns its
+        # fingerprint: a later one may have been made on another process.
+        self._local: dict[str, asyncio.Future[_Started | None]] = {}
         now = clock.now
         self._begin: Batcher[_Begun, None] = Batcher(
             lambda items: attempts.begin_many([(*item, now()) for item in items]), "attempts"
@@ -218,16 +222,47 @@ class JobService:
         retries of that body follow. Attempts are kept in the database, so a retry finds its first attempt after a
         restart and on another relay process."""
         if attempt is not None and attempt.retry:
-            attached = await self._follow_earlier(attempt.fingerprint)
+            return await self._retry(key, spec, attempt)
+        request_id = secrets.token_hex(12)
+        planned, following = self._plan_jobs(spec, request_id)
+        return await self._started(self._launch(key, spec, planned, following, attempt, claimed=False))
+
+    async def _retry(self, key: KeyRecord, spec: ImageSpec, attempt: Attempt) -> Generation:
+        """A retry follows the attempt that owns its fingerprint; one that finds none to follow starts afresh, and
+        owns the fingerprint from then on, only if no other attempt took it meanwhile (the same `Idempotency-Key`
+        sent to two processes at once): otherwise it follows that one."""
+        fingerprint = attempt.fingerprint
+        for _ in range(CLAIM_TRIES):
+            attached, earlier = await self._follow_earlier(fingerprint)
             if attached is not None:
                 return attached
-        return await self._start(key, spec, attempt)
+            request_id = secrets.token_hex(12)
+            planned, following = self._plan_jobs(spec, request_id)
+            spec_record = _spec_record(following.spec)
+            now = self.clock.now()
+            claimed = await self.attempts.claim(
+                (fingerprint, request_id, following.job_ids, spec_record, following.deadline_at, now),
+                replacing=earlier,
+                since=now - RETRY_WINDOW_S,
+            )
+            if claimed:
+                launched = self._launch(key, spec, planned, following, attempt, claimed=True)
+                break
+        else:
+            raise ServiceUnavailable("This request is being started by another attempt; retry shortly.", retry_after=1)
+        return await self._started(launched)
 
-    async def _follow_earlier(self, fingerprint: str) -> Generation | None:
+    async def _follow_earlier(self, fingerprint: str) -> tuple[Generation | None, str | None]:
+        """The attempt that owns `fingerprint` followed; or None, with the request id of the attempt found that
+        cannot be followed (it started nothing, its jobs all failed, it never held them), which a fresh start
+        takes the fingerprint over from (None: no attempt within the window)."""
         local = self._local.get(fingerprint)
-        if local is not None:  # started by this process: its future says how it went (waited for when under way)
+        if local is not None:  # under way here: waited for; once done, its row is written (and may have a successor)
             started = await asyncio.shield(local)
-            return await self._attach(started) if started is not None else None
+            if started is not None:
+                attached = await self._attach(started)
+                if attached is not None:
+                    return attached, None
         since = self.clock.now() - RETRY_WINDOW_S
         row = await self.attempts.get(fingerprint, since)
         waited = 0.0
@@ -239,10 +274,12 @@ class JobService:
             await self.clock.sleep(ATTEMPT_POLL_S)
             waited += ATTEMPT_POLL_S
             row = await self.attempts.get(fingerprint, since)
-        if row is None or row.state == "nothing":
-            return None
+        if row is None:
+            return None, None
+        if row.state == "nothing":
+            return None, row.request_id
         spec = ImageSpec(**row.spec)
-        return await self._attach(_Started(row.request_id, spec, row.job_ids, row.deadline_at))
+        return await self._attach(_Started(row.request_id, spec, row.job_ids, row.deadline_at)), row.request_id
 
     async def _attach(self, started: _Started) -> Generation | None:
         subscription = self.events.subscribe(started.job_ids)
@@ -264,9 +301,9 @@ class JobService:
             return None
         return generation
 
-    async def _start(self, key: KeyRecord, spec: ImageSpec, attempt: Attempt | None) -> Generation:
+    def _plan_jobs(self, spec: ImageSpec, request_id: str) -> tuple[list[Planned], _Started]:
+        """The request's jobs, and what a retry needs to follow them."""
         now = self.clock.now()
-        request_id = secrets.token_hex(12)
         deadline = now + self.config.jobs.deadline_s.of(spec.mode)
         price = self.config.price(spec.model, TaskKind.IMAGINE.value)
         request = SubmitRequest(
@@ -292,23 +329,43 @@ class JobService:
         ]
         job_ids = tuple(p.job.id for p in planned)
         # What a retry needs to follow this attempt; reference images are not kept for it.
-        following = _Started(request_id, replace(spec, references=()), job_ids, deadline)
+        return planned, _Started(request_id, replace(spec, references=()), job_ids, deadline)
+
+    def _launch(
+        self,
+        key: KeyRecord,
+        spec: ImageSpec,
+        planned: list[Planned],
+        following: _Started,
+        attempt: Attempt | None,
+        *,
+        claimed: bool,
+    ) -> tuple[Generation, asyncio.Future[list[JobRow]]]:
+        """Start holding and submitting the jobs (`claimed`: the attempt's row is written already)."""
         recorded: asyncio.Future[_Started | None] | None = None
         if attempt is not None:
             recorded = asyncio.get_running_loop().create_future()
-            self._local[attempt.fingerprint] = recorded
+            fingerprint, under_way = attempt.fingerprint, recorded
+            self._local[fingerprint] = under_way
+            under_way.add_done_callback(
+                lambda _: self._local.pop(fingerprint) if self._local.get(fingerprint) is under_way else None
+            )
         # Holding and submitting go on even if the caller goes away meanwhile: a held job is always submitted
         # (and tracked to its end) or ended, never left holding credits. Retries learn how it went from the
         # attempt, which is settled when that work is done, however the caller fares.
-        work = asyncio.ensure_future(self._attempt(key, planned, attempt, following, recorded))
-        subscription = self.events.subscribe(job_ids)
-        generation = Generation(request_id, spec, job_ids, deadline, subscription)
+        work = asyncio.ensure_future(self._attempt(key, planned, attempt, following, recorded, claimed))
+        subscription = self.events.subscribe(following.job_ids)
+        return Generation(following.request_id, spec, following.job_ids, following.deadline_at, subscription), work
+
+    async def _started(self, launched: tuple[Generation, asyncio.Future[list[JobRow]]]) -> Generation:
+        generation, work = launched
+        planned = len(generation.job_ids)
         try:
             refused = await asyncio.shield(work)
             for row in refused:
                 generation.ended.add(row.id)
                 generation.rows[row.id] = row
-            if len(refused) == len(planned):
+            if len(refused) == planned:
                 raise job_failed(refused[0])
         except BaseException:
             generation.close()
@@ -322,18 +379,24 @@ class JobService:
         attempt: Attempt | None,
         following: _Started,
         recorded: asyncio.Future[_Started | None] | None,
+        claimed: bool,
     ) -> list[JobRow]:
-        """Record the attempt, hold and submit its jobs, and settle the attempt with how that went."""
+        """Record the attempt (unless `claimed` wrote it), hold and submit its jobs, and settle the attempt with how
+        that went."""
         took = False
         # Written while the jobs are held (not before: that would add a commit to every request's way in); a retry
-        # in this process finds the attempt in `_local` at once, one elsewhere finds it written by then.
+        # in this process waits on the attempt in `_local` meanwhile, one elsewhere finds it written by then.
         begun: asyncio.Future[None] | None = None
-        if attempt is not None:
-            spec = following.spec
-            record = {"model": spec.model, "mode": spec.mode, "bot": spec.bot, "prompt": spec.prompt, "n": spec.n}
+        if attempt is not None and not claimed:
             begun = asyncio.ensure_future(
                 self._begin(
-                    _Begun(attempt.fingerprint, following.request_id, following.job_ids, record, following.deadline_at)
+                    _Begun(
+                        attempt.fingerprint,
+                        following.request_id,
+                        following.job_ids,
+                        _spec_record(following.spec),
+                        following.deadline_at,
+                    )
                 )
             )
         try:
@@ -341,11 +404,18 @@ class JobService:
             took = _took_any(refused, len(planned))
             return refused
         finally:
-            if recorded is not None and not recorded.done():
-                recorded.set_result(following if took else None)
-            if attempt is not None and begun is not None:
-                with contextlib.suppress(Exception):  # at worst a retry starts afresh
-                    await begun
+            written = claimed
+            try:
+                if begun is not None:
+                    with contextlib.suppress(Exception):  # at worst a retry starts afresh
+                        await begun
+                        written = True
+            finally:
+                # Only now: a retry here that finds the attempt done reads the attempts table, which has it.
+                if recorded is not None and not recorded.done():
+                    recorded.set_result(following if took else None)
+            if attempt is not None and written:
+                with contextlib.suppress(Exception):
                     await self._settle((attempt.fingerprint, following.request_id, took))
 
     async def _admit_and_submit(self, key: KeyRecord, planned: list[Planned]) -> list[JobRow]:

@@ -3,8 +3,9 @@ restarts and across relay processes.
 
 An attempt is keyed by its fingerprint (the key, the route and the body, or the `Idempotency-Key` it named). The
 latest attempt that was not a retry owns the fingerprint; it is `starting` while its jobs are held and submitted,
-then `started` (some job was taken upstream) or `nothing` (none was). Attempts older than the retry window are
-forgotten.
+then `started` (some job was taken upstream) or `nothing` (none was). A retry that finds no attempt to follow
+starts afresh and takes the fingerprint over only from the attempt it found (`claim`), so that one request sent to
+two processes at once starts once. Attempts older than the retry window are forgotten.
 """
 
 from __future__ import annotations
@@ -64,6 +65,43 @@ class AttemptStore:
         excluded = {k: statement.excluded[k] for k in rows[0] if k != "fingerprint"}
         await changed(self.engine, statement.on_conflict_do_update(index_elements=["fingerprint"], set_=excluded), rows)
         return [None] * len(attempts_made)
+
+    async def claim(
+        self,
+        attempt: tuple[str, str, tuple[str, ...], dict[str, Any], float, float],
+        *,
+        replacing: str | None,
+        since: float,
+    ) -> bool:
+        """A retry that found no attempt to follow starts afresh: the attempt (fingerprint, request id, job ids,
+        spec, deadline, now), `starting`, owns the fingerprint from now on, if the one found still does
+        (`replacing`: its request id; None: no attempt made since `since`). False when another attempt took the
+        fingerprint meanwhile (the same request sent to two processes at once): that one is to be followed."""
+        fingerprint, request_id, job_ids, spec, deadline_at, now = attempt
+        values = {
+            "request_id": request_id,
+            "state": "starting",
+            "job_ids": json.dumps(list(job_ids)),
+            "spec": json.dumps(spec),
+            "deadline_at": deadline_at,
+            "created_at": now,
+            "updated_at": now,
+        }
+        if replacing is None:
+            dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+            insert = dialect.insert(attempts).values(fingerprint=fingerprint, **values)
+            statement: Any = insert.on_conflict_do_update(
+                index_elements=["fingerprint"],
+                set_={name: insert.excluded[name] for name in values},
+                where=attempts.c.created_at < since,  # one older than the window is forgotten already
+            )
+        else:
+            statement = (
+                update(attempts)
+                .where(attempts.c.fingerprint == fingerprint, attempts.c.request_id == replacing)
+                .values(**values)
+            )
+        return await changed(self.engine, statement) == 1
 
     async def settle_many(self, settled: list[tuple[str, str, bool]], now: float) -> list[None]:
         """How each attempt's (fingerprint, request id, took) submission went, unless a later attempt owns the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from relay.errors import JobFailed
 from relay.services import Relay
 from relay.store.keys import KeyRecord
 from relay.store.tables import jobs
-from tests.helpers import FakeClock, relay_config
+from tests.helpers import FakeClock, pg_database, relay_config
 
 pytestmark = pytest.mark.anyio
 
@@ -154,3 +155,84 @@ async def test_a_request_waiting_for_its_images_is_woken_by_endings_alone(
     generation.close()
     assert [row.state.value for row in rows] == ["SUCCEEDED"]
     assert queued and set(queued) == {"SUCCEEDED"}  # progress events went by without a wake-up
+
+
+@contextlib.asynccontextmanager
+async def relays_on_one_database(
+    tmp_path: Path, upstream: SwitchableUpstream, count: int, *, postgres: bool = True
+) -> AsyncIterator[tuple[list[Relay], KeyRecord]]:
+    """`count` relays (as processes would be) on one fresh database, in front of one upstream, and a key."""
+    async with contextlib.AsyncExitStack() as stack:
+        database = {"url": await stack.enter_async_context(pg_database())} if postgres else {}
+        relays: list[Relay] = []
+        for i in range(count):
+            relay = Relay(relay_config(tmp_path / f"relay-{i}", database=database), SystemClock(), {"sim": upstream})
+            await relay.open()
+            stack.push_async_callback(relay.close)
+            relays.append(relay)
+        key, _ = await relays[0].keys.create("k", 100, 0)
+        yield relays, key
+
+
+async def job_count(relay: Relay) -> int:
+    async with relay.db.engine.connect() as conn:
+        return len((await conn.execute(select(jobs.c.id))).all())
+
+
+@pytest.mark.postgres
+async def test_a_retry_follows_the_attempt_made_after_its_process_s_own(tmp_path: Path) -> None:
+    """A request refused on one process (every provider busy: a 503 the SDK retries), retried on another, which
+    starts it, then retried on the first again (the second's answer timed out): the last retry follows the job the
+    second started, not the first process's memory of its own attempt, which started nothing."""
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 2) as ((a, b), key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        upstream.full = True
+        with pytest.raises(JobFailed):
+            await a.jobs.start(key, spec, Attempt("body", retry=False))
+        upstream.full = False
+        started = await b.jobs.start(key, spec, Attempt("body", retry=True))
+        started.close()
+        followed = await a.jobs.start(key, spec, Attempt("body", retry=True))
+        followed.close()
+        assert followed.request_id == started.request_id
+        assert await job_count(a) == 2  # the refused one and the one started: none for the last retry
+
+
+@pytest.mark.postgres
+async def test_a_retry_follows_the_repeat_of_a_request_made_on_another_process(tmp_path: Path) -> None:
+    """The same body sent again as a new request (for new images) on another process; that one's retry, back on the
+    first process, follows the repeat, not the first request the first process made."""
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 2) as ((a, b), key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        earlier = await a.jobs.start(key, spec, Attempt("body", retry=False))
+        await a.jobs.wait(earlier)
+        earlier.close()
+        again = await b.jobs.start(key, spec, Attempt("body", retry=False))
+        again.close()
+        retried = await a.jobs.start(key, spec, Attempt("body", retry=True))
+        retried.close()
+        assert retried.request_id == again.request_id
+
+
+@pytest.mark.parametrize(
+    ("processes", "postgres"),
+    [(1, False), pytest.param(1, True, marks=pytest.mark.postgres), pytest.param(2, True, marks=pytest.mark.postgres)],
+)
+async def test_one_idempotency_key_sent_twice_at_once_starts_one_job(
+    tmp_path: Path, processes: int, postgres: bool
+) -> None:
+    """Two requests with one `Idempotency-Key` (each a retry, as far as the relay can tell) at the same moment, on
+    one process or two: one job starts, and both follow it."""
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, processes, postgres=postgres) as (relays, key):
+        spec = relays[0].jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        one, two = await asyncio.gather(
+            relays[0].jobs.start(key, spec, Attempt("idempotency", retry=True)),
+            relays[-1].jobs.start(key, spec, Attempt("idempotency", retry=True)),
+        )
+        one.close()
+        two.close()
+        assert one.request_id == two.request_id
+        assert await job_count(relays[0]) == 1
