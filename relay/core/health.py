@@ -102,10 +102,13 @@ class Health:
         """Whether a new job may be routed here (call `advance` first, so a cool-down that is over counts)."""
         return self.state is State.HEALTHY or (self.state is State.HALF_OPEN and not self.trial)
 
-    def begin_submit(self) -> None:
-        """A submit is about to be sent: in half-open, it is the trial, and no other job is routed here meanwhile."""
+    def begin_submit(self) -> bool:
+        """A submit is about to be sent (or a job routed here is being readied for one): in half-open, it is the
+        trial, and no other job is routed here meanwhile. Whether it is the trial."""
         if self.state is State.HALF_OPEN:
             self.trial = True
+            return True
+        return False
 
     def abandon_submit(self) -> None:
         """The submit ended without an answer that says anything about the provider (a bug in the relay)."""

@@ -173,7 +173,7 @@ class Submitter:
             tried.append(name)
             limit = self.pool.settings[name].max_in_flight
             reserved = self.slots is not None and planned.provider is None and limit is not None
-            if reserved and not await self._reserve(job.id, name, limit):
+            if reserved and not await self._reserved(job.id, name, limit):
                 continue  # every slot is held, counting other processes' jobs: the next provider
             self.pool.acquire(name)
             try:
@@ -211,6 +211,18 @@ class Submitter:
         if row is None:
             raise InternalError("The job vanished.")
         return Outcome(row.state, row=row)
+
+    async def _reserved(self, job_id: str, provider: str, limit: int | None) -> bool:
+        """A slot of the provider reserved for the job (`_reserve`). A half-open provider's trial is taken first:
+        other jobs are routed while the reservation is written, and must not take it too."""
+        health = self.pool.health[provider]
+        trial, held = health.begin_submit(), False
+        try:
+            held = await self._reserve(job_id, provider, limit)
+        finally:
+            if trial and not held:
+                health.abandon_submit()
+        return held
 
     async def _reserve(self, job_id: str, provider: str, limit: int | None) -> bool:
         assert self.slots is not None and limit is not None

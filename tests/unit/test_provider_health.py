@@ -25,11 +25,15 @@ from adapters import (
     UploadOutcome,
     UpstreamUnavailable,
 )
+from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
+from relay.clock import SystemClock
 from relay.config import Config
 from relay.core.health import State, Transition
 from relay.core.prober import Prober
 from relay.core.providers import DOWN_REASON, ProviderPool
+from relay.errors import JobFailed
 from relay.metrics import Metrics
+from relay.services import Relay
 from relay.store.db import Database
 from relay.store.health import HealthRecord, HealthStore
 from tests.helpers import FakeClock, pg_database, relay_config
@@ -354,3 +358,57 @@ async def test_the_record_works_on_postgresql() -> None:
             assert (got["a"].state, got["a"].cooling_until, got["b"].state) == ("cooling", 40.0, "down")
         finally:
             await db.dispose()
+
+
+class Gated(SimulatorUpstream):
+    """The simulator, with submits held at a gate; counts the submits that arrived."""
+
+    def __init__(self) -> None:
+        super().__init__("sim", SimEngine(SimSettings(fast_s=0.2, tile_px=16)))
+        self.gate = asyncio.Event()
+        self.arrived = 0
+
+    async def submit(self, request: SubmitRequest) -> SubmitOutcome:
+        self.arrived += 1
+        await self.gate.wait()
+        return await super().submit(request)
+
+
+@pytest.mark.postgres
+async def test_a_half_open_provider_gets_one_trial_while_slots_are_reserved(tmp_path: Path) -> None:
+    """With `max_in_flight` on PostgreSQL, a job reserves its provider slot by a database write before its submit:
+    jobs routed meanwhile must not take a half-open provider's trial too; and a job whose reservation is refused
+    gives the trial back."""
+    async with pg_database() as url:
+        upstream = Gated()
+        providers = [{"name": "sim", "dialect": "simulator", "max_in_flight": 10}]
+        config = relay_config(tmp_path, database={"url": url}, providers=providers)
+        relay = Relay(config, SystemClock(), {"sim": upstream})
+        await relay.open()
+        try:
+            key, _ = await relay.keys.create("k", 100, 0)
+            spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+            health = relay.pool.health["sim"]
+            health.restore(State.HALF_OPEN, relay.clock.now(), "the cool-down is over", None)
+            reserve = relay.submitter._reserve
+
+            async def refused_once(job_id: str, provider: str, limit: int | None) -> bool:
+                relay.submitter._reserve = reserve  # type: ignore[method-assign]
+                return False
+
+            relay.submitter._reserve = refused_once  # type: ignore[method-assign]
+            with pytest.raises(JobFailed):
+                await relay.jobs.start(key, spec)
+            assert health.routable()  # the refused reservation gave the trial back
+            starts = [asyncio.ensure_future(relay.jobs.start(key, spec)) for _ in range(5)]
+            # one takes the trial; the others, routed while its slot was reserved, find no provider to take them
+            await until(lambda: sum(start.done() for start in starts) == 4)
+            assert upstream.arrived == 1
+            upstream.gate.set()
+            for generation in await asyncio.gather(*starts, return_exceptions=True):
+                if not isinstance(generation, BaseException):
+                    generation.close()
+            assert health.state is State.HEALTHY
+        finally:
+            upstream.gate.set()
+            await relay.close()
