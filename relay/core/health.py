@@ -222,7 +222,9 @@ class Health:
         moved = Transition(self.state, state, now, _short(reason), until)
         self.state, self.since, self.reason, self.until = state, now, moved.reason, until
         self.trial = False
-        if state is not State.HEALTHY:
+        if state is State.HEALTHY:
+            self.probe_failures = 0  # failed probes of an earlier episode do not count towards the next one
+        else:
             self.errors_in_row = 0
             self._window.clear()
         return moved

@@ -194,6 +194,23 @@ def test_failed_probes_in_a_row_take_a_provider_down_and_a_success_between_reset
     assert not health.routable() and health.until is None
 
 
+def test_failed_probes_before_a_recovery_do_not_count_towards_down_after_it() -> None:
+    health, clock = machine(cooldown_s=40)
+    cool_now(health, clock)
+    for _ in range(2):  # two probes fail while it cools
+        clock.advance(15)
+        health.probed(False, clock.now())
+    to_half_open(health, clock)
+    health.begin_submit()
+    health.observe(Signal.OK, clock.now(), submit=True)  # the trial is taken: healthy again
+    assert health.state is State.HEALTHY
+    clock.advance(3 * 86_400)  # days of good service, with no probes (no heartbeat)
+    cool_now(health, clock)
+    clock.advance(15)
+    assert health.probed(False, clock.now()) == []  # the first failed probe of this episode
+    assert health.state is State.COOLING
+
+
 def test_down_ignores_passive_signals_and_time_and_a_probe_brings_it_to_half_open() -> None:
     health, clock = machine()
     for _ in range(3):
