@@ -14,14 +14,52 @@ import asyncio
 import base64
 import re
 import secrets
+from dataclasses import dataclass
 
 from relay.clock import Clock
 from relay.errors import InvalidImage, InvalidRequest, ServiceUnavailable
 from relay.images import IMAGE, ImageError, ImageMissing, ImageStore, StorageError
 
-_OWN_LINK = re.compile(
-    r"<?https?://[^\s<>]+/files/([a-z0-9_]{8,40})/(grid\.png|image\.png|[1-4]\.png)\?exp=(\d{1,12})&sig=([\w\-]+)>?"
-)
+# A link to one of the relay's images: `<scheme>://<anything but space, < or >>/files/<id>/<name>?exp=<t>&sig=<s>`,
+# maybe in angle brackets. Found in linear time (`own_links`): as one regular expression, the part before `/files/`
+# backtracked over the rest of the prompt from every `http://` in it, so a long prompt held the event loop for
+# seconds before its length was even checked.
+_RUN = re.compile(r"[^\s<>]+")
+_SCHEME = re.compile(r"https?://")
+_TAIL = re.compile(r"/files/([a-z0-9_]{8,40})/(grid\.png|image\.png|[1-4]\.png)\?exp=(\d{1,12})&sig=([\w\-]+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    start: int  # where the link is in the prompt, angle brackets included
+    end: int
+    job_id: str
+    name: str
+    expires: str
+    signature: str
+
+
+def own_links(prompt: str) -> list[Link]:
+    """The links to relay images in a prompt, left to right, each as long as it can be (what one expression
+    `<?https?://[^ <>]+/files/<id>/<name>?exp=<t>&sig=<s>>?` finds, with any space for the blank), in time
+    linear in the prompt's length."""
+    links: list[Link] = []
+    for run in _RUN.finditer(prompt):
+        at, stop = run.start(), run.end()
+        while (scheme := _SCHEME.search(prompt, at, stop)) is not None:
+            # The match that starts at the first scheme ends at the last `/files/` a whole tail follows; none
+            # after this scheme means none after any later one either.
+            tail = None
+            found = prompt.rfind("/files/", scheme.end() + 1, stop)
+            while found != -1 and (tail := _TAIL.match(prompt, found, stop)) is None:
+                found = prompt.rfind("/files/", scheme.end() + 1, found + 6)  # one that starts before it
+            if tail is None:
+                break
+            start = scheme.start() - 1 if scheme.start() > 0 and prompt[scheme.start() - 1] == "<" else scheme.start()
+            end = tail.end() + 1 if tail.end() < len(prompt) and prompt[tail.end()] == ">" else tail.end()
+            links.append(Link(start, end, *tail.groups()))
+            at = tail.end()
+    return links
 
 
 def upload_id() -> str:
@@ -52,23 +90,23 @@ class Uploads:
         """The prompt without the relay's own image links, and the reference images with them added."""
         now = self.clock.now()
         found = [
-            match
-            for match in _OWN_LINK.finditer(prompt)
-            if self.images.verify(match.group(1), match.group(2), match.group(3), match.group(4), now)
+            link
+            for link in own_links(prompt)
+            if self.images.verify(link.job_id, link.name, link.expires, link.signature, now)
         ]
         if not found:
             return prompt, images
         if len(images) + len(found) > limit:
             raise InvalidRequest(f"At most {limit} reference images are accepted, links included.", param="prompt")
         try:
-            blobs = await asyncio.gather(*(self.images.read(m.group(1), m.group(2)) for m in found))
+            blobs = await asyncio.gather(*(self.images.read(link.job_id, link.name) for link in found))
         except (ImageMissing, ValueError, ImageError):
             raise InvalidRequest(
                 "A relay image link in the prompt names an image that is gone.", param="prompt"
             ) from None
         except StorageError:
             raise ServiceUnavailable("The image store cannot be read right now; try again shortly.") from None
-        for match in reversed(found):
-            prompt = prompt[: match.start()] + prompt[match.end() :]
+        for link in reversed(found):
+            prompt = prompt[: link.start] + prompt[link.end :]
         inlined = tuple("data:image/png;base64," + base64.b64encode(blob).decode() for blob in blobs)
         return " ".join(prompt.split()), images + inlined

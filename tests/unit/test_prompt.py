@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size, quality_flag, style_flag
+from relay.core.uploads import own_links
 
 
 @pytest.mark.parametrize(
@@ -68,3 +73,33 @@ def test_quality_and_style_flags_replace_the_prompt_ones() -> None:
 
 def test_words_that_only_look_like_flags_stay() -> None:
     assert build_prompt(PromptParts(text="breakfast--fast food", mode="fast")) == "breakfast--fast food --fast"
+
+
+# What `own_links` finds, as one regular expression (which backtracks: quadratic in a prompt of many `http://`).
+LINK = re.compile(
+    r"<?https?://[^\s<>]+/files/([a-z0-9_]{8,40})/(grid\.png|image\.png|[1-4]\.png)\?exp=(\d{1,12})&sig=([\w\-]+)>?"
+)
+PIECES = [
+    "http://", "https://", "h", "x", "/", "/files/", "job_abcdefgh", "abcdefgh12", "/1.png", "/grid.png", "/5.png",
+    "?exp=", "123", "&sig=", "AbC-_9", " ", "<", ">", "\n", ",", "é", "\u3000", "\x85",
+    "/files/job_aaaaaaaa/2.png?exp=9&sig=zz", "files/", "/files/files/abcdefgh/3.png?exp=1&sig=q",
+]  # fmt: skip
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=16).map("".join))
+def test_the_relays_own_links_are_found_as_the_expression_finds_them(prompt: str) -> None:
+    expected = [(m.start(), m.end(), *m.groups()) for m in LINK.finditer(prompt)]
+    assert [(k.start, k.end, k.job_id, k.name, k.expires, k.signature) for k in own_links(prompt)] == expected
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "http://" * 200_000,  # as one expression: hours
+        "http:///files/" * 100_000,
+        "http://x" + "/files/abcdefgh12/1.png?exp=1&sig=" * 50_000,
+    ],
+)
+def test_a_prompt_made_to_make_the_link_scan_backtrack_is_scanned_in_one_pass(prompt: str) -> None:
+    assert own_links(prompt) == []
