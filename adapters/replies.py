@@ -12,6 +12,7 @@ midjourney-proxy (novicezk and trueai), new-api's own error envelope, and the `/
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -48,7 +49,7 @@ def _decode(body: bytes) -> Any:
         if json.detect_encoding(body) == "utf-8" and not _unstorable(body):
             # as `json.loads` decodes UTF-8 bytes, with one decoder made once (the keywords make one per call)
             return _DECODER.decode(body.decode("utf-8", "surrogatepass"))
-        return _clean(json.loads(body, object_pairs_hook=_clean_pairs, parse_constant=_no_constant))
+        return _clean(json.loads(body, object_pairs_hook=_clean_pairs, parse_constant=_no_constant, parse_int=_integer))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValueError("not JSON") from None
 
@@ -108,7 +109,16 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+# The most digits an integer from an upstream is read with (ids and times have twenty at most). Python refuses to
+# read more than 4300 (a JSON number that long made a whole list of tasks unreadable); more than this are None.
+MAX_DIGITS = 100
+
+
+def _integer(text: str) -> int | None:
+    return int(text) if len(text) <= MAX_DIGITS else None
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_int=_integer)
 
 
 def _as_id(result: Any) -> str | None:
@@ -123,12 +133,16 @@ def _as_id(result: Any) -> str | None:
 
 
 def _code(value: Any) -> int | None:
+    """An integer as an upstream writes one (a number, or digits in a string); None for anything else, including
+    digits no integer of any upstream has (more than `MAX_DIGITS`, which `int` may refuse to read)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
+    if isinstance(value, str):
+        digits = value.strip().removeprefix("-")
+        if digits.isascii() and digits.isdigit() and len(digits) <= MAX_DIGITS:
+            return int(value)
     return None
 
 
@@ -304,13 +318,14 @@ def _progress(value: Any, status: TaskStatus) -> int:
         return 100
     if isinstance(value, bool):
         return 0
-    if isinstance(value, int | float):
-        return max(0, min(100, int(value)))
-    text = str(value or "").strip().rstrip("%").strip()
-    try:
-        return max(0, min(100, int(float(text))))
-    except ValueError:
-        return 0
+    if not isinstance(value, int | float):
+        try:
+            value = float(str(value or "").strip().rstrip("%").strip())
+        except ValueError:
+            return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0  # "inf%", 1e999, NaN: no progress anyone can read
+    return max(0, min(100, int(value)))
 
 
 def _status(value: Any) -> TaskStatus:
@@ -430,4 +445,12 @@ def parse_task_list(status: int, body: bytes) -> list[TaskView]:
         data = data["result"]  # some resellers wrap the list in the submit envelope
     if not isinstance(data, list):
         raise ValueError("a list-by-condition answer that is not a list")
-    return [view for view in (parse_task(item) for item in data) if view is not None]
+    return [view for view in map(_task_or_none, data) if view is not None]
+
+
+def _task_or_none(data: Any) -> TaskView | None:
+    """One task of a list, or None when it cannot be read: its neighbours are read all the same."""
+    try:
+        return parse_task(data)
+    except Exception:
+        return None

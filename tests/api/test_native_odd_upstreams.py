@@ -4,6 +4,7 @@ what a native client sees when the upstream queues (22), asks for a modal (21), 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -100,6 +102,20 @@ def test_a_queued_submit_is_answered_22_and_followed(tmp_path: Path) -> None:
         task_id = reply.json()["result"]
         assert task_id != "u-1"  # the relay's id, never the upstream's
         wait_for(lambda: client.get(f"/mj/task/{task_id}/fetch").json()["progress"] == "46%")
+
+
+@pytest.mark.parametrize("odd", ['"progress": 1e999', '"submitTime": ' + "9" * 5000])
+def test_a_task_with_an_unreadable_number_does_not_stop_its_neighbours_reads(tmp_path: Path, odd: str) -> None:
+    """A status read lists two tasks, one with a number no one can read (an infinite progress, more digits than
+    Python reads): the other job's progress is taken all the same, round after round."""
+    canned = Canned()
+    canned.on("submit/imagine", (200, {"code": 1, "result": "u-a"}), (200, {"code": 1, "result": "u-b"}))
+    listing = f'[{json.dumps(task("u-a", "IN_PROGRESS", "46%"))}, {{"id": "u-b", "status": "IN_PROGRESS", {odd}}}]'
+    canned.on("task/list-by-condition", (200, RawJson(listing)))
+    with relay_before(canned, tmp_path) as (client, _):
+        a = client.post("/mj/submit/imagine", json={"prompt": "a"}).json()["result"]
+        client.post("/mj/submit/imagine", json={"prompt": "b"})
+        wait_for(lambda: client.get(f"/mj/task/{a}/fetch").json()["progress"] == "46%")
 
 
 def test_a_modal_answer_to_an_action_parks_the_task_and_the_modal_runs_it(tmp_path: Path) -> None:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters import Accepted, ClientError, NeedsModal, ProviderUnusable, Retryable, TaskStatus, Uploaded
+from adapters import (
+    Accepted,
+    ClientError,
+    NeedsModal,
+    ProviderUnusable,
+    Retryable,
+    TaskStatus,
+    TaskView,
+    Uploaded,
+    replies,
+)
 from adapters.replies import (
     _unstorable,
     classify_submit,
@@ -119,6 +130,11 @@ def test_task_parsing_normalises_every_shape() -> None:
         ("IN_PROGRESS", True, 0),
         ("IN_PROGRESS", "250%", 100),
         ("RUNNING", "10%", 10),
+        ("IN_PROGRESS", "inf%", 0),
+        ("IN_PROGRESS", "-Infinity", 0),
+        ("IN_PROGRESS", "1e999", 0),
+        ("IN_PROGRESS", float("inf"), 0),
+        ("IN_PROGRESS", "nan%", 0),
     ],
 )
 def test_progress_parsing(status: str, progress: object, expected: int) -> None:
@@ -140,6 +156,37 @@ def test_fetch_and_list_parsing_edges() -> None:
     assert parse_task_list(200, b"") == []
     with pytest.raises(ValueError):
         parse_task_list(200, b"{bad")
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        '"progress": 1e999',
+        '"progress": "inf%"',
+        '"submitTime": ' + "9" * 5000,  # more digits than Python reads
+        '"submitTime": "' + "9" * 5000 + '"',
+        '"buttons": [{"customId": "x", "type": "' + "9" * 5000 + '"}]',
+        '"buttons": [{"customId": "x", "style": "²"}]',  # a digit to str.isdigit, not to int
+    ],
+)
+def test_a_task_with_an_unreadable_number_leaves_its_neighbours_in_a_list_readable(odd: str) -> None:
+    body = f'[{{"id": "a", "status": "IN_PROGRESS", "progress": "46%"}}, {{"id": "b", {odd}}}]'.encode()
+    views = parse_task_list(200, body)
+    assert views[0].upstream_id == "a" and views[0].progress == 46
+    assert [view.upstream_id for view in views[1:]] in ([], ["b"])
+    assert parse_hook(f'{{"id": "b", "status": "IN_PROGRESS", {odd}}}'.encode()) is not None
+
+
+def test_a_task_that_cannot_be_read_is_left_out_of_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    read = replies.parse_task
+
+    def parse(data: Any) -> TaskView | None:
+        if data.get("id") == "b":
+            raise RuntimeError("a reply nobody foresaw")
+        return read(data)
+
+    monkeypatch.setattr(replies, "parse_task", parse)
+    assert [v.upstream_id for v in parse_task_list(200, b'[{"id": "a"}, {"id": "b"}, {"id": "c"}]')] == ["a", "c"]
 
 
 def test_banned_reasons() -> None:
