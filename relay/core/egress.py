@@ -10,8 +10,10 @@ for the connection. Each hop of a redirect is checked again by its caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,10 +51,24 @@ def pinned_client(timeout_s: float, transport: httpx.AsyncBaseTransport | None =
     )
 
 
+# A client-given name is looked up for at most this long (waiting for a free lookup thread included), then refused.
+LOOKUP_TIMEOUT_S = 5.0
+# Lookups of client-given names under way at once, each on a thread of its own (`Lookups`).
+LOOKUP_THREADS = 8
+
+
 class Egress:
-    def __init__(self, allow_private: bool, allow_hosts: Sequence[str], resolver: Resolver | None = None) -> None:
+    def __init__(
+        self,
+        allow_private: bool,
+        allow_hosts: Sequence[str],
+        resolver: Resolver | None = None,
+        *,
+        lookup_timeout_s: float = LOOKUP_TIMEOUT_S,
+    ) -> None:
         self.allow_private = allow_private
-        self._resolve = resolver or resolve
+        self._resolve = resolver or Lookups(LOOKUP_THREADS).resolve
+        self.lookup_timeout_s = lookup_timeout_s
         self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self._hosts: set[str] = set()
         for entry in allow_hosts:
@@ -78,7 +94,10 @@ class Egress:
         if self.allow_private or host in self._hosts:
             return Pinned(url)
         try:
-            addresses = await self._resolve(host, port)
+            async with asyncio.timeout(self.lookup_timeout_s):
+                addresses = await self._resolve(host, port)
+        except TimeoutError:
+            raise EgressRefused("its host did not resolve in time") from None
         except (OSError, UnicodeError):
             raise EgressRefused("its host does not resolve") from None
         if not addresses:
@@ -152,7 +171,50 @@ def public(address: IPAddress) -> bool:
     return address.is_global and not any(flags) and not (address.is_link_local or address.is_site_local)
 
 
-async def resolve(host: str, port: int) -> list[IPAddress]:
-    """Every address a host name resolves to (an IP literal resolves to itself)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+class Lookups:
+    """Looks client-given host names up, each on a thread of its own, at most `threads` at once.
+
+    A system lookup cannot be abandoned: one whose name servers never answer holds its thread until the system
+    resolver gives up, which may take many seconds. On the event loop's own lookup threads (libuv's four, or
+    asyncio's executor), a few such names from any client would hold up the relay's connections to its upstreams,
+    which look their names up there too. Here they hold up only each other: a lookup that finds every thread
+    busy waits for one (within the caller's time limit), and the threads never keep the process from exiting."""
+
+    def __init__(self, threads: int) -> None:
+        self._threads = asyncio.Semaphore(threads)
+
+    async def resolve(self, host: str, port: int) -> list[IPAddress]:
+        """Every address a host name resolves to (an IP literal resolves to itself, at once)."""
+        try:
+            return [ipaddress.ip_address(host)]
+        except ValueError:
+            pass
+        loop = asyncio.get_running_loop()
+        await self._threads.acquire()  # released when the lookup returns, whoever still waits for it
+        answer: asyncio.Future[list[Any]] = loop.create_future()
+
+        def look_up() -> None:
+            try:
+                infos: list[Any] | BaseException = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except BaseException as exc:  # handed to the caller, if it still waits
+                infos = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(self._answered, answer, infos)
+
+        try:
+            threading.Thread(target=look_up, name="egress-lookup", daemon=True).start()
+        except BaseException:
+            self._threads.release()
+            raise
+        infos = await asyncio.shield(answer)
+        return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+    def _answered(self, answer: asyncio.Future[list[Any]], infos: list[Any] | BaseException) -> None:
+        self._threads.release()
+        if answer.done():
+            return
+        if isinstance(infos, BaseException):
+            answer.set_exception(infos)
+            answer.exception()  # retrieved here too: a caller that gave up leaves no warning
+        else:
+            answer.set_result(infos)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import ipaddress
 import random
+import socket
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -16,7 +20,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from relay.config import ReferencesConfig
-from relay.core.egress import IPAddress, public
+from relay.core.egress import Egress, EgressRefused, IPAddress, Lookups, public
 from relay.core.references import ReferenceLoader
 from relay.errors import InvalidRequest
 from tests.helpers import serve
@@ -188,3 +192,41 @@ async def test_an_ipv4_compatible_or_multicast_literal_is_refused_before_any_con
 
 async def test_a_bad_port_is_a_clear_refusal() -> None:
     assert "invalid port" in await refused(["http://example.com:99999/x.png"])
+
+
+async def test_a_name_that_never_resolves_is_refused_in_time() -> None:
+    async def silent(host: str, port: int) -> list[IPAddress]:
+        await asyncio.Event().wait()  # name servers that drop every query
+        return []
+
+    egress = Egress(False, [], silent, lookup_timeout_s=0.05)
+    with pytest.raises(EgressRefused, match="did not resolve in time"):
+        await egress.pin("http://hook.slow.example/")
+
+
+async def test_lookups_of_client_given_names_never_hold_up_the_relays_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names whose lookups hang take every thread of their own pool; the next such name waits for one and is
+    refused in time, while names the relay itself looks up (its upstreams') resolve at once. Once the hung
+    lookups return, their threads take names again."""
+    hung = threading.Event()
+    system = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host.endswith(".slow.example"):
+            hung.wait()
+            raise socket.gaierror(socket.EAI_AGAIN, "no answer")
+        return system("127.0.0.1" if host == "up.example" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    lookups = Lookups(2)
+    egress = Egress(False, ["127.0.0.0/8"], lookups.resolve, lookup_timeout_s=0.2)
+    stuck = [asyncio.ensure_future(lookups.resolve(f"n{i}.slow.example", 80)) for i in range(2)]
+    with pytest.raises(EgressRefused, match="did not resolve in time"):
+        await egress.pin("http://n3.slow.example/")
+    assert await asyncio.get_running_loop().getaddrinfo("up.example", 80)  # the loop's own lookups go on
+    assert (await egress.pin("http://127.0.0.1:9/")).target == "http://127.0.0.1:9/"  # a literal needs no thread
+    hung.set()
+    for lookup in stuck:
+        with pytest.raises(socket.gaierror):
+            await lookup
+    assert (await egress.pin("http://up.example:9/x")).target == "http://127.0.0.1:9/x"
