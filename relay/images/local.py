@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from relay.images.backend import StorageError
+
 __all__ = ["LocalBackend"]
 
 WRITE_THREADS = 4
@@ -77,6 +79,8 @@ class LocalBackend:
             return await asyncio.to_thread(self.path(key).read_bytes)
         except FileNotFoundError:
             return None
+        except OSError as exc:  # a directory that refuses reads (permissions, a mount gone): as the S3 store's
+            raise StorageError(f"the image directory refused a read: {exc.strerror or type(exc).__name__}") from None
 
     def _write_all(self, objects: Mapping[str, bytes], atomic: bool) -> dict[str, str]:
         failed = {}

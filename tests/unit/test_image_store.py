@@ -248,6 +248,13 @@ async def test_what_was_never_kept_is_missing(images: ImageStore) -> None:
         await images.read(OTHER, "1.png")
 
 
+async def test_a_directory_that_refuses_a_read_is_a_storage_error(images: ImageStore) -> None:
+    """Not a missing image, nor a bug: the store failed, as an S3 store's error is (a 503 that says to retry)."""
+    local(images).path(key(JOB, "grid.png")).mkdir(parents=True)  # reading it fails, as a mount that went away
+    with pytest.raises(StorageError, match="refused a read"):
+        await images.read(JOB, "grid.png")
+
+
 async def test_a_grid_that_cannot_be_decoded_is_an_image_error_when_cut(images: ImageStore) -> None:
     grid = bytearray(render_grid("x", (1, 1), 16))
     grid[40:60] = b"\x00" * 20  # damaged inside; the header and the end marker are intact
