@@ -160,7 +160,7 @@ class JobService:
         # Attempts this process is starting, while under way: a retry here waits on one without asking the database
         # (its row may not be written yet). Once one is done, the attempts table says which attempt owns its
         # fingerprint: a later one may have been made on another process.
-        self._local: dict[str, asyncio.Future[_Started | None]] = {}
+        self._local: dict[str, tuple[str, asyncio.Future[_Started | None]]] = {}  # its request id, how it went
         now = clock.now
         self._begin: Batcher[_Begun, None] = Batcher(
             lambda items: attempts.begin_many([(*item, now()) for item in items]), "attempts"
@@ -257,12 +257,11 @@ class JobService:
         cannot be followed (it started nothing, its jobs all failed, it never held them), which a fresh start
         takes the fingerprint over from (None: no attempt within the window)."""
         local = self._local.get(fingerprint)
-        if local is not None:  # under way here: waited for; once done, its row is written (and may have a successor)
-            started = await asyncio.shield(local)
-            if started is not None:
-                attached = await self._attach(started)
-                if attached is not None:
-                    return attached, None
+        if local is not None:  # under way here: waited for (its row is written by the time it is done)
+            request_id, under_way = local
+            started = await asyncio.shield(under_way)
+            attached = await self._attach(started) if started is not None else None
+            return attached, None if attached is not None else request_id
         since = self.clock.now() - RETRY_WINDOW_S
         row = await self.attempts.get(fingerprint, since)
         waited = 0.0
@@ -345,9 +344,9 @@ class JobService:
         recorded: asyncio.Future[_Started | None] | None = None
         if attempt is not None:
             recorded = asyncio.get_running_loop().create_future()
-            fingerprint, under_way = attempt.fingerprint, recorded
+            fingerprint, under_way = attempt.fingerprint, (following.request_id, recorded)
             self._local[fingerprint] = under_way
-            under_way.add_done_callback(
+            recorded.add_done_callback(
                 lambda _: self._local.pop(fingerprint) if self._local.get(fingerprint) is under_way else None
             )
         # Holding and submitting go on even if the caller goes away meanwhile: a held job is always submitted

@@ -16,7 +16,7 @@ from relay.clock import SystemClock
 from relay.core.events import JobEvent
 from relay.core.jobs import Attempt
 from relay.domain import FailureCode
-from relay.errors import JobFailed
+from relay.errors import InsufficientQuota, JobFailed
 from relay.services import Relay
 from relay.store.keys import KeyRecord
 from relay.store.tables import jobs
@@ -236,3 +236,34 @@ async def test_one_idempotency_key_sent_twice_at_once_starts_one_job(
         two.close()
         assert one.request_id == two.request_id
         assert await job_count(relays[0]) == 1
+
+
+async def test_a_retry_of_an_attempt_refused_while_it_was_held_starts_afresh_at_once(tmp_path: Path) -> None:
+    """A retry that waited on an attempt under way here, which then held nothing (refused at admission: no job
+    rows to wait for), starts afresh at once, without waiting for rows that never come (the clock never moves)."""
+    clock = FakeClock()
+    relay = Relay(relay_config(tmp_path), clock, {"sim": SwitchableUpstream()})
+    await relay.open()
+    try:
+        key, _ = await relay.keys.create("k", 100, clock.now())
+        spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        admit, gate = relay.submitter.admit, asyncio.Event()
+
+        async def refused(*args: object) -> None:
+            relay.submitter.admit = admit  # type: ignore[method-assign]  # the retry's own admission goes through
+            await gate.wait()
+            raise InsufficientQuota("no credits left")
+
+        relay.submitter.admit = refused  # type: ignore[method-assign]
+        first = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=False)))
+        while "body" not in relay.jobs._local:
+            await asyncio.sleep(0)
+        retry = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=True)))
+        gate.set()
+        with pytest.raises(InsufficientQuota):
+            await first
+        generation = await asyncio.wait_for(retry, 10)
+        generation.close()
+        assert len(await relay.store.by_request(generation.request_id)) == 1
+    finally:
+        await relay.close()
