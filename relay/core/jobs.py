@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
+
+from cachetools import TTLCache
 
 from adapters import Bot, Mode, SubmitRequest
 from relay.clock import Clock
@@ -33,14 +36,18 @@ from relay.store.attempts import AttemptStore
 from relay.store.jobs import JobRow, JobStore, NewJob
 from relay.store.keys import KeyRecord
 
+log = logging.getLogger("relay.jobs")
+
 TILES_PER_JOB = 4
 # How long a request's jobs can be found again by a retry of it: longer than any deadline plus the SDKs' retries.
 RETRY_WINDOW_S = 3600.0
 # How long a retry waits for its first attempt's submission, under way in another process, and how often it looks.
 ATTEMPT_WAIT_S = 10.0
 ATTEMPT_POLL_S = 0.1
-# How often a retry looks again for the attempt to follow when another one took its fingerprint as it started.
-CLAIM_TRIES = 3
+# How often a retry looks again for the attempt to follow when another one took its body as it was starting
+# afresh. Each such try follows that one to its submission; only when it started nothing does the next try come:
+# one for each copy of a request sent at once, all refused (a key without credits).
+CLAIM_TRIES = 20
 # How long a waiter waits without news before it reads the endings of jobs other processes follow.
 QUIET_S = 5.0
 # How long past its deadline a waiter gives the tracker before ending a job itself.
@@ -161,6 +168,12 @@ class JobService:
         # (its row may not be written yet). Once one is done, the attempts table says which attempt owns its
         # fingerprint: a later one may have been made on another process.
         self._local: dict[str, tuple[str, asyncio.Future[_Started | None]]] = {}  # its request id, how it went
+        # Attempts made here whose row could not be written (the database failed meanwhile): for the retry window,
+        # what a retry here follows rather than an older row (when it started, its request id, how it went).
+        self._unwritten: TTLCache[str, tuple[float, str, _Started | None]] = TTLCache(
+            maxsize=10_000, ttl=RETRY_WINDOW_S, timer=clock.now
+        )
+        self._abandoned: set[asyncio.Task[None]] = set()
         now = clock.now
         self._begin: Batcher[_Begun, None] = Batcher(
             lambda items: attempts.begin_many([(*item, now()) for item in items]), "attempts"
@@ -240,17 +253,52 @@ class JobService:
             planned, following = self._plan_jobs(spec, request_id)
             spec_record = _spec_record(following.spec)
             now = self.clock.now()
-            claimed = await self.attempts.claim(
-                (fingerprint, request_id, following.job_ids, spec_record, following.deadline_at, now),
-                replacing=earlier,
-                since=now - RETRY_WINDOW_S,
+            claiming = asyncio.ensure_future(
+                self.attempts.claim(
+                    (fingerprint, request_id, following.job_ids, spec_record, following.deadline_at, now),
+                    replacing=earlier,
+                    since=now - RETRY_WINDOW_S,
+                )
             )
+            try:
+                claimed = await asyncio.shield(claiming)
+            except asyncio.CancelledError:
+                self._abandon(claiming, fingerprint, request_id)
+                raise
             if claimed:
                 launched = self._launch(key, spec, planned, following, attempt, claimed=True)
                 break
         else:
             raise ServiceUnavailable("This request is being started by another attempt; retry shortly.", retry_after=1)
         return await self._started(launched)
+
+    def _abandon(self, claiming: asyncio.Future[bool], fingerprint: str, request_id: str) -> None:
+        """A retry that went away as it claimed its body: a claim that was written is settled as having started
+        nothing, so that the next retry starts afresh at once instead of waiting for jobs that never come (here,
+        it waits on that settling as on an attempt under way)."""
+        gone: asyncio.Future[_Started | None] = asyncio.get_running_loop().create_future()
+        self._under_way(fingerprint, request_id, gone)
+
+        async def settle() -> None:
+            try:
+                if await claiming:
+                    await self._settle((fingerprint, request_id, False))
+            except Exception:  # the row lapses with the retry window, or a retry waits for it a while
+                log.exception("settling an abandoned attempt failed")
+            finally:
+                gone.set_result(None)
+
+        task = asyncio.ensure_future(settle())
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+
+    def _under_way(self, fingerprint: str, request_id: str, outcome: asyncio.Future[_Started | None]) -> None:
+        """An attempt of this process is under way until `outcome` is set: a retry here waits on it."""
+        entry = (request_id, outcome)
+        self._local[fingerprint] = entry
+        outcome.add_done_callback(
+            lambda _: self._local.pop(fingerprint) if self._local.get(fingerprint) is entry else None
+        )
 
     async def _follow_earlier(self, fingerprint: str) -> tuple[Generation | None, str | None]:
         """The attempt that owns `fingerprint` followed; or None, with the request id of the attempt found that
@@ -264,6 +312,12 @@ class JobService:
             return attached, None if attached is not None else request_id
         since = self.clock.now() - RETRY_WINDOW_S
         row = await self.attempts.get(fingerprint, since)
+        unwritten = self._unwritten.get(fingerprint)
+        if unwritten is not None and (row is None or row.created_at < unwritten[0]):
+            # made here after the row found (or with none), and never written: it is the one to follow
+            started = unwritten[2]
+            attached = await self._attach(started) if started is not None else None
+            return attached, None if attached is not None else (row.request_id if row is not None else None)
         waited = 0.0
         # Under way in another process (or one that stopped): followed once its jobs are held, which is at once
         # unless that process stopped before; then, after a while, a retry starts afresh.
@@ -344,11 +398,7 @@ class JobService:
         recorded: asyncio.Future[_Started | None] | None = None
         if attempt is not None:
             recorded = asyncio.get_running_loop().create_future()
-            fingerprint, under_way = attempt.fingerprint, (following.request_id, recorded)
-            self._local[fingerprint] = under_way
-            recorded.add_done_callback(
-                lambda _: self._local.pop(fingerprint) if self._local.get(fingerprint) is under_way else None
-            )
+            self._under_way(attempt.fingerprint, following.request_id, recorded)
         # Holding and submitting go on even if the caller goes away meanwhile: a held job is always submitted
         # (and tracked to its end) or ended, never left holding credits. Retries learn how it went from the
         # attempt, which is settled when that work is done, however the caller fares.
@@ -382,7 +432,7 @@ class JobService:
     ) -> list[JobRow]:
         """Record the attempt (unless `claimed` wrote it), hold and submit its jobs, and settle the attempt with how
         that went."""
-        took = False
+        took, started_at = False, self.clock.now()
         # Written while the jobs are held (not before: that would add a commit to every request's way in); a retry
         # in this process waits on the attempt in `_local` meanwhile, one elsewhere finds it written by then.
         begun: asyncio.Future[None] | None = None
@@ -413,7 +463,10 @@ class JobService:
                 # Only now: a retry here that finds the attempt done reads the attempts table, which has it.
                 if recorded is not None and not recorded.done():
                     recorded.set_result(following if took else None)
-            if attempt is not None and written:
+            if attempt is not None and not written:
+                self._unwritten[attempt.fingerprint] = (started_at, following.request_id, following if took else None)
+            elif attempt is not None:
+                self._unwritten.pop(attempt.fingerprint, None)
                 with contextlib.suppress(Exception):
                     await self._settle((attempt.fingerprint, following.request_id, took))
 
@@ -467,6 +520,8 @@ class JobService:
                 generation.rows[row.id] = row
 
     async def close(self) -> None:
+        if self._abandoned:
+            await asyncio.gather(*self._abandoned, return_exceptions=True)
         await self._begin.close()
         await self._settle.close()
 

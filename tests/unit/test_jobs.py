@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -267,3 +268,68 @@ async def test_a_retry_of_an_attempt_refused_while_it_was_held_starts_afresh_at_
         assert len(await relay.store.by_request(generation.request_id)) == 1
     finally:
         await relay.close()
+
+
+async def test_a_retry_that_went_away_as_it_claimed_its_body_holds_up_no_later_retry(tmp_path: Path) -> None:
+    """A retry cancelled once its claim was written (and before its jobs were made): the next retry starts afresh
+    at once, instead of waiting for jobs that never come (the clock never moves)."""
+    clock = FakeClock()
+    relay = Relay(relay_config(tmp_path), clock, {"sim": SwitchableUpstream()})
+    await relay.open()
+    try:
+        key, _ = await relay.keys.create("k", 100, clock.now())
+        spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        claim, written, held = relay.attempts.claim, asyncio.Event(), asyncio.Event()
+
+        async def slow_claim(*args: Any, **kwargs: Any) -> bool:
+            claimed = await claim(*args, **kwargs)
+            written.set()
+            await held.wait()
+            return claimed
+
+        relay.attempts.claim = slow_claim  # type: ignore[method-assign]
+        first = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("idempotency", retry=True)))
+        await written.wait()
+        first.cancel()
+        relay.attempts.claim = claim  # type: ignore[method-assign]
+        held.set()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        generation = await asyncio.wait_for(relay.jobs.start(key, spec, Attempt("idempotency", retry=True)), 10)
+        generation.close()
+        assert len(await relay.store.by_request(generation.request_id)) == 1
+    finally:
+        await relay.close()
+
+
+async def test_a_retry_follows_an_attempt_whose_row_could_not_be_written(
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    """The database failed as a request's attempt was written: a retry here follows that request, not an older one
+    of the same body whose row is there."""
+    relay, _, key = switchable
+    spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    older = await relay.jobs.start(key, spec, Attempt("body", retry=False))
+    older.close()
+    begin_many = relay.attempts.begin_many
+
+    async def failing(*args: Any, **kwargs: Any) -> list[None]:
+        raise OSError("the database went away")
+
+    relay.attempts.begin_many = failing  # type: ignore[method-assign]
+    newer = await relay.jobs.start(key, spec, Attempt("body", retry=False))
+    newer.close()
+    relay.attempts.begin_many = begin_many  # type: ignore[method-assign]
+    retried = await relay.jobs.start(key, spec, Attempt("body", retry=True))
+    retried.close()
+    assert retried.request_id == newer.request_id != older.request_id
+
+
+async def test_copies_of_one_request_sent_at_once_without_credits_are_each_refused_for_that(tmp_path: Path) -> None:
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 1, postgres=False) as ((relay,), _):
+        poor, _ = await relay.keys.create("poor", 0, 0)
+        spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        copies = [relay.jobs.start(poor, spec, Attempt("idempotency", retry=True)) for _ in range(8)]
+        refused = await asyncio.gather(*copies, return_exceptions=True)
+        assert [type(outcome) for outcome in refused] == [InsufficientQuota] * 8
