@@ -185,10 +185,11 @@ class Lookups:
 
     async def resolve(self, host: str, port: int) -> list[IPAddress]:
         """Every address a host name resolves to (an IP literal resolves to itself, at once)."""
-        try:
-            return [ipaddress.ip_address(host)]
-        except ValueError:
-            pass
+        if "%" not in host:  # a scoped IPv6 literal is the system's to read, as any name
+            try:
+                return [ipaddress.ip_address(host)]
+            except ValueError:
+                pass
         loop = asyncio.get_running_loop()
         await self._threads.acquire()  # released when the lookup returns, whoever still waits for it
         answer: asyncio.Future[list[Any]] = loop.create_future()

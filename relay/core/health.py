@@ -104,8 +104,9 @@ class Health:
 
     def begin_submit(self) -> bool:
         """A submit is about to be sent (or a job routed here is being readied for one): in half-open, it is the
-        trial, and no other job is routed here meanwhile. Whether it is the trial."""
-        if self.state is State.HALF_OPEN:
+        trial, and no other job is routed here meanwhile. Whether this call took the trial (False when one was
+        under way already, or the provider is not half-open)."""
+        if self.state is State.HALF_OPEN and not self.trial:
             self.trial = True
             return True
         return False

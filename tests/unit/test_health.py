@@ -194,6 +194,15 @@ def test_failed_probes_in_a_row_take_a_provider_down_and_a_success_between_reset
     assert not health.routable() and health.until is None
 
 
+def test_only_the_call_that_took_the_trial_gives_it_back() -> None:
+    health, clock = machine()
+    cool_now(health, clock)
+    to_half_open(health, clock)
+    assert health.begin_submit()  # the trial (a follow-up pinned here, say)
+    assert not health.begin_submit()  # a job routed here meanwhile does not take it, so cannot give it back
+    assert not health.routable()
+
+
 def test_failed_probes_before_a_recovery_do_not_count_towards_down_after_it() -> None:
     health, clock = machine(cooldown_s=40)
     cool_now(health, clock)

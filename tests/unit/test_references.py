@@ -230,3 +230,8 @@ async def test_lookups_of_client_given_names_never_hold_up_the_relays_own(monkey
         with pytest.raises(socket.gaierror):
             await lookup
     assert (await egress.pin("http://up.example:9/x")).target == "http://127.0.0.1:9/x"
+
+
+async def test_a_scoped_ipv6_literal_is_looked_up_as_the_system_reads_it() -> None:
+    assert await Lookups(1).resolve("fe80::1%1", 80) == [ipaddress.ip_address("fe80::1")]
+    assert await Lookups(1).resolve("2606:4700::1", 80) == [ipaddress.ip_address("2606:4700::1")]
