@@ -277,7 +277,8 @@ class JobService:
         nothing, so that the next retry starts afresh at once instead of waiting for jobs that never come (here,
         it waits on that settling as on an attempt under way)."""
         gone: asyncio.Future[_Started | None] = asyncio.get_running_loop().create_future()
-        self._under_way(fingerprint, request_id, gone)
+        if fingerprint not in self._local:  # else another attempt here is under way: retries wait on that one
+            self._under_way(fingerprint, request_id, gone)
 
         async def settle() -> None:
             try:
@@ -313,7 +314,7 @@ class JobService:
         since = self.clock.now() - RETRY_WINDOW_S
         row = await self.attempts.get(fingerprint, since)
         unwritten = self._unwritten.get(fingerprint)
-        if unwritten is not None and (row is None or row.created_at < unwritten[0]):
+        if unwritten is not None and (row is None or row.created_at <= unwritten[0]):
             # made here after the row found (or with none), and never written: it is the one to follow
             started = unwritten[2]
             attached = await self._attach(started) if started is not None else None
@@ -463,10 +464,18 @@ class JobService:
                 # Only now: a retry here that finds the attempt done reads the attempts table, which has it.
                 if recorded is not None and not recorded.done():
                     recorded.set_result(following if took else None)
+            kept = self._unwritten.get(attempt.fingerprint) if attempt is not None else None
+            newer = kept is None or kept[0] <= started_at  # this attempt started after the one kept (if any)
             if attempt is not None and not written:
-                self._unwritten[attempt.fingerprint] = (started_at, following.request_id, following if took else None)
+                if newer:
+                    self._unwritten[attempt.fingerprint] = (
+                        started_at,
+                        following.request_id,
+                        following if took else None,
+                    )
             elif attempt is not None:
-                self._unwritten.pop(attempt.fingerprint, None)
+                if kept is not None and newer:  # written since: the row says it; an unwritten newer one stays
+                    del self._unwritten[attempt.fingerprint]
                 with contextlib.suppress(Exception):
                     await self._settle((attempt.fingerprint, following.request_id, took))
 

@@ -15,10 +15,11 @@ from adapters import Retryable, SubmitOutcome, SubmitRequest
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import SystemClock
 from relay.core.events import JobEvent
-from relay.core.jobs import Attempt
+from relay.core.jobs import Attempt, ImageSpec
 from relay.domain import FailureCode
 from relay.errors import InsufficientQuota, JobFailed
 from relay.services import Relay
+from relay.store.jobs import JobRow
 from relay.store.keys import KeyRecord
 from relay.store.tables import jobs
 from tests.helpers import FakeClock, pg_database, relay_config
@@ -52,6 +53,17 @@ async def switchable(tmp_path: Path) -> AsyncIterator[tuple[Relay, SwitchableUps
     await relay.open()
     key, _ = await relay.keys.create("k", 100, 0)
     yield relay, upstream, key
+    await relay.close()
+
+
+@pytest.fixture
+async def unmoving(tmp_path: Path) -> AsyncIterator[tuple[Relay, KeyRecord, ImageSpec]]:
+    """A relay whose clock never moves (whatever waits on it never ends), a key, and a request's spec."""
+    clock = FakeClock()
+    relay = Relay(relay_config(tmp_path), clock, {"sim": SwitchableUpstream()})
+    await relay.open()
+    key, _ = await relay.keys.create("k", 100, clock.now())
+    yield relay, key, relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
     await relay.close()
 
 
@@ -239,67 +251,57 @@ async def test_one_idempotency_key_sent_twice_at_once_starts_one_job(
         assert await job_count(relays[0]) == 1
 
 
-async def test_a_retry_of_an_attempt_refused_while_it_was_held_starts_afresh_at_once(tmp_path: Path) -> None:
+async def test_a_retry_of_an_attempt_refused_while_it_was_held_starts_afresh_at_once(
+    unmoving: tuple[Relay, KeyRecord, ImageSpec],
+) -> None:
     """A retry that waited on an attempt under way here, which then held nothing (refused at admission: no job
     rows to wait for), starts afresh at once, without waiting for rows that never come (the clock never moves)."""
-    clock = FakeClock()
-    relay = Relay(relay_config(tmp_path), clock, {"sim": SwitchableUpstream()})
-    await relay.open()
-    try:
-        key, _ = await relay.keys.create("k", 100, clock.now())
-        spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-        admit, gate = relay.submitter.admit, asyncio.Event()
+    relay, key, spec = unmoving
+    admit, gate = relay.submitter.admit, asyncio.Event()
 
-        async def refused(*args: object) -> None:
-            relay.submitter.admit = admit  # type: ignore[method-assign]  # the retry's own admission goes through
-            await gate.wait()
-            raise InsufficientQuota("no credits left")
+    async def refused(*args: object) -> None:
+        relay.submitter.admit = admit  # type: ignore[method-assign]  # the retry's own admission goes through
+        await gate.wait()
+        raise InsufficientQuota("no credits left")
 
-        relay.submitter.admit = refused  # type: ignore[method-assign]
-        first = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=False)))
-        while "body" not in relay.jobs._local:
-            await asyncio.sleep(0)
-        retry = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=True)))
-        gate.set()
-        with pytest.raises(InsufficientQuota):
-            await first
-        generation = await asyncio.wait_for(retry, 10)
-        generation.close()
-        assert len(await relay.store.by_request(generation.request_id)) == 1
-    finally:
-        await relay.close()
+    relay.submitter.admit = refused  # type: ignore[method-assign]
+    first = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=False)))
+    while "body" not in relay.jobs._local:
+        await asyncio.sleep(0)
+    retry = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=True)))
+    gate.set()
+    with pytest.raises(InsufficientQuota):
+        await first
+    generation = await asyncio.wait_for(retry, 10)
+    generation.close()
+    assert len(await relay.store.by_request(generation.request_id)) == 1
 
 
-async def test_a_retry_that_went_away_as_it_claimed_its_body_holds_up_no_later_retry(tmp_path: Path) -> None:
+async def test_a_retry_that_went_away_as_it_claimed_its_body_holds_up_no_later_retry(
+    unmoving: tuple[Relay, KeyRecord, ImageSpec],
+) -> None:
     """A retry cancelled once its claim was written (and before its jobs were made): the next retry starts afresh
     at once, instead of waiting for jobs that never come (the clock never moves)."""
-    clock = FakeClock()
-    relay = Relay(relay_config(tmp_path), clock, {"sim": SwitchableUpstream()})
-    await relay.open()
-    try:
-        key, _ = await relay.keys.create("k", 100, clock.now())
-        spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-        claim, written, held = relay.attempts.claim, asyncio.Event(), asyncio.Event()
+    relay, key, spec = unmoving
+    claim, written, held = relay.attempts.claim, asyncio.Event(), asyncio.Event()
 
-        async def slow_claim(*args: Any, **kwargs: Any) -> bool:
-            claimed = await claim(*args, **kwargs)
-            written.set()
-            await held.wait()
-            return claimed
+    async def slow_claim(*args: Any, **kwargs: Any) -> bool:
+        claimed = await claim(*args, **kwargs)
+        written.set()
+        await held.wait()
+        return claimed
 
-        relay.attempts.claim = slow_claim  # type: ignore[method-assign]
-        first = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("idempotency", retry=True)))
-        await written.wait()
-        first.cancel()
-        relay.attempts.claim = claim  # type: ignore[method-assign]
-        held.set()
-        with pytest.raises(asyncio.CancelledError):
-            await first
-        generation = await asyncio.wait_for(relay.jobs.start(key, spec, Attempt("idempotency", retry=True)), 10)
-        generation.close()
-        assert len(await relay.store.by_request(generation.request_id)) == 1
-    finally:
-        await relay.close()
+    relay.attempts.claim = slow_claim  # type: ignore[method-assign]
+    first = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("idempotency", retry=True)))
+    await written.wait()
+    first.cancel()
+    relay.attempts.claim = claim  # type: ignore[method-assign]
+    held.set()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    generation = await asyncio.wait_for(relay.jobs.start(key, spec, Attempt("idempotency", retry=True)), 10)
+    generation.close()
+    assert len(await relay.store.by_request(generation.request_id)) == 1
 
 
 async def test_a_retry_follows_an_attempt_whose_row_could_not_be_written(
@@ -333,3 +335,81 @@ async def test_copies_of_one_request_sent_at_once_without_credits_are_each_refus
         copies = [relay.jobs.start(poor, spec, Attempt("idempotency", retry=True)) for _ in range(8)]
         refused = await asyncio.gather(*copies, return_exceptions=True)
         assert [type(outcome) for outcome in refused] == [InsufficientQuota] * 8
+
+
+async def test_a_retry_that_went_away_hides_no_attempt_under_way_here(
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    """A retry whose claim was written goes away while a new request of the same body is being started here (its
+    row not written yet): a retry of that request still follows it, and starts no second job."""
+    relay, upstream, key = switchable
+    spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    claim, begin_many = relay.attempts.claim, relay.attempts.begin_many
+    claimed, held, slow = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def held_claim(*args: Any, **kwargs: Any) -> bool:
+        outcome = await claim(*args, **kwargs)
+        claimed.set()
+        await held.wait()
+        return outcome
+
+    async def slow_begin(*args: Any, **kwargs: Any) -> list[None]:
+        await slow.wait()  # the database is slow, nothing fails
+        return await begin_many(*args, **kwargs)
+
+    relay.attempts.claim = held_claim  # type: ignore[method-assign]
+    gone = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=True)))
+    await claimed.wait()
+    relay.attempts.claim, relay.attempts.begin_many = claim, slow_begin  # type: ignore[method-assign]
+    upstream.gate.clear()
+    new = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=False)))
+    await upstream.waiting.wait()
+    gone.cancel()
+    held.set()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    await asyncio.gather(*relay.jobs._abandoned)
+    retry = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=True)))
+    for _ in range(100):  # the retry's turns, while the new request's row is still not written
+        await asyncio.sleep(0)
+    slow.set()
+    upstream.gate.set()
+    started, followed = await new, await retry
+    started.close()
+    followed.close()
+    assert followed.request_id == started.request_id
+
+
+async def test_an_older_attempt_written_and_ending_later_leaves_a_newer_unwritten_one_to_follow(
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    relay, _, key = switchable
+    spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    admit_and_submit, begin_many = relay.jobs._admit_and_submit, relay.attempts.begin_many
+    written, older_goes_on = asyncio.Event(), asyncio.Event()
+
+    async def noted_begin(*args: Any, **kwargs: Any) -> list[None]:
+        done = await begin_many(*args, **kwargs)
+        written.set()
+        return done
+
+    async def older_is_slow(*args: Any) -> list[JobRow]:
+        relay.jobs._admit_and_submit = admit_and_submit  # type: ignore[method-assign]
+        await older_goes_on.wait()  # a busy provider: it ends after the newer one
+        return await admit_and_submit(*args)
+
+    async def failing(*args: Any, **kwargs: Any) -> list[None]:
+        raise OSError("the database went away")
+
+    relay.attempts.begin_many, relay.jobs._admit_and_submit = noted_begin, older_is_slow  # type: ignore[method-assign]
+    older = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=False)))
+    await written.wait()
+    relay.attempts.begin_many = failing  # type: ignore[method-assign]
+    newer = await relay.jobs.start(key, spec, Attempt("body", retry=False))  # its row is not written
+    newer.close()
+    relay.attempts.begin_many = begin_many  # type: ignore[method-assign]
+    older_goes_on.set()
+    (await older).close()
+    retried = await relay.jobs.start(key, spec, Attempt("body", retry=True))
+    retried.close()
+    assert retried.request_id == newer.request_id
