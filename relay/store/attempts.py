@@ -35,6 +35,20 @@ class AttemptRow:
     created_at: float
 
 
+def _starting(attempt: tuple[str, str, tuple[str, ...], dict[str, Any], float, float]) -> dict[str, Any]:
+    """The row of an attempt (fingerprint, request id, job ids, spec, deadline, now) that starts, but its key."""
+    _, request_id, job_ids, spec, deadline_at, now = attempt
+    return {
+        "request_id": request_id,
+        "state": "starting",
+        "job_ids": json.dumps(list(job_ids)),
+        "spec": json.dumps(spec),
+        "deadline_at": deadline_at,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
 class AttemptStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -47,19 +61,7 @@ class AttemptStore:
         if not attempts_made:
             return []
         latest = {item[0]: item for item in attempts_made}  # one fingerprint twice in a batch: the later attempt wins
-        rows = [
-            {
-                "fingerprint": fingerprint,
-                "request_id": request_id,
-                "state": "starting",
-                "job_ids": json.dumps(list(job_ids)),
-                "spec": json.dumps(spec),
-                "deadline_at": deadline_at,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for fingerprint, request_id, job_ids, spec, deadline_at, now in latest.values()
-        ]
+        rows = [{"fingerprint": attempt[0], **_starting(attempt)} for attempt in latest.values()]
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(attempts)
         excluded = {k: statement.excluded[k] for k in rows[0] if k != "fingerprint"}
@@ -77,16 +79,7 @@ class AttemptStore:
         spec, deadline, now), `starting`, owns the fingerprint from now on, if the one found still does
         (`replacing`: its request id; None: no attempt made since `since`). False when another attempt took the
         fingerprint meanwhile (the same request sent to two processes at once): that one is to be followed."""
-        fingerprint, request_id, job_ids, spec, deadline_at, now = attempt
-        values = {
-            "request_id": request_id,
-            "state": "starting",
-            "job_ids": json.dumps(list(job_ids)),
-            "spec": json.dumps(spec),
-            "deadline_at": deadline_at,
-            "created_at": now,
-            "updated_at": now,
-        }
+        fingerprint, values = attempt[0], _starting(attempt)
         if replacing is None:
             dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
             insert = dialect.insert(attempts).values(fingerprint=fingerprint, **values)
