@@ -361,6 +361,51 @@ def test_max_in_flight_holds_across_processes_under_a_burst(tmp_path: Path) -> N
         assert balance(pair.config) == (100, 4 * PRICE)  # only the 4 running hold credits
 
 
+def native(relay: RelayProcess, key: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A native API call to one relay (a POST with `body`, else a GET), answered 200: its JSON."""
+    url, headers = relay.base + "/mj" + path, {"mj-api-secret": key}
+    reply = (
+        httpx.get(url, headers=headers, timeout=10)
+        if body is None
+        else httpx.post(url, json=body, headers=headers, timeout=30)
+    )
+    assert reply.status_code == 200, reply.text
+    answer: dict[str, Any] = reply.json()
+    return answer
+
+
+def park_a_variation(pair: Pair, notify_hook: str | None = None) -> tuple[str, str]:
+    """A grid made through the first relay, and a variation of it, which the upstream (`--remix`) parks in MODAL:
+    the variation's task id, and the process that parked it."""
+    key = pair.key
+    grid = str(native(pair.first, key, "/submit/imagine", {"prompt": "a harbour"})["result"])
+    wait_for(lambda: native(pair.first, key, f"/task/{grid}/fetch")["status"] == "SUCCESS", timeout=20)
+    buttons = native(pair.first, key, f"/task/{grid}/fetch")["buttons"]
+    action = {"taskId": grid, "customId": next(b["customId"] for b in buttons if "variation::1" in b["customId"])}
+    if notify_hook is not None:
+        action["notifyHook"] = notify_hook
+    parked = native(pair.first, key, "/submit/action", action)
+    assert parked["code"] == 21, parked
+    task = str(parked["result"])
+    ((parker,),) = sql(pair.config, "SELECT owner FROM jobs WHERE id = ?", task)
+    return task, parker
+
+
+def ran_once_to_its_end_at_the_second(pair: Pair, task: str, parker: str) -> None:
+    """The variation, confirmed at the second relay, succeeded there: not timed out by the relay that parked it,
+    followed to its end by the other, run and downloaded once, charged once (with its grid)."""
+    wait_for(lambda: native(pair.second, pair.key, f"/task/{task}/fetch")["status"] in ("SUCCESS", "FAILURE"), 20)
+    ended = native(pair.second, pair.key, f"/task/{task}/fetch")
+    assert ended["status"] == "SUCCESS", ended
+    ((owner,),) = sql(pair.config, "SELECT owner FROM jobs WHERE id = ?", task)
+    assert owner != parker
+    stats = httpx.get(pair.upstream + "/sim/stats").json()
+    assert stats["submits"] == 3  # the imagine, the variation and its confirmation: nothing ran twice
+    assert stats["downloaded_twice"] == 0
+    price = PRICE + pair.config.price("mj-fast", "variation")
+    assert balance(pair.config) == (100 - price, 0)
+
+
 @pytest.mark.postgres
 def test_a_modal_confirmed_at_the_other_relay_runs_to_its_end(tmp_path: Path) -> None:
     """A variation parked in MODAL by one relay is confirmed at the other (a load balancer sends the client's
@@ -374,38 +419,9 @@ def test_a_modal_confirmed_at_the_other_relay_runs_to_its_end(tmp_path: Path) ->
         serve(receiver.app()) as hooks,
         two_relays(tmp_path, "--fast-s", "3", "--remix", lease_s=30, modal_timeout_s=2, sections=private) as pair,
     ):
-        native = {"mj-api-secret": pair.key}
-        first, second = pair.first.base + "/mj", pair.second.base + "/mj"
-
-        def post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-            reply = httpx.post(base + path, json=body, headers=native, timeout=30)
-            assert reply.status_code == 200, reply.text
-            answer: dict[str, Any] = reply.json()
-            return answer
-
-        def fetch(base: str, task: str) -> dict[str, Any]:
-            task_view: dict[str, Any] = httpx.get(f"{base}/task/{task}/fetch", headers=native, timeout=10).json()
-            return task_view
-
-        grid = str(post(first, "/submit/imagine", {"prompt": "a harbour"})["result"])
-        wait_for(lambda: fetch(first, grid)["status"] == "SUCCESS", timeout=20)
-        button = next(b["customId"] for b in fetch(first, grid)["buttons"] if "variation::1" in b["customId"])
-        parked = post(first, "/submit/action", {"taskId": grid, "customId": button, "notifyHook": hooks + "/ok"})
-        assert parked["code"] == 21, parked
-        task = str(parked["result"])
-        ((parker,),) = sql(pair.config, "SELECT owner FROM jobs WHERE id = ?", task)
-
-        assert post(second, "/submit/modal", {"taskId": task, "prompt": "a red boat"})["code"] == 1
-        wait_for(lambda: fetch(second, task)["status"] in ("SUCCESS", "FAILURE"), timeout=20)
-        ended = fetch(second, task)
-        assert ended["status"] == "SUCCESS", ended  # not timed out by the relay that parked it
-        ((owner,),) = sql(pair.config, "SELECT owner FROM jobs WHERE id = ?", task)
-        assert owner != parker  # followed to its end by the relay that confirmed it
-        stats = httpx.get(pair.upstream + "/sim/stats").json()
-        assert stats["submits"] == 3  # the imagine, the variation and its confirmation: nothing ran twice
-        assert stats["downloaded_twice"] == 0
-        price = PRICE + pair.config.price("mj-fast", "variation")
-        assert balance(pair.config) == (100 - price, 0)
+        task, parker = park_a_variation(pair, notify_hook=hooks + "/ok")
+        assert native(pair.second, pair.key, "/submit/modal", {"taskId": task, "prompt": "a red boat"})["code"] == 1
+        ran_once_to_its_end_at_the_second(pair, task, parker)
 
         wait_for(lambda: any(t["status"] == "SUCCESS" for t in receiver.tasks(task)))
         received = len(receiver.tasks(task))
@@ -423,40 +439,12 @@ def test_a_modal_confirmation_answered_after_its_window_closed_runs_to_its_end(t
     timed out (the confirmation under way moved the stored deadline on), and the confirming relay then takes the
     job over and follows it to its end. Nothing runs, is downloaded or is charged twice."""
     with two_relays(tmp_path, "--fast-s", "3", "--remix", lease_s=30, modal_timeout_s=2) as pair:
-        native = {"mj-api-secret": pair.key}
-        first, second = pair.first.base + "/mj", pair.second.base + "/mj"
-
-        def post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-            reply = httpx.post(base + path, json=body, headers=native, timeout=30)
-            assert reply.status_code == 200, reply.text
-            answer: dict[str, Any] = reply.json()
-            return answer
-
-        def fetch(base: str, task: str) -> dict[str, Any]:
-            task_view: dict[str, Any] = httpx.get(f"{base}/task/{task}/fetch", headers=native, timeout=10).json()
-            return task_view
-
-        grid = str(post(first, "/submit/imagine", {"prompt": "a harbour"})["result"])
-        wait_for(lambda: fetch(first, grid)["status"] == "SUCCESS", timeout=20)
-        button = next(b["customId"] for b in fetch(first, grid)["buttons"] if "variation::1" in b["customId"])
-        parked = post(first, "/submit/action", {"taskId": grid, "customId": button})
-        assert parked["code"] == 21, parked
-        task = str(parked["result"])
-        ((parker, window_closes),) = sql(pair.config, "SELECT owner, deadline_at FROM jobs WHERE id = ?", task)
-
-        confirmed = post(second, "/submit/modal", {"taskId": task, "prompt": "a red boat sim:late-answer"})
-        assert confirmed["code"] == 1, confirmed
+        task, parker = park_a_variation(pair)
+        ((window_closes,),) = sql(pair.config, "SELECT deadline_at FROM jobs WHERE id = ?", task)
+        confirmation = {"taskId": task, "prompt": "a red boat sim:late-answer"}
+        assert native(pair.second, pair.key, "/submit/modal", confirmation)["code"] == 1
         assert time.time() > window_closes  # the answer came after the window closed, while the first held the job
-        wait_for(lambda: fetch(second, task)["status"] in ("SUCCESS", "FAILURE"), timeout=20)
-        ended = fetch(second, task)
-        assert ended["status"] == "SUCCESS", ended  # not timed out by the relay that parked it
-        ((owner,),) = sql(pair.config, "SELECT owner FROM jobs WHERE id = ?", task)
-        assert owner != parker  # followed to its end by the relay that confirmed it
-        stats = httpx.get(pair.upstream + "/sim/stats").json()
-        assert stats["submits"] == 3  # the imagine, the variation and its confirmation: nothing ran twice
-        assert stats["downloaded_twice"] == 0
-        price = PRICE + pair.config.price("mj-fast", "variation")
-        assert balance(pair.config) == (100 - price, 0)
+        ran_once_to_its_end_at_the_second(pair, task, parker)
 
 
 def client_hooks_delivered(relay: RelayProcess) -> float:
