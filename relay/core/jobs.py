@@ -277,7 +277,7 @@ class JobService:
         nothing, so that the next retry starts afresh at once instead of waiting for jobs that never come (here,
         it waits on that settling as on an attempt under way)."""
         gone: asyncio.Future[_Started | None] = asyncio.get_running_loop().create_future()
-        if fingerprint not in self._local:  # else another attempt here is under way: retries wait on that one
+        if fingerprint not in self._local:  # else another attempt here is under way, newer: retries wait on it
             self._under_way(fingerprint, request_id, gone)
 
         async def settle() -> None:
@@ -294,7 +294,8 @@ class JobService:
         task.add_done_callback(self._abandoned.discard)
 
     def _under_way(self, fingerprint: str, request_id: str, outcome: asyncio.Future[_Started | None]) -> None:
-        """An attempt of this process is under way until `outcome` is set: a retry here waits on it."""
+        """An attempt of this process is under way until `outcome` is set: a retry here waits on it (a claimed or
+        abandoned retry's attempt only when no other attempt is under way here: that one came after its claim)."""
         entry = (request_id, outcome)
         self._local[fingerprint] = entry
         outcome.add_done_callback(
@@ -305,20 +306,25 @@ class JobService:
         """The attempt that owns `fingerprint` followed; or None, with the request id of the attempt found that
         cannot be followed (it started nothing, its jobs all failed, it never held them), which a fresh start
         takes the fingerprint over from (None: no attempt within the window)."""
+        # An attempt of this process (under way: waited for; or one whose row does not say how it went) is the one
+        # to follow, unless the row names a newer attempt, made elsewhere.
+        mine: tuple[str, _Started | None] | None = None
         local = self._local.get(fingerprint)
-        if local is not None:  # under way here: waited for (its row is written by the time it is done)
+        if local is not None:
             request_id, under_way = local
-            started = await asyncio.shield(under_way)
-            attached = await self._attach(started) if started is not None else None
-            return attached, None if attached is not None else request_id
+            mine = (request_id, await asyncio.shield(under_way))  # its row is written by the time it is done
         since = self.clock.now() - RETRY_WINDOW_S
         row = await self.attempts.get(fingerprint, since)
-        unwritten = self._unwritten.get(fingerprint)
-        if unwritten is not None and (row is None or row.created_at <= unwritten[0]):
-            # made here after the row found (or with none), and never written: it is the one to follow
-            started = unwritten[2]
-            attached = await self._attach(started) if started is not None else None
-            return attached, None if attached is not None else (row.request_id if row is not None else None)
+        kept = self._unwritten.get(fingerprint)
+        if mine is None and kept is not None:
+            mine = (kept[1], kept[2])
+        if mine is not None:
+            own = row is None or row.request_id == mine[0]
+            newer_than_row = kept is not None and kept[1] == mine[0] and row is not None and row.created_at <= kept[0]
+            if own or newer_than_row:
+                started = mine[1]
+                attached = await self._attach(started) if started is not None else None
+                return attached, None if attached is not None else (row.request_id if row is not None else None)
         waited = 0.0
         # Under way in another process (or one that stopped): followed once its jobs are held, which is at once
         # unless that process stopped before; then, after a while, a retry starts afresh.
@@ -399,7 +405,8 @@ class JobService:
         recorded: asyncio.Future[_Started | None] | None = None
         if attempt is not None:
             recorded = asyncio.get_running_loop().create_future()
-            self._under_way(attempt.fingerprint, following.request_id, recorded)
+            if not claimed or attempt.fingerprint not in self._local:  # see `_under_way`
+                self._under_way(attempt.fingerprint, following.request_id, recorded)
         # Holding and submitting go on even if the caller goes away meanwhile: a held job is always submitted
         # (and tracked to its end) or ended, never left holding credits. Retries learn how it went from the
         # attempt, which is settled when that work is done, however the caller fares.
@@ -476,8 +483,12 @@ class JobService:
             elif attempt is not None:
                 if kept is not None and newer:  # written since: the row says it; an unwritten newer one stays
                     del self._unwritten[attempt.fingerprint]
-                with contextlib.suppress(Exception):
+                try:
                     await self._settle((attempt.fingerprint, following.request_id, took))
+                except Exception:  # the row still says `starting`: a retry here goes by what this process knows
+                    if newer:
+                        outcome = following if took else None
+                        self._unwritten[attempt.fingerprint] = (started_at, following.request_id, outcome)
 
     async def _admit_and_submit(self, key: KeyRecord, planned: list[Planned]) -> list[JobRow]:
         """Hold and submit the jobs (raising when they cannot be held); returns those no provider took (ended)."""

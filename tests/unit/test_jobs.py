@@ -413,3 +413,96 @@ async def test_an_older_attempt_written_and_ending_later_leaves_a_newer_unwritte
     retried = await relay.jobs.start(key, spec, Attempt("body", retry=True))
     retried.close()
     assert retried.request_id == newer.request_id
+
+
+async def test_a_claimed_retry_hides_no_newer_request_under_way_here(
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    """A retry's claim lands; then a new request of the same body starts here and its row replaces the claim; then
+    the retry learns its claim landed. A retry made while both are submitted follows the new request, which owns
+    the body."""
+    relay, upstream, key = switchable
+    spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    claim, claimed, held = relay.attempts.claim, asyncio.Event(), asyncio.Event()
+
+    async def held_claim(*args: Any, **kwargs: Any) -> bool:
+        outcome = await claim(*args, **kwargs)
+        claimed.set()
+        await held.wait()
+        return outcome
+
+    relay.attempts.claim = held_claim  # type: ignore[method-assign]
+    upstream.gate.clear()
+    claiming = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=True)))
+    await claimed.wait()
+    relay.attempts.claim = claim  # type: ignore[method-assign]
+    new = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=False)))
+    await upstream.waiting.wait()  # the new request is held and at the upstream
+    while (owner := await relay.attempts.get("body", 0)) is None or owner.state != "starting":
+        await asyncio.sleep(0)
+    held.set()
+    for _ in range(100):  # the claiming retry launches its jobs
+        await asyncio.sleep(0)
+    retry = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=True)))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    upstream.gate.set()
+    generations = [await claiming, await new, await retry]
+    for generation in generations:
+        generation.close()
+    assert generations[2].request_id == generations[1].request_id
+
+
+@pytest.mark.postgres
+async def test_a_retry_follows_a_newer_request_elsewhere_not_one_under_way_here(tmp_path: Path) -> None:
+    """A request of a body is being submitted on one process (a slow provider) when a new request of the same body
+    starts on another. The new one's retry, sent to the first process, follows the new one, not the one it was
+    waiting on there."""
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 2) as ((a, b), key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        admit_and_submit, goes_on = a.jobs._admit_and_submit, asyncio.Event()
+
+        async def slow(*args: Any) -> list[JobRow]:
+            a.jobs._admit_and_submit = admit_and_submit  # type: ignore[method-assign]
+            await goes_on.wait()
+            return await admit_and_submit(*args)
+
+        a.jobs._admit_and_submit = slow  # type: ignore[method-assign]
+        older = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
+        while await a.attempts.get("body", 0) is None:  # its row is written
+            await asyncio.sleep(0.01)
+        newer = await b.jobs.start(key, spec, Attempt("body", retry=False))
+        newer.close()
+        retry = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=True)))
+        for _ in range(100):  # the retry waits on the older one, under way on this process
+            await asyncio.sleep(0)
+        goes_on.set()
+        (await older).close()
+        retried = await retry
+        retried.close()
+        assert retried.request_id == newer.request_id
+
+
+async def test_a_retry_of_a_refused_attempt_whose_row_could_not_be_settled_starts_afresh_at_once(
+    unmoving: tuple[Relay, KeyRecord, ImageSpec],
+) -> None:
+    """A request refused at admission (nothing held), whose row could not be settled: a retry here goes by what
+    this process knows, instead of waiting for jobs that never come (the clock never moves)."""
+    relay, key, spec = unmoving
+    admit, settle_many = relay.submitter.admit, relay.attempts.settle_many
+
+    async def refused(*args: object) -> None:
+        relay.submitter.admit = admit  # type: ignore[method-assign]
+        raise InsufficientQuota("no credits left")
+
+    async def failing(*args: Any, **kwargs: Any) -> list[None]:
+        relay.attempts.settle_many = settle_many  # type: ignore[method-assign]
+        raise OSError("the database went away")
+
+    relay.submitter.admit, relay.attempts.settle_many = refused, failing  # type: ignore[method-assign]
+    with pytest.raises(InsufficientQuota):
+        await relay.jobs.start(key, spec, Attempt("body", retry=False))
+    generation = await asyncio.wait_for(relay.jobs.start(key, spec, Attempt("body", retry=True)), 10)
+    generation.close()
+    assert len(await relay.store.by_request(generation.request_id)) == 1
