@@ -64,6 +64,7 @@ class Tracked:
     due_at: float = 0.0  # when the job is next read; 0 until it is first followed
     running_since: float | None = None  # when this process first saw it IN_PROGRESS
     running_from: int = 0  # its progress then (more than 0 for a job adopted while it ran)
+    may_wait: bool = False  # a follow-up the upstream may park in MODAL (a job submitted on its own never waits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +103,15 @@ _STATE_OF = {TaskStatus.IN_PROGRESS: JobState.IN_PROGRESS, TaskStatus.MODAL: Job
 
 
 def observe(
-    state: JobState, progress: int, view: TaskView, shape: ResultShape = ResultShape.GRID, confirmed: bool = False
+    state: JobState,
+    progress: int,
+    view: TaskView,
+    shape: ResultShape = ResultShape.GRID,
+    confirmed: bool = False,
+    may_wait: bool = True,
 ) -> Step:
-    """What an upstream task view means for a job that is in `state` at `progress`."""
+    """What an upstream task view means for a job that is in `state` at `progress` (`may_wait`: a follow-up,
+    which the upstream may park in MODAL; a MODAL view of any other job is read as one of a job submitted)."""
     if view.status is TaskStatus.SUCCESS:
         if view.image_url or shape is ResultShape.TEXT:
             return Step("success", JobState.IN_PROGRESS, 100)
@@ -115,8 +122,8 @@ def observe(
     new_state = _STATE_OF.get(view.status, JobState.SUBMITTED)
     if state is JobState.IN_PROGRESS and new_state is not JobState.IN_PROGRESS:
         new_state = state  # never step back
-    if new_state is JobState.MODAL and confirmed:
-        new_state = state  # a view read before the confirmation
+    if new_state is JobState.MODAL and (confirmed or not may_wait):
+        new_state = state  # a view read before the confirmation, or of a job no confirmation can start
     if state is JobState.MODAL and new_state is JobState.SUBMITTED and not confirmed:
         new_state = state  # only a confirmation (or the task running) takes a job out of MODAL
     new_progress = max(progress, min(99, view.progress))
@@ -276,6 +283,7 @@ class Lifecycle:
             shape=row.spec.shape,
             confirmed=row.confirmed_at is not None,  # a view read before its confirmation never parks it again
             slot=row.state is not JobState.MODAL,
+            may_wait=row.spec.direct is None,
         )
 
     def take_up(self, row: JobRow) -> Tracked:
@@ -357,7 +365,9 @@ class Lifecycle:
                 seen.add(view.upstream_id)
                 for tracked in by_upstream.get(view.upstream_id, ()):
                     tracked.missing_since = None
-                    step = observe(tracked.state, tracked.progress, view, tracked.shape, tracked.confirmed)
+                    step = observe(
+                        tracked.state, tracked.progress, view, tracked.shape, tracked.confirmed, tracked.may_wait
+                    )
                     if step.kind == "progress":
                         changes.append((tracked, step))
                     elif step.kind == "success":

@@ -245,7 +245,14 @@ class Submitter:
         # from here.
         due_at = self.clock.now() + self.pool.poll_interval(provider)
         tracked = Tracked(
-            job.id, job.model, provider, outcome.upstream_id, job.deadline_at, shape=planned.shape, due_at=due_at
+            job.id,
+            job.model,
+            provider,
+            outcome.upstream_id,
+            job.deadline_at,
+            shape=planned.shape,
+            due_at=due_at,
+            may_wait=planned.modal_ok,
         )
         try:
             await self._mark(Submitted(job.id, provider, outcome.upstream_id))
@@ -276,6 +283,7 @@ class Submitter:
             state=JobState.MODAL,
             shape=planned.shape,
             slot=False,
+            may_wait=True,
         )
         self.lifecycle.started(tracked)
         return True

@@ -272,7 +272,14 @@ class UpstreamHooks:
                 log.exception("carrying on an adopted job's client hook failed", extra={"fields": {"job": job_id}})
         self.pool.acquire(provider)
         tracked = Tracked(
-            job_id, row.model, provider, upstream_id, row.deadline_at, JobState.SUBMITTED, shape=row.spec.shape
+            job_id,
+            row.model,
+            provider,
+            upstream_id,
+            row.deadline_at,
+            JobState.SUBMITTED,
+            shape=row.spec.shape,
+            may_wait=row.spec.direct is None,
         )
         self.lifecycle.started(tracked)
         event(log, "job adopted", job=job_id, provider=provider)

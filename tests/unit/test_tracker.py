@@ -81,6 +81,25 @@ def test_observe(state: JobState, progress: int, seen: TaskView, step: Step) -> 
     assert observe(state, progress, seen) == step
 
 
+def test_a_modal_view_of_a_job_no_confirmation_can_start_parks_nothing() -> None:
+    """Only a follow-up waits in MODAL for `submit/modal`: an upstream saying MODAL of an imagine (a bug, or a
+    hostile upstream) would hold it without a slot while it runs, to a window nobody can end."""
+    assert observe(JobState.SUBMITTED, 0, view(TaskStatus.MODAL), may_wait=False) == Step("none")
+    assert observe(JobState.SUBMITTED, 0, view(TaskStatus.MODAL, 10), may_wait=False) == Step(
+        "progress", JobState.SUBMITTED, 10
+    )
+
+
+async def test_an_imagine_the_upstream_says_is_waiting_in_modal_keeps_running_with_its_slot(world: World) -> None:
+    job = await world.submit("a heron")
+    lifecycle = world.tracker.lifecycle
+    tracked = lifecycle._by_job[job]
+    await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
+    assert tracked.state is JobState.SUBMITTED and tracked.slot and world.pool.in_flight["sim"] == 1
+    row = await world.store.get(job)
+    assert row is not None and row.state is JobState.SUBMITTED
+
+
 @dataclass
 class World:
     clock: FakeClock
@@ -92,16 +111,19 @@ class World:
     events: JobEvents
     key_id: str
 
-    async def submit(self, prompt: str, price: int = 2, deadline_s: float = 600) -> str:
+    async def submit(self, prompt: str, price: int = 2, deadline_s: float = 600, *, may_wait: bool = False) -> str:
+        """A job submitted and followed: an imagine, or (`may_wait`) a follow-up the upstream may park in MODAL
+        (the simulator runs an imagine for it: the tests speak for the upstream with the views they apply)."""
         reply = self.engine.submit_imagine({"prompt": prompt}, "fast")
         upstream_id = str(reply.body["result"])
         job_id = f"job_{upstream_id}"
         now = self.clock.now()
-        new = NewJob(job_id, "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", prompt, price, now + deadline_s)
+        kind = "variation" if may_wait else "imagine"
+        new = NewJob(job_id, "r", "mj-fast", "fast", "MID_JOURNEY", kind, prompt, price, now + deadline_s)
         assert await self.store.open(self.key_id, [new], now)
         await self.store.mark_submitted(job_id, "sim", upstream_id, now)
         self.pool.acquire("sim")
-        self.tracker.track(Tracked(job_id, "mj-fast", "sim", upstream_id, now + deadline_s))
+        self.tracker.track(Tracked(job_id, "mj-fast", "sim", upstream_id, now + deadline_s, may_wait=may_wait))
         return job_id
 
     def images_gone(self) -> None:
@@ -699,7 +721,7 @@ async def test_a_job_confirmed_while_its_modal_view_is_written_keeps_the_slot_it
     """A view saying MODAL waits in the progress window when the client confirms the job, which takes a provider
     slot for it, and the confirmation is written: once written, the view neither parks the job again (in memory or
     in the store) nor gives that slot back."""
-    job = await world.submit("a parked heron")
+    job = await world.submit("a parked heron", may_wait=True)
     lifecycle = world.tracker.lifecycle
     tracked = lifecycle._by_job[job]
     await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))  # parked: its slot is freed
@@ -726,7 +748,7 @@ async def test_a_job_confirmed_here_while_another_process_followed_it_is_followe
     MODAL read before the confirmation (an upstream hook forwarded late) parks it again neither in memory nor in the
     store."""
     lifecycle = world.tracker.lifecycle
-    job = await world.submit("a parked heron")
+    job = await world.submit("a parked heron", may_wait=True)
     parked = lifecycle._by_job[job]
     await lifecycle.hook(parked, TaskView(parked.upstream_id, TaskStatus.MODAL, 0))
     lifecycle.forget(job)  # followed by another process
@@ -747,7 +769,7 @@ async def test_a_job_adopted_while_its_confirmation_was_under_way_runs_to_the_ne
     as being confirmed): once the confirmation is written, the job runs to its new deadline with a slot, and is
     never parked again."""
     lifecycle = world.tracker.lifecycle
-    job = await world.submit("a parked heron")
+    job = await world.submit("a parked heron", may_wait=True)
     tracked = lifecycle._by_job[job]
     await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
     assert not tracked.confirmed and world.pool.in_flight["sim"] == 0
@@ -802,7 +824,7 @@ async def test_a_timeout_the_store_refused_follows_the_job_to_its_new_deadline(w
     another process) moved the stored one on: the timeout is not written, and the job is followed on, to the
     stored deadline, with nothing settled."""
     lifecycle = world.tracker.lifecycle
-    job = await world.submit("a parked heron sim:never", deadline_s=20)
+    job = await world.submit("a parked heron sim:never", deadline_s=20, may_wait=True)
     tracked = lifecycle._by_job[job]
     await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
     assert await world.store.extend_modal(job, world.clock.now() + 600, world.clock.now(), world.clock.now() + 40)
@@ -817,7 +839,7 @@ async def test_an_end_decided_for_a_copy_of_a_job_followed_anew_leaves_it_alone(
     """A round decided to end a job from its copy of it; meanwhile the job was handed over and taken back (a
     confirmation written here): the new copy is followed on, with its slot, and the job is not ended."""
     lifecycle = world.tracker.lifecycle
-    job = await world.submit("a parked heron", deadline_s=20)
+    job = await world.submit("a parked heron", deadline_s=20, may_wait=True)
     old = lifecycle._by_job[job]
     await lifecycle.hook(old, TaskView(old.upstream_id, TaskStatus.MODAL, 0))
     lifecycle.forget(job)
@@ -836,7 +858,7 @@ async def test_a_job_whose_confirmation_was_refused_times_out_soon_after_the_sto
     timeout was not written; the confirmation is then refused and the old deadline put back. The job is not
     followed on to the longer deadline: it is looked at again within a poll interval, and ended then."""
     lifecycle = world.tracker.lifecycle
-    job = await world.submit("a parked heron", deadline_s=20)
+    job = await world.submit("a parked heron", deadline_s=20, may_wait=True)
     tracked = lifecycle._by_job[job]
     await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
     window, longer = tracked.deadline_at, world.clock.now() + 600
@@ -861,7 +883,7 @@ async def test_a_timeout_refused_for_a_job_another_process_took_meanwhile_is_lef
     process, and a later upstream hook about it is not taken for one about a job that ended here."""
     lifecycle = world.tracker.lifecycle
     CheckedLeases(world)
-    job = await world.submit("a parked heron sim:never", deadline_s=20)
+    job = await world.submit("a parked heron sim:never", deadline_s=20, may_wait=True)
     tracked = lifecycle._by_job[job]
     await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
     other = JobStore(world.store.engine, owner="another-process", lease_s=30)
@@ -884,7 +906,7 @@ async def test_a_confirmed_job_adopted_later_is_never_parked_again(world: World)
     """Another process confirmed the job and then died; this one adopts it. A view of the job in MODAL read
     before the confirmation (an upstream hook sent late) parks it again neither in memory nor in the store."""
     lifecycle = world.tracker.lifecycle
-    job = await world.submit("a parked heron")
+    job = await world.submit("a parked heron", may_wait=True)
     parked = lifecycle._by_job[job]
     await lifecycle.hook(parked, TaskView(parked.upstream_id, TaskStatus.MODAL, 0))
     lifecycle.forget(job)  # followed by another process, which confirms it
