@@ -167,7 +167,8 @@ class JobService:
         # Attempts this process is starting, while under way: a retry here waits on one without asking the database
         # (its row may not be written yet). Once one is done, the attempts table says which attempt owns its
         # fingerprint: a later one may have been made on another process.
-        self._local: dict[str, tuple[str, asyncio.Future[_Started | None]]] = {}  # its request id, how it went
+        # (its request id, when it took the body, how it went)
+        self._local: dict[str, tuple[str, float, asyncio.Future[_Started | None]]] = {}
         # Attempts made here whose row could not be written (the database failed meanwhile): for the retry window,
         # what a retry here follows rather than an older row (when it started, its request id, how it went).
         self._unwritten: TTLCache[str, tuple[float, str, _Started | None]] = TTLCache(
@@ -238,7 +239,8 @@ class JobService:
             return await self._retry(key, spec, attempt)
         request_id = secrets.token_hex(12)
         planned, following = self._plan_jobs(spec, request_id)
-        return await self._started(self._launch(key, spec, planned, following, attempt, claimed=False))
+        launched = self._launch(key, spec, planned, following, attempt, claimed=False, at=self.clock.now())
+        return await self._started(launched)
 
     async def _retry(self, key: KeyRecord, spec: ImageSpec, attempt: Attempt) -> Generation:
         """A retry follows the attempt that owns its fingerprint; one that finds none to follow starts afresh, and
@@ -263,22 +265,22 @@ class JobService:
             try:
                 claimed = await asyncio.shield(claiming)
             except asyncio.CancelledError:
-                self._abandon(claiming, fingerprint, request_id)
+                self._abandon(claiming, fingerprint, request_id, now)
                 raise
-            if claimed:
-                launched = self._launch(key, spec, planned, following, attempt, claimed=True)
+            if claimed:  # it took the body when the claim was written, not when it learnt so
+                launched = self._launch(key, spec, planned, following, attempt, claimed=True, at=now)
                 break
         else:
             raise ServiceUnavailable("This request is being started by another attempt; retry shortly.", retry_after=1)
         return await self._started(launched)
 
-    def _abandon(self, claiming: asyncio.Future[bool], fingerprint: str, request_id: str) -> None:
+    def _abandon(self, claiming: asyncio.Future[bool], fingerprint: str, request_id: str, at: float) -> None:
         """A retry that went away as it claimed its body: a claim that was written is settled as having started
         nothing, so that the next retry starts afresh at once instead of waiting for jobs that never come (here,
         it waits on that settling as on an attempt under way)."""
         gone: asyncio.Future[_Started | None] = asyncio.get_running_loop().create_future()
         if fingerprint not in self._local:  # else another attempt here is under way, newer: retries wait on it
-            self._under_way(fingerprint, request_id, gone)
+            self._under_way(fingerprint, request_id, at, gone)
 
         async def settle() -> None:
             try:
@@ -293,10 +295,12 @@ class JobService:
         self._abandoned.add(task)
         task.add_done_callback(self._abandoned.discard)
 
-    def _under_way(self, fingerprint: str, request_id: str, outcome: asyncio.Future[_Started | None]) -> None:
+    def _under_way(
+        self, fingerprint: str, request_id: str, at: float, outcome: asyncio.Future[_Started | None]
+    ) -> None:
         """An attempt of this process is under way until `outcome` is set: a retry here waits on it (a claimed or
         abandoned retry's attempt only when no other attempt is under way here: that one came after its claim)."""
-        entry = (request_id, outcome)
+        entry = (request_id, at, outcome)
         self._local[fingerprint] = entry
         outcome.add_done_callback(
             lambda _: self._local.pop(fingerprint) if self._local.get(fingerprint) is entry else None
@@ -308,23 +312,20 @@ class JobService:
         takes the fingerprint over from (None: no attempt within the window)."""
         # An attempt of this process (under way: waited for; or one whose row does not say how it went) is the one
         # to follow, unless the row names a newer attempt, made elsewhere.
-        mine: tuple[str, _Started | None] | None = None
+        mine: tuple[float, str, _Started | None] | None = None  # when it took the body, its request id, how it went
         local = self._local.get(fingerprint)
         if local is not None:
-            request_id, under_way = local
-            mine = (request_id, await asyncio.shield(under_way))  # its row is written by the time it is done
+            request_id, at, under_way = local
+            mine = (at, request_id, await asyncio.shield(under_way))  # its row is written by the time it is done
         since = self.clock.now() - RETRY_WINDOW_S
         row = await self.attempts.get(fingerprint, since)
         kept = self._unwritten.get(fingerprint)
-        if mine is None and kept is not None:
-            mine = (kept[1], kept[2])
-        if mine is not None:
-            own = row is None or row.request_id == mine[0]
-            newer_than_row = kept is not None and kept[1] == mine[0] and row is not None and row.created_at <= kept[0]
-            if own or newer_than_row:
-                started = mine[1]
-                attached = await self._attach(started) if started is not None else None
-                return attached, None if attached is not None else (row.request_id if row is not None else None)
+        if kept is not None and (mine is None or kept[0] >= mine[0]):  # the newer of this process's two
+            mine = kept
+        if mine is not None and (row is None or row.request_id == mine[1] or row.created_at <= mine[0]):
+            started = mine[2]
+            attached = await self._attach(started) if started is not None else None
+            return attached, None if attached is not None else (row.request_id if row is not None else None)
         waited = 0.0
         # Under way in another process (or one that stopped): followed once its jobs are held, which is at once
         # unless that process stopped before; then, after a while, a retry starts afresh.
@@ -400,17 +401,19 @@ class JobService:
         attempt: Attempt | None,
         *,
         claimed: bool,
+        at: float,
     ) -> tuple[Generation, asyncio.Future[list[JobRow]]]:
-        """Start holding and submitting the jobs (`claimed`: the attempt's row is written already)."""
+        """Start holding and submitting the jobs of an attempt that took its body `at` (`claimed`: the attempt's
+        row is written already)."""
         recorded: asyncio.Future[_Started | None] | None = None
         if attempt is not None:
             recorded = asyncio.get_running_loop().create_future()
             if not claimed or attempt.fingerprint not in self._local:  # see `_under_way`
-                self._under_way(attempt.fingerprint, following.request_id, recorded)
+                self._under_way(attempt.fingerprint, following.request_id, at, recorded)
         # Holding and submitting go on even if the caller goes away meanwhile: a held job is always submitted
         # (and tracked to its end) or ended, never left holding credits. Retries learn how it went from the
         # attempt, which is settled when that work is done, however the caller fares.
-        work = asyncio.ensure_future(self._attempt(key, planned, attempt, following, recorded, claimed))
+        work = asyncio.ensure_future(self._attempt(key, planned, attempt, following, recorded, claimed, at))
         subscription = self.events.subscribe(following.job_ids)
         return Generation(following.request_id, spec, following.job_ids, following.deadline_at, subscription), work
 
@@ -437,10 +440,11 @@ class JobService:
         following: _Started,
         recorded: asyncio.Future[_Started | None] | None,
         claimed: bool,
+        started_at: float,
     ) -> list[JobRow]:
         """Record the attempt (unless `claimed` wrote it), hold and submit its jobs, and settle the attempt with how
         that went."""
-        took, started_at = False, self.clock.now()
+        took = False
         # Written while the jobs are held (not before: that would add a commit to every request's way in); a retry
         # in this process waits on the attempt in `_local` meanwhile, one elsewhere finds it written by then.
         begun: asyncio.Future[None] | None = None

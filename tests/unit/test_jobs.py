@@ -187,6 +187,11 @@ async def relays_on_one_database(
         yield relays, key
 
 
+async def failing_write(*args: Any, **kwargs: Any) -> list[None]:
+    """A write the database does not take."""
+    raise OSError("the database went away")
+
+
 async def job_count(relay: Relay) -> int:
     async with relay.db.engine.connect() as conn:
         return len((await conn.execute(select(jobs.c.id))).all())
@@ -315,10 +320,7 @@ async def test_a_retry_follows_an_attempt_whose_row_could_not_be_written(
     older.close()
     begin_many = relay.attempts.begin_many
 
-    async def failing(*args: Any, **kwargs: Any) -> list[None]:
-        raise OSError("the database went away")
-
-    relay.attempts.begin_many = failing  # type: ignore[method-assign]
+    relay.attempts.begin_many = failing_write  # type: ignore[method-assign]
     newer = await relay.jobs.start(key, spec, Attempt("body", retry=False))
     newer.close()
     relay.attempts.begin_many = begin_many  # type: ignore[method-assign]
@@ -506,3 +508,82 @@ async def test_a_retry_of_a_refused_attempt_whose_row_could_not_be_settled_start
     generation = await asyncio.wait_for(relay.jobs.start(key, spec, Attempt("body", retry=True)), 10)
     generation.close()
     assert len(await relay.store.by_request(generation.request_id)) == 1
+
+
+async def test_a_retry_waiting_on_an_older_attempt_here_follows_a_newer_unwritten_one(
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    """A retry waits on a request of its body under way here; meanwhile a newer request of the body starts here,
+    whose row the database fails to take, and the older one is refused: the retry follows the newer one."""
+    relay, _, key = switchable
+    spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    admit, begin_many, gate = relay.submitter.admit, relay.attempts.begin_many, asyncio.Event()
+
+    async def refused(*args: object) -> None:
+        relay.submitter.admit = admit  # type: ignore[method-assign]
+        await gate.wait()
+        raise InsufficientQuota("no credits left")
+
+    relay.submitter.admit = refused  # type: ignore[method-assign]
+    older = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=False)))
+    while await relay.attempts.get("body", 0) is None:
+        await asyncio.sleep(0)
+    retry = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=True)))
+    for _ in range(100):  # the retry waits on the older one
+        await asyncio.sleep(0)
+    relay.attempts.begin_many = failing_write  # type: ignore[method-assign]
+    newer = await relay.jobs.start(key, spec, Attempt("body", retry=False))
+    newer.close()
+    relay.attempts.begin_many = begin_many  # type: ignore[method-assign]
+    gate.set()
+    with pytest.raises(InsufficientQuota):
+        await older
+    followed = await retry
+    followed.close()
+    assert followed.request_id == newer.request_id
+
+
+async def test_a_claimed_retry_ending_later_leaves_a_newer_unwritten_request_to_follow(
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    """A retry's claim lands; a new request of the body then starts here, its row not taken by the database, and
+    ends; the retry, refused, ends after it: a later retry follows the new request."""
+    relay, upstream, key = switchable
+    spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    claim, begin_many, admit_and_submit = relay.attempts.claim, relay.attempts.begin_many, relay.jobs._admit_and_submit
+    claimed, held, claimer_goes_on, calls = asyncio.Event(), asyncio.Event(), asyncio.Event(), []
+
+    async def held_claim(*args: Any, **kwargs: Any) -> bool:
+        outcome = await claim(*args, **kwargs)
+        claimed.set()
+        await held.wait()
+        return outcome
+
+    async def claimer_is_slow(*args: Any) -> list[JobRow]:
+        calls.append(args)
+        if len(calls) == 2:  # the claiming retry's, after the new request's
+            await claimer_goes_on.wait()
+        return await admit_and_submit(*args)
+
+    relay.attempts.claim, relay.jobs._admit_and_submit = held_claim, claimer_is_slow  # type: ignore[method-assign]
+    upstream.gate.clear()
+    claiming = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=True)))
+    await claimed.wait()
+    relay.attempts.claim, relay.attempts.begin_many = claim, failing_write  # type: ignore[method-assign]
+    new = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=False)))
+    await upstream.waiting.wait()
+    relay.attempts.begin_many = begin_many  # type: ignore[method-assign]
+    held.set()
+    for _ in range(100):  # the claiming retry launches, and waits in its admission
+        await asyncio.sleep(0)
+    upstream.gate.set()
+    started = await new
+    started.close()
+    upstream.full = True  # the claiming retry finds no provider
+    claimer_goes_on.set()
+    with pytest.raises(JobFailed):
+        await claiming
+    upstream.full = False
+    retried = await relay.jobs.start(key, spec, Attempt("body", retry=True))
+    retried.close()
+    assert retried.request_id == started.request_id
