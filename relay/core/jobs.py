@@ -117,6 +117,10 @@ class _Started:
     deadline_at: float
 
 
+# (fingerprint, request id, job ids, spec, deadline, now), the request id it takes the body over from, since when
+_Claim = tuple[tuple[str, str, tuple[str, ...], dict[str, Any], float, float], str | None, float]
+
+
 class _Begun(NamedTuple):
     fingerprint: str
     request_id: str
@@ -182,6 +186,8 @@ class JobService:
         self._settle: Batcher[tuple[str, str, bool], None] = Batcher(
             lambda items: attempts.settle_many(items, now()), "attempt-settle"
         )
+        # Claims are group-committed too: every first request with an Idempotency-Key makes one.
+        self._claim: Batcher[_Claim, bool] = Batcher(lambda items: self.attempts.claim_many(items), "attempt-claims")
 
     # -- planning (no I/O) ---------------------------------------------------------------------------------------
 
@@ -255,13 +261,8 @@ class JobService:
             planned, following = self._plan_jobs(spec, request_id)
             spec_record = _spec_record(following.spec)
             now = self.clock.now()
-            claiming = asyncio.ensure_future(
-                self.attempts.claim(
-                    (fingerprint, request_id, following.job_ids, spec_record, following.deadline_at, now),
-                    replacing=earlier,
-                    since=now - RETRY_WINDOW_S,
-                )
-            )
+            made = (fingerprint, request_id, following.job_ids, spec_record, following.deadline_at, now)
+            claiming = asyncio.ensure_future(self._claim((made, earlier, now - RETRY_WINDOW_S)))
             try:
                 claimed = await asyncio.shield(claiming)
             except asyncio.CancelledError:
@@ -546,6 +547,7 @@ class JobService:
     async def close(self) -> None:
         if self._abandoned:
             await asyncio.gather(*self._abandoned, return_exceptions=True)
+        await self._claim.close()
         await self._begin.close()
         await self._settle.close()
 

@@ -11,14 +11,15 @@ two processes at once starts once. Attempts older than the retry window are forg
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from relay.store.db import changed, connected
+from relay.store.db import changed, connected, transaction
 from relay.store.tables import attempts
 
 AttemptState = Literal["starting", "started", "nothing"]
@@ -68,6 +69,23 @@ class AttemptStore:
         await changed(self.engine, statement.on_conflict_do_update(index_elements=["fingerprint"], set_=excluded), rows)
         return [None] * len(attempts_made)
 
+    async def claim_many(
+        self, claims: Sequence[tuple[tuple[str, str, tuple[str, ...], dict[str, Any], float, float], str | None, float]]
+    ) -> list[bool]:
+        """Retries that found no attempt to follow start afresh: each attempt (fingerprint, request id, job ids,
+        spec, deadline, now), `starting`, owns its fingerprint from now on, if the one it found still does
+        (`replacing`: its request id; None: no attempt made since `since`). For each, False when another attempt
+        took the fingerprint meanwhile (the same request sent twice at once): that one is to be followed. One
+        transaction, the claims in order: of two claims of one body, the second finds the first's."""
+
+        async def work(conn: AsyncConnection) -> list[bool]:
+            return [
+                (await conn.execute(self._claim(attempt, replacing, since))).rowcount == 1
+                for attempt, replacing, since in claims
+            ]
+
+        return await transaction(self.engine, work) if claims else []
+
     async def claim(
         self,
         attempt: tuple[str, str, tuple[str, ...], dict[str, Any], float, float],
@@ -75,26 +93,29 @@ class AttemptStore:
         replacing: str | None,
         since: float,
     ) -> bool:
-        """A retry that found no attempt to follow starts afresh: the attempt (fingerprint, request id, job ids,
-        spec, deadline, now), `starting`, owns the fingerprint from now on, if the one found still does
-        (`replacing`: its request id; None: no attempt made since `since`). False when another attempt took the
-        fingerprint meanwhile (the same request sent to two processes at once): that one is to be followed."""
+        """One claim (`claim_many`)."""
+        return (await self.claim_many([(attempt, replacing, since)]))[0]
+
+    def _claim(
+        self,
+        attempt: tuple[str, str, tuple[str, ...], dict[str, Any], float, float],
+        replacing: str | None,
+        since: float,
+    ) -> Any:
         fingerprint, values = attempt[0], _starting(attempt)
         if replacing is None:
             dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
             insert = dialect.insert(attempts).values(fingerprint=fingerprint, **values)
-            statement: Any = insert.on_conflict_do_update(
+            return insert.on_conflict_do_update(
                 index_elements=["fingerprint"],
                 set_={name: insert.excluded[name] for name in values},
                 where=attempts.c.created_at < since,  # one older than the window is forgotten already
             )
-        else:
-            statement = (
-                update(attempts)
-                .where(attempts.c.fingerprint == fingerprint, attempts.c.request_id == replacing)
-                .values(**values)
-            )
-        return await changed(self.engine, statement) == 1
+        return (
+            update(attempts)
+            .where(attempts.c.fingerprint == fingerprint, attempts.c.request_id == replacing)
+            .values(**values)
+        )
 
     async def settle_many(self, settled: list[tuple[str, str, bool]], now: float) -> list[None]:
         """How each attempt's (fingerprint, request id, took) submission went, unless a later attempt owns the

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from adapters import Retryable, SubmitOutcome, SubmitRequest
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
@@ -288,19 +288,19 @@ async def test_a_retry_that_went_away_as_it_claimed_its_body_holds_up_no_later_r
     """A retry cancelled once its claim was written (and before its jobs were made): the next retry starts afresh
     at once, instead of waiting for jobs that never come (the clock never moves)."""
     relay, key, spec = unmoving
-    claim, written, held = relay.attempts.claim, asyncio.Event(), asyncio.Event()
+    claim, written, held = relay.attempts.claim_many, asyncio.Event(), asyncio.Event()
 
-    async def slow_claim(*args: Any, **kwargs: Any) -> bool:
+    async def slow_claim(*args: Any, **kwargs: Any) -> list[bool]:
         claimed = await claim(*args, **kwargs)
         written.set()
         await held.wait()
         return claimed
 
-    relay.attempts.claim = slow_claim  # type: ignore[method-assign]
+    relay.attempts.claim_many = slow_claim  # type: ignore[method-assign]
     first = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("idempotency", retry=True)))
     await written.wait()
     first.cancel()
-    relay.attempts.claim = claim  # type: ignore[method-assign]
+    relay.attempts.claim_many = claim  # type: ignore[method-assign]
     held.set()
     with pytest.raises(asyncio.CancelledError):
         await first
@@ -346,10 +346,10 @@ async def test_a_retry_that_went_away_hides_no_attempt_under_way_here(
     row not written yet): a retry of that request still follows it, and starts no second job."""
     relay, upstream, key = switchable
     spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-    claim, begin_many = relay.attempts.claim, relay.attempts.begin_many
+    claim, begin_many = relay.attempts.claim_many, relay.attempts.begin_many
     claimed, held, slow = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
-    async def held_claim(*args: Any, **kwargs: Any) -> bool:
+    async def held_claim(*args: Any, **kwargs: Any) -> list[bool]:
         outcome = await claim(*args, **kwargs)
         claimed.set()
         await held.wait()
@@ -359,10 +359,10 @@ async def test_a_retry_that_went_away_hides_no_attempt_under_way_here(
         await slow.wait()  # the database is slow, nothing fails
         return await begin_many(*args, **kwargs)
 
-    relay.attempts.claim = held_claim  # type: ignore[method-assign]
+    relay.attempts.claim_many = held_claim  # type: ignore[method-assign]
     gone = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=True)))
     await claimed.wait()
-    relay.attempts.claim, relay.attempts.begin_many = claim, slow_begin  # type: ignore[method-assign]
+    relay.attempts.claim_many, relay.attempts.begin_many = claim, slow_begin  # type: ignore[method-assign]
     upstream.gate.clear()
     new = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=False)))
     await upstream.waiting.wait()
@@ -425,19 +425,19 @@ async def test_a_claimed_retry_hides_no_newer_request_under_way_here(
     the body."""
     relay, upstream, key = switchable
     spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-    claim, claimed, held = relay.attempts.claim, asyncio.Event(), asyncio.Event()
+    claim, claimed, held = relay.attempts.claim_many, asyncio.Event(), asyncio.Event()
 
-    async def held_claim(*args: Any, **kwargs: Any) -> bool:
+    async def held_claim(*args: Any, **kwargs: Any) -> list[bool]:
         outcome = await claim(*args, **kwargs)
         claimed.set()
         await held.wait()
         return outcome
 
-    relay.attempts.claim = held_claim  # type: ignore[method-assign]
+    relay.attempts.claim_many = held_claim  # type: ignore[method-assign]
     upstream.gate.clear()
     claiming = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=True)))
     await claimed.wait()
-    relay.attempts.claim = claim  # type: ignore[method-assign]
+    relay.attempts.claim_many = claim  # type: ignore[method-assign]
     new = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=False)))
     await upstream.waiting.wait()  # the new request is held and at the upstream
     while (owner := await relay.attempts.get("body", 0)) is None or owner.state != "starting":
@@ -550,10 +550,14 @@ async def test_a_claimed_retry_ending_later_leaves_a_newer_unwritten_request_to_
     ends; the retry, refused, ends after it: a later retry follows the new request."""
     relay, upstream, key = switchable
     spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-    claim, begin_many, admit_and_submit = relay.attempts.claim, relay.attempts.begin_many, relay.jobs._admit_and_submit
+    claim, begin_many, admit_and_submit = (
+        relay.attempts.claim_many,
+        relay.attempts.begin_many,
+        relay.jobs._admit_and_submit,
+    )
     claimed, held, claimer_goes_on, calls = asyncio.Event(), asyncio.Event(), asyncio.Event(), []
 
-    async def held_claim(*args: Any, **kwargs: Any) -> bool:
+    async def held_claim(*args: Any, **kwargs: Any) -> list[bool]:
         outcome = await claim(*args, **kwargs)
         claimed.set()
         await held.wait()
@@ -565,11 +569,11 @@ async def test_a_claimed_retry_ending_later_leaves_a_newer_unwritten_request_to_
             await claimer_goes_on.wait()
         return await admit_and_submit(*args)
 
-    relay.attempts.claim, relay.jobs._admit_and_submit = held_claim, claimer_is_slow  # type: ignore[method-assign]
+    relay.attempts.claim_many, relay.jobs._admit_and_submit = held_claim, claimer_is_slow  # type: ignore[method-assign]
     upstream.gate.clear()
     claiming = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=True)))
     await claimed.wait()
-    relay.attempts.claim, relay.attempts.begin_many = claim, failing_write  # type: ignore[method-assign]
+    relay.attempts.claim_many, relay.attempts.begin_many = claim, failing_write  # type: ignore[method-assign]
     new = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=False)))
     await upstream.waiting.wait()
     relay.attempts.begin_many = begin_many  # type: ignore[method-assign]
@@ -587,3 +591,23 @@ async def test_a_claimed_retry_ending_later_leaves_a_newer_unwritten_request_to_
     retried = await relay.jobs.start(key, spec, Attempt("body", retry=True))
     retried.close()
     assert retried.request_id == started.request_id
+
+
+@pytest.mark.parametrize("retry", [False, True], ids=["plain", "idempotency-key"])
+async def test_the_first_requests_of_many_bodies_are_group_committed(tmp_path: Path, retry: bool) -> None:
+    """Forty first requests at once, plain or each with an `Idempotency-Key` (a retry as far as the relay can
+    tell, which claims its body before its jobs are held): a handful of commits, not one each."""
+    upstream = SimulatorUpstream("sim", SimEngine(SimSettings(fast_s=5, tile_px=16)))
+    relay = Relay(relay_config(tmp_path), SystemClock(), {"sim": upstream})
+    await relay.open()
+    try:
+        key, _ = await relay.keys.create("k", 1000, 0)
+        spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        commits: list[object] = []
+        event.listen(relay.db.engine.sync_engine, "commit", commits.append)
+        starts = [relay.jobs.start(key, spec, Attempt(f"body-{i}", retry=retry)) for i in range(40)]
+        for generation in await asyncio.gather(*starts):
+            generation.close()
+        assert len(commits) <= 10
+    finally:
+        await relay.close()
