@@ -62,7 +62,8 @@ class AttemptStore:
         if not attempts_made:
             return []
         latest = {item[0]: item for item in attempts_made}  # one fingerprint twice in a batch: the later attempt wins
-        rows = [{"fingerprint": attempt[0], **_starting(attempt)} for attempt in latest.values()]
+        # In fingerprint order, as every write of attempts: two processes' transactions lock rows in one order.
+        rows = [{"fingerprint": fingerprint, **_starting(latest[fingerprint])} for fingerprint in sorted(latest)]
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(attempts)
         excluded = {k: statement.excluded[k] for k in rows[0] if k != "fingerprint"}
@@ -79,10 +80,11 @@ class AttemptStore:
         transaction, the claims in order: of two claims of one body, the second finds the first's."""
 
         async def work(conn: AsyncConnection) -> list[bool]:
-            return [
-                (await conn.execute(self._claim(attempt, replacing, since))).rowcount == 1
-                for attempt, replacing, since in claims
-            ]
+            claimed = [False] * len(claims)
+            for i in sorted(range(len(claims)), key=lambda i: claims[i][0][0]):  # fingerprint order; stable
+                attempt, replacing, since = claims[i]
+                claimed[i] = (await conn.execute(self._claim(attempt, replacing, since))).rowcount == 1
+            return claimed
 
         return await transaction(self.engine, work) if claims else []
 
@@ -121,7 +123,7 @@ class AttemptStore:
         """How each attempt's (fingerprint, request id, took) submission went, unless a later attempt owns the
         fingerprint by now."""
         for took in (True, False):
-            pairs = [(fingerprint, request_id) for fingerprint, request_id, t in settled if t is took]
+            pairs = sorted((fingerprint, request_id) for fingerprint, request_id, t in settled if t is took)
             if not pairs:
                 continue
             await changed(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,6 +134,32 @@ async def test_a_retry_takes_a_fingerprint_over_only_from_the_attempt_it_found(d
     )
     row = await attempts.get("fp", NOW + 3)
     assert row is not None and row.request_id == "req-4"
+
+
+async def test_claims_written_together_decide_as_one_by_one_in_one_lock_order(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of claims: two of one body decide as if made one after the other (the first takes it), and the rows
+    are written in fingerprint order, as every write of attempts is, so two processes' batches never deadlock."""
+    attempts = AttemptStore(db.engine)
+    spec = {"model": "mj-fast", "prompt": "a lighthouse"}
+    written: list[str] = []
+    claim = attempts._claim
+
+    def noted(attempt: Any, replacing: str | None, since: float) -> Any:
+        written.append(attempt[0])
+        return claim(attempt, replacing, since)
+
+    monkeypatch.setattr(attempts, "_claim", noted)
+    batch = [
+        (("fp-b", "req-1", ("job_1",), spec, NOW + 600, NOW), None, NOW - 60),
+        (("fp-a", "req-2", ("job_2",), spec, NOW + 600, NOW), None, NOW - 60),
+        (("fp-b", "req-3", ("job_3",), spec, NOW + 600, NOW), None, NOW - 60),
+    ]
+    assert await attempts.claim_many(batch) == [True, True, False]
+    assert written == ["fp-a", "fp-b", "fp-b"]
+    row = await attempts.get("fp-b", NOW - 60)
+    assert row is not None and row.request_id == "req-1"
 
 
 @pytest.mark.postgres
