@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -111,13 +111,12 @@ class AttemptStore:
             return insert.on_conflict_do_update(
                 index_elements=["fingerprint"],
                 set_={name: insert.excluded[name] for name in values},
-                where=attempts.c.created_at < since,  # one older than the window is forgotten already
+                # one older than the window is forgotten already; this claim's own row is this claim's again
+                where=or_(attempts.c.created_at < since, attempts.c.request_id == values["request_id"]),
             )
-        return (
-            update(attempts)
-            .where(attempts.c.fingerprint == fingerprint, attempts.c.request_id == replacing)
-            .values(**values)
-        )
+        # This claim's own row too: a batch whose commit landed but was reported failed is written again, one by one.
+        found = or_(attempts.c.request_id == replacing, attempts.c.request_id == values["request_id"])
+        return update(attempts).where(attempts.c.fingerprint == fingerprint, found).values(**values)
 
     async def settle_many(self, settled: list[tuple[str, str, bool]], now: float) -> list[None]:
         """How each attempt's (fingerprint, request id, took) submission went, unless a later attempt owns the

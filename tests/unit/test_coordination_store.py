@@ -136,6 +136,22 @@ async def test_a_retry_takes_a_fingerprint_over_only_from_the_attempt_it_found(d
     assert row is not None and row.request_id == "req-4"
 
 
+async def test_a_claim_written_again_is_still_won(db: Database) -> None:
+    """A batch whose commit landed but was reported failed is written again, one claim at a time: each finds its own
+    row, and is told it owns the body (not that another attempt took it, which would send it waiting for itself)."""
+    attempts = AttemptStore(db.engine)
+    spec = {"model": "mj-fast", "prompt": "a lighthouse"}
+    fresh = ("fp", "req-1", ("job_1",), spec, NOW + 600, NOW)
+    assert await attempts.claim_many([(fresh, None, NOW - 60)]) == [True]
+    assert await attempts.claim_many([(fresh, None, NOW - 60)]) == [True]
+    taking_over = ("fp", "req-2", ("job_2",), spec, NOW + 600, NOW + 1)
+    assert await attempts.claim_many([(taking_over, "req-1", NOW - 60)]) == [True]
+    assert await attempts.claim_many([(taking_over, "req-1", NOW - 60)]) == [True]
+    assert await attempts.claim_many([(fresh, None, NOW - 60)]) == [False]  # req-1 lost the body to req-2
+    row = await attempts.get("fp", NOW - 60)
+    assert row is not None and row.request_id == "req-2"
+
+
 async def test_claims_written_together_decide_as_one_by_one_in_one_lock_order(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
