@@ -109,6 +109,11 @@ class TaskSpec:
     def price_key(self) -> str:
         return self.kind.value
 
+    @property
+    def follow_up(self) -> bool:
+        """Made only from a parent's button: the kind of task an upstream may park in MODAL for `submit/modal`."""
+        return self.direct is None
+
 
 TASKS: dict[TaskKind, TaskSpec] = {
     spec.kind: spec

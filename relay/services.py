@@ -157,7 +157,7 @@ class Relay:
             clock=clock,
         )
         self.auth = Authenticator(self.keys, now=clock.now)  # expiry on the same clock as holds and the admin API
-        self.references = ReferenceLoader(references)
+        self.references = ReferenceLoader(references, egress=self.egress)  # one set of lookup threads
         self.ready = False
         self.started_at = int(clock.now())
         self.version = _version()

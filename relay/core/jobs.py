@@ -32,7 +32,7 @@ from relay.core.text import unstorable
 from relay.domain import FailureCode, JobState, ResultShape, TaskKind
 from relay.errors import InvalidRequest, JobFailed, NotFound, ServiceUnavailable
 from relay.images import TILE_NAMES
-from relay.store.attempts import AttemptStore
+from relay.store.attempts import AttemptStore, Made
 from relay.store.jobs import JobRow, JobStore, NewJob
 from relay.store.keys import KeyRecord
 
@@ -117,8 +117,8 @@ class _Started:
     deadline_at: float
 
 
-# (fingerprint, request id, job ids, spec, deadline, now), the request id it takes the body over from, since when
-_Claim = tuple[tuple[str, str, tuple[str, ...], dict[str, Any], float, float], str | None, float]
+# The attempt a retry makes, the request id it takes the body over from (None: none), since when attempts count
+_Claim = tuple[Made, str | None, float]
 
 
 class _Begun(NamedTuple):
@@ -476,24 +476,26 @@ class JobService:
                 # Only now: a retry here that finds the attempt done reads the attempts table, which has it.
                 if recorded is not None and not recorded.done():
                     recorded.set_result(following if took else None)
-            kept = self._unwritten.get(attempt.fingerprint) if attempt is not None else None
-            newer = kept is None or kept[0] <= started_at  # this attempt started after the one kept (if any)
-            if attempt is not None and not written:
-                if newer:
-                    self._unwritten[attempt.fingerprint] = (
-                        started_at,
-                        following.request_id,
-                        following if took else None,
-                    )
-            elif attempt is not None:
-                if kept is not None and newer:  # written since: the row says it; an unwritten newer one stays
-                    del self._unwritten[attempt.fingerprint]
-                try:
-                    await self._settle((attempt.fingerprint, following.request_id, took))
-                except Exception:  # the row still says `starting`: a retry here goes by what this process knows
-                    if newer:
-                        outcome = following if took else None
-                        self._unwritten[attempt.fingerprint] = (started_at, following.request_id, outcome)
+            if attempt is not None:
+                done = (started_at, following.request_id, following if took else None)
+                await self._record(attempt.fingerprint, done, written)
+
+    async def _record(self, fingerprint: str, done: tuple[float, str, _Started | None], written: bool) -> None:
+        """Settle a finished attempt (when it took the body, its request id, how it went) in its row, if `written`.
+        While the row cannot say how it went (not written, or not settled) this process keeps it instead, unless it
+        keeps a newer one."""
+        kept = self._unwritten.get(fingerprint)
+        newer = kept is None or kept[0] <= done[0]
+        if written:
+            if kept is not None and newer:  # written since: the row says it; an unwritten newer one stays
+                del self._unwritten[fingerprint]
+            try:
+                await self._settle((fingerprint, done[1], done[2] is not None))
+                return
+            except Exception:  # the row still says `starting`
+                pass
+        if newer:
+            self._unwritten[fingerprint] = done
 
     async def _admit_and_submit(self, key: KeyRecord, planned: list[Planned]) -> list[JobRow]:
         """Hold and submit the jobs (raising when they cannot be held); returns those no provider took (ended)."""

@@ -283,7 +283,7 @@ class Lifecycle:
             shape=row.spec.shape,
             confirmed=row.confirmed_at is not None,  # a view read before its confirmation never parks it again
             slot=row.state is not JobState.MODAL,
-            may_wait=row.spec.direct is None,
+            may_wait=row.spec.follow_up,
         )
 
     def take_up(self, row: JobRow) -> Tracked:

@@ -51,9 +51,10 @@ class ReferenceLoader:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         resolver: Resolver | None = None,
+        egress: Egress | None = None,
     ) -> None:
         self.config = config
-        self._egress = Egress(config.allow_private, config.allow_hosts, resolver)
+        self._egress = egress or Egress(config.allow_private, config.allow_hosts, resolver)
         self._client = pinned_client(config.timeout_s, transport)
 
     async def aclose(self) -> None:

@@ -213,24 +213,19 @@ class Submitter:
         return Outcome(row.state, row=row)
 
     async def _reserved(self, job_id: str, provider: str, limit: int | None) -> bool:
-        """A slot of the provider reserved for the job (`_reserve`). A half-open provider's trial is taken first:
-        other jobs are routed while the reservation is written, and must not take it too."""
+        """A slot of the provider reserved for the job. A half-open provider's trial is taken first: other jobs are
+        routed while the reservation is written, and must not take it too."""
+        assert self.slots is not None and limit is not None
         health = self.pool.health[provider]
         trial, held = health.begin_submit(), False
         try:
-            held = await self._reserve(job_id, provider, limit)
+            held = await self.slots.take(job_id, provider, limit, self.clock.now())
+        except Exception:
+            log.exception("reserving a provider slot failed", extra={"fields": {"job": job_id, "provider": provider}})
         finally:
             if trial and not held:
                 health.abandon_submit()
         return held
-
-    async def _reserve(self, job_id: str, provider: str, limit: int | None) -> bool:
-        assert self.slots is not None and limit is not None
-        try:
-            return await self.slots.take(job_id, provider, limit, self.clock.now())
-        except Exception:
-            log.exception("reserving a provider slot failed", extra={"fields": {"job": job_id, "provider": provider}})
-            return False
 
     async def _give_back(self, job_id: str) -> None:
         assert self.slots is not None

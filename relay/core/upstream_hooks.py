@@ -279,7 +279,7 @@ class UpstreamHooks:
             row.deadline_at,
             JobState.SUBMITTED,
             shape=row.spec.shape,
-            may_wait=row.spec.direct is None,
+            may_wait=row.spec.follow_up,
         )
         self.lifecycle.started(tracked)
         event(log, "job adopted", job=job_id, provider=provider)

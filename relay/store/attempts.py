@@ -4,7 +4,7 @@ restarts and across relay processes.
 An attempt is keyed by its fingerprint (the key, the route and the body, or the `Idempotency-Key` it named). The
 latest attempt that was not a retry owns the fingerprint; it is `starting` while its jobs are held and submitted,
 then `started` (some job was taken upstream) or `nothing` (none was). A retry that finds no attempt to follow
-starts afresh and takes the fingerprint over only from the attempt it found (`claim`), so that one request sent to
+starts afresh and takes the fingerprint over only from the attempt it found (`claim_many`), so that one request sent to
 two processes at once starts once. Attempts older than the retry window are forgotten.
 """
 
@@ -36,7 +36,11 @@ class AttemptRow:
     created_at: float
 
 
-def _starting(attempt: tuple[str, str, tuple[str, ...], dict[str, Any], float, float]) -> dict[str, Any]:
+# An attempt being made: (fingerprint, request id, job ids, spec, deadline, now).
+Made = tuple[str, str, tuple[str, ...], dict[str, Any], float, float]
+
+
+def _starting(attempt: Made) -> dict[str, Any]:
     """The row of an attempt (fingerprint, request id, job ids, spec, deadline, now) that starts, but its key."""
     _, request_id, job_ids, spec, deadline_at, now = attempt
     return {
@@ -54,9 +58,7 @@ class AttemptStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    async def begin_many(
-        self, attempts_made: list[tuple[str, str, tuple[str, ...], dict[str, Any], float, float]]
-    ) -> list[None]:
+    async def begin_many(self, attempts_made: list[Made]) -> list[None]:
         """Each attempt (fingerprint, request id, job ids, spec, deadline, now) now owns its fingerprint: an earlier
         one, retried or not, no longer does. Starts as `starting`."""
         if not attempts_made:
@@ -64,15 +66,12 @@ class AttemptStore:
         latest = {item[0]: item for item in attempts_made}  # one fingerprint twice in a batch: the later attempt wins
         # In fingerprint order, as every write of attempts: two processes' transactions lock rows in one order.
         rows = [{"fingerprint": fingerprint, **_starting(latest[fingerprint])} for fingerprint in sorted(latest)]
-        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        statement = dialect.insert(attempts)
+        statement = self._insert()
         excluded = {k: statement.excluded[k] for k in rows[0] if k != "fingerprint"}
         await changed(self.engine, statement.on_conflict_do_update(index_elements=["fingerprint"], set_=excluded), rows)
         return [None] * len(attempts_made)
 
-    async def claim_many(
-        self, claims: Sequence[tuple[tuple[str, str, tuple[str, ...], dict[str, Any], float, float], str | None, float]]
-    ) -> list[bool]:
+    async def claim_many(self, claims: Sequence[tuple[Made, str | None, float]]) -> list[bool]:
         """Retries that found no attempt to follow start afresh: each attempt (fingerprint, request id, job ids,
         spec, deadline, now), `starting`, owns its fingerprint from now on, if the one it found still does
         (`replacing`: its request id; None: no attempt made since `since`). For each, False when another attempt
@@ -88,26 +87,10 @@ class AttemptStore:
 
         return await transaction(self.engine, work) if claims else []
 
-    async def claim(
-        self,
-        attempt: tuple[str, str, tuple[str, ...], dict[str, Any], float, float],
-        *,
-        replacing: str | None,
-        since: float,
-    ) -> bool:
-        """One claim (`claim_many`)."""
-        return (await self.claim_many([(attempt, replacing, since)]))[0]
-
-    def _claim(
-        self,
-        attempt: tuple[str, str, tuple[str, ...], dict[str, Any], float, float],
-        replacing: str | None,
-        since: float,
-    ) -> Any:
+    def _claim(self, attempt: Made, replacing: str | None, since: float) -> Any:
         fingerprint, values = attempt[0], _starting(attempt)
         if replacing is None:
-            dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-            insert = dialect.insert(attempts).values(fingerprint=fingerprint, **values)
+            insert = self._insert().values(fingerprint=fingerprint, **values)
             return insert.on_conflict_do_update(
                 index_elements=["fingerprint"],
                 set_={name: insert.excluded[name] for name in values},
@@ -117,6 +100,10 @@ class AttemptStore:
         # This claim's own row too: a batch whose commit landed but was reported failed is written again, one by one.
         found = or_(attempts.c.request_id == replacing, attempts.c.request_id == values["request_id"])
         return update(attempts).where(attempts.c.fingerprint == fingerprint, found).values(**values)
+
+    def _insert(self) -> Any:
+        """An insert into `attempts` in the database's own dialect (which has `on_conflict_do_update`)."""
+        return (postgresql if self.engine.dialect.name == "postgresql" else sqlite).insert(attempts)
 
     async def settle_many(self, settled: list[tuple[str, str, bool]], now: float) -> list[None]:
         """How each attempt's (fingerprint, request id, took) submission went, unless a later attempt owns the

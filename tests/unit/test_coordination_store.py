@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from relay.store.attempts import AttemptStore
+from relay.store.attempts import AttemptStore, Made
 from relay.store.db import Database
 from relay.store.jobs import JobState, JobStore
 from relay.store.keys import KeyStore
@@ -115,22 +115,27 @@ async def test_attempts_are_found_by_fingerprint_until_forgotten(db: Database) -
     assert await attempts.get("fp", NOW - 1) is None
 
 
+async def claim(attempts: AttemptStore, attempt: Made, *, replacing: str | None, since: float) -> bool:
+    """One retry's claim, as a batch of one."""
+    return (await attempts.claim_many([(attempt, replacing, since)]))[0]
+
+
 async def test_a_retry_takes_a_fingerprint_over_only_from_the_attempt_it_found(db: Database) -> None:
     attempts = AttemptStore(db.engine)
     spec = {"model": "mj-fast", "prompt": "a lighthouse"}
-    assert await attempts.claim(("fp", "req-1", ("job_1",), spec, NOW + 600, NOW), replacing=None, since=NOW - 60)
+    assert await claim(attempts, ("fp", "req-1", ("job_1",), spec, NOW + 600, NOW), replacing=None, since=NOW - 60)
     # another retry that found nothing a moment ago: the fingerprint is taken by now
-    assert not await attempts.claim(("fp", "req-2", ("job_2",), spec, NOW + 600, NOW), replacing=None, since=NOW - 60)
-    assert not await attempts.claim(("fp", "req-2", ("job_2",), spec, NOW + 600, NOW), replacing="req-0", since=0)
+    assert not await claim(attempts, ("fp", "req-2", ("job_2",), spec, NOW + 600, NOW), replacing=None, since=NOW - 60)
+    assert not await claim(attempts, ("fp", "req-2", ("job_2",), spec, NOW + 600, NOW), replacing="req-0", since=0)
     row = await attempts.get("fp", NOW - 60)
     assert row is not None and (row.request_id, row.state, row.job_ids) == ("req-1", "starting", ("job_1",))
     await attempts.settle_many([("fp", "req-1", False)], NOW + 1)  # it started nothing: the next retry starts afresh
-    assert await attempts.claim(("fp", "req-3", ("job_3",), spec, NOW + 700, NOW + 2), replacing="req-1", since=0)
+    assert await claim(attempts, ("fp", "req-3", ("job_3",), spec, NOW + 700, NOW + 2), replacing="req-1", since=0)
     row = await attempts.get("fp", NOW - 60)
     assert row is not None and (row.request_id, row.state, row.created_at) == ("req-3", "starting", NOW + 2)
     # once older than the window, an attempt is taken over as if it were not there
-    assert await attempts.claim(
-        ("fp", "req-4", ("job_4",), spec, NOW + 9000, NOW + 5000), replacing=None, since=NOW + 3
+    assert await claim(
+        attempts, ("fp", "req-4", ("job_4",), spec, NOW + 9000, NOW + 5000), replacing=None, since=NOW + 3
     )
     row = await attempts.get("fp", NOW + 3)
     assert row is not None and row.request_id == "req-4"

@@ -390,13 +390,15 @@ async def test_a_half_open_provider_gets_one_trial_while_slots_are_reserved(tmp_
             spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
             health = relay.pool.health["sim"]
             health.restore(State.HALF_OPEN, relay.clock.now(), "the cool-down is over", None)
-            reserve = relay.submitter._reserve
+            slots = relay.submitter.slots
+            assert slots is not None
+            take = slots.take
 
-            async def refused_once(job_id: str, provider: str, limit: int | None) -> bool:
-                relay.submitter._reserve = reserve  # type: ignore[method-assign]
+            async def refused_once(job_id: str, provider: str, limit: int, now: float) -> bool:
+                slots.take = take  # type: ignore[method-assign]
                 return False
 
-            relay.submitter._reserve = refused_once  # type: ignore[method-assign]
+            slots.take = refused_once  # type: ignore[method-assign]
             with pytest.raises(JobFailed):
                 await relay.jobs.start(key, spec)
             assert health.routable()  # the refused reservation gave the trial back
