@@ -42,6 +42,7 @@ class FollowUp:
     shape: Shape
     modal: Modal | None = None
     pick: int | None = None  # PicReader / PromptAnalyzer: the 1-based prompt of the parent's text result
+    every: bool = False  # "Imagine all": one imagine for each prompt, answered with their ids joined by commas
     # new-api's own name of the action, which decides whether it passes a code 21 through (INPAINT, CUSTOM_ZOOM)
     upstream_action: str = ""
 
@@ -77,6 +78,7 @@ def upscale_buttons(hash_: str) -> list[dict[str, Any]]:
 def describe_buttons() -> list[dict[str, Any]]:
     out = [_button(f"MJ::Job::PicReader::{i}", str(i)) for i in range(1, 5)]
     out.append(_button("MJ::Picread::Retry", emoji="🔄"))
+    out.append(_button("MJ::Job::PicReader::all", "Imagine all", "🎉"))
     return out
 
 
@@ -102,6 +104,8 @@ def follow_up(custom_id: str) -> FollowUp | None:
         return None
     if family == "Job" and name in ("PicReader", "PromptAnalyzer") and len(parts) == 4 and parts[3].isdigit():
         return FollowUp("IMAGINE", "grid", pick=int(parts[3]), upstream_action="IMAGINE")
+    if family == "Job" and name == "PicReader" and parts[3:] == ["all"]:
+        return FollowUp("IMAGINE", "grid", every=True, upstream_action="IMAGINE")
     if family == "Picread" and name == "Retry":
         return FollowUp("DESCRIBE", "text", upstream_action="DESCRIBE")
     if family == "Outpaint":

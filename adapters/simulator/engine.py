@@ -41,7 +41,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from adapters.base import Mode, SubmitKind
@@ -191,6 +191,10 @@ class SimEngine:
             return invalid(f"the task has no button {custom_id}")
         if made.pick is not None and not 1 <= made.pick <= len(parent.texts):
             return invalid(f"the task has no prompt {made.pick}")
+        if made.every:  # as trueai's midjourney-proxy answers "Imagine all": every task's id, joined by commas
+            picks = [replace(made, pick=pick, every=False) for pick in range(1, len(parent.texts) + 1)]
+            made_ids = [self._follow(body, parent, pick, mode).body["result"] for pick in picks]
+            return reply(1, "Submit success", ",".join(str(made_id) for made_id in made_ids))
         return self._follow(body, parent, made, mode)
 
     def _follow(self, body: Mapping[str, Any], parent: SimTask, made: FollowUp, mode: Mode | None) -> SubmitReply:

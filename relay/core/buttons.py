@@ -13,7 +13,8 @@
     MJ::Job::PromptAnalyzer::N                   imagine (the Nth prompt of a shorten)
     MJ::Picread::Retry                           describe (describe the same image again)
 
-Anything else (video buttons, bookmarks, unknown ids) is not a task the relay runs.
+Anything else (video buttons, bookmarks, a describe's "Imagine all" `MJ::Job::PicReader::all`, which makes four
+grids under ids joined by commas, unknown ids) is not a task the relay runs.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def kind_of(custom_id: str) -> TaskKind | None:
         if name in ("pan_left", "pan_right", "pan_up", "pan_down"):
             return TaskKind.PAN
         if name in ("picreader", "promptanalyzer"):
-            return TaskKind.IMAGINE
+            return TaskKind.IMAGINE if len(parts) == 4 and parts[3].isascii() and parts[3].isdigit() else None
         return None
     if family in ("OUTPAINT", "CUSTOMZOOM"):
         return TaskKind.ZOOM

@@ -357,9 +357,13 @@ def test_describe_reads_four_prompts_and_serves_the_image() -> None:
     assert [b["customId"] for b in view["buttons"]] == [
         *(f"MJ::Job::PicReader::{i}" for i in range(1, 5)),
         "MJ::Picread::Retry",
+        "MJ::Job::PicReader::all",
     ]
     picked = done(sim, clock, press(sim, view, "PicReader::3")["result"])
     assert (picked["action"], picked["prompt"]) == ("IMAGINE", prompts[2].removeprefix("3️⃣ "))
+    every = press(sim, view, "PicReader::all")  # as trueai answers "Imagine all": four imagines' ids, joined
+    grids = [done(sim, clock, made) for made in every["result"].split(",")]
+    assert [(g["action"], g["prompt"]) for g in grids] == [("IMAGINE", p.split(" ", 1)[1]) for p in prompts]
     again = done(sim, clock, press(sim, view, "Picread::Retry")["result"])
     assert again["action"] == "DESCRIBE" and again["promptEn"] != view["promptEn"]
     assert sim.image(again["id"]) == sim.image(view["id"])

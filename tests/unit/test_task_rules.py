@@ -39,6 +39,8 @@ MODELS = {
         ("MJ::Job::PicReader::3", TaskKind.IMAGINE),
         ("MJ::Job::PromptAnalyzer::5", TaskKind.IMAGINE),
         ("MJ::Picread::Retry", TaskKind.DESCRIBE),
+        ("MJ::Job::PicReader::all", None),  # "Imagine all": four grids upstream, under ids joined by commas
+        ("MJ::Job::PicReader::³", None),
         ("MJ::JOB::animate_high::1::3f1e::SOLO", None),
         ("MJ::BOOKMARK::3f1e", None),
         ("upsample::1", None),
