@@ -28,7 +28,7 @@ QUALITY_FLAGS: dict[str, str | None] = {
 STYLE_FLAGS: dict[str, str] = {"vivid": "--stylize 750", "natural": "--style raw"}
 
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
-_MODE_FLAG = re.compile(r"(?<!\S)--(?:fast|relax|turbo)(?!\S)", re.IGNORECASE)
+MODE_FLAG = re.compile(r"(?<!\S)--(?:fast|relax|turbo)(?!\S)", re.IGNORECASE)
 _ASPECT = re.compile(r"(?<!\S)--(?:ar|aspect)\s+\S+", re.IGNORECASE)
 _QUALITY = re.compile(r"(?<!\S)--(?:q|quality)\s+\S+", re.IGNORECASE)
 _STYLIZE = re.compile(r"(?<!\S)--(?:s|stylize)\s+\S+", re.IGNORECASE)
@@ -98,7 +98,7 @@ class PromptParts:
 
 def build_prompt(parts: PromptParts) -> str:
     """The prompt sent upstream, which is also the `revised_prompt` the client sees."""
-    text = _MODE_FLAG.sub(" ", parts.text)
+    text = MODE_FLAG.sub(" ", parts.text)
     flags: list[str] = []
     if parts.aspect is not None:
         text = _ASPECT.sub(" ", text)

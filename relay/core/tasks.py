@@ -37,7 +37,7 @@ from relay.core.jobs import check_prompt, new_job_id
 from relay.core.lifecycle import Lifecycle
 from relay.core.modes import ModeHints, UnknownModel, choose_mode, price_model
 from relay.core.notify import Notifier
-from relay.core.prompt import PromptParts, build_prompt
+from relay.core.prompt import MODE_FLAG, PromptParts, build_prompt
 from relay.core.providers import ProviderPool
 from relay.core.submit import Outcome, Planned, Submitter
 from relay.core.uploads import Uploads
@@ -165,6 +165,12 @@ class TaskService:
         if order.custom_id not in {button.get("customId") for button in parent.buttons}:
             raise InvalidRequest("The task has no such button.", param="customId")
         mode, bot, model = self._mode_and_model(order.hints, cast(Bot, parent.bot), inherited=cast(Mode, parent.mode))
+        provider = self.pool.settings.get(parent.provider)
+        if provider is not None and mode not in provider.modes:
+            # it would run there in a mode the provider does not serve (its account's own, at another price)
+            raise InvalidRequest(
+                f"The provider that ran the task does not run {mode} mode; its follow-ups cannot either.", param="model"
+            )
         hook = await self.notifier.check(order.notify_hook, key.id)
         job = self._new_job(kind, model, mode, bot, "", order.client_state, hook, parent, order.custom_id)
         request = SubmitRequest(
@@ -227,6 +233,8 @@ class TaskService:
             raise InvalidRequest("The task is not waiting for a confirmation (submit/modal).", param="taskId")
         if prompt:
             check_prompt(prompt, self.config.api.max_prompt_chars)
+            if MODE_FLAG.search(prompt):  # the job's mode, which priced it, is the one that runs
+                prompt = build_prompt(PromptParts(text=prompt, mode=cast(Mode, row.mode)))
         if row.id in self._confirming:
             raise InvalidRequest("A confirmation of this task is already under way.", param="taskId")
         self._confirming.add(row.id)

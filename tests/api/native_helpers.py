@@ -87,28 +87,25 @@ def native(
     providers: int = 1,
     quota: int = 1000,
     sim: dict[str, Any] | None = None,
-    provider_settings: dict[str, Any] | None = None,
+    provider_settings: dict[str, Any] | list[dict[str, Any]] | None = None,
     **sections: Any,
 ) -> Iterator[Native]:
-    """A relay with `providers` providers of one dialect (each its own simulator, with `provider_settings`) and a
-    native client."""
+    """A relay with `providers` providers of one dialect (each its own simulator, with `provider_settings`, or the
+    settings of its place in a list of them) and a native client."""
     settings = sim_settings(**(sim or {}))
     with ExitStack() as stack:
         engines: list[SimEngine] = []
         configured: list[dict[str, Any]] = []
         for index in range(providers):
             name = f"p{index}"
+            own = provider_settings[index] if isinstance(provider_settings, list) else provider_settings
             if dialect == "simulator":
-                configured.append(
-                    {"name": name, "dialect": "simulator", "simulator": settings, **(provider_settings or {})}
-                )
+                configured.append({"name": name, "dialect": "simulator", "simulator": settings, **(own or {})})
                 continue
             engine = SimEngine(SimSettings(**settings))
             engines.append(engine)
             base = stack.enter_context(serve(build_sim_app(engine, dialect, SECRET)))  # type: ignore[arg-type]
-            configured.append(
-                {"name": name, "dialect": dialect, "base_url": base, "secret": SECRET, **(provider_settings or {})}
-            )
+            configured.append({"name": name, "dialect": dialect, "base_url": base, "secret": SECRET, **(own or {})})
         config = relay_config(tmp_path, providers=configured, **sections)
         relay = stack.enter_context(running_relay(config, quota=quota))
         client = stack.enter_context(

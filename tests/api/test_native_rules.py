@@ -219,3 +219,56 @@ def test_a_malformed_url_is_a_400_not_a_500(tmp_path: Path) -> None:
             )
             assert chat.status_code == 400 and chat.json()["error"]["code"] == "invalid_image", (url, chat.text)
         assert world.relay.balance() == (1000, 0)
+
+
+def test_imagine_all_is_refused_and_holds_nothing(tmp_path: Path) -> None:
+    """A describe's "Imagine all" makes four grids upstream under one id joined from four: priced as one imagine
+    and followed as one task, the key would get four grids for one and the job would end lost."""
+    imagine_all = "MJ::Job::PicReader::all"
+    with native(tmp_path, "midjourney-proxy") as world:
+        described = world.finished(world.submit("/submit/describe", {"base64": png()}))
+        assert imagine_all in {b["customId"] for b in described["buttons"]}
+        before, made = world.relay.balance(), len(world.engines[0]._tasks)
+        reply = world.post("/submit/action", {"taskId": described["id"], "customId": imagine_all})
+        assert (reply.status_code, reply.json()["code"]) == (400, 4), reply.text
+        assert world.relay.balance() == before and len(world.engines[0]._tasks) == made
+        one = world.submit("/submit/action", {"taskId": described["id"], "customId": "MJ::Job::PicReader::2"})
+        assert world.job(one)["action"] == "imagine"  # a numbered prompt is one imagine, as before
+
+
+def test_a_modal_prompt_runs_in_the_mode_its_task_was_held_at(tmp_path: Path) -> None:
+    """A remix confirmation's prompt cannot switch a variation held at relax's price to turbo: its mode flag is
+    replaced by the job's own, as for every prompt sent upstream."""
+    with native(tmp_path, "midjourney-proxy", sim={"remix": True}, prices=PRICES) as world:
+        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a cat"}, prefix="/mj-relax/mj"))
+        pressed = world.post(
+            "/submit/action",
+            {"taskId": grid["id"], "customId": world.button(grid, "variation::1")},
+            prefix="/mj-relax/mj",
+        )
+        assert pressed.json()["code"] == 21, pressed.text
+        variation = str(pressed.json()["result"])
+        world.reached(variation, "MODAL")
+        assert world.relay.balance() == (1000 - 1, 1)  # the grid charged, the variation held: relax, 1 each
+        confirmed = world.post("/submit/modal", {"taskId": variation, "prompt": "a cat in the rain --turbo"})
+        assert confirmed.json()["code"] == 1, confirmed.text
+        world.finished(variation)
+        assert world.relay.balance() == (1000 - 2, 0)
+        ((mode, prompt),) = sql(world.relay.config, "SELECT mode, prompt FROM jobs WHERE id = ?", variation)
+        sent = [t.prompt for t in world.engines[0]._tasks.values() if t.prompt.startswith("a cat in the rain")]
+        assert mode == "relax" and sent and all(p.endswith("--relax") and "--turbo" not in p for p in [prompt, *sent])
+
+
+def test_a_follow_up_in_a_mode_its_provider_does_not_serve_is_refused(tmp_path: Path) -> None:
+    """Follow-ups run on their parent's provider: a relax one there, held at relax's price, would run in the only
+    mode that provider's account serves."""
+    modes = [{"modes": ["fast"]}, {"modes": ["relax", "turbo"]}]
+    with native(tmp_path, "midjourney-proxy", providers=2, provider_settings=modes, prices=PRICES) as world:
+        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a cat"}))
+        assert world.job(grid["id"])["provider"] == "p0"
+        before, made = world.relay.balance(), sum(len(engine._tasks) for engine in world.engines)
+        custom = world.button(grid, "variation::1")
+        reply = world.post("/submit/action", {"taskId": grid["id"], "customId": custom}, prefix="/mj-relax/mj")
+        assert (reply.status_code, reply.json()["code"]) == (400, 4) and "relax" in reply.json()["description"]
+        assert world.relay.balance() == before and sum(len(engine._tasks) for engine in world.engines) == made
+        assert world.job(world.submit("/submit/action", {"taskId": grid["id"], "customId": custom}))["mode"] == "fast"
