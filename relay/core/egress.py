@@ -82,7 +82,10 @@ class Egress:
         try:
             parts = urlsplit(url)
             hostname = parts.hostname
-        except ValueError:  # an unclosed IPv6 bracket, and the like
+            # What the HTTP client will send: it refuses a control character, an unpaired surrogate, a name that
+            # is not valid IDNA, and gives the ASCII (IDNA) form of the host for the Host header.
+            sendable = httpx.URL(url)
+        except (ValueError, httpx.InvalidURL):  # an unclosed IPv6 bracket, and the like
             raise EgressRefused("it is not a valid URL") from None
         if parts.scheme not in ("http", "https") or not hostname:
             raise EgressRefused("it must be an http(s) URL")
@@ -108,7 +111,7 @@ class Egress:
         literal = f"[{addresses[0]}]" if addresses[0].version == 6 else str(addresses[0])
         target = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))
         extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
-        return Pinned(target, {"Host": parts.netloc.rsplit("@", 1)[-1]}, extensions)
+        return Pinned(target, {"Host": sendable.netloc.decode("ascii")}, extensions)
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
