@@ -32,6 +32,10 @@ M = TypeVar("M", bound=BaseModel)
 Text = Annotated[StrictStr, AfterValidator(check_storable)]
 # How deeply a JSON body may nest; real requests need a handful of levels.
 MAX_JSON_DEPTH = 32
+# How many commas and opening brackets a JSON body may hold, strings included: a bound on its values that costs one
+# pass over its bytes. Real requests have a few hundred (a base64 image has none); the body limit alone would let
+# one body carry millions of tiny values, whose parsing and validation would hold the event loop for seconds.
+MAX_JSON_SEPARATORS = 100_000
 
 # How long a looked-up key (or a miss) is remembered; a revocation or a change of policy takes effect within this
 # time (a hold itself always checks revocation and expiry in the database).
@@ -115,6 +119,10 @@ async def json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.")
+    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > MAX_JSON_SEPARATORS:
+        raise InvalidRequest(
+            f"The JSON body holds too many values: more than {MAX_JSON_SEPARATORS} commas and brackets."
+        )
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,8 +15,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from pydantic import ValidationError
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
+from relay.api.openai.chat import ChatRequest
 from tests.helpers import RunningRelay, create_key, pg_database_sync, relay_config, running_relay, serve, wait_for
 
 
@@ -211,3 +215,57 @@ def test_a_provider_that_refuses_the_credentials_is_named_in_the_log_without_its
     refusals = [r.__dict__["fields"] for r in caplog.records if r.getMessage() == "submit not accepted"]
     assert refusals and refusals[0]["provider"] == "acct-x" and "401" in refusals[0]["reason"]
     assert "a-wrong-secret-value" not in caplog.text
+
+
+def _answered_while_health_is_checked(relay: RunningRelay, path: str, body: bytes) -> tuple[httpx.Response, float]:
+    """One client's body sent to `path`, with `/healthz` asked meanwhile: its answer, and the longest a health
+    check waited."""
+    answer: list[httpx.Response] = []
+
+    def send() -> None:
+        headers = {"Authorization": f"Bearer {relay.key}", "Content-Type": "application/json"}
+        answer.append(httpx.post(relay.base + path, content=body, headers=headers, timeout=120))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    worst = 0.0
+    with httpx.Client(base_url=relay.base, timeout=120) as client:
+        while sender.is_alive():
+            started = time.monotonic()
+            assert client.get("/healthz").status_code == 200
+            worst = max(worst, time.monotonic() - started)
+            time.sleep(0.02)
+    sender.join()
+    return answer[0], worst
+
+
+def _many(head: bytes, value: bytes, count: int) -> bytes:
+    return head + b",".join([value] * count) + b"]}"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "says"),
+    [  # each within the 20 MB body limit, from a key whose credits are never touched
+        ("/v1/images/generations", _many(b'{"prompt": "a cat", "junk": [', b"[]", 6_600_000), "too many values"),
+        ("/v1/chat/completions", _many(b'{"model": "mj-fast", "messages": [', b"{}", 6_600_000), "too many values"),
+        ("/v1/chat/completions", _many(b'{"model": "mj-fast", "messages": [', b"0", 9_900_000), "too many values"),
+        ("/v1/chat/completions", _many(b'{"model": "mj-fast", "messages": [', b"0", 99_000), "messages.0"),
+        ("/mj/task/list-by-condition", _many(b'{"ids": [', b"0", 99_000), "ids"),
+    ],
+    ids=["arrays", "empty-messages", "numbers", "numbers-within-bound", "native-ids"],
+)
+def test_a_body_of_countless_tiny_values_is_refused_without_holding_up_other_requests(
+    relay: RunningRelay, path: str, body: bytes, says: str
+) -> None:
+    """Parsing, bounding the depth of and validating millions of values held the event loop for 7-26 s."""
+    reply, worst = _answered_while_health_is_checked(relay, path, body)
+    assert reply.status_code == 400 and says in reply.text, reply.text[:300]
+    assert relay.balance() == (1000, 0) and relay.jobs() == []
+    assert worst < 1.5, f"a health check waited {worst:.1f} s behind one client's body"
+
+
+def test_a_chat_body_of_many_bad_messages_is_refused_at_the_first() -> None:
+    """One error is enough: collecting one per message cost 0.4 s of the event loop for 100,000 of them."""
+    with pytest.raises(ValidationError) as refused:
+        ChatRequest.model_validate({"model": "mj-fast", "messages": [0] * 1000})
+    assert refused.value.error_count() == 1

@@ -48,7 +48,7 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Text
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[dict[str, Any]] = Field(min_length=1, fail_fast=True)  # one error is enough: not one per item
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     n: StrictInt | None = Field(None, ge=1, le=1)
