@@ -84,20 +84,18 @@ class Notifier:
         self.render: Render | None = None  # set by the app: the native surface's task shape
         self._watches: dict[str, _Watch] = {}
         self._watched: dict[str, int] = {}  # key id -> tasks with a hook under way
+        self._reserved: dict[str, int] = {}  # key id -> hooked tasks being admitted
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._key_slots: dict[str, asyncio.Semaphore] = {}
         self._client = pinned_client(config.timeout_s, transport)
         events.listen(self._changed)
 
     async def check(self, url: str | None, key_id: str) -> str | None:
-        """A hook URL fit to call, or None when none was given; raises InvalidRequest naming `notifyHook`."""
+        """A hook URL fit to call, or None when none was given; raises InvalidRequest naming `notifyHook`. The
+        key's bound is looked at here too, so a refusal comes before the lookup; it is held to by `reserve`."""
         if url is None or not url.strip():
             return None
-        if self._watched.get(key_id, 0) >= self.config.max_watched_per_key:
-            raise InvalidRequest(
-                f"This key already has {self.config.max_watched_per_key} tasks with a notifyHook under way.",
-                param="notifyHook",
-            )
+        self._room(key_id)
         url = url.strip()
         if len(url) > MAX_URL or unstorable(url):
             raise InvalidRequest(f"notifyHook must be a URL of at most {MAX_URL} characters.", param="notifyHook")
@@ -107,8 +105,31 @@ class Notifier:
             raise InvalidRequest(f"notifyHook is refused: {exc}.", param="notifyHook") from None
         return url
 
-    def watch(self, job_id: str, url: str, secret: str, base_url: str, key_id: str) -> None:
-        """Deliver the job's changes to `url` from now until it ends."""
+    def _room(self, key_id: str) -> None:
+        if self._watched.get(key_id, 0) + self._reserved.get(key_id, 0) >= self.config.max_watched_per_key:
+            raise InvalidRequest(
+                f"This key already has {self.config.max_watched_per_key} tasks with a notifyHook under way.",
+                param="notifyHook",
+            )
+
+    def reserve(self, key_id: str) -> None:
+        """Take one of the key's places for a hooked task about to be admitted (raises InvalidRequest when none is
+        left), until `watch(..., reserved=True)` takes it up or `release` gives it back: submissions that arrive
+        together cannot all pass the bound, as they would between a check and their admission."""
+        self._room(key_id)
+        self._reserved[key_id] = self._reserved.get(key_id, 0) + 1
+
+    def release(self, key_id: str) -> None:
+        left = self._reserved.get(key_id, 0) - 1
+        if left > 0:
+            self._reserved[key_id] = left
+        else:
+            self._reserved.pop(key_id, None)
+
+    def watch(self, job_id: str, url: str, secret: str, base_url: str, key_id: str, *, reserved: bool = False) -> None:
+        """Deliver the job's changes to `url` from now until it ends (`reserved`: in the place `reserve` took)."""
+        if reserved:
+            self.release(key_id)
         if job_id not in self._watches:
             self._watches[job_id] = _Watch(url, secret, base_url, key_id)
             self._watched[key_id] = self._watched.get(key_id, 0) + 1

@@ -217,9 +217,17 @@ class TaskService:
         return Submission(planned.job.id, outcome.state, outcome.queued)
 
     async def _admit_and_submit(self, key: KeyRecord, planned: Planned, base_url: str) -> Outcome:
-        await self.submitter.admit(key, [planned.job])
-        if planned.job.notify_hook:
-            self.notifier.watch(planned.job.id, planned.job.notify_hook, key.hook_secret, base_url, key.id)
+        hook = planned.job.notify_hook
+        if hook:  # its place is taken before the hold (this work runs to its end: the place is never lost)
+            self.notifier.reserve(key.id)
+        try:
+            await self.submitter.admit(key, [planned.job])
+        except BaseException:
+            if hook:
+                self.notifier.release(key.id)
+            raise
+        if hook:
+            self.notifier.watch(planned.job.id, hook, key.hook_secret, base_url, key.id, reserved=True)
         return await self.submitter.submit(planned)
 
     # -- modal ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import hmac
 import json
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -194,6 +195,34 @@ def test_a_key_has_a_bounded_number_of_hooked_tasks_under_way(tmp_path: Path) ->
         third = world.post("/submit/imagine", {"prompt": "one too many", "notifyHook": "http://127.0.0.1:9/h"})
         assert third.status_code == 400 and "notifyHook" in third.json()["description"]
         assert world.post("/submit/imagine", {"prompt": "no hook"}).json()["code"] == 1
+
+
+def test_a_burst_of_hooked_submissions_cannot_pass_the_bound(tmp_path: Path) -> None:
+    """Twelve at once: each was checked against the count of tasks already watched, which rose only once each was
+    admitted, so all twelve passed a bound of two."""
+    sections = {"api": {"references": {"allow_private": True}}, "hooks": {"max_watched_per_key": 2}}
+    with native(tmp_path, sim={"fast_s": 5}, **sections) as world:
+
+        def submit(index: int) -> httpx.Response:
+            return world.post("/submit/imagine", {"prompt": f"hooked {index}", "notifyHook": "http://127.0.0.1:9/h"})
+
+        with ThreadPoolExecutor(12) as pool:
+            replies = list(pool.map(submit, range(12)))
+        taken = [r for r in replies if r.status_code == 200 and r.json()["code"] == 1]
+        refused = [r for r in replies if r.status_code == 400 and "notifyHook" in r.json()["description"]]
+        assert (len(taken), len(refused)) == (2, 10), [r.text for r in replies]
+
+
+def test_hooked_submissions_refused_at_admission_give_their_places_back(tmp_path: Path) -> None:
+    sections = {"api": {"references": {"allow_private": True}}, "hooks": {"max_watched_per_key": 2}}
+    with native(tmp_path, quota=3, sim={"fast_s": 5}, prices=PRICES, **sections) as world:
+        hooked = {"notifyHook": "http://127.0.0.1:9/h"}
+        assert world.post("/submit/imagine", {"prompt": "fast, 2 of 3 credits", **hooked}).json()["code"] == 1
+        for index in range(3):  # 1 credit left: refused for want of credits, after their places were taken
+            reply = world.post("/submit/imagine", {"prompt": f"fast {index}", **hooked})
+            assert reply.status_code == 429, reply.text
+        reply = world.post("/submit/imagine", {"prompt": "relax, the last credit", **hooked}, prefix="/mj-relax/mj")
+        assert reply.json()["code"] == 1, reply.text  # the second place of two is free
 
 
 def test_a_malformed_url_is_a_400_not_a_500(tmp_path: Path) -> None:
