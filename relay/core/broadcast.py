@@ -66,13 +66,28 @@ class Broadcast:
         lost, and waiters fall back on reading the store after a quiet spell (`core.jobs.QUIET_S`)."""
         while True:
             await asyncio.sleep(RECONNECT_S)
-            if self._conn is not None and not self._conn.is_closed():
-                continue
+            conn = self._conn
+            if conn is not None and not conn.is_closed():
+                if await self._answers(conn):
+                    continue
+                # Dead without being closed (a network path or a failed-over server that sends nothing back): no
+                # notification comes through it, and none sent on it arrives. Dropped, and made again now.
+                log.warning("the notification connection stopped answering")
+                conn.terminate()
             try:
                 await self._connect()
                 log.warning("the notification connection was made again")
             except Exception:
                 log.exception("the notification connection could not be made again")
+
+    async def _answers(self, conn: asyncpg.Connection) -> bool:
+        """Whether the connection still answers (within RECONNECT_S, after the statement being sent on it)."""
+        try:
+            async with asyncio.timeout(RECONNECT_S), self._sending:
+                await conn.execute(f'LISTEN "{JOBS}"')  # listening already: it changes nothing
+            return True
+        except Exception:
+            return False
 
     @property
     def connected(self) -> bool:
@@ -82,13 +97,15 @@ class Broadcast:
         if self._watch is not None:
             await cancel_all([self._watch])
             self._watch = None
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:  # a while: a send on a connection that died silently is never answered
+            await asyncio.wait(list(self._tasks), timeout=RECONNECT_S)
         if self._conn is not None:
             with contextlib.suppress(Exception):
-                await self._conn.close()
+                await self._conn.close(timeout=RECONNECT_S)  # a dead connection is aborted after that
             self._conn = None
+        for task in list(self._tasks):  # a send still waiting failed with its connection
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     # -- telling -------------------------------------------------------------------------------------------------
 

@@ -44,6 +44,8 @@ ENDED_REMEMBERED = 10_000
 # of its own; this makes them one transaction per window. What applies a read or a hook waits for its write as
 # before (a hook call was answered already), at most this much longer.
 PROGRESS_EVERY_S = 0.02
+# How long a stopping process lets the deliveries under way finish (a download takes well under a second).
+STOP_WAIT_S = 5.0
 _FILE_OF = {ResultShape.GRID: GRID, ResultShape.IMAGE: IMAGE}
 
 
@@ -662,6 +664,11 @@ class Lifecycle:
         return lost
 
     async def close(self) -> None:
+        # Deliveries under way are let finish and end their jobs here, for a while: one cancelled leaves its job
+        # running, for the process that adopts it to download the grid again. Not longer: this process's other jobs
+        # are handed over only after this, and nothing follows them meanwhile.
+        if self._deliveries:
+            await asyncio.wait(list(self._deliveries), timeout=STOP_WAIT_S)
         await self._progress.close()
         await self._holds.close()
         await cancel_all(list(self._deliveries))

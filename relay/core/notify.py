@@ -226,6 +226,13 @@ class Notifier:
         return None if 200 <= status < 300 else f"HTTP {status}"
 
     async def close(self) -> None:
+        # Deliveries under way are let finish, for as long as one delivery's tries may take: no other process sends
+        # the end of a job that ended here (none takes an ended job over), so one dropped here is never sent.
+        under_way = [w.worker for w in self._watches.values() if w.worker is not None and not w.worker.done()]
+        if under_way:
+            config = self.config
+            tries_s = config.attempts * config.timeout_s + config.backoff_s * (2 ** (config.attempts - 1) - 1)
+            await asyncio.wait(under_way, timeout=tries_s + 1.0)
         workers = [w.worker for w in self._watches.values() if w.worker is not None]
         for worker in workers:
             worker.cancel()

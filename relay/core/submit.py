@@ -12,6 +12,8 @@ Every answer that is not an acceptance is logged with the provider that gave it 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -40,6 +42,9 @@ from relay.store.keys import KeyRecord, KeyStore
 from relay.store.slots import Slots
 
 log = logging.getLogger("relay.jobs")
+# How long a stopping process lets the submits under way be answered (one takes a fraction of a second; one that
+# is not answered by then is left PENDING, for an upstream hook to adopt or the pending sweep to end).
+STOP_WAIT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +115,8 @@ class Submitter:
             lambda batch: store.mark_submitted_many(batch, clock.now()), "mark-submitted"
         )
         self._submitting: set[str] = set()
+        self._idle = asyncio.Event()  # set while no submit is under way (`close` waits for it)
+        self._idle.set()
         # The upstream hook URL a submit to a provider names (set by the relay: core.upstream_hooks).
         self.hook_url: Callable[[str], str | None] = lambda provider: None
         # With other relay processes on the database: `max_in_flight` counted across them (`store.slots`).
@@ -152,10 +159,13 @@ class Submitter:
     async def submit(self, planned: Planned) -> Outcome:
         """Submit one admitted job; it is then followed to its end, parked in MODAL, or ended when none took it."""
         self._submitting.add(planned.job.id)
+        self._idle.clear()
         try:
             return await self._submit(planned)
         finally:
             self._submitting.discard(planned.job.id)
+            if not self._submitting:
+                self._idle.set()
 
     async def _submit(self, planned: Planned) -> Outcome:
         job = planned.job
@@ -284,5 +294,11 @@ class Submitter:
         return True
 
     async def close(self) -> None:
+        # A submit under way may have reached the upstream: it is let finish, so that the job is written down and
+        # followed, and handed over with the other leases, rather than left PENDING (or ended as failed when the
+        # HTTP clients close) while the upstream runs it. For a while: the other leases wait for this.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_WAIT_S):
+                await self._idle.wait()
         await self._admit.close()
         await self._mark.close()

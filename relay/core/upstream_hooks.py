@@ -100,6 +100,7 @@ class UpstreamHooks:
         self._taken: list[tuple[str, bytes]] = []  # taken this turn of the loop: its task applies them next turn
         self._applying: set[asyncio.Task[None]] = set()
         self._count = 0  # calls taken and not yet applied, and their bytes
+        self._closing = False  # the process is shutting down: calls forwarded to it are left to the adopter
         self._bytes = 0
 
     def url(self, provider: str) -> str | None:
@@ -202,7 +203,9 @@ class UpstreamHooks:
             return "failed"
 
     async def close(self) -> None:
-        """Let the calls taken be applied (they end in the lifecycle's own writes)."""
+        """Let the calls taken be applied (they end in the lifecycle's own writes); calls forwarded from now on are
+        not applied: this process hands its jobs over, and the one that adopts one reads it at once."""
+        self._closing = True
         while self._applying:  # calls taken are in the hands of a task made when the first of them was
             await asyncio.gather(*self._applying, return_exceptions=True)
 
@@ -251,8 +254,8 @@ class UpstreamHooks:
         is read at the next tracker round."""
         tracked = self.lifecycle.find(provider, upstream_id)
         upstream = self.pool.upstreams.get(provider)
-        if tracked is None or upstream is None:
-            return
+        if tracked is None or upstream is None or self._closing:
+            return  # (closing: a delivery started now would renew a lease handed over, keeping the adopter away)
         view = upstream.parse_hook(body) if body is not None else None
         if view is None or view.upstream_id != upstream_id:
             tracked.due_at = self.clock.now()

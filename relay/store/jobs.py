@@ -194,9 +194,11 @@ _KEEP_RESULT = (  # many rows at once: no IN list, which an executemany cannot t
 )
 
 
-def _ending(succeeded: bool, *, overdue: bool = False) -> Any:
+def _ending(succeeded: bool, *, overdue: bool = False, pending: bool = False) -> Any:
     """The set-based ending of jobs that succeeded or failed; `overdue`: failed for passing their deadline, which
-    holds only while the stored deadline has passed (a confirmation written meanwhile moved it on)."""
+    holds only while the stored deadline has passed (a confirmation written meanwhile moved it on); `pending`:
+    failed as never submitted, which holds only while the job is still PENDING (an upstream hook may have adopted
+    it, in any process, since the sweep read it)."""
     values: dict[str, Any] = {
         "state": (JobState.SUCCEEDED if succeeded else JobState.FAILED).value,
         "hold_state": "captured" if succeeded else "released",
@@ -210,10 +212,13 @@ def _ending(succeeded: bool, *, overdue: bool = False) -> Any:
     where = [jobs.c.id.in_(bindparam("ids", expanding=True)), *_STILL_HELD]
     if overdue:
         where.append(jobs.c.deadline_at <= bindparam("now"))
+    if pending:
+        where.append(jobs.c.state == JobState.PENDING.value)
     return update(jobs).where(*where).values(**values).returning(*jobs.c)
 
 
 _SUCCEED, _FAIL, _FAIL_OVERDUE = _ending(True), _ending(False), _ending(False, overdue=True)
+_FAIL_PENDING = _ending(False, pending=True)
 _SETTLE = (
     update(keys)
     .where(keys.c.id == bindparam("key"))
@@ -510,6 +515,8 @@ class JobStore:
                 statement = _SUCCEED if succeeded else _FAIL
                 if error_code == FailureCode.TIMEOUT.value:
                     statement = _FAIL_OVERDUE
+                elif error_code == FailureCode.INTERRUPTED.value:
+                    statement = _FAIL_PENDING
                 for start in range(0, len(ids), 500):
                     result = await conn.execute(
                         statement,

@@ -1,0 +1,151 @@
+"""A listening connection that dies without closing (a network partition, a database behind a failed-over
+address): the relay must notice and listen again, or waiters in it hear of other processes' endings only by their
+quiet-spell fallback, and forwarded hooks never, for as long as the dead connection looks open."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
+from relay.clock import SystemClock
+from relay.core.jobs import Attempt
+from relay.services import Relay
+from tests.helpers import pg_database, relay_config
+
+pytestmark = pytest.mark.anyio
+
+
+class Proxy:
+    """A TCP proxy to PostgreSQL whose open connections can be frozen: bytes stop flowing both ways, and nothing is
+    closed (as when a network path dies silently). Connections made after the freeze flow normally."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.frozen: list[asyncio.Event] = []  # one per connection: set = frozen
+        self.server: asyncio.AbstractServer | None = None
+        self.handlers: list[asyncio.Task[object]] = []
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def freeze(self) -> None:
+        for frozen in self.frozen:
+            frozen.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.append(task)
+        self.writers.append(writer)
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers.append(up_writer)
+        frozen = asyncio.Event()
+        self.frozen.append(frozen)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await source.read(65536):
+                    if frozen.is_set():
+                        await asyncio.Event().wait()  # never: the bytes go nowhere, the sockets stay open
+                    sink.write(data)
+                    await sink.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in self.handlers:
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+        for writer in self.writers:
+            writer.transport.abort()
+        await asyncio.sleep(0)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+@pytest.mark.postgres
+async def test_a_listening_connection_that_died_silently_is_made_again(tmp_path: Path) -> None:
+    """Relay B's listening connection dies silently while a client's retry at B waits for a job relay A follows.
+    Long before the job ends (more than RECONNECT_S), B should be listening again, and hear of the ending at once;
+    instead it keeps the dead connection (its /readyz says notifications are fine) and the waiter hears of the
+    ending only at its next quiet spell."""
+    engine = SimEngine(SimSettings(fast_s=6.0, tile_px=16))
+    upstream = SimulatorUpstream("sim", engine)
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(pg_database())
+        database = {"url": url}
+        a = Relay(relay_config(tmp_path / "a", database=database), SystemClock(), {"sim": upstream})
+        b = Relay(relay_config(tmp_path / "b", database=database), SystemClock(), {"sim": upstream})
+        parts = urlsplit(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+        port = await proxy.start()
+        stack.push_async_callback(proxy.close)
+        assert b.broadcast is not None
+        b.broadcast.dsn = b.broadcast.dsn.replace(f"{parts.hostname}:{parts.port or 5432}", f"127.0.0.1:{port}")
+        for relay in (a, b):
+            await relay.open()
+            stack.push_async_callback(relay.close)
+        key, _ = await a.keys.create("k", 100, 0)
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        first = await a.jobs.start(key, spec, Attempt("one-body", retry=False))
+        retry = await b.jobs.start(key, spec, Attempt("one-body", retry=True))  # follows A's job
+        assert retry.job_ids == first.job_ids and not b.lifecycle.following(retry.job_ids[0])
+
+        proxy.freeze()  # B's listening connection is dead from now on, though nothing closed it
+        started = time.monotonic()
+
+        async def wait(relay: Relay, generation: object) -> float:
+            await relay.jobs.wait(generation)  # type: ignore[arg-type]
+            return time.monotonic() - started
+
+        heard_a, heard_b = await asyncio.wait_for(asyncio.gather(wait(a, first), wait(b, retry)), 40)
+        first.close()
+        retry.close()
+        # and B can still stop: closing its listening connection must not wait for ever on the dead one
+        stopped = True
+        try:
+            await asyncio.wait_for(b.broadcast.stop(), 10)
+        except TimeoutError:
+            stopped = False
+        assert heard_b - heard_a < 1.0 and stopped, {"heard_a": heard_a, "heard_b": heard_b, "stopped": stopped}
+
+
+@pytest.mark.postgres
+async def test_a_relay_whose_listening_connection_died_silently_can_still_stop(tmp_path: Path) -> None:
+    """The connection dies silently, a change is sent on it (and never answered), and the relay is stopped before
+    it noticed: the stop must not wait for ever on that send or on closing the connection."""
+    from relay.core.events import JobEvent
+    from relay.domain import JobState
+
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(pg_database())
+        b = Relay(relay_config(tmp_path / "b", database={"url": url}), SystemClock(), {})
+        parts = urlsplit(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+        port = await proxy.start()
+        stack.push_async_callback(proxy.close)
+        assert b.broadcast is not None
+        b.broadcast.dsn = b.broadcast.dsn.replace(f"{parts.hostname}:{parts.port or 5432}", f"127.0.0.1:{port}")
+        await b.open()
+        proxy.freeze()
+        b.events.publish(JobEvent("job_somewhere", JobState.IN_PROGRESS, 50))  # sent on the dead connection
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(b.broadcast.stop())
+        try:
+            done, _ = await asyncio.wait([stopping], timeout=10)
+            assert done, "stopping the broadcast still waits, 10 s on, on the dead connection"
+        finally:
+            if not stopping.done() and b.broadcast._conn is not None:
+                b.broadcast._conn.terminate()  # let the test end
+            await asyncio.gather(stopping, return_exceptions=True)
+            await b.close()
