@@ -33,8 +33,13 @@ from adapters.base import (
 
 # Descriptions that mean "busy, try elsewhere" even when the code says validation error (trueai code 4 / 9).
 _BUSY_WORDS = ("并发数已达上限", "队列数已达上限", "服务暂不可用", "队列已满", "queue is full", "concurrency limit")
+# trueai refusing the relay's own account until a limit resets (SubmitController.NewTask): the provider cannot
+# serve now.
+_ACCOUNT_LIMIT_WORDS = ("绘图次数已达上限", "账号已被临时封锁")
 # new-api's own error descriptions.
 _NEWAPI_UNUSABLE = ("quota_not_enough", "channel_not_found", "invalid_token")
+# new-api's own errors after its upstream answered the submit (relay/relay-mj.go): the task may be running there.
+_NEWAPI_AFTER_UPSTREAM = ("insert_midjourney_task_failed",)
 _NEWAPI_CLIENT = ("task_not_found", "task_no_found", "task_status_not_success", "unknown_action", "invalid_request")
 # Failure reasons that mean the prompt was refused by Midjourney's moderation.
 _BANNED_WORDS = ("banned", "敏感词", "sensitive", "moderation", "content policy", "prohibited")
@@ -207,6 +212,8 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
     # exceptions so): the task was not taken, and another provider may run it. Only an unreadable 5xx (a gateway's
     # page, an answer cut short) leaves open that the task was taken.
     if data.get("success") is False:
+        if any(word in description for word in _ACCOUNT_LIMIT_WORDS):
+            return ProviderUnusable(description)
         if status >= 500 or status == 429 or _busy(description):
             return Retryable(description or f"HTTP {status}", sent=False)
         return ClientError(description or "refused by the upstream")
@@ -216,6 +223,8 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
         lowered = description.lower()
         if any(word in lowered for word in _NEWAPI_UNUSABLE):
             return ProviderUnusable(description)
+        if any(word in lowered for word in _NEWAPI_AFTER_UPSTREAM):
+            return Retryable(description, sent=True)
         if any(word in lowered for word in _NEWAPI_CLIENT):
             return ClientError(description)
         if code in (5, 30) or status == 429 or status >= 500:
@@ -224,8 +233,16 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
             return ClientError(description or "banned prompt", banned=True)
         return ClientError(description or f"code {code}")
 
+    # new-api's middleware answers in its OpenAI-style envelope, {"error": {"message", "type": "new_api_error"}},
+    # before any channel is chosen: nothing was sent upstream. HTTP 400 is a request it cannot route (an unknown
+    # button's `unknown_action:<customId>`, a body it cannot read): a refusal of this request, not of the provider.
+    error = data.get("error")
+    own = error if isinstance(error, Mapping) and error.get("type") == "new_api_error" else None
+    if own is not None and status == 400:
+        return ClientError(str(own.get("message") or "").strip() or "refused by the upstream")
+
     if status == 429 or status >= 500:
-        return Retryable(description or f"HTTP {status}", sent=code is None and _maybe_ran(status))
+        return Retryable(description or f"HTTP {status}", sent=code is None and _maybe_ran(status) and own is None)
 
     if code is None:
         return _unreadable(status, "an answer without a result code")
@@ -236,6 +253,10 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
     if code in (1, 22):
         if upstream_id is None:  # taken, but the relay cannot follow it
             return Retryable(f"code {code} without a task id", sent=True)
+        # new-api rewrites trueai's code 21 "Waiting for window confirm" (remix) to code 1 and passes the rest on
+        # (relay/relay-mj.go): the task waits in MODAL for `submit/modal`, it was not taken to run.
+        if code == 1 and (bool(properties.get("remix")) or "window confirm" in description.lower()):
+            return NeedsModal(upstream_id)
         return Accepted(upstream_id, queued=code == 22)
     if code == 21:
         modal = (
@@ -261,6 +282,8 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
     if code == 4:
         if _busy(description):
             return Retryable(description)
+        if any(word in description for word in _ACCOUNT_LIMIT_WORDS):
+            return ProviderUnusable(description)
         return ClientError(description or "the upstream refused the request as invalid")
     if code == 25:
         return ProviderUnusable(description or "the upstream account has no balance")

@@ -421,7 +421,8 @@ ACTION_REPLIES = [
         httpx.Response(400, json={"description": "task_not_found", "type": "upstream_error", "code": 4}),
         ClientError,
     ),
-    ("new-api", httpx.Response(200, json={**MODAL_21, "code": 1}), Accepted),  # new-api turned 21 into 1
+    # new-api turns trueai's 21 into 1 (relay/relay-mj.go) and passes on the rest: the task still waits in MODAL
+    ("new-api", httpx.Response(200, json={**MODAL_21, "code": 1}), NeedsModal("18")),
     ("mj-v1", httpx.Response(200, json={**MODAL_21, "result": 18}), NeedsModal("18")),
 ]
 
