@@ -10,6 +10,7 @@ two processes at once starts once. Attempts older than the retry window are forg
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from relay.store.db import changed, connected, transaction
 from relay.store.tables import attempts
 
 AttemptState = Literal["starting", "started", "nothing"]
+# Attempts forgotten a statement (a few milliseconds of SQLite's time).
+FORGET_BATCH = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,4 +144,16 @@ class AttemptStore:
         )
 
     async def forget_before(self, before: float) -> int:
-        return await changed(self.engine, delete(attempts).where(attempts.c.created_at < before))
+        """Forget the attempts made before `before`, `FORGET_BATCH` rows a statement, letting the event loop run
+        between them: on SQLite a statement holds the loop while it runs, and a relay that was stopped for more than
+        the retry window forgets a whole window's attempts at once."""
+        old = select(attempts.c.fingerprint).where(attempts.c.created_at < before).limit(FORGET_BATCH)
+        forgotten = 0
+        while True:
+            count = await changed(
+                self.engine, delete(attempts).where(attempts.c.fingerprint.in_(old.scalar_subquery()))
+            )
+            forgotten += count
+            if count < FORGET_BATCH:
+                return forgotten
+            await asyncio.sleep(0)

@@ -151,9 +151,27 @@ class Database:
             )
 
     async def migrate(self) -> None:
-        """Bring the schema to the newest version; safe to run at every start."""
-        async with begun(self.engine) as conn:
-            await conn.run_sync(_upgrade)
+        """Bring the schema to the newest version; safe to run at every start. On PostgreSQL the upgrade holds an
+        advisory lock for its transaction, so processes starting together upgrade one after the other (the later
+        ones find the schema current) instead of running the same migrations at once."""
+        async with connected(self.engine) as conn:
+            if self.is_sqlite:
+                # A migration that alters a table SQLite cannot ALTER copies it to a new one and drops the old: with
+                # foreign keys enforced, dropping `keys` while jobs refer to it fails (and the pragma can only be
+                # changed outside a transaction). The copy keeps every row, which is checked before it is kept.
+                await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                await conn.commit()
+            try:
+                async with conn.begin():
+                    if not self.is_sqlite:
+                        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('mj-relay migrations'))"))
+                    await conn.run_sync(_upgrade)
+                    if self.is_sqlite and (await conn.exec_driver_sql("PRAGMA foreign_key_check")).first():
+                        raise RuntimeError("the upgraded database has rows whose key is gone")
+            finally:
+                if self.is_sqlite:
+                    await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                    await conn.commit()
 
     async def ping(self) -> bool:
         try:
