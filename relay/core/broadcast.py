@@ -48,6 +48,7 @@ class Broadcast:
         self._flushing = False
         self._tasks: set[asyncio.Task[object]] = set()
         self._sending = asyncio.Lock()  # one statement at a time on the connection
+        self._answered_at = 0.0  # (loop time) when a statement on it was last answered
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -59,6 +60,7 @@ class Broadcast:
         conn = await asyncpg.connect(self.dsn)
         await conn.add_listener(JOBS, self._heard_jobs)
         await conn.add_listener(HOOKS, self._heard_hook)
+        self._answered_at = asyncio.get_running_loop().time()
         self._conn = conn
 
     async def _watch_connection(self) -> None:
@@ -81,10 +83,23 @@ class Broadcast:
                 log.exception("the notification connection could not be made again")
 
     async def _answers(self, conn: asyncpg.Connection) -> bool:
-        """Whether the connection still answers (within RECONNECT_S, after the statement being sent on it)."""
+        """Whether the connection still answers (within RECONNECT_S, after the statements queued on it: waiting
+        behind a burst of sends that it answers one after another is no silence)."""
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(RECONNECT_S), self._sending:
-                await conn.execute(f'LISTEN "{JOBS}"')  # listening already: it changes nothing
+            while True:
+                try:
+                    async with asyncio.timeout(RECONNECT_S):
+                        await self._sending.acquire()
+                    break
+                except TimeoutError:
+                    if loop.time() - self._answered_at >= RECONNECT_S:
+                        return False  # the statement being sent on it went unanswered all that time
+            try:
+                async with asyncio.timeout(RECONNECT_S):
+                    await conn.execute(f'LISTEN "{JOBS}"')  # listening already: it changes nothing
+            finally:
+                self._sending.release()
             return True
         except Exception:
             return False
@@ -151,6 +166,7 @@ class Broadcast:
         try:
             async with self._sending:
                 await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
+                self._answered_at = asyncio.get_running_loop().time()
         except Exception:
             log.exception("a notification was not sent", extra={"fields": {"channel": channel}})
 

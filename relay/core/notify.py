@@ -62,6 +62,7 @@ class _Watch:
     pending: asyncio.Event = field(default_factory=asyncio.Event)
     sent: tuple[str, int] | None = None  # the last (state, progress) delivered
     worker: asyncio.Task[None] | None = None
+    ended: bool = False  # the job's end was heard of: its delivery is this process's alone
 
 
 class Notifier:
@@ -152,6 +153,8 @@ class Notifier:
         if watch is None:
             return
         watch.pending.set()
+        if change.state.terminal:
+            watch.ended = True
         if watch.worker is None or watch.worker.done():
             watch.worker = asyncio.create_task(self._deliver_all(change.job_id, watch), name="client-hook")
 
@@ -228,7 +231,10 @@ class Notifier:
     async def close(self) -> None:
         # Deliveries under way are let finish, for as long as one delivery's tries may take: no other process sends
         # the end of a job that ended here (none takes an ended job over), so one dropped here is never sent.
-        under_way = [w.worker for w in self._watches.values() if w.worker is not None and not w.worker.done()]
+        # A running job's are not: the process that follows it next (or this one, restarted) sends its later states.
+        under_way = [
+            w.worker for w in self._watches.values() if w.ended and w.worker is not None and not w.worker.done()
+        ]
         if under_way:
             config = self.config
             tries_s = config.attempts * config.timeout_s + config.backoff_s * (2 ** (config.attempts - 1) - 1)

@@ -4,6 +4,7 @@ connection and every other request unharmed."""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -246,9 +247,21 @@ def _many(head: bytes, value: bytes, count: int) -> bytes:
 @pytest.mark.parametrize(
     ("path", "body", "says"),
     [  # each within the 20 MB body limit, from a key whose credits are never touched
-        ("/v1/images/generations", _many(b'{"prompt": "a cat", "junk": [', b"[]", 6_600_000), "too many values"),
-        ("/v1/chat/completions", _many(b'{"model": "mj-fast", "messages": [', b"{}", 6_600_000), "too many values"),
-        ("/v1/chat/completions", _many(b'{"model": "mj-fast", "messages": [', b"0", 9_900_000), "too many values"),
+        (
+            "/v1/images/generations",
+            _many(b'{"prompt": "a cat", "junk": [', b"[]", 6_600_000),
+            "more than 100000 values",
+        ),
+        (
+            "/v1/chat/completions",
+            _many(b'{"model": "mj-fast", "messages": [', b"{}", 6_600_000),
+            "more than 100000 values",
+        ),
+        (
+            "/v1/chat/completions",
+            _many(b'{"model": "mj-fast", "messages": [', b"0", 9_900_000),
+            "more than 100000 values",
+        ),
         ("/v1/chat/completions", _many(b'{"model": "mj-fast", "messages": [', b"0", 99_000), "messages.0"),
         ("/mj/task/list-by-condition", _many(b'{"ids": [', b"0", 99_000), "ids"),
     ],
@@ -269,3 +282,28 @@ def test_a_chat_body_of_many_bad_messages_is_refused_at_the_first() -> None:
     with pytest.raises(ValidationError) as refused:
         ChatRequest.model_validate({"model": "mj-fast", "messages": [0] * 1000})
     assert refused.value.error_count() == 1
+
+
+def test_a_chat_history_quoting_a_pasted_csv_is_not_refused_as_too_many_values(relay: RunningRelay) -> None:
+    """The bound on values counted commas inside strings too: six values, 180,000 commas in one string."""
+    # A chat UI sends the whole conversation: earlier, the user pasted a 1.3 MB CSV (60,000 rows of 3 commas) into
+    # another model's chat; now they ask mj-fast for an image. Six JSON values, 180,000 commas inside one string.
+    csv = "\n".join(f"2024-01-{i % 28 + 1:02d},{i},{i * 3 % 997},ok" for i in range(60_000))
+    body = {
+        "model": "mj-fast",
+        "messages": [
+            {"role": "user", "content": "Summarise this CSV:\n" + csv},
+            {"role": "assistant", "content": "It holds 60,000 rows of daily readings."},
+            {"role": "user", "content": "a calm sea at dawn"},
+        ],
+    }
+    raw = json.dumps(body).encode()
+    assert len(raw) < 2_000_000 and raw.count(b",") > 100_000
+    reply = httpx.post(
+        relay.base + "/v1/chat/completions",
+        content=raw,
+        headers={"Authorization": f"Bearer {relay.key}", "Content-Type": "application/json"},
+        timeout=120,
+    )
+    assert "values" not in reply.text, reply.text[:300]
+    assert reply.status_code == 200, reply.text[:300]
