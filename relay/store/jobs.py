@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import String, and_, bindparam, case, or_, select, update
+from sqlalchemy import String, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES as ACTIVE
@@ -209,6 +209,9 @@ def _ending(succeeded: bool, *, overdue: bool = False, pending: bool = False) ->
     }
     if succeeded:
         values["progress"] = 100
+        # A job never seen running (its progress read or written after its end, or none read between its start and
+        # its end) started by the time it ended: a finished task always has a start time.
+        values["started_at"] = func.coalesce(jobs.c.started_at, bindparam("now"))
     where = [jobs.c.id.in_(bindparam("ids", expanding=True)), *_STILL_HELD]
     if overdue:
         where.append(jobs.c.deadline_at <= bindparam("now"))

@@ -62,7 +62,7 @@ async def version(url: str) -> list[str]:
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("round_", range(4))
+@pytest.mark.parametrize("round_", range(2))
 def test_two_processes_starting_together_on_a_fresh_database_both_start(tmp_path: Path, round_: int) -> None:
     with pg_database_sync() as database:
         procs, ports, logs = start_two(tmp_path, database)

@@ -266,3 +266,16 @@ async def test_keys_made_before_hook_secrets_get_one_each_when_migrated(store: s
         secrets = [(await keys.get(key_id)).hook_secret for key_id in ("key_a", "key_b")]  # type: ignore[union-attr]
         assert all(secret.startswith("whsec_") and len(secret) > 40 for secret in secrets)
         assert secrets[0] != secrets[1]
+
+
+async def test_a_job_never_seen_running_has_a_start_time_once_it_succeeded(db: Database) -> None:
+    """Its running state was not read between its start and its end, or its progress write came after its end."""
+    record, _ = await KeyStore(db.engine).create("k", 10, NOW)
+    store = JobStore(db.engine)
+    await store.open(record.id, [job("job_fast0000"), job("job_seen0000")], NOW)
+    for job_id in ("job_fast0000", "job_seen0000"):
+        await store.mark_submitted(job_id, "sim", job_id, NOW)
+    await store.record_progress([ProgressChange("job_seen0000", JobState.IN_PROGRESS, 15, JobState.SUBMITTED)], NOW + 1)
+    fast, seen = await store.finish_many([Ending("job_fast0000", True), Ending("job_seen0000", True)], NOW + 5)
+    assert fast is not None and (fast.started_at, fast.finished_at) == (NOW + 5, NOW + 5)
+    assert seen is not None and (seen.started_at, seen.finished_at) == (NOW + 1, NOW + 5)
