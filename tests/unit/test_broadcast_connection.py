@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -73,6 +74,20 @@ class Proxy:
             await self.server.wait_closed()
 
 
+async def listening_through_a_proxy(
+    stack: contextlib.AsyncExitStack, folder: Path, url: str, upstreams: dict[str, Any]
+) -> tuple[Relay, Proxy]:
+    """A relay on the database at `url` whose listening connection (only) goes through a `Proxy`."""
+    relay = Relay(relay_config(folder, database={"url": url}), SystemClock(), upstreams)
+    parts = urlsplit(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    stack.push_async_callback(proxy.close)
+    assert relay.broadcast is not None
+    relay.broadcast.dsn = relay.broadcast.dsn.replace(f"{parts.hostname}:{parts.port or 5432}", f"127.0.0.1:{port}")
+    return relay, proxy
+
+
 @pytest.mark.postgres
 async def test_a_listening_connection_that_died_silently_is_made_again(tmp_path: Path) -> None:
     """Relay B's listening connection dies silently while a client's retry at B waits for a job relay A follows.
@@ -83,15 +98,8 @@ async def test_a_listening_connection_that_died_silently_is_made_again(tmp_path:
     upstream = SimulatorUpstream("sim", engine)
     async with contextlib.AsyncExitStack() as stack:
         url = await stack.enter_async_context(pg_database())
-        database = {"url": url}
-        a = Relay(relay_config(tmp_path / "a", database=database), SystemClock(), {"sim": upstream})
-        b = Relay(relay_config(tmp_path / "b", database=database), SystemClock(), {"sim": upstream})
-        parts = urlsplit(url.replace("postgresql+asyncpg://", "postgresql://", 1))
-        proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-        port = await proxy.start()
-        stack.push_async_callback(proxy.close)
-        assert b.broadcast is not None
-        b.broadcast.dsn = b.broadcast.dsn.replace(f"{parts.hostname}:{parts.port or 5432}", f"127.0.0.1:{port}")
+        a = Relay(relay_config(tmp_path / "a", database={"url": url}), SystemClock(), {"sim": upstream})
+        b, proxy = await listening_through_a_proxy(stack, tmp_path / "b", url, {"sim": upstream})
         for relay in (a, b):
             await relay.open()
             stack.push_async_callback(relay.close)
@@ -129,13 +137,7 @@ async def test_a_relay_whose_listening_connection_died_silently_can_still_stop(t
 
     async with contextlib.AsyncExitStack() as stack:
         url = await stack.enter_async_context(pg_database())
-        b = Relay(relay_config(tmp_path / "b", database={"url": url}), SystemClock(), {})
-        parts = urlsplit(url.replace("postgresql+asyncpg://", "postgresql://", 1))
-        proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-        port = await proxy.start()
-        stack.push_async_callback(proxy.close)
-        assert b.broadcast is not None
-        b.broadcast.dsn = b.broadcast.dsn.replace(f"{parts.hostname}:{parts.port or 5432}", f"127.0.0.1:{port}")
+        b, proxy = await listening_through_a_proxy(stack, tmp_path / "b", url, {})
         await b.open()
         proxy.freeze()
         b.events.publish(JobEvent("job_somewhere", JobState.IN_PROGRESS, 50))  # sent on the dead connection

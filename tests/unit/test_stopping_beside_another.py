@@ -1,0 +1,135 @@
+"""A relay process stopping (as at SIGTERM) beside another on one PostgreSQL database (two service stacks, as two
+processes would be): what it leaves to the other, and what it finishes itself."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
+from relay.clock import SystemClock
+from relay.core.jobs import Attempt
+from relay.services import Relay
+from relay.store.keys import KeyRecord
+from tests.helpers import pg_database, relay_config
+
+pytestmark = pytest.mark.anyio
+
+
+class GatedDownloads(SimulatorUpstream):
+    """The simulator, with image downloads that wait at a gate; each download is counted."""
+
+    def __init__(self, fast_s: float) -> None:
+        super().__init__("sim", SimEngine(SimSettings(fast_s=fast_s, tile_px=16)))
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.downloads = 0
+
+    async def download(self, url: str) -> bytes:
+        self.downloads += 1
+        self.waiting.set()
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return await super().download(url)
+
+
+@contextlib.asynccontextmanager
+async def two_relays(
+    tmp_path: Path, upstream: GatedDownloads, jobs_of_a: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[Relay, Relay, KeyRecord, str]]:
+    """Relays A and B on one fresh database, and one job A started (its id); B is closed at the end, A by the test."""
+    async with contextlib.AsyncExitStack() as stack:
+        database = {"url": await stack.enter_async_context(pg_database())}
+        a = Relay(
+            relay_config(tmp_path / "a", database=database, jobs=jobs_of_a or {}), SystemClock(), {"sim": upstream}
+        )
+        b = Relay(relay_config(tmp_path / "b", database=database), SystemClock(), {"sim": upstream})
+        await a.open()
+        await b.open()
+        stack.push_async_callback(b.close)
+        key, _ = await a.keys.create("k", 100, 0)
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        generation = await a.jobs.start(key, spec, Attempt("body", retry=False))
+        (job_id,) = generation.job_ids
+        generation.close()
+        yield a, b, key, job_id
+
+
+async def ended(relay: Relay, job_id: str) -> str:
+    while True:
+        row = await relay.store.get(job_id)
+        assert row is not None
+        if row.state.terminal:
+            return row.state.value
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.postgres
+async def test_sigterm_while_a_grid_is_downloaded_does_not_download_it_again_elsewhere(tmp_path: Path) -> None:
+    """Relay A is stopped (as at SIGTERM) while it downloads a finished job's grid. The job must end once, with one
+    download: A's hand-over must not throw its download away for relay B to adopt the job and download it again."""
+    upstream = GatedDownloads(fast_s=0.2)
+    async with two_relays(tmp_path, upstream) as (a, b, _, job_id):
+        await asyncio.wait_for(upstream.waiting.wait(), 10)  # A downloads the grid
+
+        closing = asyncio.create_task(a.close())  # SIGTERM: A shuts down
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(upstream.cancelled.wait(), 1)
+        upstream.gate.set()  # the download would have finished now
+        await asyncio.wait_for(closing, 20)
+
+        assert await asyncio.wait_for(ended(b, job_id), 10) == "SUCCEEDED"
+        await asyncio.sleep(0.5)  # B's adoption round (every second) has had its chance
+        assert upstream.downloads == 1, f"the grid was downloaded {upstream.downloads} times"
+
+
+@pytest.mark.postgres
+async def test_a_hook_forwarded_to_a_stopping_process_does_not_take_its_handed_over_job_back(tmp_path: Path) -> None:
+    """Relay B forwards an upstream hook (the task finished) to relay A, which follows the job, while A is shutting
+    down; it is heard after A handed its leases over. A must leave it to the process that adopts the job: applying
+    it starts a delivery that renews A's lease (for `jobs.lease_s`, 30 s) just before A exits, so B cannot adopt
+    the job, and its waiters wait, until that lease runs out."""
+    upstream = GatedDownloads(fast_s=1.0)
+    # A does not read the job itself: the hook says it finished
+    async with two_relays(tmp_path, upstream, {"poll_interval_s": 30}) as (a, b, _, job_id):
+        row = await a.store.get(job_id)
+        assert row is not None and row.upstream_id is not None and row.owner == a.process_id
+        while (task := upstream.engine.task(row.upstream_id, "sim://sim")) is None or task["status"] != "SUCCESS":
+            await asyncio.sleep(0.05)  # until the task finished upstream
+
+        assert a.broadcast is not None
+        stop = a.coordinator.stop
+
+        async def handed_over_then_a_forwarded_hook_is_heard() -> None:
+            await stop()  # the leases are handed over
+            payload = f"{a.process_id}|sim|{row.upstream_id}|{json.dumps(task)}"
+            a.broadcast._heard_hook(None, 0, "mj_relay_hooks", payload)  # B sent it while A's lease was live
+
+        a.coordinator.stop = handed_over_then_a_forwarded_hook_is_heard  # type: ignore[method-assign]
+        await a.close()
+        for delivery in list(a.lifecycle._deliveries):  # A's process exits: what it left running dies with it
+            delivery.cancel()
+        await asyncio.gather(*a.lifecycle._deliveries, return_exceptions=True)
+        upstream.gate.set()
+
+        try:
+            await asyncio.wait_for(ended(b, job_id), 5)
+        except TimeoutError:
+            left = await b.store.get(job_id)
+            assert left is not None
+            pytest.fail(
+                f"5 s after A's hand-over the job is still {left.state.value}, owned by "
+                f"{'A' if left.owner == a.process_id else left.owner}, its lease "
+                f"{(left.lease_until or 0) - time.time():.1f} s from running out (downloads: {upstream.downloads})"
+            )
