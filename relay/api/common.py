@@ -146,7 +146,15 @@ def _separators(raw: bytes) -> int:
 
 
 def _too_many_values(raw: bytes) -> bool:
-    """Whether a body holds more than `MAX_JSON_VALUES` values (see there)."""
+    """Whether a body holds more than `MAX_JSON_VALUES` values (see there). A body in UTF-16 or UTF-32 (which
+    `json.loads` reads too) is counted as UTF-8: in those a quote, comma or bracket byte may belong to another
+    character, and an escaped quote is no `\\"`, so counting their bytes would let strings swallow real values."""
+    encoding = json.detect_encoding(raw)
+    if encoding not in ("utf-8", "utf-8-sig"):
+        try:
+            raw = raw.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
+        except UnicodeError:
+            return False  # not JSON in that encoding either: `json.loads` refuses it
     if _separators(raw) <= MAX_JSON_VALUES:
         return False
     if raw.count(b'"') - raw.count(b'\\"') > 2 * MAX_JSON_VALUES:  # quotes, less those escaped in strings

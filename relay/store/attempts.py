@@ -150,8 +150,14 @@ class AttemptStore:
         old = select(attempts.c.fingerprint).where(attempts.c.created_at < before).limit(FORGET_BATCH)
         forgotten = 0
         while True:
+            # The age is checked on the row deleted too: on PostgreSQL a row another transaction rewrote meanwhile
+            # (a new attempt of the same body taking the old row over) is checked again as it is now, and the list
+            # the subquery made still names it.
             count = await changed(
-                self.engine, delete(attempts).where(attempts.c.fingerprint.in_(old.scalar_subquery()))
+                self.engine,
+                delete(attempts).where(
+                    attempts.c.fingerprint.in_(old.scalar_subquery()), attempts.c.created_at < before
+                ),
             )
             forgotten += count
             if count < FORGET_BATCH:

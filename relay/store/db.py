@@ -163,7 +163,13 @@ class Database:
                 await conn.commit()
             try:
                 async with conn.begin():
-                    if not self.is_sqlite:
+                    if self.is_sqlite:
+                        # Python's sqlite3 opens a transaction before a row is written, not before DDL: an ALTER
+                        # run first would be kept however the upgrade ends, and a failed one (a foreign key check
+                        # below, a migration's error) would leave a half-upgraded database that no later start
+                        # can upgrade ("duplicate column"). Begun here, the whole upgrade is kept or none of it.
+                        await conn.exec_driver_sql("BEGIN")
+                    else:
                         await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('mj-relay migrations'))"))
                     await conn.run_sync(_upgrade)
                     if self.is_sqlite and (await conn.exec_driver_sql("PRAGMA foreign_key_check")).first():
