@@ -48,7 +48,20 @@ async def test_an_attempt_that_takes_over_an_old_row_while_old_ones_are_forgotte
                     NOW,
                 )
                 forgetting = asyncio.create_task(store.forget_before(NOW - RETRY_WINDOW_S))
-                await asyncio.sleep(0.5)  # the prune waits on the row
+                # Until the prune waits on the row (not a guess at how long it takes to get there): committed
+                # before it got there, the new row would be read as it is and the race would not be tested.
+                watcher = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+                try:
+                    deadline = asyncio.get_running_loop().time() + 10
+                    while not await watcher.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock' AND query ILIKE 'DELETE FROM attempts%'"
+                    ):
+                        assert not forgetting.done(), "the prune ended without waiting on the row"
+                        assert asyncio.get_running_loop().time() < deadline, "the prune never waited on the row"
+                        await asyncio.sleep(0.01)
+                finally:
+                    await watcher.close()
                 await tx.commit()
                 await forgetting
             finally:
