@@ -21,6 +21,9 @@ from typing import Any
 import asyncpg
 import openai
 import pytest
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -31,7 +34,7 @@ from relay.app import build_app
 from relay.config import Config
 from relay.server import RelayServer, ServeConfig
 from relay.store import ledger
-from relay.store.db import Database
+from relay.store.db import MIGRATIONS, Database
 from relay.store.keys import KeyStore
 
 
@@ -324,3 +327,22 @@ class Receiver:
     def tasks(self, task_id: str) -> list[dict[str, Any]]:
         with self.lock:
             return [json.loads(body) for _, body in self.deliveries if json.loads(body)["id"] == task_id]
+
+
+async def database_at(url: str, revision: str, *statements: str) -> None:
+    """A database with the schema of an older `revision` (as an older release left it), and `statements` run in it."""
+    db = Database(url, pool_size=1)
+
+    def upgrade(connection: Any) -> None:
+        config = AlembicConfig()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(upgrade)
+            for statement in statements:
+                await conn.execute(text(statement))
+    finally:
+        await db.dispose()

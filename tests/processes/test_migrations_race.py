@@ -13,11 +13,8 @@ from typing import Any
 
 import asyncpg
 import pytest
-from alembic import command
-from alembic.config import Config as AlembicConfig
 
-from relay.store.db import MIGRATIONS, Database
-from tests.helpers import free_port, pg_database_sync, stop_process
+from tests.helpers import database_at, free_port, pg_database_sync, stop_process
 from tests.processes.helpers import SIGNING, wait_ready, write_config
 
 
@@ -75,28 +72,12 @@ def test_two_processes_starting_together_on_a_fresh_database_both_start(tmp_path
                 stop_process(proc)
 
 
-async def migrate_to(url: str, revision: str) -> None:
-    db = Database(url, pool_size=1)
-
-    def upgrade(connection: Any) -> None:
-        config = AlembicConfig()
-        config.set_main_option("script_location", str(MIGRATIONS))
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
-
-    try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(upgrade)
-    finally:
-        await db.dispose()
-
-
 @pytest.mark.postgres
 def test_two_processes_starting_together_on_an_older_database_both_start(tmp_path: Path) -> None:
     """The database is at 0007; both processes are let at it at the same moment (an operator's lock on
     alembic_version holds them until both wait), as after a rolling deploy of a new version."""
     with pg_database_sync() as database:
-        asyncio.run(migrate_to(database, "0007"))
+        asyncio.run(database_at(database, "0007"))
 
         async def scenario() -> None:
             holder = await asyncpg.connect(pg(database))

@@ -8,52 +8,29 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from sqlalchemy import text
-
-from relay.store.db import MIGRATIONS, Database
-from tests.helpers import free_port, stop_process
+from tests.helpers import database_at, free_port, stop_process
 from tests.processes.helpers import SIGNING, wait_ready, write_config
 
-
-async def first_release_database(url: str) -> None:
-    db = Database(url)
-
-    def upgrade(connection: Any) -> None:
-        config = AlembicConfig()
-        config.set_main_option("script_location", str(MIGRATIONS))
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
-
-    try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(upgrade)
-            await conn.execute(
-                text(
-                    "INSERT INTO keys (id, name, key_hash, prefix, balance, held, created_at) "
-                    "VALUES ('key_old', 'test', 'h', 'sk-mjr-x', 98, 0, 1)"
-                )
-            )
-            await conn.execute(
-                text(
-                    "INSERT INTO jobs (id, request_id, key_id, model, mode, bot, action, prompt, state, progress, "
-                    "price, hold_state, created_at, updated_at, deadline_at) VALUES ('job_old_aaaaaaaa', 'r', "
-                    "'key_old', 'mj-fast', 'fast', 'MID_JOURNEY', 'imagine', 'p', 'SUCCEEDED', 100, 2, 'captured', "
-                    "1, 2, 3)"
-                )
-            )
-    finally:
-        await db.dispose()
+FIRST_RELEASE_ROWS = (  # a key and a finished job, as the first release wrote them
+    (
+        "INSERT INTO keys (id, name, key_hash, prefix, balance, held, created_at) "
+        "VALUES ('key_old', 'test', 'h', 'sk-mjr-x', 98, 0, 1)"
+    ),
+    (
+        "INSERT INTO jobs (id, request_id, key_id, model, mode, bot, action, prompt, state, progress, "
+        "price, hold_state, created_at, updated_at, deadline_at) VALUES ('job_old_aaaaaaaa', 'r', "
+        "'key_old', 'mj-fast', 'fast', 'MID_JOURNEY', 'imagine', 'p', 'SUCCEEDED', 100, 2, 'captured', "
+        "1, 2, 3)"
+    ),
+)
 
 
 def test_serve_upgrades_a_first_release_sqlite_database_with_jobs(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     db_file = data / "relay.db"
-    asyncio.run(first_release_database(f"sqlite+aiosqlite:///{db_file}"))
+    asyncio.run(database_at(f"sqlite+aiosqlite:///{db_file}", "0001", *FIRST_RELEASE_ROWS))
     config = write_config(
         tmp_path / "relay.yaml",
         {

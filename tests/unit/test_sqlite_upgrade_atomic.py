@@ -6,31 +6,13 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import pytest
-from alembic import command
-from alembic.config import Config as AlembicConfig
 
-from relay.store.db import MIGRATIONS, Database
+from relay.store.db import Database
+from tests.helpers import database_at
 
 pytestmark = pytest.mark.anyio
-
-
-async def first_release(url: str) -> None:
-    db = Database(url)
-
-    def upgrade(connection: Any) -> None:
-        config = AlembicConfig()
-        config.set_main_option("script_location", str(MIGRATIONS))
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
-
-    try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(upgrade)
-    finally:
-        await db.dispose()
 
 
 def columns(path: Path, table: str) -> list[str]:
@@ -41,7 +23,7 @@ def columns(path: Path, table: str) -> list[str]:
 async def test_a_failed_sqlite_upgrade_leaves_the_database_as_it_was_and_can_be_run_again(tmp_path: Path) -> None:
     path = tmp_path / "relay.db"
     url = f"sqlite+aiosqlite:///{path}"
-    await first_release(url)
+    await database_at(url, "0001")
     with sqlite3.connect(path) as conn:  # the sqlite3 shell: foreign keys not enforced
         conn.execute(
             "INSERT INTO jobs (id, request_id, key_id, model, mode, bot, action, prompt, state, progress, price, "
