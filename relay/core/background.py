@@ -1,4 +1,5 @@
-"""Background tasks a service starts and stops: stopping cancels them all, then waits for each to finish."""
+"""Background tasks a service starts and stops: stopping cancels them all, then waits for each to finish; or first
+lets them finish on their own, for a while (`let_finish`)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,10 @@ async def cancel_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
     for task in pending:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+
+
+async def let_finish(tasks: Iterable[asyncio.Future[Any]], timeout_s: float) -> None:
+    """Wait for the tasks to finish on their own, for at most `timeout_s`; what they raised is not looked at here."""
+    pending = list(tasks)
+    if pending:
+        await asyncio.wait(pending, timeout=timeout_s)

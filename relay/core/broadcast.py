@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from relay.core.background import cancel_all
+from relay.core.background import cancel_all, let_finish
 from relay.core.events import JobEvent, JobEvents
 from relay.domain import JobState
 
@@ -83,26 +83,30 @@ class Broadcast:
                 log.exception("the notification connection could not be made again")
 
     async def _answers(self, conn: asyncpg.Connection) -> bool:
-        """Whether the connection still answers (within RECONNECT_S, after the statements queued on it: waiting
-        behind a burst of sends that it answers one after another is no silence)."""
-        loop = asyncio.get_running_loop()
+        """Whether the connection still answers (within RECONNECT_S, after the statements queued on it)."""
+        if not await self._turn():
+            return False
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(RECONNECT_S):
-                        await self._sending.acquire()
-                    break
-                except TimeoutError:
-                    if loop.time() - self._answered_at >= RECONNECT_S:
-                        return False  # the statement being sent on it went unanswered all that time
-            try:
-                async with asyncio.timeout(RECONNECT_S):
-                    await conn.execute(f'LISTEN "{JOBS}"')  # listening already: it changes nothing
-            finally:
-                self._sending.release()
+            async with asyncio.timeout(RECONNECT_S):
+                await conn.execute(f'LISTEN "{JOBS}"')  # listening already: it changes nothing
             return True
         except Exception:
             return False
+        finally:
+            self._sending.release()
+
+    async def _turn(self) -> bool:
+        """The connection to send on, after the statements queued on it (held: release `_sending`); False when the
+        statement being sent went unanswered for RECONNECT_S. A burst of sends it answers one by one is no silence."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout(RECONNECT_S):
+                    await self._sending.acquire()
+                return True
+            except TimeoutError:
+                if loop.time() - self._answered_at >= RECONNECT_S:
+                    return False
 
     @property
     def connected(self) -> bool:
@@ -112,8 +116,7 @@ class Broadcast:
         if self._watch is not None:
             await cancel_all([self._watch])
             self._watch = None
-        if self._tasks:  # a while: a send on a connection that died silently is never answered
-            await asyncio.wait(list(self._tasks), timeout=RECONNECT_S)
+        await let_finish(self._tasks, RECONNECT_S)  # a while: a send on a connection that died silently never ends
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close(timeout=RECONNECT_S)  # a dead connection is aborted after that

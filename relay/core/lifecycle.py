@@ -25,7 +25,7 @@ from adapters import TaskStatus, TaskView, UpstreamUnavailable
 from adapters.http import DOWNLOAD_LANES
 from relay.clock import Clock
 from relay.config import Config
-from relay.core.background import cancel_all
+from relay.core.background import cancel_all, let_finish
 from relay.core.batch import Batcher
 from relay.core.events import JobEvent, JobEvents
 from relay.core.finish import Finisher
@@ -667,8 +667,7 @@ class Lifecycle:
         # Deliveries under way are let finish and end their jobs here, for a while: one cancelled leaves its job
         # running, for the process that adopts it to download the grid again. Not longer: this process's other jobs
         # are handed over only after this, and nothing follows them meanwhile.
-        if self._deliveries:
-            await asyncio.wait(list(self._deliveries), timeout=STOP_WAIT_S)
+        await let_finish(self._deliveries, STOP_WAIT_S)
         await self._progress.close()
         await self._holds.close()
         await cancel_all(list(self._deliveries))

@@ -33,6 +33,7 @@ import httpx
 
 from relay.clock import Clock
 from relay.config import HooksConfig
+from relay.core.background import let_finish
 from relay.core.egress import Egress, EgressRefused, pinned_client
 from relay.core.events import JobEvent, JobEvents
 from relay.core.text import unstorable
@@ -232,13 +233,9 @@ class Notifier:
         # Deliveries under way are let finish, for as long as one delivery's tries may take: no other process sends
         # the end of a job that ended here (none takes an ended job over), so one dropped here is never sent.
         # A running job's are not: the process that follows it next (or this one, restarted) sends its later states.
-        under_way = [
-            w.worker for w in self._watches.values() if w.ended and w.worker is not None and not w.worker.done()
-        ]
-        if under_way:
-            config = self.config
-            tries_s = config.attempts * config.timeout_s + config.backoff_s * (2 ** (config.attempts - 1) - 1)
-            await asyncio.wait(under_way, timeout=tries_s + 1.0)
+        config = self.config
+        tries_s = config.attempts * config.timeout_s + config.backoff_s * (2 ** (config.attempts - 1) - 1)
+        await let_finish((w.worker for w in self._watches.values() if w.ended and w.worker is not None), tries_s + 1.0)
         workers = [w.worker for w in self._watches.values() if w.worker is not None]
         for worker in workers:
             worker.cancel()

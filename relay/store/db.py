@@ -155,29 +155,29 @@ class Database:
         advisory lock for its transaction, so processes starting together upgrade one after the other (the later
         ones find the schema current) instead of running the same migrations at once."""
         async with connected(self.engine) as conn:
-            if self.is_sqlite:
-                # A migration that alters a table SQLite cannot ALTER copies it to a new one and drops the old: with
-                # foreign keys enforced, dropping `keys` while jobs refer to it fails (and the pragma can only be
-                # changed outside a transaction). The copy keeps every row, which is checked before it is kept.
-                await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
-                await conn.commit()
+            if not self.is_sqlite:
+                async with conn.begin():
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('mj-relay migrations'))"))
+                    await conn.run_sync(_upgrade)
+                return
+            # A migration that alters a table SQLite cannot ALTER copies it to a new one and drops the old: with
+            # foreign keys enforced, dropping `keys` while jobs refer to it fails (and the pragma can only be changed
+            # outside a transaction). The copy keeps every row, which is checked before it is kept.
+            await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            await conn.commit()
             try:
                 async with conn.begin():
-                    if self.is_sqlite:
-                        # Python's sqlite3 opens a transaction before a row is written, not before DDL: an ALTER
-                        # run first would be kept however the upgrade ends, and a failed one (a foreign key check
-                        # below, a migration's error) would leave a half-upgraded database that no later start
-                        # can upgrade ("duplicate column"). Begun here, the whole upgrade is kept or none of it.
-                        await conn.exec_driver_sql("BEGIN")
-                    else:
-                        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('mj-relay migrations'))"))
+                    # Python's sqlite3 opens a transaction before a row is written, not before DDL: an ALTER run
+                    # first would be kept however the upgrade ends, and a failed one (the foreign key check below, a
+                    # migration's error) would leave a half-upgraded database that no later start can upgrade
+                    # ("duplicate column"). Begun here, the whole upgrade is kept or none of it.
+                    await conn.exec_driver_sql("BEGIN")
                     await conn.run_sync(_upgrade)
-                    if self.is_sqlite and (await conn.exec_driver_sql("PRAGMA foreign_key_check")).first():
+                    if (await conn.exec_driver_sql("PRAGMA foreign_key_check")).first():
                         raise RuntimeError("the upgraded database has rows whose key is gone")
             finally:
-                if self.is_sqlite:
-                    await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
-                    await conn.commit()
+                await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                await conn.commit()
 
     async def ping(self) -> bool:
         try:

@@ -221,7 +221,11 @@ def _ending(succeeded: bool, *, overdue: bool = False, pending: bool = False) ->
 
 
 _SUCCEED, _FAIL, _FAIL_OVERDUE = _ending(True), _ending(False), _ending(False, overdue=True)
-_FAIL_PENDING = _ending(False, pending=True)
+# A failure whose ending holds only under a guard of its own, by its code.
+_FAIL_GUARDED = {
+    FailureCode.TIMEOUT.value: _FAIL_OVERDUE,
+    FailureCode.INTERRUPTED.value: _ending(False, pending=True),
+}
 _SETTLE = (
     update(keys)
     .where(keys.c.id == bindparam("key"))
@@ -515,11 +519,7 @@ class JobStore:
             if results:  # what the upstream gave, on the jobs about to end (the guard below repeats the check)
                 await conn.execute(_KEEP_RESULT, results)
             for (succeeded, error_code, fail_reason), ids in groups.items():
-                statement = _SUCCEED if succeeded else _FAIL
-                if error_code == FailureCode.TIMEOUT.value:
-                    statement = _FAIL_OVERDUE
-                elif error_code == FailureCode.INTERRUPTED.value:
-                    statement = _FAIL_PENDING
+                statement = _SUCCEED if succeeded else _FAIL_GUARDED.get(error_code or "", _FAIL)
                 for start in range(0, len(ids), 500):
                     result = await conn.execute(
                         statement,
