@@ -55,6 +55,17 @@ def pinned_client(timeout_s: float, transport: httpx.AsyncBaseTransport | None =
 LOOKUP_TIMEOUT_S = 5.0
 # Lookups of client-given names under way at once, each on a thread of its own (`Lookups`).
 LOOKUP_THREADS = 8
+# Lookups of one owner's (a key's) names under way at once: names whose servers never answer, sent by one key, hold
+# at most this many of the threads, and the other keys' names are looked up on the rest.
+LOOKUPS_PER_OWNER = 2
+
+
+@dataclass(slots=True)
+class _Owner:
+    """One owner's lookups: the places they take, and how many lookups hold or wait for one."""
+
+    slots: asyncio.Semaphore
+    users: int = 0
 
 
 class Egress:
@@ -65,10 +76,13 @@ class Egress:
         resolver: Resolver | None = None,
         *,
         lookup_timeout_s: float = LOOKUP_TIMEOUT_S,
+        lookups_per_owner: int = LOOKUPS_PER_OWNER,
     ) -> None:
         self.allow_private = allow_private
         self._resolve = resolver or Lookups(LOOKUP_THREADS).resolve
         self.lookup_timeout_s = lookup_timeout_s
+        self.lookups_per_owner = lookups_per_owner
+        self._owners: dict[str, _Owner] = {}
         self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self._hosts: set[str] = set()
         for entry in allow_hosts:
@@ -77,8 +91,9 @@ class Egress:
             except ValueError:
                 self._hosts.add(entry.lower())
 
-    async def pin(self, url: str) -> Pinned:
-        """The checked place to connect for `url`; raises EgressRefused when it may not be reached."""
+    async def pin(self, url: str, *, owner: str) -> Pinned:
+        """The checked place to connect for `url`, a URL `owner` (a key) gave; raises EgressRefused when it may
+        not be reached."""
         try:
             parts = urlsplit(url)
             hostname = parts.hostname
@@ -98,7 +113,7 @@ class Egress:
             return Pinned(url)
         try:
             async with asyncio.timeout(self.lookup_timeout_s):
-                addresses = await self._resolve(host, port)
+                addresses = await self._resolve_for(owner, host, port)
         except TimeoutError:
             raise EgressRefused("its host did not resolve in time") from None
         except (OSError, UnicodeError):
@@ -112,6 +127,37 @@ class Egress:
         target = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))
         extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
         return Pinned(target, {"Host": sendable.netloc.decode("ascii")}, extensions)
+
+    async def _resolve_for(self, owner: str, host: str, port: int) -> list[IPAddress]:
+        """Look a name up as one of the owner's `lookups_per_owner`: the place is taken (waiting for one within
+        the caller's time limit) and kept until the lookup returns, also when its caller stopped waiting, as the
+        thread it holds is busy until then."""
+        place = self._owners.setdefault(owner, _Owner(asyncio.Semaphore(self.lookups_per_owner)))
+        place.users += 1
+        try:
+            await place.slots.acquire()
+        except BaseException:
+            self._leave(owner, place, holding=False)
+            raise
+        try:
+            lookup = asyncio.ensure_future(self._resolve(host, port))
+        except BaseException:
+            self._leave(owner, place, holding=True)
+            raise
+        lookup.add_done_callback(lambda done: self._looked_up(owner, place, done))
+        return await asyncio.shield(lookup)
+
+    def _looked_up(self, owner: str, place: _Owner, lookup: asyncio.Future[list[IPAddress]]) -> None:
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved here too: a caller that gave up leaves no warning
+        self._leave(owner, place, holding=True)
+
+    def _leave(self, owner: str, place: _Owner, *, holding: bool) -> None:
+        if holding:
+            place.slots.release()
+        place.users -= 1
+        if place.users == 0 and self._owners.get(owner) is place:
+            del self._owners[owner]
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")

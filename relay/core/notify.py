@@ -102,7 +102,7 @@ class Notifier:
         if len(url) > MAX_URL or unstorable(url):
             raise InvalidRequest(f"notifyHook must be a URL of at most {MAX_URL} characters.", param="notifyHook")
         try:
-            await self.egress.pin(url)
+            await self.egress.pin(url, owner=key_id)
         except EgressRefused as exc:
             raise InvalidRequest(f"notifyHook is refused: {exc}.", param="notifyHook") from None
         return url
@@ -205,7 +205,7 @@ class Notifier:
             async with key_slots, self._slots:
                 try:
                     async with asyncio.timeout(self.config.timeout_s):
-                        problem = await self._post(watch.url, body, headers)
+                        problem = await self._post(watch.url, body, headers, watch.key_id)
                 except TimeoutError:
                     problem = "no answer in time"
             if problem is None:
@@ -214,10 +214,10 @@ class Notifier:
             self.metrics.client_hooks.labels("retried" if attempt < self.config.attempts else "failed").inc()
             event(log, "client hook not delivered", job=row.id, attempt=attempt, problem=problem)
 
-    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> str | None:
+    async def _post(self, url: str, body: bytes, headers: dict[str, str], key_id: str) -> str | None:
         """None when the receiver took the delivery; else what went wrong."""
         try:
-            pinned = await self.egress.pin(url)
+            pinned = await self.egress.pin(url, owner=key_id)
         except EgressRefused as exc:
             return f"refused: {exc}"
         try:

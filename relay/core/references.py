@@ -60,18 +60,19 @@ class ReferenceLoader:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def load(self, urls: list[str]) -> tuple[str, ...]:
+    async def load(self, urls: list[str], owner: str) -> tuple[str, ...]:
+        """Each image as a checked data URL; `owner` (the key that sent them) has its own share of host lookups."""
         if len(urls) > self.config.max_count:
             raise _bad(f"At most {self.config.max_count} reference images are accepted.")
-        return tuple([await self._one(url) for url in urls])
+        return tuple([await self._one(url, owner) for url in urls])
 
-    async def _one(self, url: str) -> str:
+    async def _one(self, url: str, owner: str) -> str:
         if url.startswith("data:"):
             return self._from_data_url(url)
         if url.lower().startswith(("http://", "https://")):
             try:
                 async with asyncio.timeout(self.config.timeout_s):
-                    data = await self._download(url)
+                    data = await self._download(url, owner)
             except TimeoutError:
                 raise _bad("A reference image took too long to download.") from None
             return image_data_url(data)
@@ -99,9 +100,9 @@ class ReferenceLoader:
             return self._from_data_url(value, param)
         return self._from_base64(value, param)
 
-    async def _download(self, url: str) -> bytes:
+    async def _download(self, url: str, owner: str) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
-            pinned = await self._pinned(url)
+            pinned = await self._pinned(url, owner)
             try:
                 async with self._client.stream(
                     "GET", pinned.target, headers=pinned.headers, extensions=pinned.extensions
@@ -125,8 +126,8 @@ class ReferenceLoader:
                 raise _bad("A reference image could not be downloaded.") from None
         raise _bad("A reference image URL redirects too often.")
 
-    async def _pinned(self, url: str) -> Pinned:
+    async def _pinned(self, url: str, owner: str) -> Pinned:
         try:
-            return await self._egress.pin(url)
+            return await self._egress.pin(url, owner=owner)
         except EgressRefused as exc:
             raise _bad(f"A reference image URL is refused: {exc}.") from None

@@ -65,7 +65,7 @@ def server() -> AsyncIterator[str]:
 async def load(urls: list[str], **config: object) -> tuple[str, ...]:
     loader = ReferenceLoader(ReferencesConfig(**config))  # type: ignore[arg-type]
     try:
-        return await loader.load(urls)
+        return await loader.load(urls, "key")
     finally:
         await loader.aclose()
 
@@ -120,7 +120,7 @@ async def test_the_download_goes_to_the_address_that_was_checked(server: str) ->
     loader = ReferenceLoader(ReferencesConfig(allow_hosts=["127.0.0.0/8"]), resolver=resolver)
     try:
         # images.example does not exist: the request can only have reached the checked address, with its name
-        assert await loader.load([f"http://images.example:{port}/img/hosted"]) == (data_url(png()),)
+        assert await loader.load([f"http://images.example:{port}/img/hosted"], "key") == (data_url(png()),)
     finally:
         await loader.aclose()
     assert asked == ["images.example"]
@@ -133,7 +133,7 @@ async def test_one_private_address_among_public_ones_is_refused() -> None:
     loader = ReferenceLoader(ReferencesConfig(), resolver=resolver)
     try:
         with pytest.raises(InvalidRequest, match="private or local"):
-            await loader.load(["https://rebind.example/x.png"])
+            await loader.load(["https://rebind.example/x.png"], "key")
     finally:
         await loader.aclose()
 
@@ -201,7 +201,7 @@ async def test_a_name_that_never_resolves_is_refused_in_time() -> None:
 
     egress = Egress(False, [], silent, lookup_timeout_s=0.05)
     with pytest.raises(EgressRefused, match="did not resolve in time"):
-        await egress.pin("http://hook.slow.example/")
+        await egress.pin("http://hook.slow.example/", owner="key")
 
 
 async def test_lookups_of_client_given_names_never_hold_up_the_relays_own(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,14 +222,48 @@ async def test_lookups_of_client_given_names_never_hold_up_the_relays_own(monkey
     egress = Egress(False, ["127.0.0.0/8"], lookups.resolve, lookup_timeout_s=0.2)
     stuck = [asyncio.ensure_future(lookups.resolve(f"n{i}.slow.example", 80)) for i in range(2)]
     with pytest.raises(EgressRefused, match="did not resolve in time"):
-        await egress.pin("http://n3.slow.example/")
+        await egress.pin("http://n3.slow.example/", owner="key")
     assert await asyncio.get_running_loop().getaddrinfo("up.example", 80)  # the loop's own lookups go on
-    assert (await egress.pin("http://127.0.0.1:9/")).target == "http://127.0.0.1:9/"  # a literal needs no thread
+    literal = await egress.pin("http://127.0.0.1:9/", owner="key")  # a literal needs no thread
+    assert literal.target == "http://127.0.0.1:9/"
     hung.set()
     for lookup in stuck:
         with pytest.raises(socket.gaierror):
             await lookup
-    assert (await egress.pin("http://up.example:9/x")).target == "http://127.0.0.1:9/x"
+    assert (await egress.pin("http://up.example:9/x", owner="key")).target == "http://127.0.0.1:9/x"
+
+
+async def test_one_keys_names_that_never_resolve_leave_the_other_keys_lookups_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key sending names whose servers never answer holds only its own share of the lookup threads: its next
+    names wait for that share and are refused in time, while another key's names are looked up at once."""
+    hung = threading.Event()
+    system = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host.endswith(".slow.example"):
+            hung.wait()
+            raise socket.gaierror(socket.EAI_AGAIN, "no answer")
+        return system("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    egress = Egress(False, ["127.0.0.0/8"], Lookups(4).resolve, lookup_timeout_s=0.2, lookups_per_owner=2)
+    noisy = [asyncio.ensure_future(egress.pin(f"http://n{i}.slow.example/", owner="noisy")) for i in range(4)]
+    try:
+        assert (await egress.pin("http://images.example:9/a", owner="other")).target == "http://127.0.0.1:9/a"
+        for pin in noisy:
+            with pytest.raises(EgressRefused, match="did not resolve in time"):
+                await pin
+        assert (await egress.pin("http://images.example:9/b", owner="other")).target == "http://127.0.0.1:9/b"
+    finally:
+        hung.set()
+    for _ in range(500):  # the hung lookups return on their threads: their places are given back
+        if not egress._owners:
+            break
+        await asyncio.sleep(0.01)
+    assert not egress._owners  # and no owner is kept once its lookups are done
+    assert (await egress.pin("http://images.example:9/c", owner="noisy")).target == "http://127.0.0.1:9/c"
 
 
 async def test_a_scoped_ipv6_literal_is_looked_up_as_the_system_reads_it() -> None:

@@ -125,7 +125,7 @@ async def chat_completions(request: Request) -> Response:
     text, image_urls = last_user_turn(body.messages)
     spec = relay.jobs.plan(model=body.model, prompt=text, n=4, prompt_param="messages")
     if image_urls:
-        spec = replace(spec, references=await relay.references.load(image_urls))
+        spec = replace(spec, references=await relay.references.load(image_urls, key.id))
     generation = await relay.jobs.start(key, spec, await attempt_of(request, key))
     completion_id = f"chatcmpl-{generation.request_id}"
     created = int(relay.clock.now())
