@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -346,3 +347,15 @@ async def database_at(url: str, revision: str, *statements: str) -> None:
                 await conn.execute(text(statement))
     finally:
         await db.dispose()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG that says it is `width` x `height` pixels: its header, a few rows of image data and its end marker
+    (what a decompression bomb looks like before it is decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    rows = zlib.compress(b"\x00" * (1 + 3 * width) * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")

@@ -20,15 +20,20 @@ class ImageError(Exception):
 
 
 def _usable(size: tuple[int, int]) -> tuple[int, int]:
+    """The size of an image the relay keeps: large enough to split, and no larger than Pillow decodes without
+    calling it a decompression bomb (`Image.MAX_IMAGE_PIXELS`; above it Pillow only warns, up to twice as many)."""
     if size[0] < 2 or size[1] < 2:
         raise ImageError("the image is too small to split")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise ImageError(f"the image has more than {limit} pixels")
     return size
 
 
 def png_size(data: bytes) -> tuple[int, int] | None:
     """Width and height of a whole PNG, from its header (its first chunk, IHDR) and its end marker, without decoding
-    it (the first tile request does); None when the bytes are not a PNG. Raises ImageError for a truncated PNG or
-    one too small to split. Cheap enough for the event loop."""
+    it (the first tile request does); None when the bytes are not a PNG. Raises ImageError for a truncated PNG, or
+    one too small to split or too large to decode. Cheap enough for the event loop."""
     if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
         return None
     if _PNG_END not in data[-64:]:
@@ -37,13 +42,15 @@ def png_size(data: bytes) -> tuple[int, int] | None:
 
 
 def to_png(data: bytes) -> tuple[tuple[int, int], bytes]:
-    """An image of another format (JPEG, WebP, ...) decoded and encoded as PNG, with its size. Blocking."""
+    """An image of another format (JPEG, WebP, ...) decoded and encoded as PNG, with its size; its size is checked
+    from its header, before it is decoded. Blocking."""
     try:
         image: Image.Image = Image.open(io.BytesIO(data))
+        size = _usable(image.size)
         image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"not a usable image: {type(exc).__name__}") from None
-    return _usable(image.size), _png(_plain(image))
+    return size, _png(_plain(image))
 
 
 def cut(grid: bytes) -> dict[str, bytes]:

@@ -7,8 +7,11 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
+import pytest
 
-from tests.helpers import RunningRelay, relay_config, running_relay
+from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
+from tests.helpers import RunningRelay, bomb_png, relay_config, running_relay
 
 
 def test_only_the_signed_link_serves_the_image(relay: RunningRelay) -> None:
@@ -37,6 +40,25 @@ def test_a_public_url_is_used_for_links(tmp_path: Path) -> None:
     with running_relay(config) as relay:
         url = relay.openai().images.generate(model="mj-fast", prompt="a lantern").data[0].url or ""
         assert url.startswith("https://img.example.com/relay/files/")
+
+
+class BombGrids(SimulatorUpstream):
+    """The simulator, with every finished grid a PNG that says it has 400 million pixels."""
+
+    async def download(self, url: str) -> bytes:
+        return bomb_png(20_000, 20_000)
+
+
+def test_a_grid_too_large_to_decode_fails_its_job_and_is_not_charged(tmp_path: Path) -> None:
+    config = relay_config(tmp_path, images={"download_attempts": 1})
+    upstream = BombGrids("sim", SimEngine(SimSettings(fast_s=0.3, tile_px=64)))
+    with running_relay(config, upstreams={"sim": upstream}) as relay:
+        for response_format in ("url", "b64_json"):
+            with pytest.raises(openai.APIStatusError) as caught:
+                relay.openai().images.generate(model="mj-fast", prompt="a lantern", response_format=response_format)
+            assert caught.value.status_code == 502
+        assert relay.jobs() == [("FAILED", "download", "released", "sim")] * 2
+        assert relay.balance() == (1000, 0)
 
 
 def test_metrics_count_requests_and_jobs_without_secrets(relay: RunningRelay) -> None:

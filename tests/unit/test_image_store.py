@@ -26,6 +26,7 @@ from relay.images import (
 )
 from relay.images import local as images_local
 from relay.images.names import key
+from tests.helpers import bomb_png
 
 pytestmark = pytest.mark.anyio
 
@@ -163,6 +164,20 @@ async def test_images_too_small_to_split_are_refused(images: ImageStore) -> None
     for data in (one_pixel.getvalue(), jpeg((1, 8))):
         with pytest.raises(ImageError, match="too small"):
             await images.save(JOB, "grid.png", data)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # as in service: Pillow only warns
+async def test_images_with_more_pixels_than_pillow_decodes_safely_are_refused(
+    images: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ImageError, match="pixels"):
+        await images.save(JOB, "grid.png", bomb_png(20_000, 20_000))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 40x40 JPEG: more, but less than twice as many
+    with pytest.raises(ImageError, match="pixels"):
+        await images.save(JOB, "grid.png", jpeg())
+    assert not local(images).path(key(JOB, "grid.png")).exists()
+    failed = await images.save_many([(JOB, "image.png", jpeg()), (OTHER, "image.png", bomb_png(40, 40))])
+    assert sorted(failed) == [JOB, OTHER] and all(isinstance(why, ImageError) for why in failed.values())
 
 
 async def test_a_batch_keeps_the_good_images_and_says_why_each_other_one_was_refused(images: ImageStore) -> None:
