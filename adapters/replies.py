@@ -41,6 +41,10 @@ _NEWAPI_UNUSABLE = ("quota_not_enough", "channel_not_found", "invalid_token")
 # new-api's own errors after its upstream answered the submit (relay/relay-mj.go): the task may be running there.
 _NEWAPI_AFTER_UPSTREAM = ("insert_midjourney_task_failed",)
 _NEWAPI_CLIENT = ("task_not_found", "task_no_found", "task_status_not_success", "unknown_action", "invalid_request")
+# Result codes by which a server refuses a submit (no account, invalid, failure, queue full, banned, no balance,
+# saturated): with a 5xx they say the server handled the request and did not take the task. Any other code there
+# (1 or 22: taken; a gateway echoing its own status, such as 504) leaves open that the task was taken.
+_REFUSALS = frozenset({3, 4, 5, 9, 23, 24, 25, 30})
 # Failure reasons that mean the prompt was refused by Midjourney's moderation.
 _BANNED_WORDS = ("banned", "敏感词", "sensitive", "moderation", "content policy", "prohibited")
 
@@ -176,6 +180,8 @@ def classify_submit(status: int, body: bytes, *, follow_up: bool = False) -> Sub
     """
     if status in (401, 403):
         return ProviderUnusable(f"upstream refused the credentials (HTTP {status})")
+    if status == 413:  # (a gateway's limit, as nginx's 1 MB default): this request's size, not the provider's health
+        return ClientError("the request is larger than the upstream takes (HTTP 413)")
     if not body.strip():
         if status == 404 and follow_up:
             return ClientError("the task was not found upstream")
@@ -209,8 +215,8 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
 
     # trueai's own envelope: {"success": false, "code": -1, "message": ...}, HTTP 200 for logic errors, 500 for faults.
     # A 5xx that carries the server's own error envelope was handled and refused by the server (trueai answers its
-    # exceptions so): the task was not taken, and another provider may run it. Only an unreadable 5xx (a gateway's
-    # page, an answer cut short) leaves open that the task was taken.
+    # exceptions so): the task was not taken, and another provider may run it. A 5xx that is not such a refusal (a
+    # gateway's page, an answer cut short, a code that is no refusal) leaves open that the task was taken.
     if data.get("success") is False:
         if any(word in description for word in _ACCOUNT_LIMIT_WORDS):
             return ProviderUnusable(description)
@@ -242,7 +248,8 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
         return ClientError(str(own.get("message") or "").strip() or "refused by the upstream")
 
     if status == 429 or status >= 500:
-        return Retryable(description or f"HTTP {status}", sent=code is None and _maybe_ran(status) and own is None)
+        refused = code in _REFUSALS or own is not None
+        return Retryable(description or f"HTTP {status}", sent=not refused and _maybe_ran(status))
 
     if code is None:
         return _unreadable(status, "an answer without a result code")

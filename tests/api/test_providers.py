@@ -3,6 +3,9 @@ providers, capacity, provider health, and jobs that fail, get lost or run past t
 
 from __future__ import annotations
 
+import base64
+import io
+import random
 import re
 import socket
 from collections.abc import Iterator
@@ -13,6 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from PIL import Image
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
@@ -99,6 +103,55 @@ def test_a_submit_that_may_have_run_is_never_sent_elsewhere(
         assert caught.value.response.headers["x-should-retry"] == "false"
         assert upstreams["mj-v1"][1].submits == 0
         assert relay.jobs() == [("FAILED", "unconfirmed", "released", None)]
+
+
+def answering(app: ASGIApp, status: int, body: bytes) -> ASGIApp:
+    """The app, with every submit still made there but its answer replaced (as a gateway in front of it answers)."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or "/submit/" not in scope["path"]:
+            await app(scope, receive, send)
+            return
+
+        async def dropped(message: Any) -> None:
+            pass
+
+        await app(scope, receive, dropped)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        # the server's own "taken" answer, sent with an error status
+        (500, b'{"code": 1, "description": "Submit success", "properties": {}, "result": "1234567890123456789"}'),
+        # a gateway's JSON page: it timed out waiting for the server, which may have taken the task
+        (504, b'{"code": 504, "message": "Gateway Time-out"}'),
+    ],
+)
+def test_a_5xx_whose_code_is_no_refusal_is_never_sent_elsewhere(
+    tmp_path: Path, upstreams: dict[str, tuple[str, SimEngine]], status: int, body: bytes
+) -> None:
+    engine = SimEngine(SimSettings(fast_s=0.3, tile_px=48))
+    with serve(answering(build_sim_app(engine, "midjourney-proxy", SECRET), status, body)) as base:
+        config = relay_config(
+            tmp_path,
+            providers=[
+                provider("gated", "midjourney-proxy", base, priority=0),
+                provider("spare", "mj-v1", upstreams["mj-v1"][0], priority=1),
+            ],
+        )
+        with running_relay(config) as relay:
+            with pytest.raises(openai.InternalServerError) as caught:
+                relay.openai().images.generate(model="mj-fast", prompt="a heron")
+            assert caught.value.status_code == 502
+            assert caught.value.response.headers["x-should-retry"] == "false"
+            assert engine.submits == 1 and upstreams["mj-v1"][1].submits == 0
+            assert relay.jobs() == [("FAILED", "unconfirmed", "released", None)]
 
 
 def test_max_in_flight_spreads_concurrent_jobs(tmp_path: Path, upstreams: dict[str, tuple[str, SimEngine]]) -> None:
@@ -227,6 +280,40 @@ def test_a_provider_refusing_credentials_is_cooled_after_one_job_and_tried_once_
             assert until - since == pytest.approx(8)  # the failed trial doubled the cool-down
             assert reason == "the trial failed: upstream refused the credentials (HTTP 401)"
             assert "a-wrong-secret" not in reason
+
+
+def limiting(app: ASGIApp, max_bytes: int) -> ASGIApp:
+    """The app behind a gateway that refuses request bodies over `max_bytes` as nginx does (HTTP 413, its page)."""
+    page = b"<html><head><title>413 Request Entity Too Large</title></head><body>nginx</body></html>"
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        length = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if scope["type"] != "http" or int(length) <= max_bytes:
+            await app(scope, receive, send)
+            return
+        headers = [(b"content-type", b"text/html"), (b"content-length", str(len(page)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": page})
+
+    return wrapped
+
+
+def test_a_request_too_large_for_a_provider_is_refused_without_setting_the_provider_aside(tmp_path: Path) -> None:
+    engine = SimEngine(SimSettings(fast_s=0.3, tile_px=48))
+    picture = io.BytesIO()
+    Image.frombytes("RGB", (160, 160), random.Random(7).randbytes(160 * 160 * 3)).save(picture, format="PNG")
+    large = "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode()
+    with serve(limiting(build_sim_app(engine, "midjourney-proxy", SECRET), 50_000)) as base:
+        config = relay_config(tmp_path, providers=[provider("gated", "midjourney-proxy", base)])
+        with running_relay(config) as relay:
+            with httpx.Client(base_url=relay.base, headers={"mj-api-secret": relay.key}, timeout=30) as native:
+                reply = native.post("/mj/submit/imagine", json={"prompt": "a cat", "base64Array": [large]})
+            assert reply.status_code == 400 and reply.json()["code"] == 4, reply.text
+            assert "HTTP 413" in reply.json()["description"]
+            assert health_states(relay) == {"gated": "healthy"}
+            # Another client's request is served as before.
+            assert len(relay.openai().images.generate(model="mj-fast", prompt="a heron").data) == 1
+            assert engine.submits == 1
 
 
 def test_a_provider_whose_server_stops_goes_down_by_probes_and_comes_back_when_it_restarts(tmp_path: Path) -> None:

@@ -69,6 +69,13 @@ def body(data: object) -> bytes:
         (503, b"down", Retryable("HTTP 503", sent=False)),
         (429, body({"code": 1, "result": "x"}), Retryable("HTTP 429", sent=False)),
         (404, b"", ProviderUnusable("the submit endpoint was not found (HTTP 404)")),
+        # a body over a gateway's limit: the request's size, whatever the page says
+        (
+            413,
+            b"<html>413 Request Entity Too Large</html>",
+            ClientError("the request is larger than the upstream takes (HTTP 413)"),
+        ),
+        (413, b"", ClientError("the request is larger than the upstream takes (HTTP 413)")),
         (404, b"nope", ProviderUnusable("HTTP 404")),
         (400, b"nope", ProviderUnusable("a non-JSON answer (HTTP 400)")),
         (
@@ -259,6 +266,9 @@ def test_upstream_text_is_made_storable_and_everything_else_left_as_it_came() ->
         # the server's own error envelope: it handled the request and refused it, so another provider may run it
         (500, b'{"success": false, "code": -1, "message": "boom"}', False),
         (500, b'{"code": 9, "description": "system error"}', False),
+        # a code that is no refusal: the server's own "taken", or a gateway's status echoed as a code
+        (500, b'{"code": 1, "result": "1"}', True),
+        (504, b'{"code": 504, "message": "Gateway Time-out"}', True),
         # nothing readable from the server: the task may have been taken
         (500, b'{"description": "no code"}', True),
         (500, b"<html>internal error</html>", True),
