@@ -11,12 +11,12 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from cachetools import TTLCache
 from pydantic import AfterValidator, BaseModel, StrictStr, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from relay.core.jobs import Attempt
 from relay.core.submit import key_refused
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from relay.services import Relay
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 # A string a route may store: strict (no coercion from numbers) and storable.
 Text = Annotated[StrictStr, AfterValidator(check_storable)]
@@ -49,6 +50,40 @@ KEY_CACHE_TTL_S = 5.0
 
 def relay_of(request: Request) -> Relay:
     return request.app.state.relay  # type: ignore[no-any-return]
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, for a request whose body has been read; when its client hangs up first, `work` is cancelled
+    and ClientDisconnect raised, so a request nobody waits for ends at once (its jobs run on without it) instead
+    of holding its task, and a graceful shutdown, until they end. `work` runs in the request's own task: only the
+    watch for the hang-up is a task of its own."""
+    task = asyncio.current_task()
+    assert task is not None, "called from a request's task"
+    waiting, left = True, False
+
+    def hung_up(watch: asyncio.Task[None]) -> None:
+        nonlocal left
+        if waiting and not watch.cancelled() and watch.exception() is None:
+            left = True
+            task.cancel()
+
+    watching = asyncio.ensure_future(_disconnected(request))
+    watching.add_done_callback(hung_up)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if left and task.uncancel() == 0:  # this function's own cancel, not one from outside
+            raise ClientDisconnect() from None
+        raise
+    finally:
+        waiting = False
+        watching.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client of a request whose body has been read has hung up."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def base_url(request: Request) -> str:

@@ -2,7 +2,7 @@
 
 search_jobs     the jobs filtered by key, state and creation time, newest first, a page at a time (keyset
                 pagination on creation time and id, so a page is as cheap deep in the table as at its top)
-captured_total  every credit a key's jobs ever captured
+quota           a key's balance plus every credit its jobs ever captured, read as one
 usage_by_day    credits a key's jobs captured, by the UTC day they finished and model
 """
 
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from relay.store.db import connected
 from relay.store.jobs import JobRow, row_of
 from relay.store.ledger import whole_seconds
-from relay.store.tables import jobs
+from relay.store.tables import jobs, keys
 
 DAY_S = 86_400
 
@@ -61,13 +61,30 @@ async def search_jobs(
     return [row_of(row) for row in found[:limit]], len(found) > limit
 
 
-async def captured_total(engine: AsyncEngine, key_id: str) -> int:
-    """Every credit the key's jobs ever captured."""
-    query = select(func.coalesce(func.sum(jobs.c.price), 0)).where(
-        jobs.c.key_id == key_id, jobs.c.hold_state == "captured"
+@dataclass(frozen=True, slots=True)
+class Quota:
+    name: str
+    expires_at: float | None
+    credits: int  # the balance plus every credit the key's jobs ever captured
+
+
+async def quota(engine: AsyncEngine, key_id: str) -> Quota | None:
+    """The key's quota (None: no such key): its balance and what its jobs captured, read in one statement, so one
+    snapshot of both: a charge that lands meanwhile (balance down, captured up) is seen whole or not at all."""
+    captured = (
+        select(func.coalesce(func.sum(jobs.c.price), 0))
+        .where(jobs.c.key_id == key_id, jobs.c.hold_state == "captured")
+        .scalar_subquery()
+    )
+    query = select(keys.c.name, keys.c.expires_at, keys.c.balance, captured.label("captured")).where(
+        keys.c.id == key_id
     )
     async with connected(engine) as conn:
-        return int((await conn.execute(query)).scalar_one())
+        row = (await conn.execute(query)).first()
+    if row is None:
+        return None
+    expires_at = None if row.expires_at is None else float(row.expires_at)
+    return Quota(str(row.name), expires_at, int(row.balance) + int(row.captured))
 
 
 async def usage_by_day(engine: AsyncEngine, key_id: str, start: int, end: int) -> list[DayUsage]:

@@ -3,8 +3,10 @@ endpoints NextChat calls (with and without `/v1`), in the shapes it reads."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -131,6 +133,32 @@ def test_usage_is_counted_by_the_day_each_job_finished(any_db_relay: RunningRela
     # The quota counts every capture, whenever it was.
     sub = get(relay, "/dashboard/billing/subscription").json()
     assert sub["hard_limit_usd"] == pytest.approx(50.0)
+
+
+def test_the_quota_stays_exact_while_jobs_are_charged(any_db_relay: RunningRelay) -> None:
+    """Charges move credits from the balance to what was spent: the quota, read while they land, never moves."""
+    relay = any_db_relay
+    charged = threading.Event()
+    seen: list[float] = []
+
+    def read() -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {relay.key}"}, timeout=30) as client:
+            while not charged.is_set():
+                seen.append(client.get(relay.base + "/dashboard/billing/subscription").json()["hard_limit_usd"])
+
+    def charge(i: int) -> None:
+        relay.openai().images.generate(model="mj-fast", prompt=f"a lighthouse {i}")
+
+    with ThreadPoolExecutor(8) as pool:
+        readers = [pool.submit(read) for _ in range(4)]
+        try:
+            list(pool.map(charge, range(12)))
+        finally:
+            charged.set()
+        for reader in readers:
+            reader.result()
+    assert relay.balance() == (976, 0)
+    assert seen and set(seen) == {50.0}  # 1000 credits, as many as the key was given
 
 
 def test_the_key_expiry_is_access_until(relay: RunningRelay) -> None:

@@ -169,6 +169,37 @@ def test_a_client_that_hangs_up_mid_body_is_not_an_error(relay: RunningRelay, ca
     assert 'route="/v1/images/generations",status="5xx"' not in metrics
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "mj-fast", "messages": [{"role": "user", "content": "a sloth sim:never"}]}),
+        ("/v1/images/generations", {"model": "mj-fast", "prompt": "a sloth sim:never"}),
+    ],
+)
+def test_a_waiting_request_whose_client_hangs_up_ends_at_once(
+    relay: RunningRelay, caplog: pytest.LogCaptureFixture, path: str, body: dict[str, object]
+) -> None:
+    """A request waiting for its job ends as soon as its client hangs up (the job runs on without it), so it holds
+    no task, and no graceful shutdown, until the job ends."""
+    host = relay.base.removeprefix("http://")
+    hostname, port = host.split(":")
+    raw = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {relay.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n"
+    )
+    with caplog.at_level(logging.INFO):
+        with socket.create_connection((hostname, int(port)), timeout=10) as sock:
+            sock.sendall(head.encode() + raw)
+            wait_for(lambda: [row[0] for row in relay.jobs()] == ["IN_PROGRESS"])
+        wait_for(
+            lambda: any(r.getMessage() == "request" and r.__dict__["fields"]["status"] == 499 for r in caplog.records),
+            timeout=5,
+        )
+    assert relay.jobs() == [("IN_PROGRESS", None, "held", "sim")]  # the job goes on, still held
+    assert not [r for r in caplog.records if r.getMessage() == "unhandled error"]
+
+
 @pytest.mark.parametrize("path", ["/v1/models/", "/v1/images/generations/", "/mj/task/list-by-condition/"])
 def test_a_trailing_slash_is_a_404_in_the_envelope_not_a_redirect(relay: RunningRelay, path: str) -> None:
     reply = httpx.request(

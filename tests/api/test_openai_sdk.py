@@ -3,18 +3,25 @@ client, the simulator behind."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
+import logging
 import re
+import threading
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from tests.helpers import RunningRelay, pg_database_sync, relay_config, running_relay
+from tests.helpers import RunningRelay, pg_database_sync, relay_config, running_relay, serve, wait_for
 
 
 def png(data: bytes) -> Image.Image:
@@ -168,6 +175,47 @@ def test_the_sdks_retries_after_a_timeout_follow_the_running_job_and_charge_once
         assert len(result.data) == 1 and result.data[0].url
         assert relay.jobs() == [("SUCCEEDED", None, "captured", "sim")]
         assert relay.balance() == (999, 0)
+
+
+def test_a_chat_whose_client_left_while_its_reference_image_came_starts_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SDK gives up on a request whose reference image is slow to download and retries it: the retry starts the
+    job, and the request it gave up on, once its image comes, starts none (one job, one charge)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
+    release, served = threading.Event(), list[str]()
+
+    async def image(request: Request) -> Response:
+        served.append(request.url.path)
+        if len(served) == 1:  # the first download comes only once the test lets it
+            await asyncio.to_thread(release.wait, 10)
+        return Response(buffer.getvalue(), media_type="image/png")
+
+    config = relay_config(tmp_path, api={"references": {"allow_private": True}})
+    try:
+        with serve(Starlette(routes=[Route("/ref.png", image)])) as images, running_relay(config) as relay:
+            reference = {"type": "image_url", "image_url": {"url": images + "/ref.png"}}
+            with caplog.at_level(logging.INFO):
+                with openai.OpenAI(base_url=relay.base + "/v1", api_key=relay.key, timeout=1, max_retries=1) as client:
+                    reply = client.chat.completions.create(
+                        model="mj-fast",
+                        messages=[{"role": "user", "content": [{"type": "text", "text": "a garden"}, reference]}],
+                    )
+                assert "![Midjourney grid]" in (reply.choices[0].message.content or "") and len(served) == 2
+                release.set()
+
+                def answered() -> int:
+                    return sum(
+                        r.getMessage() == "request" and r.__dict__["fields"]["route"] == "/v1/chat/completions"
+                        for r in caplog.records
+                    )
+
+                wait_for(lambda: answered() == 2)  # the retry, and the request it gave up on
+            assert relay.jobs() == [("SUCCEEDED", None, "captured", "sim")]
+            assert relay.balance() == (998, 0)
+    finally:
+        release.set()
 
 
 def test_identical_requests_that_are_not_retries_each_run(relay: RunningRelay) -> None:

@@ -36,9 +36,9 @@ def routes() -> list[Route]:
 async def subscription(request: Request) -> JSONResponse:
     relay = relay_of(request)
     key = await relay.auth(request)
-    fresh = await relay.keys.get(key.id) or key  # the authenticator's copy may be a few seconds old
-    rate = relay.config.billing.usd_per_credit
-    quota = billing.dollars(fresh.balance + await reports.captured_total(relay.db.engine, key.id), rate)
+    # Read afresh (the authenticator's copy may be a few seconds old), balance and charges as one
+    fresh = await reports.quota(relay.db.engine, key.id) or reports.Quota(key.name, key.expires_at, key.balance)
+    quota = billing.dollars(fresh.credits, relay.config.billing.usd_per_credit)
     return JSONResponse(
         {
             "object": "billing_subscription",

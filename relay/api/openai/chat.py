@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, validate
+from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, unless_disconnected, validate
 from relay.api.openai.errors import render
 from relay.core import housekeeping
 from relay.core.jobs import Generation, JobService, unknown_model
@@ -124,14 +124,15 @@ async def chat_completions(request: Request) -> Response:
         return chore
     text, image_urls = last_user_turn(body.messages)
     spec = relay.jobs.plan(model=body.model, prompt=text, n=4, prompt_param="messages")
-    if image_urls:
-        spec = replace(spec, references=await relay.references.load(image_urls, key.id))
+    if image_urls:  # a client that leaves while they download gets no job started (nor charged) for nobody
+        loading = relay.references.load(image_urls, key.id)
+        spec = replace(spec, references=await unless_disconnected(request, loading))
     generation = await relay.jobs.start(key, spec, await attempt_of(request, key))
     completion_id = f"chatcmpl-{generation.request_id}"
     created = int(relay.clock.now())
     if not body.stream:
         try:
-            rows = await relay.jobs.wait(generation)
+            rows = await unless_disconnected(request, relay.jobs.wait(generation))
         finally:
             generation.close()
         return JSONResponse(_completion(completion_id, created, spec.model, markdown(request, rows)))

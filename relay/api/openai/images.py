@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, validate
+from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, unless_disconnected, validate
 from relay.core.jobs import JobService
 from relay.errors import ServiceUnavailable
 from relay.images import StorageError
@@ -46,7 +46,7 @@ async def create_image(request: Request) -> JSONResponse:
     )
     generation = await relay.jobs.start(key, spec, await attempt_of(request, key))
     try:
-        rows = await relay.jobs.wait(generation)
+        rows = await unless_disconnected(request, relay.jobs.wait(generation))
     finally:
         generation.close()
     tiles = JobService.tiles(rows, n)
