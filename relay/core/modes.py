@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 from adapters import MODES, Bot, Mode
 from relay.config import ModelConfig
+from relay.core.prompt import FLAG_DASH
 
-_FLAG = re.compile(r"(?<!\S)--(fast|relax|turbo)(?!\S)", re.IGNORECASE)
+_FLAG = re.compile(rf"(?<!\S){FLAG_DASH}(fast|relax|turbo)(?!\S)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,11 +28,14 @@ QUALITY_FLAGS: dict[str, str | None] = {
 STYLE_FLAGS: dict[str, str] = {"vivid": "--stylize 750", "natural": "--style raw"}
 
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
-MODE_FLAG = re.compile(r"(?<!\S)--(?:fast|relax|turbo)(?!\S)", re.IGNORECASE)
-_ASPECT = re.compile(r"(?<!\S)--(?:ar|aspect)\s+\S+", re.IGNORECASE)
-_QUALITY = re.compile(r"(?<!\S)--(?:q|quality)\s+\S+", re.IGNORECASE)
-_STYLIZE = re.compile(r"(?<!\S)--(?:s|stylize)\s+\S+", re.IGNORECASE)
-_STYLE = re.compile(r"(?<!\S)--style\s+\S+", re.IGNORECASE)
+# How a parameter begins: `--`, or a dash that keyboards make of it (Apple's turn `--` into an em dash), which
+# Midjourney reads as `--` too; so a flag written so is read, and replaced, as any other.
+FLAG_DASH = "(?:--|\u2014|\u2013)"
+MODE_FLAG = re.compile(rf"(?<!\S){FLAG_DASH}(?:fast|relax|turbo)(?!\S)", re.IGNORECASE)
+_ASPECT = re.compile(rf"(?<!\S){FLAG_DASH}(?:ar|aspect)\s+\S+", re.IGNORECASE)
+_QUALITY = re.compile(rf"(?<!\S){FLAG_DASH}(?:q|quality)\s+\S+", re.IGNORECASE)
+_STYLIZE = re.compile(rf"(?<!\S){FLAG_DASH}(?:s|stylize)\s+\S+", re.IGNORECASE)
+_STYLE = re.compile(rf"(?<!\S){FLAG_DASH}style\s+\S+", re.IGNORECASE)
 
 
 class PromptError(ValueError):
@@ -73,7 +76,7 @@ def style_flag(style: str | None) -> str | None:
     return STYLE_FLAGS[style]
 
 
-_PARAMETER = re.compile(r"(?<!\S)--[A-Za-z]")
+_PARAMETER = re.compile(rf"(?<!\S){FLAG_DASH}[A-Za-z]")
 
 
 def prompt_text(prompt: str) -> str:

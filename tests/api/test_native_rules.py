@@ -31,6 +31,10 @@ def test_the_mode_rule_decides_mode_and_price(tmp_path: Path) -> None:
         ("/mj", {"prompt": "a fox --relax", "accountFilter": {"modes": ["TURBO"]}}, "turbo"),
         ("/v1/mj", {"prompt": "a fox --relax"}, "relax"),
         ("/mj", {"prompt": "a fox"}, "fast"),
+        # Midjourney reads an em dash (as Apple keyboards turn `--` into) as `--`: such a flag is read and replaced
+        ("/mj", {"prompt": "a fox \u2014turbo", "model": "mj-relax"}, "relax"),
+        ("/mj", {"prompt": "a fox \u2014relax"}, "relax"),
+        ("/mj", {"prompt": "a fox \u2013turbo"}, "turbo"),
     ]
     with native(tmp_path, prices=PRICES) as world:
         for prefix, body, mode in cases:
@@ -40,6 +44,7 @@ def test_the_mode_rule_decides_mode_and_price(tmp_path: Path) -> None:
             task = world.fetch(task_id)
             assert task["mode"] == mode.upper() and task["prompt"].endswith(f"--{mode}"), task["prompt"]
             assert task["prompt"].count("--") == 1  # the flags the client wrote were replaced by the mode sent
+            assert "\u2014" not in task["prompt"] and "\u2013" not in task["prompt"], task["prompt"]
         relaxed = world.finished(world.submit("/submit/imagine", {"prompt": "a fox"}, prefix="/mj-relax/mj"))
         follow = world.submit(
             "/submit/action", {"taskId": relaxed["id"], "customId": world.button(relaxed, "upsample::1")}

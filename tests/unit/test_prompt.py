@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size, quality_flag, style_flag
+from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size, prompt_text, quality_flag, style_flag
 from relay.core.uploads import own_links
 
 
@@ -53,6 +53,12 @@ def test_quality_and_style_map_or_refuse() -> None:
 def test_the_model_mode_replaces_any_mode_flag() -> None:
     parts = PromptParts(text="a cat --turbo in the rain --FAST", mode="relax")
     assert build_prompt(parts) == "a cat in the rain --relax"
+
+
+def test_flags_written_with_the_dash_keyboards_make_of_two_hyphens_are_read_and_replaced() -> None:
+    parts = PromptParts(text="a cat\u2014in the rain \u2014turbo \u2013FAST \u2014ar 1:2", mode="relax", aspect=(3, 2))
+    assert build_prompt(parts) == "a cat\u2014in the rain --ar 3:2 --relax"
+    assert prompt_text("a cat \u2014ar 1:2 --v 6") == "a cat"
 
 
 def test_an_explicit_size_replaces_the_prompt_aspect() -> None:
