@@ -124,6 +124,7 @@ class Relay:
             leases=self.leases,
             follow=self.coordinator.follow_claimed,
             watch=self._watch_hooks,
+            alone=self.db.is_sqlite,
         )
         # Processes sharing a PostgreSQL database wake each other's waiters and forward upstream hooks.
         self.broadcast: Broadcast | None = None

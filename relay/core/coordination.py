@@ -28,7 +28,7 @@ from relay.core.tracker import Tracker
 from relay.logs import event
 from relay.store.attempts import AttemptStore
 from relay.store.jobs import JobRow
-from relay.store.leases import Leases
+from relay.store.leases import CLAIM_BATCH, Leases
 
 log = logging.getLogger("relay.coordination")
 
@@ -83,10 +83,15 @@ class Coordinator:
         return bool(self._loops) and not any(task.done() for task in self._loops)
 
     async def adopt(self, *, first: bool = False) -> int:
-        """Follow the running jobs whose lease ran out (at the first start alone: every running job)."""
+        """Follow the running jobs whose lease ran out (at the first start alone: every running job), claimed in
+        batches until none is left: a process that died with more than one claim takes is adopted whole."""
         providers = self.tracker.pool.names
-        rows = await self.leases.claim_expired(self.clock.now(), providers, any_lease=first and self.alone)
-        followed = await self.follow_claimed(rows)
+        followed = 0
+        while True:
+            rows = await self.leases.claim_expired(self.clock.now(), providers, any_lease=first and self.alone)
+            followed += await self.follow_claimed(rows)
+            if len(rows) < CLAIM_BATCH:
+                break
         if followed and not first:
             event(log, "jobs adopted", jobs=followed)
         return followed

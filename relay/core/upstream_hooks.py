@@ -19,7 +19,10 @@ task is found again.
 With several relay processes on one database, a call may reach a process that does not follow its job. That
 process looks the job up by `state`: one followed by another live process is forwarded to it (`core.broadcast`);
 one whose process is gone (its lease ran out) is claimed and followed here at once, ahead of the next adoption
-round.
+round. A call about a job another process holds still PENDING (it was submitting the job) is looked at again once
+that process's lease runs out: if it died in its submit window, the job is adopted then, since its task's later
+calls may all have come before (a short task) and nothing else knows which task it is. A process alone on its
+database (SQLite) adopts such a job at once: the process holding it is its own previous run, which died.
 
 A call is answered (204) as soon as its token is checked, and applied right after (`take`): midjourney-proxy makes
 its calls from a small pool of threads (ten by default), each waiting for the answer, so a relay that answered only
@@ -44,7 +47,8 @@ from typing import Literal
 from adapters import TaskView
 from relay.clock import Clock
 from relay.config import Config
-from relay.core.lifecycle import Lifecycle, Tracked
+from relay.core.background import cancel_all
+from relay.core.lifecycle import Lifecycle, Tracked, ahead
 from relay.core.providers import ProviderPool
 from relay.domain import JobState
 from relay.logs import event
@@ -59,6 +63,9 @@ Outcome = Literal["applied", "adopted", "forwarded", "late", "unknown", "unreada
 # kilobytes; one up to the body limit is applied before its answer once these are taken).
 MAX_APPLYING = 1000
 MAX_APPLYING_BYTES = 64_000_000
+# How long after the lease of a PENDING job's process a call about the job is looked at again (`held_elsewhere`
+# counts a lease as held up to its last instant).
+AFTER_LEASE_S = 0.5
 # (the process that follows the job, provider, upstream id, the call's body)
 Forward = Callable[[str, str, str, bytes], Awaitable[None]]
 
@@ -82,6 +89,7 @@ class UpstreamHooks:
         leases: Leases | None = None,
         follow: Callable[[list[JobRow]], Awaitable[object]] | None = None,
         watch: Callable[[list[JobRow]], Awaitable[None]] | None = None,
+        alone: bool = False,
     ) -> None:
         self.config = config
         self.secrets = list(secrets)
@@ -94,6 +102,11 @@ class UpstreamHooks:
         self.leases = leases
         self._follow = follow  # follow jobs just claimed, as adoption does (`Coordinator.follow_claimed`)
         self._watch = watch  # the client hooks of a job adopted here go on here (as adoption's do)
+        self.alone = alone  # no other process on the database: a lease not this process's is a previous run's
+        # Calls about PENDING jobs another process holds, looked at again when its lease runs out (by job id: the
+        # provider, the most advanced view heard, its body); and the tasks that wait for that.
+        self._held: dict[str, tuple[str, TaskView, bytes]] = {}
+        self._after_lease: set[asyncio.Task[None]] = set()
         self.forward: Forward | None = None  # hand a call to the process that follows its job
         # Each provider's valid tokens (one per signing secret), made once: checking a call costs no HMAC.
         self._tokens = {name: [hook_token(s, name).encode() for s in self.secrets] for name in pool.settings}
@@ -208,6 +221,7 @@ class UpstreamHooks:
         self._closing = True
         while self._applying:  # calls taken are in the hands of a task made when the first of them was
             await asyncio.gather(*self._applying, return_exceptions=True)
+        await cancel_all(list(self._after_lease))  # the pending sweep of the processes left ends such a job
 
     async def _route(self, provider: str, view: TaskView, body: bytes) -> Outcome:
         """Apply what a call said of a task: to the job followed here, or found by its `state`."""
@@ -225,9 +239,11 @@ class UpstreamHooks:
         if row.state is not JobState.PENDING and (row.provider != provider or row.upstream_id != view.upstream_id):
             return "unknown"
         now = self.clock.now()
-        if row.held_elsewhere(self.store.owner, now):
+        if row.held_elsewhere(self.store.owner, now) and not (self.alone and row.state is JobState.PENDING):
             if self.forward is None or row.owner is None:
                 return "unknown"
+            if row.state is JobState.PENDING:
+                self._again_after_lease(row, provider, view, body)
             await self.forward(row.owner, provider, view.upstream_id, body)  # a live process follows it
             return "forwarded"
         if row.state is JobState.PENDING:
@@ -248,6 +264,40 @@ class UpstreamHooks:
         await self.lifecycle.hook(tracked, view)
         event(log, "job adopted", job=row.id, provider=provider)
         return "adopted"
+
+    def _again_after_lease(self, row: JobRow, provider: str, view: TaskView, body: bytes) -> None:
+        """Look at a call about a PENDING job another process holds again once that process's lease runs out."""
+        kept = self._held.get(row.id)
+        if kept is None or ahead(view, kept[1]):
+            self._held[row.id] = (provider, view, body)
+        if kept is not None or self._closing:
+            return  # already waited for (or this process hands its jobs over: the others' sweep ends it)
+        task = asyncio.create_task(self._when_lease_ends(row.id, row.lease_until or 0.0), name="hooks:pending")
+        self._after_lease.add(task)
+        task.add_done_callback(self._after_lease.discard)
+
+    async def _when_lease_ends(self, job_id: str, until: float) -> None:
+        """Adopt a PENDING job with the task the calls about it named, once the process that held it is gone; while
+        that process lives (it renews its lease), it writes the job down itself, and the job leaves PENDING."""
+        try:
+            while True:
+                await self.clock.sleep(max(0.0, until - self.clock.now()) + AFTER_LEASE_S)
+                row = await self.store.get(job_id)
+                if row is None or row.state is not JobState.PENDING:
+                    return
+                if row.held_elsewhere(self.store.owner, self.clock.now()):
+                    until = row.lease_until or until
+                    continue
+                provider, view, body = self._held[job_id]
+                outcome = await self._route(provider, view, body)
+                event(log, "pending job looked at again", job=job_id, provider=provider, outcome=outcome)
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("adopting a pending job after its lease failed", extra={"fields": {"job": job_id}})
+        finally:
+            self._held.pop(job_id, None)
 
     async def forwarded(self, provider: str, body: bytes | None, upstream_id: str) -> None:
         """A call another process received for a job this one follows: applied, or (too large to forward) the task

@@ -19,6 +19,8 @@ from relay.store.db import changed, connected, transaction
 from relay.store.jobs import JobRow, row_of
 from relay.store.tables import jobs
 
+# The most jobs one claim takes (a process that died with more is claimed in several, one after the other).
+CLAIM_BATCH = 500
 _ACTIVE = [s.value for s in ACTIVE_STATES]
 _RUNNING = [s.value for s in RUNNING_STATES]
 
@@ -60,7 +62,7 @@ class Leases:
         return await transaction(self.engine, work)
 
     async def claim_expired(
-        self, now: float, providers: Collection[str], limit: int = 500, *, any_lease: bool = False
+        self, now: float, providers: Collection[str], limit: int = CLAIM_BATCH, *, any_lease: bool = False
     ) -> list[JobRow]:
         """Claim running jobs of these providers whose lease ran out (or, with `any_lease`, every one not already
         this process's: a process that knows it is alone, on SQLite); the jobs claimed."""

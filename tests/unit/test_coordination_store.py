@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 
+from relay.services import Relay
 from relay.store.attempts import AttemptStore, Made
 from relay.store.db import Database
-from relay.store.jobs import JobState, JobStore
+from relay.store.jobs import JobState, JobStore, Submitted
 from relay.store.keys import KeyStore
-from relay.store.leases import Leases
+from relay.store.leases import CLAIM_BATCH, Leases
 from relay.store.slots import Slots
-from tests.helpers import pg_database
+from tests.helpers import FakeClock, pg_database, relay_config
 from tests.unit.test_store import NOW, job
 
 pytestmark = pytest.mark.anyio
@@ -251,3 +252,43 @@ async def test_coordination_writes_wait_out_another_process_holding_the_sqlite_l
         other.close()
     finally:
         await database.dispose()
+
+
+async def dead_process_jobs(relay: Relay, count: int, owner: str, now: float, lease_s: float) -> None:
+    """`count` jobs running upstream that `owner` followed, its leases running until `now` + `lease_s`."""
+    key, _ = await relay.keys.create("k", 2 * count, now)
+    store = JobStore(relay.db.engine, owner=owner, lease_s=lease_s)
+    new = [job(f"job_{i:08d}") for i in range(count)]
+    assert await store.open(key.id, new, now)
+    await store.mark_submitted_many([Submitted(j.id, "sim", f"task-{i}") for i, j in enumerate(new)], now)
+
+
+async def test_a_relay_alone_started_again_follows_every_running_job_however_many(tmp_path: Path) -> None:
+    """Alone on SQLite, started again straight after dying with more jobs running than one claim takes: it follows
+    every one of them at start, not only the first claim's while the rest wait for their old leases to run out."""
+    clock = FakeClock()
+    config = relay_config(tmp_path)
+    before = Relay(config, clock)
+    await before.db.migrate()
+    await dead_process_jobs(before, CLAIM_BATCH + 1, "the-run-before", clock.now(), LEASE)
+    await before.db.dispose()
+    relay = Relay(config, clock)
+    await relay.open()
+    try:
+        assert relay.lifecycle.count() == CLAIM_BATCH + 1
+    finally:
+        await relay.close()
+
+
+@pytest.mark.postgres
+async def test_one_adoption_round_follows_every_job_of_a_dead_process_however_many(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with pg_database() as url:
+        relay = Relay(relay_config(tmp_path, database={"url": url}), clock)
+        await relay.open()
+        try:
+            await dead_process_jobs(relay, CLAIM_BATCH + 1, "a-process-that-died", clock.now() - 2 * LEASE, LEASE)
+            assert await relay.coordinator.adopt() == CLAIM_BATCH + 1
+            assert relay.lifecycle.count() == CLAIM_BATCH + 1
+        finally:
+            await relay.close()

@@ -152,11 +152,56 @@ async def test_a_pending_job_of_a_live_process_is_left_to_it(world: World) -> No
     world.clock.advance(2)
     assert await hooks.apply("sim", body_of(world, upstream_id)) == "forwarded"
     assert await world.state("job_pending01") == ("PENDING", None, "held")
-    world.clock.advance(3)  # that process died in its submit window: the hook adopts the job here
-    assert await hooks.apply("sim", body_of(world, upstream_id)) == "adopted"
+    world.clock.advance(3)  # that process died in its submit window: the job is adopted here, by this call or by
+    # the look at the first one that its lease's end brought (then this call is applied to the job followed here)
+    assert await hooks.apply("sim", body_of(world, upstream_id)) in ("adopted", "applied")
     row = await world.store.get("job_pending01")
     assert row is not None and row.state is not JobState.PENDING and row.owner == world.store.owner
     assert watched == [["job_pending01"]]  # its client hook goes on here, as an adopted job's does
+
+
+async def test_a_pending_job_whose_process_died_is_adopted_when_its_lease_runs_out(world: World) -> None:
+    """That process died in its submit window, and the calls about the task all came while its lease lived (a short
+    task, or a provider that calls only at the start and the end): each was forwarded to it, and none comes again.
+    Once its lease runs out the job is adopted here with the task the calls named and followed to its end, rather
+    than left PENDING for the sweep to end as interrupted while the upstream ran it."""
+    forwarded = Forwarded()
+    hooks = hooks_of(world, forwarded)
+    upstream_id, _ = await elsewhere(world, "job_pending03", submitted=False)
+    world.clock.advance(2)  # its process's lease (4 s) is live
+    assert await hooks.apply("sim", body_of(world, upstream_id)) == "forwarded"
+    assert len(forwarded) == 1
+    for _ in range(100):  # the lease runs out, and no call comes again
+        if world.tracker.lifecycle.following("job_pending03"):
+            break
+        await asyncio.sleep(0.01)
+        world.clock.advance(0.25)
+    row = await world.store.get("job_pending03")
+    assert row is not None and row.state is JobState.IN_PROGRESS and row.upstream_id == upstream_id
+    assert row.owner == world.store.owner and world.tracker.lifecycle.following("job_pending03")
+    world.clock.advance(10)
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert await world.state("job_pending03") == ("SUCCEEDED", None, "captured")
+
+
+async def test_a_pending_job_whose_process_lives_on_is_left_to_it_after_its_lease_time(world: World) -> None:
+    """The process that holds the job lives (it renews its lease) and writes the job down: it is never adopted."""
+    hooks = hooks_of(world, Forwarded())
+    upstream_id, _ = await elsewhere(world, "job_pending04", submitted=False)
+    owner = JobStore(world.store.engine, owner="another-process", lease_s=4)
+    renewing = Leases(world.store.engine, "another-process", 4)
+    world.clock.advance(2)
+    assert await hooks.apply("sim", body_of(world, upstream_id)) == "forwarded"
+    for step in range(40):  # 10 s, past the lease it had then: the look at the call finds it renewed
+        if step == 20:
+            await owner.mark_submitted("job_pending04", "sim", upstream_id, world.clock.now())
+        await renewing.renew(world.clock.now())
+        await asyncio.sleep(0.01)
+        world.clock.advance(0.25)
+    row = await world.store.get("job_pending04")
+    assert row is not None and row.owner == "another-process" and row.state is JobState.SUBMITTED
+    assert not world.tracker.lifecycle.following("job_pending04") and not hooks._after_lease
 
 
 async def test_a_forwarded_call_is_applied_by_the_process_that_follows_the_job(world: World) -> None:

@@ -1,0 +1,83 @@
+"""Upstream hooks about a job whose relay process died between the upstream taking its task and writing that down:
+the job is adopted with the task the hooks name, however soon the task ends, and not left PENDING for the sweep to
+end as interrupted while the upstream ran it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
+from relay.clock import SystemClock
+from relay.services import Relay
+from relay.store.jobs import JobRow, JobStore, NewJob
+from tests.helpers import pg_database, relay_config
+
+pytestmark = pytest.mark.anyio
+
+
+async def pending_elsewhere(relay: Relay, engine: SimEngine, key_id: str, owner: str, lease_s: float) -> bytes:
+    """A job `owner` admitted and was submitting when it died: its task upstream, its row PENDING under a lease that
+    lives on for `lease_s`. The task's hook body, as the upstream sends it now."""
+    job_id = "job_of_a_dead_submit"
+    reply = engine.submit_imagine({"prompt": "a kite", "state": job_id}, "fast")
+    dead = JobStore(relay.db.engine, owner=owner, lease_s=lease_s)
+    new = NewJob(job_id, "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "a kite", 2, time.time() + 600)
+    assert await dead.open(key_id, [new], time.time())
+    task = engine.task(str(reply.body["result"]), "sim://sim")
+    assert task is not None
+    return json.dumps(task).encode()
+
+
+async def ended(relay: Relay) -> JobRow:
+    while True:
+        row = await relay.store.get("job_of_a_dead_submit")
+        assert row is not None
+        if row.state.terminal:
+            return row
+        await asyncio.sleep(0.05)
+
+
+async def test_a_relay_started_again_adopts_a_job_its_previous_run_was_submitting_at_once(tmp_path: Path) -> None:
+    """Alone on SQLite, the relay came straight back after dying mid-submit: the job's lease, its previous run's,
+    has not run out. A short task's calls all come while it lives; the first adopts the job."""
+    engine = SimEngine(SimSettings(fast_s=0.5, tile_px=16))
+    async with contextlib.AsyncExitStack() as stack:
+        relay = Relay(relay_config(tmp_path), SystemClock(), {"sim": SimulatorUpstream("sim", engine)})
+        await relay.open()
+        stack.push_async_callback(relay.close)
+        key, _ = await relay.keys.create("k", 100, 0)
+        body = await pending_elsewhere(relay, engine, key.id, "the-run-before", lease_s=30)
+        assert await relay.upstream_hooks.apply("sim", body) == "adopted"
+        row = await asyncio.wait_for(ended(relay), 10)
+        assert (row.state.value, row.hold_state) == ("SUCCEEDED", "captured"), (row.error_code, row.fail_reason)
+
+
+@pytest.mark.postgres
+async def test_a_job_another_process_died_submitting_is_adopted_when_its_lease_runs_out(tmp_path: Path) -> None:
+    """Next to another on PostgreSQL: every call about the short task came while the dead process's lease lived, and
+    was forwarded to it; none comes again. Once the lease runs out, the job is adopted and ends as succeeded."""
+    later = [0.0]  # the upstream's time runs ahead of the relay's by this much: a task ends when the test says
+    engine = SimEngine(SimSettings(fast_s=5, tile_px=16), now=lambda: time.time() + later[0])
+    async with contextlib.AsyncExitStack() as stack:
+        database: dict[str, Any] = {"url": await stack.enter_async_context(pg_database())}
+        config = relay_config(tmp_path, database=database)
+        relay = Relay(config, SystemClock(), {"sim": SimulatorUpstream("sim", engine)})
+        await relay.open()
+        stack.push_async_callback(relay.close)
+        key, _ = await relay.keys.create("k", 100, 0)
+        body = await pending_elsewhere(relay, engine, key.id, "a-process-that-died", lease_s=1.5)
+        assert await relay.upstream_hooks.apply("sim", body) == "forwarded"
+        later[0] = 10  # the task ended
+        task = engine.task(json.loads(body)["id"], "sim://sim")
+        assert task is not None and task["status"] == "SUCCESS"
+        assert await relay.upstream_hooks.apply("sim", json.dumps(task).encode()) == "forwarded"  # the last call
+        row = await asyncio.wait_for(ended(relay), 10)
+        assert (row.state.value, row.hold_state) == ("SUCCEEDED", "captured"), (row.error_code, row.fail_reason)
+        assert row.owner == relay.process_id
