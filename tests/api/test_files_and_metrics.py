@@ -61,6 +61,27 @@ def test_a_grid_too_large_to_decode_fails_its_job_and_is_not_charged(tmp_path: P
         assert relay.balance() == (1000, 0)
 
 
+class DamagedGrids(SimulatorUpstream):
+    """The simulator, with every finished grid damaged inside, its header and end marker whole: kept as it is
+    (only its header is read then), found damaged when its tiles are cut."""
+
+    async def download(self, url: str) -> bytes:
+        grid = bytearray(await super().download(url))
+        grid[40:60] = b"\x00" * 20
+        return bytes(grid)
+
+
+def test_a_kept_grid_found_damaged_when_its_tiles_are_cut_is_a_clean_error_on_every_route(tmp_path: Path) -> None:
+    upstream = DamagedGrids("sim", SimEngine(SimSettings(fast_s=0.3, tile_px=64)))
+    with running_relay(relay_config(tmp_path), upstreams={"sim": upstream}) as relay:
+        with pytest.raises(openai.InternalServerError) as caught:
+            relay.openai().images.generate(model="mj-fast", prompt="a lantern", response_format="b64_json")
+        assert caught.value.status_code == 500 and "The stored image is damaged." in str(caught.value)
+        url = relay.openai().images.generate(model="mj-fast", prompt="a lantern").data[0].url or ""
+        served = httpx.get(url)
+        assert served.status_code == 500 and served.json()["error"]["message"] == "The stored image is damaged."
+
+
 def test_metrics_count_requests_and_jobs_without_secrets(relay: RunningRelay) -> None:
     relay.openai().images.generate(model="mj-fast", prompt="a very particular lantern")
     httpx.get(relay.base + "/v1/nope")
