@@ -3,8 +3,8 @@
 A client-given URL must be http(s), and every address its host resolves to must be public (not private, loopback,
 link-local, multicast, reserved, nor such an address carried inside an IPv6 form), unless `allow_private` is set
 or the host (by name or CIDR block) is in `allow_hosts`. The connection then goes to the address that was checked,
-with the URL's Host header and TLS server name, so a name cannot resolve to one address for the check and another
-for the connection. Each hop of a redirect is checked again by its caller.
+with the URL's Host header, TLS server name and credentials (basic auth), so a name cannot resolve to one address
+for the check and another for the connection. Each hop of a redirect is checked again by its caller.
 """
 
 from __future__ import annotations
@@ -124,7 +124,11 @@ class Egress:
             if not any(address in network for network in self._networks) and not public(address):
                 raise EgressRefused("it may not point at private or local addresses")
         literal = f"[{addresses[0]}]" if addresses[0].version == 6 else str(addresses[0])
-        target = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))
+        # The URL's credentials stay with it (sent as basic auth, as to an unchecked URL), percent-encoded as
+        # the HTTP client reads them: they can name no other host.
+        userinfo = sendable.userinfo.decode("ascii")
+        netloc = f"{userinfo}@{literal}:{port}" if userinfo else f"{literal}:{port}"
+        target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
         extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
         return Pinned(target, {"Host": sendable.netloc.decode("ascii")}, extensions)
 

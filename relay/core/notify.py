@@ -8,9 +8,10 @@ that update is given up and the next one goes on. One key's receivers use at mos
 of the `hooks.max_concurrent` deliveries under way, so a slow receiver cannot hold up another key's, and a key has
 at most `hooks.max_watched_per_key` tasks with a hook under way at once. Deliveries of one task go
 one at a time and in order; what is sent is the task as it is at that moment, so a receiver slower than the job
-gets its newest state rather than a backlog, and the same state is never sent twice. Hooks run beside the job and
-never hold it up. Hook URLs obey the same rules as reference images (`core.egress`): no private or local addresses
-unless allowed, checked when the task is submitted and again at each delivery.
+gets its newest state rather than a backlog, and the same state is never sent twice. A read of the job that
+fails is made again (`READ_AGAIN_S`), so a database that stops answering for a while loses no end. Hooks run
+beside the job and never hold it up. Hook URLs obey the same rules as reference images (`core.egress`): no
+private or local addresses unless allowed, checked when the task is submitted and again at each delivery.
 
 Hooks come from the process that holds the job: one whose watch outlived its hold (another process took the job
 over or adopted it, and watches it now) stops at the job's next change, or before trying a failed delivery
@@ -46,6 +47,11 @@ log = logging.getLogger("relay.hooks")
 
 SIGNATURE_HEADER = "X-MJ-Relay-Signature"
 MAX_URL = 2048
+# A read of a watched job that failed (the database restarting, failing over) is made again after this long,
+# doubling up to READ_AGAIN_MAX_S, for as long as the watch lives: the news it was to bring may be the job's end,
+# and no later change of the job would bring that again.
+READ_AGAIN_S = 1.0
+READ_AGAIN_MAX_S = 30.0
 # Renders a job as the task a client sees: (row, base URL for image links, now) -> JSON-able dict.
 Render = Callable[[JobRow, str, float], dict[str, Any]]
 
@@ -161,10 +167,21 @@ class Notifier:
 
     async def _deliver_all(self, job_id: str, watch: _Watch) -> None:
         """Deliver the job's current state while there is news, in order; stop once its end was delivered."""
+        unread = 0
         try:
             while watch.pending.is_set():
                 watch.pending.clear()
-                row = await self.store.get(job_id)
+                try:
+                    row = await self.store.get(job_id)
+                except Exception:
+                    log.warning(
+                        "reading a job for its client hook failed", exc_info=True, extra={"fields": {"job": job_id}}
+                    )
+                    watch.pending.set()
+                    await self.clock.sleep(min(READ_AGAIN_S * 2**unread, READ_AGAIN_MAX_S))
+                    unread += 1
+                    continue
+                unread = 0
                 if row is None or self._held_elsewhere(row):
                     break
                 if (row.state.value, row.progress) != watch.sent:
@@ -198,9 +215,15 @@ class Notifier:
         for attempt in range(1, self.config.attempts + 1):
             if attempt > 1:
                 await self.clock.sleep(self.config.backoff_s * 2 ** (attempt - 2))
-                now_row = await self.store.get(row.id)
-                if now_row is None or self._held_elsewhere(now_row):
-                    return  # another process holds the job now and sends its newer states: this one is stale
+                try:
+                    now_row = await self.store.get(row.id)
+                except Exception:  # not known now: tried again all the same, as the job was held here when read
+                    log.warning(
+                        "reading a job for its client hook failed", exc_info=True, extra={"fields": {"job": row.id}}
+                    )
+                else:
+                    if now_row is None or self._held_elsewhere(now_row):
+                        return  # another process holds the job now and sends its newer states: this one is stale
             key_slots = self._key_slots.setdefault(watch.key_id, asyncio.Semaphore(self.config.max_concurrent_per_key))
             async with key_slots, self._slots:
                 try:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Callable
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from relay.config import HooksConfig
 from relay.core.egress import Egress
 from relay.core.events import JobEvent
 from relay.core.notify import Notifier
-from relay.store.jobs import JobState
+from relay.domain import FailureCode
+from relay.store.jobs import JobRow, JobState
 from relay.store.leases import Leases
 from tests.helpers import Receiver, serve
 from tests.unit.test_tracker import World, world
@@ -78,4 +81,57 @@ async def test_a_delivery_being_retried_stops_when_another_process_takes_the_job
         assert worker is not None
         await until(worker.done)
         assert len(receiver.failed) == 1
+        await notifier.close()
+
+
+async def test_a_hook_url_s_credentials_reach_its_receiver_over_the_checked_address(world: World) -> None:
+    """A receiver behind basic auth is named with its credentials (`http://user:pass@host/...`). Delivered to the
+    address that was checked (its network is allowed, not every private address), the delivery carries them as
+    it does when no check applies, or the receiver refuses every delivery."""
+    receiver = Receiver()
+    notifier = notifier_of(world, HooksConfig())
+    notifier.egress = Egress(allow_private=False, allow_hosts=["127.0.0.0/8"])
+    with serve(receiver.app()) as hooks:
+        job = await world.submit("behind basic auth")
+        url = hooks.replace("http://", "http://hook-user:s3cr%40t@") + "/ok"
+        assert await notifier.check(url, world.key_id) == url
+        notifier.watch(job, url, "a-hook-secret", "http://relay", world.key_id)
+        world.events.publish(JobEvent(job, JobState.SUBMITTED, 0))
+        await until(lambda: len(receiver.tasks(job)) == 1)
+        ((headers, _),) = receiver.deliveries
+        assert headers["authorization"] == "Basic " + base64.b64encode(b"hook-user:s3cr@t").decode()
+        assert headers["host"] == hooks.removeprefix("http://")
+        await notifier.close()
+
+
+async def test_a_job_s_end_is_delivered_after_a_read_of_it_failed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database did not answer the read that follows the job's end (a restart, a failover): no other change
+    of the job will come to bring its end, so the read is made again shortly and the end delivered."""
+    receiver = Receiver()
+    notifier = notifier_of(world, HooksConfig())
+    reads = 0
+    read = world.store.get
+
+    async def flaky(job_id: str) -> JobRow | None:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            raise OperationalError("SELECT", {}, ConnectionError("the connection was closed"))
+        return await read(job_id)
+
+    with serve(receiver.app()) as hooks:
+        job = await world.submit("ends while the database restarts")
+        notifier.watch(job, hooks + "/ok", "a-hook-secret", "http://relay", world.key_id)
+        watch = notifier._watches[job]
+        monkeypatch.setattr(world.store, "get", flaky)
+        await world.tracker.finisher.end(job, succeeded=False, error_code=FailureCode.FAILED, fail_reason="no")
+        worker = watch.worker
+        assert worker is not None
+        await until(lambda: bool(world.clock._sleepers) or worker.done(), 2)
+        world.clock.advance(1)
+        await until(lambda: len(receiver.tasks(job)) == 1, 2)
+        assert receiver.tasks(job)[0]["status"] == "FAILED"
+        await until(lambda: notifier.watching() == 0)
         await notifier.close()
