@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Literal
 
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import and_, case, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.core.text import unstorable
@@ -247,11 +247,17 @@ class KeyStore:
         return [_record(row) for row in rows]
 
     async def revoke(self, id_or_name: str, now: float) -> int:
-        """Revoke the key with this id, or every live key with this name; returns how many were revoked."""
+        """Revoke the key with this id, or (when it is no key's id) every live key with this name; returns how many
+        were revoked. An id names one key only, even when another key's name is the same text."""
+        other = keys.alias("other")
+        is_id = exists().where(other.c.id == id_or_name)
         return await changed(
             self.engine,
             update(keys)
-            .where(or_(keys.c.id == id_or_name, keys.c.name == id_or_name), keys.c.revoked_at.is_(None))
+            .where(
+                or_(keys.c.id == id_or_name, and_(keys.c.name == id_or_name, ~is_id)),
+                keys.c.revoked_at.is_(None),
+            )
             .values(revoked_at=now),
         )
 

@@ -16,10 +16,11 @@ beside live relay processes. `export_rows` and `render_csv` give the rows to ope
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -93,6 +94,32 @@ class LedgerRow:
 EXPORT_PAGE = 5_000
 
 
+@contextlib.asynccontextmanager
+async def _pages(engine: AsyncEngine) -> AsyncIterator[Callable[[Any], Awaitable[Sequence[Any]]]]:
+    """How an export reads its pages. On PostgreSQL, in one REPEATABLE READ snapshot: a row's id is taken when it
+    is written, not when its transaction commits, so a page read on its own could miss a row below the last id
+    of the page before that committed meanwhile. On SQLite a row's id follows the commits (one writer at a time),
+    so each page is read on its own and the relay's one connection is free between them."""
+    if engine.dialect.name != "postgresql":
+
+        async def alone(statement: Any) -> Sequence[Any]:
+            async with connected(engine) as conn:
+                return (await conn.execute(statement)).all()
+
+        yield alone
+        return
+    async with connected(engine) as plain:
+        conn = await plain.execution_options(isolation_level="REPEATABLE READ")
+
+        async def in_snapshot(statement: Any) -> Sequence[Any]:
+            return (await conn.execute(statement)).all()
+
+        try:
+            yield in_snapshot
+        finally:
+            await conn.rollback()
+
+
 async def export_rows(engine: AsyncEngine, key_id: str | None = None, since: float | None = None) -> list[LedgerRow]:
     """The ledger's rows in the order they were written, of one key and from a time when asked."""
     query = select(ledger, keys.c.name.label("key_name")).join(keys, keys.c.id == ledger.c.key_id)
@@ -102,14 +129,14 @@ async def export_rows(engine: AsyncEngine, key_id: str | None = None, since: flo
         query = query.where(ledger.c.created_at >= since)
     rows: list[Any] = []
     after = 0
-    while True:  # in pages, letting the loop run between them: on SQLite a read holds it while it runs
-        async with connected(engine) as conn:
-            page = (await conn.execute(query.where(ledger.c.id > after).order_by(ledger.c.id).limit(EXPORT_PAGE))).all()
-        rows.extend(page)
-        if len(page) < EXPORT_PAGE:
-            break
-        after = int(page[-1].id)
-        await asyncio.sleep(0)
+    async with _pages(engine) as read:
+        while True:  # in pages, letting the loop run between them: on SQLite a read holds it while it runs
+            page = await read(query.where(ledger.c.id > after).order_by(ledger.c.id).limit(EXPORT_PAGE))
+            rows.extend(page)
+            if len(page) < EXPORT_PAGE:
+                break
+            after = int(page[-1].id)
+            await asyncio.sleep(0)
     return [
         LedgerRow(
             id=int(row.id),

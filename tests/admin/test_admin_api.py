@@ -19,7 +19,7 @@ from relay.config import ConfigError, parse_config
 from relay.logs import JsonFormatter
 from relay.services import Relay
 from tests.admin.conftest import TOKEN, Admin, admin_config
-from tests.helpers import FakeClock, pg_database_sync, relay_config, running_relay, sql, wait_for
+from tests.helpers import FakeClock, create_key, pg_database_sync, relay_config, running_relay, sql, wait_for
 
 ENDPOINTS = [
     ("GET", "/admin/api/keys"),
@@ -160,6 +160,14 @@ def test_keys_create_list_topup_update_revoke(admin: Admin) -> None:
     _error(admin.post(f"keys/{key_id}/topup", {"amount": 1}), 400)
     _error(admin.patch(f"keys/{key_id}", {"rpm": 9}), 400)
     assert admin.get(f"keys/{key_id}").json()["balance"] == 25
+
+
+def test_revoking_a_key_revokes_no_other_key_whose_name_is_its_id(admin: Admin) -> None:
+    target = admin.create("shop", 5)
+    namesake = create_key(admin.relay.config, 5, name=target["id"])  # a name the command line accepts
+    assert admin.post(f"keys/{target['id']}/revoke").json()["revoked"] is True
+    assert {key["name"]: key["revoked"] for key in admin.keys()} == {"test": False, "shop": True, target["id"]: False}
+    assert [m.id for m in admin.relay.openai(namesake).models.list()]
 
 
 def test_unknown_keys_are_404(admin: Admin) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from alembic import command
@@ -16,6 +17,7 @@ from relay.store import ledger
 from relay.store.db import MIGRATIONS, Database
 from relay.store.jobs import Ending, JobStore, NewJob
 from relay.store.keys import UNSET, AmbiguousKey, KeyNotFound, KeyStore
+from tests.helpers import pg_database
 
 pytestmark = pytest.mark.anyio
 NOW = 1_800_000_000.0
@@ -314,3 +316,42 @@ async def test_usage_counts_a_capture_on_the_utc_day_it_was_made_on_both_databas
     (day,) = await reports.usage_by_day(db.engine, record.id, int(midnight) - 86_400, int(midnight))
     assert (day.day, day.credits) == (int(midnight) - 86_400, 2)
     assert await reports.usage_by_day(db.engine, record.id, int(midnight), int(midnight) + 86_400) == []
+
+
+@pytest.mark.postgres
+async def test_an_export_read_in_pages_is_the_ledger_at_one_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL a row's id is taken when it is written, not when its transaction commits: a transaction that
+    commits while an export is between two pages may hold ids below those already read. The export still shows
+    the ledger as it was at one moment, never a later row without an earlier one."""
+    async with pg_database() as url:
+        db = Database(url, pool_size=5)
+        try:
+            await db.migrate()
+            keys = KeyStore(db.engine)
+            first, _ = await keys.create("first", 10, NOW)
+            second, _ = await keys.create("second", 20, NOW)
+            async with db.engine.connect() as slow:  # a top-up of `first` under way: its row's id is taken
+                await slow.begin()
+                await slow.execute(text("UPDATE keys SET balance = balance + 5 WHERE id = :k"), {"k": first.id})
+                await slow.execute(
+                    text("INSERT INTO ledger (kind, key_id, amount, created_at) VALUES ('topup', :k, 5, :t)"),
+                    {"k": first.id, "t": NOW},
+                )
+                await keys.topup(second.id, 7, NOW)  # a later id, committed first
+
+                async def between_pages(_: float) -> None:  # both commit while the export is between pages
+                    if slow.in_transaction():
+                        await slow.commit()
+                        await keys.topup(second.id, 9, NOW)
+
+                monkeypatch.setattr(ledger, "EXPORT_PAGE", 3)
+                monkeypatch.setattr(ledger, "asyncio", SimpleNamespace(sleep=between_pages))
+                rows = await ledger.export_rows(db.engine)
+            balances: dict[str, int] = {}
+            for row in rows:
+                balances[row.key_name] = balances.get(row.key_name, 0) + row.amount
+            # the balances were (10, 27) before the slow top-up committed, then (15, 27), then (15, 36)
+            assert balances in ({"first": 10, "second": 27}, {"first": 15, "second": 27}, {"first": 15, "second": 36})
+            assert await breaks(db) == []
+        finally:
+            await db.dispose()
