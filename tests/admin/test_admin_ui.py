@@ -146,3 +146,27 @@ def test_admin_ui_manages_a_key_from_creation_to_refusal(relay: RunningRelay, br
     page.click("#sign-out")
     expect(page.locator("#login")).to_be_visible()
     assert page.evaluate("sessionStorage.length") == 0
+
+
+def test_a_double_click_tops_up_once_and_creates_one_key(relay: RunningRelay, browser: Browser) -> None:
+    """A button's action is under way until its answer came: a second click (or Enter) in the meantime sends nothing."""
+    page = browser.new_page()
+    sent: list[str] = []
+    page.on("request", lambda request: sent.append(request.url) if request.method == "POST" else None)
+    page.goto(relay.base + "/admin/")
+    _sign_in(page, TOKEN)
+    row = page.locator('#keys-table tr[data-key-name="test"]')
+    expect(row.locator(".balance")).to_have_text("1000")
+
+    row.locator(".topup-amount").fill("9")
+    row.locator(".topup").dblclick()
+    expect(page.locator("#status")).to_have_text("Topped up test by 9 credits.")
+    expect(row.locator(".balance")).to_have_text("1009")
+
+    page.fill("#new-key-name", "twice")
+    page.fill("#new-key-quota", "1")
+    page.dblclick("#create-key")
+    expect(page.locator("#status")).to_have_text("Created twice.")
+    expect(page.locator('#keys-table tr[data-key-name="twice"]')).to_have_count(1)
+    key_id = row.get_attribute("data-key-id")
+    assert [url.rsplit("/api/", 1)[1] for url in sent if "/api/" in url] == [f"keys/{key_id}/topup", "keys"]

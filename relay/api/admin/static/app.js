@@ -67,16 +67,29 @@
     return path.endsWith(".csv") ? response.blob() : response.json();
   }
 
-  // Runs an action, showing its error (if any) in the status line.
+  // Runs an action, showing its error (if any) in the status line. The button that started it (a form's submit
+  // buttons) is disabled until it is done, so a double click or a second Enter tops up or creates once.
   function guarded(action) {
     return async (event) => {
       if (event && event.preventDefault) event.preventDefault();
+      const controls = busyControls(event);
+      if (controls.some((control) => control.disabled)) return;
+      for (const control of controls) control.disabled = true;
       try {
         await action(event);
       } catch (error) {
         if (!(error instanceof ApiError && error.status === 401)) status(error.message, true);
+      } finally {
+        for (const control of controls) control.disabled = false;
       }
     };
+  }
+
+  function busyControls(event) {
+    const target = event && event.currentTarget;
+    if (!target || !target.tagName) return [];
+    if (target.tagName === "FORM") return [...target.querySelectorAll("button:not([type=button])")];
+    return target.tagName === "BUTTON" ? [target] : [];
   }
 
   function fill(tbody, rows) {
