@@ -256,6 +256,7 @@ def _run_with_store(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
 
 _NEVER = ("never", "none", "")
 _DURATION = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_LONGEST_S = 100 * 366 * 86400  # a duration longer is a typing mistake (and past a float's range, a crash)
 
 
 def _parse_when(value: str, now: float, option: str, *, ago: bool = False) -> float | None:
@@ -265,7 +266,10 @@ def _parse_when(value: str, now: float, option: str, *, ago: bool = False) -> fl
     if text in _NEVER:
         return None
     if text[:-1].isdigit() and text[-1:] in _DURATION:
-        return now + (-1 if ago else 1) * int(text[:-1]) * _DURATION[text[-1]]
+        seconds = int(text[:-1]) * _DURATION[text[-1]]  # an int: any number of digits is exact here
+        if seconds > _LONGEST_S:
+            raise click.BadParameter("give a duration of at most 100 years", param_hint=option)
+        return now + (-1 if ago else 1) * seconds
     try:
         parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:

@@ -6,11 +6,13 @@ import asyncio
 import json
 import logging
 
+import click
 import pytest
 
 from relay import logs
 from relay.api.mj.errors import render as render_mj
 from relay.api.openai.errors import render
+from relay.cli import _parse_when
 from relay.core.events import JobEvent, JobEvents
 from relay.domain import FailureCode
 from relay.errors import (
@@ -102,3 +104,11 @@ def test_the_native_envelope_carries_midjourney_proxy_codes_with_the_same_status
 def test_an_error_quoting_text_that_cannot_be_encoded_still_renders() -> None:
     rendered = render(InvalidRequest("Invalid value for 'a\ud800'", param="a\ud800"))
     assert json.loads(rendered.to_bytes())["error"]["param"] == "a\ud800"
+
+
+def test_a_duration_an_operator_writes_is_read_within_a_hundred_years() -> None:
+    assert _parse_when("30d", 1_000_000_000.0, "--since", ago=True) == 1_000_000_000.0 - 30 * 86400
+    assert _parse_when("2w", 0.0, "--expires") == 14 * 86400
+    for typed in ("9" * 400 + "d", "5300w"):  # past a float's range; past a century
+        with pytest.raises(click.BadParameter, match="at most 100 years"):
+            _parse_when(typed, 0.0, "--since", ago=True)
