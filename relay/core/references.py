@@ -16,7 +16,7 @@ import ipaddress
 from urllib.parse import urljoin
 
 import httpx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from relay.config import ReferencesConfig
 from relay.core.egress import Egress, EgressRefused, Pinned, Resolver, pinned_client
@@ -32,12 +32,13 @@ def _bad(message: str, param: str = "messages") -> InvalidImage:
 
 
 def image_data_url(data: bytes, param: str = "messages") -> str:
-    """A data URL for image bytes; raises InvalidImage when they are not a PNG, JPEG, WebP or GIF image."""
+    """A data URL for image bytes; raises InvalidImage when they are not a PNG, JPEG, WebP or GIF image. Blocking
+    (Pillow reads every chunk of the image: seconds for one of a million tiny chunks): run it in a thread."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             kind = image.format or ""
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Exception:  # client bytes: Pillow's parsers fail on malformed ones in many ways (IndexError, ...)
         raise _bad("An image is not a readable image.", param) from None
     if kind not in _MIME:
         raise _bad(f"An image must be PNG, JPEG, WebP or GIF, not {kind or 'unknown'}.", param)
@@ -67,15 +68,16 @@ class ReferenceLoader:
         return tuple([await self._one(url, owner) for url in urls])
 
     async def _one(self, url: str, owner: str) -> str:
+        # Decoding and checking an image is CPU work: off the event loop, which serves every other client.
         if url.startswith("data:"):
-            return self._from_data_url(url)
+            return await asyncio.to_thread(self._from_data_url, url)
         if url.lower().startswith(("http://", "https://")):
             try:
                 async with asyncio.timeout(self.config.timeout_s):
                     data = await self._download(url, owner)
             except TimeoutError:
                 raise _bad("A reference image took too long to download.") from None
-            return image_data_url(data)
+            return await asyncio.to_thread(image_data_url, data)
         raise _bad("A reference image must be an http(s) URL or a data URL.")
 
     def _from_data_url(self, url: str, param: str = "messages") -> str:

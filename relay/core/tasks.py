@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -51,6 +52,11 @@ log = logging.getLogger("relay.tasks")
 
 # Beyond the upstream call's own time limits, how long a confirmation counts as under way (`JobStore.extend_modal`).
 CONFIRM_MARGIN_S = 5.0
+# A seed read goes on the few connections that also carry a provider's status reads (`adapters.http`), and may
+# take seconds upstream (midjourney-proxy asks Discord for it): at most this many are under way per provider, and
+# one per key, so no key's seed reads hold up the reads that follow every key's jobs. More are refused at once.
+SEED_READS_PER_PROVIDER = 2
+SEED_RETRY_S = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +119,8 @@ class TaskService:
         self.uploads = uploads
         self.clock = clock
         self._confirming: set[str] = set()
+        self._seed_reads: Counter[str] = Counter()  # by provider
+        self._seeding_keys: set[str] = set()
 
     # -- new tasks -----------------------------------------------------------------------------------------------
 
@@ -331,10 +339,17 @@ class TaskService:
             raise InvalidRequest("The task has no seed until it succeeds.", param="taskId")
         if row.provider not in self.pool.settings:
             raise UpstreamFailed("The provider that ran the task is no longer configured.")
+        if key.id in self._seeding_keys or self._seed_reads[row.provider] >= SEED_READS_PER_PROVIDER:
+            raise ServiceUnavailable("Too many seeds are being read now; try again shortly.", retry_after=SEED_RETRY_S)
+        self._seeding_keys.add(key.id)
+        self._seed_reads[row.provider] += 1
         try:
             seed = await self.pool.seed(row.provider, row.upstream_id)
         except UpstreamUnavailable:
             raise UpstreamFailed("The provider could not answer for the seed; try again shortly.") from None
+        finally:
+            self._seeding_keys.discard(key.id)
+            self._seed_reads[row.provider] -= 1
         if seed is None:
             raise InvalidRequest("The upstream has no seed for this task.", param="taskId")
         return seed

@@ -4,11 +4,13 @@ expiry, and client hooks (signed, in order, never holding a job up)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
 import secrets
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -253,6 +255,41 @@ def test_a_malformed_url_is_a_400_not_a_500(tmp_path: Path) -> None:
             )
             assert chat.status_code == 400 and chat.json()["error"]["code"] == "invalid_image", (url, chat.text)
         assert world.relay.balance() == (1000, 0)
+
+
+def _png_without_pixels() -> str:
+    """A PNG with its header and end marker but no image data: Pillow's check of it raised IndexError."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = (8).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def test_an_image_without_pixels_is_a_400_on_every_image_field_not_a_500(tmp_path: Path) -> None:
+    bad = _png_without_pixels()
+    content = [{"type": "text", "text": "a cat"}, {"type": "image_url", "image_url": {"url": bad}}]
+    bodies = [
+        ("/submit/imagine", {"prompt": "a cat", "base64Array": [bad]}),
+        ("/submit/blend", {"base64Array": [png(), bad]}),
+        ("/submit/describe", {"base64": bad}),
+        ("/insight-face/swap", {"sourceBase64": png(), "targetBase64": bad}),
+        ("/submit/upload-discord-images", {"base64Array": [bad]}),
+    ]
+    with native(tmp_path) as world:
+        for path, body in bodies:
+            reply = world.post(path, body)
+            assert reply.status_code == 400 and reply.json()["code"] == 4, (path, reply.text)
+            assert "not a readable image" in reply.json()["description"], (path, reply.text)
+        chat = httpx.post(
+            world.relay.base + "/v1/chat/completions",
+            json={"model": "mj-fast", "messages": [{"role": "user", "content": content}]},
+            headers={"Authorization": f"Bearer {world.relay.key}"},
+        )
+        assert chat.status_code == 400 and chat.json()["error"]["code"] == "invalid_image", chat.text
+        assert world.relay.balance() == (1000, 0) and world.relay.jobs() == []
 
 
 def test_imagine_all_is_refused_and_holds_nothing(tmp_path: Path) -> None:

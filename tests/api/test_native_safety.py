@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
 
-from tests.api.native_helpers import native, png
+from adapters.simulator import SimEngine, SimSettings, build_sim_app
+from tests.api.native_helpers import SECRET, native, png, sim_settings
 from tests.api.test_native_odd_upstreams import Canned, RawJson, _png_cdn, relay_before, task
-from tests.helpers import pg_database_sync, serve, sql, wait_for
+from tests.helpers import create_key, pg_database_sync, relay_config, running_relay, serve, sql, wait_for
 
 BUTTONS = [{"customId": "MJ::Inpaint::1::h::SOLO", "label": "Vary (Region)"}]
 
@@ -158,6 +163,44 @@ def test_a_final_prompt_never_shows_links_the_client_did_not_write(tmp_path: Pat
             shown = client.get(f"/mj/task/{task_id}/fetch").json()
             assert shown["promptEn"] == shown["properties"]["finalPrompt"] == "a cat --v 6 --fast"
             assert "discord" not in str(shown) and "mj.run" not in str(shown)
+
+
+def test_one_keys_seed_reads_on_a_slow_upstream_hold_up_no_other_keys_jobs(tmp_path: Path) -> None:
+    """midjourney-proxy answers `image-seed` only once Discord has (seconds): seed reads that waited there took
+    every connection the provider's status reads go on, so another key's task stayed SUBMITTED behind them."""
+    engine = SimEngine(SimSettings(**sim_settings()))
+    upstream = build_sim_app(engine, "midjourney-proxy", SECRET)
+    release, arrived = threading.Event(), []
+
+    async def slow_seeds(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].endswith("/image-seed"):
+            arrived.append(scope["path"])
+            await asyncio.to_thread(release.wait, 30)
+        await upstream(scope, receive, send)
+
+    with serve(slow_seeds) as base:
+        provider = {"name": "p0", "dialect": "midjourney-proxy", "base_url": base, "secret": SECRET}
+        config = relay_config(tmp_path, providers=[provider])
+        with (
+            running_relay(config) as relay,
+            httpx.Client(base_url=relay.base, headers={"mj-api-secret": relay.key}, timeout=60) as mine,
+            httpx.Client(base_url=relay.base, headers={"mj-api-secret": create_key(config, 10, "b")}) as other,
+            ThreadPoolExecutor(8) as pool,
+        ):
+            task_id = mine.post("/mj/submit/imagine", json={"prompt": "a cat"}).json()["result"]
+            wait_for(lambda: mine.get(f"/mj/task/{task_id}/fetch").json()["status"] == "SUCCESS")
+            seeds = [pool.submit(mine.get, f"/mj/task/{task_id}/image-seed") for _ in range(8)]
+            try:
+                wait_for(lambda: len(arrived) + sum(seed.done() for seed in seeds) >= 4)
+                theirs = other.post("/mj/submit/imagine", json={"prompt": "a dog"}).json()["result"]
+                wait_for(lambda: other.get(f"/mj/task/{theirs}/fetch").json()["status"] == "SUCCESS", 10)
+            finally:
+                release.set()
+            replies = [seed.result() for seed in seeds]
+            refused = [r for r in replies if r.status_code != 200]
+            assert refused and all(r.status_code == 503 and r.json()["code"] == 23 for r in refused), refused
+            assert all("retry-after" in r.headers for r in refused)
+            assert all(r.json()["result"] for r in replies if r.status_code == 200)
 
 
 class _nothing:
