@@ -9,7 +9,7 @@ import ipaddress
 import random
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -204,10 +204,9 @@ async def test_a_name_that_never_resolves_is_refused_in_time() -> None:
         await egress.pin("http://hook.slow.example/", owner="key")
 
 
-async def test_lookups_of_client_given_names_never_hold_up_the_relays_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Names whose lookups hang take every thread of their own pool; the next such name waits for one and is
-    refused in time, while names the relay itself looks up (its upstreams') resolve at once. Once the hung
-    lookups return, their threads take names again."""
+def hang_slow_names(monkeypatch: pytest.MonkeyPatch, resolve_as: Callable[[str], str]) -> threading.Event:
+    """The system's lookups, with the names under `.slow.example` hanging until the event returned is set (then
+    failing, as name servers that never answered), and every other name looked up as `resolve_as` says."""
     hung = threading.Event()
     system = socket.getaddrinfo
 
@@ -215,9 +214,17 @@ async def test_lookups_of_client_given_names_never_hold_up_the_relays_own(monkey
         if host.endswith(".slow.example"):
             hung.wait()
             raise socket.gaierror(socket.EAI_AGAIN, "no answer")
-        return system("127.0.0.1" if host == "up.example" else host, *args, **kwargs)
+        return system(resolve_as(host), *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return hung
+
+
+async def test_lookups_of_client_given_names_never_hold_up_the_relays_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names whose lookups hang take every thread of their own pool; the next such name waits for one and is
+    refused in time, while names the relay itself looks up (its upstreams') resolve at once. Once the hung
+    lookups return, their threads take names again."""
+    hung = hang_slow_names(monkeypatch, lambda host: "127.0.0.1" if host == "up.example" else host)
     lookups = Lookups(2)
     egress = Egress(False, ["127.0.0.0/8"], lookups.resolve, lookup_timeout_s=0.2)
     stuck = [asyncio.ensure_future(lookups.resolve(f"n{i}.slow.example", 80)) for i in range(2)]
@@ -238,16 +245,7 @@ async def test_one_keys_names_that_never_resolve_leave_the_other_keys_lookups_fr
 ) -> None:
     """A key sending names whose servers never answer holds only its own share of the lookup threads: its next
     names wait for that share and are refused in time, while another key's names are looked up at once."""
-    hung = threading.Event()
-    system = socket.getaddrinfo
-
-    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
-        if host.endswith(".slow.example"):
-            hung.wait()
-            raise socket.gaierror(socket.EAI_AGAIN, "no answer")
-        return system("127.0.0.1", *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    hung = hang_slow_names(monkeypatch, lambda host: "127.0.0.1")
     egress = Egress(False, ["127.0.0.0/8"], Lookups(4).resolve, lookup_timeout_s=0.2, lookups_per_owner=2)
     noisy = [asyncio.ensure_future(egress.pin(f"http://n{i}.slow.example/", owner="noisy")) for i in range(4)]
     try:
