@@ -201,6 +201,14 @@ class HousekeepingConfig(_Section):
         return value
 
 
+class UploadsConfig(_Section):
+    """`api.uploads`: images a key may keep with `submit/upload-discord-images` (free, and kept by the relay) in
+    each window of `window_s` seconds; null: no bound."""
+
+    max_images: int | None = Field(100, ge=5)
+    window_s: int = Field(3600, ge=60, le=31 * 86_400)
+
+
 class ApiConfig(_Section):
     default_model: str = "mj-fast"
     max_prompt_chars: int = Field(4000, ge=1, le=32_000)
@@ -208,6 +216,7 @@ class ApiConfig(_Section):
     keepalive_s: float = Field(10.0, gt=0, le=60)
     references: ReferencesConfig = ReferencesConfig()
     housekeeping: HousekeepingConfig = HousekeepingConfig()
+    uploads: UploadsConfig = UploadsConfig()
 
 
 class ModelConfig(_Section):

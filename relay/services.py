@@ -146,7 +146,7 @@ class Relay:
             metrics=self.metrics,
             clock=clock,
         )
-        self.uploads = Uploads(self.images, clock)
+        self.uploads = Uploads(self.images, clock, self.keys, config.api.uploads)
         self.tasks = TaskService(
             config=config,
             store=self.store,

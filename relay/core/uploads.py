@@ -17,8 +17,10 @@ import secrets
 from dataclasses import dataclass
 
 from relay.clock import Clock
-from relay.errors import InvalidImage, InvalidRequest, ServiceUnavailable
+from relay.config import UploadsConfig
+from relay.errors import InvalidImage, InvalidRequest, RateLimited, ServiceUnavailable
 from relay.images import IMAGE, ImageError, ImageMissing, ImageStore, StorageError
+from relay.store.keys import KeyStore
 
 # A link to one of the relay's images: `<scheme>://<anything but space, < or >>/files/<id>/<name>?exp=<t>&sig=<s>`,
 # maybe in angle brackets. Found in linear time (`own_links`): as one regular expression, the part before `/files/`
@@ -67,12 +69,28 @@ def upload_id() -> str:
 
 
 class Uploads:
-    def __init__(self, images: ImageStore, clock: Clock) -> None:
+    def __init__(
+        self, images: ImageStore, clock: Clock, keys: KeyStore | None = None, config: UploadsConfig | None = None
+    ) -> None:
+        """`keys` and `config` bound each key's uploads (`api.uploads`); without them nothing is bounded."""
         self.images = images
         self.clock = clock
+        self.keys = keys
+        self.config = config or UploadsConfig(max_images=None)
 
-    async def keep(self, data_urls: tuple[str, ...], base_url: str) -> tuple[str, ...]:
-        """Keep checked images (data URLs); their links on the relay, in order."""
+    async def keep(self, key_id: str, data_urls: tuple[str, ...], base_url: str) -> tuple[str, ...]:
+        """Keep checked images (data URLs) of a key; their links on the relay, in order. Over the key's bound
+        (`api.uploads`): RateLimited, having kept nothing."""
+        limit = self.config.max_images
+        if self.keys is not None and limit is not None:
+            window_s = self.config.window_s
+            wait = await self.keys.take_uploads(key_id, len(data_urls), limit, window_s, self.clock.now())
+            if wait is not None:
+                raise RateLimited(
+                    f"Upload limit reached: this API key may upload {limit} images every {window_s} s. "
+                    f"Try again in {int(wait)} s.",
+                    retry_after=int(wait),
+                )
         ids = [upload_id() for _ in data_urls]
         blobs = await asyncio.to_thread(lambda: [base64.b64decode(url.split(",", 1)[1]) for url in data_urls])
         failed = await self.images.save_many(

@@ -348,6 +348,25 @@ class KeyStore:
             return None
         return max(1.0, math.ceil(window + RATE_WINDOW_S - now))
 
+    async def take_uploads(self, key_id: str, count: int, limit: int, window_s: float, now: float) -> float | None:
+        """Count `count` uploaded images against the key's bound of `limit` per window of `window_s` seconds, in
+        one conditional UPDATE (shared by every relay process on the database, so concurrent uploads cannot pass
+        it). None when they fit; else the seconds until the next window opens, having counted nothing."""
+        window = math.floor(now / window_s) * window_s
+        fresh = keys.c.upload_window < window
+        counted = await changed(
+            self.engine,
+            update(keys)
+            .where(keys.c.id == key_id, case((fresh, 0), else_=keys.c.upload_count) + count <= limit)
+            .values(
+                upload_count=case((fresh, count), else_=keys.c.upload_count + count),
+                upload_window=case((fresh, window), else_=keys.c.upload_window),
+            ),
+        )
+        if counted == 1:
+            return None
+        return max(1.0, math.ceil(window + window_s - now))
+
 
 async def _resolve(conn: AsyncConnection, id_or_name: str) -> Any:
     if not isinstance(id_or_name, str) or not id_or_name:

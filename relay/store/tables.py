@@ -27,6 +27,9 @@ keys = Table(
     # The key's current rate window (its start, a whole minute) and the requests counted in it.
     Column("rate_window", Float, nullable=False, server_default="0"),
     Column("rate_count", Integer, nullable=False, server_default="0"),
+    # The key's current upload window (its start) and the images uploaded in it (`api.uploads`).
+    Column("upload_window", Float, nullable=False, server_default="0"),
+    Column("upload_count", Integer, nullable=False, server_default="0"),
 )
 
 jobs = Table(

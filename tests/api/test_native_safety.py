@@ -209,3 +209,30 @@ class _nothing:
 
     def __exit__(self, *args: object) -> None:
         return None
+
+
+def test_a_keys_uploads_are_bounded_per_window_even_when_sent_at_once(tmp_path: Path) -> None:
+    """Uploads are free and kept: a key may keep `api.uploads.max_images` a window, and a burst of uploads sent at
+    once keeps no more; an upload then an imagine with its link still works, and another key is not held up."""
+    uploads = {"max_images": 5, "window_s": 3600}
+    with native(tmp_path, api={"uploads": uploads}) as world:
+        (link,) = world.post("/submit/upload-discord-images", {"base64Array": [png()]}).json()["result"]
+        task_id = world.submit("/submit/imagine", {"prompt": f"{link} a heron"})
+        world.finished(task_id)
+        with ThreadPoolExecutor(10) as pool:
+            replies = list(
+                pool.map(
+                    lambda i: world.post("/submit/upload-discord-images", {"base64Array": [png((i, 0, 0))]}),
+                    range(10),
+                )
+            )
+        kept = [r for r in replies if r.status_code == 200]
+        refused = [r for r in replies if r.status_code != 200]
+        assert len(kept) == 4 and all(r.json()["code"] == 1 for r in kept)
+        assert {(r.status_code, r.json()["code"], r.json()["result"]) for r in refused} == {(429, 23, None)}
+        assert all(0 < int(r.headers["retry-after"]) <= 3600 for r in refused)
+        stored = list(world.relay.config.images_dir().rglob("up*"))
+        assert len(stored) == 5
+        other = create_key(world.relay.config, name="other")
+        reply = world.post("/submit/upload-discord-images", {"base64Array": [png()]}, headers={"mj-api-secret": other})
+        assert reply.status_code == 200 and reply.json()["code"] == 1

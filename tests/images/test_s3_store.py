@@ -105,7 +105,9 @@ async def test_uploads_are_kept_in_the_bucket_and_come_back_from_it_as_reference
 ) -> None:
     uploads = Uploads(images, FakeClock())
     picture = jpeg()
-    (link,) = await uploads.keep(("data:image/jpeg;base64," + base64.b64encode(picture).decode(),), "http://relay")
+    (link,) = await uploads.keep(
+        "k1", ("data:image/jpeg;base64," + base64.b64encode(picture).decode(),), "http://relay"
+    )
     (stored,) = bucket.keys()
     upload_id = link.split("/files/")[1].split("/")[0]
     assert upload_id.startswith("up") and stored == f"relay/{upload_id[-2:]}/{upload_id}-image.png"

@@ -128,9 +128,9 @@ async def modal(request: Request) -> Response:
 
 
 async def upload(request: Request) -> Response:
-    relay, _, body = await _caller(request, schemas.UploadBody)
+    relay, key, body = await _caller(request, schemas.UploadBody)
     images = await _images(relay, body.base64Array, "base64Array")
-    links = await relay.uploads.keep(images, base_url(request))
+    links = await relay.uploads.keep(key.id, images, base_url(request))
     return JSONResponse(render.envelope(render.SUBMITTED, "Upload success", list(links)))
 
 
