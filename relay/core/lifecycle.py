@@ -362,9 +362,15 @@ class Lifecycle:
         successes: list[tuple[Tracked, TaskView]] = []
         failures: dict[str, tuple[Tracked, FailureCode, str | None]] = {}
         if views is not None:
-            seen: set[str] = set()
+            # A task listed more than once (a provider's duplicate rows) is read as its most advanced view, as
+            # hooks speaking of it twice are: one view decides, so a finished job is delivered once.
+            latest: dict[str, TaskView] = {}
             for view in views:
-                seen.add(view.upstream_id)
+                kept = latest.get(view.upstream_id)
+                if kept is None or ahead(view, kept):
+                    latest[view.upstream_id] = view
+            seen = set(latest)
+            for view in latest.values():
                 for tracked in by_upstream.get(view.upstream_id, ()):
                     tracked.missing_since = None
                     step = observe(
@@ -387,7 +393,19 @@ class Lifecycle:
             if now >= tracked.deadline_at and tracked.job_id not in failures and tracked.job_id not in finished:
                 failures[tracked.job_id] = (tracked, FailureCode.TIMEOUT, _deadline_reason(tracked))
 
-        records = [ProgressChange(t.job_id, step.state or t.state, step.progress, t.state) for t, step in changes]
+        # A job the upstream parks in MODAL (a follow-up it took, then asked to confirm) waits for `submit/modal`
+        # for the modal window from now, as one parked at its submit does, not to a running job's deadline.
+        modal_deadline = now + self.config.jobs.modal_timeout_s
+        records = [
+            ProgressChange(
+                t.job_id,
+                step.state or t.state,
+                step.progress,
+                t.state,
+                modal_deadline if step.state is JobState.MODAL and t.state is not JobState.MODAL else None,
+            )
+            for t, step in changes
+        ]
         for tracked, _ in successes:
             tracked.state, tracked.progress, tracked.delivering = JobState.IN_PROGRESS, 100, True
             self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
@@ -405,6 +423,8 @@ class Lifecycle:
                 continue  # another view of the job, applied meanwhile, took it further: this one is stale
             if new_state is JobState.MODAL and tracked.confirmed:
                 continue  # confirmed while this view was written: the job takes a slot and runs, it waits no more
+            if new_state is JobState.MODAL and tracked.state is not JobState.MODAL:
+                tracked.deadline_at = modal_deadline
             tracked.state, tracked.progress = new_state, step.progress
             if tracked.state is JobState.IN_PROGRESS and tracked.running_since is None:
                 tracked.running_since, tracked.running_from = now, tracked.progress

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import String, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import Float, String, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES as ACTIVE
@@ -136,12 +136,14 @@ class JobRow:
 
 @dataclass(frozen=True, slots=True)
 class ProgressChange:
-    """A running job's new state and progress; `was`, the state its follower knew when it saw the change."""
+    """A running job's new state and progress; `was`, the state its follower knew when it saw the change;
+    `deadline_at`, the deadline it has from now on (a job the upstream parked in MODAL: its modal window)."""
 
     job_id: str
     state: JobState
     progress: int
     was: JobState
+    deadline_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +255,7 @@ _PROGRESS = (
         state=bindparam("new_state"),
         progress=bindparam("new_progress"),
         updated_at=bindparam("now"),
+        deadline_at=func.coalesce(bindparam("new_deadline", type_=Float), jobs.c.deadline_at),
         started_at=case(
             (
                 jobs.c.started_at.is_(None) & (bindparam("new_state", type_=String) == JobState.IN_PROGRESS.value),
@@ -472,6 +475,7 @@ class JobStore:
                 "new_state": c.state.value,
                 "new_progress": c.progress,
                 "was": c.was.value,
+                "new_deadline": c.deadline_at,
                 "me": self.owner,
                 "now": now,
             }

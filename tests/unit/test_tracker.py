@@ -157,7 +157,7 @@ class World:
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     clock = FakeClock()
-    config = relay_config(tmp_path, jobs={"poll_interval_s": 1, "lost_after_s": 30})
+    config = relay_config(tmp_path, jobs={"poll_interval_s": 1, "lost_after_s": 30, "modal_timeout_s": 20})
     engine = SimEngine(SimSettings(fast_s=10, tile_px=16), now=clock.now)
     db = Database(config.database_url())
     await db.migrate()
@@ -401,6 +401,53 @@ async def test_two_jobs_on_one_upstream_task_are_both_followed(world: World) -> 
     await world.settle()
     assert await world.state(first) == await world.state("job_twin0000") == ("SUCCEEDED", None, "captured")
     assert world.pool.in_flight["sim"] == 0
+
+
+async def test_a_task_listed_twice_is_delivered_once_by_its_first_end(world: World) -> None:
+    """A status read that lists one task twice (a provider's duplicate rows), finished and then failed, is read as
+    that task's first end: its grid is downloaded once and the job succeeds."""
+    job = await world.submit("cat")
+    real_fetch, real_download = world.pool.upstreams["sim"].fetch_many, world.pool.upstreams["sim"].download
+    downloads: list[str] = []
+
+    async def listed_twice(ids: Sequence[str]) -> list[TaskView]:
+        views = await real_fetch(ids)
+        return views + views + [TaskView(v.upstream_id, TaskStatus.FAILURE, 0, fail_reason="x") for v in views]
+
+    async def counted(url: str) -> bytes:
+        downloads.append(url)
+        return await real_download(url)
+
+    world.pool.upstreams["sim"].fetch_many = listed_twice  # type: ignore[method-assign]
+    world.pool.upstreams["sim"].download = counted  # type: ignore[method-assign]
+    world.clock.advance(11)
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert await world.state(job) == ("SUCCEEDED", None, "captured")
+    assert len(downloads) == 1
+
+
+async def test_a_follow_up_a_read_finds_parked_waits_the_modal_window_whatever_its_mode(world: World) -> None:
+    """A follow-up the upstream took and then parked in MODAL (new-api passes a remix variation on as accepted)
+    waits `jobs.modal_timeout_s` (20 s here) from then for `submit/modal`, as one parked at its submit does: not a
+    short mode's running deadline (10 s), nor a long one's (1800 s)."""
+    short = await world.submit("cat", deadline_s=10, may_wait=True)
+    long = await world.submit("dog", deadline_s=1800, may_wait=True)
+
+    async def parked(ids: Sequence[str]) -> list[TaskView]:
+        return [TaskView(i, TaskStatus.MODAL, 0) for i in ids]
+
+    world.pool.upstreams["sim"].fetch_many = parked  # type: ignore[method-assign]
+    world.clock.advance(1)
+    await world.tracker.poll("sim")
+    assert {(await world.state(j))[0] for j in (short, long)} == {"MODAL"}
+    world.clock.advance(15)
+    await world.tracker.poll("sim")
+    assert {(await world.state(j))[0] for j in (short, long)} == {"MODAL"}
+    world.clock.advance(6)
+    await world.tracker.poll("sim")
+    assert await world.state(short) == await world.state(long) == ("FAILED", "timeout", "released")
+    assert await world.balance() == (1000, 0)
 
 
 async def test_a_job_being_delivered_is_not_expired(world: World) -> None:
