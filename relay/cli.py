@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import sys
 import time
@@ -73,12 +74,18 @@ def serve(
     """Run the relay."""
     from relay import logs
     from relay.app import build_app
-    from relay.server import RelayServer, ServeConfig, bind
+    from relay.server import RelayServer, ServeConfig, bind, fit_connections
 
     config = _load(ctx, config_path)
     server = config.server.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
-    config = config.model_copy(update={"server": server, **({"data_dir": data_dir} if data_dir else {})})
     logs.setup(server.log_level)
+    short = fit_connections(server.max_connections)
+    if short is not None:
+        logging.getLogger("relay").warning(
+            "too few descriptors for server.max_connections: raise the hard limit (ulimit -Hn) or lower it",
+            extra={"fields": {"max_connections": server.max_connections, "descriptors": short}},
+        )
+    config = config.model_copy(update={"server": server, **({"data_dir": data_dir} if data_dir else {})})
     address = f"[{server.host}]:{server.port}" if ":" in server.host else f"{server.host}:{server.port}"
     try:
         sockets = bind(server.host, server.port)

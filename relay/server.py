@@ -8,6 +8,7 @@ server needs and every refusal in OpenAI's error envelope.
     Listener        a listening socket that takes every connection waiting on it at once (libuv takes one a turn)
     Lane            requests a connection answers itself, with no ASGI task (`app.state.lane`)
     bind()          the listening sockets for a host and port, made before anything else starts
+    fit_connections()  the process's limit on open descriptors raised to what `max_connections` needs
 
 What each limit does to a connection:
 
@@ -20,7 +21,8 @@ What each limit does to a connection:
                          being read gets as long, then the connection is closed without a word
     body_timeout_s       the app waiting in `receive()` this long for body bytes that do not come: 408 if no
                          answer has started, the connection closed, and the pending `receive()` gets
-                         `http.disconnect`
+                         `http.disconnect`. Also how long the client may leave an answer unread once more of it
+                         waits than the transport buffers: then the connection is dropped
     keepalive_timeout_s  an idle keep-alive connection is closed (uvicorn's `timeout_keep_alive`)
     max_connections      one connection more than this gets 503 with `Retry-After: 1` (at its first bytes, or at
                          the header deadline) and is closed
@@ -46,7 +48,8 @@ uvicorn 0.40 to 0.55; `pyproject.toml` pins that range):
 - the parser callbacks `on_message_begin`, `on_headers_complete` (which may raise, making a parse error),
   `on_body`, `on_message_complete`; the hooks `connection_made`, `connection_lost`, `data_received` (which feeds
   the parser what it is given, cancels the keep-alive timer, and calls `send_400_response` on a parse error),
-  `on_response_complete` (which starts the next pipelined request or arms the keep-alive timer), `shutdown`, and
+  `on_response_complete` (which starts the next pipelined request or arms the keep-alive timer), `shutdown`,
+  `pause_writing` and `resume_writing` (which pause and resume the answers' writes), and
   `_unset_keepalive_if_required`; the attributes `parser` (its `get_method`, `get_http_version`,
   `should_keep_alive`, `should_upgrade`) and `expect_100_continue`, set by `on_header`;
 - on a `RequestResponseCycle`: `response_started`, `response_complete`, `disconnected` and `message_event` (what
@@ -66,6 +69,7 @@ import http
 import json
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -79,7 +83,17 @@ from uvicorn.server import ServerState
 from relay.config import ServerConfig
 from relay.logs import event
 
-__all__ = ["Lane", "LaneCall", "Limits", "Listener", "RelayProtocol", "RelayServer", "ServeConfig", "bind"]
+__all__ = [
+    "Lane",
+    "LaneCall",
+    "Limits",
+    "Listener",
+    "RelayProtocol",
+    "RelayServer",
+    "ServeConfig",
+    "bind",
+    "fit_connections",
+]
 
 log = logging.getLogger("relay.http")
 
@@ -273,6 +287,32 @@ class Listener:
             await asyncio.wait(set(self._opening))
 
 
+# Descriptors the relay keeps for its own work beyond its clients' connections: the database, upstream and storage
+# connections, image files, the listening sockets.
+RESERVED_DESCRIPTORS = 256
+
+
+def fit_connections(max_connections: int) -> int | None:
+    """Raise the process's soft limit on open descriptors (as far as its hard limit allows) to `max_connections`
+    and `RESERVED_DESCRIPTORS` more; the limit, when it stays below that. Under the usual soft limit (1024), a
+    thousand idle connections, a quarter of the default `max_connections`, took every descriptor: the relay took
+    no connection more, not even to refuse it, and could open none of its own files or sockets."""
+    if sys.platform == "win32":
+        return None
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + RESERVED_DESCRIPTORS
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return None
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    except (ValueError, OSError):
+        raised = soft
+    return raised if raised < wanted else None
+
+
 def bind(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
     """Listening sockets on every address `host` resolves to (as asyncio's `create_server` makes them); raises
     OSError, naming nothing, when the name does not resolve or an address cannot be taken."""
@@ -368,6 +408,7 @@ class RelayProtocol(HttpToolsProtocol):
         self._call: LaneCall | None = None  # the request a lane claimed, while its body comes
         self._call_body: list[bytes] = []
         self._call_keep_alive = True
+        self._unread: asyncio.TimerHandle | None = None  # for the client to read on, while writing is paused
 
     # -- connection --------------------------------------------------------------------------------------------
 
@@ -378,6 +419,7 @@ class RelayProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._disarm_unread()
         self._call, self._call_body = None, []
         super().connection_lost(exc)
 
@@ -423,6 +465,28 @@ class RelayProtocol(HttpToolsProtocol):
                     f"The request headers are larger than the limit of {limit} bytes.",
                 )
 
+    def pause_writing(self) -> None:
+        """More of the answers is waiting than the transport buffers: the client has `body_timeout_s` to read on,
+        or the connection is dropped. Closing it would not do: a transport closes once all it holds is written,
+        so a client that reads nothing would keep its connection, and the answers held for it, for ever."""
+        super().pause_writing()
+        if self._unread is None:
+            self._unread = self.loop.call_later(self.limits.body_timeout_s, self._on_unread)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._disarm_unread()
+
+    def _disarm_unread(self) -> None:
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
+
+    def _on_unread(self) -> None:
+        self._unread = None
+        event(log, "http dropped", reason="the client read nothing of its answer in time")
+        self.transport.abort()
+
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, "invalid_request", "The request is not valid HTTP.")
 
@@ -467,8 +531,9 @@ class RelayProtocol(HttpToolsProtocol):
         self._begun = False
 
     def on_response_complete(self) -> None:
+        queued = bool(self.pipeline)  # then the next is started: an answer is under way again
         super().on_response_complete()
-        if self._pending is not None and not self._busy() and not self.transport.is_closing():
+        if self._pending is not None and not queued and not self.transport.is_closing():
             self._unset_keepalive_if_required()
             self.transport.write(self._pending)
             self.transport.close()
@@ -567,7 +632,12 @@ class RelayProtocol(HttpToolsProtocol):
         self._refused = True
         self._disarm()
         cycle = self.cycle
-        if cycle is not None and not self._awaiting:
+        if cycle is not None and not self._awaiting and self.pipeline and self.pipeline[0][0] is cycle:
+            # The bytes refused are the body of a request queued behind answers under way: the refusal is its
+            # answer, after theirs.
+            self.pipeline.popleft()
+            self._pending = answer
+        elif cycle is not None and not self._awaiting:
             # The bytes refused are this request's body: it can never be complete.
             if not cycle.response_started and not self.pipeline:
                 self.transport.write(answer)

@@ -39,9 +39,11 @@ MAX_JSON_DEPTH = 32
 # tiny values, whose parsing and validation would hold the event loop for seconds. Counted over the bytes before
 # parsing, at C speed: commas and brackets with the strings' own first (the count almost every body stops at), then
 # strings by their quotes (less those escaped within strings), and only past both, commas and brackets again with
-# the strings left out (a scan of at most that many strings).
+# the strings left out (a scan of at most that many strings). A string never closed runs to the end of the body, as
+# the parser (which refuses it) reads it: a pattern that must find the closing quote scans to the end and fails from
+# each quote escaped in such a string, a pass over the body per quote.
 MAX_JSON_VALUES = 100_000
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 
 # How long a looked-up key (or a miss) is remembered; a revocation or a change of policy takes effect within this
 # time (a hold itself always checks revocation and expiry in the database).

@@ -329,6 +329,18 @@ def test_a_reference_image_of_countless_chunks_is_checked_without_holding_up_oth
     assert worst < 1.0, f"a health check waited {worst:.1f} s behind one client's image"
 
 
+def test_a_string_that_never_ends_is_counted_without_holding_up_other_requests(relay: RunningRelay) -> None:
+    """Counting values found each string by its closing quote: in a string never closed, the search scanned the
+    rest of the body again from each quote escaped in it. This 120 kB body held the event loop for about 20 s (a
+    20 MB one, for days); the search keeps the GIL, so the time shows in the answer's, not a health check's."""
+    body = b'{"prompt": "a cat", "junk": "' + b'\\"' * 10_000 + b"," * 100_001
+    reply, worst = _answered_while_health_is_checked(relay, "/v1/images/generations", body)
+    held = max(worst, reply.elapsed.total_seconds())
+    assert held < 1.5, f"one client's body held the relay for {held:.1f} s"
+    assert reply.status_code == 400 and "could not parse the JSON body" in reply.text, reply.text[:300]
+    assert relay.balance() == (1000, 0) and relay.jobs() == []
+
+
 def test_a_chat_body_of_many_bad_messages_is_refused_at_the_first() -> None:
     """One error is enough: collecting one per message cost 0.4 s of the event loop for 100,000 of them."""
     with pytest.raises(ValidationError) as refused:

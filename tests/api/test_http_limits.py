@@ -29,6 +29,7 @@ LIMITS = {
 }
 PATIENCE = 0.5  # longer than every timeout above: how long the patient route takes before and after the body
 WAIT = 3.0  # how long a test waits on a socket for what it expects
+LARGE = 32_000_000  # an answer no loopback connection's buffers hold
 
 
 class Recorder:
@@ -38,6 +39,7 @@ class Recorder:
     /stream   starts its answer, then reads the body, then ends the answer
     /early    answers without reading the body
     /patient  takes PATIENCE before reading the body, and waits PATIENCE for `receive()` after it
+    /large    answers LARGE bytes, more than the kernel's buffers hold
     """
 
     def __init__(self) -> None:
@@ -61,6 +63,11 @@ class Recorder:
             await send({"type": "http.response.body", "body": b"started", "more_body": True})
             if await self.body(receive, seen) is not None:
                 await send({"type": "http.response.body", "body": b"done"})
+            return
+        if path == "/large":
+            headers = [(b"content-length", str(LARGE).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"x" * LARGE})
             return
         if path == "/patient":
             await self.idle(asyncio.Event().wait())
@@ -217,6 +224,21 @@ def test_a_bad_request_behind_one_in_progress_is_refused_after_its_answer(start:
     refusal(rest.removeprefix(b'{"bytes": 5}'), 400, "invalid_request")
 
 
+def test_a_malformed_body_behind_an_answer_under_way_is_refused_after_it(start: Start) -> None:
+    base, app = start()
+    with connect(base) as sock:
+        head = b"POST /echo HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+        sock.sendall(post("/patient", 5, b"hello") + head + b"5\r\nhello\r\nnot-a-chunk-size\r\n")
+        raw = read_to_close(sock)
+    assert raw.startswith(b"HTTP/1.1 200 OK"), raw  # the answer under way is not cut
+    answer = b'{"bytes": 5, "receive": null}'
+    rest = raw.partition(b"\r\n\r\n")[2]
+    assert rest.startswith(answer), raw
+    refusal(rest.removeprefix(answer), 400, "invalid_request")
+    assert app.received.get(timeout=WAIT) == ("/patient", ["http.request"])
+    assert app.received.empty()  # the refused request never reached the app
+
+
 # -- header size -----------------------------------------------------------------------------------------------------
 
 
@@ -337,6 +359,22 @@ def test_idle_keep_alive_connections_are_closed(start: Start) -> None:
             sock.sendall(get())
             assert read_response(sock)[0] == 200
         assert read_to_close(sock) == b""  # closed without a word
+
+
+def test_an_answer_the_client_does_not_read_is_given_up_and_its_connection_closed(start: Start) -> None:
+    base, _ = start(max_connections=1)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    with socket.socket() as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, never read
+        stuck.connect((host, int(port)))
+        stuck.sendall(get("/large"))
+        deadline = time.monotonic() + WAIT
+        while True:  # its place is free once the server gives up the answer nobody reads
+            with connect(base) as sock:
+                sock.sendall(get())
+                if read_response(sock)[0] == 200:
+                    break
+            assert time.monotonic() < deadline, "a client that reads nothing held its connection"
 
 
 # -- connections -----------------------------------------------------------------------------------------------------

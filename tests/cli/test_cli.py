@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -61,9 +63,18 @@ def process(cwd: Path, *args: str, ready_url: str) -> Iterator[subprocess.Popen[
 
 
 @contextmanager
-def serving(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[tuple[list[str], str]]:
+def serving(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, descriptors: tuple[int, int | None] | None = None
+) -> Iterator[tuple[list[str], str]]:
     """`mj-relay serve` in its own process; once its "listening" line is out, yields what it printed before that
-    line (stdout and stderr) and the URL the line names. The process is stopped after."""
+    line (stdout and stderr) and the URL the line names. The process is stopped after. `descriptors`: the soft and
+    hard limits on its open descriptors (no hard one: this process's own)."""
+
+    def limited() -> None:
+        if descriptors is not None:
+            soft, hard = descriptors
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard or resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay", "serve", *args],
         cwd=cwd,
@@ -71,6 +82,7 @@ def serving(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Iterato
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=limited if descriptors is not None else None,
     )
     assert proc.stdout is not None
     lines: queue.Queue[str] = queue.Queue()
@@ -175,6 +187,31 @@ def test_serve_says_it_listens_only_once_it_answers(tmp_path: Path) -> None:
         assert re.fullmatch(r"http://127\.0\.0\.1:[1-9][0-9]*", url)  # the port it took, not the 0 it was given
         assert httpx.get(url + "/readyz", timeout=5).status_code == 200  # at once, no retry
     assert any("Application startup complete" in line for line in before)
+
+
+def _health_beside_idle_connections(url: str, idle: int) -> int:
+    """The status `/healthz` gets while `idle` other connections are open and silent."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    held = [socket.create_connection((host, int(port))) for _ in range(idle)]
+    try:
+        return httpx.get(url + "/healthz", timeout=5).status_code
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_serve_raises_its_descriptor_limit_for_its_connections(tmp_path: Path) -> None:
+    """Under a soft limit of 128 descriptors, 150 idle connections (max_connections is 4096) left the relay unable to
+    take another connection, even to refuse it: a client waited in the backlog until the idle ones timed out."""
+    with serving(tmp_path, "--port", "0", descriptors=(128, None)) as (_, url):
+        assert _health_beside_idle_connections(url, 150) == 200
+
+
+def test_serve_under_a_hard_limit_too_low_for_its_connections_says_so(tmp_path: Path) -> None:
+    with serving(tmp_path, "--port", "0", descriptors=(300, 300)) as (before, _):
+        pass
+    warning = json.loads(next(line for line in before if "too few descriptors" in line))
+    assert (warning["max_connections"], warning["descriptors"]) == (4096, 300)
 
 
 def test_a_taken_port_is_one_clear_error_and_no_listening_line(tmp_path: Path) -> None:
