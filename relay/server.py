@@ -21,8 +21,8 @@ What each limit does to a connection:
                          being read gets as long, then the connection is closed without a word
     body_timeout_s       the app waiting in `receive()` this long for body bytes that do not come: 408 if no
                          answer has started, the connection closed, and the pending `receive()` gets
-                         `http.disconnect`. Also how long the client may leave an answer unread once more of it
-                         waits than the transport buffers: then the connection is dropped
+                         `http.disconnect`. Also how long the client may take nothing of an answer once more of
+                         it waits than the transport buffers: then the connection is dropped
     keepalive_timeout_s  an idle keep-alive connection is closed (uvicorn's `timeout_keep_alive`)
     max_connections      one connection more than this gets 503 with `Retry-After: 1` (at its first bytes, or at
                          the header deadline) and is closed
@@ -64,11 +64,13 @@ Keep-alive, pipelining and flow control stay uvicorn's: the subclass adds state 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import http
 import json
 import logging
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,6 +98,14 @@ __all__ = [
 ]
 
 log = logging.getLogger("relay.http")
+
+try:  # how many bytes a socket's send queue holds (Linux's SIOCOUTQ, the same number as TIOCOUTQ)
+    import fcntl
+    import termios
+
+    _OUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # pragma: no cover - platforms without them
+    _OUTQ = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,23 +476,40 @@ class RelayProtocol(HttpToolsProtocol):
                 )
 
     def pause_writing(self) -> None:
-        """More of the answers is waiting than the transport buffers: the client has `body_timeout_s` to read on,
-        or the connection is dropped. Closing it would not do: a transport closes once all it holds is written,
-        so a client that reads nothing would keep its connection, and the answers held for it, for ever."""
+        """More of the answers is waiting than the transport buffers: the client must read some of it within each
+        `body_timeout_s`, or the connection is dropped (a slow client that reads on keeps it, however long the
+        answer takes). Closing it would not do: a transport closes once all it holds is written, so a client that
+        reads nothing would keep its connection, and the answers held for it, for ever."""
         super().pause_writing()
         if self._unread is None:
-            self._unread = self.loop.call_later(self.limits.body_timeout_s, self._on_unread)
+            self._arm_unread()
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._disarm_unread()
+
+    def _arm_unread(self) -> None:
+        self._unread = self.loop.call_later(self.limits.body_timeout_s, self._on_unread, self._unsent())
+
+    def _unsent(self) -> int:
+        """Bytes of the answers the client has not taken yet: the transport's, and (on Linux) those in the
+        socket's send queue, which is where a slow reader's progress first shows."""
+        waiting = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if _OUTQ is not None and sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+        return waiting
 
     def _disarm_unread(self) -> None:
         if self._unread is not None:
             self._unread.cancel()
             self._unread = None
 
-    def _on_unread(self) -> None:
+    def _on_unread(self, waiting: int) -> None:
+        if self._unsent() < waiting:  # the client took some: it has as long again
+            self._arm_unread()
+            return
         self._unread = None
         event(log, "http dropped", reason="the client read nothing of its answer in time")
         self.transport.abort()

@@ -377,6 +377,25 @@ def test_an_answer_the_client_does_not_read_is_given_up_and_its_connection_close
             assert time.monotonic() < deadline, "a client that reads nothing held its connection"
 
 
+def test_a_client_that_reads_its_answer_slowly_keeps_its_connection(start: Start) -> None:
+    """The answer waits on the client far longer than `body_timeout_s` (0.25 s), but the client reads some of it
+    within each: its connection stays (the only place, so another client is refused meanwhile)."""
+    base, _ = start(max_connections=1)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    with socket.socket() as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect((host, int(port)))
+        slow.sendall(get("/large"))
+        slow.settimeout(WAIT)
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            assert slow.recv(4096)
+            time.sleep(0.02)  # the client's own pace: about 200 kB/s, far from all of it in 0.25 s
+        with connect(base) as other:
+            other.sendall(get())
+            refusal(read_to_close(other), 503, "service_unavailable")
+
+
 # -- connections -----------------------------------------------------------------------------------------------------
 
 
