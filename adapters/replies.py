@@ -130,6 +130,17 @@ def _integer(text: str) -> int | None:
 _DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_int=_integer)
 
 
+# The longest task id the relay keeps (`jobs.upstream_id`). An upstream's ids are a few dozen characters; a longer
+# one could not be written down (PostgreSQL refuses it), so the relay could not follow the task.
+MAX_ID_CHARS = 128
+
+
+def _task_id(value: Any) -> str | None:
+    """A task id the relay can keep; None for none, or for one longer than `MAX_ID_CHARS`."""
+    upstream_id = _as_id(value)
+    return upstream_id if upstream_id is not None and len(upstream_id) <= MAX_ID_CHARS else None
+
+
 def _as_id(result: Any) -> str | None:
     """`result` as a string id: reseller ints become strings, trueai's lists are comma-joined."""
     if result is None or isinstance(result, bool):
@@ -253,7 +264,10 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
 
     if code is None:
         return _unreadable(status, "an answer without a result code")
-    upstream_id = _as_id(data.get("result"))
+    upstream_id = _task_id(data.get("result"))
+    if upstream_id is None and code in (1, 22) and _as_id(data.get("result")) is not None:
+        # taken, under an id the relay cannot keep: it cannot follow the task, which may run
+        return Retryable(f"code {code} with a task id longer than {MAX_ID_CHARS} characters", sent=True)
     props = data.get("properties")
     properties: Mapping[str, Any] = props if isinstance(props, Mapping) else {}
 
@@ -396,8 +410,8 @@ def parse_task(data: Any) -> TaskView | None:
     """One task JSON in any dialect's shape, or None when it is not a task (no id)."""
     if not isinstance(data, Mapping):
         return None
-    upstream_id = _as_id(data.get("id"))
-    if upstream_id is None:
+    upstream_id = _task_id(data.get("id"))
+    if upstream_id is None:  # no task of the relay's: it keeps no id that long
         return None
     status = _status(data.get("status"))
     fail_reason = str(data.get("failReason") or "").strip() or None

@@ -130,6 +130,30 @@ def test_upstream_text_a_database_cannot_store_still_ends_the_job(store: str, tm
             assert relay.balance() == (1000, 0)
 
 
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_task_id_longer_than_the_relay_keeps_ends_its_own_job_and_no_other(store: str, tmp_path: Path) -> None:
+    """An upstream that takes a task under an id longer than any the relay keeps: that job ends at once (the task
+    may run upstream: it is not sent elsewhere) and is not charged; the next job is taken and followed as usual."""
+    canned = Canned()
+    long_id = "u" * 200
+    canned.on("submit/imagine", (200, {"code": 1, "result": long_id}), (200, {"code": 1, "result": "u-ok"}))
+    canned.on(
+        "task/list-by-condition", (200, [task(long_id, "IN_PROGRESS", "50%"), task("u-ok", "IN_PROGRESS", "46%")])
+    )
+    sections: dict[str, Any] = {}
+    with pg_database_sync() if store == "postgres" else _nothing() as url:
+        if url:
+            sections["database"] = {"url": url}
+        with relay_before(canned, tmp_path, sections=sections) as (client, relay):
+            reply = client.post("/mj/submit/imagine", json={"prompt": "a long one"})
+            assert reply.status_code == 502 and reply.json()["code"] == 9, reply.text
+            ok = client.post("/mj/submit/imagine", json={"prompt": "a short one"}).json()["result"]
+            wait_for(lambda: client.get(f"/mj/task/{ok}/fetch").json()["progress"] == "46%")
+            assert [route for route, _ in canned.calls if route.startswith("submit/")] == ["submit/imagine"] * 2
+            assert relay.jobs() == [("FAILED", "unconfirmed", "released", None), ("IN_PROGRESS", None, "held", "odd")]
+            assert relay.balance() == (1000, sql(relay.config, "SELECT price FROM jobs WHERE provider = 'odd'")[0][0])
+
+
 def test_uploads_are_the_relays_links_and_come_back_as_reference_images(tmp_path: Path) -> None:
     canned = Canned()
     canned.on("submit/imagine", (200, {"code": 1, "result": "u-ref"}))

@@ -45,6 +45,13 @@ def body(data: object) -> bytes:
         (200, body({"code": 22, "result": "2"}), Accepted("2", queued=True)),
         (200, body({"code": 1, "result": ["u1", "u2"]}), Accepted("u1,u2")),
         (200, body({"code": 1, "result": None}), Retryable("code 1 without a task id", sent=True)),
+        # taken under an id longer than the relay keeps: it cannot follow the task, which is not sent elsewhere
+        (
+            200,
+            body({"code": 22, "result": "u" * 129}),
+            Retryable("code 22 with a task id longer than 128 characters", sent=True),
+        ),
+        (200, body({"code": 1, "result": "u" * 128}), Accepted("u" * 128)),
         (200, body({"code": 21, "result": "3", "properties": {"status": "MODAL"}}), NeedsModal("3")),
         (200, body({"code": 21, "description": "参数错误"}), ClientError("参数错误")),
         (200, body({"code": 24, "description": "banned"}), ClientError("banned", banned=True)),
@@ -182,6 +189,12 @@ def test_a_task_with_an_unreadable_number_leaves_its_neighbours_in_a_list_readab
     assert views[0].upstream_id == "a" and views[0].progress == 46
     assert [view.upstream_id for view in views[1:]] in ([], ["b"])
     assert parse_hook(f'{{"id": "b", "status": "IN_PROGRESS", {odd}}}'.encode()) is not None
+
+
+def test_a_task_whose_id_is_longer_than_the_relay_keeps_is_no_task_of_its() -> None:
+    views = parse_task_list(200, json.dumps([{"id": "u" * 129, "status": "SUCCESS"}, {"id": "a"}]).encode())
+    assert [view.upstream_id for view in views] == ["a"]
+    assert parse_hook(json.dumps({"id": "u" * 129, "status": "SUCCESS", "state": "job"}).encode()) is None
 
 
 def test_a_task_that_cannot_be_read_is_left_out_of_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
