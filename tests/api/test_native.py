@@ -129,6 +129,7 @@ def test_list_by_condition_and_fetch_on_every_prefix(world: Native) -> None:
     first = world.submit("/submit/imagine", {"prompt": "one"})
     typed = world.post("/submit/imagine", {"prompt": "two"}, prefix="/v1/mj").json()
     assert isinstance(typed["result"], int)  # /v1/mj resellers type the id as an integer
+    assert typed["result"] < 2**53  # which a JavaScript client's JSON.parse reads exactly, as midjourney-proxy's
     second = str(typed["result"])
     for prefix in ("/mj", "/mj-fast/mj", "/mj-relax/mj", "/mj-turbo/mj", "/v1/mj"):
         listed = world.client.post(prefix + "/task/list-by-condition", json={"ids": [first, second, "12345"]}).json()
