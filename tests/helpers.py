@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -151,6 +152,33 @@ def free_port() -> int:
     return port
 
 
+class PromptServer(RelayServer):
+    """`RelayServer` as the tests run it: `stop()` starts its shutdown at once, where `should_exit` alone is seen
+    at uvicorn's next tick (up to a tenth of a second later, for each of the hundreds of servers the tests stop).
+    Ticks still come every tenth of a second while it runs."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _woken: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._loop, self._woken = asyncio.get_running_loop(), asyncio.Event()
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), 0.1)
+            should_exit = await self.on_tick(counter)
+
+    def stop(self) -> None:
+        """From any thread: shut down now."""
+        self.should_exit = True
+        loop, woken = self._loop, self._woken
+        if loop is not None and woken is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has already closed
+                loop.call_soon_threadsafe(woken.set)
+
+
 @contextmanager
 def serve(app: ASGIApp, config: Config | None = None, sock: socket.socket | None = None) -> Iterator[str]:
     """Run an ASGI app on a loopback port in a thread, as `mj-relay serve` runs the relay (uvicorn with the relay's
@@ -170,7 +198,7 @@ def running_server(
     port = sock.getsockname()[1]
     ready = threading.Event()
     options.setdefault("timeout_graceful_shutdown", 2)
-    server = RelayServer(ServeConfig(app, config.server if config else None, **options), on_ready=ready.set)
+    server = PromptServer(ServeConfig(app, config.server if config else None, **options), on_ready=ready.set)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
@@ -180,7 +208,7 @@ def running_server(
     try:
         yield f"http://127.0.0.1:{port}", server
     finally:
-        server.should_exit = True
+        server.stop()
         thread.join(15)
         sock.close()
 

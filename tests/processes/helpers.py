@@ -39,6 +39,11 @@ class RelayProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the process, not waiting for it to answer (`wait_ready`)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MJ_RELAY_")}  # the file says it all
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
@@ -47,6 +52,9 @@ class RelayProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
         wait_ready(self.proc, self.base + "/readyz", self.log)
 
     def kill(self) -> None:
@@ -58,6 +66,11 @@ class RelayProcess:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc, wait_s=20)
+
+    def terminate(self) -> None:
+        """SIGTERM, not waiting for the process to end (`stop` then does)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
 
 
 def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 30) -> None:
@@ -81,12 +94,19 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 
 @contextmanager
 def relay_processes(configs: list[tuple[Path, int]], log_dir: Path) -> Iterator[list[RelayProcess]]:
+    """The relay processes of `configs`, started side by side (each one's start-up is mostly its interpreter
+    importing the relay), ready when yielded; at the end, each still running is sent SIGTERM at once, and then
+    waited for (SIGKILLed if it will not go)."""
     processes = [RelayProcess(file, port, log_dir / f"relay-{i}.log") for i, (file, port) in enumerate(configs)]
     try:
         for process in processes:
-            process.start()
+            process.launch()
+        for process in processes:
+            process.wait_ready()
         yield processes
     finally:
+        for process in processes:
+            process.terminate()
         for process in processes:
             process.stop()
 

@@ -374,6 +374,11 @@ def native(relay: RelayProcess, key: str, path: str, body: dict[str, Any] | None
     return answer
 
 
+# The upstream of the modal tests: a quick grid, variations parked in MODAL; a confirmation whose prompt says
+# `sim:slow` runs five times as long (3 s), past the 2 s modal window of those tests.
+MODAL_SIM = ("--fast-s", "0.6", "--remix")
+
+
 def park_a_variation(pair: Pair, notify_hook: str | None = None) -> tuple[str, str]:
     """A grid made through the first relay, and a variation of it, which the upstream (`--remix`) parks in MODAL:
     the variation's task id, and the process that parked it."""
@@ -417,10 +422,11 @@ def test_a_modal_confirmed_at_the_other_relay_runs_to_its_end(tmp_path: Path) ->
     private = {"api": {"references": {"allow_private": True}}}
     with (
         serve(receiver.app()) as hooks,
-        two_relays(tmp_path, "--fast-s", "3", "--remix", lease_s=30, modal_timeout_s=2, sections=private) as pair,
+        two_relays(tmp_path, *MODAL_SIM, lease_s=30, modal_timeout_s=2, sections=private) as pair,
     ):
         task, parker = park_a_variation(pair, notify_hook=hooks + "/ok")
-        assert native(pair.second, pair.key, "/submit/modal", {"taskId": task, "prompt": "a red boat"})["code"] == 1
+        confirmation = {"taskId": task, "prompt": "a red boat sim:slow"}  # runs past the modal window
+        assert native(pair.second, pair.key, "/submit/modal", confirmation)["code"] == 1
         ran_once_to_its_end_at_the_second(pair, task, parker)
 
         wait_for(lambda: any(t["status"] == "SUCCESS" for t in receiver.tasks(task)))
@@ -438,10 +444,10 @@ def test_a_modal_confirmation_answered_after_its_window_closed_runs_to_its_end(t
     still holds it, reaches the window's deadline and sees the task run upstream: it must not end the job as
     timed out (the confirmation under way moved the stored deadline on), and the confirming relay then takes the
     job over and follows it to its end. Nothing runs, is downloaded or is charged twice."""
-    with two_relays(tmp_path, "--fast-s", "3", "--remix", lease_s=30, modal_timeout_s=2) as pair:
+    with two_relays(tmp_path, *MODAL_SIM, lease_s=30, modal_timeout_s=2) as pair:
         task, parker = park_a_variation(pair)
         ((window_closes,),) = sql(pair.config, "SELECT deadline_at FROM jobs WHERE id = ?", task)
-        confirmation = {"taskId": task, "prompt": "a red boat sim:late-answer"}
+        confirmation = {"taskId": task, "prompt": "a red boat sim:late-answer sim:slow"}
         assert native(pair.second, pair.key, "/submit/modal", confirmation)["code"] == 1
         assert time.time() > window_closes  # the answer came after the window closed, while the first held the job
         ran_once_to_its_end_at_the_second(pair, task, parker)

@@ -60,7 +60,7 @@ def test_sigterm_during_a_submit_hands_the_job_over_instead_of_losing_it(tmp_pat
 
 @pytest.mark.postgres
 def test_a_modal_job_handed_over_at_sigterm_is_confirmed_elsewhere_and_runs_once(tmp_path: Path) -> None:
-    with two_relays(tmp_path, "--fast-s", "2", "--remix", lease_s=60, modal_timeout_s=60) as pair:
+    with two_relays(tmp_path, "--fast-s", "0.5", "--remix", lease_s=60, modal_timeout_s=60) as pair:
         task, parker = park_a_variation(pair)
         pair.first.stop()  # SIGTERM: the parked job's lease is handed over
         wait_for(lambda: sql(pair.config, "SELECT owner FROM jobs WHERE id = ?", task)[0][0] != parker, timeout=5)
