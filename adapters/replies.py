@@ -264,10 +264,11 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
 
     if code is None:
         return _unreadable(status, "an answer without a result code")
-    upstream_id = _task_id(data.get("result"))
-    if upstream_id is None and code in (1, 22) and _as_id(data.get("result")) is not None:
-        # taken, under an id the relay cannot keep: it cannot follow the task, which may run
-        return Retryable(f"code {code} with a task id longer than {MAX_ID_CHARS} characters", sent=True)
+    upstream_id = _as_id(data.get("result"))
+    if upstream_id is not None and len(upstream_id) > MAX_ID_CHARS:
+        if code in (1, 22):  # taken, under an id the relay cannot keep: it cannot follow the task, which may run
+            return Retryable(f"code {code} with a task id longer than {MAX_ID_CHARS} characters", sent=True)
+        upstream_id = None
     props = data.get("properties")
     properties: Mapping[str, Any] = props if isinstance(props, Mapping) else {}
 

@@ -377,13 +377,19 @@ async def database_at(url: str, revision: str, *statements: str) -> None:
         await db.dispose()
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One chunk of a PNG, with its length and checksum."""
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def png_start(width: int, height: int) -> bytes:
+    """The beginning of a PNG that says it is `width` x `height` pixels (8-bit RGB): its signature and header."""
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+
+
 def bomb_png(width: int, height: int) -> bytes:
     """A PNG that says it is `width` x `height` pixels: its header, a few rows of image data and its end marker
     (what a decompression bomb looks like before it is decoded)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
     rows = zlib.compress(b"\x00" * (1 + 3 * width) * 4)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    return png_start(width, height) + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")

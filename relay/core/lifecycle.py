@@ -369,7 +369,6 @@ class Lifecycle:
                 kept = latest.get(view.upstream_id)
                 if kept is None or ahead(view, kept):
                     latest[view.upstream_id] = view
-            seen = set(latest)
             for view in latest.values():
                 for tracked in by_upstream.get(view.upstream_id, ()):
                     tracked.missing_since = None
@@ -383,7 +382,7 @@ class Lifecycle:
                     elif step.kind == "failure":
                         failures[tracked.job_id] = (tracked, step.error_code or FailureCode.FAILED, step.reason)
             for tracked in jobs:
-                if tracked.upstream_id in seen:
+                if tracked.upstream_id in latest:
                     continue
                 tracked.missing_since = tracked.missing_since or now
                 if now - tracked.missing_since >= self.config.jobs.lost_after_s:

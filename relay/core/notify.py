@@ -174,9 +174,7 @@ class Notifier:
                 try:
                     row = await self.store.get(job_id)
                 except Exception:
-                    log.warning(
-                        "reading a job for its client hook failed", exc_info=True, extra={"fields": {"job": job_id}}
-                    )
+                    _unread(job_id)
                     watch.pending.set()
                     await self.clock.sleep(min(READ_AGAIN_S * 2**unread, READ_AGAIN_MAX_S))
                     unread += 1
@@ -218,9 +216,7 @@ class Notifier:
                 try:
                     now_row = await self.store.get(row.id)
                 except Exception:  # not known now: tried again all the same, as the job was held here when read
-                    log.warning(
-                        "reading a job for its client hook failed", exc_info=True, extra={"fields": {"job": row.id}}
-                    )
+                    _unread(row.id)
                 else:
                     if now_row is None or self._held_elsewhere(now_row):
                         return  # another process holds the job now and sends its newer states: this one is stale
@@ -266,3 +262,8 @@ class Notifier:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await worker
         await self._client.aclose()
+
+
+def _unread(job_id: str) -> None:
+    """Log a read of a watched job that failed (called where it was caught)."""
+    log.warning("reading a job for its client hook failed", exc_info=True, extra={"fields": {"job": job_id}})

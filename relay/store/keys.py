@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -327,40 +327,56 @@ class KeyStore:
         return await transaction(self.engine, work)
 
     async def take_rate(self, key_id: str, now: float) -> float | None:
-        """Count one request that starts work against the key's requests-per-minute limit, in one conditional
-        UPDATE (windows are whole minutes, shared by every relay process on the database). None when it fits (or
-        the key has no limit); else the seconds until the next window opens, having counted nothing."""
-        window = math.floor(now / RATE_WINDOW_S) * RATE_WINDOW_S
-        fresh = keys.c.rate_window < window
-        counted = await changed(
-            self.engine,
-            update(keys)
-            .where(
-                keys.c.id == key_id,
-                or_(keys.c.rpm.is_(None), fresh, keys.c.rate_count < keys.c.rpm),
-            )
-            .values(
-                rate_count=case((fresh, 1), else_=keys.c.rate_count + 1),
-                rate_window=case((fresh, window), else_=keys.c.rate_window),
-            ),
+        """Count one request that starts work against the key's requests-per-minute limit (windows are whole
+        minutes). None when it fits (or the key has no limit); else the seconds until the next window opens."""
+        return await self._take_in_window(
+            key_id,
+            keys.c.rate_window,
+            keys.c.rate_count,
+            RATE_WINDOW_S,
+            now,
+            1,
+            lambda fresh: or_(keys.c.rpm.is_(None), fresh, keys.c.rate_count < keys.c.rpm),
         )
-        if counted == 1:
-            return None
-        return max(1.0, math.ceil(window + RATE_WINDOW_S - now))
 
     async def take_uploads(self, key_id: str, count: int, limit: int, window_s: float, now: float) -> float | None:
-        """Count `count` uploaded images against the key's bound of `limit` per window of `window_s` seconds, in
-        one conditional UPDATE (shared by every relay process on the database, so concurrent uploads cannot pass
-        it). None when they fit; else the seconds until the next window opens, having counted nothing."""
+        """Count `count` uploaded images against the key's bound of `limit` per window of `window_s` seconds. None
+        when they fit; else the seconds until the next window opens."""
+        return await self._take_in_window(
+            key_id,
+            keys.c.upload_window,
+            keys.c.upload_count,
+            window_s,
+            now,
+            count,
+            lambda fresh: case((fresh, 0), else_=keys.c.upload_count) + count <= limit,
+        )
+
+    async def _take_in_window(
+        self,
+        key_id: str,
+        window_column: Any,
+        count_column: Any,
+        window_s: float,
+        now: float,
+        count: int,
+        fits: Callable[[Any], Any],
+    ) -> float | None:
+        """Count `count` against a key's counter of the current window (`window_column`, `count_column`), in one
+        conditional UPDATE shared by every relay process on the database, so requests at once cannot pass the
+        bound: `fits(fresh)` says whether they do (`fresh`: the key's window is an older one, counted from 0). None
+        when counted; else the seconds until the next window opens, having counted nothing."""
         window = math.floor(now / window_s) * window_s
-        fresh = keys.c.upload_window < window
+        fresh = window_column < window
         counted = await changed(
             self.engine,
             update(keys)
-            .where(keys.c.id == key_id, case((fresh, 0), else_=keys.c.upload_count) + count <= limit)
+            .where(keys.c.id == key_id, fits(fresh))
             .values(
-                upload_count=case((fresh, count), else_=keys.c.upload_count + count),
-                upload_window=case((fresh, window), else_=keys.c.upload_window),
+                {
+                    count_column: case((fresh, count), else_=count_column + count),
+                    window_column: case((fresh, window), else_=window_column),
+                }
             ),
         )
         if counted == 1:

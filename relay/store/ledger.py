@@ -108,16 +108,12 @@ async def _pages(engine: AsyncEngine) -> AsyncIterator[Callable[[Any], Awaitable
 
         yield alone
         return
-    async with connected(engine) as plain:
-        conn = await plain.execution_options(isolation_level="REPEATABLE READ")
+    async with _in_snapshot(engine) as conn:
 
-        async def in_snapshot(statement: Any) -> Sequence[Any]:
+        async def read(statement: Any) -> Sequence[Any]:
             return (await conn.execute(statement)).all()
 
-        try:
-            yield in_snapshot
-        finally:
-            await conn.rollback()
+        yield read
 
 
 async def export_rows(engine: AsyncEngine, key_id: str | None = None, since: float | None = None) -> list[LedgerRow]:
@@ -303,24 +299,27 @@ def _sum(kind: str) -> Any:
     return func.coalesce(func.sum(case((ledger.c.kind == kind, ledger.c.amount), else_=0)), 0)
 
 
-async def _snapshot(conn: AsyncConnection) -> None:
-    """Make the connection's reads one consistent snapshot (a live relay may write meanwhile)."""
-    if conn.dialect.name == "sqlite":
-        await conn.exec_driver_sql("BEGIN")  # a WAL read transaction: every read sees the same commit
+@contextlib.asynccontextmanager
+async def _in_snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection whose reads are one consistent snapshot (a live relay may write meanwhile): REPEATABLE READ on
+    PostgreSQL, a WAL read transaction on SQLite. Nothing is written on it: it is rolled back."""
+    async with connected(engine) as plain:
+        conn = plain
+        if plain.dialect.name == "postgresql":
+            conn = await plain.execution_options(isolation_level="REPEATABLE READ")
+        elif plain.dialect.name == "sqlite":
+            await conn.exec_driver_sql("BEGIN")  # every read sees the same commit
+        try:
+            yield conn
+        finally:
+            await conn.rollback()
 
 
 async def check(engine: AsyncEngine) -> LedgerReport:
     """Prove the ledger against the keys and jobs: see the module's docstring. Every break is named."""
     report = LedgerReport(checked_at=time.time())
-    async with connected(engine) as plain:
-        conn = plain
-        if plain.dialect.name == "postgresql":
-            conn = await plain.execution_options(isolation_level="REPEATABLE READ")
-        await _snapshot(conn)
-        try:
-            await _check(conn, report)
-        finally:
-            await conn.rollback()
+    async with _in_snapshot(engine) as conn:
+        await _check(conn, report)
     return report
 
 

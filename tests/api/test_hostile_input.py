@@ -10,7 +10,6 @@ import logging
 import socket
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +21,17 @@ from pydantic import ValidationError
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
 from relay.api.openai.chat import ChatRequest
-from tests.helpers import RunningRelay, create_key, pg_database_sync, relay_config, running_relay, serve, wait_for
+from tests.helpers import (
+    RunningRelay,
+    create_key,
+    pg_database_sync,
+    png_chunk,
+    png_start,
+    relay_config,
+    running_relay,
+    serve,
+    wait_for,
+)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -314,12 +323,7 @@ def test_a_reference_image_of_countless_chunks_is_checked_without_holding_up_oth
     relay: RunningRelay,
 ) -> None:
     """Pillow reads a PNG chunk by chunk in Python: 800,000 empty ones (9.6 MB) held the event loop for 2-3 s."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    header = (8).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
-    image = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"prVt", b"") * 800_000  # and no end
+    image = png_start(8, 8) + png_chunk(b"prVt", b"") * 800_000  # and no end
     url = "data:image/png;base64," + base64.b64encode(image).decode()
     content = [{"type": "text", "text": "a cat"}, {"type": "image_url", "image_url": {"url": url}}]
     body = json.dumps({"model": "mj-fast", "messages": [{"role": "user", "content": content}]}).encode()

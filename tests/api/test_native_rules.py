@@ -10,7 +10,6 @@ import hmac
 import json
 import secrets
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.api.native_helpers import native, png
-from tests.helpers import Receiver, create_key, serve, sql, wait_for
+from tests.helpers import Receiver, create_key, png_chunk, png_start, serve, sql, wait_for
 
 PRICES = {"mj-fast": {"default": 2}, "mj-relax": {"default": 1}, "mj-turbo": {"default": 4}}
 
@@ -259,12 +258,7 @@ def test_a_malformed_url_is_a_400_not_a_500(tmp_path: Path) -> None:
 
 def _png_without_pixels() -> str:
     """A PNG with its header and end marker but no image data: Pillow's check of it raised IndexError."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    header = (8).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    data = png_start(8, 8) + png_chunk(b"IEND", b"")
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
