@@ -451,8 +451,9 @@ class JobService:
         """Record the attempt (unless `claimed` wrote it), hold and submit its jobs, and settle the attempt with how
         that went."""
         took = False
-        # Written while the jobs are held (not before: that would add a commit to every request's way in); a retry
-        # in this process waits on the attempt in `_local` meanwhile, one elsewhere finds it written by then.
+        # Written while the jobs are held (not before: that would add a commit to every request's way in), and
+        # before any is sent upstream: a retry in this process waits on the attempt in `_local` meanwhile, one
+        # elsewhere (the first attempt's connection was cut) finds it written once a job can have run.
         begun: asyncio.Future[None] | None = None
         if attempt is not None and not claimed:
             begun = asyncio.ensure_future(
@@ -467,7 +468,7 @@ class JobService:
                 )
             )
         try:
-            refused = await self._admit_and_submit(key, planned)
+            refused = await self._admit_and_submit(key, planned, begun)
             took = _took_any(refused, len(planned))
             return refused
         finally:
@@ -502,9 +503,16 @@ class JobService:
         if newer:
             self._unwritten[fingerprint] = done
 
-    async def _admit_and_submit(self, key: KeyRecord, planned: list[Planned]) -> list[JobRow]:
-        """Hold and submit the jobs (raising when they cannot be held); returns those no provider took (ended)."""
+    async def _admit_and_submit(
+        self, key: KeyRecord, planned: list[Planned], begun: asyncio.Future[None] | None
+    ) -> list[JobRow]:
+        """Hold and submit the jobs (raising when they cannot be held), submitting once the attempt's row is
+        written (`begun`; one that could not be written: at worst a retry starts afresh); returns those no provider
+        took (ended)."""
         await self.submitter.admit(key, [p.job for p in planned])
+        if begun is not None:
+            with contextlib.suppress(Exception):
+                await begun
         outcomes = await asyncio.gather(*(self.submitter.submit(p) for p in planned))
         return [outcome.row for outcome in outcomes if outcome.row is not None]
 

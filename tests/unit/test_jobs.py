@@ -128,6 +128,45 @@ async def test_a_retry_during_the_first_attempts_submission_waits_for_it_and_fol
     assert followed.spec.references == ()
 
 
+async def test_no_job_is_sent_upstream_before_its_attempt_is_written(
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    """A retry on another process (the first attempt's connection was cut) finds the attempt by its row: were a job
+    sent upstream before that row is written, such a retry would start and charge a second job."""
+    service, upstream, key = switchable
+    attempts = service.jobs.attempts
+    write = attempts.begin_many
+    writing = asyncio.Event()
+    let_write = asyncio.Event()
+
+    async def slow_write(*args: Any) -> list[None]:
+        writing.set()
+        await let_write.wait()
+        return await write(*args)
+
+    attempts.begin_many = slow_write  # type: ignore[method-assign]
+    found_at_submit: list[bool] = []
+    submit = upstream.submit
+
+    async def seen_submit(request: SubmitRequest) -> SubmitOutcome:
+        found_at_submit.append(await attempts.get("body", 0) is not None)
+        return await submit(request)
+
+    upstream.submit = seen_submit  # type: ignore[method-assign]
+    spec = service.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    first = asyncio.ensure_future(service.jobs.start(key, spec, Attempt("body", retry=False)))
+    await writing.wait()
+    submitted = asyncio.ensure_future(upstream.waiting.wait())
+    await asyncio.wait([submitted], timeout=0.5)  # the submit comes now, or only once the row is written
+    let_write.set()
+    generation = await first
+    submitted.cancel()
+    rows = await service.jobs.wait(generation)
+    generation.close()
+    assert [row.state.value for row in rows] == ["SUCCEEDED"]
+    assert found_at_submit == [True]
+
+
 async def test_a_job_is_first_read_one_interval_after_the_upstream_took_it(tmp_path: Path) -> None:
     clock = FakeClock()
     relay = Relay(relay_config(tmp_path, jobs={"poll_interval_s": 1}), clock, {"sim": SwitchableUpstream()})
@@ -347,7 +386,7 @@ async def test_a_retry_that_went_away_hides_no_attempt_under_way_here(
     relay, upstream, key = switchable
     spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
     claim, begin_many = relay.attempts.claim_many, relay.attempts.begin_many
-    claimed, held, slow = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    claimed, held, slow, writing = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def held_claim(*args: Any, **kwargs: Any) -> list[bool]:
         outcome = await claim(*args, **kwargs)
@@ -356,6 +395,7 @@ async def test_a_retry_that_went_away_hides_no_attempt_under_way_here(
         return outcome
 
     async def slow_begin(*args: Any, **kwargs: Any) -> list[None]:
+        writing.set()
         await slow.wait()  # the database is slow, nothing fails
         return await begin_many(*args, **kwargs)
 
@@ -365,7 +405,7 @@ async def test_a_retry_that_went_away_hides_no_attempt_under_way_here(
     relay.attempts.claim_many, relay.attempts.begin_many = claim, slow_begin  # type: ignore[method-assign]
     upstream.gate.clear()
     new = asyncio.ensure_future(relay.jobs.start(key, spec, Attempt("body", retry=False)))
-    await upstream.waiting.wait()
+    await writing.wait()  # its jobs are being held, its row written (its submit waits for that row)
     gone.cancel()
     held.set()
     with pytest.raises(asyncio.CancelledError):
