@@ -35,6 +35,7 @@ from relay.errors import (
     ModelNotAllowed,
     RateLimited,
     RelayError,
+    ServiceUnavailable,
 )
 from relay.logs import event
 from relay.store.jobs import Admission, JobRow, JobStore, NewJob, Submitted
@@ -42,9 +43,10 @@ from relay.store.keys import KeyRecord, KeyStore
 from relay.store.slots import Slots
 
 log = logging.getLogger("relay.jobs")
-# How long a stopping process lets the submits under way be answered (one takes a fraction of a second; one that
-# is not answered by then is left PENDING, for an upstream hook to adopt or the pending sweep to end).
+# How long a stopping process lets the holds and submits under way be answered (one takes a fraction of a second;
+# one that is not answered by then is left PENDING, for an upstream hook to adopt or the pending sweep to end).
 STOP_WAIT_S = 10.0
+STOPPED_REASON = "the relay stopped before submitting it"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +117,13 @@ class Submitter:
             lambda batch: store.mark_submitted_many(batch, clock.now()), "mark-submitted"
         )
         self._submitting: set[str] = set()
-        self._idle = asyncio.Event()  # set while no submit is under way (`close` waits for it)
+        # Holds being written, and jobs held whose submit has not started: a stopping process waits for them as for
+        # the submits under way, since their submits follow at once.
+        self._admitting = 0
+        self._admitted: set[str] = set()
+        self._idle = asyncio.Event()  # set while nothing of the above is under way (`close` waits for it)
         self._idle.set()
+        self._closed = False  # stopped waiting: a held job not yet submitted is ended instead
         # The upstream hook URL a submit to a provider names (set by the relay: core.upstream_hooks).
         self.hook_url: Callable[[str], str | None] = lambda provider: None
         # With other relay processes on the database: `max_in_flight` counted across them (`store.slots`).
@@ -129,7 +136,19 @@ class Submitter:
     async def admit(self, key: KeyRecord, jobs: list[NewJob]) -> None:
         """Hold the price of every job and insert them, or raise having held nothing: a model the key may not use
         (403), over the key's requests per minute (429 with Retry-After; counted in the database, so across relay
-        processes), quota short (429), key revoked or expired (401)."""
+        processes), quota short (429), key revoked or expired (401), the process stopping (503)."""
+        if self._closed:
+            raise ServiceUnavailable("The relay is stopping; try again.", retry_after=1)
+        self._admitting += 1  # from here a stopping process waits for it (and for the submits that follow)
+        self._idle.clear()
+        try:
+            await self._hold(key, jobs)
+            self._admitted.update(job.id for job in jobs)
+        finally:
+            self._admitting -= 1
+            self._settle_idle()
+
+    async def _hold(self, key: KeyRecord, jobs: list[NewJob]) -> None:
         for job in jobs:
             if not key.allows(job.model):
                 raise ModelNotAllowed(f"This API key may not use the model {job.model!r}.")
@@ -158,14 +177,30 @@ class Submitter:
 
     async def submit(self, planned: Planned) -> Outcome:
         """Submit one admitted job; it is then followed to its end, parked in MODAL, or ended when none took it."""
-        self._submitting.add(planned.job.id)
+        job_id = planned.job.id
+        self._admitted.discard(job_id)
+        if self._closed:  # the process stopped waiting for submits: this one is never sent
+            return await self._never_sent(job_id)
+        self._submitting.add(job_id)
         self._idle.clear()
         try:
             return await self._submit(planned)
         finally:
-            self._submitting.discard(planned.job.id)
-            if not self._submitting:
-                self._idle.set()
+            self._submitting.discard(job_id)
+            self._settle_idle()
+
+    def _settle_idle(self) -> None:
+        if not self._submitting and not self._admitted and not self._admitting:
+            self._idle.set()
+
+    async def _never_sent(self, job_id: str) -> Outcome:
+        row = await self.finisher.end(
+            job_id, succeeded=False, error_code=FailureCode.INTERRUPTED, fail_reason=STOPPED_REASON
+        )
+        row = row or await self.store.get(job_id)
+        if row is None:
+            raise InternalError("The job vanished.")
+        return Outcome(row.state, row=row)
 
     async def _submit(self, planned: Planned) -> Outcome:
         job = planned.job
@@ -296,9 +331,18 @@ class Submitter:
     async def close(self) -> None:
         # A submit under way may have reached the upstream: it is let finish, so that the job is written down and
         # followed, and handed over with the other leases, rather than left PENDING (or ended as failed when the
-        # HTTP clients close) while the upstream runs it. For a while: the other leases wait for this.
+        # HTTP clients close) while the upstream runs it. So are the holds under way and the submits of the jobs
+        # held, which follow them at once. For a while: the other leases wait for this. A job held whose submit has
+        # not started by then is ended (its hold released) and never sent: the process is going away.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_WAIT_S):
                 await self._idle.wait()
+        self._closed = True
+        for job_id in sorted(self._admitted):
+            try:
+                await self._never_sent(job_id)
+            except Exception:  # left PENDING: the pending sweep ends it
+                log.exception("ending a job never submitted failed", extra={"fields": {"job": job_id}})
+        self._admitted.clear()
         await self._admit.close()
         await self._mark.close()
