@@ -134,6 +134,7 @@ class Relay:
             )
             self.upstream_hooks.forward = self.broadcast.forward_hook
         self.submitter.hook_url = self.upstream_hooks.url
+        self.tracker.submitting = self.submitter.submitting  # the pending sweep leaves those alone
         if not self.db.is_sqlite:
             self.submitter.slots = Slots(self.db.engine, config.jobs.lease_s)
         references = config.api.references

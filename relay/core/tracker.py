@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from adapters import TaskView, UpstreamUnavailable
 from relay.clock import Clock
@@ -59,6 +60,8 @@ class Tracker:
         self._wake = {name: asyncio.Event() for name in pool.names}
         self._loops: list[asyncio.Task[None]] = []
         lifecycle.on_follow = self._wake_provider
+        # Whether this process is submitting a job right now (set by the relay: `Submitter.submitting`).
+        self.submitting: Callable[[str], bool] = lambda job_id: False
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -118,6 +121,8 @@ class Tracker:
         for row in await self.store.stale_pending(now - PENDING_GRACE_S, now):
             if self.tracking(row.id):
                 continue  # submitted, though the write saying so failed: it ends when the upstream says so
+            if self.submitting(row.id):
+                continue  # still waiting for an upstream's answer (a slow one, or several tried): it may run
             await self.finisher.end(
                 row.id, succeeded=False, error_code=FailureCode.INTERRUPTED, fail_reason="never confirmed upstream"
             )
