@@ -27,7 +27,7 @@ from relay.core.events import JobEvents, Subscription
 from relay.core.failures import job_failed
 from relay.core.lifecycle import Lifecycle
 from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size, prompt_text, quality_flag, style_flag
-from relay.core.submit import Planned, Submitter
+from relay.core.submit import JobIdTaken, Planned, Submitter
 from relay.core.text import unstorable
 from relay.domain import FailureCode, JobState, ResultShape, TaskKind
 from relay.errors import InvalidRequest, JobFailed, NotFound, ServiceUnavailable
@@ -147,11 +147,14 @@ def _took_any(outcome: list[JobRow] | None, planned: int) -> bool:
 def new_job_id() -> str:
     """A job's id: 16 random digits below 2**53, the shape midjourney-proxy task ids have (`1320098173412546`):
     some clients keep them as numbers, JavaScript's exactly only up to 2**53. Two alike (about one chance in
-    16,000 over a million jobs) make the second one's admission fail whole, holding nothing."""
+    16,000 over a million jobs) make the second one's hold fail whole, holding nothing: it is made again under
+    fresh ids (up to ID_TRIES times)."""
     return str(10**15 + secrets.randbelow(_JS_SAFE - 10**15))
 
 
 _JS_SAFE = 2**53  # 9,007,199,254,740,992: every integer below is a distinct JavaScript number
+# How many times a request is held under freshly drawn job ids when one drawn is another job's.
+ID_TRIES = 3
 
 
 class JobService:
@@ -248,10 +251,16 @@ class JobService:
         restart and on another relay process."""
         if attempt is not None and attempt.retry:
             return await self._retry(key, spec, attempt)
-        request_id = secrets.token_hex(12)
-        planned, following = self._plan_jobs(spec, request_id)
-        launched = self._launch(key, spec, planned, following, attempt, claimed=False, at=self.clock.now())
-        return await self._started(launched)
+        for tries_left in reversed(range(ID_TRIES)):
+            request_id = secrets.token_hex(12)
+            planned, following = self._plan_jobs(spec, request_id)
+            launched = self._launch(key, spec, planned, following, attempt, claimed=False, at=self.clock.now())
+            try:
+                return await self._started(launched)
+            except JobIdTaken:  # held nothing, and the attempt says it started nothing: again, under fresh ids
+                if not tries_left:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _retry(self, key: KeyRecord, spec: ImageSpec, attempt: Attempt) -> Generation:
         """A retry follows the attempt that owns its fingerprint; one that finds none to follow starts afresh, and
@@ -275,10 +284,11 @@ class JobService:
                 raise
             if claimed:  # it took the body when the claim was written, not when it learnt so
                 launched = self._launch(key, spec, planned, following, attempt, claimed=True, at=now)
-                break
-        else:
-            raise ServiceUnavailable("This request is being started by another attempt; retry shortly.", retry_after=1)
-        return await self._started(launched)
+                try:
+                    return await self._started(launched)
+                except JobIdTaken:  # it started nothing, and says so: the next try starts afresh from it
+                    continue
+        raise ServiceUnavailable("This request is being started by another attempt; retry shortly.", retry_after=1)
 
     def _abandon(self, claiming: asyncio.Future[bool], fingerprint: str, request_id: str, at: float) -> None:
         """A retry that went away as it claimed its body: a claim that was written is settled as having started

@@ -49,6 +49,10 @@ STOP_WAIT_S = 10.0
 STOPPED_REASON = "the relay stopped before submitting it"
 
 
+class JobIdTaken(InternalError):
+    """A job's id, drawn at random, is already another job's: the request is held under fresh ids instead."""
+
+
 @dataclass(frozen=True, slots=True)
 class Planned:
     """One job to run: the row to insert, and the upstream call that makes it (`state` is set to the job's id)."""
@@ -136,7 +140,8 @@ class Submitter:
     async def admit(self, key: KeyRecord, jobs: list[NewJob]) -> None:
         """Hold the price of every job and insert them, or raise having held nothing: a model the key may not use
         (403), over the key's requests per minute (429 with Retry-After; counted in the database, so across relay
-        processes), quota short (429), key revoked or expired (401), the process stopping (503)."""
+        processes), quota short (429), key revoked or expired (401), the process stopping (503); `JobIdTaken`
+        when a job's id is another job's (its caller holds it again under fresh ids)."""
         if self._closed:
             raise ServiceUnavailable("The relay is stopping; try again.", retry_after=1)
         self._admitting += 1  # from here a stopping process waits for it (and for the submits that follow)
@@ -160,8 +165,21 @@ class Submitter:
                     f"Try again in {int(wait)} s.",
                     retry_after=int(wait),
                 )
-        if not await self._admit(Admission(key.id, tuple(jobs))):
+        try:
+            held = await self._admit(Admission(key.id, tuple(jobs)))
+        except Exception:
+            if await self._ids_taken(key, jobs):
+                raise JobIdTaken("Two jobs drew the same id.") from None
+            raise
+        if not held:
             raise await self.refusal(key, sum(job.price for job in jobs))
+
+    async def _ids_taken(self, key: KeyRecord, jobs: list[NewJob]) -> bool:
+        """Whether a hold that could not be written failed because a job's id is another job's."""
+        try:
+            return await self.store.ids_taken(key.id, jobs)
+        except Exception:  # the database is failing: the hold's own failure says so
+            return False
 
     async def refusal(self, key: KeyRecord, needed: int) -> RelayError:
         current = await self.keys.get(key.id)

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 from adapters import (
@@ -34,13 +34,13 @@ from relay.clock import Clock
 from relay.config import Config
 from relay.core.buttons import kind_of
 from relay.core.failures import job_failed
-from relay.core.jobs import check_prompt, new_job_id
+from relay.core.jobs import ID_TRIES, check_prompt, new_job_id
 from relay.core.lifecycle import Lifecycle
 from relay.core.modes import ModeHints, UnknownModel, choose_mode, price_model
 from relay.core.notify import Notifier
 from relay.core.prompt import MODE_FLAG, PromptParts, build_prompt
 from relay.core.providers import ProviderPool
-from relay.core.submit import Outcome, Planned, Submitter
+from relay.core.submit import JobIdTaken, Outcome, Planned, Submitter
 from relay.core.uploads import Uploads
 from relay.domain import TASKS, JobState, Mode, TaskKind
 from relay.errors import InvalidRequest, NotFound, ServiceUnavailable, UpstreamFailed
@@ -219,24 +219,33 @@ class TaskService:
     async def _run(self, key: KeyRecord, planned: Planned, base_url: str) -> Submission:
         # Held, then submitted even if the client goes away meanwhile: a held job is always submitted or ended.
         work = asyncio.ensure_future(self._admit_and_submit(key, planned, base_url))
-        outcome = await asyncio.shield(work)
+        job_id, outcome = await asyncio.shield(work)
         if outcome.row is not None:
             raise job_failed(outcome.row)
-        return Submission(planned.job.id, outcome.state, outcome.queued)
+        return Submission(job_id, outcome.state, outcome.queued)
 
-    async def _admit_and_submit(self, key: KeyRecord, planned: Planned, base_url: str) -> Outcome:
+    async def _admit_and_submit(self, key: KeyRecord, planned: Planned, base_url: str) -> tuple[str, Outcome]:
+        """The job's id (a fresh one if the one drawn was taken) and how its submit went."""
         hook = planned.job.notify_hook
         if hook:  # its place is taken before the hold (this work runs to its end: the place is never lost)
             self.notifier.reserve(key.id)
         try:
-            await self.submitter.admit(key, [planned.job])
+            for tries_left in reversed(range(ID_TRIES)):
+                try:
+                    await self.submitter.admit(key, [planned.job])
+                    break
+                except JobIdTaken:
+                    if not tries_left:
+                        raise
+                    fresh = new_job_id()
+                    planned = replace(planned, job=replace(planned.job, id=fresh, request_id=fresh))
         except BaseException:
             if hook:
                 self.notifier.release(key.id)
             raise
         if hook:
             self.notifier.watch(planned.job.id, hook, key.hook_secret, base_url, key.id, reserved=True)
-        return await self.submitter.submit(planned)
+        return planned.job.id, await self.submitter.submit(planned)
 
     # -- modal ---------------------------------------------------------------------------------------------------
 

@@ -568,6 +568,21 @@ class JobStore:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
         return row_of(row) if row is not None else None
 
+    async def ids_taken(self, key_id: str, new_jobs: Sequence[NewJob]) -> bool:
+        """Whether some of these jobs' ids are another job's (or one of them twice): random ids drawn alike. A row
+        these very jobs wrote (the same request, key and deadline) is not another job's."""
+        ids = [job.id for job in new_jobs]
+        if len(set(ids)) < len(ids):
+            return True
+        async with connected(self.engine) as conn:
+            rows = (
+                await conn.execute(
+                    select(jobs.c.id, jobs.c.request_id, jobs.c.key_id, jobs.c.deadline_at).where(jobs.c.id.in_(ids))
+                )
+            ).all()
+        mine = {job.id: (job.request_id, key_id, job.deadline_at) for job in new_jobs}
+        return any(mine[row.id] != (row.request_id, row.key_id, row.deadline_at) for row in rows)
+
     async def owned(self, job_ids: Sequence[str], key_id: str) -> list[JobRow]:
         """The jobs among `job_ids` that belong to the key, newest first: another key's job is not there at all."""
         if not job_ids:
