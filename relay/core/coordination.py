@@ -110,9 +110,10 @@ class Coordinator:
         return len(rows)
 
     async def renew(self) -> None:
-        """Renew every lease; stop following the jobs another process took meanwhile (this one stalled)."""
+        """Renew the leases of the jobs followed here (and of those being submitted); stop following the jobs another
+        process took meanwhile (this one stalled)."""
         followed = set(self.lifecycle.followed())
-        held = await self.leases.renew(self.clock.now())
+        held = await self.leases.renew(self.clock.now(), followed)
         for job_id in followed - held:
             self.lifecycle.forget(job_id)
 

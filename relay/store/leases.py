@@ -35,14 +35,27 @@ class Leases:
         self.owner = owner
         self.lease_s = lease_s
 
-    async def renew(self, now: float) -> set[str]:
-        """Renew every lease this process holds; the ids of the jobs it still holds."""
-        return await self._ids(
-            update(jobs)
-            .where(jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE))
-            .values(lease_until=now + self.lease_s)
-            .returning(jobs.c.id)
-        )
+    async def renew(self, now: float, following: Collection[str] | None = None) -> set[str]:
+        """Renew the leases this process holds: every one, or (`following`) those of the jobs it follows and of its
+        jobs not yet submitted; the ids of the jobs renewed. A running job the process holds but does not follow
+        (a claim whose commit landed though the connection was cut before it was answered, so the process never
+        learnt it took the job) is not kept: its lease runs out and the job is adopted again, not left unfollowed
+        for as long as the process lives, never ended, its hold never settled."""
+        held = (jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE))
+        statement = update(jobs).values(lease_until=now + self.lease_s).returning(jobs.c.id)
+        if following is None:
+            return await self._ids(statement.where(*held))
+        ids = list(following)
+        pending = jobs.c.state == JobState.PENDING.value
+
+        async def work(conn: AsyncConnection) -> set[str]:
+            renewed = {row.id for row in await conn.execute(statement.where(*held, pending))}
+            for start in range(0, len(ids), CLAIM_BATCH):  # bounded lists: a process may follow thousands
+                chunk = statement.where(*held, jobs.c.id.in_(ids[start : start + CLAIM_BATCH]))
+                renewed.update(row.id for row in await conn.execute(chunk))
+            return renewed
+
+        return await transaction(self.engine, work)
 
     async def hold(self, job_ids: Sequence[str], now: float) -> set[str]:
         """Renew the leases of these jobs; those it still holds (a job another process took meanwhile is not)."""

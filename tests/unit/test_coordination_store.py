@@ -292,3 +292,38 @@ async def test_one_adoption_round_follows_every_job_of_a_dead_process_however_ma
             assert relay.lifecycle.count() == CLAIM_BATCH + 1
         finally:
             await relay.close()
+
+
+@pytest.mark.postgres
+async def test_jobs_a_claim_took_unheard_are_not_kept_but_adopted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection is cut as an adoption's commit is answered (a database failing over, a pooler closing it): the
+    claim landed, but the process never learnt which jobs it took, and follows none of them. It does not keep their
+    leases alive while following nothing (nobody would ever end them, nor settle their holds): they lapse, and are
+    adopted again."""
+    clock = FakeClock()
+    async with pg_database() as url:
+        relay = Relay(relay_config(tmp_path, database={"url": url}, jobs={"lease_s": LEASE}), clock)
+        await relay.open()
+        try:
+            await dead_process_jobs(relay, 1, "a-process-that-died", clock.now() - 2 * LEASE, LEASE)
+            claim = relay.leases.claim_expired
+
+            async def cut_as_answered(*args: Any, **kwargs: Any) -> Any:
+                await claim(*args, **kwargs)
+                raise OSError("the connection was cut as the commit was answered")
+
+            monkeypatch.setattr(relay.leases, "claim_expired", cut_as_answered)
+            with pytest.raises(OSError):
+                await relay.coordinator.adopt()
+            monkeypatch.undo()
+            row = await relay.store.get("job_00000000")
+            assert row is not None and row.owner == relay.process_id and not relay.lifecycle.following(row.id)
+            for _ in range(4):  # the renewals of more than a lease's time
+                clock.t += LEASE / 3
+                await relay.coordinator.renew()
+            assert await relay.coordinator.adopt() == 1
+            assert relay.lifecycle.following("job_00000000")
+        finally:
+            await relay.close()
