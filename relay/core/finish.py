@@ -59,7 +59,25 @@ class Finisher:
         for ending, row in zip(endings, rows, strict=True):
             if row is not None:
                 self._announce(ending, row)
+        found_ended = [ending.job_id for ending, row in zip(endings, rows, strict=True) if row is None]
+        if found_ended:
+            await self._tell_ended(found_ended)
         return rows
+
+    async def _tell_ended(self, job_ids: list[str]) -> None:
+        """Tell whoever waits of the end of jobs an ending found ended already. That end may be this process's own
+        earlier write, which landed as its connection was cut before the commit was answered (a failover, a pooler
+        or a firewall closing it): it was taken for failed and announced to nobody, so without this the waiters,
+        client hooks and other processes would hear of it only from a later read of their own, or never. Hearing
+        of an end twice (another writer announced it) changes nothing for them."""
+        for job_id in dict.fromkeys(job_ids):
+            try:
+                row = await self.store.get(job_id)
+            except Exception:  # the end is written: waiters read it after a quiet spell
+                log.warning("reading a job found ended failed", exc_info=True, extra={"fields": {"job": job_id}})
+                continue
+            if row is not None and row.state.terminal:
+                self.events.publish(JobEvent(row.id, row.state, row.progress, row.error_code, row))
 
     def _announce(self, ending: Ending, row: JobRow) -> None:
         outcome = "succeeded" if ending.succeeded else (ending.error_code or "failed")

@@ -15,8 +15,8 @@ from adapters import Retryable, SubmitOutcome, SubmitRequest
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import SystemClock
 from relay.core.events import JobEvent
-from relay.core.jobs import Attempt, ImageSpec
-from relay.domain import FailureCode
+from relay.core.jobs import QUIET_S, Attempt, ImageSpec
+from relay.domain import FailureCode, JobState
 from relay.errors import InsufficientQuota, JobFailed
 from relay.services import Relay
 from relay.store.jobs import JobRow
@@ -651,3 +651,40 @@ async def test_the_first_requests_of_many_bodies_are_group_committed(tmp_path: P
         assert len(commits) <= 10
     finally:
         await relay.close()
+
+
+@pytest.mark.postgres
+async def test_an_ending_written_as_its_connection_was_cut_still_wakes_every_waiter(tmp_path: Path) -> None:
+    """The connection is cut as a job's ending is committed (a failover, a pooler or a firewall closing it): the
+    ending landed, but the process was told it failed, and its next try finds the job ended already. The waiters,
+    here and in the other process, still learn of the end at once, not after a quiet spell."""
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 2) as ((a, b), key):
+        finish_many = a.store.finish_many
+        cuts = 0
+
+        async def cut_as_answered(*args: Any, **kwargs: Any) -> list[JobRow | None]:
+            nonlocal cuts
+            rows = await finish_many(*args, **kwargs)
+            if cuts == 0:
+                cuts += 1
+                raise OSError("the connection was cut as the commit was answered")
+            return rows
+
+        a.store.finish_many = cut_as_answered  # type: ignore[method-assign]
+        generation = await a.jobs.start(key, a.jobs.plan(model="mj-fast", prompt="a kite", n=1))
+        elsewhere = b.events.subscribe(generation.job_ids)
+        try:
+            async with asyncio.timeout(QUIET_S / 2):  # a lost wake-up costs a quiet spell
+                (row,) = await a.jobs.wait(generation)
+                change = await elsewhere.next(QUIET_S)
+                while change is not None and not change.state.terminal:
+                    change = await elsewhere.next(QUIET_S)
+        finally:
+            generation.close()
+            elsewhere.close()
+        assert cuts == 1
+        assert (row.state, row.hold_state) == (JobState.SUCCEEDED, "captured")
+        assert change is not None and change.state is JobState.SUCCEEDED
+        current = await a.keys.get(key.id)
+        assert current is not None and (current.balance, current.held) == (key.balance - row.price, 0)
