@@ -168,11 +168,27 @@ class Submitter:
         try:
             held = await self._admit(Admission(key.id, tuple(jobs)))
         except Exception:
-            if await self._ids_taken(key, jobs):
+            if await self._ids_taken(key, jobs):  # nothing of this request was written: the ids are another's
                 raise JobIdTaken("Two jobs drew the same id.") from None
+            await self._unadmitted(jobs)
             raise
         if not held:
             raise await self.refusal(key, sum(job.price for job in jobs))
+
+    async def _unadmitted(self, jobs: list[NewJob]) -> None:
+        """An admission that failed may have landed all the same (its commit was made as the connection was cut,
+        before it was answered): its jobs, never to be submitted, are ended now (only while still PENDING), so that
+        their hold is released at once rather than kept from the key until the pending sweep. When that cannot be
+        written either, the sweep ends them."""
+        reason = "its admission was not confirmed"
+        endings = [Finisher.ending(job.id, False, FailureCode.INTERRUPTED, reason) for job in jobs]
+        unwritten = [o for o in await self.finisher.end_many(endings) if isinstance(o, Exception)]
+        if unwritten:
+            log.warning(
+                "the jobs of a failed admission are left to the pending sweep",
+                exc_info=unwritten[0],
+                extra={"fields": {"jobs": len(unwritten)}},
+            )
 
     async def _ids_taken(self, key: KeyRecord, jobs: list[NewJob]) -> bool:
         """Whether a hold that could not be written failed because a job's id is another job's."""

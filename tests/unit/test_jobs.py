@@ -688,3 +688,39 @@ async def test_an_ending_written_as_its_connection_was_cut_still_wakes_every_wai
         assert change is not None and change.state is JobState.SUCCEEDED
         current = await a.keys.get(key.id)
         assert current is not None and (current.balance, current.held) == (key.balance - row.price, 0)
+
+
+@pytest.mark.postgres
+async def test_credits_held_by_an_admission_written_as_its_connection_was_cut_are_released_at_once(
+    tmp_path: Path,
+) -> None:
+    """The connection is cut as a request's admission is committed: the hold and the jobs landed, but the process
+    was told it failed, and the request failed. Those jobs are never submitted: their hold is released at once, not
+    kept from the key until the pending sweep ten minutes on, and the key's next request is taken."""
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 1) as ((relay,), _):
+        key, _ = await relay.keys.create("one job's worth", 2, 0)
+        open_many = relay.store.open_many
+        cuts = 0
+
+        async def cut_as_answered(*args: Any, **kwargs: Any) -> list[bool]:
+            nonlocal cuts
+            admitted = await open_many(*args, **kwargs)
+            if cuts == 0:
+                cuts += 1
+                raise OSError("the connection was cut as the commit was answered")
+            return admitted
+
+        relay.store.open_many = cut_as_answered  # type: ignore[method-assign]
+        spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)  # every credit the key has
+        with pytest.raises(OSError):
+            await relay.jobs.start(key, spec)
+        assert cuts == 1 and upstream.engine.submits == 0
+        current = await relay.keys.get(key.id)
+        assert current is not None and (current.balance, current.held) == (key.balance, 0)
+        generation = await relay.jobs.start(key, spec)
+        try:
+            rows = await relay.jobs.wait(generation)
+        finally:
+            generation.close()
+        assert {row.state for row in rows} == {JobState.SUCCEEDED}
