@@ -262,7 +262,9 @@ class KeyStore:
         )
 
     async def topup(self, id_or_name: str, amount: int, now: float, note: str = "") -> KeyRecord:
-        """Add credits to a key (its id, or the name of one live key), with a `topup` row in the same transaction."""
+        """Add credits to a key (its id, or the name of one live key), with a `topup` row in the same transaction.
+        A revoked key is refused (ValueError), also when it is revoked while this runs: its credits could never be
+        spent."""
         amount = check_credits(amount, "amount", lowest=1)
         note = _text(note, "note", MAX_NOTE, empty=True)
         return await self._move("topup", id_or_name, amount, now, note)
@@ -278,16 +280,21 @@ class KeyStore:
     async def _move(
         self, kind: Literal["topup", "adjust"], id_or_name: str, amount: int, now: float, note: str
     ) -> KeyRecord:
+        # A top-up only adds, so it fails only on a revoked key; a correction may go to a revoked key (to close it).
+        allowed = keys.c.revoked_at.is_(None) if kind == "topup" else keys.c.balance + amount >= keys.c.held
+
         async def work(conn: AsyncConnection) -> KeyRecord:
             row = await _resolve(conn, id_or_name)
             result = await conn.execute(
                 update(keys)
-                .where(keys.c.id == row.id, keys.c.balance + amount >= keys.c.held)
+                .where(keys.c.id == row.id, allowed)
                 .values(balance=keys.c.balance + amount)
                 .returning(*keys.c)
             )
             changed = result.first()
             if changed is None:
+                if kind == "topup":
+                    raise ValueError("the key is revoked; a revoked key cannot be topped up")
                 raise ValueError("the key's balance cannot go below what it holds")
             await conn.execute(ledger.insert(), [entry(kind, row.id, amount, now, note=note or None)])
             return _record(changed)

@@ -66,3 +66,23 @@ def test_keys_commands_and_a_corrupted_ledger_fails_the_check(tmp_path: Path) ->
     assert "2 breaks" in broken.stdout
     assert "balance 1070 but top-ups 75 - captures 0 + adjustments -5 = 70" in broken.stdout
     assert "held 3 but its open holds are 0" in broken.stdout
+
+
+def test_a_revoked_key_is_not_topped_up(tmp_path: Path) -> None:
+    """Credits put on a revoked key could never be spent: the command refuses, as the admin API does, and the
+    balance and the ledger stay as they were. A correction (`adjust`) is still possible."""
+    config = str(_config(tmp_path))
+    made = cli(tmp_path, "--config", config, "keys", "create", "--name", "gone", "--quota", "10")
+    assert made.returncode == 0, made.stderr
+    key_id = made.stdout.split()[2]
+    assert cli(tmp_path, "--config", config, "keys", "revoke", key_id).returncode == 0
+
+    refused = cli(tmp_path, "--config", config, "keys", "topup", key_id, "100", "--note", "late invoice")
+    assert refused.returncode == 2, refused.stdout
+    assert "revoked" in refused.stderr and "Added" not in refused.stdout
+    assert cli(tmp_path, "--config", config, "keys", "adjust", key_id, "-10", "--note", "closed").returncode == 0
+
+    exported = cli(tmp_path, "--config", config, "ledger", "export", "--key", key_id)
+    rows = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert [(r["kind"], r["amount"]) for r in rows] == [("topup", "10"), ("adjust", "-10")]
+    assert cli(tmp_path, "--config", config, "ledger", "check").returncode == 0
