@@ -266,17 +266,27 @@ _DURATION = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _LONGEST_S = 100 * 366 * 86400  # a duration longer is a typing mistake (and past a float's range, a crash)
 
 
+# More digits than any value an option takes; `int` refuses to read thousands of them.
+_MAX_DIGITS = 18
+
+
+def _whole(text: str) -> bool:
+    """Whether `text` is a whole number: ASCII digits only (`str.isdigit` is also true of `²`, which `int` does
+    not read)."""
+    return text.isascii() and text.isdigit()
+
+
 def _parse_when(value: str, now: float, option: str, *, ago: bool = False) -> float | None:
     """A time an operator writes: an ISO date or date-time (UTC unless it says otherwise), a duration from now
     (`30d`, `12h`, `90m`, `2w`; back from now with `ago`), or `never`."""
     text = value.strip().lower()
     if text in _NEVER:
         return None
-    if text[:-1].isdigit() and text[-1:] in _DURATION:
-        seconds = int(text[:-1]) * _DURATION[text[-1]]  # an int: any number of digits is exact here
-        if seconds > _LONGEST_S:
+    if _whole(text[:-1]) and text[-1:] in _DURATION:
+        digits = text[:-1]
+        if len(digits) > _MAX_DIGITS or int(digits) * _DURATION[text[-1]] > _LONGEST_S:
             raise click.BadParameter("give a duration of at most 100 years", param_hint=option)
-        return now + (-1 if ago else 1) * seconds
+        return now + (-1 if ago else 1) * int(digits) * _DURATION[text[-1]]
     try:
         parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
@@ -309,7 +319,7 @@ def _parse_models(value: str, config: Config) -> tuple[str, ...] | None:
 def _parse_rpm(value: str) -> int | None:
     if value.strip().lower() in _NEVER:
         return None
-    if not value.strip().isdigit() or int(value) < 1:
+    if not _whole(value.strip()) or len(value.strip()) > _MAX_DIGITS or int(value) < 1:
         raise click.BadParameter("give a whole number of requests a minute (1 or more), or 'none'", param_hint="--rpm")
     return int(value)
 

@@ -86,3 +86,22 @@ def test_a_revoked_key_is_not_topped_up(tmp_path: Path) -> None:
     rows = list(csv.DictReader(io.StringIO(exported.stdout)))
     assert [(r["kind"], r["amount"]) for r in rows] == [("topup", "10"), ("adjust", "-10")]
     assert cli(tmp_path, "--config", config, "ledger", "check").returncode == 0
+
+
+def test_digits_that_are_not_ascii_are_a_usage_error_not_a_crash(tmp_path: Path) -> None:
+    """`²` is a digit to Python's `str.isdigit` but no number `int` reads, nor are 5000 digits: such a typo is
+    refused with a message."""
+    config = str(_config(tmp_path))
+    digits = "9" * 5000  # more than `int` reads
+    for option, value in [
+        ("--rpm", "²"),
+        ("--rpm", "1²"),
+        ("--rpm", digits),
+        ("--expires", "²d"),
+        ("--expires", "3²h"),
+        ("--expires", digits + "d"),
+    ]:
+        made = cli(tmp_path, "--config", config, "keys", "create", "--name", "x", "--quota", "1", option, value)
+        assert made.returncode == 2, (option, value, made.stdout)
+        assert "Traceback" not in made.stderr and option in made.stderr, made.stderr
+    assert cli(tmp_path, "--config", config, "keys", "list").stdout.count("\n") == 1  # the header only: none made
