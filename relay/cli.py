@@ -543,6 +543,13 @@ def _run_keys(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
         sys.exit(1)
 
 
+def _shown(text: str) -> str:
+    """Text from elsewhere (an upstream's words) as a terminal may show it: a character that is not printable
+    (an escape sequence's ESC or CSI, a carriage return, a bidirectional override) is written as its escape, `\\x1b`,
+    so it can neither move the cursor, retitle the window, write the clipboard, nor reorder what is shown."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 @main.command("providers")
 @_config_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a line instead of a table.")
@@ -586,7 +593,7 @@ def providers(ctx: click.Context, config_path: str | None, as_json: bool) -> Non
         if record is None:
             line += ["healthy", "-", "-", "-"]
         else:
-            line += [record.state, when(record.since), when(record.cooling_until), record.reason or "-"]
+            line += [record.state, when(record.since), when(record.cooling_until), _shown(record.reason) or "-"]
         table.append(line)
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
     for line in table:

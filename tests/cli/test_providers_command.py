@@ -10,6 +10,10 @@ import sys
 from pathlib import Path
 
 import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
 from relay.config import load_config
@@ -83,3 +87,26 @@ def test_providers_shows_each_provider_with_its_recorded_health(tmp_path: Path) 
     ]
     assert rows[0]["until"] - rows[0]["since"] == 600
     assert rows[0]["process"].endswith(f":{os.getpid()}")
+
+
+def test_an_upstreams_words_cannot_drive_the_operators_terminal(tmp_path: Path) -> None:
+    """A provider's reason is the upstream's own text. Escape sequences in it (here: set the clipboard, clear the
+    screen, a right-to-left override) are shown as escapes, never sent to the terminal as they are."""
+    hostile = "no balance\x1b]52;c;Y3VybCBldmlsfHNo\x07\x1b[2J\x1b[H\u202eevil\r\x9b31m"
+
+    async def refuse(request: Request) -> JSONResponse:
+        return JSONResponse({"code": 25, "description": hostile})
+
+    upstream = Starlette(routes=[Route("/{path:path}", refuse, methods=["GET", "POST"])])
+    with serve(upstream) as base:
+        path = write_config(tmp_path, base)
+        config = load_config(path)
+        with running_relay(config) as relay:
+            relay.openai().images.generate(model="mj-fast", prompt="a heron")
+            wait_for(lambda: sql(config, "SELECT state FROM provider_health") == [("cooling",)])
+        shown = providers_command(tmp_path, "--config", str(path))
+
+    assert shown.returncode == 0, shown.stderr
+    refusing = shown.stdout.splitlines()[1]
+    assert refusing.isprintable(), refusing
+    assert refusing.endswith(r"no balance\x1b]52;c;Y3VybCBldmlsfHNo\x07\x1b[2J\x1b[H\u202eevil\r\x9b31m"), refusing
