@@ -351,6 +351,9 @@ def keys_create(
     allowed = _parse_models(models, config) if models is not None else None
     limit = _parse_rpm(rpm) if rpm is not None else None
     expires_at = _parse_when(expires, now, "--expires") if expires is not None else None
+    if expires_at is not None and expires_at <= now:
+        # A key made expired never works: a typo (2025 for 2026), refused as the admin API refuses it.
+        raise click.BadParameter("the time is in the past; give one to come", param_hint="--expires")
     record, secret = _run_with_store(
         config, lambda store: store.create(name, quota, now, models=allowed, rpm=limit, expires_at=expires_at)
     )

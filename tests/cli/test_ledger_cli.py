@@ -105,3 +105,21 @@ def test_digits_that_are_not_ascii_are_a_usage_error_not_a_crash(tmp_path: Path)
         assert made.returncode == 2, (option, value, made.stdout)
         assert "Traceback" not in made.stderr and option in made.stderr, made.stderr
     assert cli(tmp_path, "--config", config, "keys", "list").stdout.count("\n") == 1  # the header only: none made
+
+
+def test_a_key_is_not_created_already_expired(tmp_path: Path) -> None:
+    """A past `--expires` is a typo (2025 for 2026): the key would never work, so none is made, as the admin API
+    refuses it. `keys update` may still end a key's access now (`--expires 0m`)."""
+    config = str(_config(tmp_path))
+    for value in ["2020-01-01", "2000-01-01T00:00:00Z", "0m"]:
+        made = cli(tmp_path, "--config", config, "keys", "create", "--name", "late", "--quota", "5", "--expires", value)
+        assert made.returncode == 2, (value, made.stdout)
+        assert "--expires" in made.stderr and "past" in made.stderr, made.stderr
+    assert cli(tmp_path, "--config", config, "keys", "list").stdout.count("\n") == 1  # the header only: none made
+
+    made = cli(tmp_path, "--config", config, "keys", "create", "--name", "soon", "--quota", "5", "--expires", "1h")
+    assert made.returncode == 0, made.stderr
+    key_id = made.stdout.split()[2]
+    ended = cli(tmp_path, "--config", config, "keys", "update", key_id, "--expires", "0m")
+    assert ended.returncode == 0, ended.stderr
+    assert "expired" in cli(tmp_path, "--config", config, "keys", "list").stdout
