@@ -35,8 +35,10 @@ from starlette.types import ASGIApp
 from relay.app import build_app
 from relay.config import Config
 from relay.server import RelayServer, ServeConfig
+from relay.services import Relay
 from relay.store import ledger
 from relay.store.db import MIGRATIONS, Database
+from relay.store.jobs import JobRow
 from relay.store.keys import KeyStore
 
 
@@ -393,3 +395,13 @@ def bomb_png(width: int, height: int) -> bytes:
     (what a decompression bomb looks like before it is decoded)."""
     rows = zlib.compress(b"\x00" * (1 + 3 * width) * 4)
     return png_start(width, height) + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
+
+
+async def ended_row(relay: Relay, job_id: str) -> JobRow:
+    """A job's row once it has ended, as `relay` reads it (looked at every 50 ms; bound it with a timeout)."""
+    while True:
+        row = await relay.store.get(job_id)
+        assert row is not None
+        if row.state.terminal:
+            return row
+        await asyncio.sleep(0.05)

@@ -17,7 +17,7 @@ from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import SystemClock
 from relay.services import Relay
 from relay.store.jobs import JobRow, JobStore, NewJob
-from tests.helpers import pg_database, relay_config
+from tests.helpers import ended_row, pg_database, relay_config
 
 pytestmark = pytest.mark.anyio
 
@@ -36,12 +36,7 @@ async def pending_elsewhere(relay: Relay, engine: SimEngine, key_id: str, owner:
 
 
 async def ended(relay: Relay) -> JobRow:
-    while True:
-        row = await relay.store.get("job_of_a_dead_submit")
-        assert row is not None
-        if row.state.terminal:
-            return row
-        await asyncio.sleep(0.05)
+    return await ended_row(relay, "job_of_a_dead_submit")
 
 
 async def test_a_relay_started_again_adopts_a_job_its_previous_run_was_submitting_at_once(tmp_path: Path) -> None:

@@ -18,8 +18,7 @@ from relay.core.modes import ModeHints
 from relay.core.tasks import TaskOrder
 from relay.domain import TaskKind
 from relay.services import Relay
-from relay.store.jobs import JobRow
-from tests.helpers import relay_config
+from tests.helpers import ended_row, relay_config
 
 pytestmark = pytest.mark.anyio
 
@@ -29,15 +28,6 @@ TAKEN, FRESH = "1000000000000001", "1000000000000002"
 def drawn(*ids: str) -> Iterator[str]:
     yield from ids
     raise AssertionError("more ids drawn than the test expected")
-
-
-async def ended(relay: Relay, job_id: str) -> JobRow:
-    while True:
-        row = await relay.store.get(job_id)
-        assert row is not None
-        if row.state.terminal:
-            return row
-        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -63,7 +53,7 @@ async def test_a_native_task_that_draws_a_taken_id_is_submitted_under_a_fresh_on
         second = await relay.tasks.submit(key, order, "http://127.0.0.1:1")
         assert (first.job_id, second.job_id) == (TAKEN, FRESH)
         for job_id in (TAKEN, FRESH):
-            assert (await asyncio.wait_for(ended(relay, job_id), 10)).state.value == "SUCCEEDED"
+            assert (await asyncio.wait_for(ended_row(relay, job_id), 10)).state.value == "SUCCEEDED"
         current = await relay.keys.get(key.id)
         assert current is not None and (current.balance, current.held) == (96, 0)
 

@@ -14,7 +14,7 @@ from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import SystemClock
 from relay.services import Relay
 from relay.store.jobs import JobRow, JobStore, NewJob
-from tests.helpers import pg_database, relay_config
+from tests.helpers import ended_row, pg_database, relay_config
 
 pytestmark = pytest.mark.anyio
 
@@ -58,13 +58,5 @@ async def test_the_pending_sweep_does_not_end_a_job_a_hook_adopted_since_it_read
         await b.tracker.sweep_pending()
         assert outcomes == ["adopted"]
 
-        async def ended() -> JobRow:
-            while True:
-                row = await c.store.get(job_id)
-                assert row is not None
-                if row.state.terminal:
-                    return row
-                await asyncio.sleep(0.05)
-
-        row = await asyncio.wait_for(ended(), 10)
+        row = await asyncio.wait_for(ended_row(c, job_id), 10)
         assert (row.state.value, row.error_code) == ("SUCCEEDED", None), (row.state, row.error_code, row.fail_reason)

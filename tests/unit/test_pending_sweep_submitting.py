@@ -16,7 +16,7 @@ from relay.core.modes import ModeHints
 from relay.core.tasks import TaskOrder
 from relay.domain import TaskKind
 from relay.services import Relay
-from tests.helpers import relay_config
+from tests.helpers import ended_row, relay_config
 
 pytestmark = pytest.mark.anyio
 
@@ -56,15 +56,8 @@ async def test_the_pending_sweep_leaves_alone_a_job_its_process_is_still_submitt
         upstream.gate.set()
         submitted = await asyncio.wait_for(submitting, 5)
 
-        async def ended() -> tuple[str, str]:
-            while True:
-                row = await relay.store.get(submitted.job_id)
-                assert row is not None
-                if row.state.terminal:
-                    return row.state.value, row.hold_state
-                await asyncio.sleep(0.05)
-
-        assert await asyncio.wait_for(ended(), 10) == ("SUCCEEDED", "captured")
+        row = await asyncio.wait_for(ended_row(relay, submitted.job_id), 10)
+        assert (row.state.value, row.hold_state) == ("SUCCEEDED", "captured")
         assert upstream.engine.submits == 1
         current = await relay.keys.get(key.id)
         assert current is not None and (current.balance, current.held) == (98, 0)

@@ -18,7 +18,7 @@ from relay.clock import SystemClock
 from relay.core.jobs import Attempt
 from relay.services import Relay
 from relay.store.keys import KeyRecord
-from tests.helpers import pg_database, relay_config
+from tests.helpers import ended_row, pg_database, relay_config
 
 pytestmark = pytest.mark.anyio
 
@@ -67,12 +67,7 @@ async def two_relays(
 
 
 async def ended(relay: Relay, job_id: str) -> str:
-    while True:
-        row = await relay.store.get(job_id)
-        assert row is not None
-        if row.state.terminal:
-            return row.state.value
-        await asyncio.sleep(0.05)
+    return (await ended_row(relay, job_id)).state.value
 
 
 @pytest.mark.postgres
