@@ -168,9 +168,11 @@ class Submitter:
         try:
             held = await self._admit(Admission(key.id, tuple(jobs)))
         except Exception:
-            if await self._ids_taken(key, jobs):  # nothing of this request was written: the ids are another's
+            taken = await self._ids_taken(key, jobs)
+            if taken:  # nothing of this request was written: the ids are another's
                 raise JobIdTaken("Two jobs drew the same id.") from None
-            await self._unadmitted(jobs)
+            if taken is not None:  # not known: a job of those ids may be another request's, left to the sweep
+                await self._unadmitted(jobs)
             raise
         if not held:
             raise await self.refusal(key, sum(job.price for job in jobs))
@@ -179,7 +181,7 @@ class Submitter:
         """An admission that failed may have landed all the same (its commit was made as the connection was cut,
         before it was answered): its jobs, never to be submitted, are ended now (only while still PENDING), so that
         their hold is released at once rather than kept from the key until the pending sweep. When that cannot be
-        written either, the sweep ends them."""
+        written either (or whether the ids are this request's cannot be read), the sweep ends them."""
         reason = "its admission was not confirmed"
         endings = [Finisher.ending(job.id, False, FailureCode.INTERRUPTED, reason) for job in jobs]
         unwritten = [o for o in await self.finisher.end_many(endings) if isinstance(o, Exception)]
@@ -190,12 +192,14 @@ class Submitter:
                 extra={"fields": {"jobs": len(unwritten)}},
             )
 
-    async def _ids_taken(self, key: KeyRecord, jobs: list[NewJob]) -> bool:
-        """Whether a hold that could not be written failed because a job's id is another job's."""
+    async def _ids_taken(self, key: KeyRecord, jobs: list[NewJob]) -> bool | None:
+        """Whether a hold that could not be written failed because a job's id is another job's; None when that
+        cannot be read (the hold's own failure is raised, and no job of those ids is ended: one may be another
+        request's, running)."""
         try:
             return await self.store.ids_taken(key.id, jobs)
-        except Exception:  # the database is failing: the hold's own failure says so
-            return False
+        except Exception:  # the database is failing
+            return None
 
     async def refusal(self, key: KeyRecord, needed: int) -> RelayError:
         current = await self.keys.get(key.id)
