@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -653,6 +653,22 @@ async def test_the_first_requests_of_many_bodies_are_group_committed(tmp_path: P
         await relay.close()
 
 
+class CutOnce:
+    """A store write that lands, then, the first time, fails as if its connection were cut before the commit was
+    answered (a failover, a pooler or a firewall closing it)."""
+
+    def __init__(self, write: Callable[..., Awaitable[Any]]) -> None:
+        self.write = write
+        self.cuts = 0
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        written = await self.write(*args, **kwargs)
+        if self.cuts == 0:
+            self.cuts += 1
+            raise OSError("the connection was cut as the commit was answered")
+        return written
+
+
 @pytest.mark.postgres
 async def test_an_ending_written_as_its_connection_was_cut_still_wakes_every_waiter(tmp_path: Path) -> None:
     """The connection is cut as a job's ending is committed (a failover, a pooler or a firewall closing it): the
@@ -660,18 +676,8 @@ async def test_an_ending_written_as_its_connection_was_cut_still_wakes_every_wai
     here and in the other process, still learn of the end at once, not after a quiet spell."""
     upstream = SwitchableUpstream()
     async with relays_on_one_database(tmp_path, upstream, 2) as ((a, b), key):
-        finish_many = a.store.finish_many
-        cuts = 0
-
-        async def cut_as_answered(*args: Any, **kwargs: Any) -> list[JobRow | None]:
-            nonlocal cuts
-            rows = await finish_many(*args, **kwargs)
-            if cuts == 0:
-                cuts += 1
-                raise OSError("the connection was cut as the commit was answered")
-            return rows
-
-        a.store.finish_many = cut_as_answered  # type: ignore[method-assign]
+        cut = CutOnce(a.store.finish_many)
+        a.store.finish_many = cut  # type: ignore[method-assign]
         generation = await a.jobs.start(key, a.jobs.plan(model="mj-fast", prompt="a kite", n=1))
         elsewhere = b.events.subscribe(generation.job_ids)
         try:
@@ -683,7 +689,7 @@ async def test_an_ending_written_as_its_connection_was_cut_still_wakes_every_wai
         finally:
             generation.close()
             elsewhere.close()
-        assert cuts == 1
+        assert cut.cuts == 1
         assert (row.state, row.hold_state) == (JobState.SUCCEEDED, "captured")
         assert change is not None and change.state is JobState.SUCCEEDED
         current = await a.keys.get(key.id)
@@ -700,22 +706,12 @@ async def test_credits_held_by_an_admission_written_as_its_connection_was_cut_ar
     upstream = SwitchableUpstream()
     async with relays_on_one_database(tmp_path, upstream, 1) as ((relay,), _):
         key, _ = await relay.keys.create("one job's worth", 2, 0)
-        open_many = relay.store.open_many
-        cuts = 0
-
-        async def cut_as_answered(*args: Any, **kwargs: Any) -> list[bool]:
-            nonlocal cuts
-            admitted = await open_many(*args, **kwargs)
-            if cuts == 0:
-                cuts += 1
-                raise OSError("the connection was cut as the commit was answered")
-            return admitted
-
-        relay.store.open_many = cut_as_answered  # type: ignore[method-assign]
+        cut = CutOnce(relay.store.open_many)
+        relay.store.open_many = cut  # type: ignore[method-assign]
         spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)  # every credit the key has
         with pytest.raises(OSError):
             await relay.jobs.start(key, spec)
-        assert cuts == 1 and upstream.engine.submits == 0
+        assert cut.cuts == 1 and upstream.engine.submits == 0
         current = await relay.keys.get(key.id)
         assert current is not None and (current.balance, current.held) == (key.balance, 0)
         generation = await relay.jobs.start(key, spec)
