@@ -489,13 +489,41 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _interpolate(node: Any, env: Mapping[str, str], loc: tuple[int | str, ...], unset: dict[str, list[str]]) -> Any:
+# The most values (mappings, lists, scalars) a configuration may hold once its YAML aliases are expanded. A real one
+# holds a few hundred; aliases that repeat each other level by level reach billions from a few lines.
+MAX_VALUES = 100_000
+
+
+class _Unexpandable(Exception):
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _interpolate(
+    node: Any,
+    env: Mapping[str, str],
+    loc: tuple[int | str, ...],
+    unset: dict[str, list[str]],
+    seen: list[int] | None = None,
+    inside: frozenset[int] = frozenset(),
+) -> Any:
     """`node` with `${VAR}` replaced; an unset variable becomes the empty string, and is recorded in `unset` (the
-    YAML path of the value -> the variables it misses)."""
-    if isinstance(node, dict):
-        return {key: _interpolate(value, env, (*loc, str(key)), unset) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_interpolate(value, env, (*loc, i), unset) for i, value in enumerate(node)]
+    YAML path of the value -> the variables it misses). Raises `_Unexpandable` for a value that holds itself (an
+    alias inside its own anchor) or past `MAX_VALUES` values."""
+    seen = [0] if seen is None else seen
+    seen[0] += 1
+    if seen[0] > MAX_VALUES:
+        raise _Unexpandable(
+            f"{_path(loc) or '(root)'}: the configuration holds more than {MAX_VALUES} values "
+            "(YAML aliases that repeat each other?)"
+        )
+    if isinstance(node, dict | list):
+        if id(node) in inside:
+            raise _Unexpandable(f"{_path(loc)}: a YAML alias refers to a value it is inside")
+        within = inside | {id(node)}
+        if isinstance(node, dict):
+            return {key: _interpolate(value, env, (*loc, str(key)), unset, seen, within) for key, value in node.items()}
+        return [_interpolate(value, env, (*loc, i), unset, seen, within) for i, value in enumerate(node)]
     if not isinstance(node, str):
         return node
 
@@ -555,7 +583,10 @@ def parse_config(text: str, source: str = "config", env: Mapping[str, str] | Non
     if not isinstance(raw, dict):
         raise ConfigError(["the top level must be a mapping of sections"], source)
     unset: dict[str, list[str]] = {}
-    data = _interpolate(raw, os.environ if env is None else env, (), unset)
+    try:
+        data = _interpolate(raw, os.environ if env is None else env, (), unset)
+    except _Unexpandable as exc:
+        raise ConfigError([exc.problem], source) from None
     problems = [
         f"{where}: the environment variable {name} is not set" for where, names in unset.items() for name in names
     ]

@@ -137,3 +137,19 @@ def test_signing_secrets_may_be_one_or_many() -> None:
     assert parse_config("images: {signing_secret: abc}", env={}).images.secrets() == ["abc"]
     assert parse_config("images: {signing_secret: [new, old]}", env={}).images.secrets() == ["new", "old"]
     assert default_config().images.secrets() == []
+
+
+def test_a_yaml_alias_inside_itself_is_one_clear_problem() -> None:
+    assert problems("api: {references: {allow_hosts: &a [*a]}}") == [
+        "api.references.allow_hosts[0]: a YAML alias refers to a value it is inside"
+    ]
+
+
+def test_yaml_aliases_repeating_each_other_are_refused_before_they_are_expanded() -> None:
+    # Each level repeats the one before ten times: 10^6 values from a few hundred bytes (10^9 with three more
+    # levels, which would take the loader hours to walk).
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 6):
+        levels.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
+    found = problems("\n".join(levels))
+    assert len(found) == 1 and "more than 100000 values" in found[0], found
