@@ -609,6 +609,9 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"cannot read the file ({exc.strerror})"], str(path)) from None
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+        raise ConfigError([f"cannot read the file ({problem})"], str(path)) from None
     return parse_config(text, str(path))
 
 

@@ -153,3 +153,11 @@ def test_yaml_aliases_repeating_each_other_are_refused_before_they_are_expanded(
         levels.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
     found = problems("\n".join(levels))
     assert len(found) == 1 and "more than 100000 values" in found[0], found
+
+
+def test_a_file_that_is_not_utf8_is_one_clear_problem(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"server: {host: \xff\xfe}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == ["cannot read the file (not UTF-8 text: byte 0xff at offset 15)"]
