@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adapters import BOTS, DIALECTS, MODES, Bot, Dialect, Mode
 from relay.core import housekeeping
 from relay.domain import TaskKind
+from relay.store.keys import MAX_CREDITS
 
 __all__ = ["Config", "ConfigError", "default_config", "load_config", "parse_config"]
 
@@ -430,8 +431,8 @@ class Config(_Section):
                     raise ValueError(
                         f"{model}.{action}: not a kind of task (use default or one of {', '.join(PRICE_KEYS)})"
                     )
-                if price < 0:
-                    raise ValueError(f"{model}.{action}: a price is a whole number of credits, 0 or more")
+                if not 0 <= price <= MAX_CREDITS:
+                    raise ValueError(f"{model}.{action}: a price is a whole number of credits, 0 to {MAX_CREDITS}")
         return value
 
     @model_validator(mode="after")

@@ -100,7 +100,7 @@ def test_a_missing_variable_names_its_path() -> None:
             "providers: the name 'a' is used twice",
         ),
         ("models: {x: {mode: fast}}\napi: {default_model: x}", "prices.x: the model has no price"),
-        ("prices: {mj-fast: {default: -1}}", "prices.mj-fast.default: a price is a whole number"),
+        ("prices: {mj-fast: {default: -1}}", "prices.mj-fast.default: a price is a whole number of credits, 0 to"),
         ("prices: {ghost: {default: 1}}", "prices.ghost: not one of models"),
         ("prices: {ghost: {default: 1}}", "prices.mj-fast: the model has no price"),
         (
@@ -161,3 +161,12 @@ def test_a_file_that_is_not_utf8_is_one_clear_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.problems == ["cannot read the file (not UTF-8 text: byte 0xff at offset 15)"]
+
+
+def test_a_price_no_key_could_pay_is_refused_at_start() -> None:
+    # A price past what a database integer holds made every request for the model an internal error.
+    prices = "prices: {{mj-fast: {{default: {}}}, mj-relax: {{default: 1}}, mj-turbo: {{default: 1}}}}"
+    assert parse_config(prices.format(10**12), env={}).price("mj-fast", "imagine") == 10**12
+    assert problems(prices.format(10**23)) == [
+        "prices.mj-fast.default: a price is a whole number of credits, 0 to 1000000000000"
+    ]
