@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -92,6 +93,7 @@ def serve(
     except OSError as exc:
         click.echo(f"mj-relay: cannot listen on {address}: {exc.strerror or exc}", err=True)
         sys.exit(STARTUP_FAILURE)
+    _make_folders(config)
     bound = sockets[0].getsockname()[1]
     url = f"http://{address.rsplit(':', 1)[0]}:{bound}"
     app = build_app(config)
@@ -122,6 +124,33 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def _folders(config: Config, *, database_only: bool = False) -> list[tuple[str, Path]]:
+    """The folders a configuration keeps files in, each with the setting that names it: the SQLite database's,
+    and for a relay its image directory and the folder of its own signing key."""
+    folders = []
+    url = config.database_url()
+    if url.startswith("sqlite") and ":///" in url and url.split(":///", 1)[1] not in ("", ":memory:"):
+        folders.append(("database.url" if config.database.url else "data_dir", Path(url.split(":///", 1)[1]).parent))
+    if not database_only:
+        if config.images.s3 is None:
+            folders.append(("images.dir" if config.images.dir else "data_dir", config.images_dir()))
+        if not config.images.secrets():
+            folders.append(("data_dir", Path(config.data_dir)))
+    return folders
+
+
+def _make_folders(config: Config, *, database_only: bool = False) -> None:
+    """Make the configuration's folders, or exit naming the setting whose folder cannot be made (a path that is a
+    file, or runs through one; no permission), before anything starts."""
+    for setting, folder in _folders(config, database_only=database_only):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = "a file is in the way" if isinstance(exc, FileExistsError | NotADirectoryError) else exc.strerror
+            click.echo(f"mj-relay: {setting}: cannot make the folder {folder} ({reason or exc})", err=True)
+            sys.exit(2)
 
 
 def _safe_url(url: str) -> str:
@@ -239,6 +268,8 @@ def keys() -> None:
 def _run_with_db(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
     """Run `work(database)` against the configuration's database (migrated first)."""
     from relay.store.db import Database
+
+    _make_folders(config, database_only=True)
 
     async def run() -> T:
         db = Database(config.database_url(), pool_size=2)

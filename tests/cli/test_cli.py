@@ -255,3 +255,26 @@ def test_check_config_lists_unset_variables_and_every_other_problem_at_once(tmp_
         "  server.colour: unknown key",
         "  providers[0].weight: Input should be greater than or equal to 1",
     ]
+
+
+@pytest.mark.parametrize(
+    ("setting", "yaml"),
+    [
+        ("data_dir", "data_dir: taken"),
+        ("data_dir", "data_dir: taken/below"),
+        ("images.dir", "images: {dir: taken}"),
+        ("database.url", "database: {url: 'sqlite+aiosqlite:///taken/relay.db'}"),
+    ],
+)
+def test_a_folder_setting_that_names_a_file_is_one_clear_error_at_start(
+    tmp_path: Path, setting: str, yaml: str
+) -> None:
+    (tmp_path / "taken").write_text("not a folder\n")
+    (tmp_path / "c.yaml").write_text(yaml + "\nserver: {port: 0}\n")
+    # The keys commands use the database alone.
+    for command in (["serve"], ["keys", "list"]) if setting != "images.dir" else (["serve"],):
+        result = cli(tmp_path, *command, "--config", "c.yaml")
+        assert result.returncode == 2, result
+        assert "listening" not in result.stdout
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"mj-relay: {setting}: cannot make the folder "), line
