@@ -570,15 +570,48 @@ def _within(where: str, paths: Mapping[str, object]) -> bool:
     return any(where == path or where.startswith((f"{path}.", f"{path}[")) for path in paths)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, noting every key a mapping gives twice (YAML would keep the last without a word, so a
+    second `providers:` would replace the first). A merge key's (`<<: *base`) values may still be overridden."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, int, str]] = []  # (line, column, problem)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = first.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: YAML's own construction refuses it
+                continue
+            if seen is not key_node:
+                mark = key_node.start_mark
+                problem = f"the key {key!r} is given twice (first at {_where(seen.start_mark).removesuffix(': ')})"
+                self.duplicates.append((mark.line, mark.column, _where(mark) + problem))
+        return super().construct_mapping(node, deep=deep)
+
+
+def _where(mark: yaml.Mark | None) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+
+
 def parse_config(text: str, source: str = "config", env: Mapping[str, str] | None = None) -> Config:
     """Parse and validate a configuration. Every problem is reported at once: the unset variables first, then what
     validation finds, leaving out what it says about a value whose variable is unset (it saw an empty string)."""
+    loader = _Loader(text)
     try:
-        raw = yaml.safe_load(text)
+        raw = loader.get_single_data()
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        where = _where(getattr(exc, "problem_mark", None))
         raise ConfigError([f"{where}not valid YAML ({getattr(exc, 'problem', None) or exc})"], source) from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError([problem for _, _, problem in sorted(loader.duplicates)], source)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -170,3 +170,15 @@ def test_a_price_no_key_could_pay_is_refused_at_start() -> None:
     assert problems(prices.format(10**23)) == [
         "prices.mj-fast.default: a price is a whole number of credits, 0 to 1000000000000"
     ]
+
+
+def test_a_key_given_twice_is_refused_not_silently_overridden() -> None:
+    # The second `providers:` would have replaced the first, leaving acct-a out without a word.
+    text = "providers:\n  - {name: acct-a, dialect: simulator}\nserver: {port: 1, port: 2}\nproviders: []\n"
+    assert problems(text) == [
+        "line 3, column 19: the key 'port' is given twice (first at line 3, column 10)",
+        "line 4, column 1: the key 'providers' is given twice (first at line 1, column 1)",
+    ]
+    # A merge key's values may be overridden: that is what it is for.
+    merged = "providers: [{<<: {timeout_s: 5, weight: 2}, name: a, dialect: simulator, weight: 3}]"
+    assert parse_config(merged, env={}).providers[0].weight == 3
