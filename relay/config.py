@@ -12,11 +12,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from types import NoneType, UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from adapters import BOTS, DIALECTS, MODES, Bot, Dialect, Mode
 from relay.core import housekeeping
@@ -39,8 +40,45 @@ class ConfigError(Exception):
         super().__init__(f"{source}: " + "; ".join(problems))
 
 
+def _boolean_in_number(annotation: Any, value: Any) -> str | None:
+    """Where `value` holds a boolean that `annotation` wants as a number (pydantic would take `true` as 1): "" for
+    the value itself, `.key` for one inside a mapping, `[i]` inside a list; None when it holds none."""
+    origin = get_origin(annotation)
+    if origin is Union or origin is UnionType:
+        options = [a for a in get_args(annotation) if a is not NoneType]
+    else:
+        options = [annotation]
+    if isinstance(value, bool):
+        wanted = {get_origin(a) or a for a in options}
+        return "" if bool not in wanted and wanted & {int, float} else None
+    for option in options:
+        args = get_args(option)
+        if get_origin(option) is dict and isinstance(value, dict):
+            for key, item in value.items():
+                inner = _boolean_in_number(args[1], item)
+                if inner is not None:
+                    return f".{key}{inner}"
+        elif get_origin(option) is list and isinstance(value, list):
+            for i, item in enumerate(value):
+                inner = _boolean_in_number(args[0], item)
+                if inner is not None:
+                    return f"[{i}]{inner}"
+    return None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads true/false, yes/no and on/off as booleans, and pydantic would take them as 1 and 0: `port: true`
+        # would listen on port 1. A number written as text (`port: ${PORT}`) is still read as a number.
+        where = _boolean_in_number(cls.model_fields[info.field_name or ""].annotation, value)
+        if where is not None:
+            problem = "Input should be a number, not true or false (nor yes/no, on/off)"
+            raise ValueError(f"{where.lstrip('.')}: {problem}" if where else problem)
+        return value
 
 
 def _http_url(value: str | None, what: str) -> str | None:

@@ -182,3 +182,26 @@ def test_a_key_given_twice_is_refused_not_silently_overridden() -> None:
     # A merge key's values may be overridden: that is what it is for.
     merged = "providers: [{<<: {timeout_s: 5, weight: 2}, name: a, dialect: simulator, weight: 3}]"
     assert parse_config(merged, env={}).providers[0].weight == 3
+
+
+def test_a_boolean_is_not_taken_as_a_number() -> None:
+    # YAML reads true (and yes, on) as a boolean, which pydantic took as 1: `port: true` listened on port 1.
+    text = """
+server: {port: true}
+providers: [{name: a, dialect: simulator, timeout_s: yes, simulator: {seed: off}}]
+prices: {mj-fast: {default: true}, mj-relax: {default: 1}, mj-turbo: {default: 1}}
+"""
+    problem = "Input should be a number, not true or false (nor yes/no, on/off)"
+    assert sorted(problems(text)) == [
+        f"prices.mj-fast.default: {problem}",
+        f"providers[0].simulator.seed: {problem}",
+        f"providers[0].timeout_s: {problem}",
+        f"server.port: {problem}",
+    ]
+    # A number that arrives as text from the environment is still a number, and a boolean field takes booleans.
+    text = "server: {port: '${PORT}'}\njobs: {lease_s: '${LEASE}'}\napi: {references: {allow_private: '${OPEN}'}}"
+    config = parse_config(text, env={"PORT": "9000", "LEASE": "12.5", "OPEN": "true"})
+    assert (config.server.port, config.jobs.lease_s, config.api.references.allow_private) == (9000, 12.5, True)
+    assert problems(text, {"PORT": "true", "LEASE": "1", "OPEN": "true"}) == [
+        "server.port: Input should be a valid integer, unable to parse string as an integer"
+    ]
