@@ -153,6 +153,14 @@ def _make_folders(config: Config, *, database_only: bool = False) -> None:
             sys.exit(2)
 
 
+def _folder_in_the_way(folder: Path) -> Path | None:
+    """The file that stands where `folder` or one of the folders above it would be, if any; nothing is made."""
+    for path in (folder, *folder.parents):
+        if path.exists() or path.is_symlink():
+            return None if path.is_dir() else path
+    return None
+
+
 def _safe_url(url: str) -> str:
     """A database URL without its password."""
     if "@" not in url or "://" not in url:
@@ -248,6 +256,12 @@ def check_config(file: str) -> None:
     variables and validation errors alike) and exit 2."""
     try:
         config = load_config(file)
+        folders: dict[str, str] = {}  # one problem a setting (data_dir names three folders)
+        for setting, folder in _folders(config):
+            if setting not in folders and (blocked := _folder_in_the_way(folder)) is not None:
+                folders[setting] = f"{setting}: cannot make the folder {folder} (a file is in the way: {blocked})"
+        if folders:  # as `serve` would refuse them (which makes the folders; this does not)
+            raise ConfigError(list(folders.values()), file)
     except ConfigError as exc:
         count = len(exc.problems)
         click.echo(f"{exc.source}: invalid, {count} problem{'s' if count != 1 else ''}:", err=True)

@@ -257,15 +257,15 @@ def test_check_config_lists_unset_variables_and_every_other_problem_at_once(tmp_
     ]
 
 
-@pytest.mark.parametrize(
-    ("setting", "yaml"),
-    [
-        ("data_dir", "data_dir: taken"),
-        ("data_dir", "data_dir: taken/below"),
-        ("images.dir", "images: {dir: taken}"),
-        ("database.url", "database: {url: 'sqlite+aiosqlite:///taken/relay.db'}"),
-    ],
-)
+FOLDER_SETTINGS_THAT_NAME_A_FILE = [
+    ("data_dir", "data_dir: taken"),
+    ("data_dir", "data_dir: taken/below"),
+    ("images.dir", "images: {dir: taken}"),
+    ("database.url", "database: {url: 'sqlite+aiosqlite:///taken/relay.db'}"),
+]
+
+
+@pytest.mark.parametrize(("setting", "yaml"), FOLDER_SETTINGS_THAT_NAME_A_FILE)
 def test_a_folder_setting_that_names_a_file_is_one_clear_error_at_start(
     tmp_path: Path, setting: str, yaml: str
 ) -> None:
@@ -278,3 +278,20 @@ def test_a_folder_setting_that_names_a_file_is_one_clear_error_at_start(
         assert "listening" not in result.stdout
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith(f"mj-relay: {setting}: cannot make the folder "), line
+
+
+@pytest.mark.parametrize(("setting", "yaml"), FOLDER_SETTINGS_THAT_NAME_A_FILE)
+def test_check_config_refuses_a_folder_setting_that_names_a_file(tmp_path: Path, setting: str, yaml: str) -> None:
+    # check-config said ok to what serve then refused.
+    (tmp_path / "taken").write_text("not a folder\n")
+    (tmp_path / "c.yaml").write_text(yaml + "\n")
+    result = cli(tmp_path, "check-config", "c.yaml")
+    assert result.returncode == 2, result
+    assert result.stderr.splitlines()[0] == "c.yaml: invalid, 1 problem:", result.stderr
+    assert result.stderr.splitlines()[1].startswith(f"  {setting}: cannot make the folder "), result.stderr
+    assert "a file is in the way: taken" in result.stderr
+    # Checking makes nothing: a good configuration's folders are left for serve to make.
+    (tmp_path / "good.yaml").write_text("data_dir: new/data\nimages: {dir: new/images}\n")
+    good = cli(tmp_path, "check-config", "good.yaml")
+    assert good.returncode == 0, good.stderr
+    assert not (tmp_path / "new").exists()
