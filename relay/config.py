@@ -29,6 +29,9 @@ __all__ = ["Config", "ConfigError", "default_config", "load_config", "parse_conf
 HTTP_DIALECTS = tuple(d for d in DIALECTS if d != "simulator")
 # The price keys: one per kind of task.
 PRICE_KEYS = tuple(kind.value for kind in TaskKind)
+# Upper bounds shared by many settings: a day (durations), a gigabyte (sizes).
+DAY_S = 86_400
+MAX_BYTES = 1_000_000_000
 
 
 class ConfigError(Exception):
@@ -67,7 +70,9 @@ def _boolean_in_number(annotation: Any, value: Any) -> str | None:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # `.inf` and `.nan` are refused everywhere: a duration of inf never ends, and once added to the clock it is stored
+    # and rendered (JSON has no Infinity); every number setting has a finite upper bound too.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -94,9 +99,9 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     public_url: str | None = None
-    max_body_bytes: int = Field(20_000_000, ge=1024)
+    max_body_bytes: int = Field(20_000_000, ge=1024, le=MAX_BYTES)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    graceful_shutdown_s: int = Field(10, ge=0)
+    graceful_shutdown_s: int = Field(10, ge=0, le=3600)
     # HTTP-layer limits (relay/server.py): request line and headers, the time to send them, the time the body may
     # stall while the app waits for it, idle keep-alive, and open connections.
     max_header_bytes: int = Field(32_768, ge=1024, le=1_048_576)
@@ -198,9 +203,9 @@ class S3Config(_Section):
 class ImagesConfig(_Section):
     dir: str | None = None
     s3: S3Config | None = None  # set: images live in this bucket, and `dir` is not used
-    url_ttl_s: int = Field(86_400, ge=60)
+    url_ttl_s: int = Field(86_400, ge=60, le=366 * DAY_S)
     signing_secret: str | list[str] = ""
-    max_download_bytes: int = Field(50_000_000, ge=1024)
+    max_download_bytes: int = Field(50_000_000, ge=1024, le=MAX_BYTES)
     download_attempts: int = Field(3, ge=1, le=10)
 
     def secrets(self) -> list[str]:
@@ -210,9 +215,9 @@ class ImagesConfig(_Section):
 
 
 class ReferencesConfig(_Section):
-    max_bytes: int = Field(10_000_000, ge=1024)
+    max_bytes: int = Field(10_000_000, ge=1024, le=MAX_BYTES)
     max_count: int = Field(5, ge=0, le=10)
-    timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0, le=600)
     allow_private: bool = False
     allow_hosts: list[str] = Field(default_factory=list)
 
@@ -244,7 +249,7 @@ class UploadsConfig(_Section):
     """`api.uploads`: images a key may keep with `submit/upload-discord-images` (free, and kept by the relay) in
     each window of `window_s` seconds; null: no bound."""
 
-    max_images: int | None = Field(100, ge=5)
+    max_images: int | None = Field(100, ge=5, le=1_000_000)
     window_s: int = Field(3600, ge=60, le=31 * 86_400)
 
 
@@ -264,15 +269,15 @@ class ModelConfig(_Section):
 
 
 class SimulatorConfig(_Section):
-    fast_s: float = Field(2.0, ge=0)
-    relax_s: float = Field(6.0, ge=0)
-    turbo_s: float = Field(1.0, ge=0)
+    fast_s: float = Field(2.0, ge=0, le=DAY_S)
+    relax_s: float = Field(6.0, ge=0, le=DAY_S)
+    turbo_s: float = Field(1.0, ge=0, le=DAY_S)
     fail_rate: float = Field(0.0, ge=0, le=1)
     error_rate: float = Field(0.0, ge=0, le=1)
     banned_words: list[str] = Field(default_factory=lambda: ["forbidden"])
     tile_px: int = Field(256, ge=16, le=2048)
-    capacity: int | None = Field(None, ge=1)
-    seed: int | None = None
+    capacity: int | None = Field(None, ge=1, le=1_000_000)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     remix: bool = False
 
 
@@ -283,13 +288,15 @@ class HealthConfig(_Section):
     errors_to_cool: int = Field(5, ge=1, le=1000)  # errors in a row that cool a healthy provider
     error_rate: float = Field(0.5, gt=0, le=1)  # or this share of its calls failing over the window ...
     rate_window_s: float = Field(60.0, gt=0, le=86_400)  # ... of this long
-    rate_min_calls: int = Field(10, ge=1)  # ... once the window holds this many calls
-    cooldown_s: float = Field(30.0, gt=0)  # the first cool-down
+    rate_min_calls: int = Field(10, ge=1, le=1_000_000)  # ... once the window holds this many calls
+    cooldown_s: float = Field(30.0, gt=0, le=7 * DAY_S)  # the first cool-down
     backoff: float = Field(2.0, ge=1, le=100)  # each failed trial multiplies the cool-down by this ...
-    max_cooldown_s: float = Field(600.0, gt=0)  # ... up to this
-    backoff_reset_s: float = Field(600.0, ge=0)  # healthy this long after a recovery: the backoff starts over
-    probe_interval_s: float = Field(15.0, gt=0)  # probes of a provider that is not healthy
-    heartbeat_s: float | None = Field(None, gt=0)  # probes of a healthy provider (null: none)
+    max_cooldown_s: float = Field(600.0, gt=0, le=7 * DAY_S)  # ... up to this
+    backoff_reset_s: float = Field(
+        600.0, ge=0, le=7 * DAY_S
+    )  # healthy this long after a recovery: the backoff starts over
+    probe_interval_s: float = Field(15.0, gt=0, le=DAY_S)  # probes of a provider that is not healthy
+    heartbeat_s: float | None = Field(None, gt=0, le=DAY_S)  # probes of a healthy provider (null: none)
     probes_to_down: int = Field(3, ge=1, le=1000)  # failed probes in a row that take a provider down
 
 
@@ -300,13 +307,13 @@ class ProviderConfig(_Section):
     secret: str = Field("", repr=False)
     modes: list[Mode] = Field(default_factory=lambda: list(MODES), min_length=1)
     bots: list[Bot] = Field(default_factory=lambda: list(BOTS), min_length=1)
-    priority: int = 0
+    priority: int = Field(0, ge=-1_000_000, le=1_000_000)
     weight: int = Field(1, ge=1, le=1000)
-    max_in_flight: int | None = Field(None, ge=1)
-    timeout_s: float = Field(30.0, gt=0)
-    connect_timeout_s: float = Field(5.0, gt=0)
+    max_in_flight: int | None = Field(None, ge=1, le=1_000_000)
+    timeout_s: float = Field(30.0, gt=0, le=3600)
+    connect_timeout_s: float = Field(5.0, gt=0, le=600)
     max_connections: int = Field(16, ge=1, le=1000)
-    poll_interval_s: float | None = Field(None, gt=0)
+    poll_interval_s: float | None = Field(None, gt=0, le=600)
     batch_size: int = Field(50, ge=1, le=1000)
     mode_prefix: bool = False
     account_filter: bool = True
@@ -335,19 +342,19 @@ class ProviderConfig(_Section):
 
 
 class DeadlinesConfig(_Section):
-    fast: float = Field(600.0, gt=0)
-    relax: float = Field(1800.0, gt=0)
-    turbo: float = Field(300.0, gt=0)
+    fast: float = Field(600.0, gt=0, le=DAY_S)
+    relax: float = Field(1800.0, gt=0, le=DAY_S)
+    turbo: float = Field(300.0, gt=0, le=DAY_S)
 
     def of(self, mode: Mode) -> float:
         return float(getattr(self, mode))
 
 
 class JobsConfig(_Section):
-    poll_interval_s: float = Field(3.0, gt=0)
+    poll_interval_s: float = Field(3.0, gt=0, le=600)
     deadline_s: DeadlinesConfig = DeadlinesConfig()
-    lost_after_s: float = Field(120.0, gt=0)
-    modal_timeout_s: float = Field(900.0, gt=0)
+    lost_after_s: float = Field(120.0, gt=0, le=DAY_S)
+    modal_timeout_s: float = Field(900.0, gt=0, le=DAY_S)
     lease_s: float = Field(30.0, ge=1, le=3600)
 
 

@@ -205,3 +205,62 @@ prices: {mj-fast: {default: true}, mj-relax: {default: 1}, mj-turbo: {default: 1
     assert problems(text, {"PORT": "true", "LEASE": "1", "OPEN": "true"}) == [
         "server.port: Input should be a valid integer, unable to parse string as an integer"
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # A deadline of inf was stored in the database and never reached.
+        ("jobs: {deadline_s: {fast: .inf}}", "jobs.deadline_s.fast: Input should be a finite number"),
+        ("jobs: {deadline_s: {relax: .nan}}", "jobs.deadline_s.relax: Input should be a finite number"),
+        ("jobs: {deadline_s: {turbo: 1.0e+308}}", "jobs.deadline_s.turbo: Input should be less than or equal to 86400"),
+        # A poll interval of inf: a job was never asked about again.
+        ("jobs: {poll_interval_s: .inf}", "jobs.poll_interval_s: Input should be a finite number"),
+        ("jobs: {lost_after_s: 1.0e+308}", "jobs.lost_after_s: Input should be less than or equal to 86400"),
+        ("jobs: {modal_timeout_s: .inf}", "jobs.modal_timeout_s: Input should be a finite number"),
+        # A link lifetime past what an `exp` holds: every image link was refused as expired.
+        ("images: {url_ttl_s: 1000000000000000000000}", "images.url_ttl_s: Input should be less than or equal to"),
+        ("images: {max_download_bytes: 10000000000000}", "images.max_download_bytes: Input should be less than"),
+        # A cool-down of inf: GET /admin/api/providers answered 500 (JSON has no Infinity) and `mj-relay providers`
+        # crashed on the date.
+        ("health: {cooldown_s: .inf, max_cooldown_s: .inf}", "health.cooldown_s: Input should be a finite number"),
+        ("health: {max_cooldown_s: 1.0e+12}", "health.max_cooldown_s: Input should be less than or equal to 604800"),
+        (
+            "providers: [{name: a, dialect: simulator, timeout_s: .inf}]",
+            "providers[0].timeout_s: Input should be a finite number",
+        ),
+        (
+            "providers: [{name: a, dialect: simulator, poll_interval_s: 1.0e+308}]",
+            "providers[0].poll_interval_s: Input should be less than or equal to 600",
+        ),
+        ("server: {max_body_bytes: 1000000000000000}", "server.max_body_bytes: Input should be less than or equal to"),
+        ("api: {references: {timeout_s: .inf}}", "api.references.timeout_s: Input should be a finite number"),
+    ],
+)
+def test_infinite_nan_and_enormous_numbers_are_refused(text: str, expected: str) -> None:
+    assert any(p.startswith(expected) for p in problems(text)), problems(text)
+    if ": .inf" in text:  # and as text from the environment too
+        setting = expected.split(": ")[0]
+        assert any(p.startswith(f"{setting}: ") for p in problems(text.replace(".inf", "'${X}'"), {"X": "inf"}))
+
+
+def test_every_number_setting_has_an_upper_bound() -> None:
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    from relay.config import Config
+
+    unbounded = []
+
+    def walk(model: type[BaseModel], where: str) -> None:
+        for name, field in model.model_fields.items():
+            kinds = get_args(field.annotation) or (field.annotation,)
+            for kind in kinds:
+                if isinstance(kind, type) and issubclass(kind, BaseModel):
+                    walk(kind, f"{where}{name}.")
+            if {int, float} & set(kinds) and not any(hasattr(m, "le") or hasattr(m, "lt") for m in field.metadata):
+                unbounded.append(where + name)
+
+    walk(Config, "")
+    assert unbounded == []
