@@ -11,7 +11,10 @@ client does what the adapters need and no more, in about a fifth of that:
   the environment (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, as curl and httpx read them: an `https`
   target through a `CONNECT` tunnel);
 - a bounded body (`max_body`), a time limit for connecting and one for the whole exchange, redirects followed only
-  when asked (image downloads), gzip and deflate bodies decoded within the same bound.
+  when asked (image downloads), gzip and deflate bodies decoded within the same bound;
+- where a call may connect, when asked (`Pin`: image downloads, on an upstream's word): each new connection, and
+  each hop of a redirect, goes to the address the pin gives for its host (checked there), never to what the name
+  resolves to later, with the URL's own host in `Host` and as the TLS server name.
 
 What goes wrong is an `HttpFailure` that says whether the request may have reached the server (`sent`), which is
 what an adapter must know to decide whether a submit may be sent again.
@@ -26,6 +29,7 @@ import functools
 import re
 import ssl
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import cast
 from urllib.parse import SplitResult, quote, unquote, urljoin, urlsplit
@@ -33,7 +37,11 @@ from urllib.request import getproxies_environment
 
 import httptools
 
-__all__ = ["HttpFailure", "Lane", "Proxies", "Reply", "TooLarge"]
+__all__ = ["HttpFailure", "Lane", "Pin", "Proxies", "Reply", "TooLarge", "host_of"]
+
+# Where a call to a host and port may connect: the address to connect to (an IP address, or the host itself), or
+# `HttpFailure` (not sent) when it may not connect there at all.
+Pin = Callable[[str, int], Awaitable[str]]
 
 # A kept-alive connection idle longer than this is closed rather than reused (httpx's default keep-alive expiry).
 IDLE_S = 5.0
@@ -107,6 +115,12 @@ def _origin(parts: SplitResult) -> _Origin:
     except (ValueError, UnicodeError):
         raise HttpFailure("the URL's host or port cannot be used", sent=False) from None
     return _Origin(parts.scheme, host, port)
+
+
+def host_of(url: str) -> str:
+    """The host an http(s) URL points at, as this client names it (lower case, in ASCII) and as a `Pin` is asked
+    about it; `HttpFailure` when it points nowhere this client can go."""
+    return _origin(_split(url)).host.lower()
 
 
 def _split(url: str) -> SplitResult:
@@ -313,14 +327,16 @@ class Lane:
         timeout_s: float,
         max_body: int = 50_000_000,
         follow_redirects: bool = False,
+        pin: Pin | None = None,
     ) -> Reply:
-        """The server's answer; raises `HttpFailure`. `timeout_s` bounds the whole call, redirects included."""
+        """The server's answer; raises `HttpFailure`. `timeout_s` bounds the whole call, redirects included.
+        `pin`, when given, says where each new connection (each hop's) goes."""
         if method == "HEAD":  # an answer to HEAD has no body whatever its headers say: not something to parse here
             raise HttpFailure("HEAD is not supported", sent=False)
         try:
             async with asyncio.timeout(timeout_s):
                 for _ in range(MAX_REDIRECTS + 1):
-                    reply = await self._once(method, url, headers or {}, body, max_body)
+                    reply = await self._once(method, url, headers or {}, body, max_body, pin)
                     location = reply.headers.get("location")
                     if not follow_redirects or reply.status not in REDIRECTS or not location:
                         return reply
@@ -335,7 +351,9 @@ class Lane:
             self.close()
             raise HttpFailure("no answer in time", sent=True, timeout=True) from None
 
-    async def _once(self, method: str, url: str, headers: dict[str, str], body: bytes, max_body: int) -> Reply:
+    async def _once(
+        self, method: str, url: str, headers: dict[str, str], body: bytes, max_body: int, pin: Pin | None
+    ) -> Reply:
         parts = _split(url)
         origin = _origin(parts)
         proxy = self.proxies.for_origin(origin)
@@ -346,9 +364,13 @@ class Lane:
         )
         lines: list[str] = []
         if proxy is not None and origin.scheme == "http":
-            target = f"http://{origin.authority}{target}"  # a plain-HTTP proxy takes the whole URL
+            # A plain-HTTP proxy takes the whole URL, and connects anew for each request: a pinned one names the
+            # address checked for this request.
+            to = replace(origin, host=await pin(origin.host, origin.port)) if pin is not None else origin
+            target = f"http://{to.authority}{target}"
             if proxy.auth:
                 lines.append(f"Proxy-Authorization: {proxy.auth}")
+            pin = None  # the connection is the proxy's, not the target's
         lines = [f"{method} {target} HTTP/1.1", f"Host: {origin.authority}", f"User-Agent: {USER_AGENT}", *lines]
         for name, value in headers.items():
             if not _TOKEN.fullmatch(name) or _FORBIDDEN_IN_VALUE.search(value):
@@ -358,7 +380,7 @@ class Lane:
             lines.append(f"Content-Length: {len(body)}")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         for attempt in (0, 1):
-            connection, reused = await self._connection_to(origin, proxy)
+            connection, reused = await self._connection_to(origin, proxy, pin)
             try:
                 reply = await connection.exchange(request, max_body)
             except HttpFailure as exc:
@@ -371,7 +393,10 @@ class Lane:
             return _decoded(reply, max_body)
         raise AssertionError("unreachable")
 
-    async def _connection_to(self, origin: _Origin, proxy: _Origin | None) -> tuple[_Connection, bool]:
+    async def _connection_to(self, origin: _Origin, proxy: _Origin | None, pin: Pin | None) -> tuple[_Connection, bool]:
+        """A connection to `origin`: the kept one, or a new one (to the address `pin` gives, when given). A kept
+        connection to the same origin was made under the same pin when it was made (a lane's calls that pin all
+        give the same one), so it is used without asking again."""
         now = asyncio.get_running_loop().time()
         current = self._connection
         if current is not None:
@@ -379,12 +404,15 @@ class Lane:
                 return current, True
             current.close()
             self._connection = None
-        self._connection, self._origin = await self._connect(origin, proxy), origin
+        address = await pin(origin.host, origin.port) if pin is not None else origin.host
+        self._connection, self._origin = await self._connect(origin, proxy, address), origin
         return self._connection, False
 
-    async def _connect(self, origin: _Origin, proxy: _Origin | None) -> _Connection:
+    async def _connect(self, origin: _Origin, proxy: _Origin | None, address: str) -> _Connection:
+        """A new connection to `origin` at `address` (directly, or through a proxy's tunnel), TLS checked
+        against the origin's own host name."""
         loop = asyncio.get_running_loop()
-        via = proxy or origin
+        via = proxy or replace(origin, host=address)
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, connection = await loop.create_connection(
@@ -396,7 +424,7 @@ class Lane:
                 )
                 if proxy is not None and origin.scheme == "https":
                     try:
-                        connection = await self._tunnel(connection, origin, proxy)
+                        connection = await self._tunnel(connection, origin, proxy, address)
                     except BaseException:
                         connection.close()
                         raise
@@ -406,10 +434,10 @@ class Lane:
             raise HttpFailure(f"cannot connect: {type(exc).__name__}", sent=False) from None
         return connection
 
-    async def _tunnel(self, connection: _Connection, origin: _Origin, proxy: _Origin) -> _Connection:
-        """Ask the proxy for a tunnel to `origin`, and speak TLS to the origin through it."""
+    async def _tunnel(self, connection: _Connection, origin: _Origin, proxy: _Origin, address: str) -> _Connection:
+        """Ask the proxy for a tunnel to `origin` at `address`, and speak TLS to the origin through it."""
         auth = f"Proxy-Authorization: {proxy.auth}\r\n" if proxy.auth else ""
-        tunnel = origin.hostport
+        tunnel = replace(origin, host=address).hostport
         request = f"CONNECT {tunnel} HTTP/1.1\r\nHost: {tunnel}\r\n{auth}\r\n".encode("latin-1")
         try:
             reply = await connection.exchange(request, 65_536, head_only=True)

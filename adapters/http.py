@@ -1,5 +1,6 @@
 """The machinery every HTTP dialect shares: lanes of keep-alive connections per provider (`adapters.h1`), explicit
-timeouts and limits, credentials only on calls to the provider's own API, size-limited downloads without credentials.
+timeouts and limits, credentials only on calls to the provider's own API, size-limited downloads without credentials,
+from the provider's own host or where `HttpOptions.download_pin` allows.
 
 All of the project's upstream HTTP goes through this module, so a change of HTTP client is one change here.
 A dialect subclass says only what differs: its paths, its auth header and how the mode travels (`mode_prefix`,
@@ -31,7 +32,7 @@ from adapters.base import (
     UploadOutcome,
     UpstreamUnavailable,
 )
-from adapters.h1 import HttpFailure, Lane, Proxies, Reply, TooLarge
+from adapters.h1 import HttpFailure, Lane, Pin, Proxies, Reply, TooLarge, host_of
 from adapters.replies import classify_submit, classify_upload, parse_fetch, parse_hook, parse_seed, parse_task_list
 from adapters.wire import ENDPOINTS, FOLLOW_UPS, missing_fields, render_body
 
@@ -63,6 +64,9 @@ class HttpOptions:
     max_connections: int = 16
     max_image_bytes: int = 50_000_000
     batch_size: int = 50
+    # Where an image download to a host other than the provider's own may connect (the image URL is the upstream's
+    # word, and the relay fetches it from inside its network); None: anywhere.
+    download_pin: Pin | None = None
 
 
 @functools.cache
@@ -111,6 +115,16 @@ class HttpUpstream:
         self._reads = _Lanes(READ_LANES, options.connect_timeout_s, proxies)
         self._downloads = _Lanes(DOWNLOAD_LANES, options.connect_timeout_s, proxies)
         self._list_supported = True
+        # The provider's own host (as the HTTP client reads it): the operator chose it, so images it serves itself
+        # are fetched wherever it is.
+        self._own_host = host_of(self._base)
+
+    async def _download_pin(self, host: str, port: int) -> str:
+        """Where a download's connection to `host` goes: the provider's own host as it is, any other as the
+        options' `download_pin` says."""
+        if host.lower() == self._own_host or self.options.download_pin is None:
+            return host
+        return await self.options.download_pin(host, port)
 
     async def _request(self, lanes: _Lanes, method: str, url: str, **options: Any) -> Reply:
         """One call on a lane of `lanes` (`Lane.request`'s options), the lane waited for at most `timeout_s` (then
@@ -220,6 +234,7 @@ class HttpUpstream:
                 timeout_s=self.options.timeout_s * DOWNLOAD_TIMEOUTS,
                 max_body=self.options.max_image_bytes,
                 follow_redirects=True,
+                pin=self._download_pin,
             )
         except _Busy:
             raise UpstreamUnavailable("the image download did not finish in time") from None

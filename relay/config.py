@@ -207,6 +207,9 @@ class ImagesConfig(_Section):
     signing_secret: str | list[str] = ""
     max_download_bytes: int = Field(50_000_000, ge=1024, le=MAX_BYTES)
     download_attempts: int = Field(3, ge=1, le=10)
+    # Hosts (names, or CIDR blocks of addresses) a finished job's image may be downloaded from although they are
+    # private or local; the provider's own host always may.
+    download_hosts: list[str] = Field(default_factory=list)
 
     def secrets(self) -> list[str]:
         """Signing secrets, newest first; empty when the relay should keep its own."""

@@ -1,4 +1,5 @@
-"""Where the relay may connect on a client's word: reference images it downloads and client hooks it calls.
+"""Where the relay may connect on a client's word (reference images it downloads, client hooks it calls) or on an
+upstream's (the images of finished jobs, at hosts other than the provider's own: `address`).
 
 A client-given URL must be http(s), and every address its host resolves to must be public (not private, loopback,
 link-local, multicast, reserved, nor such an address carried inside an IPv6 form), unless `allow_private` is set
@@ -111,6 +112,28 @@ class Egress:
         host = hostname.lower()
         if self.allow_private or host in self._hosts:
             return Pinned(url)
+        address = await self._checked(host, port, owner)
+        literal = f"[{address}]" if address.version == 6 else str(address)
+        # The URL's credentials stay with it (sent as basic auth, as to an unchecked URL), percent-encoded as
+        # the HTTP client reads them: they can name no other host.
+        userinfo = sendable.userinfo.decode("ascii")
+        netloc = f"{userinfo}@{literal}:{port}" if userinfo else f"{literal}:{port}"
+        target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
+        return Pinned(target, {"Host": sendable.netloc.decode("ascii")}, extensions)
+
+    async def address(self, host: str, port: int, *, owner: str) -> str:
+        """Where to connect for `host` (a name or an IP address, as an HTTP client names it) on `port`: an
+        address it resolves to, checked as `pin` checks one, or the host itself when the rules allow it as it is;
+        raises EgressRefused."""
+        host = host.lower()
+        if self.allow_private or host in self._hosts:
+            return host
+        return str(await self._checked(host, port, owner))
+
+    async def _checked(self, host: str, port: int, owner: str) -> IPAddress:
+        """The address to connect to for `host`: the first it resolves to, when every one is public or in an
+        allowed block; raises EgressRefused."""
         try:
             async with asyncio.timeout(self.lookup_timeout_s):
                 addresses = await self._resolve_for(owner, host, port)
@@ -123,14 +146,7 @@ class Egress:
         for address in addresses:
             if not any(address in network for network in self._networks) and not public(address):
                 raise EgressRefused("it may not point at private or local addresses")
-        literal = f"[{addresses[0]}]" if addresses[0].version == 6 else str(addresses[0])
-        # The URL's credentials stay with it (sent as basic auth, as to an unchecked URL), percent-encoded as
-        # the HTTP client reads them: they can name no other host.
-        userinfo = sendable.userinfo.decode("ascii")
-        netloc = f"{userinfo}@{literal}:{port}" if userinfo else f"{literal}:{port}"
-        target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
-        return Pinned(target, {"Host": sendable.netloc.decode("ascii")}, extensions)
+        return addresses[0]
 
     async def _resolve_for(self, owner: str, host: str, port: int) -> list[IPAddress]:
         """Look a name up as one of the owner's `lookups_per_owner`: the place is taken (waiting for one within

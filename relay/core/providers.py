@@ -25,9 +25,11 @@ from adapters import (
     UpstreamUnavailable,
     create_http_upstream,
 )
+from adapters.h1 import HttpFailure, Pin
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import Clock
 from relay.config import Config, ProviderConfig
+from relay.core.egress import LOOKUP_THREADS, Egress, EgressRefused
 from relay.core.health import STATES, Health, Signal, State, Transition, submit_signal
 from relay.core.router import Candidate
 from relay.logs import event
@@ -40,7 +42,29 @@ log = logging.getLogger("relay.health")
 DOWN_REASON = "the provider that ran the parent task is down"
 
 
-def build_upstream(provider: ProviderConfig, config: Config, clock: Clock) -> Upstream:
+def download_egress(config: Config) -> Egress:
+    """The rules for downloading finished images from hosts other than their provider's own: the upstream names
+    the URL, so only public addresses, or the hosts `images.download_hosts` lists. One provider's downloads may
+    take every lookup thread (they are the provider's, not a client's)."""
+    return Egress(False, config.images.download_hosts, lookups_per_owner=LOOKUP_THREADS)
+
+
+def download_pin(egress: Egress, provider: str) -> Pin:
+    """Where a provider's image downloads may connect (see `HttpOptions.download_pin`): the address `egress`
+    checked, or a refusal the download fails with."""
+
+    async def pin(host: str, port: int) -> str:
+        try:
+            return await egress.address(host, port, owner=provider)
+        except EgressRefused as exc:
+            raise HttpFailure(f"the image URL was refused: {exc}", sent=False) from None
+
+    return pin
+
+
+def build_upstream(provider: ProviderConfig, config: Config, clock: Clock, egress: Egress | None = None) -> Upstream:
+    """The adapter of a provider; its image downloads to other hosts than its own obey `egress` (by default
+    `download_egress(config)`)."""
     if provider.dialect == "simulator":
         sim = provider.simulator
         settings = (
@@ -56,6 +80,7 @@ def build_upstream(provider: ProviderConfig, config: Config, clock: Clock) -> Up
         max_connections=provider.max_connections,
         max_image_bytes=config.images.max_download_bytes,
         batch_size=provider.batch_size,
+        download_pin=download_pin(egress or download_egress(config), provider.name),
     )
     return create_http_upstream(
         provider.dialect,
@@ -72,7 +97,10 @@ class ProviderPool:
         self.metrics = metrics
         self.settings = {p.name: p for p in config.providers}
         given = upstreams or {}
-        self.upstreams = {p.name: given.get(p.name) or build_upstream(p, config, clock) for p in config.providers}
+        egress = download_egress(config)
+        self.upstreams = {
+            p.name: given.get(p.name) or build_upstream(p, config, clock, egress) for p in config.providers
+        }
         self.in_flight = dict.fromkeys(self.settings, 0)
         # Jobs other relay processes on the same database run on each provider (refreshed by core.coordination):
         # `max_in_flight` counts them too.
