@@ -14,7 +14,8 @@ client does what the adapters need and no more, in about a fifth of that:
   when asked (image downloads), gzip and deflate bodies decoded within the same bound;
 - where a call may connect, when asked (`Pin`: image downloads, on an upstream's word): each new connection, and
   each hop of a redirect, goes to the address the pin gives for its host (checked there), never to what the name
-  resolves to later, with the URL's own host in `Host` and as the TLS server name.
+  resolves to later, with the URL's own host in `Host` and as the TLS server name; through a proxy, which resolves
+  names itself, only an address (or `localhost`) written in the URL is asked about.
 
 What goes wrong is an `HttpFailure` that says whether the request may have reached the server (`sent`), which is
 what an adapter must know to decide whether a submit may be sent again.
@@ -26,6 +27,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import ipaddress
 import re
 import ssl
 import zlib
@@ -115,6 +117,15 @@ def _origin(parts: SplitResult) -> _Origin:
     except (ValueError, UnicodeError):
         raise HttpFailure("the URL's host or port cannot be used", sent=False) from None
     return _Origin(parts.scheme, host, port)
+
+
+def _written_address(host: str) -> bool:
+    """Whether a URL's host is an IP address or a name that is local wherever it is resolved (`localhost`)."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host == "localhost" or host.endswith(".localhost")
+    return True
 
 
 def host_of(url: str) -> str:
@@ -363,14 +374,17 @@ class Lane:
             f"?{quote(parts.query, safe=_QUERY_SAFE)}" if parts.query else ""
         )
         lines: list[str] = []
+        if proxy is not None and pin is not None:
+            # Through a proxy, the proxy looks the name up and connects (where one is used, the relay often cannot
+            # resolve outside names itself, or resolves them wrongly): only an address or a local name written in
+            # the URL is checked here, and the proxy is asked for the URL's own host.
+            if _written_address(origin.host):
+                await pin(origin.host, origin.port)
+            pin = None
         if proxy is not None and origin.scheme == "http":
-            # A plain-HTTP proxy takes the whole URL, and connects anew for each request: a pinned one names the
-            # address checked for this request.
-            to = replace(origin, host=await pin(origin.host, origin.port)) if pin is not None else origin
-            target = f"http://{to.authority}{target}"
+            target = f"http://{origin.authority}{target}"  # a plain-HTTP proxy takes the whole URL
             if proxy.auth:
                 lines.append(f"Proxy-Authorization: {proxy.auth}")
-            pin = None  # the connection is the proxy's, not the target's
         lines = [f"{method} {target} HTTP/1.1", f"Host: {origin.authority}", f"User-Agent: {USER_AGENT}", *lines]
         for name, value in headers.items():
             if not _TOKEN.fullmatch(name) or _FORBIDDEN_IN_VALUE.search(value):

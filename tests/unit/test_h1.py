@@ -358,6 +358,32 @@ async def test_a_plain_http_call_goes_through_the_proxy_with_the_whole_url() -> 
     assert headers["host"] == "upstream.example:8080"
 
 
+async def test_through_a_proxy_a_pinned_call_names_its_host_and_only_a_written_address_is_checked() -> None:
+    """Where a proxy carries the calls, the proxy resolves names (the relay often cannot resolve outside names
+    there, or resolves them wrongly): a pinned call is not looked up here; an address or a local name written in
+    the URL is still checked, and a refused one is never sent."""
+    asked: list[str] = []
+
+    async def pin(host: str, port: int) -> str:
+        asked.append(host)
+        if host in ("169.254.169.254", "localhost"):
+            raise HttpFailure("refused", sent=False)
+        return host
+
+    counting = Counting()
+    async with server(counting) as proxy_port:
+        client = lane(proxies=Proxies({"http": f"http://127.0.0.1:{proxy_port}"}, ()))
+        reply = await client.request("GET", "http://cdn.example/a.png", timeout_s=2, pin=pin)
+        assert reply.body == b"http://cdn.example/a.png"
+        for refused in ("http://169.254.169.254/latest/meta-data/", "http://localhost:6379/"):
+            with pytest.raises(HttpFailure) as failure:
+                await client.request("GET", refused, timeout_s=2, pin=pin)
+            assert not failure.value.sent
+        await client.aclose()
+    assert asked == ["169.254.169.254", "localhost"]
+    assert [line for line, _, _ in counting.requests] == ["GET http://cdn.example/a.png HTTP/1.1"]
+
+
 # -- TLS -------------------------------------------------------------------------------------------------------------
 
 
