@@ -560,11 +560,22 @@ class JobService:
 
     async def _look_up_endings(self, generation: Generation) -> None:
         """After a quiet spell, the endings of jobs another process follows are read from the store: a wake-up
-        that was lost (a dropped LISTEN connection) delays a waiter by one quiet spell, not to the deadline."""
+        that was lost (a dropped LISTEN connection) delays a waiter by one quiet spell, not to the deadline. A read
+        that fails (the database is briefly away) is made again after the next quiet spell, until the deadline: the
+        jobs run on and are charged whatever this read meets, so the request waits for them rather than failing."""
         elsewhere = [j for j in generation.job_ids if j not in generation.ended and not self.lifecycle.following(j)]
         if not elsewhere:
             return
-        for row in await self.store.by_request(generation.request_id):
+        try:
+            rows = await self.store.by_request(generation.request_id)
+        except Exception:
+            log.warning(
+                "reading a request's jobs failed; read again after the next quiet spell",
+                exc_info=True,
+                extra={"fields": {"request": generation.request_id}},
+            )
+            return
+        for row in rows:
             if row.id in elsewhere and row.state.terminal:
                 generation.ended.add(row.id)
                 generation.rows[row.id] = row

@@ -720,3 +720,48 @@ async def test_credits_held_by_an_admission_written_as_its_connection_was_cut_ar
         finally:
             generation.close()
         assert {row.state for row in rows} == {JobState.SUCCEEDED}
+
+
+class Outage:
+    """A store read that fails, as during a database outage, `times` times once `begin` is called."""
+
+    def __init__(self, read: Callable[..., Awaitable[Any]], times: int) -> None:
+        self.read = read
+        self.left = 0
+        self.times = times
+        self.failed = 0
+
+    def begin(self) -> None:
+        self.left = self.times
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.left:
+            self.left -= 1
+            self.failed += 1
+            raise OSError("the database went away")
+        return await self.read(*args, **kwargs)
+
+
+@pytest.mark.postgres
+async def test_a_waiter_whose_read_after_a_quiet_spell_fails_reads_again_later(tmp_path: Path) -> None:
+    """A waiter for jobs another process follows reads their endings after each quiet spell; one such read failing
+    (the database is briefly away) is read again after the next, not the request's failure: its jobs run on and are
+    charged either way."""
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 2) as ((a, b), key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        first = await a.jobs.start(key, spec, Attempt("body", retry=False))
+        first.close()
+        generation = await b.jobs.start(key, spec, Attempt("body", retry=True))  # follows the job a runs
+        outage = Outage(b.store.by_request, times=3)
+        b.store.by_request = outage  # type: ignore[method-assign]
+        outage.begin()
+        try:
+            async with asyncio.timeout(30):
+                async for _ in b.jobs.follow(generation, idle_s=0.01):
+                    pass
+                rows = await b.jobs.results(generation)
+        finally:
+            generation.close()
+        assert outage.failed == 3
+        assert [row.state for row in rows] == [JobState.SUCCEEDED]
