@@ -69,13 +69,15 @@ class Finisher:
         earlier write, which landed as its connection was cut before the commit was answered (a failover, a pooler
         or a firewall closing it): it was taken for failed and announced to nobody, so without this the waiters,
         client hooks and other processes would hear of it only from a later read of their own, or never. Hearing
-        of an end twice (another writer announced it) changes nothing for them."""
+        of an end twice (another writer announced it) changes nothing for them. The jobs are read back together,
+        in one statement: this runs in the batch's turn, which the next batch waits for."""
+        try:
+            rows = {row.id: row for row in await self.store.get_many(job_ids)}
+        except Exception:  # the ends are written: waiters read them after a quiet spell
+            log.warning("reading jobs found ended failed", exc_info=True, extra={"fields": {"jobs": job_ids[:20]}})
+            return
         for job_id in dict.fromkeys(job_ids):
-            try:
-                row = await self.store.get(job_id)
-            except Exception:  # the end is written: waiters read it after a quiet spell
-                log.warning("reading a job found ended failed", exc_info=True, extra={"fields": {"job": job_id}})
-                continue
+            row = rows.get(job_id)
             if row is not None and row.state.terminal:
                 self.events.publish(JobEvent(row.id, row.state, row.progress, row.error_code, row))
 

@@ -568,6 +568,14 @@ class JobStore:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
         return row_of(row) if row is not None else None
 
+    async def get_many(self, job_ids: Sequence[str]) -> list[JobRow]:
+        """The jobs among `job_ids` that exist, read in one statement (in no particular order)."""
+        if not job_ids:
+            return []
+        async with connected(self.engine) as conn:
+            rows = (await conn.execute(select(jobs).where(jobs.c.id.in_(list(dict.fromkeys(job_ids)))))).all()
+        return [row_of(row) for row in rows]
+
     async def ids_taken(self, key_id: str, new_jobs: Sequence[NewJob]) -> bool:
         """Whether some of these jobs' ids are another job's (or one of them twice): random ids drawn alike. A row
         these very jobs wrote (the same request, key and deadline) is not another job's."""

@@ -765,3 +765,43 @@ async def test_a_waiter_whose_read_after_a_quiet_spell_fails_reads_again_later(t
             generation.close()
         assert outage.failed == 3
         assert [row.state for row in rows] == [JobState.SUCCEEDED]
+
+
+async def test_endings_that_find_their_jobs_ended_read_them_back_in_one_statement(
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    """Endings that find their jobs ended already (an earlier write landed as its connection was cut) tell the
+    waiters of those ends, reading the jobs back together: one statement for the batch, not one a job."""
+    relay, _, key = switchable
+    generation = await relay.jobs.start(key, relay.jobs.plan(model="mj-fast", prompt="a kite", n=10))
+    try:
+        ended = await relay.jobs.wait(generation)
+    finally:
+        generation.close()
+    assert [row.state for row in ended] == [JobState.SUCCEEDED] * 3
+    write = relay.store.finish_many
+    statements: list[str] = []
+    written = False
+
+    async def marked(*args: Any, **kwargs: Any) -> Any:
+        nonlocal written
+        rows = await write(*args, **kwargs)
+        written = True
+        return rows
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if written:
+            statements.append(statement)
+
+    relay.store.finish_many = marked  # type: ignore[method-assign]
+    event.listen(relay.db.engine.sync_engine, "before_cursor_execute", seen)
+    heard = relay.events.subscribe(generation.job_ids)
+    try:
+        outcomes = await relay.finisher.end_many([relay.finisher.ending(row.id, False) for row in ended])
+        told = [await heard.next(5) for _ in ended]
+    finally:
+        heard.close()
+        event.remove(relay.db.engine.sync_engine, "before_cursor_execute", seen)
+    assert outcomes == [None, None, None]  # nothing settled twice
+    assert len(statements) == 1
+    assert {(e.job_id, e.state) for e in told if e is not None} == {(row.id, JobState.SUCCEEDED) for row in ended}
