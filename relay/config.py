@@ -131,6 +131,9 @@ class ServerConfig(_Section):
 class DatabaseConfig(_Section):
     url: str | None = None
     pool_size: int = Field(10, ge=1, le=200)
+    # PostgreSQL: how long the relay waits for a statement's answer before it fails (a connection a firewall went
+    # silent on answers nothing, and would hold its request or loop until TCP gives up, many minutes on).
+    statement_timeout_s: float = Field(60.0, gt=0, le=3600)
 
     @field_validator("url")
     @classmethod

@@ -50,7 +50,12 @@ class Relay:
         self.config = config
         self.clock = clock
         self.metrics = Metrics()
-        self.db = Database(config.database_url(), pool_size=config.database.pool_size, busy_ms=sqlite_inline.BUSY_MS)
+        self.db = Database(
+            config.database_url(),
+            pool_size=config.database.pool_size,
+            busy_ms=sqlite_inline.BUSY_MS,
+            statement_timeout_s=config.database.statement_timeout_s,
+        )
         self.keys = KeyStore(self.db.engine)
         # This process, as the owner of the jobs it follows (`store.leases`).
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{secrets_module.token_hex(3)}"

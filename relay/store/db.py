@@ -23,6 +23,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from relay.store import sqlite_inline
 
@@ -33,6 +34,9 @@ log = logging.getLogger("relay.store")
 # SQLSTATEs of a transaction that lost a race and may simply be run again: deadlock, serialization failure.
 _RETRY_STATES = {"40P01", "40001"}
 ATTEMPTS = 4
+# How long a PostgreSQL connection may take to be made, and a statement's caller waits for a free connection.
+CONNECT_TIMEOUT_S = 15.0
+POOL_TIMEOUT_S = 60.0
 
 
 def locked(exc: BaseException) -> bool:
@@ -123,7 +127,12 @@ def _upgrade(connection: Connection) -> None:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10, busy_ms: int = 10_000) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 10, busy_ms: int = 10_000, statement_timeout_s: float | None = None
+    ) -> None:
+        """`statement_timeout_s`: on PostgreSQL, how long a statement is waited for before it fails (None: for as
+        long as it takes). A connection whose network path went silent (a firewall dropping it without a reset)
+        answers nothing, and without a limit its statements would wait until TCP gives up, many minutes on."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
@@ -141,25 +150,37 @@ class Database:
             _INLINE.add(self.engine)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas(busy_ms))
         else:
+            connect_args: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_S}
+            if statement_timeout_s is not None:
+                connect_args["command_timeout"] = statement_timeout_s
             self.engine = create_async_engine(
                 url,
                 pool_size=pool_size,
                 max_overflow=pool_size,
-                pool_timeout=60,
+                pool_timeout=POOL_TIMEOUT_S,
                 pool_pre_ping=True,
                 hide_parameters=True,  # error text never carries prompts or key hashes
+                connect_args=connect_args,
             )
 
     async def migrate(self) -> None:
         """Bring the schema to the newest version; safe to run at every start. On PostgreSQL the upgrade holds an
         advisory lock for its transaction, so processes starting together upgrade one after the other (the later
-        ones find the schema current) instead of running the same migrations at once."""
-        async with connected(self.engine) as conn:
-            if not self.is_sqlite:
-                async with conn.begin():
+        ones find the schema current) instead of running the same migrations at once. There, the upgrade has a
+        connection of its own, without the statement time limit: waiting for another process's upgrade, or building
+        an index over a large table, may take longer than any other statement."""
+        if not self.is_sqlite:
+            engine = create_async_engine(
+                self.url, poolclass=NullPool, hide_parameters=True, connect_args={"timeout": CONNECT_TIMEOUT_S}
+            )
+            try:
+                async with begun(engine) as conn:
                     await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('mj-relay migrations'))"))
                     await conn.run_sync(_upgrade)
-                return
+            finally:
+                await engine.dispose()
+            return
+        async with connected(self.engine) as conn:
             # A migration that alters a table SQLite cannot ALTER copies it to a new one and drops the old: with
             # foreign keys enforced, dropping `keys` while jobs refer to it fails (and the pragma can only be changed
             # outside a transaction). The copy keeps every row, which is checked before it is kept.
