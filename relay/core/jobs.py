@@ -54,6 +54,8 @@ QUIET_S = 5.0
 DEADLINE_GRACE_S = 5.0
 # How long past that a waiter still waits for a job whose grid is being delivered (downloads are time-limited).
 DELIVERY_WAIT_S = 300.0
+# How soon a waiter past its deadline tries again to end a job when that failed (the database briefly away).
+EXPIRE_RETRY_S = 1.0
 
 
 def unknown_model(name: str) -> NotFound:
@@ -536,12 +538,11 @@ class JobService:
             limit = generation.deadline_at + DEADLINE_GRACE_S
             wait = min(idle_s, limit - now)
             if now >= limit:
-                for job_id in generation.job_ids:
-                    if job_id not in generation.ended and await self.lifecycle.expire(job_id):
-                        generation.ended.add(job_id)
+                failed = await self._expire(generation)
                 if generation.done or now >= limit + DELIVERY_WAIT_S:
                     break
-                wait = idle_s  # what is left is being delivered: it ends on its own
+                # What is left is being delivered (it ends on its own), or could not be ended now: tried again soon.
+                wait = min(idle_s, EXPIRE_RETRY_S) if failed else idle_s
             update = await generation.subscription.next(max(0.01, wait))
             if update is None:
                 await self._look_up_endings(generation)
@@ -557,6 +558,26 @@ class JobService:
             if generation.percent != last and not generation.done:
                 last = generation.percent
                 yield last
+
+    async def _expire(self, generation: Generation) -> bool:
+        """End the jobs of a waiter past its deadline (or learn they ended); whether reading or ending one failed (the
+        database briefly away). Such a job runs on and is charged whatever this meets, so the waiter tries again
+        shortly, until it gives up on deliveries, rather than failing the request."""
+        failed = False
+        for job_id in generation.job_ids:
+            if job_id in generation.ended:
+                continue
+            try:
+                if await self.lifecycle.expire(job_id):
+                    generation.ended.add(job_id)
+            except Exception:
+                failed = True
+                log.warning(
+                    "ending a job past its deadline failed; tried again shortly",
+                    exc_info=True,
+                    extra={"fields": {"request": generation.request_id, "job": job_id}},
+                )
+        return failed
 
     async def _look_up_endings(self, generation: Generation) -> None:
         """After a quiet spell, the endings of jobs another process follows are read from the store: a wake-up

@@ -15,7 +15,7 @@ from adapters import Retryable, SubmitOutcome, SubmitRequest
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import SystemClock
 from relay.core.events import JobEvent
-from relay.core.jobs import QUIET_S, Attempt, ImageSpec
+from relay.core.jobs import DEADLINE_GRACE_S, QUIET_S, Attempt, ImageSpec
 from relay.domain import FailureCode, JobState
 from relay.errors import InsufficientQuota, JobFailed
 from relay.services import Relay
@@ -805,3 +805,29 @@ async def test_endings_that_find_their_jobs_ended_read_them_back_in_one_statemen
     assert outcomes == [None, None, None]  # nothing settled twice
     assert len(statements) == 1
     assert {(e.job_id, e.state) for e in told if e is not None} == {(row.id, JobState.SUCCEEDED) for row in ended}
+
+
+@pytest.mark.postgres
+async def test_a_waiter_whose_read_of_a_job_past_its_deadline_fails_reads_it_again(tmp_path: Path) -> None:
+    """A waiter past its deadline reads a job another process follows to end the wait once that job ended; that read
+    failing (the database is briefly away) is made again shortly, not the request's failure: the job runs on (here,
+    its grid still being delivered) and is charged either way."""
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 2) as ((a, b), key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        first = await a.jobs.start(key, spec, Attempt("body", retry=False))
+        first.close()
+        generation = await b.jobs.start(key, spec, Attempt("body", retry=True))  # follows the job a runs
+        generation.deadline_at = b.clock.now() - DEADLINE_GRACE_S  # the wait is up; a delivers the grid still
+        outage = Outage(b.store.get, times=3)
+        b.store.get = outage  # type: ignore[method-assign]
+        outage.begin()
+        try:
+            async with asyncio.timeout(30):
+                async for _ in b.jobs.follow(generation, idle_s=0.01):
+                    pass
+                rows = await b.jobs.results(generation)
+        finally:
+            generation.close()
+        assert outage.failed == 3
+        assert [row.state for row in rows] == [JobState.SUCCEEDED]
