@@ -56,6 +56,10 @@ DEADLINE_GRACE_S = 5.0
 DELIVERY_WAIT_S = 300.0
 # How soon a waiter past its deadline tries again to end a job when that failed (the database briefly away).
 EXPIRE_RETRY_S = 1.0
+# How many times the jobs of a request are read for its answer when the read fails (the database briefly away), and
+# the wait before the second read, doubled for each one after it (0.5 + 1 + 2 + 4 s in all).
+RESULTS_READS = 5
+RESULTS_BACKOFF_S = 0.5
 
 
 def unknown_model(name: str) -> NotFound:
@@ -617,11 +621,25 @@ class JobService:
 
     async def results(self, generation: Generation) -> list[JobRow]:
         """The request's jobs in plan order, as they ended (read back from the store only when an ending was not
-        heard, e.g. one written by another process)."""
+        heard, e.g. one written by another process). A read that fails (the database briefly away) is made again a
+        few times, shortly after: the jobs ended, and those that succeeded are charged and have their images."""
         rows = generation.rows
         if any(job_id not in rows for job_id in generation.job_ids):
-            rows = {row.id: row for row in await self.store.by_request(generation.request_id)}
+            rows = {row.id: row for row in await self._read_request(generation.request_id)}
         return [rows[job_id] for job_id in generation.job_ids if job_id in rows]
+
+    async def _read_request(self, request_id: str) -> list[JobRow]:
+        for read in range(RESULTS_READS - 1):
+            try:
+                return await self.store.by_request(request_id)
+            except Exception:
+                log.warning(
+                    "reading a request's ended jobs failed; read again shortly",
+                    exc_info=True,
+                    extra={"fields": {"request": request_id}},
+                )
+            await self.clock.sleep(RESULTS_BACKOFF_S * 2**read)
+        return await self.store.by_request(request_id)
 
     @staticmethod
     def tiles(rows: list[JobRow], n: int) -> list[Tile]:

@@ -831,3 +831,28 @@ async def test_a_waiter_whose_read_of_a_job_past_its_deadline_fails_reads_it_aga
             generation.close()
         assert outage.failed == 3
         assert [row.state for row in rows] == [JobState.SUCCEEDED]
+
+
+@pytest.mark.postgres
+async def test_reading_the_results_of_ended_jobs_is_made_again_when_it_fails(tmp_path: Path) -> None:
+    """A waiter that heard its jobs ended in another process reads them back for the answer; that read failing (the
+    database is briefly away) is made again shortly, not a 500 for images that exist and are charged."""
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 2) as ((a, b), key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        first = await a.jobs.start(key, spec, Attempt("body", retry=False))
+        first.close()
+        generation = await b.jobs.start(key, spec, Attempt("body", retry=True))  # follows the job a runs
+        try:
+            async with asyncio.timeout(30):
+                async for _ in b.jobs.follow(generation, idle_s=QUIET_S):
+                    pass
+                assert generation.done and not generation.rows  # heard of, not read yet
+                outage = Outage(b.store.by_request, times=2)
+                b.store.by_request = outage  # type: ignore[method-assign]
+                outage.begin()
+                rows = await b.jobs.results(generation)
+        finally:
+            generation.close()
+        assert outage.failed == 2
+        assert [row.state for row in rows] == [JobState.SUCCEEDED]
