@@ -116,6 +116,7 @@ class Relay:
             clock=clock,
             alone=self.db.is_sqlite,
             on_adopted=self._watch_hooks,
+            retry_window_s=self.jobs.retry_window_s,
         )
         self.upstream_hooks = UpstreamHooks(
             config=config,

@@ -47,6 +47,7 @@ class Coordinator:
         clock: Clock,
         alone: bool,
         on_adopted: Callable[[list[JobRow]], Awaitable[None]] | None = None,
+        retry_window_s: float = RETRY_WINDOW_S,
     ) -> None:
         self.leases = leases
         self.attempts = attempts
@@ -55,6 +56,7 @@ class Coordinator:
         self.clock = clock
         self.alone = alone  # on SQLite: the only process there is, so every running job is its own at start
         self._on_adopted = on_adopted  # e.g. the adopted jobs' client hooks go on here
+        self.retry_window_s = retry_window_s  # attempts older than this are forgotten (see `jobs.retry_window_s`)
         self._loops: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -126,7 +128,7 @@ class Coordinator:
             pool.metrics.in_flight_elsewhere.labels(name).set(running)
 
     async def _forget(self) -> None:
-        await self.attempts.forget_before(self.clock.now() - RETRY_WINDOW_S)
+        await self.attempts.forget_before(self.clock.now() - self.retry_window_s)
 
     async def _every(self, seconds: float, work: Callable[[], Awaitable[object]]) -> None:
         while True:

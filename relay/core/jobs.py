@@ -39,8 +39,10 @@ from relay.store.keys import KeyRecord
 log = logging.getLogger("relay.jobs")
 
 TILES_PER_JOB = 4
-# How long a request's jobs can be found again by a retry of it: longer than any deadline plus the SDKs' retries.
+# How long a request's jobs can be found again by a retry of it, at least (see `retry_window_s`).
 RETRY_WINDOW_S = 3600.0
+# What that window leaves past the longest deadline: the grace, the wait for a delivery and the SDKs' retries.
+RETRY_MARGIN_S = 1800.0
 # How long a retry waits for its first attempt's submission, under way in another process, and how often it looks.
 ATTEMPT_WAIT_S = 10.0
 ATTEMPT_POLL_S = 0.1
@@ -60,6 +62,13 @@ EXPIRE_RETRY_S = 1.0
 # the wait before the second read, doubled for each one after it (0.5 + 1 + 2 + 4 s in all).
 RESULTS_READS = 5
 RESULTS_BACKOFF_S = 0.5
+
+
+def retry_window_s(config: Config) -> float:
+    """How long a request's jobs can be found again by a retry of it: longer than any deadline plus the SDKs'
+    retries (the longest deadline plus `RETRY_MARGIN_S`), never under `RETRY_WINDOW_S`."""
+    longest = max(float(seconds) for seconds in config.jobs.deadline_s.model_dump().values())
+    return max(RETRY_WINDOW_S, longest + RETRY_MARGIN_S)
 
 
 def unknown_model(name: str) -> NotFound:
@@ -182,6 +191,7 @@ class JobService:
         self.events = events
         self.clock = clock
         self.attempts = attempts
+        self.retry_window_s = retry_window_s(config)
         # Attempts this process is starting, while under way: a retry here waits on one without asking the database
         # (its row may not be written yet). Once one is done, the attempts table says which attempt owns its
         # fingerprint: a later one may have been made on another process.
@@ -190,7 +200,7 @@ class JobService:
         # Attempts made here whose row could not be written (the database failed meanwhile): for the retry window,
         # what a retry here follows rather than an older row (when it started, its request id, how it went).
         self._unwritten: TTLCache[str, tuple[float, str, _Started | None]] = TTLCache(
-            maxsize=10_000, ttl=RETRY_WINDOW_S, timer=clock.now
+            maxsize=10_000, ttl=self.retry_window_s, timer=clock.now
         )
         self._abandoned: set[asyncio.Task[None]] = set()
         now = clock.now
@@ -282,7 +292,7 @@ class JobService:
             spec_record = _spec_record(following.spec)
             now = self.clock.now()
             made = (fingerprint, request_id, following.job_ids, spec_record, following.deadline_at, now)
-            claiming = asyncio.ensure_future(self._claim((made, earlier, now - RETRY_WINDOW_S)))
+            claiming = asyncio.ensure_future(self._claim((made, earlier, now - self.retry_window_s)))
             try:
                 claimed = await asyncio.shield(claiming)
             except asyncio.CancelledError:
@@ -339,7 +349,7 @@ class JobService:
         if local is not None:
             request_id, at, under_way = local
             mine = (at, request_id, await asyncio.shield(under_way))  # its row is written by the time it is done
-        since = self.clock.now() - RETRY_WINDOW_S
+        since = self.clock.now() - self.retry_window_s
         row = await self.attempts.get(fingerprint, since)
         kept = self._unwritten.get(fingerprint)
         if kept is not None and (mine is None or kept[0] >= mine[0]):  # the newer of this process's two

@@ -856,3 +856,24 @@ async def test_reading_the_results_of_ended_jobs_is_made_again_when_it_fails(tmp
             generation.close()
         assert outage.failed == 2
         assert [row.state for row in rows] == [JobState.SUCCEEDED]
+
+
+async def test_a_retry_within_a_long_deadline_follows_its_first_attempt(tmp_path: Path) -> None:
+    """Deadlines may be set up to a day: a retry that comes while its first attempt's job may still run (here over an
+    hour on, past the attempts sweep) follows that job rather than starting and charging a second one."""
+    clock = FakeClock()
+    config = relay_config(tmp_path, jobs={"deadline_s": {"fast": 7200}})
+    relay = Relay(config, clock, {"sim": SwitchableUpstream()})
+    await relay.open()
+    try:
+        key, _ = await relay.keys.create("k", 100, clock.now())
+        spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        first = await relay.jobs.start(key, spec, Attempt("body", retry=False))
+        first.close()
+        clock.advance(3700)
+        await relay.coordinator._forget()  # as the sweep of old attempts does
+        retried = await relay.jobs.start(key, spec, Attempt("body", retry=True))
+        retried.close()
+        assert retried.request_id == first.request_id
+    finally:
+        await relay.close()
