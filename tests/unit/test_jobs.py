@@ -15,7 +15,7 @@ from adapters import Retryable, SubmitOutcome, SubmitRequest
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import SystemClock
 from relay.core.events import JobEvent
-from relay.core.jobs import DEADLINE_GRACE_S, QUIET_S, Attempt, ImageSpec
+from relay.core.jobs import DEADLINE_GRACE_S, QUIET_S, Attempt, Generation, ImageSpec
 from relay.domain import FailureCode, JobState
 from relay.errors import InsufficientQuota, JobFailed
 from relay.services import Relay
@@ -742,27 +742,39 @@ class Outage:
         return await self.read(*args, **kwargs)
 
 
+@contextlib.asynccontextmanager
+async def a_retry_elsewhere(tmp_path: Path) -> AsyncIterator[tuple[Relay, Generation]]:
+    """Two relays on one database: relay a runs a request's job, and relay b (yielded) has a retry of that request,
+    which follows the job a runs."""
+    async with relays_on_one_database(tmp_path, SwitchableUpstream(), 2) as ((a, b), key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        first = await a.jobs.start(key, spec, Attempt("body", retry=False))
+        first.close()
+        generation = await b.jobs.start(key, spec, Attempt("body", retry=True))
+        try:
+            yield b, generation
+        finally:
+            generation.close()
+
+
+async def followed_to_its_answer(relay: Relay, generation: Generation) -> list[JobRow]:
+    """What the request is answered with, once its waiter has followed its jobs to their ends (at most 30 s)."""
+    async with asyncio.timeout(30):
+        async for _ in relay.jobs.follow(generation, idle_s=0.01):
+            pass
+        return await relay.jobs.results(generation)
+
+
 @pytest.mark.postgres
 async def test_a_waiter_whose_read_after_a_quiet_spell_fails_reads_again_later(tmp_path: Path) -> None:
     """A waiter for jobs another process follows reads their endings after each quiet spell; one such read failing
     (the database is briefly away) is read again after the next, not the request's failure: its jobs run on and are
     charged either way."""
-    upstream = SwitchableUpstream()
-    async with relays_on_one_database(tmp_path, upstream, 2) as ((a, b), key):
-        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-        first = await a.jobs.start(key, spec, Attempt("body", retry=False))
-        first.close()
-        generation = await b.jobs.start(key, spec, Attempt("body", retry=True))  # follows the job a runs
+    async with a_retry_elsewhere(tmp_path) as (b, generation):
         outage = Outage(b.store.by_request, times=3)
         b.store.by_request = outage  # type: ignore[method-assign]
         outage.begin()
-        try:
-            async with asyncio.timeout(30):
-                async for _ in b.jobs.follow(generation, idle_s=0.01):
-                    pass
-                rows = await b.jobs.results(generation)
-        finally:
-            generation.close()
+        rows = await followed_to_its_answer(b, generation)
         assert outage.failed == 3
         assert [row.state for row in rows] == [JobState.SUCCEEDED]
 
@@ -812,23 +824,12 @@ async def test_a_waiter_whose_read_of_a_job_past_its_deadline_fails_reads_it_aga
     """A waiter past its deadline reads a job another process follows to end the wait once that job ended; that read
     failing (the database is briefly away) is made again shortly, not the request's failure: the job runs on (here,
     its grid still being delivered) and is charged either way."""
-    upstream = SwitchableUpstream()
-    async with relays_on_one_database(tmp_path, upstream, 2) as ((a, b), key):
-        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-        first = await a.jobs.start(key, spec, Attempt("body", retry=False))
-        first.close()
-        generation = await b.jobs.start(key, spec, Attempt("body", retry=True))  # follows the job a runs
+    async with a_retry_elsewhere(tmp_path) as (b, generation):
         generation.deadline_at = b.clock.now() - DEADLINE_GRACE_S  # the wait is up; a delivers the grid still
         outage = Outage(b.store.get, times=3)
         b.store.get = outage  # type: ignore[method-assign]
         outage.begin()
-        try:
-            async with asyncio.timeout(30):
-                async for _ in b.jobs.follow(generation, idle_s=0.01):
-                    pass
-                rows = await b.jobs.results(generation)
-        finally:
-            generation.close()
+        rows = await followed_to_its_answer(b, generation)
         assert outage.failed == 3
         assert [row.state for row in rows] == [JobState.SUCCEEDED]
 
@@ -837,23 +838,15 @@ async def test_a_waiter_whose_read_of_a_job_past_its_deadline_fails_reads_it_aga
 async def test_reading_the_results_of_ended_jobs_is_made_again_when_it_fails(tmp_path: Path) -> None:
     """A waiter that heard its jobs ended in another process reads them back for the answer; that read failing (the
     database is briefly away) is made again shortly, not a 500 for images that exist and are charged."""
-    upstream = SwitchableUpstream()
-    async with relays_on_one_database(tmp_path, upstream, 2) as ((a, b), key):
-        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-        first = await a.jobs.start(key, spec, Attempt("body", retry=False))
-        first.close()
-        generation = await b.jobs.start(key, spec, Attempt("body", retry=True))  # follows the job a runs
-        try:
-            async with asyncio.timeout(30):
-                async for _ in b.jobs.follow(generation, idle_s=QUIET_S):
-                    pass
-                assert generation.done and not generation.rows  # heard of, not read yet
-                outage = Outage(b.store.by_request, times=2)
-                b.store.by_request = outage  # type: ignore[method-assign]
-                outage.begin()
-                rows = await b.jobs.results(generation)
-        finally:
-            generation.close()
+    async with a_retry_elsewhere(tmp_path) as (b, generation):
+        async with asyncio.timeout(30):
+            async for _ in b.jobs.follow(generation, idle_s=QUIET_S):
+                pass
+            assert generation.done and not generation.rows  # heard of, not read yet
+            outage = Outage(b.store.by_request, times=2)
+            b.store.by_request = outage  # type: ignore[method-assign]
+            outage.begin()
+            rows = await b.jobs.results(generation)
         assert outage.failed == 2
         assert [row.state for row in rows] == [JobState.SUCCEEDED]
 
