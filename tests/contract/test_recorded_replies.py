@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -294,17 +295,25 @@ async def test_a_provider_whose_lanes_stay_busy_hands_the_job_on_before_sending(
 
     from tests.helpers import serve
 
+    received = threading.Event()
+
     async def slow(request: object) -> JSONResponse:
-        await asyncio.sleep(1.0)
+        received.set()
+        await asyncio.sleep(3.0)
         return JSONResponse({"code": 1, "result": "1"})
 
     with serve(Starlette(routes=[Route("/mj/submit/imagine", slow, methods=["POST"])])) as base:
-        adapter = create_http_upstream(
-            "midjourney-proxy", "p", HttpOptions(base_url=base, max_connections=1, timeout_s=0.3)
-        )
-        first, second = await asyncio.gather(adapter.submit(REQUEST), adapter.submit(REQUEST))
+        options = HttpOptions(base_url=base, max_connections=1, timeout_s=1.5)
+        adapter = create_http_upstream("midjourney-proxy", "p", options)
+        first = asyncio.ensure_future(adapter.submit(REQUEST))
+        assert await asyncio.to_thread(received.wait, 5)
+        # The only lane is taken by a submit that runs longer than the next one waits for a lane (with one time
+        # limit for both, which of the two ends first would be a race).
+        adapter.options = dataclasses.replace(options, timeout_s=0.2)  # type: ignore[attr-defined]
+        second = await adapter.submit(REQUEST)
+        first_outcome = await first
         await adapter.aclose()
-    assert isinstance(first, Retryable) and first.sent  # sent, then no answer in time
+    assert isinstance(first_outcome, Retryable) and first_outcome.sent  # sent, then no answer in time
     assert isinstance(second, Retryable) and not second.sent  # never got a lane: nothing was sent
 
 
