@@ -72,13 +72,12 @@ class Finisher:
         of an end twice (another writer announced it) changes nothing for them. The jobs are read back together,
         in one statement: this runs in the batch's turn, which the next batch waits for."""
         try:
-            rows = {row.id: row for row in await self.store.get_many(job_ids)}
+            rows = await self.store.get_many(job_ids)  # each job once, however many endings found it ended
         except Exception:  # the ends are written: waiters read them after a quiet spell
             log.warning("reading jobs found ended failed", exc_info=True, extra={"fields": {"jobs": job_ids[:20]}})
             return
-        for job_id in dict.fromkeys(job_ids):
-            row = rows.get(job_id)
-            if row is not None and row.state.terminal:
+        for row in rows:
+            if row.state.terminal:
                 self.events.publish(JobEvent(row.id, row.state, row.progress, row.error_code, row))
 
     def _announce(self, ending: Ending, row: JobRow) -> None:
