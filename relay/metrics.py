@@ -3,15 +3,24 @@ provider names, operations and outcomes: never ids, prompts or keys."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+_LabelledT = TypeVar("_LabelledT", bound=MetricWrapperBase)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _JOB_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+# The most label combinations `Metrics.of` keeps found (far more than the relay's bounded labels make): past it, a
+# combination is looked up each time, as without the cache.
+_MAX_KEPT = 10_000
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
         self.requests = Counter(
             "mj_relay_http_requests",
             "HTTP requests answered, by route template, method and status class.",
@@ -107,9 +116,20 @@ class Metrics:
             registry=self.registry,
         )
 
+    def of(self, metric: _LabelledT, *values: str) -> _LabelledT:
+        """`metric.labels(*values)`, each combination found once: `labels` checks and copies its values on every
+        call, which every request, hook call and ending would pay (the relay never removes a labelled child)."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*values)
+            if len(self._children) < _MAX_KEPT:
+                self._children[key] = child
+        return child  # type: ignore[return-value]
+
     def settled(self, model: str, kind: str, captured: bool, amount: int) -> None:
         """Count one job's capture or release."""
-        (self.credits_captured if captured else self.credits_released).labels(model, kind).inc(amount)
+        self.of(self.credits_captured if captured else self.credits_released, model, kind).inc(amount)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

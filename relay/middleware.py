@@ -110,8 +110,8 @@ def request_id() -> str:
 
 def observed(metrics: Metrics, request: str, method: str, template: str, status: int, seconds: float) -> None:
     """A request's log line and metrics, once it is answered."""
-    metrics.requests.labels(template, method, f"{status // 100}xx").inc()
-    metrics.request_seconds.labels(template).observe(seconds)
+    metrics.of(metrics.requests, template, method, f"{status // 100}xx").inc()
+    metrics.of(metrics.request_seconds, template).observe(seconds)
     event(log, "request", request_id=request, method=method, route=template, status=status, ms=round(seconds * 1000, 1))
 
 

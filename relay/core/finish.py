@@ -83,8 +83,8 @@ class Finisher:
     def _announce(self, ending: Ending, row: JobRow) -> None:
         outcome = "succeeded" if ending.succeeded else (ending.error_code or "failed")
         seconds = max(0.0, (row.finished_at or row.updated_at) - row.created_at)
-        self.metrics.jobs.labels(row.model, row.action, row.provider or "none", outcome).inc()
-        self.metrics.job_seconds.labels(row.model, outcome).observe(seconds)
+        self.metrics.of(self.metrics.jobs, row.model, row.action, row.provider or "none", outcome).inc()
+        self.metrics.of(self.metrics.job_seconds, row.model, outcome).observe(seconds)
         self.metrics.settled(row.model, row.action, row.hold_state == "captured", row.price)
         self.events.publish(JobEvent(row.id, row.state, row.progress, ending.error_code, row))
         event(

@@ -138,12 +138,12 @@ class ProviderPool:
 
     def acquire(self, name: str) -> None:
         self.in_flight[name] += 1
-        self.metrics.in_flight.labels(name).inc()
+        self.metrics.of(self.metrics.in_flight, name).inc()
 
     def release(self, name: str) -> None:
         if self.in_flight.get(name, 0) > 0:
             self.in_flight[name] -= 1
-            self.metrics.in_flight.labels(name).dec()
+            self.metrics.of(self.metrics.in_flight, name).dec()
 
     def poll_interval(self, name: str) -> float:
         return self.config.poll_interval(self.settings[name])
@@ -203,7 +203,7 @@ class ProviderPool:
         return result
 
     def _observe(self, name: str, operation: str, outcome: str, started: float) -> None:
-        self.metrics.upstream_seconds.labels(name, operation, outcome).observe(time.perf_counter() - started)
+        self.metrics.of(self.metrics.upstream_seconds, name, operation, outcome).observe(time.perf_counter() - started)
 
     # -- health --------------------------------------------------------------------------------------------------
 

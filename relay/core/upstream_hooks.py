@@ -203,7 +203,7 @@ class UpstreamHooks:
             for (i, _), outcome in zip(alone, routed, strict=True):
                 outcomes[i] = outcome
         for (provider, _), outcome in zip(calls, outcomes, strict=True):
-            self.metrics.upstream_hooks.labels(provider, outcome).inc()
+            self.metrics.of(self.metrics.upstream_hooks, provider, outcome).inc()
         return outcomes
 
     async def _alone(self, provider: str, body: bytes, view: TaskView) -> Outcome:
