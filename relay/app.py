@@ -91,7 +91,7 @@ def build_app(config: Config, *, clock: Clock | None = None, upstreams: dict[str
                 if config.cors.origins
                 else []
             ),
-            Middleware(Guard),
+            Middleware(Guard, metrics=relay.metrics),
             Middleware(BodyLimit, limit=config.server.max_body_bytes),
         ],
         exception_handlers={HTTPException: _http_error},

@@ -14,6 +14,7 @@ Midjourney-proxy envelope on the native routes (`relay.api.mj.errors`).
       InsufficientQuota         the key's available credits are short
       RateLimited               the key made its requests-per-minute already (`retry_after` seconds)
       ServiceUnavailable        no provider can take the work now (`retry_after` seconds)
+        DatabaseUnavailable     the database cannot serve now: down, unreachable, too slow, locked (`retry_after`)
       UpstreamFailed            a provider failed a call that is not a job (an upload, a seed)
       JobFailed                 a job ended without success (`code`: a FailureCode, `reason`)
       InternalError             a bug; the details stay in the log
@@ -27,6 +28,7 @@ from relay.domain import FailureCode
 
 __all__ = [
     "AuthenticationFailed",
+    "DatabaseUnavailable",
     "InsufficientQuota",
     "InternalError",
     "InvalidImage",
@@ -112,6 +114,18 @@ class ServiceUnavailable(RelayError):
     def __init__(self, message: str, *, retry_after: int = 10) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The relay's database cannot serve now (see `store.db.unavailable`); the client is told only that, to retry."""
+
+    def __init__(
+        self,
+        message: str = "The relay cannot reach its database right now; try again shortly.",
+        *,
+        retry_after: int = 5,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class UpstreamFailed(RelayError):

@@ -34,6 +34,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS + (60, 120, 300, 600),
             registry=self.registry,
         )
+        self.database_unavailable = Counter(
+            "mj_relay_database_unavailable",
+            "Requests answered 503 because the database could not serve them (down, unreachable, too slow, locked).",
+            registry=self.registry,
+        )
         self.jobs = Counter(
             "mj_relay_jobs",
             "Jobs that reached an end, by model, kind of task, provider and outcome.",

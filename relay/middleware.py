@@ -3,7 +3,9 @@
 Observe     one log line and the metrics per request, an `x-request-id` on every answer
 Guard       every error becomes an answer in the request's surface envelope, and is never re-raised: an
             exception that escaped would make the server close the keep-alive connection, losing the client's
-            next request on it. A client that hangs up mid-request is neither an error nor a 5xx (499).
+            next request on it. A client that hangs up mid-request is neither an error nor a 5xx (499). A database
+            that cannot serve now (down, unreachable, too slow, locked) is a 503 with `Retry-After`, counted and
+            logged in one line without its statement; any other error a 500, logged with its traceback.
 BodyLimit   a body over the limit is refused (413) before the route reads it
 """
 
@@ -19,9 +21,10 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay.api.errors import render
-from relay.errors import InternalError, PayloadTooLarge, RelayError
+from relay.errors import DatabaseUnavailable, InternalError, PayloadTooLarge, RelayError
 from relay.logs import event
 from relay.metrics import Metrics
+from relay.store.db import unavailable
 
 log = logging.getLogger("relay.http")
 
@@ -62,8 +65,9 @@ class BodyLimit:
 
 
 class Guard:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,11 +88,7 @@ class Guard:
         except ClientDisconnect:
             scope[_DISCONNECTED] = True
         except Exception as exc:
-            if isinstance(exc, RelayError):
-                error = exc
-            else:
-                log.error("unhandled error", exc_info=exc, extra={"fields": {"path": scope.get("path")}})
-                error = InternalError("The relay hit an internal error; it has been logged.")
+            error = self._error(scope, exc)
             if started:  # the answer is under way: all that can be done is to end it
                 if not ended:
                     with contextlib.suppress(Exception):
@@ -100,6 +100,23 @@ class Guard:
             headers += [(k.lower().encode(), v.encode()) for k, v in rendered.headers.items()]
             await send({"type": "http.response.start", "status": rendered.status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
+
+    def _error(self, scope: Scope, exc: Exception) -> RelayError:
+        """What the client is told of `exc`: a domain error as it is; a database that cannot serve now as
+        `DatabaseUnavailable`; anything else as an internal error (a bug), its details in the log only."""
+        if isinstance(exc, RelayError):
+            return exc
+        path = scope.get("path")
+        if unavailable(exc):
+            self.metrics.database_unavailable.inc()
+            # The driver's own words (a refused connection, "database is locked"), not the statement's text.
+            cause = exc.__cause__ or getattr(exc, "orig", None) or exc
+            reason = (str(cause).splitlines() or [""])[0][:200]
+            fields = {"path": path, "error": type(cause).__name__, "reason": reason}
+            log.warning("database unavailable", extra={"fields": fields})
+            return DatabaseUnavailable()
+        log.error("unhandled error", exc_info=exc, extra={"fields": {"path": path}})
+        return InternalError("The relay hit an internal error; it has been logged.")
 
 
 def request_id() -> str:

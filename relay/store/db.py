@@ -22,6 +22,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -33,6 +34,14 @@ log = logging.getLogger("relay.store")
 
 # SQLSTATEs of a transaction that lost a race and may simply be run again: deadlock, serialization failure.
 _RETRY_STATES = {"40P01", "40001"}
+# SQLSTATEs (and their classes) of a database that cannot serve now: a connection failure (08), too few resources
+# (53: too many connections, a full disk), the server shutting down, crashed or starting (57P01-57P03), a statement
+# cancelled (57014: a server-side time limit, an operator's cancel).
+_UNAVAILABLE_CLASSES = ("08", "53")
+_UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "57014"}
+# What SQLite says when its file cannot be written or read now (another process's lock past the waits for it, a
+# disk that is full or failing, a file that cannot be opened), as opposed to a statement it cannot run (a bug).
+_SQLITE_UNAVAILABLE = ("locked", "busy", "unable to open database file", "disk i/o error", "database or disk is full")
 ATTEMPTS = 4
 # How long a PostgreSQL connection may take to be made, and a statement's caller waits for a free connection.
 CONNECT_TIMEOUT_S = 15.0
@@ -53,6 +62,27 @@ def transient(exc: DBAPIError) -> bool:
     return locked(exc)
 
 
+class Unreachable(ConnectionError):
+    """The database could not be reached, or did not answer in time: a connection refused, reset or cut, a
+    statement past `statement_timeout_s`, no free connection within `POOL_TIMEOUT_S`. Raised by `connected` in
+    place of the driver's own error (its cause), which alone would not say that it came from the database."""
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot serve now (down, restarting, unreachable, too slow, locked by another
+    process past the waits), which time may mend; not a statement it refused (a bug, a constraint), which it won't."""
+    if isinstance(exc, Unreachable | PoolTimeout):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated or transient(exc):
+        return True
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    if isinstance(state, str) and (state in _UNAVAILABLE_STATES or state.startswith(_UNAVAILABLE_CLASSES)):
+        return True
+    return isinstance(exc, OperationalError) and any(text in str(exc.orig).lower() for text in _SQLITE_UNAVAILABLE)
+
+
 # The engines whose statements run on the event loop's own thread (`sqlite_inline`): made by `Database`.
 _INLINE: weakref.WeakSet[AsyncEngine] = weakref.WeakSet()
 
@@ -64,16 +94,24 @@ async def connected(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     SQLAlchemy gives a connection back in a task of its own, so that a cancellation cannot cut the close short;
     that costs two turns of the event loop, which under a burst take longer than the statements, and a group
     commit's next batch waits them out. On SQLite run on the loop's thread (`sqlite_inline`) nothing in the close
-    waits, so no cancellation can reach it there: it is closed in place. Other engines keep SQLAlchemy's way."""
-    if engine not in _INLINE:
-        async with engine.connect() as conn:
-            yield conn
-        return
-    conn = await engine.connect().start()
+    waits, so no cancellation can reach it there: it is closed in place. Other engines keep SQLAlchemy's way.
+
+    The driver's own failures to reach the database (an OSError: refused, reset, a statement's time limit; a wait
+    for a pooled connection that timed out) are raised as `Unreachable`."""
     try:
-        yield conn
-    finally:
-        await conn.close()
+        if engine not in _INLINE:
+            async with engine.connect() as conn:
+                yield conn
+            return
+        conn = await engine.connect().start()
+        try:
+            yield conn
+        finally:
+            await conn.close()
+    except (OSError, PoolTimeout) as exc:
+        if isinstance(exc, Unreachable):
+            raise
+        raise Unreachable(f"the database did not answer: {type(exc).__name__}: {exc}") from exc
 
 
 @contextlib.asynccontextmanager
