@@ -38,6 +38,7 @@ from relay.errors import (
     ServiceUnavailable,
 )
 from relay.logs import event
+from relay.store.db import transient
 from relay.store.jobs import Admission, JobRow, JobStore, NewJob, Submitted
 from relay.store.keys import KeyRecord, KeyStore
 from relay.store.slots import Slots
@@ -167,7 +168,9 @@ class Submitter:
                 )
         try:
             held = await self._admit(Admission(key.id, tuple(jobs)))
-        except Exception:
+        except Exception as exc:
+            if transient(exc):  # rolled back: nothing of it was written anywhere, its ids are not the matter
+                raise
             taken = await self._ids_taken(key, jobs)
             if taken:  # nothing of this request was written: the ids are another's
                 raise JobIdTaken("Two jobs drew the same id.") from None

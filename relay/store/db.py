@@ -53,9 +53,11 @@ def locked(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) and "locked" in str(exc.orig).lower()
 
 
-def transient(exc: DBAPIError) -> bool:
+def transient(exc: BaseException) -> bool:
     """Whether a transaction failed in a way that certainly changed nothing and may be run again: a deadlock, a
     serialization failure, a locked SQLite file. A lost connection is not retried: its commit may have landed."""
+    if not isinstance(exc, DBAPIError):
+        return False
     state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
     if state in _RETRY_STATES:
         return True

@@ -76,6 +76,8 @@ def test_a_sqlite_file_locked_by_another_process_answers_503_and_holds_nothing(
         unavailable_lines = [r for r in caplog.records if r.getMessage() == "database unavailable"]
         assert len(unavailable_lines) == 2 and not any(r.exc_info for r in unavailable_lines)
         assert not [r for r in caplog.records if r.getMessage() == "unhandled error"]
+        # The hold was rolled back, certainly written nowhere: its jobs are not ended again (under the same lock).
+        assert not [r for r in caplog.records if "failed admission" in r.getMessage()]
         assert relay.balance() == (1000, 0) and relay.jobs() == []  # nothing held, nothing started
         assert call(relay, "POST", "/mj/submit/imagine", {"prompt": "a lighthouse"}).json()["code"] == 1
 
