@@ -5,6 +5,7 @@ Midjourney-proxy envelope on the native routes (`relay.api.mj.errors`).
     RelayError                  base: a message, and the request field it is about (`param`) when there is one
       InvalidRequest            a bad body, field or value
         InvalidImage            an image in the request is unusable (not an image, too large, a private address)
+        IdempotencyKeyReused    an `Idempotency-Key` sent again with another body
       AuthenticationFailed      no key, a wrong key, a revoked or an expired one (`reason`)
       ModelNotAllowed           the key may not use this model
       LinkRefused               an image link that is wrong, tampered with or expired
@@ -29,6 +30,7 @@ from relay.domain import FailureCode
 __all__ = [
     "AuthenticationFailed",
     "DatabaseUnavailable",
+    "IdempotencyKeyReused",
     "InsufficientQuota",
     "InternalError",
     "InvalidImage",
@@ -58,6 +60,10 @@ class InvalidRequest(RelayError):
 
 
 class InvalidImage(InvalidRequest):
+    pass
+
+
+class IdempotencyKeyReused(InvalidRequest):
     pass
 
 

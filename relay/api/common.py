@@ -147,12 +147,14 @@ def credential(request: Request, native: bool) -> str:
 
 async def attempt_of(request: Request, key: KeyRecord) -> Attempt:
     """How a client's retry of this request is recognised: the same key, route and body, with the OpenAI SDKs'
-    `x-stainless-retry-count` above 0; or the same `Idempotency-Key` header."""
+    `x-stainless-retry-count` above 0; or the same `Idempotency-Key` header, whose attempt keeps a digest of the
+    body, so that the key sent again with another body is refused rather than answered with the first one's jobs."""
     idempotency = request.headers.get("idempotency-key", "").strip()
+    body = await request.body()
     if idempotency:
         material = f"{key.id}\n{request.url.path}\nidempotency-key\n{idempotency}".encode()
-        return Attempt(hashlib.sha256(material).hexdigest(), retry=True)
-    material = f"{key.id}\n{request.url.path}\n".encode() + await request.body()
+        return Attempt(hashlib.sha256(material).hexdigest(), retry=True, body=hashlib.sha256(body).hexdigest())
+    material = f"{key.id}\n{request.url.path}\n".encode() + body
     retries = request.headers.get("x-stainless-retry-count", "0").strip()
     return Attempt(hashlib.sha256(material).hexdigest(), retry=retries not in ("", "0"))
 

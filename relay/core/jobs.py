@@ -30,7 +30,7 @@ from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size
 from relay.core.submit import JobIdTaken, Planned, Submitter
 from relay.core.text import unstorable
 from relay.domain import FailureCode, JobState, ResultShape, TaskKind
-from relay.errors import InvalidRequest, JobFailed, NotFound, ServiceUnavailable
+from relay.errors import IdempotencyKeyReused, InvalidRequest, JobFailed, NotFound, ServiceUnavailable
 from relay.images import TILE_NAMES
 from relay.store.attempts import AttemptStore, Made
 from relay.store.jobs import JobRow, JobStore, NewJob
@@ -118,10 +118,12 @@ class Generation:
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """What recognises a client's retry of a request: a fingerprint of the key, the route and the body (or of
-    the `Idempotency-Key` it named), and whether this attempt says it is a retry."""
+    the `Idempotency-Key` it named, with a digest of the body in `body`: a request that names the key of another
+    body is refused), and whether this attempt says it is a retry."""
 
     fingerprint: str
     retry: bool
+    body: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,7 @@ class _Begun(NamedTuple):
     request_id: str
     job_ids: tuple[str, ...]
     spec: dict[str, Any]
+    body: str | None
     deadline_at: float
 
 
@@ -195,11 +198,12 @@ class JobService:
         # Attempts this process is starting, while under way: a retry here waits on one without asking the database
         # (its row may not be written yet). Once one is done, the attempts table says which attempt owns its
         # fingerprint: a later one may have been made on another process.
-        # (its request id, when it took the body, how it went)
-        self._local: dict[str, tuple[str, float, asyncio.Future[_Started | None]]] = {}
+        # (its request id, when it took the body, its body's digest, how it went)
+        self._local: dict[str, tuple[str, float, str | None, asyncio.Future[_Started | None]]] = {}
         # Attempts made here whose row could not be written (the database failed meanwhile): for the retry window,
-        # what a retry here follows rather than an older row (when it started, its request id, how it went).
-        self._unwritten: TTLCache[str, tuple[float, str, _Started | None]] = TTLCache(
+        # what a retry here follows rather than an older row (when it started, its request id, its body's digest,
+        # how it went).
+        self._unwritten: TTLCache[str, tuple[float, str, str | None, _Started | None]] = TTLCache(
             maxsize=10_000, ttl=self.retry_window_s, timer=clock.now
         )
         self._abandoned: set[asyncio.Task[None]] = set()
@@ -281,22 +285,23 @@ class JobService:
     async def _retry(self, key: KeyRecord, spec: ImageSpec, attempt: Attempt) -> Generation:
         """A retry follows the attempt that owns its fingerprint; one that finds none to follow starts afresh, and
         owns the fingerprint from then on, only if no other attempt took it meanwhile (the same `Idempotency-Key`
-        sent to two processes at once): otherwise it follows that one."""
+        sent to two processes at once): otherwise it follows that one. One that names the `Idempotency-Key` of an
+        attempt with another body is refused (`IdempotencyKeyReused`), starting nothing."""
         fingerprint = attempt.fingerprint
         for _ in range(CLAIM_TRIES):
-            attached, earlier = await self._follow_earlier(fingerprint)
+            attached, earlier = await self._follow_earlier(fingerprint, attempt.body)
             if attached is not None:
                 return attached
             request_id = secrets.token_hex(12)
             planned, following = self._plan_jobs(spec, request_id)
             spec_record = _spec_record(following.spec)
             now = self.clock.now()
-            made = (fingerprint, request_id, following.job_ids, spec_record, following.deadline_at, now)
+            made = (fingerprint, request_id, following.job_ids, spec_record, attempt.body, following.deadline_at, now)
             claiming = asyncio.ensure_future(self._claim((made, earlier, now - self.retry_window_s)))
             try:
                 claimed = await asyncio.shield(claiming)
             except asyncio.CancelledError:
-                self._abandon(claiming, fingerprint, request_id, now)
+                self._abandon(claiming, fingerprint, request_id, attempt.body, now)
                 raise
             if claimed:  # it took the body when the claim was written, not when it learnt so
                 launched = self._launch(key, spec, planned, following, attempt, claimed=True, at=now)
@@ -306,13 +311,15 @@ class JobService:
                     continue
         raise ServiceUnavailable("This request is being started by another attempt; retry shortly.", retry_after=1)
 
-    def _abandon(self, claiming: asyncio.Future[bool], fingerprint: str, request_id: str, at: float) -> None:
+    def _abandon(
+        self, claiming: asyncio.Future[bool], fingerprint: str, request_id: str, body: str | None, at: float
+    ) -> None:
         """A retry that went away as it claimed its body: a claim that was written is settled as having started
         nothing, so that the next retry starts afresh at once instead of waiting for jobs that never come (here,
         it waits on that settling as on an attempt under way)."""
         gone: asyncio.Future[_Started | None] = asyncio.get_running_loop().create_future()
         if fingerprint not in self._local:  # else another attempt here is under way, newer: retries wait on it
-            self._under_way(fingerprint, request_id, at, gone)
+            self._under_way(fingerprint, request_id, body, at, gone)
 
         async def settle() -> None:
             try:
@@ -328,36 +335,46 @@ class JobService:
         task.add_done_callback(self._abandoned.discard)
 
     def _under_way(
-        self, fingerprint: str, request_id: str, at: float, outcome: asyncio.Future[_Started | None]
+        self,
+        fingerprint: str,
+        request_id: str,
+        body: str | None,
+        at: float,
+        outcome: asyncio.Future[_Started | None],
     ) -> None:
         """An attempt of this process is under way until `outcome` is set: a retry here waits on it (a claimed or
         abandoned retry's attempt only when no other attempt is under way here: that one came after its claim)."""
-        entry = (request_id, at, outcome)
+        entry = (request_id, at, body, outcome)
         self._local[fingerprint] = entry
         outcome.add_done_callback(
             lambda _: self._local.pop(fingerprint) if self._local.get(fingerprint) is entry else None
         )
 
-    async def _follow_earlier(self, fingerprint: str) -> tuple[Generation | None, str | None]:
+    async def _follow_earlier(self, fingerprint: str, body: str | None) -> tuple[Generation | None, str | None]:
         """The attempt that owns `fingerprint` followed; or None, with the request id of the attempt found that
         cannot be followed (it started nothing, its jobs all failed, it never held them), which a fresh start
-        takes the fingerprint over from (None: no attempt within the window)."""
+        takes the fingerprint over from (None: no attempt within the window). Raises `IdempotencyKeyReused` when
+        that attempt named the same `Idempotency-Key` with another body (`body`), whatever became of it."""
         # An attempt of this process (under way: waited for; or one whose row does not say how it went) is the one
         # to follow, unless the row names a newer attempt, made elsewhere.
-        mine: tuple[float, str, _Started | None] | None = None  # when it took the body, its request id, how it went
+        # (when it took the body, its request id, its body's digest, how it went)
+        mine: tuple[float, str, str | None, _Started | None] | None = None
         local = self._local.get(fingerprint)
         if local is not None:
-            request_id, at, under_way = local
-            mine = (at, request_id, await asyncio.shield(under_way))  # its row is written by the time it is done
+            request_id, at, made_of, under_way = local
+            mine = (at, request_id, made_of, await asyncio.shield(under_way))  # its row is written once it is done
         since = self.clock.now() - self.retry_window_s
         row = await self.attempts.get(fingerprint, since)
         kept = self._unwritten.get(fingerprint)
         if kept is not None and (mine is None or kept[0] >= mine[0]):  # the newer of this process's two
             mine = kept
         if mine is not None and (row is None or row.request_id == mine[1] or row.created_at <= mine[0]):
-            started = mine[2]
+            _same_body(body, mine[2], self.retry_window_s)
+            started = mine[3]
             attached = await self._attach(started) if started is not None else None
             return attached, None if attached is not None else (row.request_id if row is not None else None)
+        if row is not None:  # refused at once, not once that attempt's jobs are held
+            _same_body(body, row.body, self.retry_window_s)
         waited = 0.0
         # Under way in another process (or one that stopped): followed once its jobs are held, which is at once
         # unless that process stopped before; then, after a while, a retry starts afresh.
@@ -369,6 +386,7 @@ class JobService:
             row = await self.attempts.get(fingerprint, since)
         if row is None:
             return None, None
+        _same_body(body, row.body, self.retry_window_s)  # the attempt that owns the fingerprint by now
         if row.state == "nothing":
             return None, row.request_id
         spec = ImageSpec(**row.spec)
@@ -441,7 +459,7 @@ class JobService:
         if attempt is not None:
             recorded = asyncio.get_running_loop().create_future()
             if not claimed or attempt.fingerprint not in self._local:  # see `_under_way`
-                self._under_way(attempt.fingerprint, following.request_id, at, recorded)
+                self._under_way(attempt.fingerprint, following.request_id, attempt.body, at, recorded)
         # Holding and submitting go on even if the caller goes away meanwhile: a held job is always submitted
         # (and tracked to its end) or ended, never left holding credits. Retries learn how it went from the
         # attempt, which is settled when that work is done, however the caller fares.
@@ -489,6 +507,7 @@ class JobService:
                         following.request_id,
                         following.job_ids,
                         _spec_record(following.spec),
+                        attempt.body,
                         following.deadline_at,
                     )
                 )
@@ -509,11 +528,14 @@ class JobService:
                 if recorded is not None and not recorded.done():
                     recorded.set_result(following if took else None)
             if attempt is not None:
-                done = (started_at, following.request_id, following if took else None)
+                done = (started_at, following.request_id, attempt.body, following if took else None)
                 await self._record(attempt.fingerprint, done, written)
 
-    async def _record(self, fingerprint: str, done: tuple[float, str, _Started | None], written: bool) -> None:
-        """Settle a finished attempt (when it took the body, its request id, how it went) in its row, if `written`.
+    async def _record(
+        self, fingerprint: str, done: tuple[float, str, str | None, _Started | None], written: bool
+    ) -> None:
+        """Settle a finished attempt (when it took the body, its request id, its body's digest, how it went) in its
+        row, if `written`.
         While the row cannot say how it went (not written, or not settled) this process keeps it instead, unless it
         keeps a newer one."""
         kept = self._unwritten.get(fingerprint)
@@ -522,7 +544,7 @@ class JobService:
             if kept is not None and newer:  # written since: the row says it; an unwritten newer one stays
                 del self._unwritten[fingerprint]
             try:
-                await self._settle((fingerprint, done[1], done[2] is not None))
+                await self._settle((fingerprint, done[1], done[3] is not None))
                 return
             except Exception:  # the row still says `starting`
                 pass
@@ -661,6 +683,16 @@ class JobService:
                 raise job_failed(failed[0])
             raise JobFailed(FailureCode.TIMEOUT, "The job did not finish before its deadline.")
         return tiles[:n]
+
+
+def _same_body(asked: str | None, made: str | None, window_s: float) -> None:
+    """Refuses a request that names the `Idempotency-Key` of an attempt made with another body (`asked` and `made`:
+    their bodies' digests; None for an attempt without the key, or a row written before digests were kept)."""
+    if asked is not None and made is not None and asked != made:
+        raise IdempotencyKeyReused(
+            "This Idempotency-Key was sent with another request body in the last "
+            f"{round(window_s / 60)} minutes. A retry must send the same body; use a new key for a new request."
+        )
 
 
 def check_prompt(prompt: str, limit: int, param: str = "prompt") -> str:

@@ -1,7 +1,8 @@
 """Client attempts at a request, kept so that a retry of it finds the jobs its first attempt started: across
 restarts and across relay processes.
 
-An attempt is keyed by its fingerprint (the key, the route and the body, or the `Idempotency-Key` it named). The
+An attempt is keyed by its fingerprint (the key, the route and the body, or the `Idempotency-Key` it named: then
+the row also keeps a digest of its body, so that a request naming that key with another body is told apart). The
 latest attempt that was not a retry owns the fingerprint; it is `starting` while its jobs are held and submitted,
 then `started` (some job was taken upstream) or `nothing` (none was). A retry that finds no attempt to follow
 starts afresh and takes the fingerprint over only from the attempt it found (`claim_many`), so that one request sent to
@@ -35,22 +36,25 @@ class AttemptRow:
     state: AttemptState
     job_ids: tuple[str, ...]
     spec: dict[str, Any]  # what a retry needs to follow it (the request in Midjourney terms)
+    body: str | None  # a digest of the body of an attempt that named an `Idempotency-Key` (None: any other)
     deadline_at: float
     created_at: float
 
 
-# An attempt being made: (fingerprint, request id, job ids, spec, deadline, now).
-Made = tuple[str, str, tuple[str, ...], dict[str, Any], float, float]
+# An attempt being made: (fingerprint, request id, job ids, spec, body digest, deadline, now).
+Made = tuple[str, str, tuple[str, ...], dict[str, Any], str | None, float, float]
 
 
 def _starting(attempt: Made) -> dict[str, Any]:
-    """The row of an attempt (fingerprint, request id, job ids, spec, deadline, now) that starts, but its key."""
-    _, request_id, job_ids, spec, deadline_at, now = attempt
+    """The row of an attempt (fingerprint, request id, job ids, spec, body, deadline, now) that starts, but its
+    key."""
+    _, request_id, job_ids, spec, body, deadline_at, now = attempt
     return {
         "request_id": request_id,
         "state": "starting",
         "job_ids": json.dumps(list(job_ids)),
         "spec": json.dumps(spec),
+        "body": body,
         "deadline_at": deadline_at,
         "created_at": now,
         "updated_at": now,
@@ -62,8 +66,8 @@ class AttemptStore:
         self.engine = engine
 
     async def begin_many(self, attempts_made: list[Made]) -> list[None]:
-        """Each attempt (fingerprint, request id, job ids, spec, deadline, now) now owns its fingerprint: an earlier
-        one, retried or not, no longer does. Starts as `starting`."""
+        """Each attempt (fingerprint, request id, job ids, spec, body, deadline, now) now owns its fingerprint: an
+        earlier one, retried or not, no longer does. Starts as `starting`."""
         if not attempts_made:
             return []
         latest = {item[0]: item for item in attempts_made}  # one fingerprint twice in a batch: the later attempt wins
@@ -76,7 +80,7 @@ class AttemptStore:
 
     async def claim_many(self, claims: Sequence[tuple[Made, str | None, float]]) -> list[bool]:
         """Retries that found no attempt to follow start afresh: each attempt (fingerprint, request id, job ids,
-        spec, deadline, now), `starting`, owns its fingerprint from now on, if the one it found still does
+        spec, body, deadline, now), `starting`, owns its fingerprint from now on, if the one it found still does
         (`replacing`: its request id; None: no attempt made since `since`). For each, False when another attempt
         took the fingerprint meanwhile (the same request sent twice at once): that one is to be followed. One
         transaction, the claims in order: of two claims of one body, the second finds the first's."""
@@ -139,6 +143,7 @@ class AttemptStore:
             state=row.state,
             job_ids=tuple(json.loads(row.job_ids)),
             spec=json.loads(row.spec),
+            body=row.body,
             deadline_at=row.deadline_at,
             created_at=row.created_at,
         )

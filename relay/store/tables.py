@@ -90,6 +90,8 @@ attempts = Table(
     Column("deadline_at", Float, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # A digest of the body of an attempt that named an `Idempotency-Key`: that key with another body is refused.
+    Column("body", String(64), nullable=True),
     Index("ix_attempts_created", "created_at"),
 )
 

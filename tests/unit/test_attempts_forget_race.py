@@ -27,7 +27,7 @@ async def test_an_attempt_that_takes_over_an_old_row_while_old_ones_are_forgotte
             store = AttemptStore(database.engine)
             old = NOW - 2 * RETRY_WINDOW_S
             spec = {"model": "mj-fast", "mode": "fast", "bot": "MID_JOURNEY", "prompt": "a kite", "n": 4}
-            await store.begin_many([("f" * 64, "r" * 24, ("1",), spec, old + 600, old)])
+            await store.begin_many([("f" * 64, "r" * 24, ("1",), spec, None, old + 600, old)])
             other = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
             try:
                 # Another process's first attempt of the same body, an hour later: `begin_many`'s upsert, whose

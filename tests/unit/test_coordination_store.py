@@ -92,7 +92,7 @@ async def test_the_pending_sweep_takes_a_process_s_own_jobs_and_dead_processes_j
 async def test_attempts_are_found_by_fingerprint_until_forgotten(db: Database) -> None:
     attempts = AttemptStore(db.engine)
     spec = {"model": "mj-fast", "prompt": "a lighthouse"}
-    await attempts.begin_many([("fp", "req-1", ("job_1",), spec, NOW + 600, NOW)])
+    await attempts.begin_many([("fp", "req-1", ("job_1",), spec, None, NOW + 600, NOW)])
     row = await attempts.get("fp", NOW - 1)
     assert row is not None and (row.state, row.request_id, row.job_ids, row.spec) == (
         "starting",
@@ -104,7 +104,7 @@ async def test_attempts_are_found_by_fingerprint_until_forgotten(db: Database) -
     row = await attempts.get("fp", NOW - 1)
     assert row is not None and row.state == "started"
     # a later first attempt of the same body owns the fingerprint: the earlier one's settling changes nothing
-    await attempts.begin_many([("fp", "req-2", ("job_2",), spec, NOW + 700, NOW + 2)])
+    await attempts.begin_many([("fp", "req-2", ("job_2",), spec, None, NOW + 700, NOW + 2)])
     await attempts.settle_many([("fp", "req-1", False)], NOW + 3)
     row = await attempts.get("fp", NOW - 1)
     assert row is not None and (row.request_id, row.state) == ("req-2", "starting")
@@ -124,19 +124,27 @@ async def claim(attempts: AttemptStore, attempt: Made, *, replacing: str | None,
 async def test_a_retry_takes_a_fingerprint_over_only_from_the_attempt_it_found(db: Database) -> None:
     attempts = AttemptStore(db.engine)
     spec = {"model": "mj-fast", "prompt": "a lighthouse"}
-    assert await claim(attempts, ("fp", "req-1", ("job_1",), spec, NOW + 600, NOW), replacing=None, since=NOW - 60)
+    assert await claim(
+        attempts, ("fp", "req-1", ("job_1",), spec, None, NOW + 600, NOW), replacing=None, since=NOW - 60
+    )
     # another retry that found nothing a moment ago: the fingerprint is taken by now
-    assert not await claim(attempts, ("fp", "req-2", ("job_2",), spec, NOW + 600, NOW), replacing=None, since=NOW - 60)
-    assert not await claim(attempts, ("fp", "req-2", ("job_2",), spec, NOW + 600, NOW), replacing="req-0", since=0)
+    assert not await claim(
+        attempts, ("fp", "req-2", ("job_2",), spec, None, NOW + 600, NOW), replacing=None, since=NOW - 60
+    )
+    assert not await claim(
+        attempts, ("fp", "req-2", ("job_2",), spec, None, NOW + 600, NOW), replacing="req-0", since=0
+    )
     row = await attempts.get("fp", NOW - 60)
     assert row is not None and (row.request_id, row.state, row.job_ids) == ("req-1", "starting", ("job_1",))
     await attempts.settle_many([("fp", "req-1", False)], NOW + 1)  # it started nothing: the next retry starts afresh
-    assert await claim(attempts, ("fp", "req-3", ("job_3",), spec, NOW + 700, NOW + 2), replacing="req-1", since=0)
+    assert await claim(
+        attempts, ("fp", "req-3", ("job_3",), spec, None, NOW + 700, NOW + 2), replacing="req-1", since=0
+    )
     row = await attempts.get("fp", NOW - 60)
     assert row is not None and (row.request_id, row.state, row.created_at) == ("req-3", "starting", NOW + 2)
     # once older than the window, an attempt is taken over as if it were not there
     assert await claim(
-        attempts, ("fp", "req-4", ("job_4",), spec, NOW + 9000, NOW + 5000), replacing=None, since=NOW + 3
+        attempts, ("fp", "req-4", ("job_4",), spec, None, NOW + 9000, NOW + 5000), replacing=None, since=NOW + 3
     )
     row = await attempts.get("fp", NOW + 3)
     assert row is not None and row.request_id == "req-4"
@@ -147,10 +155,10 @@ async def test_a_claim_written_again_is_still_won(db: Database) -> None:
     row, and is told it owns the body (not that another attempt took it, which would send it waiting for itself)."""
     attempts = AttemptStore(db.engine)
     spec = {"model": "mj-fast", "prompt": "a lighthouse"}
-    fresh = ("fp", "req-1", ("job_1",), spec, NOW + 600, NOW)
+    fresh = ("fp", "req-1", ("job_1",), spec, None, NOW + 600, NOW)
     assert await attempts.claim_many([(fresh, None, NOW - 60)]) == [True]
     assert await attempts.claim_many([(fresh, None, NOW - 60)]) == [True]
-    taking_over = ("fp", "req-2", ("job_2",), spec, NOW + 600, NOW + 1)
+    taking_over = ("fp", "req-2", ("job_2",), spec, None, NOW + 600, NOW + 1)
     assert await attempts.claim_many([(taking_over, "req-1", NOW - 60)]) == [True]
     assert await attempts.claim_many([(taking_over, "req-1", NOW - 60)]) == [True]
     assert await attempts.claim_many([(fresh, None, NOW - 60)]) == [False]  # req-1 lost the body to req-2
@@ -174,9 +182,9 @@ async def test_claims_written_together_decide_as_one_by_one_in_one_lock_order(
 
     monkeypatch.setattr(attempts, "_claim", noted)
     batch = [
-        (("fp-b", "req-1", ("job_1",), spec, NOW + 600, NOW), None, NOW - 60),
-        (("fp-a", "req-2", ("job_2",), spec, NOW + 600, NOW), None, NOW - 60),
-        (("fp-b", "req-3", ("job_3",), spec, NOW + 600, NOW), None, NOW - 60),
+        (("fp-b", "req-1", ("job_1",), spec, None, NOW + 600, NOW), None, NOW - 60),
+        (("fp-a", "req-2", ("job_2",), spec, None, NOW + 600, NOW), None, NOW - 60),
+        (("fp-b", "req-3", ("job_3",), spec, None, NOW + 600, NOW), None, NOW - 60),
     ]
     assert await attempts.claim_many(batch) == [True, True, False]
     assert written == ["fp-a", "fp-b", "fp-b"]
@@ -237,7 +245,7 @@ async def test_coordination_writes_wait_out_another_process_holding_the_sqlite_l
         writes = [
             lambda: leases.renew(NOW + 1),
             lambda: leases.hold(["job_00000001"], NOW + 1),
-            lambda: attempts.begin_many([("fp", "req-1", ("job_00000001",), spec, NOW + 600, NOW)]),
+            lambda: attempts.begin_many([("fp", "req-1", ("job_00000001",), spec, None, NOW + 600, NOW)]),
             lambda: attempts.settle_many([("fp", "req-1", True)], NOW + 1),
             lambda: keys.take_rate(key.id, NOW + 1),
             lambda: leases.release(),

@@ -17,7 +17,7 @@ from relay.clock import SystemClock
 from relay.core.events import JobEvent
 from relay.core.jobs import DEADLINE_GRACE_S, QUIET_S, Attempt, Generation, ImageSpec
 from relay.domain import FailureCode, JobState
-from relay.errors import InsufficientQuota, JobFailed
+from relay.errors import IdempotencyKeyReused, InsufficientQuota, JobFailed
 from relay.services import Relay
 from relay.store.jobs import JobRow
 from relay.store.keys import KeyRecord
@@ -293,6 +293,57 @@ async def test_one_idempotency_key_sent_twice_at_once_starts_one_job(
         two.close()
         assert one.request_id == two.request_id
         assert await job_count(relays[0]) == 1
+
+
+@pytest.mark.parametrize(
+    ("processes", "postgres"),
+    [(1, False), pytest.param(1, True, marks=pytest.mark.postgres), pytest.param(2, True, marks=pytest.mark.postgres)],
+)
+async def test_one_idempotency_key_sent_with_two_bodies_at_once_starts_one_and_refuses_the_other(
+    tmp_path: Path, processes: int, postgres: bool
+) -> None:
+    """Two requests naming one `Idempotency-Key` with different bodies at the same moment, on one process or two:
+    one starts its job, the other is refused, neither follows the other's job."""
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, processes, postgres=postgres) as (relays, key):
+        kite = relays[0].jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        boat = relays[0].jobs.plan(model="mj-fast", prompt="a boat", n=1)
+        outcomes = await asyncio.gather(
+            relays[0].jobs.start(key, kite, Attempt("idempotency", retry=True, body="kite")),
+            relays[-1].jobs.start(key, boat, Attempt("idempotency", retry=True, body="boat")),
+            return_exceptions=True,
+        )
+        (started,) = [o for o in outcomes if isinstance(o, Generation)]
+        (refused,) = [o for o in outcomes if isinstance(o, BaseException)]
+        started.close()
+        assert isinstance(refused, IdempotencyKeyReused)
+        assert await job_count(relays[0]) == 1
+        (row,) = await relays[0].store.by_request(started.request_id)
+        assert row.prompt == started.spec.prompt
+
+
+async def test_an_idempotency_key_of_an_attempt_under_way_here_with_another_body_is_refused(
+    switchable: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    """The first request naming a key is still being submitted here when the key comes again with another body:
+    refused, starting nothing; the same body follows the first request."""
+    relay, upstream, key = switchable
+    upstream.gate.clear()
+    upstream.waiting.clear()
+    kite = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    first = asyncio.ensure_future(relay.jobs.start(key, kite, Attempt("idempotency", retry=True, body="kite")))
+    await upstream.waiting.wait()
+    boat = relay.jobs.plan(model="mj-fast", prompt="a boat", n=1)
+    other = asyncio.ensure_future(relay.jobs.start(key, boat, Attempt("idempotency", retry=True, body="boat")))
+    same = asyncio.ensure_future(relay.jobs.start(key, kite, Attempt("idempotency", retry=True, body="kite")))
+    upstream.gate.set()
+    with pytest.raises(IdempotencyKeyReused):
+        await other
+    one, two = await first, await same
+    one.close()
+    two.close()
+    assert one.request_id == two.request_id
+    assert await job_count(relay) == 1
 
 
 async def test_a_retry_of_an_attempt_refused_while_it_was_held_starts_afresh_at_once(

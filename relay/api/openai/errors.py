@@ -14,6 +14,7 @@ from typing import Any
 from relay.domain import FailureCode
 from relay.errors import (
     AuthenticationFailed,
+    IdempotencyKeyReused,
     InsufficientQuota,
     InvalidImage,
     InvalidRequest,
@@ -61,6 +62,8 @@ class Rendered:
 def _classify(error: RelayError) -> tuple[int, str, str]:
     if isinstance(error, InvalidImage):
         return 400, "invalid_request_error", "invalid_image"
+    if isinstance(error, IdempotencyKeyReused):
+        return 422, "invalid_request_error", "idempotency_key_reused"
     if isinstance(error, InvalidRequest):
         return 400, "invalid_request_error", "invalid_request"
     if isinstance(error, AuthenticationFailed):
