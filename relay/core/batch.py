@@ -14,8 +14,12 @@ within `LOADED_WAIT_S`, and each transaction costs far more than its rows.
 
 One caller's bad item must not fail its neighbours: when a batch of several fails, its transaction was rolled back,
 and each item is written again on its own, so only the item that cannot be written fails (every flush of the relay
-is safe to repeat: its writes are guarded by the rows' own states). A batch that failed because another process
-held SQLite's write lock fails whole: no item of it is at fault.
+is safe to repeat: its writes are guarded by the rows' own states). A batch that failed because the database could
+not serve it now (`store.db.unavailable`: unreachable, a connection cut, a statement past its time limit, SQLite's
+file locked by another process) fails whole, every item with that error, at once: no item of it is at fault, and
+each written again alone would wait out the same failure in turn (on a silent network, a statement time limit
+each, and the batches queued behind them with it). Its callers take it as they take a write of their own that
+could not be made: a 503 for a request, a later try for the background loops.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from relay.store.db import locked
+from relay.store.db import unavailable
 
 I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
@@ -95,7 +99,10 @@ class Batcher(Generic[I, R]):
             except Exception as exc:
                 if len(batch) == 1:
                     continue
-                if locked(exc):  # not one item's fault: written one by one, each would wait for the lock again
+                # Not one item's fault: the database could not serve the batch (unreachable, too slow, its file
+                # locked by another process). Written one by one, each item would wait out the same failure in
+                # turn, and the batches queued behind them with it.
+                if unavailable(exc):
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)

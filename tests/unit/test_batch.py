@@ -7,6 +7,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from relay.core.batch import Batcher
+from relay.store.db import Unreachable
 
 pytestmark = pytest.mark.anyio
 
@@ -133,4 +134,37 @@ async def test_with_an_interval_items_after_a_write_wait_for_the_next_window_tog
     third = asyncio.ensure_future(batcher(3))
     assert await asyncio.gather(second, third) == [2, 3]
     assert batches == [[1], [2, 3]]
+    await batcher.close()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        Unreachable("the database did not answer: TimeoutError"),
+        OperationalError("UPDATE", {}, ConnectionResetError("connection was closed"), connection_invalidated=True),
+    ],
+    ids=["unreachable", "connection-invalidated"],
+)
+async def test_a_batch_the_database_could_not_serve_fails_whole_at_once(error: Exception) -> None:
+    """A silent network makes every transaction wait out the statement time limit before it fails: written again
+    one by one, a batch of ten would keep its last caller (and every batch queued behind it) ten limits long."""
+    batches: list[list[int]] = []
+    limit_s = 0.2
+
+    async def flush(items: list[int]) -> list[int]:
+        batches.append(items)
+        await asyncio.sleep(limit_s)
+        raise error
+
+    batcher: Batcher[int, int] = Batcher(flush, "test")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    results = await asyncio.gather(*(batcher(i) for i in range(10)), return_exceptions=True)
+    assert loop.time() - started < 3 * limit_s
+    assert all(result is error for result in results)
+    assert batches == [list(range(10))]  # no item was at fault: none is written again alone
+    assert await batcher.each([10, 11]) == [error, error]  # `each` gives every item the failure, too
+    with pytest.raises(type(error)):
+        await batcher.many([12, 13])
+    assert batches[1:] == [[10, 11], [12, 13]]
     await batcher.close()
