@@ -27,7 +27,7 @@ from relay.core.events import JobEvents, Subscription
 from relay.core.failures import job_failed
 from relay.core.lifecycle import Lifecycle
 from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size, prompt_text, quality_flag, style_flag
-from relay.core.submit import JobIdTaken, Planned, Submitter
+from relay.core.submit import JobIdTaken, Outcome, Planned, Submitter
 from relay.core.text import unstorable
 from relay.domain import FailureCode, JobState, ResultShape, TaskKind
 from relay.errors import IdempotencyKeyReused, InvalidRequest, JobFailed, NotFound, ServiceUnavailable
@@ -156,10 +156,6 @@ class Tile:
 def _spec_record(spec: ImageSpec) -> dict[str, Any]:
     """What the attempts table keeps of a request for a retry to follow it (reference images are not kept)."""
     return {"model": spec.model, "mode": spec.mode, "bot": spec.bot, "prompt": spec.prompt, "n": spec.n}
-
-
-def _took_any(outcome: list[JobRow] | None, planned: int) -> bool:
-    return outcome is not None and len(outcome) < planned
 
 
 def new_job_id() -> str:
@@ -513,9 +509,14 @@ class JobService:
                 )
             )
         try:
-            refused = await self._admit_and_submit(key, planned, begun)
-            took = _took_any(refused, len(planned))
-            return refused
+            outcomes = await self._admit_and_submit(key, planned, begun)
+            # A job the upstream took runs and is charged even when a neighbour's submit failed (its ending could not
+            # be written): the attempt took, and a retry follows it rather than starting the request again.
+            took = any(isinstance(outcome, Outcome) and outcome.row is None for outcome in outcomes)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            return [outcome.row for outcome in outcomes if isinstance(outcome, Outcome) and outcome.row is not None]
         finally:
             written = claimed
             try:
@@ -553,16 +554,15 @@ class JobService:
 
     async def _admit_and_submit(
         self, key: KeyRecord, planned: list[Planned], begun: asyncio.Future[None] | None
-    ) -> list[JobRow]:
+    ) -> list[Outcome | BaseException]:
         """Hold and submit the jobs (raising when they cannot be held), submitting once the attempt's row is
-        written (`begun`; one that could not be written: at worst a retry starts afresh); returns those no provider
-        took (ended)."""
+        written (`begun`; one that could not be written: at worst a retry starts afresh); returns how submitting
+        each went, or why it failed, once every submit is done."""
         await self.submitter.admit(key, [p.job for p in planned])
         if begun is not None:
             with contextlib.suppress(Exception):
                 await begun
-        outcomes = await asyncio.gather(*(self.submitter.submit(p) for p in planned))
-        return [outcome.row for outcome in outcomes if outcome.row is not None]
+        return list(await asyncio.gather(*(self.submitter.submit(p) for p in planned), return_exceptions=True))
 
     async def follow(self, generation: Generation, idle_s: float) -> AsyncIterator[int | None]:
         """Overall progress (0-100) each time it changes, None after `idle_s` without news, until every job ended.

@@ -19,6 +19,7 @@ from relay.core.jobs import DEADLINE_GRACE_S, QUIET_S, Attempt, Generation, Imag
 from relay.domain import FailureCode, JobState
 from relay.errors import IdempotencyKeyReused, InsufficientQuota, JobFailed
 from relay.services import Relay
+from relay.store.db import Unreachable
 from relay.store.jobs import JobRow
 from relay.store.keys import KeyRecord
 from relay.store.tables import jobs
@@ -919,5 +920,50 @@ async def test_a_retry_within_a_long_deadline_follows_its_first_attempt(tmp_path
         retried = await relay.jobs.start(key, spec, Attempt("body", retry=True))
         retried.close()
         assert retried.request_id == first.request_id
+    finally:
+        await relay.close()
+
+
+class OneTaken(SwitchableUpstream):
+    """Takes the first submit and answers "queue full" to every later one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken = 0
+
+    async def submit(self, request: SubmitRequest) -> SubmitOutcome:
+        if self.taken:
+            return Retryable("queue full")
+        self.taken += 1
+        return await super().submit(request)
+
+
+async def test_an_attempt_whose_other_job_could_not_be_ended_is_followed_by_its_retry(tmp_path: Path) -> None:
+    """Of a request's two jobs the upstream took one, and the other's ending could not be written (the database went
+    away): the request fails (503, which clients retry), yet a job of it runs and is charged. Its retry follows that
+    job rather than starting two more and charging the request twice."""
+    upstream = OneTaken()
+    relay = Relay(relay_config(tmp_path), SystemClock(), {"sim": upstream})
+    await relay.open()
+    try:
+        key, _ = await relay.keys.create("k", 100, 0)
+        spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=8)
+        end = relay.submitter.finisher.end
+
+        async def unreachable(*args: Any, **kwargs: Any) -> Any:
+            raise Unreachable("the database did not answer")
+
+        relay.submitter.finisher.end = unreachable  # type: ignore[method-assign]
+        with pytest.raises(Unreachable):
+            await relay.jobs.start(key, spec, Attempt("body", retry=False))
+        relay.submitter.finisher.end = end  # type: ignore[method-assign]
+        assert upstream.taken == 1
+        first = await relay.attempts.get("body", 0)
+        assert first is not None and first.state == "started"
+        retried = await relay.jobs.start(key, spec, Attempt("body", retry=True))
+        retried.close()
+        assert retried.request_id == first.request_id
+        async with relay.db.engine.connect() as conn:
+            assert len((await conn.execute(select(jobs.c.id))).all()) == 2  # no job started twice
     finally:
         await relay.close()
