@@ -11,12 +11,12 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
 from relay.api.hooks import HookLane
 from relay.config import Config
+from relay.metrics import Metrics
 from relay.server import _empty_answer
 from tests.api.test_http_limits import (
     LIMITS,
@@ -242,25 +242,9 @@ class Hooks:
         self.taken.append((provider, body))
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self.seen: list[tuple[Any, ...]] = []
-        self.requests = self.request_seconds = self
-
-    def labels(self, *values: str) -> Metrics:
-        self.seen.append(values)
-        return self
-
-    def inc(self) -> None:
-        pass
-
-    def observe(self, value: float) -> None:
-        pass
-
-
 def test_the_hook_lane_claims_calls_with_a_valid_token_while_there_is_room() -> None:
     hooks, metrics = Hooks(room=1), Metrics()
-    lane = HookLane(hooks, metrics)  # type: ignore[arg-type]
+    lane = HookLane(hooks, metrics)  # type: ignore[arg-type]  # (`Hooks` stands for `UpstreamHooks`)
     for path, length in [
         ("/hooks/up/bad", 2),
         ("/hooks/nobody/good", 2),
@@ -274,7 +258,8 @@ def test_the_hook_lane_claims_calls_with_a_valid_token_while_there_is_room() -> 
     assert call is not None
     status, request = call.answer(b"{}")
     assert status == 204 and request.startswith("req_") and hooks.taken == [("up", b"{}")]
-    assert ("/hooks/{provider}/{token}", "POST", "2xx") in metrics.seen  # counted as any request is
+    counted = {"route": "/hooks/{provider}/{token}", "method": "POST", "status": "2xx"}
+    assert metrics.registry.get_sample_value("mj_relay_http_requests_total", counted) == 1  # as any request is
     assert lane.claim("/hooks/up/good", 2) is None  # no room left
 
 
