@@ -4,6 +4,8 @@ the relay's statements on it fail after the statement time limit instead of wait
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -56,9 +58,9 @@ class Blackhole:
         await asyncio.gather(*self.pipes, return_exceptions=True)
 
 
-async def test_a_statement_on_a_connection_gone_silent_fails_after_the_limit_and_the_relay_recovers(
-    tmp_path: Path,
-) -> None:
+@contextlib.asynccontextmanager
+async def relay_behind_blackhole(tmp_path: Path) -> AsyncIterator[tuple[Relay, Blackhole]]:
+    """A relay on a fresh PostgreSQL database reached through a `Blackhole`, with a statement time limit of 1 s."""
     async with pg_database() as url:
         target = make_url(url)
         proxy = Blackhole(target.port or 5432)
@@ -67,19 +69,26 @@ async def test_a_statement_on_a_connection_gone_silent_fails_after_the_limit_and
         relay = Relay(relay_config(tmp_path, database={"url": proxied, "statement_timeout_s": 1}), SystemClock(), {})
         try:
             await relay.open()
-            key, _ = await relay.keys.create("k", 10, 0)
-            proxy.silent = True
-            read = asyncio.ensure_future(relay.keys.get(key.id))
-            done, _ = await asyncio.wait({read}, timeout=20)  # without a limit: until TCP gives up
-            assert read in done
-            assert isinstance(read.exception(), Exception)
-            proxy.silent = False  # the network path is back: new connections are made
-            again = await asyncio.wait_for(relay.keys.get(key.id), 20)
-            assert again is not None and again.id == key.id
+            yield relay, proxy
         finally:
             proxy.silent = False
             await relay.close()
             await proxy.close()
+
+
+async def test_a_statement_on_a_connection_gone_silent_fails_after_the_limit_and_the_relay_recovers(
+    tmp_path: Path,
+) -> None:
+    async with relay_behind_blackhole(tmp_path) as (relay, proxy):
+        key, _ = await relay.keys.create("k", 10, 0)
+        proxy.silent = True
+        read = asyncio.ensure_future(relay.keys.get(key.id))
+        done, _ = await asyncio.wait({read}, timeout=20)  # without a limit: until TCP gives up
+        assert read in done
+        assert isinstance(read.exception(), Exception)
+        proxy.silent = False  # the network path is back: new connections are made
+        again = await asyncio.wait_for(relay.keys.get(key.id), 20)
+        assert again is not None and again.id == key.id
 
 
 async def test_a_batch_of_endings_on_a_connection_gone_silent_fails_together_after_one_limit(tmp_path: Path) -> None:
@@ -87,40 +96,25 @@ async def test_a_batch_of_endings_on_a_connection_gone_silent_fails_together_aft
     ending of it then, instead of writing each again alone (each waiting out the limit in turn, on connections that
     cannot be made either, and the batches queued behind them with it). Ended again once the network is back, each
     job ends once and its hold is released once."""
-    async with pg_database() as url:
-        target = make_url(url)
-        proxy = Blackhole(target.port or 5432)
-        port = await proxy.start()
-        proxied = target.set(port=port).render_as_string(hide_password=False)
-        relay = Relay(relay_config(tmp_path, database={"url": proxied, "statement_timeout_s": 1}), SystemClock(), {})
-        try:
-            await relay.open()
-            key, _ = await relay.keys.create("k", 100, 0)
-            now = relay.clock.now()
-            ids = [f"job_silent{i}" for i in range(6)]
-            new = [
-                NewJob(job_id, "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "p", 2, now + 600) for job_id in ids
-            ]
-            assert await relay.store.open(key.id, new, now)
-            proxy.silent = True
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            ends = [
-                asyncio.ensure_future(relay.finisher.end(job_id, succeeded=False, fail_reason="x")) for job_id in ids
-            ]
-            _, waiting = await asyncio.wait(ends, timeout=10)  # each ending alone: 6 limits, and connections
-            took = loop.time() - started
-            assert not waiting, f"{len(waiting)} of 6 endings still waiting after {took:.1f} s with a 1 s limit"
-            assert took < 4, f"{took:.1f} s for one batch with a 1 s limit"
-            assert all(unavailable(end.exception() or ValueError("ended")) for end in ends)
-            proxy.silent = False
-            again = await asyncio.wait_for(
-                asyncio.gather(*(relay.finisher.end(job_id, succeeded=False, fail_reason="x") for job_id in ids)), 60
-            )
-            assert all(row is not None for row in again)  # nothing of the failed batch landed: each ends now, once
-            after = await relay.keys.get(key.id)
-            assert after is not None and (after.balance, after.held) == (100, 0)
-        finally:
-            proxy.silent = False
-            await relay.close()
-            await proxy.close()
+    async with relay_behind_blackhole(tmp_path) as (relay, proxy):
+        key, _ = await relay.keys.create("k", 100, 0)
+        now = relay.clock.now()
+        ids = [f"job_silent{i}" for i in range(6)]
+        new = [NewJob(job_id, "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "p", 2, now + 600) for job_id in ids]
+        assert await relay.store.open(key.id, new, now)
+        proxy.silent = True
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ends = [asyncio.ensure_future(relay.finisher.end(job_id, succeeded=False, fail_reason="x")) for job_id in ids]
+        _, waiting = await asyncio.wait(ends, timeout=10)  # each ending alone: 6 limits, and connections
+        took = loop.time() - started
+        assert not waiting, f"{len(waiting)} of 6 endings still waiting after {took:.1f} s with a 1 s limit"
+        assert took < 4, f"{took:.1f} s for one batch with a 1 s limit"
+        assert all(unavailable(end.exception() or ValueError("ended")) for end in ends)
+        proxy.silent = False
+        again = await asyncio.wait_for(
+            asyncio.gather(*(relay.finisher.end(job_id, succeeded=False, fail_reason="x") for job_id in ids)), 60
+        )
+        assert all(row is not None for row in again)  # nothing of the failed batch landed: each ends now, once
+        after = await relay.keys.get(key.id)
+        assert after is not None and (after.balance, after.held) == (100, 0)
