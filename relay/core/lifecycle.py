@@ -591,6 +591,30 @@ class Lifecycle:
             mine.append(index)
         if not mine:
             return ended
+        settled: set[int] = set()
+        try:
+            await self._settle(ends, mine, ended, settled)
+        except BaseException as exc:
+            # A step between taking the jobs out of the followed set and settling them failed, or the caller went
+            # away (a waiter whose client disconnected: the write itself goes on). A job left out of the set would
+            # be read by nobody until its lease ran out, its provider slot taken for good: each not yet settled is
+            # followed again and read at once, and ended (or found ended) then; endings are guarded, so trying
+            # again can never settle twice.
+            for index in mine:
+                if index not in settled:
+                    self._follow_again(ends[index].tracked)
+                    ended[index] = False
+            if not isinstance(exc, Exception):
+                raise
+            log.exception(
+                "ending jobs failed; they are tried again",
+                extra={"fields": {"jobs": [ends[index].tracked.job_id for index in mine if index not in settled]}},
+            )
+        return ended
+
+    async def _settle(self, ends: list[_End], mine: list[int], ended: list[bool], settled: set[int]) -> None:
+        """Write the endings of `mine` (taken out of the followed set by `end_all`), then give each job's slot back
+        or follow it again; each index handled is added to `settled`."""
         outcomes = await self.finisher.end_many([ends[index].ending() for index in mine])
         overdue = [
             ends[index].tracked.job_id
@@ -616,12 +640,12 @@ class Lifecycle:
                 if deadline is None:  # and another process holds it now: that one ends it
                     self._ended.pop((tracked.provider, tracked.upstream_id), None)
                     self._free_slot(tracked)
-                    continue
-                tracked.deadline_at = deadline
-                self._follow_again(tracked)
+                else:
+                    tracked.deadline_at = deadline
+                    self._follow_again(tracked)
             else:
                 self._free_slot(tracked)
-        return ended
+            settled.add(index)
 
     def _follow_again(self, tracked: Tracked) -> None:
         """A job this process meant to end and did not: followed again, read at once; unless it is followed anew

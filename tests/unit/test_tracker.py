@@ -968,3 +968,95 @@ async def test_a_confirmed_job_adopted_later_is_never_parked_again(world: World)
     stored = await world.store.get(job)
     assert stored is not None and (stored.state, adopted.state) == (JobState.SUBMITTED, JobState.SUBMITTED)
     assert adopted.slot and world.pool.in_flight["sim"] == 1
+
+
+@pytest.mark.parametrize("written", [True, False], ids=["written", "not-written"])
+async def test_a_waiter_that_goes_away_while_its_job_s_timeout_is_written_leaves_the_job_followed(
+    world: World, written: bool
+) -> None:
+    """A waiter past its deadline ends its job and goes away (its client disconnected) while the ending is being
+    written. The write goes on; whatever it meets, the job is not left out of the followed set, unread until its
+    lease runs out, with its provider slot taken for good: it is read again at once, and ended (or found ended)
+    then, its slot given back."""
+    lifecycle = world.tracker.lifecycle
+    job = await world.submit("sloth sim:never", deadline_s=20)
+    store = lifecycle.finisher.store
+    real_finish = store.finish_many
+    writing, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_finish(endings: Sequence[Ending], now: float) -> list[JobRow | None]:
+        writing.set()
+        await go_on.wait()
+        if not written:
+            raise OSError("the database went away")
+        return await real_finish(endings, now)
+
+    store.finish_many = slow_finish  # type: ignore[method-assign]
+    world.clock.advance(21)
+    waiter = asyncio.ensure_future(lifecycle.expire(job))
+    await writing.wait()
+    waiter.cancel()
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    store.finish_many = real_finish  # type: ignore[method-assign]
+    assert lifecycle.following(job)
+    await world.tracker.poll("sim")
+    assert await world.state(job) == ("FAILED", "timeout", "released")
+    assert not lifecycle.following(job) and world.pool.in_flight["sim"] == 0
+    assert await world.balance() == (1000, 0)
+
+
+async def test_an_ending_whose_slot_release_fails_after_the_write_is_followed_until_it_is_given_back(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step after a job's ending was written fails (here giving its provider slot back): the job is not left
+    unfollowed with the slot taken, nor is the round's failure anyone else's: it is read again at once, found
+    ended, and its slot given back then. It was settled once."""
+    lifecycle = world.tracker.lifecycle
+    job = await world.submit("bridge sim:fail")
+    real_release, calls = world.pool.release, []
+
+    def release_once_broken(name: str) -> None:
+        calls.append(name)
+        if len(calls) == 1:
+            raise RuntimeError("a metric could not be moved")
+        real_release(name)
+
+    monkeypatch.setattr(world.pool, "release", release_once_broken)
+    world.clock.advance(6)
+    await world.tracker.poll("sim")
+    assert await world.state(job) == ("FAILED", "failed", "released")
+    assert lifecycle.following(job) and world.pool.in_flight["sim"] == 1
+    await world.tracker.poll("sim")
+    assert not lifecycle.following(job) and world.pool.in_flight["sim"] == 0
+    assert await world.balance() == (1000, 0)
+
+
+async def test_a_refused_timeout_whose_stored_deadline_cannot_be_looked_at_is_followed_on(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's timeout was refused by the store (a confirmation moved its deadline on) and looking up the deadline
+    it now has fails: the job is not left followed by nobody until its lease runs out; it is read again at once,
+    and followed on to the stored deadline then."""
+    lifecycle = world.tracker.lifecycle
+    job = await world.submit("a parked heron sim:never", deadline_s=20, may_wait=True)
+    tracked = lifecycle._by_job[job]
+    await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
+    assert await world.store.extend_modal(job, world.clock.now() + 600, world.clock.now(), world.clock.now() + 40)
+    real_later, calls = lifecycle._later_deadlines, []
+
+    async def later_once_broken(job_ids: list[str]) -> dict[str, float | None]:
+        calls.append(job_ids)
+        if len(calls) == 1:
+            raise RuntimeError("an unforeseen row")
+        return await real_later(job_ids)
+
+    monkeypatch.setattr(lifecycle, "_later_deadlines", later_once_broken)
+    world.clock.advance(21)
+    await world.tracker.poll("sim")
+    assert len(calls) == 1 and lifecycle._by_job.get(job) is tracked
+    assert not lifecycle.ended_here("sim", tracked.upstream_id)
+    await world.tracker.poll("sim")
+    assert len(calls) == 2 and lifecycle._by_job.get(job) is tracked
+    assert tracked.deadline_at == world.clock.now() - 21 + 600 and (await world.state(job))[1:] == (None, "held")
