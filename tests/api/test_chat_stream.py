@@ -8,6 +8,7 @@ import io
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -67,7 +68,7 @@ def test_a_failure_mid_stream_is_shown_then_raised(relay: RunningRelay) -> None:
     errors = [c for c in chunks if "error" in c]
     assert len(errors) == 1 and errors[0]["error"]["code"] == "upstream_error"  # type: ignore[index]
     assert any("**Error:**" in (c["choices"][0]["delta"].get("content") or "") for c in chunks if "choices" in c)  # type: ignore[index]
-    assert lines[-1] == "data: [DONE]"
+    assert_ends_with_error(lines, "upstream_error")
     client = relay.openai()
     with pytest.raises(openai.APIError) as caught:
         for _ in client.chat.completions.create(
@@ -113,3 +114,36 @@ def test_a_stream_whose_client_leaves_still_ends_its_job(relay: RunningRelay) ->
     wait_for(lambda: relay.jobs()[0][0] == "SUCCEEDED")
     assert relay.jobs() == [("SUCCEEDED", None, "captured", "sim")]
     assert relay.balance() == (998, 0)
+
+
+def assert_ends_with_error(lines: list[str], code: str) -> dict[str, Any]:
+    """The stream's last event is its one error, OpenAI-shaped, and no `[DONE]` says it ended well."""
+    assert "data: [DONE]" not in lines, lines[-3:]
+    last = json.loads(lines[-1].removeprefix("data: "))
+    assert set(last) == {"error"} and set(last["error"]) == {"message", "type", "param", "code"}, last
+    assert last["error"]["code"] == code, last
+    assert sum(1 for chunk in payloads(lines) if "error" in chunk) == 1
+    return last["error"]  # type: ignore[no-any-return]
+
+
+def sdk_stream_error(relay: RunningRelay, prompt: str) -> openai.APIError:
+    """What the official SDK raises while reading the stream of `prompt` (it must raise)."""
+    client = relay.openai()
+    stream = client.chat.completions.create(
+        model="mj-fast", messages=[{"role": "user", "content": prompt}], stream=True
+    )
+    with pytest.raises(openai.APIError) as caught:
+        for _ in stream:
+            pass
+    return caught.value
+
+
+def test_a_deadline_passing_mid_stream_ends_it_with_a_timeout_error(tmp_path: Path) -> None:
+    config = relay_config(tmp_path, jobs={"poll_interval_s": 0.05, "deadline_s": {"fast": 0.5}})
+    with running_relay(config) as relay:
+        _, lines = stream_lines(relay, "a glacier sim:never")
+        error = assert_ends_with_error(lines, "timeout")
+        assert error["type"] == "server_error"
+        caught = sdk_stream_error(relay, "a glacier sim:never")
+        assert caught.code == "timeout" and caught.type == "server_error"
+        assert relay.balance() == (1000, 0)

@@ -4,7 +4,8 @@ reference images, and the answer is one assistant message with the images in Mar
 Streamed answers follow OpenAI's chunk format: the role chunk first, progress as content (`Generating… 46%`) as it
 happens, an SSE comment (`: keep-alive`) whenever nothing else was sent for `api.keepalive_s`, the images, a chunk
 with `finish_reason: "stop"`, an optional usage chunk, and `data: [DONE]`. A failure mid-stream is shown as text,
-then sent as an `{"error": ...}` event (which the OpenAI SDKs raise), then `[DONE]`.
+then sent as an `{"error": ...}` event (which the OpenAI SDKs raise), the stream's last: `[DONE]` says an answer
+is whole, so it never follows an error.
 """
 
 from __future__ import annotations
@@ -232,11 +233,11 @@ async def _stream(
             yield chunk({"content": f"**Error:** {error.message}"})
             yield chunk({}, "stop")
             yield b"data: " + render(error).to_bytes() + b"\n\n"
-        else:
-            yield chunk({"content": content})
-            yield chunk({}, "stop")
-            if usage:
-                yield _usage_chunk(completion_id, created, model)
+            return
+        yield chunk({"content": content})
+        yield chunk({}, "stop")
+        if usage:
+            yield _usage_chunk(completion_id, created, model)
         yield b"data: [DONE]\n\n"
     finally:
         generation.close()
