@@ -5,7 +5,8 @@ Guard       every error becomes an answer in the request's surface envelope, and
             exception that escaped would make the server close the keep-alive connection, losing the client's
             next request on it. A client that hangs up mid-request is neither an error nor a 5xx (499). A database
             that cannot serve now (down, unreachable, too slow, locked) is a 503 with `Retry-After`, counted and
-            logged in one line without its statement; any other error a 500, logged with its traceback.
+            logged in one line without its statement; any other error a 500, logged with its traceback. An error
+            after the answer started can only end it (the chat's stream tells its own errors, `as_relay_error`).
 BodyLimit   a body over the limit is refused (413) before the route reads it
 """
 
@@ -88,7 +89,7 @@ class Guard:
         except ClientDisconnect:
             scope[_DISCONNECTED] = True
         except Exception as exc:
-            error = self._error(scope, exc)
+            error = as_relay_error(exc, scope.get("path"), self.metrics)
             if started:  # the answer is under way: all that can be done is to end it
                 if not ended:
                     with contextlib.suppress(Exception):
@@ -101,22 +102,23 @@ class Guard:
             await send({"type": "http.response.start", "status": rendered.status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
-    def _error(self, scope: Scope, exc: Exception) -> RelayError:
-        """What the client is told of `exc`: a domain error as it is; a database that cannot serve now as
-        `DatabaseUnavailable`; anything else as an internal error (a bug), its details in the log only."""
-        if isinstance(exc, RelayError):
-            return exc
-        path = scope.get("path")
-        if unavailable(exc):
-            self.metrics.database_unavailable.inc()
-            # The driver's own words (a refused connection, "database is locked"), not the statement's text.
-            cause = exc.__cause__ or getattr(exc, "orig", None) or exc
-            reason = (str(cause).splitlines() or [""])[0][:200]
-            fields = {"path": path, "error": type(cause).__name__, "reason": reason}
-            log.warning("database unavailable", extra={"fields": fields})
-            return DatabaseUnavailable()
-        log.error("unhandled error", exc_info=exc, extra={"fields": {"path": path}})
-        return InternalError("The relay hit an internal error; it has been logged.")
+
+def as_relay_error(exc: Exception, path: str | None, metrics: Metrics) -> RelayError:
+    """What the client is told of `exc`: a domain error as it is; a database that cannot serve now as
+    `DatabaseUnavailable` (counted, and logged in one line); anything else as an internal error (a bug), its details
+    in the log only. Called once per failure: by `Guard`, or by a stream that ends itself with the error."""
+    if isinstance(exc, RelayError):
+        return exc
+    if unavailable(exc):
+        metrics.database_unavailable.inc()
+        # The driver's own words (a refused connection, "database is locked"), not the statement's text.
+        cause = exc.__cause__ or getattr(exc, "orig", None) or exc
+        reason = (str(cause).splitlines() or [""])[0][:200]
+        fields = {"path": path, "error": type(cause).__name__, "reason": reason}
+        log.warning("database unavailable", extra={"fields": fields})
+        return DatabaseUnavailable()
+    log.error("unhandled error", exc_info=exc, extra={"fields": {"path": path}})
+    return InternalError("The relay hit an internal error; it has been logged.")
 
 
 def request_id() -> str:

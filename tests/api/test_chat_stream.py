@@ -6,7 +6,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,19 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.helpers import RunningRelay, relay_config, running_relay, sql, wait_for
+from relay.app import build_app
+from relay.config import Config
+from relay.store.db import Unreachable
+from tests.helpers import (
+    RunningRelay,
+    assert_ledger_balances,
+    create_key,
+    relay_config,
+    running_relay,
+    running_server,
+    sql,
+    wait_for,
+)
 
 
 def stream_lines(relay: RunningRelay, content: object, **extra: object) -> tuple[httpx.Response, list[str]]:
@@ -138,6 +153,28 @@ def sdk_stream_error(relay: RunningRelay, prompt: str) -> openai.APIError:
     return caught.value
 
 
+@contextmanager
+def relay_and_server(config: Config, **options: Any) -> Iterator[tuple[RunningRelay, Any, Any]]:
+    """`running_relay`, with the app (to reach its services) and the server (to stop it)."""
+    key = create_key(config)
+    app = build_app(config)
+    with running_server(app, **options) as (base, server):
+        relay = RunningRelay(base, config, key)
+        try:
+            yield relay, app, server
+        finally:
+            for client in relay.clients:
+                client.close()
+    assert_ledger_balances(config.database_url())
+
+
+def counted_unavailable(relay: RunningRelay) -> float:
+    text = httpx.get(relay.base + "/metrics", timeout=30).text
+    return next(
+        float(line.split()[1]) for line in text.splitlines() if line.startswith("mj_relay_database_unavailable_total ")
+    )
+
+
 def test_a_deadline_passing_mid_stream_ends_it_with_a_timeout_error(tmp_path: Path) -> None:
     config = relay_config(tmp_path, jobs={"poll_interval_s": 0.05, "deadline_s": {"fast": 0.5}})
     with running_relay(config) as relay:
@@ -147,3 +184,55 @@ def test_a_deadline_passing_mid_stream_ends_it_with_a_timeout_error(tmp_path: Pa
         caught = sdk_stream_error(relay, "a glacier sim:never")
         assert caught.code == "timeout" and caught.type == "server_error"
         assert relay.balance() == (1000, 0)
+
+
+def test_a_database_unavailable_mid_stream_ends_it_with_a_503_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with relay_and_server(relay_config(tmp_path)) as (relay, app, _):
+        service = app.state.relay.jobs
+
+        async def unreachable(generation: object) -> list[object]:
+            raise Unreachable("connection refused by 10.0.0.7:5432") from OSError(111, "Connection refused")
+
+        service.results = unreachable
+        caplog.set_level(logging.INFO)
+        caplog.clear()
+        response, lines = stream_lines(relay, "a harbour")
+        caught = sdk_stream_error(relay, "a harbour")
+        assert response.status_code == 200
+        error = assert_ends_with_error(lines, "service_unavailable")
+        assert error["type"] == "server_error" and "database" in error["message"]
+        assert "10.0.0.7" not in error["message"] and "refused" not in error["message"]
+        assert caught.code == "service_unavailable" and caught.message == error["message"]
+
+        def chats() -> list[int]:
+            records = [r for r in caplog.records if r.getMessage() == "request"]
+            return [r.fields["status"] for r in records if r.fields["route"] == "/v1/chat/completions"]  # type: ignore[attr-defined]
+
+        wait_for(lambda: len(chats()) == 2)
+        assert chats() == [200, 200]  # what was sent: no 503 that never was
+        assert counted_unavailable(relay) == 2  # once per stream, not once more by the middleware
+        assert len([r for r in caplog.records if r.getMessage() == "database unavailable"]) == 2
+        assert not [r for r in caplog.records if r.getMessage() == "unhandled error"]
+
+
+def test_an_internal_error_mid_stream_ends_it_with_a_500_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with relay_and_server(relay_config(tmp_path)) as (relay, app, _):
+
+        async def broken(generation: object) -> list[object]:
+            raise RuntimeError("secret internals at /srv/relay")
+
+        app.state.relay.jobs.results = broken
+        caplog.clear()
+        response, lines = stream_lines(relay, "a lantern")
+        assert response.status_code == 200
+        error = assert_ends_with_error(lines, "internal_error")
+        assert error["type"] == "server_error" and "secret" not in error["message"]
+        caught = sdk_stream_error(relay, "a lantern")
+        assert caught.code == "internal_error" and "secret" not in caught.message
+        unhandled = [r for r in caplog.records if r.getMessage() == "unhandled error"]
+        assert len(unhandled) == 2 and all(r.exc_info for r in unhandled)
+        assert counted_unavailable(relay) == 0

@@ -5,7 +5,8 @@ Streamed answers follow OpenAI's chunk format: the role chunk first, progress as
 happens, an SSE comment (`: keep-alive`) whenever nothing else was sent for `api.keepalive_s`, the images, a chunk
 with `finish_reason: "stop"`, an optional usage chunk, and `data: [DONE]`. A failure mid-stream is shown as text,
 then sent as an `{"error": ...}` event (which the OpenAI SDKs raise), the stream's last: `[DONE]` says an answer
-is whole, so it never follows an error.
+is whole, so it never follows an error. Any failure is told so, in the envelope it would have had unstreamed: a failed
+job's, or (as `Guard` would render it, counted and logged once) a database that cannot serve now (503) or a bug (500).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, un
 from relay.api.openai.errors import render
 from relay.core import housekeeping
 from relay.core.jobs import Generation, JobService, unknown_model
-from relay.errors import InvalidRequest, RelayError
+from relay.errors import InvalidRequest
 from relay.logs import event
+from relay.middleware import as_relay_error
 from relay.store.jobs import JobRow
 
 log = logging.getLogger("relay.housekeeping")
@@ -221,15 +223,16 @@ async def _stream(
         yield chunk({"role": "assistant", "content": ""})
         yield chunk({"content": "Generating… 0%\n\n"})
         shown = 0
-        async for percent in relay.jobs.follow(generation, idle_s=relay.config.api.keepalive_s):
-            if percent is None:
-                yield b": keep-alive\n\n"
-            elif percent != shown:
-                shown = percent
-                yield chunk({"content": f"Generating… {percent}%\n\n"})
         try:
+            async for percent in relay.jobs.follow(generation, idle_s=relay.config.api.keepalive_s):
+                if percent is None:
+                    yield b": keep-alive\n\n"
+                elif percent != shown:
+                    shown = percent
+                    yield chunk({"content": f"Generating… {percent}%\n\n"})
             content = markdown(request, await relay.jobs.results(generation))
-        except RelayError as error:
+        except Exception as exc:  # the status is sent: the error can only be told in the stream (and is, once)
+            error = as_relay_error(exc, request.url.path, relay.metrics)
             yield chunk({"content": f"**Error:** {error.message}"})
             yield chunk({}, "stop")
             yield b"data: " + render(error).to_bytes() + b"\n\n"
