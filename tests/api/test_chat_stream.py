@@ -20,6 +20,7 @@ from PIL import Image
 
 from relay.app import build_app
 from relay.config import Config
+from relay.server import RelayServer
 from relay.store.db import Unreachable
 from tests.helpers import (
     RunningRelay,
@@ -154,7 +155,7 @@ def sdk_stream_error(relay: RunningRelay, prompt: str) -> openai.APIError:
 
 
 @contextmanager
-def relay_and_server(config: Config, **options: Any) -> Iterator[tuple[RunningRelay, Any, Any]]:
+def relay_and_server(config: Config, **options: Any) -> Iterator[tuple[RunningRelay, Any, RelayServer]]:
     """`running_relay`, with the app (to reach its services) and the server (to stop it)."""
     key = create_key(config)
     app = build_app(config)
@@ -236,3 +237,30 @@ def test_an_internal_error_mid_stream_ends_it_with_a_500_error(
         unhandled = [r for r in caplog.records if r.getMessage() == "unhandled error"]
         assert len(unhandled) == 2 and all(r.exc_info for r in unhandled)
         assert counted_unavailable(relay) == 0
+
+
+def test_a_relay_stopping_mid_stream_ends_it_with_a_503_error(tmp_path: Path) -> None:
+    """SIGTERM: the stream goes on for the graceful shutdown (its job may end meanwhile); past that, it is ended
+    with the error, not cut (which the SDK reports as a connection error, and other clients may not at all)."""
+    config = relay_config(
+        tmp_path, providers=[{"name": "sim", "dialect": "simulator", "simulator": {"fast_s": 60, "tile_px": 64}}]
+    )
+    with relay_and_server(config, timeout_graceful_shutdown=1) as (relay, _, server):
+        body = {"model": "mj-fast", "stream": True, "messages": [{"role": "user", "content": "a long voyage"}]}
+        headers = {"Authorization": f"Bearer {relay.key}"}
+        with httpx.stream("POST", relay.base + "/v1/chat/completions", headers=headers, json=body, timeout=30) as raw:
+            raw_lines = raw.iter_lines()
+            assert next(raw_lines).startswith("data: {")
+            stream = relay.openai().chat.completions.create(
+                model="mj-fast", messages=[{"role": "user", "content": "a long voyage"}], stream=True
+            )
+            first = next(iter(stream))
+            assert first.choices[0].delta.role == "assistant"
+            server.stop()
+            with pytest.raises(openai.APIError) as caught:
+                for _ in stream:
+                    pass
+            assert not isinstance(caught.value, openai.APIConnectionError), caught.value
+            assert caught.value.code == "service_unavailable" and caught.value.type == "server_error"
+            lines = [line for line in raw_lines if line]  # the body ends whole: no protocol error here
+        assert_ends_with_error(lines, "service_unavailable")

@@ -11,6 +11,7 @@ job's, or (as `Guard` would render it, counted and logged once) a database that 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -27,7 +28,7 @@ from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, un
 from relay.api.openai.errors import render
 from relay.core import housekeeping
 from relay.core.jobs import Generation, JobService, unknown_model
-from relay.errors import InvalidRequest
+from relay.errors import InvalidRequest, RelayError, ServiceUnavailable
 from relay.logs import event
 from relay.middleware import as_relay_error
 from relay.store.jobs import JobRow
@@ -38,6 +39,9 @@ IMAGINE_PREFIX = "/imagine"
 ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 # Headers of an event stream: never cached, and not buffered by a proxy in front (nginx).
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# How a stream still waiting when the relay stops (its graceful shutdown over) ends. Its jobs go on, followed by
+# another process (or this one's successor); a retry with the request's `Idempotency-Key` gets their images.
+STOPPING = ServiceUnavailable("The relay shut down before the images were ready.")
 
 
 class StreamOptions(BaseModel):
@@ -222,7 +226,8 @@ async def _stream(
     try:
         yield chunk({"role": "assistant", "content": ""})
         yield chunk({"content": "Generating… 0%\n\n"})
-        shown = 0
+        shown, content = 0, ""
+        error: RelayError | None = None
         try:
             async for percent in relay.jobs.follow(generation, idle_s=relay.config.api.keepalive_s):
                 if percent is None:
@@ -231,8 +236,13 @@ async def _stream(
                     shown = percent
                     yield chunk({"content": f"Generating… {percent}%\n\n"})
             content = markdown(request, await relay.jobs.results(generation))
+        except asyncio.CancelledError:
+            # The relay is stopping and its graceful shutdown ran out (or the client left, and reads nothing more):
+            # the stream is ended here, with the error, rather than cut.
+            error = STOPPING
         except Exception as exc:  # the status is sent: the error can only be told in the stream (and is, once)
             error = as_relay_error(exc, request.url.path, relay.metrics)
+        if error is not None:
             yield chunk({"content": f"**Error:** {error.message}"})
             yield chunk({}, "stop")
             yield b"data: " + render(error).to_bytes() + b"\n\n"
