@@ -7,11 +7,14 @@ Guard       every error becomes an answer in the request's surface envelope, and
             that cannot serve now (down, unreachable, too slow, locked) is a 503 with `Retry-After`, counted and
             logged in one line without its statement; any other error a 500, logged with its traceback. An error
             after the answer started can only end it (the chat's stream tells its own errors, `as_relay_error`).
+            A request still unanswered when the server cancels it (its graceful shutdown over) is answered 503
+            `STOPPING` in its envelope, as it goes, instead of the server's plain-text 500.
 BodyLimit   a body over the limit is refused (413) before the route reads it
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -22,12 +25,15 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay.api.errors import render
-from relay.errors import DatabaseUnavailable, InternalError, PayloadTooLarge, RelayError
+from relay.errors import DatabaseUnavailable, InternalError, PayloadTooLarge, RelayError, ServiceUnavailable
 from relay.logs import event
 from relay.metrics import Metrics
 from relay.store.db import unavailable
 
 log = logging.getLogger("relay.http")
+# What a request still waiting when the server cancels it (the relay stopping, its graceful shutdown over) is told.
+# Its jobs go on (another process, or this one's successor, follows them): a retry is answered with their images.
+STOPPING = ServiceUnavailable("The relay is stopping; retry shortly.", retry_after=1)
 
 # The status recorded for a request whose client went away before an answer (nginx's convention).
 CLIENT_CLOSED = 499
@@ -88,6 +94,11 @@ class Guard:
             await self.app(scope, receive, watched_send)
         except ClientDisconnect:
             scope[_DISCONNECTED] = True
+        except asyncio.CancelledError:
+            if not started:  # told in its envelope, then cancelled on (a client that left reads nothing of it)
+                with contextlib.suppress(Exception):
+                    await _answer(scope, send, STOPPING)
+            raise
         except Exception as exc:
             error = as_relay_error(exc, scope.get("path"), self.metrics)
             if started:  # the answer is under way: all that can be done is to end it
@@ -95,12 +106,17 @@ class Guard:
                     with contextlib.suppress(Exception):
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            rendered = render(scope.get("path", ""), error)
-            body = rendered.to_bytes()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            headers += [(k.lower().encode(), v.encode()) for k, v in rendered.headers.items()]
-            await send({"type": "http.response.start", "status": rendered.status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await _answer(scope, send, error)
+
+
+async def _answer(scope: Scope, send: Send, error: RelayError) -> None:
+    """Answer `error` in the envelope of the request's surface."""
+    rendered = render(scope.get("path", ""), error)
+    body = rendered.to_bytes()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in rendered.headers.items()]
+    await send({"type": "http.response.start", "status": rendered.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def as_relay_error(exc: Exception, path: str | None, metrics: Metrics) -> RelayError:

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -264,3 +265,39 @@ def test_a_relay_stopping_mid_stream_ends_it_with_a_503_error(tmp_path: Path) ->
             assert caught.value.code == "service_unavailable" and caught.value.type == "server_error"
             lines = [line for line in raw_lines if line]  # the body ends whole: no protocol error here
         assert_ends_with_error(lines, "service_unavailable")
+
+
+@pytest.mark.parametrize("route", ["images", "chat"])
+def test_a_request_still_waiting_when_the_relay_stops_is_answered_503_in_its_envelope(
+    tmp_path: Path, route: str
+) -> None:
+    """Unstreamed, a request still waiting past the graceful shutdown was cut with the server's plain-text 500; it
+    is answered 503 (`Retry-After`) in its envelope, which the SDKs retry, and a retry follows its job."""
+    config = relay_config(
+        tmp_path, providers=[{"name": "sim", "dialect": "simulator", "simulator": {"fast_s": 60, "tile_px": 64}}]
+    )
+    with relay_and_server(config, timeout_graceful_shutdown=1) as (relay, _, server):
+        client = relay.openai()
+        failures: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                if route == "images":
+                    client.images.generate(model="mj-fast", prompt="a long voyage")
+                else:
+                    client.chat.completions.create(
+                        model="mj-fast", messages=[{"role": "user", "content": "a long voyage"}]
+                    )
+            except BaseException as exc:
+                failures.append(exc)
+
+        waiting = threading.Thread(target=call)
+        waiting.start()
+        wait_for(lambda: relay.balance()[1] > 0)  # held: the request waits for its job
+        server.stop()
+        waiting.join(30)
+        assert not waiting.is_alive()
+        (failure,) = failures
+        assert isinstance(failure, openai.InternalServerError), repr(failure)
+        assert failure.status_code == 503 and failure.response.headers["retry-after"] == "1"
+        assert failure.code == "service_unavailable" and failure.type == "server_error"
