@@ -58,8 +58,12 @@ class Broadcast:
 
     async def _connect(self) -> None:
         conn = await asyncpg.connect(self.dsn)
-        await conn.add_listener(JOBS, self._heard_jobs)
-        await conn.add_listener(HOOKS, self._heard_hook)
+        try:
+            await conn.add_listener(JOBS, self._heard_jobs)
+            await conn.add_listener(HOOKS, self._heard_hook)
+        except BaseException:  # failed, or the relay is stopping meanwhile: not handed over, so closed here
+            conn.terminate()
+            raise
         self._answered_at = asyncio.get_running_loop().time()
         self._conn = conn
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
@@ -151,3 +152,113 @@ async def test_a_relay_whose_listening_connection_died_silently_can_still_stop(t
                 b.broadcast._conn.terminate()  # let the test end
             await asyncio.gather(stopping, return_exceptions=True)
             await b.close()
+
+
+COUNT_CONNECTIONS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+)
+TERMINATE_ALL = (
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+)
+
+
+class SlowListenProxy:
+    """A TCP proxy to PostgreSQL that, once `hold()` is called, keeps back the server's answer to a LISTEN sent on a
+    connection made from then on (a slow network, or a busy server) until `release()`. A side that closes closes the
+    other."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.holding = False
+        self.listen_held = asyncio.Event()  # a LISTEN is waiting for its answer
+        self.released = asyncio.Event()
+        self.server: asyncio.AbstractServer | None = None
+        self.handlers: list[asyncio.Task[object]] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.append(task)
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        held = asyncio.Event()
+        holding = self.holding
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, to_client: bool) -> None:
+            try:
+                while data := await source.read(65536):
+                    if not to_client and holding and b"LISTEN" in data:
+                        held.set()
+                        self.listen_held.set()
+                    if to_client and held.is_set():
+                        await self.released.wait()
+                    sink.write(data)
+                    await sink.drain()
+            except Exception:
+                pass
+            finally:
+                sink.transport.abort()  # this side closed: so is the other
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer, to_client=False), pipe(up_reader, writer, to_client=True))
+        finally:
+            up_writer.transport.abort()
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        self.release()
+        if self.server is not None:
+            self.server.close()
+        for task in self.handlers:
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+@pytest.mark.postgres
+async def test_a_relay_stopped_while_it_listens_again_leaves_no_connection_behind(tmp_path: Path) -> None:
+    """The relay's backends are terminated (an operator clearing the database's sessions), and the relay is stopped
+    (SIGTERM) while it is making its listening connection again, its LISTEN not yet answered. Once stopped, no
+    connection of its should be left on the database; instead the new connection, never handed over, stays open
+    (and listening, once its LISTEN is answered) for as long as the process lives."""
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(pg_database())
+        relay = Relay(relay_config(tmp_path, database={"url": url}), SystemClock(), {})
+        parts = urlsplit(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        proxy = SlowListenProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+        port = await proxy.start()
+        stack.push_async_callback(proxy.close)
+        assert relay.broadcast is not None
+        relay.broadcast.dsn = relay.broadcast.dsn.replace(f"{parts.hostname}:{parts.port or 5432}", f"127.0.0.1:{port}")
+        admin = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        stack.push_async_callback(admin.close)
+        await relay.open()
+        closed = False
+        try:
+            proxy.hold()
+            assert await admin.fetchval(TERMINATE_ALL) >= 1
+            await asyncio.wait_for(proxy.listen_held.wait(), 10)  # listening again, its LISTEN unanswered
+            await asyncio.wait_for(relay.close(), 30)
+            closed = True
+            proxy.release()
+            left = -1
+            for _ in range(20):  # a closed connection leaves pg_stat_activity a moment after
+                left = await admin.fetchval(COUNT_CONNECTIONS)
+                if left == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert left == 0, f"{left} connection(s) of the stopped relay are still on the database"
+        finally:
+            if not closed:
+                await relay.close()
