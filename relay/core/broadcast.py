@@ -59,8 +59,9 @@ class Broadcast:
     async def _connect(self) -> None:
         conn = await asyncpg.connect(self.dsn)
         try:
-            await conn.add_listener(JOBS, self._heard_jobs)
-            await conn.add_listener(HOOKS, self._heard_hook)
+            async with asyncio.timeout(RECONNECT_S):  # a path gone silent just now: given up on, and made again
+                await conn.add_listener(JOBS, self._heard_jobs)
+                await conn.add_listener(HOOKS, self._heard_hook)
         except BaseException:  # failed, or the relay is stopping meanwhile: not handed over, so closed here
             conn.terminate()
             raise

@@ -16,6 +16,7 @@ import pytest
 
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import SystemClock
+from relay.core.broadcast import JOBS, RECONNECT_S
 from relay.core.jobs import Attempt
 from relay.services import Relay
 from tests.helpers import pg_database, relay_config
@@ -262,3 +263,41 @@ async def test_a_relay_stopped_while_it_listens_again_leaves_no_connection_behin
         finally:
             if not closed:
                 await relay.close()
+
+
+@pytest.mark.postgres
+async def test_a_listening_connection_whose_listen_goes_unanswered_is_made_again(tmp_path: Path) -> None:
+    """The relay's backends are terminated, and the connection it makes again never has its LISTEN answered (a server
+    or network path that went silent just then). The relay should give up on it and make another within a few
+    RECONNECT_S, and hear other processes' endings through it at once; instead it waits on that LISTEN for ever,
+    listening to nothing."""
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(pg_database())
+        relay = Relay(relay_config(tmp_path, database={"url": url}), SystemClock(), {})
+        parts = urlsplit(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        proxy = SlowListenProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+        port = await proxy.start()
+        stack.push_async_callback(proxy.close)
+        assert relay.broadcast is not None
+        relay.broadcast.dsn = relay.broadcast.dsn.replace(f"{parts.hostname}:{parts.port or 5432}", f"127.0.0.1:{port}")
+        admin = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        stack.push_async_callback(admin.close)
+        await relay.open()
+        stack.push_async_callback(relay.close)
+        before = await admin.fetchval(COUNT_CONNECTIONS)  # its pool's, and the listening one
+        proxy.hold()
+        await admin.fetchval(TERMINATE_ALL)
+        await asyncio.wait_for(proxy.listen_held.wait(), 10)
+        proxy.holding = False  # connections made from now on are answered; the held one never is
+        started = time.monotonic()
+        while not relay.broadcast.connected and time.monotonic() - started < 4 * RECONNECT_S:
+            await asyncio.sleep(0.1)
+        assert relay.broadcast.connected, f"still not listening {time.monotonic() - started:.1f} s on"
+        waiter = relay.events.subscribe(["job_elsewhere"])
+        await admin.execute("SELECT pg_notify($1, $2)", JOBS, "another-process|job_elsewhere:SUCCEEDED:100")
+        heard = await waiter.next(1.0)
+        waiter.close()
+        assert heard is not None and heard.state.terminal
+        await asyncio.sleep(0.2)  # the connection given up on leaves pg_stat_activity a moment after
+        after = await admin.fetchval(COUNT_CONNECTIONS)
+        assert after <= before, f"{before} connections before, {after} after listening again"
