@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -20,6 +21,15 @@ from relay.core.broadcast import JOBS, RECONNECT_S
 from relay.core.jobs import Attempt
 from relay.services import Relay
 from tests.helpers import pg_database, relay_config
+
+
+class _Proxying(Protocol):
+    async def start(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+P = TypeVar("P", bound=_Proxying)
 
 pytestmark = pytest.mark.anyio
 
@@ -77,12 +87,16 @@ class Proxy:
 
 
 async def listening_through_a_proxy(
-    stack: contextlib.AsyncExitStack, folder: Path, url: str, upstreams: dict[str, Any]
-) -> tuple[Relay, Proxy]:
-    """A relay on the database at `url` whose listening connection (only) goes through a `Proxy`."""
+    stack: contextlib.AsyncExitStack,
+    folder: Path,
+    url: str,
+    upstreams: dict[str, Any],
+    kind: Callable[[str, int], P],
+) -> tuple[Relay, P]:
+    """A relay on the database at `url` whose listening connection (only) goes through a proxy (`kind`)."""
     relay = Relay(relay_config(folder, database={"url": url}), SystemClock(), upstreams)
     parts = urlsplit(url.replace("postgresql+asyncpg://", "postgresql://", 1))
-    proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    proxy = kind(parts.hostname or "127.0.0.1", parts.port or 5432)
     port = await proxy.start()
     stack.push_async_callback(proxy.close)
     assert relay.broadcast is not None
@@ -101,7 +115,7 @@ async def test_a_listening_connection_that_died_silently_is_made_again(tmp_path:
     async with contextlib.AsyncExitStack() as stack:
         url = await stack.enter_async_context(pg_database())
         a = Relay(relay_config(tmp_path / "a", database={"url": url}), SystemClock(), {"sim": upstream})
-        b, proxy = await listening_through_a_proxy(stack, tmp_path / "b", url, {"sim": upstream})
+        b, proxy = await listening_through_a_proxy(stack, tmp_path / "b", url, {"sim": upstream}, Proxy)
         for relay in (a, b):
             await relay.open()
             stack.push_async_callback(relay.close)
@@ -139,7 +153,7 @@ async def test_a_relay_whose_listening_connection_died_silently_can_still_stop(t
 
     async with contextlib.AsyncExitStack() as stack:
         url = await stack.enter_async_context(pg_database())
-        b, proxy = await listening_through_a_proxy(stack, tmp_path / "b", url, {})
+        b, proxy = await listening_through_a_proxy(stack, tmp_path / "b", url, {}, Proxy)
         await b.open()
         proxy.freeze()
         b.events.publish(JobEvent("job_somewhere", JobState.IN_PROGRESS, 50))  # sent on the dead connection
@@ -227,6 +241,18 @@ class SlowListenProxy:
             await self.server.wait_closed()
 
 
+async def listening_through_proxy(
+    stack: contextlib.AsyncExitStack, tmp_path: Path
+) -> tuple[Relay, SlowListenProxy, asyncpg.Connection]:
+    """A relay (not yet opened) on a fresh PostgreSQL database whose listening connections go through a
+    `SlowListenProxy`, and an admin connection to that database; all closed with `stack`."""
+    url = await stack.enter_async_context(pg_database())
+    relay, proxy = await listening_through_a_proxy(stack, tmp_path, url, {}, SlowListenProxy)
+    admin = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    stack.push_async_callback(admin.close)
+    return relay, proxy, admin
+
+
 @pytest.mark.postgres
 async def test_a_relay_stopped_while_it_listens_again_leaves_no_connection_behind(tmp_path: Path) -> None:
     """The relay's backends are terminated (an operator clearing the database's sessions), and the relay is stopped
@@ -234,16 +260,7 @@ async def test_a_relay_stopped_while_it_listens_again_leaves_no_connection_behin
     connection of its should be left on the database; instead the new connection, never handed over, stays open
     (and listening, once its LISTEN is answered) for as long as the process lives."""
     async with contextlib.AsyncExitStack() as stack:
-        url = await stack.enter_async_context(pg_database())
-        relay = Relay(relay_config(tmp_path, database={"url": url}), SystemClock(), {})
-        parts = urlsplit(url.replace("postgresql+asyncpg://", "postgresql://", 1))
-        proxy = SlowListenProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-        port = await proxy.start()
-        stack.push_async_callback(proxy.close)
-        assert relay.broadcast is not None
-        relay.broadcast.dsn = relay.broadcast.dsn.replace(f"{parts.hostname}:{parts.port or 5432}", f"127.0.0.1:{port}")
-        admin = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
-        stack.push_async_callback(admin.close)
+        relay, proxy, admin = await listening_through_proxy(stack, tmp_path)
         await relay.open()
         closed = False
         try:
@@ -272,16 +289,7 @@ async def test_a_listening_connection_whose_listen_goes_unanswered_is_made_again
     RECONNECT_S, and hear other processes' endings through it at once; instead it waits on that LISTEN for ever,
     listening to nothing."""
     async with contextlib.AsyncExitStack() as stack:
-        url = await stack.enter_async_context(pg_database())
-        relay = Relay(relay_config(tmp_path, database={"url": url}), SystemClock(), {})
-        parts = urlsplit(url.replace("postgresql+asyncpg://", "postgresql://", 1))
-        proxy = SlowListenProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-        port = await proxy.start()
-        stack.push_async_callback(proxy.close)
-        assert relay.broadcast is not None
-        relay.broadcast.dsn = relay.broadcast.dsn.replace(f"{parts.hostname}:{parts.port or 5432}", f"127.0.0.1:{port}")
-        admin = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
-        stack.push_async_callback(admin.close)
+        relay, proxy, admin = await listening_through_proxy(stack, tmp_path)
         await relay.open()
         stack.push_async_callback(relay.close)
         before = await admin.fetchval(COUNT_CONNECTIONS)  # its pool's, and the listening one
@@ -289,6 +297,7 @@ async def test_a_listening_connection_whose_listen_goes_unanswered_is_made_again
         await admin.fetchval(TERMINATE_ALL)
         await asyncio.wait_for(proxy.listen_held.wait(), 10)
         proxy.holding = False  # connections made from now on are answered; the held one never is
+        assert relay.broadcast is not None
         started = time.monotonic()
         while not relay.broadcast.connected and time.monotonic() - started < 4 * RECONNECT_S:
             await asyncio.sleep(0.1)
