@@ -61,10 +61,10 @@ class Finisher:
                 self._announce(ending, row)
         found_ended = [ending.job_id for ending, row in zip(endings, rows, strict=True) if row is None]
         if found_ended:
-            await self._tell_ended(found_ended)
+            await self.tell_ended(found_ended)
         return rows
 
-    async def _tell_ended(self, job_ids: list[str]) -> None:
+    async def tell_ended(self, job_ids: list[str]) -> None:
         """Tell whoever waits of the end of jobs an ending found ended already. That end may be this process's own
         earlier write, which landed as its connection was cut before the commit was answered (a failover, a pooler
         or a firewall closing it): it was taken for failed and announced to nobody, so without this the waiters,

@@ -530,8 +530,17 @@ class Lifecycle:
             return True
         if await self._holds(tracked.job_id):
             return True
-        self.forget(tracked.job_id)
+        await self._let_go([tracked.job_id])
         return False
+
+    async def _let_go(self, job_ids: list[str]) -> None:
+        """Stop following jobs this process no longer holds: another process took them, or they ended (an ending of
+        this process's that landed though its write was taken for failed: the job was followed again, and it is not
+        delivered or ended a second time). The end of one that ended is told to whoever waits, as a write that found
+        it ended tells it (`Finisher.tell_ended`): nobody heard of it when it was written."""
+        for job_id in job_ids:
+            self.forget(job_id)
+        await self.finisher.tell_ended(job_ids)
 
     async def _hold_leases(self, job_ids: list[str]) -> list[bool]:
         assert self.leases is not None
@@ -701,10 +710,10 @@ class Lifecycle:
                 tracked.due_at = self.clock.now()
                 self.on_follow(tracked.provider)
             return {tracked.job_id for tracked in followed}
-        lost = {tracked.job_id for tracked, mine in zip(followed, held, strict=True) if not mine}
-        for job_id in lost:
-            self.forget(job_id)
-        return lost
+        lost = [tracked.job_id for tracked, mine in zip(followed, held, strict=True) if not mine]
+        if lost:
+            await self._let_go(lost)
+        return set(lost)
 
     async def close(self) -> None:
         # Deliveries under way are let finish and end their jobs here, for a while: one cancelled leaves its job

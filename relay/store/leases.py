@@ -58,12 +58,13 @@ class Leases:
         return await transaction(self.engine, work)
 
     async def hold(self, job_ids: Sequence[str], now: float) -> set[str]:
-        """Renew the leases of these jobs; those it still holds (a job another process took meanwhile is not)."""
+        """Renew the leases of these jobs; those it still holds: not a job another process took meanwhile, nor one
+        that has ended (its ending written, though the write was taken for failed: it is nobody's to deliver or end)."""
         if not job_ids:
             return set()
         return await self._ids(
             update(jobs)
-            .where(jobs.c.id.in_(list(job_ids)), jobs.c.owner == self.owner)
+            .where(jobs.c.id.in_(list(job_ids)), jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE))
             .values(lease_until=now + self.lease_s)
             .returning(jobs.c.id)
         )
