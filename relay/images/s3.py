@@ -5,6 +5,12 @@ Every relay process that uses the bucket serves every image. The relay reads an 
 bucket is never named to a client (no redirect, no presigned URL), so it stays private. At most `max_connections`
 requests are under way at once; the others wait their turn here rather than in the connection pool, where waiting
 would count against the connect timeout.
+
+A request is bounded as a whole, its tries and the backoff between them included (`_budget`): aiohttp's socket
+timeouts cover connecting and reading an answer, not the wait for a body to be taken (a server that accepts the
+connection and then reads nothing stalls the write with no timeout at all). Nor is `Expect: 100-continue` sent
+with a PUT: aiohttp waits for the server's go-ahead with no timeout either, so a silent server would take the whole
+budget in one try; the images are small, and a refusal after the body costs little.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.handlers import add_expect_header
 
 from relay.config import S3Config
 from relay.images.backend import StorageError
@@ -43,6 +50,7 @@ class S3Backend:
         self._stack: AsyncExitStack | None = None
         self._connecting = asyncio.Lock()
         self._slots = asyncio.Semaphore(config.max_connections)
+        self._budget = _budget(config)
 
     def _object(self, key: str) -> str:
         return self.config.prefix + key
@@ -58,7 +66,8 @@ class S3Backend:
                     connect_timeout=c.connect_timeout_s,
                     read_timeout=c.timeout_s,
                     max_pool_connections=c.max_connections,
-                    retries={"max_attempts": c.max_attempts, "mode": "standard"},
+                    # Tries in all, the first one included (botocore's `max_attempts` counts only the retries).
+                    retries={"total_max_attempts": c.max_attempts, "mode": "standard"},
                     s3={"addressing_style": c.addressing_style},
                     # Checksums only where S3 requires them: several S3-compatible servers refuse the newer ones.
                     request_checksum_calculation="when_required",
@@ -74,13 +83,14 @@ class S3Backend:
                     config=options,
                 )
                 self._client = await stack.enter_async_context(client)
+                self._client.meta.events.unregister("before-call.s3", add_expect_header)
                 self._stack = stack
             return self._client
 
     async def open(self) -> None:
         client = await self._connect()
         try:
-            async with self._slots:
+            async with self._slots, asyncio.timeout(self._budget):
                 await client.head_bucket(Bucket=self.config.bucket)
         except _FAILURES as exc:
             await self.close()
@@ -100,7 +110,7 @@ class S3Backend:
 
         async def one(key: str, data: bytes) -> str | None:
             try:
-                async with self._slots:
+                async with self._slots, asyncio.timeout(self._budget):
                     await client.put_object(
                         Bucket=self.config.bucket, Key=self._object(key), Body=data, ContentType="image/png"
                     )
@@ -115,7 +125,7 @@ class S3Backend:
     async def get(self, key: str) -> bytes | None:
         client = await self._connect()
         try:
-            async with self._slots:
+            async with self._slots, asyncio.timeout(self._budget):
                 answer = await client.get_object(Bucket=self.config.bucket, Key=self._object(key))
                 async with answer["Body"] as body:
                     return await body.read()
@@ -127,6 +137,13 @@ class S3Backend:
         except _FAILURES as exc:
             log.warning("an image could not be read", extra={"fields": {"object": key, "why": _why(exc)}})
             raise StorageError(f"the image store failed ({_why(exc)})") from None
+
+
+def _budget(config: S3Config) -> float:
+    """The longest a request to the bucket may take: each try its connect and read timeouts, and between tries the
+    most botocore's standard backoff waits (up to 2**n s, at most 20 s)."""
+    backoff = sum(min(2.0**n, 20.0) for n in range(config.max_attempts - 1))
+    return config.max_attempts * (config.connect_timeout_s + config.timeout_s) + backoff
 
 
 def _code(exc: ClientError) -> str:

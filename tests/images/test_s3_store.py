@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import socket
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from relay.core.uploads import Uploads
 from relay.images import ImageError, ImageMissing, ImageStore, StorageError, formats, image_store
 from relay.images.s3 import S3Backend
 from tests.helpers import FakeClock
-from tests.images.conftest import Bucket
+from tests.images.conftest import Bucket, StoreProxy
 
 pytestmark = pytest.mark.anyio
 
@@ -145,6 +147,42 @@ async def test_an_unreachable_endpoint_is_a_storage_error_that_names_no_address(
             assert endpoint not in str(raised.value) and bucket.name not in str(raised.value)
         finally:
             await unreachable.close()
+
+
+async def test_a_bucket_on_a_silent_network_fails_each_request_in_a_bounded_time_and_is_used_again_once_back(
+    bucket: Bucket, store_proxy: StoreProxy
+) -> None:
+    # Two tries, each with its connect and read timeouts (2 s here), and at most a second of botocore's backoff
+    # between them: at most 5 s in all, whatever the network does.
+    store = over(bucket, endpoint_url=store_proxy.endpoint, timeout_s=1, connect_timeout_s=1, max_attempts=2)
+    grid = render_grid("x", (1, 1), 16)
+    await store.open()
+    try:
+        await store.save(JOB, "grid.png", grid)
+        store_proxy.silent()  # connections are taken, and then nothing is read or answered
+
+        async def big_put() -> None:  # more than the socket buffers take: the body itself stalls
+            failed = await store.backend.put({"big": os.urandom(32_000_000)})
+            if failed:
+                raise StorageError(failed["big"])
+
+        requests: tuple[Callable[[], Awaitable[object]], ...] = (
+            lambda: store.save(OTHER, "grid.png", grid),
+            lambda: store.read(JOB, "grid.png"),
+            big_put,
+        )
+        for request, tries in zip(requests, (2, 2, 1), strict=True):
+            started, swallowed = time.monotonic(), store_proxy.swallowed
+            with pytest.raises(StorageError):
+                await asyncio.wait_for(request(), 30)  # a TimeoutError here: the request hung
+            assert time.monotonic() - started < 8
+            # A small request's try ends at its read timeout and the next is made; a stalled body takes the budget.
+            assert store_proxy.swallowed - swallowed == tries
+        store_proxy.restore()
+        await store.save(OTHER, "grid.png", grid)
+        assert await store.read(OTHER, "grid.png") == grid
+    finally:
+        await store.close()
 
 
 def test_the_s3_section_is_checked_and_each_problem_names_its_path() -> None:
