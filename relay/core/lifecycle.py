@@ -46,6 +46,8 @@ ENDED_REMEMBERED = 10_000
 PROGRESS_EVERY_S = 0.02
 # How long a stopping process lets the deliveries under way finish (a download takes well under a second).
 STOP_WAIT_S = 5.0
+# The longest pause between two tries to keep a downloaded result in an image store that failed.
+KEEP_PAUSE_MAX_S = 10.0
 _FILE_OF = {ResultShape.GRID: GRID, ResultShape.IMAGE: IMAGE}
 
 
@@ -479,9 +481,11 @@ class Lifecycle:
     async def _deliver(self, tracked: Tracked, view: TaskView) -> None:
         """Download a finished job's result, keep it, and end the job (group-committed with the others ending
         meanwhile). Each job goes on its own, so none waits for a slower neighbour's download. A text result
-        needs no download. What fails is tried again, up to `images.download_attempts` times; a job whose image
-        the store would not keep ends as an internal failure, one that could not be had or was not an image as a
-        download failure. A lease check that could not be written leaves the job to be read again at once."""
+        needs no download. A download that fails, or is not an image, is tried again, up to
+        `images.download_attempts` times, then the job ends as a download failure. A downloaded image the store
+        will not keep is kept again, from the bytes in hand, until the job's deadline (`_keep`); one still not kept
+        then ends the job as an internal failure. A lease check that could not be written leaves the job to be read
+        again at once."""
         try:
             if not await self._still_mine(tracked):
                 return
@@ -505,12 +509,15 @@ class Lifecycle:
                     code, reason = FailureCode.DOWNLOAD, result
                     continue
                 if result is not None:
-                    try:
-                        await self.images.save(tracked.job_id, _FILE_OF[tracked.shape], result)
-                    except (ImageError, StorageError) as exc:
-                        code = FailureCode.INTERNAL if isinstance(exc, StorageError) else FailureCode.DOWNLOAD
-                        reason = str(exc)
+                    failed = await self._keep(tracked, result)
+                    if isinstance(failed, ImageError):
+                        code, reason = FailureCode.DOWNLOAD, str(failed)
                         continue
+                    if failed is not None:
+                        await self.end(
+                            tracked, succeeded=False, error_code=FailureCode.INTERNAL, reason=str(failed), view=view
+                        )
+                        return
                 await self.end(tracked, succeeded=True, view=view)
                 return
             await self.end(tracked, succeeded=False, error_code=code, reason=reason, view=view)
@@ -521,6 +528,34 @@ class Lifecycle:
             await self.end(
                 tracked, succeeded=False, error_code=FailureCode.INTERNAL, reason="the relay failed to store it"
             )
+
+    async def _keep(self, tracked: Tracked, data: bytes) -> ImageError | StorageError | None:
+        """Keep a finished job's downloaded image: None once kept, or why not. An image store that fails (a bucket
+        down or unreachable for a while, a full disk) is tried again with the same bytes, after 2 s, 4 s, 8 s, then
+        every `KEEP_PAUSE_MAX_S`, until the job's deadline, the last try at it (and at least
+        `images.download_attempts` times, for a job that finished at its deadline): the upstream made the image, so
+        a store that comes back in time costs the job only the wait. Meanwhile the job stays running, its hold
+        open; its deadline does not end it while it is being delivered (`expire`)."""
+        tries = 0
+        while True:
+            try:
+                await self.images.save(tracked.job_id, _FILE_OF[tracked.shape], data)
+                return None
+            except ImageError as exc:
+                return exc
+            except StorageError as exc:
+                tries += 1
+                left = tracked.deadline_at - self.clock.now()
+                if tries >= self.config.images.download_attempts and left <= 0:
+                    return exc
+                pause = min(2.0**tries, KEEP_PAUSE_MAX_S)
+                if tries >= self.config.images.download_attempts:
+                    pause = min(pause, left)
+                log.warning(
+                    "a finished job's image could not be kept; it is kept again shortly",
+                    extra={"fields": {"job": tracked.job_id, "why": str(exc), "tries": tries, "pause_s": pause}},
+                )
+                await self.clock.sleep(pause)
 
     async def _still_mine(self, tracked: Tracked) -> bool:
         """Whether this process still holds a finished job (renewed now, with the others checked meanwhile), so

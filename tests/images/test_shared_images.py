@@ -23,7 +23,7 @@ from relay.images import Links, StorageError, formats
 from relay.services import Relay
 from tests.api.native_helpers import png
 from tests.helpers import RunningRelay, create_key, relay_config, running_relay, serve, wait_for
-from tests.images.conftest import Bucket
+from tests.images.conftest import Bucket, StoreProxy
 
 SECRET = "one-signing-secret-for-every-relay-process"
 TILES = ("1.png", "2.png", "3.png", "4.png")
@@ -165,9 +165,38 @@ def test_a_relay_whose_bucket_cannot_be_used_does_not_start(tmp_path: Path, buck
     assert not Path(config.database_url().split(":///", 1)[1]).exists()  # nothing was opened
 
 
-def test_a_result_the_bucket_will_not_keep_fails_its_job_and_releases_the_hold(tmp_path: Path, bucket: Bucket) -> None:
+def test_a_job_that_finishes_while_the_bucket_is_down_is_kept_once_it_is_back_and_charged(
+    tmp_path: Path, bucket: Bucket, store_proxy: StoreProxy
+) -> None:
+    s3 = bucket.config(endpoint_url=store_proxy.endpoint, prefix="relay/", max_attempts=1)
+    config = relay_config(tmp_path, images={"s3": s3, "signing_secret": SECRET, "download_attempts": 1})
+    with running_relay(config) as relay, native_client(relay) as client:
+        before = native_imagine(client, "a kite")
+        price = 1000 - relay.balance()[0]
+        store_proxy.refuse()  # the bucket goes down: its connections are closed, new ones refused
+        refused = httpx.get(before["imageUrl"])  # a link to what it keeps: try again shortly, in the envelope
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        assert refused.json()["error"]["code"] == "service_unavailable"
+        task_id = client.post("/mj/submit/imagine", json={"prompt": "a lantern"}).json()["result"]
+        time.sleep(4)  # finished upstream after 0.3 s; its grid cannot be kept meanwhile
+        assert client.get(f"/mj/task/{task_id}/fetch").json()["status"] == "IN_PROGRESS"
+        store_proxy.restore()
+        wait_for(lambda: client.get(f"/mj/task/{task_id}/fetch").json()["status"] in ("SUCCESS", "FAILURE"), 20)
+        task = client.get(f"/mj/task/{task_id}/fetch").json()
+        assert task["status"] == "SUCCESS", task
+        assert image(httpx.get(task["imageUrl"])).size == (128, 128)
+        assert httpx.get(task["imageUrl"]).content == bucket.get(key(task_id, "grid.png"))
+        assert relay.jobs() == [("SUCCEEDED", None, "captured", "sim")] * 2
+        assert relay.balance() == (1000 - 2 * price, 0) and price > 0
+
+
+def test_a_result_the_bucket_will_not_keep_by_its_deadline_fails_its_job_and_releases_the_hold(
+    tmp_path: Path, bucket: Bucket
+) -> None:
     config = relay_config(
-        tmp_path, images={"s3": bucket.config(max_attempts=1), "signing_secret": SECRET, "download_attempts": 1}
+        tmp_path,
+        images={"s3": bucket.config(max_attempts=1), "signing_secret": SECRET, "download_attempts": 1},
+        jobs={"poll_interval_s": 0.05, "deadline_s": {"fast": 3}},
     )
     with running_relay(config) as relay, native_client(relay) as client:
         bucket.client.delete_bucket(Bucket=bucket.name)  # the relay started with it: now every write is refused
