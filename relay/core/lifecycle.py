@@ -48,6 +48,9 @@ PROGRESS_EVERY_S = 0.02
 STOP_WAIT_S = 5.0
 # The longest pause between two tries to keep a downloaded result in an image store that failed.
 KEEP_PAUSE_MAX_S = 10.0
+# Results held in memory at once while they wait for an image store that failed (each is a grid of up to
+# `images.max_download_bytes`): past that, a result is tried `images.download_attempts` times, as a download is.
+KEEP_WAITING_MAX = 32
 _FILE_OF = {ResultShape.GRID: GRID, ResultShape.IMAGE: IMAGE}
 
 
@@ -212,6 +215,7 @@ class Lifecycle:
         self._deliveries: set[asyncio.Task[None]] = set()
         # Results downloaded at once over all providers (each is held in memory until kept): a provider's lanes.
         self._download_slots = asyncio.Semaphore(DOWNLOAD_LANES)
+        self._keep_waiting = 0  # results held in memory until an image store that failed takes them (`_keep`)
         self.on_follow: Callable[[str], None] = lambda provider: None  # the tracker's wake-up
         self.leases: Leases | None = None  # with them, a finished job is delivered only while its lease is held
 
@@ -535,27 +539,36 @@ class Lifecycle:
         every `KEEP_PAUSE_MAX_S`, until the job's deadline, the last try at it (and at least
         `images.download_attempts` times, for a job that finished at its deadline): the upstream made the image, so
         a store that comes back in time costs the job only the wait. Meanwhile the job stays running, its hold
-        open; its deadline does not end it while it is being delivered (`expire`)."""
+        open; its deadline does not end it while it is being delivered (`expire`). At most `KEEP_WAITING_MAX`
+        results wait so at once (each held in memory): one past that is tried `images.download_attempts` times."""
         tries = 0
-        while True:
-            try:
-                await self.images.save(tracked.job_id, _FILE_OF[tracked.shape], data)
-                return None
-            except ImageError as exc:
-                return exc
-            except StorageError as exc:
-                tries += 1
-                left = tracked.deadline_at - self.clock.now()
-                if tries >= self.config.images.download_attempts and left <= 0:
+        waiting = False  # counted among the results held for the store
+        try:
+            while True:
+                try:
+                    await self.images.save(tracked.job_id, _FILE_OF[tracked.shape], data)
+                    return None
+                except ImageError as exc:
                     return exc
-                pause = min(2.0**tries, KEEP_PAUSE_MAX_S)
-                if tries >= self.config.images.download_attempts:
-                    pause = min(pause, left)
-                log.warning(
-                    "a finished job's image could not be kept; it is kept again shortly",
-                    extra={"fields": {"job": tracked.job_id, "why": str(exc), "tries": tries, "pause_s": pause}},
-                )
-                await self.clock.sleep(pause)
+                except StorageError as exc:
+                    tries += 1
+                    if not waiting and self._keep_waiting < KEEP_WAITING_MAX:
+                        waiting = True
+                        self._keep_waiting += 1
+                    left = tracked.deadline_at - self.clock.now() if waiting else 0.0
+                    if tries >= self.config.images.download_attempts and left <= 0:
+                        return exc
+                    pause = min(2.0**tries, KEEP_PAUSE_MAX_S)
+                    if tries >= self.config.images.download_attempts:
+                        pause = min(pause, left)
+                    log.warning(
+                        "a finished job's image could not be kept; it is kept again shortly",
+                        extra={"fields": {"job": tracked.job_id, "why": str(exc), "tries": tries, "pause_s": pause}},
+                    )
+                    await self.clock.sleep(pause)
+        finally:
+            if waiting:
+                self._keep_waiting -= 1
 
     async def _still_mine(self, tracked: Tracked) -> bool:
         """Whether this process still holds a finished job (renewed now, with the others checked meanwhile), so

@@ -12,6 +12,7 @@ import pytest
 
 from adapters import TaskStatus, TaskView, UpstreamUnavailable
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
+from relay.core import lifecycle as lifecycle_module
 from relay.core.coordination import Coordinator
 from relay.core.events import JobEvents
 from relay.core.finish import Finisher
@@ -19,7 +20,7 @@ from relay.core.lifecycle import PROGRESS_EVERY_S, Lifecycle, Step, Tracked, ahe
 from relay.core.providers import ProviderPool
 from relay.core.tracker import Tracker
 from relay.domain import FailureCode
-from relay.images import ImageStore
+from relay.images import ImageStore, StorageError
 from relay.metrics import Metrics
 from relay.store.attempts import AttemptStore
 from relay.store.db import Database
@@ -1102,3 +1103,42 @@ async def test_a_finished_job_whose_ending_landed_unanswered_is_not_downloaded_a
     while (change := await subscription.next(0.01)) is not None:
         heard.append(change.state)
     assert JobState.SUCCEEDED in heard
+
+
+async def test_results_held_for_a_failing_image_store_are_bounded_and_the_others_fail_as_before(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result the image store will not keep is held in memory and kept again until its job's deadline, but only
+    so many at once (each may be a large grid): one past that is tried `images.download_attempts` times and its job
+    fails, released, as before; the one held is kept once the store is back, and charged."""
+    monkeypatch.setattr(lifecycle_module, "KEEP_WAITING_MAX", 1)
+    images = world.tracker.lifecycle.images
+    keep = images.save
+    store_down = True
+
+    async def save(job_id: str, name: str, data: bytes) -> None:
+        if store_down:
+            raise StorageError("the image store failed (down)")
+        await keep(job_id, name, data)
+
+    monkeypatch.setattr(images, "save", save)
+    held, past = await world.submit("cat"), await world.submit("dog")
+    world.clock.advance(11)
+    await world.tracker.poll("sim")
+    for _ in range(200):  # the pauses of the one past the bound run out; the one held waits on
+        states = {await world.state(held), await world.state(past)}
+        if ("FAILED", "internal", "released") in states:
+            break
+        await asyncio.sleep(0.01)
+        world.clock.advance(1)
+    assert states == {("SUBMITTED", None, "held"), ("FAILED", "internal", "released")}
+    for _ in range(30):  # and it still waits, well past those pauses
+        await asyncio.sleep(0.01)
+        world.clock.advance(1)
+    assert {await world.state(held), await world.state(past)} == states
+    assert world.tracker.lifecycle._keep_waiting == 1
+    store_down = False
+    await world.settle()
+    states = {await world.state(held), await world.state(past)}
+    assert states == {("SUCCEEDED", None, "captured"), ("FAILED", "internal", "released")}
+    assert world.tracker.lifecycle._keep_waiting == 0 and await world.balance() == (998, 0)
