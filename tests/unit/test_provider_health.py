@@ -404,7 +404,8 @@ async def test_a_half_open_provider_gets_one_trial_while_slots_are_reserved(tmp_
             assert health.routable()  # the refused reservation gave the trial back
             starts = [asyncio.ensure_future(relay.jobs.start(key, spec)) for _ in range(5)]
             # one takes the trial; the others, routed while its slot was reserved, find no provider to take them
-            await until(lambda: sum(start.done() for start in starts) == 4)
+            # (the one with the trial reaches the upstream after its reservation's write, perhaps after the others)
+            await until(lambda: sum(start.done() for start in starts) == 4 and upstream.arrived >= 1)
             assert upstream.arrived == 1
             upstream.gate.set()
             for generation in await asyncio.gather(*starts, return_exceptions=True):
