@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import openai
@@ -405,3 +405,89 @@ async def ended_row(relay: Relay, job_id: str) -> JobRow:
         if row.state.terminal:
             return row
         await asyncio.sleep(0.05)
+
+
+class CuttableProxy:
+    """A TCP proxy to a server on a loopback port (PostgreSQL, the S3 server), on a port of its own (in a thread of
+    its own), that can be made to
+    `refuse` connections (its open ones closed, new ones refused: a server that is down), to be `silent` (its open
+    ones closed, new ones accepted and then never read from nor answered: packets dropped on the way), and be
+    `restore`d on the same port."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+        self.mode: Literal["pass", "silent"] = "pass"
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Future[None]] = set()
+        self.port = 0
+        self.swallowed = 0  # connections taken while silent
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> int:
+        self.thread.start()
+        self._run(self._listen())
+        return self.port
+
+    def refuse(self) -> None:
+        self._run(self._cut())
+
+    def silent(self) -> None:
+        self._run(self._cut())
+        self.mode = "silent"
+        self._run(self._listen())
+
+    def restore(self) -> None:
+        self._run(self._cut())
+        self.mode = "pass"
+        self._run(self._listen())
+
+    def close(self) -> None:
+        self._run(self._cut())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+    def _run(self, work: Any) -> None:
+        asyncio.run_coroutine_threadsafe(work, self.loop).result(10)
+
+    async def _listen(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+
+    async def _cut(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _keep(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        if self.mode == "silent":
+            self.swallowed += 1
+            return  # held open, never read: what the client sends fills the buffers, nothing comes back
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.writers.add(up_writer)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            self._keep(self._pipe(source, sink))
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await source.read(65536):
+                sink.write(data)
+        sink.transport.abort()

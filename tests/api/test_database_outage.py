@@ -5,10 +5,8 @@ such; nothing is held or started; once the database is back, requests go through
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sqlite3
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from relay.store.db import Unreachable, unavailable
-from tests.helpers import RunningRelay, pg_database_sync, relay_config, running_relay, sql, wait_for
+from tests.helpers import (
+    CuttableProxy,
+    RunningRelay,
+    pg_database_sync,
+    relay_config,
+    running_relay,
+    sql,
+    wait_for,
+)
 
 IMAGINE = {"model": "mj-fast", "prompt": "a lighthouse"}
 
@@ -82,71 +88,10 @@ def test_a_sqlite_file_locked_by_another_process_answers_503_and_holds_nothing(
         assert call(relay, "POST", "/mj/submit/imagine", {"prompt": "a lighthouse"}).json()["code"] == 1
 
 
-class Cuttable:
-    """A TCP proxy to PostgreSQL, on a port of its own thread, that can be cut (its connections closed, new ones
-    refused, as a database that went down) and restored on the same port."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-        self.pipes: set[asyncio.Task[None]] = set()
-        self.port = 0
-
-    def start(self) -> int:
-        self.thread.start()
-        self._run(self._listen())
-        return self.port
-
-    def cut(self) -> None:
-        self._run(self._cut())
-
-    def restore(self) -> None:
-        self._run(self._listen())
-
-    def close(self) -> None:
-        self._run(self._cut())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-    def _run(self, work: Any) -> None:
-        asyncio.run_coroutine_threadsafe(work, self.loop).result(10)
-
-    async def _listen(self) -> None:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
-        self.port = int(self.server.sockets[0].getsockname()[1])
-
-    async def _cut(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-        for writer in list(self.writers):
-            writer.transport.abort()
-        self.writers.clear()
-        await asyncio.gather(*self.pipes, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self.writers.update((writer, up_writer))
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.ensure_future(self._pipe(source, sink))
-            self.pipes.add(task)
-            task.add_done_callback(self.pipes.discard)
-
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await source.read(65536):
-                sink.write(data)
-        sink.transport.abort()
-
-
 @contextlib.contextmanager
-def behind_proxy(url: str) -> Iterator[tuple[str, Cuttable]]:
+def behind_proxy(url: str) -> Iterator[tuple[str, CuttableProxy]]:
     target = make_url(url)
-    proxy = Cuttable(target.port or 5432)
+    proxy = CuttableProxy(target.port or 5432)
     port = proxy.start()
     try:
         yield target.set(port=port).render_as_string(hide_password=False), proxy
@@ -159,7 +104,7 @@ def test_postgresql_going_down_answers_503_on_both_surfaces_and_readyz_says_so(t
     with pg_database_sync() as url, behind_proxy(url) as (proxied, proxy):
         config = relay_config(tmp_path, database={"url": proxied})
         with running_relay(config) as relay:
-            proxy.cut()
+            proxy.refuse()
             assert_openai_unavailable(call(relay, "POST", "/v1/images/generations", IMAGINE))
             assert_native_unavailable(call(relay, "POST", "/mj/submit/imagine", {"prompt": "a lighthouse"}))
             assert_native_unavailable(call(relay, "GET", "/mj/task/nope/fetch"))

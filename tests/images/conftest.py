@@ -5,8 +5,6 @@ network that drops its packets."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
 import secrets
@@ -15,12 +13,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 import botocore.session
 import pytest
 
 from relay.config import S3Config
+from tests.helpers import CuttableProxy
 
 REGION = "us-east-1"
 ACCESS = {"access_key_id": "test-access-key", "secret_access_key": "test-secret-key-0123456789"}
@@ -50,90 +49,6 @@ class Bucket:
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.name, Key=key)
-
-
-class StoreProxy:
-    """A TCP proxy to the S3 server, on a loopback port of its own (in a thread of its own), that can be made to
-    `refuse` connections (its open ones closed, new ones refused: a server that is down), to be `silent` (its open
-    ones closed, new ones accepted and then never read from nor answered: packets dropped on the way), and be
-    `restore`d on the same port."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.server: asyncio.Server | None = None
-        self.mode: Literal["pass", "silent"] = "pass"
-        self.writers: set[asyncio.StreamWriter] = set()
-        self.tasks: set[asyncio.Future[None]] = set()
-        self.port = 0
-        self.swallowed = 0  # connections taken while silent
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.thread.start()
-        self._run(self._listen())
-
-    def refuse(self) -> None:
-        self._run(self._cut())
-
-    def silent(self) -> None:
-        self._run(self._cut())
-        self.mode = "silent"
-        self._run(self._listen())
-
-    def restore(self) -> None:
-        self._run(self._cut())
-        self.mode = "pass"
-        self._run(self._listen())
-
-    def close(self) -> None:
-        self._run(self._cut())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-    def _run(self, work: Any) -> None:
-        asyncio.run_coroutine_threadsafe(work, self.loop).result(10)
-
-    async def _listen(self) -> None:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
-        self.port = int(self.server.sockets[0].getsockname()[1])
-
-    async def _cut(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-        for writer in list(self.writers):
-            writer.transport.abort()
-        self.writers.clear()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    def _keep(self, work: Any) -> None:
-        task = asyncio.ensure_future(work)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.add(writer)
-        if self.mode == "silent":
-            self.swallowed += 1
-            return  # held open, never read: what the client sends fills the buffers, nothing comes back
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self.writers.add(up_writer)
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            self._keep(self._pipe(source, sink))
-
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await source.read(65536):
-                sink.write(data)
-        sink.transport.abort()
 
 
 def _drain(stream: IO[str]) -> None:
@@ -192,9 +107,9 @@ def bucket(s3_endpoint: str) -> Iterator[Bucket]:
 
 
 @pytest.fixture
-def store_proxy(s3_endpoint: str) -> Iterator[StoreProxy]:
+def store_proxy(s3_endpoint: str) -> Iterator[CuttableProxy]:
     """A proxy to the S3 server (`Bucket.config(endpoint_url=proxy.endpoint)` goes through it)."""
-    proxy = StoreProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy = CuttableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     proxy.start()
     try:
         yield proxy

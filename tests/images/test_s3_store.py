@@ -20,8 +20,8 @@ from relay.config import ConfigError, S3Config, parse_config
 from relay.core.uploads import Uploads
 from relay.images import ImageError, ImageMissing, ImageStore, StorageError, formats, image_store
 from relay.images.s3 import S3Backend
-from tests.helpers import FakeClock
-from tests.images.conftest import Bucket, StoreProxy
+from tests.helpers import CuttableProxy, FakeClock
+from tests.images.conftest import Bucket
 
 pytestmark = pytest.mark.anyio
 
@@ -150,7 +150,7 @@ async def test_an_unreachable_endpoint_is_a_storage_error_that_names_no_address(
 
 
 async def test_a_bucket_on_a_silent_network_fails_each_request_in_a_bounded_time_and_is_used_again_once_back(
-    bucket: Bucket, store_proxy: StoreProxy
+    bucket: Bucket, store_proxy: CuttableProxy
 ) -> None:
     # Two tries, each with its connect and read timeouts (2 s here), and at most a second of botocore's backoff
     # between them: at most 5 s in all, whatever the network does.

@@ -22,8 +22,8 @@ from relay.config import Config
 from relay.images import Links, StorageError, formats
 from relay.services import Relay
 from tests.api.native_helpers import png
-from tests.helpers import RunningRelay, create_key, relay_config, running_relay, serve, wait_for
-from tests.images.conftest import Bucket, StoreProxy
+from tests.helpers import CuttableProxy, RunningRelay, create_key, relay_config, running_relay, serve, wait_for
+from tests.images.conftest import Bucket
 
 SECRET = "one-signing-secret-for-every-relay-process"
 TILES = ("1.png", "2.png", "3.png", "4.png")
@@ -166,7 +166,7 @@ def test_a_relay_whose_bucket_cannot_be_used_does_not_start(tmp_path: Path, buck
 
 
 def test_a_job_that_finishes_while_the_bucket_is_down_is_kept_once_it_is_back_and_charged(
-    tmp_path: Path, bucket: Bucket, store_proxy: StoreProxy
+    tmp_path: Path, bucket: Bucket, store_proxy: CuttableProxy
 ) -> None:
     s3 = bucket.config(endpoint_url=store_proxy.endpoint, prefix="relay/", max_attempts=1)
     config = relay_config(tmp_path, images={"s3": s3, "signing_secret": SECRET, "download_attempts": 1})

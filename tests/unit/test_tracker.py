@@ -135,6 +135,19 @@ class World:
 
         self.pool.upstreams["sim"].download = no_image  # type: ignore[method-assign]
 
+    def downloads(self) -> list[str]:
+        """The URLs of the image downloads made from now on, each as it is made."""
+        made: list[str] = []
+        upstream = self.pool.upstreams["sim"]
+        real = upstream.download
+
+        async def counted(url: str) -> bytes:
+            made.append(url)
+            return await real(url)
+
+        upstream.download = counted  # type: ignore[method-assign]
+        return made
+
     async def settle(self) -> None:
         """Let delivery tasks finish, moving the clock for their retry pauses."""
         for _ in range(200):
@@ -408,19 +421,14 @@ async def test_a_task_listed_twice_is_delivered_once_by_its_first_end(world: Wor
     """A status read that lists one task twice (a provider's duplicate rows), finished and then failed, is read as
     that task's first end: its grid is downloaded once and the job succeeds."""
     job = await world.submit("cat")
-    real_fetch, real_download = world.pool.upstreams["sim"].fetch_many, world.pool.upstreams["sim"].download
-    downloads: list[str] = []
+    real_fetch = world.pool.upstreams["sim"].fetch_many
+    downloads = world.downloads()
 
     async def listed_twice(ids: Sequence[str]) -> list[TaskView]:
         views = await real_fetch(ids)
         return views + views + [TaskView(v.upstream_id, TaskStatus.FAILURE, 0, fail_reason="x") for v in views]
 
-    async def counted(url: str) -> bytes:
-        downloads.append(url)
-        return await real_download(url)
-
     world.pool.upstreams["sim"].fetch_many = listed_twice  # type: ignore[method-assign]
-    world.pool.upstreams["sim"].download = counted  # type: ignore[method-assign]
     world.clock.advance(11)
     await world.tracker.poll("sim")
     await world.settle()
@@ -604,15 +612,7 @@ async def test_a_process_whose_lease_was_taken_delivers_nothing(world: World) ->
     lifecycle = world.tracker.lifecycle
     lifecycle.leases = Leases(world.store.engine, world.store.owner, 30)
     job = await world.submit("cat")
-    downloads: list[str] = []
-    upstream = world.pool.upstreams["sim"]
-    real_download = upstream.download
-
-    async def counted(url: str) -> bytes:
-        downloads.append(url)
-        return await real_download(url)
-
-    upstream.download = counted  # type: ignore[method-assign]
+    downloads = world.downloads()
     world.clock.advance(11)  # the job is done upstream; meanwhile this process stalled and its lease ran out
     other = Leases(world.store.engine, "another-process", 30)
     assert [row.id for row in await other.claim_expired(world.clock.now() + 31, ["sim"])] == [job]
@@ -1072,15 +1072,7 @@ async def test_a_finished_job_whose_ending_landed_unanswered_is_not_downloaded_a
     lifecycle.leases = Leases(world.store.engine, world.store.owner, 30)
     job = await world.submit("cat")
     subscription = world.events.subscribe([job])
-    downloads: list[str] = []
-    upstream = world.pool.upstreams["sim"]
-    real_download = upstream.download
-
-    async def counted(url: str) -> bytes:
-        downloads.append(url)
-        return await real_download(url)
-
-    upstream.download = counted  # type: ignore[method-assign]
+    downloads = world.downloads()
     store = world.tracker.finisher.store
     real_finish = store.finish_many
 
