@@ -305,7 +305,24 @@ class TaskService:
                 if isinstance(outcome, ClientError):
                     raise InvalidRequest(f"The upstream refused the confirmation: {outcome.description}")
                 raise ServiceUnavailable("The provider could not take the confirmation now; try again shortly.")
-            confirmed = await self.store.confirm_modal(row.id, outcome.upstream_id, deadline, now, prompt or None)
+            try:
+                confirmed = await self.store.confirm_modal(row.id, outcome.upstream_id, deadline, now, prompt or None)
+            except Exception:
+                # The upstream runs it: an error would invite a second confirmation, run and charged again. It is
+                # followed here as confirmed all the same, ended and settled like any other (its deadline is
+                # already written), and the client is answered that it runs.
+                log.exception("recording a confirmation failed", extra={"fields": {"job": row.id}})
+                confirmed = replace(
+                    row,
+                    state=JobState.SUBMITTED,
+                    progress=0,
+                    upstream_id=outcome.upstream_id,
+                    prompt=prompt or row.prompt,
+                    updated_at=now,
+                    deadline_at=deadline,
+                    confirming_until=None,
+                    confirmed_at=now,
+                )
             if confirmed is None:  # it ended meanwhile (the upstream failed it): the client reads that end
                 event(log, "confirmed job had ended", job=row.id, provider=row.provider)
             else:

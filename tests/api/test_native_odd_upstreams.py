@@ -18,8 +18,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from relay.app import build_app
+from relay.store.db import Unreachable
 from tests.api.native_helpers import png
-from tests.helpers import RunningRelay, relay_config, running_relay, serve, wait_for
+from tests.helpers import (
+    RunningRelay,
+    assert_ledger_balances,
+    create_key,
+    relay_config,
+    running_relay,
+    serve,
+    sql,
+    wait_for,
+)
 
 
 class Canned:
@@ -197,3 +208,51 @@ def _png_cdn() -> Starlette:
         return Response(data, media_type="image/png")
 
     return Starlette(routes=[Route("/{name}", image)])
+
+
+def test_a_confirmation_the_upstream_took_is_answered_success_when_writing_it_fails(tmp_path: Path) -> None:
+    """The upstream takes `submit/modal`, then the database cannot write the confirmation: the client is answered
+    success all the same (a 503 would invite a second confirmation, run and charged again), and the job is followed
+    to its end and captured once."""
+    canned = Canned()
+    buttons = [{"customId": "MJ::Inpaint::1::h::SOLO", "label": "Vary (Region)"}]
+    canned.on("submit/imagine", (200, {"code": 1, "result": "u-parent"}))
+    canned.on("submit/action", (200, {"code": 21, "result": "u-modal", "properties": {"remix": True}}))
+    canned.on("submit/modal", (200, {"code": 1, "result": "u-run"}))
+    with ExitStack() as stack:
+        cdn = stack.enter_context(serve(_png_cdn()))
+        upstream = stack.enter_context(serve(canned.app()))
+        provider = {"name": "odd", "dialect": "midjourney-proxy", "base_url": upstream, "secret": "s"}
+        config = relay_config(tmp_path, providers=[provider], jobs={"poll_interval_s": 0.05})
+        key = create_key(config)
+        app = build_app(config)
+        client = stack.enter_context(
+            httpx.Client(base_url=stack.enter_context(serve(app)), headers={"mj-api-secret": key}, timeout=30)
+        )
+        canned.on(
+            "task/list-by-condition",
+            (200, [task("u-parent", "SUCCESS", "100%", imageUrl=cdn + "/p.png", buttons=buttons)]),
+        )
+        parent = client.post("/mj/submit/imagine", json={"prompt": "a parent"}).json()["result"]
+        wait_for(lambda: client.get(f"/mj/task/{parent}/fetch").json()["status"] == "SUCCESS")
+        canned.on("task/list-by-condition", (200, [task("u-modal", "MODAL")]))
+        reply = client.post("/mj/submit/action", json={"taskId": parent, "customId": "MJ::Inpaint::1::h::SOLO"})
+        child = reply.json()["result"]
+        assert client.get(f"/mj/task/{child}/fetch").json()["status"] == "MODAL"
+
+        store = app.state.relay.tasks.store
+
+        async def unreachable(*args: Any, **kwargs: Any) -> None:
+            raise Unreachable("connection refused by 10.0.0.7:5432") from OSError(111, "Connection refused")
+
+        store.confirm_modal = unreachable
+        canned.on("task/list-by-condition", (200, [task("u-run", "IN_PROGRESS", "46%")]))
+        confirmed = client.post("/mj/submit/modal", json={"taskId": child, "maskBase64": png(), "prompt": "a boat"})
+        assert confirmed.status_code == 200, confirmed.text
+        assert confirmed.json()["code"] == 1 and confirmed.json()["result"] == child
+        del store.confirm_modal
+        canned.on("task/list-by-condition", (200, [task("u-run", "SUCCESS", "100%", imageUrl=cdn + "/m.png")]))
+        wait_for(lambda: client.get(f"/mj/task/{child}/fetch").json()["status"] == "SUCCESS")
+        assert [route for route, _ in canned.calls].count("submit/modal") == 1
+        assert sql(config, "SELECT hold_state FROM jobs WHERE id = ?", child) == [("captured",)]
+    assert_ledger_balances(config.database_url())
