@@ -39,9 +39,9 @@ _RETRY_STATES = {"40P01", "40001"}
 # cancelled (57014: a server-side time limit, an operator's cancel).
 _UNAVAILABLE_CLASSES = ("08", "53")
 _UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "57014"}
-# What SQLite says when its file cannot be written or read now (another process's lock past the waits for it, a
-# disk that is full or failing, a file that cannot be opened), as opposed to a statement it cannot run (a bug).
-_SQLITE_UNAVAILABLE = ("locked", "busy", "unable to open database file", "disk i/o error", "database or disk is full")
+# What SQLite says when its file cannot be written or read now (busy, a disk that is full or failing, a file that
+# cannot be opened; a lock past the waits for it is `transient`), as opposed to a statement it cannot run (a bug).
+_SQLITE_UNAVAILABLE = ("busy", "unable to open database file", "disk i/o error", "database or disk is full")
 ATTEMPTS = 4
 # How long a PostgreSQL connection may take to be made, and a statement's caller waits for a free connection.
 CONNECT_TIMEOUT_S = 15.0
@@ -58,10 +58,13 @@ def transient(exc: BaseException) -> bool:
     serialization failure, a locked SQLite file. A lost connection is not retried: its commit may have landed."""
     if not isinstance(exc, DBAPIError):
         return False
+    return _sqlstate(exc) in _RETRY_STATES or locked(exc)
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    """The SQLSTATE of a PostgreSQL driver's error (asyncpg's `sqlstate`, psycopg's `pgcode`); None for SQLite."""
     state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    if state in _RETRY_STATES:
-        return True
-    return locked(exc)
+    return state if isinstance(state, str) else None
 
 
 class Unreachable(ConnectionError):
@@ -79,8 +82,8 @@ def unavailable(exc: BaseException) -> bool:
         return False
     if exc.connection_invalidated or transient(exc):
         return True
-    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    if isinstance(state, str) and (state in _UNAVAILABLE_STATES or state.startswith(_UNAVAILABLE_CLASSES)):
+    state = _sqlstate(exc)
+    if state is not None and (state in _UNAVAILABLE_STATES or state.startswith(_UNAVAILABLE_CLASSES)):
         return True
     return isinstance(exc, OperationalError) and any(text in str(exc.orig).lower() for text in _SQLITE_UNAVAILABLE)
 

@@ -210,6 +210,22 @@ def _png_cdn() -> Starlette:
     return Starlette(routes=[Route("/{name}", image)])
 
 
+def parked_in_modal(client: httpx.Client, canned: Canned, cdn: str, buttons: list[dict[str, str]]) -> str:
+    """A parent imagine run to its end (`u-parent`, with `buttons`), then its first button, which the upstream parks
+    in MODAL (`u-modal`): the child's task id, checked MODAL."""
+    canned.on(
+        "task/list-by-condition",
+        (200, [task("u-parent", "SUCCESS", "100%", imageUrl=cdn + "/p.png", buttons=buttons)]),
+    )
+    parent = client.post("/mj/submit/imagine", json={"prompt": "a parent"}).json()["result"]
+    wait_for(lambda: client.get(f"/mj/task/{parent}/fetch").json()["status"] == "SUCCESS")
+    canned.on("task/list-by-condition", (200, [task("u-modal", "MODAL")]))
+    reply = client.post("/mj/submit/action", json={"taskId": parent, "customId": buttons[0]["customId"]})
+    child = str(reply.json()["result"])
+    assert client.get(f"/mj/task/{child}/fetch").json()["status"] == "MODAL"
+    return child
+
+
 def test_a_confirmation_the_upstream_took_is_answered_success_when_writing_it_fails(tmp_path: Path) -> None:
     """The upstream takes `submit/modal`, then the database cannot write the confirmation: the client is answered
     success all the same (a 503 would invite a second confirmation, run and charged again), and the job is followed
@@ -229,16 +245,7 @@ def test_a_confirmation_the_upstream_took_is_answered_success_when_writing_it_fa
         client = stack.enter_context(
             httpx.Client(base_url=stack.enter_context(serve(app)), headers={"mj-api-secret": key}, timeout=30)
         )
-        canned.on(
-            "task/list-by-condition",
-            (200, [task("u-parent", "SUCCESS", "100%", imageUrl=cdn + "/p.png", buttons=buttons)]),
-        )
-        parent = client.post("/mj/submit/imagine", json={"prompt": "a parent"}).json()["result"]
-        wait_for(lambda: client.get(f"/mj/task/{parent}/fetch").json()["status"] == "SUCCESS")
-        canned.on("task/list-by-condition", (200, [task("u-modal", "MODAL")]))
-        reply = client.post("/mj/submit/action", json={"taskId": parent, "customId": "MJ::Inpaint::1::h::SOLO"})
-        child = reply.json()["result"]
-        assert client.get(f"/mj/task/{child}/fetch").json()["status"] == "MODAL"
+        child = parked_in_modal(client, canned, cdn, buttons)
 
         store = app.state.relay.tasks.store
 

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
 from tests.api.native_helpers import SECRET, native, png, sim_settings
-from tests.api.test_native_odd_upstreams import Canned, RawJson, _png_cdn, relay_before, task
+from tests.api.test_native_odd_upstreams import Canned, RawJson, _png_cdn, parked_in_modal, relay_before, task
 from tests.helpers import create_key, pg_database_sync, relay_config, running_relay, serve, sql, wait_for
 
 BUTTONS = [{"customId": "MJ::Inpaint::1::h::SOLO", "label": "Vary (Region)"}]
@@ -43,17 +43,7 @@ def test_a_confirmation_the_upstream_starts_before_it_answers_runs_to_its_end_an
         polls_during_modal.append(time.monotonic())
 
     with serve(_png_cdn()) as cdn, relay_before(canned, tmp_path, modal_timeout_s=0.5) as (client, relay):
-        canned.on(
-            "task/list-by-condition",
-            (200, [task("u-parent", "SUCCESS", "100%", imageUrl=cdn + "/p.png", buttons=BUTTONS)]),
-        )
-        parent = client.post("/mj/submit/imagine", json={"prompt": "a parent"}).json()["result"]
-        wait_for(lambda: client.get(f"/mj/task/{parent}/fetch").json()["status"] == "SUCCESS")
-        canned.on("task/list-by-condition", (200, [task("u-modal", "MODAL")]))
-        child = client.post("/mj/submit/action", json={"taskId": parent, "customId": BUTTONS[0]["customId"]}).json()[
-            "result"
-        ]
-        assert client.get(f"/mj/task/{child}/fetch").json()["status"] == "MODAL"
+        child = parked_in_modal(client, canned, cdn, BUTTONS)
         canned.before["submit/modal"] = slow_modal
         canned.before["task/list-by-condition"] = count_polls
         confirmed = client.post("/mj/submit/modal", json={"taskId": child, "prompt": "a boat", "maskBase64": png()})

@@ -27,6 +27,12 @@ from tests.helpers import FakeClock, pg_database, relay_config
 
 pytestmark = pytest.mark.anyio
 
+# One process on SQLite, one on PostgreSQL, two on one PostgreSQL database.
+ONE_OR_TWO_PROCESSES = pytest.mark.parametrize(
+    ("processes", "postgres"),
+    [(1, False), pytest.param(1, True, marks=pytest.mark.postgres), pytest.param(2, True, marks=pytest.mark.postgres)],
+)
+
 
 class SwitchableUpstream(SimulatorUpstream):
     """The simulator, with submits that can be made to wait at a gate (`waiting` tells one arrived) or to answer
@@ -274,10 +280,7 @@ async def test_a_retry_follows_the_repeat_of_a_request_made_on_another_process(t
         assert retried.request_id == again.request_id
 
 
-@pytest.mark.parametrize(
-    ("processes", "postgres"),
-    [(1, False), pytest.param(1, True, marks=pytest.mark.postgres), pytest.param(2, True, marks=pytest.mark.postgres)],
-)
+@ONE_OR_TWO_PROCESSES
 async def test_one_idempotency_key_sent_twice_at_once_starts_one_job(
     tmp_path: Path, processes: int, postgres: bool
 ) -> None:
@@ -296,10 +299,7 @@ async def test_one_idempotency_key_sent_twice_at_once_starts_one_job(
         assert await job_count(relays[0]) == 1
 
 
-@pytest.mark.parametrize(
-    ("processes", "postgres"),
-    [(1, False), pytest.param(1, True, marks=pytest.mark.postgres), pytest.param(2, True, marks=pytest.mark.postgres)],
-)
+@ONE_OR_TWO_PROCESSES
 async def test_one_idempotency_key_sent_with_two_bodies_at_once_starts_one_and_refuses_the_other(
     tmp_path: Path, processes: int, postgres: bool
 ) -> None:

@@ -28,9 +28,9 @@ from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, un
 from relay.api.openai.errors import render
 from relay.core import housekeeping
 from relay.core.jobs import Generation, JobService, unknown_model
-from relay.errors import InvalidRequest, RelayError, ServiceUnavailable
+from relay.errors import InvalidRequest, RelayError
 from relay.logs import event
-from relay.middleware import as_relay_error
+from relay.middleware import STOPPING, as_relay_error
 from relay.store.jobs import JobRow
 
 log = logging.getLogger("relay.housekeeping")
@@ -39,9 +39,6 @@ IMAGINE_PREFIX = "/imagine"
 ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 # Headers of an event stream: never cached, and not buffered by a proxy in front (nginx).
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# How a stream still waiting when the relay stops (its graceful shutdown over) ends. Its jobs go on, followed by
-# another process (or this one's successor); a retry with the request's `Idempotency-Key` gets their images.
-STOPPING = ServiceUnavailable("The relay shut down before the images were ready.")
 
 
 class StreamOptions(BaseModel):
