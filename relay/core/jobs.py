@@ -138,6 +138,16 @@ class _Started:
 _Claim = tuple[Made, str | None, float]
 
 
+class _Done(NamedTuple):
+    """An attempt of this process that is done (or under way, once it is): when it took the body, its request id,
+    its body's digest, and how it went (None: it started nothing)."""
+
+    at: float
+    request_id: str
+    body: str | None
+    started: _Started | None
+
+
 class _Begun(NamedTuple):
     fingerprint: str
     request_id: str
@@ -197,11 +207,8 @@ class JobService:
         # (its request id, when it took the body, its body's digest, how it went)
         self._local: dict[str, tuple[str, float, str | None, asyncio.Future[_Started | None]]] = {}
         # Attempts made here whose row could not be written (the database failed meanwhile): for the retry window,
-        # what a retry here follows rather than an older row (when it started, its request id, its body's digest,
-        # how it went).
-        self._unwritten: TTLCache[str, tuple[float, str, str | None, _Started | None]] = TTLCache(
-            maxsize=10_000, ttl=self.retry_window_s, timer=clock.now
-        )
+        # what a retry here follows rather than an older row.
+        self._unwritten: TTLCache[str, _Done] = TTLCache(maxsize=10_000, ttl=self.retry_window_s, timer=clock.now)
         self._abandoned: set[asyncio.Task[None]] = set()
         now = clock.now
         self._begin: Batcher[_Begun, None] = Batcher(
@@ -353,20 +360,19 @@ class JobService:
         that attempt named the same `Idempotency-Key` with another body (`body`), whatever became of it."""
         # An attempt of this process (under way: waited for; or one whose row does not say how it went) is the one
         # to follow, unless the row names a newer attempt, made elsewhere.
-        # (when it took the body, its request id, its body's digest, how it went)
-        mine: tuple[float, str, str | None, _Started | None] | None = None
+        mine: _Done | None = None
         local = self._local.get(fingerprint)
         if local is not None:
             request_id, at, made_of, under_way = local
-            mine = (at, request_id, made_of, await asyncio.shield(under_way))  # its row is written once it is done
+            mine = _Done(at, request_id, made_of, await asyncio.shield(under_way))  # its row is written once done
         since = self.clock.now() - self.retry_window_s
         row = await self.attempts.get(fingerprint, since)
         kept = self._unwritten.get(fingerprint)
-        if kept is not None and (mine is None or kept[0] >= mine[0]):  # the newer of this process's two
+        if kept is not None and (mine is None or kept.at >= mine.at):  # the newer of this process's two
             mine = kept
-        if mine is not None and (row is None or row.request_id == mine[1] or row.created_at <= mine[0]):
-            _same_body(body, mine[2], self.retry_window_s)
-            started = mine[3]
+        if mine is not None and (row is None or row.request_id == mine.request_id or row.created_at <= mine.at):
+            _same_body(body, mine.body, self.retry_window_s)
+            started = mine.started
             attached = await self._attach(started) if started is not None else None
             return attached, None if attached is not None else (row.request_id if row is not None else None)
         if row is not None:  # refused at once, not once that attempt's jobs are held
@@ -529,23 +535,20 @@ class JobService:
                 if recorded is not None and not recorded.done():
                     recorded.set_result(following if took else None)
             if attempt is not None:
-                done = (started_at, following.request_id, attempt.body, following if took else None)
+                done = _Done(started_at, following.request_id, attempt.body, following if took else None)
                 await self._record(attempt.fingerprint, done, written)
 
-    async def _record(
-        self, fingerprint: str, done: tuple[float, str, str | None, _Started | None], written: bool
-    ) -> None:
-        """Settle a finished attempt (when it took the body, its request id, its body's digest, how it went) in its
-        row, if `written`.
+    async def _record(self, fingerprint: str, done: _Done, written: bool) -> None:
+        """Settle a finished attempt in its row, if `written`.
         While the row cannot say how it went (not written, or not settled) this process keeps it instead, unless it
         keeps a newer one."""
         kept = self._unwritten.get(fingerprint)
-        newer = kept is None or kept[0] <= done[0]
+        newer = kept is None or kept.at <= done.at
         if written:
             if kept is not None and newer:  # written since: the row says it; an unwritten newer one stays
                 del self._unwritten[fingerprint]
             try:
-                await self._settle((fingerprint, done[1], done[3] is not None))
+                await self._settle((fingerprint, done.request_id, done.started is not None))
                 return
             except Exception:  # the row still says `starting`
                 pass
