@@ -36,7 +36,7 @@ async def test_a_live_connection_busy_with_a_burst_of_sends_is_not_taken_for_dea
             assert conn is not None
             # A burst of upstream hooks this process forwards to the one that follows their jobs: each a
             # statement of its own on the one connection, queued behind one another.
-            count = 20_000
+            count = 40_000  # enough to outlast RECONNECT_S on a fast machine (20,000 took 1.7 s on one)
             body = b'{"id": "x", "status": "IN_PROGRESS", "progress": "42%"}'
             started = time.monotonic()
             sends = [asyncio.create_task(sender.forward_hook("p-own", "acct", f"u{i}", body)) for i in range(count)]
