@@ -20,15 +20,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import Float, String, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import Float, String, and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES as ACTIVE
 from relay.domain import RUNNING_STATES as RUNNING
 from relay.domain import TASKS, FailureCode, JobState, TaskKind, TaskSpec
 from relay.store.db import changed, connected, transaction
-from relay.store.ledger import entry
-from relay.store.tables import jobs, keys, ledger
+from relay.store.ledger import ENTRIES, entry
+from relay.store.many import Many
+from relay.store.tables import jobs, keys
 
 __all__ = [
     "ACTIVE",
@@ -167,23 +168,39 @@ _STATE = _FIELDS.index("state")
 _POSITIONS: dict[tuple[str, ...], tuple[int, ...]] = {}
 
 
-def row_of(row: Any) -> JobRow:
-    """A job as read: a row of every column of `jobs`, in any order (made by position, several times faster than
-    by name: a thousand jobs ending together are read back at once)."""
-    names = row._fields
+def _positions(names: tuple[str, ...]) -> tuple[int, ...]:
+    """Where each of JobRow's fields is in a row of these column names."""
     positions = _POSITIONS.get(names)
     if positions is None:
         where = {("buttons_json" if name == "buttons" else name): i for i, name in enumerate(names)}
         positions = _POSITIONS[names] = tuple(where[name] for name in _FIELDS)
+    return positions
+
+
+def _made(row: Any, positions: tuple[int, ...]) -> JobRow:
     values = [row[i] for i in positions]
     values[_STATE] = JobState(values[_STATE])
     return JobRow(*values)
 
 
+def row_of(row: Any) -> JobRow:
+    """A job as read: a row of every column of `jobs`, in any order (made by position, several times faster than
+    by name: a thousand jobs ending together are read back at once)."""
+    return _made(row, _positions(row._fields))
+
+
+def rows_of(rows: Sequence[Any]) -> list[JobRow]:
+    """Jobs as read, the rows of one result (see `row_of`): the positions are looked up once."""
+    if not rows:
+        return []
+    positions = _positions(rows[0]._fields)
+    return [_made(row, positions) for row in rows]
+
+
 # The statements of `finish_many`, made once: a thousand jobs ending together make a few dozen group commits, and
 # building a statement costs more than running it.
 _STILL_HELD = (jobs.c.state.in_([s.value for s in ACTIVE]), jobs.c.hold_state == "held")
-_KEEP_RESULT = (  # many rows at once: no IN list, which an executemany cannot take
+_KEEP_RESULT = Many(  # many rows at once: no IN list, which an executemany cannot take
     update(jobs)
     .where(
         jobs.c.id == bindparam("job_id"), or_(*(jobs.c.state == s.value for s in ACTIVE)), jobs.c.hold_state == "held"
@@ -192,7 +209,8 @@ _KEEP_RESULT = (  # many rows at once: no IN list, which an executemany cannot t
         upstream_image_url=bindparam("new_image_url"),
         buttons=bindparam("new_buttons"),
         result_text=bindparam("new_text"),
-    )
+    ),
+    ("job_id", "new_image_url", "new_buttons", "new_text"),
 )
 
 
@@ -236,7 +254,7 @@ _SETTLE = (
 
 
 # `record_progress`, made once: a job with progress hooks has eight or so written.
-_PROGRESS = (
+_PROGRESS = Many(
     update(jobs)
     # IN (...) expands its parameters, which executemany cannot do: spell the states out.
     .where(
@@ -263,7 +281,43 @@ _PROGRESS = (
             ),
             else_=jobs.c.started_at,
         ),
-    )
+    ),
+    ("job_id", "new_state", "new_progress", "was", "new_deadline", "me", "now"),
+)
+
+
+_ADMITTED = (
+    "id",
+    "request_id",
+    "key_id",
+    "model",
+    "mode",
+    "bot",
+    "action",
+    "prompt",
+    "price",
+    "parent_id",
+    "custom_id",
+    "client_state",
+    "notify_hook",
+    "now",
+    "deadline_at",
+    "owner",
+    "lease_until",
+)
+# A job admitted: PENDING, its price held.
+_ADMIT = Many(
+    insert(jobs).values(
+        {
+            **{name: bindparam(name) for name in _ADMITTED if name != "now"},
+            "state": JobState.PENDING.value,
+            "progress": 0,
+            "hold_state": "held",
+            "created_at": bindparam("now"),
+            "updated_at": bindparam("now"),
+        }
+    ),
+    _ADMITTED,
 )
 
 
@@ -315,42 +369,38 @@ class JobStore:
                 for index in indexes:
                     admitted[index] = await hold(key_id, admissions[index].total)
             rows = [
-                {
-                    "id": job.id,
-                    "request_id": job.request_id,
-                    "key_id": admission.key_id,
-                    "model": job.model,
-                    "mode": job.mode,
-                    "bot": job.bot,
-                    "action": job.action,
-                    "prompt": job.prompt,
-                    "state": JobState.PENDING.value,
-                    "progress": 0,
-                    "price": job.price,
-                    "hold_state": "held",
-                    "parent_id": job.parent_id,
-                    "custom_id": job.custom_id,
-                    "client_state": job.client_state,
-                    "notify_hook": job.notify_hook,
-                    "created_at": now,
-                    "updated_at": now,
-                    "deadline_at": job.deadline_at,
-                    "owner": self.owner,
-                    "lease_until": now + self.lease_s,
-                }
+                (
+                    job.id,
+                    job.request_id,
+                    admission.key_id,
+                    job.model,
+                    job.mode,
+                    job.bot,
+                    job.action,
+                    job.prompt,
+                    job.price,
+                    job.parent_id,
+                    job.custom_id,
+                    job.client_state,
+                    job.notify_hook,
+                    now,
+                    job.deadline_at,
+                    self.owner,
+                    now + self.lease_s,
+                )
                 for admission, ok in zip(admissions, admitted, strict=True)
                 if ok
                 for job in admission.jobs
             ]
             if rows:
-                await conn.execute(jobs.insert(), rows)
+                await _ADMIT.run(conn, rows)
                 holds = [
                     entry("hold", admission.key_id, job.price, now, job_id=job.id, model=job.model, action=job.action)
                     for admission, ok in zip(admissions, admitted, strict=True)
                     if ok
                     for job in admission.jobs
                 ]
-                await conn.execute(ledger.insert(), holds)
+                await ENTRIES.run(conn, holds)
             return admitted
 
         return await transaction(self.engine, work)
@@ -469,19 +519,12 @@ class JobStore:
         job already further on in the same state, and one confirmed out of MODAL since its follower saw it there."""
         if not changes:
             return
-        params = [
-            {
-                "job_id": c.job_id,
-                "new_state": c.state.value,
-                "new_progress": c.progress,
-                "was": c.was.value,
-                "new_deadline": c.deadline_at,
-                "me": self.owner,
-                "now": now,
-            }
-            for c in changes
-        ]
-        await changed(self.engine, _PROGRESS, params)
+        rows = [(c.job_id, c.state.value, c.progress, c.was.value, c.deadline_at, self.owner, now) for c in changes]
+
+        async def work(conn: AsyncConnection) -> None:
+            await _PROGRESS.run(conn, rows)
+
+        await transaction(self.engine, work)
 
     async def finish(
         self,
@@ -504,24 +547,17 @@ class JobStore:
         for index, ending in enumerate(endings):
             first.setdefault(ending.job_id, index)
         groups: dict[tuple[bool, str | None, str | None], list[str]] = {}
-        results: list[dict[str, Any]] = []
+        results: list[tuple[str, str | None, str | None, str | None]] = []
         for job_id, index in first.items():
             ending = endings[index]
             groups.setdefault((ending.succeeded, ending.error_code, ending.fail_reason), []).append(job_id)
             if ending.image_url is not None or ending.buttons is not None or ending.text is not None:
-                results.append(
-                    {
-                        "job_id": job_id,
-                        "new_image_url": ending.image_url,
-                        "new_buttons": ending.buttons,
-                        "new_text": ending.text,
-                    }
-                )
+                results.append((job_id, ending.image_url, ending.buttons, ending.text))
 
-        async def work(conn: AsyncConnection) -> dict[str, Any]:
-            ended: dict[str, Any] = {}
+        async def work(conn: AsyncConnection) -> dict[str, JobRow]:
+            ended: dict[str, JobRow] = {}
             if results:  # what the upstream gave, on the jobs about to end (the guard below repeats the check)
-                await conn.execute(_KEEP_RESULT, results)
+                await _KEEP_RESULT.run(conn, results)
             for (succeeded, error_code, fail_reason), ids in groups.items():
                 statement = _SUCCEED if succeeded else _FAIL_GUARDED.get(error_code or "", _FAIL)
                 for start in range(0, len(ids), 500):
@@ -534,7 +570,7 @@ class JobStore:
                             "now": now,
                         },
                     )
-                    ended.update({row.id: row for row in result})
+                    ended.update({row.id: row for row in rows_of(result.all())})
             settle: dict[str, list[int]] = {}  # key -> [captured, released]
             for row in ended.values():
                 settle.setdefault(row.key_id, [0, 0])[0 if row.hold_state == "captured" else 1] += int(row.price)
@@ -551,7 +587,7 @@ class JobStore:
                     )
                     for row in ended.values()
                 ]
-                await conn.execute(ledger.insert(), outcomes)
+                await ENTRIES.run(conn, outcomes)
             for key_id, (captured, released) in sorted(settle.items()):  # the same key order as admissions
                 if captured or released:
                     await conn.execute(_SETTLE, {"key": key_id, "settled": captured + released, "captured": captured})
@@ -559,7 +595,7 @@ class JobStore:
 
         ended = await transaction(self.engine, work)
         return [
-            row_of(ended[ending.job_id]) if first[ending.job_id] == index and ending.job_id in ended else None
+            ended[ending.job_id] if first[ending.job_id] == index and ending.job_id in ended else None
             for index, ending in enumerate(endings)
         ]
 
@@ -574,7 +610,7 @@ class JobStore:
             return []
         async with connected(self.engine) as conn:
             rows = (await conn.execute(select(jobs).where(jobs.c.id.in_(list(dict.fromkeys(job_ids)))))).all()
-        return [row_of(row) for row in rows]
+        return rows_of(rows)
 
     async def ids_taken(self, key_id: str, new_jobs: Sequence[NewJob]) -> bool:
         """Whether some of these jobs' ids are another job's (or one of them twice): random ids drawn alike. A row
@@ -603,7 +639,7 @@ class JobStore:
                     .order_by(jobs.c.created_at.desc(), jobs.c.id)
                 )
             ).all()
-        return [row_of(row) for row in rows]
+        return rows_of(rows)
 
     async def recent(self, key_id: str, limit: int) -> list[JobRow]:
         """The key's newest jobs."""
@@ -616,12 +652,12 @@ class JobStore:
                     .limit(limit)
                 )
             ).all()
-        return [row_of(row) for row in rows]
+        return rows_of(rows)
 
     async def by_request(self, request_id: str) -> list[JobRow]:
         async with connected(self.engine) as conn:
             rows = (await conn.execute(select(jobs).where(jobs.c.request_id == request_id).order_by(jobs.c.id))).all()
-        return [row_of(row) for row in rows]
+        return rows_of(rows)
 
     async def stale_pending(self, created_before: float, now: float) -> list[JobRow]:
         """PENDING jobs made before `created_before` that this process admitted, or whose process is gone (their
@@ -635,9 +671,9 @@ class JobStore:
                     )
                 )
             ).all()
-        return [row_of(row) for row in rows]
+        return rows_of(rows)
 
     async def active(self) -> list[JobRow]:
         async with connected(self.engine) as conn:
             rows = (await conn.execute(select(jobs).where(jobs.c.state.in_([s.value for s in ACTIVE])))).all()
-        return [row_of(row) for row in rows]
+        return rows_of(rows)

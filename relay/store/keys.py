@@ -27,8 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.core.text import unstorable
 from relay.store.db import changed, connected, transaction
-from relay.store.ledger import entry
-from relay.store.tables import keys, ledger
+from relay.store.ledger import ENTRIES, entry
+from relay.store.tables import keys
 
 KEY_PREFIX = "sk-mjr-"
 HOOK_SECRET_PREFIX = "whsec_"
@@ -221,7 +221,7 @@ class KeyStore:
 
         async def work(conn: AsyncConnection) -> None:
             await conn.execute(keys.insert().values(**values))
-            await conn.execute(ledger.insert(), [entry("topup", key_id, quota, now, note="initial quota")])
+            await ENTRIES.run(conn, [entry("topup", key_id, quota, now, note="initial quota")])
 
         await transaction(self.engine, work)
         return _record(SimpleNamespace(**values)), secret
@@ -296,7 +296,7 @@ class KeyStore:
                 if kind == "topup":
                     raise ValueError("the key is revoked; a revoked key cannot be topped up")
                 raise ValueError("the key's balance cannot go below what it holds")
-            await conn.execute(ledger.insert(), [entry(kind, row.id, amount, now, note=note or None)])
+            await ENTRIES.run(conn, [entry(kind, row.id, amount, now, note=note or None)])
             return _record(changed)
 
         return await transaction(self.engine, work)

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES, RUNNING_STATES, JobState
 from relay.store.db import changed, connected, transaction
-from relay.store.jobs import JobRow, row_of
+from relay.store.jobs import JobRow, rows_of
 from relay.store.tables import jobs
 
 # The most jobs one claim takes (a process that died with more is claimed in several, one after the other).
@@ -108,7 +108,7 @@ class Leases:
         )
 
         async def work(conn: AsyncConnection) -> list[JobRow]:
-            return [row_of(row) for row in await conn.execute(statement)]
+            return rows_of((await conn.execute(statement)).all())
 
         return await transaction(self.engine, work)
 

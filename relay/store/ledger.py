@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import BigInteger, and_, case, exists, func, or_, select
+from sqlalchemy import BigInteger, and_, bindparam, case, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from relay.domain import ACTIVE_STATES, JobState
 from relay.store.db import connected
+from relay.store.many import Many
 from relay.store.tables import LEDGER_KINDS, jobs, keys, ledger
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "UsageRow",
     "check",
     "describe",
+    "ENTRIES",
     "entry",
     "export_rows",
     "open_holds",
@@ -52,6 +54,11 @@ Kind = Literal["topup", "hold", "capture", "release", "adjust"]
 OUTCOMES = ("capture", "release")
 
 
+_ENTRY_FIELDS = ("kind", "key_id", "job_id", "amount", "model", "action", "note", "created_at")
+# Ledger rows, written many at once (`entry` makes each).
+ENTRIES = Many(ledger.insert().values({name: bindparam(name) for name in _ENTRY_FIELDS}), _ENTRY_FIELDS)
+
+
 def entry(
     kind: Kind,
     key_id: str,
@@ -62,18 +69,9 @@ def entry(
     model: str | None = None,
     action: str | None = None,
     note: str | None = None,
-) -> dict[str, Any]:
-    """One ledger row, as parameters of an insert (many are written with one executemany)."""
-    return {
-        "kind": kind,
-        "key_id": key_id,
-        "job_id": job_id,
-        "amount": amount,
-        "model": model,
-        "action": action,
-        "note": note,
-        "created_at": now,
-    }
+) -> tuple[Any, ...]:
+    """One ledger row, as a row of `ENTRIES`."""
+    return (kind, key_id, job_id, amount, model, action, note, now)
 
 
 @dataclass(frozen=True, slots=True)

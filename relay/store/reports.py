@@ -16,7 +16,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.store.db import connected
-from relay.store.jobs import JobRow, row_of
+from relay.store.jobs import JobRow, rows_of
 from relay.store.ledger import whole_seconds
 from relay.store.tables import jobs, keys
 
@@ -58,7 +58,7 @@ async def search_jobs(
     statement = select(jobs).where(*conditions).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
     async with connected(engine) as conn:
         found = (await conn.execute(statement)).all()
-    return [row_of(row) for row in found[:limit]], len(found) > limit
+    return rows_of(found[:limit]), len(found) > limit
 
 
 @dataclass(frozen=True, slots=True)
