@@ -141,6 +141,7 @@ class Relay:
             self.upstream_hooks.forward = self.broadcast.forward_hook
         self.submitter.hook_url = self.upstream_hooks.url
         self.tracker.submitting = self.submitter.submitting  # the pending sweep leaves those alone
+        self.tracker.watch = self._watch_hooks  # and tells the clients of those it ends
         if not self.db.is_sqlite:
             self.submitter.slots = Slots(self.db.engine, config.jobs.lease_s)
         references = config.api.references

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from adapters import TaskView, UpstreamUnavailable
 from relay.clock import Clock
@@ -62,6 +62,8 @@ class Tracker:
         lifecycle.on_follow = self._wake_provider
         # Whether this process is submitting a job right now (set by the relay: `Submitter.submitting`).
         self.submitting: Callable[[str], bool] = lambda job_id: False
+        # Client hooks of jobs this process ends for another (set by the relay: its hook watches of adopted jobs).
+        self.watch: Callable[[list[JobRow]], Awaitable[None]] = _watch_none
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -118,11 +120,20 @@ class Tracker:
     async def sweep_pending(self) -> None:
         """End jobs stuck in PENDING past the grace (see PENDING_GRACE_S)."""
         now = self.clock.now()
-        for row in await self.store.stale_pending(now - PENDING_GRACE_S, now):
-            if self.tracking(row.id):
-                continue  # submitted, though the write saying so failed: it ends when the upstream says so
-            if self.submitting(row.id):
-                continue  # still waiting for an upstream's answer (a slow one, or several tried): it may run
+        stale = [
+            row
+            for row in await self.store.stale_pending(now - PENDING_GRACE_S, now)
+            # submitted, though the write saying so failed: it ends when the upstream says so; or still waiting for
+            # an upstream's answer (a slow one, or several tried): it may run
+            if not self.tracking(row.id) and not self.submitting(row.id)
+        ]
+        # A job left by a process that stopped (or died) in its submit window has its client hook watched by
+        # nobody: watched here, so that its client hears of the end.
+        try:
+            await self.watch([row for row in stale if row.notify_hook])
+        except Exception:
+            log.exception("watching the client hooks of jobs never submitted failed; they end unheard")
+        for row in stale:
             await self.finisher.end(
                 row.id, succeeded=False, error_code=FailureCode.INTERRUPTED, fail_reason="never confirmed upstream"
             )
@@ -194,3 +205,7 @@ class Tracker:
             views = None
         await self.lifecycle.apply(provider, jobs, views)
         return len(jobs)
+
+
+async def _watch_none(rows: list[JobRow]) -> None:
+    return None

@@ -226,6 +226,9 @@ def _ending(succeeded: bool, *, overdue: bool = False, pending: bool = False) ->
         "fail_reason": bindparam("new_reason"),
         "finished_at": bindparam("now"),
         "updated_at": bindparam("now"),
+        # The process that ended it, which sends its client hook (`core.notify`): one that ends a job another
+        # process left (the pending sweep's, of a process gone in its submit window) is its last holder.
+        "owner": bindparam("me"),
     }
     if succeeded:
         values["progress"] = 100
@@ -568,6 +571,7 @@ class JobStore:
                             "new_error": error_code,
                             "new_reason": fail_reason,
                             "now": now,
+                            "me": self.owner,
                         },
                     )
                     ended.update({row.id: row for row in rows_of(result.all())})
