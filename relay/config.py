@@ -291,7 +291,7 @@ class HealthConfig(_Section):
     """Provider health (`relay.core.health`): when a provider is set aside, for how long, and how it is probed.
     The top-level `health` section sets it for every provider; `providers[].health` overrides fields of it."""
 
-    errors_to_cool: int = Field(5, ge=1, le=1000)  # errors in a row that cool a healthy provider
+    errors_to_cool: int = Field(5, ge=1, le=1000)  # submits (or reads) failed in a row that cool a healthy provider
     error_rate: float = Field(0.5, gt=0, le=1)  # or this share of its calls failing over the window ...
     rate_window_s: float = Field(60.0, gt=0, le=86_400)  # ... of this long
     rate_min_calls: int = Field(10, ge=1, le=1_000_000)  # ... once the window holds this many calls

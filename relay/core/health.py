@@ -1,7 +1,7 @@
 """Provider health: one pure state machine per provider. No I/O; the time is always passed in.
 
-    healthy    ──(one unusable answer; `errors_to_cool` errors in a row; an error rate of `error_rate` or more
-                 over `rate_window_s`, once the window holds `rate_min_calls` calls)──▶ cooling
+    healthy    ──(one unusable answer; `errors_to_cool` submits, or reads, failed in a row; an error rate of
+                 `error_rate` or more over `rate_window_s`, once the window holds `rate_min_calls` calls)──▶ cooling
     cooling    ──(the cool-down is over)──▶ half-open
     half-open  ──(the trial submit worked)──▶ healthy
     half-open  ──(the trial submit failed)──▶ cooling, for `backoff` times as long (at most `max_cooldown_s`)
@@ -90,7 +90,10 @@ class Health:
         self.trial = False  # a half-open provider's trial submit is under way
         self.strikes = 0  # cool-downs since the provider was last stable
         self.recovered_at: float | None = None
-        self.errors_in_row = 0
+        # Errors in a row, of submits and of reads (status reads, downloads, probes) apart: a provider that takes
+        # no job (its account stuck, every submit timing out) while its old jobs' images still download is not
+        # cleared by those downloads.
+        self.errors_in_row = {True: 0, False: 0}
         self.probe_failures = 0
         self.last_probe: float | None = None
         self._bucket_s = policy.rate_window_s / WINDOW_BUCKETS
@@ -127,7 +130,7 @@ class Health:
         """A passive signal: what the answer to one real call (a submit when `submit`, else a read) says."""
         moved = self.advance(now)
         if self.state is State.HEALTHY:
-            return moved + self._healthy(signal, now, reason)
+            return moved + self._healthy(signal, now, reason, submit)
         if self.state is State.HALF_OPEN and submit:
             self.trial = False
             if signal is Signal.OK:
@@ -150,7 +153,7 @@ class Health:
         if self.state is not State.DOWN and failures >= self.policy.probes_to_down:
             return [*moved, self._go(State.DOWN, now, f"{failures} probes in a row failed")]
         if self.state is State.HEALTHY:
-            return moved + self._healthy(Signal.ERROR, now, "a probe failed")
+            return moved + self._healthy(Signal.ERROR, now, "a probe failed", False)
         return moved
 
     def restore(self, state: State, since: float, reason: str, until: float | None) -> None:
@@ -183,17 +186,18 @@ class Health:
 
     # -- the moves -----------------------------------------------------------------------------------------------
 
-    def _healthy(self, signal: Signal, now: float, reason: str) -> list[Transition]:
+    def _healthy(self, signal: Signal, now: float, reason: str, submit: bool) -> list[Transition]:
         if signal is Signal.UNUSABLE:
             return [self._cool(now, reason or "the provider said it cannot serve")]
         calls, errors = self._count(now, signal is Signal.ERROR)
         if signal is Signal.OK:
-            self.errors_in_row = 0
+            self.errors_in_row[submit] = 0
             return []
-        self.errors_in_row += 1
+        self.errors_in_row[submit] += 1
         policy = self.policy
-        if self.errors_in_row >= policy.errors_to_cool:
-            return [self._cool(now, f"{self.errors_in_row} errors in a row, the last: {reason}")]
+        if (in_row := self.errors_in_row[submit]) >= policy.errors_to_cool:
+            kind = "submit" if submit else "read"
+            return [self._cool(now, f"{in_row} {kind} errors in a row, the last: {reason}")]
         if calls >= policy.rate_min_calls and errors >= policy.error_rate * calls:
             return [self._cool(now, f"{errors} of {calls} calls failed, the last: {reason}")]
         return []
@@ -226,6 +230,6 @@ class Health:
         if state is State.HEALTHY:
             self.probe_failures = 0  # failed probes of an earlier episode do not count towards the next one
         else:
-            self.errors_in_row = 0
+            self.errors_in_row = {True: 0, False: 0}
             self._window.clear()
         return moved

@@ -76,8 +76,31 @@ def test_errors_in_a_row_cool_and_a_success_between_them_resets_the_count() -> N
     health, clock = machine()
     for signal in (Signal.ERROR, Signal.ERROR, Signal.OK, Signal.ERROR, Signal.ERROR):
         assert health.observe(signal, clock.now(), "HTTP 502") == []
-    (moved,) = health.observe(Signal.ERROR, clock.now(), "cannot connect: ConnectError", submit=True)
-    assert moved.new is State.COOLING and moved.reason == "3 errors in a row, the last: cannot connect: ConnectError"
+    (moved,) = health.observe(Signal.ERROR, clock.now(), "cannot connect: ConnectError")
+    assert (
+        moved.new is State.COOLING and moved.reason == "3 read errors in a row, the last: cannot connect: ConnectError"
+    )
+
+
+def test_submits_failing_in_a_row_cool_though_reads_between_them_work() -> None:
+    """A provider whose account takes no job (every submit times out) while its old jobs' images still download:
+    the downloads say nothing of the submits, so they do not clear the run of failed submits."""
+    health, clock = machine(errors_to_cool=3, rate_min_calls=1000)
+    for _ in range(2):
+        assert health.observe(Signal.ERROR, clock.now(), "no answer in time", submit=True) == []
+        for _ in range(3):
+            assert health.observe(Signal.OK, clock.now()) == []  # downloads and status reads of older jobs
+    (moved,) = health.observe(Signal.ERROR, clock.now(), "no answer in time", submit=True)
+    assert moved.new is State.COOLING and moved.reason == "3 submit errors in a row, the last: no answer in time"
+
+
+def test_a_taken_submit_clears_the_run_of_failed_submits_and_reads_keep_their_own() -> None:
+    health, clock = machine(errors_to_cool=3, rate_min_calls=1000)
+    for signal, submit in [(Signal.ERROR, True)] * 2 + [(Signal.OK, True)] + [(Signal.ERROR, True)] * 2:
+        assert health.observe(signal, clock.now(), "HTTP 502", submit=submit) == []
+    for _ in range(2):  # two failed reads: a run of their own
+        assert health.observe(Signal.ERROR, clock.now(), "HTTP 502") == []
+    assert health.state is State.HEALTHY
 
 
 def test_an_error_rate_over_the_window_cools_once_the_window_holds_enough_calls() -> None:

@@ -190,7 +190,7 @@ async def test_failed_status_reads_and_downloads_count_as_errors(tmp_path: Path)
         await world.pool.download("a", "http://cdn/x.png")
     assert world.routable() == ["b"]
     ((_, moved),) = world.seen
-    assert moved.reason == "3 errors in a row, the last: download: image download answered HTTP 404"
+    assert moved.reason == "3 read errors in a row, the last: download: image download answered HTTP 404"
 
 
 async def test_a_half_open_provider_takes_one_trial_at_a_time_and_recovers_by_it(tmp_path: Path) -> None:
