@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -151,11 +152,19 @@ async def export_rows(engine: AsyncEngine, key_id: str | None = None, since: flo
 CSV_COLUMNS = ("id", "time", "kind", "key_id", "key_name", "job_id", "amount", "model", "action", "note")
 
 
+# Where a spreadsheet may start a cell within a text cell: a separator other than the comma (`;` for Excel in much
+# of Europe, a tab for importers) or a line break, each perhaps followed by quotes, which count only at a cell's start.
+_FORMULA_START = re.compile(r'(\A|[;\t\r\n]"*)(?=[=+\-@\t\r])')
+
+
 def _cell(text: str | None) -> str:
-    """Text as a spreadsheet shows it, never as a formula (a key's name or a note may start with `=`)."""
+    """Text as a spreadsheet shows it, never as a formula (a key's name or a note may start with `=`). A spreadsheet
+    that splits on `;` or tabs starts cells within the text too (quoting the cell does not stop it: there the line's
+    first cell, the id, is not quoted, so neither quote nor line break is read as CSV's), so a formula character
+    after one of those gets the `'` as well."""
     if not text:
         return ""
-    return "'" + text if text[0] in "=+-@\t\r" else text
+    return _FORMULA_START.sub(r"\1'", text)
 
 
 def render_csv(rows: Iterable[LedgerRow]) -> str:

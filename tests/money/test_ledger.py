@@ -4,6 +4,8 @@ upgraded database balances, and hostile values are refused."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -299,6 +301,30 @@ def test_the_csv_never_starts_a_formula() -> None:
     assert rendered.splitlines()[0] == ",".join(ledger.CSV_COLUMNS)
     assert "'=cmd()" in rendered and '"\'+1, ""quoted""\nline"' in rendered
     assert "2027-01-15T08:00:00.000Z" in rendered
+
+
+@pytest.mark.parametrize("separator", [",", ";", "\t"])
+def test_the_csv_starts_no_formula_where_a_spreadsheet_splits_on_another_separator(separator: str) -> None:
+    """Excel in much of Europe opens a CSV split on `;` (quotes count only at a cell's start, and the first cell is
+    the id), importers take tabs, and a line break ends the row there: text after any of them starts a cell, which
+    must not be a formula."""
+    names = ["x;=cmd|' /C calc'!A0;", "x;\"=cmd|' /C calc'!A0\";", "x\t@SUM(1)", "-x;+1"]
+    notes = ["paid\n=cmd|' /C calc'!A0", "paid\r\n-1+1", "paid\r+1", None]
+    rows = [
+        ledger.LedgerRow(i, "topup", "key_1", name, None, 5, None, None, note, NOW)
+        for i, (name, note) in enumerate(zip(names, notes, strict=True))
+    ]
+    rendered = ledger.render_csv(rows)
+    cells = [cell for line in csv.reader(io.StringIO(rendered, newline=""), delimiter=separator) for cell in line]
+    assert not [cell for cell in cells if cell.lstrip('"')[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    read = list(csv.DictReader(io.StringIO(rendered, newline="")))  # as CSV: the text, each formula marked
+    assert [row["key_name"] for row in read] == [
+        "x;'=cmd|' /C calc'!A0;",
+        "x;\"'=cmd|' /C calc'!A0\";",
+        "x\t'@SUM(1)",
+        "'-x;'+1",
+    ]
+    assert [row["note"] for row in read] == ["paid\n'=cmd|' /C calc'!A0", "paid\r\n'-1+1", "paid\r'+1", ""]
 
 
 async def test_usage_counts_a_capture_on_the_utc_day_it_was_made_on_both_databases(db: Database) -> None:
