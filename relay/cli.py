@@ -573,11 +573,11 @@ def ledger_export(ctx: click.Context, config_path: str | None, id_or_name: str |
     config = _load(ctx, config_path)
     start = _parse_when(since, time.time(), "--since", ago=True) if since is not None else None  # 30d: back 30 days
 
-    async def rows(db: Any) -> list[book.LedgerRow]:
+    async def rendered(db: Any) -> str:
         key_id = (await KeyStore(db.engine).find(id_or_name)).id if id_or_name else None
-        return await book.export_rows(db.engine, key_id=key_id, since=start)
+        return await book.export_csv(db.engine, key_id=key_id, since=start)
 
-    click.echo(book.render_csv(_run_keys(config, rows)), nl=False)
+    click.echo(_run_keys(config, rendered), nl=False)
 
 
 def _run_keys(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:

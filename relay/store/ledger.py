@@ -10,7 +10,7 @@ So for every key, at any moment: balance = top-ups - captures + adjustments, and
 have neither a capture nor a release yet; a job has one hold and at most one outcome. `check` proves exactly this
 (and that each job's own `hold_state` says the same as the ledger, and fits its state: a running job holds, a
 succeeded one was captured, a failed one released), reading one consistent snapshot, so it may run
-beside live relay processes. `export_rows` and `render_csv` give the rows to operators; `usage` sums them.
+beside live relay processes. `export_rows`, `render_csv` and `export_csv` give the rows to operators; `usage` sums them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import csv
 import io
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -44,6 +44,7 @@ __all__ = [
     "describe",
     "ENTRIES",
     "entry",
+    "export_csv",
     "export_rows",
     "open_holds",
     "render_csv",
@@ -115,38 +116,58 @@ async def _pages(engine: AsyncEngine) -> AsyncIterator[Callable[[Any], Awaitable
         yield read
 
 
-async def export_rows(engine: AsyncEngine, key_id: str | None = None, since: float | None = None) -> list[LedgerRow]:
-    """The ledger's rows in the order they were written, of one key and from a time when asked."""
+async def _export_pages(
+    engine: AsyncEngine, key_id: str | None, since: float | None
+) -> AsyncGenerator[list[LedgerRow], None]:
+    """The rows of `export_rows`, a page at a time as they are read."""
     query = select(ledger, keys.c.name.label("key_name")).join(keys, keys.c.id == ledger.c.key_id)
     if key_id is not None:
         query = query.where(ledger.c.key_id == key_id)
     if since is not None:
         query = query.where(ledger.c.created_at >= since)
-    rows: list[Any] = []
     after = 0
     async with _pages(engine) as read:
         while True:  # in pages, letting the loop run between them: on SQLite a read holds it while it runs
             page = await read(query.where(ledger.c.id > after).order_by(ledger.c.id).limit(EXPORT_PAGE))
-            rows.extend(page)
+            yield [
+                LedgerRow(
+                    id=int(row.id),
+                    kind=row.kind,
+                    key_id=row.key_id,
+                    key_name=row.key_name,
+                    job_id=row.job_id,
+                    amount=int(row.amount),
+                    model=row.model,
+                    action=row.action,
+                    note=row.note,
+                    created_at=float(row.created_at),
+                )
+                for row in page
+            ]
             if len(page) < EXPORT_PAGE:
                 break
             after = int(page[-1].id)
             await asyncio.sleep(0)
-    return [
-        LedgerRow(
-            id=int(row.id),
-            kind=row.kind,
-            key_id=row.key_id,
-            key_name=row.key_name,
-            job_id=row.job_id,
-            amount=int(row.amount),
-            model=row.model,
-            action=row.action,
-            note=row.note,
-            created_at=float(row.created_at),
-        )
-        for row in rows
-    ]
+
+
+async def export_rows(engine: AsyncEngine, key_id: str | None = None, since: float | None = None) -> list[LedgerRow]:
+    """The ledger's rows in the order they were written, of one key and from a time when asked."""
+    rows: list[LedgerRow] = []
+    async with contextlib.aclosing(_export_pages(engine, key_id, since)) as pages:
+        async for page in pages:
+            rows.extend(page)
+    return rows
+
+
+async def export_csv(engine: AsyncEngine, key_id: str | None = None, since: float | None = None) -> str:
+    """`render_csv` of `export_rows`, written a page at a time as each is read, so the loop runs between pages
+    here too: written all at once, a ledger of a million rows would hold it for seconds (and keep every row)."""
+    out = io.StringIO()
+    writer = _writer(out)
+    async with contextlib.aclosing(_export_pages(engine, key_id, since)) as pages:
+        async for page in pages:
+            _write_rows(writer, page)
+    return out.getvalue()
 
 
 CSV_COLUMNS = ("id", "time", "kind", "key_id", "key_name", "job_id", "amount", "model", "action", "note")
@@ -167,11 +188,14 @@ def _cell(text: str | None) -> str:
     return _FORMULA_START.sub(r"\1'", text)
 
 
-def render_csv(rows: Iterable[LedgerRow]) -> str:
-    """The rows as CSV with a header line; times are UTC ISO 8601."""
-    out = io.StringIO()
+def _writer(out: io.StringIO) -> Any:
+    """A CSV writer on `out`, the header line written."""
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
+    return writer
+
+
+def _write_rows(writer: Any, rows: Iterable[LedgerRow]) -> None:
     for row in rows:
         when = datetime.fromtimestamp(row.created_at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         writer.writerow(
@@ -188,6 +212,12 @@ def render_csv(rows: Iterable[LedgerRow]) -> str:
                 _cell(row.note),
             ]
         )
+
+
+def render_csv(rows: Iterable[LedgerRow]) -> str:
+    """The rows as CSV with a header line; times are UTC ISO 8601."""
+    out = io.StringIO()
+    _write_rows(_writer(out), rows)
     return out.getvalue()
 
 

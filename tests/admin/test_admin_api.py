@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import fnmatch
 import io
@@ -366,6 +367,44 @@ def test_ledger_export_is_csv(admin: Admin) -> None:
     rows = list(csv.DictReader(io.StringIO(answer.text)))
     assert {row["key_name"] for row in rows} >= {"test", "'=cmd|' /C calc'!A0"}
     assert _ledger(admin, since="2199-01-01") == []
+
+
+def test_the_ledger_export_lets_the_relay_run_between_its_pages(admin: Admin, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export is read a page at a time so that the relay's other requests run between pages; it is written as
+    CSV a page at a time too, not all at once after the last page: a ledger of millions of rows would otherwise hold
+    the event loop for seconds while it is rendered."""
+    from relay.store import ledger
+
+    key = admin.create("pages", 1)
+    for amount in range(1, 30):
+        assert admin.post(f"keys/{key['id']}/topup", {"amount": amount}).status_code == 200
+    monkeypatch.setattr(ledger, "EXPORT_PAGE", 10)
+    turns = [0]  # turns of the relay's event loop, counted from the first cell written
+    rendered: list[int] = []  # the turn each cell was written in
+    tickers: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[None]]] = []
+    cell = ledger._cell
+
+    async def tick() -> None:
+        while True:
+            turns[0] += 1
+            await asyncio.sleep(0)
+
+    def counted(text: str | None) -> str:
+        if not tickers:
+            loop = asyncio.get_running_loop()
+            tickers.append((loop, loop.create_task(tick())))
+        rendered.append(turns[0])
+        return cell(text)
+
+    monkeypatch.setattr(ledger, "_cell", counted)
+    try:
+        rows = _ledger(admin)
+    finally:
+        for loop, task in tickers:
+            loop.call_soon_threadsafe(task.cancel)
+    assert len(rows) >= 30
+    most = max(rendered.count(turn) for turn in set(rendered)) // 4  # four text cells a row
+    assert most <= 10, f"{most} rows written in one turn of the event loop"
 
 
 def test_providers_with_their_state(admin: Admin) -> None:

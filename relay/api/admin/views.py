@@ -199,11 +199,11 @@ async def providers(request: Request) -> JSONResponse:
 async def ledger_csv(request: Request) -> Response:
     relay = relay_of(request)
     query = _query(request)
-    rows = await ledger.export_rows(
+    rendered = await ledger.export_csv(
         relay.db.engine, key_id=inputs.optional_key(query), since=inputs.optional_time(query, "since")
     )
     return Response(
-        ledger.render_csv(rows),
+        rendered,
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": 'attachment; filename="mj-relay-ledger.csv"'},
     )
