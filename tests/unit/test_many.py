@@ -149,3 +149,133 @@ def test_a_parameter_neither_given_nor_fixed_is_refused_when_compiled() -> None:
     loose = Many(probe.insert().values(id=bindparam("id"), state=bindparam("state")), ("id",))
     with pytest.raises(ValueError, match="state"):
         loose._plan(sqlite.dialect())
+
+
+async def test_the_stores_statements_write_what_sqlalchemys_executemany_wrote(db: Database) -> None:
+    """The store's own statements (admission, progress, a finished job's result, ledger rows), each run once
+    through SQLAlchemy's executemany of named parameters and once through `Many`, on twin jobs: every column of
+    every row ends alike. PostgreSQL numbers a parameter used twice once (`now`, `new_state` in the progress write),
+    SQLite repeats it: both must take each value where the statement names it."""
+    from relay.store import jobs as store_jobs
+    from relay.store.ledger import ENTRIES
+    from relay.store.tables import jobs, keys, ledger
+
+    async def seed(conn: Any) -> None:
+        await conn.execute(
+            keys.insert().values(
+                id="k", name="k", key_hash="h", prefix="p", balance=1000, held=0, created_at=0.0, hook_secret="s"
+            )
+        )
+
+    await transaction(db.engine, seed)
+    now = 1_700_000_000.25
+    # (suffix, state at the start, progress, owner, started_at)
+    start = [
+        ("a", "SUBMITTED", 0, "me", None),
+        ("b", "IN_PROGRESS", 40, "me", now - 5),
+        ("c", "IN_PROGRESS", 40, "me", None),
+        ("d", "MODAL", 0, "me", None),
+        ("e", "MODAL", 0, "other", None),
+        ("f", "SUCCEEDED", 100, "me", now - 9),
+        ("g", "SUBMITTED", 0, "other", None),
+    ]
+    # (suffix, new state, new progress, was, new deadline)
+    changes = [
+        ("a", "IN_PROGRESS", 10, "SUBMITTED", None),  # its start: started_at is now
+        ("b", "IN_PROGRESS", 30, "IN_PROGRESS", None),  # never back
+        ("c", "IN_PROGRESS", 60, "IN_PROGRESS", now + 500.5),  # on, with a deadline; its start is now
+        ("d", "MODAL", 0, "MODAL", now + 77),  # parked here: its window
+        ("e", "MODAL", 0, "MODAL", now + 77),  # another's MODAL: left alone
+        ("f", "IN_PROGRESS", 90, "IN_PROGRESS", None),  # ended: left alone
+        ("g", "MODAL", 0, "SUBMITTED", now + 3),  # into MODAL while another holds it: left alone
+    ]
+
+    def admitted(prefix: str) -> list[tuple[Any, ...]]:
+        return [
+            (
+                f"{prefix}{s}",
+                f"r{prefix}",
+                "k",
+                "mj-fast",
+                "fast",
+                "MID_JOURNEY",
+                "imagine",
+                f"prompt {s} \u2028 \U0001f600",
+                3 + i,
+                None if i % 2 else f"{prefix}a",
+                "cid" if i % 3 == 0 else None,
+                None,
+                "https://example.com/hook" if i % 2 else None,
+                now - 60 + i,  # now
+                now + 600,
+                owner,
+                now - 60 + i + 30.0,
+            )
+            for i, (s, _, _, owner, _) in enumerate(start)
+        ]
+
+    def named(many: Many, rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        return [dict(zip(many.fields, row, strict=True)) for row in rows]
+
+    def progress(prefix: str) -> list[tuple[Any, ...]]:
+        return [(f"{prefix}{s}", state, p, was, deadline, "me", now) for s, state, p, was, deadline in changes]
+
+    def results(prefix: str) -> list[tuple[Any, ...]]:
+        return [(f"{prefix}b", "https://up/b.png", '["U1"]', None), (f"{prefix}f", "https://up/f.png", None, "t")]
+
+    def entries(prefix: str) -> list[tuple[Any, ...]]:
+        return [("hold", "k", f"{prefix}{s}", 3, "mj-fast", "imagine", None, now + 0.5) for s, *_ in start]
+
+    async def placed(conn: Any, prefix: str) -> None:  # each job where its change finds it
+        for s, state, p, _, started in start:
+            where = jobs.c.id == f"{prefix}{s}"
+            await conn.execute(update(jobs).where(where).values(state=state, progress=p, started_at=started))
+
+    async def old(conn: Any) -> None:
+        await conn.execute(store_jobs._ADMIT.statement, named(store_jobs._ADMIT, admitted("o")))
+        await placed(conn, "o")
+        await conn.execute(store_jobs._PROGRESS.statement, named(store_jobs._PROGRESS, progress("o")))
+        await conn.execute(store_jobs._KEEP_RESULT.statement, named(store_jobs._KEEP_RESULT, results("o")))
+        await conn.execute(ENTRIES.statement, named(ENTRIES, entries("o")))
+
+    async def new(conn: Any) -> None:
+        await store_jobs._ADMIT.run(conn, admitted("n"))
+        await placed(conn, "n")
+        await store_jobs._PROGRESS.run(conn, progress("n"))
+        await store_jobs._KEEP_RESULT.run(conn, results("n"))
+        await ENTRIES.run(conn, entries("n"))
+
+    await transaction(db.engine, old)
+    await transaction(db.engine, new)
+
+    def twin(value: Any, prefix: str) -> Any:
+        return value[1:] if isinstance(value, str) and value[:1] == prefix and len(value) == 2 else value
+
+    async with db.engine.connect() as conn:
+        found = [row._asdict() for row in (await conn.execute(select(jobs).order_by(jobs.c.id))).all()]
+        kept = [row._asdict() for row in (await conn.execute(select(ledger).order_by(ledger.c.id))).all()]
+    by_side: dict[str, list[dict[str, Any]]] = {"o": [], "n": []}
+    for row in found:
+        prefix = row["id"][0]
+        by_side[prefix].append({name: twin(value, prefix) for name, value in row.items() if name != "request_id"})
+    assert len(by_side["o"]) == len(start)
+    assert by_side["o"] == by_side["n"]
+    # what the progress write did, spelled out: a and c moved on (each started now: none had a start), d took its
+    # window
+    rows = {row["id"]: row for row in by_side["n"]}
+    assert (rows["a"]["state"], rows["a"]["progress"], rows["a"]["started_at"]) == ("IN_PROGRESS", 10, now)
+    assert (rows["b"]["progress"], rows["c"]["progress"], rows["c"]["deadline_at"]) == (40, 60, now + 500.5)
+    assert (rows["b"]["started_at"], rows["c"]["started_at"], rows["d"]["deadline_at"]) == (now - 5, now, now + 77)
+    assert rows["e"]["deadline_at"] == rows["g"]["deadline_at"] == now + 600 and rows["g"]["state"] == "SUBMITTED"
+    assert rows["f"]["upstream_image_url"] is None and rows["b"]["buttons"] == '["U1"]'
+    sides: dict[str, list[dict[str, Any]]] = {"o": [], "n": []}
+    for row in kept:
+        prefix = row["job_id"][0]
+        sides[prefix].append({name: twin(value, prefix) for name, value in row.items() if name != "id"})
+    assert sides["o"] == sides["n"] and len(sides["n"]) == len(start)
+
+    async def gone(conn: Any) -> None:  # rows made to be compared, not a ledger that balances (the fixture checks)
+        for table in (ledger, jobs, keys):
+            await conn.execute(table.delete())
+
+    await transaction(db.engine, gone)
