@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Insert
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
@@ -48,7 +49,8 @@ class Many:
         return _Plan(compiled.string, tuple(steps), tuple(index for index, _, _ in steps) if plain else None)
 
     async def run(self, conn: AsyncConnection, rows: Sequence[Sequence[Any]]) -> int:
-        """Run the statement for each row in one executemany; the rows it changed (as the driver counts them)."""
+        """Run the statement for each row in one executemany; the rows it changed, as the driver counts them (asyncpg
+        does not for several rows: -1)."""
         if not rows:
             return 0
         plan = self._plans.get(conn.dialect.name)
@@ -59,15 +61,18 @@ class Many:
             params = [tuple([row[index] for index in indexes]) for row in rows]
         else:
             steps = plan.steps
-            params = [
-                tuple(
-                    [
-                        value if index < 0 else row[index] if process is None else process(row[index])
-                        for index, value, process in steps
-                    ]
-                )
-                for row in rows
-            ]
+            try:
+                params = [
+                    tuple(
+                        [
+                            value if index < 0 else row[index] if process is None else process(row[index])
+                            for index, value, process in steps
+                        ]
+                    )
+                    for row in rows
+                ]
+            except (TypeError, ValueError) as exc:  # a value the dialect's processing refuses, as `execute` says it
+                raise StatementError(str(exc), plan.sql, None, exc) from exc
         # One row goes as one set of parameters: a list of one would be taken for a single row's values.
         result = await conn.exec_driver_sql(plan.sql, params if len(params) > 1 else params[0])
         return int(result.rowcount)

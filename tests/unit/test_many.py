@@ -279,3 +279,24 @@ async def test_the_stores_statements_write_what_sqlalchemys_executemany_wrote(db
             await conn.execute(table.delete())
 
     await transaction(db.engine, gone)
+
+
+async def test_a_value_the_dialects_processing_refuses_fails_as_execute_would(db: Database) -> None:
+    """A float column given text: SQLite's processing of floats refuses it, and the failure is SQLAlchemy's
+    StatementError as from `execute` (what callers that tell a refused statement from a bug catch), not a bare
+    ValueError; PostgreSQL's driver refuses it itself."""
+    await _made(db)
+
+    async def many(conn: Any) -> None:
+        await ADD.run(conn, [("a", "not a number", 1, None), ("b", 1.0, 1, None)])
+
+    async def execute(conn: Any) -> None:
+        await conn.execute(
+            probe.insert(),
+            [{"id": "a", "state": "open", "at": "not a number"}, {"id": "b", "state": "open", "at": 1.0}],
+        )
+
+    for work in (many, execute):
+        with pytest.raises(SQLAlchemyError):
+            await transaction(db.engine, work)
+    assert await _rows(db) == {}
