@@ -226,9 +226,6 @@ def _ending(succeeded: bool, *, overdue: bool = False, pending: bool = False) ->
         "fail_reason": bindparam("new_reason"),
         "finished_at": bindparam("now"),
         "updated_at": bindparam("now"),
-        # The process that ended it, which sends its client hook (`core.notify`): one that ends a job another
-        # process left (the pending sweep's, of a process gone in its submit window) is its last holder.
-        "owner": bindparam("me"),
     }
     if succeeded:
         values["progress"] = 100
@@ -240,6 +237,10 @@ def _ending(succeeded: bool, *, overdue: bool = False, pending: bool = False) ->
         where.append(jobs.c.deadline_at <= bindparam("now"))
     if pending:
         where.append(jobs.c.state == JobState.PENDING.value)
+        # The process that ends a job another process left in its submit window is its last holder: the one that
+        # sends its client hook (`core.notify`). Other endings are written by the job's holder, its owner already
+        # (one written by a process that stalled past its lease leaves the owner that took the job meanwhile).
+        values["owner"] = bindparam("me")
     return update(jobs).where(*where).values(**values).returning(*jobs.c)
 
 
