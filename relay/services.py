@@ -183,9 +183,9 @@ class Relay:
         self.ready = True
 
     async def _watch_hooks(self, rows: list[JobRow]) -> None:
-        """Client hooks of jobs this process adopted (a previous run's, or a dead process's) go on here. Their image
-        links use `server.public_url` (the address the task was submitted on is not kept), else the listening
-        address."""
+        """Client hooks of jobs this process adopted (a previous run's, or a dead process's) or that its pending
+        sweep ends go on here; a job that gave no hook is passed over. Their image links use `server.public_url`
+        (the address the task was submitted on is not kept), else the listening address."""
         server = self.config.server
         host = "127.0.0.1" if server.host in ("", "0.0.0.0", "::") else server.host
         base = server.public_url or f"http://{host}:{server.port}"

@@ -62,7 +62,8 @@ class Tracker:
         lifecycle.on_follow = self._wake_provider
         # Whether this process is submitting a job right now (set by the relay: `Submitter.submitting`).
         self.submitting: Callable[[str], bool] = lambda job_id: False
-        # Client hooks of jobs this process ends for another (set by the relay: its hook watches of adopted jobs).
+        # Watches the client hooks of jobs the pending sweep ends, those that gave one (set by the relay: its hook
+        # watches of adopted jobs).
         self.watch: Callable[[list[JobRow]], Awaitable[None]] = _watch_none
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ class Tracker:
         # A job left by a process that stopped (or died) in its submit window has its client hook watched by
         # nobody: watched here, so that its client hears of the end.
         try:
-            await self.watch([row for row in stale if row.notify_hook])
+            await self.watch(stale)
         except Exception:
             log.exception("watching the client hooks of jobs never submitted failed; they end unheard")
         for row in stale:
