@@ -90,10 +90,10 @@ class Health:
         self.trial = False  # a half-open provider's trial submit is under way
         self.strikes = 0  # cool-downs since the provider was last stable
         self.recovered_at: float | None = None
-        # Errors in a row, of submits and of reads (status reads, downloads, probes) apart: a provider that takes
-        # no job (its account stuck, every submit timing out) while its old jobs' images still download is not
-        # cleared by those downloads.
-        self.errors_in_row = {True: 0, False: 0}
+        # Errors in a row, of submits (True) and of reads (False: status reads, downloads, probes) apart: a provider
+        # that takes no job (its account stuck, every submit timing out) while its old jobs' images still download
+        # is not cleared by those downloads.
+        self.errors_in_row: dict[bool, int] = {True: 0, False: 0}
         self.probe_failures = 0
         self.last_probe: float | None = None
         self._bucket_s = policy.rate_window_s / WINDOW_BUCKETS
@@ -130,7 +130,7 @@ class Health:
         """A passive signal: what the answer to one real call (a submit when `submit`, else a read) says."""
         moved = self.advance(now)
         if self.state is State.HEALTHY:
-            return moved + self._healthy(signal, now, reason, submit)
+            return moved + self._healthy(signal, now, reason, submit=submit)
         if self.state is State.HALF_OPEN and submit:
             self.trial = False
             if signal is Signal.OK:
@@ -153,7 +153,7 @@ class Health:
         if self.state is not State.DOWN and failures >= self.policy.probes_to_down:
             return [*moved, self._go(State.DOWN, now, f"{failures} probes in a row failed")]
         if self.state is State.HEALTHY:
-            return moved + self._healthy(Signal.ERROR, now, "a probe failed", False)
+            return moved + self._healthy(Signal.ERROR, now, "a probe failed", submit=False)
         return moved
 
     def restore(self, state: State, since: float, reason: str, until: float | None) -> None:
@@ -186,7 +186,7 @@ class Health:
 
     # -- the moves -----------------------------------------------------------------------------------------------
 
-    def _healthy(self, signal: Signal, now: float, reason: str, submit: bool) -> list[Transition]:
+    def _healthy(self, signal: Signal, now: float, reason: str, *, submit: bool) -> list[Transition]:
         if signal is Signal.UNUSABLE:
             return [self._cool(now, reason or "the provider said it cannot serve")]
         calls, errors = self._count(now, signal is Signal.ERROR)
