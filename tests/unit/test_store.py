@@ -190,6 +190,24 @@ async def test_many_endings_settle_in_one_transaction_each_once(db: Database) ->
     assert b is not None and (b.balance, b.held) == (100 - sum(1 for n in range(600, 650) if n % 3), 0)
 
 
+async def test_an_ending_keeps_the_jobs_holder_and_the_pending_sweeps_makes_the_sweeper_it(db: Database) -> None:
+    """The job's `owner` says which process sends its client hook. An ending written by a process that stalled
+    past its lease leaves the owner that took the job over meanwhile; a job the pending sweep ends, left PENDING by
+    a process gone in its submit window, has the sweeping process as its owner from then on."""
+    record, _ = await KeyStore(db.engine).create("k", 10, NOW)
+    holder = JobStore(db.engine, owner="holder")
+    await holder.open(record.id, [job("job_run00000"), job("job_pen00000")], NOW)
+    await holder.mark_submitted("job_run00000", "sim", "u1", NOW)
+    stalled = await JobStore(db.engine, owner="stalled").finish("job_run00000", succeeded=True, now=NOW)
+    assert stalled is not None and stalled.owner == "holder"
+    swept = await JobStore(db.engine, owner="sweeper").finish(
+        "job_pen00000", succeeded=False, now=NOW, error_code="interrupted", fail_reason="never confirmed upstream"
+    )
+    assert swept is not None and swept.owner == "sweeper"
+    rows = {row.id: row.owner for row in await holder.by_request("req")}
+    assert rows == {"job_run00000": "holder", "job_pen00000": "sweeper"}
+
+
 async def test_a_transient_failure_is_run_again_and_others_are_not(db: Database) -> None:
     calls = []
 
