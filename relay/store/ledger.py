@@ -10,7 +10,8 @@ So for every key, at any moment: balance = top-ups - captures + adjustments, and
 have neither a capture nor a release yet; a job has one hold and at most one outcome. `check` proves exactly this
 (and that each job's own `hold_state` says the same as the ledger, and fits its state: a running job holds, a
 succeeded one was captured, a failed one released), reading one consistent snapshot, so it may run
-beside live relay processes. `export_rows`, `render_csv` and `export_csv` give the rows to operators; `usage` sums them.
+beside live relay processes. `export_csv` gives the rows to operators (the admin download, `ledger export`), as
+`render_csv` of `export_rows` would, a page at a time; `usage` sums them.
 """
 
 from __future__ import annotations
