@@ -196,8 +196,9 @@ class Notifier:
         self._unwatch(job_id)
 
     def _held_elsewhere(self, row: JobRow) -> bool:
-        """Whether another process holds the job (its live lease, or it ended the job): that one sends its hooks
-        (it took the job over, or adopted it while this one stalled, and watches it), so this watch stops."""
+        """Whether another process holds the job (its live lease; once the job ended, its owner: the process that
+        held it last, or whose pending sweep ended it): that one sends its hooks (it took the job over, or adopted
+        it while this one stalled, and watches it), so this watch stops."""
         if row.state.terminal:
             return row.owner not in (None, self.store.owner)
         return row.held_elsewhere(self.store.owner, self.clock.now())
