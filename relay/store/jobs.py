@@ -524,11 +524,7 @@ class JobStore:
         if not changes:
             return
         rows = [(c.job_id, c.state.value, c.progress, c.was.value, c.deadline_at, self.owner, now) for c in changes]
-
-        async def work(conn: AsyncConnection) -> None:
-            await _PROGRESS.run(conn, rows)
-
-        await transaction(self.engine, work)
+        await _PROGRESS.changed(self.engine, rows)
 
     async def finish(
         self,

@@ -16,7 +16,9 @@ from typing import Any, NamedTuple, cast
 from sqlalchemy import Insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import StatementError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from relay.store.db import transaction
 
 
 class Many:
@@ -76,6 +78,14 @@ class Many:
         # One row goes as one set of parameters: a list of one would be taken for a single row's values.
         result = await conn.exec_driver_sql(plan.sql, params if len(params) > 1 else params[0])
         return int(result.rowcount)
+
+    async def changed(self, engine: AsyncEngine, rows: Sequence[Sequence[Any]]) -> int:
+        """`run` in a transaction of its own, as `store.db.changed` runs a statement."""
+
+        async def work(conn: AsyncConnection) -> int:
+            return await self.run(conn, rows)
+
+        return await transaction(engine, work)
 
 
 class _Plan(NamedTuple):
