@@ -32,7 +32,8 @@ its headers are complete, gets its body as the parser hands it over, and gives t
 complete; the answer is written at once, within the same read, and nothing else runs for it. A lane takes only
 what needs nothing of the ASGI stack: a request with a stated length within the body limit, without `Expect`, on a
 connection with no answer under way (anything else goes the ordinary way). Its body gets `body_timeout_s` for each
-wait for more of it, as through the app; a server stopping answers it before closing.
+wait for more of it, as through the app; a server stopping answers it before closing. An answer that closes the
+connection (HTTP/1.0, `Connection: close`, a server stopping) takes nothing sent behind it, in the lane or the app.
 
 Malformed HTTP gets 400 in the envelope (uvicorn answers it in plain text); 400 and 431 carry
 `x-should-retry: false`. A refusal never interleaves with an answer under way: behind pipelined requests still being
@@ -520,6 +521,8 @@ class RelayProtocol(HttpToolsProtocol):
     # -- parser callbacks --------------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._refused:
+            return  # behind an answer that closed the connection (see `_answer_call`)
         super().on_message_begin()
         # A lane answers inside the parser's callbacks, where the idle timer it armed would stay armed over a
         # request that follows in the same read: a request has begun, so the connection is not idle.
@@ -529,6 +532,8 @@ class RelayProtocol(HttpToolsProtocol):
             self._arm()
 
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
         self._disarm()
         self._call = self._claimed()
         if self._call is None:
@@ -540,6 +545,8 @@ class RelayProtocol(HttpToolsProtocol):
         self._header_bytes = 0
 
     def on_body(self, body: bytes) -> None:
+        if self._refused:
+            return
         if self._call is not None:
             self._call_body.append(body)
             self._disarm()  # the body's deadline is for each wait for more of it, as through the app
@@ -548,6 +555,8 @@ class RelayProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         if self._call is not None:
             self._answer_call()
         else:
@@ -601,6 +610,10 @@ class RelayProtocol(HttpToolsProtocol):
         status, request = call.answer(body)
         self.transport.write(_empty_answer(status, self.server_state.default_headers, request, self._call_keep_alive))
         if not self._call_keep_alive:
+            # The parser goes on with the rest of the read when it keeps the connection where the relay does not
+            # (HTTP/1.0 with `keep-alive`, a server stopping): a request there was sent on a connection this answer
+            # closes, and must be neither given to the lane nor started in the app, with no one to answer.
+            self._refused = True
             self.transport.close()
             return
         self.on_response_complete()

@@ -203,6 +203,23 @@ def test_http_1_0_is_answered_and_closed(lane_server: tuple[str, LaneApp]) -> No
     assert app.state.lane.bodies == [b"{}"]
 
 
+def test_nothing_behind_a_lane_answer_that_closes_the_connection_is_taken(lane_server: tuple[str, LaneApp]) -> None:
+    """HTTP/1.0 with `Connection: keep-alive` is kept alive by the parser but closed by the relay (as uvicorn closes
+    it after any HTTP/1.0 answer): what follows in the same read was sent on a connection the answer closed."""
+    base, app = lane_server
+    first = request(LANE_PATH, b"1", "Connection: keep-alive", version="1.0")
+    for behind in (request(LANE_PATH, b"2"), request("/echo", b"2")):
+        with connect(base) as sock:
+            sock.sendall(first + behind)
+            raw = read_to_close(sock)
+        status, headers = parse_head(raw.partition(b"\r\n\r\n")[0])
+        assert (status, headers["connection"]) == (204, "close")
+        assert raw.count(b"HTTP/1.1") == 1
+    time.sleep(0.2)  # an app request started behind it would have been recorded by now
+    assert app.state.lane.bodies == [b"1", b"1"]  # the lane took neither call behind
+    assert app.received.empty()  # nor did the app run a request nobody could be answered
+
+
 def test_a_stalled_body_gets_408_and_is_never_given_to_the_lane(lane_server: tuple[str, LaneApp]) -> None:
     base, app = lane_server
     with connect(base) as sock:
@@ -346,11 +363,12 @@ def test_a_lane_call_whose_body_is_coming_when_the_server_stops_is_answered(tmp_
                     socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
                 except OSError:
                     break
-            client.sendall(whole[-2:])
+            client.sendall(whole[-2:] + request(LANE_PATH, b"after"))  # one more behind it, in the same read
             raw = read_to_close(client)
         status, headers = parse_head(raw.partition(b"\r\n\r\n")[0])
         assert (status, headers["connection"]) == (204, "close")
-        assert app.state.lane.bodies == [b"late"]
+        assert raw.count(b"HTTP/1.1") == 1
+        assert app.state.lane.bodies == [b"late"]  # the call behind the closing answer was not taken
 
 
 def test_a_body_that_keeps_coming_is_waited_for_piece_by_piece(lane_server: tuple[str, LaneApp]) -> None:
