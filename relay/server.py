@@ -35,6 +35,9 @@ connection with no answer under way (anything else goes the ordinary way). Its b
 wait for more of it, as through the app; a server stopping answers it before closing. An answer that closes the
 connection (HTTP/1.0, `Connection: close`, a server stopping) takes nothing sent behind it, in the lane or the app.
 
+An offer to switch protocols (`Upgrade`) is ignored, the request served as HTTP/1.1 with its body (uvicorn's
+parser took the body for the next requests); a CONNECT is answered and its connection closed.
+
 Malformed HTTP gets 400 in the envelope (uvicorn answers it in plain text); 400 and 431 carry
 `x-should-retry: false`. A refusal never interleaves with an answer under way: behind pipelined requests still being
 answered, it is written once they are done.
@@ -46,9 +49,9 @@ uvicorn 0.40 to 0.55; `pyproject.toml` pins that range):
   request's task runs, read when its headers are complete), `loop`, `transport`, `flow` (`FlowControl`),
   `connections` (the server's set of open connections), `cycle` (the newest request's `RequestResponseCycle`),
   `pipeline`, `url`, `headers`, `server_state.default_headers`;
-- the parser callbacks `on_message_begin`, `on_headers_complete` (which may raise, making a parse error),
-  `on_body`, `on_message_complete`; the hooks `connection_made`, `connection_lost`, `data_received` (which feeds
-  the parser what it is given, cancels the keep-alive timer, and calls `send_400_response` on a parse error),
+- the parser callbacks `on_message_begin`, `on_url`, `on_header`, `on_headers_complete` (which may raise,
+  making a parse error), `on_body`, `on_message_complete` (the connection feeds its parser itself, as uvicorn's
+  `data_received` does, and replaces it after an upgrade offer); the hooks `connection_made`, `connection_lost`,
   `on_response_complete` (which starts the next pipelined request or arms the keep-alive timer), `shutdown`,
   `pause_writing` and `resume_writing` (which pause and resume the answers' writes), and
   `_unset_keepalive_if_required`; the attributes `parser` (its `get_method`, `get_http_version`,
@@ -420,6 +423,7 @@ class RelayProtocol(HttpToolsProtocol):
         self._call_body: list[bytes] = []
         self._call_keep_alive = True
         self._unread: asyncio.TimerHandle | None = None  # for the client to read on, while writing is paused
+        self._replaying = False  # the head of a request whose upgrade offer was ignored, given to a new parser
 
     # -- connection --------------------------------------------------------------------------------------------
 
@@ -453,13 +457,13 @@ class RelayProtocol(HttpToolsProtocol):
         limit = self.limits.max_header_bytes
         while data and not self._refused and not self.transport.is_closing():
             if not self._awaiting:
-                super().data_received(data)
+                self._feed(data)
                 return
             # While headers are awaited, the parser is fed no more than the bytes left under the limit, so no
             # header line of any size is buffered.
             piece, data = data[: limit - self._header_bytes], data[limit - self._header_bytes :]
             self._boundary = False
-            super().data_received(piece)
+            self._feed(piece)
             if not self._awaiting or self.transport.is_closing():
                 continue
             if self._boundary:
@@ -518,11 +522,51 @@ class RelayProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, "invalid_request", "The request is not valid HTTP.")
 
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's `data_received`, but for an upgrade offer, which the relay (serving no other protocol) ignores,
+        as RFC 9110 §7.8 lets it."""
+        self._unset_keepalive_if_required()
+        fed: bytes | None = data
+        while fed is not None:  # (a loop, not a recursion: a read may hold any number of such requests)
+            try:
+                self.parser.feed_data(fed)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                fed = self._ignore_upgrade(fed[upgrade.args[0] :])
+            except httptools.HttpParserError:
+                self.send_400_response("Invalid HTTP request received.")
+                return
+
+    def _ignore_upgrade(self, rest: bytes) -> bytes | None:
+        """The parser stopped at the end of a request's headers for the protocol it offered to switch to (`Upgrade`
+        with `Connection: upgrade`, as Java's RestClient and Ktor send `h2c` on every request), taking the request
+        as complete with no body: uvicorn then ran it with an empty body, and read the body that followed as the
+        next requests (one in it, sent to a proxy as a body, ran here as a request of its own). Its head, without
+        `Upgrade`, is given to a new parser, with what followed it: the request gets its body, and what comes after
+        is read as HTTP/1.1. A CONNECT's tunnel is no HTTP: it is answered (the app has no such route), and the
+        connection closed after, reading nothing more. What the new parser is to be fed; None for nothing."""
+        method = self.parser.get_method()
+        if method == b"CONNECT" or self.cycle is None:
+            self._refused = True
+            if self.cycle is not None:
+                self.cycle.keep_alive = False
+            return None
+        head = [method, b" ", self.url, b" HTTP/", self.parser.get_http_version().encode(), b"\r\n"]
+        for name, value in self.headers:
+            if name != b"upgrade":
+                head += [name, b": ", value, b"\r\n"]
+        head.append(b"\r\n")
+        self.parser = httptools.HttpRequestParser(self)
+        with contextlib.suppress(AttributeError):  # httptools < 0.6.3
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self._replaying = True
+        return b"".join(head) + rest
+
     # -- parser callbacks --------------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._refused:
-            return  # behind an answer that closed the connection (see `_answer_call`)
+        if self._refused or self._replaying:
+            return  # behind an answer that closed the connection (see `_answer_call`), or a head given again
         super().on_message_begin()
         # A lane answers inside the parser's callbacks, where the idle timer it armed would stay armed over a
         # request that follows in the same read: a request has begun, so the connection is not idle.
@@ -531,8 +575,19 @@ class RelayProtocol(HttpToolsProtocol):
         if self._deadline is None:
             self._arm()
 
+    def on_url(self, url: bytes) -> None:
+        if not self._replaying:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._replaying:
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         if self._refused:
+            return
+        if self._replaying:  # the request's own headers were taken the first time: now its body comes
+            self._replaying = False
             return
         self._disarm()
         self._call = self._claimed()
@@ -555,8 +610,8 @@ class RelayProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if self._refused:
-            return
+        if self._refused or (self.parser.should_upgrade() and self.parser.get_method() != b"CONNECT"):
+            return  # an upgrade offer: the parser took no body, `_ignore_upgrade` reads the request's end
         if self._call is not None:
             self._answer_call()
         else:

@@ -421,3 +421,62 @@ def test_one_connection_over_the_limit_gets_503_and_is_closed(start: Start) -> N
     finally:
         for sock in held:
             sock.close()
+
+
+# -- upgrades --------------------------------------------------------------------------------------------------------
+
+
+def upgrading(body: bytes, *extra: str) -> bytes:
+    """A POST to /echo offering a switch to cleartext HTTP/2, as Java's RestClient and Ktor send every request."""
+    lines = ["POST /echo HTTP/1.1", "Host: relay", "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c"]
+    lines += ["HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA", *extra, f"Content-Length: {len(body)}", "", ""]
+    return "\r\n".join(lines).encode() + body
+
+
+def test_an_upgrade_offer_is_ignored_and_the_request_served_with_its_body(start: Start) -> None:
+    """The relay switches to no other protocol, so the offer is ignored (RFC 9110 §7.8): the body is the request's,
+    whether it comes with the headers or after them, and the connection goes on as HTTP/1.1."""
+    base, app = start(keepalive_timeout_s=30)
+    inner = get("/inner")  # a body that reads as a request: it must stay a body
+    with connect(base) as sock:
+        sock.sendall(upgrading(b"12345"))
+        assert read_response(sock)[::2] == (200, b'{"bytes": 5}')
+        whole = upgrading(inner)
+        sock.sendall(whole[: -len(inner)])
+        time.sleep(0.05)  # the body in a read of its own
+        sock.sendall(inner)
+        assert read_response(sock)[::2] == (200, b'{"bytes": %d}' % len(inner))
+        sock.sendall(upgrading(b"abc") + get("/echo", "Connection: close"))  # one pipelined behind it
+        raw = read_to_close(sock)
+    assert raw.count(b"HTTP/1.1 200 OK") == 2 and b'{"bytes": 3}HTTP/1.1' in raw and raw.endswith(b'{"bytes": 0}')
+    paths = [app.received.get(timeout=WAIT)[0] for _ in range(4)]
+    assert paths == ["/echo"] * 4 and app.received.empty()  # /inner never ran
+
+
+def test_an_upgrade_offer_without_a_body_or_in_chunks_is_served_and_so_is_what_follows(start: Start) -> None:
+    base, app = start()
+    offer = ("Connection: Upgrade", "Upgrade: websocket")
+    chunked = b"POST /echo HTTP/1.1\r\nHost: relay\r\nConnection: upgrade\r\nUpgrade: h2c\r\n"
+    chunked += b"Transfer-Encoding: chunked\r\n\r\n"
+    with connect(base) as sock:
+        sock.sendall(get("/echo", *offer) + chunked + b"3\r\nabc\r\n0\r\n\r\n" + get("/echo", "Connection: close"))
+        raw = read_to_close(sock)
+    assert raw.count(b"HTTP/1.1 200 OK") == 3 and b'{"bytes": 0}HTTP' in raw and b'{"bytes": 3}HTTP' in raw, raw
+    assert [app.received.get(timeout=WAIT)[0] for _ in range(3)] == ["/echo"] * 3
+
+
+def test_a_connect_is_answered_and_nothing_after_it_read(start: Start) -> None:
+    base, app = start(keepalive_timeout_s=30)
+    with connect(base) as sock:
+        sock.sendall(b"CONNECT /echo HTTP/1.1\r\nHost: relay\r\n\r\n" + get("/inner"))
+        raw = read_to_close(sock)  # closed after its answer, long before the idle timeout
+    assert raw.startswith(b"HTTP/1.1 200 OK") and raw.count(b"HTTP/1.1") == 1 and b"connection: close" in raw
+    assert app.received.get(timeout=WAIT)[0] == "/echo" and app.received.empty()
+
+
+def test_a_read_full_of_upgrade_offers_is_served_in_order(start: Start) -> None:
+    base, _ = start()
+    with connect(base) as sock:
+        sock.sendall(upgrading(b"x") * 1500 + get("/echo", "Connection: close"))
+        raw = read_to_close(sock)
+    assert raw.count(b'{"bytes": 1}') == 1500 and raw.endswith(b'{"bytes": 0}')
