@@ -12,7 +12,8 @@ normalised into the types below, so nothing above `adapters/` knows which dialec
       parse_hook(body) -> TaskView | None                a `notifyHook` call the provider made, in its dialect;
                                                          None when it is not a task
       fetch(upstream_id) -> TaskView | None              one task; None when the upstream does not know the id
-      fetch_many(upstream_ids) -> list[TaskView]         a batch; ids the upstream does not know are left out
+      fetch_many(upstream_ids) -> list[TaskView]         a batch; ids the upstream does not know are left out;
+                                                         raises PartialRead when some ids could not be read
       download(url) -> bytes                             a finished image, size-limited, never with credentials
       probe() -> bool                                    a cheap call that proves the provider answers and accepts us
       aclose()                                           release connections
@@ -38,6 +39,8 @@ normalised into the types below, so nothing above `adapters/` knows which dialec
     UploadOutcome = Uploaded(links) | Retryable | ClientError | ProviderUnusable
 
     UpstreamUnavailable          raised by fetch/fetch_many/seed/download/probe when the provider cannot answer
+    PartialRead                  an UpstreamUnavailable of fetch_many that read some ids: the views it has, and the
+                                 ids it could not read (neither known nor unknown)
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ __all__ = [
     "Dimensions",
     "Mode",
     "NeedsModal",
+    "PartialRead",
     "ProviderUnusable",
     "Retryable",
     "SubmitKind",
@@ -192,6 +196,18 @@ UploadOutcome = Uploaded | Retryable | ClientError | ProviderUnusable
 
 class UpstreamUnavailable(Exception):
     """The provider could not answer a read (transport error, 5xx, refused credentials, a broken body)."""
+
+
+class PartialRead(UpstreamUnavailable):
+    """A batch read the provider answered for some ids only: `views` of the ids it answered for (those it does not
+    know left out, as ever), and the ids it could not answer for (`unread`), which say nothing of their tasks. One
+    task whose read fails (a 5xx, a body that is no task) must not cost its neighbours their read, nor be taken
+    for a task the upstream forgot."""
+
+    def __init__(self, reason: str, views: Sequence[TaskView], unread: frozenset[str]) -> None:
+        super().__init__(reason)
+        self.views = list(views)
+        self.unread = unread
 
 
 @runtime_checkable

@@ -24,6 +24,7 @@ from adapters.base import (
     Bot,
     ClientError,
     Mode,
+    PartialRead,
     ProviderUnusable,
     Retryable,
     SubmitOutcome,
@@ -209,18 +210,39 @@ class HttpUpstream:
             raise UpstreamUnavailable(str(exc)) from None
 
     async def fetch_many(self, upstream_ids: Sequence[str]) -> list[TaskView]:
+        """The batch read in chunks (list-by-condition, else one fetch per id). A chunk that fails, or a fetch that
+        fails, leaves its ids unread rather than the whole batch: `PartialRead` with the views read. A chunk none of
+        whose ids could be read ends the read (the provider is not asked for the rest); when nothing at all was
+        read, the first failure is raised as it came."""
         ids = list(dict.fromkeys(upstream_ids))
         size = max(1, min(self.options.batch_size, self.max_batch))
         views: list[TaskView] = []
+        unread: list[str] = []
+        failure: UpstreamUnavailable | None = None
         for start in range(0, len(ids), size):
             chunk = ids[start : start + size]
-            if self._list_supported:
-                got = await self._list(chunk)
-                if got is not None:
-                    views.extend(got)
-                    continue
-            views.extend(await self._fetch_each(chunk))
-        return views
+            try:
+                if self._list_supported:
+                    got = await self._list(chunk)
+                    if got is not None:
+                        views.extend(got)
+                        continue
+                read, missed, failed = await self._fetch_each(chunk)
+            except UpstreamUnavailable as exc:
+                failure = failure or exc
+                unread.extend(ids[start:])
+                break
+            views.extend(read)
+            unread.extend(missed)
+            failure = failure or failed
+            if missed and len(missed) == len(chunk):  # not one of them answered: the provider cannot now
+                unread.extend(ids[start + size :])
+                break
+        if failure is None:
+            return views
+        if len(unread) == len(ids):
+            raise failure
+        raise PartialRead(f"{len(unread)} of {len(ids)} tasks unread: {failure}", views, frozenset(unread))
 
     async def download(self, url: str) -> bytes:
         target = url if url.startswith(("http://", "https://")) else urljoin(self._base + "/", url)
@@ -334,6 +356,18 @@ class HttpUpstream:
         wanted = set(ids)
         return [view for view in views if view.upstream_id in wanted]
 
-    async def _fetch_each(self, ids: list[str]) -> list[TaskView]:
-        results = await asyncio.gather(*(self.fetch(i) for i in ids))
-        return [view for view in results if view is not None]
+    async def _fetch_each(self, ids: list[str]) -> tuple[list[TaskView], list[str], UpstreamUnavailable | None]:
+        """One fetch per id: the views read, the ids whose fetch failed, and the first failure."""
+        results = await asyncio.gather(*(self.fetch(i) for i in ids), return_exceptions=True)
+        views: list[TaskView] = []
+        missed: list[str] = []
+        failure: UpstreamUnavailable | None = None
+        for upstream_id, result in zip(ids, results, strict=True):
+            if isinstance(result, UpstreamUnavailable):
+                missed.append(upstream_id)
+                failure = failure or result
+            elif isinstance(result, BaseException):
+                raise result
+            elif result is not None:
+                views.append(result)
+        return views, missed, failure

@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -356,9 +356,13 @@ class Lifecycle:
 
     # -- applying what the upstream says -------------------------------------------------------------------------
 
-    async def apply(self, provider: str, jobs: list[Tracked], views: list[TaskView] | None) -> None:
+    async def apply(
+        self, provider: str, jobs: list[Tracked], views: list[TaskView] | None, unread: Collection[str] = ()
+    ) -> None:
         """Apply one read of `jobs` (all of `provider`): the views the upstream gave, or None when it could not
-        answer. A job missing from the views counts towards being lost; every job is checked against its deadline."""
+        answer. A job missing from the views counts towards being lost, unless its task is among `unread` (the
+        upstream could not answer for it: that says nothing of the task); every job is checked against its
+        deadline."""
         jobs = [tracked for tracked in jobs if not tracked.delivering]  # already finished: being delivered
         by_upstream: dict[str, list[Tracked]] = {}
         for tracked in jobs:
@@ -388,7 +392,7 @@ class Lifecycle:
                     elif step.kind == "failure":
                         failures[tracked.job_id] = (tracked, step.error_code or FailureCode.FAILED, step.reason)
             for tracked in jobs:
-                if tracked.upstream_id in latest:
+                if tracked.upstream_id in latest or tracked.upstream_id in unread:
                     continue
                 tracked.missing_since = tracked.missing_since or now
                 if now - tracked.missing_since >= self.config.jobs.lost_after_s:

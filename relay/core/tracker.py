@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from adapters import TaskView, UpstreamUnavailable
+from adapters import PartialRead, TaskView, UpstreamUnavailable
 from relay.clock import Clock
 from relay.config import Config
 from relay.core.background import cancel_all
@@ -199,12 +199,16 @@ class Tracker:
             following = tracked.due_at + interval
             tracked.due_at = following if following > started else started + interval
         upstream_ids = list(dict.fromkeys(tracked.upstream_id for tracked in jobs))
+        unread: frozenset[str] = frozenset()
         try:
             views: list[TaskView] | None = await self.pool.fetch_many(provider, upstream_ids)
+        except PartialRead as exc:  # the jobs read are applied; those not read wait for the next round
+            event(log, "status read failed", provider=provider, reason=str(exc))
+            views, unread = exc.views, exc.unread
         except UpstreamUnavailable as exc:
             event(log, "status read failed", provider=provider, reason=str(exc))
             views = None
-        await self.lifecycle.apply(provider, jobs, views)
+        await self.lifecycle.apply(provider, jobs, views, unread)
         return len(jobs)
 
 

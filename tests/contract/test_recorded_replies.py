@@ -18,6 +18,7 @@ from adapters import (
     ClientError,
     HttpOptions,
     NeedsModal,
+    PartialRead,
     ProviderUnusable,
     Retryable,
     SubmitRequest,
@@ -255,6 +256,17 @@ async def test_without_list_by_condition_reads_fall_back_to_fetch(mock: Replay) 
     assert [v.upstream_id for v in await adapter.fetch_many(["5", "6"])] == ["5"]
     assert [v.upstream_id for v in await adapter.fetch_many(["5"])] == ["5"]
     assert listing.call_count == 1  # remembered: not asked again
+
+
+async def test_one_task_its_fetch_cannot_answer_does_not_cost_the_others_their_read(mock: Replay) -> None:
+    mock.post("/v1/mj/task/list-by-condition").respond(404)
+    mock.get("/v1/mj/task/5/fetch").respond(json=TASK)
+    mock.get("/v1/mj/task/6/fetch").respond(500)
+    mock.get("/v1/mj/task/7/fetch").respond(200, text="")
+    with pytest.raises(PartialRead) as caught:
+        await upstream("mj-v1").fetch_many(["5", "6", "7"])
+    assert [v.upstream_id for v in caught.value.views] == ["5"]
+    assert caught.value.unread == frozenset({"6"})  # 7 is unknown: left out, as ever
 
 
 async def test_a_wrapped_task_list_is_accepted(mock: Replay) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters import TaskStatus, TaskView, UpstreamUnavailable
+from adapters import PartialRead, TaskStatus, TaskView, UpstreamUnavailable
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.core import lifecycle as lifecycle_module
 from relay.core.coordination import Coordinator
@@ -1134,3 +1134,24 @@ async def test_results_held_for_a_failing_image_store_are_bounded_and_the_others
     states = {await world.state(held), await world.state(past)}
     assert states == {("SUCCEEDED", None, "captured"), ("FAILED", "internal", "released")}
     assert world.tracker.lifecycle._keep_waiting == 0 and await world.balance() == (998, 0)
+
+
+async def test_a_job_its_upstream_could_not_answer_for_is_not_lost_and_its_neighbours_are_read(world: World) -> None:
+    read = await world.submit("cat")
+    unread = await world.submit("dog")
+    real = world.pool.upstreams["sim"].fetch_many
+    upstream_of = {job: (await world.store.get(job)).upstream_id for job in (read, unread)}  # type: ignore[union-attr]
+
+    async def partly(ids: Sequence[str]) -> list[TaskView]:
+        views = [v for v in await real(ids) if v.upstream_id != upstream_of[unread]]
+        raise PartialRead("one task's fetch answered HTTP 500", views, frozenset({upstream_of[unread]}))
+
+    world.pool.upstreams["sim"].fetch_many = partly  # type: ignore[method-assign]
+    world.clock.advance(5)
+    await world.tracker.poll("sim")
+    assert (await world.store.get(read)).progress == 31  # type: ignore[union-attr]
+    world.clock.advance(40)  # past lost_after_s: a job whose read failed is not one the upstream forgot
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert await world.state(read) == ("SUCCEEDED", None, "captured")
+    assert (await world.state(unread))[0] == "SUBMITTED"
