@@ -13,7 +13,8 @@ RUN pip install . && rm -rf /src \
 USER mjrelay
 WORKDIR /data
 # `serve` reads these (its --data-dir, --host and --port options), over what a config file says: data (SQLite, the
-# signing key, images) in /data itself, on every interface. Arguments after the image name go to `mj-relay serve`.
+# signing key, images) in /data itself, on every interface; `docker exec ... mj-relay keys ...` reads MJ_RELAY_DATA_DIR
+# too, so it works on the same database. Arguments after the image name go to `mj-relay serve`.
 ENV MJ_RELAY_DATA_DIR=/data MJ_RELAY_HOST=0.0.0.0 MJ_RELAY_PORT=8080
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=3s \

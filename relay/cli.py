@@ -30,10 +30,22 @@ def _config_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)(function)
 
 
+# The data folder `serve --data-dir` takes from the environment (the Docker image sets it to its volume).
+DATA_DIR_ENV = "MJ_RELAY_DATA_DIR"
+
+
+def _data_dir_from_env(config: Config) -> Config:
+    """`config` with `data_dir` from `MJ_RELAY_DATA_DIR` when it is set, over the file. Every command that opens the
+    relay's database reads it, not `serve` alone: a key made with the file's folder while `serve` kept its data in
+    the environment's would be in another database, and the relay would answer it as an incorrect key."""
+    folder = os.environ.get(DATA_DIR_ENV)
+    return config.model_copy(update={"data_dir": folder}) if folder else config
+
+
 def _load(ctx: click.Context, config_path: str | None) -> Config:
     path = config_path or (ctx.obj or {}).get("config_path") or os.environ.get("MJ_RELAY_CONFIG") or None
     try:
-        return load_config(path)
+        return _data_dir_from_env(load_config(path))
     except ConfigError as exc:
         click.echo(f"mj-relay: invalid configuration in {exc.source}:", err=True)
         for problem in exc.problems:
@@ -64,7 +76,7 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False),
-    envvar="MJ_RELAY_DATA_DIR",
+    envvar=DATA_DIR_ENV,
     show_envvar=True,
     help="Folder of the SQLite database, images and signing key (overrides data_dir).",
 )
@@ -255,7 +267,7 @@ def check_config(file: str) -> None:
     """Validate a configuration file and summarise it; when it is invalid, list every problem (unset environment
     variables and validation errors alike) and exit 2."""
     try:
-        config = load_config(file)
+        config = _data_dir_from_env(load_config(file))  # the folders `serve` would use
         folders: dict[str, str] = {}  # one problem a setting (data_dir names three folders)
         for setting, folder in _folders(config):
             if setting not in folders and (blocked := _folder_in_the_way(folder)) is not None:

@@ -241,6 +241,26 @@ def test_serve_takes_host_port_and_data_dir_from_the_environment_over_the_file(t
     assert (tmp_path / "flag" / "mj-relay.db").exists()
 
 
+def test_every_command_keeps_to_the_data_dir_serve_takes_from_the_environment(tmp_path: Path) -> None:
+    # The Docker image sets MJ_RELAY_DATA_DIR=/data for `serve`: a key made beside it with `docker exec ... mj-relay
+    # keys create` went into the file's (or the default) folder, and the relay answered it "Incorrect API key".
+    (tmp_path / "c.yaml").write_text("data_dir: elsewhere\n")
+    env = {"MJ_RELAY_CONFIG": "c.yaml", "MJ_RELAY_DATA_DIR": str(tmp_path / "volume")}
+    created = cli(tmp_path, "keys", "create", "--name", "a", "--quota", "5", env=env)
+    assert created.returncode == 0, created.stderr
+    assert (tmp_path / "volume" / "mj-relay.db").exists()
+    assert " a " in cli(tmp_path, "keys", "list", env=env).stdout
+    assert cli(tmp_path, "ledger", "check", env=env).stdout.startswith("ledger ok: 1 keys")
+    assert cli(tmp_path, "providers", env=env).returncode == 0
+    checked = cli(tmp_path, "check-config", "c.yaml", env=env)
+    assert f"database: sqlite+aiosqlite:///{tmp_path / 'volume' / 'mj-relay.db'}" in checked.stdout
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "data").exists()
+    key = re.search(r"sk-mjr-\S+", created.stdout).group(0)  # type: ignore[union-attr]
+    with serving(tmp_path, "--port", "0", env=env) as (_, url):
+        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+    assert models.status_code == 200
+
+
 def test_check_config_lists_unset_variables_and_every_other_problem_at_once(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text(
         "server: {port: '${MJR_TEST_PORT}', colour: red}\n"
