@@ -347,9 +347,10 @@ def _parse_when(value: str, now: float, option: str, *, ago: bool = False) -> fl
     try:
         parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
+        # A start (`--since`) is a time back from now; `never` is an end's word (`--expires never`).
+        takes = "a duration back from now (30d, 12h)" if ago else "a duration (30d, 12h) or 'never'"
         raise click.BadParameter(
-            "give a date (2026-12-31), a date-time (2026-12-31T18:00:00Z), a duration (30d, 12h) or 'never'",
-            param_hint=option,
+            f"give a date (2026-12-31), a date-time (2026-12-31T18:00:00Z), {takes}", param_hint=option
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)

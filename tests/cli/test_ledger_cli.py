@@ -123,3 +123,13 @@ def test_a_key_is_not_created_already_expired(tmp_path: Path) -> None:
     ended = cli(tmp_path, "--config", config, "keys", "update", key_id, "--expires", "0m")
     assert ended.returncode == 0, ended.stderr
     assert "expired" in cli(tmp_path, "--config", config, "keys", "list").stdout
+
+
+def test_a_since_that_is_no_time_is_refused_naming_what_since_takes(tmp_path: Path) -> None:
+    """`--since` is a start, back from now: the refusal offers what it reads, not the `never` of `--expires`."""
+    config = str(_config(tmp_path))
+    refused = cli(tmp_path, "--config", config, "ledger", "export", "--since", "1x")
+    assert refused.returncode == 2 and "--since" in refused.stderr
+    assert "a duration back from now (30d, 12h)" in refused.stderr and "never" not in refused.stderr, refused.stderr
+    expiring = cli(tmp_path, "--config", config, "keys", "create", "--name", "x", "--quota", "1", "--expires", "1x")
+    assert expiring.returncode == 2 and "'never'" in expiring.stderr, expiring.stderr
