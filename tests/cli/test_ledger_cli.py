@@ -133,3 +133,18 @@ def test_a_since_that_is_no_time_is_refused_naming_what_since_takes(tmp_path: Pa
     assert "a duration back from now (30d, 12h)" in refused.stderr and "never" not in refused.stderr, refused.stderr
     expiring = cli(tmp_path, "--config", config, "keys", "create", "--name", "x", "--quota", "1", "--expires", "1x")
     assert expiring.returncode == 2 and "'never'" in expiring.stderr, expiring.stderr
+
+
+def test_a_name_that_looks_like_a_key_id_is_refused_as_the_admin_api_refuses_it(tmp_path: Path) -> None:
+    """Commands name a key by its id first, then by its name: a key named like another key's id could not be
+    reached by its name, and `keys revoke NAME` revoked the other key."""
+    config = str(_config(tmp_path))
+    first = cli(tmp_path, "--config", config, "keys", "create", "--name", "shop", "--quota", "5")
+    key_id = first.stdout.split()[2]
+    for name in (key_id, "key_", "Shop\x1b[2J"):
+        made = cli(tmp_path, "--config", config, "keys", "create", "--name", name, "--quota", "5")
+        assert made.returncode == 2 and "name must not" in made.stderr, (name, made.stdout, made.stderr)
+        renamed = cli(tmp_path, "--config", config, "keys", "update", "shop", "--name", name)
+        assert renamed.returncode == 2 and "name must not" in renamed.stderr, (name, renamed.stderr)
+    listed = cli(tmp_path, "--config", config, "keys", "list").stdout
+    assert listed.count("\n") == 2 and " shop " in listed  # the header and the one key, named as it was

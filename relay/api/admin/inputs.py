@@ -18,7 +18,7 @@ from relay.api.common import Text
 from relay.core.text import check_storable
 from relay.domain import JobState
 from relay.errors import InvalidRequest
-from relay.store.keys import MAX_CREDITS, MAX_RPM
+from relay.store.keys import ID_LIKE, MAX_CREDITS, MAX_RPM
 
 MAX_NAME = 100
 MAX_NOTE = 200
@@ -30,8 +30,6 @@ MAX_PAGE = 200
 DEFAULT_PAGE = 50
 
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
-# Names that look like key ids are refused: a key is addressed by id or name, and the two must not collide.
-_ID_LIKE = re.compile(r"key_[0-9A-Za-z_-]*")
 _JOB_ID = re.compile(r"[a-z0-9_]{1,40}")
 
 
@@ -44,7 +42,7 @@ def _name(value: str) -> str:
     check_storable(value)
     if any(unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") for char in value):
         raise ValueError("a name must not contain control or format characters")
-    if _ID_LIKE.fullmatch(value):
+    if ID_LIKE.fullmatch(value):  # a key is addressed by id or name, and the two must not collide
         raise ValueError("a name must not look like a key id (key_...)")
     return value
 
