@@ -143,14 +143,14 @@ def _text(value: object, what: str, limit: int, *, empty: bool = False) -> str:
 
 # Commands address a key by its id or, failing that, its name (`keys revoke ID_OR_NAME`): a name that looks like an
 # id could be another key's id, which the command would act on, and the key so named could not be reached by it.
-ID_LIKE = re.compile(r"key_[0-9A-Za-z_-]*")
+_ID_LIKE = re.compile(r"key_[0-9A-Za-z_-]*")
 
 
 def check_name(name: object) -> str:
     """A key's name, as the CLI and the admin API both take it: not empty, not like a key id, and no control or
     format characters (an escape sequence in a name would act on the terminal that lists the keys)."""
     text = _text(name, "name", MAX_NAME).strip()
-    if ID_LIKE.fullmatch(text):
+    if _ID_LIKE.fullmatch(text):
         raise ValueError("name must not look like a key id (key_...)")
     if any(unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") for char in text):
         raise ValueError("name must not contain control or format characters")

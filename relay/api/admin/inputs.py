@@ -8,17 +8,15 @@ import base64
 import binascii
 import math
 import re
-import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from relay.api.common import Text
-from relay.core.text import check_storable
 from relay.domain import JobState
 from relay.errors import InvalidRequest
-from relay.store.keys import ID_LIKE, MAX_CREDITS, MAX_RPM
+from relay.store.keys import MAX_CREDITS, MAX_RPM, check_name
 
 MAX_NAME = 100
 MAX_NOTE = 200
@@ -34,17 +32,10 @@ _JOB_ID = re.compile(r"[a-z0-9_]{1,40}")
 
 
 def _name(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("a name must not be empty")
-    if len(value) > MAX_NAME:
+    """A key's name as the store takes one (`check_name`), and at most `MAX_NAME` characters in the admin UI."""
+    if len(value.strip()) > MAX_NAME:
         raise ValueError(f"a name is at most {MAX_NAME} characters")
-    check_storable(value)
-    if any(unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") for char in value):
-        raise ValueError("a name must not contain control or format characters")
-    if ID_LIKE.fullmatch(value):  # a key is addressed by id or name, and the two must not collide
-        raise ValueError("a name must not look like a key id (key_...)")
-    return value
+    return check_name(value)
 
 
 def _note(value: str) -> str:
