@@ -12,7 +12,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 from cachetools import TTLCache
 from pydantic import AfterValidator, BaseModel, StrictStr, ValidationError
@@ -48,6 +48,8 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 # How long a looked-up key (or a miss) is remembered; a revocation or a change of policy takes effect within this
 # time (a hold itself always checks revocation and expiry in the database).
 KEY_CACHE_TTL_S = 5.0
+# What the key cache answers for a key it does not hold (None is a remembered miss: a key that does not exist).
+_NOT_CACHED = object()
 
 
 def relay_of(request: Request) -> Relay:
@@ -110,7 +112,10 @@ class Authenticator:
             hint = "'Authorization: Bearer YOUR_KEY'" + (" or 'mj-api-secret: YOUR_KEY'" if native else "")
             raise AuthenticationFailed(f"You didn't provide an API key. Send it as {hint}.", reason="missing")
         digest = hash_key(token)
-        record = self._cache[digest] if digest in self._cache else await self._lookup(digest, token)
+        # One read of the cache, at one moment: asking whether it holds the key and then for the key reads its clock
+        # twice, and an entry that lapsed in between was a KeyError (a 500) for a good key.
+        cached = self._cache.get(digest, _NOT_CACHED)
+        record = await self._lookup(digest, token) if cached is _NOT_CACHED else cast(KeyRecord | None, cached)
         if record is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         refused = key_refused(record, self.now())
