@@ -174,7 +174,13 @@ class TaskService:
             raise InvalidRequest("The task has no such button.", param="customId")
         mode, bot, model = self._mode_and_model(order.hints, cast(Bot, parent.bot), inherited=cast(Mode, parent.mode))
         provider = self.pool.settings.get(parent.provider)
-        if provider is not None and mode not in provider.modes:
+        if provider is None:
+            # follow-ups run on the parent's provider and no other: taken out of the configuration, it never
+            # comes back to run them, so this is no "try again shortly" (and no job held and failed for it)
+            raise InvalidRequest(
+                "The provider that ran the task is no longer configured; its buttons cannot be used.", param="taskId"
+            )
+        if mode not in provider.modes:
             # it would run there in a mode the provider does not serve (its account's own, at another price)
             raise InvalidRequest(
                 f"The provider that ran the task does not run {mode} mode; its follow-ups cannot either.", param="model"

@@ -337,3 +337,24 @@ def test_a_follow_up_in_a_mode_its_provider_does_not_serve_is_refused(tmp_path: 
         assert (reply.status_code, reply.json()["code"]) == (400, 4) and "relax" in reply.json()["description"]
         assert world.relay.balance() == before and sum(len(engine._tasks) for engine in world.engines) == made
         assert world.job(world.submit("/submit/action", {"taskId": grid["id"], "customId": custom}))["mode"] == "fast"
+
+
+def test_a_follow_up_of_a_task_whose_provider_is_gone_is_refused_and_starts_no_task(tmp_path: Path) -> None:
+    """A provider taken out of the configuration (removed, renamed) never comes back to run its tasks' buttons: the
+    press was held, failed as "no provider could take it; try again shortly" (a 503 with Retry-After, retried for
+    ever) and left a FAILURE task, unknown to the client, in its list and at its hook."""
+    receiver = Receiver()
+    sections = {"api": {"references": {"allow_private": True}}}
+    with serve(receiver.app()) as hooks, native(tmp_path, prices=PRICES, **sections) as world:
+        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a cat"}))
+        sql(world.relay.config, "UPDATE jobs SET provider = 'retired' WHERE id = ?", grid["id"])
+        before = world.relay.balance()
+        body = {"taskId": grid["id"], "customId": world.button(grid, "upsample::1"), "notifyHook": hooks + "/ok"}
+        reply = world.post("/submit/action", body)
+        assert (reply.status_code, reply.json()["code"]) == (400, 4), reply.text
+        assert "no longer configured" in reply.json()["description"]
+        assert reply.headers.get("x-should-retry") == "false" and "retry-after" not in reply.headers
+        assert world.relay.balance() == before
+        assert [t["id"] for t in world.client.post("/mj/task/list-by-condition", json={}).json()] == [grid["id"]]
+        time.sleep(0.5)
+        assert receiver.deliveries == []
