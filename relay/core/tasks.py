@@ -262,6 +262,10 @@ class TaskService:
         row = await self._owned(key, task_id)
         if row.state is not JobState.MODAL or row.provider is None or row.upstream_id is None:
             raise InvalidRequest("The task is not waiting for a confirmation (submit/modal).", param="taskId")
+        if row.provider not in self.pool.settings:  # only the provider that parked it can run it
+            raise InvalidRequest(
+                "The provider that parked the task is no longer configured; it cannot be confirmed.", param="taskId"
+            )
         if prompt:
             check_prompt(prompt, self.config.api.max_prompt_chars)
             if MODE_FLAG.search(prompt):  # the job's mode, which priced it, is the one that runs

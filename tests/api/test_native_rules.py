@@ -358,3 +358,23 @@ def test_a_follow_up_of_a_task_whose_provider_is_gone_is_refused_and_starts_no_t
         assert [t["id"] for t in world.client.post("/mj/task/list-by-condition", json={}).json()] == [grid["id"]]
         time.sleep(0.5)
         assert receiver.deliveries == []
+
+
+def test_a_confirmation_of_a_task_whose_provider_is_gone_is_refused_not_an_internal_error(tmp_path: Path) -> None:
+    """The provider that parked the task is the only one that can run its confirmation: looking it up in the
+    configuration failed (a KeyError, a 500 "internal error") once it was taken out of it."""
+    with native(tmp_path, prices=PRICES) as world:
+        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a cat"}))
+        upscale = world.finished(
+            world.submit("/submit/action", {"taskId": grid["id"], "customId": world.button(grid, "upsample::1")})
+        )
+        region = world.submit("/submit/action", {"taskId": upscale["id"], "customId": world.button(upscale, "Inpaint")})
+        world.reached(region, "MODAL")
+        sql(world.relay.config, "UPDATE jobs SET provider = 'retired' WHERE id = ?", region)
+        confirmation = {"taskId": region, "prompt": "a red boat", "maskBase64": png()}
+        reply = world.post("/submit/modal", confirmation)
+        assert (reply.status_code, reply.json()["code"]) == (400, 4), reply.text
+        assert "no longer configured" in reply.json()["description"]
+        sql(world.relay.config, "UPDATE jobs SET provider = 'p0' WHERE id = ?", region)  # confirmable again
+        assert world.post("/submit/modal", confirmation).json()["code"] == 1
+        world.finished(region)
