@@ -1,0 +1,64 @@
+"""Jobs running on a provider the configuration no longer has (removed, renamed at a restart): nobody can follow them
+to their end, so they are ended, their holds settled and their clients told, rather than left running for ever."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+
+from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
+from relay.api.mj import render
+from relay.clock import SystemClock
+from relay.core.modes import ModeHints
+from relay.core.tasks import TaskOrder
+from relay.domain import JobState, TaskKind
+from relay.services import Relay
+from tests.helpers import Receiver, relay_config, serve
+
+pytestmark = pytest.mark.anyio
+
+SIM = {"fast_s": 30, "relax_s": 30, "turbo_s": 30, "tile_px": 16}
+
+
+def started(relay: Relay) -> Relay:
+    relay.notifier.render = lambda row, base, now: render.task(row, relay.images, base, now)  # as the app does
+    return relay
+
+
+async def test_a_relay_started_without_a_running_job_s_provider_ends_it_and_tells_its_hook(tmp_path: Path) -> None:
+    """Alone on SQLite, restarted with the provider renamed: the job was claimed only by a process that has its
+    provider, which none ever will. It stayed SUBMITTED past its deadline, its credits held and its hook silent."""
+    receiver = Receiver()
+    engine = SimEngine(SimSettings(**SIM))
+    sections = {"api": {"references": {"allow_private": True}}, "jobs": {"poll_interval_s": 0.05}}
+    async with contextlib.AsyncExitStack() as stack:
+        hook = stack.enter_context(serve(receiver.app())) + "/ok"
+        before = started(
+            Relay(relay_config(tmp_path, **sections), SystemClock(), {"sim": SimulatorUpstream("sim", engine)})
+        )
+        await before.open()
+        key, _ = await before.keys.create("k", 100, 0)
+        order = TaskOrder(TaskKind.IMAGINE, ModeHints(model="mj-fast"), prompt="a kite", notify_hook=hook)
+        task = await before.tasks.submit(key, order, "http://127.0.0.1:1")
+        await before.close()
+
+        providers = [{"name": "renamed", "dialect": "simulator", "simulator": SIM}]
+        config = relay_config(tmp_path, providers=providers, **sections)
+        after = started(Relay(config, SystemClock(), {"renamed": SimulatorUpstream("renamed", engine)}))
+        await after.open()
+        stack.push_async_callback(after.close)
+        row = await after.store.get(task.job_id)
+        assert row is not None and row.state is JobState.FAILED and row.hold_state == "released", row
+        assert "no longer configured" in (row.fail_reason or "")
+        record = await after.keys.get(key.id)
+        assert record is not None and (record.balance, record.held) == (100, 0)
+        for _ in range(100):
+            if any(t["status"] == "FAILURE" for t in receiver.tasks(task.job_id)):
+                break
+            await asyncio.sleep(0.05)
+        assert [t["status"] for t in receiver.tasks(task.job_id)][-1] == "FAILURE", receiver.deliveries
+        assert json.loads(receiver.deliveries[-1][1])["failReason"]
