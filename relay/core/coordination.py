@@ -90,9 +90,7 @@ class Coordinator:
         providers = self.tracker.pool.names
         followed = 0
         while True:
-            rows = await self.leases.claim_expired(
-                self.clock.now(), providers, any_lease=first and self.alone, any_provider=self.alone
-            )
+            rows = await self.leases.claim_expired(self.clock.now(), providers, any_lease=first and self.alone)
             followed += await self.follow_claimed(rows)
             if len(rows) < CLAIM_BATCH:
                 break

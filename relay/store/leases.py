@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, true, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES, RUNNING_STATES, JobState
@@ -82,18 +82,17 @@ class Leases:
         limit: int = CLAIM_BATCH,
         *,
         any_lease: bool = False,
-        any_provider: bool = False,
     ) -> list[JobRow]:
         """Claim running jobs of these providers whose lease ran out (or, with `any_lease`, every one not already
         this process's: a process that knows it is alone, on SQLite); the jobs claimed. A job of a provider this
-        process does not have is left to the processes that have it (another release, mid-deploy), unless
-        `any_provider` (alone: there is no other) or its deadline has passed (no process that has its provider
-        followed it to its end): claimed then, it is ended by the tracker, its hold settled and its hook told, where
-        it would otherwise stay running, and held, for ever."""
+        process does not have is left to the processes that have it (another release, mid-deploy; or this one once
+        the provider is configured again, as after a rename undone), until its deadline has passed (no process that
+        has its provider followed it to its end): claimed then, it is ended by the tracker, its hold settled and its
+        hook told, where it would otherwise stay running, and held, for ever."""
         mine = or_(jobs.c.owner.is_(None), jobs.c.owner != self.owner)
         claimable = mine if any_lease else _lapsed(now)
         known = jobs.c.provider.in_(list(providers))
-        unfollowed = and_(jobs.c.provider.is_not(None), true() if any_provider else jobs.c.deadline_at < now)
+        unfollowed = and_(jobs.c.provider.is_not(None), jobs.c.deadline_at < now)
         some = select(jobs.c.id).where(jobs.c.state.in_(_RUNNING), or_(known, unfollowed), claimable).limit(limit)
         return await self._claim(jobs.c.id.in_(some.scalar_subquery()), claimable, now)
 

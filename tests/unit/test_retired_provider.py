@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from relay.core.modes import ModeHints
 from relay.core.tasks import TaskOrder
 from relay.domain import JobState, TaskKind
 from relay.services import Relay
-from tests.helpers import Receiver, relay_config, serve
+from tests.helpers import Receiver, relay_config, serve, sql
 
 pytestmark = pytest.mark.anyio
 
@@ -31,7 +32,8 @@ def started(relay: Relay) -> Relay:
 
 async def test_a_relay_started_without_a_running_job_s_provider_ends_it_and_tells_its_hook(tmp_path: Path) -> None:
     """Alone on SQLite, restarted with the provider renamed: the job was claimed only by a process that has its
-    provider, which none ever will. It stayed SUBMITTED past its deadline, its credits held and its hook silent."""
+    provider, which none ever will. It stayed SUBMITTED past its deadline, its credits held and its hook silent. Now
+    it is left running until its deadline (the provider may be put back), and ended once that has passed."""
     receiver = Receiver()
     engine = SimEngine(SimSettings(**SIM))
     sections = {"api": {"references": {"allow_private": True}}, "jobs": {"poll_interval_s": 0.05}}
@@ -51,6 +53,10 @@ async def test_a_relay_started_without_a_running_job_s_provider_ends_it_and_tell
         after = started(Relay(config, SystemClock(), {"renamed": SimulatorUpstream("renamed", engine)}))
         await after.open()
         stack.push_async_callback(after.close)
+        row = await after.store.get(task.job_id)
+        assert row is not None and row.state is JobState.SUBMITTED and row.hold_state == "held", row
+        sql(config, "UPDATE jobs SET deadline_at = ? WHERE id = ?", time.time() - 1, task.job_id)
+        await after.coordinator.adopt()
         row = await after.store.get(task.job_id)
         assert row is not None and row.state is JobState.FAILED and row.hold_state == "released", row
         assert "no longer configured" in (row.fail_reason or "")
