@@ -21,6 +21,8 @@ from PIL import Image
 
 from relay.app import build_app
 from relay.config import Config
+from relay.domain import FailureCode
+from relay.errors import JobFailed
 from relay.server import RelayServer
 from relay.store.db import Unreachable
 from tests.helpers import (
@@ -238,6 +240,22 @@ def test_an_internal_error_mid_stream_ends_it_with_a_500_error(
         unhandled = [r for r in caplog.records if r.getMessage() == "unhandled error"]
         assert len(unhandled) == 2 and all(r.exc_info for r in unhandled)
         assert counted_unavailable(relay) == 0
+
+
+def test_a_prompt_refused_as_its_job_runs_names_messages(tmp_path: Path) -> None:
+    """An upstream may refuse a prompt only once its job is running (a failure reason that says banned): told in
+    the stream or in the answer, that error names `messages`, where a chat's prompt is."""
+    with relay_and_server(relay_config(tmp_path)) as (relay, app, _):
+
+        async def banned(generation: object) -> list[object]:
+            raise JobFailed(FailureCode.BANNED, "Midjourney refused the prompt: banned word")
+
+        app.state.relay.jobs.results = banned
+        _, lines = stream_lines(relay, "a harbour")
+        assert assert_ends_with_error(lines, "content_policy_violation")["param"] == "messages"
+        with pytest.raises(openai.BadRequestError) as caught:
+            relay.openai().chat.completions.create(model="mj-fast", messages=[{"role": "user", "content": "a harbour"}])
+        assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "messages"
 
 
 def test_a_relay_stopping_mid_stream_ends_it_with_a_503_error(tmp_path: Path) -> None:

@@ -135,6 +135,19 @@ def test_a_banned_prompt_is_a_content_policy_violation_and_is_not_charged(relay:
     assert relay.jobs() == [("FAILED", "banned", "released", None)]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_banned_chat_prompt_names_messages_as_chats_other_errors_do(relay: RunningRelay, stream: bool) -> None:
+    """On chat the prompt is the last user message: a refused one names `messages`, not a `prompt` field the
+    request has not got."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        relay.openai().chat.completions.create(
+            model="mj-fast", messages=[{"role": "user", "content": "something forbidden"}], stream=stream
+        )
+    assert caught.value.code == "content_policy_violation"
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "messages"
+    assert relay.balance() == (1000, 0)
+
+
 def test_a_failed_job_is_a_502_and_its_hold_is_released(relay: RunningRelay) -> None:
     before = relay.balance()
     with pytest.raises(openai.InternalServerError) as caught:

@@ -28,7 +28,7 @@ from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, un
 from relay.api.openai.errors import render
 from relay.core import housekeeping
 from relay.core.jobs import Generation, JobService, unknown_model
-from relay.errors import InvalidRequest, RelayError
+from relay.errors import InvalidRequest, JobFailed, RelayError
 from relay.logs import event
 from relay.middleware import STOPPING, as_relay_error
 from relay.store.jobs import JobRow
@@ -91,6 +91,14 @@ def last_user_turn(messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
     return text, images
 
 
+def about_messages(error: RelayError) -> RelayError:
+    """The error as chat tells it: a refused prompt (`JobFailed` names `prompt`, the images routes' field) names
+    `messages`, where a chat's prompt came from, as chat's other errors about it do."""
+    if isinstance(error, JobFailed) and error.param == "prompt":
+        error.param = "messages"  # raised for this request alone: each failure is made anew from its job's row
+    return error
+
+
 def markdown(request: Request, rows: list[JobRow]) -> str:
     """The grid as one image, and a link to each tile at full size."""
     relay = relay_of(request)
@@ -131,15 +139,19 @@ async def chat_completions(request: Request) -> Response:
     if image_urls:  # a client that leaves while they download gets no job started (nor charged) for nobody
         loading = relay.references.load(image_urls, key.id)
         spec = replace(spec, references=await unless_disconnected(request, loading))
-    generation = await relay.jobs.start(key, spec, await attempt_of(request, key))
-    completion_id = f"chatcmpl-{generation.request_id}"
-    created = int(relay.clock.now())
-    if not body.stream:
-        try:
-            rows = await unless_disconnected(request, relay.jobs.wait(generation))
-        finally:
-            generation.close()
-        return JSONResponse(_completion(completion_id, created, spec.model, markdown(request, rows)))
+    try:
+        generation = await relay.jobs.start(key, spec, await attempt_of(request, key))
+        completion_id = f"chatcmpl-{generation.request_id}"
+        created = int(relay.clock.now())
+        if not body.stream:
+            try:
+                rows = await unless_disconnected(request, relay.jobs.wait(generation))
+            finally:
+                generation.close()
+            return JSONResponse(_completion(completion_id, created, spec.model, markdown(request, rows)))
+    except JobFailed as exc:
+        about_messages(exc)
+        raise
     usage = bool(body.stream_options and body.stream_options.include_usage)
     return _GenerationStream(
         generation,
@@ -238,7 +250,7 @@ async def _stream(
             # the stream is ended here, with the error, rather than cut.
             error = STOPPING
         except Exception as exc:  # the status is sent: the error can only be told in the stream (and is, once)
-            error = as_relay_error(exc, request.url.path, relay.metrics)
+            error = about_messages(as_relay_error(exc, request.url.path, relay.metrics))
         if error is not None:
             yield chunk({"content": f"**Error:** {error.message}"})
             yield chunk({}, "stop")
