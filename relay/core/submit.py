@@ -50,6 +50,11 @@ STOP_WAIT_S = 10.0
 STOPPED_REASON = "the relay stopped before submitting it"
 
 
+def model_not_allowed(model: str) -> ModelNotAllowed:
+    """The error for a model the key may not use (its `models` policy): one text wherever the relay refuses it."""
+    return ModelNotAllowed(f"This API key may not use the model {model!r}.")
+
+
 class JobIdTaken(InternalError):
     """A job's id, drawn at random, is already another job's: the request is held under fresh ids instead."""
 
@@ -157,7 +162,7 @@ class Submitter:
     async def _hold(self, key: KeyRecord, jobs: list[NewJob]) -> None:
         for job in jobs:
             if not key.allows(job.model):
-                raise ModelNotAllowed(f"This API key may not use the model {job.model!r}.")
+                raise model_not_allowed(job.model)
         if key.rpm is not None:
             wait = await self.keys.take_rate(key.id, self.clock.now())
             if wait is not None:

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
-from tests.helpers import RunningRelay, relay_config, running_relay, serve
+from tests.helpers import RunningRelay, create_key, relay_config, running_relay, serve, sql
 from tests.unit.test_housekeeping import LOBECHAT_TITLE, NEXTCHAT_SUMMARY, NEXTCHAT_TOPIC, OPEN_WEBUI_TITLE
 
 SECRET = "sim-secret-0001"
@@ -98,6 +98,25 @@ def test_an_unknown_model_is_still_refused(relay: RunningRelay, engine: SimEngin
     with pytest.raises(openai.NotFoundError) as raised:
         relay.openai().chat.completions.create(model="gpt-4o", messages=CONVERSATIONS["nextchat topic"])  # type: ignore[arg-type]
     assert raised.value.code == "model_not_found"
+    costs_nothing(relay, engine)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_model_the_key_may_not_use_is_refused_as_a_job_of_it_would_be(
+    relay: RunningRelay, engine: SimEngine, stream: bool
+) -> None:
+    narrow = create_key(relay.config, name="relax only", models=["mj-relax"])
+    client = relay.openai(narrow)
+    with pytest.raises(openai.PermissionDeniedError) as ordinary:
+        client.chat.completions.create(model="mj-fast", messages=[{"role": "user", "content": "a lighthouse"}])
+    with pytest.raises(openai.PermissionDeniedError) as chore:
+        client.chat.completions.create(model="mj-fast", messages=CONVERSATIONS["nextchat topic"], stream=stream)  # type: ignore[arg-type]
+    assert chore.value.status_code == ordinary.value.status_code == 403
+    assert chore.value.body == ordinary.value.body
+    assert isinstance(chore.value.body, dict) and chore.value.body["code"] == "model_not_allowed"
+    reply = client.chat.completions.create(model="mj-relax", messages=CONVERSATIONS["nextchat topic"])  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == ANSWER
+    assert sql(relay.config, "SELECT balance, held FROM keys WHERE name = 'relax only'") == [(1000, 0)]
     costs_nothing(relay, engine)
 
 

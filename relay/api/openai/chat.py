@@ -28,10 +28,12 @@ from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, un
 from relay.api.openai.errors import render
 from relay.core import housekeeping
 from relay.core.jobs import Generation, JobService, unknown_model
+from relay.core.submit import model_not_allowed
 from relay.errors import InvalidRequest, JobFailed, RelayError
 from relay.logs import event
 from relay.middleware import STOPPING, as_relay_error
 from relay.store.jobs import JobRow
+from relay.store.keys import KeyRecord
 
 log = logging.getLogger("relay.housekeeping")
 
@@ -131,7 +133,7 @@ async def chat_completions(request: Request) -> Response:
     relay = relay_of(request)
     key = await relay.auth(request)
     body = validate(ChatRequest, await json_body(request))
-    chore = _housekeeping(request, body)
+    chore = _housekeeping(request, key, body)
     if chore is not None:
         return chore
     text, image_urls = last_user_turn(body.messages)
@@ -180,9 +182,11 @@ def _usage_chunk(completion_id: str, created: int, model: str) -> bytes:
     return b"data: " + json.dumps({**tail, "choices": [], "usage": ZERO_USAGE}).encode() + b"\n\n"
 
 
-def _housekeeping(request: Request, body: ChatRequest) -> Response | None:
+def _housekeeping(request: Request, key: KeyRecord, body: ChatRequest) -> Response | None:
     """A front end's own housekeeping request (a title, tags, a summary: `relay.core.housekeeping`) is answered with
-    `api.housekeeping.answer`, in the shape asked for, without a job, a hold or a charge; None for any other."""
+    `api.housekeeping.answer`, in the shape asked for, without a job, a hold or a charge; None for any other. Its
+    model is refused as a job of it would be (unknown: 404; one the key may not use: 403), so that a key kept from
+    a model is not answered in its name."""
     relay = relay_of(request)
     settings = relay.config.api.housekeeping
     if not settings.enabled:
@@ -192,6 +196,8 @@ def _housekeeping(request: Request, body: ChatRequest) -> Response | None:
         return None
     if body.model not in relay.config.models:
         raise unknown_model(body.model[:64])
+    if not key.allows(body.model):
+        raise model_not_allowed(body.model)
     event(log, "housekeeping answered", prompt=chore, model=body.model, stream=bool(body.stream))
     completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(relay.clock.now())
     if not body.stream:
