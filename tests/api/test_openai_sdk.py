@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.helpers import RunningRelay, pg_database_sync, relay_config, running_relay, serve, wait_for
+from tests.helpers import RunningRelay, pg_database_sync, relay_config, running_relay, serve, sql, wait_for
 
 
 def png(data: bytes) -> Image.Image:
@@ -83,6 +83,14 @@ def test_chat_completion_answers_with_markdown_images(relay: RunningRelay) -> No
     assert content.startswith("![")
     for url in urls:
         assert httpx.get(url).status_code == 200
+
+
+def test_a_chat_prompt_pasted_from_discord_is_sent_without_the_command_and_its_label(relay: RunningRelay) -> None:
+    client = relay.openai()
+    for typed in ("/imagine prompt: a koi pond", "/imagined cities"):
+        client.chat.completions.create(model="mj-fast", messages=[{"role": "user", "content": typed}])
+    sent = sql(relay.config, "SELECT prompt FROM jobs ORDER BY created_at, id")
+    assert sent == [("a koi pond --fast",), ("/imagined cities --fast",)]
 
 
 def test_chat_stream_opens_with_role_shows_progress_and_ends_with_stop(relay: RunningRelay) -> None:

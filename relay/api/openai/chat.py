@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -37,7 +38,9 @@ from relay.store.keys import KeyRecord
 
 log = logging.getLogger("relay.housekeeping")
 
-IMAGINE_PREFIX = "/imagine"
+# Discord's command, as a user types or pastes it before a prompt: `/imagine a cat`, `/imagine prompt: a cat`. Only
+# the whole word is the command (`/imagined cities` is a prompt), and `prompt:` only right after it.
+IMAGINE_COMMAND = re.compile(r"/imagine(?:[\s:]+|$)(?:prompt:\s*)?", re.IGNORECASE)
 ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 # Headers of an event stream: never cached, and not buffered by a proxy in front (nginx).
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -62,7 +65,7 @@ class ChatRequest(BaseModel):
 
 
 def last_user_turn(messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
-    """The prompt (text of the last user message, without a leading `/imagine`) and its image URLs."""
+    """The prompt (text of the last user message, without a leading `/imagine` command) and its image URLs."""
     turn = next((m for m in reversed(messages) if m.get("role") == "user"), None)
     if turn is None:
         raise InvalidRequest("The messages hold no user message to use as a prompt.", param="messages")
@@ -86,8 +89,9 @@ def last_user_turn(messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
     elif content is not None:
         raise InvalidRequest("A message's content must be a string or a list of parts.", param="messages")
     text = " ".join(t.strip() for t in texts if t.strip())
-    if text.lower().startswith(IMAGINE_PREFIX):
-        text = text[len(IMAGINE_PREFIX) :].lstrip(" :")
+    command = IMAGINE_COMMAND.match(text)
+    if command is not None:
+        text = text[command.end() :]
     if not text:
         raise InvalidRequest("The last user message has no text to use as a prompt.", param="messages")
     return text, images
