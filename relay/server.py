@@ -455,13 +455,14 @@ class RelayProtocol(HttpToolsProtocol):
         if self._deadline is None and (self._awaiting or (self.cycle is not None and self.cycle.response_complete)):
             self._arm()  # the next request's headers, or the rest of a body already answered
         limit = self.limits.max_header_bytes
-        while data and not self._refused and not self.transport.is_closing():
-            if not self._awaiting:
-                self._feed(data)
-                return
+        at = 0
+        while at < len(data) and not self._refused and not self.transport.is_closing():
             # While headers are awaited, the parser is fed no more than the bytes left under the limit, so no
-            # header line of any size is buffered.
-            piece, data = data[: limit - self._header_bytes], data[limit - self._header_bytes :]
+            # header line of any size is buffered. A body is fed a limit at a time too: the next request's headers
+            # may follow its end in the same read, and are counted from there.
+            room = limit - self._header_bytes if self._awaiting else limit
+            piece = data[at : at + room]
+            at += len(piece)
             self._boundary = False
             self._feed(piece)
             if not self._awaiting or self.transport.is_closing():

@@ -266,6 +266,24 @@ def test_431_comes_as_the_limit_is_passed_not_when_the_headers_end(start: Start)
         refusal(read_to_close(sock), 431, "request_header_too_large")
 
 
+@pytest.mark.parametrize("apart", [False, True], ids=["one-write", "body-first"])
+def test_headers_behind_the_end_of_a_body_get_431_as_any_others(start: Start, apart: bool) -> None:
+    """A request's headers that come in the same read as the end of the body before them are counted too: they
+    were parsed whole, however large, and counted from nothing at the next read."""
+    base, _ = start(header_timeout_s=30)
+    body = b"b" * 6000  # longer than the limit: the read goes on past it with the body still coming
+    first = post("/echo", len(body), body)
+    with connect(base) as sock:
+        if apart:
+            sock.sendall(first[:100])  # the read then begins in the body
+            time.sleep(0.05)
+            first = first[100:]
+        sock.sendall(first + get("/echo", "X-Big: " + "a" * 20_000))
+        raw = read_to_close(sock)
+    assert raw.startswith(b"HTTP/1.1 200 OK") and b'{"bytes": 6000}' in raw, raw
+    refusal(raw[raw.index(b"HTTP/1.1 431") :], 431, "request_header_too_large")
+
+
 def test_pipelined_requests_and_large_bodies_are_not_taken_for_large_headers(start: Start) -> None:
     base, _ = start()
     requests = [padded(300)] * 40  # 12000 bytes of headers in one write, none over the limit
