@@ -5,7 +5,8 @@ process, and nothing a process dies with is lost.
                them all every `jobs.lease_s / 3`, and stops following a job whose lease another process took
     adoption   every second (at most `jobs.lease_s / 2`; and at start) a process claims the running jobs whose lease
                ran out: a dead process's jobs are followed again within `lease_s` + 1 s; a process alone on SQLite
-               claims every running job at start (a restart)
+               claims every running job of its providers at start (a restart); a job of a provider a process has
+               not is claimed by it only once the job's deadline has passed, to end it
     capacity   with other processes about, every second each learns how many jobs the others run on each provider,
                so that routing passes over a provider that is full (the limit itself is kept by `store.slots`)
     hand-over  at shutdown (SIGTERM) a process releases its leases, so the others claim its jobs at once
@@ -54,7 +55,8 @@ class Coordinator:
         self.tracker = tracker
         self.lifecycle = lifecycle
         self.clock = clock
-        self.alone = alone  # on SQLite: the only process there is, so every running job is its own at start
+        # on SQLite: the only process there is, so every running job of its providers is its own at start
+        self.alone = alone
         self._on_adopted = on_adopted  # e.g. the adopted jobs' client hooks go on here
         self.retry_window_s = retry_window_s  # attempts older than this are forgotten (see `jobs.retry_window_s`)
         self._loops: list[asyncio.Task[None]] = []
@@ -85,8 +87,10 @@ class Coordinator:
         return bool(self._loops) and not any(task.done() for task in self._loops)
 
     async def adopt(self, *, first: bool = False) -> int:
-        """Follow the running jobs whose lease ran out (at the first start alone: every running job), claimed in
-        batches until none is left: a process that died with more than one claim takes is adopted whole."""
+        """Follow the running jobs whose lease ran out (at the first start alone: every running job of its
+        providers), claimed in batches until none is left: a process that died with more than one claim takes is
+        adopted whole. A job of a provider this process has not is claimed only past its deadline
+        (`Leases.claim_expired`)."""
         providers = self.tracker.pool.names
         followed = 0
         while True:
