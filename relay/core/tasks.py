@@ -175,8 +175,9 @@ class TaskService:
         mode, bot, model = self._mode_and_model(order.hints, cast(Bot, parent.bot), inherited=cast(Mode, parent.mode))
         provider = self.pool.settings.get(parent.provider)
         if provider is None:
-            # follow-ups run on the parent's provider and no other: taken out of the configuration, it never
-            # comes back to run them, so this is no "try again shortly" (and no job held and failed for it)
+            # follow-ups run on the parent's provider and no other: taken out of the configuration, no retry brings
+            # it back (only a configuration that has it again), so this is no "try again shortly" (and no job held
+            # and failed for it)
             raise InvalidRequest(
                 "The provider that ran the task is no longer configured; its buttons cannot be used.", param="taskId"
             )

@@ -340,9 +340,9 @@ def test_a_follow_up_in_a_mode_its_provider_does_not_serve_is_refused(tmp_path: 
 
 
 def test_a_follow_up_of_a_task_whose_provider_is_gone_is_refused_and_starts_no_task(tmp_path: Path) -> None:
-    """A provider taken out of the configuration (removed, renamed) never comes back to run its tasks' buttons: the
-    press was held, failed as "no provider could take it; try again shortly" (a 503 with Retry-After, retried for
-    ever) and left a FAILURE task, unknown to the client, in its list and at its hook."""
+    """A provider taken out of the configuration (removed, renamed) is not brought back by a retry of its task's
+    button: the press was held, failed as "no provider could take it; try again shortly" (a 503 with Retry-After,
+    retried for ever) and left a FAILURE task, unknown to the client, in its list and at its hook."""
     receiver = Receiver()
     sections = {"api": {"references": {"allow_private": True}}}
     with serve(receiver.app()) as hooks, native(tmp_path, prices=PRICES, **sections) as world:
