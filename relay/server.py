@@ -49,7 +49,8 @@ uvicorn 0.40 to 0.55; `pyproject.toml` pins that range):
   request's task runs, read when its headers are complete), `loop`, `transport`, `flow` (`FlowControl`),
   `connections` (the server's set of open connections), `cycle` (the newest request's `RequestResponseCycle`),
   `pipeline`, `url`, `headers`, `server_state.default_headers`;
-- the parser callbacks `on_message_begin`, `on_url`, `on_header`, `on_headers_complete` (which may raise,
+- the parser callbacks `on_message_begin`, `on_url` and `on_header` (which add to `url` and `headers`: a head
+  parsed again after an upgrade offer puts them back), `on_headers_complete` (which may raise,
   making a parse error), `on_body`, `on_message_complete` (the connection feeds its parser itself, as uvicorn's
   `data_received` does, and replaces it after an upgrade offer); the hooks `connection_made`, `connection_lost`,
   `on_response_complete` (which starts the next pipelined request or arms the keep-alive timer), `shutdown`,
@@ -423,7 +424,9 @@ class RelayProtocol(HttpToolsProtocol):
         self._call_body: list[bytes] = []
         self._call_keep_alive = True
         self._unread: asyncio.TimerHandle | None = None  # for the client to read on, while writing is paused
-        self._replaying = False  # the head of a request whose upgrade offer was ignored, given to a new parser
+        # The request whose upgrade offer was ignored, while its head is given to a new parser: its url and headers
+        # as taken the first time, put back once the head is parsed again (the parser callbacks add to them).
+        self._replaying: tuple[bytes, list[tuple[bytes, bytes]]] | None = None
 
     # -- connection --------------------------------------------------------------------------------------------
 
@@ -560,13 +563,13 @@ class RelayProtocol(HttpToolsProtocol):
         self.parser = httptools.HttpRequestParser(self)
         with contextlib.suppress(AttributeError):  # httptools < 0.6.3
             self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
-        self._replaying = True
+        self._replaying = (self.url, list(self.headers))
         return b"".join(head) + rest
 
     # -- parser callbacks --------------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._refused or self._replaying:
+        if self._refused or self._replaying is not None:
             return  # behind an answer that closed the connection (see `_answer_call`), or a head given again
         super().on_message_begin()
         # A lane answers inside the parser's callbacks, where the idle timer it armed would stay armed over a
@@ -576,19 +579,12 @@ class RelayProtocol(HttpToolsProtocol):
         if self._deadline is None:
             self._arm()
 
-    def on_url(self, url: bytes) -> None:
-        if not self._replaying:
-            super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._replaying:
-            super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         if self._refused:
             return
-        if self._replaying:  # the request's own headers were taken the first time: now its body comes
-            self._replaying = False
+        if self._replaying is not None:  # the request's own head was taken the first time: now its body comes
+            self.url, self.headers = self._replaying
+            self._replaying = None
             return
         self._disarm()
         self._call = self._claimed()
