@@ -372,37 +372,39 @@ class JobStore:
                     continue
                 for index in indexes:
                     admitted[index] = await hold(key_id, admissions[index].total)
-            rows = [
-                (
-                    job.id,
-                    job.request_id,
-                    admission.key_id,
-                    job.model,
-                    job.mode,
-                    job.bot,
-                    job.action,
-                    job.prompt,
-                    job.price,
-                    job.parent_id,
-                    job.custom_id,
-                    job.client_state,
-                    job.notify_hook,
-                    now,
-                    job.deadline_at,
-                    self.owner,
-                    now + self.lease_s,
-                )
+            held = [
+                (admission.key_id, job)
                 for admission, ok in zip(admissions, admitted, strict=True)
                 if ok
                 for job in admission.jobs
             ]
-            if rows:
+            if held:
+                rows = [
+                    (
+                        job.id,
+                        job.request_id,
+                        key_id,
+                        job.model,
+                        job.mode,
+                        job.bot,
+                        job.action,
+                        job.prompt,
+                        job.price,
+                        job.parent_id,
+                        job.custom_id,
+                        job.client_state,
+                        job.notify_hook,
+                        now,
+                        job.deadline_at,
+                        self.owner,
+                        now + self.lease_s,
+                    )
+                    for key_id, job in held
+                ]
                 await _ADMIT.run(conn, rows)
                 holds = [
-                    entry("hold", admission.key_id, job.price, now, job_id=job.id, model=job.model, action=job.action)
-                    for admission, ok in zip(admissions, admitted, strict=True)
-                    if ok
-                    for job in admission.jobs
+                    entry("hold", key_id, job.price, now, job_id=job.id, model=job.model, action=job.action)
+                    for key_id, job in held
                 ]
                 await ENTRIES.run(conn, holds)
             return admitted
