@@ -76,12 +76,7 @@ class Leases:
         return await transaction(self.engine, work)
 
     async def claim_expired(
-        self,
-        now: float,
-        providers: Collection[str],
-        limit: int = CLAIM_BATCH,
-        *,
-        any_lease: bool = False,
+        self, now: float, providers: Collection[str], limit: int = CLAIM_BATCH, *, any_lease: bool = False
     ) -> list[JobRow]:
         """Claim running jobs of these providers whose lease ran out (or, with `any_lease`, every one not already
         this process's: a process that knows it is alone, on SQLite); the jobs claimed. A job of a provider this
