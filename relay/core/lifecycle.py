@@ -238,6 +238,10 @@ class Lifecycle:
     def followed(self) -> list[str]:
         return list(self._by_job)
 
+    def delivering(self) -> bool:
+        """Whether finished jobs are being delivered here now (downloaded, kept, ended)."""
+        return bool(self._deliveries)
+
     def forget(self, job_id: str) -> None:
         """Stop following a job without ending it: another process follows it now."""
         tracked = self._unfollow(job_id)

@@ -44,7 +44,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
-from adapters import TaskView
+from adapters import TaskStatus, TaskView
 from relay.clock import Clock
 from relay.config import Config
 from relay.core.background import cancel_all
@@ -66,6 +66,25 @@ MAX_APPLYING_BYTES = 64_000_000
 # How long after the lease of a PENDING job's process a call about the job is looked at again (`held_elsewhere`
 # counts a lease as held up to its last instant).
 AFTER_LEASE_S = 0.5
+# A call that reports a task still running waits while finished jobs are being delivered here, at most this long,
+# and is then applied with the others that waited (`take`); how often the wait checks whether the deliveries are done.
+PROGRESS_WAIT_MAX_S = 0.5
+PROGRESS_WAIT_CHECK_S = 0.05
+# How a call says its task is running (the status as midjourney-proxy's Jackson writes it, and as Python's json does),
+# and the statuses that end or park a task.
+_RUNNING = (b'"status":"IN_PROGRESS"', b'"status": "IN_PROGRESS"')
+_NOT_RUNNING = tuple(status.value.encode() for status in TaskStatus if status.terminal or status is TaskStatus.MODAL)
+
+
+def reports_running(body: bytes) -> bool:
+    """Whether a call's body says its task is running and names no status that ends or parks it, in any case and
+    anywhere (a call whose prompt names one is applied as any other)."""
+    if not any(running in body for running in _RUNNING):
+        return False
+    upper = body.upper()
+    return not any(status in upper for status in _NOT_RUNNING)
+
+
 # (the process that follows the job, provider, upstream id, the call's body)
 Forward = Callable[[str, str, str, bytes], Awaitable[None]]
 
@@ -111,6 +130,7 @@ class UpstreamHooks:
         # Each provider's valid tokens (one per signing secret), made once: checking a call costs no HMAC.
         self._tokens = {name: [hook_token(s, name).encode() for s in self.secrets] for name in pool.settings}
         self._taken: list[tuple[str, bytes]] = []  # taken this turn of the loop: its task applies them next turn
+        self._waiting: list[tuple[str, bytes]] = []  # progress taken while jobs were being delivered (`take`)
         self._applying: set[asyncio.Task[None]] = set()
         self._count = 0  # calls taken and not yet applied, and their bytes
         self._closing = False  # the process is shutting down: calls forwarded to it are left to the adopter
@@ -138,13 +158,24 @@ class UpstreamHooks:
 
     def take(self, provider: str, body: bytes) -> None:
         """Apply a call (its token checked, `room` asked) after it is answered. The calls taken within one turn of
-        the loop are applied together, as one read of their jobs would be."""
-        self._taken.append((provider, body))
+        the loop are applied together, as one read of their jobs would be.
+
+        Endings go first: a call that says its task is still running, taken while finished jobs are being delivered
+        here, waits until those deliveries are done (checked every `PROGRESS_WAIT_CHECK_S`), at most
+        `PROGRESS_WAIT_MAX_S`, and is applied then with the others that waited (of a job spoken of more than once,
+        its most advanced view; of one that ended meanwhile, nothing). When a thousand jobs finish together, those
+        still running report progress all through their endings: applying each report at once would make every
+        ending wait behind the reports' parsing and writes. Only what a progress bar shows comes later; a call
+        that may end or park a job is never held back."""
+        waits = self.lifecycle.delivering() and reports_running(body)
+        queue = self._waiting if waits else self._taken
+        queue.append((provider, body))
         self._count += 1
         self._bytes += len(body)
-        if len(self._taken) == 1:  # the task starts at the next turn, with whatever this one took
-            calls = self._taken
-            task = asyncio.create_task(self._apply_taken(calls), name="hooks")
+        if len(queue) == 1:  # the task starts at the next turn, with whatever this one took
+            calls = queue
+            work = self._apply_waiting(calls) if waits else self._apply_taken(calls)
+            task = asyncio.create_task(work, name="hooks")
             self._applying.add(task)
             task.add_done_callback(lambda done: self._applied(done, calls))
 
@@ -153,11 +184,21 @@ class UpstreamHooks:
             self._taken = []  # later calls go to a task of their own
         await self.apply_many(calls)
 
+    async def _apply_waiting(self, calls: list[tuple[str, bytes]]) -> None:
+        until = self.clock.now() + PROGRESS_WAIT_MAX_S
+        while self.lifecycle.delivering() and not self._closing and self.clock.now() < until:
+            await self.clock.sleep(min(PROGRESS_WAIT_CHECK_S, until - self.clock.now()))
+        if self._waiting is calls:
+            self._waiting = []  # later calls wait in a list of their own
+        await self.apply_many(calls)
+
     def _applied(self, task: asyncio.Task[None], calls: list[tuple[str, bytes]]) -> None:
         """The calls' task is done (or was cancelled, even before it started): they no longer count."""
         self._applying.discard(task)
         if self._taken is calls:
             self._taken = []
+        if self._waiting is calls:
+            self._waiting = []
         self._count -= len(calls)
         self._bytes -= sum(len(body) for _, body in calls)
 
