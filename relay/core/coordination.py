@@ -117,11 +117,14 @@ class Coordinator:
 
     async def renew(self) -> None:
         """Renew the leases of the jobs followed here (and of those being submitted); stop following the jobs another
-        process took meanwhile (this one stalled)."""
+        process took meanwhile (this one stalled), or that ended (an ending of this process's that landed though its
+        write was taken for failed, the job followed again): the end of such a job is told to whoever waits here,
+        its client hook included, as nothing else tells it."""
         followed = set(self.lifecycle.followed())
         held = await self.leases.renew(self.clock.now(), followed)
-        for job_id in followed - held:
-            self.lifecycle.forget(job_id)
+        lost = sorted(followed - held)
+        if lost:
+            await self.lifecycle.let_go(lost)
 
     async def count_elsewhere(self) -> None:
         """Learn how many jobs the other live processes run on each provider."""

@@ -586,10 +586,10 @@ class Lifecycle:
             return True
         if await self._holds(tracked.job_id):
             return True
-        await self._let_go([tracked.job_id])
+        await self.let_go([tracked.job_id])
         return False
 
-    async def _let_go(self, job_ids: list[str]) -> None:
+    async def let_go(self, job_ids: list[str]) -> None:
         """Stop following jobs this process no longer holds: another process took them, or they ended (an ending of
         this process's that landed though its write was taken for failed: the job was followed again, and it is not
         delivered or ended a second time). The end of one that ended is told to whoever waits, as a write that found
@@ -768,7 +768,7 @@ class Lifecycle:
             return {tracked.job_id for tracked in followed}
         lost = [tracked.job_id for tracked, mine in zip(followed, held, strict=True) if not mine]
         if lost:
-            await self._let_go(lost)
+            await self.let_go(lost)
         return set(lost)
 
     async def close(self) -> None:

@@ -1097,6 +1097,43 @@ async def test_a_finished_job_whose_ending_landed_unanswered_is_not_downloaded_a
     assert JobState.SUCCEEDED in heard
 
 
+async def test_a_job_whose_ending_landed_unanswered_and_that_a_renewal_lets_go_has_its_end_told(world: World) -> None:
+    """As above, but the lease renewal comes before the job is read again: it finds the job ended (no lease of an
+    ended job is renewed) and stops following it. Its end is told to whoever waits all the same (a waiter here, a
+    client hook watched here: nothing else would ever tell them, as nobody heard of the end when it was
+    written)."""
+    lifecycle = world.tracker.lifecycle
+    job = await world.submit("cat")
+    subscription = world.events.subscribe([job])
+    store = world.tracker.finisher.store
+    real_finish = store.finish_many
+
+    async def landed_unanswered(endings: Sequence[Ending], now: float) -> list[JobRow | None]:
+        await real_finish(endings, now)
+        raise OSError("the connection was cut before the commit was answered")
+
+    store.finish_many = landed_unanswered  # type: ignore[method-assign]
+    world.clock.advance(11)
+    await world.tracker.poll("sim")
+    await world.settle()
+    store.finish_many = real_finish  # type: ignore[method-assign]
+    assert await world.state(job) == ("SUCCEEDED", None, "captured") and lifecycle.following(job)
+    coordinator = Coordinator(
+        leases=Leases(world.store.engine, world.store.owner, 30),
+        attempts=AttemptStore(world.store.engine),
+        tracker=world.tracker,
+        lifecycle=lifecycle,
+        clock=world.clock,
+        alone=True,
+    )
+    await coordinator.renew()  # before the next read
+    assert not lifecycle.following(job) and world.pool.in_flight["sim"] == 0
+    heard = []
+    while (change := await subscription.next(0.01)) is not None:
+        heard.append(change.state)
+    assert JobState.SUCCEEDED in heard
+
+
 async def test_results_held_for_a_failing_image_store_are_bounded_and_the_others_fail_as_before(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
