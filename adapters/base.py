@@ -48,7 +48,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "BOTS",
@@ -98,8 +98,9 @@ class TaskStatus(StrEnum):
         return self in (TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.CANCEL)
 
 
-@dataclass(frozen=True, slots=True)
-class Button:
+class Button(NamedTuple):
+    """One button of a finished task (a tuple: a task has ten or so, made for every end an upstream reports)."""
+
     custom_id: str
     label: str = ""
     emoji: str = ""

@@ -397,11 +397,11 @@ def _buttons(value: Any) -> tuple[Button, ...]:
             continue
         out.append(
             Button(
-                custom_id=str(item["customId"]),
-                label=str(item.get("label") or ""),
-                emoji=str(item.get("emoji") or ""),
-                type=_code(item.get("type")) or 2,
-                style=_code(item.get("style")) or 2,
+                str(item["customId"]),
+                str(item.get("label") or ""),
+                str(item.get("emoji") or ""),
+                _code(item.get("type")) or 2,
+                _code(item.get("style")) or 2,
             )
         )
     return tuple(out)
