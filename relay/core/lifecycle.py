@@ -627,8 +627,8 @@ class Lifecycle:
         view: TaskView | None = None,
     ) -> bool:
         """Whether the job has ended (False: it was not ended here: the write failed and the job is followed
-        again, or another process holds it now). `view` is the upstream's view of a job it finished: its image
-        URL, buttons and text are kept with the job."""
+        again, another process holds it now, or another call here took it first). `view` is the upstream's view of
+        a job it finished: its image URL, buttons and text are kept with the job."""
         return (await self.end_all([_End(tracked, succeeded, error_code, reason, view)]))[0]
 
     async def end_all(self, ends: list[_End]) -> list[bool]:
@@ -645,7 +645,11 @@ class Lifecycle:
                 ended[index] = False  # taken by another process, or confirmed (a later deadline) while it was checked
                 continue
             if self._by_job.get(tracked.job_id) is not tracked:
-                continue  # ended already, or followed anew since this end was decided (taken over, adopted)
+                # Ended already, or being ended by another call (its write under way, and it may fail), or followed
+                # anew since this end was decided (taken over, adopted): not ended here; a waiter hears of the end
+                # when it is written.
+                ended[index] = False
+                continue
             self._unfollow(tracked.job_id)
             key = (tracked.provider, tracked.upstream_id)
             # From now on an upstream hook about the job is known to be late here, without a database read: the

@@ -1192,3 +1192,41 @@ async def test_a_job_its_upstream_could_not_answer_for_is_not_lost_and_its_neigh
     await world.settle()
     assert await world.state(read) == ("SUCCEEDED", None, "captured")
     assert (await world.state(unread))[0] == "SUBMITTED"
+
+
+async def test_a_waiter_ending_a_job_a_round_is_ending_meanwhile_is_not_told_it_ended_before_it_has(
+    world: World,
+) -> None:
+    """A round ends a job past its deadline; while its lease check is under way, a waiter past its own deadline
+    ends the job too. The round takes the job first and writes its timeout, which fails: the job is followed
+    again, and may yet finish. The waiter is not told the job ended (it would tell its client the job timed out,
+    and the job could still succeed and be charged): it hears of the end when one is written."""
+    lifecycle = world.tracker.lifecycle
+    go_on, written = asyncio.Event(), asyncio.Event()
+    leases = CheckedLeases(world, gate=go_on)
+    job = await world.submit("sloth sim:never", deadline_s=20)
+    store = lifecycle.finisher.store
+    real_finish = store.finish_many
+    writing = asyncio.Event()
+
+    async def slow_failing_finish(endings: Sequence[Ending], now: float) -> list[JobRow | None]:
+        writing.set()
+        await written.wait()
+        raise OSError("the database went away")
+
+    store.finish_many = slow_failing_finish  # type: ignore[method-assign]
+    world.clock.advance(21)
+    poll = asyncio.ensure_future(world.tracker.poll("sim"))
+    await leases.checking.wait()  # the round's lease check is under way
+    waiter = asyncio.ensure_future(lifecycle.expire(job))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    go_on.set()
+    await writing.wait()  # the round took the job and writes its timeout
+    for _ in range(20):
+        await asyncio.sleep(0)
+    written.set()
+    await poll
+    store.finish_many = real_finish  # type: ignore[method-assign]
+    assert lifecycle.following(job) and (await world.state(job))[1:] == (None, "held")
+    assert await waiter is False
