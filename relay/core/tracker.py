@@ -104,17 +104,24 @@ class Tracker:
 
     async def adopt(self, rows: list[JobRow]) -> None:
         """Follow jobs this process just claimed (a previous run's, or a dead process's): read at once, as they may
-        have ended meanwhile."""
+        have ended meanwhile. A job of a provider no longer configured is ended; one whose ending cannot be written
+        now holds up none of the others: followed by nobody, its lease runs out, and it is claimed and ended again."""
         for row in rows:
             if row.provider is None or row.upstream_id is None or self.tracking(row.id):
                 continue
             if row.provider not in self._wake:
-                await self.finisher.end(
-                    row.id,
-                    succeeded=False,
-                    error_code=FailureCode.LOST,
-                    fail_reason="its provider is no longer configured",
-                )
+                try:
+                    await self.finisher.end(
+                        row.id,
+                        succeeded=False,
+                        error_code=FailureCode.LOST,
+                        fail_reason="its provider is no longer configured",
+                    )
+                except Exception:
+                    log.exception(
+                        "ending a job of a provider no longer configured failed; it is tried again",
+                        extra={"fields": {"job": row.id}},
+                    )
                 continue
             self.lifecycle.take_up(row)
 

@@ -332,6 +332,48 @@ async def test_unfinished_jobs_are_picked_up_after_a_restart(world: World) -> No
     assert await world.state(running) == ("SUCCEEDED", None, "captured")
 
 
+async def test_a_retired_provider_s_job_whose_ending_fails_holds_up_none_of_the_jobs_claimed_with_it(
+    world: World,
+) -> None:
+    """At a restart, a job of a provider no longer configured (past its deadline) is claimed with the others and
+    ended; its ending fails (the database briefly away). The relay still starts, the jobs claimed with it are
+    followed, and the retired job is claimed again once its lease runs out, and ended then."""
+    now = world.clock.now()
+    retired = NewJob("job_retired0", "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "p", 2, now + 10)
+    assert await world.store.open(world.key_id, [retired], now)
+    await world.store.mark_submitted("job_retired0", "retired", "u-retired", now)
+    running = [await world.submit(f"cat {i}") for i in range(3)]
+    world.tracker.lifecycle._by_job.clear()
+    world.tracker.lifecycle._jobs["sim"].clear()
+    for _ in running:
+        world.pool.release("sim")
+    store = world.tracker.finisher.store
+    real_finish = store.finish_many
+
+    async def failing_for_retired(endings: Sequence[Ending], now: float) -> list[JobRow | None]:
+        if any(ending.job_id == "job_retired0" for ending in endings):
+            raise OSError("the database went away")
+        return await real_finish(endings, now)
+
+    store.finish_many = failing_for_retired  # type: ignore[method-assign]
+    coordinator = Coordinator(
+        leases=Leases(world.store.engine, "restarted-process", 30),
+        attempts=AttemptStore(world.store.engine),
+        tracker=world.tracker,
+        lifecycle=world.tracker.lifecycle,
+        clock=world.clock,
+        alone=True,
+    )
+    world.clock.advance(11)
+    assert await coordinator.adopt(first=True) == 4
+    assert all(world.tracker.tracking(job) for job in running) and world.pool.in_flight["sim"] == 3
+    assert await world.state("job_retired0") == ("SUBMITTED", None, "held")
+    store.finish_many = real_finish  # type: ignore[method-assign]
+    world.clock.advance(31)  # its lease (not renewed: it is not followed) ran out
+    await coordinator.adopt()
+    assert await world.state("job_retired0") == ("FAILED", "lost", "released")
+
+
 async def test_the_loops_poll_on_their_interval_and_sweep_stale_pending_jobs(world: World) -> None:
     job = await world.submit("cat")
     now = world.clock.now()
