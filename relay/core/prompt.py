@@ -27,7 +27,7 @@ QUALITY_FLAGS: dict[str, str | None] = {
 }
 STYLE_FLAGS: dict[str, str] = {"vivid": "--stylize 750", "natural": "--style raw"}
 
-_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
+_SIZE = re.compile(r"^\s*([0-9]{1,6})\s*[xX×]\s*([0-9]{1,6})\s*$")  # ASCII digits: OpenAI's sizes
 # How a parameter begins: `--`, or a dash that keyboards make of it (Apple's turn `--` into an em dash), which
 # Midjourney reads as `--` too; so a flag written so is read, and replaced, as any other.
 FLAG_DASH = "(?:--|\u2014|\u2013)"
@@ -52,10 +52,10 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
         return None
     match = _SIZE.match(size)
     if not match:
-        raise PromptError("size", f"Invalid size {size!r}: use WIDTHxHEIGHT (for example 1024x1024) or auto.")
+        raise PromptError("size", f"Invalid size {size[:64]!r}: use WIDTHxHEIGHT (for example 1024x1024) or auto.")
     width, height = int(match.group(1)), int(match.group(2))
     if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
-        raise PromptError("size", f"Invalid size {size!r}: each side must be between 1 and {MAX_SIDE}.")
+        raise PromptError("size", f"Invalid size {size[:64]!r}: each side must be between 1 and {MAX_SIDE}.")
     divisor = math.gcd(width, height)
     return width // divisor, height // divisor
 

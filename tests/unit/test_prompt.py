@@ -30,11 +30,20 @@ def test_size_becomes_an_aspect_ratio_reduced_by_gcd(size: str | None, aspect: t
     assert parse_size(size) == aspect
 
 
-@pytest.mark.parametrize("size", ["big", "1024", "0x100", "100x0", "-1x5", "1024x1024x2", "20000x10", "1e3x5"])
+@pytest.mark.parametrize(
+    "size",
+    ["big", "1024", "0x100", "100x0", "-1x5", "1024x1024x2", "20000x10", "1e3x5", "\u0663x\u0663", "\uff11x\uff11"],
+)
 def test_an_unparseable_size_names_the_size_param(size: str) -> None:
     with pytest.raises(PromptError) as caught:
         parse_size(size)
     assert caught.value.param == "size"
+
+
+def test_a_refused_size_is_shown_cut_short() -> None:
+    with pytest.raises(PromptError) as caught:
+        parse_size("9" * 1_000_000)
+    assert len(str(caught.value)) < 200 and "9" * 64 in str(caught.value)
 
 
 def test_quality_and_style_map_or_refuse() -> None:
