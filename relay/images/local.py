@@ -84,12 +84,13 @@ class LocalBackend:
 
     def _write_all(self, objects: Mapping[str, bytes], atomic: bool) -> dict[str, str]:
         failed = {}
-        write = _write_atomic if atomic else _write
+        write = _write_atomic if atomic else _write_new
         for key, data in objects.items():
             path = self.path(key)
             try:
                 # A new object is written in place: it is only named to anyone (its job succeeds, its link is
-                # made) once this returns. Its folder is made the first time.
+                # made) once this returns; one written again replaces the first whole. Its folder is made the
+                # first time.
                 try:
                     write(path, data)
                 except FileNotFoundError:
@@ -110,10 +111,19 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write_new(path: Path, data: bytes) -> None:
+    """A new file, written in place; one that is there already (the same result delivered again, by a process that
+    stalled past its lease) is replaced whole, so that a client already reading it reads all of what it found."""
+    try:
+        _write(path, data, os.O_EXCL)
+    except FileExistsError:
+        _write_atomic(path, data)
+
+
+def _write(path: Path, data: bytes, flags: int = os.O_TRUNC) -> None:
     """Write a whole file with the fewest system calls (open, write, close): on a thread, each call gives up the
     interpreter lock, which a busy event loop is slow to hand back."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o644)
     try:
         view = memoryview(data)
         while view:

@@ -254,6 +254,22 @@ async def test_a_directory_that_writes_fast_is_written_in_place_and_a_slow_one_f
         await backend.close()
 
 
+async def test_an_object_written_again_is_replaced_whole_under_a_reader(tmp_path: Path) -> None:
+    """A new object is written in place; one written again (a second delivery of the same result, by a process
+    that stalled past its lease) replaces the first whole: a client already reading it reads all of the first."""
+    backend = LocalBackend(tmp_path)
+    await backend.open()
+    try:
+        assert await backend.put({"ab/grid.png": b"first" * 1000}) == {}
+        with backend.path("ab/grid.png").open("rb") as reading:
+            assert await backend.put({"ab/grid.png": b"second"}) == {}
+            assert reading.read() == b"first" * 1000
+        assert backend.path("ab/grid.png").read_bytes() == b"second"
+        assert sorted(p.name for p in (tmp_path / "ab").iterdir()) == ["grid.png"]  # nothing left beside it
+    finally:
+        await backend.close()
+
+
 async def test_what_was_never_kept_is_missing(images: ImageStore) -> None:
     for name in ("grid.png", "image.png", "1.png"):
         with pytest.raises(ImageMissing):
