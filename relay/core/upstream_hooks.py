@@ -161,8 +161,8 @@ class UpstreamHooks:
         the loop are applied together, as one read of their jobs would be.
 
         Endings go first: a call that says its task is still running, taken while finished jobs are being delivered
-        here, waits until those deliveries are done (checked every `PROGRESS_WAIT_CHECK_S`), at most
-        `PROGRESS_WAIT_MAX_S`, and is applied then with the others that waited (of a job spoken of more than once,
+        here, waits until none is (those that began after it count too; checked every `PROGRESS_WAIT_CHECK_S`), at
+        most `PROGRESS_WAIT_MAX_S`, and is applied then with the others that waited (of a job spoken of more than once,
         its most advanced view; of one that ended meanwhile, nothing). When a thousand jobs finish together, those
         still running report progress all through their endings: applying each report at once would make every
         ending wait behind the reports' parsing and writes. Only what a progress bar shows comes later; a call
