@@ -61,15 +61,20 @@ async def setup(world: World) -> tuple[UpstreamHooks, str, str, bytes, bytes]:
     return hooks, running, finished, progress, ended
 
 
-async def test_progress_taken_while_jobs_are_delivered_is_applied_once_they_are_done(world: World) -> None:
-    hooks, running, finished, progress, ended = await setup(world)
+async def waiting_behind_a_delivery(world: World, hooks: UpstreamHooks, ended: bytes, progress: bytes) -> asyncio.Event:
+    """An end call taken (its job's delivery held: set the returned event to let it go on), then a progress call."""
     gate = held_downloads(world)
-    lifecycle = world.tracker.lifecycle
     hooks.take("sim", ended)
     await turns()
-    assert lifecycle.delivering()
+    assert world.tracker.lifecycle.delivering()
     hooks.take("sim", progress)
     await turns()
+    return gate
+
+
+async def test_progress_taken_while_jobs_are_delivered_is_applied_once_they_are_done(world: World) -> None:
+    hooks, running, finished, progress, ended = await setup(world)
+    gate = await waiting_behind_a_delivery(world, hooks, ended, progress)
     assert await progress_of(world, running) == ("SUBMITTED", 0)  # it waits for the delivery
     gate.set()
     await world.settle()
@@ -85,11 +90,7 @@ async def test_progress_taken_while_jobs_are_delivered_is_applied_once_they_are_
 
 async def test_progress_waits_no_longer_than_its_limit(world: World) -> None:
     hooks, running, finished, progress, ended = await setup(world)
-    gate = held_downloads(world)
-    hooks.take("sim", ended)
-    await turns()
-    hooks.take("sim", progress)
-    await turns()
+    gate = await waiting_behind_a_delivery(world, hooks, ended, progress)
     world.clock.advance(upstream_hooks.PROGRESS_WAIT_MAX_S - 0.01)
     await turns()
     assert await progress_of(world, running) == ("SUBMITTED", 0)

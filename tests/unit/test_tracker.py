@@ -1105,16 +1105,9 @@ async def test_a_refused_timeout_whose_stored_deadline_cannot_be_looked_at_is_fo
     assert tracked.deadline_at == world.clock.now() - 21 + 600 and (await world.state(job))[1:] == (None, "held")
 
 
-async def test_a_finished_job_whose_ending_landed_unanswered_is_not_downloaded_again(world: World) -> None:
-    """A delivered job's ending is committed, but its answer is lost (the connection cut just then: a failover, a
-    pooler): taken for failed, the job is followed again and read at once, and the upstream still says it
-    finished. It is not delivered again (its grid downloaded twice, its image kept twice): the lease check before
-    the download finds it ended, and the job is let go, its slot given back and its end told to whoever waits."""
-    lifecycle = world.tracker.lifecycle
-    lifecycle.leases = Leases(world.store.engine, world.store.owner, 30)
-    job = await world.submit("cat")
-    subscription = world.events.subscribe([job])
-    downloads = world.downloads()
+async def ended_unanswered(world: World) -> None:
+    """The jobs followed finish upstream and are read: their endings land, but each write is taken for failed (the
+    connection was cut before the commit was answered)."""
     store = world.tracker.finisher.store
     real_finish = store.finish_many
 
@@ -1127,6 +1120,19 @@ async def test_a_finished_job_whose_ending_landed_unanswered_is_not_downloaded_a
     await world.tracker.poll("sim")
     await world.settle()
     store.finish_many = real_finish  # type: ignore[method-assign]
+
+
+async def test_a_finished_job_whose_ending_landed_unanswered_is_not_downloaded_again(world: World) -> None:
+    """A delivered job's ending is committed, but its answer is lost (the connection cut just then: a failover, a
+    pooler): taken for failed, the job is followed again and read at once, and the upstream still says it
+    finished. It is not delivered again (its grid downloaded twice, its image kept twice): the lease check before
+    the download finds it ended, and the job is let go, its slot given back and its end told to whoever waits."""
+    lifecycle = world.tracker.lifecycle
+    lifecycle.leases = Leases(world.store.engine, world.store.owner, 30)
+    job = await world.submit("cat")
+    subscription = world.events.subscribe([job])
+    downloads = world.downloads()
+    await ended_unanswered(world)
     assert await world.state(job) == ("SUCCEEDED", None, "captured") and lifecycle.following(job)
     await world.tracker.poll("sim")  # due at once: read again, finished upstream
     await world.settle()
@@ -1147,18 +1153,7 @@ async def test_a_job_whose_ending_landed_unanswered_and_that_a_renewal_lets_go_h
     lifecycle = world.tracker.lifecycle
     job = await world.submit("cat")
     subscription = world.events.subscribe([job])
-    store = world.tracker.finisher.store
-    real_finish = store.finish_many
-
-    async def landed_unanswered(endings: Sequence[Ending], now: float) -> list[JobRow | None]:
-        await real_finish(endings, now)
-        raise OSError("the connection was cut before the commit was answered")
-
-    store.finish_many = landed_unanswered  # type: ignore[method-assign]
-    world.clock.advance(11)
-    await world.tracker.poll("sim")
-    await world.settle()
-    store.finish_many = real_finish  # type: ignore[method-assign]
+    await ended_unanswered(world)
     assert await world.state(job) == ("SUCCEEDED", None, "captured") and lifecycle.following(job)
     coordinator = Coordinator(
         leases=Leases(world.store.engine, world.store.owner, 30),
