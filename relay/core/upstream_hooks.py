@@ -29,10 +29,10 @@ its calls from a small pool of threads (ten by default), each waiting for the an
 after writing what a call said would hold back every later call behind its own group commits. The calls taken in
 one turn of the loop are applied together, as one status read of their jobs is (a job spoken of twice: its most
 advanced view); a call that reports a task still running waits while finished jobs are being delivered, at most
-`PROGRESS_WAIT_MAX_S`, so that endings go first (`take`). Up to `MAX_APPLYING` calls are taken at once this way (the server's lane asks for room when a
-call's headers arrive, so the calls whose bodies are still coming then are taken beyond it: each within the body
-limit, held as any request's body is); beyond that a call is applied
-before it is answered, which slows a provider that calls faster than the relay can apply. Nothing is lost by
+`PROGRESS_WAIT_MAX_S`, so that endings go first (`take`). Up to `MAX_APPLYING` calls are taken at once this way
+(the server's lane asks for room when a call's headers arrive, so the calls whose bodies are still coming then are
+taken beyond it: each within the body limit, held as any request's body is); beyond that a call is applied before
+it is answered, which slows a provider that calls faster than the relay can apply. Nothing is lost by
 answering first: the provider never retries a call, whatever the answer, and polling remains the safety net.
 """
 
