@@ -61,6 +61,9 @@ class FakeClock:
                 future.set_result(None)
 
     async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:  # due already: back at the next turn of the loop, as asyncio's own sleep(0)
+            await asyncio.sleep(0)
+            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sleepers.append((self.t + seconds, future))
         await future

@@ -316,6 +316,33 @@ async def test_healthy_providers_get_a_heartbeat_when_configured(tmp_path: Path,
     assert set(await store.all()) == {"b"}
 
 
+async def test_a_heartbeat_that_falls_due_as_the_prober_goes_to_sleep_is_kept(
+    tmp_path: Path, store: Recording, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clock reaches the next heartbeat between the prober's look at its providers and the start of its wait:
+    the wait, due already, ends at once and the providers are probed."""
+    world = make_world(tmp_path, heartbeat_s=60, probes_to_down=2)
+    prober = Prober(pool=world.pool, store=store, clock=world.clock)
+    sleep_until = prober._sleep_until
+    moved: list[float] = []
+
+    async def late(at: float) -> None:
+        if world.up["b"].probes == 1 and not moved:  # the first heartbeat done: the next is looked at
+            moved.append(at)
+            world.clock.advance(at - world.clock.now())
+        await sleep_until(at)
+
+    monkeypatch.setattr(prober, "_sleep_until", late)
+    await prober.start()
+    try:
+        world.up["b"].probe_ok = False
+        world.clock.advance(60)
+        await until(lambda: world.pool.health["b"].state is State.DOWN)
+        assert moved and world.up["a"].probes == 2
+    finally:
+        await prober.stop()
+
+
 async def test_a_recorded_state_is_taken_up_at_start_and_a_down_provider_probed_at_once(
     tmp_path: Path, store: Recording
 ) -> None:
