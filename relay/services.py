@@ -188,6 +188,7 @@ class Relay:
         (the address the task was submitted on is not kept), else the listening address."""
         server = self.config.server
         host = "127.0.0.1" if server.host in ("", "0.0.0.0", "::") else server.host
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address is bracketed in a URL
         base = server.public_url or f"http://{host}:{server.port}"
         secrets: dict[str, str | None] = {}
         for row in rows:

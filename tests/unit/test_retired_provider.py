@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
@@ -68,3 +69,26 @@ async def test_a_relay_started_without_a_running_job_s_provider_ends_it_and_tell
             await asyncio.sleep(0.05)
         assert [t["status"] for t in receiver.tasks(task.job_id)][-1] == "FAILURE", receiver.deliveries
         assert json.loads(receiver.deliveries[-1][1])["failReason"]
+
+
+async def test_an_adopted_job_s_hook_links_bracket_an_ipv6_listening_address(tmp_path: Path) -> None:
+    """A job's hook carried on after a restart links its images at the listening address when no `public_url` is
+    set. A relay listening on an IPv6 address (`::1`) named it bare, `http://::1:8080`, which no client can parse:
+    the task's `imageUrl` at its end was no link at all."""
+    engine = SimEngine(SimSettings(fast_s=30, tile_px=16))
+    sections = {"api": {"references": {"allow_private": True}}, "server": {"host": "::1", "port": 8080}}
+    relay = started(Relay(relay_config(tmp_path, **sections), SystemClock(), {"sim": SimulatorUpstream("sim", engine)}))
+    await relay.open()
+    try:
+        key, _ = await relay.keys.create("k", 100, 0)
+        order = TaskOrder(TaskKind.IMAGINE, ModeHints(model="mj-fast"), prompt="a kite", notify_hook="http://[::1]:9/h")
+        task = await relay.tasks.submit(key, order, "http://[::1]:8080")
+        row = await relay.store.get(task.job_id)
+        assert row is not None
+        relay.notifier._unwatch(task.job_id)  # as after a restart: the job is adopted, its hook carried on
+        await relay._watch_hooks([row])
+        base = relay.notifier._watches[task.job_id].base_url
+        assert base == "http://[::1]:8080"
+        assert httpx.URL(base + "/files/x/grid.png").host == "::1"
+    finally:
+        await relay.close()
