@@ -620,20 +620,14 @@ def providers(ctx: click.Context, config_path: str | None, as_json: bool) -> Non
     database last recorded it. A provider with no recorded change is healthy."""
     import json
 
-    from relay.store.db import Database
     from relay.store.health import HealthRecord, HealthStore
 
     config = _load(ctx, config_path)
 
-    async def read() -> dict[str, HealthRecord]:
-        db = Database(config.database_url(), pool_size=2)
-        try:
-            await db.migrate()
-            return await HealthStore(db.engine).all()
-        finally:
-            await db.dispose()
+    async def read(db: Any) -> dict[str, HealthRecord]:
+        return await HealthStore(db.engine).all()
 
-    records = asyncio.run(read())
+    records = _run_with_db(config, read)
 
     def when(at: float | None) -> str:
         return "-" if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S")

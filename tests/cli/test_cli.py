@@ -291,8 +291,9 @@ def test_a_folder_setting_that_names_a_file_is_one_clear_error_at_start(
 ) -> None:
     (tmp_path / "taken").write_text("not a folder\n")
     (tmp_path / "c.yaml").write_text(yaml + "\nserver: {port: 0}\n")
-    # The keys commands use the database alone.
-    for command in (["serve"], ["keys", "list"]) if setting != "images.dir" else (["serve"],):
+    # The commands on the database alone make its folder only.
+    database = (["keys", "list"], ["ledger", "check"], ["providers"])
+    for command in (["serve"], *database) if setting != "images.dir" else (["serve"],):
         result = cli(tmp_path, *command, "--config", "c.yaml")
         assert result.returncode == 2, result
         assert "listening" not in result.stdout
