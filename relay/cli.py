@@ -291,9 +291,20 @@ def keys() -> None:
     """Manage API keys."""
 
 
+# What a command on the database exits with when the database cannot be used (as `serve` when it cannot start):
+# not 1, which is `ledger check`'s broken ledger and the keys commands' unknown key.
+DATABASE_FAILURE = 3
+
+
 def _run_with_db(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
-    """Run `work(database)` against the configuration's database (migrated first)."""
-    from relay.store.db import Database
+    """Run `work(database)` against the configuration's database (migrated first). A database that cannot be used
+    (not reached, refusing the connection, not a database, a schema this mj-relay does not know) is one line naming
+    it and why, and exit `DATABASE_FAILURE`."""
+    from alembic.util import CommandError
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from relay.store.db import Database, Unreachable
 
     _make_folders(config, database_only=True)
 
@@ -305,7 +316,15 @@ def _run_with_db(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
         finally:
             await db.dispose()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except (DBAPIError, Unreachable, PoolTimeout, CommandError) as exc:
+        if isinstance(exc, CommandError):  # alembic's: the recorded revision is none of this mj-relay's migrations
+            reason = f"its schema is not one this mj-relay knows, perhaps a newer one's ({exc})"
+        else:
+            reason = str(exc.orig if isinstance(exc, DBAPIError) else exc)
+        click.echo(f"mj-relay: the database {_safe_url(config.database_url())} cannot be used: {reason}", err=True)
+        sys.exit(DATABASE_FAILURE)
 
 
 def _run_with_store(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:

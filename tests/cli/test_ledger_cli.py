@@ -148,3 +148,30 @@ def test_a_name_that_looks_like_a_key_id_is_refused_as_the_admin_api_refuses_it(
         assert renamed.returncode == 2 and "name must not" in renamed.stderr, (name, renamed.stderr)
     listed = cli(tmp_path, "--config", config, "keys", "list").stdout
     assert listed.count("\n") == 2 and " shop " in listed  # the header and the one key, named as it was
+
+
+def test_a_database_that_cannot_be_used_is_one_line_and_not_a_broken_ledger(tmp_path: Path) -> None:
+    """A database that is no database, that a newer mj-relay upgraded, or that does not answer: each command says so
+    in one line and exits 3, as `serve` does when it cannot start; a traceback's exit 1 was `ledger check`'s broken
+    ledger (and the keys commands' unknown key), so a cron job could not tell a break from an outage."""
+    config = str(_config(tmp_path))
+    assert cli(tmp_path, "--config", config, "keys", "create", "--name", "shop", "--quota", "5").returncode == 0
+    database = tmp_path / "data" / "mj-relay.db"
+    with sqlite3.connect(database) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_from_a_newer_relay'")
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "mj-relay.db").write_text("not a database\n" * 100)
+    (tmp_path / "down.yaml").write_text("database: {url: 'postgresql+asyncpg://relay:pw@127.0.0.1:1/relay'}\n")
+    down = ["--config", str(tmp_path / "down.yaml")]
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["--config", config], {}, "9999_from_a_newer_relay"),
+        (["--config", config], {"MJ_RELAY_DATA_DIR": str(tmp_path / "garbage")}, "file is not a database"),
+        (down, {}, "did not answer"),
+    ]
+    for options, env, reason in cases:
+        for command in (["keys", "list"], ["keys", "topup", "shop", "1"], ["ledger", "check"], ["providers"]):
+            result = cli(tmp_path, *options, *command, env=env)
+            assert result.returncode == 3, (command, result)
+            (line,) = result.stderr.strip().splitlines()
+            assert line.startswith("mj-relay: the database ") and reason in line, (command, line)
+            assert ":pw@" not in line  # the password is never shown
