@@ -184,7 +184,7 @@ def _safe_url(url: str) -> str:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8090, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8090, show_default=True)
 @click.option(
     "--dialect",
     type=click.Choice(["midjourney-proxy", "new-api", "mj-v1"]),

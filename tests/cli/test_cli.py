@@ -182,6 +182,20 @@ def test_the_relay_works_against_mj_relay_simulate(tmp_path: Path, dialect: str)
             assert relay.jobs() == [("SUCCEEDED", None, "captured", "up")]
 
 
+def test_simulate_refuses_a_port_no_socket_has(tmp_path: Path) -> None:
+    # 99999 was taken: the simulator said it listened there, then waited without a socket, saying nothing more.
+    for port in ("65536", "99999", "-1"):
+        result = subprocess.run(
+            [sys.executable, "-m", "relay", "simulate", "--port", port],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
+        assert result.returncode == 2, (port, result)
+        assert "listening" not in result.stdout and "--port" in result.stderr, result.stderr
+
+
 def test_serve_says_it_listens_only_once_it_answers(tmp_path: Path) -> None:
     with serving(tmp_path, "--port", "0") as (before, url):
         assert re.fullmatch(r"http://127\.0\.0\.1:[1-9][0-9]*", url)  # the port it took, not the 0 it was given
