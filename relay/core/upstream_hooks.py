@@ -181,25 +181,27 @@ class UpstreamHooks:
             task.add_done_callback(lambda done: self._applied(done, calls))
 
     async def _apply_taken(self, calls: list[tuple[str, bytes]]) -> None:
-        if self._taken is calls:
-            self._taken = []  # later calls go to a task of their own
+        self._detach(calls)
         await self.apply_many(calls)
 
     async def _apply_waiting(self, calls: list[tuple[str, bytes]]) -> None:
         until = self.clock.now() + PROGRESS_WAIT_MAX_S
         while self.lifecycle.delivering() and not self._closing and self.clock.now() < until:
             await self.clock.sleep(min(PROGRESS_WAIT_CHECK_S, until - self.clock.now()))
-        if self._waiting is calls:
-            self._waiting = []  # later calls wait in a list of their own
+        self._detach(calls)
         await self.apply_many(calls)
 
-    def _applied(self, task: asyncio.Task[None], calls: list[tuple[str, bytes]]) -> None:
-        """The calls' task is done (or was cancelled, even before it started): they no longer count."""
-        self._applying.discard(task)
+    def _detach(self, calls: list[tuple[str, bytes]]) -> None:
+        """Calls taken from now on go to a list, and a task, of their own, not to these being applied."""
         if self._taken is calls:
             self._taken = []
         if self._waiting is calls:
             self._waiting = []
+
+    def _applied(self, task: asyncio.Task[None], calls: list[tuple[str, bytes]]) -> None:
+        """The calls' task is done (or was cancelled, even before it started): they no longer count."""
+        self._applying.discard(task)
+        self._detach(calls)
         self._count -= len(calls)
         self._bytes -= sum(len(body) for _, body in calls)
 
