@@ -11,11 +11,11 @@ the job and answering add; the targets (100 ms with hooks, a poll interval + 100
 about that figure. `lateness` is a request's response time minus the job's duration, which adds the time the relay
 took to take the request in and submit it: with the whole burst sent at once, up to the time to take in all of it.
 `CPU s` is the CPU time each process used during the burst (the relay's, the simulator's, the client's); `hooks`
-counts the relay's upstream hook calls by outcome. The relay's peak RSS is its VmHWM from /proc. The client (bare
-HTTP/1.1 on asyncio, on uvloop where it is installed, as the relay's own event loop is; one new connection per
-request) runs in this process, the relay and the HTTP simulator in their own. A request's time runs from just
-before its connection is opened until its whole answer has been read. A few warm-up
-requests run to their end before the measured burst.
+counts the relay's upstream hook calls by outcome; `relay gc` its garbage collections (`mj_relay_gc_pause_seconds`).
+The relay's peak RSS is its VmHWM from /proc. The client (bare HTTP/1.1 on asyncio, on uvloop where it is
+installed, as the relay's own event loop is; one new connection per request) runs in this process, the relay and
+the HTTP simulator in their own. A request's time runs from just before its connection is opened until its whole
+answer has been read. A few warm-up requests run to their end before the measured burst.
 
 The relay writes one file per finished grid, so the burst also measures the data folder's file system: the `disk`
 line is the time to create 1000 empty files there, taken just before the burst. On ext4 that figure is about 25 ms,
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import signal
@@ -182,6 +183,34 @@ def hooks_taken(base: str) -> dict[str, float]:
     return counts
 
 
+def gc_pauses(base: str) -> dict[str, dict[float, float]]:
+    """The relay's garbage collections so far, from its /metrics: by generation, how many took at most each bucket's
+    bound (in seconds; `inf` counts them all), and their seconds in all under the key -1."""
+    found: dict[str, dict[float, float]] = {}
+    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+        match = re.match(r"mj_relay_gc_pause_seconds_(sum|bucket)\{(.*)\} ([0-9.e+-]+)", line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            bound = float(labels["le"]) if match.group(1) == "bucket" else -1.0
+            found.setdefault(labels["generation"], {})[bound] = float(match.group(3))
+    return found
+
+
+def gc_line(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]) -> str:
+    """What the collector held the relay for between two readings of `gc_pauses`: by generation, how many
+    collections and their time in all; and the bucket bound the longest of them stayed under."""
+    parts, longest = [], 0.0
+    for generation, now in sorted(after.items()):
+        then = before.get(generation, {})
+        made = {bound: count - then.get(bound, 0.0) for bound, count in now.items()}
+        total = made.get(math.inf, 0.0)
+        parts.append(f"gen{generation} {total:.0f} ({made.get(-1.0, 0.0) * 1000:.0f} ms)")
+        if total:
+            longest = max(longest, min(bound for bound, count in made.items() if bound > 0 and count >= total))
+    under = f"; each under {longest * 1000:g} ms" if longest else ""
+    return ", ".join(parts) + under
+
+
 def sim_stats(port: int) -> dict[str, int]:
     """What the HTTP simulator has counted: submits, status reads, hook calls."""
     return dict(httpx.get(f"http://127.0.0.1:{port}/sim/stats", timeout=10).json())
@@ -286,6 +315,7 @@ def main() -> None:
             if any(status != 200 for status, _, _ in warm):
                 raise SystemExit("the warm-up requests failed")
         disk_ms = file_creation_ms(work / "disk-check")
+        collections_before = gc_pauses(base)
         stats_before = sim_stats(sim_port) if args.upstream == "http" else None
         cpu_before = {proc.pid: cpu_seconds(proc.pid) for proc in procs}
         client_before = time.process_time()
@@ -297,6 +327,7 @@ def main() -> None:
         stats_after = sim_stats(sim_port) if args.upstream == "http" else None
         peak = peak_rss_mb(relay.pid)
         hook_outcomes = hooks_taken(base)
+        collections = gc_line(collections_before, gc_pauses(base))
 
         ok = [seconds for status, seconds, _ in results if status == 200]
         late_ms = [(seconds - args.job_seconds) * 1000 for seconds in ok]
@@ -351,6 +382,7 @@ def main() -> None:
             taken = ", ".join(f"{name} {count:.0f}" for name, count in sorted(hook_outcomes.items()))
             print(f"hooks         by outcome at the relay (warm-up included): {taken or 'none'}")
         print(f"relay RSS MB  peak {peak:.0f}   at start {baseline:.0f}   (target < 250)")
+        print(f"relay gc      collections during the burst, by generation: {collections}")
         slow = "   (slow: many files were deleted there lately; see --help)" if disk_ms > SLOW_DISK_MS else ""
         print(f"disk          creating 1000 files in the data folder took {disk_ms:.0f} ms just before{slow}")
         print(f"wall time     {wall:.1f} s")

@@ -7,7 +7,6 @@ hook-secret/revoke | ledger check/export.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import sys
@@ -85,7 +84,7 @@ def serve(
     ctx: click.Context, config_path: str | None, host: str | None, port: int | None, data_dir: str | None
 ) -> None:
     """Run the relay."""
-    from relay import logs
+    from relay import collector, logs
     from relay.app import build_app
     from relay.server import RelayServer, ServeConfig, bind, fit_connections
 
@@ -117,25 +116,12 @@ def serve(
             f"providers: {', '.join(p.name for p in config.providers)})"
         )
 
-    _tune_gc()
+    collector.tune()  # now: the app and the server are made, their objects kept for good
     RelayServer(ServeConfig(app, server), on_ready=ready).run(sockets=sockets)
 
 
 # What `serve` exits with when it cannot start (uvicorn's code for the same).
 STARTUP_FAILURE = 3
-
-
-# The relay starts with about a hundred thousand long-lived objects (modules, SQLAlchemy, pydantic and Starlette
-# structures), and a burst of requests makes many short-lived ones. Left as they are, the collector's full passes
-# rescan all of them, 60-90 ms each, three times within one burst of a thousand requests. Frozen after start, the
-# former are never scanned again, and a larger youngest generation collects the latter less often.
-GC_THRESHOLDS = (10_000, 10, 10)
-
-
-def _tune_gc() -> None:
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _folders(config: Config, *, database_only: bool = False) -> list[tuple[str, Path]]:

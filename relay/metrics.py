@@ -12,6 +12,7 @@ _LabelledT = TypeVar("_LabelledT", bound=MetricWrapperBase)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _JOB_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+_PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 # The most label combinations `Metrics.of` keeps found (far more than the relay's bounded labels make): past it, a
 # combination is looked up each time, as without the cache.
 _MAX_KEPT = 10_000
@@ -120,6 +121,22 @@ class Metrics:
             "Credits held by running jobs now (read from the database at each scrape).",
             registry=self.registry,
         )
+
+        self.gc_pause_seconds = Histogram(
+            "mj_relay_gc_pause_seconds",
+            "Collections of Python's garbage collector, by generation (0 youngest, 2 oldest): each holds the event "
+            "loop while it runs.",
+            ["generation"],
+            buckets=_PAUSE_BUCKETS,
+            registry=self.registry,
+        )
+        # Made here, not in the collector's callback: a collection can start inside `labels`, which holds its lock.
+        self._gc_pauses = [self.gc_pause_seconds.labels(str(generation)) for generation in range(3)]
+
+    def gc_paused(self, generation: int, seconds: float) -> None:
+        """Count one collection of the garbage collector (`relay.collector.Pauses`)."""
+        if 0 <= generation < len(self._gc_pauses):
+            self._gc_pauses[generation].observe(seconds)
 
     def of(self, metric: _LabelledT, *values: str) -> _LabelledT:
         """`metric.labels(*values)`, each combination found once: `labels` checks and copies its values on every

@@ -14,6 +14,7 @@ from adapters import Upstream
 from relay import logs
 from relay.api.common import Authenticator
 from relay.clock import Clock
+from relay.collector import Pauses
 from relay.config import Config
 from relay.core.broadcast import Broadcast
 from relay.core.coordination import Coordinator
@@ -50,6 +51,7 @@ class Relay:
         self.config = config
         self.clock = clock
         self.metrics = Metrics()
+        self.gc_pauses = Pauses(self.metrics.gc_paused)
         self.db = Database(
             config.database_url(),
             pool_size=config.database.pool_size,
@@ -180,6 +182,7 @@ class Relay:
             await self.broadcast.start()
         await self.tracker.start()
         await self.coordinator.start()
+        self.gc_pauses.install()
         self.ready = True
 
     async def _watch_hooks(self, rows: list[JobRow]) -> None:
@@ -203,6 +206,7 @@ class Relay:
 
     async def close(self) -> None:
         self.ready = False
+        self.gc_pauses.remove()
         await self.upstream_hooks.close()
         await self.submitter.close()
         await self.jobs.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import openai
 import pytest
 
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
+from relay.collector import Pauses
 from tests.helpers import RunningRelay, bomb_png, relay_config, running_relay
 
 
@@ -93,3 +95,16 @@ def test_metrics_count_requests_and_jobs_without_secrets(relay: RunningRelay) ->
     assert 'mj_relay_jobs_in_flight{provider="sim"} 0.0' in text
     assert "particular" not in text and relay.key not in text
     assert not re.search(r"(job|req)_[0-9a-f]{12}", text)
+
+
+def test_metrics_time_the_garbage_collector_s_pauses_while_the_relay_runs(tmp_path: Path) -> None:
+    def collections(text: str, generation: int) -> float:
+        found = re.search(rf'mj_relay_gc_pause_seconds_count{{generation="{generation}"}} (\S+)', text)
+        assert found is not None
+        return float(found.group(1))
+
+    with running_relay(relay_config(tmp_path)) as relay:
+        before = collections(httpx.get(relay.base + "/metrics").text, 1)
+        gc.collect(1)
+        assert collections(httpx.get(relay.base + "/metrics").text, 1) >= before + 1
+    assert not any(isinstance(getattr(callback, "__self__", None), Pauses) for callback in gc.callbacks)
