@@ -126,7 +126,8 @@ class Tracker:
             self.lifecycle.take_up(row)
 
     async def sweep_pending(self) -> None:
-        """End jobs stuck in PENDING past the grace (see PENDING_GRACE_S)."""
+        """End jobs stuck in PENDING past the grace (see PENDING_GRACE_S); one whose ending cannot be written is
+        logged and left to the next sweep, the others ended all the same."""
         now = self.clock.now()
         stale = [
             row
@@ -142,10 +143,16 @@ class Tracker:
         except Exception:
             log.exception("watching the client hooks of jobs never submitted failed; they end unheard")
         # One group commit for all of them (a crash in a burst's submit window leaves hundreds), not one each in turn.
+        # A job whose ending cannot be written holds up none of the others, nor a start: it stays PENDING, and the
+        # next sweep (every SWEEP_EVERY_S) ends it.
         endings = [Finisher.ending(row.id, False, FailureCode.INTERRUPTED, "never confirmed upstream") for row in stale]
-        for outcome in await self.finisher.end_many(endings):
+        for row, outcome in zip(stale, await self.finisher.end_many(endings), strict=True):
             if isinstance(outcome, Exception):
-                raise outcome
+                log.error(
+                    "ending a job never submitted failed; the next sweep ends it",
+                    exc_info=outcome,
+                    extra={"fields": {"job": row.id}},
+                )
 
     async def _sweep_loop(self) -> None:
         while True:
