@@ -90,16 +90,32 @@ class Coordinator:
         """Follow the running jobs whose lease ran out (at the first start alone: every running job of its
         providers), claimed in batches until none is left: a process that died with more than one claim takes is
         adopted whole. A job of a provider this process has not is claimed only past its deadline
-        (`Leases.claim_expired`)."""
+        (`Leases.claim_expired`).
+
+        A claim that fails (rolled back: on PostgreSQL, two processes claiming the same jobs at once may deadlock)
+        is logged and made again, and the round goes on: the jobs of the claims after it are not left for the next
+        round. Two failing in a row end the round (the database is not serving claims now), raising the failure
+        once the jobs claimed so far are followed."""
         providers = self.tracker.pool.names
         followed = 0
+        failed: Exception | None = None
         while True:
-            rows = await self.leases.claim_expired(self.clock.now(), providers, any_lease=first and self.alone)
+            try:
+                rows = await self.leases.claim_expired(self.clock.now(), providers, any_lease=first and self.alone)
+            except Exception as exc:
+                if failed is not None:
+                    break
+                failed = exc
+                log.exception("claiming jobs to adopt failed; claimed again")
+                continue
+            failed = None
             followed += await self.follow_claimed(rows)
             if len(rows) < CLAIM_BATCH:
                 break
         if followed and not first:
             event(log, "jobs adopted", jobs=followed)
+        if failed is not None:
+            raise failed
         return followed
 
     async def follow_claimed(self, rows: list[JobRow]) -> int:

@@ -105,7 +105,9 @@ class Tracker:
     async def adopt(self, rows: list[JobRow]) -> None:
         """Follow jobs this process just claimed (a previous run's, or a dead process's): read at once, as they may
         have ended meanwhile. A job of a provider no longer configured is ended; one whose ending cannot be written
-        now holds up none of the others: followed by nobody, its lease runs out, and it is claimed and ended again."""
+        now holds up none of the others: followed by nobody, its lease runs out, and it is claimed and ended again.
+        So does a job that cannot be followed here (of a task kind a newer release added, mid-deploy): its lease
+        runs out, for a process that knows it."""
         for row in rows:
             if row.provider is None or row.upstream_id is None or self.tracking(row.id):
                 continue
@@ -123,7 +125,10 @@ class Tracker:
                         extra={"fields": {"job": row.id}},
                     )
                 continue
-            self.lifecycle.take_up(row)
+            try:
+                self.lifecycle.take_up(row)
+            except Exception:
+                log.exception("following an adopted job failed; it is left", extra={"fields": {"job": row.id}})
 
     async def sweep_pending(self) -> None:
         """End jobs stuck in PENDING past the grace (see PENDING_GRACE_S); one whose ending cannot be written is

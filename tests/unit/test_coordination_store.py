@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from relay.services import Relay
 from relay.store.attempts import AttemptStore, Made
@@ -335,6 +337,53 @@ async def test_jobs_a_claim_took_unheard_are_not_kept_but_adopted_again(
             assert relay.lifecycle.following("job_00000000")
         finally:
             await relay.close()
+
+
+async def test_a_claim_that_fails_holds_up_none_of_the_round_s_other_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dead process's jobs take three claims; the second fails (on PostgreSQL, two processes claiming the same
+    jobs at once may deadlock, and one claim is rolled back). The failure is logged and the round goes on: every job
+    is followed this round, not those of the later claims a round later."""
+    clock = FakeClock()
+    relay = Relay(relay_config(tmp_path), clock)
+    await relay.open()
+    try:
+        await dead_process_jobs(relay, 2 * CLAIM_BATCH + 1, "a-process-that-died", clock.now() - 2 * LEASE, LEASE)
+        claim = relay.leases.claim_expired
+        claims = 0
+
+        async def second_fails(*args: Any, **kwargs: Any) -> Any:
+            nonlocal claims
+            claims += 1
+            if claims == 2:
+                raise OSError("deadlock detected")
+            return await claim(*args, **kwargs)
+
+        monkeypatch.setattr(relay.leases, "claim_expired", second_fails)
+        with caplog.at_level(logging.ERROR, "relay.coordination"):
+            assert await relay.coordinator.adopt() == 2 * CLAIM_BATCH + 1
+        assert "deadlock detected" in caplog.text
+    finally:
+        await relay.close()
+
+
+async def test_a_job_that_cannot_be_followed_holds_up_none_of_the_others_adopted_with_it(tmp_path: Path) -> None:
+    """A dead process's jobs include one of a task kind this release does not know (a newer release's, mid-deploy).
+    It is left (its lease runs out, for a process that knows it); every other job, of its claim and of the claims
+    after it, is followed this round."""
+    clock = FakeClock()
+    relay = Relay(relay_config(tmp_path), clock)
+    await relay.open()
+    try:
+        await dead_process_jobs(relay, 2 * CLAIM_BATCH + 1, "a-process-that-died", clock.now() - 2 * LEASE, LEASE)
+        async with relay.db.engine.begin() as conn:
+            await conn.execute(text("UPDATE jobs SET action = 'video' WHERE id = 'job_00000000'"))
+        await relay.coordinator.adopt()
+        assert not relay.lifecycle.following("job_00000000")
+        assert relay.lifecycle.following("job_00000001") and relay.lifecycle.following(f"job_{2 * CLAIM_BATCH:08d}")
+    finally:
+        await relay.close()
 
 
 async def test_a_job_of_a_provider_a_process_lacks_is_claimed_once_past_its_deadline(db: Database) -> None:
