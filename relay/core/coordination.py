@@ -9,7 +9,8 @@ process, and nothing a process dies with is lost.
                not is claimed by it only once the job's deadline has passed, to end it
     capacity   with other processes about, every second each learns how many jobs the others run on each provider,
                so that routing passes over a provider that is full (the limit itself is kept by `store.slots`)
-    hand-over  at shutdown (SIGTERM) a process releases its leases, so the others claim its jobs at once
+    hand-over  at shutdown (SIGTERM) a process releases its leases, so the others claim its jobs at once; a job it
+               writes down as its own after that (a submit answered late) is handed over as it is written
     retries    attempts older than the retry window are forgotten here
 
 Waking waiters and forwarding upstream hooks across processes is `core.broadcast` (PostgreSQL LISTEN/NOTIFY).
@@ -78,6 +79,8 @@ class Coordinator:
     async def stop(self) -> None:
         await cancel_all(self._loops)
         self._loops = []
+        # First: a job written as this process's from here on (a submit answered only now) is handed over as well.
+        self.tracker.store.handing_over = True
         released = await self.leases.release()
         if released:
             event(log, "leases handed over", jobs=released)

@@ -327,12 +327,15 @@ _ADMIT = Many(
 
 class JobStore:
     """Jobs and their holds. `owner` is this relay process: a job it admits, submits, parks or adopts is written
-    as followed by it for `lease_s` (renewed by `store.leases`)."""
+    as followed by it for `lease_s` (renewed by `store.leases`). Once the process hands its leases over (`handing
+    over`, at shutdown), a job it takes all the same (a submit answered only then) is handed over as it is written:
+    nothing follows it here any more, and no other process must wait for that lease to run out."""
 
     def __init__(self, engine: AsyncEngine, owner: str = "", lease_s: float = 30.0) -> None:
         self.engine = engine
         self.owner = owner
         self.lease_s = lease_s
+        self.handing_over = False
 
     async def open(self, key_id: str, new_jobs: Sequence[NewJob], now: float) -> bool:
         """Hold the price of every job and insert them; see `open_many`."""
@@ -440,6 +443,7 @@ class JobStore:
         params = [{"job_id": i.job_id, "new_provider": i.provider, "new_upstream_id": i.upstream_id} for i in items]
         if params:
             await changed(self.engine, statement, params)
+            await self._hand_over_late([i.job_id for i in items])
         return [None] * len(items)
 
     async def adopt(self, job_id: str, provider: str, upstream_id: str, now: float) -> bool:
@@ -449,7 +453,9 @@ class JobStore:
             .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING.value)
             .values(state=JobState.SUBMITTED.value, **self._taken(provider, upstream_id, now))
         )
-        return await changed(self.engine, statement) == 1
+        adopted = await changed(self.engine, statement) == 1
+        await self._hand_over_late([job_id])
+        return adopted
 
     async def park_modal(self, job_id: str, provider: str, upstream_id: str, deadline_at: float, now: float) -> bool:
         """PENDING -> MODAL: the upstream took the follow-up but waits for `submit/modal`; the job's deadline is
@@ -459,7 +465,9 @@ class JobStore:
             .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING.value)
             .values(state=JobState.MODAL.value, deadline_at=deadline_at, **self._taken(provider, upstream_id, now))
         )
-        return await changed(self.engine, statement) == 1
+        parked = await changed(self.engine, statement) == 1
+        await self._hand_over_late([job_id])
+        return parked
 
     async def confirm_modal(
         self, job_id: str, upstream_id: str, deadline_at: float, now: float, prompt: str | None = None
@@ -491,7 +499,22 @@ class JobStore:
             row = (await conn.execute(statement)).first()
             return row_of(row) if row is not None else None
 
-        return await transaction(self.engine, work)
+        confirmed = await transaction(self.engine, work)
+        await self._hand_over_late([job_id])
+        return confirmed
+
+    async def _hand_over_late(self, job_ids: list[str]) -> None:
+        """Hand over the leases of jobs just written as this process's, if it has begun handing its leases over.
+        Looked at once the write is made, so that either the hand-over began after the write, and took these too,
+        or this sees that it began."""
+        if not self.handing_over:
+            return
+        await changed(
+            self.engine,
+            update(jobs)
+            .where(jobs.c.id.in_(job_ids), jobs.c.owner == self.owner, jobs.c.state.in_([s.value for s in ACTIVE]))
+            .values(lease_until=0.0),
+        )
 
     async def extend_modal(self, job_id: str, deadline_at: float, now: float, until: float) -> bool:
         """A confirmation of a job waiting in MODAL goes to the upstream, for at most `until`: from now on the job

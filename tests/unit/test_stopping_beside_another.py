@@ -15,10 +15,15 @@ import pytest
 
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import SystemClock
+from relay.core import submit
 from relay.core.jobs import Attempt
+from relay.core.modes import ModeHints
+from relay.core.tasks import TaskOrder
+from relay.domain import TaskKind
 from relay.services import Relay
 from relay.store.keys import KeyRecord
-from tests.helpers import ended_row, pg_database, relay_config
+from tests.helpers import FakeClock, ended_row, pg_database, relay_config
+from tests.unit.test_pending_sweep_submitting import GatedAnswers
 
 pytestmark = pytest.mark.anyio
 
@@ -128,3 +133,44 @@ async def test_a_hook_forwarded_to_a_stopping_process_does_not_take_its_handed_o
                 f"{'A' if left.owner == a.process_id else left.owner}, its lease "
                 f"{(left.lease_until or 0) - time.time():.1f} s from running out (downloads: {upstream.downloads})"
             )
+
+
+@pytest.mark.postgres
+async def test_a_submit_answered_after_the_hand_over_is_handed_over_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relay A is stopped (as at SIGTERM) while an upstream is slow to answer a submit: A waits for it a while, then
+    hands its leases over, and only then does the upstream take the task. The job is written down as A's, with a
+    lease, though A follows nothing any more: it must be handed over as it is written, so that relay B adopts it at
+    once, not once that lease has run out."""
+    monkeypatch.setattr(submit, "STOP_WAIT_S", 0.05)  # A stops waiting for the submit before it is answered
+    upstream = GatedAnswers()
+    clock = FakeClock()  # both relays' time stands still: no lease runs out of itself
+    async with contextlib.AsyncExitStack() as stack:
+        database = {"url": await stack.enter_async_context(pg_database())}
+        a = Relay(relay_config(tmp_path / "a", database=database), clock, {"sim": upstream})
+        b = Relay(relay_config(tmp_path / "b", database=database), clock, {"sim": upstream})
+        await a.open()
+        await b.open()
+        stack.push_async_callback(b.close)
+        key, _ = await a.keys.create("k", 100, 0)
+        order = TaskOrder(TaskKind.IMAGINE, ModeHints(model="mj-fast"), prompt="a kite")
+        submitting = asyncio.ensure_future(a.tasks.submit(key, order, "http://127.0.0.1:1"))
+        await asyncio.wait_for(upstream.taken.wait(), 10)
+
+        release = a.leases.release
+
+        async def release_then_answer() -> int:
+            released = await release()
+            upstream.gate.set()  # the upstream answers as A goes on stopping
+            await submitting  # and A writes the job down
+            return released
+
+        monkeypatch.setattr(a.leases, "release", release_then_answer)
+        await a.close()
+        job_id = submitting.result().job_id
+        row = await b.store.get(job_id)
+        assert row is not None and (row.state.value, row.owner) == ("SUBMITTED", a.process_id)
+
+        assert await b.coordinator.adopt() == 1
+        assert b.lifecycle.following(job_id)
