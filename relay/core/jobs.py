@@ -3,7 +3,8 @@
 A request for `n` images plans ceil(n / 4) imagine jobs (each gives a 2x2 grid, split into four tiles), holds the
 price of all of them in one step, and submits each (`core.submit`). Waiting is on in-process events published as
 jobs change; a waiter that outlives a job's deadline ends it itself. A client's retry of a request follows the jobs
-its first attempt started instead of starting new ones.
+its first attempt started instead of starting new ones; a retry that gave up waiting for them and started afresh
+runs instead of that attempt, never besides it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size
 from relay.core.submit import JobIdTaken, Outcome, Planned, Submitter
 from relay.core.text import unstorable
 from relay.domain import FailureCode, JobState, ResultShape, TaskKind
-from relay.errors import IdempotencyKeyReused, InvalidRequest, JobFailed, NotFound, ServiceUnavailable
+from relay.errors import (
+    IdempotencyKeyReused,
+    InternalError,
+    InvalidRequest,
+    JobFailed,
+    NotFound,
+    ServiceUnavailable,
+)
 from relay.images import TILE_NAMES
 from relay.store.attempts import AttemptStore, Made
 from relay.store.jobs import JobRow, JobStore, NewJob
@@ -46,6 +54,11 @@ RETRY_MARGIN_S = 1800.0
 # How long a retry waits for its first attempt's submission, under way in another process, and how often it looks.
 ATTEMPT_WAIT_S = 10.0
 ATTEMPT_POLL_S = 0.1
+# An attempt whose jobs are held this long after it began (half the wait above: a margin for the two processes'
+# timers) asks the database whether a retry took its body over meanwhile before it sends them, and sends nothing
+# if one did. One held sooner needs not: a retry takes a body over only from an attempt without jobs held, and only
+# after waiting ATTEMPT_WAIT_S since that attempt's row was written, by when these jobs were written.
+ATTEMPT_CHECK_S = ATTEMPT_WAIT_S / 2
 # How often a retry looks again for the attempt to follow when another one took its body as it was starting
 # afresh. Each such try follows that one to its submission; only when it started nothing does the next try come:
 # one for each copy of a request sent at once, all refused (a key without credits).
@@ -146,6 +159,11 @@ class _Done(NamedTuple):
     request_id: str
     body: str | None
     started: _Started | None
+
+
+class TakenOver(InternalError):
+    """An attempt's jobs were held only after a retry of its request, elsewhere, gave up waiting for them and took
+    its body over: they are ended unsent, and its client follows the attempt that owns the body now."""
 
 
 class _Begun(NamedTuple):
@@ -283,6 +301,9 @@ class JobService:
             except JobIdTaken:  # held nothing, and the attempt says it started nothing: again, under fresh ids
                 if not tries_left:
                     raise
+            except TakenOver:  # sent nothing: the client gets what the attempt that took the body over gets
+                assert attempt is not None
+                return await self._retry(key, spec, attempt)
         raise AssertionError("unreachable")
 
     async def _retry(self, key: KeyRecord, spec: ImageSpec, attempt: Attempt) -> Generation:
@@ -310,8 +331,8 @@ class JobService:
                 launched = self._launch(key, spec, planned, following, attempt, claimed=True, at=now)
                 try:
                     return await self._started(launched)
-                except JobIdTaken:  # it started nothing, and says so: the next try starts afresh from it
-                    continue
+                except (JobIdTaken, TakenOver):  # it started nothing: the next try starts afresh from it, or
+                    continue  # follows the attempt that took the body over from it
         raise ServiceUnavailable("This request is being started by another attempt; retry shortly.", retry_after=1)
 
     def _abandon(
@@ -379,7 +400,8 @@ class JobService:
             _same_body(body, row.body, self.retry_window_s)
         waited = 0.0
         # Under way in another process (or one that stopped): followed once its jobs are held, which is at once
-        # unless that process stopped before; then, after a while, a retry starts afresh.
+        # unless that process stopped or stalled before; then, after a while, a retry starts afresh (`claim_many`
+        # refuses it if they are held by then; one held later is not sent, see ATTEMPT_CHECK_S).
         while row is not None and row.state == "starting" and waited < ATTEMPT_WAIT_S:
             if await self.store.by_request(row.request_id):
                 break
@@ -515,7 +537,8 @@ class JobService:
                 )
             )
         try:
-            outcomes = await self._admit_and_submit(key, planned, begun)
+            owner = (attempt.fingerprint, following.request_id, started_at) if attempt is not None else None
+            outcomes = await self._admit_and_submit(key, planned, begun, owner)
             # A job the upstream took runs and is charged even when a neighbour's submit failed (its ending could not
             # be written): the attempt took, and a retry follows it rather than starting the request again.
             took = any(isinstance(outcome, Outcome) and outcome.row is None for outcome in outcomes)
@@ -556,16 +579,41 @@ class JobService:
             self._unwritten[fingerprint] = done
 
     async def _admit_and_submit(
-        self, key: KeyRecord, planned: list[Planned], begun: asyncio.Future[None] | None
+        self,
+        key: KeyRecord,
+        planned: list[Planned],
+        begun: asyncio.Future[None] | None,
+        owner: tuple[str, str, float] | None = None,
     ) -> list[Outcome | BaseException]:
         """Hold and submit the jobs (raising when they cannot be held), submitting once the attempt's row is
         written (`begun`; one that could not be written: at worst a retry starts afresh); returns how submitting
-        each went, or why it failed, once every submit is done."""
-        await self.submitter.admit(key, [p.job for p in planned])
+        each went, or why it failed, once every submit is done. The jobs of an attempt (`owner`: its fingerprint,
+        request id, and when it began) held late are submitted only if it still owns its fingerprint; else they
+        are ended unsent and `TakenOver` is raised."""
+        jobs = [p.job for p in planned]
+        await self.submitter.admit(key, jobs)
         if begun is not None:
             with contextlib.suppress(Exception):
                 await begun
+        if owner is not None and self.clock.now() - owner[2] >= ATTEMPT_CHECK_S:
+            await self._still_owned(owner[0], owner[1], jobs)
         return list(await asyncio.gather(*(self.submitter.submit(p) for p in planned), return_exceptions=True))
+
+    async def _still_owned(self, fingerprint: str, request_id: str, jobs: list[NewJob]) -> None:
+        """Raises `TakenOver`, having ended the jobs unsent, when a retry took the attempt's fingerprint over; when
+        that cannot be asked (the database failing), the jobs are ended unsent as well and the failure raised: a
+        job sent then might run twice."""
+        try:
+            owned = await self.attempts.owns(fingerprint, request_id, self.clock.now())
+        except Exception:
+            await self.submitter.withdraw(jobs, "whether a retry of its request had started it could not be read")
+            raise
+        if not owned:
+            log.info(
+                "a retry took over an attempt whose jobs were held late", extra={"fields": {"request": request_id}}
+            )
+            await self.submitter.withdraw(jobs, "a retry of its request started it before it was sent")
+            raise TakenOver("A retry of this request took it over.")
 
     async def follow(self, generation: Generation, idle_s: float) -> AsyncIterator[int | None]:
         """Overall progress (0-100) each time it changes, None after `idle_s` without news, until every job ended.

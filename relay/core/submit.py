@@ -190,14 +190,22 @@ class Submitter:
         before it was answered): its jobs, never to be submitted, are ended now (only while still PENDING), so that
         their hold is released at once rather than kept from the key until the pending sweep. When that cannot be
         written either (or whether the ids are this request's cannot be read), the sweep ends them."""
-        reason = "its admission was not confirmed"
+        await self.withdraw(jobs, "its admission was not confirmed")
+
+    async def withdraw(self, jobs: list[NewJob], reason: str) -> None:
+        """Jobs held (or that may be) that are never to be submitted: ended as interrupted (only while still
+        PENDING), their holds released, nothing charged. Those whose ending cannot be written are left PENDING, for
+        the pending sweep to end."""
+        for job in jobs:
+            self._admitted.discard(job.id)
+        self._settle_idle()
         endings = [Finisher.ending(job.id, False, FailureCode.INTERRUPTED, reason) for job in jobs]
         unwritten = [o for o in await self.finisher.end_many(endings) if isinstance(o, Exception)]
         if unwritten:
             log.warning(
-                "the jobs of a failed admission are left to the pending sweep",
+                "jobs never to be submitted are left to the pending sweep",
                 exc_info=unwritten[0],
-                extra={"fields": {"jobs": len(unwritten)}},
+                extra={"fields": {"jobs": len(unwritten), "reason": reason}},
             )
 
     async def _ids_taken(self, key: KeyRecord, jobs: list[NewJob]) -> bool | None:

@@ -6,7 +6,10 @@ the row also keeps a digest of its body, so that a request naming that key with 
 latest attempt that was not a retry owns the fingerprint; it is `starting` while its jobs are held and submitted,
 then `started` (some job was taken upstream) or `nothing` (none was). A retry that finds no attempt to follow
 starts afresh and takes the fingerprint over only from the attempt it found (`claim_many`), so that one request sent to
-two processes at once starts once. Attempts older than the retry window are forgotten.
+two processes at once starts once; and only while none of that attempt's jobs is held and not yet ended (such jobs
+are followed instead). An attempt whose jobs were held late, when a retry may have taken its fingerprint
+over meanwhile, asks whether it still owns it (`owns`) before it sends them upstream: the database decides between
+the two, so only one of them runs. Attempts older than the retry window are forgotten.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relay.domain import ACTIVE_STATES
 from relay.store.db import changed, connected, transaction
-from relay.store.tables import attempts
+from relay.store.tables import attempts, jobs
 
 AttemptState = Literal["starting", "started", "nothing"]
 # Attempts forgotten a statement (a few milliseconds of SQLite's time).
@@ -83,12 +87,22 @@ class AttemptStore:
         spec, body, deadline, now), `starting`, owns its fingerprint from now on, if the one it found still does
         (`replacing`: its request id; None: no attempt made since `since`). For each, False when another attempt
         took the fingerprint meanwhile (the same request sent twice at once): that one is to be followed. One
-        transaction, the claims in order: of two claims of one body, the second finds the first's."""
+        transaction, the claims in order: of two claims of one body, the second finds the first's.
+
+        An attempt is not taken over while one of its jobs is held and has not ended: the claim is False, and those
+        jobs are to be followed. On PostgreSQL the attempt's row is locked first, so that whether
+        it has jobs is read once any `owns` of that attempt under way has committed (a statement's own lock wait
+        would re-read the row alone, not its jobs): the attempt either learns it lost its body before it sends
+        anything, or its jobs are seen here."""
 
         async def work(conn: AsyncConnection) -> list[bool]:
             claimed = [False] * len(claims)
             for i in sorted(range(len(claims)), key=lambda i: claims[i][0][0]):  # fingerprint order; stable
                 attempt, replacing, since = claims[i]
+                if replacing is not None and conn.dialect.name == "postgresql":
+                    await conn.execute(
+                        select(attempts.c.fingerprint).where(attempts.c.fingerprint == attempt[0]).with_for_update()
+                    )
                 claimed[i] = (await conn.execute(self._claim(attempt, replacing, since))).rowcount == 1
             return claimed
 
@@ -104,13 +118,31 @@ class AttemptStore:
                 # one older than the window is forgotten already; this claim's own row is this claim's again
                 where=or_(attempts.c.created_at < since, attempts.c.request_id == values["request_id"]),
             )
-        # This claim's own row too: a batch whose commit landed but was reported failed is written again, one by one.
-        found = or_(attempts.c.request_id == replacing, attempts.c.request_id == values["request_id"])
+        # Not while a job of that attempt is held and has not ended (PENDING: about to be sent, as far as this can
+        # tell); this claim's own row too: a batch whose commit landed but was reported failed is written again,
+        # one by one.
+        live = select(jobs.c.id).where(
+            jobs.c.request_id == replacing, jobs.c.state.in_([s.value for s in ACTIVE_STATES])
+        )
+        found = or_(
+            and_(attempts.c.request_id == replacing, ~exists(live)), attempts.c.request_id == values["request_id"]
+        )
         return update(attempts).where(attempts.c.fingerprint == fingerprint, found).values(**values)
 
     def _insert(self) -> Any:
         """An insert into `attempts` in the database's own dialect (which has `on_conflict_do_update`)."""
         return (postgresql if self.engine.dialect.name == "postgresql" else sqlite).insert(attempts)
+
+    async def owns(self, fingerprint: str, request_id: str, now: float) -> bool:
+        """Whether the attempt (its request id) still owns its fingerprint, no retry having taken it over. A write
+        (of the row's `updated_at`), not a read: on PostgreSQL it waits for a claim of the row under way and reads
+        the row as that left it; one that comes after it sees this attempt's jobs (see `claim_many`)."""
+        statement = (
+            update(attempts)
+            .where(attempts.c.fingerprint == fingerprint, attempts.c.request_id == request_id)
+            .values(updated_at=now)
+        )
+        return await changed(self.engine, statement) == 1
 
     async def settle_many(self, settled: list[tuple[str, str, bool]], now: float) -> list[None]:
         """How each attempt's (fingerprint, request id, took) submission went, unless a later attempt owns the

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import text, update
 
 from relay.services import Relay
 from relay.store.attempts import AttemptStore, Made
@@ -18,6 +18,7 @@ from relay.store.jobs import JobState, JobStore, Submitted
 from relay.store.keys import KeyStore
 from relay.store.leases import CLAIM_BATCH, Leases
 from relay.store.slots import Slots
+from relay.store.tables import attempts as attempts_table
 from tests.helpers import FakeClock, pg_database, relay_config
 from tests.unit.test_store import NOW, job
 
@@ -152,6 +153,22 @@ async def test_a_retry_takes_a_fingerprint_over_only_from_the_attempt_it_found(d
     assert row is not None and row.request_id == "req-4"
 
 
+async def test_a_retry_takes_over_no_attempt_whose_jobs_are_held(db: Database) -> None:
+    """A retry that gave up waiting for an attempt's jobs does not take its body over once they are held (they are
+    to be followed), until they ended; the attempt learns whether it still owns its body."""
+    attempts = AttemptStore(db.engine)
+    spec = {"model": "mj-fast", "prompt": "a lighthouse"}
+    await attempts.begin_many([("fp", "req", ("job_00000001",), spec, None, NOW + 600, NOW)])
+    store = await running_job(db, "a")  # `req`'s job, held and running
+    taking_over = ("fp", "req-2", ("job_2",), spec, None, NOW + 600, NOW + 11)
+    assert not await claim(attempts, taking_over, replacing="req", since=NOW - 60)
+    assert await attempts.owns("fp", "req", NOW + 12)
+    await store.finish("job_00000001", succeeded=False, now=NOW + 13, error_code="failed", fail_reason="it failed")
+    assert await claim(attempts, taking_over, replacing="req", since=NOW - 60)
+    assert not await attempts.owns("fp", "req", NOW + 14)
+    assert await attempts.owns("fp", "req-2", NOW + 14)
+
+
 async def test_a_claim_written_again_is_still_won(db: Database) -> None:
     """A batch whose commit landed but was reported failed is written again, one claim at a time: each finds its own
     row, and is told it owns the body (not that another attempt took it, which would send it waiting for itself)."""
@@ -192,6 +209,44 @@ async def test_claims_written_together_decide_as_one_by_one_in_one_lock_order(
     assert written == ["fp-a", "fp-b", "fp-b"]
     row = await attempts.get("fp-b", NOW - 60)
     assert row is not None and row.request_id == "req-1"
+
+
+@pytest.mark.postgres
+async def test_a_claim_that_waited_for_an_attempt_s_check_sees_the_jobs_held_before_it() -> None:
+    """An attempt's jobs are held, then it checks that it still owns its body, while a retry's claim of that body
+    waits for the row: once the check commits, the claim sees the jobs (and fails), though they were held after it
+    began; were it one statement, its wait would read the row again but not the jobs, and both would run."""
+    async with pg_database() as url:
+        database = Database(url, pool_size=4)
+        try:
+            await database.migrate()
+            attempts = AttemptStore(database.engine)
+            spec = {"model": "mj-fast", "prompt": "a lighthouse"}
+            await attempts.begin_many([("fp", "req", ("job_00000001",), spec, None, NOW + 600, NOW)])
+            async with database.engine.connect() as checking:
+                await checking.begin()
+                # The check (`owns`) under way, its transaction not yet committed.
+                await checking.execute(
+                    update(attempts_table).where(attempts_table.c.fingerprint == "fp").values(updated_at=NOW + 11)
+                )
+                taking_over = ("fp", "req-2", ("job_2",), spec, None, NOW + 600, NOW + 11)
+                claiming = asyncio.ensure_future(attempts.claim_many([(taking_over, "req", NOW - 60)]))
+                for _ in range(500):  # the claim begins, and waits for the row
+                    async with database.engine.connect() as conn:
+                        waiting = await conn.scalar(
+                            text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+                        )
+                    if waiting:
+                        break
+                    await asyncio.sleep(0.01)
+                assert waiting and not claiming.done()
+                await running_job(database, "a")  # `req`'s job: held before the check, as an attempt's are
+                await checking.commit()
+            assert await claiming == [False]
+            row = await attempts.get("fp", NOW - 60)
+            assert row is not None and row.request_id == "req"
+        finally:
+            await database.dispose()
 
 
 @pytest.mark.postgres

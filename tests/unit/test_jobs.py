@@ -13,7 +13,7 @@ from sqlalchemy import event, select
 
 from adapters import Retryable, SubmitOutcome, SubmitRequest
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
-from relay.clock import SystemClock
+from relay.clock import Clock, SystemClock
 from relay.core.events import JobEvent
 from relay.core.jobs import DEADLINE_GRACE_S, QUIET_S, Attempt, Generation, ImageSpec
 from relay.domain import FailureCode, JobState
@@ -218,14 +218,16 @@ async def test_a_request_waiting_for_its_images_is_woken_by_endings_alone(
 
 @contextlib.asynccontextmanager
 async def relays_on_one_database(
-    tmp_path: Path, upstream: SwitchableUpstream, count: int, *, postgres: bool = True
+    tmp_path: Path, upstream: SwitchableUpstream, count: int, *, postgres: bool = True, clock: Clock | None = None
 ) -> AsyncIterator[tuple[list[Relay], KeyRecord]]:
-    """`count` relays (as processes would be) on one fresh database, in front of one upstream, and a key."""
+    """`count` relays (as processes would be) on one fresh database, in front of one upstream, and a key; their
+    clock is `clock` (None: the system's)."""
     async with contextlib.AsyncExitStack() as stack:
         database = {"url": await stack.enter_async_context(pg_database())} if postgres else {}
         relays: list[Relay] = []
         for i in range(count):
-            relay = Relay(relay_config(tmp_path / f"relay-{i}", database=database), SystemClock(), {"sim": upstream})
+            config = relay_config(tmp_path / f"relay-{i}", database=database)
+            relay = Relay(config, clock or SystemClock(), {"sim": upstream})
             await relay.open()
             stack.push_async_callback(relay.close)
             relays.append(relay)

@@ -1,0 +1,157 @@
+"""A retry that gave up waiting for its first attempt and started afresh, while that attempt, stalled before its
+jobs were held, goes on: one job runs upstream, and one is charged."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+import relay.core.jobs as jobs_module
+from adapters import SubmitOutcome, SubmitRequest
+from relay.core.jobs import ATTEMPT_WAIT_S, Attempt, JobService
+from relay.domain import FailureCode, JobState
+from relay.services import Relay
+from relay.store.jobs import NewJob
+from relay.store.keys import KeyRecord
+from relay.store.tables import jobs
+from tests.helpers import FakeClock, relay_config
+from tests.unit.test_jobs import SwitchableUpstream, relays_on_one_database
+
+pytestmark = pytest.mark.anyio
+
+
+class CountingUpstream(SwitchableUpstream):
+    def __init__(self) -> None:
+        super().__init__()
+        self.submits = 0
+
+    async def submit(self, request: SubmitRequest) -> SubmitOutcome:
+        self.submits += 1
+        return await super().submit(request)
+
+
+class NotedClock:
+    """A process's view of the test's clock that tells when that process sleeps on it (`sleeping`)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.sleeping = asyncio.Event()
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeping.set()
+        await self.clock.sleep(seconds)
+
+
+@contextlib.asynccontextmanager
+async def two_processes(
+    tmp_path: Path, upstream: SwitchableUpstream, clock: FakeClock, postgres: bool
+) -> AsyncIterator[tuple[Relay, JobService, NotedClock, KeyRecord]]:
+    """Two relays on one PostgreSQL database, or one on SQLite: the first relay, and a second job service (on the
+    second relay's store, or on the one relay's) whose attempts are the first's only through the database, as two
+    processes' are; the second's clock, and a key."""
+    async with contextlib.AsyncExitStack() as stack:
+        if postgres:
+            (a, b), key = await stack.enter_async_context(relays_on_one_database(tmp_path, upstream, 2, clock=clock))
+        else:
+            a = b = Relay(relay_config(tmp_path), clock, {"sim": upstream})
+            await a.open()
+            stack.push_async_callback(a.close)
+            key, _ = await a.keys.create("k", 100, clock.now())
+        noted = NotedClock(clock)
+        other = JobService(
+            config=b.config,
+            store=b.store,
+            submitter=b.submitter,
+            lifecycle=b.lifecycle,
+            events=b.events,
+            attempts=b.attempts,
+            clock=noted,
+        )
+        stack.push_async_callback(other.close)
+        yield a, other, noted, key
+
+
+def stalled(relay: Relay, holds: int) -> tuple[list[asyncio.Event], list[asyncio.Event]]:
+    """The relay's first `holds` holds wait, each until the test lets it go on: for each, an event set once it is
+    stalled, and one the test sets to let it go on. Later holds go on at once."""
+    admit = relay.submitter.admit
+    arrived = [asyncio.Event() for _ in range(holds)]
+    go_on = [asyncio.Event() for _ in range(holds)]
+    count = 0
+
+    async def stalling_admit(key: KeyRecord, planned: list[NewJob]) -> None:
+        nonlocal count
+        index, count = count, count + 1
+        if index < holds:
+            arrived[index].set()
+            await go_on[index].wait()
+        await admit(key, planned)
+
+    relay.submitter.admit = stalling_admit  # type: ignore[method-assign]
+    return arrived, go_on
+
+
+def noted_rows(relay: Relay) -> asyncio.Event:
+    """An event set each time an attempt's row is written as it begins."""
+    begin_many, written = relay.attempts.begin_many, asyncio.Event()
+
+    async def noted_begin(*args: Any) -> list[None]:
+        outcome = await begin_many(*args)
+        written.set()
+        return outcome
+
+    relay.attempts.begin_many = noted_begin  # type: ignore[method-assign]
+    return written
+
+
+async def upstream_jobs(relay: Relay) -> dict[str, tuple[str, str, str | None]]:
+    """Each job's request id: its state, hold state and failure code."""
+    async with relay.db.engine.connect() as conn:
+        rows = await conn.execute(select(jobs.c.request_id, jobs.c.state, jobs.c.hold_state, jobs.c.error_code))
+        return {row.request_id: (row.state, row.hold_state, row.error_code) for row in rows}
+
+
+BOTH = pytest.mark.parametrize(
+    "postgres", [False, pytest.param(True, marks=pytest.mark.postgres)], ids=["sqlite", "postgres"]
+)
+
+
+@BOTH
+async def test_a_first_attempt_held_after_its_retry_started_afresh_sends_nothing_and_follows_the_retry(
+    tmp_path: Path, postgres: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first attempt's row is written, then its hold stalls past the time a retry elsewhere waits for its jobs;
+    the retry starts afresh. The first attempt's hold then lands: its job is ended unsent, its hold released, and
+    its client follows the retry's job. One submit upstream, one job holding (and later charged)."""
+    monkeypatch.setattr(jobs_module, "ATTEMPT_POLL_S", ATTEMPT_WAIT_S)  # the retry's wait: one look, one sleep
+    clock, upstream = FakeClock(), CountingUpstream()
+    async with two_processes(tmp_path, upstream, clock, postgres) as (a, b_jobs, b_clock, key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        written, (arrived, go_on) = noted_rows(a), stalled(a, 1)
+        first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
+        await asyncio.gather(written.wait(), arrived[0].wait())
+        retry = asyncio.ensure_future(b_jobs.start(key, spec, Attempt("body", retry=True)))
+        await b_clock.sleeping.wait()
+        clock.advance(ATTEMPT_WAIT_S)  # the retry gives up waiting, and starts afresh
+        retried = await retry
+        retried.close()
+        assert upstream.submits == 1
+        go_on[0].set()  # the first attempt's hold lands
+        followed = await first
+        followed.close()
+        assert upstream.submits == 1
+        assert followed.request_id == retried.request_id
+        ended = await upstream_jobs(a)
+        assert ended.pop(retried.request_id)[1] == "held"
+        assert list(ended.values()) == [(JobState.FAILED.value, "released", FailureCode.INTERRUPTED.value)]
+        current = await a.keys.get(key.id)
+        assert current is not None and current.held == a.config.price("mj-fast", "imagine")
