@@ -401,13 +401,17 @@ class JobService:
         waited = 0.0
         # Under way in another process (or one that stopped): followed once its jobs are held, which is at once
         # unless that process stopped or stalled before; then, after a while, a retry starts afresh (`claim_many`
-        # refuses it if they are held by then; one held later is not sent, see ATTEMPT_CHECK_S).
+        # refuses it if they are held by then; one held later is not sent, see ATTEMPT_CHECK_S). The while is each
+        # attempt's own: one that took the body over meanwhile is waited for from then on.
         while row is not None and row.state == "starting" and waited < ATTEMPT_WAIT_S:
             if await self.store.by_request(row.request_id):
                 break
             await self.clock.sleep(ATTEMPT_POLL_S)
             waited += ATTEMPT_POLL_S
+            waited_for = row.request_id
             row = await self.attempts.get(fingerprint, since)
+            if row is not None and row.request_id != waited_for:
+                waited = 0.0
         if row is None:
             return None, None
         _same_body(body, row.body, self.retry_window_s)  # the attempt that owns the fingerprint by now

@@ -113,6 +113,13 @@ def noted_rows(relay: Relay) -> asyncio.Event:
     return written
 
 
+async def asleep_or_done(clock: NotedClock, task: asyncio.Future[Any]) -> None:
+    clock.sleeping.clear()
+    sleeping = asyncio.ensure_future(clock.sleeping.wait())
+    await asyncio.wait([sleeping, task], return_when=asyncio.FIRST_COMPLETED)
+    sleeping.cancel()
+
+
 async def upstream_jobs(relay: Relay) -> dict[str, tuple[str, str, str | None]]:
     """Each job's request id: its state, hold state and failure code."""
     async with relay.db.engine.connect() as conn:
@@ -155,3 +162,42 @@ async def test_a_first_attempt_held_after_its_retry_started_afresh_sends_nothing
         assert list(ended.values()) == [(JobState.FAILED.value, "released", FailureCode.INTERRUPTED.value)]
         current = await a.keys.get(key.id)
         assert current is not None and current.held == a.config.price("mj-fast", "imagine")
+
+
+@BOTH
+async def test_a_retry_waits_afresh_for_an_attempt_that_took_the_body_over_as_it_waited(
+    tmp_path: Path, postgres: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry waits for a stalled first attempt; the same body, sent again as a new request, takes the body over
+    near the end of that wait. The retry waits its whole while for the new request's jobs, not what was left of
+    the first's: the new request's hold, quick enough that it asks nothing before sending, is followed, not run
+    beside a fresh start."""
+    monkeypatch.setattr(jobs_module, "ATTEMPT_POLL_S", ATTEMPT_WAIT_S / 2)
+    clock, upstream = FakeClock(), CountingUpstream()
+    async with two_processes(tmp_path, upstream, clock, postgres) as (a, b_jobs, b_clock, key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        written, (arrived, go_on) = noted_rows(a), stalled(a, 2)
+        first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
+        await asyncio.gather(written.wait(), arrived[0].wait())
+        retry = asyncio.ensure_future(b_jobs.start(key, spec, Attempt("body", retry=True)))
+        await asleep_or_done(b_clock, retry)
+        clock.advance(ATTEMPT_WAIT_S / 2)  # half its wait: it looks again, and sleeps
+        await asleep_or_done(b_clock, retry)
+        clock.advance(1)
+        written.clear()
+        again = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
+        await asyncio.gather(written.wait(), arrived[1].wait())
+        clock.advance(ATTEMPT_WAIT_S / 2 - 1)  # the retry's first wait is over; the new request began 4 s ago
+        await asleep_or_done(b_clock, retry)
+        go_on[1].set()  # the new request's hold lands
+        started = await again
+        started.close()
+        clock.advance(ATTEMPT_WAIT_S / 2)
+        followed = await retry
+        followed.close()
+        assert upstream.submits == 1
+        assert followed.request_id == started.request_id
+        go_on[0].set()
+        with contextlib.suppress(Exception):
+            (await first).close()
+        assert upstream.submits == 1
