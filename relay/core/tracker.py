@@ -107,7 +107,8 @@ class Tracker:
         have ended meanwhile. A job of a provider no longer configured is ended; one whose ending cannot be written
         now holds up none of the others: followed by nobody, its lease runs out, and it is claimed and ended again.
         So does a job that cannot be followed here (of a task kind a newer release added, mid-deploy): its lease
-        runs out, for a process that knows it."""
+        runs out, for a process that knows it; past its deadline, when none will follow it any more, it is ended
+        as timed out, its hold given back."""
         for row in rows:
             if row.provider is None or row.upstream_id is None or self.tracking(row.id):
                 continue
@@ -128,7 +129,22 @@ class Tracker:
             try:
                 self.lifecycle.take_up(row)
             except Exception:
-                log.exception("following an adopted job failed; it is left", extra={"fields": {"job": row.id}})
+                if row.deadline_at > self.clock.now():
+                    log.exception("following an adopted job failed; it is left", extra={"fields": {"job": row.id}})
+                    continue
+                log.exception(
+                    "an adopted job past its deadline cannot be followed; it is ended",
+                    extra={"fields": {"job": row.id}},
+                )
+                try:
+                    await self.finisher.end(
+                        row.id,
+                        succeeded=False,
+                        error_code=FailureCode.TIMEOUT,
+                        fail_reason="its deadline passed, and this relay cannot follow it",
+                    )
+                except Exception:
+                    log.exception("ending an adopted job failed; it is tried again", extra={"fields": {"job": row.id}})
 
     async def sweep_pending(self) -> None:
         """End jobs stuck in PENDING past the grace (see PENDING_GRACE_S); one whose ending cannot be written is

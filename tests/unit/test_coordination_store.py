@@ -441,6 +441,27 @@ async def test_a_job_that_cannot_be_followed_holds_up_none_of_the_others_adopted
         await relay.close()
 
 
+async def test_a_job_that_cannot_be_followed_is_ended_once_past_its_deadline(tmp_path: Path) -> None:
+    """Left while it may still run (a process that knows its kind may follow it); past its deadline nothing will,
+    so the process that claims it then ends it as timed out, its hold given back, instead of claiming it again each
+    time its lease runs out for as long as the database keeps it."""
+    clock = FakeClock()
+    relay = Relay(relay_config(tmp_path), clock)
+    await relay.open()
+    try:
+        await dead_process_jobs(relay, 2, "a-process-that-died", clock.now() - 2 * LEASE, LEASE)
+        async with relay.db.engine.begin() as conn:
+            await conn.execute(text("UPDATE jobs SET action = 'video'"))
+            await conn.execute(text("UPDATE jobs SET deadline_at = :past WHERE id = 'job_00000000'"), {"past": 1.0})
+        await relay.coordinator.adopt()
+        ended, running = await relay.store.get("job_00000000"), await relay.store.get("job_00000001")
+        assert ended is not None and running is not None
+        assert (ended.state, ended.error_code, ended.hold_state) == (JobState.FAILED, "timeout", "released")
+        assert running.state is JobState.SUBMITTED and not relay.lifecycle.following(running.id)
+    finally:
+        await relay.close()
+
+
 async def test_a_job_of_a_provider_a_process_lacks_is_claimed_once_past_its_deadline(db: Database) -> None:
     """Left to the processes that have its provider while it may run; past its deadline (no such process followed it
     to its end) any process claims it, to end it. Alone, a process waits for the deadline too: its provider may be
