@@ -115,6 +115,7 @@ class Generation:
     progress: dict[str, int] = field(default_factory=dict)
     ended: set[str] = field(default_factory=set)
     rows: dict[str, JobRow] = field(default_factory=dict)
+    closed: bool = False  # nobody waits for the jobs here any more (the client went away, or was answered)
 
     @property
     def done(self) -> bool:
@@ -125,6 +126,7 @@ class Generation:
         return sum(self.progress.get(job_id, 0) for job_id in self.job_ids) // len(self.job_ids)
 
     def close(self) -> None:
+        self.closed = True
         self.subscription.close()
 
 
@@ -164,6 +166,15 @@ class _Done(NamedTuple):
 class TakenOver(InternalError):
     """An attempt's jobs were held only after a retry of its request, elsewhere, gave up waiting for them and took
     its body over: they are ended unsent, and its client follows the attempt that owns the body now."""
+
+
+class _Owner(NamedTuple):
+    """An attempt while its jobs are held: its fingerprint, request id, when it began, and its request's jobs."""
+
+    fingerprint: str
+    request_id: str
+    began: float
+    generation: Generation
 
 
 class _Begun(NamedTuple):
@@ -491,9 +502,10 @@ class JobService:
         # Holding and submitting go on even if the caller goes away meanwhile: a held job is always submitted
         # (and tracked to its end) or ended, never left holding credits. Retries learn how it went from the
         # attempt, which is settled when that work is done, however the caller fares.
-        work = asyncio.ensure_future(self._attempt(key, planned, attempt, following, recorded, claimed, at))
         subscription = self.events.subscribe(following.job_ids)
-        return Generation(following.request_id, spec, following.job_ids, following.deadline_at, subscription), work
+        generation = Generation(following.request_id, spec, following.job_ids, following.deadline_at, subscription)
+        work = asyncio.ensure_future(self._attempt(key, planned, attempt, following, recorded, claimed, at, generation))
+        return generation, work
 
     async def _started(self, launched: tuple[Generation, asyncio.Future[list[JobRow]]]) -> Generation:
         generation, work = launched
@@ -519,6 +531,7 @@ class JobService:
         recorded: asyncio.Future[_Started | None] | None,
         claimed: bool,
         started_at: float,
+        generation: Generation,
     ) -> list[JobRow]:
         """Record the attempt (unless `claimed` wrote it), hold and submit its jobs, and settle the attempt with how
         that went."""
@@ -541,7 +554,9 @@ class JobService:
                 )
             )
         try:
-            owner = (attempt.fingerprint, following.request_id, started_at) if attempt is not None else None
+            owner = None
+            if attempt is not None:
+                owner = _Owner(attempt.fingerprint, following.request_id, started_at, generation)
             outcomes = await self._admit_and_submit(key, planned, begun, owner)
             # A job the upstream took runs and is charged even when a neighbour's submit failed (its ending could not
             # be written): the attempt took, and a retry follows it rather than starting the request again.
@@ -587,34 +602,37 @@ class JobService:
         key: KeyRecord,
         planned: list[Planned],
         begun: asyncio.Future[None] | None,
-        owner: tuple[str, str, float] | None = None,
+        owner: _Owner | None = None,
     ) -> list[Outcome | BaseException]:
         """Hold and submit the jobs (raising when they cannot be held), submitting once the attempt's row is
         written (`begun`; one that could not be written: at worst a retry starts afresh); returns how submitting
-        each went, or why it failed, once every submit is done. The jobs of an attempt (`owner`: its fingerprint,
-        request id, and when it began) held late are submitted only if it still owns its fingerprint; else they
-        are ended unsent and `TakenOver` is raised."""
+        each went, or why it failed, once every submit is done. The jobs of an attempt (`owner`) held late are
+        submitted only if no retry took its fingerprint over from it (`_still_owned`); else they are ended unsent
+        and `TakenOver` is raised."""
         jobs = [p.job for p in planned]
         await self.submitter.admit(key, jobs)
         if begun is not None:
             with contextlib.suppress(Exception):
                 await begun
-        if owner is not None and self.clock.now() - owner[2] >= ATTEMPT_CHECK_S:
-            await self._still_owned(owner[0], owner[1], jobs)
+        if owner is not None and self.clock.now() - owner.began >= ATTEMPT_CHECK_S:
+            await self._still_owned(owner, jobs)
         return list(await asyncio.gather(*(self.submitter.submit(p) for p in planned), return_exceptions=True))
 
-    async def _still_owned(self, fingerprint: str, request_id: str, jobs: list[NewJob]) -> None:
-        """Raises `TakenOver`, having ended the jobs unsent, when a retry took the attempt's fingerprint over; when
-        that cannot be asked (the database failing), the jobs are ended unsent as well and the failure raised: a
-        job sent then might run twice."""
+    async def _still_owned(self, owner: _Owner, jobs: list[NewJob]) -> None:
+        """Raises `TakenOver`, having ended the jobs unsent, when a retry took the attempt's fingerprint over from
+        it, or when it lost the fingerprint to a newer request of the same body and its client went away (a retry of
+        it follows that newer one: nobody would get these jobs' images). A client that still waits has them sent:
+        the newer request, not a retry, is one of its own. When that cannot be asked (the database failing), the
+        jobs are ended unsent as well and the failure raised: a job sent then might run twice."""
         try:
-            owned = await self.attempts.owns(fingerprint, request_id, self.clock.now())
+            owns, taken = await self.attempts.standing(owner.fingerprint, owner.request_id)
         except Exception:
             await self.submitter.withdraw(jobs, "whether a retry of its request had started it could not be read")
             raise
-        if not owned:
+        if taken or (not owns and owner.generation.closed):
             log.info(
-                "a retry took over an attempt whose jobs were held late", extra={"fields": {"request": request_id}}
+                "a retry took over an attempt whose jobs were held late",
+                extra={"fields": {"request": owner.request_id, "client_gone": not taken}},
             )
             await self.submitter.withdraw(jobs, "a retry of its request started it before it was sent")
             raise TakenOver("A retry of this request took it over.")

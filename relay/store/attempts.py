@@ -7,9 +7,11 @@ latest attempt that was not a retry owns the fingerprint; it is `starting` while
 then `started` (some job was taken upstream) or `nothing` (none was). A retry that finds no attempt to follow
 starts afresh and takes the fingerprint over only from the attempt it found (`claim_many`), so that one request sent to
 two processes at once starts once; and only while none of that attempt's jobs is held and not yet ended (such jobs
-are followed instead). An attempt whose jobs were held late, when a retry may have taken its fingerprint
-over meanwhile, asks whether it still owns it (`owns`) before it sends them upstream: the database decides between
-the two, so only one of them runs. Attempts older than the retry window are forgotten.
+are followed instead). Such a take-over is written down (`attempts_taken_over`): an attempt whose jobs were held
+late asks whether a retry took its fingerprint over from it (`standing`) before it sends them upstream, and the
+database decides between the two, so only one of them runs. An attempt that lost the fingerprint only to a newer
+request of the same body that is not a retry runs all the same while its client waits for it: that request is one
+of its own. Attempts (and take-overs) older than the retry window are forgotten.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES
 from relay.store.db import changed, connected, transaction
-from relay.store.tables import attempts, jobs
+from relay.store.tables import attempts, attempts_taken_over, jobs
 
 AttemptState = Literal["starting", "started", "nothing"]
 # Attempts forgotten a statement (a few milliseconds of SQLite's time).
@@ -90,9 +92,10 @@ class AttemptStore:
         transaction, the claims in order: of two claims of one body, the second finds the first's.
 
         An attempt is not taken over while one of its jobs is held and has not ended: the claim is False, and those
-        jobs are to be followed. On PostgreSQL the attempt's row is locked first, so that whether
-        it has jobs is read once any `owns` of that attempt under way has committed (a statement's own lock wait
-        would re-read the row alone, not its jobs): the attempt either learns it lost its body before it sends
+        jobs are to be followed. A claim that took the fingerprint over from an attempt writes that down, in the
+        same transaction (`standing`). On PostgreSQL the attempt's row is locked first, so that whether it has
+        jobs is read once any `standing` of that attempt under way has committed (a statement's own lock wait
+        would re-read the row alone, not its jobs): the attempt either learns it was taken over before it sends
         anything, or its jobs are seen here."""
 
         async def work(conn: AsyncConnection) -> list[bool]:
@@ -104,6 +107,9 @@ class AttemptStore:
                         select(attempts.c.fingerprint).where(attempts.c.fingerprint == attempt[0]).with_for_update()
                     )
                 claimed[i] = (await conn.execute(self._claim(attempt, replacing, since))).rowcount == 1
+                if claimed[i] and replacing is not None:
+                    taken = self._insert(attempts_taken_over).values(request_id=replacing, created_at=attempt[6])
+                    await conn.execute(taken.on_conflict_do_nothing(index_elements=["request_id"]))
             return claimed
 
         return await transaction(self.engine, work) if claims else []
@@ -129,20 +135,26 @@ class AttemptStore:
         )
         return update(attempts).where(attempts.c.fingerprint == fingerprint, found).values(**values)
 
-    def _insert(self) -> Any:
-        """An insert into `attempts` in the database's own dialect (which has `on_conflict_do_update`)."""
-        return (postgresql if self.engine.dialect.name == "postgresql" else sqlite).insert(attempts)
+    def _insert(self, table: Any = attempts) -> Any:
+        """An insert into `table` in the database's own dialect (which has `on_conflict_do_update`)."""
+        return (postgresql if self.engine.dialect.name == "postgresql" else sqlite).insert(table)
 
-    async def owns(self, fingerprint: str, request_id: str, now: float) -> bool:
-        """Whether the attempt (its request id) still owns its fingerprint, no retry having taken it over. A write
-        (of the row's `updated_at`), not a read: on PostgreSQL it waits for a claim of the row under way and reads
-        the row as that left it; one that comes after it sees this attempt's jobs (see `claim_many`)."""
-        statement = (
-            update(attempts)
-            .where(attempts.c.fingerprint == fingerprint, attempts.c.request_id == request_id)
-            .values(updated_at=now)
-        )
-        return await changed(self.engine, statement) == 1
+    async def standing(self, fingerprint: str, request_id: str) -> tuple[bool, bool]:
+        """Whether the attempt (its request id) still owns its fingerprint, and whether a retry took the fingerprint
+        over from it (then it must send nothing). One that lost the fingerprint only to a newer request of the same
+        body, not a retry, was not taken over: that request is one of its own. On PostgreSQL the fingerprint's row is
+        locked first: this waits for a claim of it under way and reads what that wrote; a claim that comes after it
+        sees this attempt's jobs (`claim_many`)."""
+
+        async def work(conn: AsyncConnection) -> tuple[bool, bool]:
+            row = select(attempts.c.request_id).where(attempts.c.fingerprint == fingerprint)
+            if conn.dialect.name == "postgresql":
+                row = row.with_for_update()
+            owner = (await conn.execute(row)).scalar()
+            taken = select(attempts_taken_over.c.request_id).where(attempts_taken_over.c.request_id == request_id)
+            return owner == request_id, (await conn.execute(taken)).first() is not None
+
+        return await transaction(self.engine, work)
 
     async def settle_many(self, settled: list[tuple[str, str, bool]], now: float) -> list[None]:
         """How each attempt's (fingerprint, request id, took) submission went, unless a later attempt owns the
@@ -198,5 +210,8 @@ class AttemptStore:
             )
             forgotten += count
             if count < FORGET_BATCH:
-                return forgotten
+                break
             await asyncio.sleep(0)
+        # A few rows (one a retry that took a body over): one statement.
+        await changed(self.engine, delete(attempts_taken_over).where(attempts_taken_over.c.created_at < before))
+        return forgotten

@@ -95,6 +95,16 @@ attempts = Table(
     Index("ix_attempts_created", "created_at"),
 )
 
+# The attempts a retry took the body over from (`store.attempts`): one of them whose jobs are held only later sends
+# nothing. Kept for the retry window, as attempts are.
+attempts_taken_over = Table(
+    "attempts_taken_over",
+    metadata,
+    Column("request_id", String(40), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Index("ix_attempts_taken_over_created", "created_at"),
+)
+
 # The last change of each provider's health, as whichever relay process made it last recorded it (`store.health`).
 provider_health = Table(
     "provider_health",

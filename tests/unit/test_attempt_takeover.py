@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 import relay.core.jobs as jobs_module
 from adapters import SubmitOutcome, SubmitRequest
-from relay.core.jobs import ATTEMPT_WAIT_S, Attempt, JobService
+from relay.core.jobs import ATTEMPT_CHECK_S, ATTEMPT_WAIT_S, Attempt, JobService
 from relay.domain import FailureCode, JobState
 from relay.services import Relay
 from relay.store.jobs import NewJob
@@ -113,6 +113,19 @@ def noted_rows(relay: Relay) -> asyncio.Event:
     return written
 
 
+def launched(relay: Relay) -> list[asyncio.Future[Any]]:
+    """The work of each attempt the relay's job service launches, in turn (it goes on when its caller goes away)."""
+    launch, works = relay.jobs._launch, []
+
+    def noted_launch(*args: Any, **kwargs: Any) -> Any:
+        generation, work = launch(*args, **kwargs)
+        works.append(work)
+        return generation, work
+
+    relay.jobs._launch = noted_launch  # type: ignore[method-assign]
+    return works
+
+
 async def asleep_or_done(clock: NotedClock, task: asyncio.Future[Any]) -> None:
     clock.sleeping.clear()
     sleeping = asyncio.ensure_future(clock.sleeping.wait())
@@ -168,17 +181,21 @@ async def test_a_first_attempt_held_after_its_retry_started_afresh_sends_nothing
 async def test_a_retry_waits_afresh_for_an_attempt_that_took_the_body_over_as_it_waited(
     tmp_path: Path, postgres: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A retry waits for a stalled first attempt; the same body, sent again as a new request, takes the body over
-    near the end of that wait. The retry waits its whole while for the new request's jobs, not what was left of
-    the first's: the new request's hold, quick enough that it asks nothing before sending, is followed, not run
-    beside a fresh start."""
+    """A retry waits for a stalled first attempt (whose client went away, and sent the retry); the same body, sent
+    again as a new request, takes the body over near the end of that wait. The retry waits its whole while for the
+    new request's jobs, not what was left of the first's: the new request's hold, quick enough that it asks nothing
+    before sending, is followed, not run beside a fresh start. The first attempt, held at last, sends nothing:
+    nobody waits for it, and its retry follows the new request."""
     monkeypatch.setattr(jobs_module, "ATTEMPT_POLL_S", ATTEMPT_WAIT_S / 2)
     clock, upstream = FakeClock(), CountingUpstream()
     async with two_processes(tmp_path, upstream, clock, postgres) as (a, b_jobs, b_clock, key):
         spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-        written, (arrived, go_on) = noted_rows(a), stalled(a, 2)
+        written, (arrived, go_on), works = noted_rows(a), stalled(a, 2), launched(a)
         first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
         await asyncio.gather(written.wait(), arrived[0].wait())
+        first.cancel()  # its client went away, and retries
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
         retry = asyncio.ensure_future(b_jobs.start(key, spec, Attempt("body", retry=True)))
         await asleep_or_done(b_clock, retry)
         clock.advance(ATTEMPT_WAIT_S / 2)  # half its wait: it looks again, and sleeps
@@ -198,6 +215,33 @@ async def test_a_retry_waits_afresh_for_an_attempt_that_took_the_body_over_as_it
         assert upstream.submits == 1
         assert followed.request_id == started.request_id
         go_on[0].set()
-        with contextlib.suppress(Exception):
-            (await first).close()
+        await asyncio.wait([works[0]])
         assert upstream.submits == 1
+
+
+@BOTH
+async def test_a_first_attempt_held_late_still_runs_when_only_a_new_request_of_the_same_body_came_since(
+    tmp_path: Path, postgres: bool
+) -> None:
+    """Two requests of one body, neither a retry (a client asking for the same prompt twice): the first one's hold
+    stalls past ATTEMPT_CHECK_S, and the second, made meanwhile, owns the body from then on and runs. No retry took
+    the first one over: once its hold lands it runs too, its client answered with its own job, not the second's
+    images. Two submits upstream, two jobs holding."""
+    clock, upstream = FakeClock(), CountingUpstream()
+    async with two_processes(tmp_path, upstream, clock, postgres) as (a, b_jobs, _, key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        written, (arrived, go_on) = noted_rows(a), stalled(a, 1)
+        first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
+        await asyncio.gather(written.wait(), arrived[0].wait())
+        clock.advance(ATTEMPT_CHECK_S)
+        second = await b_jobs.start(key, spec, Attempt("body", retry=False))
+        second.close()
+        assert upstream.submits == 1
+        go_on[0].set()  # the first request's hold lands
+        ran = await first
+        ran.close()
+        assert ran.request_id != second.request_id
+        assert upstream.submits == 2
+        held = await upstream_jobs(a)
+        assert sorted(held) == sorted([ran.request_id, second.request_id])
+        assert all(hold == "held" for _, hold, _ in held.values())

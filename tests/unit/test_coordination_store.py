@@ -155,18 +155,25 @@ async def test_a_retry_takes_a_fingerprint_over_only_from_the_attempt_it_found(d
 
 async def test_a_retry_takes_over_no_attempt_whose_jobs_are_held(db: Database) -> None:
     """A retry that gave up waiting for an attempt's jobs does not take its body over once they are held (they are
-    to be followed), until they ended; the attempt learns whether it still owns its body."""
+    to be followed), until they ended; the attempt learns whether it still owns its body, and whether a retry took
+    it over (a newer request of the same body, not a retry, takes it over from nobody). Take-overs are forgotten
+    with the attempts."""
     attempts = AttemptStore(db.engine)
     spec = {"model": "mj-fast", "prompt": "a lighthouse"}
     await attempts.begin_many([("fp", "req", ("job_00000001",), spec, None, NOW + 600, NOW)])
     store = await running_job(db, "a")  # `req`'s job, held and running
     taking_over = ("fp", "req-2", ("job_2",), spec, None, NOW + 600, NOW + 11)
     assert not await claim(attempts, taking_over, replacing="req", since=NOW - 60)
-    assert await attempts.owns("fp", "req", NOW + 12)
+    assert await attempts.standing("fp", "req") == (True, False)
     await store.finish("job_00000001", succeeded=False, now=NOW + 13, error_code="failed", fail_reason="it failed")
     assert await claim(attempts, taking_over, replacing="req", since=NOW - 60)
-    assert not await attempts.owns("fp", "req", NOW + 14)
-    assert await attempts.owns("fp", "req-2", NOW + 14)
+    assert await attempts.standing("fp", "req") == (False, True)
+    assert await attempts.standing("fp", "req-2") == (True, False)
+    await attempts.begin_many([("fp", "req-3", ("job_3",), spec, None, NOW + 700, NOW + 15)])
+    assert await attempts.standing("fp", "req-2") == (False, False)
+    assert await attempts.standing("fp", "req") == (False, True)
+    await attempts.forget_before(NOW + 12)
+    assert await attempts.standing("fp", "req") == (False, False)
 
 
 async def test_a_claim_written_again_is_still_won(db: Database) -> None:
@@ -213,7 +220,7 @@ async def test_claims_written_together_decide_as_one_by_one_in_one_lock_order(
 
 @pytest.mark.postgres
 async def test_a_claim_that_waited_for_an_attempt_s_check_sees_the_jobs_held_before_it() -> None:
-    """An attempt's jobs are held, then it checks that it still owns its body, while a retry's claim of that body
+    """An attempt's jobs are held, then it checks that no retry took its body over, while a retry's claim of that body
     waits for the row: once the check commits, the claim sees the jobs (and fails), though they were held after it
     began; were it one statement, its wait would read the row again but not the jobs, and both would run."""
     async with pg_database() as url:
@@ -225,7 +232,7 @@ async def test_a_claim_that_waited_for_an_attempt_s_check_sees_the_jobs_held_bef
             await attempts.begin_many([("fp", "req", ("job_00000001",), spec, None, NOW + 600, NOW)])
             async with database.engine.connect() as checking:
                 await checking.begin()
-                # The check (`owns`) under way, its transaction not yet committed.
+                # The check (`standing`: it locks the row) under way, its transaction not yet committed.
                 await checking.execute(
                     update(attempts_table).where(attempts_table.c.fingerprint == "fp").values(updated_at=NOW + 11)
                 )
