@@ -97,8 +97,8 @@ class Coordinator:
 
         A claim that fails (rolled back: on PostgreSQL, two processes claiming the same jobs at once may deadlock)
         is logged and made again, and the round goes on: the jobs of the claims after it are not left for the next
-        round. Two failing in a row end the round (the database is not serving claims now), raising the failure
-        once the jobs claimed so far are followed."""
+        round. Two failing in a row end the round (the database is not serving claims now), raising the second
+        failure once the jobs claimed so far are followed."""
         providers = self.tracker.pool.names
         followed = 0
         failed: Exception | None = None
@@ -106,7 +106,8 @@ class Coordinator:
             try:
                 rows = await self.leases.claim_expired(self.clock.now(), providers, any_lease=first and self.alone)
             except Exception as exc:
-                if failed is not None:
+                if failed is not None:  # the later failure is the one raised: the earlier one is logged
+                    failed = exc
                     break
                 failed = exc
                 log.exception("claiming jobs to adopt failed; claimed again")

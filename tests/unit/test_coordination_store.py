@@ -430,6 +430,29 @@ async def test_a_claim_that_fails_holds_up_none_of_the_round_s_other_claims(
         await relay.close()
 
 
+async def test_two_claims_failing_in_a_row_end_the_round_with_the_later_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A claim fails, and so does the claim made again: the round ends, raising the later failure (the first is
+    logged as it happens), so that neither goes unseen (the database may have failed in another way since)."""
+    clock = FakeClock()
+    relay = Relay(relay_config(tmp_path), clock)
+    await relay.open()
+    try:
+        failures = iter([OSError("deadlock detected"), OSError("the database went away")])
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            raise next(failures)
+
+        monkeypatch.setattr(relay.leases, "claim_expired", failing)
+        with caplog.at_level(logging.ERROR, "relay.coordination"), pytest.raises(OSError) as raised:
+            await relay.coordinator.adopt()
+        assert "deadlock detected" in caplog.text
+        assert str(raised.value) == "the database went away"
+    finally:
+        await relay.close()
+
+
 async def test_a_job_that_cannot_be_followed_holds_up_none_of_the_others_adopted_with_it(tmp_path: Path) -> None:
     """A dead process's jobs include one of a task kind this release does not know (a newer release's, mid-deploy).
     It is left (its lease runs out, for a process that knows it); every other job, of its claim and of the claims
