@@ -12,7 +12,7 @@ taken 60-90 ms each, three times within one burst of a thousand requests.
 What a burst makes is mostly alive until its requests end: each request's scope, task, job and subscription
 survive the youngest generation's collections (every 10,000 net allocations instead of 700) and move to the
 middle one. Collecting that one every 10 of those, as Python does, scanned a burst's live requests twice per
-burst of a thousand, 18-36 ms each (a single pause of up to 36 ms while jobs were being ended), and found almost
+burst of a thousand, 35-63 ms in all (single pauses of up to 36 ms, while jobs were being ended), and found almost
 nothing to free: the requests' objects are freed by their reference counts as they end (after such a burst the
 collector follows about 1,400 objects more than before it). So the middle generation is collected every 100 of
 the youngest's collections, about once every four such bursts; the cycles the youngest leaves wait that much
