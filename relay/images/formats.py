@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from relay.images.names import TILE_NAMES
 
@@ -43,14 +43,16 @@ def png_size(data: bytes) -> tuple[int, int] | None:
 
 def to_png(data: bytes) -> tuple[tuple[int, int], bytes]:
     """An image of another format (JPEG, WebP, ...) decoded and encoded as PNG, with its size; its size is checked
-    from its header, before it is decoded. Blocking."""
+    from its header, before it is decoded. An image whose EXIF says it is to be shown turned (a phone's photo is
+    stored as its sensor saw it) is turned: the PNG keeps no EXIF, and every viewer shows the photo turned. Blocking."""
     try:
         image: Image.Image = Image.open(io.BytesIO(data))
-        size = _usable(image.size)
+        _usable(image.size)
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"not a usable image: {type(exc).__name__}") from None
-    return size, _png(_plain(image))
+    return image.size, _png(_plain(image))
 
 
 def cut(grid: bytes) -> dict[str, bytes]:
