@@ -128,5 +128,21 @@ def _write(path: Path, data: bytes, flags: int = os.O_TRUNC) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+    except BaseException:
+        if flags & os.O_EXCL:
+            _remove_made(path, fd)
+        raise
     finally:
         os.close(fd)
+
+
+def _remove_made(path: Path, fd: int) -> None:
+    """Remove the file this write made and could not finish (a full disk): images are never removed, so half of one
+    would take its room for good. Only while the path still names that file: another process's whole copy may have
+    replaced it meanwhile."""
+    try:
+        made, there = os.fstat(fd), os.stat(path)
+        if (made.st_dev, made.st_ino) == (there.st_dev, there.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass

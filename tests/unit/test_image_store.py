@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -221,6 +222,32 @@ async def test_a_directory_that_refuses_a_write_fails_that_image_only(tmp_path: 
             await images.save(JOB, "image.png", grid)
     finally:
         await images.close()
+
+
+async def test_a_full_disk_leaves_no_part_of_an_image_behind(
+    images: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images are never removed: half a file left by a write the disk refused would take its room for good, on the
+    disk that ran out of it."""
+    grid = render_grid("x", (1, 1), 16)
+    write = os.write
+    written: list[int] = []
+
+    def full(fd: int, data: bytes | memoryview) -> int:
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(write(fd, bytes(data[: len(data) // 2])))
+        return written[0]
+
+    monkeypatch.setattr(images_local.os, "write", full)
+    with pytest.raises(StorageError, match="No space left"):
+        await images.save(JOB, "grid.png", grid)
+    monkeypatch.undo()
+    assert written and list(local(images).path(key(JOB, "grid.png")).parent.iterdir()) == []
+    with pytest.raises(ImageMissing):
+        await images.read(JOB, "grid.png")
+    await images.save(JOB, "grid.png", grid)  # once there is room again
+    assert await images.read(JOB, "grid.png") == grid
 
 
 class Clock:
