@@ -6,7 +6,9 @@ bucket is never named to a client (no redirect, no presigned URL), so it stays p
 requests are under way at once; the others wait their turn here rather than in the connection pool, where waiting
 would count against the connect timeout.
 
-A request is bounded as a whole, its tries and the backoff between them included (`_budget`): aiohttp's socket
+A request is bounded as a whole, its wait for one of the `max_connections`, its tries and the backoff between them
+included (`_budget`): behind a bucket that stopped answering, the requests queued for a connection fail within the
+bound too, not one bound for each connection's worth of requests ahead of them. aiohttp's socket
 timeouts cover connecting and reading an answer, not the wait for a body to be taken (a server that accepts the
 connection and then reads nothing stalls the write with no timeout at all). Nor is `Expect: 100-continue` sent
 with a PUT: aiohttp waits for the server's go-ahead with no timeout either, so a silent server would take the whole
@@ -90,7 +92,7 @@ class S3Backend:
     async def open(self) -> None:
         client = await self._connect()
         try:
-            async with self._slots, asyncio.timeout(self._budget):
+            async with asyncio.timeout(self._budget), self._slots:
                 await client.head_bucket(Bucket=self.config.bucket)
         except _FAILURES as exc:
             await self.close()
@@ -110,7 +112,7 @@ class S3Backend:
 
         async def one(key: str, data: bytes) -> str | None:
             try:
-                async with self._slots, asyncio.timeout(self._budget):
+                async with asyncio.timeout(self._budget), self._slots:
                     await client.put_object(
                         Bucket=self.config.bucket, Key=self._object(key), Body=data, ContentType="image/png"
                     )
@@ -125,7 +127,7 @@ class S3Backend:
     async def get(self, key: str) -> bytes | None:
         client = await self._connect()
         try:
-            async with self._slots, asyncio.timeout(self._budget):
+            async with asyncio.timeout(self._budget), self._slots:
                 answer = await client.get_object(Bucket=self.config.bucket, Key=self._object(key))
                 async with answer["Body"] as body:
                     return await body.read()

@@ -185,6 +185,33 @@ async def test_a_bucket_on_a_silent_network_fails_each_request_in_a_bounded_time
         await store.close()
 
 
+async def test_requests_queued_behind_a_silent_bucket_fail_within_the_same_bound(
+    bucket: Bucket, store_proxy: CuttableProxy
+) -> None:
+    """A request that waits for one of the `max_connections` counts that wait against its bound too: behind a bucket
+    that stopped answering, a page of tiles is a page of 503s in one bound, not one bound per connection's worth of
+    requests ahead of it (a finished job's image queued behind them no different)."""
+    # One connection, one try of a second's connect and read timeouts each: at most 2 s a request.
+    store = over(
+        bucket, endpoint_url=store_proxy.endpoint, timeout_s=1, connect_timeout_s=1, max_attempts=1, max_connections=1
+    )
+    await store.open()
+    try:
+        await store.save(JOB, "grid.png", render_grid("x", (1, 1), 16))
+        store_proxy.silent()
+
+        async def read() -> float:
+            with pytest.raises(StorageError):
+                await store.read(JOB, "grid.png")
+            return time.monotonic()
+
+        started = time.monotonic()
+        ended = await asyncio.wait_for(asyncio.gather(*(read() for _ in range(6))), 30)
+        assert max(ended) - started < 4  # six tries one after the other: 6 s
+    finally:
+        await store.close()
+
+
 def test_the_s3_section_is_checked_and_each_problem_names_its_path() -> None:
     text = """
 images:
