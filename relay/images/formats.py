@@ -33,10 +33,12 @@ def _usable(size: tuple[int, int]) -> tuple[int, int]:
 def png_size(data: bytes) -> tuple[int, int] | None:
     """Width and height of a whole PNG, from its header (its first chunk, IHDR) and its end marker, without decoding
     it (the first tile request does); None when the bytes are not a PNG. Raises ImageError for a truncated PNG, or
-    one too small to split or too large to decode. Cheap enough for the event loop."""
+    one too small to split or too large to decode. Cheap enough for the event loop. The end marker is looked for
+    at the end, then anywhere (a scan of a few ms per 10 MB, only for bytes that do not end with it): decoders stop
+    at it, and a PNG with bytes after it (padding, an appended archive) is whole."""
     if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
         return None
-    if _PNG_END not in data[-64:]:
+    if _PNG_END not in data[-64:] and _PNG_END not in data:
         raise ImageError("the PNG is truncated")
     return _usable((int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")))
 

@@ -15,6 +15,8 @@ from PIL import Image
 
 from adapters.simulator.grid import render_grid
 from relay.config import default_config, parse_config
+from relay.core.references import image_data_url
+from relay.core.uploads import Uploads
 from relay.images import (
     ImageError,
     ImageMissing,
@@ -27,7 +29,7 @@ from relay.images import (
 )
 from relay.images import local as images_local
 from relay.images.names import key
-from tests.helpers import bomb_png
+from tests.helpers import FakeClock, bomb_png
 
 pytestmark = pytest.mark.anyio
 
@@ -174,6 +176,22 @@ async def test_broken_images_are_refused(images: ImageStore, data: bytes) -> Non
     with pytest.raises(ImageError):
         await images.save(JOB, "grid.png", data)
     assert not local(images).path(key(JOB, "grid.png")).exists()
+
+
+async def test_a_whole_png_with_bytes_after_its_end_is_kept_and_one_cut_short_refused(images: ImageStore) -> None:
+    """Decoders read a PNG to its IEND chunk and ignore what follows (padding, an appended archive): such a PNG is
+    whole. An upload of one passes the reference check, and is then kept, not refused as truncated."""
+    grid = render_grid("x", (1, 1), 16)
+    padded = grid + bytes(100)
+    uploads = Uploads(images, FakeClock())
+    (link,) = await uploads.keep("k1", (image_data_url(padded),), "http://relay")
+    upload_id, name, _, _ = signed(link)
+    assert await images.read(upload_id, name) == padded
+    assert await images.save(JOB, "grid.png", padded) == (32, 32)
+    assert len({await images.read(JOB, tile) for tile in TILES}) == 4
+    for cut_short in (grid[: len(grid) // 2], grid[:-12] + bytes(100)):
+        with pytest.raises(ImageError, match="truncated"):
+            await images.save(OTHER, "grid.png", cut_short)
 
 
 async def test_images_too_small_to_split_are_refused(images: ImageStore) -> None:
