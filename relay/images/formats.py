@@ -4,6 +4,7 @@ cut from a grid. Pillow's work (`to_png`, `cut`) is blocking: run it in a thread
 from __future__ import annotations
 
 import io
+import struct
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -17,6 +18,21 @@ _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its CRC: the last chunk 
 
 class ImageError(Exception):
     """The bytes are not an image the relay can keep or split."""
+
+
+# How Pillow reports bytes it cannot decode: besides OSError ("image file is truncated", ...), a chunk or marker it
+# cannot follow is a SyntaxError ("broken PNG file"), and some parsers fail with the error of the step that went
+# wrong (EOFError, IndexError, struct.error, ValueError).
+_UNDECODABLE = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    struct.error,
+    ValueError,
+    Image.DecompressionBombError,
+)
 
 
 def _usable(size: tuple[int, int]) -> tuple[int, int]:
@@ -52,7 +68,7 @@ def to_png(data: bytes) -> tuple[tuple[int, int], bytes]:
         _usable(image.size)
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (*_UNDECODABLE, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"not a usable image: {type(exc).__name__}") from None
     return image.size, _png(_plain(image))
 
@@ -63,7 +79,7 @@ def cut(grid: bytes) -> dict[str, bytes]:
         with Image.open(io.BytesIO(grid)) as opened:
             image = _plain(opened)
             image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except _UNDECODABLE as exc:
         raise ImageError(f"the stored grid is unreadable: {type(exc).__name__}") from None
     tw, th = image.width // 2, image.height // 2
     tiles = {}

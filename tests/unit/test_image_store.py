@@ -356,6 +356,18 @@ async def test_a_grid_that_cannot_be_decoded_is_an_image_error_when_cut(images: 
         await images.read(JOB, "1.png")
 
 
+async def test_a_grid_whose_chunks_are_damaged_is_an_image_error_when_cut(images: ImageStore) -> None:
+    """Pillow reports a chunk it cannot follow as a SyntaxError ("broken PNG file"): a damaged grid all the same,
+    which every route answers as one, and not a failure of the relay's own."""
+    grid = bytearray(render_grid("x", (1, 1), 16))
+    assert grid[37:41] == b"IDAT"
+    grid[33:37] = (int.from_bytes(grid[33:37], "big") - 100).to_bytes(4, "big")  # its length: the next chunk is not
+    await images.save(JOB, "grid.png", bytes(grid))
+    for tile in TILES:
+        with pytest.raises(ImageError, match="unreadable"):
+            await images.read(JOB, tile)
+
+
 def test_names_and_ids_cannot_escape_the_store() -> None:
     for job_id, name in ((JOB, "../x.png"), ("../../etc", "grid.png"), (JOB, "5.png"), (JOB + "\n", "grid.png")):
         with pytest.raises(ValueError):
