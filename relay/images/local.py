@@ -10,6 +10,10 @@ system slow to create files) sends every write to the threads for the next `THRE
 holds the loop once in that long at most, for as long as that one write took; a directory that stops answering
 altogether holds it as the database in the same data folder would. Reads run on asyncio's default threads, so a
 page of tiles never queues behind a burst of writes.
+
+The directory is made by `open`, and only there: one that goes away later (a mount) is the store failing, as a
+bucket gone is (its images are not missing: a read is a StorageError), and it is not made again where it was,
+with images in it that its mount would hide when it came back.
 """
 
 from __future__ import annotations
@@ -76,11 +80,17 @@ class LocalBackend:
 
     async def get(self, key: str) -> bytes | None:
         try:
-            return await asyncio.to_thread(self.path(key).read_bytes)
-        except FileNotFoundError:
-            return None
+            return await asyncio.to_thread(self._read, key)
         except OSError as exc:  # a directory that refuses reads (permissions, a mount gone): as the S3 store's
             raise StorageError(f"the image directory refused a read: {exc.strerror or type(exc).__name__}") from None
+
+    def _read(self, key: str) -> bytes | None:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            if not self.root.is_dir():  # the directory itself is gone (a mount went away): not this image
+                raise
+            return None
 
     def _write_all(self, objects: Mapping[str, bytes], atomic: bool) -> dict[str, str]:
         failed = {}
@@ -90,11 +100,12 @@ class LocalBackend:
             try:
                 # A new object is written in place: it is only named to anyone (its job succeeds, its link is
                 # made) once this returns; one written again replaces the first whole. Its folder is made the
-                # first time.
+                # first time; the directory itself only by `open`: one that went away (a mount) is not made again
+                # where it was, to be hidden when it comes back.
                 try:
                     write(path, data)
                 except FileNotFoundError:
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.parent.mkdir(exist_ok=True)
                     write(path, data)
             except OSError as exc:
                 failed[key] = f"the image directory refused it: {exc.strerror or type(exc).__name__}"

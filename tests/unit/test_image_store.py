@@ -113,6 +113,7 @@ async def test_a_request_that_raced_a_finished_cut_reads_its_tiles_and_cuts_noth
 ) -> None:
     backend = SlowFirstLook(tmp_path / "images")
     images = ImageStore(backend, ["s"], 600)
+    await images.open()
     await images.save(JOB, "grid.png", render_grid("x", (1, 1), 32))
     cuts: list[bytes] = []
     cut = formats.cut
@@ -137,6 +138,7 @@ async def test_tiles_the_store_refuses_are_answered_all_the_same_and_cut_again_n
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     images = ImageStore(RefusingTiles(tmp_path / "images"), ["s"], 600)
+    await images.open()
     await images.save(JOB, "grid.png", render_grid("x", (1, 1), 32))
     cuts: list[bytes] = []
     cut = formats.cut
@@ -266,6 +268,28 @@ async def test_a_full_disk_leaves_no_part_of_an_image_behind(
         await images.read(JOB, "grid.png")
     await images.save(JOB, "grid.png", grid)  # once there is room again
     assert await images.read(JOB, "grid.png") == grid
+
+
+async def test_an_image_directory_that_went_away_is_a_storage_error_and_not_made_again_elsewhere(
+    images: ImageStore,
+) -> None:
+    """A directory gone (a mount that went away under the relay) is the store failing, as a bucket gone is: its
+    images are not missing for good (a 404, a prompt link 'gone'), and a new one is not written where the mount
+    was, to be hidden when it comes back."""
+    grid = render_grid("x", (1, 1), 16)
+    await images.save(JOB, "grid.png", grid)
+    root = local(images).root
+    root.rename(root.with_name("unmounted"))
+    with pytest.raises(StorageError):
+        await images.read(JOB, "grid.png")
+    with pytest.raises(StorageError):
+        await images.save(OTHER, "grid.png", grid)
+    assert not root.exists()
+    root.with_name("unmounted").rename(root)  # back
+    assert await images.read(JOB, "grid.png") == grid
+    await images.save(OTHER, "grid.png", grid)
+    with pytest.raises(ImageMissing):
+        await images.read(OTHER, "image.png")
 
 
 class Clock:

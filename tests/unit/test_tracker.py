@@ -179,6 +179,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     record, _ = await keys.create("k", 1000, clock.now())
     pool = ProviderPool(config, metrics, clock, {"sim": SimulatorUpstream("sim", engine)})
     images = ImageStore(tmp_path / "images", ["s"], 600)
+    await images.open()
     finisher = Finisher(store, events, metrics, clock)
     lifecycle = Lifecycle(
         config=config, store=store, pool=pool, images=images, finisher=finisher, events=events, clock=clock
