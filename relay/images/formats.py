@@ -90,9 +90,12 @@ def cut(grid: bytes) -> dict[str, bytes]:
 
 
 def _plain(image: Image.Image) -> Image.Image:
-    """The image in a mode PNG keeps as it is."""
+    """The image in a mode PNG keeps as it is. 16-bit grey (0..65535) is scaled to 8 bits: Pillow's conversion
+    clips it, every grey above 255 white."""
     if image.mode in ("RGB", "RGBA", "L", "LA", "P"):
         return image
+    if image.mode.startswith("I;16"):
+        return image.convert("I").point(lambda value: value / 257).convert("L")
     return image.convert("RGBA" if "A" in image.getbands() else "RGB")
 
 

@@ -148,6 +148,22 @@ async def test_tiles_the_store_refuses_are_answered_all_the_same_and_cut_again_n
     await images.close()
 
 
+async def test_a_16_bit_grey_grid_keeps_its_greys_in_its_tiles(images: ImageStore) -> None:
+    """Pillow opens a 16-bit grey PNG as 0..65535 and its conversion to 8 bits clips instead of scaling: every grey
+    above 255 (all but the darkest 0.4 %) came out white."""
+    grey = Image.new("I;16", (8, 8))
+    for x in range(8):
+        for y in range(8):
+            grey.putpixel((x, y), 32768)  # mid-grey
+    buffer = io.BytesIO()
+    grey.save(buffer, format="PNG")
+    await images.save(JOB, "grid.png", buffer.getvalue())
+    for tile in TILES:
+        with Image.open(io.BytesIO(await images.read(JOB, tile))) as kept:
+            assert kept.size == (4, 4)
+            assert kept.convert("L").getpixel((1, 1)) in range(120, 136)
+
+
 async def test_other_formats_are_kept_as_png(images: ImageStore) -> None:
     assert await images.save(JOB, "grid.png", jpeg()) == (40, 40)
     with Image.open(local(images).path(key(JOB, "grid.png"))) as kept:
