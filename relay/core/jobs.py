@@ -57,7 +57,9 @@ ATTEMPT_POLL_S = 0.1
 # An attempt whose jobs are held this long after it began (half the wait above: a margin for the two processes'
 # timers) asks the database whether a retry took its body over meanwhile before it sends them, and sends nothing
 # if one did. One held sooner needs not: a retry takes a body over only from an attempt without jobs held, and only
-# after waiting ATTEMPT_WAIT_S since that attempt's row was written, by when these jobs were written.
+# after waiting ATTEMPT_WAIT_S since that attempt's row was written, by when these jobs were written; or, finding
+# no row, before that row was written: then the row, landing late, leaves the body to the retry (`begin_many`), and
+# the attempt sends nothing either.
 ATTEMPT_CHECK_S = ATTEMPT_WAIT_S / 2
 # How often a retry looks again for the attempt to follow when another one took its body as it was starting
 # afresh. Each such try follows that one to its submission; only when it started nothing does the next try come:
@@ -184,6 +186,7 @@ class _Begun(NamedTuple):
     spec: dict[str, Any]
     body: str | None
     deadline_at: float
+    at: float  # when the attempt began
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,9 +243,7 @@ class JobService:
         self._unwritten: TTLCache[str, _Done] = TTLCache(maxsize=10_000, ttl=self.retry_window_s, timer=clock.now)
         self._abandoned: set[asyncio.Task[None]] = set()
         now = clock.now
-        self._begin: Batcher[_Begun, None] = Batcher(
-            lambda items: attempts.begin_many([(*item, now()) for item in items]), "attempts"
-        )
+        self._begin: Batcher[_Begun, bool] = Batcher(lambda items: attempts.begin_many(list(items)), "attempts")
         self._settle: Batcher[tuple[str, str, bool], None] = Batcher(
             lambda items: attempts.settle_many(items, now()), "attempt-settle"
         )
@@ -539,7 +540,7 @@ class JobService:
         # Written while the jobs are held (not before: that would add a commit to every request's way in), and
         # before any is sent upstream: a retry in this process waits on the attempt in `_local` meanwhile, one
         # elsewhere (the first attempt's connection was cut) finds it written once a job can have run.
-        begun: asyncio.Future[None] | None = None
+        begun: asyncio.Future[bool] | None = None
         if attempt is not None and not claimed:
             begun = asyncio.ensure_future(
                 self._begin(
@@ -550,6 +551,7 @@ class JobService:
                         _spec_record(following.spec),
                         attempt.body,
                         following.deadline_at,
+                        started_at,
                     )
                 )
             )
@@ -570,7 +572,7 @@ class JobService:
             try:
                 if begun is not None:
                     with contextlib.suppress(Exception):  # at worst a retry starts afresh
-                        await begun
+                        await begun  # False: a retry's row says how the request went
                         written = True
             finally:
                 # Only now: a retry here that finds the attempt done reads the attempts table, which has it.
@@ -601,19 +603,23 @@ class JobService:
         self,
         key: KeyRecord,
         planned: list[Planned],
-        begun: asyncio.Future[None] | None,
+        begun: asyncio.Future[bool] | None,
         owner: _Owner | None = None,
     ) -> list[Outcome | BaseException]:
         """Hold and submit the jobs (raising when they cannot be held), submitting once the attempt's row is
         written (`begun`; one that could not be written: at worst a retry starts afresh); returns how submitting
         each went, or why it failed, once every submit is done. The jobs of an attempt (`owner`) held late are
-        submitted only if no retry took its fingerprint over from it (`_still_owned`); else they are ended unsent
-        and `TakenOver` is raised."""
+        submitted only if no retry took its fingerprint over from it (`_still_owned`), and those of one whose row
+        was not taken (a retry that started afresh meanwhile kept the fingerprint) are not; else they are ended
+        unsent and `TakenOver` is raised."""
         jobs = [p.job for p in planned]
         await self.submitter.admit(key, jobs)
         if begun is not None:
+            taken = True
             with contextlib.suppress(Exception):
-                await begun
+                taken = await begun
+            if not taken:
+                await self._taken_over(jobs)
         if owner is not None and self.clock.now() - owner.began >= ATTEMPT_CHECK_S:
             await self._still_owned(owner, jobs)
         return list(await asyncio.gather(*(self.submitter.submit(p) for p in planned), return_exceptions=True))
@@ -630,12 +636,18 @@ class JobService:
             await self.submitter.withdraw(jobs, "whether a retry of its request had started it could not be read")
             raise
         if taken or (not owns and owner.generation.closed):
-            log.info(
-                "a retry took over an attempt whose jobs were held late",
-                extra={"fields": {"request": owner.request_id, "client_gone": not taken}},
-            )
-            await self.submitter.withdraw(jobs, "a retry of its request started it before it was sent")
-            raise TakenOver("A retry of this request took it over.")
+            await self._taken_over(jobs, client_gone=not taken)
+
+    async def _taken_over(self, jobs: list[NewJob], *, client_gone: bool = False) -> None:
+        """Raises `TakenOver`, having ended the jobs unsent: a retry of their request started afresh before they
+        were sent (or a newer request of their body came, and their client went away)."""
+        request_id = jobs[0].request_id
+        log.info(
+            "a retry took over an attempt before its jobs were sent",
+            extra={"fields": {"request": request_id, "client_gone": client_gone}},
+        )
+        await self.submitter.withdraw(jobs, "a retry of its request started it before it was sent")
+        raise TakenOver("A retry of this request took it over.")
 
     async def follow(self, generation: Generation, idle_s: float) -> AsyncIterator[int | None]:
         """Overall progress (0-100) each time it changes, None after `idle_s` without news, until every job ended.

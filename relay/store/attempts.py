@@ -9,9 +9,12 @@ starts afresh and takes the fingerprint over only from the attempt it found (`cl
 two processes at once starts once; and only while none of that attempt's jobs is held and not yet ended (such jobs
 are followed instead). Such a take-over is written down (`attempts_taken_over`): an attempt whose jobs were held
 late asks whether a retry took its fingerprint over from it (`standing`) before it sends them upstream, and the
-database decides between the two, so only one of them runs. An attempt that lost the fingerprint only to a newer
-request of the same body that is not a retry runs all the same while its client waits for it: that request is one
-of its own. Attempts (and take-overs) older than the retry window are forgotten.
+database decides between the two, so only one of them runs. So does an attempt's own row (`begin_many`), which lands
+after the retry's when it stalls: it does not take the fingerprint back from a retry that started afresh after the
+attempt began (that retry may be its own; a row a retry wrote says so, `claimed`), and the attempt learns so before
+it sends anything. An attempt that lost the fingerprint only to a newer request of the same body that is not a
+retry runs all the same while its client waits for it: that request is one of its own. Attempts (and take-overs)
+older than the retry window are forgotten.
 """
 
 from __future__ import annotations
@@ -47,13 +50,14 @@ class AttemptRow:
     created_at: float
 
 
-# An attempt being made: (fingerprint, request id, job ids, spec, body digest, deadline, now).
+# An attempt being made: (fingerprint, request id, job ids, spec, body digest, deadline, when it began).
+# Its row's `created_at` is that time.
 Made = tuple[str, str, tuple[str, ...], dict[str, Any], str | None, float, float]
 
 
-def _starting(attempt: Made) -> dict[str, Any]:
+def _starting(attempt: Made, *, claimed: bool) -> dict[str, Any]:
     """The row of an attempt (fingerprint, request id, job ids, spec, body, deadline, now) that starts, but its
-    key."""
+    key; `claimed`: made by a retry that starts afresh."""
     _, request_id, job_ids, spec, body, deadline_at, now = attempt
     return {
         "request_id": request_id,
@@ -64,6 +68,7 @@ def _starting(attempt: Made) -> dict[str, Any]:
         "deadline_at": deadline_at,
         "created_at": now,
         "updated_at": now,
+        "claimed": claimed,
     }
 
 
@@ -71,18 +76,40 @@ class AttemptStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    async def begin_many(self, attempts_made: list[Made]) -> list[None]:
-        """Each attempt (fingerprint, request id, job ids, spec, body, deadline, now) now owns its fingerprint: an
-        earlier one, retried or not, no longer does. Starts as `starting`."""
+    async def begin_many(self, attempts_made: list[Made]) -> list[bool]:
+        """Each attempt (fingerprint, request id, job ids, spec, body, deadline, when it began) now owns its
+        fingerprint: an earlier one, retried or not, no longer does. Starts as `starting`.
+
+        Unless a retry that started afresh owns it, having claimed it after this attempt began (by the two
+        processes' clocks, taken to agree closer than a client takes to retry): this attempt's row was written late
+        (it stalled), and the retry, finding none, may be its own. Such a retry keeps the fingerprint, and the
+        attempt is False: it is not to send its jobs. True for every other attempt (an earlier one of a fingerprint
+        twice in a batch too, as two requests, neither a retry, both run)."""
         if not attempts_made:
             return []
-        latest = {item[0]: item for item in attempts_made}  # one fingerprint twice in a batch: the later attempt wins
-        # In fingerprint order, as every write of attempts: two processes' transactions lock rows in one order.
-        rows = [{"fingerprint": fingerprint, **_starting(latest[fingerprint])} for fingerprint in sorted(latest)]
-        statement = self._insert()
-        excluded = {k: statement.excluded[k] for k in rows[0] if k != "fingerprint"}
-        await changed(self.engine, statement.on_conflict_do_update(index_elements=["fingerprint"], set_=excluded), rows)
-        return [None] * len(attempts_made)
+
+        async def work(conn: AsyncConnection) -> list[bool]:
+            # One fingerprint twice in a batch: written in turn, the later attempt last; one statement per turn.
+            turns: list[dict[str, Made]] = []
+            for item in attempts_made:
+                turn = next((turn for turn in turns if item[0] not in turn), None)
+                if turn is None:
+                    turn = {}
+                    turns.append(turn)
+                turn[item[0]] = item
+            taken: set[str] = set()
+            for turn in turns:
+                # In fingerprint order, as every write of attempts: two processes' transactions lock rows in one order.
+                rows = [{"fingerprint": fp, **_starting(turn[fp], claimed=False)} for fp in sorted(turn)]
+                statement = self._insert()
+                excluded = {k: statement.excluded[k] for k in rows[0] if k != "fingerprint"}
+                kept = and_(attempts.c.claimed, attempts.c.created_at > statement.excluded.created_at)
+                upsert = statement.on_conflict_do_update(index_elements=["fingerprint"], set_=excluded, where=~kept)
+                written = await conn.execute(upsert.returning(attempts.c.request_id), rows)
+                taken.update(written.scalars().all())
+            return [item[1] in taken for item in attempts_made]
+
+        return await transaction(self.engine, work)
 
     async def claim_many(self, claims: Sequence[tuple[Made, str | None, float]]) -> list[bool]:
         """Retries that found no attempt to follow start afresh: each attempt (fingerprint, request id, job ids,
@@ -115,7 +142,7 @@ class AttemptStore:
         return await transaction(self.engine, work) if claims else []
 
     def _claim(self, attempt: Made, replacing: str | None, since: float) -> Any:
-        fingerprint, values = attempt[0], _starting(attempt)
+        fingerprint, values = attempt[0], _starting(attempt, claimed=True)
         if replacing is None:
             insert = self._insert().values(fingerprint=fingerprint, **values)
             return insert.on_conflict_do_update(

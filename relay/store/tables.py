@@ -3,7 +3,21 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    false,
+    text,
+)
 
 metadata = MetaData()
 
@@ -92,6 +106,8 @@ attempts = Table(
     Column("updated_at", Float, nullable=False),
     # A digest of the body of an attempt that named an `Idempotency-Key`: that key with another body is refused.
     Column("body", String(64), nullable=True),
+    # Written by a retry that started afresh (`store.attempts.claim_many`), not by an attempt's own begin.
+    Column("claimed", Boolean, nullable=False, server_default=false()),
     Index("ix_attempts_created", "created_at"),
 )
 

@@ -245,3 +245,74 @@ async def test_a_first_attempt_held_late_still_runs_when_only_a_new_request_of_t
         held = await upstream_jobs(a)
         assert sorted(held) == sorted([ran.request_id, second.request_id])
         assert all(hold == "held" for _, hold, _ in held.values())
+
+
+def stalled_row(relay: Relay) -> tuple[asyncio.Event, asyncio.Event]:
+    """The relay's next attempt row waits before it is written, until the test lets it go on: an event set once it
+    is stalled, and one the test sets to let it go on. Later rows are written at once."""
+    begin_many, arrived, go_on = relay.attempts.begin_many, asyncio.Event(), asyncio.Event()
+
+    async def stalling_begin(*args: Any) -> Any:
+        if not arrived.is_set():
+            arrived.set()
+            await go_on.wait()
+        return await begin_many(*args)
+
+    relay.attempts.begin_many = stalling_begin  # type: ignore[method-assign]
+    return arrived, go_on
+
+
+@BOTH
+async def test_a_first_attempt_whose_row_lands_after_its_retry_started_afresh_sends_nothing_and_follows_it(
+    tmp_path: Path, postgres: bool
+) -> None:
+    """The first attempt's row stalls (its hold is quick); a retry on another process finds no row, takes the body
+    and starts afresh. The first attempt's row then lands: it does not take the body back from the retry, and its
+    job is ended unsent, its hold released, its client answered with the retry's job. One submit upstream, one job
+    holding (and later charged)."""
+    clock, upstream = FakeClock(), CountingUpstream()
+    async with two_processes(tmp_path, upstream, clock, postgres) as (a, b_jobs, _, key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        arrived, go_on = stalled_row(a)
+        first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
+        await arrived.wait()
+        clock.advance(1)
+        retried = await b_jobs.start(key, spec, Attempt("body", retry=True))
+        retried.close()
+        assert upstream.submits == 1
+        go_on.set()  # the first attempt's row lands
+        followed = await first
+        followed.close()
+        assert upstream.submits == 1
+        assert followed.request_id == retried.request_id
+        row = await a.attempts.get("body", 0)
+        assert row is not None and row.request_id == retried.request_id
+        ended = await upstream_jobs(a)
+        assert ended.pop(retried.request_id)[1] == "held"
+        assert list(ended.values()) == [(JobState.FAILED.value, "released", FailureCode.INTERRUPTED.value)]
+        current = await a.keys.get(key.id)
+        assert current is not None and current.held == a.config.price("mj-fast", "imagine")
+
+
+@BOTH
+async def test_two_requests_of_one_body_both_run_when_the_first_one_s_row_lands_after_the_second_s(
+    tmp_path: Path, postgres: bool
+) -> None:
+    """A double click: two requests of one body, neither a retry, on two processes; the first one's row stalls until
+    the second's is written. Both run (two submits), and the row names one of them, which a retry follows."""
+    clock, upstream = FakeClock(), CountingUpstream()
+    async with two_processes(tmp_path, upstream, clock, postgres) as (a, b_jobs, _, key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        arrived, go_on = stalled_row(a)
+        first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
+        await arrived.wait()
+        clock.advance(1)
+        second = await b_jobs.start(key, spec, Attempt("body", retry=False))
+        second.close()
+        go_on.set()
+        started = await first
+        started.close()
+        assert upstream.submits == 2
+        assert started.request_id != second.request_id
+        row = await a.attempts.get("body", 0)
+        assert row is not None and row.request_id in (started.request_id, second.request_id)

@@ -192,6 +192,38 @@ async def test_a_claim_written_again_is_still_won(db: Database) -> None:
     assert row is not None and row.request_id == "req-2"
 
 
+async def test_an_attempt_s_row_written_late_leaves_its_body_to_a_retry_that_started_afresh_after_it_began(
+    db: Database,
+) -> None:
+    """A row written after a retry that found none claimed the body: the attempt owns it unless that retry claimed it
+    after the attempt began (the retry may be its own). A newer attempt that was not a retry, or a claim older than
+    the attempt, is taken over as before."""
+    attempts = AttemptStore(db.engine)
+    spec = {"model": "mj-fast", "prompt": "a lighthouse"}
+    assert await claim(attempts, ("fp", "retry", ("job_r",), spec, None, NOW + 600, NOW + 1), replacing=None, since=0)
+    late = ("fp", "req-1", ("job_1",), spec, None, NOW + 600, NOW)
+    assert await attempts.begin_many([late]) == [False]
+    assert await attempts.begin_many([(*late[:6], NOW + 0.9)]) == [False]
+    row = await attempts.get("fp", 0)
+    assert row is not None and (row.request_id, row.job_ids) == ("retry", ("job_r",))
+    newer = ("fp", "req-2", ("job_2",), spec, None, NOW + 600, NOW + 1.1)
+    assert await attempts.begin_many([newer]) == [True]  # began after the retry: the newest request owns the body
+    assert await attempts.begin_many([newer]) == [True]  # written again (its commit reported failed)
+    assert await attempts.begin_many([late]) == [True]  # a newer request's row, not a retry's: both run
+    row = await attempts.get("fp", 0)
+    assert row is not None and row.request_id == "req-1"
+    assert await claim(
+        attempts, ("fp", "retry-2", ("job_s",), spec, None, NOW + 600, NOW + 5), replacing="req-1", since=0
+    )
+    twice = [
+        ("fp", "req-3", ("job_3",), spec, None, NOW + 600, NOW + 4),
+        ("fp", "req-4", ("job_4",), spec, None, NOW + 600, NOW + 9),
+    ]
+    assert await attempts.begin_many(twice) == [False, True]  # in turn: the earlier is the retry's, the later not
+    row = await attempts.get("fp", 0)
+    assert row is not None and row.request_id == "req-4"
+
+
 async def test_claims_written_together_decide_as_one_by_one_in_one_lock_order(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
