@@ -113,18 +113,7 @@ class Tracker:
             if row.provider is None or row.upstream_id is None or self.tracking(row.id):
                 continue
             if row.provider not in self._wake:
-                try:
-                    await self.finisher.end(
-                        row.id,
-                        succeeded=False,
-                        error_code=FailureCode.LOST,
-                        fail_reason="its provider is no longer configured",
-                    )
-                except Exception:
-                    log.exception(
-                        "ending a job of a provider no longer configured failed; it is tried again",
-                        extra={"fields": {"job": row.id}},
-                    )
+                await self._end_adopted(row, FailureCode.LOST, "its provider is no longer configured")
                 continue
             try:
                 self.lifecycle.take_up(row)
@@ -136,15 +125,17 @@ class Tracker:
                     "an adopted job past its deadline cannot be followed; it is ended",
                     extra={"fields": {"job": row.id}},
                 )
-                try:
-                    await self.finisher.end(
-                        row.id,
-                        succeeded=False,
-                        error_code=FailureCode.TIMEOUT,
-                        fail_reason="its deadline passed, and this relay cannot follow it",
-                    )
-                except Exception:
-                    log.exception("ending an adopted job failed; it is tried again", extra={"fields": {"job": row.id}})
+                await self._end_adopted(
+                    row, FailureCode.TIMEOUT, "its deadline passed, and this relay cannot follow it"
+                )
+
+    async def _end_adopted(self, row: JobRow, code: FailureCode, reason: str) -> None:
+        """End an adopted job this process will not follow; one whose ending cannot be written is left to the
+        process that claims it next."""
+        try:
+            await self.finisher.end(row.id, succeeded=False, error_code=code, fail_reason=reason)
+        except Exception:
+            log.exception("ending an adopted job failed; it is tried again", extra={"fields": {"job": row.id}})
 
     async def sweep_pending(self) -> None:
         """End jobs stuck in PENDING past the grace (see PENDING_GRACE_S); one whose ending cannot be written is

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 import relay.core.jobs as jobs_module
 from adapters import SubmitOutcome, SubmitRequest
-from relay.core.jobs import ATTEMPT_CHECK_S, ATTEMPT_WAIT_S, Attempt, JobService
+from relay.core.jobs import ATTEMPT_CHECK_S, ATTEMPT_WAIT_S, Attempt, Generation, JobService
 from relay.domain import FailureCode, JobState
 from relay.services import Relay
 from relay.store.jobs import NewJob
@@ -145,6 +145,16 @@ BOTH = pytest.mark.parametrize(
 )
 
 
+async def sent_nothing_and_followed(relay: Relay, retry: str, key_id: str) -> None:
+    """The first attempt's job ended unsent (failed, released, interrupted) and the retry's (`retry`, its request id)
+    holds: one job's price held, nothing charged twice."""
+    ended = await upstream_jobs(relay)
+    assert ended.pop(retry)[1] == "held"
+    assert list(ended.values()) == [(JobState.FAILED.value, "released", FailureCode.INTERRUPTED.value)]
+    current = await relay.keys.get(key_id)
+    assert current is not None and current.held == relay.config.price("mj-fast", "imagine")
+
+
 @BOTH
 async def test_a_first_attempt_held_after_its_retry_started_afresh_sends_nothing_and_follows_the_retry(
     tmp_path: Path, postgres: bool, monkeypatch: pytest.MonkeyPatch
@@ -170,11 +180,7 @@ async def test_a_first_attempt_held_after_its_retry_started_afresh_sends_nothing
         followed.close()
         assert upstream.submits == 1
         assert followed.request_id == retried.request_id
-        ended = await upstream_jobs(a)
-        assert ended.pop(retried.request_id)[1] == "held"
-        assert list(ended.values()) == [(JobState.FAILED.value, "released", FailureCode.INTERRUPTED.value)]
-        current = await a.keys.get(key.id)
-        assert current is not None and current.held == a.config.price("mj-fast", "imagine")
+        await sent_nothing_and_followed(a, retried.request_id, key.id)
 
 
 @BOTH
@@ -262,6 +268,22 @@ def stalled_row(relay: Relay) -> tuple[asyncio.Event, asyncio.Event]:
     return arrived, go_on
 
 
+async def second_beside_a_stalled_row(
+    a: Relay, b_jobs: JobService, key: KeyRecord, clock: FakeClock, *, retry: bool
+) -> tuple[asyncio.Future[Generation], Generation, asyncio.Event]:
+    """A request of one body on process A whose attempt row stalls, and a second request of it (a retry, or not) on
+    B a second later, run to its submit: A's request still under way, B's generation (closed), and the event that
+    lets A's row land."""
+    spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    arrived, go_on = stalled_row(a)
+    first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
+    await arrived.wait()
+    clock.advance(1)
+    second = await b_jobs.start(key, spec, Attempt("body", retry=retry))
+    second.close()
+    return first, second, go_on
+
+
 @BOTH
 async def test_a_first_attempt_whose_row_lands_after_its_retry_started_afresh_sends_nothing_and_follows_it(
     tmp_path: Path, postgres: bool
@@ -272,13 +294,7 @@ async def test_a_first_attempt_whose_row_lands_after_its_retry_started_afresh_se
     holding (and later charged)."""
     clock, upstream = FakeClock(), CountingUpstream()
     async with two_processes(tmp_path, upstream, clock, postgres) as (a, b_jobs, _, key):
-        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-        arrived, go_on = stalled_row(a)
-        first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
-        await arrived.wait()
-        clock.advance(1)
-        retried = await b_jobs.start(key, spec, Attempt("body", retry=True))
-        retried.close()
+        first, retried, go_on = await second_beside_a_stalled_row(a, b_jobs, key, clock, retry=True)
         assert upstream.submits == 1
         go_on.set()  # the first attempt's row lands
         followed = await first
@@ -287,11 +303,7 @@ async def test_a_first_attempt_whose_row_lands_after_its_retry_started_afresh_se
         assert followed.request_id == retried.request_id
         row = await a.attempts.get("body", 0)
         assert row is not None and row.request_id == retried.request_id
-        ended = await upstream_jobs(a)
-        assert ended.pop(retried.request_id)[1] == "held"
-        assert list(ended.values()) == [(JobState.FAILED.value, "released", FailureCode.INTERRUPTED.value)]
-        current = await a.keys.get(key.id)
-        assert current is not None and current.held == a.config.price("mj-fast", "imagine")
+        await sent_nothing_and_followed(a, retried.request_id, key.id)
 
 
 @BOTH
@@ -302,13 +314,7 @@ async def test_two_requests_of_one_body_both_run_when_the_first_one_s_row_lands_
     the second's is written. Both run (two submits), and the row names one of them, which a retry follows."""
     clock, upstream = FakeClock(), CountingUpstream()
     async with two_processes(tmp_path, upstream, clock, postgres) as (a, b_jobs, _, key):
-        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-        arrived, go_on = stalled_row(a)
-        first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
-        await arrived.wait()
-        clock.advance(1)
-        second = await b_jobs.start(key, spec, Attempt("body", retry=False))
-        second.close()
+        first, second, go_on = await second_beside_a_stalled_row(a, b_jobs, key, clock, retry=False)
         go_on.set()
         started = await first
         started.close()
