@@ -10,9 +10,10 @@ two processes at once starts once; and only while none of that attempt's jobs is
 are followed instead). Such a take-over is written down (`attempts_taken_over`): an attempt whose jobs were held
 late asks whether a retry took its fingerprint over from it (`standing`) before it sends them upstream, and the
 database decides between the two, so only one of them runs. So does an attempt's own row (`begin_many`), which lands
-after the retry's when it stalls: it does not take the fingerprint back from a retry that started afresh after the
-attempt began (that retry may be its own; a row a retry wrote says so, `claimed`), and the attempt learns so before
-it sends anything. An attempt that lost the fingerprint only to a newer request of the same body that is not a
+after the retry's when it stalls: it does not take the fingerprint from a retry that started afresh after the
+attempt began (that retry may be its own; a row says when a retry last claimed it, `claimed_at`, and keeps that when
+a newer attempt takes it over), nor from a newer attempt that took it from such a retry since, and the attempt learns
+so before it sends anything. An attempt that lost the fingerprint only to a newer request of the same body that is not a
 retry runs all the same while its client waits for it: that request is one of its own. Attempts (and take-overs)
 older than the retry window are forgotten.
 """
@@ -69,6 +70,7 @@ def _starting(attempt: Made, *, claimed: bool) -> dict[str, Any]:
         "created_at": now,
         "updated_at": now,
         "claimed": claimed,
+        **({"claimed_at": now} if claimed else {}),
     }
 
 
@@ -80,11 +82,12 @@ class AttemptStore:
         """Each attempt (fingerprint, request id, job ids, spec, body, deadline, when it began) now owns its
         fingerprint: an earlier one, retried or not, no longer does. Starts as `starting`.
 
-        Unless a retry that started afresh owns it, having claimed it after this attempt began (by the two
-        processes' clocks, taken to agree closer than a client takes to retry): this attempt's row was written late
-        (it stalled), and the retry, finding none, may be its own. Such a retry keeps the fingerprint, and the
-        attempt is False: it is not to send its jobs. True for every other attempt (an earlier one of a fingerprint
-        twice in a batch too, as two requests, neither a retry, both run)."""
+        Unless a retry that started afresh claimed it after this attempt began (by the two processes' clocks, taken
+        to agree closer than a client takes to retry), whether that retry still owns it or a newer attempt took it
+        since: this attempt's row was written late (it stalled), and the retry, finding none, may be its own. The
+        fingerprint stays with whichever owns it, and the attempt is False: it is not to send its jobs. True for
+        every other attempt (an earlier one of a fingerprint twice in a batch too, as two requests, neither a retry,
+        both run)."""
         if not attempts_made:
             return []
 
@@ -103,8 +106,9 @@ class AttemptStore:
                 rows = [{"fingerprint": fp, **_starting(turn[fp], claimed=False)} for fp in sorted(turn)]
                 statement = self._insert()
                 excluded = {k: statement.excluded[k] for k in rows[0] if k != "fingerprint"}
-                kept = and_(attempts.c.claimed, attempts.c.created_at > statement.excluded.created_at)
-                upsert = statement.on_conflict_do_update(index_elements=["fingerprint"], set_=excluded, where=~kept)
+                # `claimed_at` is left as it is: a newer attempt's row taking the body from a retry keeps the claim.
+                free = or_(attempts.c.claimed_at.is_(None), attempts.c.claimed_at <= statement.excluded.created_at)
+                upsert = statement.on_conflict_do_update(index_elements=["fingerprint"], set_=excluded, where=free)
                 written = await conn.execute(upsert.returning(attempts.c.request_id), rows)
                 taken.update(written.scalars().all())
             return [item[1] in taken for item in attempts_made]

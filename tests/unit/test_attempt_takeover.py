@@ -322,3 +322,40 @@ async def test_two_requests_of_one_body_both_run_when_the_first_one_s_row_lands_
         assert started.request_id != second.request_id
         row = await a.attempts.get("body", 0)
         assert row is not None and row.request_id in (started.request_id, second.request_id)
+
+
+@BOTH
+async def test_a_first_attempt_whose_row_lands_after_its_retry_and_a_newer_request_sends_nothing(
+    tmp_path: Path, postgres: bool
+) -> None:
+    """The first attempt's row stalls and its client goes away; its retry on another process finds no row and starts
+    afresh; then a new request of the same body (not a retry) takes the body from the retry. The first attempt's row
+    lands last: a retry started afresh after it began, so it sends nothing (its hold released), though the row it
+    would take is the newer request's. Two submits upstream (the retry's and the new request's), not three."""
+    clock, upstream = FakeClock(), CountingUpstream()
+    async with two_processes(tmp_path, upstream, clock, postgres) as (a, b_jobs, _, key):
+        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        (arrived, go_on), works = stalled_row(a), launched(a)
+        first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
+        await arrived.wait()
+        first.cancel()  # its client went away, and retries
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        clock.advance(1)
+        retried = await b_jobs.start(key, spec, Attempt("body", retry=True))
+        retried.close()
+        clock.advance(1)
+        newer = await b_jobs.start(key, spec, Attempt("body", retry=False))
+        newer.close()
+        assert upstream.submits == 2
+        go_on.set()  # the first attempt's row lands
+        await asyncio.wait([works[0]])
+        assert upstream.submits == 2
+        ended = await upstream_jobs(a)
+        assert ended.pop(retried.request_id)[1] == "held"
+        assert ended.pop(newer.request_id)[1] == "held"
+        assert list(ended.values()) == [(JobState.FAILED.value, "released", FailureCode.INTERRUPTED.value)]
+        row = await a.attempts.get("body", 0)
+        assert row is not None and row.request_id == newer.request_id
+        current = await a.keys.get(key.id)
+        assert current is not None and current.held == 2 * a.config.price("mj-fast", "imagine")
