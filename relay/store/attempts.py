@@ -69,7 +69,6 @@ def _starting(attempt: Made, *, claimed: bool) -> dict[str, Any]:
         "deadline_at": deadline_at,
         "created_at": now,
         "updated_at": now,
-        "claimed": claimed,
         **({"claimed_at": now} if claimed else {}),
     }
 

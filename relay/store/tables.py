@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
-    Boolean,
     Column,
     Float,
     ForeignKey,
@@ -15,7 +14,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    false,
     text,
 )
 
@@ -106,10 +104,8 @@ attempts = Table(
     Column("updated_at", Float, nullable=False),
     # A digest of the body of an attempt that named an `Idempotency-Key`: that key with another body is refused.
     Column("body", String(64), nullable=True),
-    # Written by a retry that started afresh (`store.attempts.claim_many`), not by an attempt's own begin; since 0013
-    # what a late begin looks at is `claimed_at`.
-    Column("claimed", Boolean, nullable=False, server_default=false()),
-    # When a retry that started afresh last claimed the fingerprint: kept when a newer attempt's row is written over.
+    # When a retry that started afresh (`store.attempts.claim_many`) last claimed the fingerprint: kept when a newer
+    # attempt's row is written over it (an attempt's own begin never writes it).
     Column("claimed_at", Float, nullable=True),
     Index("ix_attempts_created", "created_at"),
 )

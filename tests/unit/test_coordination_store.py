@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 from pathlib import Path
@@ -20,7 +19,7 @@ from relay.store.keys import KeyStore
 from relay.store.leases import CLAIM_BATCH, Leases
 from relay.store.slots import Slots
 from relay.store.tables import attempts as attempts_table
-from tests.helpers import FakeClock, database_at, pg_database, relay_config
+from tests.helpers import FakeClock, pg_database, relay_config
 from tests.unit.test_store import NOW, job
 
 pytestmark = pytest.mark.anyio
@@ -228,40 +227,6 @@ async def test_an_attempt_s_row_written_late_leaves_its_body_to_a_retry_that_sta
     assert await attempts.begin_many(twice) == [False, True]  # in turn: the earlier is the retry's, the later not
     row = await attempts.get("fp", 0)
     assert row is not None and row.request_id == "req-4"
-
-
-@pytest.mark.parametrize(
-    "postgres", [False, pytest.param(True, marks=pytest.mark.postgres)], ids=["sqlite", "postgres"]
-)
-async def test_a_retry_s_row_kept_from_before_the_upgrade_still_keeps_its_claim(tmp_path: Path, postgres: bool) -> None:
-    """Rows of a database upgraded from before claims were timed: a retry's row counts as claimed when it was written,
-    and keeps that claim once a newer attempt's row is written over it; another attempt's row claims nothing."""
-    row = (
-        "INSERT INTO attempts (fingerprint, request_id, state, job_ids, spec, deadline_at, created_at, updated_at, "
-        "claimed) VALUES ('{fp}', '{rid}', 'starting', '[]', '{{}}', {deadline}, {at}, {at}, {claimed})"
-    )
-    statements = [
-        row.format(fp="fp", rid="retry", deadline=NOW + 600, at=NOW + 1, claimed="true"),
-        row.format(fp="fp-2", rid="other", deadline=NOW + 600, at=NOW + 1, claimed="false"),
-    ]
-    async with contextlib.AsyncExitStack() as stack:
-        url = (
-            await stack.enter_async_context(pg_database())
-            if postgres
-            else f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
-        )
-        await database_at(url, "0012", *statements)
-        database = Database(url)
-        stack.push_async_callback(database.dispose)
-        await database.migrate()
-        attempts = AttemptStore(database.engine)
-        spec = {"model": "mj-fast", "prompt": "a lighthouse"}
-        late: Made = ("fp", "req-1", ("job_1",), spec, None, NOW + 600, NOW)
-        newer: Made = ("fp", "req-2", ("job_2",), spec, None, NOW + 600, NOW + 2)
-        assert await attempts.begin_many([late]) == [False]
-        assert await attempts.begin_many([newer]) == [True]
-        assert await attempts.begin_many([late]) == [False]
-        assert await attempts.begin_many([("fp-2", *late[1:])]) == [True]
 
 
 async def test_claims_written_together_decide_as_one_by_one_in_one_lock_order(
