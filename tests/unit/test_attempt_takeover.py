@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 import relay.core.jobs as jobs_module
 from adapters import SubmitOutcome, SubmitRequest
-from relay.core.jobs import ATTEMPT_CHECK_S, ATTEMPT_WAIT_S, Attempt, Generation, JobService
+from relay.core.jobs import ATTEMPT_CHECK_S, ATTEMPT_WAIT_S, Attempt, Generation, ImageSpec, JobService
 from relay.domain import FailureCode, JobState
 from relay.services import Relay
 from relay.store.jobs import NewJob
@@ -155,6 +155,18 @@ async def sent_nothing_and_followed(relay: Relay, retry: str, key_id: str) -> No
     assert current is not None and current.held == relay.config.price("mj-fast", "imagine")
 
 
+async def first_held_late(
+    a: Relay, key: KeyRecord
+) -> tuple[ImageSpec, asyncio.Future[Generation], list[asyncio.Event]]:
+    """A request (not a retry) on process A whose attempt row is written and whose hold then stalls: its spec, the
+    request under way, and the events that let its holds land."""
+    spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+    written, (arrived, go_on) = noted_rows(a), stalled(a, 1)
+    first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
+    await asyncio.gather(written.wait(), arrived[0].wait())
+    return spec, first, go_on
+
+
 @BOTH
 async def test_a_first_attempt_held_after_its_retry_started_afresh_sends_nothing_and_follows_the_retry(
     tmp_path: Path, postgres: bool, monkeypatch: pytest.MonkeyPatch
@@ -165,10 +177,7 @@ async def test_a_first_attempt_held_after_its_retry_started_afresh_sends_nothing
     monkeypatch.setattr(jobs_module, "ATTEMPT_POLL_S", ATTEMPT_WAIT_S)  # the retry's wait: one look, one sleep
     clock, upstream = FakeClock(), CountingUpstream()
     async with two_processes(tmp_path, upstream, clock, postgres) as (a, b_jobs, b_clock, key):
-        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-        written, (arrived, go_on) = noted_rows(a), stalled(a, 1)
-        first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
-        await asyncio.gather(written.wait(), arrived[0].wait())
+        spec, first, go_on = await first_held_late(a, key)
         retry = asyncio.ensure_future(b_jobs.start(key, spec, Attempt("body", retry=True)))
         await b_clock.sleeping.wait()
         clock.advance(ATTEMPT_WAIT_S)  # the retry gives up waiting, and starts afresh
@@ -235,10 +244,7 @@ async def test_a_first_attempt_held_late_still_runs_when_only_a_new_request_of_t
     images. Two submits upstream, two jobs holding."""
     clock, upstream = FakeClock(), CountingUpstream()
     async with two_processes(tmp_path, upstream, clock, postgres) as (a, b_jobs, _, key):
-        spec = a.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-        written, (arrived, go_on) = noted_rows(a), stalled(a, 1)
-        first = asyncio.ensure_future(a.jobs.start(key, spec, Attempt("body", retry=False)))
-        await asyncio.gather(written.wait(), arrived[0].wait())
+        spec, first, go_on = await first_held_late(a, key)
         clock.advance(ATTEMPT_CHECK_S)
         second = await b_jobs.start(key, spec, Attempt("body", retry=False))
         second.close()
