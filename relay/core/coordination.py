@@ -106,10 +106,9 @@ class Coordinator:
             try:
                 rows = await self.leases.claim_expired(self.clock.now(), providers, any_lease=first and self.alone)
             except Exception as exc:
-                if failed is not None:  # the later failure is the one raised: the earlier one is logged
-                    failed = exc
+                again, failed = failed is None, exc  # the later of two is the one raised: the earlier one is logged
+                if not again:
                     break
-                failed = exc
                 log.exception("claiming jobs to adopt failed; claimed again")
                 continue
             failed = None

@@ -180,17 +180,12 @@ class Submitter:
             if taken:  # nothing of this request was written: the ids are another's
                 raise JobIdTaken("Two jobs drew the same id.") from None
             if taken is not None:  # not known: a job of those ids may be another request's, left to the sweep
-                await self._unadmitted(jobs)
+                # The admission may have landed all the same (its commit made as the connection was cut, before it
+                # was answered): its jobs are withdrawn now, rather than holding credits until the pending sweep.
+                await self.withdraw(jobs, "its admission was not confirmed")
             raise
         if not held:
             raise await self.refusal(key, sum(job.price for job in jobs))
-
-    async def _unadmitted(self, jobs: list[NewJob]) -> None:
-        """An admission that failed may have landed all the same (its commit was made as the connection was cut,
-        before it was answered): its jobs, never to be submitted, are ended now (only while still PENDING), so that
-        their hold is released at once rather than kept from the key until the pending sweep. When that cannot be
-        written either (or whether the ids are this request's cannot be read), the sweep ends them."""
-        await self.withdraw(jobs, "its admission was not confirmed")
 
     async def withdraw(self, jobs: list[NewJob], reason: str) -> None:
         """Jobs held (or that may be) that are never to be submitted: ended as interrupted (only while still

@@ -35,6 +35,7 @@ from relay.store.db import changed, connected, transaction
 from relay.store.tables import attempts, attempts_taken_over, jobs
 
 AttemptState = Literal["starting", "started", "nothing"]
+_ACTIVE = [state.value for state in ACTIVE_STATES]
 # Attempts forgotten a statement (a few milliseconds of SQLite's time).
 FORGET_BATCH = 1_000
 
@@ -73,6 +74,12 @@ def _starting(attempt: Made, *, claimed: bool) -> dict[str, Any]:
     }
 
 
+def _owner(fingerprint: str, conn: AsyncConnection) -> Any:
+    """The request id owning `fingerprint`, its row locked on PostgreSQL (`claim_many`, `standing`)."""
+    row = select(attempts.c.request_id).where(attempts.c.fingerprint == fingerprint)
+    return row.with_for_update() if conn.dialect.name == "postgresql" else row
+
+
 class AttemptStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -93,12 +100,12 @@ class AttemptStore:
         async def work(conn: AsyncConnection) -> list[bool]:
             # One fingerprint twice in a batch: written in turn, the later attempt last; one statement per turn.
             turns: list[dict[str, Made]] = []
+            seen: dict[str, int] = {}
             for item in attempts_made:
-                turn = next((turn for turn in turns if item[0] not in turn), None)
-                if turn is None:
-                    turn = {}
-                    turns.append(turn)
-                turn[item[0]] = item
+                nth = seen[item[0]] = seen.get(item[0], -1) + 1
+                if nth == len(turns):
+                    turns.append({})
+                turns[nth][item[0]] = item
             taken: set[str] = set()
             for turn in turns:
                 # In fingerprint order, as every write of attempts: two processes' transactions lock rows in one order.
@@ -133,9 +140,7 @@ class AttemptStore:
             for i in sorted(range(len(claims)), key=lambda i: claims[i][0][0]):  # fingerprint order; stable
                 attempt, replacing, since = claims[i]
                 if replacing is not None and conn.dialect.name == "postgresql":
-                    await conn.execute(
-                        select(attempts.c.fingerprint).where(attempts.c.fingerprint == attempt[0]).with_for_update()
-                    )
+                    await conn.execute(_owner(attempt[0], conn))
                 claimed[i] = (await conn.execute(self._claim(attempt, replacing, since))).rowcount == 1
                 if claimed[i] and replacing is not None:
                     taken = self._insert(attempts_taken_over).values(request_id=replacing, created_at=attempt[6])
@@ -157,9 +162,7 @@ class AttemptStore:
         # Not while a job of that attempt is held and has not ended (PENDING: about to be sent, as far as this can
         # tell); this claim's own row too: a batch whose commit landed but was reported failed is written again,
         # one by one.
-        live = select(jobs.c.id).where(
-            jobs.c.request_id == replacing, jobs.c.state.in_([s.value for s in ACTIVE_STATES])
-        )
+        live = select(jobs.c.id).where(jobs.c.request_id == replacing, jobs.c.state.in_(_ACTIVE))
         found = or_(
             and_(attempts.c.request_id == replacing, ~exists(live)), attempts.c.request_id == values["request_id"]
         )
@@ -177,10 +180,7 @@ class AttemptStore:
         sees this attempt's jobs (`claim_many`)."""
 
         async def work(conn: AsyncConnection) -> tuple[bool, bool]:
-            row = select(attempts.c.request_id).where(attempts.c.fingerprint == fingerprint)
-            if conn.dialect.name == "postgresql":
-                row = row.with_for_update()
-            owner = (await conn.execute(row)).scalar()
+            owner = (await conn.execute(_owner(fingerprint, conn))).scalar()
             taken = select(attempts_taken_over.c.request_id).where(attempts_taken_over.c.request_id == request_id)
             return owner == request_id, (await conn.execute(taken)).first() is not None
 

@@ -325,6 +325,13 @@ _ADMIT = Many(
 )
 
 
+def handed_over(owner: str, job_ids: Sequence[str] | None = None) -> Any:
+    """The statement handing over the leases `owner` holds (of `job_ids` only, when given): claimed by another
+    process at once."""
+    held = update(jobs).where(jobs.c.owner == owner, jobs.c.state.in_([s.value for s in ACTIVE]))
+    return (held if job_ids is None else held.where(jobs.c.id.in_(list(job_ids)))).values(lease_until=0.0)
+
+
 class JobStore:
     """Jobs and their holds. `owner` is this relay process: a job it admits, submits, parks or adopts is written
     as followed by it for `lease_s` (renewed by `store.leases`). Once the process hands its leases over (`handing
@@ -509,12 +516,7 @@ class JobStore:
         or this sees that it began."""
         if not self.handing_over:
             return
-        await changed(
-            self.engine,
-            update(jobs)
-            .where(jobs.c.id.in_(job_ids), jobs.c.owner == self.owner, jobs.c.state.in_([s.value for s in ACTIVE]))
-            .values(lease_until=0.0),
-        )
+        await changed(self.engine, handed_over(self.owner, job_ids))
 
     async def extend_modal(self, job_id: str, deadline_at: float, now: float, until: float) -> bool:
         """A confirmation of a job waiting in MODAL goes to the upstream, for at most `until`: from now on the job

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES, RUNNING_STATES, JobState
 from relay.store.db import changed, connected, transaction
-from relay.store.jobs import JobRow, rows_of
+from relay.store.jobs import JobRow, handed_over, rows_of
 from relay.store.tables import jobs
 
 # The most jobs one claim takes (a process that died with more is claimed in several, one after the other).
@@ -130,7 +130,4 @@ class Leases:
 
     async def release(self) -> int:
         """Hand every lease of this process over (its jobs are claimed by another at once); how many."""
-        return await changed(
-            self.engine,
-            update(jobs).where(jobs.c.owner == self.owner, jobs.c.state.in_(_ACTIVE)).values(lease_until=0.0),
-        )
+        return await changed(self.engine, handed_over(self.owner))
