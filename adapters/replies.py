@@ -56,8 +56,10 @@ def _decode(body: bytes) -> Any:
         # The common case, at the C parser's speed. The checks read UTF-8 bytes: JSON in UTF-16 or UTF-32 (which
         # the json module decodes too) is always cleaned.
         if json.detect_encoding(body) == "utf-8" and not _unstorable(body):
-            # as `json.loads` decodes UTF-8 bytes, with one decoder made once (the keywords make one per call)
-            return _DECODER.decode(body.decode("utf-8", "surrogatepass"))
+            # as `json.loads` decodes UTF-8 bytes, with one decoder made once (the keywords make one per call); the
+            # C parser reads integers itself unless a run of digits is longer than any integer the relay reads
+            decoder = _DIGITS_DECODER if _LONG_DIGITS in body.translate(_DIGITS_ONLY) else _DECODER
+            return decoder.decode(body.decode("utf-8", "surrogatepass"))
         return _clean(json.loads(body, object_pairs_hook=_clean_pairs, parse_constant=_no_constant, parse_int=_integer))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValueError("not JSON") from None
@@ -127,7 +129,14 @@ def _integer(text: str) -> int | None:
     return int(text) if len(text) <= MAX_DIGITS else None
 
 
-_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_int=_integer)
+# A decoder that reads each integer in Python (`_integer`), for bodies with a run of digits longer than `MAX_DIGITS`
+# (in a number or a string), and one that leaves integers to the C parser, for all the others: an upstream's
+# integers are a handful of ids and times, and a task's buttons, each with two.
+_DIGITS_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_int=_integer)
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+# (a run of digits found with two C scans: every digit made "0", then the run of zeros looked for)
+_DIGITS_ONLY = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGITS = b"0" * (MAX_DIGITS + 1)
 
 
 # The longest task id the relay keeps (`jobs.upstream_id`). An upstream's ids are a few dozen characters; a longer
@@ -155,6 +164,8 @@ def _as_id(result: Any) -> str | None:
 def _code(value: Any) -> int | None:
     """An integer as an upstream writes one (a number, or digits in a string); None for anything else, including
     digits no integer of any upstream has (more than `MAX_DIGITS`, which `int` may refuse to read)."""
+    if type(value) is int:  # (the common case first; a bool is an int to `isinstance`)
+        return value
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -393,7 +404,7 @@ def _buttons(value: Any) -> tuple[Button, ...]:
         return ()
     out: list[Button] = []
     for item in value:
-        if not isinstance(item, Mapping) or not item.get("customId"):
+        if not (type(item) is dict or isinstance(item, Mapping)) or not item.get("customId"):
             continue
         out.append(
             Button(

@@ -191,6 +191,21 @@ def test_a_task_with_an_unreadable_number_leaves_its_neighbours_in_a_list_readab
     assert parse_hook(f'{{"id": "b", "status": "IN_PROGRESS", {odd}}}'.encode()) is not None
 
 
+@pytest.mark.parametrize("digits", [replies.MAX_DIGITS + 1, 150, 4300])
+def test_an_integer_with_more_digits_than_the_relay_reads_is_none_wherever_it_is(digits: int) -> None:
+    """Integers are read by the C parser, except in a body with a run of digits longer than `MAX_DIGITS`: an integer
+    of 101 to 4300 digits (which Python would read) is no integer of any upstream's, and is None like a longer one,
+    wherever it is (a task's time, its properties, which are kept as they came)."""
+    long = "9" * digits
+    body = f'{{"id": "b", "status": "IN_PROGRESS", "submitTime": {long}, "properties": {{"n": {long}, "m": 7}}}}'
+    view = parse_hook(body.encode())
+    assert view is not None and view.submit_time is None
+    assert view.properties == {"n": None, "m": 7}
+    shorter = "9" * replies.MAX_DIGITS  # as many as are read: an integer
+    view = parse_hook(f'{{"id": "b", "submitTime": {shorter}, "properties": {{"s": "{long}"}}}}'.encode())
+    assert view is not None and view.submit_time == int(shorter) and view.properties == {"s": long}
+
+
 def test_a_task_whose_id_is_longer_than_the_relay_keeps_is_no_task_of_its() -> None:
     views = parse_task_list(200, json.dumps([{"id": "u" * 129, "status": "SUCCESS"}, {"id": "a"}]).encode())
     assert [view.upstream_id for view in views] == ["a"]
