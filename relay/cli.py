@@ -86,6 +86,7 @@ def serve(
     """Run the relay."""
     from relay import collector, logs
     from relay.app import build_app
+    from relay.images import SigningKeyError
     from relay.server import RelayServer, ServeConfig, bind, fit_connections
 
     config = _load(ctx, config_path)
@@ -107,7 +108,11 @@ def serve(
     _make_folders(config)
     bound = sockets[0].getsockname()[1]
     url = f"http://{address.rsplit(':', 1)[0]}:{bound}"
-    app = build_app(config)
+    try:
+        app = build_app(config)
+    except SigningKeyError as exc:
+        click.echo(f"mj-relay: {exc}", err=True)
+        sys.exit(2)
 
     def ready() -> None:
         click.echo(

@@ -16,7 +16,7 @@ from __future__ import annotations
 from relay.config import Config
 from relay.images.backend import Backend, ImageMissing, StorageError
 from relay.images.formats import ImageError
-from relay.images.links import Links, load_or_create_secret
+from relay.images.links import Links, SigningKeyError, load_or_create_secret
 from relay.images.local import LocalBackend
 from relay.images.names import GRID, IMAGE, NAMES, TILE_NAMES
 from relay.images.store import ImageStore
@@ -32,6 +32,7 @@ __all__ = [
     "ImageStore",
     "Links",
     "LocalBackend",
+    "SigningKeyError",
     "StorageError",
     "image_store",
     "load_or_create_secret",

@@ -46,20 +46,53 @@ class Links:
             return False
 
 
+# The fewest characters a kept secret may have (one the relay makes has 43).
+MIN_SECRET_CHARS = 32
+
+
+class SigningKeyError(Exception):
+    """The relay's kept signing secret cannot be used; the message says why, and what to do."""
+
+
 def load_or_create_secret(path: Path) -> str:
     """The relay's own signing secret, made once and kept next to its data so links survive a restart. A file
-    left empty (a crash while it was written) is never used as a key: a new secret replaces it."""
-    try:
-        kept = path.read_text(encoding="utf-8").strip()
-        if len(kept) >= 32:
-            return kept
-    except FileNotFoundError:
-        pass
+    left empty (a crash while it was written) is never used as a key: a new secret replaces it. A secret someone
+    put there that is too short is refused (`SigningKeyError`), never replaced: processes that share the folder,
+    and the links and hook URLs they made with it, would each be left with a secret of their own. Of processes
+    starting together on a folder without one, the first to write its secret makes it every process's."""
+    kept = _read_secret(path)
+    if kept:
+        if len(kept) < MIN_SECRET_CHARS:
+            raise SigningKeyError(
+                f"{path} holds a signing secret of {len(kept)} characters, fewer than {MIN_SECRET_CHARS}: put a "
+                "longer one there (or set images.signing_secret), or empty the file to have the relay make one"
+            )
+        return kept
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(32)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(secret)
-    os.replace(tmp, path)
-    return secret
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(secret)
+        if kept is None:  # none yet: made only where none is (another process's, written meanwhile, is kept)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links
+                os.replace(tmp, path)
+        else:  # left empty: replaced whole
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    written = _read_secret(path)  # this process's, or the one another process wrote first
+    return written if written and len(written) >= MIN_SECRET_CHARS else secret
+
+
+def _read_secret(path: Path) -> str | None:
+    """The secret kept at `path`, stripped; None when there is no such file."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None

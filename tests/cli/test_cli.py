@@ -315,6 +315,18 @@ def test_a_folder_setting_that_names_a_file_is_one_clear_error_at_start(
         assert line.startswith(f"mj-relay: {setting}: cannot make the folder "), line
 
 
+def test_a_signing_key_too_short_is_one_clear_error_at_start_and_is_kept(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "signing.key").write_text("letmein\n")
+    (tmp_path / "c.yaml").write_text("data_dir: data\nserver: {port: 0}\n")
+    result = cli(tmp_path, "serve", "--config", "c.yaml")
+    assert result.returncode == 2, result
+    assert "listening" not in result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("mj-relay: ") and "signing.key holds a signing secret of 7 characters" in line, line
+    assert (tmp_path / "data" / "signing.key").read_text() == "letmein\n"
+
+
 @pytest.mark.parametrize(("setting", "yaml"), FOLDER_SETTINGS_THAT_NAME_A_FILE)
 def test_check_config_refuses_a_folder_setting_that_names_a_file(tmp_path: Path, setting: str, yaml: str) -> None:
     # check-config said ok to what serve then refused.

@@ -22,11 +22,13 @@ from relay.images import (
     ImageMissing,
     ImageStore,
     LocalBackend,
+    SigningKeyError,
     StorageError,
     formats,
     image_store,
     load_or_create_secret,
 )
+from relay.images import links as images_links
 from relay.images import local as images_local
 from relay.images.names import key
 from tests.helpers import FakeClock, bomb_png
@@ -455,3 +457,32 @@ def test_the_relay_keeps_its_own_secret(tmp_path: Path) -> None:
     path.write_text("")  # left empty by a crash: never used as a key
     replaced = load_or_create_secret(path)
     assert len(replaced) >= 32 and replaced != first and path.read_text() == replaced
+
+
+def test_a_kept_secret_too_short_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    """A short secret someone put in the file is refused, not replaced: each process sharing the folder would make
+    a secret of its own, and no link or hook URL made by one would hold at another, or after a restart."""
+    path = tmp_path / "signing.key"
+    path.write_text("  short-but-not-empty \n")
+    with pytest.raises(SigningKeyError, match=r"signing.key holds a signing secret of 19 characters, fewer than 32"):
+        load_or_create_secret(path)
+    assert path.read_text() == "  short-but-not-empty \n"
+
+
+def test_of_processes_making_the_secret_together_the_first_one_written_is_every_one_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes start on a folder without a secret: the one that writes second finds the first one's there and
+    takes it, instead of putting its own over it (the first would sign with a secret no longer kept anywhere)."""
+    path = tmp_path / "signing.key"
+    theirs = "t" * 43
+    make = images_links.secrets.token_urlsafe
+
+    def meanwhile(size: int) -> str:  # another process writes its secret while this one makes its own
+        path.write_text(theirs)
+        return make(size)
+
+    monkeypatch.setattr(images_links.secrets, "token_urlsafe", meanwhile)
+    assert load_or_create_secret(path) == theirs
+    assert path.read_text() == theirs
+    assert [p.name for p in tmp_path.iterdir()] == ["signing.key"]  # no temporary file left
