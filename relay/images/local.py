@@ -135,24 +135,27 @@ def _write(path: Path, data: bytes, flags: int = os.O_TRUNC) -> None:
     """Write a whole file with the fewest system calls (open, write, close): on a thread, each call gives up the
     interpreter lock, which a busy event loop is slow to hand back."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o644)
+    made = os.fstat(fd) if flags & os.O_EXCL else None
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            # (a network file system may report that the data did not fit only here, as the file is closed)
+            os.close(fd)
     except BaseException:
-        if flags & os.O_EXCL:
-            _remove_made(path, fd)
+        if made is not None:
+            _remove_made(path, made)
         raise
-    finally:
-        os.close(fd)
 
 
-def _remove_made(path: Path, fd: int) -> None:
+def _remove_made(path: Path, made: os.stat_result) -> None:
     """Remove the file this write made and could not finish (a full disk): images are never removed, so half of one
     would take its room for good. Only while the path still names that file: another process's whole copy may have
     replaced it meanwhile."""
     try:
-        made, there = os.fstat(fd), os.stat(path)
+        there = os.stat(path)
         if (made.st_dev, made.st_ino) == (there.st_dev, there.st_ino):
             os.unlink(path)
     except OSError:

@@ -288,6 +288,29 @@ async def test_a_full_disk_leaves_no_part_of_an_image_behind(
     assert await images.read(JOB, "grid.png") == grid
 
 
+async def test_a_disk_that_reports_it_is_full_only_as_the_file_is_closed_leaves_no_part_of_an_image_behind(
+    images: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A network file system may take every write and say only at close that the data did not fit (or could not be
+    written): the file made is removed then too."""
+    grid = render_grid("x", (1, 1), 16)
+    close = os.close
+    closed: list[int] = []
+
+    def refused(fd: int) -> None:
+        closed.append(fd)
+        close(fd)
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(images_local.os, "close", refused)
+    with pytest.raises(StorageError, match="quota"):
+        await images.save(JOB, "grid.png", grid)
+    monkeypatch.undo()
+    assert closed and list(local(images).path(key(JOB, "grid.png")).parent.iterdir()) == []
+    await images.save(JOB, "grid.png", grid)  # once it takes it again
+    assert await images.read(JOB, "grid.png") == grid
+
+
 async def test_an_image_directory_that_went_away_is_a_storage_error_and_not_made_again_elsewhere(
     images: ImageStore,
 ) -> None:
