@@ -16,6 +16,7 @@ the captures and releases a batch of endings made (only for the jobs the guarded
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -30,6 +31,8 @@ from relay.store.db import changed, connected, transaction
 from relay.store.ledger import ENTRIES, entry
 from relay.store.many import Many
 from relay.store.tables import jobs, keys
+
+log = logging.getLogger("relay.jobs")
 
 __all__ = [
     "ACTIVE",
@@ -513,10 +516,18 @@ class JobStore:
     async def _hand_over_late(self, job_ids: list[str]) -> None:
         """Hand over the leases of jobs just written as this process's, if it has begun handing its leases over.
         Looked at once the write is made, so that either the hand-over began after the write, and took these too,
-        or this sees that it began."""
+        or this sees that it began. One that fails is logged, never raised: the write it follows was made (its
+        caller must not take it for failed), and the leases run out as a stopped process's do."""
         if not self.handing_over:
             return
-        await changed(self.engine, handed_over(self.owner, job_ids))
+        try:
+            await changed(self.engine, handed_over(self.owner, job_ids))
+        except Exception:
+            log.warning(
+                "handing over jobs written while stopping failed; their leases run out",
+                exc_info=True,
+                extra={"fields": {"jobs": job_ids[:20]}},
+            )
 
     async def extend_modal(self, job_id: str, deadline_at: float, now: float, until: float) -> bool:
         """A confirmation of a job waiting in MODAL goes to the upstream, for at most `until`: from now on the job

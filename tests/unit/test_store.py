@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from relay.store import jobs as jobs_module
 from relay.store.db import Database, transaction
 from relay.store.jobs import Admission, Ending, JobState, JobStore, NewJob, ProgressChange
 from relay.store.keys import KeyStore, hash_key
@@ -206,6 +207,27 @@ async def test_an_ending_keeps_the_jobs_holder_and_the_pending_sweeps_makes_the_
     assert swept is not None and swept.owner == "sweeper"
     rows = {row.id: row.owner for row in await holder.by_request("req")}
     assert rows == {"job_run00000": "holder", "job_pen00000": "sweeper"}
+
+
+async def test_a_hand_over_that_fails_after_a_write_leaves_the_write_made_and_its_caller_told_so(
+    db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A submit answered while the process stops is handed over as it is written down; when that hand-over fails
+    (the database went away as the process stops), the write was made all the same: its caller must not take it
+    for failed. The lease runs out as a stopped process's does."""
+    record, _ = await KeyStore(db.engine).create("k", 10, NOW)
+    store = JobStore(db.engine, owner="stopping")
+    await store.open(record.id, [job("job_run00000")], NOW)
+    store.handing_over = True
+
+    def unreachable(owner: str, job_ids: object = None) -> object:
+        raise OperationalError("UPDATE jobs ...", None, Exception("connection refused"))
+
+    monkeypatch.setattr(jobs_module, "handed_over", unreachable)
+    await store.mark_submitted("job_run00000", "sim", "u1", NOW)
+    (row,) = await store.get_many(["job_run00000"])
+    assert (row.state, row.upstream_id, row.owner) == (JobState.SUBMITTED, "u1", "stopping")
+    assert "handing over jobs written while stopping failed" in caplog.text
 
 
 async def test_a_transient_failure_is_run_again_and_others_are_not(db: Database) -> None:
