@@ -10,6 +10,11 @@ Cutting tiles on first use keeps the moment a job finishes cheap (a header check
 jobs that finish together are all answered at once; the decode and the four PNG encodes happen when a tile is
 fetched (or at once for `b64_json` answers), each grid once per process however many ask together (two processes
 asking at the same moment may both cut it: they write the same tiles).
+
+Decoding and encoding (tiles cut, an image of another format kept as PNG) run on `DECODE_THREADS` threads of the
+store's own: a decode holds its whole image in memory (a grid or an upload of the largest size Pillow decodes, 89
+million pixels, takes about 270 MB, its tiles as many again), so a burst of them is queued rather than run at
+once, and the threads that read and write files for every link are never all taken by them.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from relay.images import formats
 from relay.images.backend import Backend, ImageMissing, StorageError
@@ -33,6 +40,11 @@ log = logging.getLogger("relay.images")
 
 # Grids this process cut lately (ids only): a request that found no tile while one was being cut reads it again.
 RECENT_CUTS = 4096
+# Images decoded or encoded at once (each on a thread; the others wait their turn).
+DECODE_THREADS = 2
+
+A = TypeVar("A")
+T = TypeVar("T")
 
 
 class ImageStore:
@@ -44,6 +56,7 @@ class ImageStore:
         self.links = Links(signing_secrets, ttl_s)
         self._cuts: dict[str, asyncio.Future[dict[str, bytes]]] = {}
         self._cut_lately: OrderedDict[str, None] = OrderedDict()
+        self._decoders: ThreadPoolExecutor | None = None  # made at the first decode
 
     async def open(self) -> None:
         await self.backend.open()
@@ -51,7 +64,16 @@ class ImageStore:
     async def close(self) -> None:
         for cut in list(self._cuts.values()):
             cut.cancel()
+        if self._decoders is not None:
+            decoders, self._decoders = self._decoders, None
+            await asyncio.to_thread(decoders.shutdown, wait=True, cancel_futures=True)
         await self.backend.close()
+
+    async def _decoding(self, work: Callable[[A], T], data: A) -> T:
+        """`work(data)` on one of the store's decoding threads."""
+        if self._decoders is None:
+            self._decoders = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="image-decode")
+        return await asyncio.get_running_loop().run_in_executor(self._decoders, work, data)
 
     # -- links ---------------------------------------------------------------------------------------------------
 
@@ -66,7 +88,7 @@ class ImageStore:
     async def save(self, job_id: str, name: str, data: bytes) -> tuple[int, int]:
         """Keep one finished image; returns its size. Raises ImageError or StorageError; see `save_many`."""
         png = formats.png_size(data)
-        size, data = (png, data) if png is not None else await asyncio.to_thread(formats.to_png, data)
+        size, data = (png, data) if png is not None else await self._decoding(formats.to_png, data)
         failed = await self.backend.put({key(job_id, name): data})
         if failed:
             raise StorageError(next(iter(failed.values())))
@@ -92,7 +114,7 @@ class ImageStore:
                 failed[image_id] = exc
         if others:
             for (image_id, where, _), converted in zip(
-                others, await asyncio.to_thread(_convert_all, [data for _, _, data in others]), strict=True
+                others, await self._decoding(_convert_all, [data for _, _, data in others]), strict=True
             ):
                 if isinstance(converted, ImageError):
                     failed[image_id] = converted
@@ -130,7 +152,7 @@ class ImageStore:
         grid = await self.backend.get(key(job_id, GRID))
         if grid is None:
             raise ImageMissing(GRID)
-        tiles = await asyncio.to_thread(formats.cut, grid)
+        tiles = await self._decoding(formats.cut, grid)
         # Written beside and renamed: another request may be reading a tile already.
         failed = await self.backend.put({key(job_id, name): tile for name, tile in tiles.items()}, atomic=True)
         if not failed:

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import io
 import os
+import threading
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -30,6 +31,7 @@ from relay.images import (
 )
 from relay.images import links as images_links
 from relay.images import local as images_local
+from relay.images import store as images_store
 from relay.images.names import key
 from tests.helpers import FakeClock, bomb_png
 
@@ -309,6 +311,41 @@ async def test_a_disk_that_reports_it_is_full_only_as_the_file_is_closed_leaves_
     assert closed and list(local(images).path(key(JOB, "grid.png")).parent.iterdir()) == []
     await images.save(JOB, "grid.png", grid)  # once it takes it again
     assert await images.read(JOB, "grid.png") == grid
+
+
+async def test_decodes_run_a_few_at_a_time_and_never_hold_up_the_reads_of_links(
+    images: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each decode holds its whole image in memory (up to about 270 MB for the largest one Pillow takes, from an
+    upload of a few hundred kilobytes): a burst of uploads of other formats, or of first tile requests, is decoded
+    `DECODE_THREADS` at a time, on threads of the store's own, so it neither takes all the memory at once nor every
+    thread that reads an image for a link."""
+    await images.save(OTHER, "grid.png", render_grid("x", (1, 1), 16))
+    to_png = formats.to_png
+    held, running, most = threading.Event(), [0], [0]
+    lock, loop, busy = threading.Lock(), asyncio.get_running_loop(), asyncio.Event()
+
+    def slow(data: bytes) -> tuple[tuple[int, int], bytes]:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            if running[0] == images_store.DECODE_THREADS:
+                loop.call_soon_threadsafe(busy.set)
+        held.wait(30)  # a decode of a large image, still under way
+        with lock:
+            running[0] -= 1
+        return to_png(data)
+
+    monkeypatch.setattr(images_store.formats, "to_png", slow)
+    ids = [f"job_{i:024x}" for i in range(40)]  # more than any machine's default thread pool
+    saves = [asyncio.ensure_future(images.save(job_id, "grid.png", jpeg())) for job_id in ids]
+    try:
+        await asyncio.wait_for(busy.wait(), 10)  # the decoding threads have taken what they can
+        assert await asyncio.wait_for(images.read(OTHER, "grid.png"), 10)  # a link is served meanwhile
+    finally:
+        held.set()
+    assert [await save for save in saves] == [(40, 40)] * len(ids)
+    assert most[0] == images_store.DECODE_THREADS
 
 
 async def test_an_image_directory_that_went_away_is_a_storage_error_and_not_made_again_elsewhere(
