@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES, RUNNING_STATES, JobState
@@ -129,5 +129,12 @@ class Leases:
             return {str(row[0]): int(row[1]) for row in result}
 
     async def release(self) -> int:
-        """Hand every lease of this process over (its jobs are claimed by another at once); how many."""
-        return await changed(self.engine, handed_over(self.owner))
+        """Hand every lease of this process over (its jobs are claimed by another at once); how many. Not that of a
+        job still PENDING with a provider slot reserved (`store.slots`): its submit is still under way (a stopping
+        process lets it go on), so the task may be on its way to the provider, and the slot is held as long as the
+        lease is. A handed-over lease would give the slot to another process's job at once, and the provider would
+        run one job more than `max_in_flight`. The job is handed over as its submit is written down
+        (`JobStore.handing_over`), or its slot is given back if no provider took it; if the process exits first,
+        the lease runs out as a dead process's does."""
+        reserving = and_(jobs.c.state == JobState.PENDING.value, jobs.c.provider.is_not(None))
+        return await changed(self.engine, handed_over(self.owner).where(not_(reserving)))

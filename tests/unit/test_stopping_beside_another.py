@@ -174,3 +174,64 @@ async def test_a_submit_answered_after_the_hand_over_is_handed_over_too(
 
         assert await b.coordinator.adopt() == 1
         assert b.lifecycle.following(job_id)
+
+
+class CountedGatedAnswers(GatedAnswers):
+    """`GatedAnswers`, telling when a second task reached the upstream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second = asyncio.Event()
+
+    async def submit(self, request: Any) -> Any:
+        if self.engine.submits >= 1:
+            self.second.set()
+        return await super().submit(request)
+
+
+@pytest.mark.postgres
+async def test_a_slot_reserved_by_a_submit_still_under_way_at_the_hand_over_is_not_given_to_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider has `max_in_flight: 1`. Relay A is stopped (as at SIGTERM) while the provider is slow to answer
+    the submit of a job that reserved its one slot: A waits for it a while, then hands its leases over, and the
+    upstream takes the task only after that. The reservation is live all the while (the task is on its way to the
+    provider): relay B must not be given the slot meanwhile, or the provider runs two jobs at once."""
+    monkeypatch.setattr(submit, "STOP_WAIT_S", 0.05)  # A stops waiting for the submit before it is answered
+    upstream = CountedGatedAnswers()
+    clock = FakeClock()  # both relays' time stands still: no lease runs out of itself
+    providers = [{"name": "sim", "dialect": "simulator", "max_in_flight": 1}]
+    async with contextlib.AsyncExitStack() as stack:
+        database = {"url": await stack.enter_async_context(pg_database())}
+        a = Relay(relay_config(tmp_path / "a", database=database, providers=providers), clock, {"sim": upstream})
+        b = Relay(relay_config(tmp_path / "b", database=database, providers=providers), clock, {"sim": upstream})
+        await a.open()
+        await b.open()
+        stack.push_async_callback(b.close)
+        key, _ = await a.keys.create("k", 100, 0)
+        order = TaskOrder(TaskKind.IMAGINE, ModeHints(model="mj-fast"), prompt="a kite")
+        submitting = asyncio.ensure_future(a.tasks.submit(key, order, "http://127.0.0.1:1"))
+        await asyncio.wait_for(upstream.taken.wait(), 10)
+
+        release = a.leases.release
+        reached: list[bool] = []
+
+        async def release_then_another_submits() -> int:
+            released = await release()
+            other = asyncio.ensure_future(b.tasks.submit(key, order, "http://127.0.0.1:1"))
+            second = asyncio.ensure_future(upstream.second.wait())
+            await asyncio.wait({other, second}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            reached.append(upstream.second.is_set())
+            second.cancel()
+            upstream.gate.set()  # the upstream answers as A goes on stopping
+            await submitting  # and A writes the job down
+            with contextlib.suppress(Exception):
+                await other
+            return released
+
+        monkeypatch.setattr(a.leases, "release", release_then_another_submits)
+        await a.close()
+        assert reached == [False], "B sent a second job to a provider whose one slot A's submit still held"
+        # A's job, written down once the upstream took it, is handed over then: B adopts it at once
+        assert await b.coordinator.adopt() == 1
+        assert b.lifecycle.following(submitting.result().job_id)
