@@ -207,6 +207,7 @@ class Relay:
     async def close(self) -> None:
         self.ready = False
         self.gc_pauses.remove()
+        await self.coordinator.stop_adopting()  # first: jobs claimed from now on would be followed by nobody
         await self.upstream_hooks.close()
         await self.submitter.close()
         await self.jobs.close()

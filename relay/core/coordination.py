@@ -10,7 +10,8 @@ process, and nothing a process dies with is lost.
     capacity   with other processes about, every second each learns how many jobs the others run on each provider,
                so that routing passes over a provider that is full (the limit itself is kept by `store.slots`)
     hand-over  at shutdown (SIGTERM) a process releases its leases, so the others claim its jobs at once; a job it
-               writes down as its own after that (a submit answered late) is handed over as it is written
+               writes down as its own after that (a submit answered late) is handed over as it is written; it claims
+               none from the start of its shutdown (it would hold them while it reads nothing)
     retries    attempts older than the retry window are forgotten here
 
 Waking waiters and forwarding upstream hooks across processes is `core.broadcast` (PostgreSQL LISTEN/NOTIFY).
@@ -75,6 +76,14 @@ class Coordinator:
             self._loops.append(
                 asyncio.create_task(self._every(ADOPT_EVERY_S, self.count_elsewhere), name="leases:count")
             )
+
+    async def stop_adopting(self) -> None:
+        """A process that is stopping claims no more jobs (first, before its tracker stops reading): one claimed
+        then would be held, with a fresh lease, by a process that reads nothing any more, until its hand-over,
+        while a live process could have adopted it at once. Its leases are still renewed until `stop`."""
+        adopting = [task for task in self._loops if task.get_name() == "leases:adopt"]
+        await cancel_all(adopting)
+        self._loops = [task for task in self._loops if task not in adopting]
 
     async def stop(self) -> None:
         await cancel_all(self._loops)

@@ -235,3 +235,48 @@ async def test_a_slot_reserved_by_a_submit_still_under_way_at_the_hand_over_is_n
         # A's job, written down once the upstream took it, is handed over then: B adopts it at once
         assert await b.coordinator.adopt() == 1
         assert b.lifecycle.following(submitting.result().job_id)
+
+
+@pytest.mark.postgres
+async def test_a_stopping_process_adopts_no_job_it_would_not_follow(tmp_path: Path) -> None:
+    """Relays A and C are stopped together (as in a rolling deploy). A is letting a delivery finish (its tracker no
+    longer reads anything) when C hands its running job over. A must not claim it: it would hold the job, with a
+    fresh lease, while nothing reads it, until its own hand-over, keeping a live process (B) from adopting it."""
+    clock = FakeClock()  # adoption rounds come when the test moves the clock
+    upstream = GatedAnswers()
+    upstream.gate.set()
+    async with contextlib.AsyncExitStack() as stack:
+        database = {"url": await stack.enter_async_context(pg_database())}
+        a = Relay(relay_config(tmp_path / "a", database=database), clock, {"sim": upstream})
+        c = Relay(relay_config(tmp_path / "c", database=database), clock, {"sim": upstream})
+        await a.open()
+        await c.open()
+        key, _ = await c.keys.create("k", 100, 0)
+        order = TaskOrder(TaskKind.IMAGINE, ModeHints(model="mj-fast"), prompt="a kite")
+        job_id = (await c.tasks.submit(key, order, "http://127.0.0.1:1")).job_id
+
+        gate, delivering = asyncio.Event(), asyncio.Event()
+        close_lifecycle = a.lifecycle.close
+
+        async def a_delivery_is_let_finish() -> None:
+            delivering.set()
+            await gate.wait()
+            await close_lifecycle()
+
+        a.lifecycle.close = a_delivery_is_let_finish  # type: ignore[method-assign]
+        adopting = next(task for task in a.coordinator._loops if task.get_name() == "leases:adopt")
+        stopping = asyncio.ensure_future(a.close())
+        try:
+            await asyncio.wait_for(delivering.wait(), 10)
+            await c.close()  # C hands its job over
+            row = await a.store.get(job_id)
+            assert row is not None and row.owner == c.process_id and row.lease_until == 0.0
+
+            clock.advance(1.0)  # an adoption round is due
+            while not adopting.done() and (row := await a.store.get(job_id)) is not None and row.owner != a.process_id:
+                await asyncio.sleep(0.01)
+            row = await a.store.get(job_id)
+            assert row is not None and row.owner != a.process_id, "A, stopping, claimed a job it follows no more"
+        finally:
+            gate.set()
+            await stopping
