@@ -580,22 +580,36 @@ class JobStore:
         """End jobs and settle their holds (capture on success, release otherwise), each exactly once, in one
         transaction. For each ending: the ended job, or None when it had already ended (someone else's write
         won and nothing was settled twice). Jobs that end alike are ended by one set-based statement, and each
-        key's holds are settled by one statement, so a thousand jobs finishing together cost a few statements."""
-        first: dict[str, int] = {}
-        for index, ending in enumerate(endings):
-            first.setdefault(ending.job_id, index)
-        groups: dict[tuple[bool, str | None, str | None], list[str]] = {}
-        results: list[tuple[str, str | None, str | None, str | None]] = []
-        for job_id, index in first.items():
-            ending = endings[index]
-            groups.setdefault((ending.succeeded, ending.error_code, ending.fail_reason), []).append(job_id)
-            if ending.image_url is not None or ending.buttons is not None or ending.text is not None:
-                results.append((job_id, ending.image_url, ending.buttons, ending.text))
+        key's holds are settled by one statement, so a thousand jobs finishing together cost a few statements.
 
-        async def work(conn: AsyncConnection) -> dict[str, JobRow]:
-            ended: dict[str, JobRow] = {}
+        One job may have several endings here, from writers that ended it at once (the pending sweep's, which holds
+        only while the job is PENDING, and the failure of a job an upstream hook adopted meanwhile): they are tried
+        in their order, each only while the ones before it left the job running, as they would be written one after
+        the other. The first that holds ends the job; an ending given twice is tried once."""
+        # Each job's distinct endings, in their order: the first of each job is tried in the first round, the next
+        # (only for a job the round left running) in the second, and so on; nearly always one round.
+        tries: dict[str, list[int]] = {}
+        for index, ending in enumerate(endings):
+            of_job = tries.setdefault(ending.job_id, [])
+            if all(endings[i] != ending for i in of_job):
+                of_job.append(index)
+
+        def round_of(nth: int, ended: dict[str, int]) -> list[int]:
+            """The endings tried in round `nth`: each job's nth, of the jobs not `ended` yet."""
+            return [of_job[nth] for job_id, of_job in tries.items() if job_id not in ended and nth < len(of_job)]
+
+        async def end_round(conn: AsyncConnection, indexes: list[int]) -> list[JobRow]:
+            """Write one round's endings (one per job); the jobs they ended."""
+            groups: dict[tuple[bool, str | None, str | None], list[str]] = {}
+            results: list[tuple[str, str | None, str | None, str | None]] = []
+            for index in indexes:
+                ending = endings[index]
+                groups.setdefault((ending.succeeded, ending.error_code, ending.fail_reason), []).append(ending.job_id)
+                if ending.image_url is not None or ending.buttons is not None or ending.text is not None:
+                    results.append((ending.job_id, ending.image_url, ending.buttons, ending.text))
             if results:  # what the upstream gave, on the jobs about to end (the guard below repeats the check)
                 await _KEEP_RESULT.run(conn, results)
+            rows: list[JobRow] = []
             for (succeeded, error_code, fail_reason), ids in groups.items():
                 statement = _SUCCEED if succeeded else _FAIL_GUARDED.get(error_code or "", _FAIL)
                 for start in range(0, len(ids), 500):
@@ -609,7 +623,18 @@ class JobStore:
                             "me": self.owner,
                         },
                     )
-                    ended.update({row.id: row for row in rows_of(result.all())})
+                    rows += rows_of(result.all())
+            return rows
+
+        async def work(conn: AsyncConnection) -> tuple[dict[str, JobRow], dict[str, int]]:
+            ended: dict[str, JobRow] = {}
+            by: dict[str, int] = {}  # job -> the index of the ending that ended it
+            nth = 0
+            while indexes := round_of(nth, by):
+                index_of = {endings[index].job_id: index for index in indexes}
+                for row in await end_round(conn, indexes):
+                    ended[row.id], by[row.id] = row, index_of[row.id]
+                nth += 1
             settle: dict[str, list[int]] = {}  # key -> [captured, released]
             for row in ended.values():
                 settle.setdefault(row.key_id, [0, 0])[0 if row.hold_state == "captured" else 1] += int(row.price)
@@ -630,12 +655,11 @@ class JobStore:
             for key_id, (captured, released) in sorted(settle.items()):  # the same key order as admissions
                 if captured or released:
                     await conn.execute(_SETTLE, {"key": key_id, "settled": captured + released, "captured": captured})
-            return ended
+            return ended, by
 
-        ended = await transaction(self.engine, work)
+        ended, by = await transaction(self.engine, work)
         return [
-            ended[ending.job_id] if first[ending.job_id] == index and ending.job_id in ended else None
-            for index, ending in enumerate(endings)
+            ended[ending.job_id] if by.get(ending.job_id) == index else None for index, ending in enumerate(endings)
         ]
 
     async def get(self, job_id: str) -> JobRow | None:

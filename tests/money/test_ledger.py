@@ -381,3 +381,37 @@ async def test_an_export_read_in_pages_is_the_ledger_at_one_moment(monkeypatch: 
             assert await breaks(db) == []
         finally:
             await db.dispose()
+
+
+async def test_an_ending_that_does_not_hold_leaves_the_next_ending_of_its_job_in_one_group_commit(db: Database) -> None:
+    """Two writers may end one job in the same group commit: the pending sweep, which read the job as PENDING, and
+    the lifecycle, ending the failure an upstream hook reported once it adopted the job meanwhile. The sweep's
+    ending holds only while the job is PENDING, so it does not; the failure must still end the job and release its
+    hold, as it would have written on its own, and not be answered "ended already" while the job runs on, held."""
+    from relay.clock import SystemClock
+    from relay.core.events import JobEvents
+    from relay.core.finish import Finisher
+    from relay.domain import FailureCode
+    from relay.metrics import Metrics
+
+    keys, store = KeyStore(db.engine), JobStore(db.engine, owner="me")
+    record, _ = await keys.create("team", 20, NOW)
+    assert await store.open(record.id, [job("adopted")], NOW)
+    assert await store.adopt("adopted", "sim", "task-1", NOW + 1)  # a hook named it: it runs upstream
+    finisher = Finisher(store, JobEvents(), Metrics(), SystemClock())
+    try:
+        swept, failed = await asyncio.gather(
+            finisher.end("adopted", succeeded=False, error_code=FailureCode.INTERRUPTED, fail_reason="never sent"),
+            finisher.end("adopted", succeeded=False, error_code=FailureCode.FAILED, fail_reason="upstream failed"),
+        )
+    finally:
+        await finisher.close()
+    assert swept is None
+    assert failed is not None and (failed.state.value, failed.hold_state, failed.error_code) == (
+        "FAILED",
+        "released",
+        "failed",
+    )
+    key = await keys.get(record.id)
+    assert key is not None and (key.balance, key.held) == (20, 0)
+    assert await breaks(db) == []
