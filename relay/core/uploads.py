@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import secrets
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from relay.config import UploadsConfig
 from relay.errors import InvalidImage, InvalidRequest, RateLimited, ServiceUnavailable
 from relay.images import IMAGE, ImageError, ImageMissing, ImageStore, StorageError
 from relay.store.keys import KeyStore
+
+log = logging.getLogger("relay.uploads")
 
 # A link to one of the relay's images: `<scheme>://<anything but space, < or >>/files/<id>/<name>?exp=<t>&sig=<s>`,
 # maybe in angle brackets. Found in linear time (`own_links`): as one regular expression, the part before `/files/`
@@ -82,9 +85,11 @@ class Uploads:
         """Keep checked images (data URLs) of a key; their links on the relay, in order. Over the key's bound
         (`api.uploads`): RateLimited, having kept nothing."""
         limit = self.config.max_images
+        counted = self.keys is not None and limit is not None
+        taken_at = self.clock.now()
         if self.keys is not None and limit is not None:
             window_s = self.config.window_s
-            wait = await self.keys.take_uploads(key_id, len(data_urls), limit, window_s, self.clock.now())
+            wait = await self.keys.take_uploads(key_id, len(data_urls), limit, window_s, taken_at)
             if wait is not None:
                 raise RateLimited(
                     f"Upload limit reached: this API key may upload {limit} images every {window_s} s. "
@@ -96,6 +101,11 @@ class Uploads:
         failed = await self.images.save_many(
             [(image_id, IMAGE, blob) for image_id, blob in zip(ids, blobs, strict=True)]
         )
+        if failed and counted:
+            # The bound is on images kept: those the store did not keep (an image it cannot keep, a store that is
+            # down) are uncounted, or a key whose uploads the store refused for a while could keep none for the
+            # rest of the window. Those of the request that were kept stay counted, answered or not.
+            await self._uncount(key_id, len(failed), taken_at)
         for why in failed.values():
             if isinstance(why, StorageError):
                 raise ServiceUnavailable("The image store cannot keep images right now; try again shortly.")
@@ -103,6 +113,13 @@ class Uploads:
             raise InvalidImage(f"An image cannot be kept: {next(iter(failed.values()))}.", param="base64Array")
         now = self.clock.now()
         return tuple(self.images.url(base_url, image_id, IMAGE, now) for image_id in ids)
+
+    async def _uncount(self, key_id: str, count: int, taken_at: float) -> None:
+        assert self.keys is not None
+        try:
+            await self.keys.give_back_uploads(key_id, count, self.config.window_s, taken_at)
+        except Exception:  # the request's own failure is what its client hears; the images stay counted
+            log.exception("uncounting uploads not kept failed", extra={"fields": {"key": key_id, "images": count}})
 
     async def inline(self, prompt: str, images: tuple[str, ...], limit: int) -> tuple[str, tuple[str, ...]]:
         """The prompt without the relay's own image links, and the reference images with them added."""

@@ -373,6 +373,17 @@ class KeyStore:
             lambda fresh: case((fresh, 0), else_=keys.c.upload_count) + count <= limit,
         )
 
+    async def give_back_uploads(self, key_id: str, count: int, window_s: float, taken_at: float) -> None:
+        """Uncount `count` images counted by `take_uploads` at `taken_at` that were not kept after all; nothing when
+        the key's window has moved on since (a new window counts from 0)."""
+        window = math.floor(taken_at / window_s) * window_s
+        await changed(
+            self.engine,
+            update(keys)
+            .where(keys.c.id == key_id, keys.c.upload_window == window, keys.c.upload_count >= count)
+            .values(upload_count=keys.c.upload_count - count),
+        )
+
     async def _take_in_window(
         self,
         key_id: str,

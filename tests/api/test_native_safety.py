@@ -250,3 +250,22 @@ def test_a_keys_uploads_are_bounded_per_window_even_when_sent_at_once(tmp_path: 
         other = create_key(world.relay.config, name="other")
         reply = world.post("/submit/upload-discord-images", {"base64Array": [png()]}, headers={"mj-api-secret": other})
         assert reply.status_code == 200 and reply.json()["code"] == 1
+
+
+def test_an_upload_refused_as_unkeepable_counts_nothing_against_the_keys_bound(tmp_path: Path) -> None:
+    """An image that passes the check of its bytes but cannot be kept (a PNG of one pixel: too small to be a
+    grid's tile or to be split) is refused with the upload, 400; the key kept nothing, so its bound is untouched
+    and its next uploads may keep `api.uploads.max_images` images, as a key that sent nothing could. Images of the
+    same request that were kept still count."""
+    uploads = {"max_images": 5, "window_s": 3600}
+    with native(tmp_path, api={"uploads": uploads}) as world:
+        for _ in range(3):
+            refused = world.post("/submit/upload-discord-images", {"base64Array": [png(size=1)]})
+            assert (refused.status_code, refused.json()["code"]) == (400, 4), refused.text
+        mixed = world.post("/submit/upload-discord-images", {"base64Array": [png(), png(size=1)]})
+        assert (mixed.status_code, mixed.json()["code"]) == (400, 4), mixed.text  # its good image was kept
+        kept = world.post("/submit/upload-discord-images", {"base64Array": [png((i, 0, 0)) for i in range(4)]})
+        assert kept.status_code == 200 and len(kept.json()["result"]) == 4, kept.text
+        over = world.post("/submit/upload-discord-images", {"base64Array": [png()]})
+        assert (over.status_code, over.json()["code"]) == (429, 23), over.text
+        assert len(list(world.relay.config.images_dir().rglob("up*"))) == 5
