@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
+from urllib.parse import quote, unquote
 
 import asyncpg
 
@@ -160,11 +162,15 @@ class Broadcast:
             self._flushing = False
 
     async def forward_hook(self, owner: str, provider: str, upstream_id: str, body: bytes) -> None:
-        """Hand an upstream hook call to the process that follows its job."""
-        text = body.decode("utf-8", "replace")
-        payload = f"{owner}|{provider}|{upstream_id}|{text}"
+        """Hand an upstream hook call to the process that follows its job. The upstream id is the upstream's own
+        text, which may hold a `|`: it goes percent-encoded. The body goes as the text of its JSON, in whichever
+        encoding the call came (UTF-8 as good as always; UTF-16 or UTF-32, which the call's parser reads too, as
+        bytes are full of NUL, which no notification carries), and arrives as UTF-8, which reads the same."""
+        text = body.decode(json.detect_encoding(body), "replace")
+        task = quote(upstream_id, safe="")
+        payload = f"{owner}|{provider}|{task}|{text}"
         if len(payload.encode()) > MAX_PAYLOAD:
-            payload = f"{owner}|{provider}|{upstream_id}|"  # too large to carry: the owner reads the task itself
+            payload = f"{owner}|{provider}|{task}|"  # too large to carry: the owner reads the task itself
         await self._notify(HOOKS, payload)
 
     async def _notify(self, channel: str, payload: str) -> None:
@@ -197,7 +203,7 @@ class Broadcast:
         owner, provider, upstream_id, body = (payload.split("|", 3) + ["", "", ""])[:4]
         if owner != self.process_id or not provider:
             return
-        self._spawn(self._on_hook(provider, body.encode() if body else None, upstream_id))
+        self._spawn(self._on_hook(provider, body.encode() if body else None, unquote(upstream_id)))
 
     def _spawn(self, work: Awaitable[object]) -> None:
         task: asyncio.Task[object] = asyncio.ensure_future(work)
