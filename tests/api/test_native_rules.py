@@ -378,3 +378,18 @@ def test_a_confirmation_of_a_task_whose_provider_is_gone_is_refused_not_an_inter
         sql(world.relay.config, "UPDATE jobs SET provider = 'p0' WHERE id = ?", region)  # confirmable again
         assert world.post("/submit/modal", confirmation).json()["code"] == 1
         world.finished(region)
+
+
+def test_an_imagine_with_more_reference_images_than_the_relay_takes_is_refused_links_or_not(tmp_path: Path) -> None:
+    """`api.references.max_count` bounds an imagine's reference images, as it bounds a chat message's: those in
+    `base64Array` count whether or not the prompt carries one of the relay's own image links, which count too."""
+    with native(tmp_path, api={"references": {"max_count": 2}}) as world:
+        before = world.relay.balance()
+        (link,) = world.post("/submit/upload-discord-images", {"base64Array": [png()]}).json()["result"]
+        for prompt, images in ((f"{link} a cat", 2), ("a cat", 3), ("a cat", 5)):
+            body = {"prompt": prompt, "base64Array": [png((i, 0, 0)) for i in range(images)]}
+            reply = world.post("/submit/imagine", body)
+            assert (reply.status_code, reply.json()["code"]) == (400, 4), (prompt, images, reply.text)
+            assert "At most 2 reference images" in reply.json()["description"]
+        assert world.relay.balance() == before and world.relay.jobs() == []
+        world.finished(world.submit("/submit/imagine", {"prompt": "a cat", "base64Array": [png(), png((1, 2, 3))]}))
