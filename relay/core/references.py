@@ -13,6 +13,7 @@ import base64
 import binascii
 import io
 import ipaddress
+import zlib
 from urllib.parse import urljoin
 
 import httpx
@@ -117,12 +118,13 @@ class ReferenceLoader:
                         continue
                     if response.status_code != 200:
                         raise _bad(f"A reference image URL answered HTTP {response.status_code}.")
-                    chunks, total = [], 0
-                    async for chunk in response.aiter_bytes():
-                        total += len(chunk)
-                        if total > self.config.max_bytes:
-                            raise _bad(f"A reference image is larger than {self.config.max_bytes} bytes.")
-                        chunks.append(chunk)
+                    # The body as it came (`aiter_raw`), decoded here within the bound: the HTTP client decodes
+                    # gzip and deflate a network read at a time with no bound of its own, so a few kilobytes of
+                    # zeros compressed (twice, for `gzip, gzip`) would be held as megabytes, or gigabytes, before
+                    # their size was looked at.
+                    decoder = _Decoder(response.headers.get("content-encoding", ""), self.config.max_bytes)
+                    chunks = [decoder.decode(chunk) async for chunk in response.aiter_raw()]
+                    chunks.append(decoder.flush())
                     return b"".join(chunks)
             except httpx.HTTPError:
                 raise _bad("A reference image could not be downloaded.") from None
@@ -133,3 +135,45 @@ class ReferenceLoader:
             return await self._egress.pin(url, owner=owner)
         except EgressRefused as exc:
             raise _bad(f"A reference image URL is refused: {exc}.") from None
+
+
+class _Decoder:
+    """Decodes a body as its `Content-Encoding` says (none, gzip or deflate; one of them, as `adapters.h1` reads
+    them), raising InvalidImage once it decodes to more than `limit` bytes, before holding more than that."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self.encoding = encoding.strip().lower()
+        self.left = limit
+        self.limit = limit
+        self._zlib: zlib._Decompress | None = None
+        self._fed = False
+        if self.encoding in ("gzip", "x-gzip"):
+            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif self.encoding == "deflate":
+            self._zlib = zlib.decompressobj(zlib.MAX_WBITS)
+        elif self.encoding not in ("", "identity"):
+            raise _bad("A reference image came in an encoding the relay does not read.")
+
+    def decode(self, data: bytes) -> bytes:
+        if self._zlib is None or not data:
+            return self._taken(data)
+        first, self._fed = not self._fed, True
+        try:
+            return self._taken(self._zlib.decompress(data, self.left + 1))
+        except zlib.error:
+            if not (first and self.encoding == "deflate"):
+                raise _bad("A reference image could not be decoded.") from None
+        self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)  # "deflate" is sent raw (no zlib wrapper) by some servers
+        try:
+            return self._taken(self._zlib.decompress(data, self.left + 1))
+        except zlib.error:
+            raise _bad("A reference image could not be decoded.") from None
+
+    def flush(self) -> bytes:
+        return b"" if self._zlib is None else self._taken(self._zlib.flush())
+
+    def _taken(self, data: bytes) -> bytes:
+        self.left -= len(data)
+        if self.left < 0:
+            raise _bad(f"A reference image is larger than {self.limit} bytes.")
+        return data

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import io
 import ipaddress
 import random
 import socket
 import threading
+import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -267,3 +270,39 @@ async def test_one_keys_names_that_never_resolve_leave_the_other_keys_lookups_fr
 async def test_a_scoped_ipv6_literal_is_looked_up_as_the_system_reads_it() -> None:
     assert await Lookups(1).resolve("fe80::1%1", 80) == [ipaddress.ip_address("fe80::1")]
     assert await Lookups(1).resolve("2606:4700::1", 80) == [ipaddress.ip_address("2606:4700::1")]
+
+
+async def test_a_compressed_download_is_decoded_within_the_size_bound() -> None:
+    """A body the server compressed (gzip, deflate) is decoded no further than `max_bytes`: 50 KB of gzip that
+    decode to 50 MB of zeros, or 250 bytes that do so gzipped twice (`gzip, gzip`), were decoded whole, a network
+    read at a time, before the bound was looked at, so a client's URL made the relay hold over a hundred times
+    the bound (and a few kilobytes gzipped three times, gigabytes). A compressed image within the bound loads."""
+    bomb = gzip.compress(b"\0" * 50_000_000)
+    image = png(64)
+
+    async def compressed(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name == "bomb":
+            return Response(bomb, headers={"Content-Encoding": "gzip"}, media_type="image/png")
+        if name == "twice":
+            return Response(gzip.compress(bomb), headers={"Content-Encoding": "gzip, gzip"}, media_type="image/png")
+        if name == "deflate":
+            return Response(zlib.compress(image), headers={"Content-Encoding": "deflate"}, media_type="image/png")
+        if name == "raw-deflate":
+            raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+            body = raw.compress(image) + raw.flush()
+            return Response(body, headers={"Content-Encoding": "deflate"}, media_type="image/png")
+        return Response(gzip.compress(image), headers={"Content-Encoding": "gzip"}, media_type="image/png")
+
+    with serve(Starlette(routes=[Route("/{name}", compressed)])) as base:
+        for name in ("bomb", "twice"):
+            tracemalloc.start()
+            try:
+                message = await refused([f"{base}/{name}"], allow_private=True, max_bytes=1_000_000)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert "larger than" in message or "encoding" in message, message
+            assert peak < 10_000_000, (name, peak)
+        for name in ("gzip", "deflate", "raw-deflate"):
+            assert await load([f"{base}/{name}"], allow_private=True) == (data_url(image),), name
