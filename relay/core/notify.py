@@ -70,6 +70,7 @@ class _Watch:
     sent: tuple[str, int] | None = None  # the last (state, progress) delivered
     worker: asyncio.Task[None] | None = None
     ended: bool = False  # the job's end was heard of: its delivery is this process's alone
+    stale: asyncio.Future[None] | None = None  # the delivery under way of a state that is not the job's end
 
 
 class Notifier:
@@ -96,6 +97,7 @@ class Notifier:
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._key_slots: dict[str, asyncio.Semaphore] = {}
         self._client = pinned_client(config.timeout_s, transport)
+        self._closing = False
         events.listen(self._changed)
 
     async def check(self, url: str | None, key_id: str) -> str | None:
@@ -183,7 +185,13 @@ class Notifier:
                 if row is None or self._held_elsewhere(row):
                     break
                 if (row.state.value, row.progress) != watch.sent:
-                    await self._deliver(row, watch)
+                    if row.state.terminal:
+                        await self._deliver(row, watch)
+                    elif self._closing and watch.ended:  # read before the end came: the end goes next, at once
+                        watch.pending.set()
+                        continue
+                    else:
+                        await self._deliver_stale(row, watch)
                     watch.sent = (row.state.value, row.progress)
                 if row.state.terminal:
                     break
@@ -194,6 +202,19 @@ class Notifier:
         except Exception:
             log.exception("client hook failed", extra={"fields": {"job": job_id}})
         self._unwatch(job_id)
+
+    async def _deliver_stale(self, row: JobRow, watch: _Watch) -> None:
+        """Deliver a state that is not the job's end, as one `close` may give up (`watch.stale`) once the end is
+        heard: the end's tries are then let finish, and must not wait for this one's."""
+        delivery = watch.stale = asyncio.ensure_future(self._deliver(row, watch))
+        try:
+            await delivery
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not delivery.cancelled() or (task is not None and task.cancelling()):
+                raise  # the worker itself is cancelled
+        finally:
+            watch.stale = None
 
     def _held_elsewhere(self, row: JobRow) -> bool:
         """Whether another process holds the job (its live lease; once the job ended, its owner: the process that
@@ -253,6 +274,13 @@ class Notifier:
         # Deliveries under way are let finish, for as long as one delivery's tries may take: no other process sends
         # the end of a job that ended here (none takes an ended job over), so one dropped here is never sent.
         # A running job's are not: the process that follows it next (or this one, restarted) sends its later states.
+        # The delivery of an ended job's earlier state, still under way (a receiver that does not answer it, or
+        # fails it), is given up first: the end, which supersedes it, goes at once and has all that time for its
+        # own tries, rather than what the earlier state's tries leave of it.
+        self._closing = True
+        for watch in self._watches.values():
+            if watch.ended and watch.stale is not None:
+                watch.stale.cancel()
         config = self.config
         tries_s = config.attempts * config.timeout_s + config.backoff_s * (2 ** (config.attempts - 1) - 1)
         await let_finish((w.worker for w in self._watches.values() if w.ended and w.worker is not None), tries_s + 1.0)
