@@ -110,7 +110,12 @@ class Egress:
         except ValueError:
             raise EgressRefused("it has an invalid port") from None
         host = hostname.lower()
-        if self.allow_private or host in self._hosts:
+        if not host.isascii():
+            # The name the HTTP client sends (IDNA 2008, in `Host`) is the one looked up and checked, and the TLS
+            # server name: the system reads a name that is not ASCII as IDNA 2003, which maps some names to
+            # another domain (`faß.de` is `xn--fa-hia.de`, not `fass.de`).
+            host = sendable.raw_host.decode("ascii")
+        if self.allow_private or host in self._hosts or hostname.lower() in self._hosts:
             return Pinned(url)
         address = await self._checked(host, port, owner)
         literal = f"[{address}]" if address.version == 6 else str(address)

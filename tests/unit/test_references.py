@@ -26,7 +26,7 @@ from relay.config import ReferencesConfig
 from relay.core.egress import Egress, EgressRefused, IPAddress, Lookups, public
 from relay.core.references import ReferenceLoader
 from relay.errors import InvalidRequest
-from tests.helpers import serve
+from tests.helpers import bound_socket, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -306,3 +306,31 @@ async def test_a_compressed_download_is_decoded_within_the_size_bound() -> None:
             assert peak < 10_000_000, (name, peak)
         for name in ("gzip", "deflate", "raw-deflate"):
             assert await load([f"{base}/{name}"], allow_private=True) == (data_url(image),), name
+
+
+async def test_an_internationalised_host_is_reached_at_the_address_of_the_name_sent() -> None:
+    """`faß.de` is sent as `xn--fa-hia.de` (IDNA 2008, as the HTTP client names it in `Host`), a domain of its own;
+    the system's lookup of the name as written reads it as IDNA 2003, `fass.de`, another domain (another owner).
+    The name was looked up as written, so a download (or a client hook's delivery, signed) went to fass.de's
+    address, with Host: xn--fa-hia.de."""
+    own = bound_socket()  # xn--fa-hia.de, on 127.0.0.1
+    port = own.getsockname()[1]
+    asked = []
+
+    async def system(host: str, port: int) -> list[IPAddress]:
+        name = host.encode("idna").decode("ascii")  # as socket.getaddrinfo reads a name that is not ASCII
+        asked.append(name)
+        # fass.de's address: nothing listens there, so a download reaching it fails
+        return [ipaddress.ip_address({"xn--fa-hia.de": "127.0.0.1", "fass.de": "127.0.0.2"}[name])]
+
+    async def hosted(request: Request) -> Response:
+        assert request.headers["host"] == f"xn--fa-hia.de:{port}"
+        return Response(png(), media_type="image/png")
+
+    with serve(Starlette(routes=[Route("/img", hosted)]), sock=own):
+        loader = ReferenceLoader(ReferencesConfig(allow_hosts=["127.0.0.0/8"]), resolver=system)
+        try:
+            assert await loader.load([f"http://faß.de:{port}/img"], "key") == (data_url(png()),)
+        finally:
+            await loader.aclose()
+    assert asked == ["xn--fa-hia.de"]
