@@ -29,6 +29,7 @@ import contextlib
 import functools
 import ipaddress
 import re
+import socket
 import ssl
 import zlib
 from collections.abc import Awaitable, Callable
@@ -120,11 +121,17 @@ def _origin(parts: SplitResult) -> _Origin:
 
 
 def _written_address(host: str) -> bool:
-    """Whether a URL's host is an IP address or a name that is local wherever it is resolved (`localhost`)."""
+    """Whether a URL's host is an IP address or a name that is local wherever it is resolved (`localhost`), in
+    any form a resolver (a proxy's) reads as one: an IPv4 address as `inet_aton` reads it (`2130706433`,
+    `0177.0.0.1`, `127.1`, `0x7f.1`), a name with its final dot (`localhost.`)."""
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return host == "localhost" or host.endswith(".localhost")
+        try:
+            socket.inet_aton(host)
+        except (OSError, ValueError):
+            name = host.removesuffix(".")
+            return name == "localhost" or name.endswith(".localhost")
     return True
 
 

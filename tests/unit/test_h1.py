@@ -384,6 +384,26 @@ async def test_through_a_proxy_a_pinned_call_names_its_host_and_only_a_written_a
     assert [line for line, _, _ in counting.requests] == ["GET http://cdn.example/a.png HTTP/1.1"]
 
 
+async def test_through_a_proxy_an_address_written_in_any_form_a_resolver_reads_is_checked() -> None:
+    """A proxy reads `2130706433`, `0177.0.0.1`, `127.1` or `0x7f.1` as resolvers do (as 127.0.0.1), and
+    `localhost.` as `localhost`: addresses and local names written in the URL all the same, which only the forms
+    `ipaddress` reads (and `localhost` without its final dot) were checked as, so an image URL in any other form
+    was sent to the proxy, which connected to its own loopback."""
+    from relay.core.egress import Egress
+    from relay.core.providers import download_pin
+
+    pin = download_pin(Egress(False, []), "sim")
+    counting = Counting()
+    async with server(counting) as proxy_port:
+        client = lane(proxies=Proxies({"http": f"http://127.0.0.1:{proxy_port}"}, ()))
+        for host in ("2130706433", "0177.0.0.1", "127.1", "0x7f.1", "localhost.", "sub.localhost."):
+            with pytest.raises(HttpFailure) as failure:
+                await client.request("GET", f"http://{host}:6379/", timeout_s=5, pin=pin)
+            assert not failure.value.sent, host
+        await client.aclose()
+    assert counting.requests == []
+
+
 # -- TLS -------------------------------------------------------------------------------------------------------------
 
 
