@@ -147,6 +147,10 @@ class Health:
             self.probe_failures = 0
             if self.state is State.DOWN:
                 return [*moved, self._go(State.HALF_OPEN, now, "a probe answered")]
+            if self.state is State.HEALTHY:
+                # A heartbeat is a read: one that answered ends a run of failed reads (failed heartbeats among them)
+                # and counts in the error rate, as a failed one does.
+                return moved + self._healthy(Signal.OK, now, "", submit=False)
             return moved
         self.probe_failures += 1
         failures = self.probe_failures

@@ -347,3 +347,16 @@ providers:
         "health.max_cooldown_s: 50 is shorter than cooldown_s (100)",
         "providers[0].health.max_cooldown_s: 50 is shorter than cooldown_s (700)",
     ]
+
+
+def test_a_heartbeat_that_answers_ends_a_run_of_failed_reads() -> None:
+    """A probe is a read: one that answered breaks the run of failed ones, as a status read that works does, so a
+    provider whose heartbeat fails now and then, with answers between, is not set aside for errors "in a row"."""
+    health, clock = machine(heartbeat_s=60.0, errors_to_cool=2)
+    for ok in (False, True, False, True, False):
+        clock.advance(60)
+        assert health.probed(ok, clock.now()) == []
+    assert health.state is State.HEALTHY
+    clock.advance(60)
+    assert moves(health.probed(False, clock.now())) == [("healthy", "cooling")]
+    assert health.reason == "2 read errors in a row, the last: a probe failed"
