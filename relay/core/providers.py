@@ -150,17 +150,22 @@ class ProviderPool:
 
     # -- timed upstream calls ------------------------------------------------------------------------------------
 
-    async def submit(self, name: str, request: SubmitRequest) -> SubmitOutcome:
+    async def submit(self, name: str, request: SubmitRequest, *, trial: bool = False) -> SubmitOutcome:
+        """One submit to a provider. `trial`: the caller took the provider's half-open trial already (with its
+        slot, `Health.begin_submit`); else this call takes it when it is free. Only the call that holds the trial
+        gives it back when it ends without an answer: another one (a follow-up pinned here while the trial is under
+        way) leaves it to the trial's own answer, and no new job is routed here meanwhile."""
         health = self.health[name]
         self.advance(name, self.clock.now())
         if health.state is State.DOWN:
             return Retryable(DOWN_REASON, sent=False)
-        health.begin_submit()
+        trial = health.begin_submit() or trial
         started = time.perf_counter()
         try:
             outcome = await self.upstreams[name].submit(request)
         except BaseException:
-            health.abandon_submit()
+            if trial:
+                health.abandon_submit()
             raise
         self._observe(name, "submit", type(outcome).__name__.lower(), started)
         signal, reason = submit_signal(outcome)

@@ -267,11 +267,14 @@ class Submitter:
             tried.append(name)
             limit = self.pool.settings[name].max_in_flight
             reserved = self.slots is not None and planned.provider is None and limit is not None
-            if reserved and not await self._reserved(job.id, name, limit):
-                continue  # every slot is held, counting other processes' jobs: the next provider
+            trial = False  # the provider's half-open trial, taken with its slot
+            if reserved:
+                held, trial = await self._reserved(job.id, name, limit)
+                if not held:
+                    continue  # every slot is held, counting other processes' jobs: the next provider
             self.pool.acquire(name)
             try:
-                outcome = await self.pool.submit(name, replace(request, notify_hook=self.hook_url(name)))
+                outcome = await self.pool.submit(name, replace(request, notify_hook=self.hook_url(name)), trial=trial)
             except Exception:
                 # A bug, not an answer: the request may have gone out, so it is not sent elsewhere.
                 log.exception("submitting failed", extra={"fields": {"job": job.id, "provider": name}})
@@ -306,9 +309,9 @@ class Submitter:
             raise InternalError("The job vanished.")
         return Outcome(row.state, row=row)
 
-    async def _reserved(self, job_id: str, provider: str, limit: int | None) -> bool:
-        """A slot of the provider reserved for the job. A half-open provider's trial is taken first: other jobs are
-        routed while the reservation is written, and must not take it too."""
+    async def _reserved(self, job_id: str, provider: str, limit: int | None) -> tuple[bool, bool]:
+        """A slot of the provider reserved for the job, and whether the job holds the provider's half-open trial. The
+        trial is taken first: other jobs are routed while the reservation is written, and must not take it too."""
         assert self.slots is not None and limit is not None
         health = self.pool.health[provider]
         trial, held = health.begin_submit(), False
@@ -319,7 +322,7 @@ class Submitter:
         finally:
             if trial and not held:
                 health.abandon_submit()
-        return held
+        return held, trial
 
     async def _give_back(self, job_id: str) -> None:
         assert self.slots is not None

@@ -225,6 +225,30 @@ async def test_a_trial_that_raises_lets_the_next_one_through(tmp_path: Path) -> 
     assert world.routable() == ["a", "b"]
 
 
+async def test_only_the_submit_holding_the_trial_gives_it_back_when_it_ends_unanswered(tmp_path: Path) -> None:
+    """A half-open provider's trial is under way when a follow-up pinned to it is sent too (no other provider can
+    run it): that call did not take the trial, and when it ends without an answer (a bug, or cancelled) the trial
+    is still under way, so no new job is routed there meanwhile."""
+    world = make_world(tmp_path)
+    a = world.up["a"]
+    a.outcome = ProviderUnusable("no balance")
+    await world.pool.submit("a", REQUEST)
+    world.clock.advance(30)
+    assert world.routable() == ["a", "b"]
+    gate = asyncio.Event()
+    a.outcome, a.gate = Accepted("2"), gate
+    trial = asyncio.create_task(world.pool.submit("a", REQUEST))
+    await until(lambda: a.submits == 2)
+    a.gate, a.raises = None, True  # the follow-up meets a bug in the adapter
+    with pytest.raises(RuntimeError):
+        await world.pool.submit("a", REQUEST)
+    assert world.routable() == ["b"]  # the trial is still under way
+    a.raises = False
+    gate.set()
+    assert await trial == Accepted("2")
+    assert world.routable() == ["a", "b"] and world.pool.health["a"].state is State.HEALTHY
+
+
 async def test_a_follow_up_still_reaches_a_cooling_provider_but_never_a_down_one(tmp_path: Path) -> None:
     world = make_world(tmp_path, probes_to_down=1)
     a = world.up["a"]
@@ -441,4 +465,43 @@ async def test_a_half_open_provider_gets_one_trial_while_slots_are_reserved(tmp_
             assert health.state is State.HEALTHY
         finally:
             upstream.gate.set()
+            await relay.close()
+
+
+class Failing(SimulatorUpstream):
+    """The simulator, whose next submit raises (a bug in an adapter)."""
+
+    def __init__(self) -> None:
+        super().__init__("sim", SimEngine(SimSettings()))
+        self.raises = True
+
+    async def submit(self, request: SubmitRequest) -> SubmitOutcome:
+        if self.raises:
+            self.raises = False
+            raise RuntimeError("a bug")
+        return await super().submit(request)
+
+
+@pytest.mark.postgres
+async def test_a_trial_taken_with_its_slot_is_given_back_when_its_submit_raises(tmp_path: Path) -> None:
+    """With `max_in_flight` on PostgreSQL, the trial is taken with the slot, before the submit: a submit that then
+    ends without an answer gives it back, so the provider is not left half-open with a trial no one runs."""
+    async with pg_database() as url:
+        upstream = Failing()
+        providers = [{"name": "sim", "dialect": "simulator", "max_in_flight": 10}]
+        config = relay_config(tmp_path, database={"url": url}, providers=providers)
+        relay = Relay(config, SystemClock(), {"sim": upstream})
+        await relay.open()
+        try:
+            key, _ = await relay.keys.create("k", 100, 0)
+            spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+            health = relay.pool.health["sim"]
+            health.restore(State.HALF_OPEN, relay.clock.now(), "the cool-down is over", None)
+            with pytest.raises(JobFailed):
+                await relay.jobs.start(key, spec)
+            assert health.state is State.HALF_OPEN and health.routable()
+            generation = await relay.jobs.start(key, spec)
+            generation.close()
+            assert health.state is State.HEALTHY
+        finally:
             await relay.close()
