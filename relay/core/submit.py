@@ -24,6 +24,7 @@ from relay.clock import Clock
 from relay.config import Config
 from relay.core.batch import Batcher
 from relay.core.finish import Finisher
+from relay.core.health import State
 from relay.core.lifecycle import Lifecycle, Tracked
 from relay.core.providers import ProviderPool
 from relay.core.router import rank
@@ -272,6 +273,11 @@ class Submitter:
                 held, trial = await self._reserved(job.id, name, limit)
                 if not held:
                     continue  # every slot is held, counting other processes' jobs: the next provider
+                if not self._still_routable(name, trial):
+                    # Set aside while the slot was written (it answered another job "unusable", say): this job was
+                    # routed before that, and goes to the next provider instead, sending nothing here.
+                    await self._give_back(job.id)
+                    continue
             self.pool.acquire(name)
             try:
                 outcome = await self.pool.submit(name, replace(request, notify_hook=self.hook_url(name)), trial=trial)
@@ -323,6 +329,13 @@ class Submitter:
             if trial and not held:
                 health.abandon_submit()
         return held, trial
+
+    def _still_routable(self, provider: str, trial: bool) -> bool:
+        """Whether a provider whose slot a job just reserved may still be sent the job: its health lets a new job
+        through, or the job holds its half-open trial (taken with the slot, and not ended since)."""
+        health = self.pool.health[provider]
+        self.pool.advance(provider, self.clock.now())
+        return health.routable() or (trial and health.state is State.HALF_OPEN and health.trial)
 
     async def _give_back(self, job_id: str) -> None:
         assert self.slots is not None

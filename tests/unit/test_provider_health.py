@@ -505,3 +505,55 @@ async def test_a_trial_taken_with_its_slot_is_given_back_when_its_submit_raises(
             assert health.state is State.HEALTHY
         finally:
             await relay.close()
+
+
+class Unusable(SimulatorUpstream):
+    """The simulator, answering every submit "unusable" (no balance); tells when it has answered."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, SimEngine(SimSettings()))
+        self.submits = 0
+        self.answered = asyncio.Event()
+
+    async def submit(self, request: SubmitRequest) -> SubmitOutcome:
+        self.submits += 1
+        self.answered.set()
+        return ProviderUnusable("the upstream account has no balance")
+
+
+@pytest.mark.postgres
+async def test_a_provider_set_aside_while_a_job_reserved_its_slot_is_not_sent_that_job(tmp_path: Path) -> None:
+    """With `max_in_flight` on PostgreSQL, a job reserves its provider's slot by a database write before its
+    submit: a provider that answered another job "unusable" meanwhile is set aside, and the job goes elsewhere
+    rather than to it."""
+    async with pg_database() as url:
+        broke = Unusable("broke")
+        providers = [
+            {"name": "broke", "dialect": "simulator", "max_in_flight": 10, "priority": 0},
+            {"name": "sim", "dialect": "simulator", "max_in_flight": 10, "priority": 1},
+        ]
+        config = relay_config(tmp_path, database={"url": url}, providers=providers)
+        relay = Relay(config, SystemClock(), {"broke": broke})
+        await relay.open()
+        try:
+            key, _ = await relay.keys.create("k", 100, 0)
+            spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+            slots = relay.submitter.slots
+            assert slots is not None
+            take, reserving = slots.take, set()
+
+            async def late(job_id: str, provider: str, limit: int, now: float) -> bool:
+                reserving.add((job_id, provider))
+                if provider == "broke" and len([1 for _, p in reserving if p == "broke"]) == 2:
+                    await broke.answered.wait()  # the second job's slot is written after the first was answered
+                return await take(job_id, provider, limit, now)
+
+            slots.take = late  # type: ignore[method-assign]
+            starts = [asyncio.ensure_future(relay.jobs.start(key, spec)) for _ in range(2)]
+            generations = await asyncio.gather(*starts)
+            for generation in generations:
+                generation.close()
+            assert relay.pool.health["broke"].state is State.COOLING
+            assert broke.submits == 1
+        finally:
+            await relay.close()
