@@ -155,6 +155,7 @@ class Health:
         self.probe_failures += 1
         failures = self.probe_failures
         if self.state is not State.DOWN and failures >= self.policy.probes_to_down:
+            self._settle(now)
             return [*moved, self._go(State.DOWN, now, f"{failures} probes in a row failed")]
         if self.state is State.HEALTHY:
             return moved + self._healthy(Signal.ERROR, now, "a probe failed", submit=False)
@@ -219,13 +220,19 @@ class Health:
 
     def _cool(self, now: float, reason: str) -> Transition:
         policy = self.policy
-        if self.state is State.HEALTHY and (
-            self.recovered_at is None or now - self.recovered_at >= policy.backoff_reset_s
-        ):
-            self.strikes = 0  # stable long enough: the backoff starts over
+        self._settle(now)
         cooldown = min(policy.max_cooldown_s, policy.cooldown_s * policy.backoff**self.strikes)
         self.strikes += 1
         return self._go(State.COOLING, now, reason, until=now + cooldown)
+
+    def _settle(self, now: float) -> None:
+        """Before a provider is set aside (cooled, or taken down by its probes): one that stayed healthy
+        `backoff_reset_s` since it last recovered starts its backoff over, whichever way it leaves `healthy` (one
+        its heartbeats take down then cools for the first cool-down again if its next trial fails)."""
+        if self.state is State.HEALTHY and (
+            self.recovered_at is None or now - self.recovered_at >= self.policy.backoff_reset_s
+        ):
+            self.strikes = 0  # stable long enough: the backoff starts over
 
     def _go(self, state: State, now: float, reason: str, until: float | None = None) -> Transition:
         moved = Transition(self.state, state, now, _short(reason), until)

@@ -360,3 +360,26 @@ def test_a_heartbeat_that_answers_ends_a_run_of_failed_reads() -> None:
     clock.advance(60)
     assert moves(health.probed(False, clock.now())) == [("healthy", "cooling")]
     assert health.reason == "2 read errors in a row, the last: a probe failed"
+
+
+def test_the_backoff_starts_over_after_a_stable_spell_that_ends_in_down() -> None:
+    """A provider healthy for longer than `backoff_reset_s` since it last recovered starts its backoff over, whether
+    it is then set aside by its answers (cooling) or by its heartbeats (down): a failed trial after that down spell
+    cools it for `cooldown_s`, not for the backoff of cool-downs days before."""
+    health, clock = machine(heartbeat_s=60.0, errors_to_cool=5)
+    for _ in range(3):  # a bad spell: each recovery followed by a failure, the cool-downs longer each time
+        cool_now(health, clock)
+        to_half_open(health, clock)
+        health.begin_submit()
+        health.observe(Signal.OK, clock.now(), submit=True)
+    assert health.state is State.HEALTHY
+    clock.advance(3 * 86_400)  # then days of good service
+    for _ in range(3):
+        clock.advance(60)
+        health.probed(False, clock.now())
+    assert health.state is State.DOWN
+    clock.advance(15)
+    assert moves(health.probed(True, clock.now())) == [("down", "half-open")]
+    health.begin_submit()
+    (moved,) = health.observe(Signal.ERROR, clock.now(), "no answer in time", submit=True)
+    assert (moved.new, moved.until) == (State.COOLING, clock.now() + 30)
