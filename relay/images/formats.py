@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import struct
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from relay.images.names import TILE_NAMES
 
@@ -67,10 +67,27 @@ def to_png(data: bytes) -> tuple[tuple[int, int], bytes]:
         image: Image.Image = Image.open(io.BytesIO(data))
         _usable(image.size)
         image.load()
-        ImageOps.exif_transpose(image, in_place=True)
+        turn = _TURNS.get(image.getexif().get(ExifTags.Base.Orientation))
     except (*_UNDECODABLE, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"not a usable image: {type(exc).__name__}") from None
+    if turn is not None:
+        image = image.transpose(turn)
     return image.size, _png(_plain(image))
+
+
+# How to turn an image whose EXIF orientation (1..8) says it is to be shown turned, as `ImageOps.exif_transpose`
+# does. Not that function itself: it writes the EXIF back without the orientation, and Pillow fails to write much
+# of what cameras and editors write (a tag of another type than the standard's: a TypeError,
+# a struct.error), which failed or refused whole photos for EXIF the kept PNG does not even carry.
+_TURNS: dict[object, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def cut(grid: bytes) -> dict[str, bytes]:

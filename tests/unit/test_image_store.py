@@ -191,6 +191,32 @@ async def test_a_photo_is_kept_the_way_up_its_camera_says(images: ImageStore) ->
         assert top[2] > 200 > top[0] and bottom[0] > 200 > bottom[2]
 
 
+@pytest.mark.parametrize("tag", [b"\x01\x1f", b"\x01\x28"])  # YPosition (a fraction), ResolutionUnit (a number)
+async def test_a_photo_whose_exif_pillow_cannot_write_back_is_turned_and_kept(images: ImageStore, tag: bytes) -> None:
+    """Cameras and editors write EXIF that Pillow reads but cannot write back (a tag kept with another type than
+    the one it has by the standard: here a number written as text; Pillow fails with a TypeError for one tag, a
+    struct.error for the other). The photo itself is whole, and the PNG keeps no EXIF: it is turned and kept all
+    the same, not failed (a 500 for its upload) or refused as not a usable image."""
+    sideways = Image.new("RGB", (40, 20), (255, 0, 0))
+    sideways.paste((0, 0, 255), (0, 0, 20, 20))  # the left half blue: at the top once turned
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+    exif[0x010F] = "cam"  # Make, text: renamed below to `tag`, whose values are numbers
+    raw = exif.tobytes()
+    assert raw.count(b"\x01\x0f\x00\x02") == 1
+    buffer = io.BytesIO()
+    sideways.save(buffer, format="JPEG", exif=raw.replace(b"\x01\x0f\x00\x02", tag + b"\x00\x02"), quality=95)
+    photo = buffer.getvalue()
+    assert await images.save(JOB, "image.png", photo) == (20, 40)
+    assert await images.save_many([(OTHER, "image.png", photo)]) == {}
+    for job_id in (JOB, OTHER):
+        with Image.open(io.BytesIO(await images.read(job_id, "image.png"))) as kept:
+            assert kept.size == (20, 40)
+            top, bottom = kept.convert("RGB").getpixel((10, 5)), kept.convert("RGB").getpixel((10, 35))
+            assert isinstance(top, tuple) and isinstance(bottom, tuple)
+            assert top[2] > 200 > top[0] and bottom[0] > 200 > bottom[2]
+
+
 @pytest.mark.parametrize(
     "data", [b"not an image", b"", render_grid("x", (1, 1), 16)[:40], render_grid("x", (1, 1), 16)[:-12]]
 )
