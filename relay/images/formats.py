@@ -94,8 +94,13 @@ def cut(grid: bytes) -> dict[str, bytes]:
     """The four tiles of a grid, as PNGs, by name. Blocking."""
     try:
         with Image.open(io.BytesIO(grid)) as opened:
+            # Checked as it was kept; a grid found smaller in the store (replaced since) would make empty tiles,
+            # which Pillow does not write (a ValueError).
+            _usable(opened.size)
             image = _plain(opened)
             image.load()
+    except ImageError as exc:
+        raise ImageError(f"the stored grid is unreadable: {exc}") from None
     except _UNDECODABLE as exc:
         raise ImageError(f"the stored grid is unreadable: {type(exc).__name__}") from None
     tw, th = image.width // 2, image.height // 2

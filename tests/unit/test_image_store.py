@@ -496,6 +496,23 @@ async def test_a_grid_whose_chunks_are_damaged_is_an_image_error_when_cut(images
             await images.read(JOB, tile)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (1, 64), (64, 1)])
+async def test_a_kept_grid_found_too_small_to_split_is_an_image_error_when_cut(
+    images: ImageStore, size: tuple[int, int]
+) -> None:
+    """A grid is checked to be large enough to split as it is kept; one found smaller in the store (replaced since,
+    or copied in from elsewhere) is a damaged grid, answered as one: not a ValueError of Pillow's (a PNG with no
+    pixels cannot be written), which a link answered as a 404 for an image that is there, and b64_json as a 500
+    of the relay's own."""
+    await images.save(JOB, "grid.png", render_grid("x", (1, 1), 16))
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (9, 9, 9)).save(buffer, format="PNG")
+    local(images).path(key(JOB, "grid.png")).write_bytes(buffer.getvalue())
+    for tile in TILES:
+        with pytest.raises(ImageError, match="unreadable"):
+            await images.read(JOB, tile)
+
+
 def test_names_and_ids_cannot_escape_the_store() -> None:
     for job_id, name in ((JOB, "../x.png"), ("../../etc", "grid.png"), (JOB, "5.png"), (JOB + "\n", "grid.png")):
         with pytest.raises(ValueError):
