@@ -114,10 +114,14 @@ def serve(
         click.echo(f"mj-relay: {exc}", err=True)
         sys.exit(2)
 
+    s3 = config.images.s3
+    # Where the images are kept: a relay that keeps them in a bucket never writes the image directory.
+    images = f"the bucket {s3.bucket} under {s3.prefix or '/'}" if s3 is not None else str(config.images_dir())
+
     def ready() -> None:
         click.echo(
             f"mj-relay listening on {url} "
-            f"(database {_safe_url(config.database_url())}, images in {config.images_dir()}, "
+            f"(database {_safe_url(config.database_url())}, images in {images}, "
             f"providers: {', '.join(p.name for p in config.providers)})"
         )
 

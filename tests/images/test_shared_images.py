@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from PIL import Image
 
 from relay.app import build_app
@@ -22,11 +24,22 @@ from relay.config import Config
 from relay.images import Links, StorageError, formats
 from relay.services import Relay
 from tests.api.native_helpers import png
-from tests.helpers import CuttableProxy, RunningRelay, create_key, relay_config, running_relay, serve, wait_for
-from tests.images.conftest import Bucket
+from tests.cli.test_cli import process
+from tests.helpers import (
+    CuttableProxy,
+    RunningRelay,
+    create_key,
+    free_port,
+    relay_config,
+    running_relay,
+    serve,
+    wait_for,
+)
+from tests.images.conftest import ACCESS, Bucket
 
 SECRET = "one-signing-secret-for-every-relay-process"
 TILES = ("1.png", "2.png", "3.png", "4.png")
+URL = "http://127.0.0.1"
 
 
 def s3_config(tmp_path: Path, bucket: Bucket) -> Config:
@@ -219,3 +232,22 @@ def test_a_bucket_that_stops_answering_is_a_503_to_try_again(tmp_path: Path, buc
         assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
         assert refused.json()["error"]["message"] == "The image cannot be read right now; try again shortly."
         assert bucket.name not in refused.text and bucket.endpoint not in refused.text
+
+
+def test_serve_says_the_images_are_kept_in_the_bucket(tmp_path: Path, bucket: Bucket) -> None:
+    """The line `serve` prints once it listens names where the images are kept: the bucket and its prefix, not the
+    image directory, which a relay that keeps them in a bucket never writes (an operator who backs it up, or looks
+    there for an image, finds nothing)."""
+    data = tmp_path / "data"
+    s3 = bucket.config(prefix="relay/")
+    (tmp_path / "relay.yaml").write_text(yaml.safe_dump({"data_dir": str(data), "images": {"s3": s3}}))
+    port = free_port()
+    with process(
+        tmp_path, "serve", "--config", "relay.yaml", "--port", str(port), ready_url=f"{URL}:{port}/readyz"
+    ) as proc:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        output = proc.stdout.read() if proc.stdout else ""
+    (listening,) = [line for line in output.splitlines() if line.startswith("mj-relay listening on ")]
+    assert f"images in the bucket {bucket.name} under relay/," in listening, listening
+    assert str(data / "images") not in listening and ACCESS["secret_access_key"] not in output
