@@ -257,20 +257,24 @@ class JobService:
         *,
         model: str | None,
         prompt: str,
-        n: int = 1,
+        n: int | None = None,
         size: str | None = None,
         quality: str | None = None,
         style: str | None = None,
         references: tuple[str, ...] = (),
         prompt_param: str = "prompt",
     ) -> ImageSpec:
-        """The request in Midjourney terms; `prompt_param` names where the prompt came from, for errors."""
+        """The request in Midjourney terms; `prompt_param` names where the prompt came from, for errors. `n` is the
+        number of images a client asked for (the images route's `n`, 1 to `api.max_n`); None asks for one job's
+        grid, as a chat does: it asks for no `n`, so the bound, which is the images route's, is not its to meet."""
         name = self.config.api.default_model if model is None else model
         settings = self.config.models.get(name)
         if settings is None:
             raise unknown_model(name)
         text = check_prompt(prompt, self.config.api.max_prompt_chars, prompt_param)
-        if not 1 <= n <= self.config.api.max_n:
+        if n is None:
+            n = TILES_PER_JOB
+        elif not 1 <= n <= self.config.api.max_n:
             raise InvalidRequest(f"n must be between 1 and {self.config.api.max_n}.", param="n")
         try:
             parts = PromptParts(

@@ -66,6 +66,23 @@ def test_n_above_four_uses_several_jobs_and_bills_each(relay: RunningRelay) -> N
     assert relay.balance() == (before - 2 * 2, 0)  # two mj-fast jobs at 2 credits each, nothing left held
 
 
+def test_a_lower_max_n_bounds_the_images_n_but_not_chat(tmp_path: Path) -> None:
+    """`api.max_n` is the largest `n` a client may ask of the images route; a chat asks for no `n` (its answer is
+    one job's grid), so an operator's lower bound must not refuse every chat completion."""
+    with running_relay(relay_config(tmp_path, api={"max_n": 2})) as relay:
+        client = relay.openai()
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.images.generate(model="mj-fast", prompt="a harbour", n=3)
+        assert caught.value.param == "n"
+        reply = client.chat.completions.create(model="mj-fast", messages=[{"role": "user", "content": "a koi pond"}])
+        assert (reply.choices[0].message.content or "").startswith("![Midjourney grid](")
+        streamed = client.chat.completions.create(
+            model="mj-fast", messages=[{"role": "user", "content": "a paper crane"}], stream=True
+        )
+        assert "![Midjourney grid](" in "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert relay.jobs() == [("SUCCEEDED", None, "captured", "sim")] * 2
+
+
 def test_model_decides_the_mode_flag(relay: RunningRelay) -> None:
     result = relay.openai().images.generate(model="mj-relax", prompt="a quiet lake --fast --ar 3:2")
     assert result.data[0].revised_prompt == "a quiet lake --ar 3:2 --relax"

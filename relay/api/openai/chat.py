@@ -141,7 +141,7 @@ async def chat_completions(request: Request) -> Response:
     if chore is not None:
         return chore
     text, image_urls = last_user_turn(body.messages)
-    spec = relay.jobs.plan(model=body.model, prompt=text, n=4, prompt_param="messages")
+    spec = relay.jobs.plan(model=body.model, prompt=text, prompt_param="messages")
     if image_urls:  # a client that leaves while they download gets no job started (nor charged) for nobody
         loading = relay.references.load(image_urls, key.id)
         spec = replace(spec, references=await unless_disconnected(request, loading))
