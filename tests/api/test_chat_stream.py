@@ -135,6 +135,40 @@ def test_a_stream_whose_client_leaves_still_ends_its_job(relay: RunningRelay) ->
     assert relay.balance() == (998, 0)
 
 
+def test_a_stream_whose_client_leaves_is_logged_and_counted_as_closed_by_the_client(
+    relay: RunningRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A streamed answer its client left before its end is a request whose client went away (499), as one left
+    waiting unstreamed is: not a 200 that the logs and the metrics count as answered."""
+
+    def logged() -> list[int]:
+        return [
+            r.__dict__["fields"]["status"]
+            for r in caplog.records
+            if r.getMessage() == "request" and r.__dict__["fields"]["route"] == "/v1/chat/completions"
+        ]
+
+    with caplog.at_level(logging.INFO):
+        with httpx.stream(
+            "POST",
+            relay.base + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {relay.key}"},
+            json={"model": "mj-fast", "stream": True, "messages": [{"role": "user", "content": "a sloth sim:slow"}]},
+        ) as response:
+            next(response.iter_lines())
+        wait_for(lambda: logged() != [])
+        assert logged() == [499]
+        _, lines = stream_lines(relay, "a kite")  # read to its end: answered
+        assert lines[-1] == "data: [DONE]"
+        wait_for(lambda: len(logged()) == 2)
+        assert logged() == [499, 200]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    metrics = httpx.get(relay.base + "/metrics").text
+    assert 'route="/v1/chat/completions",status="4xx"' in metrics
+    wait_for(lambda: [row[0] for row in relay.jobs()] == ["SUCCEEDED", "SUCCEEDED"])
+    assert relay.balance() == (996, 0)
+
+
 def assert_ends_with_error(lines: list[str], code: str) -> dict[str, Any]:
     """The stream's last event is its one error, OpenAI-shaped, and no `[DONE]` says it ended well."""
     assert "data: [DONE]" not in lines, lines[-3:]

@@ -21,9 +21,9 @@ from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, unless_disconnected, validate
 from relay.api.openai.errors import render
@@ -220,17 +220,36 @@ def _housekeeping(request: Request, key: KeyRecord, body: ChatRequest) -> Respon
 
 
 class _GenerationStream(StreamingResponse):
-    """A stream that lets go of its jobs' events however it ends, even when the client left before it began."""
+    """A stream that lets go of its jobs' events however it ends, even when the client left before it began.
+
+    A client that hangs up before the stream's end ends it (Starlette stops it once the server says so), and the
+    request is then told as one whose client went away (`ClientDisconnect`, which `Guard` logs and counts as 499),
+    as an unstreamed request whose client left is: not as a 200, answered."""
 
     def __init__(self, generation: Generation, content: AsyncIterator[bytes], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.generation = generation
+        self.ended = False  # the stream's last bytes were sent
+        self.client_left = False  # the client hung up before them
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def watched(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.ended = True
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, watched)
         finally:
             self.generation.close()
+        if self.client_left:
+            raise ClientDisconnect()
+
+    async def listen_for_disconnect(self, receive: Receive) -> None:
+        await super().listen_for_disconnect(receive)
+        # Told also once the answer is complete; only a hang-up before it is a client that left. Once it has, the
+        # stream may still run to its end, its bytes sent to nobody: that does not make it answered.
+        self.client_left = not self.ended
 
 
 async def _stream(
