@@ -5,6 +5,7 @@ store (and PostgreSQL when one is configured)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import SystemClock
 from relay.config import Config
 from relay.core.health import State, Transition
+from relay.core.jobs import ImageSpec
 from relay.core.prober import Prober
 from relay.core.providers import DOWN_REASON, ProviderPool
 from relay.errors import JobFailed
@@ -36,6 +38,7 @@ from relay.metrics import Metrics
 from relay.services import Relay
 from relay.store.db import Database
 from relay.store.health import HealthRecord, HealthStore
+from relay.store.keys import KeyRecord
 from tests.helpers import FakeClock, pg_database, relay_config
 
 pytestmark = pytest.mark.anyio
@@ -425,20 +428,31 @@ class Gated(SimulatorUpstream):
         return await super().submit(request)
 
 
+@contextlib.asynccontextmanager
+async def slotted(
+    tmp_path: Path, upstreams: dict[str, Any], providers: list[dict[str, Any]] | None = None
+) -> AsyncIterator[tuple[Relay, KeyRecord, ImageSpec]]:
+    """A relay on PostgreSQL whose providers have `max_in_flight` (a job reserves its slot by a database write
+    before its submit), a key, and a one-job request."""
+    providers = providers or [{"name": "sim", "dialect": "simulator", "max_in_flight": 10}]
+    async with pg_database() as url:
+        relay = Relay(relay_config(tmp_path, database={"url": url}, providers=providers), SystemClock(), upstreams)
+        await relay.open()
+        try:
+            key, _ = await relay.keys.create("k", 100, 0)
+            yield relay, key, relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
+        finally:
+            await relay.close()
+
+
 @pytest.mark.postgres
 async def test_a_half_open_provider_gets_one_trial_while_slots_are_reserved(tmp_path: Path) -> None:
     """With `max_in_flight` on PostgreSQL, a job reserves its provider slot by a database write before its submit:
     jobs routed meanwhile must not take a half-open provider's trial too; and a job whose reservation is refused
     gives the trial back."""
-    async with pg_database() as url:
-        upstream = Gated()
-        providers = [{"name": "sim", "dialect": "simulator", "max_in_flight": 10}]
-        config = relay_config(tmp_path, database={"url": url}, providers=providers)
-        relay = Relay(config, SystemClock(), {"sim": upstream})
-        await relay.open()
+    upstream = Gated()
+    async with slotted(tmp_path, {"sim": upstream}) as (relay, key, spec):
         try:
-            key, _ = await relay.keys.create("k", 100, 0)
-            spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
             health = relay.pool.health["sim"]
             health.restore(State.HALF_OPEN, relay.clock.now(), "the cool-down is over", None)
             slots = relay.submitter.slots
@@ -465,7 +479,6 @@ async def test_a_half_open_provider_gets_one_trial_while_slots_are_reserved(tmp_
             assert health.state is State.HEALTHY
         finally:
             upstream.gate.set()
-            await relay.close()
 
 
 class Failing(SimulatorUpstream):
@@ -486,25 +499,15 @@ class Failing(SimulatorUpstream):
 async def test_a_trial_taken_with_its_slot_is_given_back_when_its_submit_raises(tmp_path: Path) -> None:
     """With `max_in_flight` on PostgreSQL, the trial is taken with the slot, before the submit: a submit that then
     ends without an answer gives it back, so the provider is not left half-open with a trial no one runs."""
-    async with pg_database() as url:
-        upstream = Failing()
-        providers = [{"name": "sim", "dialect": "simulator", "max_in_flight": 10}]
-        config = relay_config(tmp_path, database={"url": url}, providers=providers)
-        relay = Relay(config, SystemClock(), {"sim": upstream})
-        await relay.open()
-        try:
-            key, _ = await relay.keys.create("k", 100, 0)
-            spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-            health = relay.pool.health["sim"]
-            health.restore(State.HALF_OPEN, relay.clock.now(), "the cool-down is over", None)
-            with pytest.raises(JobFailed):
-                await relay.jobs.start(key, spec)
-            assert health.state is State.HALF_OPEN and health.routable()
-            generation = await relay.jobs.start(key, spec)
-            generation.close()
-            assert health.state is State.HEALTHY
-        finally:
-            await relay.close()
+    async with slotted(tmp_path, {"sim": Failing()}) as (relay, key, spec):
+        health = relay.pool.health["sim"]
+        health.restore(State.HALF_OPEN, relay.clock.now(), "the cool-down is over", None)
+        with pytest.raises(JobFailed):
+            await relay.jobs.start(key, spec)
+        assert health.state is State.HALF_OPEN and health.routable()
+        generation = await relay.jobs.start(key, spec)
+        generation.close()
+        assert health.state is State.HEALTHY
 
 
 class Unusable(SimulatorUpstream):
@@ -526,34 +529,26 @@ async def test_a_provider_set_aside_while_a_job_reserved_its_slot_is_not_sent_th
     """With `max_in_flight` on PostgreSQL, a job reserves its provider's slot by a database write before its
     submit: a provider that answered another job "unusable" meanwhile is set aside, and the job goes elsewhere
     rather than to it."""
-    async with pg_database() as url:
-        broke = Unusable("broke")
-        providers = [
-            {"name": "broke", "dialect": "simulator", "max_in_flight": 10, "priority": 0},
-            {"name": "sim", "dialect": "simulator", "max_in_flight": 10, "priority": 1},
-        ]
-        config = relay_config(tmp_path, database={"url": url}, providers=providers)
-        relay = Relay(config, SystemClock(), {"broke": broke})
-        await relay.open()
-        try:
-            key, _ = await relay.keys.create("k", 100, 0)
-            spec = relay.jobs.plan(model="mj-fast", prompt="a kite", n=1)
-            slots = relay.submitter.slots
-            assert slots is not None
-            take, reserving = slots.take, set()
+    broke = Unusable("broke")
+    providers = [
+        {"name": "broke", "dialect": "simulator", "max_in_flight": 10, "priority": 0},
+        {"name": "sim", "dialect": "simulator", "max_in_flight": 10, "priority": 1},
+    ]
+    async with slotted(tmp_path, {"broke": broke}, providers) as (relay, key, spec):
+        slots = relay.submitter.slots
+        assert slots is not None
+        take, reserving = slots.take, set()
 
-            async def late(job_id: str, provider: str, limit: int, now: float) -> bool:
-                reserving.add((job_id, provider))
-                if provider == "broke" and len([1 for _, p in reserving if p == "broke"]) == 2:
-                    await broke.answered.wait()  # the second job's slot is written after the first was answered
-                return await take(job_id, provider, limit, now)
+        async def late(job_id: str, provider: str, limit: int, now: float) -> bool:
+            reserving.add((job_id, provider))
+            if provider == "broke" and len([1 for _, p in reserving if p == "broke"]) == 2:
+                await broke.answered.wait()  # the second job's slot is written after the first was answered
+            return await take(job_id, provider, limit, now)
 
-            slots.take = late  # type: ignore[method-assign]
-            starts = [asyncio.ensure_future(relay.jobs.start(key, spec)) for _ in range(2)]
-            generations = await asyncio.gather(*starts)
-            for generation in generations:
-                generation.close()
-            assert relay.pool.health["broke"].state is State.COOLING
-            assert broke.submits == 1
-        finally:
-            await relay.close()
+        slots.take = late  # type: ignore[method-assign]
+        starts = [asyncio.ensure_future(relay.jobs.start(key, spec)) for _ in range(2)]
+        generations = await asyncio.gather(*starts)
+        for generation in generations:
+            generation.close()
+        assert relay.pool.health["broke"].state is State.COOLING
+        assert broke.submits == 1

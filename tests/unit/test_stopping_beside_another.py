@@ -135,6 +135,29 @@ async def test_a_hook_forwarded_to_a_stopping_process_does_not_take_its_handed_o
             )
 
 
+async def submitting_beside_another(
+    stack: contextlib.AsyncExitStack,
+    tmp_path: Path,
+    clock: FakeClock,
+    upstream: GatedAnswers,
+    providers: list[dict[str, Any]] | None = None,
+) -> tuple[Relay, Relay, KeyRecord, TaskOrder, asyncio.Future[Any]]:
+    """Relays A and B on one PostgreSQL database (B closed by `stack`; A is for the test to stop), a key, an imagine
+    order, and A's submit of it, which the upstream has taken and not yet answered."""
+    database = {"url": await stack.enter_async_context(pg_database())}
+    more = {"providers": providers} if providers is not None else {}
+    a = Relay(relay_config(tmp_path / "a", database=database, **more), clock, {"sim": upstream})
+    b = Relay(relay_config(tmp_path / "b", database=database, **more), clock, {"sim": upstream})
+    await a.open()
+    await b.open()
+    stack.push_async_callback(b.close)
+    key, _ = await a.keys.create("k", 100, 0)
+    order = TaskOrder(TaskKind.IMAGINE, ModeHints(model="mj-fast"), prompt="a kite")
+    submitting = asyncio.ensure_future(a.tasks.submit(key, order, "http://127.0.0.1:1"))
+    await asyncio.wait_for(upstream.taken.wait(), 10)
+    return a, b, key, order, submitting
+
+
 @pytest.mark.postgres
 async def test_a_submit_answered_after_the_hand_over_is_handed_over_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -147,16 +170,7 @@ async def test_a_submit_answered_after_the_hand_over_is_handed_over_too(
     upstream = GatedAnswers()
     clock = FakeClock()  # both relays' time stands still: no lease runs out of itself
     async with contextlib.AsyncExitStack() as stack:
-        database = {"url": await stack.enter_async_context(pg_database())}
-        a = Relay(relay_config(tmp_path / "a", database=database), clock, {"sim": upstream})
-        b = Relay(relay_config(tmp_path / "b", database=database), clock, {"sim": upstream})
-        await a.open()
-        await b.open()
-        stack.push_async_callback(b.close)
-        key, _ = await a.keys.create("k", 100, 0)
-        order = TaskOrder(TaskKind.IMAGINE, ModeHints(model="mj-fast"), prompt="a kite")
-        submitting = asyncio.ensure_future(a.tasks.submit(key, order, "http://127.0.0.1:1"))
-        await asyncio.wait_for(upstream.taken.wait(), 10)
+        a, b, key, order, submitting = await submitting_beside_another(stack, tmp_path, clock, upstream)
 
         release = a.leases.release
 
@@ -202,16 +216,7 @@ async def test_a_slot_reserved_by_a_submit_still_under_way_at_the_hand_over_is_n
     clock = FakeClock()  # both relays' time stands still: no lease runs out of itself
     providers = [{"name": "sim", "dialect": "simulator", "max_in_flight": 1}]
     async with contextlib.AsyncExitStack() as stack:
-        database = {"url": await stack.enter_async_context(pg_database())}
-        a = Relay(relay_config(tmp_path / "a", database=database, providers=providers), clock, {"sim": upstream})
-        b = Relay(relay_config(tmp_path / "b", database=database, providers=providers), clock, {"sim": upstream})
-        await a.open()
-        await b.open()
-        stack.push_async_callback(b.close)
-        key, _ = await a.keys.create("k", 100, 0)
-        order = TaskOrder(TaskKind.IMAGINE, ModeHints(model="mj-fast"), prompt="a kite")
-        submitting = asyncio.ensure_future(a.tasks.submit(key, order, "http://127.0.0.1:1"))
-        await asyncio.wait_for(upstream.taken.wait(), 10)
+        a, b, key, order, submitting = await submitting_beside_another(stack, tmp_path, clock, upstream, providers)
 
         release = a.leases.release
         reached: list[bool] = []
