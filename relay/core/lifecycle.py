@@ -644,6 +644,12 @@ class Lifecycle:
             ):
                 ended[index] = False  # taken by another process, or confirmed (a later deadline) while it was checked
                 continue
+            if tracked.delivering and end.error_code in (FailureCode.TIMEOUT, FailureCode.LOST):
+                # The upstream finished it since this end was decided (a hook heard while a round's progress, or
+                # a lease check, was written): its result is being delivered, and the delivery ends it, as
+                # succeeded, charged for the task the upstream ran; as `expire` leaves it.
+                ended[index] = False
+                continue
             if self._by_job.get(tracked.job_id) is not tracked:
                 # Ended already, or being ended by another call (its write under way, and it may fail), or followed
                 # anew since this end was decided (taken over, adopted): not ended here; a waiter hears of the end

@@ -1268,3 +1268,103 @@ async def test_a_waiter_ending_a_job_a_round_is_ending_meanwhile_is_not_told_it_
     store.finish_many = real_finish  # type: ignore[method-assign]
     assert lifecycle.following(job) and (await world.state(job))[1:] == (None, "held")
     assert await waiter is False
+
+
+async def test_a_job_the_upstream_finishes_while_a_round_writes_its_timeout_is_delivered_not_timed_out(
+    world: World,
+) -> None:
+    """A round reads a job running just past its deadline, and its progress is written with the timeout to
+    follow; meanwhile the upstream's hook says the task finished, and its grid is being delivered. The round does
+    not end the job as timed out under the delivery (its image kept, its client told it failed, its hold released
+    for a task the upstream ran): the job ends as the delivery says, succeeded and charged."""
+    job = await world.submit("cat", deadline_s=8)  # the task takes 10 s
+    lifecycle = world.tracker.lifecycle
+    tracked = lifecycle._by_job[job]
+    written, writes = asyncio.Event(), asyncio.Event()
+    record = world.store.record_progress
+
+    async def held(changes: Sequence[ProgressChange], now: float) -> None:
+        writes.set()
+        await written.wait()
+        await record(changes, now)
+
+    world.store.record_progress = held  # type: ignore[method-assign]
+    fetched, downloads = asyncio.Event(), asyncio.Event()
+    real_download = world.pool.upstreams["sim"].download
+
+    async def slow_download(url: str) -> bytes:
+        downloads.set()
+        await fetched.wait()
+        return await real_download(url)
+
+    world.pool.upstreams["sim"].download = slow_download  # type: ignore[method-assign]
+    world.clock.advance(9)
+    round_ = asyncio.ensure_future(world.tracker.poll("sim"))  # reads it running, past its deadline
+    await writes.wait()
+    world.clock.advance(2)  # the upstream finishes the task, and says so
+    seen = world.engine.task(tracked.upstream_id, "sim://sim")
+    assert seen is not None and seen["status"] == "SUCCESS"
+    done = world.pool.upstreams["sim"].parse_hook(json.dumps(seen).encode())
+    assert done is not None
+    await lifecycle.hook(tracked, done)
+    await downloads.wait()  # its grid is being downloaded
+    written.set()
+    await round_
+    fetched.set()
+    await world.settle()
+    assert await world.state(job) == ("SUCCEEDED", None, "captured")
+    assert await world.balance() == (998, 0)
+
+
+async def test_a_job_the_upstream_finishes_while_a_round_writes_its_loss_is_delivered_not_lost(
+    world: World,
+) -> None:
+    """The same with a job the provider's reads have left out for `lost_after_s`: the round that finds it lost
+    writes its neighbour's progress first; meanwhile the upstream's hook says the task finished. The job ends as
+    its delivery says, succeeded and charged, not lost."""
+    job = await world.submit("a hare")
+    other = await world.submit("a tortoise sim:slow")
+    lifecycle = world.tracker.lifecycle
+    tracked = lifecycle._by_job[job]
+    real = world.pool.upstreams["sim"].fetch_many
+
+    async def leaving_it_out(ids: Sequence[str]) -> list[TaskView]:
+        return [v for v in await real(ids) if v.upstream_id != tracked.upstream_id]
+
+    world.pool.upstreams["sim"].fetch_many = leaving_it_out  # type: ignore[method-assign]
+    world.clock.advance(1)
+    await world.tracker.poll("sim")  # missing from now on
+    assert tracked.missing_since is not None
+    written, writes = asyncio.Event(), asyncio.Event()
+    record = world.store.record_progress
+
+    async def held(changes: Sequence[ProgressChange], now: float) -> None:
+        writes.set()
+        await written.wait()
+        await record(changes, now)
+
+    world.store.record_progress = held  # type: ignore[method-assign]
+    fetched, downloads = asyncio.Event(), asyncio.Event()
+    real_download = world.pool.upstreams["sim"].download
+
+    async def slow_download(url: str) -> bytes:
+        downloads.set()
+        await fetched.wait()
+        return await real_download(url)
+
+    world.pool.upstreams["sim"].download = slow_download  # type: ignore[method-assign]
+    world.clock.advance(31)  # past lost_after_s; the neighbour's progress moved on
+    round_ = asyncio.ensure_future(world.tracker.poll("sim"))  # finds the job lost
+    await writes.wait()
+    seen = world.engine.task(tracked.upstream_id, "sim://sim")
+    assert seen is not None and seen["status"] == "SUCCESS"
+    done = world.pool.upstreams["sim"].parse_hook(json.dumps(seen).encode())
+    assert done is not None
+    await lifecycle.hook(tracked, done)
+    await downloads.wait()
+    written.set()
+    await round_
+    fetched.set()
+    await world.settle()
+    assert await world.state(job) == ("SUCCEEDED", None, "captured")
+    assert (await world.state(other))[0] == "IN_PROGRESS"
