@@ -84,6 +84,13 @@ class _End:
     reason: str | None = None
     view: TaskView | None = None  # the upstream's view of a job it finished: its image URL, buttons and text
 
+    @property
+    def superseded(self) -> bool:
+        """A read's verdict that the job timed out or was lost, for a job the upstream has since been heard to
+        finish (a hook heard while the end was being written, or its lease checked): its result is being delivered,
+        and the delivery ends it, as succeeded, charged for the task the upstream ran; as `expire` leaves it."""
+        return self.tracked.delivering and self.error_code in (FailureCode.TIMEOUT, FailureCode.LOST)
+
     def ending(self) -> Ending:
         view = self.view
         return Finisher.ending(
@@ -634,7 +641,7 @@ class Lifecycle:
     async def end_all(self, ends: list[_End]) -> list[bool]:
         """End jobs in one group commit (see `end`); whether each has ended."""
         ended = [True] * len(ends)
-        elsewhere = await self._not_held([end.tracked for end in ends if not end.succeeded])
+        elsewhere = await self._not_held([end for end in ends if not end.succeeded])
         mine: list[int] = []
         now = self.clock.now()
         for index, end in enumerate(ends):
@@ -644,10 +651,7 @@ class Lifecycle:
             ):
                 ended[index] = False  # taken by another process, or confirmed (a later deadline) while it was checked
                 continue
-            if tracked.delivering and end.error_code in (FailureCode.TIMEOUT, FailureCode.LOST):
-                # The upstream finished it since this end was decided (a hook heard while a round's progress, or
-                # a lease check, was written): its result is being delivered, and the delivery ends it, as
-                # succeeded, charged for the task the upstream ran; as `expire` leaves it.
+            if end.superseded:  # finished since this end was decided: its delivery ends it
                 ended[index] = False
                 continue
             if self._by_job.get(tracked.job_id) is not tracked:
@@ -756,27 +760,31 @@ class Lifecycle:
                 later[job_id] = row.deadline_at
         return later
 
-    async def _not_held(self, failing: list[Tracked]) -> set[str]:
+    async def _not_held(self, failing: list[_End]) -> set[str]:
         """Of followed jobs about to fail here, those this process must not end now. A job another process took
         over (it wrote a confirmation this one did not see, or adopted the job while this one stalled) runs to
         that process's deadline, not to the one known here: it is forgotten here. A success needs no check (its
         delivery checked before the download). When the check cannot be written, no job is ended: each is read
-        again at once."""
+        again at once; but one the upstream was heard to finish meanwhile (`_End.superseded`), which its delivery
+        under way ends: read again, it would be delivered twice."""
         if self.leases is None:
             return set()
-        followed = [tracked for tracked in failing if self._by_job.get(tracked.job_id) is tracked]
+        followed = [end for end in failing if self._by_job.get(end.tracked.job_id) is end.tracked]
         if not followed:
             return set()
         try:
-            held = await self._holds.many([tracked.job_id for tracked in followed])
+            held = await self._holds.many([end.tracked.job_id for end in followed])
         except Exception:
             log.exception("checking leases before ending jobs failed; they are read again")
-            for tracked in followed:
+            for end in followed:
+                if end.superseded:
+                    continue
+                tracked = end.tracked
                 tracked.delivering = False  # a delivery that failed: read again, and delivered or ended then
                 tracked.due_at = self.clock.now()
                 self.on_follow(tracked.provider)
-            return {tracked.job_id for tracked in followed}
-        lost = [tracked.job_id for tracked, mine in zip(followed, held, strict=True) if not mine]
+            return {end.tracked.job_id for end in followed}
+        lost = [end.tracked.job_id for end, mine in zip(followed, held, strict=True) if not mine]
         if lost:
             await self.let_go(lost)
         return set(lost)

@@ -1368,3 +1368,32 @@ async def test_a_job_the_upstream_finishes_while_a_round_writes_its_loss_is_deli
     await world.settle()
     assert await world.state(job) == ("SUCCEEDED", None, "captured")
     assert (await world.state(other))[0] == "IN_PROGRESS"
+
+
+async def test_a_job_the_upstream_finishes_while_its_timeout_s_lease_check_fails_is_downloaded_once(
+    world: World,
+) -> None:
+    """A round ends a job past its deadline, and checks its lease first; meanwhile the upstream's hook says the task
+    finished, and its delivery starts. The round's lease check fails (the database briefly away): that leaves the
+    delivery under way alone, rather than making the job due to be read again, which would deliver it twice."""
+    lifecycle = world.tracker.lifecycle
+    gate = asyncio.Event()
+    leases = CheckedLeases(world, failing=(1,), gate=gate)
+    job = await world.submit("cat", deadline_s=8)  # the task takes 10 s
+    tracked = lifecycle._by_job[job]
+    downloads = world.downloads()
+    world.clock.advance(9)
+    round_ = asyncio.ensure_future(world.tracker.poll("sim"))  # past its deadline: its lease is checked
+    await leases.checking.wait()
+    world.clock.advance(2)
+    seen = world.engine.task(tracked.upstream_id, "sim://sim")
+    assert seen is not None and seen["status"] == "SUCCESS"
+    done = world.pool.upstreams["sim"].parse_hook(json.dumps(seen).encode())
+    assert done is not None
+    await lifecycle.hook(tracked, done)  # its delivery starts, and checks the lease too
+    gate.set()
+    await round_
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert await world.state(job) == ("SUCCEEDED", None, "captured")
+    assert len(downloads) == 1
