@@ -223,7 +223,8 @@ class Lifecycle:
         # Results downloaded at once over all providers (each is held in memory until kept): a provider's lanes.
         self._download_slots = asyncio.Semaphore(DOWNLOAD_LANES)
         self._keep_waiting = 0  # results held in memory until an image store that failed takes them (`_keep`)
-        self.on_follow: Callable[[str], None] = lambda provider: None  # the tracker's wake-up
+        # The tracker's wake-up: a job of the provider is due at the time given.
+        self.on_follow: Callable[[str, float], None] = lambda provider, due_at: None
         self.leases: Leases | None = None  # with them, a finished job is delivered only while its lease is held
 
     # -- the jobs being followed ---------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ class Lifecycle:
         self._jobs[tracked.provider][tracked.job_id] = tracked
         self._by_job[tracked.job_id] = tracked
         self._by_upstream[(tracked.provider, tracked.upstream_id)] = tracked
-        self.on_follow(tracked.provider)
+        self.on_follow(tracked.provider, tracked.due_at)
 
     def started(self, tracked: Tracked) -> None:
         """A job the upstream just took (or parked in MODAL): follow it, and tell whoever waits."""
@@ -362,7 +363,7 @@ class Lifecycle:
             tracked.state, tracked.progress = JobState.SUBMITTED, 0
             tracked.due_at = self.clock.now() + self.pool.poll_interval(tracked.provider)
             self.events.publish(JobEvent(row.id, JobState.SUBMITTED, 0))
-            self.on_follow(tracked.provider)
+            self.on_follow(tracked.provider, tracked.due_at)
         return False
 
     # -- applying what the upstream says -------------------------------------------------------------------------
@@ -516,7 +517,7 @@ class Lifecycle:
             )
             tracked.delivering = False
             tracked.due_at = self.clock.now()
-            self.on_follow(tracked.provider)
+            self.on_follow(tracked.provider, tracked.due_at)
             return
         try:
             code, reason = FailureCode.DOWNLOAD, "the image could not be fetched"
@@ -782,7 +783,7 @@ class Lifecycle:
                 tracked = end.tracked
                 tracked.delivering = False  # a delivery that failed: read again, and delivered or ended then
                 tracked.due_at = self.clock.now()
-                self.on_follow(tracked.provider)
+                self.on_follow(tracked.provider, tracked.due_at)
             return {end.tracked.job_id for end in followed}
         lost = [end.tracked.job_id for end, mine in zip(followed, held, strict=True) if not mine]
         if lost:

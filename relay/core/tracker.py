@@ -58,6 +58,8 @@ class Tracker:
         self.finisher = finisher
         self.clock = clock
         self._wake = {name: asyncio.Event() for name in pool.names}
+        # When each provider's loop looks at its jobs next, for a job due sooner to wake it (`_wake_provider`).
+        self._looks_at: dict[str, float] = {}
         self._loops: list[asyncio.Task[None]] = []
         lifecycle.on_follow = self._wake_provider
         # Whether this process is submitting a job right now (set by the relay: `Submitter.submitting`).
@@ -83,8 +85,10 @@ class Tracker:
     def running(self) -> bool:
         return bool(self._loops) and not any(task.done() for task in self._loops)
 
-    def _wake_provider(self, provider: str) -> None:
-        self._wake[provider].set()
+    def _wake_provider(self, provider: str, due_at: float) -> None:
+        """A job of `provider` is now due at `due_at`: its loop looks again if that is before it would."""
+        if due_at < self._looks_at.get(provider, float("inf")):
+            self._wake[provider].set()
 
     def track(self, tracked: Tracked) -> None:
         self.lifecycle.follow(tracked)
@@ -185,8 +189,9 @@ class Tracker:
         last_round = -float("inf")
         while True:
             due = self._round_time(provider, gap)
+            wake.clear()
             if due is None:
-                wake.clear()
+                self._looks_at[provider] = float("inf")
                 await wake.wait()
                 continue
             delay = max(due, last_round + gap) - self.clock.now()
@@ -194,9 +199,13 @@ class Tracker:
                 # Then look again: jobs may have come meanwhile, and a timer may fire a little before the wall
                 # clock reaches its time. A job read even a moment early finds its task unfinished and waits a
                 # whole interval more. At least every quarter interval: an upstream hook may have made a job due
-                # sooner than it was (`read_after_hook`).
-                await self.clock.sleep(min(delay, interval / 4))
+                # sooner than it was (`read_after_hook`); and at once for a job due before then (one taken up or
+                # to be read again at once), which wakes the loop.
+                nap = min(delay, interval / 4)
+                self._looks_at[provider] = self.clock.now() + nap
+                await self._nap(nap, wake)
                 continue
+            self._looks_at[provider] = -float("inf")  # looking now: nothing to wake
             round_start = self.clock.now()
             try:
                 if await self.poll(provider):
@@ -205,6 +214,16 @@ class Tracker:
                 raise
             except Exception:
                 log.exception("poll failed", extra={"fields": {"provider": provider}})
+
+    async def _nap(self, seconds: float, wake: asyncio.Event) -> None:
+        """Wait `seconds`, or until `wake` is set."""
+        timer = asyncio.ensure_future(self.clock.sleep(seconds))
+        woken = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait((timer, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            woken.cancel()
 
     def _round_time(self, provider: str, gap: float) -> float | None:
         """When the next round should read: when the last of the jobs due within `gap` of the first one due is due

@@ -353,7 +353,7 @@ class UpstreamHooks:
         view = upstream.parse_hook(body) if body is not None else None
         if view is None or view.upstream_id != upstream_id:
             tracked.due_at = self.clock.now()
-            self.lifecycle.on_follow(provider)
+            self.lifecycle.on_follow(provider, tracked.due_at)
             return
         await self.lifecycle.hook(tracked, view)
 

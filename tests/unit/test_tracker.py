@@ -1397,3 +1397,32 @@ async def test_a_job_the_upstream_finishes_while_its_timeout_s_lease_check_fails
     await world.settle()
     assert await world.state(job) == ("SUCCEEDED", None, "captured")
     assert len(downloads) == 1
+
+
+async def test_a_job_due_at_once_between_rounds_is_read_at_once(world: World) -> None:
+    """A job taken up while the provider's loop waits for its next round (adopted from a process that died, or a
+    confirmation that reached this process) is read at once, as its wake-up asks: not when the loop next looks, up
+    to a quarter interval later (a second here; 15 s for a provider read every minute)."""
+    world.pool.poll_interval = lambda name: 4.0  # type: ignore[method-assign]
+    world.tracker.lifecycle._progress.every_s = None
+    rounds = record_rounds(world)
+    await world.submit("sloth sim:never")  # first read 4 s on: the loop waits a quarter interval at a time
+    taken_up = await world.submit("a hare sim:never")
+    row = await world.store.get(taken_up)
+    assert row is not None
+    world.tracker.lifecycle.forget(taken_up)  # followed elsewhere, for now
+    await world.tracker.start()
+    for _ in range(128):  # an eighth of a second on, well before the loop next looks
+        for _ in range(5):
+            await asyncio.sleep(0)
+        world.clock.advance(1 / 1024)
+    assert rounds == []
+    taken = world.clock.now()
+    world.tracker.lifecycle.take_up(row)
+    for _ in range(512):
+        for _ in range(5):
+            await asyncio.sleep(0)
+        world.clock.advance(1 / 1024)
+    await world.tracker.stop()
+    assert rounds, "the job was not read"
+    assert rounds[0][1] == {row.upstream_id} and rounds[0][0] - taken <= 0.25
