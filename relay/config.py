@@ -140,7 +140,39 @@ class DatabaseConfig(_Section):
     def _driver(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB")
+        if value is not None and value.startswith("postgresql+asyncpg://"):
+            _check_postgresql_url(value)
         return value
+
+
+# What a PostgreSQL URL's query may name: the arguments of asyncpg's `connect`, to which SQLAlchemy hands each
+# parameter as it is, and SQLAlchemy's own statement cache size. Not those that are no text (`server_settings` is a
+# mapping) nor those only a program can give.
+_NOT_FROM_A_URL = frozenset({"dsn", "loop", "connection_class", "record_class", "server_settings"})
+
+
+def _check_postgresql_url(url: str) -> None:
+    """Refuse a PostgreSQL URL the driver would fail on at its first connection, which is at start, in `serve` as in
+    every command on the database, with a traceback: a port that is no number, or a query parameter asyncpg does not
+    take (`sslmode`, libpq's word for TLS in many a provider's URL, is `ssl` to asyncpg: `ssl=require`). Nothing of
+    the URL is repeated in the message, which may be printed: it may hold the password."""
+    import inspect
+
+    import asyncpg
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ValueError:
+        raise ValueError("the port must be a number (postgresql+asyncpg://USER@HOST:PORT/DB)") from None
+    except ArgumentError:
+        raise ValueError("not a URL the driver can read (postgresql+asyncpg://USER@HOST/DB)") from None
+    taken = {*inspect.signature(asyncpg.connect).parameters, "prepared_statement_cache_size"} - _NOT_FROM_A_URL
+    for name in parsed.query:
+        if name not in taken:
+            hint = " (for TLS write ssl=require, or ssl=disable, verify-full, ...)" if name == "sslmode" else ""
+            raise ValueError(f"the query parameter {name!r} is not one the PostgreSQL driver (asyncpg) takes{hint}")
 
 
 class S3Config(_Section):

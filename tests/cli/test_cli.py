@@ -342,3 +342,33 @@ def test_check_config_refuses_a_folder_setting_that_names_a_file(tmp_path: Path,
     good = cli(tmp_path, "check-config", "good.yaml")
     assert good.returncode == 0, good.stderr
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        # libpq's word for TLS, in many a provider's URL; asyncpg takes `ssl`.
+        ("postgresql+asyncpg://relay@127.0.0.1:5432/relay?sslmode=require", "'sslmode'"),
+        ("postgresql+asyncpg://relay@127.0.0.1:5432/relay?colour=red", "'colour'"),
+        ("postgresql+asyncpg://relay@127.0.0.1:54x2/relay", "port"),
+    ],
+)
+def test_a_database_url_the_driver_cannot_take_is_refused_by_check_config_as_by_serve(
+    tmp_path: Path, url: str, problem: str
+) -> None:
+    # check-config said ok, then serve and every command on the database ended in a traceback.
+    (tmp_path / "c.yaml").write_text(f"database: {{url: '{url}'}}\nserver: {{port: 0}}\n")
+    checked = cli(tmp_path, "check-config", "c.yaml")
+    assert checked.returncode == 2, checked
+    assert checked.stderr.splitlines()[1].startswith("  database.url: "), checked.stderr
+    assert problem in checked.stderr.splitlines()[1]
+    for command in (["serve"], ["keys", "list"], ["ledger", "check"]):
+        result = cli(tmp_path, *command, "--config", "c.yaml")
+        assert result.returncode == 2, result
+        assert "Traceback" not in result.stderr and "database.url: " in result.stderr, result.stderr
+        assert "listening" not in result.stdout
+    # What asyncpg takes stays accepted: TLS as `ssl`, a socket folder as `host`.
+    for good in ("?ssl=require", "?host=/var/run/postgresql&command_timeout=5"):
+        (tmp_path / "good.yaml").write_text(f"database: {{url: '{url.split('?')[0]}{good}'}}\n")
+        if "54x2" not in url:
+            assert cli(tmp_path, "check-config", "good.yaml").returncode == 0
