@@ -372,3 +372,13 @@ def test_a_database_url_the_driver_cannot_take_is_refused_by_check_config_as_by_
         (tmp_path / "good.yaml").write_text(f"database: {{url: '{url.split('?')[0]}{good}'}}\n")
         if "54x2" not in url:
             assert cli(tmp_path, "check-config", "good.yaml").returncode == 0
+
+
+def test_check_config_never_shows_a_database_password_given_in_the_query(tmp_path: Path) -> None:
+    # asyncpg takes the password as a query parameter as well as before the host; only the latter was hidden.
+    url = "postgresql+asyncpg://relay@127.0.0.1:5432/relay?password=hunter2-hunter2&ssl=disable"
+    (tmp_path / "c.yaml").write_text(f"database: {{url: '{url}'}}\n")
+    checked = cli(tmp_path, "check-config", "c.yaml")
+    assert checked.returncode == 0, checked.stderr
+    assert "hunter2" not in checked.stdout + checked.stderr
+    assert "database: postgresql+asyncpg://relay@127.0.0.1:5432/relay?password=***&ssl=disable" in checked.stdout
