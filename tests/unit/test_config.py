@@ -264,3 +264,15 @@ def test_every_number_setting_has_an_upper_bound() -> None:
 
     walk(Config, "")
     assert unbounded == []
+
+
+@pytest.mark.parametrize("secret", ["ключ-0123456789", "key\u2013dash", "line\nbreak", "nul\x00", "del\x7f"])
+def test_a_provider_secret_no_header_can_carry_is_refused_without_being_shown(secret: str) -> None:
+    # It was taken, and every submit to the provider then failed in the HTTP client (a UnicodeEncodeError for a
+    # character beyond Latin-1): each job a 502, its provider blamed.
+    text = 'providers:\n  - {name: a, dialect: midjourney-proxy, base_url: "http://up:1", secret: "${SECRET}"}\n'
+    (problem,) = problems(text, {"SECRET": secret})
+    assert problem.startswith("providers[0].secret: "), problem
+    assert secret not in problem
+    # Latin-1 is what a header carries: such a secret is sent as it is.
+    assert parse_config(text, env={"SECRET": "caf\u00e9-key"}).providers[0].secret == "caf\u00e9-key"
