@@ -17,9 +17,12 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import quote, unquote
 
 import asyncpg
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+from sqlalchemy.engine import make_url
 
 from relay.core.background import cancel_all, let_finish
 from relay.core.events import JobEvent, JobEvents
@@ -31,6 +34,16 @@ JOBS = "mj_relay_jobs"
 HOOKS = "mj_relay_hooks"
 MAX_PAYLOAD = 7800  # PostgreSQL takes up to 8000 bytes
 RECONNECT_S = 2.0  # how often the listening connection is checked
+
+
+def connect_args(url: str) -> dict[str, Any]:
+    """What asyncpg's `connect` is given for the database URL, as SQLAlchemy gives it to the engine's connections:
+    each query parameter as the argument of that name (`ssl=require`). Given the URL itself, asyncpg reads it as a
+    libpq DSN, where a parameter it does not know is sent to the server as a setting (the server refuses `ssl`), so
+    one URL could not serve both."""
+    _, args = asyncpg_dialect().create_connect_args(make_url(url))  # type: ignore[no-untyped-call]
+    args.pop("prepared_statement_cache_size", None)  # SQLAlchemy's own
+    return dict(args)
 
 
 class Broadcast:
@@ -59,7 +72,7 @@ class Broadcast:
         self._watch = asyncio.create_task(self._watch_connection(), name="broadcast:watch")
 
     async def _connect(self) -> None:
-        conn = await asyncpg.connect(self.dsn)
+        conn = await asyncpg.connect(**connect_args(self.dsn))
         try:
             async with asyncio.timeout(RECONNECT_S):  # a path gone silent just now: given up on, and made again
                 await conn.add_listener(JOBS, self._heard_jobs)

@@ -310,3 +310,25 @@ async def test_a_listening_connection_whose_listen_goes_unanswered_is_made_again
         await asyncio.sleep(0.2)  # the connection given up on leaves pg_stat_activity a moment after
         after = await admin.fetchval(COUNT_CONNECTIONS)
         assert after <= before, f"{before} connections before, {after} after listening again"
+
+
+@pytest.mark.postgres
+async def test_the_listening_connection_takes_the_database_url_as_the_engine_does(tmp_path: Path) -> None:
+    """A database URL with a parameter of asyncpg's connect in its query (`ssl`, how TLS is asked for): the engine's
+    connections took it as that argument, but the listening connection read the URL as a libpq DSN, which sends a
+    parameter it does not know to the server as a setting, and the server refused `ssl` ("cannot be changed now"):
+    the relay did not start, and no URL asked both for TLS."""
+    async with pg_database() as url, contextlib.AsyncExitStack() as stack:
+        engine = SimEngine(SimSettings(fast_s=0.2, tile_px=16))
+        config = relay_config(tmp_path, database={"url": url + "?ssl=disable"})
+        relay = Relay(config, SystemClock(), {"sim": SimulatorUpstream("sim", engine)})
+        await relay.open()
+        stack.push_async_callback(relay.close)
+        assert relay.broadcast is not None
+        # and it listens: another process's notification is heard
+        heard = asyncio.Event()
+        relay.events.listen(lambda event: heard.set())
+        conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        stack.push_async_callback(conn.close)
+        await conn.execute(f"SELECT pg_notify('{JOBS}', 'p-elsewhere|j_1:SUCCEEDED:100')")
+        await asyncio.wait_for(heard.wait(), 10)
