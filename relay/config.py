@@ -95,6 +95,14 @@ def _http_url(value: str | None, what: str) -> str | None:
     return value.rstrip("/")
 
 
+def _no_nul(value: str | None) -> str | None:
+    """A file system path (or a URL holding one): YAML's "\\0" is a NUL character, which no path may hold, and the
+    folder would be made, or the file opened, only for that to fail with a traceback."""
+    if value is not None and "\x00" in value:
+        raise ValueError("a path cannot hold a NUL character")
+    return value
+
+
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -142,7 +150,7 @@ class DatabaseConfig(_Section):
             raise ValueError("use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB")
         if value is not None and value.startswith("postgresql+asyncpg://"):
             _check_postgresql_url(value)
-        return value
+        return _no_nul(value)
 
 
 # What a PostgreSQL URL's query may name: the arguments of asyncpg's `connect`, to which SQLAlchemy hands each
@@ -245,6 +253,11 @@ class ImagesConfig(_Section):
     # Hosts (names, or CIDR blocks of addresses) a finished job's image may be downloaded from although they are
     # private or local; the provider's own host always may.
     download_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, value: str | None) -> str | None:
+        return _no_nul(value)
 
     def secrets(self) -> list[str]:
         """Signing secrets, newest first; empty when the relay should keep its own."""
@@ -496,6 +509,11 @@ class Config(_Section):
     health: HealthConfig = HealthConfig()
     billing: BillingConfig = BillingConfig()
     cors: CorsConfig = CorsConfig()
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir(cls, value: str) -> str:
+        return _no_nul(value) or ""
 
     @model_validator(mode="after")
     def _health_caps(self) -> Config:

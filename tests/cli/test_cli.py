@@ -382,3 +382,24 @@ def test_check_config_never_shows_a_database_password_given_in_the_query(tmp_pat
     assert checked.returncode == 0, checked.stderr
     assert "hunter2" not in checked.stdout + checked.stderr
     assert "database: postgresql+asyncpg://relay@127.0.0.1:5432/relay?password=***&ssl=disable" in checked.stdout
+
+
+@pytest.mark.parametrize(
+    ("setting", "yaml"),
+    [
+        ("data_dir", 'data_dir: "data\\0"'),
+        ("images.dir", 'images: {dir: "images\\0"}'),
+        ("database.url", 'database: {url: "sqlite+aiosqlite:///db\\0/relay.db"}'),
+    ],
+)
+def test_a_path_with_a_nul_character_is_refused_by_check_config_as_by_serve(
+    tmp_path: Path, setting: str, yaml: str
+) -> None:
+    # YAML's "\0" is a NUL character, which no path may hold: check-config said ok, serve ended in a traceback.
+    (tmp_path / "c.yaml").write_text(yaml + "\nserver: {port: 0}\n")
+    checked = cli(tmp_path, "check-config", "c.yaml")
+    assert checked.returncode == 2, checked
+    assert checked.stderr.splitlines()[1].startswith(f"  {setting}: "), checked.stderr
+    served = cli(tmp_path, "serve", "--config", "c.yaml")
+    assert served.returncode == 2, served
+    assert "Traceback" not in served.stderr and f"  {setting}: " in served.stderr, served.stderr
