@@ -246,6 +246,8 @@ class KeyStore:
         return _record(row) if row is not None else None
 
     async def get(self, key_id: str) -> KeyRecord | None:
+        if unstorable(key_id):  # no key has it (and the database could not be asked)
+            return None
         async with connected(self.engine) as conn:
             row = (await conn.execute(select(keys).where(keys.c.id == key_id))).first()
         return _record(row) if row is not None else None
@@ -263,6 +265,8 @@ class KeyStore:
     async def revoke(self, id_or_name: str, now: float) -> int:
         """Revoke the key with this id, or (when it is no key's id) every live key with this name; returns how many
         were revoked. An id names one key only, even when another key's name is the same text."""
+        if unstorable(id_or_name):  # no key has it (and the database could not be asked)
+            return 0
         other = keys.alias("other")
         is_id = exists().where(other.c.id == id_or_name)
         return await changed(
@@ -419,6 +423,10 @@ class KeyStore:
 async def _resolve(conn: AsyncConnection, id_or_name: str) -> Any:
     if not isinstance(id_or_name, str) or not id_or_name:
         raise KeyNotFound("no key given")
+    if unstorable(id_or_name):
+        # No key has an id or name a database cannot store (bytes that are not UTF-8 reach a command as surrogate
+        # escapes: `café` typed in a Latin-1 terminal), and the database could not even be asked: its driver fails.
+        raise KeyNotFound(f"no key with id or name {id_or_name!r}")
     row = (await conn.execute(select(keys).where(keys.c.id == id_or_name))).first()
     if row is not None:
         return row

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sqlite3
 from pathlib import Path
 
@@ -175,3 +176,28 @@ def test_a_database_that_cannot_be_used_is_one_line_and_not_a_broken_ledger(tmp_
             (line,) = result.stderr.strip().splitlines()
             assert line.startswith("mj-relay: the database ") and reason in line, (command, line)
             assert ":pw@" not in line  # the password is never shown
+
+
+def test_a_key_named_in_bytes_that_are_not_utf8_is_no_key_not_a_crash(tmp_path: Path) -> None:
+    """`café` typed in a Latin-1 terminal reaches the command as bytes that are not UTF-8 (Python's surrogate
+    escapes), which no database stores: looked up as it came, it was a traceback (`ledger export --key`) or the
+    encoder's own words, exit 2. No key has such an id or name."""
+    config = str(_config(tmp_path))
+    assert cli(tmp_path, "--config", config, "keys", "create", "--name", "caf\u00e9", "--quota", "5").returncode == 0
+    typed = os.fsdecode("caf\u00e9".encode("latin-1"))
+    for command in (
+        ["ledger", "export", "--key", typed],
+        ["keys", "topup", typed, "5"],
+        ["keys", "adjust", typed, "5", "--note", "n"],
+        ["keys", "update", typed, "--rpm", "5"],
+        ["keys", "hook-secret", typed],
+        ["keys", "revoke", typed],
+    ):
+        result = cli(tmp_path, "--config", config, *command)
+        assert result.returncode == 1, (command, result.stderr)
+        assert "Traceback" not in result.stderr and "codec" not in result.stderr, result.stderr
+        assert "key with id" in result.stderr, result.stderr
+    # and nothing changed
+    (line,) = cli(tmp_path, "--config", config, "keys", "list").stdout.splitlines()[1:]
+    balance, rpm, status = line.split()[3], line.split()[9], line.split()[5]
+    assert (balance, rpm, status) == ("5", "-", "active"), line
