@@ -1270,6 +1270,43 @@ async def test_a_waiter_ending_a_job_a_round_is_ending_meanwhile_is_not_told_it_
     assert await waiter is False
 
 
+def held_progress_writes(world: World) -> tuple[asyncio.Event, asyncio.Event]:
+    """Progress writes held until the second event is set; the first is set once one is under way."""
+    writes, written = asyncio.Event(), asyncio.Event()
+    record = world.store.record_progress
+
+    async def held(changes: Sequence[ProgressChange], now: float) -> None:
+        writes.set()
+        await written.wait()
+        await record(changes, now)
+
+    world.store.record_progress = held  # type: ignore[method-assign]
+    return writes, written
+
+
+def held_downloads(world: World) -> tuple[asyncio.Event, asyncio.Event]:
+    """Downloads held until the second event is set; the first is set once one is under way."""
+    downloads, fetched = asyncio.Event(), asyncio.Event()
+    real_download = world.pool.upstreams["sim"].download
+
+    async def slow_download(url: str) -> bytes:
+        downloads.set()
+        await fetched.wait()
+        return await real_download(url)
+
+    world.pool.upstreams["sim"].download = slow_download  # type: ignore[method-assign]
+    return downloads, fetched
+
+
+async def hook_the_end(world: World, tracked: Tracked) -> None:
+    """The upstream's hook saying the job's task finished (it has)."""
+    seen = world.engine.task(tracked.upstream_id, "sim://sim")
+    assert seen is not None and seen["status"] == "SUCCESS"
+    done = world.pool.upstreams["sim"].parse_hook(json.dumps(seen).encode())
+    assert done is not None
+    await world.tracker.lifecycle.hook(tracked, done)
+
+
 async def test_a_job_the_upstream_finishes_while_a_round_writes_its_timeout_is_delivered_not_timed_out(
     world: World,
 ) -> None:
@@ -1280,33 +1317,13 @@ async def test_a_job_the_upstream_finishes_while_a_round_writes_its_timeout_is_d
     job = await world.submit("cat", deadline_s=8)  # the task takes 10 s
     lifecycle = world.tracker.lifecycle
     tracked = lifecycle._by_job[job]
-    written, writes = asyncio.Event(), asyncio.Event()
-    record = world.store.record_progress
-
-    async def held(changes: Sequence[ProgressChange], now: float) -> None:
-        writes.set()
-        await written.wait()
-        await record(changes, now)
-
-    world.store.record_progress = held  # type: ignore[method-assign]
-    fetched, downloads = asyncio.Event(), asyncio.Event()
-    real_download = world.pool.upstreams["sim"].download
-
-    async def slow_download(url: str) -> bytes:
-        downloads.set()
-        await fetched.wait()
-        return await real_download(url)
-
-    world.pool.upstreams["sim"].download = slow_download  # type: ignore[method-assign]
+    writes, written = held_progress_writes(world)
+    downloads, fetched = held_downloads(world)
     world.clock.advance(9)
     round_ = asyncio.ensure_future(world.tracker.poll("sim"))  # reads it running, past its deadline
     await writes.wait()
     world.clock.advance(2)  # the upstream finishes the task, and says so
-    seen = world.engine.task(tracked.upstream_id, "sim://sim")
-    assert seen is not None and seen["status"] == "SUCCESS"
-    done = world.pool.upstreams["sim"].parse_hook(json.dumps(seen).encode())
-    assert done is not None
-    await lifecycle.hook(tracked, done)
+    await hook_the_end(world, tracked)
     await downloads.wait()  # its grid is being downloaded
     written.set()
     await round_
@@ -1335,32 +1352,12 @@ async def test_a_job_the_upstream_finishes_while_a_round_writes_its_loss_is_deli
     world.clock.advance(1)
     await world.tracker.poll("sim")  # missing from now on
     assert tracked.missing_since is not None
-    written, writes = asyncio.Event(), asyncio.Event()
-    record = world.store.record_progress
-
-    async def held(changes: Sequence[ProgressChange], now: float) -> None:
-        writes.set()
-        await written.wait()
-        await record(changes, now)
-
-    world.store.record_progress = held  # type: ignore[method-assign]
-    fetched, downloads = asyncio.Event(), asyncio.Event()
-    real_download = world.pool.upstreams["sim"].download
-
-    async def slow_download(url: str) -> bytes:
-        downloads.set()
-        await fetched.wait()
-        return await real_download(url)
-
-    world.pool.upstreams["sim"].download = slow_download  # type: ignore[method-assign]
+    writes, written = held_progress_writes(world)
+    downloads, fetched = held_downloads(world)
     world.clock.advance(31)  # past lost_after_s; the neighbour's progress moved on
     round_ = asyncio.ensure_future(world.tracker.poll("sim"))  # finds the job lost
     await writes.wait()
-    seen = world.engine.task(tracked.upstream_id, "sim://sim")
-    assert seen is not None and seen["status"] == "SUCCESS"
-    done = world.pool.upstreams["sim"].parse_hook(json.dumps(seen).encode())
-    assert done is not None
-    await lifecycle.hook(tracked, done)
+    await hook_the_end(world, tracked)
     await downloads.wait()
     written.set()
     await round_
