@@ -38,6 +38,9 @@ connection (HTTP/1.0, `Connection: close`, a server stopping) takes nothing sent
 An offer to switch protocols (`Upgrade`) is ignored, the request served as HTTP/1.1 with its body (uvicorn's
 parser took the body for the next requests); a CONNECT is answered and its connection closed.
 
+A request with `Expect: 100-continue` answered before the app read its body (a 413 from the stated length, a key
+refused) closes the connection after the answer: its client sends no body, and the next request would be read as it.
+
 Malformed HTTP gets 400 in the envelope (uvicorn answers it in plain text); 400 and 431 carry
 `x-should-retry: false`. A refusal never interleaves with an answer under way: behind pipelined requests still being
 answered, it is written once they are done.
@@ -750,10 +753,14 @@ class RelayProtocol(HttpToolsProtocol):
         if scope["type"] != "http":
             await self._inner_app(scope, receive, send)
             return
-        body_done = started = stalled = False
+        body_done = started = stalled = asked = False
+        # A client that sent `Expect: 100-continue` sends the body only once asked (uvicorn asks at the first
+        # `receive()`): answered before, it sends none, and the parser would read its next request as that body.
+        expecting = any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope["headers"])
 
         async def timed_receive() -> Message:
-            nonlocal body_done, stalled
+            nonlocal body_done, stalled, asked
+            asked = True
             if stalled:
                 return {"type": "http.disconnect"}
             if body_done:
@@ -775,6 +782,8 @@ class RelayProtocol(HttpToolsProtocol):
                 return
             if message["type"] == "http.response.start":
                 started = True
+                if expecting and not asked:  # the body never comes: the connection closes after the answer
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         await self._inner_app(scope, timed_receive, watched_send)

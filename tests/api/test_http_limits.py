@@ -11,13 +11,14 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from relay.config import Config
-from tests.helpers import RunningRelay, serve
+from tests.helpers import RunningRelay, relay_config, running_relay, serve
 
 # Small enough that the whole file runs in a few seconds; the defaults are 32768, 10, 30, 5 and 4096.
 LIMITS = {
@@ -368,6 +369,39 @@ def test_the_rest_of_a_body_answered_early_is_not_awaited_for_ever(start: Start)
         assert read_response(sock)[0] == 200
         sock.sendall(b"a")  # more of a body nobody reads: the keep-alive clock no longer runs
         assert read_to_close(sock) == b""
+
+
+def test_an_answer_given_before_a_100_continue_closes_the_connection(start: Start) -> None:
+    """A client that asked `Expect: 100-continue` and got its answer instead sends no body (RFC 9110 §10.1.1): the
+    connection cannot go on, its parser waiting for those bytes. Before, it was kept, so the client's next request
+    was read as the body nobody sent, discarded, and the connection closed without a word at the header deadline."""
+    base, app = start(keepalive_timeout_s=30, header_timeout_s=30)
+    with connect(base) as sock:
+        sock.sendall(b"POST /early HTTP/1.1\r\nHost: relay\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n")
+        raw = read_to_close(sock)  # long before either timeout
+    status, headers = parse_head(raw.partition(b"\r\n\r\n")[0])
+    assert (status, headers["connection"]) == (200, "close"), raw
+    assert raw.count(b"HTTP/1.1") == 1  # no 100 Continue: the body was never asked for
+    with connect(base) as sock:  # one that reads the body asks for it, and the connection goes on
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: relay\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        sock.settimeout(WAIT)
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        status, headers, body = read_response(sock)
+        assert (status, body, headers.get("connection")) == (200, b'{"bytes": 5}', None)
+        sock.sendall(get())
+        assert read_response(sock)[0] == 200
+
+
+def test_a_body_refused_before_a_100_continue_closes_the_connection(tmp_path: Path) -> None:
+    """The relay's own 413 from the stated length, to a client waiting to send the body: it closes too."""
+    with running_relay(relay_config(tmp_path, server={"max_body_bytes": 2048})) as relay, connect(relay.base) as sock:
+        head = "POST /v1/images/generations HTTP/1.1\r\nHost: relay\r\nExpect: 100-continue\r\n"
+        sock.sendall(f"{head}Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n".encode())
+        raw = read_to_close(sock)
+    status, headers = parse_head(raw.partition(b"\r\n\r\n")[0])
+    assert (status, headers["connection"]) == (413, "close"), raw
+    assert json.loads(raw.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_too_large"
 
 
 def test_idle_keep_alive_connections_are_closed(start: Start) -> None:
