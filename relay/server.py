@@ -31,7 +31,8 @@ A lane (upstream hook calls: a job makes eight or so, more than any other reques
 its headers are complete, gets its body as the parser hands it over, and gives the answer's status when the body is
 complete; the answer is written at once, within the same read, and nothing else runs for it. A lane takes only
 what needs nothing of the ASGI stack: a request with a stated length within the body limit, without `Expect`, on a
-connection with no answer under way (anything else goes the ordinary way). Its body gets `body_timeout_s` for each
+connection with no answer under way and no answers waiting for the client to read them (anything else goes the
+ordinary way). Its body gets `body_timeout_s` for each
 wait for more of it, as through the app; a server stopping answers it before closing. An answer that closes the
 connection (HTTP/1.0, `Connection: close`, a server stopping) takes nothing sent behind it, in the lane or the app.
 
@@ -636,6 +637,9 @@ class RelayProtocol(HttpToolsProtocol):
         if (
             self.lane is None
             or self._busy()
+            # Answers waiting that the client has not taken: the app answers it, so that the connection stops
+            # reading (its answer waits, the requests behind it queue) instead of answering call after call unread.
+            or self.flow.write_paused
             or self.expect_100_continue
             or self.parser.get_method() != b"POST"
             or self.parser.should_upgrade()

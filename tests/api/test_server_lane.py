@@ -315,6 +315,46 @@ def quick_idle_server() -> Iterator[tuple[str, LaneApp]]:
         yield stack.enter_context(serve(app, Config.model_validate({"server": server}))), app
 
 
+def test_calls_whose_answers_are_not_read_are_not_read_on() -> None:
+    """Calls pipelined by a client that reads none of their answers: once more of the answers waits than the
+    transport buffers, the connection takes no more calls until the client reads, as for requests the app answers.
+    Before, the lane went on answering every call sent, holding each answer, until `body_timeout_s` dropped the
+    connection: hundreds of thousands of calls on loopback, their answers held all that time."""
+    app = LaneApp()
+    listening = bound_socket()
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # the connections' kernel buffers: small, as the client's
+        listening.setsockopt(socket.SOL_SOCKET, option, 16384)
+    server = {**LIMITS, "max_body_bytes": 1024, "keepalive_timeout_s": 0.25, "body_timeout_s": 5}
+    one = request(LANE_PATH, b"x")
+    sent = 0
+    with serve(app, Config.model_validate({"server": server}), listening) as base, socket.socket() as sock:
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, not read meanwhile
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.settimeout(1.0)  # far less than `body_timeout_s` (5 s here): a send that waits this long is refused
+        calls = one * 1000
+        try:
+            while sent < 100_000_000:
+                sent += sock.send(calls[sent % len(one) :])
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            pytest.fail(f"the connection took every call until it was dropped: {len(app.state.lane.bodies)}")
+        assert sent < 100_000_000, "the connection never stopped reading"
+        complete = sent // len(one)
+        sock.settimeout(WAIT)
+        answered, data = 0, b""
+        while answered < complete:  # the client reads: every call it sent whole is answered, in order
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"closed after {answered} of {complete} answers"
+            data += chunk
+            answered += data.count(b"HTTP/1.1 ")
+            data = data[data.rfind(b"HTTP/1.1 ") + 1 :] if b"HTTP/1.1 " in data else data[-8:]
+        assert answered == complete
+    assert len(app.state.lane.bodies) + app.received.qsize() == complete
+
+
 def test_an_answered_lane_call_leaves_the_connection_idle_and_closed_in_time(
     quick_idle_server: tuple[str, LaneApp],
 ) -> None:
