@@ -10,14 +10,17 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+# Each secret as a log line holds it: written in JSON, as a string's characters are (a quote or a backslash in it
+# is escaped, so the secret as configured is not in the line at all).
 _secrets: list[str] = []
 
 
 def redact(secrets: Iterable[str]) -> None:
     """Add values that must never appear in a log line (shorter than 6 characters would scrub too much)."""
     for secret in secrets:
-        if secret and len(secret) >= 6 and secret not in _secrets:
-            _secrets.append(secret)
+        written = json.dumps(secret, ensure_ascii=False)[1:-1] if secret else ""
+        if len(secret) >= 6 and written not in _secrets:
+            _secrets.append(written)
 
 
 class JsonFormatter(logging.Formatter):

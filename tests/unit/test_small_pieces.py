@@ -66,6 +66,20 @@ def test_log_lines_are_json_and_never_carry_known_secrets() -> None:
     assert line["level"] == "info" and line["ts"].endswith("Z")
 
 
+def test_a_secret_json_must_escape_is_scrubbed_from_log_lines() -> None:
+    """A configured secret may hold a quote or a backslash (a hand-typed admin token or provider secret): JSON
+    writes those escaped, so the line never holds the secret as configured, and scrubbing that alone left it whole
+    for anyone who reads the line as the JSON it is."""
+    secret = 'pa"ss\\word-42'
+    logs.redact([secret])
+    record = logging.LogRecord("relay", logging.INFO, __file__, 1, f"calling with {secret}", None, None)
+    record.fields = {"header": f"Bearer {secret}"}
+    line = logs.JsonFormatter().format(record)
+    entry = json.loads(line)
+    assert entry["msg"] == "calling with ***" and entry["header"] == "Bearer ***"
+    assert json.dumps(secret)[1:-1] not in line
+
+
 def test_error_envelopes_say_whether_a_retry_helps() -> None:
     banned = render(JobFailed(FailureCode.BANNED, "no"))
     assert banned.body == {
