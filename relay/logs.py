@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from typing import Any
 
 # Each secret as a log line holds it: written in JSON, as a string's characters are (a quote or a backslash in it
-# is escaped, so the secret as configured is not in the line at all).
+# is escaped, so the secret as configured is not in the line at all). Longest first: a secret that another holds,
+# scrubbed first, would leave the rest of that one in the line.
 _secrets: list[str] = []
 
 
@@ -21,6 +22,7 @@ def redact(secrets: Iterable[str]) -> None:
         written = json.dumps(secret, ensure_ascii=False)[1:-1] if secret else ""
         if len(secret) >= 6 and written not in _secrets:
             _secrets.append(written)
+            _secrets.sort(key=len, reverse=True)
 
 
 class JsonFormatter(logging.Formatter):

@@ -80,6 +80,16 @@ def test_a_secret_json_must_escape_is_scrubbed_from_log_lines() -> None:
     assert json.dumps(secret)[1:-1] not in line
 
 
+def test_a_secret_that_holds_another_is_scrubbed_whole() -> None:
+    """Secrets are told to the logs in no particular order (the signing secrets first, then the providers', the
+    bucket's and the admin token): one that another begins with, scrubbed first, must not leave the rest of the
+    longer one in the line."""
+    logs.redact(["relay-signing-7"])
+    logs.redact(["relay-signing-7-and-the-rest-of-it"])
+    record = logging.LogRecord("relay", logging.INFO, __file__, 1, "relay-signing-7-and-the-rest-of-it", None, None)
+    assert json.loads(logs.JsonFormatter().format(record))["msg"] == "***"
+
+
 def test_error_envelopes_say_whether_a_retry_helps() -> None:
     banned = render(JobFailed(FailureCode.BANNED, "no"))
     assert banned.body == {
