@@ -149,6 +149,9 @@ class LaneCall(Protocol):
     def stalled(self) -> None:
         """The body did not come in time: the connection answered 408 and closed."""
 
+    def gone(self) -> None:
+        """The caller went away before the body was complete: nothing is answered (told as a client that left)."""
+
 
 class Lane(Protocol):
     def claim(self, path: str, length: int) -> LaneCall | None:
@@ -442,7 +445,9 @@ class RelayProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self._disarm_unread()
-        self._call, self._call_body = None, []
+        call, self._call, self._call_body = self._call, None, []
+        if call is not None:  # a request the lane claimed whose caller left mid-body: told, as the app tells one
+            call.gone()
         super().connection_lost(exc)
 
     def shutdown(self) -> None:

@@ -22,7 +22,7 @@ from relay.api.common import relay_of
 from relay.core.upstream_hooks import UpstreamHooks
 from relay.errors import NotFound
 from relay.metrics import Metrics
-from relay.middleware import observed, request_id
+from relay.middleware import CLIENT_CLOSED, observed, request_id
 
 PATH = "/hooks/{provider}/{token}"
 _PREFIX = "/hooks/"
@@ -71,6 +71,9 @@ class HookCall:
 
     def stalled(self) -> None:
         self._observed(408)
+
+    def gone(self) -> None:
+        self._observed(CLIENT_CLOSED)
 
     def _observed(self, status: int) -> str:
         request = request_id()

@@ -28,7 +28,7 @@ from tests.api.test_http_limits import (
     read_to_close,
     refusal,
 )
-from tests.helpers import bound_socket, running_server, serve
+from tests.helpers import bound_socket, running_server, serve, wait_for
 
 LANE_PATH = "/lane"
 
@@ -44,6 +44,9 @@ class Call:
     def stalled(self) -> None:
         self.lane.stalled += 1
 
+    def gone(self) -> None:
+        self.lane.gone += 1
+
 
 class Lane:
     """Claims POST /lane; records the bodies it is given, and the lengths it was asked about."""
@@ -52,6 +55,7 @@ class Lane:
         self.bodies: list[bytes] = []
         self.asked: list[tuple[str, int]] = []
         self.stalled = 0
+        self.gone = 0
         self.claimed = threading.Event()
 
     def claim(self, path: str, length: int) -> Call | None:
@@ -236,6 +240,7 @@ def test_a_caller_that_goes_away_mid_body_is_not_given_to_the_lane(lane_server: 
         sock.sendall(request(LANE_PATH, b"ok"))
         assert Reader(sock).next()[0] == 204
     assert app.state.lane.bodies == [b"ok"]
+    wait_for(lambda: app.state.lane.gone == 1)  # told, to be counted as a request whose client left
 
 
 # -- the relay's hook lane -----------------------------------------------------------------------------------------

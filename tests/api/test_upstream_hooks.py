@@ -6,6 +6,8 @@ never wrote down."""
 from __future__ import annotations
 
 import json
+import re
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -203,3 +205,29 @@ def relay_task_upstream_id(world: World, task_id: str) -> str:
 def finished(world: World, upstream_id: str) -> bool:
     task = world.engine.task(upstream_id, world.upstream)
     return task is not None and task["status"] == "SUCCESS"
+
+
+def test_a_call_whose_caller_hangs_up_mid_body_is_counted_as_499_in_its_lane_as_the_ordinary_way(
+    tmp_path: Path,
+) -> None:
+    """A provider that goes away before its call's body is complete: through the route, the request is logged and
+    counted with status 499, as any request whose client left; the lane, which answers calls with a stated length,
+    must tell it the same way, not drop it unseen."""
+    config = relay_config(tmp_path, images={"signing_secret": SIGNING})
+    path = f"/hooks/sim/{hook_token(SIGNING, 'sim')}"
+    route = 'mj_relay_http_requests_total{method="POST",route="/hooks/{provider}/{token}",status="4xx"}'
+
+    def gone(framing: bytes, body: bytes) -> None:
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: relay\r\n" + framing + b"\r\n\r\n" + body)
+
+    def counted() -> float:
+        found = re.search(re.escape(route) + r" (\S+)", httpx.get(relay.base + "/metrics").text)
+        return float(found.group(1)) if found else 0.0
+
+    with running_relay(config) as relay:
+        host, port = relay.base.removeprefix("http://").split(":")
+        gone(b"Transfer-Encoding: chunked", b'5\r\n{"id"')  # chunked: the route
+        wait_for(lambda: counted() == 1)
+        gone(b"Content-Length: 50", b'{"id"')  # a stated length: the lane
+        wait_for(lambda: counted() == 2)
