@@ -38,6 +38,10 @@ STOPPING = ServiceUnavailable("The relay is stopping; retry shortly.", retry_aft
 # The status recorded for a request whose client went away before an answer (nginx's convention).
 CLIENT_CLOSED = 499
 _DISCONNECTED = "mj_relay.disconnected"
+# The status the server answered a request with itself, in the app's stead, when its body could never be complete
+# (it stopped coming, or was not valid HTTP): the app hears of it as a client that went away, but the client was
+# told this, and the request is logged and counted with it (`relay.server`).
+ANSWERED = "mj_relay.answered"
 
 
 class BodyLimit:
@@ -173,7 +177,9 @@ class Observe:
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            if scope.get(_DISCONNECTED):
+            if scope.get(ANSWERED):
+                status = scope[ANSWERED]
+            elif scope.get(_DISCONNECTED):
                 status = CLIENT_CLOSED
             template = getattr(scope.get("route"), "path", None) or "unmatched"
             observed(self.metrics, request, scope["method"], template, status, time.perf_counter() - started)

@@ -93,6 +93,7 @@ from uvicorn.server import ServerState
 
 from relay.config import ServerConfig
 from relay.logs import event
+from relay.middleware import ANSWERED
 
 __all__ = [
     "Lane",
@@ -745,6 +746,7 @@ class RelayProtocol(HttpToolsProtocol):
             # The bytes refused are this request's body: it can never be complete.
             if not cycle.response_started and not self.pipeline:
                 self.transport.write(answer)
+                cast(dict[str, Any], cycle.scope)[ANSWERED] = status  # (an HTTPScope, typed without it)
             if not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()
@@ -779,6 +781,8 @@ class RelayProtocol(HttpToolsProtocol):
                     message = await receive()
             except TimeoutError:
                 stalled = True
+                if not started:
+                    scope[ANSWERED] = 408
                 await self._body_stalled(send, answer=not started)
                 return {"type": "http.disconnect"}
             if message["type"] != "http.request" or not message.get("more_body", False):

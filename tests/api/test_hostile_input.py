@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
 from relay.api.openai.chat import ChatRequest
+from relay.app import build_app
 from tests.helpers import (
     RunningRelay,
     create_key,
@@ -178,6 +179,43 @@ def test_a_client_that_hangs_up_mid_body_is_not_an_error(relay: RunningRelay, ca
     metrics = httpx.get(relay.base + "/metrics").text
     assert 'route="/v1/images/generations",status="4xx"' in metrics
     assert 'route="/v1/images/generations",status="5xx"' not in metrics
+
+
+@pytest.mark.parametrize(
+    ("framing", "body", "status"),
+    [
+        (b"Content-Length: 5000", b'{"prompt": ', 408),  # it stops coming
+        (b"Transfer-Encoding: chunked", b'b\r\n{"prompt": \r\nzz\r\n', 400),  # it is not valid HTTP
+    ],
+)
+def test_a_body_the_server_refuses_is_logged_as_what_it_answered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, framing: bytes, body: bytes, status: int
+) -> None:
+    """A body that stops coming, or that is not valid HTTP, is answered by the server (408, 400), and the app hears
+    of it as a disconnect: the request's line must say what the client was told, not 499, as if it had hung up."""
+    config = relay_config(tmp_path, server={"body_timeout_s": 0.3})
+    key = create_key(config)
+    with caplog.at_level(logging.INFO), serve(build_app(config), config) as base:
+        host = base.removeprefix("http://")
+        hostname, port = host.split(":")
+        with socket.create_connection((hostname, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/images/generations HTTP/1.1\r\nHost: "
+                + host.encode()
+                + b"\r\nAuthorization: Bearer "
+                + key.encode()
+                + b"\r\nContent-Type: application/json\r\n"
+                + framing
+                + b"\r\n\r\n"
+                + body
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 %d " % status)
+        wait_for(lambda: [r for r in caplog.records if r.getMessage() == "request"])
+    statuses = [r.__dict__["fields"]["status"] for r in caplog.records if r.getMessage() == "request"]
+    assert statuses == [status]
 
 
 @pytest.mark.parametrize(
