@@ -393,3 +393,24 @@ def test_an_imagine_with_more_reference_images_than_the_relay_takes_is_refused_l
             assert "At most 2 reference images" in reply.json()["description"]
         assert world.relay.balance() == before and world.relay.jobs() == []
         world.finished(world.submit("/submit/imagine", {"prompt": "a cat", "base64Array": [png(), png((1, 2, 3))]}))
+
+
+def test_a_confirmation_with_an_empty_mask_as_the_seed_documents_send_it_is_no_mask(tmp_path: Path) -> None:
+    """Midjourney-proxy clients send every field of `submit/modal`, `"maskBase64": ""` when there is no mask (the
+    seed documents' own example): a Custom Zoom confirmed so runs, as midjourney-proxy runs it, rather than being
+    refused as a bad image."""
+    with native(tmp_path, "midjourney-proxy", prices=PRICES) as world:
+        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a cat"}))
+        upscale = world.finished(
+            world.submit("/submit/action", {"taskId": grid["id"], "customId": world.button(grid, "upsample::1")})
+        )
+        pressed = world.post(
+            "/submit/action", {"taskId": upscale["id"], "customId": world.button(upscale, "CustomZoom")}
+        )
+        assert pressed.json()["code"] == 21, pressed.text
+        zoom = str(pressed.json()["result"])
+        world.reached(zoom, "MODAL")
+        confirmed = world.post("/submit/modal", {"maskBase64": "", "prompt": "a cat --zoom 1.5", "taskId": zoom})
+        assert confirmed.status_code == 200 and confirmed.json()["code"] == 1, confirmed.text
+        world.finished(zoom)
+        assert world.relay.balance() == (1000 - 3 * 2, 0)

@@ -45,6 +45,12 @@ def _id_text(value: object) -> object:
     return value
 
 
+def _blank_is_none(value: object) -> object:
+    """midjourney-proxy clients send every field, an empty string for one they have nothing for (the seed
+    documents' `submit/modal` example: `"maskBase64": ""`); midjourney-proxy reads that as no value."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 BotType = Annotated[Literal["MID_JOURNEY", "NIJI_JOURNEY"], BeforeValidator(_bot)]
 TaskId = Annotated[str, BeforeValidator(_id_text), AfterValidator(task_id)]
 Image = Annotated[Text, Field(min_length=1)]
@@ -97,7 +103,7 @@ class ActionBody(_Submit):
 class ModalBody(_Body):
     taskId: TaskId
     prompt: Text | None = None
-    maskBase64: Image | None = None
+    maskBase64: Annotated[Image | None, BeforeValidator(_blank_is_none)] = None
 
 
 class UploadBody(_Submit):
