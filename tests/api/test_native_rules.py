@@ -12,6 +12,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 from starlette.applications import Starlette
@@ -414,3 +415,20 @@ def test_a_confirmation_with_an_empty_mask_as_the_seed_documents_send_it_is_no_m
         assert confirmed.status_code == 200 and confirmed.json()["code"] == 1, confirmed.text
         world.finished(zoom)
         assert world.relay.balance() == (1000 - 3 * 2, 0)
+
+
+def test_an_id_that_cannot_be_a_task_is_left_out_of_a_list_not_failing_its_neighbours(tmp_path: Path) -> None:
+    """`list-by-condition` leaves out ids it has no task of, as midjourney-proxy does and as `fetch` answers such
+    an id (404): a blank one (a client's task whose submit failed), one longer than any task id, one with a NUL.
+    The tasks beside them are still read, rather than the whole poll being a 400."""
+    with native(tmp_path, sim={"fast_s": 0.05}) as world:
+        task_id = world.submit("/submit/imagine", {"prompt": "a neighbour"})
+        for odd in ("", "   ", "9" * 65, "12\u0000"):
+            fetched = world.client.get(f"/mj/task/{quote(odd) if odd.strip() else '%20'}/fetch")
+            assert fetched.status_code == 404 and fetched.json()["code"] == 3, (odd, fetched.text)
+            listed = world.client.post("/mj/task/list-by-condition", json={"ids": [odd, task_id, int(task_id)]})
+            assert listed.status_code == 200, (odd, listed.text)
+            assert [task["id"] for task in listed.json()] == [task_id]
+        for wrong in ([True], [{"id": task_id}], "not a list"):  # not ids at all: still a bad request
+            refused = world.client.post("/mj/task/list-by-condition", json={"ids": wrong})
+            assert (refused.status_code, refused.json()["code"]) == (400, 4), (wrong, refused.text)

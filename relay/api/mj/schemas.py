@@ -51,6 +51,18 @@ def _blank_is_none(value: object) -> object:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+def _task_ids(values: list[str]) -> list[str]:
+    """The ids of a list that can be task ids: one that cannot (blank, too long, unstorable) names no task, and
+    is left out as an unknown one is, not failing the read of the others beside it."""
+    ids = []
+    for value in values:
+        try:
+            ids.append(task_id(value))
+        except ValueError:
+            continue
+    return ids
+
+
 BotType = Annotated[Literal["MID_JOURNEY", "NIJI_JOURNEY"], BeforeValidator(_bot)]
 TaskId = Annotated[str, BeforeValidator(_id_text), AfterValidator(task_id)]
 Image = Annotated[Text, Field(min_length=1)]
@@ -111,4 +123,6 @@ class UploadBody(_Submit):
 
 
 class ListBody(_Body):
-    ids: list[TaskId] | None = Field(None, max_length=MAX_LIST_IDS)
+    ids: Annotated[list[Annotated[str, BeforeValidator(_id_text)]], AfterValidator(_task_ids)] | None = Field(
+        None, max_length=MAX_LIST_IDS
+    )
