@@ -38,7 +38,7 @@ from relay.core.jobs import ID_TRIES, check_prompt, new_job_id
 from relay.core.lifecycle import Lifecycle
 from relay.core.modes import ModeHints, UnknownModel, choose_mode, price_model
 from relay.core.notify import Notifier
-from relay.core.prompt import MODE_FLAG, PromptParts, build_prompt
+from relay.core.prompt import PromptParts, build_prompt
 from relay.core.providers import ProviderPool
 from relay.core.submit import JobIdTaken, Outcome, Planned, Submitter
 from relay.core.uploads import Uploads
@@ -271,8 +271,10 @@ class TaskService:
             )
         if prompt:
             check_prompt(prompt, self.config.api.max_prompt_chars)
-            if MODE_FLAG.search(prompt):  # the job's mode, which priced it, is the one that runs
-                prompt = build_prompt(PromptParts(text=prompt, mode=cast(Mode, row.mode)))
+            # The job's mode, which priced it, is the one that runs: its flag replaces any the client wrote, and is
+            # written when it wrote none, since a remix prompt replaces the whole prompt upstream and a confirmation
+            # carries no accountFilter (without a flag it would run in whatever mode the account is set to).
+            prompt = build_prompt(PromptParts(text=prompt, mode=cast(Mode, row.mode)))
         if row.id in self._confirming:
             raise InvalidRequest("A confirmation of this task is already under way.", param="taskId")
         self._confirming.add(row.id)

@@ -84,7 +84,7 @@ def test_vary_region_waits_in_modal_then_runs_with_a_mask(world: Native) -> None
     confirmed = world.post("/submit/modal", {"taskId": region_id, "prompt": "a red boat", "maskBase64": png()})
     assert confirmed.json() == {"code": 1, "description": "Submit success", "properties": {}, "result": region_id}
     done = world.finished(region_id)
-    assert done["imageUrl"].split("?")[0].endswith("/grid.png") and done["prompt"] == "a red boat"
+    assert done["imageUrl"].split("?")[0].endswith("/grid.png") and done["prompt"] == "a red boat --fast"
     assert spent(world) == 5 + 2 + 4
     assert world.job(region_id)["provider"] == world.job(grid["id"])["provider"]
 

@@ -167,7 +167,7 @@ def test_a_modal_answer_to_an_action_parks_the_task_and_the_modal_runs_it(tmp_pa
             assert confirmed.json()["code"] == 1
             sent = [body for route, body in canned.calls if route == "submit/modal"][-1]
             assert sent["taskId"] == "u-modal" and sent["maskBase64"].startswith("data:image/png;base64,")
-            assert sent["prompt"] == "a boat"
+            assert sent["prompt"] == "a boat --fast"  # the mode it was held at
             action = [body for route, body in canned.calls if route == "submit/action"][-1]
             assert action == {**action, "taskId": "u-parent", "customId": "MJ::Inpaint::1::h::SOLO"}
 

@@ -432,3 +432,26 @@ def test_an_id_that_cannot_be_a_task_is_left_out_of_a_list_not_failing_its_neigh
         for wrong in ([True], [{"id": task_id}], "not a list"):  # not ids at all: still a bad request
             refused = world.client.post("/mj/task/list-by-condition", json={"ids": wrong})
             assert (refused.status_code, refused.json()["code"]) == (400, 4), (wrong, refused.text)
+
+
+def test_a_modal_prompt_without_a_mode_flag_still_runs_in_the_mode_its_task_was_held_at(tmp_path: Path) -> None:
+    """A remix prompt replaces the whole prompt upstream, and a confirmation carries no `accountFilter`: without a
+    mode flag, a variation held at relax's price would run in whatever mode the account is set to (fast, say). The
+    job's own mode is written into it, as into every prompt the relay sends."""
+    with native(tmp_path, "midjourney-proxy", sim={"remix": True}, prices=PRICES) as world:
+        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a cat"}, prefix="/mj-relax/mj"))
+        pressed = world.post(
+            "/submit/action",
+            {"taskId": grid["id"], "customId": world.button(grid, "variation::1")},
+            prefix="/mj-relax/mj",
+        )
+        assert pressed.json()["code"] == 21, pressed.text
+        variation = str(pressed.json()["result"])
+        world.reached(variation, "MODAL")
+        confirmed = world.post("/submit/modal", {"taskId": variation, "prompt": "a cat in the rain"})
+        assert confirmed.json()["code"] == 1, confirmed.text
+        world.finished(variation)
+        assert world.relay.balance() == (1000 - 2, 0)
+        ((prompt,),) = sql(world.relay.config, "SELECT prompt FROM jobs WHERE id = ?", variation)
+        sent = [t.prompt for t in world.engines[0]._tasks.values() if t.prompt.startswith("a cat in the rain")]
+        assert sent and all(p == "a cat in the rain --relax" for p in [prompt, *sent]), (prompt, sent)

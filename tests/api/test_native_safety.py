@@ -50,7 +50,7 @@ def test_a_confirmation_the_upstream_starts_before_it_answers_runs_to_its_end_an
         assert confirmed.json()["code"] == 1
         assert len(polls_during_modal) >= 3  # the relay read the task while the confirmation was under way
         during = client.get(f"/mj/task/{child}/fetch").json()
-        assert during["status"] == "IN_PROGRESS" and during["prompt"] == "a boat"
+        assert during["status"] == "IN_PROGRESS" and during["prompt"] == "a boat --fast"
         canned.on("task/list-by-condition", (200, [task("u-modal", "SUCCESS", "100%", imageUrl=cdn + "/m.png")]))
         wait_for(lambda: client.get(f"/mj/task/{child}/fetch").json()["status"] in ("SUCCESS", "FAILURE"))
         assert client.get(f"/mj/task/{child}/fetch").json()["status"] == "SUCCESS"
