@@ -87,7 +87,8 @@ class Metrics:
 
         self.upstream_hooks = Counter(
             "mj_relay_upstream_hooks",
-            "Upstream hook calls taken, by provider and outcome (applied, adopted, unknown, unreadable).",
+            "Upstream hook calls taken, by provider and outcome "
+            "(applied, adopted, forwarded, late, unknown, unreadable, failed).",
             ["provider", "outcome"],
             registry=self.registry,
         )
