@@ -160,18 +160,25 @@ def test_an_unhandled_error_is_a_500_in_the_envelope_and_keeps_the_connection(
     assert [r for r in caplog.records if r.getMessage() == "unhandled error"]
 
 
+def images_head(host: str, key: str, framing: bytes) -> bytes:
+    """The head of an image request on the wire, its body framed by `framing` (a length, or chunks)."""
+    return (
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: "
+        + host.encode()
+        + b"\r\nAuthorization: Bearer "
+        + key.encode()
+        + b"\r\nContent-Type: application/json\r\n"
+        + framing
+        + b"\r\n\r\n"
+    )
+
+
 def test_a_client_that_hangs_up_mid_body_is_not_an_error(relay: RunningRelay, caplog: pytest.LogCaptureFixture) -> None:
     host = relay.base.removeprefix("http://")
     with caplog.at_level(logging.INFO):
         hostname, port = host.split(":")
         with socket.create_connection((hostname, int(port)), timeout=10) as sock:
-            sock.sendall(
-                b"POST /v1/images/generations HTTP/1.1\r\nHost: "
-                + host.encode()
-                + b"\r\nAuthorization: Bearer "
-                + relay.key.encode()
-                + b'\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{"prompt": '
-            )
+            sock.sendall(images_head(host, relay.key, b"Content-Length: 5000") + b'{"prompt": ')
         wait_for(
             lambda: any(r.getMessage() == "request" and r.__dict__["fields"]["status"] == 499 for r in caplog.records)
         )
@@ -199,16 +206,7 @@ def test_a_body_the_server_refuses_is_logged_as_what_it_answered(
         host = base.removeprefix("http://")
         hostname, port = host.split(":")
         with socket.create_connection((hostname, int(port)), timeout=10) as sock:
-            sock.sendall(
-                b"POST /v1/images/generations HTTP/1.1\r\nHost: "
-                + host.encode()
-                + b"\r\nAuthorization: Bearer "
-                + key.encode()
-                + b"\r\nContent-Type: application/json\r\n"
-                + framing
-                + b"\r\n\r\n"
-                + body
-            )
+            sock.sendall(images_head(host, key, framing) + body)
             answer = b""
             while chunk := sock.recv(65536):
                 answer += chunk

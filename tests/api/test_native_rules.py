@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.api.native_helpers import native, png
+from tests.api.native_helpers import Native, native, png
 from tests.helpers import Receiver, create_key, png_chunk, png_start, serve, sql, wait_for
 
 PRICES = {"mj-fast": {"default": 2}, "mj-relax": {"default": 1}, "mj-turbo": {"default": 4}}
@@ -302,19 +302,26 @@ def test_imagine_all_is_refused_and_holds_nothing(tmp_path: Path) -> None:
         assert world.job(one)["action"] == "imagine"  # a numbered prompt is one imagine, as before
 
 
+def relax_variation_in_modal(world: Native) -> str:
+    """A grid made at relax, and its first variation pressed: the upstream (remix on) waits in MODAL for its
+    prompt. The variation's task id."""
+    grid = world.finished(world.submit("/submit/imagine", {"prompt": "a cat"}, prefix="/mj-relax/mj"))
+    pressed = world.post(
+        "/submit/action",
+        {"taskId": grid["id"], "customId": world.button(grid, "variation::1")},
+        prefix="/mj-relax/mj",
+    )
+    assert pressed.json()["code"] == 21, pressed.text
+    variation = str(pressed.json()["result"])
+    world.reached(variation, "MODAL")
+    return variation
+
+
 def test_a_modal_prompt_runs_in_the_mode_its_task_was_held_at(tmp_path: Path) -> None:
     """A remix confirmation's prompt cannot switch a variation held at relax's price to turbo: its mode flag is
     replaced by the job's own, as for every prompt sent upstream."""
     with native(tmp_path, "midjourney-proxy", sim={"remix": True}, prices=PRICES) as world:
-        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a cat"}, prefix="/mj-relax/mj"))
-        pressed = world.post(
-            "/submit/action",
-            {"taskId": grid["id"], "customId": world.button(grid, "variation::1")},
-            prefix="/mj-relax/mj",
-        )
-        assert pressed.json()["code"] == 21, pressed.text
-        variation = str(pressed.json()["result"])
-        world.reached(variation, "MODAL")
+        variation = relax_variation_in_modal(world)
         assert world.relay.balance() == (1000 - 1, 1)  # the grid charged, the variation held: relax, 1 each
         confirmed = world.post("/submit/modal", {"taskId": variation, "prompt": "a cat in the rain --turbo"})
         assert confirmed.json()["code"] == 1, confirmed.text
@@ -439,15 +446,7 @@ def test_a_modal_prompt_without_a_mode_flag_still_runs_in_the_mode_its_task_was_
     mode flag, a variation held at relax's price would run in whatever mode the account is set to (fast, say). The
     job's own mode is written into it, as into every prompt the relay sends."""
     with native(tmp_path, "midjourney-proxy", sim={"remix": True}, prices=PRICES) as world:
-        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a cat"}, prefix="/mj-relax/mj"))
-        pressed = world.post(
-            "/submit/action",
-            {"taskId": grid["id"], "customId": world.button(grid, "variation::1")},
-            prefix="/mj-relax/mj",
-        )
-        assert pressed.json()["code"] == 21, pressed.text
-        variation = str(pressed.json()["result"])
-        world.reached(variation, "MODAL")
+        variation = relax_variation_in_modal(world)
         confirmed = world.post("/submit/modal", {"taskId": variation, "prompt": "a cat in the rain"})
         assert confirmed.json()["code"] == 1, confirmed.text
         world.finished(variation)
