@@ -462,7 +462,8 @@ class Lifecycle:
     async def hooks(self, provider: str, calls: list[tuple[Tracked, TaskView]]) -> None:
         """Apply what upstream hooks said of jobs of `provider`, as one read of them would (of a job spoken of more
         than once, its most advanced view); then each job is next read as `read_after_hook` says (hooks keep it
-        current: polling is the safety net for a lost call)."""
+        current: polling is the safety net for a lost call), but one that applying them made due at once (an ending
+        that could not be written, tried again at the next read) is read at once."""
         latest: dict[str, tuple[Tracked, TaskView]] = {}
         for tracked, view in calls:
             if self._by_job.get(tracked.job_id) is not tracked:
@@ -470,10 +471,13 @@ class Lifecycle:
             kept = latest.get(tracked.job_id)
             if kept is None or ahead(view, kept[1]):
                 latest[tracked.job_id] = (tracked, view)
+        due = {job_id: tracked.due_at for job_id, (tracked, _) in latest.items()}
         await self.apply(provider, [tracked for tracked, _ in latest.values()], [view for _, view in latest.values()])
         now = self.clock.now()
         interval = self.pool.poll_interval(provider)
-        for tracked, _ in latest.values():
+        for job_id, (tracked, _) in latest.items():
+            if tracked.due_at != due[job_id] and tracked.due_at <= now:
+                continue
             tracked.due_at = read_after_hook(
                 now, interval, tracked.running_since, tracked.progress, tracked.running_from
             )

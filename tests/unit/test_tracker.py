@@ -1270,6 +1270,26 @@ async def test_a_waiter_ending_a_job_a_round_is_ending_meanwhile_is_not_told_it_
     assert await waiter is False
 
 
+async def test_a_job_whose_ending_a_hook_brought_could_not_be_written_is_read_again_at_once(world: World) -> None:
+    """An upstream hook says a task failed, and the job's ending cannot be written (the database briefly away): the
+    job is followed again, to be read at once, and ended then. The hook's own next-read time (an interval on, as
+    hooks keep a job current) must not put that read off."""
+    job = await world.submit("cat")
+    lifecycle = world.tracker.lifecycle
+    tracked = lifecycle._by_job[job]
+    store = lifecycle.finisher.store
+    real_finish = store.finish_many
+
+    async def unreachable(endings: Sequence[Ending], now: float) -> list[JobRow | None]:
+        raise OSError("the database went away")
+
+    store.finish_many = unreachable  # type: ignore[method-assign]
+    await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.FAILURE, 0, fail_reason="banned"))
+    store.finish_many = real_finish  # type: ignore[method-assign]
+    assert lifecycle.following(job)
+    assert lifecycle._by_job[job].due_at <= world.clock.now()
+
+
 def held_progress_writes(world: World) -> tuple[asyncio.Event, asyncio.Event]:
     """Progress writes held until the second event is set; the first is set once one is under way."""
     writes, written = asyncio.Event(), asyncio.Event()
