@@ -59,6 +59,12 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
+def sendable_in_header(value: str) -> bool:
+    """Whether this client can send `value` as a header's value: Latin-1 (its request is written so), with no
+    control character but the tab."""
+    return _FORBIDDEN_IN_VALUE.search(value) is None and max(value, default="\0") <= "\xff"
+
+
 class HttpFailure(Exception):
     """A call that got no complete answer. `sent`: the request may have reached the server (it was written on a
     connection that then failed or went silent); False only when it certainly did not (no connection was made).

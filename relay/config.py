@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from adapters import BOTS, DIALECTS, MODES, Bot, Dialect, Mode
+from adapters.h1 import sendable_in_header
 from relay.core import housekeeping
 from relay.domain import TaskKind
 from relay.store.keys import MAX_CREDITS
@@ -351,11 +352,6 @@ class HealthConfig(_Section):
     probes_to_down: int = Field(3, ge=1, le=1000)  # failed probes in a row that take a provider down
 
 
-# What a header value may hold as the upstream HTTP client sends it (adapters/h1.py): Latin-1 without control
-# characters but the tab.
-_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
-
-
 class ProviderConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     dialect: Dialect
@@ -388,7 +384,7 @@ class ProviderConfig(_Section):
         # It goes in a header (mj-api-secret, or after Bearer), whose bytes are Latin-1: the HTTP client cannot
         # send a character beyond it, nor a control character (a line break would end the header), and every submit
         # to the provider would fail. The secret itself is not repeated.
-        if not _HEADER_VALUE.fullmatch(value):
+        if not sendable_in_header(value):
             raise ValueError(
                 "a secret is sent in a header: letters, digits and punctuation of Latin-1 only (no control characters)"
             )

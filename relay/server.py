@@ -765,9 +765,6 @@ class RelayProtocol(HttpToolsProtocol):
             await self._inner_app(scope, receive, send)
             return
         body_done = started = stalled = asked = False
-        # A client that sent `Expect: 100-continue` sends the body only once asked (uvicorn asks at the first
-        # `receive()`): answered before, it sends none, and the parser would read its next request as that body.
-        expecting = any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope["headers"])
 
         async def timed_receive() -> Message:
             nonlocal body_done, stalled, asked
@@ -795,7 +792,10 @@ class RelayProtocol(HttpToolsProtocol):
                 return
             if message["type"] == "http.response.start":
                 started = True
-                if expecting and not asked:  # the body never comes: the connection closes after the answer
+                # A client that sent `Expect: 100-continue` sends the body only once asked (uvicorn asks at the
+                # first `receive()`): answered before, it sends none, and the parser would read its next request as
+                # that body. The connection closes after the answer.
+                if not asked and _expects_continue(scope):
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
@@ -810,3 +810,7 @@ class RelayProtocol(HttpToolsProtocol):
         # `connection: close` makes uvicorn close the connection once the answer is written
         await send({"type": "http.response.start", "status": 408, "headers": [*headers, (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": _BODY_STALLED})
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope["headers"])

@@ -62,13 +62,17 @@ class Coordinator:
         self._on_adopted = on_adopted  # e.g. the adopted jobs' client hooks go on here
         self.retry_window_s = retry_window_s  # attempts older than this are forgotten (see `jobs.retry_window_s`)
         self._loops: list[asyncio.Task[None]] = []
+        self._adopting: asyncio.Task[None] | None = None  # the adoption round's loop (one of `_loops`)
 
     async def start(self) -> None:
         await self.adopt(first=True)
         lease_s = self.leases.lease_s
+        self._adopting = asyncio.create_task(
+            self._every(min(ADOPT_EVERY_S, lease_s / 2), self.adopt), name="leases:adopt"
+        )
         self._loops = [
             asyncio.create_task(self._every(lease_s / 3, self.renew), name="leases:renew"),
-            asyncio.create_task(self._every(min(ADOPT_EVERY_S, lease_s / 2), self.adopt), name="leases:adopt"),
+            self._adopting,
             asyncio.create_task(self._every(FORGET_EVERY_S, self._forget), name="attempts:forget"),
         ]
         if not self.alone and any(p.max_in_flight for p in self.tracker.pool.settings.values()):
@@ -81,13 +85,14 @@ class Coordinator:
         """A process that is stopping claims no more jobs (first, before its tracker stops reading): one claimed
         then would be held, with a fresh lease, by a process that reads nothing any more, until its hand-over,
         while a live process could have adopted it at once. Its leases are still renewed until `stop`."""
-        adopting = [task for task in self._loops if task.get_name() == "leases:adopt"]
-        await cancel_all(adopting)
-        self._loops = [task for task in self._loops if task not in adopting]
+        if self._adopting is not None:
+            adopting, self._adopting = self._adopting, None
+            await cancel_all([adopting])
+            self._loops.remove(adopting)
 
     async def stop(self) -> None:
         await cancel_all(self._loops)
-        self._loops = []
+        self._loops, self._adopting = [], None
         # First: a job written as this process's from here on (a submit answered only now) is handed over as well.
         self.tracker.store.handing_over = True
         released = await self.leases.release()

@@ -149,8 +149,6 @@ class TaskService:
         prompt, images = "", order.images
         if order.kind is TaskKind.IMAGINE:
             limit = self.config.api.references.max_count
-            if len(order.images) > limit:  # (the relay's own links in the prompt count too: `inline`)
-                raise InvalidRequest(f"At most {limit} reference images are accepted.", param="base64Array")
             order_prompt, images = await self.uploads.inline(order.prompt, order.images, limit)
         else:
             order_prompt = order.prompt

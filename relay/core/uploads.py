@@ -87,7 +87,8 @@ class Uploads:
         limit = self.config.max_images
         counted = self.keys is not None and limit is not None
         taken_at = self.clock.now()
-        if self.keys is not None and limit is not None:
+        if counted:
+            assert self.keys is not None and limit is not None
             window_s = self.config.window_s
             wait = await self.keys.take_uploads(key_id, len(data_urls), limit, window_s, taken_at)
             if wait is not None:
@@ -122,7 +123,10 @@ class Uploads:
             log.exception("uncounting uploads not kept failed", extra={"fields": {"key": key_id, "images": count}})
 
     async def inline(self, prompt: str, images: tuple[str, ...], limit: int) -> tuple[str, tuple[str, ...]]:
-        """The prompt without the relay's own image links, and the reference images with them added."""
+        """The prompt without the relay's own image links, and the reference images with them added; refused beyond
+        `limit` images, those links counted."""
+        if len(images) > limit:
+            raise InvalidRequest(f"At most {limit} reference images are accepted.", param="base64Array")
         now = self.clock.now()
         found = [
             link

@@ -380,7 +380,7 @@ class KeyStore:
     async def give_back_uploads(self, key_id: str, count: int, window_s: float, taken_at: float) -> None:
         """Uncount `count` images counted by `take_uploads` at `taken_at` that were not kept after all; nothing when
         the key's window has moved on since (a new window counts from 0)."""
-        window = math.floor(taken_at / window_s) * window_s
+        window = _window_start(taken_at, window_s)
         await changed(
             self.engine,
             update(keys)
@@ -402,7 +402,7 @@ class KeyStore:
         conditional UPDATE shared by every relay process on the database, so requests at once cannot pass the
         bound: `fits(fresh)` says whether they do (`fresh`: the key's window is an older one, counted from 0). None
         when counted; else the seconds until the next window opens, having counted nothing."""
-        window = math.floor(now / window_s) * window_s
+        window = _window_start(now, window_s)
         fresh = window_column < window
         counted = await changed(
             self.engine,
@@ -438,3 +438,8 @@ async def _resolve(conn: AsyncConnection, id_or_name: str) -> Any:
     if len(rows) > 1:
         raise AmbiguousKey(f"several keys are named {id_or_name!r}: use the key's id")
     return rows[0]
+
+
+def _window_start(now: float, window_s: float) -> float:
+    """When the counting window `now` falls in began (windows of `window_s`, from the epoch)."""
+    return math.floor(now / window_s) * window_s
