@@ -18,8 +18,8 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, cast
 
 from adapters import TaskStatus, TaskView, UpstreamUnavailable
 from adapters.http import DOWNLOAD_LANES
@@ -30,7 +30,7 @@ from relay.core.batch import Batcher
 from relay.core.events import JobEvent, JobEvents
 from relay.core.finish import Finisher
 from relay.core.providers import ProviderPool
-from relay.domain import FailureCode, JobState, ResultShape
+from relay.domain import FailureCode, JobState, Mode, ResultShape
 from relay.images import GRID, IMAGE, ImageError, ImageStore, StorageError
 from relay.store.jobs import Ending, JobRow, JobStore, ProgressChange
 from relay.store.leases import Leases
@@ -72,6 +72,7 @@ class Tracked:
     running_since: float | None = None  # when this process first saw it IN_PROGRESS
     running_from: int = 0  # its progress then (more than 0 for a job adopted while it ran)
     may_wait: bool = False  # a follow-up the upstream may park in MODAL (a job submitted on its own never waits)
+    mode: str = field(kw_only=True)  # fast, relax or turbo: how long it may run (`jobs.deadline_s`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +305,7 @@ class Lifecycle:
             confirmed=row.confirmed_at is not None,  # a view read before its confirmation never parks it again
             slot=row.state is not JobState.MODAL,
             may_wait=row.spec.follow_up,
+            mode=row.mode,
         )
 
     def take_up(self, row: JobRow) -> Tracked:
@@ -409,24 +411,17 @@ class Lifecycle:
                 tracked.missing_since = tracked.missing_since or now
                 if now - tracked.missing_since >= self.config.jobs.lost_after_s:
                     failures[tracked.job_id] = (tracked, FailureCode.LOST, "the upstream no longer knows the job")
-        finished = {tracked.job_id for tracked, _ in successes}
-        for tracked in jobs:
-            if now >= tracked.deadline_at and tracked.job_id not in failures and tracked.job_id not in finished:
-                failures[tracked.job_id] = (tracked, FailureCode.TIMEOUT, _deadline_reason(tracked))
-
-        # A job the upstream parks in MODAL (a follow-up it took, then asked to confirm) waits for `submit/modal`
-        # for the modal window from now, as one parked at its submit does, not to a running job's deadline.
-        modal_deadline = now + self.config.jobs.modal_timeout_s
         records = [
-            ProgressChange(
-                t.job_id,
-                step.state or t.state,
-                step.progress,
-                t.state,
-                modal_deadline if step.state is JobState.MODAL and t.state is not JobState.MODAL else None,
-            )
+            ProgressChange(t.job_id, step.state or t.state, step.progress, t.state, self._new_deadline(t, step, now))
             for t, step in changes
         ]
+        moved = {record.job_id: record.deadline_at for record in records if record.deadline_at is not None}
+        finished = {tracked.job_id for tracked, _ in successes}
+        for tracked in jobs:
+            deadline_at = moved.get(tracked.job_id, tracked.deadline_at)
+            if now >= deadline_at and tracked.job_id not in failures and tracked.job_id not in finished:
+                failures[tracked.job_id] = (tracked, FailureCode.TIMEOUT, _deadline_reason(tracked))
+
         for tracked, _ in successes:
             tracked.state, tracked.progress, tracked.delivering = JobState.IN_PROGRESS, 100, True
             self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
@@ -444,8 +439,12 @@ class Lifecycle:
                 continue  # another view of the job, applied meanwhile, took it further: this one is stale
             if new_state is JobState.MODAL and tracked.confirmed:
                 continue  # confirmed while this view was written: the job takes a slot and runs, it waits no more
-            if new_state is JobState.MODAL and tracked.state is not JobState.MODAL:
-                tracked.deadline_at = modal_deadline
+            moved_to = self._new_deadline(tracked, step, now)
+            if moved_to is not None:
+                tracked.deadline_at = moved_to
+            if _runs_unconfirmed(tracked, new_state) and not tracked.slot:  # it runs: it holds a slot, as confirmed
+                self.pool.acquire(tracked.provider)
+                tracked.slot = True
             tracked.state, tracked.progress = new_state, step.progress
             if tracked.state is JobState.IN_PROGRESS and tracked.running_since is None:
                 tracked.running_since, tracked.running_from = now, tracked.progress
@@ -454,6 +453,18 @@ class Lifecycle:
             self.events.publish(JobEvent(tracked.job_id, tracked.state, tracked.progress))
         if failures:
             await self.end_all([_End(t, False, code, reason) for t, code, reason in failures.values()])
+
+    def _new_deadline(self, tracked: Tracked, step: Step, now: float) -> float | None:
+        """The deadline a progress step gives the job, if it moves it on. A job the upstream parks in MODAL (a
+        follow-up it took, then asked to confirm) waits for `submit/modal` for the modal window from now, as one
+        parked at its submit does, not to a running job's deadline; one it runs out of MODAL unconfirmed (confirmed
+        upstream some other way) runs to its mode's deadline from now, as a confirmed one does."""
+        new_state = step.state or tracked.state
+        if new_state is JobState.MODAL and tracked.state is not JobState.MODAL:
+            return now + self.config.jobs.modal_timeout_s
+        if _runs_unconfirmed(tracked, new_state):
+            return now + self.config.jobs.deadline_s.of(cast(Mode, tracked.mode))
+        return None
 
     async def hook(self, tracked: Tracked, view: TaskView) -> None:
         """Apply what an upstream hook said of a job (`hooks`)."""
@@ -802,6 +813,11 @@ class Lifecycle:
         await self._progress.close()
         await self._holds.close()
         await cancel_all(list(self._deliveries))
+
+
+def _runs_unconfirmed(tracked: Tracked, new_state: JobState) -> bool:
+    """Whether a job waiting in MODAL, unconfirmed, is seen running: the upstream ran it without `submit/modal`."""
+    return tracked.state is JobState.MODAL and new_state is JobState.IN_PROGRESS and not tracked.confirmed
 
 
 def _deadline_reason(tracked: Tracked) -> str:

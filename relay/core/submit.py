@@ -358,6 +358,7 @@ class Submitter:
             shape=planned.shape,
             due_at=due_at,
             may_wait=planned.modal_ok,
+            mode=job.mode,
         )
         try:
             await self._mark(Submitted(job.id, provider, outcome.upstream_id))
@@ -389,6 +390,7 @@ class Submitter:
             shape=planned.shape,
             slot=False,
             may_wait=True,
+            mode=job.mode,
         )
         self.lifecycle.started(tracked)
         return True

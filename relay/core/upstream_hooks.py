@@ -377,6 +377,7 @@ class UpstreamHooks:
             JobState.SUBMITTED,
             shape=row.spec.shape,
             may_wait=row.spec.follow_up,
+            mode=row.mode,
         )
         self.lifecycle.started(tracked)
         event(log, "job adopted", job=job_id, provider=provider)

@@ -124,8 +124,18 @@ class World:
         assert await self.store.open(self.key_id, [new], now)
         await self.store.mark_submitted(job_id, "sim", upstream_id, now)
         self.pool.acquire("sim")
-        self.tracker.track(Tracked(job_id, "mj-fast", "sim", upstream_id, now + deadline_s, may_wait=may_wait))
+        self.tracker.track(
+            Tracked(job_id, "mj-fast", "sim", upstream_id, now + deadline_s, may_wait=may_wait, mode="fast")
+        )
         return job_id
+
+    def upstream_keeps_parked(self) -> None:
+        """Every read from now on finds each task waiting in MODAL, whatever the simulator runs."""
+
+        async def parked(ids: Sequence[str]) -> list[TaskView]:
+            return [TaskView(i, TaskStatus.MODAL, 0) for i in ids]
+
+        self.pool.upstreams["sim"].fetch_many = parked  # type: ignore[method-assign]
 
     def images_gone(self) -> None:
         """Every image download fails from now on, as from an upstream that lost its images."""
@@ -452,7 +462,7 @@ async def test_two_jobs_on_one_upstream_task_are_both_followed(world: World) -> 
     upstream_id = first.removeprefix("job_")
     await world.store.mark_submitted("job_twin0000", "sim", upstream_id, now)
     world.pool.acquire("sim")
-    world.tracker.track(Tracked("job_twin0000", "mj-fast", "sim", upstream_id, now + 600))
+    world.tracker.track(Tracked("job_twin0000", "mj-fast", "sim", upstream_id, now + 600, mode="fast"))
     world.clock.advance(11)
     await world.tracker.poll("sim")
     await world.settle()
@@ -485,11 +495,7 @@ async def test_a_follow_up_a_read_finds_parked_waits_the_modal_window_whatever_i
     short mode's running deadline (10 s), nor a long one's (1800 s)."""
     short = await world.submit("cat", deadline_s=10, may_wait=True)
     long = await world.submit("dog", deadline_s=1800, may_wait=True)
-
-    async def parked(ids: Sequence[str]) -> list[TaskView]:
-        return [TaskView(i, TaskStatus.MODAL, 0) for i in ids]
-
-    world.pool.upstreams["sim"].fetch_many = parked  # type: ignore[method-assign]
+    world.upstream_keeps_parked()
     world.clock.advance(1)
     await world.tracker.poll("sim")
     assert {(await world.state(j))[0] for j in (short, long)} == {"MODAL"}
@@ -911,14 +917,15 @@ async def test_a_job_confirmed_while_its_lease_is_checked_for_a_timeout_is_not_e
 
 
 async def test_a_timeout_the_store_refused_follows_the_job_to_its_new_deadline(world: World) -> None:
-    """A job waiting in MODAL passes the deadline this process knows, but a confirmation under way (here or in
-    another process) moved the stored one on: the timeout is not written, and the job is followed on, to the
-    stored deadline, with nothing settled."""
+    """A job waiting in MODAL passes the deadline this process knows, but a confirmation its follower has not heard
+    of moved the stored one on: the timeout is not written, and the job is followed on, to the stored deadline,
+    with nothing settled."""
     lifecycle = world.tracker.lifecycle
     job = await world.submit("a parked heron sim:never", deadline_s=20, may_wait=True)
     tracked = lifecycle._by_job[job]
     await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
-    assert await world.store.extend_modal(job, world.clock.now() + 600, world.clock.now(), world.clock.now() + 40)
+    world.upstream_keeps_parked()  # the upstream has not started it yet
+    assert await world.store.confirm_modal(job, tracked.upstream_id, world.clock.now() + 600, world.clock.now())
     world.clock.advance(21)
     await world.tracker.poll("sim")
     assert (await world.state(job))[1:] == (None, "held")
@@ -977,6 +984,7 @@ async def test_a_timeout_refused_for_a_job_another_process_took_meanwhile_is_lef
     job = await world.submit("a parked heron sim:never", deadline_s=20, may_wait=True)
     tracked = lifecycle._by_job[job]
     await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
+    world.upstream_keeps_parked()  # the upstream has not started it yet
     other = JobStore(world.store.engine, owner="another-process", lease_s=30)
     now = world.clock.now()
     assert await other.extend_modal(job, now + 600, now, now + 40)
@@ -1087,7 +1095,8 @@ async def test_a_refused_timeout_whose_stored_deadline_cannot_be_looked_at_is_fo
     job = await world.submit("a parked heron sim:never", deadline_s=20, may_wait=True)
     tracked = lifecycle._by_job[job]
     await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
-    assert await world.store.extend_modal(job, world.clock.now() + 600, world.clock.now(), world.clock.now() + 40)
+    world.upstream_keeps_parked()  # the upstream has not started it yet
+    assert await world.store.confirm_modal(job, tracked.upstream_id, world.clock.now() + 600, world.clock.now())
     real_later, calls = lifecycle._later_deadlines, []
 
     async def later_once_broken(job_ids: list[str]) -> dict[str, float | None]:
@@ -1443,3 +1452,27 @@ async def test_a_job_due_at_once_between_rounds_is_read_at_once(world: World) ->
     await world.tracker.stop()
     assert rounds, "the job was not read"
     assert rounds[0][1] == {row.upstream_id} and rounds[0][0] - taken <= 0.25
+
+
+async def test_a_follow_up_the_upstream_runs_out_of_modal_unconfirmed_runs_to_its_mode_s_deadline_with_a_slot(
+    world: World,
+) -> None:
+    """A follow-up the upstream parked in MODAL, then ran without a `submit/modal` (confirmed upstream some other
+    way): from then on it is a running job like any other, holding one of its provider's slots and running to its
+    mode's deadline from the moment it was seen running, not the modal window's."""
+    job = await world.submit("a heron run upstream", may_wait=True)
+    lifecycle = world.tracker.lifecycle
+    tracked = lifecycle._by_job[job]
+    await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.MODAL, 0))
+    assert tracked.state is JobState.MODAL and not tracked.slot and world.pool.in_flight["sim"] == 0
+    world.clock.advance(15)  # five seconds of the modal window left
+    await lifecycle.hook(tracked, TaskView(tracked.upstream_id, TaskStatus.IN_PROGRESS, 10))
+    runs_until = world.clock.now() + lifecycle.config.jobs.deadline_s.fast
+    assert tracked.state is JobState.IN_PROGRESS and tracked.slot and world.pool.in_flight["sim"] == 1
+    assert tracked.deadline_at == runs_until
+    row = await world.store.get(job)
+    assert row is not None and (row.state, row.deadline_at) == (JobState.IN_PROGRESS, runs_until)
+    world.clock.advance(10)  # past the modal window: the job runs on
+    await world.tracker.poll("sim")
+    row = await world.store.get(job)
+    assert row is not None and row.state is not JobState.FAILED
