@@ -244,6 +244,11 @@ class S3Config(_Section):
         return self
 
 
+# The fewest characters a signing secret may have (one the relay makes has 43): a shorter one could be found from any
+# of its links by trying keys offline, and then every image link and upstream hook URL forged.
+MIN_SECRET_CHARS = 32
+
+
 class ImagesConfig(_Section):
     dir: str | None = None
     s3: S3Config | None = None  # set: images live in this bucket, and `dir` is not used
@@ -259,6 +264,18 @@ class ImagesConfig(_Section):
     @classmethod
     def _dir(cls, value: str | None) -> str | None:
         return _no_nul(value)
+
+    @field_validator("signing_secret")
+    @classmethod
+    def _signing_secret(cls, value: str | list[str]) -> str | list[str]:
+        # Each one: an older secret kept for rotation verifies links as the newest does. The secret is not repeated.
+        for secret in [value] if isinstance(value, str) else value:
+            if secret and len(secret) < MIN_SECRET_CHARS:
+                raise ValueError(
+                    f"a signing secret needs at least {MIN_SECRET_CHARS} characters (one has {len(secret)}); "
+                    "`openssl rand -base64 32` makes one"
+                )
+        return value
 
     def secrets(self) -> list[str]:
         """Signing secrets, newest first; empty when the relay should keep its own."""

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from itsdangerous import Signer
 
+from relay.config import MIN_SECRET_CHARS
+
 __all__ = ["Links", "load_or_create_secret"]
 
 
@@ -44,10 +46,6 @@ class Links:
             return bool(self._signer.verify_signature(self._payload(job_id, name, int(expires)), signature.encode()))
         except UnicodeEncodeError:
             return False
-
-
-# The fewest characters a kept secret may have (one the relay makes has 43).
-MIN_SECRET_CHARS = 32
 
 
 class SigningKeyError(Exception):

@@ -37,12 +37,12 @@ def test_environment_variables_are_interpolated() -> None:
     text = """
 providers:
   - {name: a, dialect: new-api, base_url: "${BASE:-http://fallback:1}", secret: "${KEY}"}
-images: {signing_secret: "$${literal}"}
+images: {signing_secret: "$${literal}-then-enough-characters-to-sign-with"}
 """
     config = parse_config(text, env={"KEY": "k-123"})
     assert config.providers[0].base_url == "http://fallback:1"
     assert config.providers[0].secret == "k-123"
-    assert config.images.signing_secret == "${literal}"
+    assert config.images.signing_secret == "${literal}-then-enough-characters-to-sign-with"
     assert parse_config(text, env={"KEY": "k", "BASE": "http://set:2"}).providers[0].base_url == "http://set:2"
 
 
@@ -133,10 +133,25 @@ def test_per_provider_poll_interval_overrides_the_default() -> None:
     assert [config.poll_interval(p) for p in config.providers] == [0.5, 3.0]
 
 
+NEW_SECRET, OLD_SECRET = "n" * 32, "an-older-signing-secret-kept-to-verify-its-links"
+
+
 def test_signing_secrets_may_be_one_or_many() -> None:
-    assert parse_config("images: {signing_secret: abc}", env={}).images.secrets() == ["abc"]
-    assert parse_config("images: {signing_secret: [new, old]}", env={}).images.secrets() == ["new", "old"]
+    assert parse_config(f"images: {{signing_secret: {NEW_SECRET}}}", env={}).images.secrets() == [NEW_SECRET]
+    many = parse_config(f"images: {{signing_secret: [{NEW_SECRET}, {OLD_SECRET}]}}", env={})
+    assert many.images.secrets() == [NEW_SECRET, OLD_SECRET]
     assert default_config().images.secrets() == []
+
+
+@pytest.mark.parametrize(
+    "text", ["images: {signing_secret: s3cr3t}", f"images: {{signing_secret: [{NEW_SECRET}, s3cr3t]}}"]
+)
+def test_a_signing_secret_short_enough_to_be_found_from_a_link_is_refused_without_being_shown(text: str) -> None:
+    # Anyone with one of its links (any client) could try keys offline until one signs it, then forge a link to
+    # any image and the upstream hook URLs; an older secret kept for rotation verifies links as the newest does.
+    (problem,) = problems(text)
+    assert problem.startswith("images.signing_secret: "), problem
+    assert "32 characters" in problem and "s3cr3t" not in problem
 
 
 def test_a_yaml_alias_inside_itself_is_one_clear_problem() -> None:
