@@ -87,9 +87,9 @@ def retry_window_s(config: Config) -> float:
 
 
 def unknown_model(name: str) -> NotFound:
-    """The error for a model the relay does not offer."""
+    """The error for a model the relay does not offer; the name is shown cut to 64 characters."""
     return NotFound(
-        f"The model {name!r} does not exist; GET /v1/models lists the available ones.", what="model", param="model"
+        f"The model {name[:64]!r} does not exist; GET /v1/models lists the available ones.", what="model", param="model"
     )
 
 

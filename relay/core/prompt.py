@@ -64,7 +64,7 @@ def quality_flag(quality: str | None) -> str | None:
     if quality is None:
         return None
     if quality not in QUALITY_FLAGS:
-        raise PromptError("quality", f"Invalid quality {quality!r}: use one of {', '.join(QUALITY_FLAGS)}.")
+        raise PromptError("quality", f"Invalid quality {quality[:64]!r}: use one of {', '.join(QUALITY_FLAGS)}.")
     return QUALITY_FLAGS[quality]
 
 
@@ -72,7 +72,7 @@ def style_flag(style: str | None) -> str | None:
     if style is None:
         return None
     if style not in STYLE_FLAGS:
-        raise PromptError("style", f"Invalid style {style!r}: use vivid or natural.")
+        raise PromptError("style", f"Invalid style {style[:64]!r}: use vivid or natural.")
     return STYLE_FLAGS[style]
 
 

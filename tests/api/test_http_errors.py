@@ -105,6 +105,24 @@ def test_invalid_chat_requests_name_the_param_and_hold_nothing(
     assert relay.balance() == (1000, 0) and relay.jobs() == []
 
 
+@pytest.mark.parametrize(
+    ("path", "payload", "param"),
+    [
+        ("/v1/chat/completions", {"model": "m" * 200_000, "messages": [{"role": "user", "content": "x"}]}, "model"),
+        ("/v1/images/generations", {"model": "m" * 200_000, "prompt": "x"}, "model"),
+        ("/v1/images/generations", {"model": "mj-fast", "prompt": "x", "quality": "q" * 200_000}, "quality"),
+        ("/v1/images/generations", {"model": "mj-fast", "prompt": "x", "style": "s" * 200_000}, "style"),
+    ],
+)
+def test_a_refused_value_is_shown_cut_short(
+    relay: RunningRelay, path: str, payload: dict[str, object], param: str
+) -> None:
+    response = post(relay, path, json=payload)
+    assert response.status_code in (400, 404) and error(response)["param"] == param
+    assert len(response.content) < 1000
+    assert relay.balance() == (1000, 0) and relay.jobs() == []
+
+
 def test_a_chat_with_another_model_is_not_found(relay: RunningRelay) -> None:
     response = post(
         relay, "/v1/chat/completions", json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}

@@ -199,7 +199,7 @@ def _housekeeping(request: Request, key: KeyRecord, body: ChatRequest) -> Respon
     if chore is None:
         return None
     if body.model not in relay.config.models:
-        raise unknown_model(body.model[:64])
+        raise unknown_model(body.model)
     if not key.allows(body.model):
         raise model_not_allowed(body.model)
     event(log, "housekeeping answered", prompt=chore, model=body.model, stream=bool(body.stream))

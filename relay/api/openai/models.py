@@ -29,5 +29,5 @@ async def retrieve_model(request: Request) -> JSONResponse:
     await relay.auth(request)
     name = request.path_params["model"]
     if name not in relay.config.models:
-        raise unknown_model(name[:64])
+        raise unknown_model(name)
     return JSONResponse(_model(relay, name))
