@@ -82,6 +82,14 @@ def test_invalid_image_requests_name_the_param_and_hold_nothing(
     assert relay.balance() == (1000, 0) and relay.jobs() == []
 
 
+TEXT = {"type": "text", "text": "a cat"}
+
+
+def said(*parts: object) -> list[dict[str, object]]:
+    """A chat's messages: one user message of these content parts (text, and parts a job would run without)."""
+    return [{"role": "user", "content": list(parts)}]
+
+
 @pytest.mark.parametrize(
     ("payload", "param"),
     [
@@ -92,6 +100,14 @@ def test_invalid_image_requests_name_the_param_and_hold_nothing(
         ({"messages": [{"role": "user", "content": ["x"]}]}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "ftp://a"}]}]}, "messages"),
+        ({"messages": said(TEXT, {"type": "text", "text": 5})}, "messages"),
+        ({"messages": said(TEXT, {"text": "in the snow"})}, "messages"),
+        (
+            {"messages": said(TEXT, {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}})},
+            "messages",
+        ),
+        ({"messages": said(TEXT, {"type": "file", "file": {"file_id": "file-1"}})}, "messages"),
+        ({"messages": said(TEXT, {"type": "input_image", "image_url": "https://a/b.png"})}, "messages"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
         ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
     ],

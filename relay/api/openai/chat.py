@@ -65,7 +65,8 @@ class ChatRequest(BaseModel):
 
 
 def last_user_turn(messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
-    """The prompt (text of the last user message, without a leading `/imagine` command) and its image URLs."""
+    """The prompt (text of the last user message, without a leading `/imagine` command) and its image URLs. A part
+    of that message that is neither text nor an image (audio, a file) is refused: the job would not use it."""
     turn = next((m for m in reversed(messages) if m.get("role") == "user"), None)
     if turn is None:
         raise InvalidRequest("The messages hold no user message to use as a prompt.", param="messages")
@@ -78,14 +79,20 @@ def last_user_turn(messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
         for part in content:
             if not isinstance(part, dict):
                 raise InvalidRequest("Each content part must be an object.", param="messages")
-            if part.get("type") == "text" and isinstance(part.get("text"), str):
+            kind = part.get("type")
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise InvalidRequest("A text part's text must be a string.", param="messages")
                 texts.append(part["text"])
-            elif part.get("type") == "image_url":
+            elif kind == "image_url":
                 image = part.get("image_url")
                 url = image.get("url") if isinstance(image, dict) else image
                 if not isinstance(url, str) or not url:
                     raise InvalidRequest("An image_url part has no url.", param="messages")
                 images.append(url)
+            else:  # audio, a file, a type of another API: a job would run without it, and be charged
+                what = "has no type" if kind is None else f"of type {str(kind)[:64]!r} cannot be used for an image"
+                raise InvalidRequest(f"A content part {what}: send text and image_url parts.", param="messages")
     elif content is not None:
         raise InvalidRequest("A message's content must be a string or a list of parts.", param="messages")
     text = " ".join(t.strip() for t in texts if t.strip())
