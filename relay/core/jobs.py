@@ -27,7 +27,16 @@ from relay.core.batch import Batcher
 from relay.core.events import JobEvents, Subscription
 from relay.core.failures import job_failed
 from relay.core.lifecycle import Lifecycle
-from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size, prompt_text, quality_flag, style_flag
+from relay.core.prompt import (
+    PromptError,
+    PromptParts,
+    build_prompt,
+    parse_size,
+    prompt_text,
+    quality_flag,
+    runs_several_jobs,
+    style_flag,
+)
 from relay.core.submit import JobIdTaken, Outcome, Planned, Submitter
 from relay.core.text import unstorable
 from relay.domain import FailureCode, JobState, ResultShape, TaskKind
@@ -797,5 +806,11 @@ def check_prompt(prompt: str, limit: int, param: str = "prompt") -> str:
     if not prompt_text(text):
         raise InvalidRequest(
             f"The {param} has only parameters (--...); Midjourney needs something to draw.", param=param
+        )
+    if runs_several_jobs(text):  # each would run upstream, and the request is priced as one
+        raise InvalidRequest(
+            f"The {param} asks Midjourney for several jobs (--repeat, or options in braces); a request runs one job: "
+            "send one request for each.",
+            param=param,
         )
     return text

@@ -77,6 +77,10 @@ def style_flag(style: str | None) -> str | None:
 
 
 _PARAMETER = re.compile(rf"(?<!\S){FLAG_DASH}[A-Za-z]")
+# What makes Midjourney run one prompt as several jobs: `--repeat N` (`--r N`), and a permutation, options in braces
+# separated by a comma that is not escaped (`a {red, blue} bird`, `--ar {1:1, 16:9}`).
+_REPEAT = re.compile(rf"(?<!\S){FLAG_DASH}(?:r|repeat)(?!\S)", re.IGNORECASE)
+_PERMUTATION = re.compile(r"\{[^{}]*(?<!\\),[^{}]*\}")
 
 
 def prompt_text(prompt: str) -> str:
@@ -84,6 +88,11 @@ def prompt_text(prompt: str) -> str:
     Midjourney's parameters begin."""
     found = _PARAMETER.search(prompt)
     return (prompt[: found.start()] if found else prompt).strip()
+
+
+def runs_several_jobs(prompt: str) -> bool:
+    """Whether Midjourney would run the prompt as several jobs (`--repeat`, or a permutation in braces)."""
+    return _REPEAT.search(prompt) is not None or _PERMUTATION.search(prompt) is not None
 
 
 def _squash(text: str) -> str:

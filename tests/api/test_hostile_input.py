@@ -272,6 +272,27 @@ def test_a_prompt_of_only_flags_and_an_empty_model_are_refused_uncharged(relay: 
     assert relay.balance() == (1000, 0) and relay.jobs() == []
 
 
+def test_a_prompt_that_asks_midjourney_for_several_jobs_is_refused_uncharged(relay: RunningRelay) -> None:
+    # Midjourney runs `--repeat N` (`--r N`) N times, and a {a, b} permutation once for each option, while a
+    # request is priced as one job.
+    client = relay.openai()
+    several = ("a cat --repeat 3", "a cat --r 40 --ar 2:3", "a {red, blue} bird", "a bird --ar {1:1, 16:9}")
+    for prompt in several:
+        with pytest.raises(openai.BadRequestError, match="several jobs"):
+            client.images.generate(model="mj-fast", prompt=prompt)
+    with pytest.raises(openai.BadRequestError, match="several jobs"):
+        client.chat.completions.create(model="mj-fast", messages=[{"role": "user", "content": "a fox \u2014r 2"}])
+    reply = httpx.post(
+        relay.base + "/mj/submit/imagine", json={"prompt": "a {cat, dog}"}, headers={"mj-api-secret": relay.key}
+    )
+    assert reply.status_code == 400 and "several jobs" in reply.json()["description"], reply.text
+    assert relay.balance() == (1000, 0) and relay.jobs() == []
+    # Braces without a choice in them, or with the comma escaped, and --relax or --raw are one job.
+    for prompt in ("a {single} heron", "a {red\\, blue} heron", "a heron --raw --relax"):
+        client.images.generate(model="mj-fast", prompt=prompt)
+    assert len(relay.jobs()) == 3
+
+
 def test_a_provider_that_refuses_the_credentials_is_named_in_the_log_without_its_secret(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

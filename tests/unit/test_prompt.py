@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.core.prompt import PromptError, PromptParts, build_prompt, parse_size, prompt_text, quality_flag, style_flag
+from relay.core.prompt import (
+    PromptError,
+    PromptParts,
+    build_prompt,
+    parse_size,
+    prompt_text,
+    quality_flag,
+    runs_several_jobs,
+    style_flag,
+)
 from relay.core.uploads import own_links
 
 
@@ -118,3 +127,24 @@ def test_the_relays_own_links_are_found_as_the_expression_finds_them(prompt: str
 )
 def test_a_prompt_made_to_make_the_link_scan_backtrack_is_scanned_in_one_pass(prompt: str) -> None:
     assert own_links(prompt) == []
+
+
+@pytest.mark.parametrize(
+    ("prompt", "several"),
+    [
+        ("a cat --repeat 3", True),
+        ("a cat --r 2", True),
+        ("a cat \u2014r 4 --ar 2:3", True),  # a keyboard's em dash is read as --
+        ("a cat --R", True),
+        ("a {red, blue} bird", True),
+        ("a bird --ar {1:1, 16:9}", True),
+        ("a {red, {blue, green}} bird", True),
+        ("a {single} bird", False),
+        ("a {red\\, blue} bird", False),  # an escaped comma is a comma
+        ("a bird --relax --raw --ar 1:1", False),
+        ("a bird, red --r2d2", False),
+        ("a bird }, {", False),
+    ],
+)
+def test_a_prompt_midjourney_runs_as_several_jobs_is_told_apart(prompt: str, several: bool) -> None:
+    assert runs_several_jobs(prompt) is several
