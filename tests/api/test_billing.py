@@ -63,6 +63,17 @@ def test_models_retrieve_of_an_unknown_model_is_a_404(relay: RunningRelay) -> No
     assert raised.value.response.headers["x-should-retry"] == "false"
 
 
+def test_a_key_is_shown_only_the_models_it_may_use(relay: RunningRelay) -> None:
+    # A chat client fills its model picker from the list: a model the key may not use would only ever answer 403.
+    client = relay.openai(create_key(relay.config, name="relax only", models=["mj-relax"]))
+    assert [m.id for m in client.models.list().data] == ["mj-relax"]
+    assert client.models.retrieve("mj-relax").id == "mj-relax"
+    with pytest.raises(openai.PermissionDeniedError) as raised:
+        client.models.retrieve("mj-fast")
+    assert raised.value.code == "model_not_allowed"
+    assert {m.id for m in relay.openai().models.list().data} == {"mj-fast", "mj-relax", "mj-turbo"}
+
+
 def test_models_retrieve_needs_a_key(relay: RunningRelay) -> None:
     with pytest.raises(openai.AuthenticationError):
         relay.openai(key="sk-mjr-not-a-key").models.retrieve("mj-fast")
