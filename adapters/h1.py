@@ -10,8 +10,9 @@ client does what the adapters need and no more, in about a fifth of that:
 - `http` and `https` (TLS checked against the system's trust store, with the name of the host), HTTP proxies from
   the environment (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, as curl and httpx read them: an `https`
   target through a `CONNECT` tunnel);
-- a bounded body (`max_body`), a time limit for connecting and one for the whole exchange, redirects followed only
-  when asked (image downloads), gzip and deflate bodies decoded within the same bound;
+- a bounded head (`MAX_HEAD_BYTES`) and body (`max_body`), a time limit for connecting and one for the whole
+  exchange, redirects followed only when asked (image downloads), gzip and deflate bodies decoded within the same
+  bound;
 - where a call may connect, when asked (`Pin`: image downloads, on an upstream's word): each new connection, and
   each hop of a redirect, goes to the address the pin gives for its host (checked there), never to what the name
   resolves to later, with the URL's own host in `Host` and as the TLS server name; through a proxy, which resolves
@@ -49,6 +50,9 @@ Pin = Callable[[str, int], Awaitable[str]]
 # A kept-alive connection idle longer than this is closed rather than reused (httpx's default keep-alive expiry).
 IDLE_S = 5.0
 MAX_REDIRECTS = 5
+# The most an answer may hold beyond its body's own bytes (its head and any interim answers', its trailers) and as
+# much again as its body (the framing of its chunks): a few kilobytes in practice.
+MAX_HEAD_BYTES = 262_144
 REDIRECTS = {301, 302, 303, 307, 308}
 USER_AGENT = "mj-relay"
 # Characters left as they are in a request's path and query (RFC 3986's unreserved and reserved ones, and `%` of
@@ -217,6 +221,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._limit = 0
+        self._received = 0  # bytes read of the answer so far
         self._framed = False  # the answer says where its body ends (a length, or chunks)
         self._keep = False  # the server keeps the connection open after this answer
         self._head_only = False
@@ -241,6 +246,11 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(HttpFailure(f"malformed answer: {exc}", sent=True))
             self.close()  # also when the answer was complete already: what follows it is not to be trusted
+        # What is not body (heads, interim answers' too, chunks' framing, trailers) is bounded as the body is: the
+        # parser keeps every header it reads, and it is fed on until the call's time runs out.
+        self._received += len(data)
+        if self._reply is None and self._received - 2 * self._size > MAX_HEAD_BYTES:
+            self._fail(HttpFailure("the answer's head or framing is larger than allowed", sent=True))
         if self._stray:
             self.close()
 
@@ -305,6 +315,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._waiter = asyncio.get_running_loop().create_future()
         self._status, self._headers, self._body, self._size, self._limit = 0, {}, [], 0, limit
+        self._received = 0
         self._framed = self.received = self._keep = self._stray = False
         self._reply = None
         self._head_only = head_only

@@ -259,6 +259,47 @@ async def test_an_unknown_encoding_or_a_broken_answer_is_a_failure() -> None:
         await reply_with(b"NOT HTTP AT ALL\r\n\r\n")
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Pad: ",  # one header without end
+        b"HTTP/1.1 200 OK\r\n",  # header after header
+        b"",  # interim answer after interim answer
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nX-Pad: ",  # a trailer without end
+    ],
+)
+async def test_an_answer_whose_head_never_ends_is_refused_early(head: bytes) -> None:
+    """The head of an answer (and its trailers) is bounded as its body is: a server (an image host an upstream
+    names) that sends headers without end is refused after `MAX_HEAD_BYTES`, not held in memory until the call's
+    time runs out."""
+    sent = 0
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await read_request(reader)
+        writer.write(head)
+        number = 0
+        while sent < 40 * h1.MAX_HEAD_BYTES:
+            if head.endswith(b": "):
+                piece = b"a" * 16_384
+            elif head:
+                piece = b"".join(b"X-%d: %s\r\n" % (number + i, b"b" * 100) for i in range(128))
+            else:
+                piece = b"HTTP/1.1 100 Continue\r\n\r\n" * 512
+            number += 128
+            writer.write(piece)
+            sent += len(piece)
+            await writer.drain()
+        await reader.read()
+
+    async with server(endless) as port:
+        client = lane()
+        with pytest.raises(HttpFailure) as failure:
+            await client.request("GET", f"http://127.0.0.1:{port}/", timeout_s=5)
+        await client.aclose()
+    assert not failure.value.timeout and "head" in str(failure.value)
+
+
 # -- redirects -------------------------------------------------------------------------------------------------------
 
 
