@@ -460,10 +460,24 @@ def parse_hook(body: bytes) -> TaskView | None:
         return None
 
 
+# What an upstream's answer says when it does not know a task id (new-api's own, novicezk's and trueai's words).
+_NOT_FOUND_WORDS = ("task_no_found", "task_not_found", "not found", "不存在")
+
+
+def _says_unknown(data: Any) -> bool:
+    """Whether an envelope says the upstream does not know the task: code 3 (NOT_FOUND), or words that say so."""
+    if not isinstance(data, Mapping):
+        return False
+    description = str(data.get("description") or data.get("message") or "").lower()
+    return _code(data.get("code")) == 3 or any(word in description for word in _NOT_FOUND_WORDS)
+
+
 def parse_fetch(status: int, body: bytes) -> TaskView | None:
-    """One `task/{id}/fetch` reply. Unknown ids come back as 200 empty (novicezk), 204 (trueai), 404 or new-api's
-    400 `task_no_found`; all of those are None. Anything that is not an answer raises ValueError."""
-    if status in (204, 404) or (status == 200 and not body.strip()):
+    """One `task/{id}/fetch` reply. Unknown ids come back as 200 empty or `null` (novicezk), 204 (trueai), an empty
+    404, or an envelope that says so (new-api's 400 `task_no_found`, code 3); all of those are None. Anything else
+    that is not a task (an error envelope, a gateway's page) says nothing of the task and raises ValueError: taken for
+    "unknown", it would end a job the upstream may still be running as lost."""
+    if status == 204 or (status in (200, 404) and not body.strip()):
         return None
     if status in (401, 403):
         raise ValueError(f"upstream refused the credentials (HTTP {status})")
@@ -471,20 +485,16 @@ def parse_fetch(status: int, body: bytes) -> TaskView | None:
         data = _decode(body)
     except ValueError:
         raise ValueError(f"a non-JSON fetch answer (HTTP {status})") from None
-    if data is None:
+    if data is None and status == 200:
         return None
-    if status == 400 and isinstance(data, Mapping):
-        description = str(data.get("description") or data.get("message") or "").lower()
-        if any(word in description for word in ("task_no_found", "task_not_found", "not found")):
-            return None
+    view = parse_task(data) if status == 200 else None
+    if view is not None:
+        return view
+    if status in (200, 400, 404) and _says_unknown(data):
+        return None
     if status != 200:
         raise ValueError(f"fetch answered HTTP {status}")
-    view = parse_task(data)
-    if view is None and isinstance(data, Mapping) and _code(data.get("code")) is not None:
-        return None  # an envelope such as {"code": 3, "description": "not found"}
-    if view is None:
-        raise ValueError("a fetch answer that is not a task")
-    return view
+    raise ValueError("a fetch answer that is not a task")
 
 
 def parse_task_list(status: int, body: bytes) -> list[TaskView]:

@@ -294,6 +294,32 @@ async def test_broken_fetch_answers_raise_unavailable(mock: Replay, reply: httpx
         await upstream("midjourney-proxy").fetch("5")
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # trueai's own error envelope, HTTP 200 for a logic error (Filters/*.cs)
+        httpx.Response(200, json={"success": False, "code": -1, "message": "服务暂不可用"}),
+        httpx.Response(200, json={"code": 9, "description": "系统繁忙, 请稍后再试"}),
+        # a gateway's page while the provider is away, or a path it does not route
+        httpx.Response(404, text="<html><body><h1>404 Not Found</h1>nginx</body></html>"),
+        httpx.Response(404, json={"timestamp": 1, "status": 404, "error": "Not Found", "path": "/mj/task/5/fetch"}),
+    ],
+)
+async def test_a_fetch_answer_that_is_an_error_is_not_taken_for_an_unknown_task(
+    mock: Replay, reply: httpx.Response
+) -> None:
+    """Only an answer that says the upstream does not know the id reads as unknown (which ends the job as lost
+    after `jobs.lost_after_s`, its credits given back, while the upstream may still run it): an error answer says
+    nothing of the task, and the job is read again."""
+    mock.post("/v1/mj/task/list-by-condition").respond(404)
+    mock.get("/v1/mj/task/5/fetch").mock(reply)
+    adapter = upstream("mj-v1")
+    with pytest.raises(UpstreamUnavailable):
+        await adapter.fetch("5")
+    with pytest.raises(UpstreamUnavailable):
+        await adapter.fetch_many(["5"])
+
+
 async def test_probe_falls_back_to_fetch_without_a_list_endpoint(mock: Replay) -> None:
     mock.post("/mj/task/list-by-condition").respond(404)
     mock.get("/mj/task/0/fetch").respond(200, text="")
