@@ -351,6 +351,7 @@ class Lane:
         self.proxies = proxies or Proxies({}, ())
         self._connection: _Connection | None = None
         self._origin: _Origin | None = None
+        self._written = False  # the current call wrote a request on a connection
 
     async def request(
         self,
@@ -368,6 +369,7 @@ class Lane:
         `pin`, when given, says where each new connection (each hop's) goes."""
         if method == "HEAD":  # an answer to HEAD has no body whatever its headers say: not something to parse here
             raise HttpFailure("HEAD is not supported", sent=False)
+        self._written = False
         try:
             async with asyncio.timeout(timeout_s):
                 for _ in range(MAX_REDIRECTS + 1):
@@ -384,7 +386,9 @@ class Lane:
                 raise HttpFailure("too many redirects", sent=True)
         except TimeoutError:
             self.close()
-            raise HttpFailure("no answer in time", sent=True, timeout=True) from None
+            # (out of time while the connection was being made, its address looked up or a tunnel opened: the
+            # request was never written)
+            raise HttpFailure("no answer in time", sent=self._written, timeout=True) from None
 
     async def _once(
         self, method: str, url: str, headers: dict[str, str], body: bytes, max_body: int, pin: Pin | None
@@ -419,6 +423,7 @@ class Lane:
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         for attempt in (0, 1):
             connection, reused = await self._connection_to(origin, proxy, pin)
+            self._written = True
             try:
                 reply = await connection.exchange(request, max_body)
             except HttpFailure as exc:

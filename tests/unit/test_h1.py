@@ -360,6 +360,30 @@ async def test_a_server_that_never_answers_runs_out_of_time_after_sending() -> N
     assert failure.value.timeout and failure.value.sent
 
 
+async def test_a_call_whose_time_runs_out_before_its_connection_is_made_was_not_sent() -> None:
+    """The call's own time limit may run out while its connection is still being made (a proxy slow to open the
+    tunnel, a connection time limit as long as the call's): the request was never written, so a submit is free to
+    go to another provider."""
+    asked = asyncio.Event()
+
+    async def silent_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)  # the CONNECT, never answered
+        asked.set()
+        await reader.read()
+
+    async with server(silent_proxy) as proxy_port:
+        client = Lane(
+            connect_timeout_s=30,
+            tls=ssl.create_default_context(),
+            proxies=Proxies({"https": f"http://127.0.0.1:{proxy_port}"}, ()),
+        )
+        with pytest.raises(HttpFailure) as failure:
+            await client.request("POST", "https://upstream.example/mj/submit/imagine", body=b"{}", timeout_s=0.3)
+        await client.aclose()
+    assert asked.is_set()
+    assert failure.value.timeout and not failure.value.sent
+
+
 # -- proxies ---------------------------------------------------------------------------------------------------------
 
 
