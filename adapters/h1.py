@@ -273,8 +273,12 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.decode("latin-1").lower()
-        self._headers[lowered] = value.decode("latin-1")
-        if lowered in ("content-length", "transfer-encoding"):
+        text = self._headers[lowered] = value.decode("latin-1")
+        # A length, or chunks as the last transfer coding; with any other coding the body runs to the connection's
+        # end, as without either (RFC 9112, 6.3).
+        if lowered == "content-length" or (
+            lowered == "transfer-encoding" and text.rpartition(",")[2].strip().lower() == "chunked"
+        ):
             self._framed = True
 
     def on_headers_complete(self) -> None:

@@ -219,6 +219,16 @@ async def test_a_body_that_runs_to_the_connections_end_is_read_whole() -> None:
     assert reply.body == b"until the end"
 
 
+@pytest.mark.parametrize("coding", ["identity", "gzip"])
+async def test_a_body_whose_transfer_coding_is_not_chunked_runs_to_the_connections_end(coding: str) -> None:
+    """A transfer coding that does not end in `chunked` does not frame the body (RFC 9112, 6.3): it runs to the
+    connection's end, as an answer without a length does."""
+    raw = f"HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n".encode()
+    body = gzip.compress(b"until the end") if coding == "gzip" else b"until the end"
+    reply = await reply_with(raw + body, close=True)
+    assert reply.body == body
+
+
 async def test_a_cut_body_is_a_failure() -> None:
     with pytest.raises(HttpFailure) as failure:
         await reply_with(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", close=True)
