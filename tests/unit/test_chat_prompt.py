@@ -3,9 +3,11 @@ have typed or pasted before it (`/imagine`, and its `prompt:` label)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from relay.api.openai.chat import last_user_turn
+from relay.api.openai.chat import _chunk, last_user_turn
 from relay.errors import InvalidRequest
 
 
@@ -49,3 +51,13 @@ def test_the_command_alone_is_no_prompt(typed: str) -> None:
     with pytest.raises(InvalidRequest) as raised:
         prompt_of(typed)
     assert raised.value.param == "messages"
+
+
+def test_a_streamed_chunk_stays_one_line_for_readers_that_split_as_splitlines_does() -> None:
+    # httpx's iter_lines (and so httpx-sse) splits at U+2028, U+2029 and U+0085 too: an upstream's failure reason
+    # holding one would cut a chunk in two.
+    text = "a crane\u2028in flight\u2029over\x85water"
+    chunk = _chunk("chatcmpl-1", 0, "mj-fast", {"content": text})
+    lines = [line for line in chunk.decode().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("data: ")
+    assert json.loads(lines[0][6:])["choices"][0]["delta"]["content"] == text

@@ -129,6 +129,11 @@ def markdown(request: Request, rows: list[JobRow]) -> str:
     return "\n\n".join(blocks)
 
 
+# Characters JSON leaves as they are that a line reader splitting as str.splitlines does (httpx's iter_lines, and so
+# httpx-sse) takes for a line's end: escaped, so a chunk stays one `data:` line (control characters JSON escapes).
+_LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
 def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
     body = {
         "id": completion_id,
@@ -137,7 +142,7 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any], 
         "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
     }
-    return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + json.dumps(body, ensure_ascii=False).translate(_LINE_BREAKS).encode() + b"\n\n"
 
 
 async def chat_completions(request: Request) -> Response:
