@@ -201,3 +201,23 @@ def test_a_key_named_in_bytes_that_are_not_utf8_is_no_key_not_a_crash(tmp_path: 
     (line,) = cli(tmp_path, "--config", config, "keys", "list").stdout.splitlines()[1:]
     balance, rpm, status = line.split()[3], line.split()[9], line.split()[5]
     assert (balance, rpm, status) == ("5", "-", "active"), line
+
+
+def test_a_key_deleted_by_hand_is_a_break_the_check_names_not_a_database_it_cannot_open(tmp_path: Path) -> None:
+    """A key deleted in the `sqlite3` shell (which enforces no foreign keys) leaves its ledger rows naming it. The
+    check is the tool that finds such a break: it names it and exits 1, and the other commands still work. Every
+    start of a database already current checked its foreign keys as if it had just been copied by an upgrade, and
+    refused it with a traceback, `ledger check` included."""
+    config = str(_config(tmp_path))
+    assert cli(tmp_path, "--config", config, "keys", "create", "--name", "gone", "--quota", "5").returncode == 0
+    made = cli(tmp_path, "--config", config, "keys", "create", "--name", "kept", "--quota", "7")
+    assert made.returncode == 0, made.stderr
+    with sqlite3.connect(tmp_path / "data" / "mj-relay.db") as db:
+        (gone,) = db.execute("SELECT id FROM keys WHERE name = 'gone'").fetchone()
+        db.execute("DELETE FROM keys WHERE name = 'gone'")
+    checked = cli(tmp_path, "--config", config, "ledger", "check")
+    assert "Traceback" not in checked.stderr, checked.stderr
+    assert checked.returncode == 1, checked
+    assert f"BREAK ledger rows name key {gone}, which does not exist" in checked.stdout
+    listed = cli(tmp_path, "--config", config, "keys", "list")
+    assert listed.returncode == 0 and " kept " in listed.stdout, listed.stderr
