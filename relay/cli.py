@@ -294,13 +294,13 @@ DATABASE_FAILURE = 3
 
 def _run_with_db(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
     """Run `work(database)` against the configuration's database (migrated first). A database that cannot be used
-    (not reached, refusing the connection, not a database, a schema this mj-relay does not know) is one line naming
-    it and why, and exit `DATABASE_FAILURE`."""
+    (not reached, refusing the connection, not a database, a schema this mj-relay does not know, an upgrade it
+    refuses) is one line naming it and why, and exit `DATABASE_FAILURE`."""
     from alembic.util import CommandError
     from sqlalchemy.exc import DBAPIError
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    from relay.store.db import Database, Unreachable
+    from relay.store.db import Database, Unreachable, UpgradeRefused
 
     _make_folders(config, database_only=True)
 
@@ -314,9 +314,11 @@ def _run_with_db(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(run())
-    except (DBAPIError, Unreachable, PoolTimeout, CommandError) as exc:
+    except (DBAPIError, Unreachable, PoolTimeout, CommandError, UpgradeRefused) as exc:
         if isinstance(exc, CommandError):  # alembic's: the recorded revision is none of this mj-relay's migrations
             reason = f"its schema is not one this mj-relay knows, perhaps a newer one's ({exc})"
+        elif isinstance(exc, UpgradeRefused):
+            reason = f"it cannot be upgraded: {exc} (mend or remove those rows, then run the command again)"
         else:
             reason = str(exc.orig if isinstance(exc, DBAPIError) else exc)
         click.echo(f"mj-relay: the database {_safe_url(config.database_url())} cannot be used: {reason}", err=True)

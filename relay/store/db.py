@@ -74,6 +74,11 @@ class Unreachable(ConnectionError):
     place of the driver's own error (its cause), which alone would not say that it came from the database."""
 
 
+class UpgradeRefused(RuntimeError):
+    """The database cannot be upgraded as it is: the upgrade's copy of its tables would keep rows whose key is gone
+    (deleted by hand where foreign keys were not enforced). Nothing of the upgrade is kept."""
+
+
 def unavailable(exc: BaseException) -> bool:
     """Whether `exc` says the database cannot serve now (down, restarting, unreachable, too slow, locked by another
     process past the waits), which time may mend; not a statement it refused (a bug, a constraint), which it won't."""
@@ -248,7 +253,7 @@ class Database:
                     # an operator deleted by hand is a break `ledger check` names, not a reason to refuse it).
                     upgraded = await conn.run_sync(_revision) != before
                     if upgraded and (await conn.exec_driver_sql("PRAGMA foreign_key_check")).first():
-                        raise RuntimeError("the upgraded database has rows whose key is gone")
+                        raise UpgradeRefused("the upgraded database has rows whose key is gone")
             finally:
                 await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
                 await conn.commit()

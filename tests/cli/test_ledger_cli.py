@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import os
@@ -9,6 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from tests.cli.test_cli import cli
+from tests.helpers import database_at
 
 
 def _config(tmp_path: Path) -> Path:
@@ -221,3 +223,23 @@ def test_a_key_deleted_by_hand_is_a_break_the_check_names_not_a_database_it_cann
     assert f"BREAK ledger rows name key {gone}, which does not exist" in checked.stdout
     listed = cli(tmp_path, "--config", config, "keys", "list")
     assert listed.returncode == 0 and " kept " in listed.stdout, listed.stderr
+
+
+def test_an_upgrade_that_would_keep_a_row_whose_key_is_gone_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """An older database with a job whose key is gone cannot be upgraded (the upgrade copies the tables, and the
+    copy is checked): each command says so in one line and exits 3, as for any database it cannot use; a traceback's
+    exit 1 was `ledger check`'s broken ledger."""
+    config = str(_config(tmp_path))
+    url = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'mj-relay.db'}"
+    asyncio.run(database_at(url, "0001"))
+    with sqlite3.connect(tmp_path / "data" / "mj-relay.db") as db:  # the sqlite3 shell: foreign keys not enforced
+        db.execute(
+            "INSERT INTO jobs (id, request_id, key_id, model, mode, bot, action, prompt, state, progress, price, "
+            "hold_state, created_at, updated_at, deadline_at) VALUES ('job_gone_aaaaaaa', 'r', 'key_gone', "
+            "'mj-fast', 'fast', 'MID_JOURNEY', 'imagine', 'p', 'SUCCEEDED', 100, 2, 'captured', 1, 2, 3)"
+        )
+    for command in (["keys", "list"], ["ledger", "check"]):
+        result = cli(tmp_path, "--config", config, *command)
+        assert result.returncode == 3, (command, result)
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("mj-relay: the database ") and "key is gone" in line, line
