@@ -107,6 +107,9 @@ def serve(
         click.echo(f"mj-relay: cannot listen on {address}: {exc.strerror or exc}", err=True)
         sys.exit(STARTUP_FAILURE)
     _make_folders(config)
+    # The database, brought up to date here first: one it cannot use (not answering yet, a newer mj-relay's) is one
+    # line and exit 3, as for every command on it, not the traceback of a failed start.
+    _run_with_db(config, _nothing)
     bound = sockets[0].getsockname()[1]
     url = f"http://{address.rsplit(':', 1)[0]}:{bound}"
     try:
@@ -132,6 +135,10 @@ def serve(
 
 # What `serve` exits with when it cannot start (uvicorn's code for the same).
 STARTUP_FAILURE = 3
+
+
+async def _nothing(_db: Any) -> None:
+    """No work: the database is only opened (and upgraded)."""
 
 
 def _folders(config: Config, *, database_only: bool = False) -> list[tuple[str, Path]]:

@@ -241,6 +241,19 @@ def test_a_taken_port_is_one_clear_error_and_no_listening_line(tmp_path: Path) -
     assert not (tmp_path / "data").exists()  # nothing was started
 
 
+def test_a_database_serve_cannot_use_is_one_clear_error_and_no_listening_line(tmp_path: Path) -> None:
+    """PostgreSQL not up yet (a compose file's relay started before its database), or a database a newer mj-relay
+    upgraded: one line naming the database and why, exit 3, as the other commands on it say it; it was uvicorn's
+    traceback of the failed start, as one JSON log line."""
+    (tmp_path / "down.yaml").write_text("database: {url: 'postgresql+asyncpg://relay:pw@127.0.0.1:1/relay'}\n")
+    result = cli(tmp_path, "serve", "--config", "down.yaml", "--port", "0")
+    assert result.returncode == 3, result
+    assert "listening" not in result.stdout and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("mj-relay: the database postgresql+asyncpg://relay:***@127.0.0.1:1/relay cannot be used: ")
+    assert "did not answer" in line
+
+
 def test_serve_takes_host_port_and_data_dir_from_the_environment_over_the_file(tmp_path: Path) -> None:
     # As the Docker image runs it: the file says where to listen and keep data, the environment wins.
     (tmp_path / "c.yaml").write_text("data_dir: elsewhere\nserver: {host: 192.0.2.1, port: 9}\n")
