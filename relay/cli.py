@@ -244,6 +244,7 @@ def simulate(
 
     from adapters.simulator import SimEngine, SimSettings, build_sim_app
     from adapters.simulator.hooks import HookSettings
+    from relay.server import bind
 
     settings = SimSettings(
         fast_s=fast_s,
@@ -260,8 +261,16 @@ def simulate(
         drop=hook_drop, duplicate=hook_duplicate, reorder=hook_reorder, delay_s=hook_delay_s, progress=hook_progress
     )
     app = build_sim_app(SimEngine(settings), dialect, secret, calls if hooks else None)  # type: ignore[arg-type]
-    click.echo(f"simulator ({dialect}) listening on http://{host}:{port}")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    # Taken first, as `serve` takes its port: the line names the port listened on (`--port 0`: any free one), and
+    # only once it is.
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        sockets = bind(host, port)
+    except OSError as exc:
+        click.echo(f"mj-relay: cannot listen on {shown}:{port}: {exc.strerror or exc}", err=True)
+        sys.exit(STARTUP_FAILURE)
+    click.echo(f"simulator ({dialect}) listening on http://{shown}:{sockets[0].getsockname()[1]}")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=sockets)
 
 
 @main.command("check-config")

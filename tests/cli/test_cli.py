@@ -196,6 +196,36 @@ def test_simulate_refuses_a_port_no_socket_has(tmp_path: Path) -> None:
         assert "listening" not in result.stdout and "--port" in result.stderr, result.stderr
 
 
+def test_simulate_names_the_port_it_listens_on_and_says_so_only_when_it_does(tmp_path: Path) -> None:
+    """`--port 0` (any free port) was shown as port 0, so nothing could reach the simulator; a taken port was said
+    to be listened on, then failed. As `serve`: the port taken is shown, a port that cannot be taken is one line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "simulate", "--port", "0"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        found = re.fullmatch(r"simulator \(midjourney-proxy\) listening on (http://127\.0\.0\.1:(\d+))\n", line)
+        assert found is not None and found.group(2) != "0", line
+        assert httpx.get(found.group(1) + "/sim/stats", timeout=5).status_code == 200
+    finally:
+        stop_process(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = cli(tmp_path, "simulate", "--port", str(port))
+    assert result.returncode == 3 and "listening" not in result.stdout, result
+    (error,) = result.stderr.strip().splitlines()
+    assert error.startswith(f"mj-relay: cannot listen on 127.0.0.1:{port}: ") and "in use" in error
+
+
 def test_serve_says_it_listens_only_once_it_answers(tmp_path: Path) -> None:
     with serving(tmp_path, "--port", "0") as (before, url):
         assert re.fullmatch(r"http://127\.0\.0\.1:[1-9][0-9]*", url)  # the port it took, not the 0 it was given
