@@ -57,6 +57,9 @@ CONFIRM_MARGIN_S = 5.0
 # one per key, so no key's seed reads hold up the reads that follow every key's jobs. More are refused at once.
 SEED_READS_PER_PROVIDER = 2
 SEED_RETRY_S = 2
+# The most characters one of the relay's own image links may take in a native imagine prompt (they are taken out
+# before its length is checked against `api.max_prompt_chars`); the links the relay makes are a few hundred long.
+MAX_LINK_CHARS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,10 +148,16 @@ class TaskService:
     async def submit(self, key: KeyRecord, order: TaskOrder, base_url: str) -> Submission:
         spec = TASKS[order.kind]
         assert spec.direct is not None, f"{order.kind} is made from a button only"
+        limit = self.config.api.references.max_count
+        if order.kind in (TaskKind.IMAGINE, TaskKind.SHORTEN):
+            # Refused before it is read for mode flags and the relay's own links when even those taken out could
+            # not bring it within the limit: reading a prompt of megabytes held the event loop for seconds.
+            room = limit * MAX_LINK_CHARS if order.kind is TaskKind.IMAGINE else 0
+            if len(order.prompt.strip()) > self.config.api.max_prompt_chars + room:
+                check_prompt(order.prompt, self.config.api.max_prompt_chars)
         mode, bot, model = self._mode_and_model(order.hints, order.bot)
         prompt, images = "", order.images
         if order.kind is TaskKind.IMAGINE:
-            limit = self.config.api.references.max_count
             order_prompt, images = await self.uploads.inline(order.prompt, order.images, limit)
         else:
             order_prompt = order.prompt

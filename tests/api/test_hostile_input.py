@@ -432,3 +432,26 @@ def test_a_chat_history_quoting_a_pasted_csv_is_not_refused_as_too_many_values(r
     )
     assert "values" not in reply.text, reply.text[:300]
     assert reply.status_code == 200, reply.text[:300]
+
+
+_RELAY_LINK = "https://relay.example/files/1234567890123456/grid.png?exp=9999999999&sig=" + "s" * 43 + " "
+
+
+@pytest.mark.parametrize(
+    ("path", "prompt"),
+    [
+        ("/mj/submit/imagine", _RELAY_LINK * (19_000_000 // len(_RELAY_LINK))),
+        ("/mj/submit/imagine", "a cat --fast " * (19_000_000 // 13)),
+        ("/mj/submit/shorten", "a cat --fast " * (19_000_000 // 13)),
+    ],
+    ids=["imagine-links", "imagine-flags", "shorten-flags"],
+)
+def test_a_native_prompt_far_over_the_limit_is_refused_without_holding_up_other_requests(
+    relay: RunningRelay, path: str, prompt: str
+) -> None:
+    """A native prompt was read for the relay's own image links (each signature checked) and for mode flags before
+    its length was: a 19 MB prompt of links held the event loop for seconds, only to be refused as too long."""
+    reply, worst = _answered_while_health_is_checked(relay, path, json.dumps({"prompt": prompt}).encode())
+    assert reply.status_code == 400 and "the limit is 4000" in reply.json()["description"], reply.text[:300]
+    assert relay.balance() == (1000, 0) and relay.jobs() == []
+    assert worst < 0.5, f"a health check waited {worst:.1f} s behind one client's prompt"
