@@ -454,3 +454,31 @@ def test_a_modal_prompt_without_a_mode_flag_still_runs_in_the_mode_its_task_was_
         ((prompt,),) = sql(world.relay.config, "SELECT prompt FROM jobs WHERE id = ?", variation)
         sent = [t.prompt for t in world.engines[0]._tasks.values() if t.prompt.startswith("a cat in the rain")]
         assert sent and all(p == "a cat in the rain --relax" for p in [prompt, *sent]), (prompt, sent)
+
+
+def test_an_optional_list_or_choice_sent_as_null_is_taken_as_not_given(tmp_path: Path) -> None:
+    """Clients send every field of their request type, and one with nothing in it as null: a Go client's nil slice
+    is `null` (`"base64Array": null` for a prompt without images), a Java client's unset list or enum is too, and a
+    Go client's unset string is `""` (`"botType": ""`). midjourney-proxy reads such a field as not given; they were
+    refused as not being a list or a choice."""
+    with native(tmp_path, prices=PRICES) as world:
+        bodies = [
+            ("/submit/imagine", {"prompt": "a fox", "base64Array": None, "accountFilter": {"modes": None}}),
+            ("/submit/imagine", {"prompt": "a fox", "botType": "", "base64Array": [], "state": ""}),
+            ("/submit/blend", {"base64Array": [png(), png((0, 90, 200))], "dimensions": None}),
+            ("/submit/blend", {"base64Array": [png(), png((0, 90, 200))], "dimensions": "", "botType": None}),
+        ]
+        for path, body in bodies:
+            reply = world.post(path, body)
+            assert reply.status_code == 200 and reply.json()["code"] == 1, (path, reply.text)
+            task = world.finished(str(reply.json()["result"]))
+            assert (task["mode"], task["botType"]) == ("FAST", "MID_JOURNEY"), task
+        for path, body in (  # not a list or a choice at all: still refused, holding nothing
+            ("/submit/imagine", {"prompt": "a fox", "base64Array": "abc"}),
+            ("/submit/imagine", {"prompt": "a fox", "accountFilter": {"modes": "RELAX"}}),
+            ("/submit/blend", {"base64Array": [png(), png()], "dimensions": "WIDE"}),
+            ("/submit/imagine", {"prompt": "a fox", "botType": "DALL_E"}),
+        ):
+            reply = world.post(path, body)
+            assert (reply.status_code, reply.json()["code"]) == (400, 4), (path, reply.text)
+        assert world.relay.balance() == (1000 - 4 * 2, 0)

@@ -18,9 +18,12 @@ MAX_ID = 64
 
 
 def _bot(value: object) -> object:
-    """midjourney-proxy takes `mj`/`niji` as well as the enum names."""
+    """midjourney-proxy takes `mj`/`niji` as well as the enum names, and a blank one as none given (a Go client's
+    unset string is `""`)."""
     if isinstance(value, str):
         lowered = value.strip().lower()
+        if not lowered:
+            return None
         if lowered in ("mj", "mid_journey", "midjourney"):
             return "MID_JOURNEY"
         if lowered in ("niji", "niji_journey"):
@@ -51,6 +54,17 @@ def _blank_is_none(value: object) -> object:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+def _null_is_empty(value: object) -> object:
+    """Clients send every field of their request type, null for one with nothing in it (a Go client's nil slice, a
+    Java client's unset list); midjourney-proxy reads that as not given: an empty list."""
+    return [] if value is None else value
+
+
+def _null_is_square(value: object) -> object:
+    """`dimensions` sent as null or blank is not given (as `_null_is_empty`): the default, SQUARE."""
+    return "SQUARE" if value is None or isinstance(value, str) and not value.strip() else value
+
+
 def _task_ids(values: list[str]) -> list[str]:
     """The ids of a list that can be task ids: one that cannot (blank, too long, unstorable) names no task, and
     is left out as an unknown one is, not failing the read of the others beside it."""
@@ -63,7 +77,7 @@ def _task_ids(values: list[str]) -> list[str]:
     return ids
 
 
-BotType = Annotated[Literal["MID_JOURNEY", "NIJI_JOURNEY"], BeforeValidator(_bot)]
+BotType = Annotated[Literal["MID_JOURNEY", "NIJI_JOURNEY"] | None, BeforeValidator(_bot)]
 TaskId = Annotated[str, BeforeValidator(_id_text), AfterValidator(task_id)]
 Image = Annotated[Text, Field(min_length=1)]
 
@@ -73,11 +87,13 @@ class _Body(BaseModel):
 
 
 class AccountFilter(_Body):
-    modes: list[Annotated[Text, Field(max_length=16)]] = Field(default_factory=list, max_length=8)
+    modes: Annotated[list[Annotated[Text, Field(max_length=16)]], BeforeValidator(_null_is_empty)] = Field(
+        default_factory=list, max_length=8
+    )
 
 
 class _Submit(_Body):
-    botType: BotType | None = None
+    botType: BotType = None
     state: Annotated[Text, Field(max_length=MAX_STATE)] | None = None
     notifyHook: Text | None = None
     accountFilter: AccountFilter | None = None
@@ -86,12 +102,14 @@ class _Submit(_Body):
 
 class ImagineBody(_Submit):
     prompt: Text
-    base64Array: list[Image] = Field(default_factory=list, max_length=MAX_IMAGES)
+    base64Array: Annotated[list[Image], BeforeValidator(_null_is_empty)] = Field(
+        default_factory=list, max_length=MAX_IMAGES
+    )
 
 
 class BlendBody(_Submit):
     base64Array: list[Image] = Field(min_length=2, max_length=5)
-    dimensions: Literal["PORTRAIT", "SQUARE", "LANDSCAPE"] = "SQUARE"
+    dimensions: Annotated[Literal["PORTRAIT", "SQUARE", "LANDSCAPE"], BeforeValidator(_null_is_square)] = "SQUARE"
 
 
 class DescribeBody(_Submit):
