@@ -482,3 +482,24 @@ def test_an_optional_list_or_choice_sent_as_null_is_taken_as_not_given(tmp_path:
             reply = world.post(path, body)
             assert (reply.status_code, reply.json()["code"]) == (400, 4), (path, reply.text)
         assert world.relay.balance() == (1000 - 4 * 2, 0)
+
+
+def test_a_text_field_out_of_its_bounds_is_told_in_characters(tmp_path: Path) -> None:
+    """The seed documents' examples carry `"base64": ""` and `"sourceBase64": ""` for the client to fill in; sent as
+    they are, or with a `state` over its bound, the answer spoke of "items after validation", as if of a list."""
+    with native(tmp_path) as world:
+        cases = [
+            ("/submit/describe", {"base64": ""}, "'base64': String should have at least 1 character"),
+            ("/insight-face/swap", {"sourceBase64": "", "targetBase64": png()}, "at least 1 character"),
+            ("/submit/imagine", {"prompt": "a fox", "base64Array": [""]}, "at least 1 character"),
+            ("/submit/imagine", {"prompt": "a fox", "state": "s" * 4097}, "at most 4096 characters"),
+            ("/submit/imagine", {"prompt": "a fox", "model": "m" * 65}, "at most 64 characters"),
+            ("/submit/imagine", {"prompt": "a fox", "accountFilter": {"modes": ["F" * 17]}}, "at most 16 characters"),
+            ("/submit/action", {"taskId": "1", "customId": ""}, "'customId': String should have at least 1 character"),
+            ("/submit/action", {"taskId": "1", "customId": "c" * 201}, "at most 200 characters"),
+        ]
+        for path, body, says in cases:
+            reply = world.post(path, body)
+            assert (reply.status_code, reply.json()["code"]) == (400, 4), (path, reply.text)
+            assert says in reply.json()["description"] and "item" not in reply.json()["description"], reply.text
+        assert world.relay.balance() == (1000, 0) and world.relay.jobs() == []

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
 
 from relay.api.common import Text
+from relay.core.buttons import MAX_CUSTOM_ID
 from relay.core.text import check_storable
 
 MAX_IMAGES = 5
@@ -79,7 +80,13 @@ def _task_ids(values: list[str]) -> list[str]:
 
 BotType = Annotated[Literal["MID_JOURNEY", "NIJI_JOURNEY"] | None, BeforeValidator(_bot)]
 TaskId = Annotated[str, BeforeValidator(_id_text), AfterValidator(task_id)]
-Image = Annotated[Text, Field(min_length=1)]
+# Bounded `Text`: the bounds come before the storability check, so that they are checked, and told, as a string's
+# (a bound put on `Text` itself is checked after its validator, and told as "items after validation").
+Image = Annotated[StrictStr, Field(min_length=1), AfterValidator(check_storable)]
+ModeName = Annotated[StrictStr, Field(max_length=16), AfterValidator(check_storable)]
+State = Annotated[StrictStr, Field(max_length=MAX_STATE), AfterValidator(check_storable)]
+ModelName = Annotated[StrictStr, Field(max_length=64), AfterValidator(check_storable)]
+CustomId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_CUSTOM_ID), AfterValidator(check_storable)]
 
 
 class _Body(BaseModel):
@@ -87,17 +94,15 @@ class _Body(BaseModel):
 
 
 class AccountFilter(_Body):
-    modes: Annotated[list[Annotated[Text, Field(max_length=16)]], BeforeValidator(_null_is_empty)] = Field(
-        default_factory=list, max_length=8
-    )
+    modes: Annotated[list[ModeName], BeforeValidator(_null_is_empty)] = Field(default_factory=list, max_length=8)
 
 
 class _Submit(_Body):
     botType: BotType = None
-    state: Annotated[Text, Field(max_length=MAX_STATE)] | None = None
+    state: State | None = None
     notifyHook: Text | None = None
     accountFilter: AccountFilter | None = None
-    model: Annotated[Text, Field(max_length=64)] | None = None
+    model: ModelName | None = None
 
 
 class ImagineBody(_Submit):
@@ -127,7 +132,7 @@ class SwapFaceBody(_Submit):
 
 class ActionBody(_Submit):
     taskId: TaskId
-    customId: Annotated[Text, Field(min_length=1, max_length=200)]
+    customId: CustomId
 
 
 class ModalBody(_Body):
