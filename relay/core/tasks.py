@@ -134,9 +134,9 @@ class TaskService:
         try:
             mode = choose_mode(hints, models, inherited)
         except UnknownModel:
+            names = dict.fromkeys([*models, "mj-fast", "mj-relax", "mj-turbo"])  # each once: mj-fast may be configured
             raise InvalidRequest(
-                f"The model {hints.model!r} is unknown: use one of {', '.join(models)} or mj-fast, mj-relax, mj-turbo.",
-                param="model",
+                f"The model {hints.model!r} is unknown: use one of {', '.join(names)}.", param="model"
             ) from None
         named = hints.model if hints.model in models else None
         chosen_bot: Bot = bot or (models[named].bot if named else "MID_JOURNEY")
