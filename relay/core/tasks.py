@@ -60,6 +60,8 @@ SEED_RETRY_S = 2
 # The most characters one of the relay's own image links may take in a native imagine prompt (they are taken out
 # before its length is checked against `api.max_prompt_chars`); the links the relay makes are a few hundred long.
 MAX_LINK_CHARS = 2048
+# How many task ids one read of the store names (`find`): a list may name thousands.
+IDS_PER_READ = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +378,14 @@ class TaskService:
         return await self._owned(key, task_id)
 
     async def find(self, key: KeyRecord, task_ids: Sequence[str]) -> list[JobRow]:
-        return await self.store.owned(task_ids, key.id)
+        """The caller's tasks among `task_ids`, newest first, each once: read `IDS_PER_READ` ids at a time."""
+        ids = list(dict.fromkeys(task_ids))
+        rows: list[JobRow] = []
+        for start in range(0, len(ids), IDS_PER_READ):
+            rows += await self.store.owned(ids[start : start + IDS_PER_READ], key.id)
+        if len(ids) > IDS_PER_READ:
+            rows.sort(key=lambda row: (-row.created_at, row.id))  # as one read orders them
+        return rows
 
     async def recent(self, key: KeyRecord, limit: int) -> list[JobRow]:
         return await self.store.recent(key.id, limit)

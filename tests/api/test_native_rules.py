@@ -505,3 +505,17 @@ def test_a_text_field_out_of_its_bounds_is_told_in_characters(tmp_path: Path) ->
             assert (reply.status_code, reply.json()["code"]) == (400, 4), (path, reply.text)
             assert says in reply.json()["description"] and "item" not in reply.json()["description"], reply.text
         assert world.relay.balance() == (1000, 0) and world.relay.jobs() == []
+
+
+def test_a_list_of_more_ids_than_one_read_takes_is_answered_whole(tmp_path: Path) -> None:
+    """New API polls every unfinished task of a channel in one `list-by-condition`, with no bound on the ids, and
+    leaves all of them unchanged when the answer is not a 200 (a task it is not answered about never times out
+    either). Past 500 ids the whole poll was a 400: once a busy reseller had that many tasks under way, none of its
+    tasks ever changed again. Every id is read, as many reads as it takes."""
+    with native(tmp_path, sim={"fast_s": 0.05}) as world:
+        mine = [world.submit("/submit/imagine", {"prompt": f"a fox {index}"}) for index in range(3)]
+        made_up = [str(10**15 + index) for index in range(1200)]
+        ids = made_up[:400] + [mine[0]] + made_up[400:900] + [int(mine[1])] + made_up[900:] + [mine[2], mine[0]]
+        reply = world.client.post("/mj/task/list-by-condition", json={"ids": ids})
+        assert reply.status_code == 200, reply.text[:300]
+        assert [task["id"] for task in reply.json()] == mine[::-1]  # newest first, each once

@@ -162,7 +162,8 @@ async def list_by_condition(request: Request) -> Response:
     else:
         rows = await relay.tasks.find(key, body.ids)
     root, now = base_url(request), relay.clock.now()
-    return JSONResponse([render.task(row, relay.images, root, now) for row in rows])
+    # Rendered off the event loop: a list may name thousands of the caller's tasks.
+    return await asyncio.to_thread(lambda: JSONResponse([render.task(r, relay.images, root, now) for r in rows]))
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
