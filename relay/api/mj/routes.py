@@ -35,6 +35,8 @@ B = TypeVar("B", bound=BaseModel)
 PREFIXES = ("/mj", "/mj-fast/mj", "/mj-relax/mj", "/mj-turbo/mj", "/v1/mj")
 _PATH_MODE = re.compile(r"^/mj-(fast|relax|turbo)/")
 RECENT_TASKS = 100
+# Past this many tasks, a list is rendered on a thread (each task's links are signed): a poll of a few is not.
+RENDERED_AT_ONCE = 100
 
 
 def _path_mode(request: Request) -> Mode | None:
@@ -162,8 +164,12 @@ async def list_by_condition(request: Request) -> Response:
     else:
         rows = await relay.tasks.find(key, body.ids)
     root, now = base_url(request), relay.clock.now()
-    # Rendered off the event loop: a list may name thousands of the caller's tasks.
-    return await asyncio.to_thread(lambda: JSONResponse([render.task(r, relay.images, root, now) for r in rows]))
+
+    def answer() -> JSONResponse:
+        return JSONResponse([render.task(row, relay.images, root, now) for row in rows])
+
+    # A list of thousands of the caller's tasks is rendered off the event loop; a poll's few tasks, at once.
+    return answer() if len(rows) <= RENDERED_AT_ONCE else await asyncio.to_thread(answer)
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
