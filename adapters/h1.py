@@ -6,7 +6,8 @@ response models, httpcore's pool and h11's parser, anyio's locks), several times
 client does what the adapters need and no more, in about a fifth of that:
 
 - one request at a time per `Lane` (the adapters already hand out lanes), on a connection kept open while the
-  server allows and reused for at most `IDLE_S` idle seconds (a server may close an idle one at any moment);
+  server allows and reused for at most `IDLE_S` idle seconds (a server may close an idle one at any moment), a
+  write (a submit, which is never sent twice) only `WRITE_IDLE_S`;
 - `http` and `https` (TLS checked against the system's trust store, with the name of the host), HTTP proxies from
   the environment (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, as curl and httpx read them: an `https`
   target through a `CONNECT` tunnel);
@@ -49,6 +50,10 @@ Pin = Callable[[str, int], Awaitable[str]]
 
 # A kept-alive connection idle longer than this is closed rather than reused (httpx's default keep-alive expiry).
 IDLE_S = 5.0
+# A write goes on a kept connection only while it has been idle for less than this: servers close idle connections
+# after 5 s (uvicorn, Node) or 2 s (gunicorn), and a request written as its server closes is never read; a read is
+# made again then, but a write may have been taken, so it would fail as one that may have run.
+WRITE_IDLE_S = 1.5
 MAX_REDIRECTS = 5
 # The most an answer may hold beyond its body's own bytes (its head and any interim answers', its trailers) and as
 # much again as its body (the framing of its chunks): a few kilobytes in practice.
@@ -426,7 +431,9 @@ class Lane:
             lines.append(f"Content-Length: {len(body)}")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         for attempt in (0, 1):
-            connection, reused = await self._connection_to(origin, proxy, pin)
+            connection, reused = await self._connection_to(
+                origin, proxy, pin, IDLE_S if method == "GET" else WRITE_IDLE_S
+            )
             self._written = True
             try:
                 reply = await connection.exchange(request, max_body)
@@ -440,14 +447,16 @@ class Lane:
             return _decoded(reply, max_body)
         raise AssertionError("unreachable")
 
-    async def _connection_to(self, origin: _Origin, proxy: _Origin | None, pin: Pin | None) -> tuple[_Connection, bool]:
-        """A connection to `origin`: the kept one, or a new one (to the address `pin` gives, when given). A kept
-        connection to the same origin was made under the same pin when it was made (a lane's calls that pin all
-        give the same one), so it is used without asking again."""
+    async def _connection_to(
+        self, origin: _Origin, proxy: _Origin | None, pin: Pin | None, idle_s: float
+    ) -> tuple[_Connection, bool]:
+        """A connection to `origin`: the kept one if it has been idle less than `idle_s`, or a new one (to the
+        address `pin` gives, when given). A kept connection to the same origin was made under the same pin when it
+        was made (a lane's calls that pin all give the same one), so it is used without asking again."""
         now = asyncio.get_running_loop().time()
         current = self._connection
         if current is not None:
-            if self._origin == origin and not current.lost and now - current.idle_since < IDLE_S:
+            if self._origin == origin and not current.lost and now - current.idle_since < idle_s:
                 return current, True
             current.close()
             self._connection = None

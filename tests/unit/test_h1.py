@@ -124,6 +124,31 @@ async def test_a_connection_idle_too_long_is_not_reused(monkeypatch: pytest.Monk
     assert counting.connections == 2
 
 
+async def test_a_write_is_not_sent_on_a_connection_its_server_may_be_closing_as_idle() -> None:
+    # Servers close a connection idle for 5 s (uvicorn, Node) or 2 s (gunicorn): a request written as its server
+    # closes it is never read. A read is made again; a write (a submit) may have been taken, so it failed as one that
+    # may have run. Here the server closes as the second request comes, as its idle timer would.
+    connections = 0
+
+    async def closes_as_the_second_comes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(answer(200, b"first"))
+        await writer.drain()
+        await read_request(reader)
+
+    async with server(closes_as_the_second_comes) as port:
+        client = lane()
+        url = f"http://127.0.0.1:{port}/"
+        await client.request("GET", url, timeout_s=2)
+        assert client._connection is not None
+        client._connection.idle_since -= 3.0  # idle for three seconds since
+        reply = await client.request("POST", url, body=b"{}", timeout_s=2)
+        await client.aclose()
+    assert (reply.status, reply.body, connections) == (200, b"first", 2)
+
+
 async def test_a_connection_the_server_closed_is_replaced() -> None:
     connections = 0
 
