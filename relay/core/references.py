@@ -63,10 +63,20 @@ class ReferenceLoader:
         await self._client.aclose()
 
     async def load(self, urls: list[str], owner: str) -> tuple[str, ...]:
-        """Each image as a checked data URL; `owner` (the key that sent them) has its own share of host lookups."""
+        """Each image as a checked data URL; `owner` (the key that sent them) has its own share of host lookups.
+        They are fetched together (a few slow hosts would otherwise hold the request for as many time limits); the
+        first refused stops the others."""
         if len(urls) > self.config.max_count:
             raise _bad(f"At most {self.config.max_count} reference images are accepted.")
-        return tuple([await self._one(url, owner) for url in urls])
+        if len(urls) < 2:
+            return tuple([await self._one(url, owner) for url in urls])
+        loads = [asyncio.ensure_future(self._one(url, owner)) for url in urls]
+        try:
+            return tuple(await asyncio.gather(*loads))
+        finally:
+            for unfinished in loads:
+                unfinished.cancel()
+            await asyncio.gather(*loads, return_exceptions=True)
 
     async def _one(self, url: str, owner: str) -> str:
         # Decoding and checking an image is CPU work: off the event loop, which serves every other client.

@@ -112,6 +112,41 @@ async def test_allowed_hosts_are_fetched_with_limits(server: str) -> None:
     assert "HTTP 404" in await refused([server + "/img/missing"], allow_private=True)
 
 
+async def test_a_request_s_reference_images_are_downloaded_together() -> None:
+    """They were downloaded one after another: a few slow hosts held the request (a streamed chat's very headers)
+    for as many download time limits. Here each image is answered only once all three have been asked for."""
+    asked: list[str] = []
+    everyone = asyncio.Event()
+
+    async def once_all_are_asked(request: Request) -> Response:
+        asked.append(request.path_params["name"])
+        if len(asked) == 3:
+            everyone.set()
+        await everyone.wait()
+        return Response(png(), media_type="image/png")
+
+    with serve(Starlette(routes=[Route("/{name}", once_all_are_asked)])) as base:
+        urls = [f"{base}/{name}" for name in ("a", "b", "c")]
+        assert await load(urls, allow_private=True, timeout_s=5) == (data_url(png()),) * 3
+    assert sorted(asked) == ["a", "b", "c"]
+
+
+async def test_a_request_s_other_downloads_stop_when_one_of_its_images_is_refused(server: str) -> None:
+    never = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        await never.wait()
+        return Response(png(), media_type="image/png")
+
+    with serve(Starlette(routes=[Route("/{name}", slow)])) as base:
+        loader = ReferenceLoader(ReferencesConfig(allow_private=True, timeout_s=30))
+        try:
+            with pytest.raises(InvalidRequest, match="HTTP 404"):
+                await asyncio.wait_for(loader.load([f"{base}/slow", server + "/img/missing"], "key"), 10)
+        finally:
+            await loader.aclose()
+
+
 async def test_the_download_goes_to_the_address_that_was_checked(server: str) -> None:
     port = int(server.rsplit(":", 1)[1])
     asked = []
