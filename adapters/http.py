@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 import ssl
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,9 @@ READ_LANES = 4
 DOWNLOAD_LANES = 128
 # A whole image download may take this many times the per-call timeout (a slow, large grid), never longer.
 DOWNLOAD_TIMEOUTS = 4
+# A provider whose list-by-condition answered 404 or 405 is read one fetch per task, and asked for the list again
+# this much later: a 404 may be a gateway's, passing (a deploy), and one fetch per task costs a read per task.
+LIST_RETRY_S = 600.0
 # The most an API answer may hold (a list of a few hundred tasks is well under a megabyte).
 MAX_API_BYTES = 32_000_000
 
@@ -115,7 +119,8 @@ class HttpUpstream:
         self._submits = _Lanes(options.max_connections, options.connect_timeout_s, proxies)
         self._reads = _Lanes(READ_LANES, options.connect_timeout_s, proxies)
         self._downloads = _Lanes(DOWNLOAD_LANES, options.connect_timeout_s, proxies)
-        self._list_supported = True
+        self._list_refused_at: float | None = None  # when list-by-condition last answered 404 or 405
+        self._now = time.monotonic
         # The provider's own host (as the HTTP client reads it): the operator chose it, so images it serves itself
         # are fetched wherever it is.
         self._own_host = host_of(self._base)
@@ -222,7 +227,7 @@ class HttpUpstream:
         for start in range(0, len(ids), size):
             chunk = ids[start : start + size]
             try:
-                if self._list_supported:
+                if self._list_refused_at is None or self._now() - self._list_refused_at >= LIST_RETRY_S:
                     got = await self._list(chunk)
                     if got is not None:
                         views.extend(got)
@@ -344,11 +349,13 @@ class HttpUpstream:
         return reply.status, reply.body
 
     async def _list(self, ids: list[str]) -> list[TaskView] | None:
-        """A batch through list-by-condition; None when this provider has no such endpoint."""
+        """A batch through list-by-condition; None when this provider has no such endpoint (it is asked again
+        `LIST_RETRY_S` later: a 404 may be a gateway's, passing)."""
         status, body = await self._call("POST", self.list_path(), {"ids": ids})
         if status in (404, 405):
-            self._list_supported = False
+            self._list_refused_at = self._now()
             return None
+        self._list_refused_at = None
         try:
             views = parse_task_list(status, body)
         except ValueError as exc:

@@ -28,7 +28,7 @@ from adapters import (
     UpstreamUnavailable,
     create_http_upstream,
 )
-from adapters.http import HttpUpstream
+from adapters.http import LIST_RETRY_S, HttpUpstream
 from adapters.midjourney_proxy import MidjourneyProxyUpstream
 from tests.contract.replay import Replay, replaying
 
@@ -256,6 +256,24 @@ async def test_without_list_by_condition_reads_fall_back_to_fetch(mock: Replay) 
     assert [v.upstream_id for v in await adapter.fetch_many(["5", "6"])] == ["5"]
     assert [v.upstream_id for v in await adapter.fetch_many(["5"])] == ["5"]
     assert listing.call_count == 1  # remembered: not asked again
+
+
+async def test_list_by_condition_is_asked_again_a_while_after_a_404(mock: Replay) -> None:
+    # A 404 may be a gateway's, passing (a deploy): one fetch per task, for good, would cost a provider that has
+    # the list a read per task from then on.
+    listing = mock.post("/mj/task/list-by-condition").respond(404)
+    mock.get("/mj/task/5/fetch").respond(json=TASK)
+    adapter = upstream("midjourney-proxy")
+    now = [1000.0]
+    adapter._now = lambda: now[0]  # type: ignore[attr-defined]
+    assert [v.upstream_id for v in await adapter.fetch_many(["5"])] == ["5"]
+    now[0] += LIST_RETRY_S - 1
+    assert [v.upstream_id for v in await adapter.fetch_many(["5"])] == ["5"]
+    assert listing.call_count == 1
+    answering = mock.post("/mj/task/list-by-condition").respond(json=[TASK])
+    now[0] += 1
+    assert [v.upstream_id for v in await adapter.fetch_many(["5"])] == ["5"]
+    assert answering.call_count == 1  # the list, asked again
 
 
 async def test_one_task_its_fetch_cannot_answer_does_not_cost_the_others_their_read(mock: Replay) -> None:
