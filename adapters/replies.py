@@ -274,6 +274,8 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
         return Retryable(description or f"HTTP {status}", sent=not refused and _maybe_ran(status))
 
     if code is None:
+        if status == 404 and follow_up:  # a server's own 404 page in JSON (Spring's), read as it is in HTML
+            return ClientError("the task was not found upstream")
         return _unreadable(status, "an answer without a result code")
     upstream_id = _as_id(data.get("result"))
     if upstream_id is not None and len(upstream_id) > MAX_ID_CHARS:

@@ -107,6 +107,11 @@ def test_follow_ups_treat_missing_tasks_as_the_clients_mistake() -> None:
     assert isinstance(classify_submit(404, b"", follow_up=True), ClientError)
     assert isinstance(classify_submit(404, b"<html>", follow_up=True), ClientError)
     assert isinstance(classify_submit(404, body({"code": 3}), follow_up=False), ClientError)
+    # A JSON 404 without a code (Spring's own page, as a midjourney-proxy answers a path it lacks) is read as the
+    # same page in HTML is: not a reason to set the provider aside for every new job.
+    spring = body({"timestamp": "2026-12-06T05:00:00.000+00:00", "status": 404, "error": "Not Found", "path": "/x"})
+    assert isinstance(classify_submit(404, spring, follow_up=True), ClientError)
+    assert isinstance(classify_submit(404, spring, follow_up=False), ProviderUnusable)
 
 
 def test_a_banned_word_is_named() -> None:
