@@ -228,6 +228,7 @@ class _Connection(asyncio.Protocol):
         self._limit = 0
         self._received = 0  # bytes read of the answer so far
         self._framed = False  # the answer says where its body ends (a length, or chunks)
+        self._in_head = False  # headers now are the answer's (after its body they are trailers: left alone)
         self._keep = False  # the server keeps the connection open after this answer
         self._head_only = False
         self._reply: Reply | None = None  # the answer, taken the moment its message is complete
@@ -275,8 +276,11 @@ class _Connection(asyncio.Protocol):
             self._stray = True
         self._status, self._headers, self._body, self._size = 0, {}, [], 0
         self._framed = self._keep = False
+        self._in_head = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:  # a trailer: it changes neither how the body read is decoded nor where a redirect goes
+            return
         lowered = name.decode("latin-1").lower()
         text = self._headers[lowered] = value.decode("latin-1")
         # A length, or chunks as the last transfer coding; with any other coding the body runs to the connection's
@@ -288,6 +292,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
+        self._in_head = False
         self._status = self._parser.get_status_code()
         self._keep = self._parser.should_keep_alive()  # (the parser forgets it once the message is complete)
         if self._head_only:  # a proxy's answer to CONNECT: what follows is the tunnel

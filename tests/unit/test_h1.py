@@ -254,6 +254,18 @@ async def test_a_body_whose_transfer_coding_is_not_chunked_runs_to_the_connectio
     assert reply.body == body
 
 
+async def test_a_trailer_does_not_change_the_answer_s_headers() -> None:
+    # Trailers come after the body: one named as a header (Content-Encoding, Location) would otherwise change how
+    # the body already read is decoded, or where a redirect goes.
+    raw = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: image\r\n\r\n"
+        b"5\r\nplain\r\n0\r\nContent-Encoding: gzip\r\nX-Kind: trailer\r\n\r\n"
+    )
+    reply = await reply_with(raw)
+    assert reply.body == b"plain" and reply.headers.get("x-kind") == "image"
+    assert "content-encoding" not in reply.headers
+
+
 async def test_a_cut_body_is_a_failure() -> None:
     with pytest.raises(HttpFailure) as failure:
         await reply_with(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", close=True)
