@@ -325,6 +325,21 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
     return _unreadable(status, f"unexpected result code {code}")
 
 
+_URL_START = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _joined_links(text: str) -> list[str]:
+    """Links joined by commas; a comma inside a link (a CDN's transformations, `w_100,h_100`) is the link's: a
+    piece that does not begin as a URL, after one that does, goes on with it."""
+    links: list[str] = []
+    for piece in text.split(","):
+        if links and _URL_START.match(links[-1]) and piece.strip() and not _URL_START.match(piece):
+            links[-1] += "," + piece
+        else:
+            links.append(piece)
+    return links
+
+
 def classify_upload(status: int, body: bytes) -> UploadOutcome:
     """Map one `submit/upload-discord-images` reply: code 1 with `result` a list of links (trueai) or one
     comma-joined string gives `Uploaded`; every other answer is classed as a submit of a new task would be."""
@@ -334,7 +349,7 @@ def classify_upload(status: int, body: bytes) -> UploadOutcome:
         data = None
     if isinstance(data, Mapping) and _code(data.get("code")) == 1 and "success" not in data:
         result = data.get("result")
-        parts = result if isinstance(result, list) else str(result or "").split(",")
+        parts = result if isinstance(result, list) else _joined_links(str(result or ""))
         links = tuple(text for text in (str(part).strip() for part in parts if part is not None) if text)
         if not links:
             return ProviderUnusable("an upload answer without links")

@@ -239,6 +239,11 @@ def test_banned_reasons() -> None:
     [
         (200, body({"code": 1, "result": ["a", None, " b "]}), Uploaded(("a", "b"))),
         (200, body({"code": "1", "result": "a,b,,"}), Uploaded(("a", "b"))),
+        (  # a comma inside a link (a CDN's transformations) is the link's
+            200,
+            body({"code": 1, "result": "https://cdn.example/w_100,h_100/a.png, https://cdn.example/b.png,"}),
+            Uploaded(("https://cdn.example/w_100,h_100/a.png", "https://cdn.example/b.png")),
+        ),
         (200, body({"code": 1, "result": None}), ProviderUnusable("an upload answer without links")),
         (200, body({"code": 1, "success": False}), ClientError("refused by the upstream")),
         (200, body({"code": 21, "result": "3", "properties": {"remix": True}}), ProviderUnusable),
