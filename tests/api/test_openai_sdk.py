@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.helpers import RunningRelay, pg_database_sync, relay_config, running_relay, serve, sql, wait_for
+from tests.helpers import RunningRelay, create_key, pg_database_sync, relay_config, running_relay, serve, sql, wait_for
 
 
 def png(data: bytes) -> Image.Image:
@@ -254,6 +254,24 @@ def test_a_chat_whose_client_left_while_its_reference_image_came_starts_nothing(
             assert relay.balance() == (998, 0)
     finally:
         release.set()
+
+
+def test_a_chat_in_a_model_the_key_may_not_use_downloads_none_of_its_reference_images(tmp_path: Path) -> None:
+    served: list[str] = []
+
+    async def image(request: Request) -> Response:
+        served.append(request.url.path)
+        return Response(b"", media_type="image/png")
+
+    config = relay_config(tmp_path, api={"references": {"allow_private": True}})
+    with serve(Starlette(routes=[Route("/ref.png", image)])) as images, running_relay(config) as relay:
+        narrow = relay.openai(create_key(relay.config, name="relax only", models=["mj-relax"]))
+        reference = {"type": "image_url", "image_url": {"url": images + "/ref.png"}}
+        with pytest.raises(openai.PermissionDeniedError):
+            narrow.chat.completions.create(
+                model="mj-fast", messages=[{"role": "user", "content": [{"type": "text", "text": "a pier"}, reference]}]
+            )
+        assert served == [] and relay.jobs() == []
 
 
 def test_identical_requests_that_are_not_retries_each_run(relay: RunningRelay) -> None:

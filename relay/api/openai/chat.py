@@ -155,6 +155,8 @@ async def chat_completions(request: Request) -> Response:
     text, image_urls = last_user_turn(body.messages)
     spec = relay.jobs.plan(model=body.model, prompt=text, prompt_param="messages")
     if image_urls:  # a client that leaves while they download gets no job started (nor charged) for nobody
+        if not key.allows(spec.model):  # refused before anything is fetched for it, as its job would be
+            raise model_not_allowed(spec.model)
         loading = relay.references.load(image_urls, key.id)
         spec = replace(spec, references=await unless_disconnected(request, loading))
     try:
