@@ -12,9 +12,10 @@ and reads a job hooks keep current only when they have been silent for a whole i
 A task is found by its upstream id among the jobs followed here, else by `state` (the relay's job id, which every
 submit sends): a job still PENDING there — the relay stopped between the upstream taking a task and writing it
 down — is adopted (written SUBMITTED with the task's id, and followed), instead of ending "interrupted" at the
-pending sweep while the upstream ran it. No dialect can be asked for a task by `state` (midjourney-proxy,
-trueai, new-api and the `/v1/mj` resellers look tasks up by their own ids only), so hooks are the one way such a
-task is found again.
+pending sweep while the upstream ran it; unless its row names another provider (the one whose slot it holds while
+it is sent there: a provider that refused it before knows its id too). No dialect can be asked for a task by
+`state` (midjourney-proxy, trueai, new-api and the `/v1/mj` resellers look tasks up by their own ids only), so
+hooks are the one way such a task is found again.
 
 With several relay processes on one database, a call may reach a process that does not follow its job. That
 process looks the job up by `state`: one followed by another live process is forwarded to it (`core.broadcast`);
@@ -280,7 +281,9 @@ class UpstreamHooks:
         row = await self.store.get(view.state)
         if row is None or row.state.terminal:
             return "unknown"
-        if row.state is not JobState.PENDING and (row.provider != provider or row.upstream_id != view.upstream_id):
+        if row.provider not in (None, provider):
+            return "unknown"  # another provider's job (or one a slot of another holds while it is sent there)
+        if row.state is not JobState.PENDING and row.upstream_id != view.upstream_id:
             return "unknown"
         now = self.clock.now()
         if row.held_elsewhere(self.store.owner, now) and not (self.alone and row.state is JobState.PENDING):

@@ -17,6 +17,7 @@ from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.clock import SystemClock
 from relay.services import Relay
 from relay.store.jobs import JobRow, JobStore, NewJob
+from relay.store.slots import Slots
 from tests.helpers import ended_row, pg_database, relay_config
 
 pytestmark = pytest.mark.anyio
@@ -76,3 +77,43 @@ async def test_a_job_another_process_died_submitting_is_adopted_when_its_lease_r
         row = await asyncio.wait_for(ended(relay), 10)
         assert (row.state.value, row.hold_state) == ("SUCCEEDED", "captured"), (row.error_code, row.fail_reason)
         assert row.owner == relay.process_id
+
+
+@pytest.mark.postgres
+async def test_a_call_from_a_provider_the_pending_job_was_not_sent_to_adopts_nothing(tmp_path: Path) -> None:
+    """A process died while submitting a job to provider b, whose slot the job holds (its row names b). Provider a,
+    which refused the job before (and so knows its id), calls about a task of its own naming the job: the job is
+    not a's, and a's image must not end it as succeeded while b runs it. b's own call adopts it."""
+    engines = {name: SimEngine(SimSettings(fast_s=0.3, tile_px=16)) for name in ("a", "b")}
+    async with contextlib.AsyncExitStack() as stack:
+        database: dict[str, Any] = {"url": await stack.enter_async_context(pg_database())}
+        providers = [
+            {"name": name, "dialect": "simulator", "max_in_flight": 5, "simulator": {"fast_s": 0.3, "tile_px": 16}}
+            for name in engines
+        ]
+        config = relay_config(tmp_path, database=database, providers=providers)
+        upstreams = {name: SimulatorUpstream(name, engine) for name, engine in engines.items()}
+        relay = Relay(config, SystemClock(), dict(upstreams))
+        await relay.open()
+        stack.push_async_callback(relay.close)
+        key, _ = await relay.keys.create("k", 100, 0)
+        job_id = "job_of_a_dead_submit"
+        dead = JobStore(relay.db.engine, owner="a-process-that-died", lease_s=1)
+        new = NewJob(job_id, "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "a kite", 2, time.time() + 600)
+        died = time.time() - 60  # and its lease ran out since
+        assert await dead.open(key.id, [new], died)
+        assert await Slots(relay.db.engine, 1).take(job_id, "b", 5, died)  # sent to b, b's slot held
+
+        def hook_body(name: str) -> bytes:
+            reply = engines[name].submit_imagine({"prompt": "a kite", "state": job_id}, "fast")
+            task = engines[name].task(str(reply.body["result"]), "sim://sim")
+            assert task is not None
+            return json.dumps(task).encode()
+
+        spoof, real = hook_body("a"), hook_body("b")
+        assert await relay.upstream_hooks.apply("a", spoof) == "unknown"
+        row = await relay.store.get(job_id)
+        assert row is not None and (row.state.value, row.provider) == ("PENDING", "b")
+        assert await relay.upstream_hooks.apply("b", real) == "adopted"
+        row = await asyncio.wait_for(ended(relay), 10)
+        assert (row.state.value, row.provider, row.hold_state) == ("SUCCEEDED", "b", "captured")
