@@ -95,6 +95,16 @@ def hook_token(secret: str, provider: str) -> str:
     return hmac.new(secret.encode(), b"mj-relay upstream hook " + provider.encode(), hashlib.sha256).hexdigest()[:40]
 
 
+class _Turn:
+    """The calls about one task being routed, one at a time."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class UpstreamHooks:
     def __init__(
         self,
@@ -137,6 +147,7 @@ class UpstreamHooks:
         self._count = 0  # calls taken and not yet applied, and their bytes
         self._closing = False  # the process is shutting down: calls forwarded to it are left to the adopter
         self._bytes = 0
+        self._routing: dict[tuple[str, str], _Turn] = {}  # the tasks whose calls are being routed (`_route`)
 
     def url(self, provider: str) -> str | None:
         """The hook URL a submit to `provider` names; None when it gets none."""
@@ -269,7 +280,24 @@ class UpstreamHooks:
         await cancel_all(list(self._after_lease))  # the pending sweep of the processes left ends such a job
 
     async def _route(self, provider: str, view: TaskView, body: bytes) -> Outcome:
-        """Apply what a call said of a task: to the job followed here, or found by its `state`."""
+        """Apply what a call said of a task: to the job followed here, or found by its `state`. The calls about one
+        task are routed in turn: a short task's calls come together, and while the first adopts (or claims) its job,
+        the others, had they read the job meanwhile, would find it neither followed here nor theirs to take, and
+        its end among them would be left for a read a poll interval on."""
+        key = (provider, view.upstream_id)
+        turn = self._routing.get(key)
+        if turn is None:
+            turn = self._routing[key] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                return await self._route_now(provider, view, body)
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._routing[key]
+
+    async def _route_now(self, provider: str, view: TaskView, body: bytes) -> Outcome:
         tracked = self.lifecycle.find(provider, view.upstream_id)
         if tracked is not None:
             await self.lifecycle.hook(tracked, view)

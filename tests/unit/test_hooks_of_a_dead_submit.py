@@ -117,3 +117,27 @@ async def test_a_call_from_a_provider_the_pending_job_was_not_sent_to_adopts_not
         assert await relay.upstream_hooks.apply("b", real) == "adopted"
         row = await asyncio.wait_for(ended(relay), 10)
         assert (row.state.value, row.provider, row.hold_state) == ("SUCCEEDED", "b", "captured")
+
+
+@pytest.mark.postgres
+async def test_calls_about_a_dead_submit_taken_together_all_apply(tmp_path: Path) -> None:
+    """A short task's calls about a job a process that died was submitting come in one turn, once its lease ran out:
+    the first adopts the job, and the task's end, which came with it, ends it, not left for a read a poll interval
+    on."""
+    later = [0.0]
+    engine = SimEngine(SimSettings(fast_s=5, tile_px=16), now=lambda: time.time() + later[0])
+    async with contextlib.AsyncExitStack() as stack:
+        database: dict[str, Any] = {"url": await stack.enter_async_context(pg_database())}
+        config = relay_config(tmp_path, database=database, jobs={"poll_interval_s": 600})  # only calls end it soon
+        relay = Relay(config, SystemClock(), {"sim": SimulatorUpstream("sim", engine)})
+        await relay.open()
+        stack.push_async_callback(relay.close)
+        key, _ = await relay.keys.create("k", 100, 0)
+        started = await pending_elsewhere(relay, engine, key.id, "a-process-that-died", lease_s=-60)
+        later[0] = 10  # the task ended
+        task = engine.task(json.loads(started)["id"], "sim://sim")
+        assert task is not None and task["status"] == "SUCCESS"
+        outcomes = await relay.upstream_hooks.apply_many([("sim", started), ("sim", json.dumps(task).encode())])
+        assert "unknown" not in outcomes, outcomes
+        row = await asyncio.wait_for(ended(relay), 10)
+        assert (row.state.value, row.hold_state) == ("SUCCEEDED", "captured"), (row.error_code, row.fail_reason)
