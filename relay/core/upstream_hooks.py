@@ -140,7 +140,13 @@ class UpstreamHooks:
         self._after_lease: set[asyncio.Task[None]] = set()
         self.forward: Forward | None = None  # hand a call to the process that follows its job
         # Each provider's valid tokens (one per signing secret), made once: checking a call costs no HMAC.
-        self._tokens = {name: [hook_token(s, name).encode() for s in self.secrets] for name in pool.settings}
+        # Only a provider whose hooks are on is heard: its token does not change, and an upstream that kept its hook
+        # URL from before (an operator turned its hooks off for views it got wrong) would go on being applied.
+        self._tokens = {
+            name: [hook_token(s, name).encode() for s in self.secrets]
+            for name, settings in pool.settings.items()
+            if settings.hooks
+        }
         self._taken: list[tuple[str, bytes]] = []  # taken this turn of the loop: its task applies them next turn
         self._waiting: list[tuple[str, bytes]] = []  # progress taken while jobs were being delivered (`take`)
         self._applying: set[asyncio.Task[None]] = set()

@@ -45,14 +45,20 @@ class World:
 
 @contextmanager
 def hooked(
-    tmp_path: Path, hooks: HookSettings | None, *, poll_s: float = 30, dialect: str = "midjourney-proxy", **sim: Any
+    tmp_path: Path,
+    hooks: HookSettings | None,
+    *,
+    poll_s: float = 30,
+    dialect: str = "midjourney-proxy",
+    takes_hooks: bool = True,
+    **sim: Any,
 ) -> Iterator[World]:
     """A relay in front of one simulator over HTTP that calls hooks; polls every `poll_s` (long: hooks must do it)."""
     engine = SimEngine(SimSettings(**{"fast_s": 0.6, "tile_px": 16, **sim}))
     sock = bound_socket()
     public = f"http://127.0.0.1:{sock.getsockname()[1]}"
     with serve(build_sim_app(engine, dialect, SECRET, hooks)) as upstream:  # type: ignore[arg-type]
-        provider = {"name": "up", "dialect": dialect, "base_url": upstream, "secret": SECRET}
+        provider = {"name": "up", "dialect": dialect, "base_url": upstream, "secret": SECRET, "hooks": takes_hooks}
         config = relay_config(
             tmp_path,
             server={"public_url": public},
@@ -160,6 +166,16 @@ def test_a_hook_with_a_wrong_token_or_provider_is_a_404(tmp_path: Path, token: s
         for path in (f"/hooks/up/{token}", f"/hooks/nobody/{hook_token(SIGNING, 'nobody')}"):
             reply = httpx.post(world.relay.base + path, content=b"{}")
             assert reply.status_code in (404, 405) and reply.headers["content-type"] == "application/json"
+
+
+def test_a_provider_whose_hooks_are_off_has_its_calls_refused(tmp_path: Path) -> None:
+    # Its token does not change: an upstream that kept a hook URL from before (an operator turned its hooks off for
+    # views it got wrong) would go on being applied.
+    with hooked(tmp_path, None, takes_hooks=False) as world:
+        task_id = world.imagine("a heron heard of by polling only")
+        body = json.dumps({**world.task(task_id), "id": "1", "status": "SUCCESS", "state": task_id}).encode()
+        reply = httpx.post(world.relay.base + f"/hooks/up/{hook_token(SIGNING, 'up')}", content=body)
+        assert reply.status_code == 404 and reply.headers["content-type"] == "application/json"
 
 
 def test_new_api_drops_the_hook_and_polling_does_the_work(tmp_path: Path) -> None:
