@@ -10,7 +10,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from relay.images.names import TILE_NAMES
 
-__all__ = ["ImageError", "cut", "png_size", "to_png"]
+__all__ = ["ImageError", "cut", "png_size", "shown", "to_png"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its CRC: the last chunk of every PNG
@@ -57,6 +57,43 @@ def png_size(data: bytes) -> tuple[int, int] | None:
     if _PNG_END not in data[-64:] and _PNG_END not in data:
         raise ImageError("the PNG is truncated")
     return _usable((int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")))
+
+
+# The chunks of a PNG the relay keeps as they came: what a decoder needs to show the image as it was made (its pixels,
+# palette, transparency, colour space, pixel density, animation). The others (text, XMP, EXIF, times, an editor's own
+# chunks) are left out: Midjourney writes the name of the account that made an image, and its own job id, in text
+# chunks, and neither is ever told to a client.
+_SHOWING = frozenset(
+    (b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"cICP", b"mDCV", b"cLLI")
+    + (b"sBIT", b"pHYs", b"bKGD", b"acTL", b"fcTL", b"fdAT")
+)
+
+
+def shown(data: bytes, max_chunks: int | None = None) -> bytes | None:
+    """A whole PNG (`png_size` said so) with only the chunks that show it (`_SHOWING`), up to its end marker: the
+    bytes themselves when that is all they hold. None when it has more than `max_chunks` chunks (a real image has a
+    few hundred; one of a million tiny chunks takes a second to walk: on a thread, then). Raises ImageError for a
+    chunk that runs past the end (no decoder could read it)."""
+    parts: list[memoryview] = []
+    view = memoryview(data)
+    at, chunks, dropped = len(_PNG_SIGNATURE), 0, False
+    while True:
+        chunks += 1
+        if max_chunks is not None and chunks > max_chunks:
+            return None
+        end = at + 12 + int.from_bytes(data[at : at + 4], "big")
+        if end > len(data):
+            raise ImageError("the PNG is damaged: a chunk runs past its end")
+        kind = data[at + 4 : at + 8]
+        if kind in _SHOWING:
+            parts.append(view[at:end])
+        else:
+            dropped = True
+        at = end
+        if kind == b"IEND":
+            if not dropped and at == len(data):
+                return data
+            return view[: len(_PNG_SIGNATURE)].tobytes() + b"".join(parts)
 
 
 def to_png(data: bytes) -> tuple[tuple[int, int], bytes]:

@@ -40,6 +40,8 @@ log = logging.getLogger("relay.images")
 
 # Grids this process cut lately (ids only): a request that found no tile while one was being cut reads it again.
 RECENT_CUTS = 4096
+# A kept PNG of more chunks than this has the chunks that do not show it left out on a decoding thread (`shown`).
+INLINE_CHUNKS = 2048
 # Images decoded or encoded at once (each on a thread; the others wait their turn).
 DECODE_THREADS = 2
 
@@ -88,7 +90,12 @@ class ImageStore:
     async def save(self, job_id: str, name: str, data: bytes) -> tuple[int, int]:
         """Keep one finished image; returns its size. Raises ImageError or StorageError; see `save_many`."""
         png = formats.png_size(data)
-        size, data = (png, data) if png is not None else await self._decoding(formats.to_png, data)
+        if png is None:
+            size, data = await self._decoding(formats.to_png, data)
+        else:
+            size = png
+            shown = formats.shown(data, INLINE_CHUNKS)
+            data = shown if shown is not None else await self._decoding(_shown, data)
         failed = await self.backend.put({key(job_id, name): data})
         if failed:
             raise StorageError(next(iter(failed.values())))
@@ -97,7 +104,8 @@ class ImageStore:
     async def save_many(self, images: Sequence[tuple[str, str, bytes]]) -> dict[str, ImageError | StorageError]:
         """Keep finished images, each `(id, name, bytes)` of a different id, in one batch; returns why each one that
         was not kept failed, by id. A PNG is checked by its header and its end marker (a truncated download fails
-        here, without decoding) and kept as it came; another format is decoded (in a thread) and kept as PNG."""
+        here, without decoding) and kept as it came, the chunks that do not show it left out (`formats.shown`);
+        another format is decoded (in a thread) and kept as PNG."""
         failed: dict[str, ImageError | StorageError] = {}
         keep: dict[str, bytes] = {}
         owner: dict[str, str] = {}
@@ -108,8 +116,10 @@ class ImageStore:
             try:
                 if formats.png_size(data) is None:
                     others.append((image_id, where, data))
+                elif (png := formats.shown(data, INLINE_CHUNKS)) is None:
+                    others.append((image_id, where, data))
                 else:
-                    keep[where] = data
+                    keep[where] = png
             except ImageError as exc:
                 failed[image_id] = exc
         if others:
@@ -173,11 +183,19 @@ class ImageStore:
             done.exception()  # seen by whoever waits; retrieved here for when everybody went away
 
 
+def _shown(data: bytes) -> bytes:
+    png = formats.shown(data)
+    assert png is not None
+    return png
+
+
 def _convert_all(images: list[bytes]) -> list[bytes | ImageError]:
+    """Each image as the PNG the relay keeps: a PNG of many chunks with only those that show it, another format
+    converted."""
     out: list[bytes | ImageError] = []
     for data in images:
         try:
-            out.append(formats.to_png(data)[1])
+            out.append(_shown(data) if formats.png_size(data) is not None else formats.to_png(data)[1])
         except ImageError as exc:
             out.append(exc)
     return out

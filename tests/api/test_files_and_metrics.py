@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import re
 import time
 from pathlib import Path
@@ -10,10 +11,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from PIL import Image, PngImagePlugin
 
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.collector import Pauses
-from tests.helpers import RunningRelay, bomb_png, relay_config, running_relay
+from tests.helpers import RunningRelay, bomb_png, relay_config, running_relay, wait_for
 
 
 def test_only_the_signed_link_serves_the_image(relay: RunningRelay) -> None:
@@ -82,6 +84,48 @@ def test_a_kept_grid_found_damaged_when_its_tiles_are_cut_is_a_clean_error_on_ev
         url = relay.openai().images.generate(model="mj-fast", prompt="a lantern").data[0].url or ""
         served = httpx.get(url)
         assert served.status_code == 500 and served.json()["error"]["message"] == "The stored image is damaged."
+
+
+class SignedGrids(SimulatorUpstream):
+    """The simulator, with every finished image a PNG that says who made it, as Midjourney's do: the upstream
+    account's name and its job id in text chunks, and an EXIF chunk."""
+
+    async def download(self, url: str) -> bytes:
+        image = Image.open(io.BytesIO(await super().download(url)))
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Author", "upstream_account_name")
+        info.add_itxt("Description", "a lantern Job ID: 0f0e0d0c-upstream-job-id", zip=True)
+        exif = Image.Exif()
+        exif[0x013B] = "upstream_account_name"
+        out = io.BytesIO()
+        image.save(out, format="PNG", pnginfo=info, exif=exif)
+        return out.getvalue()
+
+
+def test_kept_images_say_nothing_of_the_upstream_that_made_them(tmp_path: Path) -> None:
+    upstream = SignedGrids("sim", SimEngine(SimSettings(fast_s=0.3, tile_px=64)))
+    with (
+        running_relay(relay_config(tmp_path), upstreams={"sim": upstream}) as relay,
+        httpx.Client(base_url=relay.base, headers={"mj-api-secret": relay.key}, timeout=30) as client,
+    ):
+        task_id = client.post("/mj/submit/imagine", json={"prompt": "a lantern"}).json()["result"]
+        wait_for(lambda: client.get(f"/mj/task/{task_id}/fetch").json()["status"] in ("SUCCESS", "FAILURE"))
+        task = client.get(f"/mj/task/{task_id}/fetch").json()
+        assert task["status"] == "SUCCESS", task
+        grid = httpx.get(task["imageUrl"])
+        assert grid.status_code == 200
+        for told in (b"upstream_account_name", b"Job ID", b"upstream-job-id", b"eXIf", b"tEXt", b"iTXt"):
+            assert told not in grid.content
+        shown = Image.open(io.BytesIO(grid.content))
+        assert shown.size == (128, 128) and not shown.info.get("exif")
+        tile = httpx.get(task["imageUrl"].replace("/grid.png?", "/1.png?"))
+        assert tile.status_code == 403  # signed for the grid only
+        button = next(b["customId"] for b in task["buttons"] if "upsample::1" in b["customId"])
+        upscale_id = client.post("/mj/submit/action", json={"taskId": task_id, "customId": button}).json()["result"]
+        wait_for(lambda: client.get(f"/mj/task/{upscale_id}/fetch").json()["status"] in ("SUCCESS", "FAILURE"))
+        image = httpx.get(client.get(f"/mj/task/{upscale_id}/fetch").json()["imageUrl"])
+        assert image.status_code == 200 and b"upstream_account_name" not in image.content
+        Image.open(io.BytesIO(image.content)).load()
 
 
 def test_metrics_count_requests_and_jobs_without_secrets(relay: RunningRelay) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from adapters.simulator.grid import render_grid
 from relay.config import default_config, parse_config
@@ -228,18 +228,49 @@ async def test_broken_images_are_refused(images: ImageStore, data: bytes) -> Non
 
 async def test_a_whole_png_with_bytes_after_its_end_is_kept_and_one_cut_short_refused(images: ImageStore) -> None:
     """Decoders read a PNG to its IEND chunk and ignore what follows (padding, an appended archive): such a PNG is
-    whole. An upload of one passes the reference check, and is then kept, not refused as truncated."""
+    whole. An upload of one passes the reference check, and is then kept (to its end), not refused as truncated."""
     grid = render_grid("x", (1, 1), 16)
     padded = grid + bytes(100)
     uploads = Uploads(images, FakeClock())
     (link,) = await uploads.keep("k1", (image_data_url(padded),), "http://relay")
     upload_id, name, _, _ = signed(link)
-    assert await images.read(upload_id, name) == padded
+    assert await images.read(upload_id, name) == grid
     assert await images.save(JOB, "grid.png", padded) == (32, 32)
     assert len({await images.read(JOB, tile) for tile in TILES}) == 4
     for cut_short in (grid[: len(grid) // 2], grid[:-12] + bytes(100)):
         with pytest.raises(ImageError, match="truncated"):
             await images.save(OTHER, "grid.png", cut_short)
+
+
+async def test_a_png_of_many_chunks_is_kept_without_its_text_off_the_event_loop(
+    images: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunks of a PNG that do not show it are left out as it is kept: on a decoding thread when it has more
+    chunks than are walked at once. A chunk that runs past the end is a damaged PNG, refused."""
+    image = Image.open(io.BytesIO(render_grid("x", (1, 1), 16)))
+    info = PngImagePlugin.PngInfo()
+    for n in range(images_store.INLINE_CHUNKS + 10):
+        info.add_text("Comment", f"upstream job {n}")
+    out = io.BytesIO()
+    image.save(out, format="PNG", pnginfo=info)
+    threads: list[str] = []
+    shown = formats.shown
+    monkeypatch.setattr(
+        formats,
+        "shown",
+        lambda *a: threads.append(threading.current_thread().name) or shown(*a),  # type: ignore[func-returns-value]
+    )
+    assert await images.save(JOB, "grid.png", out.getvalue()) == (32, 32)
+    kept = await images.read(JOB, "grid.png")
+    assert b"upstream job" not in kept and b"tEXt" not in kept
+    assert Image.open(io.BytesIO(kept)).tobytes() == image.tobytes()
+    assert threads[0] == threading.current_thread().name and threads[1].startswith("image-decode")
+    damaged = bytearray(out.getvalue())
+    damaged[33:37] = (10**6).to_bytes(4, "big")  # the length of its first text chunk
+    with pytest.raises(ImageError, match="damaged"):
+        await images.save(OTHER, "grid.png", bytes(damaged))
+    assert (await images.save_many([(OTHER, "grid.png", out.getvalue())])) == {}
+    assert b"tEXt" not in await images.read(OTHER, "grid.png")
 
 
 async def test_images_too_small_to_split_are_refused(images: ImageStore) -> None:
@@ -490,7 +521,7 @@ async def test_a_grid_whose_chunks_are_damaged_is_an_image_error_when_cut(images
     grid = bytearray(render_grid("x", (1, 1), 16))
     assert grid[37:41] == b"IDAT"
     grid[33:37] = (int.from_bytes(grid[33:37], "big") - 100).to_bytes(4, "big")  # its length: the next chunk is not
-    await images.save(JOB, "grid.png", bytes(grid))
+    await images.backend.put({key(JOB, "grid.png"): bytes(grid)})  # as found there: `save` refuses it
     for tile in TILES:
         with pytest.raises(ImageError, match="unreadable"):
             await images.read(JOB, tile)
