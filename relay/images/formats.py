@@ -150,12 +150,18 @@ def cut(grid: bytes) -> dict[str, bytes]:
 
 def _plain(image: Image.Image) -> Image.Image:
     """The image in a mode PNG keeps as it is. 16-bit grey (0..65535) is scaled to 8 bits: Pillow's conversion
-    clips it, every grey above 255 white."""
+    clips it, every grey above 255 white. An image turned to RGB keeps its colour profile only when that is an RGB
+    one: Pillow keeps the profile of the colours it converted from (CMYK, grey, Lab), which a PNG of RGB colours
+    may not carry (decoders drop it, or refuse the image)."""
     if image.mode in ("RGB", "RGBA", "L", "LA", "P"):
         return image
     if image.mode.startswith("I;16"):
         return image.convert("I").point(lambda value: value / 257).convert("L")
-    return image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    plain = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    profile = plain.info.get("icc_profile")
+    if profile is not None and bytes(profile[16:20]) != b"RGB ":  # the profile's colour space, from its header
+        del plain.info["icc_profile"]
+    return plain
 
 
 def _png(image: Image.Image) -> bytes:

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageCms, PngImagePlugin
 
 from adapters.simulator.grid import render_grid
 from relay.config import default_config, parse_config
@@ -172,6 +172,19 @@ async def test_other_formats_are_kept_as_png(images: ImageStore) -> None:
     assert await images.save(JOB, "grid.png", jpeg()) == (40, 40)
     with Image.open(local(images).path(key(JOB, "grid.png"))) as kept:
         assert kept.format == "PNG"
+
+
+async def test_a_cmyk_photo_is_kept_as_rgb_without_its_cmyk_colour_profile(images: ImageStore) -> None:
+    """A print shop's JPEG is CMYK with a CMYK profile: the PNG kept of it is RGB, and a PNG may only carry a profile
+    of its own colour space (decoders drop or refuse another). An RGB profile stays."""
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    cmyk = srgb[:16] + b"CMYK" + srgb[20:]  # (only its colour space is read here)
+    for mode, profile, kept in (("CMYK", cmyk, None), ("RGB", srgb, srgb)):
+        out = io.BytesIO()
+        Image.new(mode, (40, 40)).save(out, format="JPEG", icc_profile=profile)
+        await images.save(JOB, "image.png", out.getvalue())
+        png = Image.open(io.BytesIO(await images.read(JOB, "image.png")))
+        assert png.mode == "RGB" and png.info.get("icc_profile") == kept
 
 
 async def test_a_photo_is_kept_the_way_up_its_camera_says(images: ImageStore) -> None:
