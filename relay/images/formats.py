@@ -10,7 +10,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from relay.images.names import TILE_NAMES
 
-__all__ = ["ImageError", "cut", "png_size", "shown", "to_png"]
+__all__ = ["ImageError", "cut", "kept", "png_size", "shown", "to_png"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its CRC: the last chunk of every PNG
@@ -71,9 +71,10 @@ _SHOWING = frozenset(
 
 def shown(data: bytes, max_chunks: int | None = None) -> bytes | None:
     """A whole PNG (`png_size` said so) with only the chunks that show it (`_SHOWING`), up to its end marker: the
-    bytes themselves when that is all they hold. None when it has more than `max_chunks` chunks (a real image has a
-    few hundred; one of a million tiny chunks takes a second to walk: on a thread, then). Raises ImageError for a
-    chunk that runs past the end (no decoder could read it)."""
+    bytes themselves when that is all they hold. None when it has EXIF (which may say it is to be shown turned:
+    `kept` turns it), or more than `max_chunks` chunks (a real image has a few hundred; one of a million tiny chunks
+    takes a second to walk: on a thread, then). Raises ImageError for a chunk that runs past the end (no decoder
+    could read it)."""
     parts: list[memoryview] = []
     view = memoryview(data)
     at, chunks, dropped = len(_PNG_SIGNATURE), 0, False
@@ -85,6 +86,8 @@ def shown(data: bytes, max_chunks: int | None = None) -> bytes | None:
         if end > len(data):
             raise ImageError("the PNG is damaged: a chunk runs past its end")
         kind = data[at + 4 : at + 8]
+        if kind == b"eXIf":
+            return None
         if kind in _SHOWING:
             parts.append(view[at:end])
         else:
@@ -94,6 +97,15 @@ def shown(data: bytes, max_chunks: int | None = None) -> bytes | None:
             if not dropped and at == len(data):
                 return data
             return view[: len(_PNG_SIGNATURE)].tobytes() + b"".join(parts)
+
+
+def kept(data: bytes) -> tuple[tuple[int, int], bytes]:
+    """What the relay keeps of an image, and its size: a PNG with only the chunks that show it (`shown`); another
+    format, or a PNG with EXIF, decoded and encoded as PNG (`to_png`). Blocking."""
+    size = png_size(data)
+    if size is not None and (png := shown(data)) is not None:
+        return size, png
+    return to_png(data)
 
 
 def to_png(data: bytes) -> tuple[tuple[int, int], bytes]:

@@ -6,10 +6,10 @@ upscale, a face swap) keeps it as `image.png`; an upload keeps its image the sam
 Upstream links (Discord or a reseller's CDN) are never shown to clients: everything is served at the relay's own
 signed, expiring links (`relay.images.links`), which any process sharing the backend and the secrets serves.
 
-Cutting tiles on first use keeps the moment a job finishes cheap (a header check and one write), so hundreds of
-jobs that finish together are all answered at once; the decode and the four PNG encodes happen when a tile is
-fetched (or at once for `b64_json` answers), each grid once per process however many ask together (two processes
-asking at the same moment may both cut it: they write the same tiles).
+Cutting tiles on first use keeps the moment a job finishes cheap (a header check, a walk over its chunks and one
+write), so hundreds of jobs that finish together are all answered at once; the decode and the four PNG encodes
+happen when a tile is fetched (or at once for `b64_json` answers), each grid once per process however many ask
+together (two processes asking at the same moment may both cut it: they write the same tiles).
 
 Decoding and encoding (tiles cut, an image of another format kept as PNG) run on `DECODE_THREADS` threads of the
 store's own: a decode holds its whole image in memory (a grid or an upload of the largest size Pillow decodes, 89
@@ -89,23 +89,19 @@ class ImageStore:
 
     async def save(self, job_id: str, name: str, data: bytes) -> tuple[int, int]:
         """Keep one finished image; returns its size. Raises ImageError or StorageError; see `save_many`."""
-        png = formats.png_size(data)
-        if png is None:
-            size, data = await self._decoding(formats.to_png, data)
-        else:
-            size = png
-            shown = formats.shown(data, INLINE_CHUNKS)
-            data = shown if shown is not None else await self._decoding(_shown, data)
-        failed = await self.backend.put({key(job_id, name): data})
+        size = formats.png_size(data)
+        png = formats.shown(data, INLINE_CHUNKS) if size is not None else None
+        kept = (size, png) if size is not None and png is not None else await self._decoding(formats.kept, data)
+        failed = await self.backend.put({key(job_id, name): kept[1]})
         if failed:
             raise StorageError(next(iter(failed.values())))
-        return size
+        return kept[0]
 
     async def save_many(self, images: Sequence[tuple[str, str, bytes]]) -> dict[str, ImageError | StorageError]:
         """Keep finished images, each `(id, name, bytes)` of a different id, in one batch; returns why each one that
         was not kept failed, by id. A PNG is checked by its header and its end marker (a truncated download fails
         here, without decoding) and kept as it came, the chunks that do not show it left out (`formats.shown`);
-        another format is decoded (in a thread) and kept as PNG."""
+        another format, or a PNG with EXIF, is decoded (in a thread) and kept as PNG (`formats.kept`)."""
         failed: dict[str, ImageError | StorageError] = {}
         keep: dict[str, bytes] = {}
         owner: dict[str, str] = {}
@@ -114,12 +110,10 @@ class ImageStore:
             where = key(image_id, name)
             owner[where] = image_id
             try:
-                if formats.png_size(data) is None:
-                    others.append((image_id, where, data))
-                elif (png := formats.shown(data, INLINE_CHUNKS)) is None:
-                    others.append((image_id, where, data))
-                else:
+                if formats.png_size(data) is not None and (png := formats.shown(data, INLINE_CHUNKS)) is not None:
                     keep[where] = png
+                else:
+                    others.append((image_id, where, data))
             except ImageError as exc:
                 failed[image_id] = exc
         if others:
@@ -183,19 +177,11 @@ class ImageStore:
             done.exception()  # seen by whoever waits; retrieved here for when everybody went away
 
 
-def _shown(data: bytes) -> bytes:
-    png = formats.shown(data)
-    assert png is not None
-    return png
-
-
 def _convert_all(images: list[bytes]) -> list[bytes | ImageError]:
-    """Each image as the PNG the relay keeps: a PNG of many chunks with only those that show it, another format
-    converted."""
     out: list[bytes | ImageError] = []
     for data in images:
         try:
-            out.append(_shown(data) if formats.png_size(data) is not None else formats.to_png(data)[1])
+            out.append(formats.kept(data)[1])
         except ImageError as exc:
             out.append(exc)
     return out

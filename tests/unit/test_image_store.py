@@ -187,18 +187,19 @@ async def test_a_cmyk_photo_is_kept_as_rgb_without_its_cmyk_colour_profile(image
         assert png.mode == "RGB" and png.info.get("icc_profile") == kept
 
 
-async def test_a_photo_is_kept_the_way_up_its_camera_says(images: ImageStore) -> None:
-    """A phone's JPEG is stored sideways with an EXIF orientation that says how to turn it, which every viewer
-    follows; the PNG kept in its place carries no EXIF, so it is turned as it is kept."""
+@pytest.mark.parametrize("kind", ["JPEG", "PNG"])
+async def test_a_photo_is_kept_the_way_up_its_camera_says(images: ImageStore, kind: str) -> None:
+    """A phone's JPEG (or PNG) is stored sideways with an EXIF orientation that says how to turn it, which every
+    viewer follows; the PNG kept in its place carries no EXIF, so it is turned as it is kept."""
     sideways = Image.new("RGB", (40, 20), (255, 0, 0))
     sideways.paste((0, 0, 255), (0, 0, 20, 20))  # the left half blue: at the top once turned
     exif = Image.Exif()
     exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
     buffer = io.BytesIO()
-    sideways.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    sideways.save(buffer, format=kind, exif=exif.tobytes(), quality=95)
     assert await images.save(JOB, "image.png", buffer.getvalue()) == (20, 40)
     with Image.open(io.BytesIO(await images.read(JOB, "image.png"))) as kept:
-        assert kept.size == (20, 40)
+        assert kept.size == (20, 40) and not kept.getexif()
         top, bottom = kept.convert("RGB").getpixel((10, 5)), kept.convert("RGB").getpixel((10, 35))
         assert isinstance(top, tuple) and isinstance(bottom, tuple)
         assert top[2] > 200 > top[0] and bottom[0] > 200 > bottom[2]
