@@ -71,8 +71,8 @@ _SHOWING = frozenset(
 
 def shown(data: bytes, max_chunks: int | None = None) -> bytes | None:
     """A whole PNG (`png_size` said so) with only the chunks that show it (`_SHOWING`), up to its end marker: the
-    bytes themselves when that is all they hold. None when it has EXIF (which may say it is to be shown turned:
-    `kept` turns it), or more than `max_chunks` chunks (a real image has a few hundred; one of a million tiny chunks
+    bytes themselves when that is all they hold. None when its EXIF says it is to be shown turned (`kept` turns
+    it), or it has more than `max_chunks` chunks (a real image has a few hundred; one of a million tiny chunks
     takes a second to walk: on a thread, then). Raises ImageError for a chunk that runs past the end (no decoder
     could read it)."""
     parts: list[memoryview] = []
@@ -86,7 +86,7 @@ def shown(data: bytes, max_chunks: int | None = None) -> bytes | None:
         if end > len(data):
             raise ImageError("the PNG is damaged: a chunk runs past its end")
         kind = data[at + 4 : at + 8]
-        if kind == b"eXIf":
+        if kind == b"eXIf" and _turned(data[at + 8 : end - 4]):
             return None
         if kind in _SHOWING:
             parts.append(view[at:end])
@@ -99,9 +99,20 @@ def shown(data: bytes, max_chunks: int | None = None) -> bytes | None:
             return view[: len(_PNG_SIGNATURE)].tobytes() + b"".join(parts)
 
 
+def _turned(exif: bytes) -> bool:
+    """Whether a PNG's EXIF (its `eXIf` chunk) says it is to be shown turned; one that cannot be read is taken to
+    (the decoder reads what it can of it as the image is kept)."""
+    try:
+        orientation = Image.Exif()
+        orientation.load(exif)
+        return bool(orientation.get(ExifTags.Base.Orientation, 1) != 1)
+    except Exception:  # upstream bytes: the TIFF reader fails on malformed ones in many ways
+        return True
+
+
 def kept(data: bytes) -> tuple[tuple[int, int], bytes]:
     """What the relay keeps of an image, and its size: a PNG with only the chunks that show it (`shown`); another
-    format, or a PNG with EXIF, decoded and encoded as PNG (`to_png`). Blocking."""
+    format, or a PNG whose EXIF says to turn it, decoded and encoded as PNG (`to_png`). Blocking."""
     size = png_size(data)
     if size is not None and (png := shown(data)) is not None:
         return size, png

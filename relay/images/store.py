@@ -101,7 +101,8 @@ class ImageStore:
         """Keep finished images, each `(id, name, bytes)` of a different id, in one batch; returns why each one that
         was not kept failed, by id. A PNG is checked by its header and its end marker (a truncated download fails
         here, without decoding) and kept as it came, the chunks that do not show it left out (`formats.shown`);
-        another format, or a PNG with EXIF, is decoded (in a thread) and kept as PNG (`formats.kept`)."""
+        another format, or a PNG whose EXIF says to turn it, is decoded (in a thread) and kept as PNG
+        (`formats.kept`)."""
         failed: dict[str, ImageError | StorageError] = {}
         keep: dict[str, bytes] = {}
         owner: dict[str, str] = {}

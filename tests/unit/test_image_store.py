@@ -287,6 +287,24 @@ async def test_a_png_of_many_chunks_is_kept_without_its_text_off_the_event_loop(
     assert b"tEXt" not in await images.read(OTHER, "grid.png")
 
 
+@pytest.mark.parametrize(("orientation", "decoded"), [(None, False), (1, False), (6, True), (3, True)])
+def test_a_png_is_decoded_to_be_kept_only_when_its_exif_says_to_turn_it(orientation: int | None, decoded: bool) -> None:
+    """A PNG with EXIF that says it is shown as it is stored (or says nothing of it) is kept as any other, its EXIF
+    left out with its text: decoded and made anew, every grid of an upstream that writes EXIF would take a decoding
+    thread for a quarter of a second as its job ends."""
+    exif = Image.Exif()
+    exif[0x0131] = "an upstream's software"
+    if orientation is not None:
+        exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(out, format="PNG", exif=exif.tobytes())
+    assert b"eXIf" in out.getvalue()
+    kept = formats.shown(out.getvalue())
+    assert (kept is None) is decoded
+    if kept is not None:
+        assert b"eXIf" not in kept and Image.open(io.BytesIO(kept)).size == (40, 20)
+
+
 async def test_images_too_small_to_split_are_refused(images: ImageStore) -> None:
     one_pixel = io.BytesIO()
     Image.new("RGB", (1, 1)).save(one_pixel, format="PNG")
