@@ -165,7 +165,9 @@ class TaskService:
             order_prompt = order.prompt
         if order.kind in (TaskKind.IMAGINE, TaskKind.SHORTEN):
             text = check_prompt(order_prompt, self.config.api.max_prompt_chars)
-            prompt = build_prompt(PromptParts(text=text, mode=mode)) if order.kind is TaskKind.IMAGINE else text
+            # A shorten's prompts keep its parameters, and the imagine of one (`PromptAnalyzer::N`) is held at the
+            # shorten's mode: its flag replaces any the client wrote, as an imagine's does.
+            prompt = build_prompt(PromptParts(text=text, mode=mode))
         hook = await self.notifier.check(order.notify_hook, key.id)
         job = self._new_job(order.kind, model, mode, bot, prompt, order.client_state, hook)
         request = SubmitRequest(

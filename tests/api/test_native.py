@@ -165,3 +165,22 @@ def test_the_native_flow_holds_on_postgresql(tmp_path: Path) -> None:
         assert spent(world) == 5 + 2 + 4
         listed = world.client.post("/mj/task/list-by-condition", json={"ids": [grid["id"], region, 42]}).json()
         assert [task["id"] for task in listed] == [region, grid["id"]]  # newest first
+
+
+def test_a_shorten_sends_its_own_mode_flag_so_its_prompts_run_at_the_price_held(world: Native) -> None:
+    """A shorten's prompts keep its parameters, and an imagine of one of them (`PromptAnalyzer::N`) runs in its
+    parent's mode, at that mode's price: a mode flag the client wrote that the mode rule overrode (here the path's)
+    must not reach the upstream, or the picked prompt runs turbo at relax's price."""
+    shortened = world.finished(
+        world.submit("/submit/shorten", {"prompt": "a very long prompt about a quiet lake --turbo"}, "/mj-relax/mj")
+    )
+    assert world.job(shortened["id"])["mode"] == "relax"
+    final = shortened["properties"]["finalPrompt"]
+    assert "--turbo" not in final and "--relax" in final, final
+    picked = world.finished(
+        world.submit(
+            "/submit/action", {"taskId": shortened["id"], "customId": world.button(shortened, "PromptAnalyzer::1")}
+        )
+    )
+    assert world.job(picked["id"])["mode"] == "relax" and world.job(picked["id"])["price"] == 1
+    assert spent(world) == 1 + 1
