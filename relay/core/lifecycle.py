@@ -128,7 +128,13 @@ def observe(
     """What an upstream task view means for a job that is in `state` at `progress` (`may_wait`: a follow-up,
     which the upstream may park in MODAL; a MODAL view of any other job is read as one of a job submitted)."""
     if view.status is TaskStatus.SUCCESS:
-        if view.image_url or shape is ResultShape.TEXT:
+        if shape is ResultShape.TEXT:  # its text is its whole result (an image URL is the picture it described)
+            if view.final_prompt:
+                return Step("success", JobState.IN_PROGRESS, 100)
+            return Step(
+                "failure", error_code=FailureCode.FAILED, reason="the upstream reported success without its text"
+            )
+        if view.image_url:
             return Step("success", JobState.IN_PROGRESS, 100)
         return Step("failure", error_code=FailureCode.FAILED, reason="the upstream reported success without an image")
     if view.status in (TaskStatus.FAILURE, TaskStatus.CANCEL):

@@ -19,7 +19,7 @@ from relay.core.finish import Finisher
 from relay.core.lifecycle import PROGRESS_EVERY_S, Lifecycle, Step, Tracked, ahead, observe, read_after_hook
 from relay.core.providers import ProviderPool
 from relay.core.tracker import Tracker
-from relay.domain import FailureCode
+from relay.domain import FailureCode, ResultShape
 from relay.images import ImageStore, StorageError
 from relay.metrics import Metrics
 from relay.store.attempts import AttemptStore
@@ -80,6 +80,20 @@ def view(status: TaskStatus, progress: int = 0, **extra: object) -> TaskView:
 )
 def test_observe(state: JobState, progress: int, seen: TaskView, step: Step) -> None:
     assert observe(state, progress, seen) == step
+
+
+def test_a_text_task_the_upstream_says_succeeded_without_its_text_is_not_charged() -> None:
+    """A describe or a shorten gives text, and nothing else: one the upstream reports finished with no text (an
+    image URL of the described picture is no result) fails, its hold released, as a grid reported without an
+    image does."""
+    text = ResultShape.TEXT
+    assert observe(JobState.IN_PROGRESS, 50, view(TaskStatus.SUCCESS, 100, final_prompt="a fox"), text) == Step(
+        "success", JobState.IN_PROGRESS, 100
+    )
+    for seen in (view(TaskStatus.SUCCESS, 100), view(TaskStatus.SUCCESS, 100, image_url="u")):
+        assert observe(JobState.IN_PROGRESS, 50, seen, text) == Step(
+            "failure", error_code="failed", reason="the upstream reported success without its text"
+        )
 
 
 def test_a_modal_view_of_a_job_no_confirmation_can_start_parks_nothing() -> None:
