@@ -215,6 +215,13 @@ class PartialRead(UpstreamUnavailable):
 class Upstream(Protocol):
     name: str
 
+    @property
+    def carries_mode(self) -> bool:
+        """Whether a submit's mode reaches the upstream by the dialect's own mechanism (a path, `accountFilter`, a
+        body `model`). Without one only a prompt's flag picks the mode, and a button, which sends no prompt, runs
+        in its parent's mode."""
+        ...
+
     async def submit(self, request: SubmitRequest) -> SubmitOutcome: ...
 
     async def upload(self, images: Sequence[str], mode: Mode, bot: Bot) -> UploadOutcome: ...

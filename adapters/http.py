@@ -160,6 +160,11 @@ class HttpUpstream:
         """Body fields that carry the mode (`accountFilter`, `model`); on every submit-like call but a modal."""
         return {}
 
+    @property
+    def carries_mode(self) -> bool:
+        """Whether the upstream reads the mode from `mode_prefix` or `mode_fields` (see `Upstream.carries_mode`)."""
+        return bool(self.mode_prefix("fast") or self.mode_fields("fast"))
+
     def submit_path(self, request: SubmitRequest) -> str:
         return f"{self.mode_prefix(request.mode)}{self.api_prefix}/{ENDPOINTS[request.kind]}"
 

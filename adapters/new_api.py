@@ -20,3 +20,7 @@ class NewApiUpstream(HttpUpstream):
 
     def mode_prefix(self, mode: Mode) -> str:
         return f"/mj-{mode}"
+
+    @property
+    def carries_mode(self) -> bool:
+        return False  # new-api strips the prefix: only a prompt's flag reaches the upstream

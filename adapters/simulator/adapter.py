@@ -39,6 +39,10 @@ class SimulatorUpstream:
         self.engine = engine
         self._image_base = f"sim://{name}"
 
+    @property
+    def carries_mode(self) -> bool:
+        return True  # every submit names its mode to the engine
+
     async def submit(self, request: SubmitRequest) -> SubmitOutcome:
         missing = missing_fields(request)
         if missing:

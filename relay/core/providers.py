@@ -118,6 +118,10 @@ class ProviderPool:
     def names(self) -> list[str]:
         return list(self.settings)
 
+    def carries_mode(self, name: str) -> bool:
+        """Whether the provider runs a submit in the mode sent (else a button runs in its parent's mode)."""
+        return self.upstreams[name].carries_mode
+
     def candidates(self) -> list[Candidate]:
         now = self.clock.now()
         for name in self.settings:

@@ -199,6 +199,14 @@ class TaskService:
             raise InvalidRequest(
                 f"The provider that ran the task does not run {mode} mode; its follow-ups cannot either.", param="model"
             )
+        if mode != parent.mode and not self.pool.carries_mode(parent.provider):
+            # a button sends no prompt, so nothing there names the mode: the upstream runs it in its parent's, which
+            # the price must be
+            raise InvalidRequest(
+                f"The provider that ran the task runs its follow-ups in the task's own mode ({parent.mode}), not in "
+                f"{mode} mode: ask for {parent.mode} or for no mode.",
+                param="model",
+            )
         hook = await self.notifier.check(order.notify_hook, key.id)
         job = self._new_job(kind, model, mode, bot, "", order.client_state, hook, parent, order.custom_id)
         request = SubmitRequest(

@@ -184,3 +184,29 @@ def test_a_shorten_sends_its_own_mode_flag_so_its_prompts_run_at_the_price_held(
     )
     assert world.job(picked["id"])["mode"] == "relax" and world.job(picked["id"])["price"] == 1
     assert spent(world) == 1 + 1
+
+
+@pytest.mark.parametrize(
+    ("dialect", "settings"),
+    [("new-api", None), ("midjourney-proxy", {"account_filter": False})],
+)
+def test_a_button_runs_at_the_price_of_the_mode_the_upstream_runs_it_in(
+    tmp_path: Path, dialect: str, settings: dict[str, object] | None
+) -> None:
+    """A provider whose submits carry no mode of their own (new-api drops the path's, a midjourney-proxy without
+    accountFilter has none) runs a button's task in its parent's mode: a button asked for in another mode would be
+    held at that mode's price while the upstream runs it in the parent's (a turbo task's V1 at relax's price). It
+    is refused, holding nothing; asked for in the parent's mode, or in none, it runs."""
+    with native(tmp_path, dialect, prices=PRICES, provider_settings=settings) as world:
+        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a lighthouse"}, "/mj-turbo/mj"))
+        assert spent(world) == 9
+        v1 = {"taskId": grid["id"], "customId": world.button(grid, "variation::1")}
+        refused = world.post("/submit/action", v1, "/mj-relax/mj")
+        assert refused.status_code == 400 and refused.json()["code"] == 4, refused.text
+        assert "turbo" in refused.json()["description"]
+        assert spent(world) == 9
+        variation = world.finished(world.submit("/submit/action", v1))
+        (engine,) = world.engines
+        made = engine.task(world.job(variation["id"])["upstream_id"], "")
+        assert made is not None and made["mode"] == "TURBO"
+        assert world.job(variation["id"])["mode"] == "turbo" and spent(world) == 9 + 9
