@@ -134,6 +134,7 @@ class Relay:
             watch=self._watch_hooks,
             alone=self.db.is_sqlite,
         )
+        logs.redact(self.upstream_hooks.tokens())
         # Processes sharing a PostgreSQL database wake each other's waiters and forward upstream hooks.
         self.broadcast: Broadcast | None = None
         if not self.db.is_sqlite:

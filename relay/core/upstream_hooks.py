@@ -163,6 +163,11 @@ class UpstreamHooks:
             return None
         return f"{public}/hooks/{provider}/{self._tokens[provider][0].decode()}"
 
+    def tokens(self) -> list[str]:
+        """Every token a hook call is accepted with: secrets, kept out of the logs (an upstream may repeat the hook
+        URL it was given in an answer the relay logs, and a token lets its holder tell the relay how jobs went)."""
+        return [token.decode() for tokens in self._tokens.values() for token in tokens]
+
     def accepts(self, provider: str, token: str) -> bool:
         tokens = self._tokens.get(provider)
         if tokens is None:

@@ -1,0 +1,62 @@
+"""What the relay writes to its logs of what upstreams say: never its own hook tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from relay import logs
+from relay.core.upstream_hooks import hook_token
+from tests.helpers import relay_config, running_relay, serve
+
+SIGNING = "a-signing-secret-of-the-relay-and-no-other"
+
+
+def _echoing_upstream(padding: int) -> Starlette:
+    """A Midjourney-proxy that refuses every submit with a 503 whose description repeats the request's notifyHook,
+    then `padding` characters more (as an upstream's error page may be long)."""
+
+    async def refuse(request: Request) -> JSONResponse:
+        hook = (await request.json()).get("notifyHook")
+        description = f"cannot call notifyHook {hook} now " + "x" * padding
+        return JSONResponse({"code": 9, "description": description, "result": None}, status_code=503)
+
+    return Starlette(routes=[Route("/mj/submit/imagine", refuse, methods=["POST"])])
+
+
+def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The captured records as the relay writes them."""
+    formatter = logs.JsonFormatter()
+    return [formatter.format(record) for record in caplog.records]
+
+
+def test_the_relay_s_hook_token_an_upstream_repeats_is_not_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serve(_echoing_upstream(0)) as upstream:
+        provider = {"name": "up", "dialect": "midjourney-proxy", "base_url": upstream, "secret": "s" * 16}
+        config = relay_config(
+            tmp_path,
+            providers=[provider],
+            server={"public_url": "http://relay.example"},
+            images={"signing_secret": SIGNING},
+        )
+        with caplog.at_level(logging.INFO), running_relay(config) as relay:
+            reply = httpx.post(
+                relay.base + "/mj/submit/imagine",
+                json={"prompt": "a heron"},
+                headers={"mj-api-secret": relay.key},
+                timeout=30,
+            )
+            assert reply.status_code >= 400
+    refusals = [json.loads(line) for line in _lines(caplog) if '"submit not accepted"' in line]
+    assert refusals and "cannot call notifyHook http://relay.example/hooks/up/" in refusals[0]["reason"]
+    assert not [line for line in _lines(caplog) if hook_token(SIGNING, "up") in line]
