@@ -55,5 +55,17 @@ def setup(level: str = "info") -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+# The most of a text from elsewhere (an upstream's words) that a log line holds: an upstream's answer may be
+# megabytes long, and a line that long is cut or dropped by whatever ships the logs.
+MAX_QUOTED = 300
+
+
+def quoted(text: str | None) -> str | None:
+    """`text` as a log line holds it: its first `MAX_QUOTED` characters."""
+    if text is None or len(text) <= MAX_QUOTED:
+        return text
+    return text[: MAX_QUOTED - 1] + "…"
+
+
 def event(logger: logging.Logger, message: str, **fields: Any) -> None:
     logger.info(message, extra={"fields": fields})

@@ -38,7 +38,7 @@ from relay.errors import (
     RelayError,
     ServiceUnavailable,
 )
-from relay.logs import event
+from relay.logs import event, quoted
 from relay.store.db import transient
 from relay.store.jobs import Admission, JobRow, JobStore, NewJob, Submitted
 from relay.store.keys import KeyRecord, KeyStore
@@ -301,8 +301,9 @@ class Submitter:
                 job=job.id,
                 provider=name,
                 outcome=type(outcome).__name__,
-                # The adapter's own words (an HTTP status, an upstream code and description), never the request.
-                reason=getattr(outcome, "reason", None),
+                # The adapter's own words (an HTTP status, an upstream code and description, its start only), never
+                # the request.
+                reason=quoted(getattr(outcome, "reason", None)),
             )
             if isinstance(outcome, ClientError | NeedsModal) or (isinstance(outcome, Retryable) and outcome.sent):
                 break

@@ -1,4 +1,5 @@
-"""What the relay writes to its logs of what upstreams say: never its own hook tokens."""
+"""What the relay writes to its logs of what upstreams say: never its own hook tokens, and never more than a line's
+worth of an upstream's words."""
 
 from __future__ import annotations
 
@@ -60,3 +61,21 @@ def test_the_relay_s_hook_token_an_upstream_repeats_is_not_logged(
     refusals = [json.loads(line) for line in _lines(caplog) if '"submit not accepted"' in line]
     assert refusals and "cannot call notifyHook http://relay.example/hooks/up/" in refusals[0]["reason"]
     assert not [line for line in _lines(caplog) if hook_token(SIGNING, "up") in line]
+
+
+def test_an_upstream_s_long_refusal_makes_no_long_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An upstream's error page or description may be as long as an answer may be (megabytes): the relay logs the
+    start of it, as a provider's health keeps it, not a line a log shipper would cut or drop."""
+    with serve(_echoing_upstream(1_000_000)) as upstream:
+        provider = {"name": "up", "dialect": "midjourney-proxy", "base_url": upstream, "secret": "s" * 16}
+        with caplog.at_level(logging.INFO), running_relay(relay_config(tmp_path, providers=[provider])) as relay:
+            reply = httpx.post(
+                relay.base + "/mj/submit/imagine",
+                json={"prompt": "a heron"},
+                headers={"mj-api-secret": relay.key},
+                timeout=30,
+            )
+            assert reply.status_code >= 400
+    refusals = [json.loads(line) for line in _lines(caplog) if '"submit not accepted"' in line]
+    assert refusals and refusals[0]["reason"].startswith("cannot call notifyHook")
+    assert max(len(line) for line in _lines(caplog)) < 2000
