@@ -55,8 +55,9 @@ def setup(level: str = "info") -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-# The most of a text from elsewhere (an upstream's words) that a log line holds: an upstream's answer may be
-# megabytes long, and a line that long is cut or dropped by whatever ships the logs.
+# The most of a text from elsewhere (an upstream's words, a request's path) that a log line holds: an upstream's
+# answer may be megabytes long, a path as long as the request line, and a line that long is cut or dropped by
+# whatever ships the logs.
 MAX_QUOTED = 300
 
 

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay.api.errors import render
 from relay.errors import DatabaseUnavailable, InternalError, PayloadTooLarge, RelayError, ServiceUnavailable
-from relay.logs import event
+from relay.logs import event, quoted
 from relay.metrics import Metrics
 from relay.store.db import unavailable
 
@@ -134,10 +134,10 @@ def as_relay_error(exc: Exception, path: str | None, metrics: Metrics) -> RelayE
         # The driver's own words (a refused connection, "database is locked"), not the statement's text.
         cause = exc.__cause__ or getattr(exc, "orig", None) or exc
         reason = (str(cause).splitlines() or [""])[0][:200]
-        fields = {"path": path, "error": type(cause).__name__, "reason": reason}
+        fields = {"path": quoted(path), "error": type(cause).__name__, "reason": reason}
         log.warning("database unavailable", extra={"fields": fields})
         return DatabaseUnavailable()
-    log.error("unhandled error", exc_info=exc, extra={"fields": {"path": path}})
+    log.error("unhandled error", exc_info=exc, extra={"fields": {"path": quoted(path)}})
     return InternalError("The relay hit an internal error; it has been logged.")
 
 

@@ -16,6 +16,9 @@ from starlette.routing import Route
 
 from relay import logs
 from relay.core.upstream_hooks import hook_token
+from relay.metrics import Metrics
+from relay.middleware import as_relay_error
+from relay.store.db import Unreachable
 from tests.helpers import relay_config, running_relay, serve
 
 SIGNING = "a-signing-secret-of-the-relay-and-no-other"
@@ -79,3 +82,18 @@ def test_an_upstream_s_long_refusal_makes_no_long_log_line(tmp_path: Path, caplo
     refusals = [json.loads(line) for line in _lines(caplog) if '"submit not accepted"' in line]
     assert refusals and refusals[0]["reason"].startswith("cannot call notifyHook")
     assert max(len(line) for line in _lines(caplog)) < 2000
+
+
+@pytest.mark.parametrize("error", [Unreachable("the database did not answer: OSError: refused"), RuntimeError("a bug")])
+def test_a_long_path_makes_no_long_log_line_of_a_request_s_failure(
+    error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request's path is the client's to make as long as the request line may be (32 KB, or a megabyte): the line
+    that logs its failure (a database that cannot serve each request of an outage, with any key, unknown keys
+    included; a bug) holds the start of it."""
+    path = "/v1/models/" + "m" * 30_000
+    with caplog.at_level(logging.INFO):
+        as_relay_error(error, path, Metrics())
+    (line,) = _lines(caplog)
+    logged = json.loads(line)["path"]
+    assert logged.startswith("/v1/models/mmm") and len(logged) <= 300
