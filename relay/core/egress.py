@@ -116,6 +116,13 @@ class Egress:
             # another domain (`faß.de` is `xn--fa-hia.de`, not `fass.de`).
             host = sendable.raw_host.decode("ascii")
         if self.allow_private or host in self._hosts or hostname.lower() in self._hosts:
+            # Sent as it is: the HTTP client decodes a host written as punycode as it sends, and one that decodes
+            # to no name (`xn--zz`) fails there with an error that is no HTTP error (a 500, a client hook's watch
+            # ended). A URL sent to the address checked names its host in the Host header only, as it is written.
+            try:
+                sendable.host  # noqa: B018 (decoded for its refusal)
+            except ValueError:
+                raise EgressRefused("it is not a valid URL") from None
             return Pinned(url)
         address = await self._checked(host, port, owner)
         literal = f"[{address}]" if address.version == 6 else str(address)

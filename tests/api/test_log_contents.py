@@ -1,5 +1,5 @@
-"""What the relay writes to its logs of what upstreams say: never its own hook tokens, and never more than a line's
-worth of an upstream's words."""
+"""What the relay writes to its logs: never its own hook tokens, never more than a line's worth of an upstream's
+words or of a request's path, and no internal error (a traceback) for a client's mistake."""
 
 from __future__ import annotations
 
@@ -97,3 +97,26 @@ def test_a_long_path_makes_no_long_log_line_of_a_request_s_failure(
     (line,) = _lines(caplog)
     logged = json.loads(line)["path"]
     assert logged.startswith("/v1/models/mmm") and len(logged) <= 300
+
+
+def test_a_reference_url_whose_host_is_no_name_is_refused_not_an_internal_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host written as punycode that decodes to no name (`xn--zz`) passes the URL parser, and only the HTTP
+    client's sending finds it wrong: refused as the client's mistake where the rules let a URL through unresolved,
+    not a 500 and an error line with a traceback for every such request."""
+    config = relay_config(tmp_path, api={"references": {"allow_private": True}})
+    with caplog.at_level(logging.INFO), running_relay(config) as relay:
+        content = [
+            {"type": "text", "text": "a heron"},
+            {"type": "image_url", "image_url": {"url": "http://xn--zz/a.png"}},
+        ]
+        reply = httpx.post(
+            relay.base + "/v1/chat/completions",
+            json={"model": "mj-fast", "messages": [{"role": "user", "content": content}]},
+            headers={"Authorization": f"Bearer {relay.key}"},
+            timeout=30,
+        )
+        assert reply.status_code == 400, reply.text
+        assert "not a valid URL" in reply.json()["error"]["message"]
+    assert not [r for r in caplog.records if r.getMessage() == "unhandled error"]
