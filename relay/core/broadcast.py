@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from relay.core.background import cancel_all, let_finish
 from relay.core.events import JobEvent, JobEvents
 from relay.domain import JobState
+from relay.store.db import CONNECT_TIMEOUT_S
 
 log = logging.getLogger("relay.broadcast")
 
@@ -72,7 +73,9 @@ class Broadcast:
         self._watch = asyncio.create_task(self._watch_connection(), name="broadcast:watch")
 
     async def _connect(self) -> None:
-        conn = await asyncpg.connect(**connect_args(self.dsn))
+        # As long as a pool connection is waited for: one whose start goes unanswered (a path gone silent as it was
+        # made) is given up on, and made again, not waited on for asyncpg's own minute.
+        conn = await asyncpg.connect(**{"timeout": CONNECT_TIMEOUT_S, **connect_args(self.dsn)})
         try:
             async with asyncio.timeout(RECONNECT_S):  # a path gone silent just now: given up on, and made again
                 await conn.add_listener(JOBS, self._heard_jobs)

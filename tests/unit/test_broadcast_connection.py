@@ -332,3 +332,54 @@ async def test_the_listening_connection_takes_the_database_url_as_the_engine_doe
         stack.push_async_callback(conn.close)
         await conn.execute(f"SELECT pg_notify('{JOBS}', 'p-elsewhere|j_1:SUCCEEDED:100')")
         await asyncio.wait_for(heard.wait(), 10)
+
+
+class SilentConnectProxy(SlowListenProxy):
+    """A `SlowListenProxy` that, while holding, keeps back every answer of the server on a connection made then
+    (its start-up too: a network path that went silent as the connection was being made)."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.holding:
+            await super()._serve(reader, writer)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.append(task)
+        self.listen_held.set()  # a connection is being made, and will never hear back
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.released.wait()
+        finally:
+            writer.transport.abort()
+
+
+@pytest.mark.postgres
+async def test_a_listening_connection_whose_start_goes_unanswered_is_made_again(tmp_path: Path) -> None:
+    """The relay's backends are terminated, and the connection it makes again never hears back from the server, not
+    even at its start (a server or network path that went silent just then). The relay should give up on it and
+    listen again through a new one once the path is back, as a pool connection gives up after CONNECT_TIMEOUT_S;
+    instead it waits on that start for asyncpg's own minute, listening to nothing, its /readyz failing."""
+    from relay.store.db import CONNECT_TIMEOUT_S
+
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(pg_database())
+        relay, proxy = await listening_through_a_proxy(stack, tmp_path, url, {}, SilentConnectProxy)
+        admin = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        stack.push_async_callback(admin.close)
+        await relay.open()
+        stack.push_async_callback(relay.close)
+        proxy.hold()
+        await admin.fetchval(TERMINATE_ALL)
+        await asyncio.wait_for(proxy.listen_held.wait(), 10)
+        proxy.holding = False  # connections made from now on are answered; the silent one never is
+        assert relay.broadcast is not None
+        started = time.monotonic()
+        limit = CONNECT_TIMEOUT_S + 3 * RECONNECT_S
+        while not relay.broadcast.connected and time.monotonic() - started < limit:
+            await asyncio.sleep(0.1)
+        assert relay.broadcast.connected, f"still not listening {time.monotonic() - started:.1f} s on"
+        waiter = relay.events.subscribe(["job_elsewhere"])
+        await admin.execute("SELECT pg_notify($1, $2)", JOBS, "another-process|job_elsewhere:SUCCEEDED:100")
+        heard = await waiter.next(1.0)
+        waiter.close()
+        assert heard is not None and heard.state.terminal
