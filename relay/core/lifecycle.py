@@ -628,8 +628,15 @@ class Lifecycle:
         await self.finisher.tell_ended(job_ids)
 
     async def _hold_leases(self, job_ids: list[str]) -> list[bool]:
+        """Whether this process still holds each job. A check answered late (it waited on a stalled connection or a
+        full pool, or the process was paused meanwhile) wrote a lease stamped when it was asked, which may have run
+        out by the time it landed, or be about to: another process may claim those jobs at any moment, and they are
+        taken for lost (adopted again once the lease runs out), not downloaded or ended here beside that process."""
         assert self.leases is not None
-        held = await self.leases.hold(job_ids, self.clock.now())
+        asked = self.clock.now()
+        held = await self.leases.hold(job_ids, asked)
+        if self.clock.now() - asked > self.leases.lease_s / 2:
+            return [False] * len(job_ids)
         return [job_id in held for job_id in job_ids]
 
     async def _download(self, tracked: Tracked, view: TaskView) -> bytes | str | None:

@@ -693,6 +693,42 @@ async def test_a_process_whose_lease_was_taken_delivers_nothing(world: World) ->
     assert len(downloads) == 1 and await world.state(second) == ("SUCCEEDED", None, "captured")
 
 
+class LateLeases(Leases):
+    """The lifecycle's leases in a test: a lease check (`hold`) is answered only once the lease it writes, stamped
+    when it was asked, has run out (it waited on a stalled connection or a full pool, or the process was paused
+    meanwhile), and another process's adoption round claims the job right after it landed."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world.store.engine, world.store.owner, 30)
+        self.world = world
+        self.other = Leases(world.store.engine, "another-process", 30)
+        self.claimed: list[str] = []
+        world.tracker.lifecycle.leases = self
+
+    async def hold(self, job_ids: Sequence[str], now: float) -> set[str]:
+        self.world.clock.advance(31)
+        held = await super().hold(job_ids, now)
+        self.claimed += [row.id for row in await self.other.claim_expired(self.world.clock.now(), ["sim"])]
+        return held
+
+
+async def test_a_lease_check_answered_after_the_lease_it_wrote_ran_out_delivers_nothing(world: World) -> None:
+    """The lease check before a download is answered only after the lease it wrote ran out, and another process
+    claims the job at once, as it may: this process must take the job for lost, not download the grid the other
+    downloads too (and end it in its place)."""
+    lifecycle = world.tracker.lifecycle
+    leases = LateLeases(world)
+    job = await world.submit("cat")
+    downloads = world.downloads()
+    world.clock.advance(11)
+    await world.tracker.poll("sim")
+    await world.settle()
+    assert leases.claimed == [job]
+    assert downloads == [] and not lifecycle.following(job)
+    assert (await world.state(job))[1:] == (None, "held")  # not ended here: the other process ends it
+    assert world.pool.in_flight["sim"] == 0
+
+
 async def test_a_process_whose_lease_was_taken_does_not_end_the_job_at_the_deadline_it_knew(world: World) -> None:
     """Another process took the job over (it wrote a confirmation with a later deadline, or adopted the job while
     this one stalled): the deadline this process knew passes, and it leaves the job to the other, unended."""
