@@ -192,9 +192,16 @@ class SimEngine:
         if made.pick is not None and not 1 <= made.pick <= len(parent.texts):
             return invalid(f"the task has no prompt {made.pick}")
         if made.every:  # as trueai's midjourney-proxy answers "Imagine all": every task's id, joined by commas
-            picks = [replace(made, pick=pick, every=False) for pick in range(1, len(parent.texts) + 1)]
-            made_ids = [self._follow(body, parent, pick, mode).body["result"] for pick in picks]
-            return reply(1, "Submit success", ",".join(str(made_id) for made_id in made_ids))
+            made_ids: list[str] = []
+            for pick in range(1, len(parent.texts) + 1):
+                answer = self._follow(body, parent, replace(made, pick=pick, every=False), mode)
+                if answer.body.get("code") != 1:  # refused on the way: refused whole, nothing taken
+                    with self._lock:
+                        for made_id in made_ids:
+                            self._tasks.pop(made_id, None)
+                    return answer
+                made_ids.append(str(answer.body["result"]))
+            return reply(1, "Submit success", ",".join(made_ids))
         return self._follow(body, parent, made, mode)
 
     def _follow(self, body: Mapping[str, Any], parent: SimTask, made: FollowUp, mode: Mode | None) -> SubmitReply:

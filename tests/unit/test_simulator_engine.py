@@ -369,6 +369,21 @@ def test_describe_reads_four_prompts_and_serves_the_image() -> None:
     assert sim.image(again["id"]) == sim.image(view["id"])
 
 
+@pytest.mark.parametrize(
+    ("settings", "code", "status"),
+    [({"capacity": 3}, 23, 200), ({"error_rate": 1.0}, -1, 500)],
+)
+def test_imagine_all_refused_on_the_way_is_refused_whole(settings: dict[str, Any], code: int, status: int) -> None:
+    clock = FakeClock()
+    sim = engine(clock, fast_s=10.0)
+    view = done(sim, clock, call(sim, "describe", {"base64": png(size=(40, 30))})["result"])
+    sim.settings = SimSettings(fast_s=10.0, **settings)
+    before = len(sim.all_tasks())
+    every = press(sim, view, "PicReader::all")  # room for three of the four imagines, or for none
+    assert (every["status"], every["code"]) == (status, code) and not every.get("result")
+    assert len(sim.all_tasks()) == before  # nothing taken that its caller never hears of
+
+
 def test_shorten_gives_five_prompts_and_prompt_analyzer_imagines_one() -> None:
     clock = FakeClock()
     sim = engine(clock, fast_s=10.0)
