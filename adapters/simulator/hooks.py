@@ -85,6 +85,7 @@ class HookSender:
         job.add_done_callback(self._tasks.discard)
 
     async def _follow(self, task_id: str, url: str, moments: list[float]) -> None:
+        sent: tuple[object, object] | None = None
         for moment in moments:
             # A timer may fire a little before the wall clock the engine reads reaches its time: the view taken
             # then would not show the change yet (an "end" call still saying IN_PROGRESS, and no call after it).
@@ -93,7 +94,14 @@ class HookSender:
             view = self.engine.task(task_id, self.image_base)
             if view is None:  # forgotten (sim:lose)
                 return
+            # Woken late (a busy loop, a task quicker than its steps), it may see a change already called, or the
+            # end: each status and progress is called once, as midjourney-proxy does.
+            if (view["status"], view["progress"]) == sent:
+                continue
+            sent = (view["status"], view["progress"])
             self._send(url, json.dumps(view).encode())
+            if view["status"] in ("SUCCESS", "FAILURE"):
+                return
 
     def _send(self, url: str, body: bytes) -> None:
         draw = self._rng.random

@@ -66,6 +66,17 @@ async def test_without_progress_only_the_start_and_the_end_are_called_and_no_hoo
     assert recorder.steps() == [("IN_PROGRESS", "0%"), ("SUCCESS", "100%")]
 
 
+@pytest.mark.parametrize("fast_s", [0.0, 0.002])
+async def test_a_task_quicker_than_its_steps_is_called_once_per_change(fast_s: float) -> None:
+    """Changes closer together than a timer's resolution are one change: each view is called once, as
+    midjourney-proxy sends each status and progress once."""
+    clock, engine, recorder, _ = world(HookSettings(), fast_s=fast_s)
+    engine.submit("imagine", {"prompt": "a cat", "notifyHook": "http://relay/h"})
+    await run(clock, 0.5)
+    assert recorder.steps()[-1] == ("SUCCESS", "100%")
+    assert len(set(recorder.steps())) == len(recorder.steps()), recorder.steps()
+
+
 async def test_a_timer_that_fires_early_does_not_make_a_call_before_its_change() -> None:
     """A loop's timer can fire a moment before the wall clock reaches its time: the end call must still say the
     task ended (else nothing follows it and the receiver waits for a poll)."""
