@@ -10,11 +10,12 @@ import re
 
 from PIL import Image, ImageDraw
 
-_AR = re.compile(r"(?<!\S)--(?:ar|aspect)\s+(\d+)\s*:\s*(\d+)(?!\S)", re.IGNORECASE)
+# A side of more digits than any aspect ratio has is no ratio (and past 4,300 digits, not even an int Python reads).
+_AR = re.compile(r"(?<!\S)--(?:ar|aspect)\s+(\d{1,6})\s*:\s*(\d{1,6})(?!\S)", re.IGNORECASE)
 
 
 def aspect_of(prompt: str) -> tuple[int, int]:
-    """The last `--ar W:H` of a prompt, or 1:1."""
+    """The last `--ar W:H` of a prompt (each side at most six digits), or 1:1."""
     found = _AR.findall(prompt)
     if not found:
         return (1, 1)

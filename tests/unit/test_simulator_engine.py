@@ -96,6 +96,16 @@ def test_the_grid_follows_the_aspect_ratio() -> None:
     assert len(quadrants) == 4
 
 
+def test_an_aspect_ratio_too_long_to_read_is_one_to_one() -> None:
+    """A number past Python's 4,300-digit limit for reading an int made every submit naming it an HTTP 500."""
+    clock = FakeClock()
+    sim = engine(clock, fast_s=10.0)
+    prompt = "a cat --ar 1:" + "9" * 5000
+    assert aspect_of(prompt) == (1, 1)
+    reply = submit(sim, prompt)
+    assert reply["code"] == 1 and done(sim, clock, reply["result"])["imageUrl"]
+
+
 # -- every kind -------------------------------------------------------------------------------------------------------
 
 
