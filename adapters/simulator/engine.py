@@ -211,7 +211,9 @@ class SimEngine:
             prompt = parent.texts[made.pick - 1]
             aspect = aspect_of(prompt)
         elif made.action == "DESCRIBE" and parent.source is not None:
-            source = parent.source
+            source = self.media.described(parent.id)
+            if source is None:
+                return invalid("the image of the task is no longer kept")
             described = texts.describe(source.data, source.aspect, salt=str(self._counter))
         modal = made.modal == "always" or (made.modal == "remix" and self.settings.remix)
         return self._create(
@@ -302,10 +304,12 @@ class SimEngine:
             fail_followups="sim:fail-followups" in steer or (parent is not None and parent.fail_followups),
             never_followups="sim:never-followups" in steer or (parent is not None and parent.never_followups),
             texts=prompts,
-            source=source,
+            source=source.ext if source else None,
             notify_hook=str(body["notifyHook"]) if body.get("notifyHook") else None,
         )
         task.fail = task.fail or self._rng.random() < self.settings.fail_rate
+        if source is not None:  # up to a limit, as uploads are: a task is kept far longer, and an image is large
+            self.media.keep(task.id, source, described=True)
         with self._lock:
             self._tasks[task.id] = task
             while len(self._tasks) > self.settings.keep_tasks:
@@ -402,7 +406,8 @@ class SimEngine:
         if task is None or task.status(self.now())[0] != "SUCCESS":
             return None, None
         if task.shape == "text":
-            return None, task.source.data if task.source else None
+            kept = self.media.described(task.id)
+            return None, kept.data if kept else None
         render: Render = (task.shape, task.variant, task.aspect)
         return render, self.media.cached(render)
 

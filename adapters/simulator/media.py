@@ -1,5 +1,6 @@
 """The images the simulator serves: finished results, drawn on first read in a few variants per shape and aspect
-ratio and then reused (a thousand finished tasks cost a few renders), and uploaded images, kept up to a limit."""
+ratio and then reused (a thousand finished tasks cost a few renders), and uploaded or described images, each kind
+kept up to a limit (the newest `MAX_UPLOADS`)."""
 
 from __future__ import annotations
 
@@ -21,18 +22,25 @@ class Media:
         self.tile_px = tile_px
         self._renders: OrderedDict[Render, bytes] = OrderedDict()
         self._uploads: OrderedDict[str, Picture] = OrderedDict()
+        self._described: OrderedDict[str, Picture] = OrderedDict()  # by describe task: served once it is done
         self._lock = threading.Lock()
 
-    def keep(self, key: str, image: Picture) -> None:
+    def keep(self, key: str, image: Picture, *, described: bool = False) -> None:
         with self._lock:
-            self._uploads[key] = image
-            while len(self._uploads) > MAX_UPLOADS:
-                self._uploads.popitem(last=False)
+            kept = self._described if described else self._uploads
+            kept[key] = image
+            while len(kept) > MAX_UPLOADS:
+                kept.popitem(last=False)
 
     def upload(self, key: str) -> bytes | None:
         with self._lock:
             kept = self._uploads.get(key)
         return kept.data if kept else None
+
+    def described(self, task_id: str) -> Picture | None:
+        """The image a describe task was given, while it is kept."""
+        with self._lock:
+            return self._described.get(task_id)
 
     def cached(self, render: Render) -> bytes | None:
         with self._lock:

@@ -13,7 +13,6 @@ from typing import Any
 
 from adapters.base import Mode
 from adapters.simulator.buttons import Shape, describe_buttons, grid_buttons, shorten_buttons, upscale_buttons
-from adapters.simulator.pictures import Picture
 from adapters.simulator.texts import numbered
 
 PROGRESS_STEPS = (0, 15, 31, 46, 62, 78, 93)
@@ -44,7 +43,7 @@ class SimTask:
     fail_followups: bool = False
     never_followups: bool = False
     texts: tuple[str, ...] = ()  # describe's four prompts, shorten's five
-    source: Picture | None = None  # the image a describe was given
+    source: str | None = None  # the file extension of the image a describe was given (kept in `Media`, by task id)
     notify_hook: str | None = None  # where its changes are POSTed (see adapters.simulator.hooks)
 
     def status(self, now: float) -> tuple[str, int]:
@@ -92,7 +91,7 @@ class SimTask:
         """The file name of its result image under the image base; None for a result without one (shorten)."""
         if self.shape != "text":
             return f"{self.id}.png"
-        return f"{self.id}.{self.source.ext}" if self.source else None
+        return f"{self.id}.{self.source}" if self.source else None
 
     def buttons(self) -> list[dict[str, Any]]:
         if self.shape == "grid":

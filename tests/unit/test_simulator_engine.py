@@ -394,6 +394,20 @@ def test_imagine_all_refused_on_the_way_is_refused_whole(settings: dict[str, Any
     assert len(sim.all_tasks()) == before  # nothing taken that its caller never hears of
 
 
+def test_described_images_are_kept_up_to_a_limit_as_uploads_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each describe kept the image it was given (up to 10 MB) for as long as its task was kept (100,000 tasks)."""
+    monkeypatch.setattr("adapters.simulator.media.MAX_UPLOADS", 3)
+    clock = FakeClock()
+    sim = engine(clock, fast_s=10.0)
+    ids = [call(sim, "describe", {"base64": png(color=(i, 0, 0))})["result"] for i in range(5)]
+    clock.advance(10)
+    assert [sim.image(i) is not None for i in ids] == [False, False, True, True, True]
+    first, last = (sim.task(i, "http://x") for i in (ids[0], ids[-1]))
+    assert first is not None and last is not None
+    assert press(sim, first, "Picread::Retry")["code"] == 4  # its image is gone: nothing to read anew
+    assert press(sim, last, "Picread::Retry")["code"] == 1
+
+
 def test_shorten_gives_five_prompts_and_prompt_analyzer_imagines_one() -> None:
     clock = FakeClock()
     sim = engine(clock, fast_s=10.0)
