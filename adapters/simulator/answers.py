@@ -2,6 +2,7 @@
 (`{code, description, properties, result}`) with its HTTP status, plus what a dialect needs to answer its own way.
 
     code 1   accepted                     code 21  waits in MODAL ("Waiting for window confirm", remix)
+    code 22  accepted, queued (`properties.numberOfQueues`)
     code 3   no account (HTTP 200); an unknown task (HTTP 404, `unknown_task`)
     code 4   invalid input                code 23  queue full          code 24  banned prompt
     HTTP 500 `{"success": false, "code": -1, "message"}`: a fault (the task not taken)
@@ -27,8 +28,12 @@ class SubmitReply:
     raw: bytes | None = None  # sent instead of the JSON body (an answer that is not the server's own)
 
 
-def reply(code: int, description: str, result: Any = None, status: int = 200, **extra: Any) -> SubmitReply:
-    return SubmitReply(status, {"code": code, "description": description, "properties": {}, "result": result}, **extra)
+def reply(
+    code: int, description: str, result: Any = None, status: int = 200, *, queues: int | None = None, **extra: Any
+) -> SubmitReply:
+    properties = {} if queues is None else {"numberOfQueues": queues}
+    body = {"code": code, "description": description, "properties": properties, "result": result}
+    return SubmitReply(status, body, **extra)
 
 
 def invalid(description: str) -> SubmitReply:

@@ -21,6 +21,7 @@ Words in a prompt steer one task, for tests and demos:
   sim:fail            the task fails halfway            sim:lose            the upstream forgets the task once queued
   sim:never           the task never finishes           sim:slow            the task takes five times as long
   sim:queue-full      submit answers code 23            sim:no-account      submit answers code 3
+  sim:queued          submit answers code 22 (taken, in the account's queue): NOT_START until it is submitted
   sim:error           submit answers HTTP 500 (its own error envelope: the task is not taken)
   sim:crash           the task is taken, but the answer is a gateway's HTTP 502 page (it may have run, for the caller)
   a banned word       submit answers code 24 (BANNED_PROMPT)
@@ -303,6 +304,7 @@ class SimEngine:
             never="sim:never" in steer or (parent is not None and parent.never_followups),
             fail_followups="sim:fail-followups" in steer or (parent is not None and parent.fail_followups),
             never_followups="sim:never-followups" in steer or (parent is not None and parent.never_followups),
+            waits="sim:queued" in steer,
             texts=prompts,
             source=source.ext if source else None,
             notify_hook=str(body["notifyHook"]) if body.get("notifyHook") else None,
@@ -319,6 +321,8 @@ class SimEngine:
         self._started(task)
         if "sim:crash" in steer:
             return lost_answer()  # taken, but the answer never reaches the caller
+        if task.waits:  # as midjourney-proxy answers a task beyond the account's running slots
+            return reply(22, "排队中，前面还有1个任务", task.id, action=action, queues=1)
         return reply(1, "提交成功", task.id, action=action)
 
     def _started(self, task: SimTask) -> None:

@@ -1,9 +1,9 @@
 """One simulator task and what it looks like at a moment: its state is computed from the clock when it is read.
 
 Its life: MODAL (waiting for `submit/modal`, never advancing on its own) until confirmed; then SUBMITTED "0%" while
-queued (the first tenth of its duration), IN_PROGRESS with progress in jumps (0, 15, 31, 46, 62, 78, 93), then
-SUCCESS "100%" with its result and buttons, or FAILURE with progress "" and a `failReason`. The timeline starts at the
-submit, or for a task that waited in MODAL at its confirmation.
+queued (the first tenth of its duration; NOT_START for one taken with code 22), IN_PROGRESS with progress in jumps
+(0, 15, 31, 46, 62, 78, 93), then SUCCESS "100%" with its result and buttons, or FAILURE with progress "" and a
+`failReason`. The timeline starts at the submit, or for a task that waited in MODAL at its confirmation.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class SimTask:
     never: bool = False
     fail_followups: bool = False
     never_followups: bool = False
+    waits: bool = False  # taken with code 22: NOT_START, not SUBMITTED, while queued
     texts: tuple[str, ...] = ()  # describe's four prompts, shorten's five
     source: str | None = None  # the file extension of the image a describe was given (kept in `Media`, by task id)
     notify_hook: str | None = None  # where its changes are POSTed (see adapters.simulator.hooks)
@@ -52,7 +53,7 @@ class SimTask:
         elapsed = now - self.started
         queued = self.duration * QUEUED_SHARE
         if elapsed < queued:
-            return "SUBMITTED", 0
+            return ("NOT_START" if self.waits else "SUBMITTED"), 0
         if self.fail and elapsed >= self.duration / 2:
             return "FAILURE", 0
         if elapsed >= self.duration and not self.never:
@@ -77,7 +78,7 @@ class SimTask:
 
     def open(self, now: float) -> bool:
         """Whether it takes a place in the upstream's queue (queued or running)."""
-        return self.status(now)[0] in ("SUBMITTED", "IN_PROGRESS")
+        return self.status(now)[0] in ("NOT_START", "SUBMITTED", "IN_PROGRESS")
 
     def lost(self, now: float) -> bool:
         return self.lose and self.started is not None and now - self.started >= self.duration * QUEUED_SHARE
@@ -129,7 +130,7 @@ class SimTask:
             "parentId": self.parent_id,
             "submitTime": ms,
             "startTime": start + int(self.duration * QUEUED_SHARE * 1000)
-            if status not in ("MODAL", "SUBMITTED")
+            if status not in ("MODAL", "NOT_START", "SUBMITTED")
             else None,
             "finishTime": None,
             "imageUrl": None,

@@ -116,6 +116,17 @@ async def test_a_banned_prompt_is_a_client_error(env: Env) -> None:
     assert isinstance(outcome, ClientError) and outcome.banned
 
 
+async def test_a_task_taken_into_the_queue_is_accepted_and_waits_in_not_start(env: Env) -> None:
+    outcome = await env.upstream.submit(imagine("a tree sim:queued"))
+    assert isinstance(outcome, Accepted)
+    assert outcome.queued is (env.dialect != "new-api")  # new-api answers its 22s as 1
+    view = await env.upstream.fetch(outcome.upstream_id)
+    assert view is not None and view.status is TaskStatus.NOT_START
+    env.clock.advance(10)
+    view = await env.upstream.fetch(outcome.upstream_id)
+    assert view is not None and view.status is TaskStatus.SUCCESS
+
+
 @pytest.mark.parametrize("trigger", ["sim:queue-full", "sim:no-account"])
 async def test_a_full_or_accountless_upstream_is_retryable_and_nothing_was_started(env: Env, trigger: str) -> None:
     outcome = await env.upstream.submit(imagine(f"a tree {trigger}"))

@@ -57,6 +57,20 @@ def test_failures_and_refusals() -> None:
     assert stuck is not None and stuck["status"] == "IN_PROGRESS"
 
 
+def test_a_queued_submit_answers_code_22_and_waits_in_not_start() -> None:
+    """midjourney-proxy takes a task beyond an account's running slots with code 22 (IN_QUEUE), and it shows
+    NOT_START until a slot frees: the relay's handling of both must be reachable on the simulator."""
+    clock = FakeClock()
+    sim = engine(clock, fast_s=10.0)
+    reply = submit(sim, "x sim:queued")
+    assert (reply["status"], reply["code"]) == (200, 22) and reply["properties"]["numberOfQueues"] == 1
+    view = sim.task(str(reply["result"]), "")
+    assert view is not None and (view["status"], view["progress"]) == ("NOT_START", "0%")
+    clock.advance(5)
+    assert sim.task(str(reply["result"]), "")["status"] == "IN_PROGRESS"  # type: ignore[index]
+    assert done(sim, clock, reply["result"])["progress"] == "100%"
+
+
 def test_fail_rate_and_capacity() -> None:
     clock = FakeClock()
     sim = engine(clock, fast_s=10.0, fail_rate=1.0, capacity=2, seed=3)
