@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
-from relay.config import Config, ConfigError, load_config
+from relay.config import DAY_S, Config, ConfigError, load_config
 
 T = TypeVar("T")
 
@@ -195,9 +195,15 @@ def _safe_url(url: str) -> str:
     show_default=True,
 )
 @click.option("--secret", default="", help="Credential clients must send (header or Bearer, by dialect).")
-@click.option("--fast-s", type=float, default=2.0, show_default=True, help="Duration of a fast job.")
-@click.option("--relax-s", type=float, default=6.0, show_default=True, help="Duration of a relax job.")
-@click.option("--turbo-s", type=float, default=1.0, show_default=True, help="Duration of a turbo job.")
+@click.option(
+    "--fast-s", type=click.FloatRange(0, DAY_S), default=2.0, show_default=True, help="Duration of a fast job."
+)
+@click.option(
+    "--relax-s", type=click.FloatRange(0, DAY_S), default=6.0, show_default=True, help="Duration of a relax job."
+)
+@click.option(
+    "--turbo-s", type=click.FloatRange(0, DAY_S), default=1.0, show_default=True, help="Duration of a turbo job."
+)
 @click.option(
     "--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Share of jobs that fail."
 )

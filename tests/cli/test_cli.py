@@ -196,6 +196,21 @@ def test_simulate_refuses_a_port_no_socket_has(tmp_path: Path) -> None:
         assert "listening" not in result.stdout and "--port" in result.stderr, result.stderr
 
 
+def test_simulate_refuses_durations_the_configuration_refuses(tmp_path: Path) -> None:
+    """A negative duration made every task succeed at once with a finishTime before its submitTime; an endless one
+    never ended. As `simulator.fast_s` and the others in a configuration: between 0 and a day."""
+    for option, value in (("--fast-s", "-1"), ("--relax-s", "inf"), ("--turbo-s", "86401")):
+        result = subprocess.run(
+            [sys.executable, "-m", "relay", "simulate", "--port", "0", option, value],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
+        assert result.returncode == 2, (option, result)
+        assert "listening" not in result.stdout and option in result.stderr, result.stderr
+
+
 def test_simulate_names_the_port_it_listens_on_and_says_so_only_when_it_does(tmp_path: Path) -> None:
     """`--port 0` (any free port) was shown as port 0, so nothing could reach the simulator; a taken port was said
     to be listened on, then failed. As `serve`: the port taken is shown, a port that cannot be taken is one line."""
