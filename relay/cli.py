@@ -212,7 +212,7 @@ def _safe_url(url: str) -> str:
 )
 @click.option("--tile-px", type=click.IntRange(16, 2048), default=256, show_default=True, help="Long side of one tile.")
 @click.option("--capacity", type=click.IntRange(1), default=None, help="Unfinished tasks before code 23 (queue full).")
-@click.option("--seed", type=int, default=None, help="Seed for the failure draws.")
+@click.option("--seed", type=int, default=None, help="Seed for the failure draws (tasks and hook calls).")
 @click.option("--remix", is_flag=True, help="Variations, rerolls and pans wait in MODAL for submit/modal.")
 @click.option("--hooks/--no-hooks", default=True, show_default=True, help="Call each submit's notifyHook.")
 @click.option("--hook-progress/--no-hook-progress", default=True, show_default=True, help="Hook progress steps too.")
@@ -264,7 +264,12 @@ def simulate(
         remix=remix,
     )
     calls = HookSettings(
-        drop=hook_drop, duplicate=hook_duplicate, reorder=hook_reorder, delay_s=hook_delay_s, progress=hook_progress
+        drop=hook_drop,
+        duplicate=hook_duplicate,
+        reorder=hook_reorder,
+        delay_s=hook_delay_s,
+        progress=hook_progress,
+        seed=seed,  # the hook faults are failure draws too: one seed makes a run repeatable
     )
     app = build_sim_app(SimEngine(settings), dialect, secret, calls if hooks else None)  # type: ignore[arg-type]
     # Taken first, as `serve` takes its port: the line names the port listened on (`--port 0`: any free one), and

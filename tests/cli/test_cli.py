@@ -211,6 +211,26 @@ def test_simulate_refuses_durations_the_configuration_refuses(tmp_path: Path) ->
         assert "listening" not in result.stdout and option in result.stderr, result.stderr
 
 
+def test_simulate_seeds_the_hook_faults_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--seed` made the failure draws repeatable but not the hook calls' drops, duplicates and reordering: two runs
+    of a benchmark with `--hook-drop` lost different calls."""
+    from click.testing import CliRunner
+
+    import adapters.simulator
+    from relay.cli import main
+
+    seen: list[object] = []
+
+    def build(engine: object, dialect: str, secret: str, hooks: object) -> object:
+        seen.append(hooks)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(adapters.simulator, "build_sim_app", build)
+    result = CliRunner().invoke(main, ["simulate", "--seed", "7", "--hook-drop", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert getattr(seen[0], "seed", None) == 7 and getattr(seen[0], "drop", None) == 0.2
+
+
 def test_simulate_names_the_port_it_listens_on_and_says_so_only_when_it_does(tmp_path: Path) -> None:
     """`--port 0` (any free port) was shown as port 0, so nothing could reach the simulator; a taken port was said
     to be listened on, then failed. As `serve`: the port taken is shown, a port that cannot be taken is one line."""
