@@ -11,7 +11,8 @@ Every dialect serves `submit/{imagine,blend,describe,shorten,action,modal,upload
     new-api           Bearer; `/mj/...` and `/mj-{mode}/mj/...` with the prefix ignored (mode from the prompt flag);
                       codes 22 and 21 become 1, except a 21 for INPAINT or CUSTOM_ZOOM (so a remix variation looks
                       accepted, then sits in MODAL); its own faults as HTTP 400 `upstream_error`; an unknown task on
-                      action, modal or image-seed = 400 `task_not_found`; unknown fetch = 400 `task_no_found`
+                      action, modal or image-seed = 400 `task_not_found`; unknown fetch = 400 `task_no_found`; a
+                      button it cannot map (describe's and shorten's) = 400 `new_api_error` `unknown_action:<id>`
     mj-v1             Bearer; `/v1/mj/...` only; mode from body `model`; a numeric `result` as an integer (ids,
                       seeds); an action or modal on an unknown task = 200 code 3; unknown fetch or image-seed = 404;
                       list-by-condition takes at most 100 ids
@@ -57,6 +58,18 @@ _NEWAPI_MODAL_ACTIONS = ("INPAINT", "CUSTOM_ZOOM")
 
 def _new_api_error(description: str, code: int) -> Response:
     return JSONResponse({"description": description, "type": "upstream_error", "code": code}, status_code=400)
+
+
+def _new_api_maps(custom_id: str) -> bool:
+    """Whether new-api turns a button into one of its own actions (`CoverPlusActionToNormalAction`): the word after
+    `MJ::JOB::`, or after `MJ::`, names upsample, variation, pan or reroll, or is Outpaint, CustomZoom or Inpaint.
+    Describe's and shorten's buttons (`MJ::Job::...`, `MJ::Picread::Retry`) are not among them."""
+    parts = custom_id.split("::")
+    if len(parts) < 2:
+        return False
+    action = parts[2] if parts[1] == "JOB" and len(parts) > 2 else parts[1]
+    words = ("upsample", "variation", "pan", "reroll")
+    return any(word in action for word in words) or action in ("Outpaint", "CustomZoom", "Inpaint")
 
 
 def _as_mode(value: object) -> Mode | None:
@@ -140,6 +153,10 @@ def build_sim_app(
             body = await body_of(request)
             if body is None:
                 return JSONResponse({"code": 4, "description": "invalid JSON", "result": None}, status_code=400)
+            if dialect == "new-api" and kind == "action" and not _new_api_maps(str(body.get("customId") or "")):
+                # refused in its middleware, before any channel is chosen: the upstream never hears of it
+                message = f"Invalid request, unknown_action:{body.get('customId')} (request id: sim)"
+                return JSONResponse({"error": {"message": message, "type": "new_api_error"}}, status_code=400)
             if sender is None:
                 body.pop("notifyHook", None)
             else:

@@ -89,7 +89,8 @@ def test_vary_region_waits_in_modal_then_runs_with_a_mask(world: Native) -> None
     assert world.job(region_id)["provider"] == world.job(grid["id"])["provider"]
 
 
-def test_blend_describe_shorten_and_swap_face(world: Native) -> None:
+def test_blend_describe_shorten_and_swap_face(world: Native, request: pytest.FixtureRequest) -> None:
+    behind_new_api = request.node.callspec.params["world"] == "new-api"
     blend = world.finished(
         world.submit("/submit/blend", {"base64Array": [png(), png((0, 90, 200))], "dimensions": "LANDSCAPE"})
     )
@@ -98,10 +99,13 @@ def test_blend_describe_shorten_and_swap_face(world: Native) -> None:
     described = world.finished(world.submit("/submit/describe", {"base64": png()}))
     assert described["action"] == "DESCRIBE" and described["imageUrl"] is None
     assert described["properties"]["finalPrompt"].count("\n\n") >= 3  # four prompts
-    picked = world.finished(
-        world.submit("/submit/action", {"taskId": described["id"], "customId": world.button(described, "PicReader::2")})
-    )
-    assert picked["action"] == "IMAGINE" and picked["parentId"] == described["id"]
+    pick = {"taskId": described["id"], "customId": world.button(described, "PicReader::2")}
+    if behind_new_api:  # new-api maps no describe button to an action of its own: refused, and nothing is charged
+        refused = world.post("/submit/action", pick).json()
+        assert refused["code"] == 4 and "unknown_action" in refused["description"], refused
+    else:
+        picked = world.finished(world.submit("/submit/action", pick))
+        assert picked["action"] == "IMAGINE" and picked["parentId"] == described["id"]
 
     shortened = world.finished(
         world.submit("/submit/shorten", {"prompt": "a very long prompt about a quiet lake at dawn"})
@@ -112,7 +116,7 @@ def test_blend_describe_shorten_and_swap_face(world: Native) -> None:
         world.submit("/insight-face/swap", {"sourceBase64": png(), "targetBase64": png((9, 9, 9))})
     )
     assert swapped["action"] == "SWAP_FACE" and swapped["imageUrl"].split("?")[0].endswith("/image.png")
-    assert spent(world) == 6 + 1 + 5 + 1 + 7
+    assert spent(world) == 6 + 1 + (0 if behind_new_api else 5) + 1 + 7
 
 
 def test_upload_returns_links_and_image_seed_answers_for_a_finished_task(world: Native) -> None:

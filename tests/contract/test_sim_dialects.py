@@ -85,6 +85,24 @@ def test_a_follow_up_on_an_unknown_task_is_answered_the_dialects_way(
 
 
 @pytest.mark.parametrize(
+    "custom_id", ["MJ::Job::PicReader::1", "MJ::Job::PromptAnalyzer::2", "MJ::Picread::Retry", "MJ::BOOKMARK::x"]
+)
+def test_new_api_refuses_the_buttons_it_cannot_map_before_any_upstream_sees_them(custom_id: str) -> None:
+    """new-api maps a customId to its own actions (upsample, variation, pan, reroll, Outpaint, CustomZoom, Inpaint)
+    in its middleware and refuses any other, describe's and shorten's buttons among them, with its OpenAI-style
+    envelope: the simulator ran them."""
+    with client("new-api") as (http, clock):
+        described = http.post("/mj/submit/describe", json={"base64": png()}).json()["result"]
+        clock.advance(10)
+        submits = http.get("/sim/stats").json()["submits"]
+        reply = http.post("/mj/submit/action", json={"taskId": described, "customId": custom_id})
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["type"] == "new_api_error" and f"unknown_action:{custom_id}" in error["message"]
+        assert http.get("/sim/stats").json()["submits"] == submits  # refused before any channel was chosen
+
+
+@pytest.mark.parametrize(
     ("dialect", "fetch_status", "fetch_body", "seed_status", "seed_body"),
     [
         ("midjourney-proxy", 200, b"", 404, {"code": 3}),

@@ -148,6 +148,11 @@ async def test_describe_gives_four_prompts_and_picking_one_imagines_it(env: Env)
     assert await env.upstream.download(described.image_url or "") == base64.b64decode(image.split(",")[1])
     assert {b.custom_id for b in described.buttons} >= {"MJ::Job::PicReader::1", "MJ::Picread::Retry"}
 
+    if env.dialect == "new-api":  # it maps no describe button to an action of its own: refused, as unknown_action
+        for fragment in ("PicReader::2", "Picread::Retry"):
+            refused = await env.upstream.submit(action(described, fragment))
+            assert isinstance(refused, ClientError) and "unknown_action" in refused.description, refused
+        return
     picked = await finished(env, await submitted(env, action(described, "PicReader::2")))
     assert picked.action == "IMAGINE" and picked.final_prompt == prompts[1].removeprefix("2️⃣ ")
     assert image_size(await env.upstream.download(picked.image_url or "")) == GRID_3_2
@@ -166,6 +171,10 @@ async def test_shorten_gives_five_prompts(env: Env) -> None:
     prompts = (shortened.final_prompt or "").split("\n\n")
     assert len(prompts) == 5 and prompts[0].startswith("1️⃣") and all(p.endswith("--ar 2:3") for p in prompts)
     assert [b.custom_id for b in shortened.buttons] == [f"MJ::Job::PromptAnalyzer::{i}" for i in range(1, 6)]
+    if env.dialect == "new-api":  # nor any shorten button
+        refused = await env.upstream.submit(action(shortened, "PromptAnalyzer::5"))
+        assert isinstance(refused, ClientError) and "unknown_action" in refused.description, refused
+        return
     picked = await finished(env, await submitted(env, action(shortened, "PromptAnalyzer::5")))
     assert picked.action == "IMAGINE" and picked.final_prompt == prompts[4].removeprefix("5️⃣ ")
 
