@@ -115,6 +115,7 @@ class SimEngine:
         self.now = now
         self._rng = random.Random(self.settings.seed)
         self._tasks: OrderedDict[str, SimTask] = OrderedDict()
+        self._open: dict[str, SimTask] = {}  # tasks that may still be unfinished: what a capacity is told from
         self.media = Media(self.settings.tile_px)
         self._lock = threading.Lock()
         self._counter = 0
@@ -326,6 +327,9 @@ class SimEngine:
         return reply(1, "提交成功", task.id, action=action)
 
     def _started(self, task: SimTask) -> None:
+        if self.settings.capacity is not None:
+            with self._lock:
+                self._open[task.id] = task
         for watcher in self.watchers:
             watcher(task)
 
@@ -352,8 +356,10 @@ class SimEngine:
         if capacity is None:
             return False
         now = self.now()
-        with self._lock:
-            running = sum(1 for task in self._tasks.values() if task.open(now))
+        with self._lock:  # a finished (or forgotten) task never runs again: it is looked at no more
+            for task_id in [i for i, task in self._open.items() if i not in self._tasks or not task.open(now)]:
+                del self._open[task_id]
+            running = len(self._open)
         return running >= capacity
 
     # -- uploads and seeds ---------------------------------------------------------------------------------------

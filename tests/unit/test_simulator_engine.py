@@ -81,6 +81,29 @@ def test_fail_rate_and_capacity() -> None:
     assert submit(sim, "fourth")["code"] == 1  # failed tasks free their places
 
 
+def test_a_full_queue_is_told_from_the_unfinished_tasks_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a capacity, each submit looked at every task kept (up to 100,000), finished or not: submits grew slower
+    with every task made."""
+    from adapters.simulator.tasks import SimTask
+
+    clock = FakeClock()
+    sim = engine(clock, fast_s=10.0, capacity=3)
+    for i in range(300):
+        assert submit(sim, f"job {i}")["code"] == 1
+        clock.advance(20)
+    looked = 0
+    status = SimTask.status
+
+    def counted(task: SimTask, now: float) -> tuple[str, int]:
+        nonlocal looked
+        looked += 1
+        return status(task, now)
+
+    monkeypatch.setattr(SimTask, "status", counted)
+    assert [submit(sim, f"more {i}")["code"] for i in range(4)] == [1, 1, 1, 23]
+    assert looked <= 20, looked
+
+
 def test_old_tasks_are_forgotten_past_the_limit() -> None:
     sim = engine(FakeClock(), keep_tasks=3)
     ids = [str(submit(sim, f"job {i}")["result"]) for i in range(5)]
