@@ -17,8 +17,10 @@ WORKDIR /data
 # too, so it works on the same database. Arguments after the image name go to `mj-relay serve`.
 ENV MJ_RELAY_DATA_DIR=/data MJ_RELAY_HOST=0.0.0.0 MJ_RELAY_PORT=8080
 EXPOSE 8080
+# The check asks the relay on the container's own loopback, never through a proxy the environment names for the
+# providers (HTTP_PROXY), which would answer for 127.0.0.1 itself or not at all.
 HEALTHCHECK --interval=30s --timeout=3s \
-    CMD python -c "import os,sys,urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('MJ_RELAY_PORT', '8080')).status != 200)"
+    CMD python -c "import os,sys,urllib.request as u; sys.exit(u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/readyz' % os.environ.get('MJ_RELAY_PORT', '8080')).status != 200)"
 
 # Configuration: mount a file and set MJ_RELAY_CONFIG, or pass --config:
 #   docker run -p 8080:8080 -v mj-data:/data -v ./config.yaml:/config/config.yaml:ro \
