@@ -88,8 +88,23 @@ def _task_ids(values: list[str]) -> list[str]:
     return ids
 
 
-BotType = Annotated[Literal["MID_JOURNEY", "NIJI_JOURNEY"] | None, BeforeValidator(_bot)]
-TaskId = Annotated[str, BeforeValidator(_id_text), AfterValidator(task_id)]
+def _any_case(*words: str) -> str:
+    """A JSON Schema (ECMA-262) pattern for `words` in any case, with blanks around: ECMA patterns have no flag for
+    case."""
+    cased = ("".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in word) for word in words)
+    return rf"^\s*(?:{'|'.join(cased)})?\s*$"
+
+
+# What `/openapi.json` tells each widened field takes (its `json_schema_input_type`): what the field accepts before
+# its validator reads it, not only what it leaves, so that a body the relay takes is valid under the document.
+_BOT_NAMES = _any_case("mj", "mid_journey", "midjourney", "niji", "niji_journey")
+_BotInput = Literal["MID_JOURNEY", "NIJI_JOURNEY"] | Annotated[str, Field(pattern=_BOT_NAMES)] | None
+_Blank = Annotated[str, Field(pattern=r"^\s*$")]
+
+BotType = Annotated[
+    Literal["MID_JOURNEY", "NIJI_JOURNEY"] | None, BeforeValidator(_bot, json_schema_input_type=_BotInput)
+]
+TaskId = Annotated[str, BeforeValidator(_id_text, json_schema_input_type=str | int), AfterValidator(task_id)]
 # Bounded `Text`: the bounds come before the storability check, so that they are checked, and told, as a string's
 # (a bound put on `Text` itself is checked after its validator, and told as "items after validation").
 Image = Annotated[StrictStr, Field(min_length=1), AfterValidator(check_storable)]
@@ -104,7 +119,10 @@ class _Body(BaseModel):
 
 
 class AccountFilter(_Body):
-    modes: Annotated[list[ModeName], BeforeValidator(_null_is_empty)] = Field(default_factory=list, max_length=8)
+    modes: Annotated[
+        Annotated[list[ModeName], Field(max_length=8)],
+        BeforeValidator(_null_is_empty, json_schema_input_type=Annotated[list[ModeName], Field(max_length=8)] | None),
+    ] = Field(default_factory=list)
 
 
 class _Submit(_Body):
@@ -117,14 +135,22 @@ class _Submit(_Body):
 
 class ImagineBody(_Submit):
     prompt: Text
-    base64Array: Annotated[list[Image], BeforeValidator(_null_is_empty)] = Field(
-        default_factory=list, max_length=MAX_IMAGES
-    )
+    base64Array: Annotated[
+        Annotated[list[Image], Field(max_length=MAX_IMAGES)],
+        BeforeValidator(
+            _null_is_empty, json_schema_input_type=Annotated[list[Image], Field(max_length=MAX_IMAGES)] | None
+        ),
+    ] = Field(default_factory=list)
 
 
 class BlendBody(_Submit):
     base64Array: list[Image] = Field(min_length=2, max_length=5)
-    dimensions: Annotated[Literal["PORTRAIT", "SQUARE", "LANDSCAPE"], BeforeValidator(_null_is_square)] = "SQUARE"
+    dimensions: Annotated[
+        Literal["PORTRAIT", "SQUARE", "LANDSCAPE"],
+        BeforeValidator(
+            _null_is_square, json_schema_input_type=Literal["PORTRAIT", "SQUARE", "LANDSCAPE"] | _Blank | None
+        ),
+    ] = "SQUARE"
 
 
 class DescribeBody(_Submit):
@@ -148,7 +174,9 @@ class ActionBody(_Submit):
 class ModalBody(_Body):
     taskId: TaskId
     prompt: Text | None = None
-    maskBase64: Annotated[Image | None, BeforeValidator(_blank_is_none)] = None
+    maskBase64: Annotated[
+        Image | None, BeforeValidator(_blank_is_none, json_schema_input_type=Image | _Blank | None)
+    ] = None
 
 
 class UploadBody(_Submit):
@@ -158,4 +186,9 @@ class UploadBody(_Submit):
 class ListBody(_Body):
     # As many ids as a body may hold values (`api.common.MAX_JSON_VALUES`): a poll names every task a client waits
     # for (New API sends all of a channel's unfinished ones in one), and a bound would fail the whole poll.
-    ids: Annotated[list[str], BeforeValidator(_id_texts), AfterValidator(_task_ids)] | None = None
+    ids: (
+        Annotated[
+            list[str], BeforeValidator(_id_texts, json_schema_input_type=list[str | int]), AfterValidator(_task_ids)
+        ]
+        | None
+    ) = None

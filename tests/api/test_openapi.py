@@ -1,0 +1,62 @@
+"""`GET /openapi.json` against what the running relay really accepts: a body the relay takes must be valid under the
+document's schema (a gateway or a client validating against it would refuse it otherwise), and the document must be
+valid OpenAPI 3."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+from openapi_spec_validator import validate as validate_openapi
+
+from tests.api.native_helpers import png
+from tests.helpers import RunningRelay
+
+# Bodies midjourney-proxy clients send that the relay takes (seed documents and the clients they name): a blank
+# mask (the seed example of submit/modal), the bot's short names, task ids typed as integers (what `/v1/mj` answers
+# them as), null for a list or a value with nothing in it.
+ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    ("/mj/submit/modal", {"taskId": "1234567890", "prompt": "a cat", "maskBase64": ""}),
+    ("/mj/submit/imagine", {"prompt": "a cat", "botType": "mj"}),
+    ("/mj/submit/imagine", {"prompt": "a cat", "botType": " Niji "}),
+    ("/mj/submit/imagine", {"prompt": "a cat", "botType": ""}),
+    ("/mj/submit/imagine", {"prompt": "a cat", "base64Array": None, "accountFilter": {"modes": None}}),
+    ("/mj/submit/blend", {"base64Array": [png(), png((0, 90, 200))], "dimensions": None}),
+    ("/mj/submit/blend", {"base64Array": [png(), png((0, 90, 200))], "dimensions": ""}),
+    ("/v1/mj/submit/action", {"taskId": 1234567890, "customId": "MJ::JOB::upsample::1::abc"}),
+    ("/v1/mj/task/list-by-condition", {"ids": [1234567890, "1234567891"]}),
+]
+
+
+def _spec(client: httpx.Client) -> dict[str, Any]:
+    reply = client.get("/openapi.json")
+    assert reply.status_code == 200
+    return reply.json()  # type: ignore[no-any-return]
+
+
+def _body_schema(spec: dict[str, Any], path: str) -> dict[str, Any]:
+    operation = spec["paths"][path]["post"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    # The operation's schema, with the document's components to resolve its `$ref`s against.
+    return {**schema, "components": spec["components"]}
+
+
+def test_the_document_is_valid_openapi(relay: RunningRelay) -> None:
+    with httpx.Client(base_url=relay.base, timeout=30) as client:
+        validate_openapi(_spec(client))
+
+
+@pytest.mark.parametrize(("path", "body"), ACCEPTED, ids=[f"{p}:{sorted(b)}" for p, b in ACCEPTED])
+def test_a_body_the_relay_takes_is_valid_under_the_document(
+    relay: RunningRelay, path: str, body: dict[str, Any]
+) -> None:
+    headers = {"Authorization": f"Bearer {relay.key}"}
+    with httpx.Client(base_url=relay.base, timeout=30, headers=headers) as client:
+        reply = client.post(path, json=body)
+        answer = reply.json()
+        assert reply.status_code != 400, reply.text  # taken (or answered as an unknown task)
+        assert not isinstance(answer, dict) or answer["code"] != 4, reply.text
+        schema = _body_schema(_spec(client), path)
+    jsonschema.Draft202012Validator(schema).validate(body)
