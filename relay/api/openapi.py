@@ -18,7 +18,9 @@ from relay.api.openai.images import ImageGenerationRequest
 
 _REF = "#/components/schemas/{model}"
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
-_NATIVE_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"mjApiSecret": []}]
+# The native surface also takes the key as midjourney-proxy clients send it: `mj-api-secret`, or a bare
+# `Authorization: KEY` (`api.common.credential`).
+_NATIVE_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"mjApiSecret": []}, {"bareAuthorization": []}]
 
 _OPENAI_ERROR = {
     "type": "object",
@@ -222,6 +224,12 @@ def build_spec(version: str) -> dict[str, Any]:
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "mjApiSecret": {"type": "apiKey", "in": "header", "name": "mj-api-secret"},
+                "bareAuthorization": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Authorization",
+                    "description": "The key alone, without `Bearer` (native routes only)",
+                },
             },
         },
     }

@@ -1,6 +1,6 @@
 """`GET /openapi.json` against what the running relay really accepts: a body the relay takes must be valid under the
-document's schema (a gateway or a client validating against it would refuse it otherwise), and the document must be
-valid OpenAPI 3."""
+document's schema (a gateway or a client validating against it would refuse it otherwise), every way of sending a
+key the relay honours must be a security scheme of the document, and the document must be valid OpenAPI 3."""
 
 from __future__ import annotations
 
@@ -60,3 +60,26 @@ def test_a_body_the_relay_takes_is_valid_under_the_document(
         assert not isinstance(answer, dict) or answer["code"] != 4, reply.text
         schema = _body_schema(_spec(client), path)
     jsonschema.Draft202012Validator(schema).validate(body)
+
+
+def test_every_way_of_sending_a_native_key_is_a_security_scheme(relay: RunningRelay) -> None:
+    ways = {
+        "bearer": {"Authorization": f"Bearer {relay.key}"},
+        "mj-api-secret": {"mj-api-secret": relay.key},
+        "bare": {"Authorization": relay.key},
+    }
+    with httpx.Client(base_url=relay.base, timeout=30) as client:
+        spec = _spec(client)
+        for headers in ways.values():
+            reply = client.get("/mj/task/1234567890/fetch", headers=headers)
+            assert reply.status_code == 404 and reply.json()["code"] == 3, reply.text  # the key was taken
+    schemes = spec["components"]["securitySchemes"]
+    offered = set()
+    for requirement in spec["paths"]["/mj/task/{task_id}/fetch"]["get"]["security"]:
+        for name in requirement:
+            scheme = schemes[name]
+            if scheme["type"] == "http" and scheme["scheme"] == "bearer":
+                offered.add("bearer")
+            elif scheme["type"] == "apiKey" and scheme["in"] == "header":
+                offered.add({"mj-api-secret": "mj-api-secret", "authorization": "bare"}[scheme["name"].lower()])
+    assert offered == set(ways)
