@@ -10,6 +10,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from relay.api import hooks
+from relay.api.admin import inputs as admin_inputs
 from relay.api.common import relay_of
 from relay.api.mj import schemas as mj
 from relay.api.mj.routes import PREFIXES
@@ -18,6 +20,7 @@ from relay.api.openai.images import ImageGenerationRequest
 
 _REF = "#/components/schemas/{model}"
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+_ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 # The native surface also takes the key as midjourney-proxy clients send it: `mj-api-secret`, or a bare
 # `Authorization: KEY` (`api.common.credential`).
 _NATIVE_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"mjApiSecret": []}, {"bareAuthorization": []}]
@@ -103,16 +106,18 @@ def _operation(
     summary: str,
     security: list[dict[str, list[str]]] | None,
     body: str | None,
-    ok: dict[str, Any],
+    ok: dict[str, Any] | None,
     error: str,
     params: list[dict[str, Any]] | None = None,
+    status: str = "200",
+    media_type: str = "application/json",
 ) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": "OK"}
+    if ok is not None:
+        answer["content"] = {media_type: {"schema": ok}}
     operation: dict[str, Any] = {
         "summary": summary,
-        "responses": {
-            "200": {"description": "OK", "content": _json(ok)},
-            "default": {"description": "An error", "content": _json(_ref(error))},
-        },
+        "responses": {status: answer, "default": {"description": "An error", "content": _json(_ref(error))}},
     }
     if security is not None:
         operation["security"] = security
@@ -127,13 +132,87 @@ def _path_param(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+def _query_param(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": {"type": "string"}}
+
+
+def _admin_paths() -> dict[str, Any]:
+    """The admin API (`relay.api.admin`), behind the admin token; every path is a 404 when none is configured."""
+    key = [_path_param("key_id")]
+    since = _query_param("since", "from this time (unix seconds or ISO 8601)")
+    until = _query_param("until", "before this time (unix seconds or ISO 8601)")
+    of_key = _query_param("key", "one key's id")
+    any_json: dict[str, Any] = {"type": "object"}
+
+    def op(summary: str, body: str | None = None, params: list[dict[str, Any]] | None = None, **kw: Any) -> Any:
+        return _operation(summary, _ADMIN, body, kw.pop("ok", any_json), "OpenAIError", params, **kw)
+
+    return {
+        "/admin/api/keys": {
+            "get": op("Every key"),
+            "post": op("Create a key (its secret is shown this once)", "KeyCreate", status="201"),
+        },
+        "/admin/api/keys/{key_id}": {
+            "get": op("One key", params=key),
+            "patch": op("Change a key's name or policies (null clears a policy)", "KeyUpdate", key),
+        },
+        "/admin/api/keys/{key_id}/topup": {"post": op("Add credits to a key", "TopUp", key)},
+        "/admin/api/keys/{key_id}/revoke": {"post": op("Revoke a key", params=key)},
+        "/admin/api/usage": {
+            "get": op(
+                "Credits captured and released, by key, model, action and UTC day",
+                params=[since, until, of_key, _query_param("group_by", "comma-separated: key, model, action, day")],
+            )
+        },
+        "/admin/api/jobs": {
+            "get": op(
+                "Jobs, newest first, with signed links to their images",
+                params=[
+                    of_key,
+                    _query_param("state", "comma-separated job states"),
+                    since,
+                    until,
+                    _query_param("limit", f"1 to {admin_inputs.MAX_PAGE} (default {admin_inputs.DEFAULT_PAGE})"),
+                    _query_param("cursor", "the `next_cursor` of the page before"),
+                ],
+            )
+        },
+        "/admin/api/providers": {"get": op("Each provider, its jobs in flight and its health")},
+        "/admin/api/ledger.csv": {
+            "get": op("The ledger as CSV", params=[of_key, since], ok={"type": "string"}, media_type="text/csv")
+        },
+        "/admin": {"get": _operation("Redirects to the admin UI", None, None, None, "OpenAIError", status="308")},
+        "/admin/": {
+            "get": _operation("The admin UI", None, None, {"type": "string"}, "OpenAIError", media_type="text/html")
+        },
+        "/admin/static/{name}": {
+            "get": _operation(
+                "The admin UI's script and stylesheet",
+                None,
+                None,
+                {"type": "string"},
+                "OpenAIError",
+                [_path_param("name")],
+                media_type="*/*",
+            )
+        },
+    }
+
+
 def _date_param(name: str, description: str) -> dict[str, Any]:
     schema = {"type": "string", "format": "date"}
     return {"name": name, "in": "query", "required": True, "description": description, "schema": schema}
 
 
 def build_spec(version: str) -> dict[str, Any]:
-    bodies: list[type[BaseModel]] = [ImageGenerationRequest, ChatRequest, *(m for *_, m in _NATIVE if m is not None)]
+    bodies: list[type[BaseModel]] = [
+        ImageGenerationRequest,
+        ChatRequest,
+        *(m for *_, m in _NATIVE if m is not None),
+        admin_inputs.KeyCreate,
+        admin_inputs.KeyUpdate,
+        admin_inputs.TopUp,
+    ]
     _, top = models_json_schema([(model, "validation") for model in bodies], ref_template=_REF)
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
     schemas.update({"OpenAIError": _OPENAI_ERROR, "MjEnvelope": _MJ_ENVELOPE, "MjTask": _MJ_TASK})
@@ -180,6 +259,18 @@ def build_spec(version: str) -> dict[str, Any]:
         "/readyz": {"get": _operation("Readiness", None, None, any_json, "OpenAIError")},
         "/metrics": {"get": _operation("Prometheus metrics", None, None, {"type": "string"}, "OpenAIError")},
         "/openapi.json": {"get": _operation("This document", None, None, any_json, "OpenAIError")},
+        hooks.PATH: {
+            "post": _operation(
+                "A provider's notifyHook call about one of its tasks (the token in the path is the credential)",
+                None,
+                None,
+                None,
+                "OpenAIError",
+                [_path_param("provider"), _path_param("token")],
+                status="204",
+            )
+        },
+        **_admin_paths(),
     }
     for prefix in ("", "/v1"):
         paths[f"{prefix}/dashboard/billing/subscription"] = {
@@ -223,6 +314,7 @@ def build_spec(version: str) -> dict[str, Any]:
             "schemas": schemas,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
+                "adminToken": {"type": "http", "scheme": "bearer", "description": "`server.admin_token`"},
                 "mjApiSecret": {"type": "apiKey", "in": "header", "name": "mj-api-secret"},
                 "bareAuthorization": {
                     "type": "apiKey",

@@ -4,15 +4,18 @@ key the relay honours must be a security scheme of the document, and the documen
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 import jsonschema
 import pytest
 from openapi_spec_validator import validate as validate_openapi
+from starlette.routing import Route
 
+from relay.app import routes
 from tests.api.native_helpers import png
-from tests.helpers import RunningRelay
+from tests.helpers import RunningRelay, relay_config, running_relay
 
 # Bodies midjourney-proxy clients send that the relay takes (seed documents and the clients they name): a blank
 # mask (the seed example of submit/modal), the bot's short names, task ids typed as integers (what `/v1/mj` answers
@@ -83,3 +86,22 @@ def test_every_way_of_sending_a_native_key_is_a_security_scheme(relay: RunningRe
             elif scheme["type"] == "apiKey" and scheme["in"] == "header":
                 offered.add({"mj-api-secret": "mj-api-secret", "authorization": "bare"}[scheme["name"].lower()])
     assert offered == set(ways)
+
+
+def test_every_route_the_relay_serves_is_in_the_document_with_its_methods(tmp_path: Path) -> None:
+    served = {
+        (route.path, method.lower())
+        for route in routes()
+        if isinstance(route, Route)
+        for method in route.methods or ()
+        if method != "HEAD"
+    }
+    config = relay_config(tmp_path, server={"admin_token": "admin-token-for-tests"})
+    with running_relay(config) as relay, httpx.Client(base_url=relay.base, timeout=30) as client:
+        spec = _spec(client)
+        listed = {(path, method) for path, operations in spec["paths"].items() for method in operations}
+        assert listed == served
+        # The admin API takes the admin token, as the document's scheme for it says, and not a relay key.
+        assert spec["paths"]["/admin/api/keys"]["get"]["security"] == [{"adminToken": []}]
+        assert client.get("/admin/api/keys", headers={"Authorization": "Bearer admin-token-for-tests"}).is_success
+        assert client.get("/admin/api/keys", headers={"Authorization": f"Bearer {relay.key}"}).status_code == 401
