@@ -204,7 +204,7 @@ def _date_param(name: str, description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": True, "description": description, "schema": schema}
 
 
-def build_spec(version: str) -> dict[str, Any]:
+def build_spec(version: str, max_n: int) -> dict[str, Any]:
     bodies: list[type[BaseModel]] = [
         ImageGenerationRequest,
         ChatRequest,
@@ -215,6 +215,9 @@ def build_spec(version: str) -> dict[str, Any]:
     ]
     _, top = models_json_schema([(model, "validation") for model in bodies], ref_template=_REF)
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
+    # `n`'s upper bound is the relay's setting (`api.max_n`), checked where the job is planned, not by the model.
+    n_schema = schemas["ImageGenerationRequest"]["properties"]["n"]["anyOf"][0]
+    n_schema["maximum"] = max_n
     schemas.update({"OpenAIError": _OPENAI_ERROR, "MjEnvelope": _MJ_ENVELOPE, "MjTask": _MJ_TASK})
     any_json: dict[str, Any] = {"type": "object"}
     paths: dict[str, Any] = {
@@ -330,5 +333,5 @@ def build_spec(version: str) -> dict[str, Any]:
 async def openapi(request: Request) -> JSONResponse:
     relay = relay_of(request)
     if relay.openapi is None:
-        relay.openapi = build_spec(relay.version)
+        relay.openapi = build_spec(relay.version, relay.config.api.max_n)
     return JSONResponse(relay.openapi)

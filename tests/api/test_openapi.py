@@ -105,3 +105,17 @@ def test_every_route_the_relay_serves_is_in_the_document_with_its_methods(tmp_pa
         assert spec["paths"]["/admin/api/keys"]["get"]["security"] == [{"adminToken": []}]
         assert client.get("/admin/api/keys", headers={"Authorization": "Bearer admin-token-for-tests"}).is_success
         assert client.get("/admin/api/keys", headers={"Authorization": f"Bearer {relay.key}"}).status_code == 401
+
+
+def test_the_bound_of_n_is_the_relays_own(tmp_path: Path) -> None:
+    config = relay_config(tmp_path, api={"max_n": 6})
+    with running_relay(config) as relay, httpx.Client(base_url=relay.base, timeout=30) as client:
+        schema = _body_schema(_spec(client), "/v1/images/generations")
+        reply = client.post(
+            "/v1/images/generations",
+            json={"prompt": "a cat", "n": 7},
+            headers={"Authorization": f"Bearer {relay.key}"},
+        )
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "n", reply.text
+    assert not jsonschema.Draft202012Validator(schema).is_valid({"prompt": "a cat", "n": 7})
+    jsonschema.Draft202012Validator(schema).validate({"prompt": "a cat", "n": 6})
