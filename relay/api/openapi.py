@@ -31,6 +31,7 @@ _OPENAI_ERROR = {
     "properties": {
         "error": {
             "type": "object",
+            "required": ["message", "type", "param", "code"],
             "properties": {
                 "message": {"type": "string"},
                 "type": {"type": "string"},
@@ -54,27 +55,33 @@ _MJ_ENVELOPE = {
         "result": {"description": "a task id, a list of links, a seed, or null on an error"},
     },
 }
+_MJ_TASK_FIELDS: tuple[tuple[str, str | list[str]], ...] = (
+    ("id", "string"),
+    ("action", "string"),
+    ("status", "string"),
+    ("progress", "string"),
+    ("prompt", "string"),
+    ("promptEn", "string"),
+    ("description", "string"),
+    ("state", ["string", "null"]),
+    ("submitTime", ["integer", "null"]),
+    ("startTime", ["integer", "null"]),
+    ("finishTime", ["integer", "null"]),
+    ("imageUrl", ["string", "null"]),
+    ("failReason", ["string", "null"]),
+    ("properties", "object"),
+    ("buttons", "array"),
+    ("botType", ["string", "null"]),
+    ("mode", "string"),
+    ("parentId", ["string", "null"]),
+)
+_MJ_STATUS = ["NOT_START", "SUBMITTED", "MODAL", "IN_PROGRESS", "SUCCESS", "FAILURE"]
+# A task as `relay.api.mj.render.task` answers it: every field, always.
 _MJ_TASK = {
     "type": "object",
+    "required": [name for name, _ in _MJ_TASK_FIELDS],
     "properties": {
-        name: {"type": kind}
-        for name, kind in (
-            ("id", "string"),
-            ("action", "string"),
-            ("status", "string"),
-            ("progress", "string"),
-            ("prompt", "string"),
-            ("promptEn", "string"),
-            ("description", "string"),
-            ("state", ["string", "null"]),
-            ("submitTime", ["integer", "null"]),
-            ("startTime", ["integer", "null"]),
-            ("finishTime", ["integer", "null"]),
-            ("imageUrl", ["string", "null"]),
-            ("failReason", ["string", "null"]),
-            ("properties", "object"),
-            ("buttons", "array"),
-        )
+        name: {"type": kind, **({"enum": _MJ_STATUS} if name == "status" else {})} for name, kind in _MJ_TASK_FIELDS
     },
 }
 
@@ -220,6 +227,16 @@ def build_spec(version: str, max_n: int) -> dict[str, Any]:
     n_schema["maximum"] = max_n
     schemas.update({"OpenAIError": _OPENAI_ERROR, "MjEnvelope": _MJ_ENVELOPE, "MjTask": _MJ_TASK})
     any_json: dict[str, Any] = {"type": "object"}
+    chat = _operation(
+        "A chat completion whose answer is the images (or, with `stream`, its chunks as server-sent events)",
+        _BEARER,
+        "ChatRequest",
+        any_json,
+        "OpenAIError",
+    )
+    chat["responses"]["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+    readyz = _operation("Readiness", None, None, any_json, "OpenAIError")
+    readyz["responses"]["503"] = {"description": "Not ready: the checks that failed", "content": _json(any_json)}
     paths: dict[str, Any] = {
         "/v1/images/generations": {
             "post": _operation(
@@ -230,15 +247,7 @@ def build_spec(version: str, max_n: int) -> dict[str, Any]:
                 "OpenAIError",
             )
         },
-        "/v1/chat/completions": {
-            "post": _operation(
-                "A chat completion whose answer is the images (or a stream)",
-                _BEARER,
-                "ChatRequest",
-                any_json,
-                "OpenAIError",
-            )
-        },
+        "/v1/chat/completions": {"post": chat},
         "/v1/models": {"get": _operation("The image models", _BEARER, None, any_json, "OpenAIError")},
         "/v1/models/{model}": {
             "get": _operation("One image model", _BEARER, None, any_json, "OpenAIError", [_path_param("model")])
@@ -259,7 +268,7 @@ def build_spec(version: str, max_n: int) -> dict[str, Any]:
             )
         },
         "/healthz": {"get": _operation("Liveness", None, None, any_json, "OpenAIError")},
-        "/readyz": {"get": _operation("Readiness", None, None, any_json, "OpenAIError")},
+        "/readyz": {"get": readyz},
         "/metrics": {"get": _operation("Prometheus metrics", None, None, {"type": "string"}, "OpenAIError")},
         "/openapi.json": {"get": _operation("This document", None, None, any_json, "OpenAIError")},
         hooks.PATH: {

@@ -119,3 +119,32 @@ def test_the_bound_of_n_is_the_relays_own(tmp_path: Path) -> None:
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "n", reply.text
     assert not jsonschema.Draft202012Validator(schema).is_valid({"prompt": "a cat", "n": 7})
     jsonschema.Draft202012Validator(schema).validate({"prompt": "a cat", "n": 6})
+
+
+def _validator(spec: dict[str, Any], schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator({**schema, "components": spec["components"]})
+
+
+def test_answers_are_as_the_document_tells_them(relay: RunningRelay) -> None:
+    headers = {"Authorization": f"Bearer {relay.key}"}
+    with httpx.Client(base_url=relay.base, timeout=30, headers=headers) as client:
+        spec = _spec(client)
+        task_id = client.post("/mj/submit/imagine", json={"prompt": "a cat"}).json()["result"]
+        fetched = client.get(f"/mj/task/{task_id}/fetch")
+        fetch_doc = spec["paths"]["/mj/task/{task_id}/fetch"]["get"]["responses"]["200"]["content"]
+        task_schema = spec["components"]["schemas"]["MjTask"]
+        _validator(spec, fetch_doc["application/json"]["schema"]).validate(fetched.json())
+        assert set(fetched.json()) == set(task_schema["properties"])  # every field told, none that is not sent
+        assert set(task_schema["required"]) == set(task_schema["properties"])
+        missing = client.get("/v1/models/no-such-model")
+        error_doc = spec["paths"]["/v1/models/{model}"]["get"]["responses"]["default"]["content"]
+        _validator(spec, error_doc["application/json"]["schema"]).validate(missing.json())
+        inner = spec["components"]["schemas"]["OpenAIError"]["properties"]["error"]
+        assert set(inner["required"]) == set(missing.json()["error"])
+        body = {"model": "mj-fast", "stream": True, "messages": [{"role": "user", "content": "a cat"}]}
+        with client.stream("POST", "/v1/chat/completions", json=body) as streamed:
+            media_type = streamed.headers["content-type"].split(";")[0]
+            for _ in streamed.iter_lines():
+                pass
+        chat_doc = spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+        assert media_type in chat_doc
