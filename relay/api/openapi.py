@@ -139,6 +139,16 @@ def _path_param(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+# The images and chat routes recognise a client's retry by this header (`api.common.attempt_of`).
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "The same key sent again is answered with the first request's jobs (with another body: a 422)",
+    "schema": {"type": "string"},
+}
+
+
 def _query_param(name: str, description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "description": description, "schema": {"type": "string"}}
 
@@ -233,6 +243,7 @@ def build_spec(version: str, max_n: int) -> dict[str, Any]:
         "ChatRequest",
         any_json,
         "OpenAIError",
+        [_IDEMPOTENCY_KEY],
     )
     chat["responses"]["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
     readyz = _operation("Readiness", None, None, any_json, "OpenAIError")
@@ -245,6 +256,7 @@ def build_spec(version: str, max_n: int) -> dict[str, Any]:
                 "ImageGenerationRequest",
                 any_json,
                 "OpenAIError",
+                [_IDEMPOTENCY_KEY],
             )
         },
         "/v1/chat/completions": {"post": chat},

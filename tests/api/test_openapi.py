@@ -148,3 +148,15 @@ def test_answers_are_as_the_document_tells_them(relay: RunningRelay) -> None:
                 pass
         chat_doc = spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
         assert media_type in chat_doc
+
+
+def test_the_idempotency_key_the_openai_routes_take_is_a_parameter(relay: RunningRelay) -> None:
+    headers = {"Authorization": f"Bearer {relay.key}", "Idempotency-Key": "order-1"}
+    with httpx.Client(base_url=relay.base, timeout=30, headers=headers) as client:
+        spec = _spec(client)
+        assert client.post("/v1/images/generations", json={"prompt": "a cat", "n": 1}).status_code == 200
+        again = client.post("/v1/images/generations", json={"prompt": "a dog", "n": 1})
+    assert again.status_code == 422 and again.json()["error"]["code"] == "idempotency_key_reused", again.text
+    for path in ("/v1/images/generations", "/v1/chat/completions"):
+        params = spec["paths"][path]["post"].get("parameters", [])
+        assert {(p["in"], p["name"].lower()) for p in params} == {("header", "idempotency-key")}
