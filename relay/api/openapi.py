@@ -17,6 +17,7 @@ from relay.api.mj import schemas as mj
 from relay.api.mj.routes import PREFIXES
 from relay.api.openai.chat import ChatRequest
 from relay.api.openai.images import ImageGenerationRequest
+from relay.images import NAMES
 
 _REF = "#/components/schemas/{model}"
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
@@ -273,7 +274,7 @@ def build_spec(version: str, max_n: int) -> dict[str, Any]:
                 "OpenAIError",
                 [
                     _path_param("job_id"),
-                    _path_param("name"),
+                    {**_path_param("name"), "schema": {"type": "string", "enum": list(NAMES)}},
                     {"name": "exp", "in": "query", "required": True, "schema": {"type": "string"}},
                     {"name": "sig", "in": "query", "required": True, "schema": {"type": "string"}},
                 ],

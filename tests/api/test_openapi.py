@@ -160,3 +160,17 @@ def test_the_idempotency_key_the_openai_routes_take_is_a_parameter(relay: Runnin
     for path in ("/v1/images/generations", "/v1/chat/completions"):
         params = spec["paths"][path]["post"].get("parameters", [])
         assert {(p["in"], p["name"].lower()) for p in params} == {("header", "idempotency-key")}
+
+
+def test_the_image_names_a_link_may_have_are_the_documents(relay: RunningRelay) -> None:
+    headers = {"Authorization": f"Bearer {relay.key}"}
+    with httpx.Client(base_url=relay.base, timeout=30, headers=headers) as client:
+        spec = _spec(client)
+        url = client.post("/v1/images/generations", json={"prompt": "a cat", "n": 1}).json()["data"][0]["url"]
+        link = httpx.URL(url)
+        assert client.get(url).status_code == 200
+        other = client.get(link.copy_with(path=link.path.rsplit("/", 1)[0] + "/other.png"))
+    params = spec["paths"]["/files/{job_id}/{name}"]["get"]["parameters"]
+    names = next(p["schema"] for p in params if p["name"] == "name")["enum"]
+    assert link.path.rsplit("/", 1)[1] in names and "grid.png" in names
+    assert other.status_code == 404 and "other.png" not in names
