@@ -32,3 +32,17 @@ def job_failed(row: JobRow) -> JobFailed:
     code = code_of(row)
     reason = row.fail_reason or "no reason given"
     return JobFailed(code, _MESSAGES[code].format(reason=reason), reason=row.fail_reason)
+
+
+def request_failed(rows: list[JobRow]) -> JobFailed:
+    """The failure a request whose jobs all failed is answered with (`rows`, in plan order): that of a job that may
+    have run upstream (its submit was not answered) or may still run there (taken, it passed its deadline) before
+    any other, as their answers tell a client not to retry: one told it may would start every job again, that one
+    too; else the first."""
+    unsure = [row for row in rows if _may_run(row)]
+    return job_failed((unsure or rows)[0])
+
+
+def _may_run(row: JobRow) -> bool:
+    code = code_of(row)
+    return code is FailureCode.UNCONFIRMED or (code is FailureCode.TIMEOUT and row.upstream_id is not None)

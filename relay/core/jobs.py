@@ -25,7 +25,7 @@ from relay.clock import Clock
 from relay.config import Config
 from relay.core.batch import Batcher
 from relay.core.events import JobEvents, Subscription
-from relay.core.failures import job_failed
+from relay.core.failures import request_failed
 from relay.core.lifecycle import Lifecycle
 from relay.core.prompt import (
     PromptError,
@@ -530,7 +530,7 @@ class JobService:
                 generation.ended.add(row.id)
                 generation.rows[row.id] = row
             if len(refused) == planned:
-                raise job_failed(refused[0])
+                raise request_failed(refused)
         except BaseException:
             generation.close()
             raise
@@ -773,12 +773,12 @@ class JobService:
 
     @staticmethod
     def tiles(rows: list[JobRow], n: int) -> list[Tile]:
-        """The first `n` tiles of the jobs that succeeded; raises the first failure when none did."""
+        """The first `n` tiles of the jobs that succeeded; raises a failure (`request_failed`) when none did."""
         tiles = [Tile(row.id, name) for row in rows if row.state is JobState.SUCCEEDED for name in TILE_NAMES]
         if not tiles:
             failed = [row for row in rows if row.state is JobState.FAILED]
             if failed:
-                raise job_failed(failed[0])
+                raise request_failed(failed)
             raise JobFailed(FailureCode.TIMEOUT, "The job did not finish before its deadline.")
         return tiles[:n]
 

@@ -3,8 +3,10 @@ providers, capacity, provider health, and jobs that fail, get lost or run past t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
 import random
 import re
 import socket
@@ -17,9 +19,10 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
+from relay.config import Config
 from tests.helpers import RunningRelay, bound_socket, relay_config, running_relay, serve, sql, wait_for
 
 SECRET = "sim-secret-0001"
@@ -352,3 +355,71 @@ def test_a_provider_whose_server_stops_goes_down_by_probes_and_comes_back_when_i
             assert health_states(relay) == {"only": "healthy"} and engine.submits == 2
             assert transitions(relay, "only") == {"down": 1.0, "half-open": 1.0, "healthy": 1.0}
         native.close()
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "status"),
+    [("unavailable", "unconfirmed", 502), ("lost", "unconfirmed", 502), ("unavailable", "timeout", 504)],
+)
+def test_a_request_whose_jobs_all_failed_is_not_retried_when_one_of_them_may_run(
+    tmp_path: Path, first: str, second: str, status: int
+) -> None:
+    """Of a request's two jobs, the first is refused (queue full), or taken and then lost: a retry may run it. The
+    second's submit is answered by a gateway's empty 502 (the upstream may have run it), or it is taken and passes
+    its deadline (the upstream may still run it). The answer must be the second's, which says not to retry: the
+    SDK's retry would start both afresh, and the second could run twice upstream."""
+    configs: list[Config] = []
+    arrived: list[tuple[str, Send]] = []
+    both = asyncio.Event()
+    sim = build_sim_app(SimEngine(SimSettings(fast_s=0.3, tile_px=48)), "midjourney-proxy", SECRET)
+
+    async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or "/submit/" not in scope["path"]:
+            await sim(scope, receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        arrived.append((json.loads(body)["state"], send))
+        if len(arrived) == 2:
+            both.set()
+        await both.wait()
+        ((order,),) = sql(configs[0], "SELECT job_ids FROM attempts")
+        state = next(state for state, sender in arrived if sender is send)
+        answers = {
+            "unavailable": {"code": 23, "description": "queue is full", "result": None},
+            "lost": {"code": 1, "description": "Submit success", "result": "4040404040"},  # unknown when asked
+        }
+        outcome = first if state == json.loads(order)[0] else second
+        if outcome == "timeout":  # the simulator takes it, and it never finishes
+
+            async def replay() -> Message:
+                return {"type": "http.request", "body": body.replace(b"a heron", b"a heron sim:never")}
+
+            await sim(scope, replay, send)
+        elif outcome == "unconfirmed":
+            await send({"type": "http.response.start", "status": 502, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": json.dumps(answers[outcome]).encode()})
+
+    with serve(upstream) as base:
+        configs.append(
+            relay_config(
+                tmp_path,
+                providers=[provider("gated", "midjourney-proxy", base)],
+                jobs={"poll_interval_s": 0.05, "lost_after_s": 0.3, "deadline_s": {"fast": 1.5}},
+            )
+        )
+        with running_relay(configs[0]) as relay:
+            with pytest.raises(openai.APIStatusError) as caught:
+                relay.openai().with_options(max_retries=0).images.generate(model="mj-fast", prompt="a heron", n=8)
+            assert caught.value.status_code == status, caught.value
+            assert caught.value.response.headers.get("x-should-retry") == "false"
+            assert sorted(row[1] for row in relay.jobs()) == sorted([first, second])
+            assert relay.balance() == (1000, 0)
