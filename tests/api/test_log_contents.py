@@ -19,7 +19,7 @@ from relay.core.upstream_hooks import hook_token
 from relay.metrics import Metrics
 from relay.middleware import as_relay_error
 from relay.store.db import Unreachable
-from tests.helpers import relay_config, running_relay, serve
+from tests.helpers import RunningRelay, relay_config, running_relay, serve
 
 SIGNING = "a-signing-secret-of-the-relay-and-no-other"
 
@@ -34,6 +34,14 @@ def _echoing_upstream(padding: int) -> Starlette:
         return JSONResponse({"code": 9, "description": description, "result": None}, status_code=503)
 
     return Starlette(routes=[Route("/mj/submit/imagine", refuse, methods=["POST"])])
+
+
+def _imagine_refused(relay: RunningRelay) -> None:
+    """A native imagine, which the upstream refuses."""
+    reply = httpx.post(
+        relay.base + "/mj/submit/imagine", json={"prompt": "a heron"}, headers={"mj-api-secret": relay.key}, timeout=30
+    )
+    assert reply.status_code >= 400
 
 
 def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -54,13 +62,7 @@ def test_the_relay_s_hook_token_an_upstream_repeats_is_not_logged(
             images={"signing_secret": SIGNING},
         )
         with caplog.at_level(logging.INFO), running_relay(config) as relay:
-            reply = httpx.post(
-                relay.base + "/mj/submit/imagine",
-                json={"prompt": "a heron"},
-                headers={"mj-api-secret": relay.key},
-                timeout=30,
-            )
-            assert reply.status_code >= 400
+            _imagine_refused(relay)
     refusals = [json.loads(line) for line in _lines(caplog) if '"submit not accepted"' in line]
     assert refusals and "cannot call notifyHook http://relay.example/hooks/up/" in refusals[0]["reason"]
     assert not [line for line in _lines(caplog) if hook_token(SIGNING, "up") in line]
@@ -72,13 +74,7 @@ def test_an_upstream_s_long_refusal_makes_no_long_log_line(tmp_path: Path, caplo
     with serve(_echoing_upstream(1_000_000)) as upstream:
         provider = {"name": "up", "dialect": "midjourney-proxy", "base_url": upstream, "secret": "s" * 16}
         with caplog.at_level(logging.INFO), running_relay(relay_config(tmp_path, providers=[provider])) as relay:
-            reply = httpx.post(
-                relay.base + "/mj/submit/imagine",
-                json={"prompt": "a heron"},
-                headers={"mj-api-secret": relay.key},
-                timeout=30,
-            )
-            assert reply.status_code >= 400
+            _imagine_refused(relay)
     refusals = [json.loads(line) for line in _lines(caplog) if '"submit not accepted"' in line]
     assert refusals and refusals[0]["reason"].startswith("cannot call notifyHook")
     assert max(len(line) for line in _lines(caplog)) < 2000

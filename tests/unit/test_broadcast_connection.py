@@ -283,6 +283,20 @@ async def test_a_relay_stopped_while_it_listens_again_leaves_no_connection_behin
 
 
 @pytest.mark.postgres
+async def _listens_again(relay: Relay, admin: asyncpg.Connection, within_s: float) -> None:
+    """The relay listens again within `within_s` (checked every tenth of a second), and hears another process's end."""
+    assert relay.broadcast is not None
+    started = time.monotonic()
+    while not relay.broadcast.connected and time.monotonic() - started < within_s:
+        await asyncio.sleep(0.1)
+    assert relay.broadcast.connected, f"still not listening {time.monotonic() - started:.1f} s on"
+    waiter = relay.events.subscribe(["job_elsewhere"])
+    await admin.execute("SELECT pg_notify($1, $2)", JOBS, "another-process|job_elsewhere:SUCCEEDED:100")
+    heard = await waiter.next(1.0)
+    waiter.close()
+    assert heard is not None and heard.state.terminal
+
+
 async def test_a_listening_connection_whose_listen_goes_unanswered_is_made_again(tmp_path: Path) -> None:
     """The relay's backends are terminated, and the connection it makes again never has its LISTEN answered (a server
     or network path that went silent just then). The relay should give up on it and make another within a few
@@ -297,16 +311,7 @@ async def test_a_listening_connection_whose_listen_goes_unanswered_is_made_again
         await admin.fetchval(TERMINATE_ALL)
         await asyncio.wait_for(proxy.listen_held.wait(), 10)
         proxy.holding = False  # connections made from now on are answered; the held one never is
-        assert relay.broadcast is not None
-        started = time.monotonic()
-        while not relay.broadcast.connected and time.monotonic() - started < 4 * RECONNECT_S:
-            await asyncio.sleep(0.1)
-        assert relay.broadcast.connected, f"still not listening {time.monotonic() - started:.1f} s on"
-        waiter = relay.events.subscribe(["job_elsewhere"])
-        await admin.execute("SELECT pg_notify($1, $2)", JOBS, "another-process|job_elsewhere:SUCCEEDED:100")
-        heard = await waiter.next(1.0)
-        waiter.close()
-        assert heard is not None and heard.state.terminal
+        await _listens_again(relay, admin, 4 * RECONNECT_S)
         await asyncio.sleep(0.2)  # the connection given up on leaves pg_stat_activity a moment after
         after = await admin.fetchval(COUNT_CONNECTIONS)
         assert after <= before, f"{before} connections before, {after} after listening again"
@@ -372,14 +377,4 @@ async def test_a_listening_connection_whose_start_goes_unanswered_is_made_again(
         await admin.fetchval(TERMINATE_ALL)
         await asyncio.wait_for(proxy.listen_held.wait(), 10)
         proxy.holding = False  # connections made from now on are answered; the silent one never is
-        assert relay.broadcast is not None
-        started = time.monotonic()
-        limit = CONNECT_TIMEOUT_S + 3 * RECONNECT_S
-        while not relay.broadcast.connected and time.monotonic() - started < limit:
-            await asyncio.sleep(0.1)
-        assert relay.broadcast.connected, f"still not listening {time.monotonic() - started:.1f} s on"
-        waiter = relay.events.subscribe(["job_elsewhere"])
-        await admin.execute("SELECT pg_notify($1, $2)", JOBS, "another-process|job_elsewhere:SUCCEEDED:100")
-        heard = await waiter.next(1.0)
-        waiter.close()
-        assert heard is not None and heard.state.terminal
+        await _listens_again(relay, admin, CONNECT_TIMEOUT_S + 3 * RECONNECT_S)
