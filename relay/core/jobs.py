@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -306,8 +306,16 @@ class JobService:
 
     # -- running -------------------------------------------------------------------------------------------------
 
-    async def start(self, key: KeyRecord, spec: ImageSpec, attempt: Attempt | None = None) -> Generation:
-        """Hold the quota and submit every job; raises when no job could be submitted at all.
+    async def start(
+        self,
+        key: KeyRecord,
+        spec: ImageSpec,
+        attempt: Attempt | None = None,
+        references: Callable[[], Awaitable[tuple[str, ...]]] | None = None,
+    ) -> Generation:
+        """Hold the quota and submit every job; raises when no job could be submitted at all. `references` loads the
+        request's reference images, only when it starts jobs: a retry that follows its first attempt's needs none
+        (the link to one may be gone by then, while that attempt's job runs and is charged).
 
         A client's retry of a request (the OpenAI SDKs retry timeouts and 5xx twice, without an idempotency key)
         follows the jobs its first attempt started — waiting for that attempt's submission if it is still under
@@ -316,7 +324,9 @@ class JobService:
         retries of that body follow. Attempts are kept in the database, so a retry finds its first attempt after a
         restart and on another relay process."""
         if attempt is not None and attempt.retry:
-            return await self._retry(key, spec, attempt)
+            return await self._retry(key, spec, attempt, references)
+        if references is not None:
+            spec = replace(spec, references=await references())
         for tries_left in reversed(range(ID_TRIES)):
             request_id = secrets.token_hex(12)
             planned, following = self._plan_jobs(spec, request_id)
@@ -328,10 +338,16 @@ class JobService:
                     raise
             except TakenOver:  # sent nothing: the client gets what the attempt that took the body over gets
                 assert attempt is not None
-                return await self._retry(key, spec, attempt)
+                return await self._retry(key, spec, attempt, None)
         raise AssertionError("unreachable")
 
-    async def _retry(self, key: KeyRecord, spec: ImageSpec, attempt: Attempt) -> Generation:
+    async def _retry(
+        self,
+        key: KeyRecord,
+        spec: ImageSpec,
+        attempt: Attempt,
+        references: Callable[[], Awaitable[tuple[str, ...]]] | None,
+    ) -> Generation:
         """A retry follows the attempt that owns its fingerprint; one that finds none to follow starts afresh, and
         owns the fingerprint from then on, only if no other attempt took it meanwhile (the same `Idempotency-Key`
         sent to two processes at once): otherwise it follows that one. One that names the `Idempotency-Key` of an
@@ -341,6 +357,8 @@ class JobService:
             attached, earlier = await self._follow_earlier(fingerprint, attempt.body)
             if attached is not None:
                 return attached
+            if references is not None:  # loaded once, only for a start afresh
+                spec, references = replace(spec, references=await references()), None
             request_id = secrets.token_hex(12)
             planned, following = self._plan_jobs(spec, request_id)
             spec_record = _spec_record(following.spec)

@@ -294,3 +294,35 @@ def test_a_retry_of_a_failed_request_starts_afresh(relay: RunningRelay) -> None:
     headers["x-stainless-retry-count"] = "1"
     assert httpx.post(relay.base + "/v1/images/generations", json=body, headers=headers).status_code == 502
     assert [row[:2] for row in relay.jobs()] == [("FAILED", "failed")] * 2
+
+
+def test_a_retry_follows_its_first_attempt_once_its_reference_image_is_gone(tmp_path: Path) -> None:
+    """A chat request's reference image is at a link that works only a while (a presigned URL): the SDK's retry of
+    the request, once the link is gone, is answered with the first attempt's images, rather than refused for an
+    image its job no longer needs while that job runs and is charged."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
+    served: list[str] = []
+
+    async def image(request: Request) -> Response:
+        served.append(request.url.path)
+        if len(served) > 1:  # the link has expired
+            return Response(b"expired", status_code=403)
+        return Response(buffer.getvalue(), media_type="image/png")
+
+    config = relay_config(tmp_path, api={"references": {"allow_private": True}})
+    with serve(Starlette(routes=[Route("/ref.png", image)])) as images, running_relay(config) as relay:
+        reference = {"type": "image_url", "image_url": {"url": images + "/ref.png"}}
+        body = {
+            "model": "mj-fast",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a dam"}, reference]}],
+        }
+        headers = {"Authorization": f"Bearer {relay.key}", "x-stainless-retry-count": "0"}
+        first = httpx.post(relay.base + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert first.status_code == 200, first.text
+        headers["x-stainless-retry-count"] = "1"
+        retry = httpx.post(relay.base + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["id"] == first.json()["id"]
+        assert relay.jobs() == [("SUCCEEDED", None, "captured", "sim")]
+        assert relay.balance() == (998, 0)

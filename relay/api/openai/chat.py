@@ -16,8 +16,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -154,13 +153,19 @@ async def chat_completions(request: Request) -> Response:
         return chore
     text, image_urls = last_user_turn(body.messages)
     spec = relay.jobs.plan(model=body.model, prompt=text, prompt_param="messages")
-    if image_urls:  # a client that leaves while they download gets no job started (nor charged) for nobody
+    references: Callable[[], Awaitable[tuple[str, ...]]] | None = None
+    if image_urls:
         if not key.allows(spec.model):  # refused before anything is fetched for it, as its job would be
             raise model_not_allowed(spec.model)
-        loading = relay.references.load(image_urls, key.id)
-        spec = replace(spec, references=await unless_disconnected(request, loading))
+
+        async def load() -> tuple[str, ...]:
+            # Only when the request starts jobs (a retry that follows its first attempt's fetches none); a client
+            # that leaves while they download gets no job started (nor charged) for nobody.
+            return await unless_disconnected(request, relay.references.load(image_urls, key.id))
+
+        references = load
     try:
-        generation = await relay.jobs.start(key, spec, await attempt_of(request, key))
+        generation = await relay.jobs.start(key, spec, await attempt_of(request, key), references)
         completion_id = f"chatcmpl-{generation.request_id}"
         created = int(relay.clock.now())
         if not body.stream:
