@@ -325,12 +325,15 @@ class JobService:
         restart and on another relay process."""
         if attempt is not None and attempt.retry:
             return await self._retry(key, spec, attempt, references)
+        # It began when it came, not once its references came: a retry that started afresh while they downloaded
+        # (its client gave up waiting) keeps the body, and this attempt follows it (`begin_many`).
+        began = self.clock.now()
         if references is not None:
             spec = replace(spec, references=await references())
         for tries_left in reversed(range(ID_TRIES)):
             request_id = secrets.token_hex(12)
             planned, following = self._plan_jobs(spec, request_id)
-            launched = self._launch(key, spec, planned, following, attempt, claimed=False, at=self.clock.now())
+            launched = self._launch(key, spec, planned, following, attempt, claimed=False, at=began)
             try:
                 return await self._started(launched)
             except JobIdTaken:  # held nothing, and the attempt says it started nothing: again, under fresh ids

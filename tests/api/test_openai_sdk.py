@@ -7,8 +7,10 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import logging
 import re
+import socket
 import threading
 from pathlib import Path
 
@@ -326,3 +328,60 @@ def test_a_retry_follows_its_first_attempt_once_its_reference_image_is_gone(tmp_
         assert retry.json()["id"] == first.json()["id"]
         assert relay.jobs() == [("SUCCEEDED", None, "captured", "sim")]
         assert relay.balance() == (998, 0)
+
+
+def test_a_first_attempt_still_connected_after_its_slow_reference_image_follows_the_retry_that_started(
+    tmp_path: Path,
+) -> None:
+    """The SDK gave up on a request whose reference image was slow to come and retried it, but the first request's
+    connection stayed open (a proxy in between keeps it): its image comes after the retry started the job, and it
+    follows that job instead of starting a second one (one job upstream, one charge, one answer for both)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
+    release, served = threading.Event(), list[str]()
+
+    async def image(request: Request) -> Response:
+        served.append(request.url.path)
+        if len(served) == 1:  # the first download comes only once the test lets it
+            await asyncio.to_thread(release.wait, 10)
+        return Response(buffer.getvalue(), media_type="image/png")
+
+    config = relay_config(tmp_path, api={"references": {"allow_private": True}})
+    try:
+        with serve(Starlette(routes=[Route("/ref.png", image)])) as images, running_relay(config) as relay:
+            reference = {"type": "image_url", "image_url": {"url": images + "/ref.png"}}
+            content = [{"type": "text", "text": "a quay"}, reference]
+            body = json.dumps({"model": "mj-fast", "messages": [{"role": "user", "content": content}]}).encode()
+            host, port = relay.base.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=30) as first:
+                first.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                    + relay.key.encode()
+                    + b"\r\nContent-Type: application/json\r\nx-stainless-retry-count: 0\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\nConnection: close\r\n\r\n"
+                    + body
+                )
+                wait_for(lambda: len(served) == 1)
+                headers = {
+                    "Authorization": f"Bearer {relay.key}",
+                    "Content-Type": "application/json",
+                    "x-stainless-retry-count": "1",
+                }
+                retry = httpx.post(relay.base + "/v1/chat/completions", content=body, headers=headers, timeout=30)
+                assert retry.status_code == 200, retry.text
+                release.set()
+                answer = b""
+                while chunk := first.recv(65536):
+                    answer += chunk
+            status, _, rest = answer.partition(b"\r\n")
+            assert b" 200 " in status, answer
+            assert json.loads(rest.partition(b"\r\n\r\n")[2])["id"] == retry.json()["id"]
+            # The first request's job was held as the retry's was, and ended unsent: never upstream, not charged.
+            assert sorted(relay.jobs()) == [
+                ("FAILED", "interrupted", "released", None),
+                ("SUCCEEDED", None, "captured", "sim"),
+            ]
+            assert relay.balance() == (998, 0)
+    finally:
+        release.set()
