@@ -448,7 +448,7 @@ class Lifecycle:
             moved_to = self._new_deadline(tracked, step, now)
             if moved_to is not None:
                 tracked.deadline_at = moved_to
-            if _runs_unconfirmed(tracked, new_state) and not tracked.slot:  # it runs: it holds a slot, as confirmed
+            if not tracked.slot and _runs_unconfirmed(tracked, new_state):  # it runs: it holds a slot, as confirmed
                 self.pool.acquire(tracked.provider)
                 tracked.slot = True
             tracked.state, tracked.progress = new_state, step.progress
@@ -466,7 +466,9 @@ class Lifecycle:
         parked at its submit does, not to a running job's deadline; one it runs out of MODAL unconfirmed (confirmed
         upstream some other way) runs to its mode's deadline from now, as a confirmed one does."""
         new_state = step.state or tracked.state
-        if new_state is JobState.MODAL and tracked.state is not JobState.MODAL:
+        if new_state is tracked.state:  # progress alone (nearly every step): the deadline stays
+            return None
+        if new_state is JobState.MODAL:
             return now + self.config.jobs.modal_timeout_s
         if _runs_unconfirmed(tracked, new_state):
             return now + self.config.jobs.deadline_s.of(cast(Mode, tracked.mode))
