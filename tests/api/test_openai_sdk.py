@@ -217,24 +217,31 @@ def test_the_sdks_retries_after_a_timeout_follow_the_running_job_and_charge_once
         assert relay.balance() == (999, 0)
 
 
-def test_a_chat_whose_client_left_while_its_reference_image_came_starts_nothing(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The SDK gives up on a request whose reference image is slow to download and retries it: the retry starts the
-    job, and the request it gave up on, once its image comes, starts none (one job, one charge)."""
+def slow_first_image() -> tuple[threading.Event, list[str], Starlette]:
+    """A server of one reference image (`/ref.png`) whose first download comes only once the event is set; the paths
+    served, in order."""
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
     release, served = threading.Event(), list[str]()
 
     async def image(request: Request) -> Response:
         served.append(request.url.path)
-        if len(served) == 1:  # the first download comes only once the test lets it
+        if len(served) == 1:
             await asyncio.to_thread(release.wait, 10)
         return Response(buffer.getvalue(), media_type="image/png")
 
+    return release, served, Starlette(routes=[Route("/ref.png", image)])
+
+
+def test_a_chat_whose_client_left_while_its_reference_image_came_starts_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SDK gives up on a request whose reference image is slow to download and retries it: the retry starts the
+    job, and the request it gave up on, once its image comes, starts none (one job, one charge)."""
+    release, served, app = slow_first_image()
     config = relay_config(tmp_path, api={"references": {"allow_private": True}})
     try:
-        with serve(Starlette(routes=[Route("/ref.png", image)])) as images, running_relay(config) as relay:
+        with serve(app) as images, running_relay(config) as relay:
             reference = {"type": "image_url", "image_url": {"url": images + "/ref.png"}}
             with caplog.at_level(logging.INFO):
                 with openai.OpenAI(base_url=relay.base + "/v1", api_key=relay.key, timeout=1, max_retries=1) as client:
@@ -336,19 +343,10 @@ def test_a_first_attempt_still_connected_after_its_slow_reference_image_follows_
     """The SDK gave up on a request whose reference image was slow to come and retried it, but the first request's
     connection stayed open (a proxy in between keeps it): its image comes after the retry started the job, and it
     follows that job instead of starting a second one (one job upstream, one charge, one answer for both)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
-    release, served = threading.Event(), list[str]()
-
-    async def image(request: Request) -> Response:
-        served.append(request.url.path)
-        if len(served) == 1:  # the first download comes only once the test lets it
-            await asyncio.to_thread(release.wait, 10)
-        return Response(buffer.getvalue(), media_type="image/png")
-
+    release, served, app = slow_first_image()
     config = relay_config(tmp_path, api={"references": {"allow_private": True}})
     try:
-        with serve(Starlette(routes=[Route("/ref.png", image)])) as images, running_relay(config) as relay:
+        with serve(app) as images, running_relay(config) as relay:
             reference = {"type": "image_url", "image_url": {"url": images + "/ref.png"}}
             content = [{"type": "text", "text": "a quay"}, reference]
             body = json.dumps({"model": "mj-fast", "messages": [{"role": "user", "content": content}]}).encode()
