@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, overload
 
 # Each secret as a log line holds it: written in JSON, as a string's characters are (a quote or a backslash in it
 # is escaped, so the secret as configured is not in the line at all). Longest first: a secret that another holds,
@@ -59,6 +59,14 @@ def setup(level: str = "info") -> None:
 # answer may be megabytes long, a path as long as the request line, and a line that long is cut or dropped by
 # whatever ships the logs.
 MAX_QUOTED = 300
+
+
+@overload
+def quoted(text: str) -> str: ...
+
+
+@overload
+def quoted(text: None) -> None: ...
 
 
 def quoted(text: str | None) -> str | None:

@@ -28,13 +28,12 @@ from enum import Enum, StrEnum
 
 from adapters import Accepted, ClientError, NeedsModal, ProviderUnusable, Retryable, SubmitOutcome
 from relay.config import HealthConfig
+from relay.logs import quoted
 
 __all__ = ["STATES", "Health", "HealthConfig", "Signal", "State", "Transition", "submit_signal"]
 
 # The error-rate window is kept as this many buckets of counts, so its memory is fixed however busy the provider.
 WINDOW_BUCKETS = 12
-# Reasons are the adapter's own words, kept short.
-MAX_REASON = 300
 
 
 class State(StrEnum):
@@ -72,10 +71,6 @@ class Transition:
     at: float
     reason: str
     until: float | None = None  # a cool-down's end
-
-
-def _short(reason: str) -> str:
-    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 1] + "…"
 
 
 class Health:
@@ -165,7 +160,7 @@ class Health:
         """Take up a state another run recorded (it set the provider aside, and may be right still)."""
         if state is State.HEALTHY:
             return
-        self.state, self.since, self.reason = state, since, _short(reason)
+        self.state, self.since, self.reason = state, since, quoted(reason)
         self.until = until if state is State.COOLING else None
         if self.state is State.COOLING and self.until is None:
             self.state = State.HALF_OPEN
@@ -235,7 +230,7 @@ class Health:
             self.strikes = 0  # stable long enough: the backoff starts over
 
     def _go(self, state: State, now: float, reason: str, until: float | None = None) -> Transition:
-        moved = Transition(self.state, state, now, _short(reason), until)
+        moved = Transition(self.state, state, now, quoted(reason), until)
         self.state, self.since, self.reason, self.until = state, now, moved.reason, until
         self.trial = False
         if state is State.HEALTHY:

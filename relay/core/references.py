@@ -68,8 +68,6 @@ class ReferenceLoader:
         first refused stops the others."""
         if len(urls) > self.config.max_count:
             raise _bad(f"At most {self.config.max_count} reference images are accepted.")
-        if len(urls) < 2:
-            return tuple([await self._one(url, owner) for url in urls])
         loads = [asyncio.ensure_future(self._one(url, owner)) for url in urls]
         try:
             return tuple(await asyncio.gather(*loads))

@@ -89,9 +89,9 @@ class ImageStore:
 
     async def save(self, job_id: str, name: str, data: bytes) -> tuple[int, int]:
         """Keep one finished image; returns its size. Raises ImageError or StorageError; see `save_many`."""
-        size = formats.png_size(data)
-        png = formats.shown(data, INLINE_CHUNKS) if size is not None else None
-        kept = (size, png) if size is not None and png is not None else await self._decoding(formats.kept, data)
+        kept = _kept_at_once(data)
+        if kept is None:
+            kept = await self._decoding(formats.kept, data)
         failed = await self.backend.put({key(job_id, name): kept[1]})
         if failed:
             raise StorageError(next(iter(failed.values())))
@@ -111,8 +111,8 @@ class ImageStore:
             where = key(image_id, name)
             owner[where] = image_id
             try:
-                if formats.png_size(data) is not None and (png := formats.shown(data, INLINE_CHUNKS)) is not None:
-                    keep[where] = png
+                if (at_once := _kept_at_once(data)) is not None:
+                    keep[where] = at_once[1]
                 else:
                     others.append((image_id, where, data))
             except ImageError as exc:
@@ -176,6 +176,15 @@ class ImageStore:
             del self._cuts[job_id]
         if not done.cancelled():
             done.exception()  # seen by whoever waits; retrieved here for when everybody went away
+
+
+def _kept_at_once(data: bytes) -> tuple[tuple[int, int], bytes] | None:
+    """What is kept of a PNG of at most `INLINE_CHUNKS` chunks, and its size, as `formats.kept` gives it, without
+    decoding (on the event loop); None for an image that is to be decoded (another format, a turn its EXIF asks for)
+    or walked on a decoding thread. Raises ImageError for a damaged PNG."""
+    size = formats.png_size(data)
+    png = formats.shown(data, INLINE_CHUNKS) if size is not None else None
+    return (size, png) if size is not None and png is not None else None
 
 
 def _convert_all(images: list[bytes]) -> list[bytes | ImageError]:
