@@ -62,7 +62,7 @@ def _null_is_empty(value: object) -> object:
 
 def _null_is_square(value: object) -> object:
     """`dimensions` sent as null or blank is not given (as `_null_is_empty`): the default, SQUARE."""
-    return "SQUARE" if value is None or isinstance(value, str) and not value.strip() else value
+    return "SQUARE" if _blank_is_none(value) is None else value
 
 
 def _id_texts(value: object) -> object:
@@ -70,10 +70,7 @@ def _id_texts(value: object) -> object:
     for each value would make an error of each of tens of thousands, holding the event loop for over a second."""
     if not isinstance(value, list):
         return value  # refused as not a list
-    texts = []
-    for item in value:
-        texts.append(_id_text(item))
-    return texts
+    return [_id_text(item) for item in value]
 
 
 def _task_ids(values: list[str]) -> list[str]:
