@@ -170,3 +170,36 @@ def test_a_double_click_tops_up_once_and_creates_one_key(relay: RunningRelay, br
     expect(page.locator('#keys-table tr[data-key-name="twice"]')).to_have_count(1)
     key_id = row.get_attribute("data-key-id")
     assert [url.rsplit("/api/", 1)[1] for url in sent if "/api/" in url] == [f"keys/{key_id}/topup", "keys"]
+
+
+def test_signing_out_leaves_no_secret_or_listing_in_the_page(relay: RunningRelay, browser: Browser) -> None:
+    """Signing out (or a token refused) forgets what the page was shown with the token: a new key's secret, shown
+    once, is not in the page for whoever uses the tab next, nor shown again by the next sign-in; nor are the keys,
+    usage, jobs (with their signed image links) or providers."""
+    page = browser.new_page()
+    page.goto(relay.base + "/admin/")
+    _sign_in(page, TOKEN)
+    page.fill("#new-key-name", "shown-once")
+    page.fill("#new-key-quota", "1")
+    page.click("#create-key")
+    secret = page.locator("#new-key-secret")
+    expect(secret).to_have_text(re.compile(r"^sk-mjr-\S{20,}$"))
+    shown = secret.inner_text()
+    hook = page.locator("#new-key-hook").inner_text()
+    relay.openai().images.generate(model="mj-fast", prompt="a lighthouse at dusk")
+    for view in ("usage", "jobs", "providers"):
+        page.click(f'#nav [data-view="{view}"]')
+    expect(page.locator("#jobs-list img.thumb")).to_have_count(1)
+    expect(page.locator('#providers-table tr[data-provider="sim"]')).to_have_count(1)
+
+    page.click("#sign-out")
+    expect(page.locator("#login")).to_be_visible()
+    html = page.content()
+    assert shown not in html and hook not in html
+    assert "shown-once" not in html and "/files/" not in html and "lighthouse" not in html
+    assert page.locator("#keys-table tbody tr, #providers-table tbody tr, #usage-by-key tbody tr").count() == 0
+
+    _sign_in(page, TOKEN)
+    expect(page.locator('#keys-table tr[data-key-name="shown-once"]')).to_have_count(1)
+    expect(page.locator("#new-key")).to_be_hidden()
+    assert shown not in page.content()

@@ -100,10 +100,26 @@
 
   function signOut(message) {
     sessionStorage.removeItem(TOKEN);
+    forget();
     $("#nav").hidden = true;
     for (const view of document.querySelectorAll(".view")) view.hidden = true;
     $("#login").hidden = false;
     status(message || "", Boolean(message));
+  }
+
+  // What the page was shown with the token goes with it, not only the token: a new key's secret (shown once), the
+  // keys, the usage, the jobs (with their signed image links) and the providers stay for no one who uses the tab next.
+  function forget() {
+    $("#new-key").hidden = true;
+    for (const id of ["#new-key-label", "#new-key-secret", "#new-key-hook", "#usage-total", "#usage-chart", "#jobs-list"]) {
+      $(id).replaceChildren();
+    }
+    for (const tbody of document.querySelectorAll("main table tbody")) tbody.replaceChildren();
+    for (const id of ["#usage-key", "#jobs-key"]) $(id).replaceChildren(el("option", { value: "", text: "all keys" }));
+    for (const form of document.querySelectorAll("main form")) form.reset();
+    keyNames = new Map();
+    jobsCursor = null;
+    $("#jobs-more").hidden = true;
   }
 
   async function signIn(token) {
