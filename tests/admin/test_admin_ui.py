@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
@@ -203,3 +204,34 @@ def test_signing_out_leaves_no_secret_or_listing_in_the_page(relay: RunningRelay
     expect(page.locator('#keys-table tr[data-key-name="shown-once"]')).to_have_count(1)
     expect(page.locator("#new-key")).to_be_hidden()
     assert shown not in page.content()
+
+
+def test_more_jobs_are_of_the_search_shown(relay: RunningRelay, browser: Browser) -> None:
+    """*More* continues the search whose page is shown: filters changed since (without *Search*) are not mixed into
+    its list."""
+    with httpx.Client(base_url=relay.base, timeout=30) as http:
+        other = http.post(
+            "/admin/api/keys", json={"name": "other", "quota": 10}, headers={"Authorization": f"Bearer {TOKEN}"}
+        ).json()
+        for secret, count in ((other["secret"], 1), (relay.key, 25)):
+            for n in range(count):
+                sent = http.post(
+                    "/mj/submit/imagine", json={"prompt": f"a lighthouse {n}"}, headers={"mj-api-secret": secret}
+                )
+                assert sent.json()["code"] == 1, sent.text
+    wait_for(lambda: all(state == "SUCCEEDED" for state, *_ in relay.jobs()), timeout=60)
+
+    page = browser.new_page()
+    page.goto(relay.base + "/admin/")
+    _sign_in(page, TOKEN)
+    test_id = page.locator('#keys-table tr[data-key-name="test"]').get_attribute("data-key-id")
+    page.click('#nav [data-view="jobs"]')
+    page.select_option("#jobs-key", test_id)
+    page.click("#jobs-search")
+    expect(page.locator("#jobs-list article.job")).to_have_count(24)
+    page.select_option("#jobs-key", other["id"])  # chosen, not searched
+    page.click("#jobs-more")
+    expect(page.locator("#jobs-more")).to_be_hidden()
+    cards = page.locator("#jobs-list article.job")
+    assert {cards.nth(i).get_attribute("data-key-id") for i in range(cards.count())} == {test_id}
+    assert cards.count() == 25

@@ -8,6 +8,8 @@
   const $ = (selector) => document.querySelector(selector);
   let keyNames = new Map(); // key id -> name
   let jobsCursor = null;
+  let jobsQuery = null; // the filters of the jobs shown
+  let jobsSearch = 0; // which search they are of
 
   // -- helpers ----------------------------------------------------------------------------------------------------
 
@@ -119,6 +121,8 @@
     for (const form of document.querySelectorAll("main form")) form.reset();
     keyNames = new Map();
     jobsCursor = null;
+    jobsQuery = null;
+    jobsSearch += 1;
     $("#jobs-more").hidden = true;
   }
 
@@ -319,8 +323,7 @@
     return Math.floor(Date.parse(`${value}T00:00:00Z`) / 1000) + (endOfDay ? 86400 : 0);
   }
 
-  async function searchJobs(more) {
-    if (!keyNames.size) await loadKeys();
+  function jobsFilters() {
     const params = new URLSearchParams({ limit: "24" });
     if ($("#jobs-key").value) params.set("key", $("#jobs-key").value);
     if ($("#jobs-state").value) params.set("state", $("#jobs-state").value);
@@ -328,8 +331,23 @@
     const until = dateToSeconds($("#jobs-until").value, true);
     if (since !== null) params.set("since", String(since));
     if (until !== null) params.set("until", String(until));
+    return params.toString();
+  }
+
+  // More continues the search whose list is shown, with its filters (not those chosen since without a Search); the
+  // answer to a search (or its More) that a newer search replaced meanwhile is dropped.
+  async function searchJobs(more) {
+    if (!keyNames.size) await loadKeys();
+    if (!more || jobsQuery === null) {
+      jobsQuery = jobsFilters();
+      jobsCursor = null;
+      jobsSearch += 1;
+    }
+    const search = jobsSearch;
+    const params = new URLSearchParams(jobsQuery);
     if (more && jobsCursor) params.set("cursor", jobsCursor);
     const page = await api("GET", `jobs?${params}`);
+    if (search !== jobsSearch) return;
     const cards = page.data.map(jobCard);
     if (more) $("#jobs-list").append(...cards);
     else $("#jobs-list").replaceChildren(...cards);
