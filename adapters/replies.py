@@ -51,7 +51,8 @@ _BANNED_WORDS = ("banned", "敏感词", "sensitive", "moderation", "content poli
 
 def _decode(body: bytes) -> Any:
     """An upstream's JSON, with every string made safe to keep: JSON escapes can carry NUL and unpaired surrogates,
-    which no database of the relay's takes (NUL is dropped, a surrogate becomes U+FFFD)."""
+    which no database of the relay's takes (NUL is dropped, a surrogate becomes U+FFFD). `NaN` and `Infinity`,
+    which JSON has not, are None."""
     try:
         # The common case, at the C parser's speed. The checks read UTF-8 bytes: JSON in UTF-16 or UTF-32 (which
         # the json module decodes too) is always cleaned.
@@ -117,7 +118,10 @@ def _clean_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+    """`NaN`, `Infinity` and `-Infinity`, which JSON has not but many encoders write for a float (Python's, by
+    default): no number the relay can read, so None, as an integer too long to read is. Refused, one task's value
+    made a whole list of tasks unreadable, and every other job of its provider went unread until its deadline."""
+    return None
 
 
 # The most digits an integer from an upstream is read with (ids and times have twenty at most). Python refuses to

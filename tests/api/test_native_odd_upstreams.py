@@ -66,6 +66,8 @@ class Canned:
                 return Response(status_code=status)
             if isinstance(body, RawJson):
                 return Response(str(body).encode(), status_code=status, media_type="application/json")
+            if isinstance(body, bytes):  # bytes that need not be UTF-8
+                return Response(body, status_code=status, media_type="application/json")
             if body == "":
                 return Response(b"", status_code=status, media_type="application/json")
             return JSONResponse(body, status_code=status)
@@ -115,14 +117,22 @@ def test_a_queued_submit_is_answered_22_and_followed(tmp_path: Path) -> None:
         wait_for(lambda: client.get(f"/mj/task/{task_id}/fetch").json()["progress"] == "46%")
 
 
-@pytest.mark.parametrize("odd", ['"progress": 1e999', '"submitTime": ' + "9" * 5000])
-def test_a_task_with_an_unreadable_number_does_not_stop_its_neighbours_reads(tmp_path: Path, odd: str) -> None:
+@pytest.mark.parametrize(
+    "odd",
+    [
+        b'"progress": 1e999',
+        b'"submitTime": ' + b"9" * 5000,
+        b'"progress": NaN',
+    ],
+)
+def test_a_task_with_an_unreadable_number_does_not_stop_its_neighbours_reads(tmp_path: Path, odd: bytes) -> None:
     """A status read lists two tasks, one with a number no one can read (an infinite progress, more digits than
-    Python reads): the other job's progress is taken all the same, round after round."""
+    Python reads, NaN): the other job's progress is taken all the same, round after round."""
     canned = Canned()
     canned.on("submit/imagine", (200, {"code": 1, "result": "u-a"}), (200, {"code": 1, "result": "u-b"}))
-    listing = f'[{json.dumps(task("u-a", "IN_PROGRESS", "46%"))}, {{"id": "u-b", "status": "IN_PROGRESS", {odd}}}]'
-    canned.on("task/list-by-condition", (200, RawJson(listing)))
+    neighbour = json.dumps(task("u-a", "IN_PROGRESS", "46%")).encode()
+    listing = b"[" + neighbour + b', {"id": "u-b", "status": "IN_PROGRESS", ' + odd + b"}]"
+    canned.on("task/list-by-condition", (200, listing))
     with relay_before(canned, tmp_path) as (client, _):
         a = client.post("/mj/submit/imagine", json={"prompt": "a"}).json()["result"]
         client.post("/mj/submit/imagine", json={"prompt": "b"})

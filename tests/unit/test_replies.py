@@ -186,6 +186,9 @@ def test_fetch_and_list_parsing_edges() -> None:
         '"submitTime": "' + "9" * 5000 + '"',
         '"buttons": [{"customId": "x", "type": "' + "9" * 5000 + '"}]',
         '"buttons": [{"customId": "x", "style": "²"}]',  # a digit to str.isdigit, not to int
+        '"progress": NaN',  # what Python's json.dumps (and others) writes for a float that is not a number
+        '"progress": -Infinity',
+        '"properties": {"ratio": Infinity}',
     ],
 )
 def test_a_task_with_an_unreadable_number_leaves_its_neighbours_in_a_list_readable(odd: str) -> None:
