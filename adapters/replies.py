@@ -53,16 +53,24 @@ def _decode(body: bytes) -> Any:
     """An upstream's JSON, with every string made safe to keep: JSON escapes can carry NUL and unpaired surrogates,
     which no database of the relay's takes (NUL is dropped, a surrogate becomes U+FFFD). `NaN` and `Infinity`,
     which JSON has not, are None."""
+    encoding = json.detect_encoding(body)
+    try:
+        text = body.decode(encoding, "surrogatepass")  # as `json.loads` decodes bytes
+    except UnicodeDecodeError:
+        # Bytes that are not text in their encoding (a character cut short where text was cut by its bytes, another
+        # encoding's): U+FFFD where they could not be read, as for an unpaired surrogate, rather than the whole
+        # body refused (one task's text would make a whole list of tasks unreadable).
+        text = body.decode(encoding, "replace")
     try:
         # The common case, at the C parser's speed. The checks read UTF-8 bytes: JSON in UTF-16 or UTF-32 (which
         # the json module decodes too) is always cleaned.
-        if json.detect_encoding(body) == "utf-8" and not _unstorable(body):
-            # as `json.loads` decodes UTF-8 bytes, with one decoder made once (the keywords make one per call); the
-            # C parser reads integers itself unless a run of digits is longer than any integer the relay reads
+        if encoding == "utf-8" and not _unstorable(body):
+            # with one decoder made once (the keywords of `json.loads` make one per call); the C parser reads
+            # integers itself unless a run of digits is longer than any integer the relay reads
             decoder = _DIGITS_DECODER if _LONG_DIGITS in body.translate(_DIGITS_ONLY) else _DECODER
-            return decoder.decode(body.decode("utf-8", "surrogatepass"))
-        return _clean(json.loads(body, object_pairs_hook=_clean_pairs, parse_constant=_no_constant, parse_int=_integer))
-    except (ValueError, UnicodeDecodeError, RecursionError):
+            return decoder.decode(text)
+        return _clean(json.loads(text, object_pairs_hook=_clean_pairs, parse_constant=_no_constant, parse_int=_integer))
+    except (ValueError, RecursionError):
         raise ValueError("not JSON") from None
 
 

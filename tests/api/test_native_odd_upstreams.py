@@ -123,11 +123,13 @@ def test_a_queued_submit_is_answered_22_and_followed(tmp_path: Path) -> None:
         b'"progress": 1e999',
         b'"submitTime": ' + b"9" * 5000,
         b'"progress": NaN',
+        b'"failReason": "cut short \xe7\x8c"',  # a character cut in the middle of its bytes
     ],
 )
 def test_a_task_with_an_unreadable_number_does_not_stop_its_neighbours_reads(tmp_path: Path, odd: bytes) -> None:
     """A status read lists two tasks, one with a number no one can read (an infinite progress, more digits than
-    Python reads, NaN): the other job's progress is taken all the same, round after round."""
+    Python reads, NaN) or text that is not UTF-8: the other job's progress is taken all the same, round after
+    round."""
     canned = Canned()
     canned.on("submit/imagine", (200, {"code": 1, "result": "u-a"}), (200, {"code": 1, "result": "u-b"}))
     neighbour = json.dumps(task("u-a", "IN_PROGRESS", "46%")).encode()

@@ -199,6 +199,26 @@ def test_a_task_with_an_unreadable_number_leaves_its_neighbours_in_a_list_readab
     assert parse_hook(f'{{"id": "b", "status": "IN_PROGRESS", {odd}}}'.encode()) is not None
 
 
+@pytest.mark.parametrize(
+    "odd",
+    [
+        b'"failReason": "cut in the middle of \xe7\x8c"',  # a character cut short (bytes counted, not characters)
+        b'"description": "\xff\xfe latin-1 \xe9t\xe9"',  # bytes that are no UTF-8 at all
+        b'"failReason": "half an escaped pair \\ud83d and a raw one \xed\xa0\x80 \xe7"',
+    ],
+)
+def test_a_task_with_bytes_that_are_not_utf8_leaves_its_neighbours_in_a_list_readable(odd: bytes) -> None:
+    """A task's text that is not UTF-8 is kept with U+FFFD where its bytes could not be read, as an unpaired
+    surrogate is: one task's bytes must not make the whole list (every other job of the provider) unreadable."""
+    body = b'[{"id": "a", "status": "IN_PROGRESS", "progress": "46%"}, {"id": "b", "status": "FAILURE", ' + odd + b"}]"
+    views = parse_task_list(200, body)
+    assert [view.upstream_id for view in views] == ["a", "b"] and views[0].progress == 46
+    assert views[1].fail_reason is not None and "\ufffd" in views[1].fail_reason
+    views[1].fail_reason.encode("utf-8")  # storable: no unpaired surrogate is left
+    view = parse_hook(b'{"id": "b", "status": "FAILURE", ' + odd + b"}")
+    assert view is not None and view.fail_reason == views[1].fail_reason
+
+
 @pytest.mark.parametrize("digits", [replies.MAX_DIGITS + 1, 150, 4300])
 def test_an_integer_with_more_digits_than_the_relay_reads_is_none_wherever_it_is(digits: int) -> None:
     """Integers are read by the C parser, except in a body with a run of digits longer than `MAX_DIGITS`: an integer
