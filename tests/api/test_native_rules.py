@@ -519,3 +519,17 @@ def test_a_list_of_more_ids_than_one_read_takes_is_answered_whole(tmp_path: Path
         reply = world.client.post("/mj/task/list-by-condition", json={"ids": ids})
         assert reply.status_code == 200, reply.text[:300]
         assert [task["id"] for task in reply.json()] == mine[::-1]  # newest first, each once
+
+
+def test_a_native_route_the_relay_does_not_serve_is_no_code_3_that_new_api_reads_as_a_dead_channel(
+    tmp_path: Path,
+) -> None:
+    # New API forwards every `/mj/submit/...` it routes (`edits`, `video`, ...) to its upstream, and disables the
+    # channel on a submit answered with code 3 (midjourney-proxy's "no account instance").
+    with native(tmp_path) as world:
+        for path in ("/submit/edits", "/submit/video", "/submit/nope"):
+            reply = world.post(path, {"prompt": "a fox", "taskId": "1234567890"})
+            assert reply.status_code == 404, reply.text
+            assert reply.json()["code"] == 4 and reply.json()["result"] is None, reply.text
+        unknown = world.post("/submit/action", {"taskId": "1234567890", "customId": "MJ::JOB::upsample::1::x"})
+        assert unknown.status_code == 404 and unknown.json()["code"] == 3, unknown.text  # an unknown task stays 3

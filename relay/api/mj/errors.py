@@ -2,8 +2,10 @@
 
 The codes are those midjourney-proxy servers answer with: 3 not found (an unknown task), 4 a validation error, 9 a
 failure, 21 waiting for a modal, 22 queued, 23 no capacity now (queue full), 24 a banned prompt; 25 means the key's
-quota is short. The HTTP status says the same as on the OpenAI surface (400, 401, 404, 429, 502, 503, ...), so both
-clients that read `code` and clients that read the status see the error.
+quota is short. A path the relay does not serve is 4, not 3: New API forwards every `/mj/submit/...` it routes
+(`edits`, `video`, ...) and disables its channel on a submit answered 3, midjourney-proxy's "no account instance".
+The HTTP status says the same as on the OpenAI surface (400, 401, 404, 429, 502, 503, ...), so both clients that
+read `code` and clients that read the status see the error.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ _JOB_CODES = {
 
 def code_of(error: RelayError) -> int:
     if isinstance(error, NotFound):
-        return NOT_FOUND
+        return NOT_FOUND if error.what == "task" else VALIDATION
     if isinstance(error, InsufficientQuota):
         return QUOTA
     if isinstance(error, ServiceUnavailable | RateLimited):
