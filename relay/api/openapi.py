@@ -93,6 +93,8 @@ _NATIVE: list[tuple[str, str, str, type[BaseModel] | None]] = [
     ("/submit/describe", "post", "Describe an image: four prompts", mj.DescribeBody),
     ("/submit/shorten", "post", "Shorten a prompt", mj.ShortenBody),
     ("/submit/action", "post", "Press a button of a finished task (upscale, vary, zoom, pan, ...)", mj.ActionBody),
+    ("/submit/change", "post", "Upscale, vary or re-roll a grid by action and index (U1-U4, V1-V4)", mj.ChangeBody),
+    ("/submit/simple-change", "post", 'The same as "<task id> U2", "<task id> V1", "<task id> R"', mj.SimpleChangeBody),
     ("/submit/modal", "post", "Confirm a task waiting in MODAL (prompt, mask)", mj.ModalBody),
     ("/submit/upload-discord-images", "post", "Upload images; answers their links", mj.UploadBody),
     ("/insight-face/swap", "post", "Swap a face onto an image", mj.SwapFaceBody),

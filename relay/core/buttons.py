@@ -13,15 +13,24 @@
     MJ::Job::PromptAnalyzer::N                   imagine (the Nth prompt of a shorten)
     MJ::Picread::Retry                           describe (describe the same image again)
 
+The open-source midjourney-proxy's `submit/change` (UPSCALE / VARIATION with an index, REROLL) and
+`submit/simple-change` ("<task id> U2") name no button: `change_button` finds the one of the task's buttons they mean.
+
 Anything else (video buttons, bookmarks, a describe's "Imagine all" `MJ::Job::PicReader::all`, which makes four
 grids under ids joined by commas, unknown ids) is not a task the relay runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Literal
+
 from relay.domain import TaskKind
 
 MAX_CUSTOM_ID = 200
+
+Change = Literal["UPSCALE", "VARIATION", "REROLL"]
+_CHANGE_NAMES: dict[Change, str] = {"UPSCALE": "upsample", "VARIATION": "variation", "REROLL": "reroll"}
 
 
 def kind_of(custom_id: str) -> TaskKind | None:
@@ -48,4 +57,16 @@ def kind_of(custom_id: str) -> TaskKind | None:
         return TaskKind.VARY_REGION
     if family == "PICREAD" and name == "retry":
         return TaskKind.DESCRIBE
+    return None
+
+
+def change_button(custom_ids: Iterable[str], action: Change, index: int | None) -> str | None:
+    """The `customId` among a task's buttons that a `submit/change` of `action` (and `index`, 1-4, for an upscale
+    or a variation) means: U`index`, V`index` or the re-roll; None when the task has no such button."""
+    for custom_id in custom_ids:
+        parts = custom_id.split("::")
+        if len(parts) < 4 or parts[0] != "MJ" or parts[1].upper() != "JOB":
+            continue
+        if parts[2].lower() == _CHANGE_NAMES[action] and (action == "REROLL" or parts[3] == str(index)):
+            return custom_id
     return None

@@ -533,3 +533,34 @@ def test_a_native_route_the_relay_does_not_serve_is_no_code_3_that_new_api_reads
             assert reply.json()["code"] == 4 and reply.json()["result"] is None, reply.text
         unknown = world.post("/submit/action", {"taskId": "1234567890", "customId": "MJ::JOB::upsample::1::x"})
         assert unknown.status_code == 404 and unknown.json()["code"] == 3, unknown.text  # an unknown task stays 3
+
+
+def test_the_open_source_change_and_simple_change_press_the_grids_buttons(tmp_path: Path) -> None:
+    # novicezk/midjourney-proxy's open-source API has no `submit/action`: its clients (and New API, which routes
+    # both) upscale, vary and reroll through `submit/change` and `submit/simple-change`.
+    with native(tmp_path, prices=PRICES) as world:
+        grid = world.finished(world.submit("/submit/imagine", {"prompt": "a fox"}))
+        upscale_id = world.submit(
+            "/submit/change", {"taskId": grid["id"], "action": "UPSCALE", "index": 2, "state": "u2"}
+        )
+        upscale = world.finished(upscale_id)
+        assert (upscale["action"], upscale["parentId"], upscale["state"]) == ("UPSCALE", grid["id"], "u2")
+        assert world.job(upscale_id)["price"] == PRICES["mj-fast"]["default"]
+        variation = world.finished(world.submit("/submit/simple-change", {"content": f"{grid['id']} V3"}))
+        assert (variation["action"], variation["parentId"]) == ("VARIATION", grid["id"])
+        reroll = world.finished(world.submit("/submit/change", {"taskId": grid["id"], "action": "REROLL"}))
+        assert (reroll["action"], reroll["parentId"]) == ("REROLL", grid["id"])
+        before = world.relay.balance()
+        refused = [
+            ("/submit/change", {"taskId": grid["id"], "action": "UPSCALE", "index": 5}),
+            ("/submit/change", {"taskId": upscale_id, "action": "UPSCALE", "index": 1}),  # an upscale has no U1
+            ("/submit/change", {"taskId": grid["id"], "action": "ZOOM", "index": 1}),
+            ("/submit/simple-change", {"content": f"{grid['id']} X1"}),
+            ("/submit/simple-change", {"content": grid["id"]}),
+        ]
+        for path, body in refused:
+            reply = world.post(path, body)
+            assert reply.status_code == 400 and reply.json()["code"] == 4, (body, reply.text)
+        unknown = world.post("/submit/simple-change", {"content": "1234567890 U1"})
+        assert unknown.status_code == 404 and unknown.json()["code"] == 3, unknown.text
+        assert world.relay.balance() == before  # nothing held for a refused change

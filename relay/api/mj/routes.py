@@ -2,7 +2,8 @@
 and `/v1/mj/...`. Routes parse and answer; `core.tasks` does the work. Keys come as `Authorization: Bearer KEY`,
 `mj-api-secret: KEY`, or a bare `Authorization: KEY`.
 
-    POST submit/imagine | blend | describe | shorten | action | modal | upload-discord-images
+    POST submit/imagine | blend | describe | shorten | action | change | simple-change | modal
+    POST submit/upload-discord-images
     POST insight-face/swap
     GET  task/{id}/fetch       GET task/{id}/image-seed       POST task/list-by-condition
 """
@@ -21,10 +22,11 @@ from starlette.routing import Route
 
 from relay.api.common import base_url, json_body, relay_of, validate
 from relay.api.mj import render, schemas
+from relay.core.buttons import Change, change_button
 from relay.core.modes import ModeHints
 from relay.core.tasks import ActionOrder, Submission, TaskOrder
 from relay.domain import JobState, Mode, TaskKind
-from relay.errors import NotFound
+from relay.errors import InvalidRequest, NotFound
 from relay.store.keys import KeyRecord
 
 if TYPE_CHECKING:
@@ -123,6 +125,39 @@ async def action(request: Request) -> Response:
     return _submitted(request, await relay.tasks.act(key, order, base_url(request)))
 
 
+async def _change(
+    request: Request,
+    relay: Relay,
+    key: KeyRecord,
+    body: schemas._Submit,
+    task_id: str,
+    action: Change,
+    index: int | None,
+) -> Response:
+    """A press of the button of `task_id` that a `submit/change` names by action and index."""
+    if action != "REROLL" and index not in (1, 2, 3, 4):
+        raise InvalidRequest(f"An {action.lower()} takes an index from 1 to 4.", param="index")
+    row = await relay.tasks.get(key, task_id)
+    custom_id = change_button((button.get("customId", "") for button in row.buttons), action, index)
+    if custom_id is None:
+        raise InvalidRequest(f"The task has no {action.lower()} button{f' {index}' if index else ''}.", param="action")
+    order = ActionOrder(task_id, custom_id, _hints(request, body), body.state, body.notifyHook)
+    return _submitted(request, await relay.tasks.act(key, order, base_url(request)))
+
+
+async def change(request: Request) -> Response:
+    relay, key, body = await _caller(request, schemas.ChangeBody)
+    return await _change(request, relay, key, body, body.taskId, body.action, body.index)
+
+
+async def simple_change(request: Request) -> Response:
+    relay, key, body = await _caller(request, schemas.SimpleChangeBody)
+    parsed = schemas.simple_change(body.content)
+    if parsed is None:
+        raise InvalidRequest('The content is "<task id> U1" to "U4", "V1" to "V4", or "R".', param="content")
+    return await _change(request, relay, key, body, *parsed)
+
+
 async def modal(request: Request) -> Response:
     relay, key, body = await _caller(request, schemas.ModalBody)
     mask = (await _images(relay, [body.maskBase64], "maskBase64"))[0] if body.maskBase64 else None
@@ -179,6 +214,8 @@ _ROUTES: list[tuple[str, Endpoint, str]] = [
     ("/submit/describe", describe, "POST"),
     ("/submit/shorten", shorten, "POST"),
     ("/submit/action", action, "POST"),
+    ("/submit/change", change, "POST"),
+    ("/submit/simple-change", simple_change, "POST"),
     ("/submit/modal", modal, "POST"),
     ("/submit/upload-discord-images", upload, "POST"),
     ("/insight-face/swap", swap_face, "POST"),

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
 from relay.api.common import Text
-from relay.core.buttons import MAX_CUSTOM_ID
+from relay.core.buttons import MAX_CUSTOM_ID, Change
 from relay.core.text import check_storable
 
 MAX_IMAGES = 5
@@ -166,6 +166,39 @@ class SwapFaceBody(_Submit):
 class ActionBody(_Submit):
     taskId: TaskId
     customId: CustomId
+
+
+class ChangeBody(_Submit):
+    """The open-source midjourney-proxy's button press: `index` 1-4 for an upscale or a variation (a re-roll takes
+    none; Go clients send 0)."""
+
+    taskId: TaskId
+    action: Change
+    index: StrictInt | None = None
+
+
+class SimpleChangeBody(_Submit):
+    """`content` is "<task id> U2", "<task id> V1" or "<task id> R"."""
+
+    content: Text
+
+
+def simple_change(content: str) -> tuple[str, Change, int | None] | None:
+    """The task id, action and index of a `submit/simple-change` content, as midjourney-proxy reads it (`U1`-`U4`,
+    `V1`-`V4`, `R`, any case); None when it is not one."""
+    words = content.split()
+    if len(words) != 2:
+        return None
+    try:
+        task = task_id(words[0])
+    except ValueError:
+        return None
+    word = words[1].lower()
+    if word == "r":
+        return task, "REROLL", None
+    if len(word) == 2 and word[0] in "uv" and word[1] in "1234":
+        return task, "UPSCALE" if word[0] == "u" else "VARIATION", int(word[1])
+    return None
 
 
 class ModalBody(_Body):
