@@ -138,16 +138,24 @@ class Authenticator:
             self._cache[digest] = task.result()
 
 
+# What New API's midjourney forks put in `Authorization` when they call an upstream, the key going in
+# `mj-api-secret`; New API reads it as no Authorization at all.
+NATIVE_PLACEHOLDER = "midjourney-proxy"
+
+
 def credential(request: Request, native: bool) -> str:
     """The secret a request presents: a bearer token; on the native surface also `mj-api-secret` or a bare
-    Authorization value. Empty when there is none."""
+    Authorization value, and `mj-api-secret` when Authorization is only `NATIVE_PLACEHOLDER`. Empty when there is
+    none."""
     header = request.headers.get("authorization", "").strip()
     scheme, _, rest = header.partition(" ")
-    if scheme.lower() == "bearer":
-        return rest.strip()
-    if native:
-        return request.headers.get("mj-api-secret", "").strip() or (header if " " not in header else "")
-    return ""
+    bearer = scheme.lower() == "bearer"
+    token = rest.strip() if bearer else ""
+    if native and (token if bearer else header) == NATIVE_PLACEHOLDER:
+        bearer, header = False, ""
+    if bearer or not native:
+        return token
+    return request.headers.get("mj-api-secret", "").strip() or (header if " " not in header else "")
 
 
 async def attempt_of(request: Request, key: KeyRecord) -> Attempt:

@@ -564,3 +564,21 @@ def test_the_open_source_change_and_simple_change_press_the_grids_buttons(tmp_pa
         unknown = world.post("/submit/simple-change", {"content": "1234567890 U1"})
         assert unknown.status_code == 404 and unknown.json()["code"] == 3, unknown.text
         assert world.relay.balance() == before  # nothing held for a refused change
+
+
+def test_a_placeholder_bearer_midjourney_proxy_beside_mj_api_secret_is_no_key(tmp_path: Path) -> None:
+    # New API's midjourney forks call their upstream with `Authorization: Bearer midjourney-proxy` and the channel
+    # key in `mj-api-secret` (submits and the list-by-condition poll alike); New API itself reads such an
+    # Authorization as none and takes `mj-api-secret`.
+    with native(tmp_path) as world:
+        for authorization in ("Bearer midjourney-proxy", "midjourney-proxy"):
+            headers = {"Authorization": authorization, "mj-api-secret": world.relay.key}
+            with httpx.Client(base_url=world.relay.base, headers=headers, timeout=30) as client:
+                reply = client.post("/mj/submit/imagine", json={"prompt": "a fox"})
+                assert reply.status_code == 200 and reply.json()["code"] == 1, reply.text
+                polled = client.post("/mj/task/list-by-condition", json={"ids": [reply.json()["result"]]})
+                assert polled.status_code == 200 and len(polled.json()) == 1, polled.text
+        alone = httpx.get(f"{world.relay.base}/mj/task/1/fetch", headers={"Authorization": "Bearer midjourney-proxy"})
+        assert alone.status_code == 401 and alone.json()["code"] == 4, alone.text
+        wrong = world.client.get("/mj/task/1/fetch", headers={"Authorization": "Bearer sk-mjr-nope"})
+        assert wrong.status_code == 401, wrong.text  # any other bearer is still the key presented
