@@ -582,3 +582,21 @@ def test_a_placeholder_bearer_midjourney_proxy_beside_mj_api_secret_is_no_key(tm
         assert alone.status_code == 401 and alone.json()["code"] == 4, alone.text
         wrong = world.client.get("/mj/task/1/fetch", headers={"Authorization": "Bearer sk-mjr-nope"})
         assert wrong.status_code == 401, wrong.text  # any other bearer is still the key presented
+
+
+def test_an_imagine_s_single_base64_is_a_reference_image_as_midjourney_proxy_reads_it(tmp_path: Path) -> None:
+    """midjourney-proxy's imagine still takes the first API's one reference image, `base64`, and adds it to
+    `base64Array`: a client that sends it gets its image used (or refused), never an imagine run and charged
+    without it."""
+    with native(tmp_path, api={"references": {"max_count": 2}}) as world:
+        before = world.relay.balance()
+        refused = [
+            {"prompt": "a cat", "base64": "not an image"},
+            {"prompt": "a cat", "base64Array": [png(), png((1, 2, 3))], "base64": png((4, 5, 6))},
+        ]
+        for body in refused:
+            reply = world.post("/submit/imagine", body)
+            assert (reply.status_code, reply.json()["code"]) == (400, 4), reply.text
+        assert world.relay.balance() == before and world.relay.jobs() == []
+        world.finished(world.submit("/submit/imagine", {"prompt": "a cat", "base64": png(), "base64Array": None}))
+        world.finished(world.submit("/submit/imagine", {"prompt": "a dog", "base64": ""}))  # blank: none given

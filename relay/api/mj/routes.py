@@ -85,6 +85,8 @@ def _common(body: schemas._Submit) -> dict[str, Any]:
 async def imagine(request: Request) -> Response:
     relay, key, body = await _caller(request, schemas.ImagineBody)
     images = await _images(relay, body.base64Array, "base64Array")
+    if body.base64 is not None:
+        images += await _images(relay, [body.base64], "base64")
     order = TaskOrder(
         TaskKind.IMAGINE, _hints(request, body, body.prompt), prompt=body.prompt, images=images, **_common(body)
     )

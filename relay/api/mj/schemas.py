@@ -138,6 +138,10 @@ class ImagineBody(_Submit):
             _null_is_empty, json_schema_input_type=Annotated[list[Image], Field(max_length=MAX_IMAGES)] | None
         ),
     ] = Field(default_factory=list)
+    # The first API's one reference image, which midjourney-proxy still reads and adds after `base64Array`.
+    base64: Annotated[Image | None, BeforeValidator(_blank_is_none, json_schema_input_type=Image | _Blank | None)] = (
+        None
+    )
 
 
 class BlendBody(_Submit):
