@@ -218,6 +218,7 @@ class Relay:
             await self.broadcast.stop()
         await self.prober.stop()
         await self.notifier.close()
+        await self.submitter.drain()  # before the HTTP clients close under a submit the upstream answers late
         await self.pool.aclose()
         await self.references.aclose()
         await self.images.close()

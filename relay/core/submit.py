@@ -135,6 +135,7 @@ class Submitter:
         self._idle = asyncio.Event()  # set while nothing of the above is under way (`close` waits for it)
         self._idle.set()
         self._closed = False  # stopped waiting: a held job not yet submitted is ended instead
+        self._stopping_at: float | None = None  # when `close` began (the loop's time)
         # The upstream hook URL a submit to a provider names (set by the relay: core.upstream_hooks).
         self.hook_url: Callable[[str], str | None] = lambda provider: None
         # With other relay processes on the database: `max_in_flight` counted across them (`store.slots`).
@@ -402,6 +403,7 @@ class Submitter:
         # HTTP clients close) while the upstream runs it. So are the holds under way and the submits of the jobs
         # held, which follow them at once. For a while: the other leases wait for this. A job held whose submit has
         # not started by then is ended (its hold released) and never sent: the process is going away.
+        self._stopping_at = asyncio.get_running_loop().time()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_WAIT_S):
                 await self._idle.wait()
@@ -412,5 +414,22 @@ class Submitter:
             except Exception:  # left PENDING: the pending sweep ends it
                 log.exception("ending a job never submitted failed", extra={"fields": {"job": job_id}})
         self._admitted.clear()
+        self._settle_idle()
         await self._admit.close()
+        await self._mark.close()
+
+    async def drain(self) -> None:
+        """Wait for the submits still under way after `close` (each may have reached its upstream), up to the
+        longest provider `timeout_s` from the start of `close`, by when each has its answer or its own timeout.
+        The process's HTTP clients close after this: one closed under a submit the upstream took and answers late
+        ended the job as failed (`unconfirmed`), its hold released, while the upstream ran the task. Answered, the
+        job is written down and handed over as it is (see `Lifecycle.started`)."""
+        if not self._submitting or self._stopping_at is None:
+            return
+        bound = max((p.timeout_s for p in self.config.providers), default=0.0)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(self._stopping_at + max(bound, STOP_WAIT_S)):
+                await self._idle.wait()
+        if self._submitting:
+            log.warning("submits still under way as the relay stops", extra={"fields": {"jobs": len(self._submitting)}})
         await self._mark.close()
