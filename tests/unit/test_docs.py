@@ -82,3 +82,31 @@ def test_the_readme_lists_every_metric_with_its_labels() -> None:
         if isinstance(metric, MetricWrapperBase)
     }
     assert documented == exported
+
+
+# A setting the README names with its default: `hooks.timeout_s` (5 s), `images.url_ttl_s` (24 h), `error_rate` (50%)
+# (the health table names its settings without their section).
+STATED = re.compile(
+    r"`((?:server|database|images|api|jobs|hooks|health|billing|cors)\.[a-z_.]+|[a-z_]+)`"
+    r" \((\d[\d,.]*)(?: ?(s|h|minutes|%|×))?[),;:]"
+)
+UNITS = {None: 1, "s": 1, "h": 3600, "minutes": 60, "%": 0.01, "×": 1}
+
+
+def test_the_defaults_the_readme_states_are_the_code_s() -> None:
+    config = default_config()
+    checked, wrong = 0, []
+    for match in STATED.finditer(README.read_text(encoding="utf-8")):
+        path, number, unit = match.groups()
+        if "." not in path:
+            if path not in type(config.health).model_fields:
+                continue
+            path = f"health.{path}"
+        value: Any = config
+        for part in path.split("."):
+            value = getattr(value, part)
+        checked += 1
+        if float(number.replace(",", "")) * UNITS[unit] != value:
+            wrong.append(f"{match.group(0)}: the default is {value}")
+    assert checked >= 27
+    assert not wrong
