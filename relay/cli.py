@@ -106,11 +106,15 @@ def serve(
     except OSError as exc:
         click.echo(f"mj-relay: cannot listen on {address}: {exc.strerror or exc}", err=True)
         sys.exit(STARTUP_FAILURE)
+    # The port taken (`--port 0`: any free one) is the relay's own from here on: what it says of its address (the
+    # image links in the client hooks of the tasks it adopts, without `server.public_url`) names it, not 0.
+    bound = sockets[0].getsockname()[1]
+    server = server.model_copy(update={"port": bound})
+    config = config.model_copy(update={"server": server})
     _make_folders(config)
     # The database, brought up to date here first: one it cannot use (not answering yet, a newer mj-relay's) is one
     # line and exit 3, as for every command on it, not the traceback of a failed start.
     _run_with_db(config, _nothing)
-    bound = sockets[0].getsockname()[1]
     url = f"http://{address.rsplit(':', 1)[0]}:{bound}"
     try:
         app = build_app(config)
