@@ -635,7 +635,7 @@ def ledger_export(ctx: click.Context, config_path: str | None, id_or_name: str |
     start = _parse_when(since, time.time(), "--since", ago=True) if since is not None else None  # 30d: back 30 days
 
     async def rendered(db: Any) -> str:
-        key_id = (await KeyStore(db.engine).find(id_or_name)).id if id_or_name else None
+        key_id = (await KeyStore(db.engine).find(id_or_name, time.time())).id if id_or_name else None
         return await book.export_csv(db.engine, key_id=key_id, since=start)
 
     click.echo(_run_keys(config, rendered), nl=False)

@@ -252,10 +252,11 @@ class KeyStore:
             row = (await conn.execute(select(keys).where(keys.c.id == key_id))).first()
         return _record(row) if row is not None else None
 
-    async def find(self, id_or_name: str) -> KeyRecord:
-        """The key with this id, else the one live key with this name (KeyNotFound, AmbiguousKey)."""
+    async def find(self, id_or_name: str, now: float) -> KeyRecord:
+        """The key with this id, else the one active key with this name at `now`, else the one live key with it
+        (KeyNotFound, AmbiguousKey)."""
         async with connected(self.engine) as conn:
-            return _record(await _resolve(conn, id_or_name))
+            return _record(await _resolve(conn, id_or_name, now))
 
     async def list(self) -> list[KeyRecord]:
         async with connected(self.engine) as conn:
@@ -302,7 +303,7 @@ class KeyStore:
         allowed = keys.c.revoked_at.is_(None) if kind == "topup" else keys.c.balance + amount >= keys.c.held
 
         async def work(conn: AsyncConnection) -> KeyRecord:
-            row = await _resolve(conn, id_or_name)
+            row = await _resolve(conn, id_or_name, now)
             result = await conn.execute(
                 update(keys)
                 .where(keys.c.id == row.id, allowed)
@@ -341,7 +342,7 @@ class KeyStore:
             values["expires_at"] = check_expiry(expires_at)
 
         async def work(conn: AsyncConnection) -> KeyRecord:
-            row = await _resolve(conn, id_or_name)
+            row = await _resolve(conn, id_or_name, now)
             if not values:
                 return _record(row)
             changed = (
@@ -420,7 +421,10 @@ class KeyStore:
         return max(1.0, math.ceil(window + window_s - now))
 
 
-async def _resolve(conn: AsyncConnection, id_or_name: str) -> Any:
+async def _resolve(conn: AsyncConnection, id_or_name: str, now: float) -> Any:
+    """The key with this id, else the one active key (neither revoked nor expired at `now`) with this name, else the
+    one live key with it (an expired key is still named, to be extended or looked at); an expired key never makes
+    an active one of the same name ambiguous."""
     if not isinstance(id_or_name, str) or not id_or_name:
         raise KeyNotFound("no key given")
     if unstorable(id_or_name):
@@ -430,9 +434,11 @@ async def _resolve(conn: AsyncConnection, id_or_name: str) -> Any:
     row = (await conn.execute(select(keys).where(keys.c.id == id_or_name))).first()
     if row is not None:
         return row
-    rows = (
-        await conn.execute(select(keys).where(keys.c.name == id_or_name, keys.c.revoked_at.is_(None)).limit(2))
-    ).all()
+    live = (keys.c.name == id_or_name, keys.c.revoked_at.is_(None))
+    unexpired = or_(keys.c.expires_at.is_(None), keys.c.expires_at > now)
+    rows = (await conn.execute(select(keys).where(*live, unexpired).limit(2))).all()
+    if not rows:
+        rows = (await conn.execute(select(keys).where(*live).limit(2))).all()
     if not rows:
         raise KeyNotFound(f"no key with id or name {id_or_name!r}")
     if len(rows) > 1:

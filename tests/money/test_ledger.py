@@ -241,6 +241,24 @@ async def test_keys_by_name_topups_and_updates(db: Database) -> None:
     assert await breaks(db) == []
 
 
+async def test_a_name_an_expired_key_shares_names_the_active_key(db: Database) -> None:
+    """The README's rule: a key is named by its name when exactly one active key has it. A key that expired under
+    the name (an operator made a new one to replace it) does not make the name ambiguous; alone, it is still named
+    (to be looked at, or given a new expiry)."""
+    keys = KeyStore(db.engine)
+    old, _ = await keys.create("team", 0, NOW, expires_at=NOW + 60)
+    assert (await keys.update("team", NOW + 61, rpm=3)).id == old.id  # expired and alone: still named
+    new, _ = await keys.create("team", 0, NOW + 120)
+    assert (await keys.topup("team", 5, NOW + 120)).id == new.id
+    assert (await keys.find("team", NOW + 120)).id == new.id
+    assert (await keys.update("team", NOW + 120, rpm=9)).id == new.id
+    assert (await keys.get(old.id)).balance == 0  # type: ignore[union-attr]
+    await keys.create("team", 0, NOW + 120)
+    with pytest.raises(AmbiguousKey):  # two active keys with the name: the id decides
+        await keys.topup("team", 1, NOW + 120)
+    assert await breaks(db) == []
+
+
 @pytest.mark.parametrize(
     "change",
     [
