@@ -158,6 +158,10 @@ class TaskService:
             if len(order.prompt.strip()) > self.config.api.max_prompt_chars + room:
                 check_prompt(order.prompt, self.config.api.max_prompt_chars)
         mode, bot, model = self._mode_and_model(order.hints, order.bot)
+        if not any(mode in p.modes and bot in p.bots for p in self.config.providers):
+            # No provider could ever take it (a model of its mode prices it, run by providers of another bot): a
+            # refusal, not a job held and failed as "try again shortly" (503), which a client retries for ever.
+            raise InvalidRequest(f"No provider of this relay runs {bot} in {mode} mode.", param="botType")
         prompt, images = "", order.images
         if order.kind is TaskKind.IMAGINE:
             order_prompt, images = await self.uploads.inline(order.prompt, order.images, limit)
