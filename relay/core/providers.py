@@ -31,7 +31,7 @@ from relay.clock import Clock
 from relay.config import Config, ProviderConfig
 from relay.core.egress import LOOKUP_THREADS, Egress, EgressRefused
 from relay.core.health import STATES, Health, Signal, State, Transition, submit_signal
-from relay.core.router import Candidate
+from relay.core.router import Candidate, can_run
 from relay.logs import event
 from relay.metrics import Metrics
 
@@ -122,6 +122,13 @@ class ProviderPool:
         """Whether the provider runs a submit in the mode sent (else a button runs in its parent's mode)."""
         return self.upstreams[name].carries_mode
 
+    def runs(self, mode: str, bot: str, *, prompt_less: bool = False) -> bool:
+        """Whether any provider runs a task of `mode` and `bot` in that mode, whatever its health (`can_run`)."""
+        return any(
+            can_run(p.modes, p.bots, self.carries_mode(p.name), mode=mode, bot=bot, prompt_less=prompt_less)
+            for p in self.settings.values()
+        )
+
     def candidates(self) -> list[Candidate]:
         now = self.clock.now()
         for name in self.settings:
@@ -136,6 +143,7 @@ class ProviderPool:
                 in_flight=self.in_flight[p.name] + self.elsewhere[p.name],
                 max_in_flight=p.max_in_flight,
                 available=self.health[p.name].routable(),
+                carries_mode=self.carries_mode(p.name),
             )
             for p in self.settings.values()
         ]

@@ -27,7 +27,7 @@ from relay.core.finish import Finisher
 from relay.core.health import State
 from relay.core.lifecycle import Lifecycle, Tracked
 from relay.core.providers import ProviderPool
-from relay.core.router import rank
+from relay.core.router import WITHOUT_PROMPT, rank
 from relay.domain import FailureCode, JobState, ResultShape
 from relay.errors import (
     AuthenticationFailed,
@@ -262,7 +262,14 @@ class Submitter:
             if planned.provider is not None:
                 names = [planned.provider] if not tried and planned.provider in self.pool.settings else []
             else:
-                names = rank(self.pool.candidates(), mode=job.mode, bot=job.bot, exclude=tried, rng=self.rng)
+                names = rank(
+                    self.pool.candidates(),
+                    mode=job.mode,
+                    bot=job.bot,
+                    exclude=tried,
+                    rng=self.rng,
+                    prompt_less=request.kind in WITHOUT_PROMPT,
+                )
             if not names:
                 break
             name = names[0]

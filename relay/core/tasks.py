@@ -40,6 +40,7 @@ from relay.core.modes import ModeHints, UnknownModel, choose_mode, price_model
 from relay.core.notify import Notifier
 from relay.core.prompt import PromptParts, build_prompt
 from relay.core.providers import ProviderPool
+from relay.core.router import DEFAULT_MODE, WITHOUT_PROMPT
 from relay.core.submit import JobIdTaken, Outcome, Planned, Submitter
 from relay.core.uploads import Uploads
 from relay.domain import TASKS, JobState, Mode, TaskKind
@@ -158,10 +159,18 @@ class TaskService:
             if len(order.prompt.strip()) > self.config.api.max_prompt_chars + room:
                 check_prompt(order.prompt, self.config.api.max_prompt_chars)
         mode, bot, model = self._mode_and_model(order.hints, order.bot)
-        if not any(mode in p.modes and bot in p.bots for p in self.config.providers):
-            # No provider could ever take it (a model of its mode prices it, run by providers of another bot): a
-            # refusal, not a job held and failed as "try again shortly" (503), which a client retries for ever.
+        # No provider could ever take it: a refusal, not a job held and failed as "try again shortly" (503), which a
+        # client retries for ever.
+        if not self.pool.runs(mode, bot):  # a model of its mode prices it, run by providers of another bot
             raise InvalidRequest(f"No provider of this relay runs {bot} in {mode} mode.", param="botType")
+        if spec.direct in WITHOUT_PROMPT and not self.pool.runs(mode, bot, prompt_less=True):
+            # no prompt carries its mode, and the providers that serve the mode read it from nowhere else: they would
+            # run it in their default mode, at another price than the one held
+            raise InvalidRequest(
+                f"A {order.kind.value} sends no prompt to name its mode, and no provider of this relay that runs "
+                f"{mode} mode reads it any other way: ask for {DEFAULT_MODE} mode or for no mode.",
+                param="model",
+            )
         prompt, images = "", order.images
         if order.kind is TaskKind.IMAGINE:
             order_prompt, images = await self.uploads.inline(order.prompt, order.images, limit)

@@ -218,3 +218,28 @@ def test_a_button_runs_at_the_price_of_the_mode_the_upstream_runs_it_in(
         made = engine.task(world.job(variation["id"])["upstream_id"], "")
         assert made is not None and made["mode"] == "TURBO"
         assert world.job(variation["id"])["mode"] == "turbo" and spent(world) == 9 + 9
+
+
+@pytest.mark.parametrize(
+    ("dialect", "settings"),
+    [("new-api", None), ("midjourney-proxy", {"account_filter": False})],
+)
+def test_a_task_without_a_prompt_is_not_routed_where_its_mode_cannot_reach(
+    tmp_path: Path, dialect: str, settings: dict[str, object] | None
+) -> None:
+    """A blend, a describe and a face swap send no prompt, so on a provider whose submits carry no mode of their own
+    nothing names their mode: the upstream runs them in its default (fast), while the relay held them at the price
+    of the mode asked for (a relax blend ran fast for relax's price). They are refused there, holding nothing,
+    unless asked for in fast mode (or none)."""
+    with native(tmp_path, dialect, prices=PRICES, provider_settings=settings) as world:
+        blend = {"base64Array": [png(), png((0, 90, 200))]}
+        refused = world.post("/submit/blend", blend, "/mj-relax/mj")
+        assert refused.status_code == 400 and refused.json()["code"] == 4, refused.text
+        refused = world.post("/submit/describe", {"base64": png()}, "/mj-turbo/mj")
+        assert refused.status_code == 400 and refused.json()["code"] == 4, refused.text
+        assert spent(world) == 0
+        (engine,) = world.engines
+        assert engine.submits == 0
+        made = world.finished(world.submit("/submit/blend", blend))
+        assert engine.task(world.job(made["id"])["upstream_id"], "")["mode"] == "FAST"  # type: ignore[index]
+        assert world.job(made["id"])["mode"] == "fast" and spent(world) == 6

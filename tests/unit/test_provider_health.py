@@ -58,6 +58,7 @@ class Scripted:
     probes: int = 0
     gate: asyncio.Event | None = None  # a submit waits for it when set
     raises: bool = False
+    carries_mode: bool = True
 
     async def submit(self, request: SubmitRequest) -> SubmitOutcome:
         self.submits += 1

@@ -51,3 +51,19 @@ def test_providers_their_health_sets_aside_are_left_out() -> None:
     for seed in range(20):
         assert rank(providers, mode="fast", bot="MID_JOURNEY", rng=random.Random(seed)) == ["healthy"]
     assert rank(providers[:1], mode="fast", bot="MID_JOURNEY") == []
+
+
+def test_a_task_without_a_prompt_goes_only_where_its_mode_reaches_the_upstream() -> None:
+    """A blend, describe or face swap has no prompt to carry a mode flag: a provider whose dialect names no mode
+    (new-api, a midjourney-proxy without accountFilter or prefix) runs it in its default mode, fast, or in its one
+    mode when it serves only one. In another mode it goes to a provider that names the mode, and to no other."""
+    providers = [
+        Candidate("silent", ALL, MJ, priority=0, carries_mode=False),
+        Candidate("relax-only", frozenset({"relax"}), MJ, priority=0, carries_mode=False),
+        Candidate("naming", ALL, MJ, priority=1),
+    ]
+    assert rank(providers, mode="relax", bot="MID_JOURNEY", prompt_less=True)[-1] == "naming"
+    assert sorted(rank(providers, mode="relax", bot="MID_JOURNEY", prompt_less=True)) == ["naming", "relax-only"]
+    assert rank(providers, mode="turbo", bot="MID_JOURNEY", prompt_less=True) == ["naming"]
+    assert rank(providers, mode="fast", bot="MID_JOURNEY", prompt_less=True) == ["silent", "naming"]
+    assert rank(providers, mode="turbo", bot="MID_JOURNEY") == ["silent", "naming"]  # a prompt carries its flag
