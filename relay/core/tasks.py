@@ -33,7 +33,7 @@ from adapters import (
 from relay.clock import Clock
 from relay.config import Config
 from relay.core.buttons import kind_of
-from relay.core.failures import job_failed
+from relay.core.failures import code_of, job_failed
 from relay.core.jobs import ID_TRIES, check_prompt, new_job_id
 from relay.core.lifecycle import Lifecycle
 from relay.core.modes import ModeHints, UnknownModel, choose_mode, price_model
@@ -43,7 +43,7 @@ from relay.core.providers import ProviderPool
 from relay.core.router import DEFAULT_MODE, WITHOUT_PROMPT
 from relay.core.submit import JobIdTaken, Outcome, Planned, Submitter
 from relay.core.uploads import Uploads
-from relay.domain import TASKS, JobState, Mode, TaskKind
+from relay.domain import TASKS, FailureCode, JobState, Mode, TaskKind
 from relay.errors import InvalidRequest, NotFound, ServiceUnavailable, UpstreamFailed
 from relay.logs import event
 from relay.store.jobs import JobRow, JobStore, NewJob
@@ -259,14 +259,59 @@ class TaskService:
 
     async def _run(self, key: KeyRecord, planned: Planned, base_url: str) -> Submission:
         # Held, then submitted even if the client goes away meanwhile: a held job is always submitted or ended.
-        work = asyncio.ensure_future(self._admit_and_submit(key, planned, base_url))
-        job_id, outcome = await asyncio.shield(work)
+        held: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        work = asyncio.ensure_future(self._admit_and_submit(key, planned, base_url, held))
+        try:
+            job_id, outcome = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            answer = await self._stopped_waiting(work, held)
+            if answer is None:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # answered: the request ends as it would have
+            return answer
         if outcome.row is not None:
             raise job_failed(outcome.row)
         return Submission(job_id, outcome.state, outcome.queued)
 
-    async def _admit_and_submit(self, key: KeyRecord, planned: Planned, base_url: str) -> tuple[str, Outcome]:
-        """The job's id (a fresh one if the one drawn was taken) and how its submit went."""
+    async def _stopped_waiting(
+        self, work: asyncio.Future[tuple[str, Outcome]], held: asyncio.Future[str | None]
+    ) -> Submission | None:
+        """The answer to a submit the server stopped waiting for (its graceful shutdown over) while its job was
+        being held or submitted. A job held whose submit is under way may be running upstream, and goes on after
+        the stop (`Submitter.drain`, then whoever takes it over): its client is told it is queued (22) with its id,
+        to read it by, since a client that retried a 503 (midjourney-proxy's, New API) started and paid for a
+        second job, the native surface keeping no retry record. None for one that nothing was held for, or whose
+        hold was released unsent: it keeps the server's answer (`middleware.STOPPING`, 503), and a retry of it
+        starts it once."""
+        job_id = await asyncio.shield(held)  # written in a moment: the stop waits for holds under way
+        if job_id is None:
+            return None
+        if self.submitter.submitting(job_id):
+            event(log, "submit answered as queued as the relay stops", job=job_id)
+            return Submission(job_id, JobState.SUBMITTED, queued=True)
+        _, outcome = await asyncio.shield(work)  # answered already, or being ended unsent as the process stops
+        if outcome.row is None:
+            return Submission(job_id, outcome.state, outcome.queued)
+        if code_of(outcome.row) is FailureCode.INTERRUPTED:
+            return None
+        raise job_failed(outcome.row)
+
+    async def _admit_and_submit(
+        self, key: KeyRecord, planned: Planned, base_url: str, held: asyncio.Future[str | None]
+    ) -> tuple[str, Outcome]:
+        """The job's id (a fresh one if the one drawn was taken) and how its submit went; `held` is set to the id
+        once the job is held, just before its submit starts (to None when nothing was held)."""
+        try:
+            return await self._held_and_submitted(key, planned, base_url, held)
+        finally:
+            if not held.done():
+                held.set_result(None)
+
+    async def _held_and_submitted(
+        self, key: KeyRecord, planned: Planned, base_url: str, held: asyncio.Future[str | None]
+    ) -> tuple[str, Outcome]:
         hook = planned.job.notify_hook
         if hook:  # its place is taken before the hold (this work runs to its end: the place is never lost)
             self.notifier.reserve(key.id)
@@ -286,6 +331,7 @@ class TaskService:
             raise
         if hook:
             self.notifier.watch(planned.job.id, hook, key.hook_secret, base_url, key.id, reserved=True)
+        held.set_result(planned.job.id)  # its waiter runs once the submit below started (or ended it unsent)
         return planned.job.id, await self.submitter.submit(planned)
 
     # -- modal ---------------------------------------------------------------------------------------------------
