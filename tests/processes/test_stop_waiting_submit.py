@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
 from relay.config import Config
@@ -53,6 +54,54 @@ def test_a_native_submit_still_with_its_upstream_at_the_stop_is_answered_its_tas
             fetch = relay.base + f"/mj/task/{job_id}/fetch"
             wait_for(lambda: httpx.get(fetch, headers=headers).json()["status"] in ("SUCCESS", "FAILURE"), timeout=15)
             assert httpx.get(fetch, headers=headers).json()["status"] == "SUCCESS"
+        assert sql(config, "SELECT state, hold_state FROM jobs") == [("SUCCEEDED", "captured")]
+        assert engine.submits == 1
+        assert balance(config) == (10 - PRICE, 0)
+
+
+PROMPT = "a lighthouse sim:late-answer"
+OPENAI_REQUESTS = {
+    "/v1/images/generations": {"model": "mj-fast", "prompt": PROMPT, "n": 1},
+    "/v1/chat/completions": {"model": "mj-fast", "messages": [{"role": "user", "content": PROMPT}]},
+}
+
+
+@pytest.mark.parametrize("path", list(OPENAI_REQUESTS))
+def test_an_openai_request_still_with_its_upstream_at_the_stop_is_followed_by_its_retry(
+    tmp_path: Path, path: str
+) -> None:
+    """The same stop on the OpenAI surface: the client is told 503 (`Retry-After: 1`), and its SDK's retry
+    (`x-stainless-retry-count: 1`, the same body) to the next start follows the job the first attempt started,
+    which the stop handed over, rather than starting and charging a second one."""
+    engine = SimEngine(SimSettings(fast_s=1.0, tile_px=16))
+    with serve(build_sim_app(engine, "midjourney-proxy", SIM_SECRET, None, late_answer_s=LATE_S)) as up:
+        port = free_port()
+        settings = relay_settings(tmp_path / "data", None, up, f"http://127.0.0.1:{port}")
+        settings["server"]["graceful_shutdown_s"] = 1
+        config = Config.model_validate(settings)
+        file = write_config(tmp_path / "relay.yaml", settings)
+        key = create_key(config, quota=10)
+        body = OPENAI_REQUESTS[path]
+        answers: list[httpx.Response] = []
+
+        def ask(relay_base: str, retry: int) -> httpx.Response:
+            headers = {"authorization": f"Bearer {key}", "x-stainless-retry-count": str(retry)}
+            return httpx.post(relay_base + path, json=body, headers=headers, timeout=60)
+
+        with relay_processes([(file, port)], tmp_path) as (relay,):
+            caller = threading.Thread(target=lambda: answers.append(ask(relay.base, 0)))
+            caller.start()
+            wait_for(lambda: engine.submits == 1)
+            relay.terminate()
+            caller.join(30)
+            relay.stop()
+            (answer,) = answers
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["retry-after"] == "1"
+            relay.start()
+            retried = ask(relay.base, 1)
+            assert retried.status_code == 200, retried.text
+            assert retried.json()["data" if "images" in path else "choices"]
         assert sql(config, "SELECT state, hold_state FROM jobs") == [("SUCCEEDED", "captured")]
         assert engine.submits == 1
         assert balance(config) == (10 - PRICE, 0)
