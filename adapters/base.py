@@ -31,7 +31,9 @@ normalised into the types below, so nothing above `adapters/` knows which dialec
     SubmitOutcome = one of
       Accepted(upstream_id)      the upstream took the task (codes 1 and 22, and 21 that reports a finished task)
       NeedsModal(upstream_id)    the task waits for `submit/modal` on the same provider (code 21 with remix)
-      Retryable(reason, sent)    another provider may take it; `sent` = the request may have reached this upstream
+      Retryable(reason, sent)    another provider may take it; `sent` = the request may have reached this upstream;
+                                 `image` = the upstream could not upload the request's own images (says nothing
+                                 of the provider's health)
       ClientError(description)   the request itself is refused (validation, banned prompt, unknown task or button);
                                  retrying cannot help
       ProviderUnusable(reason)   this provider cannot serve anything now (auth, balance, broken answers)
@@ -169,6 +171,10 @@ class NeedsModal:
 class Retryable:
     reason: str
     sent: bool = False
+    # The upstream could not upload the request's reference images (to Discord, or to its own storage first) and did
+    # not take the task: often the image itself (too large, a format Discord refuses), at times a passing fault of
+    # that account. Another provider may take it; the provider answered, and is not the worse for it.
+    image: bool = False
 
 
 @dataclass(frozen=True, slots=True)

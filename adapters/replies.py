@@ -33,6 +33,17 @@ from adapters.base import (
 
 # Descriptions that mean "busy, try elsewhere" even when the code says validation error (trueai code 4 / 9).
 _BUSY_WORDS = ("并发数已达上限", "队列数已达上限", "服务暂不可用", "队列已满", "queue is full", "concurrency limit")
+# Descriptions of a submit refused because the upstream could not upload the request's images before taking the task
+# (trueai's TaskService answers every such failure as code 9, FAILURE, in the upload's own words): novicezk's and
+# trueai's upload to Discord (up to 11.9.1), trueai's upload to its own storage (from 11.9.2), the message that posts
+# the upload in the channel, and describe's and blend's check of the links.
+_UPLOAD_WORDS = (
+    "上传图片到discord失败",
+    "上传图片到云存储异常",
+    "上传图片到加速站点",
+    "发送图片消息到discord失败",
+    "上传失败，未返回有效链接",
+)
 # trueai refusing the relay's own account until a limit resets (SubmitController.NewTask): the provider cannot
 # serve now.
 _ACCOUNT_LIMIT_WORDS = ("绘图次数已达上限", "账号已被临时封锁")
@@ -320,6 +331,8 @@ def _classify_envelope(status: int, data: Mapping[str, Any], *, follow_up: bool)
         word = properties.get("bannedWord")
         text = description or "banned prompt"
         return ClientError(f"{text}: {word}" if word else text, banned=True)
+    if code == 9 and any(word in description.lower() for word in _UPLOAD_WORDS):
+        return Retryable(description, image=True)
     if code in (23, 9, 5, 30):
         return Retryable(description or f"code {code}")
     if code == 3:

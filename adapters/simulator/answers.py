@@ -5,6 +5,7 @@
     code 22  accepted, queued (`properties.numberOfQueues`)
     code 3   no account (HTTP 200); an unknown task (HTTP 404, `unknown_task`)
     code 4   invalid input                code 23  queue full          code 24  banned prompt
+    code 9   the submit's images could not be uploaded (`sim:upload-failed`)
     HTTP 500 `{"success": false, "code": -1, "message"}`: a fault (the task not taken)
     HTTP 502 with an HTML page: a gateway that lost the answer (the task taken all the same: `sim:crash`)
 """

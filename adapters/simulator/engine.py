@@ -24,6 +24,8 @@ Words in a prompt steer one task, for tests and demos:
   sim:queued          submit answers code 22 (taken, in the account's queue): NOT_START until it is submitted
   sim:error           submit answers HTTP 500 (its own error envelope: the task is not taken)
   sim:crash           the task is taken, but the answer is a gateway's HTTP 502 page (it may have run, for the caller)
+  sim:upload-failed   a submit carrying images answers code 9 "上传图片到discord失败" (trueai: the upload of its
+                      reference images failed)
   a banned word       submit answers code 24 (BANNED_PROMPT)
   sim:fail-followups  every follow-up of the task (an action on it, on its follow-ups, ...) fails halfway
   sim:never-followups every follow-up of the task never finishes
@@ -75,6 +77,7 @@ __all__ = [
 
 DIMENSIONS = {"PORTRAIT": (2, 3), "SQUARE": (1, 1), "LANDSCAPE": (3, 2)}
 _WORDS = re.compile(r"sim:[a-z-]+")
+UPLOAD_FAILED = "上传图片到discord失败"  # trueai's words (and novicezk's) for an image it could not upload to Discord
 _ZOOM = re.compile(r"(?<!\S)--zoom\s+(\S+)")
 
 
@@ -278,7 +281,7 @@ class SimEngine:
         modal: str | None = None,
     ) -> SubmitReply:
         steer = steering(prompt) if parent is None else frozenset()
-        refused = self._admit(steer) or self._banned(prompt)
+        refused = self._admit(steer) or self._upload_failed(body, steer) or self._banned(prompt)
         if refused is not None:
             return refused
         now = self.now()
@@ -341,6 +344,12 @@ class SimEngine:
             return reply(3, "无可用的账号实例")
         if "sim:queue-full" in steer or self._full():
             return reply(23, "队列已满，请稍后尝试")
+        return None
+
+    def _upload_failed(self, body: Mapping[str, Any], steer: frozenset[str]) -> SubmitReply | None:
+        """trueai uploads a submit's images before it takes the task, and answers a failed upload with code 9."""
+        if "sim:upload-failed" in steer and (body.get("base64Array") or body.get("base64")):
+            return reply(9, UPLOAD_FAILED)
         return None
 
     def _banned(self, prompt: str) -> SubmitReply | None:

@@ -56,6 +56,10 @@ def submit_signal(outcome: SubmitOutcome) -> tuple[Signal, str]:
     """What a submit's answer says about the provider, and in the adapter's words why."""
     if isinstance(outcome, ProviderUnusable):
         return Signal.UNUSABLE, outcome.reason
+    if isinstance(outcome, Retryable) and outcome.image:
+        # The request's own images could not be uploaded: the provider answered, as it does a request refused for
+        # its content. Counted as an error, one client's image sent a few times would set every provider aside.
+        return Signal.OK, ""
     if isinstance(outcome, Retryable):
         # Not taken (refused connection, 429/5xx before it was taken, queue full, no account) or maybe taken
         # without an answer (a timeout, a broken answer): either way the provider did not do its job.

@@ -4,8 +4,9 @@
 job to the first provider that takes it: a new task to the best provider that serves its mode and bot, moving on
 when one answers "retryable" (queue full, no account, 429/5xx before the request was taken) or "unusable"; a
 follow-up only to the provider that ran its parent. A refusal of the request itself (validation, a banned prompt,
-an unknown button) is never retried, and a submit that may have reached an upstream without an answer is never
-sent elsewhere, so a job never runs twice. A follow-up the upstream parks for a confirmation waits in MODAL.
+an unknown button) is never retried; one refused because the upstream could not upload its images goes to one more
+provider (`IMAGE_TRIES`), then ends as the client's. A submit that may have reached an upstream without an answer is
+never sent elsewhere, so a job never runs twice. A follow-up the upstream parks for a confirmation waits in MODAL.
 
 Every answer that is not an acceptance is logged with the provider that gave it (never the request's text).
 """
@@ -49,6 +50,10 @@ log = logging.getLogger("relay.jobs")
 # one that is not answered by then is left PENDING, for an upstream hook to adopt or the pending sweep to end).
 STOP_WAIT_S = 10.0
 STOPPED_REASON = "the relay stopped before submitting it"
+# How many providers may answer that they could not upload a job's reference images before the job ends as the
+# client's: a second one covers a passing fault of one account; more would send an image Discord refuses (too large,
+# a format it does not take) to every provider in turn.
+IMAGE_TRIES = 2
 
 
 def model_not_allowed(model: str) -> ModelNotAllowed:
@@ -84,6 +89,9 @@ def _ending(outcome: SubmitOutcome | None) -> tuple[FailureCode, str]:
     """The job's failure code and reason when no provider took it."""
     if isinstance(outcome, ClientError):
         return (FailureCode.BANNED if outcome.banned else FailureCode.REJECTED), outcome.description
+    if isinstance(outcome, Retryable) and outcome.image:
+        reason = f"its reference image could not be uploaded to Midjourney ({outcome.reason})"
+        return FailureCode.REJECTED, f"{reason}; it may be too large or in a form Discord does not take"
     if isinstance(outcome, NeedsModal):
         return FailureCode.MODAL, "the upstream asked for a modal confirmation"
     if isinstance(outcome, Retryable) and outcome.sent:
@@ -258,6 +266,7 @@ class Submitter:
         request = replace(planned.request, state=job.id)
         tried: list[str] = []
         outcome: SubmitOutcome | None = None
+        image_refusals = 0
         while self.clock.now() < job.deadline_at:
             if planned.provider is not None:
                 names = [planned.provider] if not tried and planned.provider in self.pool.settings else []
@@ -315,6 +324,10 @@ class Submitter:
             )
             if isinstance(outcome, ClientError | NeedsModal) or (isinstance(outcome, Retryable) and outcome.sent):
                 break
+            if isinstance(outcome, Retryable) and outcome.image:
+                image_refusals += 1
+                if image_refusals >= IMAGE_TRIES:
+                    break
         code, reason = _ending(outcome)
         if self.clock.now() >= job.deadline_at:
             code, reason = FailureCode.TIMEOUT, "the job passed its deadline before a provider took it"

@@ -323,6 +323,73 @@ def test_a_request_too_large_for_a_provider_is_refused_without_setting_the_provi
             assert engine.submits == 1
 
 
+def test_an_image_the_upstreams_cannot_upload_fails_as_the_clients_without_setting_providers_aside(
+    tmp_path: Path,
+) -> None:
+    """trueai answers code 9 "上传图片到discord失败" when it cannot upload a submit's images (often the image itself:
+    too large, a format Discord refuses). One client sending such an image again and again must not cool every
+    provider for everyone else: the job tries one more provider, then ends as the client's (400, code 4), uncharged."""
+    paths: dict[str, list[str]] = {name: [] for name in ("first", "second", "third")}
+    engines = {name: SimEngine(SimSettings(fast_s=0.3, tile_px=48)) for name in paths}
+    picture = io.BytesIO()
+    Image.new("RGB", (32, 32), "teal").save(picture, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode()
+    with ExitStack() as stack:
+        bases = {
+            name: stack.enter_context(serve(counting(build_sim_app(engines[name], "midjourney-proxy", SECRET), seen)))
+            for name, seen in paths.items()
+        }
+        config = relay_config(
+            tmp_path,
+            providers=[provider(name, "midjourney-proxy", bases[name], priority=i) for i, name in enumerate(bases)],
+            health={"errors_to_cool": 2, "probe_interval_s": 600},
+        )
+        with running_relay(config) as relay:
+            before = relay.balance()
+            with httpx.Client(base_url=relay.base, headers={"mj-api-secret": relay.key}, timeout=30) as native:
+                for _ in range(4):
+                    body = {"prompt": "a cat sim:upload-failed", "base64Array": [image]}
+                    reply = native.post("/mj/submit/imagine", json=body)
+                    assert reply.status_code == 400 and reply.json()["code"] == 4, reply.text
+                    assert "reference image" in reply.json()["description"]
+                    assert "上传图片到discord失败" in reply.json()["description"]
+            # Each job went to two providers, no further; none of them was set aside, and nothing was charged.
+            submits = {name: sum(1 for path in seen if "/submit/" in path) for name, seen in paths.items()}
+            assert submits == {"first": 4, "second": 4, "third": 0}
+            assert health_states(relay) == {"first": "healthy", "second": "healthy", "third": "healthy"}
+            assert relay.balance() == before
+            assert {row[:3] for row in relay.jobs()} == {("FAILED", "rejected", "released")}
+            # Another client's request is served by the first provider as before.
+            assert len(relay.openai().images.generate(model="mj-fast", prompt="a heron").data) == 1
+            assert relay.jobs()[-1] == ("SUCCEEDED", None, "captured", "first")
+
+
+def test_an_image_one_account_cannot_upload_goes_to_the_next_provider(
+    tmp_path: Path, upstreams: dict[str, tuple[str, SimEngine]]
+) -> None:
+    """A failed upload may be one account's passing fault (Discord answering it 5xx): the next provider runs it."""
+    refused = json.dumps({"code": 9, "description": "上传图片到discord失败", "result": None}).encode()
+    picture = io.BytesIO()
+    Image.new("RGB", (32, 32), "teal").save(picture, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode()
+    engine = SimEngine(SimSettings(fast_s=0.3, tile_px=48))
+    with serve(answering(build_sim_app(engine, "midjourney-proxy", SECRET), 200, refused)) as base:
+        config = relay_config(
+            tmp_path,
+            providers=[
+                provider("flaky", "midjourney-proxy", base, priority=0),
+                provider("good", "new-api", upstreams["new-api"][0], priority=1),
+            ],
+        )
+        with running_relay(config) as relay:
+            with httpx.Client(base_url=relay.base, headers={"mj-api-secret": relay.key}, timeout=30) as native:
+                reply = native.post("/mj/submit/imagine", json={"prompt": "a cat", "base64Array": [image]})
+            assert reply.status_code == 200 and reply.json()["code"] == 1, reply.text
+            wait_for(lambda: relay.jobs()[0][0] == "SUCCEEDED")
+            assert relay.jobs() == [("SUCCEEDED", None, "captured", "good")]
+            assert health_states(relay) == {"flaky": "healthy", "good": "healthy"}
+
+
 def test_a_provider_whose_server_stops_goes_down_by_probes_and_comes_back_when_it_restarts(tmp_path: Path) -> None:
     sock = bound_socket()
     port = sock.getsockname()[1]

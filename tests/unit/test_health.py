@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from adapters import Accepted, ClientError, NeedsModal, ProviderUnusable, Retryable
+from adapters.replies import classify_submit
 from relay.config import ConfigError, parse_config
 from relay.core.health import Health, HealthConfig, Signal, State, Transition, submit_signal
 from tests.helpers import FakeClock
@@ -383,3 +386,39 @@ def test_the_backoff_starts_over_after_a_stable_spell_that_ends_in_down() -> Non
     health.begin_submit()
     (moved,) = health.observe(Signal.ERROR, clock.now(), "no answer in time", submit=True)
     assert (moved.new, moved.until) == (State.COOLING, clock.now() + 30)
+
+
+@pytest.mark.parametrize(
+    ("status", "answer"),
+    [
+        # trueai up to 11.9.1, novicezk's upload (TaskService wraps the upload's answer as code 9, FAILURE)
+        (200, {"code": 9, "description": "上传图片到discord失败", "result": None}),
+        # trueai from 11.9.2: the images go to its own storage first
+        (200, {"code": 9, "description": "上传图片到云存储异常", "result": None}),
+        (200, {"code": 9, "description": "发送图片消息到discord失败", "result": None}),
+        (200, {"code": 9, "description": "上传失败，未返回有效链接", "result": None}),
+    ],
+)
+def test_a_submit_refused_because_its_images_could_not_be_uploaded_never_sets_the_provider_aside(
+    status: int, answer: dict[str, object]
+) -> None:
+    """One client sending an image Discord refuses, again and again, must not cool a provider for everyone else."""
+    outcome = classify_submit(status, json.dumps(answer, ensure_ascii=False).encode())
+    health, clock = machine()
+    for _ in range(3 * POLICY.errors_to_cool + POLICY.rate_min_calls):
+        clock.advance(1)
+        signal, reason = submit_signal(outcome)
+        assert health.observe(signal, clock.now(), reason, submit=True) == []
+    assert health.state is State.HEALTHY
+    # A half-open provider whose trial is refused so has answered: it is working.
+    cool_now(health, clock)
+    to_half_open(health, clock)
+    health.begin_submit()
+    signal, reason = submit_signal(outcome)
+    assert moves(health.observe(signal, clock.now(), reason, submit=True)) == [("half-open", "healthy")]
+
+
+def test_queue_full_as_code_9_still_counts_against_the_provider() -> None:
+    """trueai's code 9 also means its queue is full (told apart by its words): that is the provider's own state."""
+    outcome = classify_submit(200, json.dumps({"code": 9, "description": "提交失败，队列已满，请稍后重试"}).encode())
+    assert submit_signal(outcome)[0] is Signal.ERROR

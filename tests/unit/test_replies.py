@@ -58,6 +58,20 @@ def body(data: object) -> bytes:
         (200, body({"code": 23}), Retryable("code 23")),
         (200, body({"code": 3}), Retryable("no account available upstream")),
         (200, body({"code": 25}), ProviderUnusable("the upstream account has no balance")),
+        # trueai's code 9 is its queue full, a fault, or the request's images it could not upload (the last is no
+        # fault of the provider's), told apart by the words
+        (
+            200,
+            body({"code": 9, "description": "提交失败，队列已满，请稍后重试"}),
+            Retryable("提交失败，队列已满，请稍后重试"),
+        ),
+        (
+            200,
+            body({"code": 9, "description": "上传图片到discord失败"}),
+            Retryable("上传图片到discord失败", image=True),
+        ),
+        (200, body({"code": 9, "description": "上传图片到云存储异常"}), Retryable("上传图片到云存储异常", image=True)),
+        (200, body({"code": 4, "description": "上传图片到discord失败"}), ClientError("上传图片到discord失败")),
         # A success status the relay cannot read may mean the task was taken: never sent elsewhere.
         (
             200,
