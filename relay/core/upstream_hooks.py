@@ -15,7 +15,10 @@ down — is adopted (written SUBMITTED with the task's id, and followed), instea
 pending sweep while the upstream ran it; unless its row names another provider (the one whose slot it holds while
 it is sent there: a provider that refused it before knows its id too). No dialect can be asked for a task by
 `state` (midjourney-proxy, trueai, new-api and the `/v1/mj` resellers look tasks up by their own ids only), so
-hooks are the one way such a task is found again.
+hooks are the one way such a task is found again. So a call about a job whose submit this process is still waiting
+on writes the task down on the job's row (`JobStore.note_task`): should the process die before the answer, and the
+task's later calls all come while no process can hear them (a short task, a slow restart), the job is claimed as a
+running one with its lease (`Leases.claim_expired`) and followed to its end.
 
 With several relay processes on one database, a call may reach a process that does not follow its job. That
 process looks the job up by `state`: one followed by another live process is forwarded to it (`core.broadcast`);
@@ -315,8 +318,13 @@ class UpstreamHooks:
             return "applied"
         if self.lifecycle.ended_here(provider, view.upstream_id):
             return "late"  # its job ended here already (a read saw the end first): nothing to apply
-        if not view.state or self._submitting(view.state) or self.lifecycle.following(view.state):
-            return "unknown"  # a submit here is under way: it follows the job itself, polling reads it
+        if view.state and self._submitting(view.state):
+            # A submit here is under way: it follows the job itself once answered. The task is written down
+            # meanwhile, so that a process that claims the job after this one died before the answer follows it.
+            await self.store.note_task(view.state, provider, view.upstream_id, self.clock.now())
+            return "unknown"
+        if not view.state or self.lifecycle.following(view.state):
+            return "unknown"  # followed here: polling reads it
         row = await self.store.get(view.state)
         if row is None or row.state.terminal:
             return "unknown"

@@ -467,6 +467,22 @@ class JobStore:
         await self._hand_over_late([job_id])
         return adopted
 
+    async def note_task(self, job_id: str, provider: str, upstream_id: str, now: float) -> bool:
+        """Write down the task a provider's hook names for a PENDING job whose submit is still waiting for its answer:
+        should the process die before that answer, the job is running there, and whichever process claims it next
+        follows it (`Leases.claim_expired`), instead of leaving it PENDING for the pending sweep while it runs."""
+        statement = (
+            update(jobs)
+            .where(
+                jobs.c.id == job_id,
+                jobs.c.state == JobState.PENDING.value,
+                jobs.c.upstream_id.is_(None),
+                or_(jobs.c.provider.is_(None), jobs.c.provider == provider),
+            )
+            .values(provider=provider, upstream_id=upstream_id, updated_at=now)
+        )
+        return await changed(self.engine, statement) == 1
+
     async def park_modal(self, job_id: str, provider: str, upstream_id: str, deadline_at: float, now: float) -> bool:
         """PENDING -> MODAL: the upstream took the follow-up but waits for `submit/modal`; the job's deadline is
         now the time a confirmation may take."""

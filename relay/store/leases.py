@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, not_, or_, select, update
+from sqlalchemy import and_, case, func, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES, RUNNING_STATES, JobState
@@ -23,6 +23,13 @@ from relay.store.tables import jobs
 CLAIM_BATCH = 500
 _ACTIVE = [s.value for s in ACTIVE_STATES]
 _RUNNING = [s.value for s in RUNNING_STATES]
+
+
+# A PENDING job whose task a provider's hook named while its submit waited for the answer (`JobStore.note_task`):
+# running there, claimed as a running job once its process's lease ran out (it died before the answer came), and
+# written SUBMITTED as it is claimed.
+_NOTED = and_(jobs.c.state == JobState.PENDING.value, jobs.c.upstream_id.is_not(None), jobs.c.provider.is_not(None))
+_CLAIMABLE = or_(jobs.c.state.in_(_RUNNING), _NOTED)
 
 
 def _lapsed(now: float) -> Any:
@@ -88,7 +95,7 @@ class Leases:
         claimable = mine if any_lease else _lapsed(now)
         known = jobs.c.provider.in_(list(providers))
         unfollowed = and_(jobs.c.provider.is_not(None), jobs.c.deadline_at < now)
-        some = select(jobs.c.id).where(jobs.c.state.in_(_RUNNING), or_(known, unfollowed), claimable).limit(limit)
+        some = select(jobs.c.id).where(_CLAIMABLE, or_(known, unfollowed), claimable).limit(limit)
         return await self._claim(jobs.c.id.in_(some.scalar_subquery()), claimable, now)
 
     async def claim(self, job_ids: Sequence[str], now: float) -> list[JobRow]:
@@ -100,10 +107,16 @@ class Leases:
 
     async def _claim(self, which: Any, claimable: Any, now: float) -> list[JobRow]:
         """One guarded UPDATE: of two processes claiming a job at once, one gets it."""
+        submitted = case((jobs.c.state == JobState.PENDING.value, JobState.SUBMITTED.value), else_=jobs.c.state)
         statement = (
             update(jobs)
-            .where(which, jobs.c.state.in_(_RUNNING), claimable)
-            .values(owner=self.owner, lease_until=now + self.lease_s)
+            .where(which, _CLAIMABLE, claimable)
+            .values(
+                owner=self.owner,
+                lease_until=now + self.lease_s,
+                state=submitted,
+                submitted_at=func.coalesce(jobs.c.submitted_at, now),
+            )
             .returning(*jobs.c)
         )
 

@@ -70,6 +70,31 @@ async def test_a_process_alone_claims_every_running_job_at_start(db: Database) -
     assert await restarted.claim_expired(NOW + 1, ["up"], any_lease=True) == []  # its own already
 
 
+async def test_a_pending_job_whose_task_a_hook_named_is_claimed_as_running_once_its_process_is_gone(
+    db: Database,
+) -> None:
+    """A hook named the task of a job whose submit was still waiting for its answer; the process died before the
+    answer: the job is claimed as a running job (SUBMITTED, that task), not left PENDING. One whose task no hook
+    named is not: nothing says it ever reached an upstream."""
+    record, _ = await KeyStore(db.engine).create("k", 100, NOW)
+    store = JobStore(db.engine, owner="a", lease_s=LEASE)
+    assert await store.open(record.id, [job("job_00000001"), job("job_00000002")], NOW)
+    assert await store.note_task("job_00000001", "up", "task-1", NOW)
+    assert not await store.note_task("job_00000001", "up", "task-2", NOW)  # the first task named stays
+    b = Leases(db.engine, "b", LEASE)
+    assert await b.claim_expired(NOW + 1, ["up"]) == []  # its process lives: its submit writes it down
+    (row,) = await b.claim_expired(NOW + LEASE + 1, ["up"])
+    assert (row.id, row.state, row.provider, row.upstream_id, row.owner) == (
+        "job_00000001",
+        JobState.SUBMITTED,
+        "up",
+        "task-1",
+        "b",
+    )
+    assert row.submitted_at == NOW + LEASE + 1
+    assert (await store.get("job_00000002")).state is JobState.PENDING  # type: ignore[union-attr]
+
+
 async def test_ended_jobs_hold_no_lease(db: Database) -> None:
     store = await running_job(db, "a")
     await store.finish("job_00000001", succeeded=False, now=NOW + 1, error_code="failed")

@@ -1,0 +1,53 @@
+"""A relay alone on SQLite SIGKILLed while its submit of a job waits for the upstream's answer, after the upstream's
+hook calls about the task came in."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from adapters.simulator import SimEngine, SimSettings, build_sim_app
+from adapters.simulator.hooks import HookSettings
+from relay.config import Config
+from tests.helpers import create_key, free_port, serve, sql, wait_for
+from tests.processes.helpers import SIM_SECRET, relay_processes, write_config
+from tests.processes.test_processes import PRICE, balance, relay_settings
+
+
+def test_a_task_named_by_a_hook_during_its_submit_is_followed_after_a_sigkill(tmp_path: Path) -> None:
+    """The upstream takes the task at once, calls the relay's hook about it, and answers the submit 4 s late; the
+    relay is SIGKILLed before that answer, and the task ends upstream while it is down, so no later call names it.
+    The call that came during the submit named the task: the restarted relay must follow the job to its end, and the
+    SDK's retry get its image, one task upstream, charged once. The job was left PENDING, for the pending sweep to
+    end ten minutes on as never sent (nothing charged) while the upstream ran it, the client waiting meanwhile."""
+    engine = SimEngine(SimSettings(fast_s=1.0, tile_px=16))
+    with serve(build_sim_app(engine, "midjourney-proxy", SIM_SECRET, HookSettings(), late_answer_s=4)) as up:
+        port = free_port()
+        settings = relay_settings(tmp_path / "data", None, up, f"http://127.0.0.1:{port}")
+        config = Config.model_validate(settings)
+        file = write_config(tmp_path / "relay.yaml", settings)
+        key = create_key(config, quota=10)
+        with relay_processes([(file, port)], tmp_path) as (relay,):
+            client = openai.OpenAI(base_url=relay.base + "/v1", api_key=key, max_retries=6, timeout=30)
+            result: list[Any] = []
+            caller = threading.Thread(
+                target=lambda: result.append(
+                    client.images.generate(model="mj-fast", prompt="a lighthouse sim:late-answer", n=1)
+                )
+            )
+            caller.start()
+            wait_for(lambda: engine.submits == 1)
+            wait_for(lambda: "/hooks/" in (tmp_path / "relay-0.log").read_text())  # a call about the task came
+            relay.kill()
+            wait_for(lambda: not engine.all_tasks()[0].open(time.time()))  # it ends while the relay is down
+            relay.start()
+            caller.join(30)
+            client.close()
+        assert len(result) == 1 and result[0].data[0].url
+        assert engine.submits == 1
+        assert sql(config, "SELECT state, hold_state FROM jobs") == [("SUCCEEDED", "captured")]
+        assert balance(config) == (10 - PRICE, 0)
