@@ -274,10 +274,14 @@ class Notifier:
         # Deliveries under way are let finish, for as long as one delivery's tries may take: no other process sends
         # the end of a job that ended here (none takes an ended job over), so one dropped here is never sent.
         # A running job's are not: the process that follows it next (or this one, restarted) sends its later states.
-        # The delivery of an ended job's earlier state, still under way (a receiver that does not answer it, or
-        # fails it), is given up first: the end, which supersedes it, goes at once and has all that time for its
-        # own tries, rather than what the earlier state's tries leave of it.
+        # They are given up first, with the delivery of an ended job's earlier state still under way (a receiver
+        # that does not answer it, or fails it): the places they hold or wait for (the key's, and the relay's) go
+        # to the ends, which go at once and have all that time for their own tries, rather than what the running
+        # jobs' tries, ahead of them in the queue for a place, leave of it.
         self._closing = True
+        running = [w.worker for w in self._watches.values() if not w.ended and w.worker is not None]
+        for worker in running:
+            worker.cancel()
         for watch in self._watches.values():
             if watch.ended and watch.stale is not None:
                 watch.stale.cancel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections.abc import Callable
 
 import pytest
@@ -135,3 +136,39 @@ async def test_a_job_s_end_is_delivered_after_a_read_of_it_failed(
         assert receiver.tasks(job)[0]["status"] == "FAILED"
         await until(lambda: notifier.watching() == 0)
         await notifier.close()
+
+
+async def test_a_job_s_end_at_shutdown_is_not_queued_behind_running_jobs_deliveries(world: World) -> None:
+    """The key's receiver for some running jobs takes each delivery and never answers; they hold the key's one
+    delivery place and queue for it. A job of the same key ends, its hook on a receiver that answers, and the
+    process stops: nobody else sends that end, and it has one delivery's tries to go. The running jobs'
+    deliveries (their later states come from the process that follows them next) went on first, each waiting its
+    whole timeout, and the end was dropped before it ever got the place."""
+    receiver = Receiver()
+    notifier = notifier_of(world, HooksConfig(timeout_s=1, attempts=1, max_concurrent_per_key=1))
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        with contextlib.suppress(asyncio.CancelledError):  # cancelled as the test's loop closes
+            await asyncio.Event().wait()
+
+    server = await asyncio.start_server(never_answers, "127.0.0.1", 0)
+    black_hole = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/h"
+    try:
+        with serve(receiver.app()) as hooks:
+            running = [await world.submit(f"running {index}") for index in range(4)]
+            ending = await world.submit("ends as the process stops")
+            for job_id in running:
+                notifier.watch(job_id, black_hole, "a-hook-secret", "http://relay", world.key_id)
+                world.events.publish(JobEvent(job_id, JobState.SUBMITTED, 0))
+            await until(lambda: len(held) == 1)  # the first holds the place, the others wait for it
+            notifier.watch(ending, hooks + "/ok", "a-hook-secret", "http://relay", world.key_id)
+            await world.tracker.finisher.end(ending, succeeded=False, error_code=FailureCode.FAILED, fail_reason="no")
+            await asyncio.sleep(0.1)  # its delivery waits for the key's place
+            await notifier.close()
+            assert [task["status"] for task in receiver.tasks(ending)] == ["FAILED"]
+    finally:
+        for writer in held:
+            writer.transport.abort()
+        server.close()
