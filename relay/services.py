@@ -217,8 +217,10 @@ class Relay:
         if self.broadcast is not None:
             await self.broadcast.stop()
         await self.prober.stop()
+        # Before the HTTP clients close under a submit the upstream answers late; and before the client hooks stop:
+        # a submit refused then ends its job here, and nobody else sends that end.
+        await self.submitter.drain()
         await self.notifier.close()
-        await self.submitter.drain()  # before the HTTP clients close under a submit the upstream answers late
         await self.pool.aclose()
         await self.references.aclose()
         await self.images.close()
