@@ -356,11 +356,13 @@ class Lifecycle:
         """The confirmation is written (`row`, as written, with this process holding its lease): the job runs under
         the upstream id it now has, to the deadline it now has, holding a provider slot, and no view read before
         the confirmation parks it again. A job not followed here (another process followed the waiting job, or
-        took it from this one meanwhile) is followed from now on, read at once: True then."""
+        took it from this one meanwhile) is followed from now on, read at once: True then. Either way the change is
+        told (to the job's client hook, and to the other processes: the one that followed it lets it go)."""
         assert row.upstream_id is not None
         tracked = self._by_job.get(row.id)
         if tracked is None:
             self.take_up(row)  # confirmed, as the row says
+            self.events.publish(JobEvent(row.id, row.state, row.progress))
             return True
         self.confirming(row.id, row.deadline_at)  # already marked, unless this process adopted the job meanwhile
         if tracked.upstream_id != row.upstream_id:

@@ -419,9 +419,9 @@ class TaskService:
             if confirmed is None:  # it ended meanwhile (the upstream failed it): the client reads that end
                 event(log, "confirmed job had ended", job=row.id, provider=row.provider)
             else:
-                self.lifecycle.confirmed(confirmed)
                 if confirmed.notify_hook:  # this process holds the job now: its client hook comes from here
                     self.notifier.watch(row.id, confirmed.notify_hook, key.hook_secret, base_url, key.id)
+                self.lifecycle.confirmed(confirmed)  # after: the hook hears of the confirmation
             return Submission(row.id, JobState.SUBMITTED, outcome.queued)
         finally:
             try:

@@ -422,7 +422,8 @@ def test_a_modal_confirmed_at_the_other_relay_runs_to_its_end(tmp_path: Path) ->
     submit/modal anywhere) near the end of its modal window. The confirming relay takes the job over and follows it
     to its end, under the deadline of a running job; the relay that parked it, whose lease has not run out, neither
     ends it when the modal window closes nor downloads its grid. The client's hook comes from the relay that holds
-    the job: the one that parked it until the takeover, the other one from then on, never both."""
+    the job: the one that parked it until the takeover, the other one from then on (the confirmation first), never
+    both."""
     receiver = Receiver()
     private = {"api": {"references": {"allow_private": True}}}
     with (
@@ -440,6 +441,10 @@ def test_a_modal_confirmed_at_the_other_relay_runs_to_its_end(tmp_path: Path) ->
         assert client_hooks_delivered(pair.second) >= 1  # the relay that took the job over sent its end
         steps = [(t["status"], t["progress"]) for t in receiver.tasks(task)]
         assert len(steps) == len(set(steps)), steps  # each change once, from one relay at a time
+        # The confirmation is a change the client hears, as when it reaches the relay that parked the job: the
+        # relay that took the job over followed it from then on and announced nothing, so the hook went from MODAL
+        # to IN_PROGRESS.
+        assert steps[:2] == [("MODAL", "0%"), ("SUBMITTED", "0%")], steps
 
 
 @pytest.mark.postgres
