@@ -80,7 +80,11 @@ _PARAMETER = re.compile(rf"(?<!\S){FLAG_DASH}[A-Za-z]")
 # What makes Midjourney run one prompt as several jobs: `--repeat N` (`--r N`), and a permutation, options in braces
 # separated by a comma that is not escaped (`a {red, blue} bird`, `--ar {1:1, 16:9}`).
 _REPEAT = re.compile(rf"(?<!\S){FLAG_DASH}(?:r|repeat)(?!\S)", re.IGNORECASE)
-_PERMUTATION = re.compile(r"\{[^{}]*(?<!\\),[^{}]*\}")
+# A permutation is found as braces with no braces inside (`_BRACES`), then an unescaped comma within them: as one
+# expression (`\{[^{}]*(?<!\\),[^{}]*\}`) the search backtracked over every comma after an unclosed brace, quadratic
+# in the prompt's length.
+_BRACES = re.compile(r"\{[^{}]*\}")
+_COMMA = re.compile(r"(?<!\\),")
 
 
 def prompt_text(prompt: str) -> str:
@@ -92,7 +96,9 @@ def prompt_text(prompt: str) -> str:
 
 def runs_several_jobs(prompt: str) -> bool:
     """Whether Midjourney would run the prompt as several jobs (`--repeat`, or a permutation in braces)."""
-    return _REPEAT.search(prompt) is not None or _PERMUTATION.search(prompt) is not None
+    if _REPEAT.search(prompt) is not None:
+        return True
+    return any(_COMMA.search(braces.group()) is not None for braces in _BRACES.finditer(prompt))
 
 
 def _squash(text: str) -> str:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -148,3 +149,22 @@ def test_a_prompt_made_to_make_the_link_scan_backtrack_is_scanned_in_one_pass(pr
 )
 def test_a_prompt_midjourney_runs_as_several_jobs_is_told_apart(prompt: str, several: bool) -> None:
     assert runs_several_jobs(prompt) is several
+
+
+def test_a_prompt_of_an_open_brace_and_commas_is_read_for_permutations_in_one_pass() -> None:
+    """As one expression the check for a permutation was quadratic: a prompt of `{` and 31,999 commas (the longest
+    `api.max_prompt_chars` allows, none of them closed) held the event loop for over 4 s, 70 ms at the default."""
+    started = time.perf_counter()
+    assert runs_several_jobs("{" + "," * 31_999) is False
+    assert runs_several_jobs("a {" + ", " * 15_999) is False
+    assert time.perf_counter() - started < 0.5
+
+
+# What `runs_several_jobs` finds of a permutation, as one regular expression (which backtracks: quadratic).
+PERMUTATION = re.compile(r"\{[^{}]*(?<!\\),[^{}]*\}")
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(["{", "}", ",", "\\", "a", " "]), max_size=14).map("".join))
+def test_a_permutation_is_found_as_the_expression_finds_it(prompt: str) -> None:
+    assert runs_several_jobs(prompt) is (PERMUTATION.search(prompt) is not None)
