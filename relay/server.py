@@ -482,9 +482,8 @@ class RelayProtocol(HttpToolsProtocol):
                 continue
             if self._boundary:
                 # A pipelined request began inside `piece`, at an offset the parser does not tell: count what it
-                # has shown of it (this undercounts by at most the header line in progress, never overcounts).
-                seen = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) if self._begun else 0
-                self._header_bytes = seen
+                # has shown of it, and the line it holds back (`_held_line`).
+                self._header_bytes = self._held_line(piece) if self._begun else 0
             else:
                 self._header_bytes += len(piece)
             if self._header_bytes >= limit:
@@ -493,6 +492,19 @@ class RelayProtocol(HttpToolsProtocol):
                     "request_header_too_large",
                     f"The request headers are larger than the limit of {limit} bytes.",
                 )
+
+    def _held_line(self, piece: bytes) -> int:
+        """The bytes of its head a request that began inside `piece` has shown so far (its headers not complete).
+        The parser hands over the request line as it comes, but a header only once the next begins: the header line
+        it holds is the one `piece` ends in or, when `piece` ends at a line's end, that line. It is a header's when a
+        header came before it, or the request line (which ends in its HTTP version) did; otherwise the line held is
+        the request line itself, counted as its URL. Never counts a byte twice, nor one of the request before."""
+        start = piece.rstrip(b"\r\n").rfind(b"\n") + 1
+        shown = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        before = piece[piece.rfind(b"\n", 0, max(start - 1, 0)) + 1 : start]
+        if self.headers or b" HTTP/" in before:
+            return shown + len(piece) - start
+        return shown
 
     def pause_writing(self) -> None:
         """More of the answers is waiting than the transport buffers: the client must read some of it within each

@@ -285,6 +285,27 @@ def test_headers_behind_the_end_of_a_body_get_431_as_any_others(start: Start, ap
     refusal(raw[raw.index(b"HTTP/1.1 431") :], 431, "request_header_too_large")
 
 
+@pytest.mark.parametrize("cut", ["mid-line", "line-end"])
+def test_a_header_line_begun_in_the_read_where_the_request_before_ended_is_counted(start: Start, cut: str) -> None:
+    """A request that begins in the read where the one before it ends is counted from what the parser handed over
+    of it: the header line it was still reading (which the parser keeps until the next one begins, however long)
+    went uncounted, and a pipelined request got through with headers of nearly twice the limit."""
+    base, _ = start(header_timeout_s=30)
+    first = get("/echo")
+    head = b"GET /echo HTTP/1.1\r\nHost: relay\r\nX-Big: "
+    if cut == "mid-line":  # the first 4096 bytes end inside X-Big
+        second = head + b"a" * 6000 + b"\r\n\r\n"
+    else:  # the first 4096 bytes end right after X-Big's line, 4000 bytes long
+        big = head + b"a" * (4096 - len(first) - len(head) - 2) + b"\r\n"
+        second = big + b"X-More: " + b"b" * 3000 + b"\r\n\r\n"
+    with connect(base) as sock:
+        sock.sendall(first + second)
+        raw = read_to_close(sock)
+    assert raw.startswith(b"HTTP/1.1 200 OK"), raw
+    assert raw.count(b"HTTP/1.1 ") == 2, raw
+    refusal(raw[raw.index(b"HTTP/1.1 431") :], 431, "request_header_too_large")
+
+
 def test_pipelined_requests_and_large_bodies_are_not_taken_for_large_headers(start: Start) -> None:
     base, _ = start()
     requests = [padded(300)] * 40  # 12000 bytes of headers in one write, none over the limit
