@@ -369,12 +369,17 @@ class HttpUpstream:
         return [view for view in views if view.upstream_id in wanted]
 
     async def _fetch_each(self, ids: list[str]) -> tuple[list[TaskView], list[str], UpstreamUnavailable | None]:
-        """One fetch per id: the views read, the ids whose fetch failed, and the first failure."""
+        """One fetch per id: the views read, the ids whose fetch failed, and the first failure. A fetch answered
+        with another task than the one asked for failed: it says nothing of the task asked for (no answer that the
+        upstream does not know it, which would count towards the job being lost), and the task it names was not
+        asked for (as a list's tasks not asked for are left out)."""
         results = await asyncio.gather(*(self.fetch(i) for i in ids), return_exceptions=True)
         views: list[TaskView] = []
         missed: list[str] = []
         failure: UpstreamUnavailable | None = None
         for upstream_id, result in zip(ids, results, strict=True):
+            if isinstance(result, TaskView) and result.upstream_id != upstream_id:
+                result = UpstreamUnavailable(f"the fetch of task {upstream_id} answered another task")
             if isinstance(result, UpstreamUnavailable):
                 missed.append(upstream_id)
                 failure = failure or result

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -209,6 +210,23 @@ def test_a_task_the_upstream_forgets_ends_lost(tmp_path: Path) -> None:
         task_id = client.post("/mj/submit/imagine", json={"prompt": "a ghost"}).json()["result"]
         wait_for(lambda: client.get(f"/mj/task/{task_id}/fetch").json()["status"] == "FAILURE")
         assert "lost" in client.get(f"/mj/task/{task_id}/fetch").json()["failReason"]
+
+
+def test_a_task_whose_fetch_answers_another_task_is_not_lost(tmp_path: Path) -> None:
+    """Read one fetch per task, the provider answers the fetch of a task with another task: that says nothing of the
+    task asked for (it is no answer that the upstream does not know it), so the job is read again, never lost, and
+    the other task's view is taken for nobody's."""
+    canned = Canned()
+    canned.on("submit/imagine", (200, {"code": 1, "result": "u-asked"}))
+    canned.on("task/list-by-condition", (404, None))
+    canned.on("fetch", (200, task("u-other", "IN_PROGRESS", "40%")))
+    with relay_before(canned, tmp_path, lost_after_s=0.3) as (client, _):
+        task_id = client.post("/mj/submit/imagine", json={"prompt": "a heron"}).json()["result"]
+        wait_for(lambda: sum(1 for route, _ in canned.calls if route == "task/list-by-condition") >= 1)
+        time.sleep(1.0)  # twenty poll intervals, three times lost_after_s
+        seen = client.get(f"/mj/task/{task_id}/fetch").json()
+        assert seen["status"] not in ("FAILURE", "SUCCESS"), seen
+        assert seen["progress"] == "0%"  # the other task's progress is not this job's
 
 
 def _png_cdn() -> Starlette:
