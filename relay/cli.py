@@ -112,6 +112,7 @@ def serve(
     server = server.model_copy(update={"port": bound})
     config = config.model_copy(update={"server": server})
     _make_folders(config)
+    _check_bucket(config)
     # The database, brought up to date here first: one it cannot use (not answering yet, a newer mj-relay's) is one
     # line and exit 3, as for every command on it, not the traceback of a failed start.
     _run_with_db(config, _nothing)
@@ -139,6 +140,30 @@ def serve(
 
 # What `serve` exits with when it cannot start (uvicorn's code for the same).
 STARTUP_FAILURE = 3
+
+
+def _check_bucket(config: Config) -> None:
+    """The bucket of `images.s3`, checked as the relay's start checks it, before anything is opened: one that cannot
+    be used (not made, not reached yet, the keys refused) is one line naming it and why, and exit
+    `STARTUP_FAILURE`, not the traceback of a failed start."""
+    s3 = config.images.s3
+    if s3 is None:
+        return
+    from relay.images import StorageError
+    from relay.images.s3 import S3Backend
+
+    async def check() -> None:
+        backend = S3Backend(s3)
+        try:
+            await backend.open()
+        finally:
+            await backend.close()
+
+    try:
+        asyncio.run(check())
+    except StorageError as exc:
+        click.echo(f"mj-relay: {exc}", err=True)
+        sys.exit(STARTUP_FAILURE)
 
 
 async def _nothing(_db: Any) -> None:

@@ -156,5 +156,8 @@ def _why(exc: BaseException) -> str:
     """A short reason that names no endpoint, bucket or key: the S3 error code, else the kind of failure."""
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return f"{_code(exc) or 'error'}, HTTP {status}" if status else _code(exc) or "error"
+        code = _code(exc)
+        if status and code in ("", str(status)):  # an answer with no body (HEAD): botocore's code is its status
+            return f"HTTP {status}"
+        return f"{code or 'error'}, HTTP {status}" if status else code or "error"
     return type(exc).__name__

@@ -24,7 +24,7 @@ from relay.config import Config
 from relay.images import Links, StorageError, formats
 from relay.services import Relay
 from tests.api.native_helpers import png
-from tests.cli.test_cli import process
+from tests.cli.test_cli import cli, process
 from tests.helpers import (
     CuttableProxy,
     RunningRelay,
@@ -176,6 +176,28 @@ def test_a_relay_whose_bucket_cannot_be_used_does_not_start(tmp_path: Path, buck
     with pytest.raises(StorageError, match=r"images\.s3: the bucket 'no-such-bucket-here' cannot be used"):
         asyncio.run(start())
     assert not Path(config.database_url().split(":///", 1)[1]).exists()  # nothing was opened
+
+
+def test_a_bucket_serve_cannot_use_is_one_clear_error_and_no_listening_line(
+    tmp_path: Path, bucket: Bucket, store_proxy: CuttableProxy
+) -> None:
+    """A bucket not made, or a store not up yet (a compose file's relay started before its MinIO): one line naming
+    the bucket and why, exit 3, as a database serve cannot use is told; it was uvicorn's traceback of the failed
+    start, as one JSON log line."""
+    store_proxy.refuse()
+    for name, s3, why in (
+        ("no-such-bucket-here", bucket.config(bucket="no-such-bucket-here", max_attempts=1), "HTTP 404"),
+        (bucket.name, bucket.config(endpoint_url=store_proxy.endpoint, max_attempts=1), "EndpointConnectionError"),
+    ):
+        config = {"data_dir": str(tmp_path / "data"), "images": {"s3": s3}}
+        (tmp_path / "relay.yaml").write_text(yaml.safe_dump(config))
+        result = cli(tmp_path, "serve", "--config", "relay.yaml", "--port", "0")
+        assert result.returncode == 3, result
+        assert "listening" not in result.stdout and "Traceback" not in result.stderr, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line == f"mj-relay: images.s3: the bucket '{name}' cannot be used ({why})", line
+        assert ACCESS["secret_access_key"] not in result.stderr and str(store_proxy.endpoint) not in line
+        assert not (tmp_path / "data" / "mj-relay.db").exists()  # nothing was opened
 
 
 def test_a_job_that_finishes_while_the_bucket_is_down_is_kept_once_it_is_back_and_charged(
