@@ -129,6 +129,7 @@ class Relay:
             clock=clock,
             metrics=self.metrics,
             submitting=self.submitter.submitting,
+            submitting_to=self.submitter.submitting_to,
             leases=self.leases,
             follow=self.coordinator.follow_claimed,
             watch=self._watch_hooks,

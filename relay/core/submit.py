@@ -135,7 +135,8 @@ class Submitter:
         self._mark: Batcher[Submitted, None] = Batcher(
             lambda batch: store.mark_submitted_many(batch, clock.now()), "mark-submitted"
         )
-        self._submitting: set[str] = set()
+        # The jobs being submitted, each with the provider its submit is with now (None between two).
+        self._submitting: dict[str, str | None] = {}
         # Holds being written, and jobs held whose submit has not started: a stopping process waits for them as for
         # the submits under way, since their submits follow at once.
         self._admitting = 0
@@ -152,6 +153,10 @@ class Submitter:
     def submitting(self, job_id: str) -> bool:
         """Whether this process is submitting the job right now."""
         return job_id in self._submitting
+
+    def submitting_to(self, job_id: str) -> str | None:
+        """The provider this process is sending the job to right now, waiting for its answer; None when none is."""
+        return self._submitting.get(job_id)
 
     async def admit(self, key: KeyRecord, jobs: list[NewJob]) -> None:
         """Hold the price of every job and insert them, or raise having held nothing: a model the key may not use
@@ -240,12 +245,12 @@ class Submitter:
         self._admitted.discard(job_id)
         if self._closed:  # the process stopped waiting for submits: this one is never sent
             return await self._never_sent(job_id)
-        self._submitting.add(job_id)
+        self._submitting[job_id] = None
         self._idle.clear()
         try:
             return await self._submit(planned)
         finally:
-            self._submitting.discard(job_id)
+            self._submitting.pop(job_id, None)
             self._settle_idle()
 
     def _settle_idle(self) -> None:
@@ -296,12 +301,15 @@ class Submitter:
                     await self._give_back(job.id)
                     continue
             self.pool.acquire(name)
+            self._submitting[job.id] = name
             try:
                 outcome = await self.pool.submit(name, replace(request, notify_hook=self.hook_url(name)), trial=trial)
             except Exception:
                 # A bug, not an answer: the request may have gone out, so it is not sent elsewhere.
                 log.exception("submitting failed", extra={"fields": {"job": job.id, "provider": name}})
                 outcome = Retryable("the relay failed while submitting", sent=True)
+            finally:
+                self._submitting[job.id] = None
             if isinstance(outcome, Accepted):
                 await self._accepted(planned, name, outcome)
                 return Outcome(JobState.SUBMITTED, queued=outcome.queued)

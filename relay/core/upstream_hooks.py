@@ -124,6 +124,7 @@ class UpstreamHooks:
         follow: Callable[[list[JobRow]], Awaitable[object]] | None = None,
         watch: Callable[[list[JobRow]], Awaitable[None]] | None = None,
         alone: bool = False,
+        submitting_to: Callable[[str], str | None] = lambda job_id: None,
     ) -> None:
         self.config = config
         self.secrets = list(secrets)
@@ -133,6 +134,7 @@ class UpstreamHooks:
         self.clock = clock
         self.metrics = metrics
         self._submitting = submitting  # whether this process is submitting a job right now
+        self._submitting_to = submitting_to  # the provider it is sending the job to, waiting for its answer
         self.leases = leases
         self._follow = follow  # follow jobs just claimed, as adoption does (`Coordinator.follow_claimed`)
         self._watch = watch  # the client hooks of a job adopted here go on here (as adoption's do)
@@ -320,8 +322,11 @@ class UpstreamHooks:
             return "late"  # its job ended here already (a read saw the end first): nothing to apply
         if view.state and self._submitting(view.state):
             # A submit here is under way: it follows the job itself once answered. The task is written down
-            # meanwhile, so that a process that claims the job after this one died before the answer follows it.
-            await self.store.note_task(view.state, provider, view.upstream_id, self.clock.now())
+            # meanwhile, so that a process that claims the job after this one died before the answer follows it;
+            # only when the call comes from the provider the submit waits on: another (one that refused the job
+            # before knows its state) names a task that is not the job's.
+            if self._submitting_to(view.state) == provider:
+                await self.store.note_task(view.state, provider, view.upstream_id, self.clock.now())
             return "unknown"
         if not view.state or self.lifecycle.following(view.state):
             return "unknown"  # followed here: polling reads it

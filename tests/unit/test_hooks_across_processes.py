@@ -402,3 +402,29 @@ async def test_a_job_adopted_here_is_followed_even_when_its_client_hook_cannot_b
     await elsewhere(world, "job_claimed02")
     world.clock.advance(5)  # that process died too
     assert await coordinator.adopt() == 1 and world.tracker.lifecycle.following("job_claimed02")
+
+
+async def test_a_call_of_another_provider_than_the_one_a_job_is_submitted_to_is_not_written_down(
+    world: World,
+) -> None:
+    """A job is being submitted here to provider `other`, and `sim` (which refused it before, so knows its id, or
+    names it at will) calls about a task of its own with the job's state: that task is not the job's. Written down
+    on the job, a process that claims the job after this one died would follow it at `sim` (ending it by the task
+    `sim` says, charged for another's image or refunded while `other` ran it); and the task `other` names next would
+    no longer be written down (the first one named stays)."""
+    hooks = hooks_of(world, Forwarded())
+    hooks._submitting = lambda job_id: job_id == "job_submit01"
+    hooks._submitting_to = lambda job_id: "other" if job_id == "job_submit01" else None
+    now = world.clock.now()
+    new = NewJob("job_submit01", "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "a cat", 2, now + 600)
+    assert await world.store.open(world.key_id, [new], now)
+    reply = world.engine.submit_imagine({"prompt": "a cat", "state": "job_submit01"}, "fast")
+    assert await hooks.apply("sim", body_of(world, str(reply.body["result"]))) == "unknown"
+    row = await world.store.get("job_submit01")
+    assert row is not None and row.state is JobState.PENDING
+    assert row.provider is None and row.upstream_id is None
+    # the provider the submit waits on names its task: that one is written down
+    hooks._submitting_to = lambda job_id: "sim"
+    assert await hooks.apply("sim", body_of(world, str(reply.body["result"]))) == "unknown"
+    row = await world.store.get("job_submit01")
+    assert row is not None and (row.provider, row.upstream_id) == ("sim", reply.body["result"])
