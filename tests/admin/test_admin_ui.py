@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, Route, expect, sync_playwright
 
 from tests.admin.conftest import TOKEN, admin_config
 from tests.helpers import RunningRelay, running_relay, wait_for
@@ -235,3 +235,32 @@ def test_more_jobs_are_of_the_search_shown(relay: RunningRelay, browser: Browser
     cards = page.locator("#jobs-list article.job")
     assert {cards.nth(i).get_attribute("data-key-id") for i in range(cards.count())} == {test_id}
     assert cards.count() == 25
+
+
+def test_an_answer_that_comes_after_signing_out_is_not_shown(relay: RunningRelay, browser: Browser) -> None:
+    """A request sent with the token and answered after signing out (a slow usage or providers read) puts nothing
+    in the page: the usage it was shown with would be there again, under the sign-in form, for whoever uses the tab
+    next."""
+    relay.openai().images.generate(model="mj-fast", prompt="a lighthouse at dusk")
+    page = browser.new_page()
+    page.goto(relay.base + "/admin/")
+    _sign_in(page, TOKEN)
+    expect(page.locator('#keys-table tr[data-key-name="test"]')).to_have_count(1)
+    held: list[Route] = []
+    page.route("**/api/usage?*", lambda route: held.append(route))
+    page.route("**/api/providers", lambda route: held.append(route))
+    page.click('#nav [data-view="usage"]')
+    page.click('#nav [data-view="providers"]')
+    for _ in range(100):
+        if len(held) == 2:
+            break
+        page.wait_for_timeout(50)
+    assert len(held) == 2
+    page.click("#sign-out")
+    expect(page.locator("#login")).to_be_visible()
+    for route in held:
+        route.continue_()
+    page.wait_for_timeout(1000)
+    assert page.locator("#usage-total").inner_text() == ""
+    assert page.locator("#usage-by-key tbody tr, #providers-table tbody tr").count() == 0
+    expect(page.locator("#status")).to_have_text("")  # nor an error of its own

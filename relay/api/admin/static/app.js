@@ -10,6 +10,7 @@
   let jobsCursor = null;
   let jobsQuery = null; // the filters of the jobs shown
   let jobsSearch = 0; // which search they are of
+  let session = 0; // which sign-in the page is of: an answer to a request of an earlier one is dropped
 
   // -- helpers ----------------------------------------------------------------------------------------------------
 
@@ -53,6 +54,9 @@
     }
   }
 
+  // An answer to a request made before the page signed out: shown nowhere (`guarded` ignores it).
+  class SignedOut extends Error {}
+
   async function api(method, path, body) {
     const headers = { Authorization: `Bearer ${sessionStorage.getItem(TOKEN) || ""}` };
     const init = { method, headers, cache: "no-store" };
@@ -60,13 +64,17 @@
       headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
     }
+    const begun = session;
     const response = await fetch(`api/${path}`, init);
+    if (begun !== session) throw new SignedOut();
     if (response.status === 401) {
       signOut("The admin token was refused; sign in again.");
       throw new ApiError(401, await response.json().catch(() => null));
     }
     if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
-    return path.endsWith(".csv") ? response.blob() : response.json();
+    const answer = await (path.endsWith(".csv") ? response.blob() : response.json());
+    if (begun !== session) throw new SignedOut();
+    return answer;
   }
 
   // Runs an action, showing its error (if any) in the status line. The button that started it (a form's submit
@@ -80,7 +88,9 @@
       try {
         await action(event);
       } catch (error) {
-        if (!(error instanceof ApiError && error.status === 401)) status(error.message, true);
+        if (!(error instanceof SignedOut || (error instanceof ApiError && error.status === 401))) {
+          status(error.message, true);
+        }
       } finally {
         for (const control of controls) control.disabled = false;
       }
@@ -123,6 +133,7 @@
     jobsCursor = null;
     jobsQuery = null;
     jobsSearch += 1;
+    session += 1; // the answers still to come are of the token gone
     $("#jobs-more").hidden = true;
   }
 
