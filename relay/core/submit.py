@@ -310,6 +310,11 @@ class Submitter:
                 outcome = Retryable("the relay failed while submitting", sent=True)
             finally:
                 self._submitting[job.id] = None
+            if isinstance(outcome, Retryable) and outcome.sent:
+                noted = await self._noted(job.id, name)
+                if noted is not None:  # unanswered, but the provider's own hook named its task: it took the job
+                    event(log, "unanswered submit followed by the task its hook named", job=job.id, provider=name)
+                    outcome = Accepted(noted)
             if isinstance(outcome, Accepted):
                 await self._accepted(planned, name, outcome)
                 return Outcome(JobState.SUBMITTED, queued=outcome.queued)
@@ -344,6 +349,18 @@ class Submitter:
         if row is None:
             raise InternalError("The job vanished.")
         return Outcome(row.state, row=row)
+
+    async def _noted(self, job_id: str, provider: str) -> str | None:
+        """The task `provider`'s hook named for the job while its submit there waited for the answer
+        (`JobStore.note_task`); None when none did (or it cannot be read)."""
+        try:
+            row = await self.store.get(job_id)
+        except Exception:
+            log.exception("reading a job's noted task failed", extra={"fields": {"job": job_id}})
+            return None
+        if row is None or row.state is not JobState.PENDING or row.provider != provider:
+            return None
+        return row.upstream_id
 
     async def _reserved(self, job_id: str, provider: str, limit: int | None) -> tuple[bool, bool]:
         """A slot of the provider reserved for the job, and whether the job holds the provider's half-open trial. The

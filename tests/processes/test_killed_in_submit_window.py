@@ -52,3 +52,26 @@ def test_a_task_named_by_a_hook_during_its_submit_is_followed_after_a_sigkill(tm
         assert engine.submits == 1
         assert sql(config, "SELECT state, hold_state FROM jobs") == [("SUCCEEDED", "captured")]
         assert balance(config) == (10 - PRICE, 0)
+
+
+def test_a_task_named_by_a_hook_during_a_submit_that_times_out_is_followed(tmp_path: Path) -> None:
+    """The upstream takes the task at once and calls the relay's hook about it, but answers the submit after the
+    provider's timeout_s: the submit is unanswered (it may have run), yet the provider itself named the task. The
+    job must be followed to its end under that task, the image given and charged once, not ended as unconfirmed
+    (refunded, the client told it may have run) while the upstream ran it."""
+    engine = SimEngine(SimSettings(fast_s=1.0, tile_px=16))
+    with serve(build_sim_app(engine, "midjourney-proxy", SIM_SECRET, HookSettings(), late_answer_s=5)) as up:
+        port = free_port()
+        settings = relay_settings(tmp_path / "data", None, up, f"http://127.0.0.1:{port}")
+        settings["providers"][0]["timeout_s"] = 2
+        config = Config.model_validate(settings)
+        file = write_config(tmp_path / "relay.yaml", settings)
+        key = create_key(config, quota=10)
+        with relay_processes([(file, port)], tmp_path) as (relay,):
+            client = openai.OpenAI(base_url=relay.base + "/v1", api_key=key, max_retries=0, timeout=30)
+            result = client.images.generate(model="mj-fast", prompt="a lighthouse sim:late-answer", n=1)
+            client.close()
+        assert result.data[0].url
+        assert engine.submits == 1
+        assert sql(config, "SELECT state, hold_state FROM jobs") == [("SUCCEEDED", "captured")]
+        assert balance(config) == (10 - PRICE, 0)
