@@ -497,12 +497,13 @@ class RelayProtocol(HttpToolsProtocol):
         """The bytes of its head a request that began inside `piece` has shown so far (its headers not complete).
         The parser hands over the request line as it comes, but a header only once the next begins: the header line
         it holds is the one `piece` ends in or, when `piece` ends at a line's end, that line. It is a header's when a
-        header came before it, or the request line (which ends in its HTTP version) did; otherwise the line held is
-        the request line itself, counted as its URL. Never counts a byte twice, nor one of the request before."""
+        header came before it, or the request line (its URL, then its HTTP version) did; otherwise the line held is
+        the request line itself, counted as its URL. Never counts a byte twice, nor one of the request before (the
+        line before may be the last of its body, which may say " HTTP/" too)."""
         start = piece.rstrip(b"\r\n").rfind(b"\n") + 1
         shown = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
         before = piece[piece.rfind(b"\n", 0, max(start - 1, 0)) + 1 : start]
-        if self.headers or b" HTTP/" in before:
+        if self.headers or (self.url and b" " + self.url + b" HTTP/" in before):
             return shown + len(piece) - start
         return shown
 

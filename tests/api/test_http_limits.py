@@ -306,6 +306,22 @@ def test_a_header_line_begun_in_the_read_where_the_request_before_ended_is_count
     refusal(raw[raw.index(b"HTTP/1.1 431") :], 431, "request_header_too_large")
 
 
+def test_a_request_line_begun_behind_a_body_whose_last_line_names_http_is_counted_once(start: Start) -> None:
+    """A body whose last line ends in a newline and says " HTTP/" (a prompt about HTTP/2), then a request whose
+    request line the read ends in: that line is the request line, counted as its URL, not a header line after it.
+    Taken for a header's, it was counted twice, and a request well under the limit was refused 431."""
+    base, _ = start(header_timeout_s=30)
+    body = b'{"prompt": "a neon sign reading HTTP/2"}\n'
+    first = post("/echo", len(body), body)
+    bare = get("/echo?q=", "Connection: close")
+    second = get("/echo?q=" + "q" * (4050 - len(bare)), "Connection: close")
+    assert len(second) == 4050 and len(first) + len(second) > 4096  # the first read ends inside its URL
+    with connect(base) as sock:
+        sock.sendall(first + second)
+        raw = read_to_close(sock)
+    assert raw.count(b"HTTP/1.1 200 OK") == 2, raw
+
+
 def test_pipelined_requests_and_large_bodies_are_not_taken_for_large_headers(start: Start) -> None:
     base, _ = start()
     requests = [padded(300)] * 40  # 12000 bytes of headers in one write, none over the limit
