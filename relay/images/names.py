@@ -2,9 +2,9 @@
 
 A job keeps `grid.png` (a 2x2 grid) or `image.png` (one image); the four tiles `1.png`..`4.png` (top left, top
 right, bottom left, bottom right) are cut from the grid. Every backend keeps an image under the same key,
-`<last two characters of the job id>/<job id>-<name>`: 256 folders in a directory, 256 prefixes in a bucket (so a
-directory can be copied into a bucket as it is). Ids are the relay's own and names come from this fixed list, both
-checked here: no text a client chose ever reaches a path or an object key.
+`<last two characters of the job id>/<job id>-<name>`: 100 folders in a directory, 100 prefixes in a bucket (ids are
+digits; so a directory can be copied into a bucket as it is). Ids are the relay's own and names come from this
+fixed list, both checked here: no text a client chose ever reaches a path or an object key.
 """
 
 from __future__ import annotations
