@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from relay.api.common import relay_of
 from relay.errors import InternalError, LinkRefused, NotFound, ServiceUnavailable
-from relay.images import NAMES, ImageError, ImageMissing, StorageError
+from relay.images import NAMES, STORE_RETRY_S, ImageError, ImageMissing, StorageError
 
 HEADERS = {"Cache-Control": "private, max-age=3600"}
 
@@ -28,7 +28,9 @@ async def get_file(request: Request) -> Response:
     except (ValueError, ImageMissing):
         raise NotFound("No such image.", what="image") from None
     except StorageError:
-        raise ServiceUnavailable("The image cannot be read right now; try again shortly.", retry_after=5) from None
+        raise ServiceUnavailable(
+            "The image cannot be read right now; try again shortly.", retry_after=STORE_RETRY_S
+        ) from None
     except ImageError:
         raise InternalError("The stored image is damaged.") from None
     return Response(data, media_type="image/png", headers=HEADERS)

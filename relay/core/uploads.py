@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from relay.clock import Clock
 from relay.config import UploadsConfig
 from relay.errors import InvalidImage, InvalidRequest, RateLimited, ServiceUnavailable
-from relay.images import IMAGE, ImageError, ImageMissing, ImageStore, StorageError
+from relay.images import IMAGE, STORE_RETRY_S, ImageError, ImageMissing, ImageStore, StorageError
 from relay.store.keys import KeyStore
 
 log = logging.getLogger("relay.uploads")
@@ -109,7 +109,9 @@ class Uploads:
             await self._uncount(key_id, len(failed), taken_at)
         for why in failed.values():
             if isinstance(why, StorageError):
-                raise ServiceUnavailable("The image store cannot keep images right now; try again shortly.")
+                raise ServiceUnavailable(
+                    "The image store cannot keep images right now; try again shortly.", retry_after=STORE_RETRY_S
+                )
         if failed:
             raise InvalidImage(f"An image cannot be kept: {next(iter(failed.values()))}.", param="base64Array")
         now = self.clock.now()
@@ -144,7 +146,9 @@ class Uploads:
                 "A relay image link in the prompt names an image that is gone.", param="prompt"
             ) from None
         except StorageError:
-            raise ServiceUnavailable("The image store cannot be read right now; try again shortly.") from None
+            raise ServiceUnavailable(
+                "The image store cannot be read right now; try again shortly.", retry_after=STORE_RETRY_S
+            ) from None
         for link in reversed(found):
             prompt = prompt[: link.start] + prompt[link.end :]
         inlined = tuple("data:image/png;base64," + base64.b64encode(blob).decode() for blob in blobs)

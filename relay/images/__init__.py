@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from relay.config import Config
-from relay.images.backend import Backend, ImageMissing, StorageError
+from relay.images.backend import STORE_RETRY_S, Backend, ImageMissing, StorageError
 from relay.images.formats import ImageError
 from relay.images.links import Links, SigningKeyError, load_or_create_secret
 from relay.images.local import LocalBackend
@@ -22,6 +22,7 @@ from relay.images.names import GRID, IMAGE, NAMES, TILE_NAMES
 from relay.images.store import ImageStore
 
 __all__ = [
+    "STORE_RETRY_S",
     "GRID",
     "IMAGE",
     "NAMES",

@@ -22,6 +22,10 @@ class StorageError(Exception):
     """The backend could not keep or give back an object. The message names no path, bucket or endpoint."""
 
 
+# The Retry-After of a request answered 503 because the store could not keep or give back an image, on every surface.
+STORE_RETRY_S = 5
+
+
 class ImageMissing(LookupError):
     """No image is kept under that name."""
 

@@ -254,6 +254,12 @@ def test_a_bucket_that_stops_answering_is_a_503_to_try_again(tmp_path: Path, buc
         assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
         assert refused.json()["error"]["message"] == "The image cannot be read right now; try again shortly."
         assert bucket.name not in refused.text and bucket.endpoint not in refused.text
+        # the same wait wherever the store is what failed: a relay image link in a prompt, an upload
+        linked = client.post("/mj/submit/imagine", json={"prompt": f"{task['imageUrl']} a moth again"})
+        uploaded = client.post("/mj/submit/upload-discord-images", json={"base64Array": [png()]})
+        for answer in (linked, uploaded):
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "5", answer.text
+        assert len(relay.jobs()) == 1 and relay.balance()[1] == 0  # nothing held, no job made
 
 
 def test_serve_says_the_images_are_kept_in_the_bucket(tmp_path: Path, bucket: Bucket) -> None:

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 from relay.api.common import Text, attempt_of, base_url, json_body, relay_of, unless_disconnected, validate
 from relay.core.jobs import JobService
 from relay.errors import InternalError, ServiceUnavailable
-from relay.images import ImageError, ImageMissing, StorageError
+from relay.images import STORE_RETRY_S, ImageError, ImageMissing, StorageError
 
 
 class ImageGenerationRequest(BaseModel):
@@ -56,7 +56,9 @@ async def create_image(request: Request) -> JSONResponse:
         try:
             blobs = await asyncio.gather(*(relay.images.read(t.job_id, t.name) for t in tiles))
         except StorageError:
-            raise ServiceUnavailable("The images cannot be read right now; try again shortly.", retry_after=5) from None
+            raise ServiceUnavailable(
+                "The images cannot be read right now; try again shortly.", retry_after=STORE_RETRY_S
+            ) from None
         except (ImageError, ImageMissing):  # kept whole, then damaged or removed: as its link would answer
             raise InternalError("The stored image is damaged.") from None
         data = [{"b64_json": base64.b64encode(blob).decode(), "revised_prompt": revised} for blob in blobs]
