@@ -72,6 +72,8 @@ class Tracked:
     running_since: float | None = None  # when this process first saw it IN_PROGRESS
     running_from: int = 0  # its progress then (more than 0 for a job adopted while it ran)
     may_wait: bool = False  # a follow-up the upstream may park in MODAL (a job submitted on its own never waits)
+    # Taken from the store (claimed from a process that died or stalled): its result may be kept already
+    taken_up: bool = False
     mode: str = field(kw_only=True)  # fast, relax or turbo: how long it may run (`jobs.deadline_s`)
 
 
@@ -318,6 +320,7 @@ class Lifecycle:
         """Follow a job this process just took from the store (claimed, or confirmed while another followed it):
         holding a provider slot unless it waits in MODAL, read at once, as it may have moved on meanwhile."""
         tracked = self.tracked_from(row)
+        tracked.taken_up = True
         if tracked.slot:
             self.pool.acquire(tracked.provider)
         tracked.due_at = self.clock.now()
@@ -545,6 +548,9 @@ class Lifecycle:
             self.on_follow(tracked.provider, tracked.due_at)
             return
         try:
+            if await self._kept_already(tracked):
+                await self.end(tracked, succeeded=True, view=view)
+                return
             code, reason = FailureCode.DOWNLOAD, "the image could not be fetched"
             for attempt in range(self.config.images.download_attempts):
                 if attempt:
@@ -573,6 +579,17 @@ class Lifecycle:
             await self.end(
                 tracked, succeeded=False, error_code=FailureCode.INTERNAL, reason="the relay failed to store it"
             )
+
+    async def _kept_already(self, tracked: Tracked) -> bool:
+        """Whether a job taken from the store has its whole result kept already: the process that held it died (or
+        stalled) after keeping it, before its ending was written. Its grid is not downloaded a second time. One the
+        kill left half-written (a file is written in place), or a store that cannot say, is downloaded again."""
+        if not tracked.taken_up or tracked.shape is ResultShape.TEXT:
+            return False
+        try:
+            return await self.images.kept_whole(tracked.job_id, _FILE_OF[tracked.shape])
+        except StorageError:
+            return False
 
     async def _keep(self, tracked: Tracked, data: bytes) -> ImageError | StorageError | None:
         """Keep a finished job's downloaded image: None once kept, or why not. An image store that fails (a bucket

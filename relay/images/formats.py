@@ -13,7 +13,7 @@ from relay.images.names import TILE_NAMES
 __all__ = ["ImageError", "cut", "kept", "png_size", "shown", "to_png"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its CRC: the last chunk of every PNG
+PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its CRC: the last chunk of every PNG
 
 
 class ImageError(Exception):
@@ -54,7 +54,7 @@ def png_size(data: bytes) -> tuple[int, int] | None:
     at it, and a PNG with bytes after it (padding, an appended archive) is whole."""
     if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
         return None
-    if _PNG_END not in data[-64:] and _PNG_END not in data:
+    if PNG_END not in data[-64:] and PNG_END not in data:
         raise ImageError("the PNG is truncated")
     return _usable((int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")))
 

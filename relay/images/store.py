@@ -129,6 +129,17 @@ class ImageStore:
             failed[owner[where]] = StorageError(why)
         return failed
 
+    async def kept_whole(self, job_id: str, name: str) -> bool:
+        """Whether an image is kept, whole: a PNG up to its end marker, as `save` keeps it (a file cut short by a
+        process killed while writing it is not). Raises StorageError."""
+        data = await self.backend.get(key(job_id, name))
+        if data is None or not data.endswith(formats.PNG_END):
+            return False
+        try:
+            return formats.png_size(data) is not None
+        except ImageError:
+            return False
+
     # -- reading -------------------------------------------------------------------------------------------------
 
     async def read(self, job_id: str, name: str) -> bytes:
