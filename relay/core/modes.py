@@ -23,6 +23,8 @@ from adapters import MODES, Bot, Mode
 from relay.config import ModelConfig
 from relay.core.prompt import FLAG_DASH
 
+# The mode of a request that names none (rule 6), which an upstream that is told no mode runs a task in too.
+DEFAULT_MODE: Mode = "fast"
 _FLAG = re.compile(rf"(?<!\S){FLAG_DASH}(fast|relax|turbo)(?!\S)", re.IGNORECASE)
 
 
@@ -65,7 +67,7 @@ def choose_mode(hints: ModeHints, models: Mapping[str, ModelConfig], inherited: 
     flags = _FLAG.findall(hints.prompt)
     if flags:
         return flags[-1].lower()  # type: ignore[no-any-return]
-    return inherited or "fast"
+    return inherited or DEFAULT_MODE
 
 
 def price_model(models: Mapping[str, ModelConfig], mode: Mode, bot: Bot, named: str | None = None) -> str | None:

@@ -12,11 +12,12 @@ import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from relay.core.modes import DEFAULT_MODE
+
 # Task kinds whose submit sends no prompt, so no mode flag: only the dialect's own mechanism (a path, accountFilter, a
 # body `model`) names their mode. An upstream that reads none runs them in its default mode, fast (as the relay's own
 # mode rule defaults to it), or in the one mode a provider that serves only one has.
 WITHOUT_PROMPT = frozenset({"blend", "describe", "swap_face"})
-DEFAULT_MODE = "fast"
 
 
 def can_run(

@@ -36,11 +36,11 @@ from relay.core.buttons import kind_of
 from relay.core.failures import code_of, job_failed
 from relay.core.jobs import ID_TRIES, check_prompt, new_job_id
 from relay.core.lifecycle import Lifecycle
-from relay.core.modes import ModeHints, UnknownModel, choose_mode, price_model
+from relay.core.modes import DEFAULT_MODE, ModeHints, UnknownModel, choose_mode, price_model
 from relay.core.notify import Notifier
 from relay.core.prompt import PromptParts, build_prompt
 from relay.core.providers import ProviderPool
-from relay.core.router import DEFAULT_MODE, WITHOUT_PROMPT
+from relay.core.router import WITHOUT_PROMPT
 from relay.core.submit import JobIdTaken, Outcome, Planned, Submitter
 from relay.core.uploads import Uploads
 from relay.domain import TASKS, FailureCode, JobState, Mode, TaskKind
