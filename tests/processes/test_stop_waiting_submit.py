@@ -9,12 +9,9 @@ from pathlib import Path
 
 import httpx
 
-from adapters.simulator import SimEngine, SimSettings, build_sim_app
-from relay.config import Config
-from tests.helpers import create_key, free_port, serve, sql, wait_for
-from tests.processes.helpers import SIM_SECRET, relay_processes, write_config
-from tests.processes.test_processes import PRICE, balance, relay_settings
-from tests.processes.test_stop_slow_submit import LATE_S
+from tests.helpers import sql, wait_for
+from tests.processes.test_processes import PRICE, balance
+from tests.processes.test_stop_slow_submit import stopping_relay
 
 PROMPT = "a lighthouse sim:late-answer"
 OPENAI_REQUESTS = {
@@ -33,14 +30,7 @@ def test_submits_still_with_their_upstream_at_the_stop_are_answered_so_that_none
     (`Retry-After: 1`), and their SDK's retry (`x-stainless-retry-count: 1`, the same body) to the next start
     follows the job the first attempt started, which the stop handed over, rather than starting a second one. One
     upstream task and one charge each."""
-    engine = SimEngine(SimSettings(fast_s=1.0, tile_px=16))
-    with serve(build_sim_app(engine, "midjourney-proxy", SIM_SECRET, None, late_answer_s=LATE_S)) as up:
-        port = free_port()
-        settings = relay_settings(tmp_path / "data", None, up, f"http://127.0.0.1:{port}")
-        settings["server"]["graceful_shutdown_s"] = 1
-        config = Config.model_validate(settings)
-        file = write_config(tmp_path / "relay.yaml", settings)
-        key = create_key(config, quota=10)
+    with stopping_relay(tmp_path) as (engine, config, key, relay):
         native_headers = {"mj-api-secret": key}
         answers: dict[str, httpx.Response] = {}
 
@@ -48,43 +38,42 @@ def test_submits_still_with_their_upstream_at_the_stop_are_answered_so_that_none
             headers = {"authorization": f"Bearer {key}", "x-stainless-retry-count": str(retry)}
             return httpx.post(relay_base + path, json=OPENAI_REQUESTS[path], headers=headers, timeout=60)
 
-        with relay_processes([(file, port)], tmp_path) as (relay,):
-            native = relay.base + "/mj/submit/imagine"
-            callers = [
-                threading.Thread(
-                    target=lambda: answers.setdefault(
-                        "native", httpx.post(native, json={"prompt": PROMPT}, headers=native_headers, timeout=60)
-                    )
-                ),
-                *(
-                    threading.Thread(target=lambda path=path: answers.setdefault(path, ask(relay.base, path, 0)))
-                    for path in OPENAI_REQUESTS
-                ),
-            ]
-            for caller in callers:
-                caller.start()
-            wait_for(lambda: engine.submits == 3)
-            relay.terminate()
-            for caller in callers:
-                caller.join(30)
-            relay.stop()
-            assert answers["native"].status_code == 200, answers["native"].text
-            assert answers["native"].json()["code"] == 22
-            job_id = answers["native"].json()["result"]
-            assert (job_id,) in sql(config, "SELECT id FROM jobs")
-            for path in OPENAI_REQUESTS:
-                assert answers[path].status_code == 503, answers[path].text
-                assert answers[path].headers["retry-after"] == "1"
-            relay.start()  # follows the jobs it handed over
-            fetch = relay.base + f"/mj/task/{job_id}/fetch"
-            for path in OPENAI_REQUESTS:
-                retried = ask(relay.base, path, 1)
-                assert retried.status_code == 200, retried.text
-                assert retried.json()["data" if "images" in path else "choices"]
-            wait_for(
-                lambda: httpx.get(fetch, headers=native_headers).json()["status"] in ("SUCCESS", "FAILURE"), timeout=15
-            )
-            assert httpx.get(fetch, headers=native_headers).json()["status"] == "SUCCESS"
-        assert sql(config, "SELECT state, hold_state FROM jobs") == [("SUCCEEDED", "captured")] * 3
-        assert engine.submits == 3
-        assert balance(config) == (10 - 3 * PRICE, 0)
+        native = relay.base + "/mj/submit/imagine"
+        callers = [
+            threading.Thread(
+                target=lambda: answers.setdefault(
+                    "native", httpx.post(native, json={"prompt": PROMPT}, headers=native_headers, timeout=60)
+                )
+            ),
+            *(
+                threading.Thread(target=lambda path=path: answers.setdefault(path, ask(relay.base, path, 0)))
+                for path in OPENAI_REQUESTS
+            ),
+        ]
+        for caller in callers:
+            caller.start()
+        wait_for(lambda: engine.submits == 3)
+        relay.terminate()
+        for caller in callers:
+            caller.join(30)
+        relay.stop()
+        assert answers["native"].status_code == 200, answers["native"].text
+        assert answers["native"].json()["code"] == 22
+        job_id = answers["native"].json()["result"]
+        assert (job_id,) in sql(config, "SELECT id FROM jobs")
+        for path in OPENAI_REQUESTS:
+            assert answers[path].status_code == 503, answers[path].text
+            assert answers[path].headers["retry-after"] == "1"
+        relay.start()  # follows the jobs it handed over
+        fetch = relay.base + f"/mj/task/{job_id}/fetch"
+        for path in OPENAI_REQUESTS:
+            retried = ask(relay.base, path, 1)
+            assert retried.status_code == 200, retried.text
+            assert retried.json()["data" if "images" in path else "choices"]
+        wait_for(
+            lambda: httpx.get(fetch, headers=native_headers).json()["status"] in ("SUCCESS", "FAILURE"), timeout=15
+        )
+        assert httpx.get(fetch, headers=native_headers).json()["status"] == "SUCCESS"
+    assert sql(config, "SELECT state, hold_state FROM jobs") == [("SUCCEEDED", "captured")] * 3
+    assert engine.submits == 3
+    assert balance(config) == (10 - 3 * PRICE, 0)
