@@ -62,7 +62,7 @@ class Relay:
         # This process, as the owner of the jobs it follows (`store.leases`).
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{secrets_module.token_hex(3)}"
         self.store = JobStore(self.db.engine, owner=self.process_id, lease_s=config.jobs.lease_s)
-        self.leases = Leases(self.db.engine, self.process_id, config.jobs.lease_s)
+        self.leases = Leases(self.db.engine, self.process_id, config.jobs.lease_s, presence=not self.db.is_sqlite)
         self.attempts = AttemptStore(self.db.engine)
         self.events = JobEvents()
         self.pool = ProviderPool(config, self.metrics, clock, upstreams)
@@ -140,7 +140,7 @@ class Relay:
         self.broadcast: Broadcast | None = None
         if not self.db.is_sqlite:
             self.broadcast = Broadcast(
-                config.database_url(), self.process_id, self.events, self.upstream_hooks.forwarded
+                config.database_url(), self.process_id, self.events, self.upstream_hooks.forwarded, clock.now
             )
             self.upstream_hooks.forward = self.broadcast.forward_hook
         self.submitter.hook_url = self.upstream_hooks.url

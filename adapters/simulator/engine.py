@@ -125,6 +125,7 @@ class SimEngine:
         self.submits = 0
         self.reads = 0  # status reads answered (each fetch, each list-by-condition)
         self.downloads: Counter[str] = Counter()  # images served, by image
+        self.first_downloaded: dict[str, float] = {}  # when each image was first served
         # Told of every task whose timeline starts (made, or confirmed out of MODAL): the hook sender.
         self.watchers: list[Callable[[SimTask], None]] = []
 

@@ -22,7 +22,8 @@ as a CDN would.
 With `hooks` given, a submit's `notifyHook` is called on each change of its task (`adapters.simulator.hooks`),
 except on new-api, which drops a client's `notifyHook` (its operators seldom enable it). `GET /sim/stats` counts
 the submits, status reads, hook calls and image downloads made (and how many images were downloaded more than
-once), for benchmarks and tests.
+once; with `?since=<epoch seconds>`, also how many of those were first downloaded at or after that time), for
+benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -202,15 +203,20 @@ def build_sim_app(
     async def stats(request: Request) -> Response:
         sent = sender.sent if sender is not None else 0
         downloads = engine.downloads
-        return JSONResponse(
-            {
-                "submits": engine.submits,
-                "reads": engine.reads,
-                "hooks": sent,
-                "downloads": sum(downloads.values()),
-                "downloaded_twice": sum(1 for count in downloads.values() if count > 1),
-            }
-        )
+        twice = [key for key, count in downloads.items() if count > 1]
+        stats: dict[str, Any] = {
+            "submits": engine.submits,
+            "reads": engine.reads,
+            "hooks": sent,
+            "downloads": sum(downloads.values()),
+            "downloaded_twice": len(twice),
+        }
+        try:
+            since = float(request.query_params["since"])
+        except (KeyError, ValueError):
+            return JSONResponse(stats)
+        stats["downloaded_twice_since"] = sum(1 for key in twice if engine.first_downloaded[key] >= since)
+        return JSONResponse(stats)
 
     async def image(request: Request) -> Response:
         key = str(request.path_params["file"]).rpartition(".")[0]
@@ -221,6 +227,7 @@ def build_sim_app(
         if data is None:
             return Response(status_code=404)
         engine.downloads[key] += 1
+        engine.first_downloaded.setdefault(key, engine.now())
         return Response(data, media_type=media_type(data))
 
     api: list[tuple[str, Handler, str]] = [(ENDPOINTS[kind], submitter(kind), "POST") for kind in ENDPOINTS]

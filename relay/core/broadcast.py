@@ -8,6 +8,9 @@
 
 Each payload starts with the sending process's id; a process ignores its own. On SQLite there is one process and
 nothing to tell.
+
+The listening connection also carries the process's presence (`store.presence`): the lock that tells the others at
+once that this process is gone when the connection is.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, unquote
@@ -27,6 +31,7 @@ from sqlalchemy.engine import make_url
 from relay.core.background import cancel_all, let_finish
 from relay.core.events import JobEvent, JobEvents
 from relay.domain import JobState
+from relay.store import presence
 from relay.store.db import CONNECT_TIMEOUT_S
 
 log = logging.getLogger("relay.broadcast")
@@ -54,6 +59,7 @@ class Broadcast:
         process_id: str,
         events: JobEvents,
         on_hook: Callable[[str, bytes | None, str], Awaitable[object]],
+        now: Callable[[], float] = time.time,
     ) -> None:
         self.dsn = dsn.replace("postgresql+asyncpg://", "postgresql://", 1)
         self.process_id = process_id
@@ -66,6 +72,9 @@ class Broadcast:
         self._sending = asyncio.Lock()  # one statement at a time on the connection
         self._answered_at = 0.0  # (loop time) when a statement on it was last answered
         self._watch: asyncio.Task[None] | None = None
+        self._now = now
+        self._lock_key = presence.new_key()
+        self.present = False  # whether this connection holds the process's presence lock
 
     async def start(self) -> None:
         await self._connect()
@@ -85,6 +94,8 @@ class Broadcast:
             raise
         self._answered_at = asyncio.get_running_loop().time()
         self._conn = conn
+        self.present = False
+        await self._announce(conn)  # one that fails is tried again with the connection's next check
 
     async def _watch_connection(self) -> None:
         """A listening connection the server or the network dropped is made again; what was sent meanwhile is
@@ -94,6 +105,8 @@ class Broadcast:
             conn = self._conn
             if conn is not None and not conn.is_closed():
                 if await self._answers(conn):
+                    if not self.present:  # the lock was still held for the connection before this one
+                        await self._announce(conn)
                     continue
                 # Dead without being closed (a network path or a failed-over server that sends nothing back): no
                 # notification comes through it, and none sent on it arrives. Dropped, and made again now.
@@ -104,6 +117,18 @@ class Broadcast:
                 log.warning("the notification connection was made again")
             except Exception:
                 log.exception("the notification connection could not be made again")
+
+    async def _announce(self, conn: asyncpg.Connection) -> None:
+        """Take this process's presence lock on the connection and write its row (`store.presence`)."""
+        if not await self._turn():
+            return
+        try:
+            async with asyncio.timeout(RECONNECT_S):
+                self.present = await presence.announce(conn, self.process_id, self._lock_key, self._now())
+        except Exception:
+            log.exception("this process's presence could not be written")
+        finally:
+            self._sending.release()
 
     async def _answers(self, conn: asyncpg.Connection) -> bool:
         """Whether the connection still answers (within RECONNECT_S, after the statements queued on it)."""
@@ -141,6 +166,9 @@ class Broadcast:
             self._watch = None
         await let_finish(self._tasks, RECONNECT_S)  # a while: a send on a connection that died silently never ends
         if self._conn is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(RECONNECT_S):  # first: its jobs are left to their leases, not claimed
+                    await presence.withdraw(self._conn, self.process_id)
             with contextlib.suppress(Exception):
                 await self._conn.close(timeout=RECONNECT_S)  # a dead connection is aborted after that
             self._conn = None

@@ -4,7 +4,9 @@ process, and nothing a process dies with is lost.
     leases     a process holds a lease on every job it admits, submits, parks or adopts (`store.leases`), renews
                them all every `jobs.lease_s / 3`, and stops following a job whose lease another process took
     adoption   every second (at most `jobs.lease_s / 2`; and at start) a process claims the running jobs whose lease
-               ran out: a dead process's jobs are followed again within `lease_s` + 1 s; a process alone on SQLite
+               ran out, or whose process is gone (`store.presence`: SIGKILLed, its connection to PostgreSQL lost):
+               a dead process's jobs are followed again within a second of its death, within `lease_s` + 1 s when
+               the server did not see its connection go (a machine cut off); a process alone on SQLite
                claims every running job of its providers at start (a restart); a job of a provider a process has
                not is claimed by it only once the job's deadline has passed, to end it
     capacity   with other processes about, every second each learns how many jobs the others run on each provider,
@@ -12,7 +14,7 @@ process, and nothing a process dies with is lost.
     hand-over  at shutdown (SIGTERM) a process releases its leases, so the others claim its jobs at once; a job it
                writes down as its own after that (a submit answered late) is handed over as it is written; it claims
                none from the start of its shutdown (it would hold them while it reads nothing)
-    retries    attempts older than the retry window are forgotten here
+    retries    attempts older than the retry window are forgotten here, and gone processes with no jobs left
 
 Waking waiters and forwarding upstream hooks across processes is `core.broadcast` (PostgreSQL LISTEN/NOTIFY).
 """
@@ -169,6 +171,7 @@ class Coordinator:
 
     async def _forget(self) -> None:
         await self.attempts.forget_before(self.clock.now() - self.retry_window_s)
+        await self.leases.forget_gone()
 
     async def _every(self, seconds: float, work: Callable[[], Awaitable[object]]) -> None:
         while True:

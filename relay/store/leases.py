@@ -15,6 +15,7 @@ from sqlalchemy import and_, case, func, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.domain import ACTIVE_STATES, RUNNING_STATES, JobState
+from relay.store import presence
 from relay.store.db import changed, connected, transaction
 from relay.store.jobs import JobRow, handed_over, rows_of
 from relay.store.tables import jobs
@@ -37,10 +38,17 @@ def _lapsed(now: float) -> Any:
 
 
 class Leases:
-    def __init__(self, engine: AsyncEngine, owner: str, lease_s: float) -> None:
+    def __init__(self, engine: AsyncEngine, owner: str, lease_s: float, *, presence: bool = False) -> None:
         self.engine = engine
         self.owner = owner
         self.lease_s = lease_s
+        # On PostgreSQL: a job whose process is gone (`store.presence`) is claimable at once, its lease or not.
+        self.presence = presence
+
+    def _lapsed(self, now: float) -> Any:
+        if self.presence:
+            return or_(_lapsed(now), jobs.c.owner.in_(presence.gone()))
+        return _lapsed(now)
 
     async def renew(self, now: float, following: Collection[str] | None = None) -> set[str]:
         """Renew the leases this process holds: every one, or (`following`) those of the jobs it follows and of its
@@ -85,25 +93,25 @@ class Leases:
     async def claim_expired(
         self, now: float, providers: Collection[str], limit: int = CLAIM_BATCH, *, any_lease: bool = False
     ) -> list[JobRow]:
-        """Claim running jobs of these providers whose lease ran out (or, with `any_lease`, every one not already
-        this process's: a process that knows it is alone, on SQLite); the jobs claimed. A job of a provider this
-        process does not have is left to the processes that have it (another release, mid-deploy; or this one once
-        the provider is configured again, as after a rename undone), until its deadline has passed (no process that
-        has its provider followed it to its end): claimed then, it is ended by the tracker, its hold settled and its
-        hook told, where it would otherwise stay running, and held, for ever."""
+        """Claim running jobs of these providers whose lease ran out or whose process is gone (or, with `any_lease`,
+        every one not already this process's: a process that knows it is alone, on SQLite); the jobs claimed. A job
+        of a provider this process does not have is left to the processes that have it (another release, mid-deploy;
+        or this one once the provider is configured again, as after a rename undone), until its deadline has passed
+        (no process that has its provider followed it to its end): claimed then, it is ended by the tracker, its hold
+        settled and its hook told, where it would otherwise stay running, and held, for ever."""
         mine = or_(jobs.c.owner.is_(None), jobs.c.owner != self.owner)
-        claimable = mine if any_lease else _lapsed(now)
+        claimable = mine if any_lease else self._lapsed(now)
         known = jobs.c.provider.in_(list(providers))
         unfollowed = and_(jobs.c.provider.is_not(None), jobs.c.deadline_at < now)
         some = select(jobs.c.id).where(_CLAIMABLE, or_(known, unfollowed), claimable).limit(limit)
         return await self._claim(jobs.c.id.in_(some.scalar_subquery()), claimable, now)
 
     async def claim(self, job_ids: Sequence[str], now: float) -> list[JobRow]:
-        """Claim these running jobs if their lease ran out (an upstream hook named one this process can follow now,
-        ahead of the next adoption round); the jobs claimed."""
+        """Claim these running jobs if their lease ran out or their process is gone (an upstream hook named one this
+        process can follow now, ahead of the next adoption round); the jobs claimed."""
         if not job_ids:
             return []
-        return await self._claim(jobs.c.id.in_(list(job_ids)), _lapsed(now), now)
+        return await self._claim(jobs.c.id.in_(list(job_ids)), self._lapsed(now), now)
 
     async def _claim(self, which: Any, claimable: Any, now: float) -> list[JobRow]:
         """One guarded UPDATE: of two processes claiming a job at once, one gets it."""
@@ -124,6 +132,10 @@ class Leases:
             return rows_of((await conn.execute(statement)).all())
 
         return await transaction(self.engine, work)
+
+    async def forget_gone(self) -> int:
+        """Forget the gone processes that hold no job any more (`store.presence`); how many."""
+        return await presence.forget_gone(self.engine) if self.presence else 0
 
     async def running_elsewhere(self, now: float) -> dict[str, int]:
         """How many jobs hold a slot of each provider (submitted or in progress) in the other live processes."""

@@ -108,6 +108,16 @@ attempts_taken_over = Table(
     Index("ix_attempts_taken_over_created", "created_at"),
 )
 
+# The relay processes on a PostgreSQL database that can be told gone at once (`store.presence`): each holds an
+# advisory lock with its `lock_key` while its listening connection lives.
+processes = Table(
+    "processes",
+    metadata,
+    Column("owner", String(200), primary_key=True),
+    Column("lock_key", BigInteger, nullable=False),
+    Column("started_at", Float, nullable=False),
+)
+
 # The last change of each provider's health, as whichever relay process made it last recorded it (`store.health`).
 provider_health = Table(
     "provider_health",

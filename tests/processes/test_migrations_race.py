@@ -66,7 +66,7 @@ def test_two_processes_starting_together_on_a_fresh_database_both_start(tmp_path
         try:
             for i in range(2):
                 wait_ready(procs[i], f"http://127.0.0.1:{ports[i]}/readyz", logs[i])
-            assert asyncio.run(version(database)) == ["0012"]
+            assert asyncio.run(version(database)) == ["0013"]
         finally:
             for proc in procs:
                 stop_process(proc)
@@ -102,7 +102,7 @@ def test_two_processes_starting_together_on_an_older_database_both_start(tmp_pat
                 await tx.rollback()
                 for i in range(2):
                     await asyncio.to_thread(wait_ready, procs[i], f"http://127.0.0.1:{ports[i]}/readyz", logs[i])
-                assert await version(database) == ["0012"]
+                assert await version(database) == ["0013"]
             finally:
                 for proc in procs:
                     stop_process(proc)

@@ -55,7 +55,7 @@ def test_serve_upgrades_a_first_release_sqlite_database_with_jobs(tmp_path: Path
     finally:
         stop_process(proc)
     with sqlite3.connect(db_file) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0012",)]
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0013",)]
         assert conn.execute("SELECT id, key_id FROM jobs").fetchall() == [("job_old_aaaaaaaa", "key_old")]
         assert conn.execute("SELECT count(*) FROM keys WHERE hook_secret LIKE 'whsec_%'").fetchall() == [(1,)]
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []

@@ -53,5 +53,5 @@ async def test_a_failed_sqlite_upgrade_leaves_the_database_as_it_was_and_can_be_
     finally:
         await db.dispose()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0012",)]
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0013",)]
         assert conn.execute("SELECT id, key_id FROM jobs").fetchall() == [("job_gone_aaaaaaa", "key_gone")]
