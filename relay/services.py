@@ -135,6 +135,8 @@ class Relay:
             watch=self._watch_hooks,
             alone=self.db.is_sqlite,
         )
+        if not self.db.is_sqlite:  # a retry for another process's job: that process may be gone
+            self.jobs.held_elsewhere = self.coordinator.adopt_soon
         logs.redact(self.upstream_hooks.tokens())
         # Processes sharing a PostgreSQL database wake each other's waiters and forward upstream hooks.
         self.broadcast: Broadcast | None = None

@@ -65,6 +65,7 @@ class Coordinator:
         self.retry_window_s = retry_window_s  # attempts older than this are forgotten (see `jobs.retry_window_s`)
         self._loops: list[asyncio.Task[None]] = []
         self._adopting: asyncio.Task[None] | None = None  # the adoption round's loop (one of `_loops`)
+        self._early: asyncio.Task[object] | None = None  # a round ahead of the loop's (`adopt_soon`)
 
     async def start(self) -> None:
         await self.adopt(first=True)
@@ -89,12 +90,12 @@ class Coordinator:
         while a live process could have adopted it at once. Its leases are still renewed until `stop`."""
         if self._adopting is not None:
             adopting, self._adopting = self._adopting, None
-            await cancel_all([adopting])
+            await cancel_all([adopting, *([self._early] if self._early is not None else [])])
             self._loops.remove(adopting)
 
     async def stop(self) -> None:
-        await cancel_all(self._loops)
-        self._loops, self._adopting = [], None
+        await cancel_all([*self._loops, *([self._early] if self._early is not None else [])])
+        self._loops, self._adopting, self._early = [], None, None
         # First: a job written as this process's from here on (a submit answered only now) is handed over as well.
         self.tracker.store.handing_over = True
         released = await self.leases.release()
@@ -136,6 +137,20 @@ class Coordinator:
         if failed is not None:
             raise failed
         return followed
+
+    def adopt_soon(self) -> None:
+        """Claim what can be claimed now, ahead of the next round (once: a round under way already will do): a
+        client's retry came here for a job another process holds, and that process may have just died. Its jobs
+        are followed at once, not up to a round later. Nothing when this process claims no more (stopping)."""
+        if self._adopting is None or (self._early is not None and not self._early.done()):
+            return
+        self._early = asyncio.create_task(self._adopt_early(), name="leases:adopt-soon")
+
+    async def _adopt_early(self) -> None:
+        try:
+            await self.adopt()
+        except Exception:
+            log.exception("coordination failed", extra={"fields": {"work": "adopt_soon"}})
 
     async def follow_claimed(self, rows: list[JobRow]) -> int:
         """Follow jobs this process has just claimed (by adoption, or for an upstream hook that named one), and

@@ -258,6 +258,9 @@ class JobService:
         )
         # Claims are group-committed too: every first request with an Idempotency-Key makes one.
         self._claim: Batcher[_Claim, bool] = Batcher(lambda items: self.attempts.claim_many(items), "attempt-claims")
+        # Told when a retry follows a running job another process holds: that process may have just died (its
+        # client retried here because it did), so its jobs are looked for now, not at the next adoption round.
+        self.held_elsewhere: Callable[[], None] | None = None
 
     # -- planning (no I/O) ---------------------------------------------------------------------------------------
 
@@ -481,6 +484,8 @@ class JobService:
             if row.state.terminal:
                 generation.ended.add(row.id)
                 generation.rows[row.id] = row
+            elif row.owner != self.store.owner and self.held_elsewhere is not None:
+                self.held_elsewhere()
         if generation.done and not any(row.state is JobState.SUCCEEDED for row in rows):
             generation.close()
             return None

@@ -118,7 +118,7 @@ def test_two_processes_one_killed_mid_run_the_survivor_ends_every_job(tmp_path: 
     Its clients retry on the other (same Idempotency-Key, as behind a load balancer): every job ends as succeeded,
     none runs twice, the quota is exact, and no client waits more than the lease time + 1 s past its job's end
     upstream, those whose end came just before the death included. The survivor sees at once that the other is
-    gone and claims its jobs within a second of the death, well before
+    gone (its first client's retry sends it looking) and claims its jobs within a second of the death, well before
     their leases run out. No grid is downloaded twice but one the dead process had fetched and not kept."""
     count = 400
     lease_s = 3.0  # a lease's renewal every second; runs out 2-3 s after the death

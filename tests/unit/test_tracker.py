@@ -27,6 +27,7 @@ from relay.store.db import Database
 from relay.store.jobs import Ending, JobRow, JobState, JobStore, NewJob, ProgressChange
 from relay.store.keys import KeyStore
 from relay.store.leases import Leases
+from relay.store.tables import jobs
 from tests.helpers import FakeClock, relay_config
 
 pytestmark = pytest.mark.anyio
@@ -1526,3 +1527,40 @@ async def test_a_follow_up_the_upstream_runs_out_of_modal_unconfirmed_runs_to_it
     await world.tracker.poll("sim")
     row = await world.store.get(job)
     assert row is not None and row.state is not JobState.FAILED
+
+
+async def test_a_retry_for_another_process_s_job_claims_it_ahead_of_the_next_adoption_round(world: World) -> None:
+    """`adopt_soon` (a client's retry came here for a job another process holds): the jobs that process left are
+    claimed and followed now, with the clock standing still, not at the next round; once the process stops
+    adopting, nothing is claimed."""
+    lifecycle = world.tracker.lifecycle
+    job = await world.submit("cat")
+    lifecycle.forget(job)  # another process's job, which this one does not follow
+    world.pool.release("sim")
+    coordinator = Coordinator(
+        leases=Leases(world.store.engine, world.store.owner, 30),
+        attempts=AttemptStore(world.store.engine),
+        tracker=world.tracker,
+        lifecycle=lifecycle,
+        clock=world.clock,
+        alone=False,
+    )
+    async with world.store.engine.begin() as conn:
+        await conn.execute(jobs.update().values(owner="dead-process", lease_until=world.clock.now() + 30))
+    await coordinator.start()
+    try:
+        assert not lifecycle.following(job)  # its lease lives
+        async with world.store.engine.begin() as conn:  # the process is gone (its lease ran out, or its presence)
+            await conn.execute(jobs.update().values(lease_until=world.clock.now() - 1))
+        coordinator.adopt_soon()
+        coordinator.adopt_soon()  # one round at a time
+        early = coordinator._early
+        assert early is not None
+        await early
+        row = await world.store.get(job)
+        assert lifecycle.following(job) and row is not None and row.owner == world.store.owner
+        await coordinator.stop_adopting()
+        coordinator.adopt_soon()
+        assert coordinator._early is early
+    finally:
+        await coordinator.stop()
