@@ -140,7 +140,9 @@ def simulator_process(log: Path, *options: str) -> Iterator[str]:
         stop_process(proc, wait_s=10)
 
 
-def upstream_task(base: str, task_id: str) -> dict[str, Any]:
-    reply = httpx.get(f"{base}/mj/task/{task_id}/fetch", headers={"mj-api-secret": SIM_SECRET}, timeout=10)
-    task: dict[str, Any] = reply.json()
-    return task
+def upstream_tasks(base: str, task_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The simulator's tasks by id, in one read (a client each, 400 reads took 20 s of a loaded test's minute)."""
+    reply = httpx.post(
+        f"{base}/mj/task/list-by-condition", json={"ids": task_ids}, headers={"mj-api-secret": SIM_SECRET}, timeout=10
+    )
+    return {task["id"]: task for task in reply.json()}

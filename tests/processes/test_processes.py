@@ -30,7 +30,7 @@ from tests.processes.helpers import (
     relay_processes,
     runs_per_job,
     simulator_process,
-    upstream_task,
+    upstream_tasks,
     write_config,
 )
 
@@ -156,10 +156,11 @@ def test_two_processes_one_killed_mid_run_the_survivor_ends_every_job(tmp_path: 
             assert retried and all(i % 2 == 0 for i in retried)  # the dead relay's clients only
             upstream_of = dict(sql(config, "SELECT id, upstream_id FROM jobs WHERE state = 'SUCCEEDED'"))
             assert len(upstream_of) == count
+            tasks = upstream_tasks(up, list(upstream_of.values()))
             late = []
             for answer in answers:
                 job_id = answer["url"].split("/files/", 1)[1].split("/", 1)[0]
-                task = upstream_task(up, upstream_of[job_id])
+                task = tasks[upstream_of[job_id]]
                 assert task["state"] == job_id
                 late.append(answer["at"] - task["finishTime"] / 1000)
             late.sort()
