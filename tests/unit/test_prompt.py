@@ -111,7 +111,7 @@ PIECES = [
 ]  # fmt: skip
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(st.lists(st.sampled_from(PIECES), max_size=16).map("".join))
 def test_the_relays_own_links_are_found_as_the_expression_finds_them(prompt: str) -> None:
     expected = [(m.start(), m.end(), *m.groups()) for m in LINK.finditer(prompt)]
@@ -164,7 +164,7 @@ def test_a_prompt_of_an_open_brace_and_commas_is_read_for_permutations_in_one_pa
 PERMUTATION = re.compile(r"\{[^{}]*(?<!\\),[^{}]*\}")
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(st.lists(st.sampled_from(["{", "}", ",", "\\", "a", " "]), max_size=14).map("".join))
 def test_a_permutation_is_found_as_the_expression_finds_it(prompt: str) -> None:
     assert runs_several_jobs(prompt) is (PERMUTATION.search(prompt) is not None)
