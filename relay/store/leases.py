@@ -46,8 +46,12 @@ class Leases:
         self.presence = presence
 
     def _lapsed(self, now: float) -> Any:
+        """Claimable: a job whose lease ran out, or (on PostgreSQL) another process's whose process is gone. Not one
+        of this process's own for that: while its listening connection is made again it looks gone to itself too,
+        and a claim would leave its jobs as claimable as before (a round would claim the same ones without end)."""
         if self.presence:
-            return or_(_lapsed(now), jobs.c.owner.in_(presence.gone()))
+            gone = and_(jobs.c.owner != self.owner, jobs.c.owner.in_(presence.gone()))
+            return or_(_lapsed(now), gone)
         return _lapsed(now)
 
     async def renew(self, now: float, following: Collection[str] | None = None) -> set[str]:

@@ -148,3 +148,27 @@ async def test_a_relay_is_present_while_its_listening_connection_lives_and_again
             await broadcast.stop()
             await admin.close()
             await database.dispose()
+
+
+async def test_a_process_that_looks_gone_to_itself_does_not_claim_its_own_jobs() -> None:
+    """A live process whose listening connection is being made again looks gone, to itself as well: its own
+    rounds must not claim its own jobs for that (each claim leaves them as claimable as before, so a round over
+    500 of them would claim the same ones again and again until the connection is back). A job of its own whose
+    lease ran out is still claimed (one it holds but does not follow)."""
+    async with pg_database() as url:
+        database = Database(url, pool_size=5)
+        try:
+            await database.migrate()
+            await running_job(database, "a")
+            conn = await connect(url)
+            assert await presence.announce(conn, "a", presence.new_key(), NOW)
+            await conn.close()  # its listening connection dropped: gone, for the others
+            itself = Leases(database.engine, "a", LEASE, presence=True)
+            assert await itself.claim_expired(NOW + 1, ["up"], limit=1) == []
+            assert await itself.claim(["job_00000001"], NOW + 1) == []
+            (row,) = await itself.claim_expired(NOW + LEASE + 1, ["up"], limit=1)
+            assert row.owner == "a"
+            (row,) = await Leases(database.engine, "b", LEASE, presence=True).claim_expired(NOW + 1, ["up"])
+            assert row.owner == "b"
+        finally:
+            await database.dispose()
