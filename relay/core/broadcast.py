@@ -167,9 +167,6 @@ class Broadcast:
         await let_finish(self._tasks, RECONNECT_S)  # a while: a send on a connection that died silently never ends
         if self._conn is not None:
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(RECONNECT_S):  # first: its jobs are left to their leases, not claimed
-                    await presence.withdraw(self._conn, self.process_id)
-            with contextlib.suppress(Exception):
                 await self._conn.close(timeout=RECONNECT_S)  # a dead connection is aborted after that
             self._conn = None
         for task in list(self._tasks):  # a send still waiting failed with its connection

@@ -101,6 +101,10 @@ class Coordinator:
         released = await self.leases.release()
         if released:
             event(log, "leases handed over", jobs=released)
+        try:  # before the listening connection closes: the jobs left are left to their leases, not claimed at once
+            await self.leases.withdraw()
+        except Exception:
+            log.exception("this process's presence could not be withdrawn")
 
     @property
     def running(self) -> bool:

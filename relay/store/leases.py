@@ -137,6 +137,11 @@ class Leases:
 
         return await transaction(self.engine, work)
 
+    async def withdraw(self) -> None:
+        """This process stops on purpose: it is known by its leases from now on, not by its presence."""
+        if self.presence:
+            await presence.withdraw(self.engine, self.owner)
+
     async def forget_gone(self) -> int:
         """Forget the gone processes that hold no job any more (`store.presence`); how many."""
         return await presence.forget_gone(self.engine) if self.presence else 0

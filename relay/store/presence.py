@@ -5,8 +5,10 @@ then writes a row naming itself and that key (`processes`). The lock lives exact
 process that is SIGKILLed, or whose machine drops it, loses the connection at once, the server lets the lock go,
 and its row names a key no session holds. Such a process is *gone*: its jobs are claimed by the others in their
 next adoption round, without waiting for its leases to run out (`store.leases`). A process that stops on purpose
-deletes its row first (its leases are handed over, and a job it still writes down then is left to its lease). A
-process of a release that writes no row is known by its leases only, as before.
+deletes its row as it hands its leases over (`Coordinator.stop`), through its pool, so that a listening connection
+that is down then cannot keep the row; from then on it is known by its leases, as a process of a release that
+writes no row always is: a job it still writes down as it drains its submits is handed over as it is written, and
+one still PENDING with a provider slot reserved keeps its lease, as at any stop.
 
 A live process whose listening connection was dropped (the network, a server restart) looks gone until the
 connection is made again: its jobs may be claimed meanwhile, and it stops following them at its next renewal, as
@@ -64,9 +66,9 @@ async def announce(conn: asyncpg.Connection, owner: str, key: int, now: float) -
     return True
 
 
-async def withdraw(conn: asyncpg.Connection, owner: str) -> None:
+async def withdraw(engine: AsyncEngine, owner: str) -> None:
     """A process that stops on purpose: its row goes (before its lock), so its jobs are left to their leases."""
-    await conn.execute("DELETE FROM processes WHERE owner = $1", owner)
+    await changed(engine, delete(processes).where(processes.c.owner == owner))
 
 
 async def forget_gone(engine: AsyncEngine) -> int:

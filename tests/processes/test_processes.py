@@ -292,6 +292,9 @@ def test_sigterm_hands_running_jobs_over_at_once(tmp_path: Path) -> None:
             f"AND owner = '{first}'"
         )
         assert sql(pair.config, leased) == [(0,)]
+        # Stopped on purpose, it withdrew its presence: only the other relay is named there.
+        assert [row[0] for row in sql(pair.config, "SELECT owner FROM processes")] != [first]
+        assert len(sql(pair.config, "SELECT owner FROM processes")) == 1
 
         def ended() -> bool:
             fetch = pair.second.base + "/mj/task/{}/fetch"

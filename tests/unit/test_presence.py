@@ -70,7 +70,8 @@ async def test_a_process_that_withdrew_or_never_announced_itself_is_known_by_its
             survivor = Leases(database.engine, "b", LEASE, presence=True)
             conn = await connect(url)
             assert await presence.announce(conn, "stopping", presence.new_key(), NOW)
-            await presence.withdraw(conn, "stopping")  # a SIGTERM: its row goes first, then its connection
+            # A SIGTERM: its row goes first (through its pool), then its connection.
+            await Leases(database.engine, "stopping", LEASE, presence=True).withdraw()
             await conn.close()
             assert await survivor.claim_expired(NOW + 1, ["up"]) == []
             rows = await survivor.claim_expired(NOW + LEASE + 1, ["up"])
@@ -140,10 +141,10 @@ async def test_a_relay_is_present_while_its_listening_connection_lives_and_again
             await until(lambda: asyncio.sleep(0, first.is_closed()))
             await until(lambda: asyncio.sleep(0, broadcast._conn is not first))
             await until(present)
-            await broadcast.stop()  # stopping on purpose: withdrawn, its jobs left to their leases
-            assert await owners(database) == []
+            await broadcast.stop()
+            assert await gone_owners(database) == ["p"]  # its connection closed, its row left (a SIGKILL's)
             await broadcast.start()  # nothing in the way: present as it starts
-            assert broadcast.present and await owners(database) == ["p"]
+            assert broadcast.present and await owners(database) == ["p"] and await gone_owners(database) == []
         finally:
             await broadcast.stop()
             await admin.close()
