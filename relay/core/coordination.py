@@ -38,6 +38,7 @@ from relay.store.leases import CLAIM_BATCH, Leases
 log = logging.getLogger("relay.coordination")
 
 ADOPT_EVERY_S = 1.0
+ADOPT_SOON_GAP_S = 0.2
 FORGET_EVERY_S = 60.0
 
 
@@ -66,6 +67,7 @@ class Coordinator:
         self._loops: list[asyncio.Task[None]] = []
         self._adopting: asyncio.Task[None] | None = None  # the adoption round's loop (one of `_loops`)
         self._early: asyncio.Task[object] | None = None  # a round ahead of the loop's (`adopt_soon`)
+        self._early_at = 0.0  # when it started
 
     async def start(self) -> None:
         await self.adopt(first=True)
@@ -143,11 +145,17 @@ class Coordinator:
         return followed
 
     def adopt_soon(self) -> None:
-        """Claim what can be claimed now, ahead of the next round (once: a round under way already will do): a
-        client's retry came here for a job another process holds, and that process may have just died. Its jobs
-        are followed at once, not up to a round later. Nothing when this process claims no more (stopping)."""
+        """Claim what can be claimed now, ahead of the next round (once: a round under way, or one that started
+        less than ADOPT_SOON_GAP_S ago, will do): a client's retry came here for a job another process holds, and
+        that process may have just died. Its jobs are followed at once, not up to a round later. Nothing when this
+        process claims no more (stopping). Retries that keep coming for a live process's jobs make a round every
+        ADOPT_SOON_GAP_S at most."""
         if self._adopting is None or (self._early is not None and not self._early.done()):
             return
+        now = self.clock.now()
+        if self._early is not None and now - self._early_at < ADOPT_SOON_GAP_S:
+            return
+        self._early_at = now
         self._early = asyncio.create_task(self._adopt_early(), name="leases:adopt-soon")
 
     async def _adopt_early(self) -> None:

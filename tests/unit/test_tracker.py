@@ -13,7 +13,7 @@ import pytest
 from adapters import PartialRead, TaskStatus, TaskView, UpstreamUnavailable
 from adapters.simulator import SimEngine, SimSettings, SimulatorUpstream
 from relay.core import lifecycle as lifecycle_module
-from relay.core.coordination import Coordinator
+from relay.core.coordination import ADOPT_SOON_GAP_S, Coordinator
 from relay.core.events import JobEvents
 from relay.core.finish import Finisher
 from relay.core.lifecycle import PROGRESS_EVERY_S, Lifecycle, Step, Tracked, ahead, observe, read_after_hook
@@ -1559,8 +1559,16 @@ async def test_a_retry_for_another_process_s_job_claims_it_ahead_of_the_next_ado
         await early
         row = await world.store.get(job)
         assert lifecycle.following(job) and row is not None and row.owner == world.store.owner
-        await coordinator.stop_adopting()
-        coordinator.adopt_soon()
+        coordinator.adopt_soon()  # retries that keep coming: a round every ADOPT_SOON_GAP_S at most
         assert coordinator._early is early
+        world.clock.advance(ADOPT_SOON_GAP_S)
+        coordinator.adopt_soon()
+        again = coordinator._early
+        assert again is not early and again is not None
+        await again
+        await coordinator.stop_adopting()
+        world.clock.advance(ADOPT_SOON_GAP_S)
+        coordinator.adopt_soon()
+        assert coordinator._early is again
     finally:
         await coordinator.stop()
