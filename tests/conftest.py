@@ -42,18 +42,3 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
         await database.migrate()
         await database.migrate()  # a second start finds the schema current
         yield database
-
-
-# The files whose tests take longest (a relay process or a CLI per call, many generated examples): run first, so
-# that on several workers (`scripts/test`) the short tests fill the end and no worker is left with a long one alone.
-LONG_FIRST = ("tests/api/test_generated.py", "tests/processes/", "tests/cli/", "tests/unit/test_broadcast_probe.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    root = config.rootpath
-
-    def long(item: pytest.Item) -> bool:
-        path = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
-        return path.startswith(LONG_FIRST)
-
-    items.sort(key=lambda item: not long(item))  # stable: the order within each part is kept
