@@ -106,6 +106,18 @@ def test_a_modal_view_of_a_job_no_confirmation_can_start_parks_nothing() -> None
     )
 
 
+def coordinator_of(world: World, leases: Leases, *, alone: bool) -> Coordinator:
+    """The coordination of the world's relay process, with these leases."""
+    return Coordinator(
+        leases=leases,
+        attempts=AttemptStore(world.store.engine),
+        tracker=world.tracker,
+        lifecycle=world.tracker.lifecycle,
+        clock=world.clock,
+        alone=alone,
+    )
+
+
 async def test_an_imagine_the_upstream_says_is_waiting_in_modal_keeps_running_with_its_slot(world: World) -> None:
     job = await world.submit("a heron")
     lifecycle = world.tracker.lifecycle
@@ -339,14 +351,7 @@ async def test_unfinished_jobs_are_picked_up_after_a_restart(world: World) -> No
     world.pool.release("sim")
 
     leases = Leases(world.store.engine, "restarted-process", 30)
-    coordinator = Coordinator(
-        leases=leases,
-        attempts=AttemptStore(world.store.engine),
-        tracker=world.tracker,
-        lifecycle=world.tracker.lifecycle,
-        clock=world.clock,
-        alone=True,
-    )
+    coordinator = coordinator_of(world, leases, alone=True)
     await world.tracker.resume()  # a young PENDING job may still be submitting elsewhere: left alone
     assert await coordinator.adopt(first=True) == 1  # alone on SQLite: every running job is this process's now
     assert world.tracker.tracking(running) and await world.state("job_pending0") == ("PENDING", None, "held")
@@ -382,14 +387,7 @@ async def test_a_retired_provider_s_job_whose_ending_fails_holds_up_none_of_the_
         return await real_finish(endings, now)
 
     store.finish_many = failing_for_retired  # type: ignore[method-assign]
-    coordinator = Coordinator(
-        leases=Leases(world.store.engine, "restarted-process", 30),
-        attempts=AttemptStore(world.store.engine),
-        tracker=world.tracker,
-        lifecycle=world.tracker.lifecycle,
-        clock=world.clock,
-        alone=True,
-    )
+    coordinator = coordinator_of(world, Leases(world.store.engine, "restarted-process", 30), alone=True)
     world.clock.advance(11)
     assert await coordinator.adopt(first=True) == 4
     assert all(world.tracker.tracking(job) for job in running) and world.pool.in_flight["sim"] == 3
@@ -1216,14 +1214,7 @@ async def test_a_job_whose_ending_landed_unanswered_and_that_a_renewal_lets_go_h
     subscription = world.events.subscribe([job])
     await ended_unanswered(world)
     assert await world.state(job) == ("SUCCEEDED", None, "captured") and lifecycle.following(job)
-    coordinator = Coordinator(
-        leases=Leases(world.store.engine, world.store.owner, 30),
-        attempts=AttemptStore(world.store.engine),
-        tracker=world.tracker,
-        lifecycle=lifecycle,
-        clock=world.clock,
-        alone=True,
-    )
+    coordinator = coordinator_of(world, Leases(world.store.engine, world.store.owner, 30), alone=True)
     await coordinator.renew()  # before the next read
     assert not lifecycle.following(job) and world.pool.in_flight["sim"] == 0
     heard = []
@@ -1537,14 +1528,7 @@ async def test_a_retry_for_another_process_s_job_claims_it_ahead_of_the_next_ado
     job = await world.submit("cat")
     lifecycle.forget(job)  # another process's job, which this one does not follow
     world.pool.release("sim")
-    coordinator = Coordinator(
-        leases=Leases(world.store.engine, world.store.owner, 30),
-        attempts=AttemptStore(world.store.engine),
-        tracker=world.tracker,
-        lifecycle=lifecycle,
-        clock=world.clock,
-        alone=False,
-    )
+    coordinator = coordinator_of(world, Leases(world.store.engine, world.store.owner, 30), alone=False)
     async with world.store.engine.begin() as conn:
         await conn.execute(jobs.update().values(owner="dead-process", lease_until=world.clock.now() + 30))
     await coordinator.start()
