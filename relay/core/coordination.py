@@ -67,7 +67,7 @@ class Coordinator:
         self._loops: list[asyncio.Task[None]] = []
         self._adopting: asyncio.Task[None] | None = None  # the adoption round's loop (one of `_loops`)
         self._early: asyncio.Task[object] | None = None  # a round ahead of the loop's (`adopt_soon`)
-        self._early_at = 0.0  # when it started
+        self._early_at = -ADOPT_SOON_GAP_S  # when it started
 
     async def start(self) -> None:
         await self.adopt(first=True)
@@ -92,11 +92,11 @@ class Coordinator:
         while a live process could have adopted it at once. Its leases are still renewed until `stop`."""
         if self._adopting is not None:
             adopting, self._adopting = self._adopting, None
-            await cancel_all([adopting, *([self._early] if self._early is not None else [])])
+            await cancel_all([adopting, *self._early_round()])
             self._loops.remove(adopting)
 
     async def stop(self) -> None:
-        await cancel_all([*self._loops, *([self._early] if self._early is not None else [])])
+        await cancel_all([*self._loops, *self._early_round()])
         self._loops, self._adopting, self._early = [], None, None
         # First: a job written as this process's from here on (a submit answered only now) is handed over as well.
         self.tracker.store.handing_over = True
@@ -153,10 +153,13 @@ class Coordinator:
         if self._adopting is None or (self._early is not None and not self._early.done()):
             return
         now = self.clock.now()
-        if self._early is not None and now - self._early_at < ADOPT_SOON_GAP_S:
+        if now - self._early_at < ADOPT_SOON_GAP_S:
             return
         self._early_at = now
         self._early = asyncio.create_task(self._adopt_early(), name="leases:adopt-soon")
+
+    def _early_round(self) -> list[asyncio.Task[object]]:
+        return [self._early] if self._early is not None else []
 
     async def _adopt_early(self) -> None:
         try:

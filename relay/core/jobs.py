@@ -484,8 +484,10 @@ class JobService:
             if row.state.terminal:
                 generation.ended.add(row.id)
                 generation.rows[row.id] = row
-            elif row.owner != self.store.owner and self.held_elsewhere is not None:
-                self.held_elsewhere()
+        if self.held_elsewhere is not None and any(
+            not row.state.terminal and row.owner != self.store.owner for row in rows
+        ):
+            self.held_elsewhere()
         if generation.done and not any(row.state is JobState.SUCCEEDED for row in rows):
             generation.close()
             return None
