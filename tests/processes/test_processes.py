@@ -151,6 +151,7 @@ def test_two_processes_one_killed_mid_run_the_survivor_ends_every_job(
             )
             killed_at = time.time()
             doomed.kill()
+            dead_at = time.time()  # it has exited: a grid fetched from here on is the survivor's fetch
             wait_for(lambda: sql(config, held_by_doomed) == [(0,)])
             taken_s = time.time() - killed_at
             out, _ = clients.communicate(timeout=90)
@@ -173,7 +174,7 @@ def test_two_processes_one_killed_mid_run_the_survivor_ends_every_job(
             print(f"lateness p50 {p50:.2f} s, p99 {p99:.2f} s, max {late[-1]:.2f} s; claimed after {taken_s:.2f} s")
             assert late[-1] <= lease_s + 1.0, late[-5:]
             assert taken_s < 1.0, f"the dead relay's jobs were all claimed {taken_s:.2f} s after its death"
-            stats = httpx.get(up + "/sim/stats", params={"since": killed_at}).json()
+            stats = httpx.get(up + "/sim/stats", params={"since": dead_at}).json()
             assert stats["submits"] == count  # none ran twice
             assert stats["downloaded_twice_since"] == 0 and stats["downloads"] == count + stats["downloaded_twice"]
             assert balance(config) == (0, 0)
