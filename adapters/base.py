@@ -47,7 +47,7 @@ normalised into the types below, so nothing above `adapters/` knows which dialec
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
@@ -154,6 +154,14 @@ class SubmitRequest:
     mask: str | None = None
     state: str | None = None
     notify_hook: str | None = None
+    # Asked once the call is about to leave (a connection to the upstream ready), just before it is written: False,
+    # and nothing is sent (the adapter answers `Retryable(WITHHELD, withheld=True)`). The relay writes down there that
+    # the job may have been sent, so that a job its process dies with unsent is told from one that may run.
+    sending: Callable[[], Awaitable[bool]] | None = field(default=None, compare=False)
+
+
+# What a submit withheld by its `sending` answers.
+WITHHELD = "the relay withheld the submit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +183,8 @@ class Retryable:
     # not take the task: often the image itself (too large, a format Discord refuses), at times a passing fault of
     # that account. Another provider may take it; the provider answered, and is not the worse for it.
     image: bool = False
+    # The relay withheld it before it left (`SubmitRequest.sending` said no): the provider saw nothing of it.
+    withheld: bool = False
 
 
 @dataclass(frozen=True, slots=True)

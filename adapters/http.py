@@ -14,7 +14,7 @@ import functools
 import json
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urljoin
@@ -22,6 +22,7 @@ from urllib.parse import quote, urljoin
 import httpx
 
 from adapters.base import (
+    WITHHELD,
     Bot,
     ClientError,
     Mode,
@@ -52,6 +53,10 @@ DOWNLOAD_TIMEOUTS = 4
 LIST_RETRY_S = 600.0
 # The most an API answer may hold (a list of a few hundred tasks is well under a megabyte).
 MAX_API_BYTES = 32_000_000
+
+
+class _Withheld(Exception):
+    """The caller's `SubmitRequest.sending` said no: nothing was sent."""
 
 
 class _Busy(Exception):
@@ -132,9 +137,17 @@ class HttpUpstream:
             return host
         return await self.options.download_pin(host, port)
 
-    async def _request(self, lanes: _Lanes, method: str, url: str, **options: Any) -> Reply:
+    async def _request(
+        self,
+        lanes: _Lanes,
+        method: str,
+        url: str,
+        *,
+        sending: Callable[[], Awaitable[bool]] | None = None,
+        **options: Any,
+    ) -> Reply:
         """One call on a lane of `lanes` (`Lane.request`'s options), the lane waited for at most `timeout_s` (then
-        `_Busy`) and given back after."""
+        `_Busy`) and given back after; `sending` asked once the lane is taken (False: `_Withheld`, nothing sent)."""
         lane = lanes.free()
         if lane is None:
             try:
@@ -143,6 +156,8 @@ class HttpUpstream:
             except TimeoutError:
                 raise _Busy from None
         try:
+            if sending is not None and not await sending():
+                raise _Withheld
             return await lane.request(method, url, **options)
         finally:
             lanes.release(lane)
@@ -192,7 +207,7 @@ class HttpUpstream:
         missing = missing_fields(request)
         if missing:
             return ClientError(missing)
-        sent = await self._post(self.submit_path(request), self.submit_body(request))
+        sent = await self._post(self.submit_path(request), self.submit_body(request), request.sending)
         if not isinstance(sent, tuple):
             return sent
         return classify_submit(*sent, follow_up=request.kind in FOLLOW_UPS)
@@ -304,7 +319,9 @@ class HttpUpstream:
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
-    async def _post(self, path: str, payload: Mapping[str, Any]) -> tuple[int, bytes] | Retryable | ProviderUnusable:
+    async def _post(
+        self, path: str, payload: Mapping[str, Any], sending: Callable[[], Awaitable[bool]] | None = None
+    ) -> tuple[int, bytes] | Retryable | ProviderUnusable:
         """One call that makes or moves something upstream, on a submit lane: its HTTP status and body, or why
         there is none (and whether the request may have reached the upstream)."""
         try:
@@ -312,11 +329,14 @@ class HttpUpstream:
                 self._submits,
                 "POST",
                 self._base + path,
+                sending=sending,
                 headers={**self.auth_headers(), "Content-Type": "application/json"},
                 body=json.dumps(payload).encode(),
                 timeout_s=self.options.timeout_s,
                 max_body=MAX_API_BYTES,
             )
+        except _Withheld:
+            return Retryable(WITHHELD, withheld=True)
         except _Busy:
             return Retryable("every connection to the provider stayed busy", sent=False)
         except HttpFailure as exc:

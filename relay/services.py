@@ -137,6 +137,7 @@ class Relay:
         )
         if not self.db.is_sqlite:  # a retry for another process's job: that process may be gone
             self.jobs.held_elsewhere = self.coordinator.adopt_soon
+            self.upstream_hooks.held_elsewhere = self.coordinator.adopt_soon
         logs.redact(self.upstream_hooks.tokens())
         # Processes sharing a PostgreSQL database wake each other's waiters and forward upstream hooks.
         self.broadcast: Broadcast | None = None
@@ -149,7 +150,8 @@ class Relay:
         self.tracker.submitting = self.submitter.submitting  # the pending sweep leaves those alone
         self.tracker.watch = self._watch_hooks  # and tells the clients of those it ends
         if not self.db.is_sqlite:
-            self.submitter.slots = Slots(self.db.engine, config.jobs.lease_s)
+            self.submitter.slots = Slots(self.db.engine, config.jobs.lease_s, self.process_id)
+            self.submitter.marks = True  # a job a process dies with unsent is ended at once (`Leases.claim_unsent`)
         references = config.api.references
         self.egress = Egress(references.allow_private, references.allow_hosts)
         self.notifier = Notifier(

@@ -12,9 +12,11 @@ import json
 from collections.abc import Sequence
 
 from adapters.base import (
+    WITHHELD,
     Bot,
     ClientError,
     Mode,
+    Retryable,
     SubmitOutcome,
     SubmitRequest,
     TaskView,
@@ -47,6 +49,8 @@ class SimulatorUpstream:
         missing = missing_fields(request)
         if missing:
             return ClientError(missing)
+        if request.sending is not None and not await request.sending():
+            return Retryable(WITHHELD, withheld=True)
         mode = None if request.kind == "modal" else request.mode
         reply = self.engine.submit(request.kind, render_body(request), mode)
         return classify_submit(*_wire(reply), follow_up=request.kind in FOLLOW_UPS)

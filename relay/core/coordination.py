@@ -6,7 +6,9 @@ process, and nothing a process dies with is lost.
     adoption   every second (at most `jobs.lease_s / 2`; and at start) a process claims the running jobs whose lease
                ran out, or whose process is gone (`store.presence`: SIGKILLed, its connection to PostgreSQL lost):
                a dead process's jobs are followed again within a second of its death, within `lease_s` + 1 s when
-               the server did not see its connection go (a machine cut off); a process alone on SQLite
+               the server did not see its connection go (a machine cut off); the jobs a gone process held and never
+               sent are ended (interrupted, nothing charged), so that their clients' retries start afresh; a process
+               alone on SQLite
                claims every running job of its providers at start (a restart); a job of a provider a process has
                not is claimed by it only once the job's deadline has passed, to end it
     capacity   with other processes about, every second each learns how many jobs the others run on each provider,
@@ -40,6 +42,7 @@ log = logging.getLogger("relay.coordination")
 ADOPT_EVERY_S = 1.0
 ADOPT_SOON_GAP_S = 0.2
 FORGET_EVERY_S = 60.0
+UNSENT_REASON = "its relay process went away before submitting it"
 
 
 class Coordinator:
@@ -142,7 +145,23 @@ class Coordinator:
             event(log, "jobs adopted", jobs=followed)
         if failed is not None:
             raise failed
+        await self.end_unsent()
         return followed
+
+    async def end_unsent(self) -> int:
+        """End the jobs gone processes held and never sent (`Leases.claim_unsent`), in batches until none is left;
+        how many. Their holds are released, and their clients' retries, waiting on them, are answered at once (503,
+        and the next retry starts the request afresh) instead of when the pending sweep would end them."""
+        ended = 0
+        while True:
+            rows = await self.leases.claim_unsent(self.clock.now())
+            await self.tracker.end_unsubmitted(rows, UNSENT_REASON)
+            ended += len(rows)
+            if len(rows) < CLAIM_BATCH:
+                break
+        if ended:
+            event(log, "jobs a gone process never sent ended", jobs=ended)
+        return ended
 
     def adopt_soon(self) -> None:
         """Claim what can be claimed now, ahead of the next round (once: a round under way, or one that started

@@ -179,6 +179,10 @@ class ProviderPool:
             if trial:
                 health.abandon_submit()
             raise
+        if isinstance(outcome, Retryable) and outcome.withheld:  # the provider saw nothing: it says nothing of it
+            if trial:
+                health.abandon_submit()
+            return outcome
         self._observe(name, "submit", type(outcome).__name__.lower(), started)
         signal, reason = submit_signal(outcome)
         self._apply(name, health.observe(signal, self.clock.now(), reason, submit=True))

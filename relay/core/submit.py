@@ -41,7 +41,7 @@ from relay.errors import (
 )
 from relay.logs import event, quoted
 from relay.store.db import transient
-from relay.store.jobs import Admission, JobRow, JobStore, NewJob, Submitted
+from relay.store.jobs import Admission, JobRow, JobStore, NewJob, Sending, Submitted
 from relay.store.keys import KeyRecord, KeyStore
 from relay.store.slots import Slots
 
@@ -50,6 +50,7 @@ log = logging.getLogger("relay.jobs")
 # one that is not answered by then is left PENDING, for an upstream hook to adopt or the pending sweep to end).
 STOP_WAIT_S = 10.0
 STOPPED_REASON = "the relay stopped before submitting it"
+TAKEN_REASON = "another relay process took it for its process's, gone, before it was sent"
 # How many providers may answer that they could not upload a job's reference images before the job ends as the
 # client's: a second one covers a passing fault of one account; more would send an image Discord refuses (too large,
 # a format it does not take) to every provider in turn.
@@ -110,6 +111,28 @@ def key_refused(key: KeyRecord, now: float) -> AuthenticationFailed | None:
     return None
 
 
+class _Mark:
+    """A job's mark that it may have been sent (`JobStore.mark_sending_many`), written as its submit leaves: `send`
+    is the request's `sending`. `refused`: the job is no longer this process's to send."""
+
+    def __init__(self, marks: Batcher[Sending, bool], job_id: str, provider: str) -> None:
+        self._marks = marks
+        self._sending = Sending(job_id, provider)
+        self.refused = False
+
+    async def send(self) -> bool:
+        try:
+            marked = await self._marks(self._sending)
+        except Exception:
+            log.exception(
+                "marking a job as being sent failed",
+                extra={"fields": {"job": self._sending.job_id, "provider": self._sending.provider}},
+            )
+            return False
+        self.refused = not marked
+        return marked
+
+
 class Submitter:
     def __init__(
         self,
@@ -149,6 +172,10 @@ class Submitter:
         self.hook_url: Callable[[str], str | None] = lambda provider: None
         # With other relay processes on the database: `max_in_flight` counted across them (`store.slots`).
         self.slots: Slots | None = None
+        # With other relay processes on the database: each job is marked before its submit leaves (the provider on
+        # its row), so that one whose process dies unsent is told from one that may run (`JobStore.mark_sending_many`).
+        self.marks = False
+        self._sending: Batcher[Sending, bool] = Batcher(store.mark_sending_many, "mark-sending")
 
     def submitting(self, job_id: str) -> bool:
         """Whether this process is submitting the job right now."""
@@ -257,10 +284,8 @@ class Submitter:
         if not self._submitting and not self._admitted and not self._admitting:
             self._idle.set()
 
-    async def _never_sent(self, job_id: str) -> Outcome:
-        row = await self.finisher.end(
-            job_id, succeeded=False, error_code=FailureCode.INTERRUPTED, fail_reason=STOPPED_REASON
-        )
+    async def _never_sent(self, job_id: str, reason: str = STOPPED_REASON) -> Outcome:
+        row = await self.finisher.end(job_id, succeeded=False, error_code=FailureCode.INTERRUPTED, fail_reason=reason)
         row = row or await self.store.get(job_id)
         if row is None:
             raise InternalError("The job vanished.")
@@ -300,16 +325,33 @@ class Submitter:
                     # routed before that, and goes to the next provider instead, sending nothing here.
                     await self._give_back(job.id)
                     continue
+            # The reservation marked it already; else, with other processes about, it is marked as it leaves.
+            mark = _Mark(self._sending, job.id, name) if self.marks and not reserved else None
             self.pool.acquire(name)
             self._submitting[job.id] = name
             try:
-                outcome = await self.pool.submit(name, replace(request, notify_hook=self.hook_url(name)), trial=trial)
+                outcome = await self.pool.submit(
+                    name,
+                    replace(
+                        request,
+                        notify_hook=self.hook_url(name),
+                        sending=mark.send if mark is not None else None,
+                    ),
+                    trial=trial,
+                )
             except Exception:
                 # A bug, not an answer: the request may have gone out, so it is not sent elsewhere.
                 log.exception("submitting failed", extra={"fields": {"job": job.id, "provider": name}})
                 outcome = Retryable("the relay failed while submitting", sent=True)
             finally:
                 self._submitting[job.id] = None
+            if isinstance(outcome, Retryable) and outcome.withheld:
+                self.pool.release(name)
+                if mark is not None and mark.refused:  # another process ends it as never sent
+                    return await self._never_sent(job.id, TAKEN_REASON)
+                # The mark could not be written: not sent, as a process dying now would leave it ended unsent.
+                outcome = Retryable("the relay could not write down the submit before sending it")
+                break
             if isinstance(outcome, Retryable) and outcome.sent:
                 noted = await self._noted(job.id, name)
                 if noted is not None:  # unanswered, but the provider's own hook named its task: it took the job
@@ -461,6 +503,7 @@ class Submitter:
         self._admitted.clear()
         self._settle_idle()
         await self._admit.close()
+        await self._sending.close()
         await self._mark.close()
 
     async def drain(self) -> None:

@@ -152,20 +152,27 @@ class Tracker:
             # an upstream's answer (a slow one, or several tried): it may run
             if not self.tracking(row.id) and not self.submitting(row.id)
         ]
+        await self.end_unsubmitted(stale, "never confirmed upstream")
+
+    async def end_unsubmitted(self, rows: list[JobRow], reason: str) -> None:
+        """End PENDING jobs as interrupted, their holds released: ones the pending sweep found, or ones a gone
+        process never sent (`Leases.claim_unsent`). One whose ending cannot be written is logged and left PENDING,
+        this process's: a pending sweep ends it."""
+        if not rows:
+            return
         # A job left by a process that stopped (or died) in its submit window has its client hook watched by
         # nobody: watched here, so that its client hears of the end.
         try:
-            await self.watch(stale)
+            await self.watch(rows)
         except Exception:
             log.exception("watching the client hooks of jobs never submitted failed; they end unheard")
         # One group commit for all of them (a crash in a burst's submit window leaves hundreds), not one each in turn.
-        # A job whose ending cannot be written holds up none of the others, nor a start: it stays PENDING, and the
-        # next sweep (every SWEEP_EVERY_S) ends it.
-        endings = [Finisher.ending(row.id, False, FailureCode.INTERRUPTED, "never confirmed upstream") for row in stale]
-        for row, outcome in zip(stale, await self.finisher.end_many(endings), strict=True):
+        # A job whose ending cannot be written holds up none of the others.
+        endings = [Finisher.ending(row.id, False, FailureCode.INTERRUPTED, reason) for row in rows]
+        for row, outcome in zip(rows, await self.finisher.end_many(endings), strict=True):
             if isinstance(outcome, Exception):
                 log.error(
-                    "ending a job never submitted failed; the next sweep ends it",
+                    "ending a job never submitted failed; a later sweep ends it",
                     exc_info=outcome,
                     extra={"fields": {"job": row.id}},
                 )

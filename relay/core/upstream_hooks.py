@@ -23,9 +23,11 @@ running one with its lease (`Leases.claim_expired`) and followed to its end.
 With several relay processes on one database, a call may reach a process that does not follow its job. That
 process looks the job up by `state`: one followed by another live process is forwarded to it (`core.broadcast`);
 one whose process is gone (its lease ran out) is claimed and followed here at once, ahead of the next adoption
-round. A call about a job another process holds still PENDING (it was submitting the job) is looked at again once
-that process's lease runs out: if it died in its submit window, the job is adopted then, since its task's later
-calls may all have come before (a short task) and nothing else knows which task it is. A process alone on its
+round. A call about a job another process holds still PENDING (it was submitting the job) writes the task down on
+the job's row and asks for an adoption round at once: if that process is gone (`store.presence`: it died in its
+submit window), the round claims the job as a running one and follows it. It is also looked at again once that
+process's lease runs out (a process known only by its lease), since its task's later calls may all have come
+before (a short task) and nothing else knows which task it is. A process alone on its
 database (SQLite) adopts such a job at once: the process holding it is its own previous run, which died.
 
 A call is answered (204) as soon as its token is checked, and applied right after (`take`): midjourney-proxy makes
@@ -144,6 +146,9 @@ class UpstreamHooks:
         self._held: dict[str, tuple[str, TaskView, bytes]] = {}
         self._after_lease: set[asyncio.Task[None]] = set()
         self.forward: Forward | None = None  # hand a call to the process that follows its job
+        # Ask for an adoption round now (`Coordinator.adopt_soon`): a call named the task of a PENDING job another
+        # process holds, and that process may be gone.
+        self.held_elsewhere: Callable[[], None] | None = None
         # Each provider's valid tokens (one per signing secret), made once: checking a call costs no HMAC.
         # Only a provider whose hooks are on is heard: its token does not change, and an upstream that kept its hook
         # URL from before (an operator turned its hooks off for views it got wrong) would go on being applied.
@@ -342,6 +347,13 @@ class UpstreamHooks:
             if self.forward is None or row.owner is None:
                 return "unknown"
             if row.state is JobState.PENDING:
+                # Its process may have died waiting for its submit's answer: the task is written down, so that the
+                # next adoption round claims the job as a running one if that process is gone (`store.presence`),
+                # rather than when its lease runs out. One held by a process known only by its lease (of a release
+                # before presence) is looked at again then.
+                noted = await self.store.note_task(row.id, provider, view.upstream_id, now)
+                if noted and self.held_elsewhere is not None:
+                    self.held_elsewhere()
                 self._again_after_lease(row, provider, view, body)
             await self.forward(row.owner, provider, view.upstream_id, body)  # a live process follows it
             return "forwarded"

@@ -85,6 +85,14 @@ class Submitted:
 
 
 @dataclass(frozen=True, slots=True)
+class Sending:
+    """A job about to be sent to a provider (`JobStore.mark_sending_many`)."""
+
+    job_id: str
+    provider: str
+
+
+@dataclass(frozen=True, slots=True)
 class JobRow:
     id: str
     request_id: str
@@ -455,6 +463,36 @@ class JobStore:
             await changed(self.engine, statement, params)
             await self._hand_over_late([i.job_id for i in items])
         return [None] * len(items)
+
+    async def mark_sending_many(self, items: Sequence[Sending]) -> list[bool]:
+        """Write, before each job's submit leaves, the provider it goes to on its PENDING row: whether each may be
+        sent. Only a job still PENDING, still this process's and with no task noted is marked; one that is not (a
+        process that took this one for gone claimed it as never sent, and ends it) must not be sent. So a PENDING
+        job with no provider was never sent by anybody: when its process dies, another ends it at once
+        (`Leases.claim_unsent`), where one that may have been sent waits for its hook or the pending sweep. One
+        statement per provider, in one transaction."""
+        by_provider: dict[str, list[str]] = {}
+        for item in items:
+            by_provider.setdefault(item.provider, []).append(item.job_id)
+
+        async def work(conn: AsyncConnection) -> list[bool]:
+            marked: set[str] = set()
+            for provider, ids in sorted(by_provider.items()):
+                statement = (
+                    update(jobs)
+                    .where(
+                        jobs.c.id.in_(ids),
+                        jobs.c.state == JobState.PENDING.value,
+                        jobs.c.owner == self.owner,
+                        jobs.c.upstream_id.is_(None),
+                    )
+                    .values(provider=provider)
+                    .returning(jobs.c.id)
+                )
+                marked.update(row.id for row in await conn.execute(statement))
+            return [item.job_id in marked for item in items]
+
+        return await transaction(self.engine, work)
 
     async def adopt(self, job_id: str, provider: str, upstream_id: str, now: float) -> bool:
         """PENDING -> SUBMITTED for a job whose task a provider reports although its submit was never written down."""

@@ -31,6 +31,9 @@ _RUNNING = [s.value for s in RUNNING_STATES]
 # written SUBMITTED as it is claimed.
 _NOTED = and_(jobs.c.state == JobState.PENDING.value, jobs.c.upstream_id.is_not(None), jobs.c.provider.is_not(None))
 _CLAIMABLE = or_(jobs.c.state.in_(_RUNNING), _NOTED)
+# A PENDING job never sent anywhere: its process marks a job before each submit leaves (the provider on its row,
+# `JobStore.mark_sending_many`), so one without a provider nor a noted task was never sent.
+_UNSENT = and_(jobs.c.state == JobState.PENDING.value, jobs.c.provider.is_(None), jobs.c.upstream_id.is_(None))
 
 
 def _lapsed(now: float) -> Any:
@@ -129,6 +132,28 @@ class Leases:
                 state=submitted,
                 submitted_at=func.coalesce(jobs.c.submitted_at, now),
             )
+            .returning(*jobs.c)
+        )
+
+        async def work(conn: AsyncConnection) -> list[JobRow]:
+            return rows_of((await conn.execute(statement)).all())
+
+        return await transaction(self.engine, work)
+
+    async def claim_unsent(self, now: float, limit: int = CLAIM_BATCH) -> list[JobRow]:
+        """Claim the jobs that gone processes (`store.presence`) held and never sent, to end them: nothing runs them
+        upstream, and their clients' retries wait on them. Only a gone process's: it writes a row, so it is of a
+        release that marks its submits, and it sends nothing any more; one that looks gone while its listening
+        connection is made again finds its mark refused, and sends nothing either. One guarded UPDATE; none without
+        presence (SQLite: the pending sweep ends them)."""
+        if not self.presence:
+            return []
+        gone = and_(jobs.c.owner != self.owner, jobs.c.owner.in_(presence.gone()))
+        some = select(jobs.c.id).where(_UNSENT, gone).limit(limit)
+        statement = (
+            update(jobs)
+            .where(jobs.c.id.in_(some.scalar_subquery()), _UNSENT, gone)
+            .values(owner=self.owner, lease_until=now + self.lease_s)
             .returning(*jobs.c)
         )
 

@@ -24,12 +24,15 @@ _PENDING = JobState.PENDING.value
 
 
 class Slots:
-    def __init__(self, engine: AsyncEngine, lease_s: float) -> None:
+    def __init__(self, engine: AsyncEngine, lease_s: float, owner: str) -> None:
         self.engine = engine
         self.lease_s = lease_s  # a reservation is as live as the lease of the process that made it
+        self.owner = owner  # the process reserving: only its own PENDING jobs (`JobStore.mark_sending_many`)
 
     async def take(self, job_id: str, provider: str, limit: int, now: float) -> bool:
-        """Reserve one of `provider`'s `limit` slots for the PENDING job; False when they are all held."""
+        """Reserve one of `provider`'s `limit` slots for the PENDING job; False when they are all held, or when the
+        job is no longer this process's to send (another process took it for never sent, and ends it). The
+        reservation is the job's mark that it may have been sent (see `JobStore.mark_sending_many`)."""
 
         async def work(conn: AsyncConnection) -> bool:
             await conn.execute(
@@ -53,7 +56,12 @@ class Slots:
                 return False
             result = await conn.execute(
                 update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state == _PENDING)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.state == _PENDING,
+                    jobs.c.owner == self.owner,
+                    jobs.c.upstream_id.is_(None),
+                )
                 .values(provider=provider, lease_until=now + self.lease_s)
             )
             return bool(result.rowcount)

@@ -330,26 +330,33 @@ async def test_provider_slots_are_exact_across_processes() -> None:
             stores = [JobStore(database.engine, owner=f"process-{i}", lease_s=LEASE) for i in range(10)]
             for i, store in enumerate(stores):
                 assert await store.open(record.id, [job(f"job_{i:08d}")], NOW)
-            slots = Slots(database.engine, LEASE)
-            won = await asyncio.gather(*(slots.take(f"job_{i:08d}", "up", 3, NOW + 1) for i in range(10)))
+
+            def slots(job_id: str) -> Slots:  # each job's own process reserves for it
+                return Slots(database.engine, LEASE, f"process-{int(job_id[4:])}")
+
+            won = await asyncio.gather(
+                *(slots(f"job_{i:08d}").take(f"job_{i:08d}", "up", 3, NOW + 1) for i in range(10))
+            )
             assert won.count(True) == 3
             winners = [f"job_{i:08d}" for i, took in enumerate(won) if took]
             losers = [f"job_{i:08d}" for i, took in enumerate(won) if not took]
-            assert not await slots.take(losers[0], "up", 3, NOW + 1)
-            assert await slots.take(losers[0], "other", 3, NOW + 1)  # another provider's slots are its own
-            await slots.give_back(losers[0])
+            assert not await slots(losers[0]).take(losers[0], "up", 3, NOW + 1)
+            assert await slots(losers[0]).take(losers[0], "other", 3, NOW + 1)  # another provider's slots are its own
+            await slots(losers[0]).give_back(losers[0])
             # one winner is taken upstream (it runs there whoever follows it); one gives its slot back
             await stores[int(winners[0][4:])].mark_submitted(winners[0], "up", "task-1", NOW + 2)
-            await slots.give_back(winners[1])
-            assert await slots.take(losers[1], "up", 3, NOW + 2)
-            assert not await slots.take(losers[2], "up", 3, NOW + 2)
+            await slots(winners[1]).give_back(winners[1])
+            assert await slots(losers[1]).take(losers[1], "up", 3, NOW + 2)
+            assert not await slots(losers[2]).take(losers[2], "up", 3, NOW + 2)
             # time passes: the process of losers[1] lives on (renews its leases), winners[2]'s died (its lease ran
             # out); the running job still counts
             later = NOW + LEASE + 5
             alive = stores[int(losers[1][4:])].owner
             assert await Leases(database.engine, alive, LEASE).renew(later) == {losers[1]}
-            assert await slots.take(losers[2], "up", 3, later)
-            assert not await slots.take(losers[3], "up", 3, later)
+            assert await slots(losers[2]).take(losers[2], "up", 3, later)
+            assert not await slots(losers[3]).take(losers[3], "up", 3, later)
+            # a process reserves only for its own jobs: one it does not hold is not its to send
+            assert not await Slots(database.engine, LEASE, alive).take(losers[3], "other", 3, later)
         finally:
             await database.dispose()
 

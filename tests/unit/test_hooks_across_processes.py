@@ -148,10 +148,16 @@ async def test_a_pending_job_of_a_live_process_is_left_to_it(world: World) -> No
         watched.append([row.id for row in rows])
 
     hooks = hooks_of(world, forwarded, watch=watch)
+    rounds: list[None] = []
+    hooks.held_elsewhere = lambda: rounds.append(None)
     upstream_id, _ = await elsewhere(world, "job_pending01", submitted=False)
     world.clock.advance(2)
     assert await hooks.apply("sim", body_of(world, upstream_id)) == "forwarded"
     assert await world.state("job_pending01") == ("PENDING", None, "held")
+    # Its task is written down, and an adoption round asked for: were that process gone, the round would claim the
+    # job as a running one now (`Leases.claim_expired`), not when its lease runs out.
+    noted = await world.store.get("job_pending01")
+    assert noted is not None and (noted.provider, noted.upstream_id) == ("sim", upstream_id) and rounds == [None]
     world.clock.advance(3)  # that process died in its submit window: the job is adopted here, by this call or by
     # the look at the first one that its lease's end brought (then this call is applied to the job followed here)
     assert await hooks.apply("sim", body_of(world, upstream_id)) in ("adopted", "applied")

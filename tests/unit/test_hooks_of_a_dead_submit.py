@@ -102,7 +102,7 @@ async def test_a_call_from_a_provider_the_pending_job_was_not_sent_to_adopts_not
         new = NewJob(job_id, "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "a kite", 2, time.time() + 600)
         died = time.time() - 60  # and its lease ran out since
         assert await dead.open(key.id, [new], died)
-        assert await Slots(relay.db.engine, 1).take(job_id, "b", 5, died)  # sent to b, b's slot held
+        assert await Slots(relay.db.engine, 1, dead.owner).take(job_id, "b", 5, died)  # sent to b, b's slot held
 
         def hook_body(name: str) -> bytes:
             reply = engines[name].submit_imagine({"prompt": "a kite", "state": job_id}, "fast")

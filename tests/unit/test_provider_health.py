@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from adapters import (
+    WITHHELD,
     Accepted,
     Bot,
     ClientError,
@@ -553,3 +554,21 @@ async def test_a_provider_set_aside_while_a_job_reserved_its_slot_is_not_sent_th
             generation.close()
         assert relay.pool.health["broke"].state is State.COOLING
         assert broke.submits == 1
+
+
+async def test_a_submit_the_relay_withheld_says_nothing_of_the_provider(tmp_path: Path) -> None:
+    """Withheld before it left (its job was another process's by then): no error counted, and a half-open
+    provider's trial it took is free again for the next job."""
+    world = make_world(tmp_path, errors_to_cool=1)
+    world.up["a"].outcome = Retryable(WITHHELD, withheld=True)
+    for _ in range(3):
+        assert await world.pool.submit("a", REQUEST) == world.up["a"].outcome
+    assert world.routable() == ["a", "b"] and world.seen == []
+    world.up["a"].outcome = Retryable("cannot connect: ConnectError")
+    await world.pool.submit("a", REQUEST)
+    world.clock.advance(31)
+    world.pool.advance("a", world.clock.now())
+    assert world.pool.health["a"].state is State.HALF_OPEN
+    world.up["a"].outcome = Retryable(WITHHELD, withheld=True)
+    await world.pool.submit("a", REQUEST)
+    assert world.pool.health["a"].state is State.HALF_OPEN and not world.pool.health["a"].trial

@@ -106,6 +106,9 @@ def test_error_envelopes_say_whether_a_retry_helps() -> None:
     assert render(JobFailed(FailureCode.FAILED, "x")).headers == {}
     assert render(JobFailed(FailureCode.UNCONFIRMED, "x")).headers == {"x-should-retry": "false"}
     assert render(JobFailed(FailureCode.UNAVAILABLE, "x")).headers == {"retry-after": "10"}
+    # never sent (its relay process went away): the SDKs' retry, a second on, starts the request afresh
+    interrupted = render(JobFailed(FailureCode.INTERRUPTED, "x"))
+    assert interrupted.status == 503 and interrupted.headers == {"retry-after": "1"}
     assert render(ServiceUnavailable("x", retry_after=3)).headers == {"retry-after": "3"}
 
 

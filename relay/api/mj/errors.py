@@ -38,6 +38,7 @@ _JOB_CODES = {
     FailureCode.BANNED: BANNED,
     FailureCode.REJECTED: VALIDATION,
     FailureCode.UNAVAILABLE: BUSY,
+    FailureCode.INTERRUPTED: BUSY,  # never sent (the relay process holding it went away): a retry starts it afresh
 }
 
 

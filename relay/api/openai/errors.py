@@ -42,6 +42,8 @@ _JOB: dict[FailureCode, tuple[int, str, str]] = {
     FailureCode.BANNED: (400, "invalid_request_error", "content_policy_violation"),
     FailureCode.REJECTED: (400, "invalid_request_error", "invalid_request"),
     FailureCode.UNAVAILABLE: (503, "server_error", "service_unavailable"),
+    # never sent (the relay process holding it went away): the SDKs' retry starts the request afresh
+    FailureCode.INTERRUPTED: (503, "server_error", "service_unavailable"),
     FailureCode.TIMEOUT: (504, "server_error", "timeout"),
     FailureCode.INTERNAL: (500, "server_error", "internal_error"),
 }
@@ -99,6 +101,8 @@ def render(error: RelayError) -> Rendered:
     retry_after = error.retry_after if isinstance(error, ServiceUnavailable | RateLimited) else None
     if isinstance(error, JobFailed) and error.code is FailureCode.UNAVAILABLE:
         retry_after = 10
+    if isinstance(error, JobFailed) and error.code is FailureCode.INTERRUPTED:
+        retry_after = 1
     if retry_after is not None:
         headers["retry-after"] = str(retry_after)
     # A rate limit is the one 4xx a retry fixes (after `Retry-After`): the SDKs may retry it.
