@@ -2,8 +2,9 @@
 the test's interpreter): `python -m tests.processes.clients SPEC` reads a JSON spec and prints one JSON line.
 
 Request i goes to `bases[i % len(bases)]` with the Idempotency-Key `request-i`; when its relay dies under it, the
-same request goes to `fallback`, as a load balancer would send a client's retry. Printed: for each request, when
-its answer arrived, its status, the first image's URL, and whether it was retried."""
+same request goes to `fallback`, as a load balancer would send a client's retry. A 503 is retried there too, after
+its Retry-After, twice at most, as the OpenAI SDKs do. Printed: for each request, when its answer arrived, its
+status, the first image's URL, and whether it was retried."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ async def main(spec: dict[str, Any]) -> list[dict[str, Any]]:
             await ask(i, client)
 
     async def ask(i: int, client: httpx.AsyncClient) -> None:
+        try:
+            await ask_once(i, client)
+        except httpx.TransportError as exc:  # no answer even on the retry: printed as such
+            results[i] = {"at": time.time(), "status": None, "url": None, "retried": True, "error": repr(exc)}
+
+    async def ask_once(i: int, client: httpx.AsyncClient) -> None:
         body = {"model": spec.get("model", "mj-fast"), "prompt": f"{spec['prompt']} number {i}", "n": 1}
         headers = {"authorization": f"Bearer {spec['key']}", "idempotency-key": f"request-{i}"}
         retried = False
@@ -36,6 +43,12 @@ async def main(spec: dict[str, Any]) -> list[dict[str, Any]]:
             reply = await client.post(bases[i % len(bases)] + "/v1/images/generations", json=body, headers=headers)
         except httpx.TransportError:
             retried = True
+            reply = await client.post(spec["fallback"] + "/v1/images/generations", json=body, headers=headers)
+        for _ in range(2):
+            if reply.status_code != 503:
+                break
+            retried = True
+            await asyncio.sleep(float(reply.headers.get("retry-after", "1")))
             reply = await client.post(spec["fallback"] + "/v1/images/generations", json=body, headers=headers)
         at = time.time()
         url = reply.json()["data"][0]["url"] if reply.status_code == 200 else None

@@ -112,16 +112,20 @@ def one_request_twice(pair: Pair) -> tuple[dict[str, float], list[threading.Thre
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("moment", ["downloads", "submits"])
 def test_two_processes_one_killed_mid_run_the_survivor_ends_every_job(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
 ) -> None:
     """400 concurrent requests over two relays on one PostgreSQL database; one relay is SIGKILLed once a quarter of
-    the grids were downloaded: some of its jobs still run upstream, some ended there and wait for their downloads.
-    Its clients retry on the other (same Idempotency-Key, as behind a load balancer): every job ends as succeeded,
-    none runs twice, the quota is exact, and no client waits more than the lease time + 1 s past its job's end
-    upstream, those whose end came just before the death included. The survivor sees at once that the other is
-    gone (its first client's retry sends it looking) and claims its jobs within a second of the death, well before
-    their leases run out. No grid is downloaded twice but one the dead process had fetched and not kept."""
+    the grids were downloaded (some of its jobs still run upstream, some ended there and wait for their downloads),
+    or once half the submits reached the upstream (some of its jobs are held and not yet sent). Its clients retry
+    on the other (same Idempotency-Key, as behind a load balancer): every request ends with its image (but one whose
+    job was marked as sent in the instant of the death, a few at most), none runs twice, the quota is exact, and no
+    client waits more than the lease time + 1 s past its job's end upstream, those whose end came just before the
+    death included. The survivor sees at once that the other is gone (its first client's retry sends it looking)
+    and claims its jobs within 2 s of the death, before any of their leases could run out. Those never sent are
+    ended (nothing charged): their clients' retries are answered 503, and the next retry starts the request afresh.
+    No grid is downloaded twice but one the dead process had fetched and not kept."""
     count = 400
     lease_s = 4.0  # renewed every 1.33 s: a lease runs out 2.7-4 s after the death
     # What is timed is the relay's own pace: its processes, the simulator's and the clients' run as users run them,
@@ -144,41 +148,58 @@ def test_two_processes_one_killed_mid_run_the_survivor_ends_every_job(
                 stdout=subprocess.PIPE,
                 text=True,
             )
-            wait_for(lambda: httpx.get(up + "/sim/stats").json()["downloads"] >= count // 4, timeout=60)
+            reached = {"downloads": count // 4, "submits": count // 2}[moment]
+            wait_for(lambda: httpx.get(up + "/sim/stats").json()[moment] >= reached, timeout=60)
+            # Its running jobs, and those it held and never sent (not one it sent whose answer died with it: that one
+            # is known once its task's first hook names it).
             held_by_doomed = (
-                "SELECT COUNT(*) FROM jobs WHERE state IN ('SUBMITTED', 'IN_PROGRESS') "
+                "SELECT COUNT(*) FROM jobs WHERE (state IN ('SUBMITTED', 'IN_PROGRESS') "
+                "OR (state = 'PENDING' AND provider IS NULL)) "
                 f"AND owner LIKE '%:{doomed.proc.pid}:%'"
             )
-            killed_at = time.time()
             doomed.kill()
             dead_at = time.time()  # it has exited: a grid fetched from here on is the survivor's fetch
             wait_for(lambda: sql(config, held_by_doomed) == [(0,)])
-            taken_s = time.time() - killed_at
+            taken_s = time.time() - dead_at
             out, _ = clients.communicate(timeout=90)
             answers = json.loads(out)
 
-            assert [a["status"] for a in answers] == [200] * count
+            # A job whose mark was written just as its process died, before its request left, may have been sent:
+            # nothing tells it from one the upstream took (no dialect finds a task by its `state`) until the pending
+            # sweep ends it. Its client is not answered; such jobs are the ones in that instant only, a few at most.
+            maybe_sent = sql(config, "SELECT COUNT(*) FROM jobs WHERE state = 'PENDING' AND provider IS NOT NULL")[0][0]
+            unanswered = [a for a in answers if a["status"] != 200]
+            assert len(unanswered) == maybe_sent <= 5 and all(a["status"] is None for a in unanswered), unanswered
+            answered = [a for a in answers if a["status"] == 200]
             retried = [i for i, a in enumerate(answers) if a["retried"]]
             assert retried and all(i % 2 == 0 for i in retried)  # the dead relay's clients only
             upstream_of = dict(sql(config, "SELECT id, upstream_id FROM jobs WHERE state = 'SUCCEEDED'"))
-            assert len(upstream_of) == count
+            assert len(upstream_of) == len(answered)
             tasks = upstream_tasks(up, list(upstream_of.values()))
             late = []
-            for answer in answers:
+            for answer in answered:
                 job_id = answer["url"].split("/files/", 1)[1].split("/", 1)[0]
                 task = tasks[upstream_of[job_id]]
                 assert task["state"] == job_id
                 late.append(answer["at"] - task["finishTime"] / 1000)
             late.sort()
-            p50, p99 = late[count // 2], late[count * 99 // 100]
-            print(f"lateness p50 {p50:.2f} s, p99 {p99:.2f} s, max {late[-1]:.2f} s; claimed after {taken_s:.2f} s")
+            p50, p99 = late[len(late) // 2], late[len(late) * 99 // 100]
+            unsent = sql(config, "SELECT COUNT(*) FROM jobs WHERE error_code = 'interrupted'")[0][0]
+            print(
+                f"lateness p50 {p50:.2f} s, p99 {p99:.2f} s, max {late[-1]:.2f} s; claimed after {taken_s:.2f} s; "
+                f"{unsent} never sent, ended; {maybe_sent} left as maybe sent"
+            )
             assert late[-1] <= lease_s + 1.0, late[-5:]
-            assert taken_s < 1.0, f"the dead relay's jobs were all claimed {taken_s:.2f} s after its death"
+            # Leases alone would free them 2.7-4 s after the death; presence frees them at the survivor's next round.
+            assert taken_s < 2.0, f"the dead relay's jobs were all claimed {taken_s:.2f} s after its death"
             stats = httpx.get(up + "/sim/stats", params={"since": dead_at}).json()
-            assert stats["submits"] == count  # none ran twice
-            assert stats["downloaded_twice_since"] == 0 and stats["downloads"] == count + stats["downloaded_twice"]
-            assert balance(config) == (0, 0)
-            assert httpx.get(answers[0]["url"]).status_code == 200
+            # None ran twice (those ended unsent were submitted once, afresh), and those left PENDING never reached it.
+            assert stats["submits"] == count - maybe_sent
+            assert (
+                stats["downloaded_twice_since"] == 0 and stats["downloads"] == len(answered) + stats["downloaded_twice"]
+            )
+            assert balance(config) == (maybe_sent * PRICE, maybe_sent * PRICE)  # still held, for the pending sweep
+            assert httpx.get(answered[0]["url"]).status_code == 200
 
 
 def test_killed_and_restarted_relay_follows_the_sdk_retry_to_the_first_job(tmp_path: Path) -> None:
