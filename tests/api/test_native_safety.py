@@ -146,7 +146,10 @@ def test_a_task_id_longer_than_the_relay_keeps_ends_its_own_job_and_no_other(sto
                 ("FAILED", "unconfirmed", "released", sent_to),
                 ("IN_PROGRESS", None, "held", "odd"),
             ]
-            assert relay.balance() == (1000, sql(relay.config, "SELECT price FROM jobs WHERE state = 'IN_PROGRESS'")[0][0])
+            assert relay.balance() == (
+                1000,
+                sql(relay.config, "SELECT price FROM jobs WHERE state = 'IN_PROGRESS'")[0][0],
+            )
 
 
 def test_uploads_are_the_relays_links_and_come_back_as_reference_images(tmp_path: Path) -> None:
