@@ -50,7 +50,7 @@ log = logging.getLogger("relay.jobs")
 # one that is not answered by then is left PENDING, for an upstream hook to adopt or the pending sweep to end).
 STOP_WAIT_S = 10.0
 STOPPED_REASON = "the relay stopped before submitting it"
-TAKEN_REASON = "another relay process took it for its process's, gone, before it was sent"
+TAKEN_REASON = "another relay process ended it as never sent while this one looked gone"
 # How many providers may answer that they could not upload a job's reference images before the job ends as the
 # client's: a second one covers a passing fault of one account; more would send an image Discord refuses (too large,
 # a format it does not take) to every provider in turn.
