@@ -120,12 +120,12 @@ def test_two_processes_one_killed_mid_run_the_survivor_ends_every_job(
     the grids were downloaded (some of its jobs still run upstream, some ended there and wait for their downloads),
     or once half the submits reached the upstream (some of its jobs are held and not yet sent). Its clients retry
     on the other (same Idempotency-Key, as behind a load balancer): every request ends with its image (but one whose
-    job was marked as sent in the instant of the death, a few at most), none runs twice, the quota is exact, and no
-    client waits more than the lease time + 1 s past its job's end upstream, those whose end came just before the
-    death included. The survivor sees at once that the other is gone (its first client's retry sends it looking)
-    and claims its jobs within 2 s of the death, before any of their leases could run out. Those never sent are
-    ended (nothing charged): their clients' retries are answered 503, and the next retry starts the request afresh.
-    No grid is downloaded twice but one the dead process had fetched and not kept."""
+    job was marked as sent in the instant of the death, one per connection at most), none runs twice, the quota is
+    exact, and no client waits more than the lease time + 1 s past its job's end upstream, those whose end came
+    just before the death included. The survivor sees at once that the other is gone (its first client's retry
+    sends it looking) and claims its jobs within 2 s of the death, before any of their leases could run out. Those
+    never sent are ended (nothing charged): their clients' retries are answered 503, and the next retry starts the
+    request afresh. No grid is downloaded twice but one the dead process had fetched and not kept."""
     count = 400
     lease_s = 4.0  # renewed every 1.33 s: a lease runs out 2.7-4 s after the death
     # What is timed is the relay's own pace: its processes, the simulator's and the clients' run as users run them,
@@ -166,10 +166,11 @@ def test_two_processes_one_killed_mid_run_the_survivor_ends_every_job(
 
             # A job whose mark was written just as its process died, before its request left, may have been sent:
             # nothing tells it from one the upstream took (no dialect finds a task by its `state`) until the pending
-            # sweep ends it. Its client is not answered; such jobs are the ones in that instant only, a few at most.
+            # sweep ends it. Its client is not answered. Such jobs are those marked in that instant only: a job is
+            # marked once a connection to the provider is free for it, so at most one per connection (16 by default).
             maybe_sent = sql(config, "SELECT COUNT(*) FROM jobs WHERE state = 'PENDING' AND provider IS NOT NULL")[0][0]
             unanswered = [a for a in answers if a["status"] != 200]
-            assert len(unanswered) == maybe_sent <= 5 and all(a["status"] is None for a in unanswered), unanswered
+            assert len(unanswered) == maybe_sent <= 16 and all(a["status"] is None for a in unanswered), unanswered
             answered = [a for a in answers if a["status"] == 200]
             retried = [i for i, a in enumerate(answers) if a["retried"]]
             assert retried and all(i % 2 == 0 for i in retried)  # the dead relay's clients only
