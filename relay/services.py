@@ -151,7 +151,7 @@ class Relay:
         self.tracker.watch = self._watch_hooks  # and tells the clients of those it ends
         if not self.db.is_sqlite:
             self.submitter.slots = Slots(self.db.engine, config.jobs.lease_s, self.process_id)
-            self.submitter.marks = True  # a job a process dies with unsent is ended at once (`Leases.claim_unsent`)
+        self.submitter.marks = True  # a job a process dies with unsent is ended at once (`Leases.claim_unsent`)
         references = config.api.references
         self.egress = Egress(references.allow_private, references.allow_hosts)
         self.notifier = Notifier(
@@ -186,6 +186,7 @@ class Relay:
         await self.prober.start()
         if self.broadcast is not None:
             await self.broadcast.start()
+        await self.leases.register(self.clock.now())
         await self.tracker.start()
         await self.coordinator.start()
         self.gc_pauses.install()

@@ -10,7 +10,10 @@ A Batcher made with `every_s` starts a write at most that often instead: an item
 written at the next turn of the loop, and what comes within `every_s` of a write's start waits for the next one.
 That is for writes whose callers can wait that long and that come steadily rather than together, such as the
 progress that upstream hooks report all through a job: spread over a burst's seconds, they never fill a batch
-within `LOADED_WAIT_S`, and each transaction costs far more than its rows.
+within `LOADED_WAIT_S`, and each transaction costs far more than its rows. A Batcher made with `patient=False` never
+waits for company: each write takes what came by the next turn of the loop. That is for writes a scarce resource
+waits on (a connection to an upstream held while its job's mark is written): the wait would be paid by every
+caller queued behind that resource, in turn.
 
 One caller's bad item must not fail its neighbours: when a batch of several fails, its transaction was rolled back,
 and each item is written again on its own, so only the item that cannot be written fails (every flush of the relay
@@ -42,11 +45,17 @@ LOADED_WAIT_S = 0.01
 
 class Batcher(Generic[I, R]):
     def __init__(
-        self, flush: Callable[[list[I]], Awaitable[list[R]]], name: str, *, every_s: float | None = None
+        self,
+        flush: Callable[[list[I]], Awaitable[list[R]]],
+        name: str,
+        *,
+        every_s: float | None = None,
+        patient: bool = True,
     ) -> None:
         self._flush = flush
         self._name = name
         self.every_s = every_s  # None: a write as soon as a turn has passed (and LOADED_WAIT_S under load)
+        self._loaded_wait_s = LOADED_WAIT_S if patient else 0.0
         self._last_write = float("-inf")  # when the last write started, by the loop's clock (with `every_s`)
         self._queue: list[tuple[I, asyncio.Future[R]]] = []
         self._drain: asyncio.Task[None] | None = None
@@ -91,7 +100,7 @@ class Batcher(Generic[I, R]):
                 await asyncio.sleep(max(0.0, self._last_write + self.every_s - loop.time()))
                 self._last_write = loop.time()
             else:
-                await asyncio.sleep(LOADED_WAIT_S if last > 1 else 0)
+                await asyncio.sleep(self._loaded_wait_s if last > 1 else 0)
             batch, self._queue = self._queue, []
             last = len(batch)
             try:

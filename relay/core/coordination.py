@@ -8,8 +8,8 @@ process, and nothing a process dies with is lost.
                a dead process's jobs are followed again within a second of its death, within `lease_s` + 1 s when
                the server did not see its connection go (a machine cut off); the jobs a gone process held and never
                sent are ended (interrupted, nothing charged), so that their clients' retries start afresh; a process
-               alone on SQLite
-               claims every running job of its providers at start (a restart); a job of a provider a process has
+               alone on SQLite claims every running job of its providers at start (a restart), and ends the jobs
+               its earlier runs never sent; a job of a provider a process has
                not is claimed by it only once the job's deadline has passed, to end it
     capacity   with other processes about, every second each learns how many jobs the others run on each provider,
                so that routing passes over a provider that is full (the limit itself is kept by `store.slots`)
@@ -145,16 +145,20 @@ class Coordinator:
             event(log, "jobs adopted", jobs=followed)
         if failed is not None:
             raise failed
-        await self.end_unsent()
+        alone = first and self.alone
+        await self.end_unsent(alone=alone)
+        if alone:
+            await self.leases.forget_earlier()
         return followed
 
-    async def end_unsent(self) -> int:
-        """End the jobs gone processes held and never sent (`Leases.claim_unsent`), in batches until none is left;
-        how many. Their holds are released, and their clients' retries, waiting on them, are answered at once (503,
-        and the next retry starts the request afresh) instead of when the pending sweep would end them."""
+    async def end_unsent(self, *, alone: bool = False) -> int:
+        """End the jobs gone processes (`alone`: the earlier runs) held and never sent (`Leases.claim_unsent`), in
+        batches until none is left; how many. Their holds are released, and their clients' retries, waiting on
+        them, are answered at once (503, and the next retry starts the request afresh) instead of when the pending
+        sweep would end them."""
         ended = 0
         while True:
-            rows = await self.leases.claim_unsent(self.clock.now())
+            rows = await self.leases.claim_unsent(self.clock.now(), alone=alone)
             await self.tracker.end_unsubmitted(rows, UNSENT_REASON)
             ended += len(rows)
             if len(rows) < CLAIM_BATCH:

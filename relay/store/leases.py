@@ -140,15 +140,19 @@ class Leases:
 
         return await transaction(self.engine, work)
 
-    async def claim_unsent(self, now: float, limit: int = CLAIM_BATCH) -> list[JobRow]:
+    async def claim_unsent(self, now: float, limit: int = CLAIM_BATCH, *, alone: bool = False) -> list[JobRow]:
         """Claim the jobs that gone processes (`store.presence`) held and never sent, to end them: nothing runs them
         upstream, and their clients' retries wait on them. Only a gone process's: it writes a row, so it is of a
         release that marks its submits, and it sends nothing any more; one that looks gone while its listening
-        connection is made again finds its mark refused, and sends nothing either. One guarded UPDATE; none without
-        presence (SQLite: the pending sweep ends them)."""
-        if not self.presence:
+        connection is made again finds its mark refused, and sends nothing either. With `alone` (a process alone
+        on SQLite, at its start), those of the earlier runs that wrote a row. One guarded UPDATE; none otherwise."""
+        gone: Any
+        if alone:
+            gone = jobs.c.owner.in_(presence.earlier(self.owner))
+        elif self.presence:
+            gone = and_(jobs.c.owner != self.owner, jobs.c.owner.in_(presence.gone()))
+        else:
             return []
-        gone = and_(jobs.c.owner != self.owner, jobs.c.owner.in_(presence.gone()))
         some = select(jobs.c.id).where(_UNSENT, gone).limit(limit)
         statement = (
             update(jobs)
@@ -161,6 +165,16 @@ class Leases:
             return rows_of((await conn.execute(statement)).all())
 
         return await transaction(self.engine, work)
+
+    async def register(self, now: float) -> None:
+        """On SQLite, at the start: this run's row (`store.presence`); on PostgreSQL the listening connection
+        writes it."""
+        if not self.presence:
+            await presence.register(self.engine, self.owner, now)
+
+    async def forget_earlier(self) -> int:
+        """On SQLite: forget the earlier runs that hold no job any more; how many."""
+        return 0 if self.presence else await presence.forget_earlier(self.engine, self.owner)
 
     async def withdraw(self) -> None:
         """This process stops on purpose: it is known by its leases from now on, not by its presence."""

@@ -14,6 +14,11 @@ A live process whose listening connection was dropped (the network, a server res
 connection is made again: its jobs may be claimed meanwhile, and it stops following them at its next renewal, as
 it does for a job another process took after a stall. No job is run or ended twice for it: every ending is guarded
 by the job's state; a grid may be downloaded by both.
+
+On SQLite there is one process at a time and no lock: each run writes its row at start all the same (`register`,
+lock key 0), so that the next run knows the jobs a run left were marked as they were sent (`JobStore.
+mark_sending_many`), and ends those it never sent at once (`Leases.claim_unsent`); a run of a release before that
+wrote no row, and its jobs are left to the pending sweep. Rows of earlier runs that hold no job are deleted then.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import secrets
 from typing import Any
 
 import asyncpg
-from sqlalchemy import and_, delete, exists, not_, select, text
+from sqlalchemy import and_, delete, exists, insert, not_, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.domain import ACTIVE_STATES
@@ -64,6 +69,22 @@ async def announce(conn: asyncpg.Connection, owner: str, key: int, now: float) -
         now,
     )
     return True
+
+
+def earlier(owner: str) -> Any:
+    """On SQLite: the owners of earlier runs that wrote a row (a selectable of `processes.owner`)."""
+    return select(processes.c.owner).where(processes.c.owner != owner)
+
+
+async def register(engine: AsyncEngine, owner: str, now: float) -> None:
+    """On SQLite: this run's row, written at its start (see above)."""
+    await changed(engine, insert(processes).values(owner=owner, lock_key=0, started_at=now))
+
+
+async def forget_earlier(engine: AsyncEngine, owner: str) -> int:
+    """On SQLite: delete the rows of earlier runs that hold no job any more; how many."""
+    holds = exists().where(and_(jobs.c.owner == processes.c.owner, jobs.c.state.in_(_ACTIVE)))
+    return await changed(engine, delete(processes).where(processes.c.owner != owner, not_(holds)))
 
 
 async def withdraw(engine: AsyncEngine, owner: str) -> None:

@@ -1,7 +1,8 @@
-"""Jobs a process dies with before sending them, on PostgreSQL: each job is marked (its provider written on its
-PENDING row) as its submit leaves, so a gone process's job without a mark was never sent. The next adoption round
-ends it at once (interrupted, its hold released) instead of the pending sweep ten minutes on; a job taken so is
-never sent by the process that held it, should that process be alive after all."""
+"""Jobs a process dies with before sending them: each job is marked (its provider written on its PENDING row) as its
+submit leaves, so a dead process's job without a mark was never sent. On PostgreSQL the next adoption round ends it
+at once (interrupted, its hold released) instead of the pending sweep ten minutes on, and a job taken so is never
+sent by the process that held it, should that process be alive after all; on SQLite the next run ends it as it
+starts."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
+from relay.clock import SystemClock
 from relay.core.coordination import UNSENT_REASON
 from relay.core.jobs import Attempt
 from relay.core.submit import TAKEN_REASON
@@ -21,17 +23,20 @@ from relay.domain import FailureCode, JobState
 from relay.errors import JobFailed
 from relay.services import Relay
 from relay.store import presence
+from relay.store.db import Database
 from relay.store.jobs import JobStore, NewJob, Sending
 from relay.store.keys import KeyRecord, KeyStore
 from relay.store.leases import Leases
 from relay.store.slots import Slots
-from relay.store.tables import jobs
+from relay.store.tables import jobs, processes
+from tests.helpers import relay_config
 from tests.unit.test_coordination_store import LEASE
 from tests.unit.test_jobs import SwitchableUpstream, relays_on_one_database
 from tests.unit.test_presence import connect, migrated
 from tests.unit.test_store import NOW, job
 
-pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+pytestmark = pytest.mark.anyio
+EITHER_STORE = pytest.mark.parametrize("postgres", [False, pytest.param(True, marks=pytest.mark.postgres)])
 
 
 @pytest.fixture
@@ -41,6 +46,14 @@ async def relay_on_postgres(tmp_path: Path) -> AsyncIterator[tuple[Relay, Switch
         yield relay, upstream, key
 
 
+@pytest.fixture
+async def relay_on_either(tmp_path: Path, postgres: bool) -> AsyncIterator[tuple[Relay, SwitchableUpstream, KeyRecord]]:
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 1, postgres=postgres) as ((relay,), key):
+        yield relay, upstream, key
+
+
+@pytest.mark.postgres
 async def test_only_the_jobs_a_gone_process_never_sent_are_claimed_to_be_ended() -> None:
     """Not one it marked (it may run upstream), nor one whose task a hook noted, nor one of a live process, nor one
     of a process known only by its lease (a release before presence, which marks nothing), nor the claimer's own;
@@ -74,10 +87,11 @@ async def test_only_the_jobs_a_gone_process_never_sent_are_claimed_to_be_ended()
             await alive.close()
 
 
+@EITHER_STORE
 async def test_a_job_is_marked_in_the_database_before_its_submit_leaves(
-    relay_on_postgres: tuple[Relay, SwitchableUpstream, KeyRecord],
+    relay_on_either: tuple[Relay, SwitchableUpstream, KeyRecord],
 ) -> None:
-    relay, upstream, key = relay_on_postgres
+    relay, upstream, key = relay_on_either
     seen: list[str] = []
     mark, send = relay.store.mark_sending_many, upstream.engine.submit
 
@@ -100,6 +114,7 @@ async def test_a_job_is_marked_in_the_database_before_its_submit_leaves(
     assert seen == ["marked sim", "sent"]
 
 
+@pytest.mark.postgres
 async def test_a_job_another_process_took_for_never_sent_is_not_sent(
     relay_on_postgres: tuple[Relay, SwitchableUpstream, KeyRecord],
 ) -> None:
@@ -122,6 +137,7 @@ async def test_a_job_another_process_took_for_never_sent_is_not_sent(
     assert current is not None and (current.balance, current.held) == (100, 0)
 
 
+@pytest.mark.postgres
 async def test_an_adoption_round_ends_the_jobs_a_gone_process_never_sent(
     relay_on_postgres: tuple[Relay, SwitchableUpstream, KeyRecord],
 ) -> None:
@@ -147,3 +163,44 @@ async def test_an_adoption_round_ends_the_jobs_a_gone_process_never_sent(
     current = await relay.keys.get(key.id)
     assert current is not None and (current.balance, current.held) == (100, 2)  # the one still PENDING holds its price
     assert upstream.engine.submits == 0
+
+
+async def test_a_restart_on_sqlite_ends_the_jobs_its_earlier_run_never_sent(tmp_path: Path) -> None:
+    """A relay alone on SQLite was killed in its submit window and is started again: the jobs that run held and never
+    sent are ended as it starts (their holds released), not ten minutes on. One it marked as sent is left (its hook
+    adopts it, or the pending sweep ends it), and so are those of a run that wrote no row (a release before marks,
+    which may have sent them)."""
+    config = relay_config(tmp_path)
+    database = Database(config.database_url())
+    now = time.time()
+    await database.migrate()
+    key, _ = await KeyStore(database.engine).create("k", 100, now)
+
+    def new(job_id: str) -> NewJob:
+        return NewJob(job_id, "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "a kite", 2, now + 600)
+
+    earlier = JobStore(database.engine, owner="the-run-killed", lease_s=30)
+    await presence.register(database.engine, earlier.owner, now)
+    assert await earlier.open(key.id, [new("job_never_sent"), new("job_maybe_sent")], now)
+    assert await earlier.mark_sending_many([Sending("job_maybe_sent", "sim")]) == [True]
+    older = JobStore(database.engine, owner="a-run-of-an-older-release", lease_s=30)
+    assert await older.open(key.id, [new("job_of_an_older_run")], now)
+    await presence.register(database.engine, "a-run-with-nothing-left", now - 60)
+    await database.dispose()
+    upstream = SwitchableUpstream()
+    relay = Relay(config, SystemClock(), {"sim": upstream})
+    await relay.open()
+    try:
+        never = await relay.store.get("job_never_sent")
+        assert never is not None and (never.state, never.error_code) == (JobState.FAILED, "interrupted")
+        for left in ("job_maybe_sent", "job_of_an_older_run"):
+            row = await relay.store.get(left)
+            assert row is not None and row.state is JobState.PENDING
+        current = await relay.keys.get(key.id)
+        assert current is not None and (current.balance, current.held) == (100, 4)
+        async with relay.db.engine.connect() as conn:
+            kept = sorted(row[0] for row in await conn.execute(select(processes.c.owner)))
+        assert kept == sorted([relay.process_id, "the-run-killed"])  # the one holding a job still, and this one
+        assert upstream.engine.submits == 0
+    finally:
+        await relay.close()
