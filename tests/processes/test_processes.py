@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
+from adapters.simulator.hooks import HookSettings
 from relay.config import Config
 from relay.core.jobs import QUIET_S
 from tests.helpers import Receiver, create_key, free_port, pg_database_sync, serve, sql, wait_for
@@ -230,6 +231,58 @@ def test_killed_and_restarted_relay_follows_the_sdk_retry_to_the_first_job(tmp_p
         assert engine.submits == 1
         assert sql(config, "SELECT state, hold_state FROM jobs") == [("SUCCEEDED", "captured")]
         assert balance(config) == (10 - PRICE, 0)
+
+
+def test_killed_in_its_submits_and_restarted_a_relay_starts_the_unsent_requests_afresh(tmp_path: Path) -> None:
+    """A relay alone on SQLite, one connection to its provider, takes 20 requests from the official SDK at once and
+    is SIGKILLed while the upstream takes its 6th submit: five jobs run upstream, one is on its way there, the others
+    are held and never sent. Started again on the same port, it ends those at once, and the SDK's own retries start
+    them afresh, while the others' retries follow their jobs (the one on its way is adopted when its hook comes):
+    every request gets its image, each job runs once upstream, and the quota is exact."""
+    count = 20
+    engine = SimEngine(SimSettings(fast_s=1.0, tile_px=16))
+    taking, let_go = threading.Event(), threading.Event()
+    submit = engine.submit
+
+    def held_at_the_sixth(*args: Any, **kwargs: Any) -> Any:
+        if engine.submits == 5:  # this one waits until the relay has been killed and started again
+            taking.set()
+            let_go.wait(30)
+        return submit(*args, **kwargs)
+
+    engine.submit = held_at_the_sixth  # type: ignore[method-assign]
+    with serve(build_sim_app(engine, "midjourney-proxy", SIM_SECRET, HookSettings(progress=False))) as up:
+        port = free_port()
+        settings = relay_settings(tmp_path / "data", None, up, f"http://127.0.0.1:{port}")
+        settings["providers"][0]["max_connections"] = 1
+        config = Config.model_validate(settings)
+        file = write_config(tmp_path / "relay.yaml", settings)
+        key = create_key(config, quota=count * PRICE)
+        with relay_processes([(file, port)], tmp_path) as (relay,):
+            client = openai.OpenAI(base_url=relay.base + "/v1", api_key=key, max_retries=6, timeout=30)
+            results: dict[int, Any] = {}
+
+            def ask(i: int) -> None:
+                results[i] = client.images.generate(model="mj-fast", prompt=f"a lighthouse number {i}", n=1)
+
+            callers = [threading.Thread(target=ask, args=(i,)) for i in range(count)]
+            for caller in callers:
+                caller.start()
+            assert taking.wait(30)
+            wait_for(lambda: sql(config, "SELECT COUNT(*) FROM jobs") == [(count,)])
+            relay.kill()
+            unsent = sql(config, "SELECT COUNT(*) FROM jobs WHERE state = 'PENDING' AND provider IS NULL")[0][0]
+            relay.start()
+            let_go.set()
+            for caller in callers:
+                caller.join(60)
+            client.close()
+        assert sorted(results) == list(range(count)) and all(r.data[0].url for r in results.values())
+        assert unsent >= count - 6 - 1  # held and never sent (one more may have been on its way to the lane)
+        assert engine.submits == count  # each request's job ran once upstream
+        states = sql(config, "SELECT state, error_code, hold_state, COUNT(*) FROM jobs GROUP BY 1, 2, 3 ORDER BY 1")
+        assert states == [("FAILED", "interrupted", "released", unsent), ("SUCCEEDED", None, "captured", count)]
+        assert balance(config) == (0, 0)
 
 
 def test_failover_over_a_down_provider_and_one_that_fails_submits(tmp_path: Path) -> None:
