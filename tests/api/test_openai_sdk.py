@@ -159,7 +159,7 @@ def test_a_banned_prompt_is_a_content_policy_violation_and_is_not_charged(relay:
     assert caught.value.code == "content_policy_violation"
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert relay.balance() == before
-    assert relay.jobs() == [("FAILED", "banned", "released", None)]
+    assert relay.jobs() == [("FAILED", "banned", "released", "sim")]  # the provider that refused it
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -84,7 +84,7 @@ def test_no_provider_able_to_take_a_job_is_503_and_releases(tmp_path: Path) -> N
         with pytest.raises(openai.InternalServerError) as caught:
             relay.openai().images.generate(model="mj-fast", prompt="a heron")
         assert caught.value.status_code == 503 and caught.value.response.headers["retry-after"] == "10"
-        assert relay.jobs() == [("FAILED", "unavailable", "released", None)]
+        assert relay.jobs() == [("FAILED", "unavailable", "released", "down")]  # the provider it was tried at
         assert relay.balance() == (1000, 0)
     closed.close()
 
@@ -102,16 +102,18 @@ def test_a_submit_that_may_have_run_is_never_sent_elsewhere(
     with running_relay(config) as relay:
         with pytest.raises(openai.InternalServerError) as caught:
             relay.openai().images.generate(model="mj-fast", prompt="a heron sim:crash")
-        ended_as_possibly_run(relay, caught.value, spare=upstreams["mj-v1"][1])
+        ended_as_possibly_run(relay, caught.value, "flaky", spare=upstreams["mj-v1"][1])
 
 
-def ended_as_possibly_run(relay: RunningRelay, error: openai.InternalServerError, spare: SimEngine) -> None:
-    """The job may have run at the provider that took it: a 502 the SDK does not retry, nothing sent to the spare
-    provider, the job ended unconfirmed and its credits released."""
+def ended_as_possibly_run(
+    relay: RunningRelay, error: openai.InternalServerError, sent_to: str, spare: SimEngine
+) -> None:
+    """The job may have run at the provider that took it (`sent_to`, which its row names): a 502 the SDK does not
+    retry, nothing sent to the spare provider, the job ended unconfirmed and its credits released."""
     assert error.status_code == 502
     assert error.response.headers["x-should-retry"] == "false"
     assert spare.submits == 0
-    assert relay.jobs() == [("FAILED", "unconfirmed", "released", None)]
+    assert relay.jobs() == [("FAILED", "unconfirmed", "released", sent_to)]
 
 
 def answering(app: ASGIApp, status: int, body: bytes) -> ASGIApp:
@@ -157,7 +159,7 @@ def test_a_5xx_whose_code_is_no_refusal_is_never_sent_elsewhere(
         with running_relay(config) as relay:
             with pytest.raises(openai.InternalServerError) as caught:
                 relay.openai().images.generate(model="mj-fast", prompt="a heron")
-            ended_as_possibly_run(relay, caught.value, spare=upstreams["mj-v1"][1])
+            ended_as_possibly_run(relay, caught.value, "gated", spare=upstreams["mj-v1"][1])
             assert engine.submits == 1
 
 
