@@ -143,65 +143,80 @@ def test_two_processes_one_killed_mid_run_the_survivor_ends_every_job(
         config = Config.model_validate(settings)
         key = create_key(config, quota=count * PRICE)
         with relay_processes(files, tmp_path) as (doomed, survivor):
+            # A client whose job is left as maybe sent (below) gives up after 20 s, well within the test's time.
             spec = {"count": count, "key": key, "bases": [doomed.base, survivor.base], "fallback": survivor.base}
             clients = subprocess.Popen(
-                [sys.executable, "-m", "tests.processes.clients", json.dumps({**spec, "prompt": "a lighthouse"})],
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.processes.clients",
+                    json.dumps({**spec, "prompt": "a lighthouse", "timeout": 20}),
+                ],
                 stdout=subprocess.PIPE,
                 text=True,
             )
-            reached = {"downloads": count // 4, "submits": count // 2}[moment]
-            wait_for(lambda: httpx.get(up + "/sim/stats").json()[moment] >= reached, timeout=60)
-            # Its running jobs, and those it held and never sent (not one it sent whose answer died with it: that one
-            # is known once its task's first hook names it).
-            held_by_doomed = (
-                "SELECT COUNT(*) FROM jobs WHERE (state IN ('SUBMITTED', 'IN_PROGRESS') "
-                "OR (state = 'PENDING' AND provider IS NULL)) "
-                f"AND owner LIKE '%:{doomed.proc.pid}:%'"
-            )
-            doomed.kill()
-            dead_at = time.time()  # it has exited: a grid fetched from here on is the survivor's fetch
-            wait_for(lambda: sql(config, held_by_doomed) == [(0,)])
-            taken_s = time.time() - dead_at
-            out, _ = clients.communicate(timeout=90)
-            answers = json.loads(out)
+            try:
+                reached = {"downloads": count // 4, "submits": count // 2}[moment]
+                wait_for(lambda: httpx.get(up + "/sim/stats").json()[moment] >= reached, timeout=60)
+                # Its running jobs, and those it held and never sent (not one it sent whose answer died with it:
+                # that one is known once its task's first hook names it).
+                held_by_doomed = (
+                    "SELECT COUNT(*) FROM jobs WHERE (state IN ('SUBMITTED', 'IN_PROGRESS') "
+                    "OR (state = 'PENDING' AND provider IS NULL)) "
+                    f"AND owner LIKE '%:{doomed.proc.pid}:%'"
+                )
+                doomed.kill()
+                dead_at = time.time()  # it has exited: a grid fetched from here on is the survivor's fetch
+                wait_for(lambda: sql(config, held_by_doomed) == [(0,)])
+                taken_s = time.time() - dead_at
+                out, _ = clients.communicate(timeout=90)
+                answers = json.loads(out)
 
-            # A job whose mark was written just as its process died, before its request left, may have been sent:
-            # nothing tells it from one the upstream took (no dialect finds a task by its `state`) until the pending
-            # sweep ends it. Its client is not answered. Such jobs are those marked in that instant only: a job is
-            # marked once a connection to the provider is free for it, so at most one per connection (16 by default).
-            maybe_sent = sql(config, "SELECT COUNT(*) FROM jobs WHERE state = 'PENDING' AND provider IS NOT NULL")[0][0]
-            unanswered = [a for a in answers if a["status"] != 200]
-            assert len(unanswered) == maybe_sent <= 16 and all(a["status"] is None for a in unanswered), unanswered
-            answered = [a for a in answers if a["status"] == 200]
-            retried = [i for i, a in enumerate(answers) if a["retried"]]
-            assert retried and all(i % 2 == 0 for i in retried)  # the dead relay's clients only
-            upstream_of = dict(sql(config, "SELECT id, upstream_id FROM jobs WHERE state = 'SUCCEEDED'"))
-            assert len(upstream_of) == len(answered)
-            tasks = upstream_tasks(up, list(upstream_of.values()))
-            late = []
-            for answer in answered:
-                job_id = answer["url"].split("/files/", 1)[1].split("/", 1)[0]
-                task = tasks[upstream_of[job_id]]
-                assert task["state"] == job_id
-                late.append(answer["at"] - task["finishTime"] / 1000)
-            late.sort()
-            p50, p99 = late[len(late) // 2], late[len(late) * 99 // 100]
-            unsent = sql(config, "SELECT COUNT(*) FROM jobs WHERE error_code = 'interrupted'")[0][0]
-            print(
-                f"lateness p50 {p50:.2f} s, p99 {p99:.2f} s, max {late[-1]:.2f} s; claimed after {taken_s:.2f} s; "
-                f"{unsent} never sent, ended; {maybe_sent} left as maybe sent"
-            )
-            assert late[-1] <= lease_s + 1.0, late[-5:]
-            # Leases alone would free them 2.7-4 s after the death; presence frees them at the survivor's next round.
-            assert taken_s < 2.0, f"the dead relay's jobs were all claimed {taken_s:.2f} s after its death"
-            stats = httpx.get(up + "/sim/stats", params={"since": dead_at}).json()
-            # None ran twice (those ended unsent were submitted once, afresh), and those left PENDING never reached it.
-            assert stats["submits"] == count - maybe_sent
-            assert (
-                stats["downloaded_twice_since"] == 0 and stats["downloads"] == len(answered) + stats["downloaded_twice"]
-            )
-            assert balance(config) == (maybe_sent * PRICE, maybe_sent * PRICE)  # still held, for the pending sweep
-            assert httpx.get(answered[0]["url"]).status_code == 200
+                # A job whose mark was written just as its process died, before its request left, may have been sent:
+                # nothing tells it from one the upstream took (no dialect finds a task by its `state`) until the
+                # pending sweep ends it. Its client is not answered. Such jobs are those marked in that instant only:
+                # a job is marked once a connection to the provider is free for it, so at most one per connection
+                # (16 by default).
+                left = "SELECT COUNT(*) FROM jobs WHERE state = 'PENDING' AND provider IS NOT NULL"
+                maybe_sent = sql(config, left)[0][0]
+                unanswered = [a for a in answers if a["status"] != 200]
+                assert len(unanswered) == maybe_sent <= 16 and all(a["status"] is None for a in unanswered), unanswered
+                answered = [a for a in answers if a["status"] == 200]
+                retried = [i for i, a in enumerate(answers) if a["retried"]]
+                assert retried and all(i % 2 == 0 for i in retried)  # the dead relay's clients only
+                upstream_of = dict(sql(config, "SELECT id, upstream_id FROM jobs WHERE state = 'SUCCEEDED'"))
+                assert len(upstream_of) == len(answered)
+                tasks = upstream_tasks(up, list(upstream_of.values()))
+                late = []
+                for answer in answered:
+                    job_id = answer["url"].split("/files/", 1)[1].split("/", 1)[0]
+                    task = tasks[upstream_of[job_id]]
+                    assert task["state"] == job_id
+                    late.append(answer["at"] - task["finishTime"] / 1000)
+                late.sort()
+                p50, p99 = late[len(late) // 2], late[len(late) * 99 // 100]
+                unsent = sql(config, "SELECT COUNT(*) FROM jobs WHERE error_code = 'interrupted'")[0][0]
+                print(
+                    f"lateness p50 {p50:.2f} s, p99 {p99:.2f} s, max {late[-1]:.2f} s; claimed after {taken_s:.2f} s; "
+                    f"{unsent} never sent, ended; {maybe_sent} left as maybe sent"
+                )
+                assert late[-1] <= lease_s + 1.0, late[-5:]
+                # Leases alone would free them 2.7-4 s after the death; presence frees them at the survivor's next
+                # round.
+                assert taken_s < 2.0, f"the dead relay's jobs were all claimed {taken_s:.2f} s after its death"
+                stats = httpx.get(up + "/sim/stats", params={"since": dead_at}).json()
+                # None ran twice (those ended unsent were submitted once, afresh); those left PENDING never reached it.
+                assert stats["submits"] == count - maybe_sent
+                assert (
+                    stats["downloaded_twice_since"] == 0
+                    and stats["downloads"] == len(answered) + stats["downloaded_twice"]
+                )
+                assert balance(config) == (maybe_sent * PRICE, maybe_sent * PRICE)  # still held, for the pending sweep
+                assert httpx.get(answered[0]["url"]).status_code == 200
+            finally:  # a failure above leaves no clients running into the next test
+                if clients.poll() is None:
+                    clients.kill()
+                clients.communicate()
 
 
 def test_killed_and_restarted_relay_follows_the_sdk_retry_to_the_first_job(tmp_path: Path) -> None:
