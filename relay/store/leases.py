@@ -53,9 +53,12 @@ class Leases:
         of this process's own for that: while its listening connection is made again it looks gone to itself too,
         and a claim would leave its jobs as claimable as before (a round would claim the same ones without end)."""
         if self.presence:
-            gone = and_(jobs.c.owner != self.owner, jobs.c.owner.in_(presence.gone()))
-            return or_(_lapsed(now), gone)
+            return or_(_lapsed(now), self._gone_others())
         return _lapsed(now)
+
+    def _gone_others(self) -> Any:
+        """Another process's job whose process is gone (`store.presence`)."""
+        return and_(jobs.c.owner != self.owner, jobs.c.owner.in_(presence.gone()))
 
     async def renew(self, now: float, following: Collection[str] | None = None) -> set[str]:
         """Renew the leases this process holds: every one, or (`following`) those of the jobs it follows and of its
@@ -134,7 +137,9 @@ class Leases:
             )
             .returning(*jobs.c)
         )
+        return await self._rows(statement)
 
+    async def _rows(self, statement: Any) -> list[JobRow]:
         async def work(conn: AsyncConnection) -> list[JobRow]:
             return rows_of((await conn.execute(statement)).all())
 
@@ -150,7 +155,7 @@ class Leases:
         if alone:
             gone = jobs.c.owner.in_(presence.earlier(self.owner))
         elif self.presence:
-            gone = and_(jobs.c.owner != self.owner, jobs.c.owner.in_(presence.gone()))
+            gone = self._gone_others()
         else:
             return []
         some = select(jobs.c.id).where(_UNSENT, gone).limit(limit)
@@ -160,11 +165,7 @@ class Leases:
             .values(owner=self.owner, lease_until=now + self.lease_s)
             .returning(*jobs.c)
         )
-
-        async def work(conn: AsyncConnection) -> list[JobRow]:
-            return rows_of((await conn.execute(statement)).all())
-
-        return await transaction(self.engine, work)
+        return await self._rows(statement)
 
     async def register(self, now: float) -> None:
         """On SQLite, at the start: this run's row (`store.presence`); on PostgreSQL the listening connection

@@ -35,6 +35,8 @@ from relay.store.db import changed
 from relay.store.tables import jobs, processes
 
 _ACTIVE = [s.value for s in ACTIVE_STATES]
+# The process of the row holds a job still (one not ended).
+_HOLDS_JOBS = exists().where(and_(jobs.c.owner == processes.c.owner, jobs.c.state.in_(_ACTIVE)))
 
 # Whether no session holds the advisory lock of the process's key (`pg_advisory_lock(bigint)` shows as the key's
 # two halves, `objsubid` 1), in this database.
@@ -83,8 +85,7 @@ async def register(engine: AsyncEngine, owner: str, now: float) -> None:
 
 async def forget_earlier(engine: AsyncEngine, owner: str) -> int:
     """On SQLite: delete the rows of earlier runs that hold no job any more; how many."""
-    holds = exists().where(and_(jobs.c.owner == processes.c.owner, jobs.c.state.in_(_ACTIVE)))
-    return await changed(engine, delete(processes).where(processes.c.owner != owner, not_(holds)))
+    return await changed(engine, delete(processes).where(processes.c.owner != owner, not_(_HOLDS_JOBS)))
 
 
 async def withdraw(engine: AsyncEngine, owner: str) -> None:
@@ -94,5 +95,4 @@ async def withdraw(engine: AsyncEngine, owner: str) -> None:
 
 async def forget_gone(engine: AsyncEngine) -> int:
     """Delete the rows of gone processes that hold no job any more; how many."""
-    holds = exists().where(and_(jobs.c.owner == processes.c.owner, jobs.c.state.in_(_ACTIVE)))
-    return await changed(engine, delete(processes).where(_UNHELD, not_(holds)))
+    return await changed(engine, delete(processes).where(_UNHELD, not_(_HOLDS_JOBS)))

@@ -39,6 +39,11 @@ pytestmark = pytest.mark.anyio
 EITHER_STORE = pytest.mark.parametrize("postgres", [False, pytest.param(True, marks=pytest.mark.postgres)])
 
 
+def kite(job_id: str, now: float) -> NewJob:
+    """A job made `now` (on the relay's own clock, which the sweeps and deadlines read)."""
+    return NewJob(job_id, "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "a kite", 2, now + 600)
+
+
 @pytest.fixture
 async def relay_on_postgres(tmp_path: Path) -> AsyncIterator[tuple[Relay, SwitchableUpstream, KeyRecord]]:
     upstream = SwitchableUpstream()
@@ -144,10 +149,7 @@ async def test_an_adoption_round_ends_the_jobs_a_gone_process_never_sent(
     relay, upstream, key = relay_on_postgres
     dead = JobStore(relay.db.engine, owner="a-process-that-died", lease_s=600)
     now = time.time()
-    made = [
-        NewJob(i, "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "a kite", 2, now + 600)
-        for i in ("job_never_sent", "job_maybe_sent")
-    ]
+    made = [kite(i, now) for i in ("job_never_sent", "job_maybe_sent")]
     assert await dead.open(key.id, made, now)
     assert await dead.mark_sending_many([Sending("job_maybe_sent", "sim")]) == [True]
     conn: asyncpg.Connection = await connect(relay.config.database_url())
@@ -176,15 +178,12 @@ async def test_a_restart_on_sqlite_ends_the_jobs_its_earlier_run_never_sent(tmp_
     await database.migrate()
     key, _ = await KeyStore(database.engine).create("k", 100, now)
 
-    def new(job_id: str) -> NewJob:
-        return NewJob(job_id, "r", "mj-fast", "fast", "MID_JOURNEY", "imagine", "a kite", 2, now + 600)
-
     earlier = JobStore(database.engine, owner="the-run-killed", lease_s=30)
     await presence.register(database.engine, earlier.owner, now)
-    assert await earlier.open(key.id, [new("job_never_sent"), new("job_maybe_sent")], now)
+    assert await earlier.open(key.id, [kite("job_never_sent", now), kite("job_maybe_sent", now)], now)
     assert await earlier.mark_sending_many([Sending("job_maybe_sent", "sim")]) == [True]
     older = JobStore(database.engine, owner="a-run-of-an-older-release", lease_s=30)
-    assert await older.open(key.id, [new("job_of_an_older_run")], now)
+    assert await older.open(key.id, [kite("job_of_an_older_run", now)], now)
     await presence.register(database.engine, "a-run-with-nothing-left", now - 60)
     await database.dispose()
     upstream = SwitchableUpstream()
