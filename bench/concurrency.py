@@ -10,8 +10,10 @@ simulator's own `finishTime`) each answer was read: what polling or hooks, the d
 the job and answering add; the targets (100 ms with hooks, a poll interval + 100 ms with some of them lost) are
 about that figure. `lateness` is a request's response time minus the job's duration, which adds the time the relay
 took to take the request in and submit it: with the whole burst sent at once, up to the time to take in all of it.
-`CPU s` is the CPU time each process used during the burst (the relay's, the simulator's, the client's); `hooks`
-counts the relay's upstream hook calls by outcome; `relay gc` its garbage collections (`mj_relay_gc_pause_seconds`).
+`CPU s` is the CPU time each process used during the burst (the relay's, the simulator's, the client's); `hook
+calls` how long the simulator's calls waited for one of its senders (32, each waiting for the relay's answer, as
+midjourney-proxy's threads do) and how long the relay took to answer them; `hooks` counts the relay's upstream hook
+calls by outcome; `relay gc` its garbage collections (`mj_relay_gc_pause_seconds`).
 The relay's peak RSS is its VmHWM from /proc. The client (bare HTTP/1.1 on asyncio, on uvloop where it is
 installed, as the relay's own event loop is; one new connection per request) runs in this process, the relay and
 the HTTP simulator in their own. A request's time runs from just before its connection is opened until its whole
@@ -41,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -211,9 +214,11 @@ def gc_line(before: dict[str, dict[float, float]], after: dict[str, dict[float, 
     return ", ".join(parts) + under
 
 
-def sim_stats(port: int) -> dict[str, int]:
-    """What the HTTP simulator has counted: submits, status reads, hook calls."""
-    return dict(httpx.get(f"http://127.0.0.1:{port}/sim/stats", timeout=10).json())
+def sim_stats(port: int, since: float | None = None) -> dict[str, Any]:
+    """What the HTTP simulator has counted: submits, status reads, hook calls; with `since`, also how the hook calls
+    due since then waited for its senders."""
+    params = {"since": since} if since is not None else None
+    return dict(httpx.get(f"http://127.0.0.1:{port}/sim/stats", params=params, timeout=10).json())
 
 
 def main() -> None:
@@ -324,7 +329,7 @@ def main() -> None:
         wall = time.perf_counter() - started
         client_cpu = time.process_time() - client_before
         cpu = {proc.pid: cpu_seconds(proc.pid) - cpu_before[proc.pid] for proc in procs}
-        stats_after = sim_stats(sim_port) if args.upstream == "http" else None
+        stats_after = sim_stats(sim_port, since=started_at) if args.upstream == "http" else None
         peak = peak_rss_mb(relay.pid)
         hook_outcomes = hooks_taken(base)
         collections = gc_line(collections_before, gc_pauses(base))
@@ -379,6 +384,18 @@ def main() -> None:
                 f"({calls['submits']} submits, {calls['reads']} status reads; downloads apart), "
                 f"{calls['hooks']} hook calls made"
             )
+            timed = stats_after.get("hook_calls_since") or {}
+            if timed.get("calls"):
+                # The simulator makes its calls from a few senders, as midjourney-proxy does, each waiting for the
+                # answer: calls that come faster than the relay answers them queue for a sender.
+                wait, answer, ending = (
+                    " / ".join(f"{v:.0f}" for v in timed[name]) or "-"
+                    for name in ("wait_ms", "answer_ms", "ending_wait_ms")
+                )
+                print(
+                    f"hook calls    waited for a sender p50 / p99 {wait} ms (the calls that end a task: {ending} ms); "
+                    f"answered by the relay in p50 / p99 {answer} ms"
+                )
             taken = ", ".join(f"{name} {count:.0f}" for name, count in sorted(hook_outcomes.items()))
             print(f"hooks         by outcome at the relay (warm-up included): {taken or 'none'}")
         print(f"relay RSS MB  peak {peak:.0f}   at start {baseline:.0f}   (target < 250)")

@@ -5,6 +5,10 @@ retried, the answer ignored. midjourney-proxy posts from a pool of threads (`not
 sends a POST again once when a kept connection turns out closed before any answer; so does the simulator, with
 `lanes` calls under way at once.
 
+Each call made is timed (`timings`, the last `TIMINGS_KEPT`): how long it waited for a lane, and how long the
+receiver took to answer it. A receiver slower to answer than calls come makes them queue for the lanes, as they
+queue for midjourney-proxy's threads; `summary` gives those waits, which `GET /sim/stats?since=` reports.
+
 Faults can be injected, to test a receiver that must be idempotent and order-tolerant and a relay that must fall
 back on polling:
 
@@ -23,8 +27,10 @@ import asyncio
 import contextlib
 import json
 import random
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from adapters.simulator.engine import SimEngine
@@ -44,6 +50,39 @@ class HookSettings:
     timeout_s: float = 5.0
     lanes: int = 32  # calls under way at once (midjourney-proxy: `notifyPoolSize`, 10)
     seed: int | None = None
+
+
+# How many calls' timings are kept (the newest).
+TIMINGS_KEPT = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class CallTiming:
+    at: float  # when the call was due (after any injected delay), by the engine's clock
+    waited: float  # seconds it waited for a lane
+    took: float  # seconds from its start to its answer (or its failure)
+    ending: bool  # the call says its task ended (SUCCESS or FAILURE)
+
+
+def summary(timings: Iterable[CallTiming], since: float) -> dict[str, Any]:
+    """The calls due at `since` or later: how many, and the p50 and p99 of their waits for a lane and of the
+    receiver's answers (ms); the waits of the calls that end a task apart, as a job's lateness waits on them."""
+    chosen = [timing for timing in timings if timing.at >= since]
+
+    def marks(values: list[float]) -> list[float]:
+        if not values:
+            return []
+        ordered = sorted(values)
+        return [
+            round(ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))] * 1000, 1) for share in (0.5, 0.99)
+        ]
+
+    return {
+        "calls": len(chosen),
+        "wait_ms": marks([timing.waited for timing in chosen]),
+        "answer_ms": marks([timing.took for timing in chosen]),
+        "ending_wait_ms": marks([timing.waited for timing in chosen if timing.ending]),
+    }
 
 
 class _NoAnswer(Exception):
@@ -70,6 +109,7 @@ class HookSender:
         self._lanes = asyncio.Semaphore(settings.lanes)
         self._idle: dict[tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
         self.sent = 0  # calls made (duplicates counted twice, drops not)
+        self.timings: deque[CallTiming] = deque(maxlen=TIMINGS_KEPT)
         engine.watchers.append(self.watch)
 
     def watch(self, task: SimTask) -> None:
@@ -99,26 +139,30 @@ class HookSender:
             if (view["status"], view["progress"]) == sent:
                 continue
             sent = (view["status"], view["progress"])
-            self._send(url, json.dumps(view).encode())
-            if view["status"] in ("SUCCESS", "FAILURE"):
+            ending = view["status"] in ("SUCCESS", "FAILURE")
+            self._send(url, json.dumps(view).encode(), ending)
+            if ending:
                 return
 
-    def _send(self, url: str, body: bytes) -> None:
+    def _send(self, url: str, body: bytes, ending: bool) -> None:
         draw = self._rng.random
         if draw() < self.settings.drop:
             return
         copies = 2 if draw() < self.settings.duplicate else 1
         held = self.settings.reorder_s if draw() < self.settings.reorder else 0.0
         for _ in range(copies):
-            self._spawn(self._call(url, body, self.settings.delay_s + held))
+            self._spawn(self._call(url, body, self.settings.delay_s + held, ending))
 
-    async def _call(self, url: str, body: bytes, after: float) -> None:
+    async def _call(self, url: str, body: bytes, after: float, ending: bool) -> None:
         if after > 0:
             await self._sleep(after)
         self.sent += 1
+        due = self.engine.now()
         async with self._lanes:
+            started = self.engine.now()
             with contextlib.suppress(Exception):  # once, no retry, whatever the receiver says
                 await self._post(url, body)
+            self.timings.append(CallTiming(due, started - due, self.engine.now() - started, ending))
 
     async def _http_post(self, url: str, body: bytes) -> None:
         """One HTTP/1.1 POST on a kept connection to the receiver (or a new one), its answer read and ignored."""

@@ -22,8 +22,8 @@ as a CDN would.
 With `hooks` given, a submit's `notifyHook` is called on each change of its task (`adapters.simulator.hooks`),
 except on new-api, which drops a client's `notifyHook` (its operators seldom enable it). `GET /sim/stats` counts
 the submits, status reads, hook calls and image downloads made (and how many images were downloaded more than
-once; with `?since=<epoch seconds>`, also how many of those were first downloaded at or after that time), for
-benchmarks and tests.
+once; with `?since=<epoch seconds>`, also how many of those were first downloaded at or after that time, and how
+long the hook calls due since then waited for a lane and for their answers), for benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from adapters.base import MODES, Mode, SubmitKind
 from adapters.simulator.answers import SubmitReply
 from adapters.simulator.engine import SimEngine, steering
 from adapters.simulator.hooks import HookSender, HookSettings
+from adapters.simulator.hooks import summary as hook_summary
 from adapters.simulator.pictures import media_type
 from adapters.wire import ENDPOINTS
 
@@ -216,6 +217,8 @@ def build_sim_app(
         except (KeyError, ValueError):
             return JSONResponse(stats)
         stats["downloaded_twice_since"] = sum(1 for key in twice if engine.first_downloaded[key] >= since)
+        if sender is not None:
+            stats["hook_calls_since"] = hook_summary(sender.timings, since)
         return JSONResponse(stats)
 
     async def image(request: Request) -> Response:

@@ -83,6 +83,11 @@ def test_a_job_ends_the_moment_its_upstream_says_so_with_no_status_read(tmp_path
         assert world.engine.reads == 0
         metrics = httpx.get(world.relay.base + "/metrics").text
         assert 'mj_relay_upstream_hooks_total{outcome="applied",provider="up"}' in metrics
+        # the simulator times its calls, for the benchmark (each once answered): from the moment asked for
+        wait_for(lambda: _hooks_timed(world, 0)["calls"] == _hooks_sent(world) >= 8)
+        timed = _hooks_timed(world, 0)
+        assert len(timed["answer_ms"]) == len(timed["wait_ms"]) == len(timed["ending_wait_ms"]) == 2
+        assert _hooks_timed(world, time.time() + 60)["calls"] == 0
 
 
 def test_lost_hooks_fall_back_on_polling(tmp_path: Path) -> None:
@@ -119,6 +124,10 @@ def test_duplicated_and_reordered_hooks_never_move_a_job_back_or_settle_it_twice
 
 def _hooks_sent(world: World) -> int:
     return int(httpx.get(world.upstream + "/sim/stats").json()["hooks"])
+
+
+def _hooks_timed(world: World, since: float) -> dict[str, Any]:
+    return dict(httpx.get(world.upstream + "/sim/stats", params={"since": since}).json()["hook_calls_since"])
 
 
 def test_a_job_whose_submit_was_never_written_down_is_adopted_by_its_hook(tmp_path: Path) -> None:

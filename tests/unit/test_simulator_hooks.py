@@ -9,7 +9,7 @@ import json
 import pytest
 
 from adapters.simulator import SimEngine, SimSettings
-from adapters.simulator.hooks import HookSender, HookSettings
+from adapters.simulator.hooks import HookSender, HookSettings, summary
 from tests.api.native_helpers import png
 from tests.helpers import FakeClock
 
@@ -75,6 +75,36 @@ async def test_a_task_quicker_than_its_steps_is_called_once_per_change(fast_s: f
     await run(clock, 0.5)
     assert recorder.steps()[-1] == ("SUCCESS", "100%")
     assert len(set(recorder.steps())) == len(recorder.steps()), recorder.steps()
+
+
+async def test_each_call_is_timed_its_wait_for_a_lane_and_its_answer() -> None:
+    """A receiver slower to answer than calls come makes them queue for the lanes, as they queue for
+    midjourney-proxy's threads: each call's wait for a lane and the receiver's answer are timed, and `summary` gives
+    them for the calls due since a moment, the calls that end a task apart."""
+    clock = FakeClock()
+    engine = SimEngine(SimSettings(fast_s=1.0, tile_px=16), now=clock.now)
+
+    async def slow(url: str, body: bytes) -> None:
+        await clock.sleep(0.1)
+
+    sender = HookSender(engine, HookSettings(lanes=1, progress=False), "http://sim/cdn", post=slow, sleep=clock.sleep)
+    for prompt in ("a cat", "a dog"):
+        engine.submit("imagine", {"prompt": prompt, "notifyHook": "http://relay/h"})
+    await run(clock, 2.0)
+    timings = list(sender.timings)
+    assert len(timings) == 4  # each task's start and end, the two at each moment made one after the other
+    assert sorted(timing.waited for timing in timings) == pytest.approx([0.0, 0.0, 0.1, 0.1])
+    assert [timing.took for timing in timings] == pytest.approx([0.1] * 4)
+    assert [timing.ending for timing in timings] == [False, False, True, True]
+    assert summary(timings, since=0.0) == {
+        "calls": 4,
+        "wait_ms": pytest.approx([100.0, 100.0]),  # the median of four is the upper middle one
+        "answer_ms": pytest.approx([100.0, 100.0]),
+        "ending_wait_ms": pytest.approx([0.0, 100.0]),
+    }
+    ends = summary(timings, since=timings[2].at)  # the calls due from the ends on
+    assert ends["calls"] == 2 and ends["wait_ms"] == pytest.approx([0.0, 100.0])
+    assert summary(timings, since=clock.now() + 1) == {"calls": 0, "wait_ms": [], "answer_ms": [], "ending_wait_ms": []}
 
 
 async def test_a_timer_that_fires_early_does_not_make_a_call_before_its_change() -> None:
