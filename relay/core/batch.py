@@ -61,8 +61,10 @@ class Batcher(Generic[I, R]):
         self._drain: asyncio.Task[None] | None = None
 
     async def __call__(self, item: I) -> R:
-        # The write goes on even if this caller is cancelled: others share it.
-        return await asyncio.shield(self._queued(item))
+        # The write goes on even if this caller is cancelled: others share it, and the batch holds the item whatever
+        # becomes of its future (one cancelled is left as it is). The future is awaited bare: wrapped (a shield, a
+        # gather), each layer would put one more turn of the loop between the write and its caller.
+        return await self._queued(item)
 
     async def many(self, items: list[I]) -> list[R]:
         """Several items of one caller, in the same batch: their results in order, or the first failure."""
@@ -77,10 +79,11 @@ class Batcher(Generic[I, R]):
         """Several items of one caller, in the same batch: each one's result or failure, in order."""
         futures = [self._queued(item) for item in items]
         settled: list[R | Exception] = []
-        for outcome in await asyncio.shield(asyncio.gather(*futures, return_exceptions=True)):
-            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
-                raise outcome
-            settled.append(outcome)
+        for future in futures:  # one batch: once the first is settled, so are the others (unless it was split)
+            try:
+                settled.append(await future)
+            except Exception as exc:
+                settled.append(exc)
         return settled
 
     def _queued(self, item: I) -> asyncio.Future[R]:

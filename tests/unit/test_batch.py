@@ -26,6 +26,36 @@ async def test_concurrent_calls_share_a_write_and_get_their_own_result() -> None
     await batcher.close()
 
 
+@pytest.mark.parametrize("way", ["call", "each"])
+async def test_a_caller_resumes_in_the_turn_of_the_loop_after_its_write(way: str) -> None:
+    """A caller goes on in the turn after its write, with `each` too: each wrapper around its future (a shield, a
+    gather) would hold it one turn more, and every group-committed step (a job's mark before its request leaves, an
+    admission, an ending) with it. A callback the write schedules runs in that next turn, and one it schedules in
+    turn in the one after: the caller must come before the latter."""
+    loop = asyncio.get_running_loop()
+    events: list[str] = []
+
+    def next_turn() -> None:
+        events.append("next turn")
+        loop.call_soon(events.append, "the turn after")
+
+    async def flush(items: list[int]) -> list[int]:
+        events.append("written")
+        loop.call_soon(next_turn)
+        return items
+
+    batcher: Batcher[int, int] = Batcher(flush, "test")
+    if way == "call":
+        assert await batcher(1) == 1
+    else:
+        assert await batcher.each([1, 2]) == [1, 2]
+    events.append("caller")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert events == ["written", "next turn", "caller", "the turn after"]
+    await batcher.close()
+
+
 async def test_a_failed_write_fails_its_callers_and_the_next_batch_goes_on() -> None:
     async def flush(items: list[int]) -> list[int]:
         await asyncio.sleep(0)
