@@ -319,6 +319,8 @@ class Submitter:
             trial = False  # the provider's half-open trial, taken with its slot
             if reserved:
                 held, trial = await self._reserved(job.id, name, limit)
+                if held is None:  # another process took it for never sent, and ends it: not sent anywhere
+                    return await self._never_sent(job.id, TAKEN_REASON)
                 if not held:
                     continue  # every slot is held, counting other processes' jobs: the next provider
                 if not self._still_routable(name, trial):
@@ -405,12 +407,14 @@ class Submitter:
             return None
         return row.upstream_id
 
-    async def _reserved(self, job_id: str, provider: str, limit: int | None) -> tuple[bool, bool]:
-        """A slot of the provider reserved for the job, and whether the job holds the provider's half-open trial. The
-        trial is taken first: other jobs are routed while the reservation is written, and must not take it too."""
+    async def _reserved(self, job_id: str, provider: str, limit: int | None) -> tuple[bool | None, bool]:
+        """A slot of the provider reserved for the job (as `Slots.take` answers: None when the job is another
+        process's now; False when none could be reserved), and whether the job holds the provider's half-open trial.
+        The trial is taken first: other jobs are routed while the reservation is written, and must not take it too."""
         assert self.slots is not None and limit is not None
         health = self.pool.health[provider]
-        trial, held = health.begin_submit(), False
+        trial = health.begin_submit()
+        held: bool | None = False
         try:
             held = await self.slots.take(job_id, provider, limit, self.clock.now())
         except Exception:

@@ -29,12 +29,12 @@ class Slots:
         self.lease_s = lease_s  # a reservation is as live as the lease of the process that made it
         self.owner = owner  # the process reserving: only its own PENDING jobs (`JobStore.mark_sending_many`)
 
-    async def take(self, job_id: str, provider: str, limit: int, now: float) -> bool:
-        """Reserve one of `provider`'s `limit` slots for the PENDING job; False when they are all held, or when the
-        job is no longer this process's to send (another process took it for never sent, and ends it). The
-        reservation is the job's mark that it may have been sent (see `JobStore.mark_sending_many`)."""
+    async def take(self, job_id: str, provider: str, limit: int, now: float) -> bool | None:
+        """Reserve one of `provider`'s `limit` slots for the PENDING job: True once reserved, False when they are all
+        held, None when the job is no longer this process's to send (another process took it for never sent, and
+        ends it). The reservation is the job's mark that it may have been sent (see `JobStore.mark_sending_many`)."""
 
-        async def work(conn: AsyncConnection) -> bool:
+        async def work(conn: AsyncConnection) -> bool | None:
             await conn.execute(
                 text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"mj-relay slots {provider}"}
             )
@@ -64,7 +64,7 @@ class Slots:
                 )
                 .values(provider=provider, lease_until=now + self.lease_s)
             )
-            return bool(result.rowcount)
+            return True if result.rowcount else None
 
         return await transaction(self.engine, work)
 

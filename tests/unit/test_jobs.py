@@ -218,15 +218,21 @@ async def test_a_request_waiting_for_its_images_is_woken_by_endings_alone(
 
 @contextlib.asynccontextmanager
 async def relays_on_one_database(
-    tmp_path: Path, upstream: SwitchableUpstream, count: int, *, postgres: bool = True, clock: Clock | None = None
+    tmp_path: Path,
+    upstream: SwitchableUpstream,
+    count: int,
+    *,
+    postgres: bool = True,
+    clock: Clock | None = None,
+    **sections: Any,
 ) -> AsyncIterator[tuple[list[Relay], KeyRecord]]:
     """`count` relays (as processes would be) on one fresh database, in front of one upstream, and a key; their
-    clock is `clock` (None: the system's)."""
+    clock is `clock` (None: the system's); `sections` of their configuration as `relay_config` takes them."""
     async with contextlib.AsyncExitStack() as stack:
         database = {"url": await stack.enter_async_context(pg_database())} if postgres else {}
         relays: list[Relay] = []
         for i in range(count):
-            config = relay_config(tmp_path / f"relay-{i}", database=database)
+            config = relay_config(tmp_path / f"relay-{i}", database=database, **sections)
             relay = Relay(config, clock or SystemClock(), {"sim": upstream})
             await relay.open()
             stack.push_async_callback(relay.close)

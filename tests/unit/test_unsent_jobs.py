@@ -143,6 +143,32 @@ async def test_a_job_another_process_took_for_never_sent_is_not_sent(
 
 
 @pytest.mark.postgres
+async def test_a_job_another_process_took_before_its_slot_was_reserved_is_not_sent(tmp_path: Path) -> None:
+    """With `max_in_flight`, a job's slot reservation is its mark. One refused because another process took the job
+    for never sent (the holder looked gone meanwhile) is not sent anywhere, and its client is told to retry at once
+    (interrupted), not that every provider is full; nothing charged."""
+    upstream = SwitchableUpstream()
+    provider = {"name": "sim", "dialect": "simulator", "max_in_flight": 5, "simulator": {"fast_s": 0.3}}
+    async with relays_on_one_database(tmp_path, upstream, 1, providers=[provider]) as ((relay,), key):
+        slots = relay.submitter.slots
+        assert slots is not None
+        take = slots.take
+
+        async def taken_first(job_id: str, provider: str, limit: int, now: float) -> bool | None:
+            async with relay.db.engine.begin() as conn:  # claimed by another process, as `Leases.claim_unsent` does
+                await conn.execute(update(jobs).where(jobs.c.id == job_id).values(owner="another-process"))
+            return await take(job_id, provider, limit, now)
+
+        slots.take = taken_first  # type: ignore[method-assign]
+        with pytest.raises(JobFailed) as failed:
+            await relay.jobs.start(key, relay.jobs.plan(model="mj-fast", prompt="a kite", n=1), Attempt("b", False))
+        assert failed.value.code is FailureCode.INTERRUPTED and failed.value.reason == TAKEN_REASON
+        assert upstream.engine.submits == 0
+        current = await relay.keys.get(key.id)
+        assert current is not None and (current.balance, current.held) == (100, 0)
+
+
+@pytest.mark.postgres
 async def test_an_adoption_round_ends_the_jobs_a_gone_process_never_sent(
     relay_on_postgres: tuple[Relay, SwitchableUpstream, KeyRecord],
 ) -> None:
