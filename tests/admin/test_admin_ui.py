@@ -237,6 +237,41 @@ def test_more_jobs_are_of_the_search_shown(relay: RunningRelay, browser: Browser
     assert cards.count() == 25
 
 
+def test_more_is_hidden_while_a_new_search_is_under_way(relay: RunningRelay, browser: Browser) -> None:
+    """While a search is under way the list on show is the last one's: More, clicked then, had no cursor of the new
+    search to go on from, read its first page and put it under the old list, and then the new search's own answer
+    showed More again over a list that had it twice."""
+    with httpx.Client(base_url=relay.base, timeout=30) as http:
+        for n in range(25):
+            sent = http.post("/mj/submit/imagine", json={"prompt": f"a kite {n}"}, headers={"mj-api-secret": relay.key})
+            assert sent.json()["code"] == 1, sent.text
+    wait_for(lambda: all(state == "SUCCEEDED" for state, *_ in relay.jobs()), timeout=60)
+    page = browser.new_page()
+    page.goto(relay.base + "/admin/")
+    _sign_in(page, TOKEN)
+    page.click('#nav [data-view="jobs"]')
+    expect(page.locator("#jobs-list article.job")).to_have_count(24)
+    expect(page.locator("#jobs-more")).to_be_visible()
+    held: list[Route] = []
+    page.route("**/api/jobs?*", lambda route: held.append(route))
+    page.select_option("#jobs-state", "SUCCEEDED")
+    page.click("#jobs-search")
+    for _ in range(100):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert len(held) == 1
+    expect(page.locator("#jobs-more")).to_be_hidden()  # the new search's list is not shown yet
+    held[0].continue_()
+    page.unroute("**/api/jobs?*")
+    expect(page.locator("#jobs-more")).to_be_visible()
+    page.click("#jobs-more")
+    expect(page.locator("#jobs-more")).to_be_hidden()
+    cards = page.locator("#jobs-list article.job")
+    assert cards.count() == 25
+    assert len({cards.nth(i).get_attribute("data-job-id") for i in range(25)}) == 25
+
+
 def test_an_answer_that_comes_after_signing_out_is_not_shown(relay: RunningRelay, browser: Browser) -> None:
     """A request sent with the token and answered after signing out (a slow usage or providers read) puts nothing
     in the page: the usage it was shown with would be there again, under the sign-in form, for whoever uses the tab

@@ -346,13 +346,16 @@
   }
 
   // More continues the search whose list is shown, with its filters (not those chosen since without a Search); the
-  // answer to a search (or its More) that a newer search replaced meanwhile is dropped.
+  // answer to a search (or its More) that a newer search replaced meanwhile is dropped. A new search hides More until
+  // its own list is shown: the list on show is the last search's, and More then had no cursor to go on from, so it
+  // read the new search's first page again and put it under that list a second time.
   async function searchJobs(more) {
     if (!keyNames.size) await loadKeys();
     if (!more || jobsQuery === null) {
       jobsQuery = jobsFilters();
       jobsCursor = null;
       jobsSearch += 1;
+      $("#jobs-more").hidden = true;
     }
     const search = jobsSearch;
     const params = new URLSearchParams(jobsQuery);
