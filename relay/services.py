@@ -151,7 +151,6 @@ class Relay:
         self.tracker.watch = self._watch_hooks  # and tells the clients of those it ends
         if not self.db.is_sqlite:
             self.submitter.slots = Slots(self.db.engine, config.jobs.lease_s, self.process_id)
-        self.submitter.marks = True  # a job a process dies with unsent is ended at once (`Leases.claim_unsent`)
         references = config.api.references
         self.egress = Egress(references.allow_private, references.allow_hosts)
         self.notifier = Notifier(

@@ -172,10 +172,9 @@ class Submitter:
         self.hook_url: Callable[[str], str | None] = lambda provider: None
         # With other relay processes on the database: `max_in_flight` counted across them (`store.slots`).
         self.slots: Slots | None = None
-        # With other relay processes on the database: each job is marked before its submit leaves (the provider on
-        # its row), so that one whose process dies unsent is told from one that may run (`JobStore.mark_sending_many`).
-        self.marks = False
-        # Written while the job holds a connection to its provider: never kept waiting for company.
+        # Each job is marked before its submit leaves (the provider on its row), so that one whose process dies unsent
+        # is told from one that may run (`JobStore.mark_sending_many`). Written while the job holds a connection to its
+        # provider: never kept waiting for company.
         self._sending: Batcher[Sending, bool] = Batcher(store.mark_sending_many, "mark-sending", patient=False)
 
     def submitting(self, job_id: str) -> bool:
@@ -328,8 +327,8 @@ class Submitter:
                     # routed before that, and goes to the next provider instead, sending nothing here.
                     await self._give_back(job.id)
                     continue
-            # The reservation marked it already; else, with other processes about, it is marked as it leaves.
-            mark = _Mark(self._sending, job.id, name) if self.marks and not reserved else None
+            # The reservation marked it already; else it is marked as it leaves.
+            mark = None if reserved else _Mark(self._sending, job.id, name)
             self.pool.acquire(name)
             self._submitting[job.id] = name
             try:
