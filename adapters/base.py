@@ -14,6 +14,9 @@ normalised into the types below, so nothing above `adapters/` knows which dialec
       fetch(upstream_id) -> TaskView | None              one task; None when the upstream does not know the id
       fetch_many(upstream_ids) -> list[TaskView]         a batch; ids the upstream does not know are left out;
                                                          raises PartialRead when some ids could not be read
+      find_by_state(marks) -> StateLookup | None         the tasks whose `state` is one of `marks` (a job id ->
+                                                         when its submit may have left, unix seconds): found, or
+                                                         surely absent; None when the dialect cannot list tasks
       download(url) -> bytes                             a finished image, size-limited, never with credentials
       probe() -> bool                                    a cheap call that proves the provider answers and accepts us
       aclose()                                           release connections
@@ -68,6 +71,7 @@ __all__ = [
     "Retryable",
     "SubmitKind",
     "SubmitOutcome",
+    "StateLookup",
     "SubmitRequest",
     "TaskStatus",
     "TaskView",
@@ -130,6 +134,16 @@ class TaskView:
     # The prompt as the upstream ran it, and the text result of a task that gives text (describe's four prompts,
     # shorten's analysis): `properties.finalPrompt`, else `promptEn`.
     final_prompt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StateLookup:
+    """What a provider's task list says of the tasks some submits may have made (`Upstream.find_by_state`): the task
+    each `state` found names, and the states the upstream surely made no task of (its list reaches back past the
+    moment their submit could have left, and holds no task of theirs). A state in neither is not known either way."""
+
+    found: Mapping[str, TaskView]
+    absent: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +263,8 @@ class Upstream(Protocol):
     async def fetch(self, upstream_id: str) -> TaskView | None: ...
 
     async def fetch_many(self, upstream_ids: Sequence[str]) -> list[TaskView]: ...
+
+    async def find_by_state(self, marks: Mapping[str, float]) -> StateLookup | None: ...
 
     async def download(self, url: str) -> bytes: ...
 

@@ -29,6 +29,7 @@ from adapters.base import (
     PartialRead,
     ProviderUnusable,
     Retryable,
+    StateLookup,
     SubmitOutcome,
     SubmitRequest,
     TaskView,
@@ -36,7 +37,16 @@ from adapters.base import (
     UpstreamUnavailable,
 )
 from adapters.h1 import HttpFailure, Lane, Pin, Proxies, Reply, TooLarge, host_of
-from adapters.replies import classify_submit, classify_upload, parse_fetch, parse_hook, parse_seed, parse_task_list
+from adapters.replies import (
+    classify_submit,
+    classify_upload,
+    look_up_states,
+    parse_all_tasks,
+    parse_fetch,
+    parse_hook,
+    parse_seed,
+    parse_task_list,
+)
 from adapters.wire import ENDPOINTS, FOLLOW_UPS, missing_fields, render_body
 
 __all__ = ["HttpOptions", "HttpUpstream"]
@@ -201,6 +211,11 @@ class HttpUpstream:
     def list_path(self) -> str:
         return f"{self.api_prefix}/task/list-by-condition"
 
+    def all_tasks_path(self) -> str | None:
+        """`GET` path of the list of the tasks the upstream keeps (midjourney-proxy's `task/list`); None where the
+        dialect looks tasks up by their ids only."""
+        return None
+
     # -- the contract --------------------------------------------------------------------------------------------
 
     async def submit(self, request: SubmitRequest) -> SubmitOutcome:
@@ -268,6 +283,21 @@ class HttpUpstream:
         if len(unread) == len(ids):
             raise failure
         raise PartialRead(f"{len(unread)} of {len(ids)} tasks unread: {failure}", views, frozenset(unread))
+
+    async def find_by_state(self, marks: Mapping[str, float]) -> StateLookup | None:
+        """The submits `marks` names looked up in the upstream's list of tasks by the `state` each carried
+        (`look_up_states`); None when the dialect, or this server (404, 405), has no such list."""
+        path = self.all_tasks_path()
+        if path is None:
+            return None
+        status, body = await self._call("GET", path)
+        if status in (404, 405):
+            return None
+        try:
+            listed = parse_all_tasks(status, body)
+        except ValueError as exc:
+            raise UpstreamUnavailable(str(exc)) from None
+        return look_up_states(listed, marks)
 
     async def download(self, url: str) -> bytes:
         target = url if url.startswith(("http://", "https://")) else urljoin(self._base + "/", url)

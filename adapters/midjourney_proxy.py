@@ -2,7 +2,9 @@
 
 The mode travels in `accountFilter.modes` (trueai and the plus forks honour it; novicezk ignores it) and, for
 trueai-style servers that mount every controller under `/mj-{mode}/mj/`, optionally as that path prefix. The prompt
-always carries the mode flag as well, which is what a server with neither mechanism goes by.
+always carries the mode flag as well, which is what a server with neither mechanism goes by. `GET task/list`
+lists the tasks the server keeps, each with the `state` its submit carried: how a task whose submit was never
+answered is found again (`Upstream.find_by_state`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class MidjourneyProxyUpstream(HttpUpstream):
 
     def mode_prefix(self, mode: Mode) -> str:
         return f"/mj-{mode}" if self.use_mode_prefix else ""
+
+    def all_tasks_path(self) -> str | None:
+        return f"{self.api_prefix}/task/list"  # novicezk: every task it keeps; trueai: its newest 100
 
     def mode_fields(self, mode: Mode) -> dict[str, Any]:
         return {"accountFilter": {"modes": [mode.upper()]}} if self.account_filter else {}

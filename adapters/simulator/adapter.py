@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from adapters.base import (
     WITHHELD,
@@ -17,13 +17,22 @@ from adapters.base import (
     ClientError,
     Mode,
     Retryable,
+    StateLookup,
     SubmitOutcome,
     SubmitRequest,
     TaskView,
     UploadOutcome,
     UpstreamUnavailable,
 )
-from adapters.replies import classify_submit, classify_upload, parse_hook, parse_seed, parse_task
+from adapters.replies import (
+    classify_submit,
+    classify_upload,
+    look_up_states,
+    parse_all_tasks,
+    parse_hook,
+    parse_seed,
+    parse_task,
+)
 from adapters.simulator.answers import SubmitReply
 from adapters.simulator.engine import SimEngine
 from adapters.wire import FOLLOW_UPS, missing_fields, render_body
@@ -75,6 +84,11 @@ class SimulatorUpstream:
     async def fetch_many(self, upstream_ids: Sequence[str]) -> list[TaskView]:
         views = (parse_task(task) for task in self.engine.tasks(upstream_ids, self._image_base))
         return [view for view in views if view is not None]
+
+    async def find_by_state(self, marks: Mapping[str, float]) -> StateLookup | None:
+        """As a novicezk server's `task/list` says: every task kept."""
+        listing = json.dumps(self.engine.listing(self._image_base)).encode()
+        return look_up_states(parse_all_tasks(200, listing), marks)
 
     async def download(self, url: str) -> bytes:
         prefix = self._image_base + "/"

@@ -416,6 +416,15 @@ class SimEngine:
         views = (self.task(task_id, image_base) for task_id in task_ids)
         return [view for view in views if view is not None]
 
+    def listing(self, image_base: str, at_most: int | None = None) -> list[dict[str, Any]]:
+        """The tasks kept, newest first, as midjourney-proxy's `GET task/list` answers (novicezk: every one; trueai:
+        its newest 100)."""
+        now = self.now()
+        with self._lock:
+            tasks = list(self._tasks.values())
+        kept = [task for task in reversed(tasks) if not task.lost(now)]
+        return [task.view(now, image_base) for task in kept[:at_most]]
+
     def _image_source(self, key: str) -> tuple[Render | None, bytes | None]:
         """The render of a finished grid or image (and its bytes when drawn already), or the bytes of a kept image
         (an upload, a described image); (None, None) when there is none."""

@@ -4,7 +4,8 @@ exercised over loopback (`mj-relay simulate --port P --dialect D`).
 Every dialect serves `submit/{imagine,blend,describe,shorten,action,modal,upload-discord-images}`,
 `insight-face/swap`, `task/{id}/fetch`, `task/{id}/image-seed` and `task/list-by-condition`, with its quirks:
 
-    midjourney-proxy  (trueai-like) `mj-api-secret` header (401 with an empty body when wrong); `/mj/...` and
+    midjourney-proxy  (trueai-like) `mj-api-secret` header (401 with an empty body when wrong); `GET task/list`, its
+                      newest 100 tasks (`list_at_most`; None: every one, as novicezk); `/mj/...` and
                       `/mj-{mode}/mj/...`; mode from the path, then `accountFilter.modes`, then the prompt flag;
                       unknown fetch = 200 empty; action, modal or image-seed on an unknown task = HTTP 404 code 3;
                       a fault = HTTP 500 `{"success": false, "code": -1, "message"}`
@@ -86,6 +87,7 @@ def build_sim_app(
     hooks: HookSettings | None = None,
     *,
     late_answer_s: float = LATE_ANSWER_S,
+    list_at_most: int | None = 100,
 ) -> Starlette:
     sender = HookSender(engine, hooks, "") if hooks is not None and dialect != "new-api" else None
 
@@ -201,6 +203,10 @@ def build_sim_app(
         engine.reads += 1
         return JSONResponse(engine.tasks([str(i) for i in ids], image_base(request)))
 
+    async def list_all(request: Request) -> Response:
+        engine.reads += 1
+        return JSONResponse(engine.listing(image_base(request), list_at_most))
+
     async def stats(request: Request) -> Response:
         sent = sender.sent if sender is not None else 0
         downloads = engine.downloads
@@ -240,6 +246,8 @@ def build_sim_app(
         ("task/{task_id}/image-seed", image_seed, "GET"),
         ("task/list-by-condition", list_by_condition, "POST"),
     ]
+    if dialect == "midjourney-proxy":
+        api.append(("task/list", list_all, "GET"))
     prefixes = ["/v1/mj"] if dialect == "mj-v1" else ["/mj", "/mj-{mode}/mj"]
     routes = [
         Route(f"{prefix}/{path}", guarded(handler), methods=[method])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from adapters import (
     Mode,
     ProviderUnusable,
     Retryable,
+    StateLookup,
     SubmitOutcome,
     SubmitRequest,
     TaskView,
@@ -85,6 +86,9 @@ class Scripted:
         if not self.readable:
             raise UpstreamUnavailable("POST answered HTTP 502")
         return []
+
+    async def find_by_state(self, marks: Mapping[str, float]) -> StateLookup | None:
+        return None
 
     async def download(self, url: str) -> bytes:
         if not self.readable:
