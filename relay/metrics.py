@@ -92,6 +92,13 @@ class Metrics:
             ["provider", "outcome"],
             registry=self.registry,
         )
+        self.maybe_sent = Counter(
+            "mj_relay_maybe_sent_jobs",
+            "Jobs a relay process left PENDING while submitting them, looked up in their provider's task list: "
+            "adopted (their task found), ended (never taken), unknown (looked up again later).",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
         self.client_hooks = Counter(
             "mj_relay_client_hooks",
             "Client hook deliveries: delivered, retried (a try failed, another follows), failed (given up).",

@@ -23,6 +23,7 @@ from relay.core.events import JobEvents
 from relay.core.finish import Finisher
 from relay.core.jobs import JobService
 from relay.core.lifecycle import Lifecycle
+from relay.core.maybe_sent import MaybeSent
 from relay.core.notify import Notifier
 from relay.core.prober import Prober
 from relay.core.providers import ProviderPool
@@ -120,6 +121,16 @@ class Relay:
             on_adopted=self._watch_hooks,
             retry_window_s=self.jobs.retry_window_s,
         )
+        self.maybe_sent = MaybeSent(
+            leases=self.leases,
+            store=self.store,
+            pool=self.pool,
+            tracker=self.tracker,
+            follow=self.coordinator.follow_claimed,
+            submitting=self.submitter.submitting,
+            metrics=self.metrics,
+            clock=clock,
+        )
         self.upstream_hooks = UpstreamHooks(
             config=config,
             secrets=secrets,
@@ -188,6 +199,7 @@ class Relay:
         await self.leases.register(self.clock.now())
         await self.tracker.start()
         await self.coordinator.start()
+        await self.maybe_sent.start()
         self.gc_pauses.install()
         self.ready = True
 
@@ -214,6 +226,7 @@ class Relay:
         self.ready = False
         self.gc_pauses.remove()
         await self.coordinator.stop_adopting()  # first: jobs claimed from now on would be followed by nobody
+        await self.maybe_sent.stop()
         await self.upstream_hooks.close()
         await self.submitter.close()
         await self.jobs.close()

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 from adapters import (
     HttpOptions,
     Retryable,
+    StateLookup,
     SubmitOutcome,
     SubmitRequest,
     TaskView,
@@ -210,6 +211,19 @@ class ProviderPool:
 
     async def download(self, name: str, url: str) -> bytes:
         return await self._read(name, "download", self.upstreams[name].download(url))
+
+    async def find_by_state(self, name: str, marks: Mapping[str, float]) -> StateLookup | None:
+        """Jobs left maybe sent looked up in the provider's task list (`Upstream.find_by_state`). Not a sign of the
+        provider's health either way: the list is read only after a process died, and one too large to read says
+        nothing of the provider's submits and reads."""
+        started = time.perf_counter()
+        try:
+            lookup = await self.upstreams[name].find_by_state(marks)
+        except UpstreamUnavailable:
+            self._observe(name, "find", "unavailable", started)
+            raise
+        self._observe(name, "find", "ok", started)
+        return lookup
 
     async def _read(self, name: str, operation: str, call: Awaitable[T]) -> T:
         started = time.perf_counter()

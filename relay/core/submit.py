@@ -175,7 +175,9 @@ class Submitter:
         # Each job is marked before its submit leaves (the provider on its row), so that one whose process dies unsent
         # is told from one that may run (`JobStore.mark_sending_many`). Written while the job holds a connection to its
         # provider: never kept waiting for company.
-        self._sending: Batcher[Sending, bool] = Batcher(store.mark_sending_many, "mark-sending", patient=False)
+        self._sending: Batcher[Sending, bool] = Batcher(
+            lambda batch: store.mark_sending_many(batch, clock.now()), "mark-sending", patient=False
+        )
 
     def submitting(self, job_id: str) -> bool:
         """Whether this process is submitting the job right now."""

@@ -32,7 +32,8 @@ from relay.store.jobs import JobRow, JobStore
 log = logging.getLogger("relay.tracker")
 
 # A job still PENDING this long after it was made was never confirmed by an upstream (a submit, even tried on
-# several providers, times out well before): the relay stopped while submitting it. It is ended, its hold released.
+# several providers, times out well before): the relay stopped while submitting it. It is ended, its hold released
+# (one its provider's task list can tell of is settled sooner: `core.maybe_sent`).
 PENDING_GRACE_S = 600.0
 SWEEP_EVERY_S = 60.0
 # A round waits up to min(ROUND_GAP_S, interval / 4) after the first job due for others due meanwhile, and rounds of

@@ -13,12 +13,13 @@ A task is found by its upstream id among the jobs followed here, else by `state`
 submit sends): a job still PENDING there — the relay stopped between the upstream taking a task and writing it
 down — is adopted (written SUBMITTED with the task's id, and followed), instead of ending "interrupted" at the
 pending sweep while the upstream ran it; unless its row names another provider (the one whose slot it holds while
-it is sent there: a provider that refused it before knows its id too). No dialect can be asked for a task by
-`state` (midjourney-proxy, trueai, new-api and the `/v1/mj` resellers look tasks up by their own ids only), so
-hooks are the one way such a task is found again. So a call about a job whose submit this process is still waiting
-on writes the task down on the job's row (`JobStore.note_task`): should the process die before the answer, and the
-task's later calls all come while no process can hear them (a short task, a slow restart), the job is claimed as a
-running one with its lease (`Leases.claim_expired`) and followed to its end.
+it is sent there: a provider that refused it before knows its id too). Only midjourney-proxy lists its tasks with
+their `state` (`core.maybe_sent` reads that list once the submit is surely over, minutes on); new-api and the
+`/v1/mj` resellers look tasks up by their own ids only, so there hooks are the one way such a task is found again.
+So a call about a job whose submit this process is still waiting on writes the task down on the job's row
+(`JobStore.note_task`): should the process die before the answer, and the task's later calls all come while no
+process can hear them (a short task, a slow restart), the job is claimed as a running one with its lease
+(`Leases.claim_expired`) and followed to its end.
 
 With several relay processes on one database, a call may reach a process that does not follow its job. That
 process looks the job up by `state`: one followed by another live process is forwarded to it (`core.broadcast`);

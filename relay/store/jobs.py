@@ -464,13 +464,14 @@ class JobStore:
             await self._hand_over_late([i.job_id for i in items])
         return [None] * len(items)
 
-    async def mark_sending_many(self, items: Sequence[Sending]) -> list[bool]:
-        """Write, before each job's submit leaves, the provider it goes to on its PENDING row: whether each may be
-        sent. Only a job still PENDING, still this process's and with no task noted is marked; one that is not (a
-        process that took this one for gone claimed it as never sent, and ends it) must not be sent. So a PENDING
-        job with no provider was never sent by anybody: when its process dies, another ends it at once
-        (`Leases.claim_unsent`), where one that may have been sent waits for its hook or the pending sweep. One
-        statement per provider, in one transaction."""
+    async def mark_sending_many(self, items: Sequence[Sending], now: float) -> list[bool]:
+        """Write, before each job's submit leaves, the provider it goes to on its PENDING row, and when (`updated_at`):
+        whether each may be sent. Only a job still PENDING, still this process's and with no task noted is marked;
+        one that is not (a process that took this one for gone claimed it as never sent, and ends it) must not be
+        sent. So a PENDING job with no provider was never sent by anybody: when its process dies, another ends it at
+        once (`Leases.claim_unsent`), where one that may have been sent waits for its hook, for its task to be looked
+        up by its state once its submit is surely over (`core.maybe_sent`), or for the pending sweep. One statement
+        per provider, in one transaction."""
         by_provider: dict[str, list[str]] = {}
         for item in items:
             by_provider.setdefault(item.provider, []).append(item.job_id)
@@ -486,7 +487,7 @@ class JobStore:
                         jobs.c.owner == self.owner,
                         jobs.c.upstream_id.is_(None),
                     )
-                    .values(provider=provider)
+                    .values(provider=provider, updated_at=now)
                     .returning(jobs.c.id)
                 )
                 marked.update(row.id for row in await conn.execute(statement))

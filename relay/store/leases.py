@@ -8,7 +8,7 @@ statement here is set-based: a process renews all its leases in one statement.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import and_, case, func, not_, or_, select, update
@@ -34,6 +34,8 @@ _CLAIMABLE = or_(jobs.c.state.in_(_RUNNING), _NOTED)
 # A PENDING job never sent anywhere: its process marks a job before each submit leaves (the provider on its row,
 # `JobStore.mark_sending_many`), so one without a provider nor a noted task was never sent.
 _UNSENT = and_(jobs.c.state == JobState.PENDING.value, jobs.c.provider.is_(None), jobs.c.upstream_id.is_(None))
+# A PENDING job marked as being sent to the provider on its row, its task not known: its submit may have made one.
+_MARKED = and_(jobs.c.state == JobState.PENDING.value, jobs.c.provider.is_not(None), jobs.c.upstream_id.is_(None))
 
 
 def _lapsed(now: float) -> Any:
@@ -162,6 +164,28 @@ class Leases:
         statement = (
             update(jobs)
             .where(jobs.c.id.in_(some.scalar_subquery()), _UNSENT, gone)
+            .values(owner=self.owner, lease_until=now + self.lease_s)
+            .returning(*jobs.c)
+        )
+        return await self._rows(statement)
+
+    async def claim_maybe_sent(
+        self, now: float, marked_before: Mapping[str, float], limit: int = CLAIM_BATCH
+    ) -> list[JobRow]:
+        """Claim the jobs left marked as sent and never answered (PENDING, a provider on the row, no task), each
+        marked (`updated_at`) before `marked_before[provider]`, so that its submit is surely over: those of a gone
+        process (on SQLite: of an earlier run), those whose lease ran out, and this process's own (a job it claimed
+        so before and could not settle yet; the caller passes over those it is still submitting). For their tasks
+        to be looked up by their state (`core.maybe_sent`). One guarded UPDATE."""
+        if not marked_before:
+            return []
+        early = or_(*(and_(jobs.c.provider == p, jobs.c.updated_at < t) for p, t in sorted(marked_before.items())))
+        others = self._gone_others() if self.presence else jobs.c.owner.in_(presence.earlier(self.owner))
+        whose = or_(_lapsed(now), others, jobs.c.owner == self.owner)
+        some = select(jobs.c.id).where(_MARKED, early, whose).limit(limit)
+        statement = (
+            update(jobs)
+            .where(jobs.c.id.in_(some.scalar_subquery()), _MARKED, early, whose)
             .values(owner=self.owner, lease_until=now + self.lease_s)
             .returning(*jobs.c)
         )

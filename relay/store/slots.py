@@ -62,7 +62,7 @@ class Slots:
                     jobs.c.owner == self.owner,
                     jobs.c.upstream_id.is_(None),
                 )
-                .values(provider=provider, lease_until=now + self.lease_s)
+                .values(provider=provider, lease_until=now + self.lease_s, updated_at=now)
             )
             return True if result.rowcount else None
 

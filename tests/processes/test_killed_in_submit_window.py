@@ -75,3 +75,37 @@ def test_a_task_named_by_a_hook_during_a_submit_that_times_out_is_followed(tmp_p
         assert engine.submits == 1
         assert sql(config, "SELECT state, hold_state FROM jobs") == [("SUCCEEDED", "captured")]
         assert balance(config) == (10 - PRICE, 0)
+
+
+def test_a_task_no_hook_named_is_found_by_its_state_after_a_sigkill(tmp_path: Path) -> None:
+    """As above, but no hook call comes (the provider makes none): the job is left PENDING, marked as sent, with no
+    task named. The restarted relay must look it up in the provider's list of tasks by the state its submit carried,
+    once that submit is surely over, and follow it: the SDK's retry gets its image, one task upstream, charged once,
+    instead of the pending sweep ending it ten minutes on as never sent while the upstream ran it."""
+    engine = SimEngine(SimSettings(fast_s=1.0, tile_px=16))
+    with serve(build_sim_app(engine, "midjourney-proxy", SIM_SECRET, None, late_answer_s=2)) as up:
+        port = free_port()
+        settings = relay_settings(tmp_path / "data", None, up, f"http://127.0.0.1:{port}")
+        settings["providers"][0].update(hooks=False, timeout_s=2.5, connect_timeout_s=0.5)
+        config = Config.model_validate(settings)
+        file = write_config(tmp_path / "relay.yaml", settings)
+        key = create_key(config, quota=10)
+        with relay_processes([(file, port)], tmp_path) as (relay,):
+            client = openai.OpenAI(base_url=relay.base + "/v1", api_key=key, max_retries=8, timeout=30)
+            result: list[Any] = []
+            caller = threading.Thread(
+                target=lambda: result.append(
+                    client.images.generate(model="mj-fast", prompt="a lighthouse sim:late-answer", n=1)
+                )
+            )
+            caller.start()
+            wait_for(lambda: engine.submits == 1)
+            relay.kill()
+            assert sql(config, "SELECT state, provider, upstream_id FROM jobs") == [("PENDING", "up", None)]
+            relay.start()
+            caller.join(40)
+            client.close()
+        assert len(result) == 1 and result[0].data[0].url
+        assert engine.submits == 1
+        assert sql(config, "SELECT state, hold_state FROM jobs") == [("SUCCEEDED", "captured")]
+        assert balance(config) == (10 - PRICE, 0)

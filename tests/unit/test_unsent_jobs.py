@@ -69,7 +69,7 @@ async def test_only_the_jobs_a_gone_process_never_sent_are_claimed_to_be_ended()
         stores = {owner: JobStore(database.engine, owner=owner, lease_s=LEASE) for owner in ("a", "b", "old", "c")}
         for owner, mine in (("a", ids[:4]), ("b", ids[4:5]), ("old", ids[5:6]), ("c", ids[6:])):
             assert await stores[owner].open(record.id, [job(i) for i in mine], NOW)
-        assert await stores["a"].mark_sending_many([Sending(ids[1], "up")]) == [True]
+        assert await stores["a"].mark_sending_many([Sending(ids[1], "up")], NOW) == [True]
         assert await stores["a"].note_task(ids[2], "up", "task-3", NOW)
         dying, alive = await connect(url), await connect(url)
         try:
@@ -82,7 +82,8 @@ async def test_only_the_jobs_a_gone_process_never_sent_are_claimed_to_be_ended()
             assert sorted(row.id for row in rows) == [ids[0], ids[3]]
             assert all(row.owner == "c" and row.state is JobState.PENDING for row in rows)
             # Should "a" only have looked gone (its listening connection being made again), it sends neither now.
-            assert await stores["a"].mark_sending_many([Sending(ids[0], "up"), Sending(ids[3], "up")]) == [False] * 2
+            again = [Sending(ids[0], "up"), Sending(ids[3], "up")]
+            assert await stores["a"].mark_sending_many(again, NOW + 1) == [False] * 2
             assert not await Slots(database.engine, LEASE, "a").take(ids[0], "up", 5, NOW + 1)
             # One known only by its lease is left to the pending sweep, its lease run out or not; without presence
             # (SQLite) nothing is claimed so.
@@ -101,7 +102,7 @@ async def test_a_job_is_marked_in_the_database_before_its_submit_leaves(
     mark, send = relay.store.mark_sending_many, upstream.engine.submit
 
     async def marking(items: list[Sending]) -> list[bool]:
-        marked = await mark(items)
+        marked = await mark(items, relay.clock.now())
         seen.extend(f"marked {item.provider}" for item, ok in zip(items, marked, strict=True) if ok)
         return marked
 
@@ -177,7 +178,7 @@ async def test_an_adoption_round_ends_the_jobs_a_gone_process_never_sent(
     now = time.time()
     made = [kite(i, now) for i in ("job_never_sent", "job_maybe_sent")]
     assert await dead.open(key.id, made, now)
-    assert await dead.mark_sending_many([Sending("job_maybe_sent", "sim")]) == [True]
+    assert await dead.mark_sending_many([Sending("job_maybe_sent", "sim")], now) == [True]
     conn: asyncpg.Connection = await connect(relay.config.database_url())
     assert await presence.announce(conn, dead.owner, presence.new_key(), now)
     await relay.coordinator.adopt()
@@ -207,7 +208,7 @@ async def test_a_restart_on_sqlite_ends_the_jobs_its_earlier_run_never_sent(tmp_
     earlier = JobStore(database.engine, owner="the-run-killed", lease_s=30)
     await presence.register(database.engine, earlier.owner, now)
     assert await earlier.open(key.id, [kite("job_never_sent", now), kite("job_maybe_sent", now)], now)
-    assert await earlier.mark_sending_many([Sending("job_maybe_sent", "sim")]) == [True]
+    assert await earlier.mark_sending_many([Sending("job_maybe_sent", "sim")], now) == [True]
     older = JobStore(database.engine, owner="a-run-of-an-older-release", lease_s=30)
     assert await older.open(key.id, [kite("job_of_an_older_run", now)], now)
     await presence.register(database.engine, "a-run-with-nothing-left", now - 60)

@@ -1,0 +1,142 @@
+"""Jobs left maybe sent: PENDING, marked as being sent to the provider on their row (`JobStore.mark_sending_many`),
+their task not known, because the process sending them died (or stopped) before the submit was answered. The
+upstream may be running such a job's task, or may never have received its request.
+
+Every FIND_EVERY_S a process claims such jobs (`Leases.claim_maybe_sent`: a gone process's, one whose lease ran
+out, its own left unsettled) once their mark is FIND_AFTER_TIMEOUTS times their provider's `connect_timeout_s` +
+`timeout_s` old, so that a submit that left then has been taken upstream by now or never will be, and looks them up
+in the provider's list of tasks by the `state` their submit carried (the job's id; `Upstream.find_by_state`):
+
+    found     the job is adopted, as an upstream hook naming it adopts it: written SUBMITTED with the task's id,
+              followed (read at once) and delivered to its client, charged once if it succeeds
+    absent    the list surely holds every task taken since the mark, and none is the job's: it was never taken, and
+              is ended as interrupted, its hold released; its client's retry (503, `Retry-After`) starts it afresh
+    unknown   the list is cut before the mark (trueai lists its newest 100 tasks only), could not be read, or names
+              the state twice: the job is left, this process's, and looked up again next round; the pending sweep
+              ends it at last, as it ends any job still PENDING
+
+A provider whose dialect has no such list (new-api and the `/v1/mj` resellers look tasks up by their ids only)
+leaves its jobs to their hook or the pending sweep, and is asked again LIST_RETRY_S later (a server of the
+midjourney-proxy dialect may lack the list too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+from adapters import UpstreamUnavailable
+from relay.clock import Clock
+from relay.core.background import cancel_all
+from relay.core.providers import ProviderPool
+from relay.core.tracker import Tracker
+from relay.logs import event
+from relay.metrics import Metrics
+from relay.store.jobs import JobRow, JobStore
+from relay.store.leases import Leases
+
+log = logging.getLogger("relay.maybe_sent")
+
+FIND_EVERY_S = 5.0
+FIND_AFTER_TIMEOUTS = 2.0
+LIST_RETRY_S = 600.0
+ABSENT_REASON = "its relay process went away while submitting it, and its provider never took it"
+
+
+class MaybeSent:
+    def __init__(
+        self,
+        *,
+        leases: Leases,
+        store: JobStore,
+        pool: ProviderPool,
+        tracker: Tracker,
+        follow: Callable[[list[JobRow]], Awaitable[int]],
+        submitting: Callable[[str], bool],
+        metrics: Metrics,
+        clock: Clock,
+    ) -> None:
+        self.leases = leases
+        self.store = store
+        self.pool = pool
+        self.tracker = tracker
+        self._follow = follow  # follow jobs adopted here, as adoption does (`Coordinator.follow_claimed`)
+        self._submitting = submitting  # a job this process is submitting now is not looked up
+        self.metrics = metrics
+        self.clock = clock
+        self._unlisted: dict[str, float] = {}  # when a provider last said it has no list of tasks
+        self._loop: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.create_task(self._every(), name="maybe-sent")
+
+    async def stop(self) -> None:
+        """A stopping process claims no more (its jobs would be held by a process that reads nothing)."""
+        if self._loop is not None:
+            await cancel_all([self._loop])
+            self._loop = None
+
+    def marked_before(self, now: float) -> dict[str, float]:
+        """For each provider that may list its tasks, the time before which a job's mark is old enough."""
+        before: dict[str, float] = {}
+        for name, settings in self.pool.settings.items():
+            if now - self._unlisted.get(name, -math.inf) < LIST_RETRY_S:
+                continue
+            before[name] = now - FIND_AFTER_TIMEOUTS * (settings.connect_timeout_s + settings.timeout_s)
+        return before
+
+    async def round(self) -> int:
+        """Claim the jobs left maybe sent and settle those their provider's list tells of; how many were settled."""
+        now = self.clock.now()
+        claimed = await self.leases.claim_maybe_sent(now, self.marked_before(now))
+        by_provider: dict[str, list[JobRow]] = {}
+        for row in claimed:
+            if row.provider is not None and not self._submitting(row.id):
+                by_provider.setdefault(row.provider, []).append(row)
+        settled = 0
+        for provider, rows in sorted(by_provider.items()):
+            settled += await self._look_up(provider, rows)
+        return settled
+
+    async def _look_up(self, provider: str, rows: list[JobRow]) -> int:
+        marks = {row.id: row.updated_at for row in rows}
+        try:
+            lookup = await self.pool.find_by_state(provider, marks)
+        except UpstreamUnavailable as exc:
+            event(log, "task list unread", provider=provider, jobs=len(rows), reason=str(exc))
+            return 0
+        if lookup is None:
+            self._unlisted[provider] = self.clock.now()
+            event(log, "provider lists no tasks; jobs left maybe sent wait for the pending sweep", provider=provider)
+            return 0
+        adopted: list[JobRow] = []
+        for row in rows:
+            view = lookup.found.get(row.id)
+            if view is not None and await self.store.adopt(row.id, provider, view.upstream_id, self.clock.now()):
+                fresh = await self.store.get(row.id)
+                if fresh is not None:
+                    adopted.append(fresh)
+        if adopted:
+            await self._follow(adopted)
+            event(log, "jobs left maybe sent found upstream", provider=provider, jobs=len(adopted))
+        absent = [row for row in rows if row.id in lookup.absent]
+        if absent:
+            await self.tracker.end_unsubmitted(absent, ABSENT_REASON)
+            event(log, "jobs left maybe sent never taken upstream", provider=provider, jobs=len(absent))
+        unknown = len(rows) - len(adopted) - len(absent)
+        for outcome, count in (("adopted", len(adopted)), ("ended", len(absent)), ("unknown", unknown)):
+            if count:
+                self.metrics.of(self.metrics.maybe_sent, provider, outcome).inc(count)
+        return len(adopted) + len(absent)
+
+    async def _every(self) -> None:
+        while True:
+            await self.clock.sleep(FIND_EVERY_S)
+            try:
+                await self.round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("looking up jobs left maybe sent failed")

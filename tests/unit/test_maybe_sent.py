@@ -1,0 +1,198 @@
+"""Jobs left maybe sent (PENDING, marked as sent to a provider, no task known: their process died between the mark
+and the submit's answer) are looked up in their provider's task list by their state once their submit is surely over:
+one found is adopted and followed to its end, one surely never taken is ended (interrupted, its hold released), the
+others are left."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from adapters import StateLookup
+from relay.core.events import JobEvent
+from relay.core.maybe_sent import ABSENT_REASON, FIND_AFTER_TIMEOUTS, LIST_RETRY_S
+from relay.domain import JobState
+from relay.services import Relay
+from relay.store import presence
+from relay.store.jobs import JobStore, Sending
+from relay.store.keys import KeyRecord, KeyStore
+from relay.store.leases import Leases
+from relay.store.slots import Slots
+from relay.store.tables import jobs
+from tests.unit.test_coordination_store import LEASE
+from tests.unit.test_jobs import SwitchableUpstream, relays_on_one_database
+from tests.unit.test_presence import connect, migrated
+from tests.unit.test_store import NOW, job
+from tests.unit.test_unsent_jobs import kite
+
+pytestmark = pytest.mark.anyio
+EITHER_STORE = pytest.mark.parametrize("postgres", [False, pytest.param(True, marks=pytest.mark.postgres)])
+
+
+@pytest.mark.postgres
+async def test_only_jobs_marked_long_enough_ago_and_held_by_nobody_alive_are_claimed() -> None:
+    """Claimed: a gone process's job marked before its provider's time, one whose lease ran out, the claimer's own.
+    Not: one marked since, one never marked (never sent: `claim_unsent`'s), one whose task a hook noted (a running
+    job, adopted as such), a live process's, one of a provider not asked about."""
+    async with migrated() as (url, database):
+        record, _ = await KeyStore(database.engine).create("k", 100, NOW)
+        stores = {owner: JobStore(database.engine, owner=owner, lease_s=LEASE) for owner in ("a", "b", "c")}
+        mine = {
+            "a": ["job_old", "job_new", "job_unmarked", "job_noted", "job_other"],
+            "b": ["job_alive"],
+            "c": ["job_own"],
+        }
+        for owner, ids in mine.items():
+            assert await stores[owner].open(record.id, [job(i) for i in ids], NOW)
+        for owner, job_id, provider, at in (
+            ("a", "job_old", "up", NOW),
+            ("a", "job_new", "up", NOW + 20),
+            ("a", "job_other", "down", NOW),
+            ("b", "job_alive", "up", NOW),
+            ("c", "job_own", "up", NOW),
+        ):
+            assert await stores[owner].mark_sending_many([Sending(job_id, provider)], at) == [True]
+        assert await stores["a"].note_task("job_noted", "up", "task-1", NOW)
+        dying, alive = await connect(url), await connect(url)
+        try:
+            assert await presence.announce(dying, "a", presence.new_key(), NOW)
+            assert await presence.announce(alive, "b", presence.new_key(), NOW)
+            claimer = Leases(database.engine, "c", LEASE, presence=True)
+            before = {"up": NOW + 10}
+            assert [row.id for row in await claimer.claim_maybe_sent(NOW + 1, before)] == ["job_own"]
+            await dying.close()
+            claimed = await claimer.claim_maybe_sent(NOW + 1, before)
+            assert sorted(row.id for row in claimed) == ["job_old", "job_own"]
+            assert all(row.owner == "c" and row.state is JobState.PENDING for row in claimed)
+            assert await claimer.claim_maybe_sent(NOW + 1, {}) == []
+            # a live process's lease that ran out (it stalled) makes its job claimable too
+            claimed = await claimer.claim_maybe_sent(NOW + LEASE + 1, before)
+            assert sorted(row.id for row in claimed) == ["job_alive", "job_old", "job_own"]
+        finally:
+            await alive.close()
+
+
+def _marked_long_ago(relay: Relay) -> float:
+    settings = relay.pool.settings["sim"]
+    return time.time() - FIND_AFTER_TIMEOUTS * (settings.connect_timeout_s + settings.timeout_s) - 5
+
+
+async def _left_by_a_dead_process(relay: Relay, key: KeyRecord, marks: Mapping[str, float]) -> None:
+    """Jobs a process that died (its lease run out; on SQLite an earlier run) left marked as sent at `marks`."""
+    dead = JobStore(relay.db.engine, owner="a-process-that-died", lease_s=0)
+    now = time.time()
+    assert await dead.open(key.id, [kite(job_id, now) for job_id in marks], now)
+    for job_id, at in marks.items():
+        assert await dead.mark_sending_many([Sending(job_id, "sim")], at) == [True]
+
+
+@pytest.fixture
+async def relay_on_either(tmp_path: Path, postgres: bool) -> AsyncIterator[tuple[Relay, SwitchableUpstream, KeyRecord]]:
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 1, postgres=postgres) as ((relay,), key):
+        yield relay, upstream, key
+
+
+@EITHER_STORE
+async def test_a_job_found_by_its_state_is_followed_and_one_never_taken_is_ended(
+    relay_on_either: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    relay, upstream, key = relay_on_either
+    long_ago = _marked_long_ago(relay)
+    await _left_by_a_dead_process(relay, key, {"job_taken": long_ago, "job_never": long_ago, "job_fresh": time.time()})
+    upstream.engine.submit("imagine", {"prompt": "a kite", "state": "job_taken"}, "fast")
+    submits = upstream.engine.submits
+    ended: list[JobEvent] = []
+    subscription = relay.events.subscribe(["job_taken"])
+    try:
+        assert await relay.maybe_sent.round() == 2
+        while not ended or not ended[-1].state.terminal:
+            event = await subscription.next(10)
+            assert event is not None
+            ended.append(event)
+    finally:
+        subscription.close()
+    taken, never, fresh = [await relay.store.get(i) for i in ("job_taken", "job_never", "job_fresh")]
+    assert taken is not None and (taken.state, taken.hold_state) == (JobState.SUCCEEDED, "captured")
+    assert taken.owner == relay.process_id
+    assert never is not None and (never.state, never.error_code) == (JobState.FAILED, "interrupted")
+    assert never.fail_reason == ABSENT_REASON and never.hold_state == "released"
+    assert fresh is not None and fresh.state is JobState.PENDING  # its submit may still be answered
+    current = await relay.keys.get(key.id)
+    assert current is not None and (current.balance, current.held) == (98, 2)  # one charged, one still held
+    assert upstream.engine.submits == submits  # nothing sent again
+    shown = relay.metrics.render().decode()
+    assert 'mj_relay_maybe_sent_jobs_total{outcome="adopted",provider="sim"} 1.0' in shown
+    assert 'mj_relay_maybe_sent_jobs_total{outcome="ended",provider="sim"} 1.0' in shown
+
+
+@EITHER_STORE
+async def test_a_job_this_process_is_submitting_is_not_looked_up(
+    relay_on_either: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    relay, _, key = relay_on_either
+    await _left_by_a_dead_process(relay, key, {"job_never": _marked_long_ago(relay)})
+    relay.maybe_sent._submitting = lambda job_id: True
+    assert await relay.maybe_sent.round() == 0
+    row = await relay.store.get("job_never")
+    assert row is not None and row.state is JobState.PENDING
+
+
+class Unlisted(SwitchableUpstream):
+    """A provider that lists no tasks (a dialect that looks tasks up by id only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookups = 0
+
+    async def find_by_state(self, marks: Mapping[str, float]) -> StateLookup | None:
+        self.lookups += 1
+        return None
+
+
+async def test_jobs_of_a_provider_that_lists_no_tasks_are_left_to_the_pending_sweep(tmp_path: Path) -> None:
+    upstream = Unlisted()
+    async with relays_on_one_database(tmp_path, upstream, 1, postgres=False) as ((relay,), key):
+        await _left_by_a_dead_process(relay, key, {"job_left": _marked_long_ago(relay)})
+        assert await relay.maybe_sent.round() == 0
+        assert await relay.maybe_sent.round() == 0
+        assert upstream.lookups == 1  # not asked again every round
+        row = await relay.store.get("job_left")
+        assert row is not None and row.state is JobState.PENDING
+        assert relay.maybe_sent.marked_before(time.time()) == {}
+        assert list(relay.maybe_sent.marked_before(time.time() + LIST_RETRY_S)) == ["sim"]
+
+
+@pytest.mark.postgres
+async def test_two_processes_looking_up_at_once_settle_each_job_once(tmp_path: Path) -> None:
+    """Each job left maybe sent is claimed by one of them: looked up once, adopted or ended once."""
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 2) as ((a, b), key):
+        long_ago = _marked_long_ago(a)
+        taken = [f"job_taken_{i}" for i in range(10)]
+        await _left_by_a_dead_process(a, key, {job_id: long_ago for job_id in [*taken, "job_never"]})
+        for job_id in taken:
+            upstream.engine.submit("imagine", {"prompt": "a kite", "state": job_id}, "fast")
+        settled = await asyncio.gather(a.maybe_sent.round(), b.maybe_sent.round())
+        assert sum(settled) == 11
+        async with a.db.engine.connect() as conn:
+            states = {row.id: row.state for row in await conn.execute(select(jobs.c.id, jobs.c.state))}
+        assert states["job_never"] == "FAILED"
+        assert all(states[job_id] in ("SUBMITTED", "IN_PROGRESS", "SUCCEEDED") for job_id in taken)
+
+
+@pytest.mark.postgres
+async def test_a_slot_reservation_writes_when_the_job_was_marked() -> None:
+    """With `max_in_flight`, the reservation is the job's mark: its time is the one a lookup waits from."""
+    async with migrated() as (_, database):
+        record, _ = await KeyStore(database.engine).create("k", 100, NOW)
+        store = JobStore(database.engine, owner="a", lease_s=LEASE)
+        assert await store.open(record.id, [job("job_reserved")], NOW)
+        assert await Slots(database.engine, LEASE, "a").take("job_reserved", "up", 5, NOW + 30)
+        row = await store.get("job_reserved")
+        assert row is not None and (row.provider, row.updated_at) == ("up", NOW + 30)
