@@ -11,13 +11,14 @@ in the provider's list of tasks by the `state` their submit carried (the job's i
               followed (read at once) and delivered to its client, charged once if it succeeds
     absent    the list surely holds every task taken since the mark, and none is the job's: it was never taken, and
               is ended as interrupted, its hold released; its client's retry (503, `Retry-After`) starts it afresh
-    unknown   the list is cut before the mark (trueai lists its newest 100 tasks only), could not be read, or names
-              the state twice: the job is left, this process's, and looked up again next round; the pending sweep
-              ends it at last, as it ends any job still PENDING
+    unknown   the list is cut before the mark (trueai lists its newest 100 tasks only: a later list reaches back
+              less far still), names the state twice, or has a task of it that cannot be read: the job is left,
+              this process's, and not looked up again; the pending sweep ends it, as it ends any job still PENDING
 
-A provider whose dialect has no such list (new-api and the `/v1/mj` resellers look tasks up by their ids only)
-leaves its jobs to their hook or the pending sweep, and is asked again LIST_RETRY_S later (a server of the
-midjourney-proxy dialect may lack the list too).
+A list that cannot be read (the provider down, an answer over the size limit) leaves the provider's jobs to be
+looked up READ_RETRY_S later. A provider whose dialect has no such list (new-api and the `/v1/mj` resellers look
+tasks up by their ids only) leaves its jobs to their hook or the pending sweep, and is asked again LIST_RETRY_S
+later (a server of the midjourney-proxy dialect may lack the list too).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from adapters import UpstreamUnavailable
 from relay.clock import Clock
 from relay.core.background import cancel_all
 from relay.core.providers import ProviderPool
-from relay.core.tracker import Tracker
+from relay.core.tracker import PENDING_GRACE_S, SWEEP_EVERY_S, Tracker
 from relay.logs import event
 from relay.metrics import Metrics
 from relay.store.jobs import JobRow, JobStore
@@ -41,7 +42,10 @@ log = logging.getLogger("relay.maybe_sent")
 
 FIND_EVERY_S = 5.0
 FIND_AFTER_TIMEOUTS = 2.0
+READ_RETRY_S = 30.0
 LIST_RETRY_S = 600.0
+# A job passed over (its lookup told nothing) is remembered this long: by then the pending sweep has ended it.
+PASSED_OVER_S = PENDING_GRACE_S + SWEEP_EVERY_S
 ABSENT_REASON = "its relay process went away while submitting it, and its provider never took it"
 
 
@@ -66,7 +70,8 @@ class MaybeSent:
         self._submitting = submitting  # a job this process is submitting now is not looked up
         self.metrics = metrics
         self.clock = clock
-        self._unlisted: dict[str, float] = {}  # when a provider last said it has no list of tasks
+        self._asked_again_at: dict[str, float] = {}  # a provider whose list could not be read, or that has none
+        self._passed_over: dict[str, float] = {}  # jobs whose lookup told nothing, and when
         self._loop: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -79,10 +84,10 @@ class MaybeSent:
             self._loop = None
 
     def marked_before(self, now: float) -> dict[str, float]:
-        """For each provider that may list its tasks, the time before which a job's mark is old enough."""
+        """For each provider to be asked now, the time before which a job's mark is old enough."""
         before: dict[str, float] = {}
         for name, settings in self.pool.settings.items():
-            if now - self._unlisted.get(name, -math.inf) < LIST_RETRY_S:
+            if now < self._asked_again_at.get(name, -math.inf):
                 continue
             before[name] = now - FIND_AFTER_TIMEOUTS * (settings.connect_timeout_s + settings.timeout_s)
         return before
@@ -90,7 +95,10 @@ class MaybeSent:
     async def round(self) -> int:
         """Claim the jobs left maybe sent and settle those their provider's list tells of; how many were settled."""
         now = self.clock.now()
-        claimed = await self.leases.claim_maybe_sent(now, self.marked_before(now))
+        for job_id, at in list(self._passed_over.items()):
+            if now - at > PASSED_OVER_S:
+                del self._passed_over[job_id]
+        claimed = await self.leases.claim_maybe_sent(now, self.marked_before(now), self._passed_over)
         by_provider: dict[str, list[JobRow]] = {}
         for row in claimed:
             if row.provider is not None and not self._submitting(row.id):
@@ -105,10 +113,11 @@ class MaybeSent:
         try:
             lookup = await self.pool.find_by_state(provider, marks)
         except UpstreamUnavailable as exc:
+            self._asked_again_at[provider] = self.clock.now() + READ_RETRY_S
             event(log, "task list unread", provider=provider, jobs=len(rows), reason=str(exc))
             return 0
         if lookup is None:
-            self._unlisted[provider] = self.clock.now()
+            self._asked_again_at[provider] = self.clock.now() + LIST_RETRY_S
             event(log, "provider lists no tasks; jobs left maybe sent wait for the pending sweep", provider=provider)
             return 0
         adopted: list[JobRow] = []
@@ -125,8 +134,11 @@ class MaybeSent:
         if absent:
             await self.tracker.end_unsubmitted(absent, ABSENT_REASON)
             event(log, "jobs left maybe sent never taken upstream", provider=provider, jobs=len(absent))
-        unknown = len(rows) - len(adopted) - len(absent)
-        for outcome, count in (("adopted", len(adopted)), ("ended", len(absent)), ("unknown", unknown)):
+        settled = {row.id for row in adopted} | lookup.absent
+        unknown = [row.id for row in rows if row.id not in settled]
+        now = self.clock.now()
+        self._passed_over.update((job_id, now) for job_id in unknown)
+        for outcome, count in (("adopted", len(adopted)), ("ended", len(absent)), ("unknown", len(unknown))):
             if count:
                 self.metrics.of(self.metrics.maybe_sent, provider, outcome).inc(count)
         return len(adopted) + len(absent)

@@ -170,18 +170,24 @@ class Leases:
         return await self._rows(statement)
 
     async def claim_maybe_sent(
-        self, now: float, marked_before: Mapping[str, float], limit: int = CLAIM_BATCH
+        self,
+        now: float,
+        marked_before: Mapping[str, float],
+        passed_over: Collection[str] = (),
+        limit: int = CLAIM_BATCH,
     ) -> list[JobRow]:
         """Claim the jobs left marked as sent and never answered (PENDING, a provider on the row, no task), each
         marked (`updated_at`) before `marked_before[provider]`, so that its submit is surely over: those of a gone
         process (on SQLite: of an earlier run), those whose lease ran out, and this process's own (a job it claimed
         so before and could not settle yet; the caller passes over those it is still submitting). For their tasks
-        to be looked up by their state (`core.maybe_sent`). One guarded UPDATE."""
+        to be looked up by their state (`core.maybe_sent`); not those `passed_over` (this process's, looked up
+        already to no avail). One guarded UPDATE."""
         if not marked_before:
             return []
         early = or_(*(and_(jobs.c.provider == p, jobs.c.updated_at < t) for p, t in sorted(marked_before.items())))
         others = self._gone_others() if self.presence else jobs.c.owner.in_(presence.earlier(self.owner))
-        whose = or_(_lapsed(now), others, jobs.c.owner == self.owner)
+        own = and_(jobs.c.owner == self.owner, jobs.c.id.not_in(list(passed_over)))
+        whose = or_(_lapsed(now), others, own)
         some = select(jobs.c.id).where(_MARKED, early, whose).limit(limit)
         statement = (
             update(jobs)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from adapters import StateLookup
+from adapters import StateLookup, UpstreamUnavailable
 from relay.core.events import JobEvent
-from relay.core.maybe_sent import ABSENT_REASON, FIND_AFTER_TIMEOUTS, LIST_RETRY_S
+from relay.core.maybe_sent import ABSENT_REASON, FIND_AFTER_TIMEOUTS, LIST_RETRY_S, READ_RETRY_S
 from relay.domain import JobState
 from relay.services import Relay
 from relay.store import presence
@@ -143,29 +143,50 @@ async def test_a_job_this_process_is_submitting_is_not_looked_up(
     assert row is not None and row.state is JobState.PENDING
 
 
-class Unlisted(SwitchableUpstream):
-    """A provider that lists no tasks (a dialect that looks tasks up by id only)."""
+class Listing(SwitchableUpstream):
+    """A provider whose task list tells what `answer` says: nothing (None: a dialect that looks tasks up by id only),
+    a lookup, or an error."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: StateLookup | Exception | None) -> None:
         super().__init__()
+        self.answer = answer
         self.lookups = 0
 
     async def find_by_state(self, marks: Mapping[str, float]) -> StateLookup | None:
         self.lookups += 1
-        return None
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
 
 
-async def test_jobs_of_a_provider_that_lists_no_tasks_are_left_to_the_pending_sweep(tmp_path: Path) -> None:
-    upstream = Unlisted()
+NOTHING_KNOWN = StateLookup(found={}, absent=frozenset())  # a cut list that does not reach back to the mark
+
+
+@pytest.mark.parametrize(
+    ("answer", "asked_again_after"),
+    [(None, LIST_RETRY_S), (UpstreamUnavailable("GET answered HTTP 502"), READ_RETRY_S), (NOTHING_KNOWN, None)],
+    ids=["no-list", "list-unread", "nothing-known"],
+)
+async def test_a_lookup_that_tells_nothing_is_not_made_again_every_round(
+    tmp_path: Path, answer: StateLookup | Exception | None, asked_again_after: float | None
+) -> None:
+    """A provider with no list is asked again ten minutes on, one whose list could not be read half a minute on;
+    a job its provider's list told nothing of is not looked up again (a later list reaches back less far still).
+    The job is left PENDING, its hold kept, for the pending sweep."""
+    upstream = Listing(answer)
     async with relays_on_one_database(tmp_path, upstream, 1, postgres=False) as ((relay,), key):
         await _left_by_a_dead_process(relay, key, {"job_left": _marked_long_ago(relay)})
         assert await relay.maybe_sent.round() == 0
         assert await relay.maybe_sent.round() == 0
-        assert upstream.lookups == 1  # not asked again every round
+        assert upstream.lookups == 1
         row = await relay.store.get("job_left")
-        assert row is not None and row.state is JobState.PENDING
-        assert relay.maybe_sent.marked_before(time.time()) == {}
-        assert list(relay.maybe_sent.marked_before(time.time() + LIST_RETRY_S)) == ["sim"]
+        assert row is not None and row.state is JobState.PENDING and row.owner == relay.process_id
+        now = time.time()
+        if asked_again_after is None:
+            assert list(relay.maybe_sent.marked_before(now)) == ["sim"]
+            return
+        assert relay.maybe_sent.marked_before(now) == {}
+        assert list(relay.maybe_sent.marked_before(now + asked_again_after)) == ["sim"]
 
 
 @pytest.mark.postgres
