@@ -14,9 +14,9 @@ normalised into the types below, so nothing above `adapters/` knows which dialec
       fetch(upstream_id) -> TaskView | None              one task; None when the upstream does not know the id
       fetch_many(upstream_ids) -> list[TaskView]         a batch; ids the upstream does not know are left out;
                                                          raises PartialRead when some ids could not be read
-      find_by_state(marks) -> StateLookup | None         the tasks whose `state` is one of `marks` (a job id ->
-                                                         when its submit may have left, unix seconds): found, or
-                                                         surely absent; None when the dialect cannot list tasks
+      list_tasks() -> Listed | None                      the tasks the upstream keeps, each with the `state` its
+                                                         submit carried (midjourney-proxy's `task/list`: every one,
+                                                         or the newest 100); None when the dialect has no such list
       download(url) -> bytes                             a finished image, size-limited, never with credentials
       probe() -> bool                                    a cheap call that proves the provider answers and accepts us
       aclose()                                           release connections
@@ -64,6 +64,7 @@ __all__ = [
     "Button",
     "ClientError",
     "Dimensions",
+    "Listed",
     "Mode",
     "NeedsModal",
     "PartialRead",
@@ -71,7 +72,6 @@ __all__ = [
     "Retryable",
     "SubmitKind",
     "SubmitOutcome",
-    "StateLookup",
     "SubmitRequest",
     "TaskStatus",
     "TaskView",
@@ -137,13 +137,13 @@ class TaskView:
 
 
 @dataclass(frozen=True, slots=True)
-class StateLookup:
-    """What a provider's task list says of the tasks some submits may have made (`Upstream.find_by_state`): the task
-    each `state` found names, and the states the upstream surely made no task of (its list reaches back past the
-    moment their submit could have left, and holds no task of theirs). A state in neither is not known either way."""
+class Listed:
+    """An upstream's list of the tasks it keeps, newest first (`Upstream.list_tasks`): the tasks read, the states of
+    those that could not be read as tasks (a task of those states may be among them), and how many it listed."""
 
-    found: Mapping[str, TaskView]
-    absent: frozenset[str]
+    views: tuple[TaskView, ...]
+    unreadable: frozenset[str]
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +264,7 @@ class Upstream(Protocol):
 
     async def fetch_many(self, upstream_ids: Sequence[str]) -> list[TaskView]: ...
 
-    async def find_by_state(self, marks: Mapping[str, float]) -> StateLookup | None: ...
+    async def list_tasks(self) -> Listed | None: ...
 
     async def download(self, url: str) -> bytes: ...
 

@@ -25,11 +25,11 @@ from adapters.base import (
     WITHHELD,
     Bot,
     ClientError,
+    Listed,
     Mode,
     PartialRead,
     ProviderUnusable,
     Retryable,
-    StateLookup,
     SubmitOutcome,
     SubmitRequest,
     TaskView,
@@ -40,7 +40,6 @@ from adapters.h1 import HttpFailure, Lane, Pin, Proxies, Reply, TooLarge, host_o
 from adapters.replies import (
     classify_submit,
     classify_upload,
-    look_up_states,
     parse_all_tasks,
     parse_fetch,
     parse_hook,
@@ -284,9 +283,9 @@ class HttpUpstream:
             raise failure
         raise PartialRead(f"{len(unread)} of {len(ids)} tasks unread: {failure}", views, frozenset(unread))
 
-    async def find_by_state(self, marks: Mapping[str, float]) -> StateLookup | None:
-        """The submits `marks` names looked up in the upstream's list of tasks by the `state` each carried
-        (`look_up_states`); None when the dialect, or this server (404, 405), has no such list."""
+    async def list_tasks(self) -> Listed | None:
+        """The tasks the upstream keeps (`all_tasks_path`); None when the dialect, or this server (404, 405), has no
+        such list."""
         path = self.all_tasks_path()
         if path is None:
             return None
@@ -294,10 +293,9 @@ class HttpUpstream:
         if status in (404, 405):
             return None
         try:
-            listed = parse_all_tasks(status, body)
+            return parse_all_tasks(status, body)
         except ValueError as exc:
             raise UpstreamUnavailable(str(exc)) from None
-        return look_up_states(listed, marks)
 
     async def download(self, url: str) -> bytes:
         target = url if url.startswith(("http://", "https://")) else urljoin(self._base + "/", url)

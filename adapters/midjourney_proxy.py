@@ -4,7 +4,7 @@ The mode travels in `accountFilter.modes` (trueai and the plus forks honour it; 
 trueai-style servers that mount every controller under `/mj-{mode}/mj/`, optionally as that path prefix. The prompt
 always carries the mode flag as well, which is what a server with neither mechanism goes by. `GET task/list`
 lists the tasks the server keeps, each with the `state` its submit carried: how a task whose submit was never
-answered is found again (`Upstream.find_by_state`).
+answered is found again (`Upstream.list_tasks`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ midjourney-proxy (novicezk and trueai), new-api's own error envelope, and the `/
     parse_seed(status, body)                   an image-seed reply -> the seed, or None (no such task, no seed yet)
     parse_task / parse_fetch / parse_task_list task JSON -> TaskView
     parse_all_tasks(status, body)              a `task/list` reply (every task kept, or the newest 100) -> Listed
-    look_up_states(listed, marks)              what such a list says of the submits `marks` names -> StateLookup
 """
 
 from __future__ import annotations
@@ -17,17 +16,16 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from adapters.base import (
     Accepted,
     Button,
     ClientError,
+    Listed,
     NeedsModal,
     ProviderUnusable,
     Retryable,
-    StateLookup,
     SubmitOutcome,
     TaskStatus,
     TaskView,
@@ -60,12 +58,6 @@ _NEWAPI_CLIENT = ("task_not_found", "task_no_found", "task_status_not_success", 
 # saturated): with a 5xx they say the server handled the request and did not take the task. Any other code there
 # (1 or 22: taken; a gateway echoing its own status, such as 504) leaves open that the task was taken.
 _REFUSALS = frozenset({3, 4, 5, 9, 23, 24, 25, 30})
-# A `task/list` answer this long may be cut: trueai answers its newest 100 tasks only, so such a list reaches back
-# to its oldest task and no further. A shorter one holds every task the upstream keeps (novicezk lists them all).
-LIST_CUT_AT = 100
-# How far behind the relay's an upstream's clock may be: a submit that left at t (by the relay's clock) was taken
-# upstream at t or later, which that upstream may write down as up to this much earlier.
-CLOCK_SKEW_S = 300.0
 # Failure reasons that mean the prompt was refused by Midjourney's moderation.
 _BANNED_WORDS = ("banned", "敏感词", "sensitive", "moderation", "content policy", "prohibited")
 
@@ -574,16 +566,6 @@ def _task_or_none(data: Any) -> TaskView | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class Listed:
-    """One `task/list` answer: the tasks read, the states of those that could not be read as tasks (a task of
-    those states may be among them), and how many tasks it listed."""
-
-    views: tuple[TaskView, ...]
-    unreadable: frozenset[str]
-    count: int
-
-
 def parse_all_tasks(status: int, body: bytes) -> Listed:
     """One `GET task/list` reply: every task the upstream keeps (novicezk), or its newest 100 (trueai), newest first.
     A task that cannot be read is passed over, its state kept if it has one."""
@@ -608,26 +590,3 @@ def parse_all_tasks(status: int, body: bytes) -> Listed:
         elif isinstance(entry, Mapping) and isinstance(entry.get("state"), str | int):
             unreadable.add(str(entry["state"]))
     return Listed(tuple(views), frozenset(unreadable), len(data))
-
-
-def look_up_states(listed: Listed, marks: Mapping[str, float]) -> StateLookup:
-    """What a task list says of the submits `marks` names (a job id, the `state` its submit carried -> the time,
-    unix seconds by the relay's clock, before which its submit had not left). A state one listed task carries is
-    found. One no task carries is absent only when the list is whole: shorter than LIST_CUT_AT, or reaching back,
-    by its oldest task's `submitTime`, to CLOCK_SKEW_S before the mark (a cut list holds the newest tasks, so every
-    task the upstream took after its oldest one is in it). Not known either way: a state two tasks carry, one of a
-    task that could not be read, or one a cut list does not reach back to."""
-    carried: dict[str, list[TaskView]] = {}
-    for view in listed.views:
-        if view.state is not None and view.state in marks:
-            carried.setdefault(view.state, []).append(view)
-    found = {state: views[0] for state, views in carried.items() if len(views) == 1}
-    times = [view.submit_time for view in listed.views if view.submit_time is not None]
-    whole = listed.count < LIST_CUT_AT
-    oldest_s = min(times) / 1000 if times else math.inf
-    absent = frozenset(
-        state
-        for state, marked_at in marks.items()
-        if state not in carried and state not in listed.unreadable and (whole or oldest_s <= marked_at - CLOCK_SKEW_S)
-    )
-    return StateLookup(found=found, absent=absent)

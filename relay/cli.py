@@ -253,6 +253,13 @@ def _safe_url(url: str) -> str:
     "--hook-reorder", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Share held back 0.5 s."
 )
 @click.option("--hook-delay-s", type=click.FloatRange(0), default=0.0, show_default=True, help="Added to each call.")
+@click.option(
+    "--list-at-most",
+    type=click.IntRange(0),
+    default=100,
+    show_default=True,
+    help="Tasks GET task/list answers, newest first (trueai: 100; 0: every one, as novicezk).",
+)
 def simulate(
     host: str,
     port: int,
@@ -273,6 +280,7 @@ def simulate(
     hook_duplicate: float,
     hook_reorder: float,
     hook_delay_s: float,
+    list_at_most: int,
 ) -> None:
     """Run a fake Midjourney-proxy upstream over HTTP."""
     import uvicorn
@@ -300,7 +308,13 @@ def simulate(
         progress=hook_progress,
         seed=seed,  # the hook faults are failure draws too: one seed makes a run repeatable
     )
-    app = build_sim_app(SimEngine(settings), dialect, secret, calls if hooks else None)  # type: ignore[arg-type]
+    app = build_sim_app(
+        SimEngine(settings),
+        dialect,  # type: ignore[arg-type]
+        secret,
+        calls if hooks else None,
+        list_at_most=list_at_most or None,
+    )
     # Taken first, as `serve` takes its port: the line names the port listened on (`--port 0`: any free one), and
     # only once it is.
     shown = f"[{host}]" if ":" in host else host

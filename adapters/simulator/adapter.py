@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from adapters.base import (
     WITHHELD,
     Bot,
     ClientError,
+    Listed,
     Mode,
     Retryable,
-    StateLookup,
     SubmitOutcome,
     SubmitRequest,
     TaskView,
@@ -27,7 +27,6 @@ from adapters.base import (
 from adapters.replies import (
     classify_submit,
     classify_upload,
-    look_up_states,
     parse_all_tasks,
     parse_hook,
     parse_seed,
@@ -85,10 +84,9 @@ class SimulatorUpstream:
         views = (parse_task(task) for task in self.engine.tasks(upstream_ids, self._image_base))
         return [view for view in views if view is not None]
 
-    async def find_by_state(self, marks: Mapping[str, float]) -> StateLookup | None:
-        """As a novicezk server's `task/list` says: every task kept."""
-        listing = json.dumps(self.engine.listing(self._image_base)).encode()
-        return look_up_states(parse_all_tasks(200, listing), marks)
+    async def list_tasks(self) -> Listed | None:
+        """As a novicezk server's `task/list` answers: every task kept."""
+        return parse_all_tasks(200, json.dumps(self.engine.listing(self._image_base)).encode())
 
     async def download(self, url: str) -> bytes:
         prefix = self._image_base + "/"

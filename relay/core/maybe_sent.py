@@ -5,7 +5,7 @@ upstream may be running such a job's task, or may never have received its reques
 Every FIND_EVERY_S a process claims such jobs (`Leases.claim_maybe_sent`: a gone process's, one whose lease ran
 out, its own left unsettled) once their mark is FIND_AFTER_TIMEOUTS times their provider's `connect_timeout_s` +
 `timeout_s` old, so that a submit that left then has been taken upstream by now or never will be, and looks them up
-in the provider's list of tasks by the `state` their submit carried (the job's id; `Upstream.find_by_state`):
+in the provider's list of tasks (`Upstream.list_tasks`) by the `state` their submit carried (the job's id):
 
     found     the job is adopted, as an upstream hook naming it adopts it: written SUBMITTED with the task's id,
               followed (read at once) and delivered to its client, charged once if it succeeds
@@ -14,6 +14,12 @@ in the provider's list of tasks by the `state` their submit carried (the job's i
     unknown   the list is cut before the mark (trueai lists its newest 100 tasks only: a later list reaches back
               less far still), names the state twice, or has a task of it that cannot be read: the job is left,
               this process's, and not looked up again; the pending sweep ends it, as it ends any job still PENDING
+
+Whether a list holds every task taken since a mark (`look_up_states`): one shorter than LIST_CUT_AT holds every task
+the upstream keeps (novicezk lists them all); a longer one may be cut (trueai's newest 100), and then holds every
+task the upstream took after its oldest one. It reaches back past the mark when one of its tasks was taken before
+the mark: one whose `submitTime` is CLOCK_SKEW_S before it (room for the upstream's clock to run behind the relay's),
+or one of the relay's own jobs whose submit was answered before it (its `submitted_at`: no clock but the relay's).
 
 A list that cannot be read (the provider down, an answer over the size limit) leaves the provider's jobs to be
 looked up READ_RETRY_S later. A provider whose dialect has no such list (new-api and the `/v1/mj` resellers look
@@ -26,9 +32,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
-from adapters import UpstreamUnavailable
+from adapters import Listed, TaskView, UpstreamUnavailable
 from relay.clock import Clock
 from relay.core.background import cancel_all
 from relay.core.providers import ProviderPool
@@ -47,6 +54,46 @@ LIST_RETRY_S = 600.0
 # A job passed over (its lookup told nothing) is remembered this long: by then the pending sweep has ended it.
 PASSED_OVER_S = PENDING_GRACE_S + SWEEP_EVERY_S
 ABSENT_REASON = "its relay process went away while submitting it, and its provider never took it"
+# A task list this long may be cut (trueai lists its newest 100 tasks); a shorter one holds every task kept.
+LIST_CUT_AT = 100
+# How far behind the relay's an upstream's clock may be: a submit that left at t (by the relay's clock) was taken
+# upstream at t or later, which that upstream may write down as up to this much earlier.
+CLOCK_SKEW_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class StateLookup:
+    """What a task list says of some jobs left maybe sent: the task each job found has, and the jobs the upstream
+    surely never took. A job in neither is not known either way."""
+
+    found: Mapping[str, TaskView]
+    absent: frozenset[str]
+
+
+def look_up_states(listed: Listed, marks: Mapping[str, float], answered_before: float | None = None) -> StateLookup:
+    """What a task list says of the jobs `marks` names (a job id, the `state` its submit carried -> when it was
+    marked, by the relay's clock: its request had not left before then). `answered_before`: when the earliest answered
+    submit among the list's tasks that are the relay's own jobs was answered (the upstream took it before then), if
+    any. A state one listed task carries is found; one no task carries is absent when the list holds every task taken
+    since its mark (see the module's doc); a state two tasks carry, or one of a task that could not be read, is not
+    known."""
+    carried: dict[str, list[TaskView]] = {}
+    for view in listed.views:
+        if view.state is not None and view.state in marks:
+            carried.setdefault(view.state, []).append(view)
+    found = {state: views[0] for state, views in carried.items() if len(views) == 1}
+    times = [view.submit_time for view in listed.views if view.submit_time is not None]
+    taken_by_upstream_clock = min(times) / 1000 + CLOCK_SKEW_S if times else math.inf
+    taken_by_relay_clock = answered_before if answered_before is not None else math.inf
+    whole = listed.count < LIST_CUT_AT
+    absent = frozenset(
+        state
+        for state, marked_at in marks.items()
+        if state not in carried
+        and state not in listed.unreadable
+        and (whole or taken_by_upstream_clock <= marked_at or taken_by_relay_clock <= marked_at)
+    )
+    return StateLookup(found=found, absent=absent)
 
 
 class MaybeSent:
@@ -109,17 +156,22 @@ class MaybeSent:
         return settled
 
     async def _look_up(self, provider: str, rows: list[JobRow]) -> int:
-        marks = {row.id: row.updated_at for row in rows}
         try:
-            lookup = await self.pool.find_by_state(provider, marks)
+            listed = await self.pool.list_tasks(provider)
         except UpstreamUnavailable as exc:
             self._asked_again_at[provider] = self.clock.now() + READ_RETRY_S
             event(log, "task list unread", provider=provider, jobs=len(rows), reason=str(exc))
             return 0
-        if lookup is None:
+        if listed is None:
             self._asked_again_at[provider] = self.clock.now() + LIST_RETRY_S
             event(log, "provider lists no tasks; jobs left maybe sent wait for the pending sweep", provider=provider)
             return 0
+        marks = {row.id: row.updated_at for row in rows}
+        answered_before: float | None = None
+        if listed.count >= LIST_CUT_AT:  # a list that may be cut: does it reach back past the marks?
+            states = [view.state for view in listed.views if view.state is not None and view.state not in marks]
+            answered_before = await self.store.first_answered(states)
+        lookup = look_up_states(listed, marks, answered_before)
         adopted: list[JobRow] = []
         for row in rows:
             view = lookup.found.get(row.id)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from adapters import (
     HttpOptions,
+    Listed,
     Retryable,
-    StateLookup,
     SubmitOutcome,
     SubmitRequest,
     TaskView,
@@ -212,18 +212,18 @@ class ProviderPool:
     async def download(self, name: str, url: str) -> bytes:
         return await self._read(name, "download", self.upstreams[name].download(url))
 
-    async def find_by_state(self, name: str, marks: Mapping[str, float]) -> StateLookup | None:
-        """Jobs left maybe sent looked up in the provider's task list (`Upstream.find_by_state`). Not a sign of the
+    async def list_tasks(self, name: str) -> Listed | None:
+        """The provider's list of its tasks (`Upstream.list_tasks`), for jobs left maybe sent. Not a sign of the
         provider's health either way: the list is read only after a process died, and one too large to read says
         nothing of the provider's submits and reads."""
         started = time.perf_counter()
         try:
-            lookup = await self.upstreams[name].find_by_state(marks)
+            listed = await self.upstreams[name].list_tasks()
         except UpstreamUnavailable:
-            self._observe(name, "find", "unavailable", started)
+            self._observe(name, "list", "unavailable", started)
             raise
-        self._observe(name, "find", "ok", started)
-        return lookup
+        self._observe(name, "list", "ok", started)
+        return listed
 
     async def _read(self, name: str, operation: str, call: Awaitable[T]) -> T:
         started = time.perf_counter()

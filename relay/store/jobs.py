@@ -320,6 +320,8 @@ _ADMITTED = (
     "owner",
     "lease_until",
 )
+# The most ids one `IN` list of a read names (a task list may name thousands).
+_IDS_AT_ONCE = 500
 # A job admitted: PENDING, its price held.
 _ADMIT = Many(
     insert(jobs).values(
@@ -771,6 +773,18 @@ class JobStore:
                 )
             ).all()
         return rows_of(rows)
+
+    async def first_answered(self, job_ids: Sequence[str]) -> float | None:
+        """When the earliest answered submit of these jobs was answered (`submitted_at`; their upstream took each
+        before then); None when none of them is a job answered here."""
+        earliest: float | None = None
+        async with connected(self.engine) as conn:
+            for start in range(0, len(job_ids), _IDS_AT_ONCE):
+                chunk = list(job_ids[start : start + _IDS_AT_ONCE])
+                found = (await conn.execute(select(func.min(jobs.c.submitted_at)).where(jobs.c.id.in_(chunk)))).scalar()
+                if found is not None and (earliest is None or found < earliest):
+                    earliest = float(found)
+        return earliest
 
     async def by_request(self, request_id: str) -> list[JobRow]:
         async with connected(self.engine) as conn:

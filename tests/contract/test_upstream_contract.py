@@ -16,9 +16,9 @@ from adapters import (
     TaskStatus,
     UpstreamUnavailable,
 )
-from adapters.replies import CLOCK_SKEW_S
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
 from adapters.simulator.engine import PROGRESS_STEPS
+from relay.core.maybe_sent import LIST_CUT_AT
 from tests.contract.worlds import HTTP_DIALECTS, SECRET, Env, http_upstream, imagine, world
 from tests.helpers import FakeClock, bound_socket, serve
 
@@ -190,43 +190,43 @@ async def test_download_of_a_foreign_url_fails_cleanly(env: Env) -> None:
         await env.upstream.download(url)
 
 
-async def test_a_task_is_found_by_the_state_its_submit_carried_where_the_dialect_lists_tasks(env: Env) -> None:
-    """midjourney-proxy lists its tasks (`GET task/list`, with each one's state): a submit never answered is found
-    again by its state, and one the upstream never took is surely absent. new-api and /v1/mj look tasks up by their
-    ids only: nothing is known (and nothing is asked of them)."""
-    taken = await env.upstream.submit(imagine("a lantern", state="job_taken"))
-    assert isinstance(taken, Accepted)
+async def test_the_dialects_that_list_their_tasks_list_each_with_its_state(env: Env) -> None:
+    """midjourney-proxy lists its tasks (`GET task/list`, newest first, each with the state its submit carried), so
+    a submit never answered is found again by its state. new-api and /v1/mj look tasks up by their ids only: no list
+    (and nothing is asked of them)."""
+    first = await env.upstream.submit(imagine("a lantern", state="job_first"))
     env.clock.advance(3)
-    marked_at = env.clock.now() - 10
+    second = await env.upstream.submit(imagine("a lamp", state="job_second"))
+    assert isinstance(first, Accepted) and isinstance(second, Accepted)
     reads = env.engine.reads
-    lookup = await env.upstream.find_by_state({"job_taken": marked_at, "job_never_taken": marked_at})
+    listed = await env.upstream.list_tasks()
     if env.dialect in ("new-api", "mj-v1"):
-        assert lookup is None and env.engine.reads == reads
+        assert listed is None and env.engine.reads == reads
         return
-    assert lookup is not None
-    assert list(lookup.found) == ["job_taken"] and lookup.found["job_taken"].upstream_id == taken.upstream_id
-    assert lookup.found["job_taken"].status is TaskStatus.IN_PROGRESS
-    assert lookup.absent == {"job_never_taken"}
+    assert listed is not None and listed.count == 2 and listed.unreadable == frozenset()
+    assert [(view.upstream_id, view.state) for view in listed.views] == [
+        (second.upstream_id, "job_second"),
+        (first.upstream_id, "job_first"),
+    ]
+    assert [view.status for view in listed.views] == [TaskStatus.SUBMITTED, TaskStatus.IN_PROGRESS]
+    assert listed.views[1].submit_time == int((env.clock.now() - 3) * 1000)
 
 
-async def test_a_cut_task_list_does_not_say_an_older_submit_never_came() -> None:
-    """A trueai-like server lists its newest 100 tasks: a submit older than the oldest of them is not known."""
+async def test_a_trueai_like_task_list_holds_the_newest_100_tasks() -> None:
     async with world("midjourney-proxy") as env:
-        oldest = env.clock.now()
-        for i in range(101):  # the first is cut off
-            env.clock.advance(5)
-            assert isinstance(await env.upstream.submit(imagine(f"a star {i}", state=f"other_{i}")), Accepted)
-        oldest_listed = oldest + 10
-        marks = {"job_before": oldest_listed + CLOCK_SKEW_S - 1, "job_after": oldest_listed + CLOCK_SKEW_S}
-        lookup = await env.upstream.find_by_state(marks)
-        assert lookup is not None and lookup.found == {} and lookup.absent == {"job_after"}
+        for i in range(101):
+            env.clock.advance(1)
+            assert isinstance(await env.upstream.submit(imagine(f"a star {i}", state=f"job_{i}")), Accepted)
+        listed = await env.upstream.list_tasks()
+        assert listed is not None and listed.count == LIST_CUT_AT
+        assert [view.state for view in listed.views] == [f"job_{i}" for i in range(100, 0, -1)]
 
 
 async def test_a_midjourney_proxy_server_without_a_task_list_is_not_asked_as_one() -> None:
-    """A server of the dialect that answers 404 there (an older build, a gateway) tells nothing."""
+    """A server of the dialect that answers 404 there (an older build, a gateway) has no list."""
     async with world("new-api") as env:  # serves no task/list; read through the midjourney-proxy adapter
         upstream = http_upstream("midjourney-proxy", env.base)
         try:
-            assert await upstream.find_by_state({"job_a": env.clock.now()}) is None
+            assert await upstream.list_tasks() is None
         finally:
             await upstream.aclose()

@@ -6,6 +6,7 @@ others are left."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -13,9 +14,18 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from adapters import StateLookup, UpstreamUnavailable
+from adapters import Listed, TaskStatus, TaskView, UpstreamUnavailable
+from adapters.replies import parse_all_tasks
 from relay.core.events import JobEvent
-from relay.core.maybe_sent import ABSENT_REASON, FIND_AFTER_TIMEOUTS, LIST_RETRY_S, READ_RETRY_S
+from relay.core.maybe_sent import (
+    ABSENT_REASON,
+    CLOCK_SKEW_S,
+    FIND_AFTER_TIMEOUTS,
+    LIST_CUT_AT,
+    LIST_RETRY_S,
+    READ_RETRY_S,
+    look_up_states,
+)
 from relay.domain import JobState
 from relay.services import Relay
 from relay.store import presence
@@ -143,23 +153,47 @@ async def test_a_job_this_process_is_submitting_is_not_looked_up(
     assert row is not None and row.state is JobState.PENDING
 
 
-class Listing(SwitchableUpstream):
-    """A provider whose task list tells what `answer` says: nothing (None: a dialect that looks tasks up by id only),
-    a lookup, or an error."""
+@EITHER_STORE
+async def test_the_first_answer_among_listed_jobs_is_read_in_bounded_lists(
+    relay_on_either: tuple[Relay, SwitchableUpstream, KeyRecord],
+) -> None:
+    relay, _, key = relay_on_either
+    store = relay.store
+    now = time.time()
+    assert await store.open(key.id, [kite(i, now) for i in ("job_a", "job_b", "job_unanswered")], now)
+    await store.mark_submitted("job_a", "sim", "task-a", now + 20)
+    await store.mark_submitted("job_b", "sim", "task-b", now + 10)
+    others = [f"other_{i}" for i in range(1200)]  # states of other clients' tasks, in several lists
+    assert await store.first_answered([*others, "job_a", "job_unanswered", "job_b"]) == now + 10
+    assert await store.first_answered([*others, "job_unanswered"]) is None
+    assert await store.first_answered([]) is None
 
-    def __init__(self, answer: StateLookup | Exception | None) -> None:
+
+class Listing(SwitchableUpstream):
+    """A provider whose task list is `answer`: none (a dialect that looks tasks up by id only), a list, or an
+    error."""
+
+    def __init__(self, answer: Listed | Exception | None) -> None:
         super().__init__()
         self.answer = answer
         self.lookups = 0
 
-    async def find_by_state(self, marks: Mapping[str, float]) -> StateLookup | None:
+    async def list_tasks(self) -> Listed | None:
         self.lookups += 1
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer
 
 
-NOTHING_KNOWN = StateLookup(found={}, absent=frozenset())  # a cut list that does not reach back to the mark
+# A cut list that does not reach back to the marks: its 100 tasks taken just now, none of them the relay's.
+NOTHING_KNOWN = Listed(
+    tuple(
+        TaskView(f"t{i}", TaskStatus.SUCCESS, state=f"other_{i}", submit_time=int(time.time() * 1000))
+        for i in range(100)
+    ),
+    frozenset(),
+    100,
+)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +202,7 @@ NOTHING_KNOWN = StateLookup(found={}, absent=frozenset())  # a cut list that doe
     ids=["no-list", "list-unread", "nothing-known"],
 )
 async def test_a_lookup_that_tells_nothing_is_not_made_again_every_round(
-    tmp_path: Path, answer: StateLookup | Exception | None, asked_again_after: float | None
+    tmp_path: Path, answer: Listed | Exception | None, asked_again_after: float | None
 ) -> None:
     """A provider with no list is asked again ten minutes on, one whose list could not be read half a minute on;
     a job its provider's list told nothing of is not looked up again (a later list reaches back less far still).
@@ -217,3 +251,61 @@ async def test_a_slot_reservation_writes_when_the_job_was_marked() -> None:
         assert await Slots(database.engine, LEASE, "a").take("job_reserved", "up", 5, NOW + 30)
         row = await store.get("job_reserved")
         assert row is not None and (row.provider, row.updated_at) == ("up", NOW + 30)
+
+
+# -- what a task list says (pure) ------------------------------------------------------------------------------------
+
+MARK = 1_700_000_000.0  # when the submits looked up were marked, unix seconds
+
+
+def listed(*tasks: tuple[str, str | None, float]) -> Listed:
+    """A task list of (task id, state, submitTime in seconds) tasks."""
+    data = [
+        {"id": i, "status": "SUCCESS", "progress": "100%", "state": state, "submitTime": int(at * 1000)}
+        for i, state, at in tasks
+    ]
+    return parse_all_tasks(200, json.dumps(data).encode())
+
+
+def test_a_whole_task_list_finds_a_state_or_says_it_is_absent() -> None:
+    """novicezk lists every task it keeps: a state no task carries was never taken, however new the tasks are."""
+    lookup = look_up_states(listed(("t2", "job_b", MARK + 5), ("t1", None, MARK + 1)), {"job_a": MARK, "job_b": MARK})
+    assert {state: view.upstream_id for state, view in lookup.found.items()} == {"job_b": "t2"}
+    assert lookup.absent == {"job_a"}
+    assert look_up_states(listed(), {"job_a": MARK}).absent == {"job_a"}
+
+
+def newest(count: int, oldest_s: float) -> list[tuple[str, str | None, float]]:
+    """`count` tasks of other clients, a second apart, the oldest taken at `oldest_s`, newest first."""
+    return [(f"t{i}", f"other_{i}", oldest_s + count - 1 - i) for i in range(count)]
+
+
+def test_a_cut_task_list_says_absent_only_back_to_its_oldest_task() -> None:
+    """trueai lists its newest 100 tasks: one missing from them was never taken only if the list reaches back to the
+    moment it could have been (with room for the upstream's clock to run behind)."""
+    cut = listed(*newest(LIST_CUT_AT, MARK))
+    reaching = MARK + CLOCK_SKEW_S
+    marks = {"job_early": MARK, "job_within_skew": reaching - 1, "job_late": reaching, "job_later": reaching + 1}
+    lookup = look_up_states(cut, marks)
+    assert lookup.found == {} and lookup.absent == {"job_late", "job_later"}
+    untimed = parse_all_tasks(200, json.dumps([{"id": f"t{i}", "state": "x"} for i in range(LIST_CUT_AT)]).encode())
+    assert look_up_states(untimed, {"job_late": reaching}).absent == frozenset()  # no time: reaches back to nothing
+
+
+def test_a_cut_task_list_reaches_back_past_a_mark_by_a_job_answered_before_it() -> None:
+    """A cut list that holds one of the relay's own jobs, whose submit was answered before a mark (by the relay's
+    clock alone), holds every task taken since that mark, however the upstream's clock runs."""
+    cut = listed(*newest(LIST_CUT_AT, MARK + 1000))  # by the upstream's clock, all taken long after the marks
+    marks = {"job_before": MARK - 1, "job_at": MARK, "job_after": MARK + 1}
+    assert look_up_states(cut, marks).absent == frozenset()
+    assert look_up_states(cut, marks, answered_before=MARK).absent == {"job_at", "job_after"}
+
+
+def test_a_state_of_a_task_that_cannot_be_read_or_carried_twice_is_not_known() -> None:
+    """A task the relay cannot read may be the job's: not absent. Two tasks of one state: not the job's to pick."""
+    unreadable = {"id": None, "status": "SUCCESS", "state": "job_a"}
+    twice = [("t1", "job_b", MARK + 1), ("t2", "job_b", MARK + 2)]
+    data = [unreadable, *({"id": i, "state": st, "submitTime": int(at * 1000)} for i, st, at in twice)]
+    data.append({"id": "t3", "state": "job_c", "submitTime": int(MARK * 1000)})
+    lookup = look_up_states(parse_all_tasks(200, json.dumps(data).encode()), {"job_a": MARK, "job_b": MARK, "job_c": 0})
+    assert list(lookup.found) == ["job_c"] and lookup.absent == frozenset()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +18,10 @@ from adapters import (
     Accepted,
     Bot,
     ClientError,
+    Listed,
     Mode,
     ProviderUnusable,
     Retryable,
-    StateLookup,
     SubmitOutcome,
     SubmitRequest,
     TaskView,
@@ -87,7 +87,7 @@ class Scripted:
             raise UpstreamUnavailable("POST answered HTTP 502")
         return []
 
-    async def find_by_state(self, marks: Mapping[str, float]) -> StateLookup | None:
+    async def list_tasks(self) -> Listed | None:
         return None
 
     async def download(self, url: str) -> bytes:

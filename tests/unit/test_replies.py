@@ -21,12 +21,9 @@ from adapters import (
     replies,
 )
 from adapters.replies import (
-    CLOCK_SKEW_S,
-    LIST_CUT_AT,
     _unstorable,
     classify_submit,
     classify_upload,
-    look_up_states,
     looks_banned,
     parse_all_tasks,
     parse_fetch,
@@ -435,41 +432,6 @@ def task_list(*tasks: dict[str, Any]) -> bytes:
 MARK = 1_700_000_000.0  # when the submits looked up may have left, unix seconds
 
 
-def test_a_whole_task_list_finds_a_state_or_says_it_is_absent() -> None:
-    """novicezk lists every task it keeps: a state no task carries was never taken, however new the tasks are."""
-    listed = parse_all_tasks(200, task_list(listed_task("t2", "job_b", MARK + 5), listed_task("t1", None, MARK + 1)))
-    lookup = look_up_states(listed, {"job_a": MARK, "job_b": MARK})
-    assert {state: view.upstream_id for state, view in lookup.found.items()} == {"job_b": "t2"}
-    assert lookup.absent == {"job_a"}
-    assert look_up_states(parse_all_tasks(200, b"[]"), {"job_a": MARK}).absent == {"job_a"}
-
-
-def test_a_cut_task_list_says_absent_only_back_to_its_oldest_task() -> None:
-    """trueai lists its newest 100 tasks: one missing from them was never taken only if the list reaches back to the
-    moment it could have been (with room for the upstream's clock to run behind)."""
-    newest = [listed_task(f"t{i}", f"other_{i}", MARK + 1000 - i) for i in range(LIST_CUT_AT)]  # oldest: MARK + 901
-    listed = parse_all_tasks(200, task_list(*newest))
-    assert listed.count == LIST_CUT_AT
-    reaching = MARK + 901 + CLOCK_SKEW_S
-    marks = {"job_early": MARK, "job_within_skew": reaching - 1, "job_late": reaching, "job_later": reaching + 1}
-    lookup = look_up_states(listed, marks)
-    assert lookup.found == {}
-    assert lookup.absent == {"job_late", "job_later"}
-    # a cut list whose tasks carry no time reaches back to nothing known
-    untimed = [{"id": f"t{i}", "status": "SUCCESS", "state": f"other_{i}"} for i in range(LIST_CUT_AT)]
-    assert look_up_states(parse_all_tasks(200, task_list(*untimed)), {"job_late": MARK}).absent == frozenset()
-
-
-def test_a_state_of_a_task_that_cannot_be_read_or_carried_twice_is_not_known() -> None:
-    """A task the relay cannot read may be the job's: not absent. Two tasks of one state: not the job's to pick."""
-    unreadable = {"id": None, "status": "SUCCESS", "state": "job_a"}
-    twice = [listed_task("t1", "job_b", MARK + 1), listed_task("t2", "job_b", MARK + 2)]
-    listed = parse_all_tasks(200, task_list(unreadable, *twice, listed_task("t3", "job_c", MARK + 3)))
-    assert listed.unreadable == {"job_a"} and listed.count == 4
-    lookup = look_up_states(listed, {"job_a": MARK, "job_b": MARK, "job_c": MARK})
-    assert list(lookup.found) == ["job_c"] and lookup.absent == frozenset()
-
-
 @pytest.mark.parametrize(
     ("status", "reply"),
     [(401, b""), (403, b"{}"), (500, b"[]"), (404, b"[]"), (200, b"{bad"), (200, body({"code": 4})), (200, b'"x"')],
@@ -482,3 +444,11 @@ def test_a_task_list_answer_that_is_no_list_is_refused(status: int, reply: bytes
 def test_a_task_list_in_an_envelope_is_read() -> None:
     listed = parse_all_tasks(200, body({"code": 1, "result": [listed_task("t1", "job_a", MARK)]}))
     assert [view.state for view in listed.views] == ["job_a"]
+
+
+def test_a_listed_task_that_cannot_be_read_keeps_its_state() -> None:
+    """A task the relay cannot read may be a job's: its state is kept (the lookup then says nothing of that job)."""
+    unreadable = [{"id": None, "status": "SUCCESS", "state": "job_a"}, {"id": None, "state": 7}, "no task", {}]
+    listed = parse_all_tasks(200, task_list(*unreadable, listed_task("t1", "job_b", MARK)))  # type: ignore[arg-type]
+    assert listed.unreadable == {"job_a", "7"} and listed.count == 5
+    assert [view.state for view in listed.views] == ["job_b"]

@@ -188,7 +188,7 @@ async def test_an_adoption_round_ends_the_jobs_a_gone_process_never_sent(
     never, maybe = await relay.store.get("job_never_sent"), await relay.store.get("job_maybe_sent")
     assert never is not None and maybe is not None
     assert (never.state, never.error_code, never.fail_reason) == (JobState.FAILED, "interrupted", UNSENT_REASON)
-    assert maybe.state is JobState.PENDING  # it may run upstream: left to its hook, or the pending sweep
+    assert maybe.state is JobState.PENDING  # it may run upstream: left to its hook, its lookup, or the pending sweep
     current = await relay.keys.get(key.id)
     assert current is not None and (current.balance, current.held) == (100, 2)  # the one still PENDING holds its price
     assert upstream.engine.submits == 0
@@ -197,8 +197,8 @@ async def test_an_adoption_round_ends_the_jobs_a_gone_process_never_sent(
 async def test_a_restart_on_sqlite_ends_the_jobs_its_earlier_run_never_sent(tmp_path: Path) -> None:
     """A relay alone on SQLite was killed in its submit window and is started again: the jobs that run held and never
     sent are ended as it starts (their holds released), not ten minutes on. One it marked as sent is left (its hook
-    adopts it, or the pending sweep ends it), and so are those of a run that wrote no row (a release before marks,
-    which may have sent them)."""
+    adopts it, its provider's task list tells, or the pending sweep ends it), and so are those of a run that wrote no
+    row (a release before marks, which may have sent them)."""
     config = relay_config(tmp_path)
     database = Database(config.database_url())
     now = time.time()
