@@ -152,7 +152,10 @@ class MaybeSent:
                 by_provider.setdefault(row.provider, []).append(row)
         settled = 0
         for provider, rows in sorted(by_provider.items()):
-            settled += await self._look_up(provider, rows)
+            try:  # one provider's failure holds up none of the others
+                settled += await self._look_up(provider, rows)
+            except Exception:
+                log.exception("looking up jobs left maybe sent failed", extra={"fields": {"provider": provider}})
         return settled
 
     async def _look_up(self, provider: str, rows: list[JobRow]) -> int:
@@ -173,12 +176,19 @@ class MaybeSent:
             answered_before = await self.store.first_answered(states)
         lookup = look_up_states(listed, marks, answered_before)
         adopted: list[JobRow] = []
+        failed: set[str] = set()  # looked up again next round
         for row in rows:
             view = lookup.found.get(row.id)
-            if view is not None and await self.store.adopt(row.id, provider, view.upstream_id, self.clock.now()):
-                fresh = await self.store.get(row.id)
-                if fresh is not None:
-                    adopted.append(fresh)
+            if view is None:
+                continue
+            try:
+                if await self.store.adopt(row.id, provider, view.upstream_id, self.clock.now()):
+                    fresh = await self.store.get(row.id)
+                    if fresh is not None:
+                        adopted.append(fresh)
+            except Exception:  # one job's failure holds up none of the others
+                failed.add(row.id)
+                log.exception("adopting a job left maybe sent failed", extra={"fields": {"job": row.id}})
         if adopted:
             await self._follow(adopted)
             event(log, "jobs left maybe sent found upstream", provider=provider, jobs=len(adopted))
@@ -186,7 +196,7 @@ class MaybeSent:
         if absent:
             await self.tracker.end_unsubmitted(absent, ABSENT_REASON)
             event(log, "jobs left maybe sent never taken upstream", provider=provider, jobs=len(absent))
-        settled = {row.id for row in adopted} | lookup.absent
+        settled = {row.id for row in adopted} | lookup.absent | failed
         unknown = [row.id for row in rows if row.id not in settled]
         now = self.clock.now()
         self._passed_over.update((job_id, now) for job_id in unknown)

@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -139,6 +140,32 @@ async def test_a_job_found_by_its_state_is_followed_and_one_never_taken_is_ended
     shown = relay.metrics.render().decode()
     assert 'mj_relay_maybe_sent_jobs_total{outcome="adopted",provider="sim"} 1.0' in shown
     assert 'mj_relay_maybe_sent_jobs_total{outcome="ended",provider="sim"} 1.0' in shown
+
+
+async def test_a_job_whose_adoption_fails_holds_up_none_of_the_others_and_is_looked_up_again(tmp_path: Path) -> None:
+    upstream = SwitchableUpstream()
+    async with relays_on_one_database(tmp_path, upstream, 1, postgres=False) as ((relay,), key):
+        long_ago = _marked_long_ago(relay)
+        await _left_by_a_dead_process(relay, key, {"job_x": long_ago, "job_y": long_ago})
+        for job_id in ("job_x", "job_y"):
+            upstream.engine.submit("imagine", {"prompt": "a kite", "state": job_id}, "fast")
+        adopt = relay.store.adopt
+
+        async def failing_once(job_id: str, *args: Any) -> bool:
+            if job_id == "job_x" and not failed:
+                failed.append(job_id)
+                raise OSError("the database went away")
+            return await adopt(job_id, *args)
+
+        failed: list[str] = []
+        relay.store.adopt = failing_once  # type: ignore[method-assign]
+        assert await relay.maybe_sent.round() == 1
+        x, y = [await relay.store.get(i) for i in ("job_x", "job_y")]
+        assert x is not None and x.state is JobState.PENDING
+        assert y is not None and y.state is not JobState.PENDING
+        assert await relay.maybe_sent.round() == 1
+        x = await relay.store.get("job_x")
+        assert x is not None and x.state is not JobState.PENDING and failed == ["job_x"]
 
 
 @EITHER_STORE
