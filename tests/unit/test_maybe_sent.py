@@ -190,7 +190,7 @@ async def test_the_first_answer_among_listed_jobs_is_read_in_bounded_lists(
     assert await store.open(key.id, [kite(i, now) for i in ("job_a", "job_b", "job_unanswered")], now)
     await store.mark_submitted("job_a", "sim", "task-a", now + 20)
     await store.mark_submitted("job_b", "sim", "task-b", now + 10)
-    others = [f"other_{i}" for i in range(1200)]  # states of other clients' tasks, in several lists
+    others = [f"other_{i}" for i in range(1200)] + ["x" * 100_000]  # other clients' states, in several lists
     assert await store.first_answered([*others, "job_a", "job_unanswered", "job_b"]) == now + 10
     assert await store.first_answered([*others, "job_unanswered"]) is None
     assert await store.first_answered([]) is None
