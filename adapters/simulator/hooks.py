@@ -109,6 +109,10 @@ class HookSender:
         self._lanes = asyncio.Semaphore(settings.lanes)
         self._idle: dict[tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
         self.sent = 0  # calls made (duplicates counted twice, drops not)
+        # Changes called (a duplicated one once, a dropped one not), and of them the tasks' endings: a follower woken
+        # late (a busy loop) calls only the change it sees then, so how many a task gets is counted, not assumed.
+        self.changes = 0
+        self.endings = 0
         self.timings: deque[CallTiming] = deque(maxlen=TIMINGS_KEPT)
         engine.watchers.append(self.watch)
 
@@ -148,6 +152,8 @@ class HookSender:
         draw = self._rng.random
         if draw() < self.settings.drop:
             return
+        self.changes += 1
+        self.endings += ending
         copies = 2 if draw() < self.settings.duplicate else 1
         held = self.settings.reorder_s if draw() < self.settings.reorder else 0.0
         for _ in range(copies):

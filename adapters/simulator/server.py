@@ -22,9 +22,10 @@ as a CDN would.
 
 With `hooks` given, a submit's `notifyHook` is called on each change of its task (`adapters.simulator.hooks`),
 except on new-api, which drops a client's `notifyHook` (its operators seldom enable it). `GET /sim/stats` counts
-the submits, status reads, hook calls and image downloads made (and how many images were downloaded more than
-once; with `?since=<epoch seconds>`, also how many of those were first downloaded at or after that time, and how
-long the hook calls due since then waited for a lane and for their answers), for benchmarks and tests.
+the submits, status reads, hook calls (and the changes and endings they were made for) and image downloads made
+(and how many images were downloaded more than once; with `?since=<epoch seconds>`, also how many of those were
+first downloaded at or after that time, and how long the hook calls due since then waited for a lane and for their
+answers), for benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -209,12 +210,15 @@ def build_sim_app(
 
     async def stats(request: Request) -> Response:
         sent = sender.sent if sender is not None else 0
+        changes = (sender.changes, sender.endings) if sender is not None else (0, 0)
         downloads = engine.downloads
         twice = [key for key, count in downloads.items() if count > 1]
         stats: dict[str, Any] = {
             "submits": engine.submits,
             "reads": engine.reads,
             "hooks": sent,
+            "hook_changes": changes[0],
+            "hook_endings": changes[1],
             "downloads": sum(downloads.values()),
             "downloaded_twice": len(twice),
         }

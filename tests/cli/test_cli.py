@@ -220,15 +220,20 @@ def test_simulate_seeds_the_hook_faults_too(monkeypatch: pytest.MonkeyPatch) -> 
     from relay.cli import main
 
     seen: list[object] = []
+    options: list[dict[str, object]] = []
 
-    def build(engine: object, dialect: str, secret: str, hooks: object) -> object:
+    def build(engine: object, dialect: str, secret: str, hooks: object, **more: object) -> object:
         seen.append(hooks)
+        options.append(more)
         raise SystemExit(0)
 
     monkeypatch.setattr(adapters.simulator, "build_sim_app", build)
     result = CliRunner().invoke(main, ["simulate", "--seed", "7", "--hook-drop", "0.2"])
     assert result.exit_code == 0, result.output
     assert getattr(seen[0], "seed", None) == 7 and getattr(seen[0], "drop", None) == 0.2
+    # and its task list holds the newest 100 tasks (trueai), or with --list-at-most 0 every one (novicezk)
+    assert CliRunner().invoke(main, ["simulate", "--list-at-most", "0"]).exit_code == 0
+    assert options == [{"list_at_most": 100}, {"list_at_most": None}]
 
 
 def test_simulate_names_the_port_it_listens_on_and_says_so_only_when_it_does(tmp_path: Path) -> None:

@@ -212,14 +212,11 @@ class Listing(SwitchableUpstream):
         return self.answer
 
 
-# A cut list that does not reach back to the marks: its 100 tasks taken just now, none of them the relay's.
+# A cut list that does not reach back to the marks: its 100 tasks taken long after them, none of them the relay's.
 NOTHING_KNOWN = Listed(
-    tuple(
-        TaskView(f"t{i}", TaskStatus.SUCCESS, state=f"other_{i}", submit_time=int(time.time() * 1000))
-        for i in range(100)
-    ),
+    tuple(TaskView(f"t{i}", TaskStatus.SUCCESS, state=f"other_{i}", submit_time=2**62) for i in range(LIST_CUT_AT)),
     frozenset(),
-    100,
+    LIST_CUT_AT,
 )
 
 
