@@ -541,21 +541,26 @@ def parse_fetch(status: int, body: bytes) -> TaskView | None:
     raise ValueError("a fetch answer that is not a task")
 
 
-def parse_task_list(status: int, body: bytes) -> list[TaskView]:
-    """One `task/list-by-condition` reply: a JSON array of tasks (unknown ids omitted)."""
+def _task_array(status: int, body: bytes, what: str) -> list[Any]:
+    """The JSON array of tasks a list reply holds (`what`: the endpoint, for the errors)."""
     if status in (401, 403):
         raise ValueError(f"upstream refused the credentials (HTTP {status})")
     if status != 200:
-        raise ValueError(f"list-by-condition answered HTTP {status}")
+        raise ValueError(f"{what} answered HTTP {status}")
     try:
         data = _decode(body) if body.strip() else []
     except ValueError:
-        raise ValueError("a non-JSON list-by-condition answer") from None
+        raise ValueError(f"a non-JSON {what} answer") from None
     if isinstance(data, Mapping) and isinstance(data.get("result"), list):
         data = data["result"]  # some resellers wrap the list in the submit envelope
     if not isinstance(data, list):
-        raise ValueError("a list-by-condition answer that is not a list")
-    return [view for view in map(_task_or_none, data) if view is not None]
+        raise ValueError(f"a {what} answer that is not a list")
+    return data
+
+
+def parse_task_list(status: int, body: bytes) -> list[TaskView]:
+    """One `task/list-by-condition` reply: a JSON array of tasks (unknown ids omitted)."""
+    return [view for view in map(_task_or_none, _task_array(status, body, "list-by-condition")) if view is not None]
 
 
 def _task_or_none(data: Any) -> TaskView | None:
@@ -569,18 +574,7 @@ def _task_or_none(data: Any) -> TaskView | None:
 def parse_all_tasks(status: int, body: bytes) -> Listed:
     """One `GET task/list` reply: every task the upstream keeps (novicezk), or its newest 100 (trueai), newest first.
     A task that cannot be read is passed over, its state kept if it has one."""
-    if status in (401, 403):
-        raise ValueError(f"upstream refused the credentials (HTTP {status})")
-    if status != 200:
-        raise ValueError(f"task/list answered HTTP {status}")
-    try:
-        data = _decode(body) if body.strip() else []
-    except ValueError:
-        raise ValueError("a non-JSON task/list answer") from None
-    if isinstance(data, Mapping) and isinstance(data.get("result"), list):
-        data = data["result"]
-    if not isinstance(data, list):
-        raise ValueError("a task/list answer that is not a list")
+    data = _task_array(status, body, "task/list")
     views: list[TaskView] = []
     unreadable: set[str] = set()
     for entry in data:

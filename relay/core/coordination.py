@@ -28,7 +28,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from relay.clock import Clock
-from relay.core.background import cancel_all
+from relay.core.background import cancel_all, every
 from relay.core.jobs import RETRY_WINDOW_S
 from relay.core.lifecycle import Lifecycle
 from relay.core.tracker import Tracker
@@ -227,11 +227,5 @@ class Coordinator:
         await self.leases.forget_gone()
 
     async def _every(self, seconds: float, work: Callable[[], Awaitable[object]]) -> None:
-        while True:
-            await self.clock.sleep(seconds)
-            try:
-                await work()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("coordination failed", extra={"fields": {"work": getattr(work, "__name__", "")}})
+        name = getattr(work, "__name__", "")
+        await every(self.clock.sleep, seconds, work, log, "coordination failed", {"work": name})

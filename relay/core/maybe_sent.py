@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from adapters import Listed, TaskView, UpstreamUnavailable
 from relay.clock import Clock
-from relay.core.background import cancel_all
+from relay.core.background import cancel_all, every
 from relay.core.providers import ProviderPool
 from relay.core.tracker import PENDING_GRACE_S, SWEEP_EVERY_S, Tracker
 from relay.logs import event
@@ -122,7 +122,10 @@ class MaybeSent:
         self._loop: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._loop = asyncio.create_task(self._every(), name="maybe-sent")
+        self._loop = asyncio.create_task(
+            every(self.clock.sleep, FIND_EVERY_S, self.round, log, "looking up jobs left maybe sent failed"),
+            name="maybe-sent",
+        )
 
     async def stop(self) -> None:
         """A stopping process claims no more (its jobs would be held by a process that reads nothing)."""
@@ -204,13 +207,3 @@ class MaybeSent:
             if count:
                 self.metrics.of(self.metrics.maybe_sent, provider, outcome).inc(count)
         return len(adopted) + len(absent)
-
-    async def _every(self) -> None:
-        while True:
-            await self.clock.sleep(FIND_EVERY_S)
-            try:
-                await self.round()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("looking up jobs left maybe sent failed")

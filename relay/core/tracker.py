@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from adapters import PartialRead, TaskView, UpstreamUnavailable
 from relay.clock import Clock
 from relay.config import Config
-from relay.core.background import cancel_all
+from relay.core.background import cancel_all, every
 from relay.core.finish import Finisher
 from relay.core.lifecycle import Lifecycle, Tracked
 from relay.core.providers import ProviderPool
@@ -74,7 +74,8 @@ class Tracker:
     async def start(self) -> None:
         await self.resume()
         self._loops = [asyncio.create_task(self._loop(name), name=f"tracker:{name}") for name in self.pool.names]
-        self._loops.append(asyncio.create_task(self._sweep_loop(), name="tracker:sweep"))
+        sweeping = every(self.clock.sleep, SWEEP_EVERY_S, self.sweep_pending, log, "pending sweep failed")
+        self._loops.append(asyncio.create_task(sweeping, name="tracker:sweep"))
 
     async def stop(self) -> None:
         await cancel_all(self._loops)
@@ -177,16 +178,6 @@ class Tracker:
                     exc_info=outcome,
                     extra={"fields": {"job": row.id}},
                 )
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            await self.clock.sleep(SWEEP_EVERY_S)
-            try:
-                await self.sweep_pending()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("pending sweep failed")
 
     # -- polling -------------------------------------------------------------------------------------------------
 

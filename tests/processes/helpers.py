@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import yaml
 
 from adapters.simulator import SimEngine
@@ -146,3 +148,12 @@ def upstream_tasks(base: str, task_ids: list[str]) -> dict[str, dict[str, Any]]:
         f"{base}/mj/task/list-by-condition", json={"ids": task_ids}, headers={"mj-api-secret": SIM_SECRET}, timeout=10
     )
     return {task["id"]: task for task in reply.json()}
+
+
+def generating(client: openai.OpenAI, prompt: str) -> tuple[threading.Thread, list[Any]]:
+    """The SDK's `images.generate` (mj-fast, one image) on a thread of its own, started; its result lands in the
+    list (nothing when it raised)."""
+    result: list[Any] = []
+    caller = threading.Thread(target=lambda: result.append(client.images.generate(model="mj-fast", prompt=prompt, n=1)))
+    caller.start()
+    return caller, result

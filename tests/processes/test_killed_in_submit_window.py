@@ -1,21 +1,18 @@
-"""A relay alone on SQLite SIGKILLed while its submit of a job waits for the upstream's answer, after the upstream's
-hook calls about the task came in."""
+"""A relay alone on SQLite SIGKILLed while its submit of a job waits for the upstream's answer: the task is found
+again by the hook call that named it, or with no hook by the provider's task list."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import openai
 
 from adapters.simulator import SimEngine, SimSettings, build_sim_app
 from adapters.simulator.hooks import HookSettings
-from relay.config import Config
-from tests.helpers import create_key, free_port, serve, sql, wait_for
-from tests.processes.helpers import SIM_SECRET, relay_processes, write_config
-from tests.processes.test_processes import PRICE, balance, relay_settings
+from tests.helpers import serve, sql, wait_for
+from tests.processes.helpers import SIM_SECRET, generating
+from tests.processes.test_processes import PRICE, balance, relay_alone
 
 
 def test_a_task_named_by_a_hook_during_its_submit_is_followed_after_a_sigkill(tmp_path: Path) -> None:
@@ -26,20 +23,9 @@ def test_a_task_named_by_a_hook_during_its_submit_is_followed_after_a_sigkill(tm
     end ten minutes on as never sent (nothing charged) while the upstream ran it, the client waiting meanwhile."""
     engine = SimEngine(SimSettings(fast_s=1.0, tile_px=16))
     with serve(build_sim_app(engine, "midjourney-proxy", SIM_SECRET, HookSettings(), late_answer_s=4)) as up:
-        port = free_port()
-        settings = relay_settings(tmp_path / "data", None, up, f"http://127.0.0.1:{port}")
-        config = Config.model_validate(settings)
-        file = write_config(tmp_path / "relay.yaml", settings)
-        key = create_key(config, quota=10)
-        with relay_processes([(file, port)], tmp_path) as (relay,):
+        with relay_alone(tmp_path, up) as (config, key, relay):
             client = openai.OpenAI(base_url=relay.base + "/v1", api_key=key, max_retries=6, timeout=30)
-            result: list[Any] = []
-            caller = threading.Thread(
-                target=lambda: result.append(
-                    client.images.generate(model="mj-fast", prompt="a lighthouse sim:late-answer", n=1)
-                )
-            )
-            caller.start()
+            caller, result = generating(client, "a lighthouse sim:late-answer")
             wait_for(lambda: engine.submits == 1)
             # a call about the task came and was written down (a kill before that write leaves nothing to follow)
             wait_for(lambda: sql(config, "SELECT state, upstream_id IS NOT NULL FROM jobs") == [("PENDING", 1)])
@@ -61,13 +47,7 @@ def test_a_task_named_by_a_hook_during_a_submit_that_times_out_is_followed(tmp_p
     (refunded, the client told it may have run) while the upstream ran it."""
     engine = SimEngine(SimSettings(fast_s=1.0, tile_px=16))
     with serve(build_sim_app(engine, "midjourney-proxy", SIM_SECRET, HookSettings(), late_answer_s=5)) as up:
-        port = free_port()
-        settings = relay_settings(tmp_path / "data", None, up, f"http://127.0.0.1:{port}")
-        settings["providers"][0]["timeout_s"] = 2
-        config = Config.model_validate(settings)
-        file = write_config(tmp_path / "relay.yaml", settings)
-        key = create_key(config, quota=10)
-        with relay_processes([(file, port)], tmp_path) as (relay,):
+        with relay_alone(tmp_path, up, timeout_s=2) as (config, key, relay):
             client = openai.OpenAI(base_url=relay.base + "/v1", api_key=key, max_retries=0, timeout=30)
             result = client.images.generate(model="mj-fast", prompt="a lighthouse sim:late-answer", n=1)
             client.close()
@@ -84,21 +64,9 @@ def test_a_task_no_hook_named_is_found_by_its_state_after_a_sigkill(tmp_path: Pa
     instead of the pending sweep ending it ten minutes on as never sent while the upstream ran it."""
     engine = SimEngine(SimSettings(fast_s=1.0, tile_px=16))
     with serve(build_sim_app(engine, "midjourney-proxy", SIM_SECRET, None, late_answer_s=2)) as up:
-        port = free_port()
-        settings = relay_settings(tmp_path / "data", None, up, f"http://127.0.0.1:{port}")
-        settings["providers"][0].update(hooks=False, timeout_s=2.5, connect_timeout_s=0.5)
-        config = Config.model_validate(settings)
-        file = write_config(tmp_path / "relay.yaml", settings)
-        key = create_key(config, quota=10)
-        with relay_processes([(file, port)], tmp_path) as (relay,):
+        with relay_alone(tmp_path, up, hooks=False, timeout_s=2.5, connect_timeout_s=0.5) as (config, key, relay):
             client = openai.OpenAI(base_url=relay.base + "/v1", api_key=key, max_retries=8, timeout=30)
-            result: list[Any] = []
-            caller = threading.Thread(
-                target=lambda: result.append(
-                    client.images.generate(model="mj-fast", prompt="a lighthouse sim:late-answer", n=1)
-                )
-            )
-            caller.start()
+            caller, result = generating(client, "a lighthouse sim:late-answer")
             wait_for(lambda: engine.submits == 1)
             relay.kill()
             assert sql(config, "SELECT state, provider, upstream_id FROM jobs") == [("PENDING", "up", None)]

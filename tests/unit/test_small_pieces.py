@@ -13,6 +13,7 @@ from relay import logs
 from relay.api.mj.errors import render as render_mj
 from relay.api.openai.errors import render
 from relay.cli import _parse_when
+from relay.core.background import cancel_all, every
 from relay.core.events import JobEvent, JobEvents
 from relay.domain import FailureCode
 from relay.errors import (
@@ -139,3 +140,30 @@ def test_a_duration_an_operator_writes_is_read_within_a_hundred_years() -> None:
     for typed in ("9" * 400 + "d", "5300w"):  # past a float's range; past a century
         with pytest.raises(click.BadParameter, match="at most 100 years"):
             _parse_when(typed, 0.0, "--since", ago=True)
+
+
+async def test_a_periodic_round_that_raises_is_logged_and_the_next_one_comes(caplog: pytest.LogCaptureFixture) -> None:
+    naps: list[float] = []
+    rounds: list[int] = []
+    done = asyncio.Event()
+
+    async def nap(seconds: float) -> None:
+        naps.append(seconds)
+
+    async def work() -> None:
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            raise OSError("the database went away")
+        if len(rounds) == 3:
+            done.set()
+            await asyncio.Event().wait()  # parked until cancelled
+
+    with caplog.at_level(logging.ERROR, logger="relay.test"):
+        task = asyncio.create_task(every(nap, 5.0, work, logging.getLogger("relay.test"), "a round failed", {"n": 1}))
+        await asyncio.wait_for(done.wait(), 5)
+        await cancel_all([task])
+    assert rounds == [0, 1, 2] and naps == [5.0, 5.0, 5.0]
+    (failed,) = [r for r in caplog.records if r.name == "relay.test"]
+    assert failed.getMessage() == "a round failed" and failed.exc_info is not None
+    assert getattr(failed, "fields", None) == {"n": 1}
+    assert task.cancelled()
