@@ -244,7 +244,8 @@ def test_a_chat_whose_client_left_while_its_reference_image_came_starts_nothing(
         with serve(app) as images, running_relay(config) as relay:
             reference = {"type": "image_url", "image_url": {"url": images + "/ref.png"}}
             with caplog.at_level(logging.INFO):
-                with openai.OpenAI(base_url=relay.base + "/v1", api_key=relay.key, timeout=1, max_retries=1) as client:
+                # 3 s: the retry's whole job must fit in it too (1 s did not, on a loaded machine)
+                with openai.OpenAI(base_url=relay.base + "/v1", api_key=relay.key, timeout=3, max_retries=1) as client:
                     reply = client.chat.completions.create(
                         model="mj-fast",
                         messages=[{"role": "user", "content": [{"type": "text", "text": "a garden"}, reference]}],
