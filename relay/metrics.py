@@ -95,7 +95,7 @@ class Metrics:
         self.maybe_sent = Counter(
             "mj_relay_maybe_sent_jobs",
             "Jobs a relay process left PENDING while submitting them, looked up in their provider's task list: "
-            "adopted (their task found), ended (never taken), unknown (looked up again later).",
+            "adopted (their task found), ended (never taken), unknown (the list cannot tell: left for the sweep).",
             ["provider", "outcome"],
             registry=self.registry,
         )

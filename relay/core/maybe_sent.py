@@ -185,10 +185,9 @@ class MaybeSent:
             if view is None:
                 continue
             try:
-                if await self.store.adopt(row.id, provider, view.upstream_id, self.clock.now()):
-                    fresh = await self.store.get(row.id)
-                    if fresh is not None:
-                        adopted.append(fresh)
+                taken = await self.store.adopt(row.id, provider, view.upstream_id, self.clock.now())
+                if taken is not None:
+                    adopted.append(taken)
             except Exception:  # one job's failure holds up none of the others
                 failed.add(row.id)
                 log.exception("adopting a job left maybe sent failed", extra={"fields": {"job": row.id}})

@@ -216,25 +216,21 @@ class ProviderPool:
         """The provider's list of its tasks (`Upstream.list_tasks`), for jobs left maybe sent. Not a sign of the
         provider's health either way: the list is read only after a process died, and one too large to read says
         nothing of the provider's submits and reads."""
-        started = time.perf_counter()
-        try:
-            listed = await self.upstreams[name].list_tasks()
-        except UpstreamUnavailable:
-            self._observe(name, "list", "unavailable", started)
-            raise
-        self._observe(name, "list", "ok", started)
-        return listed
+        return await self._read(name, "list", self.upstreams[name].list_tasks(), health=False)
 
-    async def _read(self, name: str, operation: str, call: Awaitable[T]) -> T:
+    async def _read(self, name: str, operation: str, call: Awaitable[T], *, health: bool = True) -> T:
+        """One read, timed; its outcome moves the provider's health unless `health` is False."""
         started = time.perf_counter()
         try:
             result = await call
         except UpstreamUnavailable as exc:
             self._observe(name, operation, "unavailable", started)
-            self._apply(name, self.health[name].observe(Signal.ERROR, self.clock.now(), f"{operation}: {exc}"))
+            if health:
+                self._apply(name, self.health[name].observe(Signal.ERROR, self.clock.now(), f"{operation}: {exc}"))
             raise
         self._observe(name, operation, "ok", started)
-        self._apply(name, self.health[name].observe(Signal.OK, self.clock.now()))
+        if health:
+            self._apply(name, self.health[name].observe(Signal.OK, self.clock.now()))
         return result
 
     def _observe(self, name: str, operation: str, outcome: str, started: float) -> None:

@@ -428,7 +428,7 @@ class UpstreamHooks:
     async def _adopt(self, provider: str, upstream_id: str, row: JobRow) -> Tracked | None:
         """A job that never got past PENDING although `provider` has its task: written SUBMITTED and followed."""
         job_id = row.id
-        if not await self.store.adopt(job_id, provider, upstream_id, self.clock.now()):
+        if await self.store.adopt(job_id, provider, upstream_id, self.clock.now()) is None:
             return None
         if self._watch is not None:  # this process holds the job now: its client hook comes from here
             try:

@@ -497,16 +497,22 @@ class JobStore:
 
         return await transaction(self.engine, work)
 
-    async def adopt(self, job_id: str, provider: str, upstream_id: str, now: float) -> bool:
-        """PENDING -> SUBMITTED for a job whose task a provider reports although its submit was never written down."""
+    async def adopt(self, job_id: str, provider: str, upstream_id: str, now: float) -> JobRow | None:
+        """PENDING -> SUBMITTED for a job whose task a provider reports although its submit was never written down:
+        the job as written, or None when it was not PENDING any more."""
         statement = (
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING.value)
             .values(state=JobState.SUBMITTED.value, **self._taken(provider, upstream_id, now))
+            .returning(*jobs.c)
         )
-        adopted = await changed(self.engine, statement) == 1
+
+        async def work(conn: AsyncConnection) -> list[JobRow]:
+            return rows_of((await conn.execute(statement)).all())
+
+        adopted = await transaction(self.engine, work)
         await self._hand_over_late([job_id])
-        return adopted
+        return adopted[0] if adopted else None
 
     async def note_task(self, job_id: str, provider: str, upstream_id: str, now: float) -> bool:
         """Write down the task a provider's hook names for a PENDING job whose submit is still waiting for its answer:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from relay.core.maybe_sent import (
 from relay.domain import JobState
 from relay.services import Relay
 from relay.store import presence
-from relay.store.jobs import JobStore, Sending
+from relay.store.jobs import JobRow, JobStore, Sending
 from relay.store.keys import KeyRecord, KeyStore
 from relay.store.leases import Leases
 from relay.store.slots import Slots
@@ -39,10 +39,9 @@ from tests.unit.test_coordination_store import LEASE
 from tests.unit.test_jobs import SwitchableUpstream, relays_on_one_database
 from tests.unit.test_presence import connect, migrated
 from tests.unit.test_store import NOW, job
-from tests.unit.test_unsent_jobs import kite
+from tests.unit.test_unsent_jobs import EITHER_STORE, kite
 
 pytestmark = pytest.mark.anyio
-EITHER_STORE = pytest.mark.parametrize("postgres", [False, pytest.param(True, marks=pytest.mark.postgres)])
 
 
 @pytest.mark.postgres
@@ -102,13 +101,6 @@ async def _left_by_a_dead_process(relay: Relay, key: KeyRecord, marks: Mapping[s
         assert await dead.mark_sending_many([Sending(job_id, "sim")], at) == [True]
 
 
-@pytest.fixture
-async def relay_on_either(tmp_path: Path, postgres: bool) -> AsyncIterator[tuple[Relay, SwitchableUpstream, KeyRecord]]:
-    upstream = SwitchableUpstream()
-    async with relays_on_one_database(tmp_path, upstream, 1, postgres=postgres) as ((relay,), key):
-        yield relay, upstream, key
-
-
 @EITHER_STORE
 async def test_a_job_found_by_its_state_is_followed_and_one_never_taken_is_ended(
     relay_on_either: tuple[Relay, SwitchableUpstream, KeyRecord],
@@ -151,7 +143,7 @@ async def test_a_job_whose_adoption_fails_holds_up_none_of_the_others_and_is_loo
             upstream.engine.submit("imagine", {"prompt": "a kite", "state": job_id}, "fast")
         adopt = relay.store.adopt
 
-        async def failing_once(job_id: str, *args: Any) -> bool:
+        async def failing_once(job_id: str, *args: Any) -> JobRow | None:
             if job_id == "job_x" and not failed:
                 failed.append(job_id)
                 raise OSError("the database went away")

@@ -51,13 +51,6 @@ async def relay_on_postgres(tmp_path: Path) -> AsyncIterator[tuple[Relay, Switch
         yield relay, upstream, key
 
 
-@pytest.fixture
-async def relay_on_either(tmp_path: Path, postgres: bool) -> AsyncIterator[tuple[Relay, SwitchableUpstream, KeyRecord]]:
-    upstream = SwitchableUpstream()
-    async with relays_on_one_database(tmp_path, upstream, 1, postgres=postgres) as ((relay,), key):
-        yield relay, upstream, key
-
-
 @pytest.mark.postgres
 async def test_only_the_jobs_a_gone_process_never_sent_are_claimed_to_be_ended() -> None:
     """Not one it marked (it may run upstream), nor one whose task a hook noted, nor one of a live process, nor one
