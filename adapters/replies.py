@@ -32,6 +32,7 @@ from adapters.base import (
     Uploaded,
     UploadOutcome,
 )
+from adapters.nesting import nests_deeper
 
 # Descriptions that mean "busy, try elsewhere" even when the code says validation error (trueai code 4 / 9).
 _BUSY_WORDS = ("并发数已达上限", "队列数已达上限", "服务暂不可用", "队列已满", "queue is full", "concurrency limit")
@@ -54,6 +55,8 @@ _NEWAPI_UNUSABLE = ("quota_not_enough", "channel_not_found", "invalid_token")
 # new-api's own errors after its upstream answered the submit (relay/relay-mj.go): the task may be running there.
 _NEWAPI_AFTER_UPSTREAM = ("insert_midjourney_task_failed",)
 _NEWAPI_CLIENT = ("task_not_found", "task_no_found", "task_status_not_success", "unknown_action", "invalid_request")
+# How deeply an upstream's JSON may nest: a task is a few levels deep, a list of tasks one more.
+MAX_NESTING = 64
 # Result codes by which a server refuses a submit (no account, invalid, failure, queue full, banned, no balance,
 # saturated): with a 5xx they say the server handled the request and did not take the task. Any other code there
 # (1 or 22: taken; a gateway echoing its own status, such as 504) leaves open that the task was taken.
@@ -65,7 +68,9 @@ _BANNED_WORDS = ("banned", "敏感词", "sensitive", "moderation", "content poli
 def _decode(body: bytes) -> Any:
     """An upstream's JSON, with every string made safe to keep: JSON escapes can carry NUL and unpaired surrogates,
     which no database of the relay's takes (NUL is dropped, a surrogate becomes U+FFFD). `NaN` and `Infinity`,
-    which JSON has not, are None."""
+    which JSON has not, are None. JSON nested deeper than `MAX_NESTING` is not read (`adapters.nesting`)."""
+    if nests_deeper(body, MAX_NESTING):
+        raise ValueError("not JSON")
     encoding = json.detect_encoding(body)
     try:
         text = body.decode(encoding, "surrogatepass")  # as `json.loads` decodes bytes
@@ -83,7 +88,7 @@ def _decode(body: bytes) -> Any:
             decoder = _DIGITS_DECODER if _LONG_DIGITS in body.translate(_DIGITS_ONLY) else _DECODER
             return decoder.decode(text)
         return _clean(json.loads(text, object_pairs_hook=_clean_pairs, parse_constant=_no_constant, parse_int=_integer))
-    except (ValueError, RecursionError):
+    except ValueError:
         raise ValueError("not JSON") from None
 
 

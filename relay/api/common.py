@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
@@ -18,6 +17,7 @@ from cachetools import TTLCache
 from pydantic import AfterValidator, BaseModel, StrictStr, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
+from adapters.nesting import JSON_STRING, nests_deeper
 from relay.core.jobs import Attempt
 from relay.core.submit import key_refused
 from relay.core.text import check_storable
@@ -32,7 +32,8 @@ T = TypeVar("T")
 
 # A string a route may store: strict (no coercion from numbers) and storable.
 Text = Annotated[StrictStr, AfterValidator(check_storable)]
-# How deeply a JSON body may nest; real requests need a handful of levels.
+# How deeply a JSON body may nest; real requests need a handful of levels. Counted over the bytes, before parsing
+# (`adapters.nesting`).
 MAX_JSON_DEPTH = 32
 # How many values a JSON body may hold: strings, and commas and opening brackets outside strings. Real requests
 # have a few hundred (a long pasted text is one string); the body limit alone would let one body carry millions of
@@ -43,7 +44,6 @@ MAX_JSON_DEPTH = 32
 # the parser (which refuses it) reads it: a pattern that must find the closing quote scans to the end and fails from
 # each quote escaped in such a string, a pass over the body per quote.
 MAX_JSON_VALUES = 100_000
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 
 # How long a looked-up key (or a miss) is remembered; a revocation or a change of policy takes effect within this
 # time (a hold itself always checks revocation and expiry in the database).
@@ -178,18 +178,16 @@ async def json_body(request: Request) -> dict[str, Any]:
         raise InvalidRequest("The request body is empty; send a JSON object.")
     if _too_many_values(raw):
         raise InvalidRequest(f"The JSON body holds more than {MAX_JSON_VALUES} values.")
+    if nests_deeper(raw, MAX_JSON_DEPTH):
+        raise InvalidRequest(f"The JSON body nests more than {MAX_JSON_DEPTH} levels deep.")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest(
             "We could not parse the JSON body of your request. Send valid JSON with 'Content-Type: application/json'."
         ) from None
-    except RecursionError:
-        raise _too_deep() from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    if _depth(data) > MAX_JSON_DEPTH:
-        raise _too_deep()
     return data
 
 
@@ -211,30 +209,7 @@ def _too_many_values(raw: bytes) -> bool:
         return False
     if raw.count(b'"') - raw.count(b'\\"') > 2 * MAX_JSON_VALUES:  # quotes, less those escaped in strings
         return True
-    return _separators(_JSON_STRING.sub(b'""', raw)) > MAX_JSON_VALUES
-
-
-def _too_deep() -> InvalidRequest:
-    return InvalidRequest(f"The JSON body nests more than {MAX_JSON_DEPTH} levels deep.")
-
-
-def _depth(value: Any) -> int:
-    """How deeply a parsed JSON value nests (a scalar is 0), without recursion."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, level + 1)
-        if deepest > MAX_JSON_DEPTH:
-            return deepest
-        stack.extend((child, level + 1) for child in children)
-    return deepest
+    return _separators(JSON_STRING.sub(b'""', raw)) > MAX_JSON_VALUES
 
 
 def validate(model: type[M], data: dict[str, Any]) -> M:
