@@ -22,8 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from adapters import BOTS, DIALECTS, MODES, Bot, Dialect, Mode
 from adapters.h1 import sendable_in_header
 from relay.core import housekeeping
-from relay.domain import TaskKind
-from relay.store.keys import MAX_CREDITS
+from relay.domain import MAX_CREDITS, TaskKind
 
 __all__ = ["Config", "ConfigError", "default_config", "load_config", "parse_config"]
 

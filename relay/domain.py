@@ -35,12 +35,16 @@ __all__ = [
     "TASKS",
     "Bot",
     "FailureCode",
+    "MAX_CREDITS",
     "JobState",
     "Mode",
     "ResultShape",
     "TaskKind",
     "TaskSpec",
 ]
+
+# The most credits any one amount may be: a price, a quota, a top-up or an adjustment, a balance kept.
+MAX_CREDITS = 10**12
 
 
 class JobState(StrEnum):

@@ -17,9 +17,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.migration import MigrationContext
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -168,12 +165,21 @@ def _sqlite_pragmas(busy_ms: int) -> Callable[[Any, Any], None]:
     return apply
 
 
+# Alembic is imported only where a schema is looked at (a tenth of a second at every start of a command or a
+# simulator that never opens a database otherwise).
+
+
 def _revision(connection: Connection) -> str | None:
     """The schema revision the database records (None: none yet)."""
+    from alembic.migration import MigrationContext
+
     return MigrationContext.configure(connection).get_current_revision()
 
 
 def _upgrade(connection: Connection) -> None:
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection

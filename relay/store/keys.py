@@ -28,6 +28,7 @@ from sqlalchemy import and_, case, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relay.core.text import unstorable
+from relay.domain import MAX_CREDITS
 from relay.store.db import changed, connected, transaction
 from relay.store.ledger import ENTRIES, entry
 from relay.store.tables import keys
@@ -35,8 +36,7 @@ from relay.store.tables import keys
 KEY_PREFIX = "sk-mjr-"
 HOOK_SECRET_PREFIX = "whsec_"
 
-# Bounds on what an operator (or the admin API, on an operator's word) may set.
-MAX_CREDITS = 10**12
+# Bounds on what an operator (or the admin API, on an operator's word) may set (credits: `MAX_CREDITS`).
 MAX_NAME = 200
 MAX_MODELS = 100
 MAX_MODEL_NAME = 64

@@ -14,9 +14,9 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from relay.api.common import Text
-from relay.domain import JobState
+from relay.domain import MAX_CREDITS, JobState
 from relay.errors import InvalidRequest
-from relay.store.keys import MAX_CREDITS, MAX_RPM, check_name
+from relay.store.keys import MAX_RPM, check_name
 
 MAX_NAME = 100
 MAX_NOTE = 200
