@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
@@ -17,7 +18,7 @@ from cachetools import TTLCache
 from pydantic import AfterValidator, BaseModel, StrictStr, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
-from adapters.nesting import JSON_STRING, nests_deeper
+from adapters.nesting import nests_deeper
 from relay.core.jobs import Attempt
 from relay.core.submit import key_refused
 from relay.core.text import check_storable
@@ -44,6 +45,7 @@ MAX_JSON_DEPTH = 32
 # the parser (which refuses it) reads it: a pattern that must find the closing quote scans to the end and fails from
 # each quote escaped in such a string, a pass over the body per quote.
 MAX_JSON_VALUES = 100_000
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 
 # How long a looked-up key (or a miss) is remembered; a revocation or a change of policy takes effect within this
 # time (a hold itself always checks revocation and expiry in the database).
@@ -209,7 +211,7 @@ def _too_many_values(raw: bytes) -> bool:
         return False
     if raw.count(b'"') - raw.count(b'\\"') > 2 * MAX_JSON_VALUES:  # quotes, less those escaped in strings
         return True
-    return _separators(JSON_STRING.sub(b'""', raw)) > MAX_JSON_VALUES
+    return _separators(_JSON_STRING.sub(b'""', raw)) > MAX_JSON_VALUES
 
 
 def validate(model: type[M], data: dict[str, Any]) -> M:
