@@ -44,6 +44,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapters.base import MODES, Mode, SubmitKind
+from adapters.nesting import nests_deeper
+from adapters.replies import MAX_NESTING
 from adapters.simulator.answers import SubmitReply
 from adapters.simulator.engine import SimEngine, steering
 from adapters.simulator.hooks import HookSender, HookSettings
@@ -116,8 +118,11 @@ def build_sim_app(
         return str(request.base_url).rstrip("/") + "/cdn"
 
     async def body_of(request: Request) -> dict[str, Any] | None:
+        raw = await request.body()
+        if nests_deeper(raw, MAX_NESTING):  # read as the relay reads it: never by a parser at its recursion limit
+            return None
         try:
-            data = json.loads(await request.body())
+            data = json.loads(raw)
         except ValueError:
             return None
         return data if isinstance(data, dict) else None

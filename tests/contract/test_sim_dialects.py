@@ -217,3 +217,16 @@ def test_midjourney_proxy_takes_the_mode_from_the_account_filter_then_the_prompt
         assert modes == ["RELAX", "TURBO"]
         assert http.post("/mj/submit/imagine", content=b"{not json").json()["code"] == 4
         assert http.post("/mj/submit/upload-discord-images", content=b"[]").json()["code"] == 4
+
+
+@pytest.mark.parametrize("dialect", HTTP_DIALECTS)
+def test_a_body_nested_thousands_deep_is_answered_as_one_that_is_not_json(dialect: str) -> None:
+    """The simulator reads bodies as the relay does: never by a parser at the interpreter's recursion limit
+    (`adapters.nesting`), where a finalizer run then fails for want of stack."""
+    with client(dialect) as (http, _):
+        path = f"{prefix(dialect)}/submit/imagine"
+        plain = http.post(path, content=b"not json", headers={"Content-Type": "application/json"})
+        deep = b'{"prompt": "a cat", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        reply = http.post(path, content=deep, headers={"Content-Type": "application/json"})
+        assert plain.status_code < 500
+        assert (reply.status_code, reply.json()) == (plain.status_code, plain.json())
