@@ -18,7 +18,7 @@ from cachetools import TTLCache
 from pydantic import AfterValidator, BaseModel, StrictStr, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
-from adapters.nesting import nests_deeper
+from adapters.nesting import as_utf8, nests_deeper
 from relay.core.jobs import Attempt
 from relay.core.submit import key_refused
 from relay.core.text import check_storable
@@ -199,19 +199,16 @@ def _separators(raw: bytes) -> int:
 
 def _too_many_values(raw: bytes) -> bool:
     """Whether a body holds more than `MAX_JSON_VALUES` values (see there). A body in UTF-16 or UTF-32 (which
-    `json.loads` reads too) is counted as UTF-8: in those a quote, comma or bracket byte may belong to another
-    character, and an escaped quote is no `\\"`, so counting their bytes would let strings swallow real values."""
-    encoding = json.detect_encoding(raw)
-    if encoding not in ("utf-8", "utf-8-sig"):
-        try:
-            raw = raw.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
-        except UnicodeError:
-            return False  # not JSON in that encoding either: `json.loads` refuses it
-    if _separators(raw) <= MAX_JSON_VALUES:
+    `json.loads` reads too) is counted as UTF-8 (`as_utf8`): counting its own bytes would let strings swallow real
+    values."""
+    text = as_utf8(raw)
+    if text is None:
+        return False  # not JSON in that encoding either: `json.loads` refuses it
+    if _separators(text) <= MAX_JSON_VALUES:
         return False
-    if raw.count(b'"') - raw.count(b'\\"') > 2 * MAX_JSON_VALUES:  # quotes, less those escaped in strings
+    if text.count(b'"') - text.count(b'\\"') > 2 * MAX_JSON_VALUES:  # quotes, less those escaped in strings
         return True
-    return _separators(_JSON_STRING.sub(b'""', raw)) > MAX_JSON_VALUES
+    return _separators(_JSON_STRING.sub(b'""', text)) > MAX_JSON_VALUES
 
 
 def validate(model: type[M], data: dict[str, Any]) -> M:

@@ -320,7 +320,7 @@ _ADMITTED = (
     "owner",
     "lease_until",
 )
-# The most ids one `IN` list of a read names (a task list may name thousands).
+# The most ids one statement names in an `IN` list or an array (a round may end, a task list name, thousands).
 _IDS_AT_ONCE = 500
 # A job admitted: PENDING, its price held.
 _ADMIT = Many(
@@ -675,11 +675,11 @@ class JobStore:
             rows: list[JobRow] = []
             for (succeeded, error_code, fail_reason), ids in groups.items():
                 statement = _SUCCEED if succeeded else _FAIL_GUARDED.get(error_code or "", _FAIL)
-                for start in range(0, len(ids), 500):
+                for start in range(0, len(ids), _IDS_AT_ONCE):
                     result = await conn.execute(
                         statement,
                         {
-                            "ids": ids[start : start + 500],
+                            "ids": ids[start : start + _IDS_AT_ONCE],
                             "new_error": error_code,
                             "new_reason": fail_reason,
                             "now": now,
